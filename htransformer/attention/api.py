@@ -1,0 +1,152 @@
+"""Public attention functions: hierarchical attention and the full baseline.
+
+Both take the layout of ``jax.nn.dot_product_attention``:
+``[batch, length, heads, head_dim]`` for query, key and value (value may have
+its own head dim) and an optional boolean ``mask`` of shape
+``[batch, length]``, True for real tokens. Outputs at padded positions are
+zero. Logits are scaled by ``1/sqrt(head_dim)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from htransformer.attention import hierarchical
+
+HIERARCHICAL_IMPLEMENTATIONS = ("xla",)
+FULL_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def _check_inputs(query, key, value, mask):
+  """Validates shapes and the mask; returns the bool mask [B, L] (or None)."""
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(
+          f"{name} must have rank 4 [batch, length, heads, head_dim], got "
+          f"shape {getattr(x, 'shape', None)}.")
+  if query.shape != key.shape:
+    raise ValueError(
+        f"query and key must have the same shape, got query {query.shape} "
+        f"and key {key.shape}.")
+  if value.shape[:3] != query.shape[:3]:
+    raise ValueError(
+        f"value must match query in [batch, length, heads], got value "
+        f"{value.shape} and query {query.shape}.")
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating point, got {x.dtype}.")
+  if query.shape[1] < 1:
+    raise ValueError("query length must be at least 1.")
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(
+        f"mask must be boolean (True for real tokens), got dtype {mask.dtype}.")
+  if mask.shape != query.shape[:2]:
+    raise ValueError(
+        f"mask must have shape [batch, length] = {query.shape[:2]}, got "
+        f"{mask.shape}.")
+  return mask
+
+
+def _check_block_size(block_size):
+  if (not isinstance(block_size, int) or isinstance(block_size, bool)
+      or block_size < 2 or block_size % 2):
+    raise ValueError(
+        f"block_size must be an even integer >= 2, got {block_size!r}.")
+
+
+def hierarchical_attention(query, key, value, *, block_size: int = 16,
+                           causal: bool = False, mask=None,
+                           implementation: str | None = None):
+  """H-Transformer-1D attention, exact to the definition in the docs.
+
+  Args:
+    query: [batch, length, heads, head_dim].
+    key: [batch, length, heads, head_dim].
+    value: [batch, length, heads, value_dim].
+    block_size: the block size Nr (the paper's numerical rank); even, >= 2.
+      Pairs of tokens within about ``block_size`` of each other interact
+      exactly; with ``block_size >= padded_length / 2`` this is full
+      attention.
+    causal: if True, position i attends only to positions <= i, and coarse
+      queries are the first token of their group, so nothing leaks from the
+      future.
+    mask: optional bool [batch, length], True for real tokens.
+    implementation: None picks the best available path; "xla" is the
+      reshape-based plain-JAX path.
+
+  Returns:
+    [batch, length, heads, value_dim] in the query dtype; zero at masked
+    positions.
+  """
+  _check_block_size(block_size)
+  mask = _check_inputs(query, key, value, mask)
+  if implementation is None:
+    implementation = "xla"
+  if implementation not in HIERARCHICAL_IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {HIERARCHICAL_IMPLEMENTATIONS} or "
+        f"None, got {implementation!r}.")
+  if mask is None:
+    mask = jnp.ones(query.shape[:2], jnp.bool_)
+  return hierarchical.hierarchical_attention_xla(
+      query, key, value, mask, block_size=block_size, causal=bool(causal))
+
+
+def _cudnn_supported(query, value) -> bool:
+  if jax.default_backend() != "gpu":
+    return False
+  if query.dtype not in (jnp.bfloat16, jnp.float16):
+    return False
+  if value.dtype != query.dtype:
+    return False
+  d, dv = query.shape[-1], value.shape[-1]
+  return d == dv and d % 8 == 0 and d <= 128
+
+
+def full_attention(query, key, value, *, causal: bool = False, mask=None,
+                   implementation: str | None = None):
+  """Full softmax attention: the baseline, via jax.nn.dot_product_attention.
+
+  Same arguments and layout as :func:`hierarchical_attention`, minus
+  ``block_size``. ``implementation=None`` uses cuDNN's fused attention on
+  GPU when dtype and shapes allow it, XLA otherwise. With cuDNN, ``mask`` is
+  passed as per-row key lengths, so it must be suffix padding.
+  """
+  mask = _check_inputs(query, key, value, mask)
+  if implementation is None:
+    implementation = "cudnn" if _cudnn_supported(query, value) else "xla"
+  if implementation not in FULL_IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {FULL_IMPLEMENTATIONS} or None, got "
+        f"{implementation!r}.")
+  if implementation == "cudnn":
+    if value.shape[-1] != query.shape[-1]:
+      raise ValueError("implementation='cudnn' needs value_dim == head_dim.")
+    lengths = None
+    if mask is not None:
+      lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    out = jax.nn.dot_product_attention(
+        query, key, value, is_causal=causal, key_value_seq_lengths=lengths,
+        implementation="cudnn")
+  else:
+    # jax.nn.dot_product_attention wants one head dim for q, k and v: pad
+    # the narrower ones with zeros (which changes no logit) and slice.
+    d, dv = query.shape[-1], value.shape[-1]
+    width = max(d, dv)
+    widen = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))
+    query, key, value = widen(query), widen(key), widen(value)
+    attn_mask = None
+    if mask is not None:
+      attn_mask = mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(
+        query, key, value, mask=attn_mask, is_causal=causal,
+        scale=1.0 / math.sqrt(d), implementation="xla")[..., :dv]
+  if mask is not None:
+    out = jnp.where(mask[:, :, None, None], out, 0)
+  return out
