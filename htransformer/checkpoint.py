@@ -1,0 +1,82 @@
+"""Checkpoints with orbax: training state plus the data iterator's position.
+
+``WORKDIR/checkpoints`` holds the latest training states (model parameters,
+optimizer state, step) together with the input iterator's state, so a run
+that is killed resumes exactly where its last checkpoint left it.
+``WORKDIR/best`` holds the parameters with the best validation accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Latest training state + iterator state, and the best-on-validation."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 2):
+    workdir = os.path.abspath(workdir)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self.latest = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), options=opts,
+        item_names=("state", "data"))
+    self.best = ocp.CheckpointManager(
+        os.path.join(workdir, "best"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        item_names=("params", "info"))
+
+  def latest_step(self):
+    return self.latest.latest_step()
+
+  def save(self, step: int, state, data_state: dict):
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state)))
+
+  def restore(self, abstract_state):
+    """Restores (state, data_state) of the latest step, or None."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    r = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore()))
+    return r.state, r.data
+
+  def save_best(self, step: int, params, info: dict):
+    self.best.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), info=ocp.args.JsonSave(info)),
+        force=True)
+
+  def best_info(self):
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    return self.best.restore(step, args=ocp.args.Composite(
+        info=ocp.args.JsonRestore())).info
+
+  def restore_best(self, abstract_params):
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    return self.best.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params))).params
+
+  def wait(self):
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self):
+    self.latest.close()
+    self.best.close()
+
+
+def abstract(tree):
+  """ShapeDtypeStructs (with shardings) describing ``tree``."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, "sharding", None)),
+      tree)

@@ -1,0 +1,50 @@
+r"""Entry point: train and evaluate a model described by a config file.
+
+  python -m htransformer.main --config=configs/listops.py[:variant] \
+      --workdir=DIR [--config.field=value ...]
+
+Multi-host: pass --coordinator_address, --num_processes and --process_id,
+or nothing where JAX detects the cluster itself (TPU pods, SLURM).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from htransformer import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/listops.py:quick.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
+  # Imported after distributed initialisation.
+  from htransformer import train  # pylint: disable=g-import-not-at-top
+  logging.info("Config:\n%s", FLAGS.config)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    logging.error("%s", e)
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  app.run(main)

@@ -1,0 +1,230 @@
+"""Transformer models (Flax NNX) with hierarchical or full attention.
+
+The attention in every model is chosen by one argument, ``attention``:
+``"hierarchical"`` (H-Transformer-1D, with ``block_size``) or ``"full"``
+(softmax attention, cuDNN on GPU). Models hold only parameters; dropout
+randomness is passed at call time (``rngs``), so a training step is a pure
+function of (parameters, batch, step).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from htransformer.attention import full_attention
+from htransformer.attention import hierarchical_attention
+
+ATTENTION_KINDS = ("hierarchical", "full")
+POOLING = ("CLS", "MEAN")
+
+
+def _dtype(dtype: Any):
+  return jnp.dtype(dtype) if dtype is not None else jnp.float32
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head attention: q, k, v projections (no bias) and an output one.
+
+  Args:
+    num_heads: number of heads.
+    in_features: input width.
+    qkv_features: total width of q, k and v (split over heads);
+      defaults to ``in_features``.
+    out_features: output width; defaults to ``in_features``.
+    attention: ``"hierarchical"`` or ``"full"``.
+    block_size: block size Nr of hierarchical attention.
+    causal: causal attention.
+    implementation: passed to the attention function (None: best available).
+    dtype: computation dtype (parameters stay float32).
+  """
+
+  def __init__(self, num_heads: int, in_features: int, *,
+               qkv_features: int | None = None,
+               out_features: int | None = None,
+               attention: str = "hierarchical", block_size: int = 16,
+               causal: bool = False, implementation: str | None = None,
+               dtype: Any = None, rngs: nnx.Rngs):
+    if attention not in ATTENTION_KINDS:
+      raise ValueError(
+          f"attention must be one of {ATTENTION_KINDS}, got {attention!r}.")
+    qkv_features = qkv_features or in_features
+    out_features = out_features or in_features
+    if qkv_features % num_heads:
+      raise ValueError(
+          f"qkv_features ({qkv_features}) must be divisible by num_heads "
+          f"({num_heads}).")
+    self.num_heads = num_heads
+    self.head_dim = qkv_features // num_heads
+    self.attention = attention
+    self.block_size = block_size
+    self.causal = causal
+    self.implementation = implementation
+    self.dtype = _dtype(dtype)
+    init = nnx.initializers.xavier_uniform()
+    make = lambda i, o: nnx.Linear(i, o, use_bias=False, kernel_init=init,
+                                   dtype=self.dtype, rngs=rngs)
+    self.query = make(in_features, qkv_features)
+    self.key = make(in_features, qkv_features)
+    self.value = make(in_features, qkv_features)
+    self.out = nnx.Linear(qkv_features, out_features, kernel_init=init,
+                          dtype=self.dtype, rngs=rngs)
+
+  def __call__(self, x, mask=None):
+    """x: [batch, length, in_features]; mask: bool [batch, length]."""
+    b, l, _ = x.shape
+    split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    if self.attention == "hierarchical":
+      y = hierarchical_attention(q, k, v, block_size=self.block_size,
+                                 causal=self.causal, mask=mask,
+                                 implementation=self.implementation)
+    else:
+      y = full_attention(q, k, v, causal=self.causal, mask=mask)
+    return self.out(y.reshape(b, l, -1))
+
+
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+  """[length, dim] fixed sine/cosine position table."""
+  pos = np.arange(length)[:, None]
+  freq = np.exp(-math.log(10000.0) * np.arange(0, dim, 2) / dim)
+  table = np.zeros((length, dim), np.float32)
+  table[:, 0::2] = np.sin(pos * freq)
+  table[:, 1::2] = np.cos(pos * freq)[:, : dim // 2]
+  return table
+
+
+class MlpBlock(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, dropout_rate: float, dtype,
+               rngs: nnx.Rngs):
+    init = nnx.initializers.xavier_uniform()
+    self.fc1 = nnx.Linear(dim, hidden, kernel_init=init, dtype=dtype,
+                          rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, kernel_init=init, dtype=dtype,
+                          rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+
+  def __call__(self, x, *, deterministic, rngs):
+    x = nnx.gelu(self.fc1(x))
+    x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+    return self.fc2(x)
+
+
+class TransformerBlock(nnx.Module):
+  """Pre-LayerNorm block: x + Attn(LN(x)); x + MLP(LN(x))."""
+
+  def __init__(self, *, dim: int, num_heads: int, qkv_dim: int, mlp_dim: int,
+               dropout_rate: float, attention: str, block_size: int,
+               causal: bool, implementation: str | None, dtype,
+               rngs: nnx.Rngs):
+    self.ln1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.attn = MultiHeadAttention(
+        num_heads, dim, qkv_features=qkv_dim, attention=attention,
+        block_size=block_size, causal=causal, implementation=implementation,
+        dtype=dtype, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.mlp = MlpBlock(dim, mlp_dim, dropout_rate, dtype, rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+
+  def __call__(self, x, mask, *, deterministic, rngs):
+    drop = lambda t: self.dropout(t, deterministic=deterministic, rngs=rngs)
+    x = x + drop(self.attn(self.ln1(x), mask))
+    x = x + drop(self.mlp(self.ln2(x), deterministic=deterministic,
+                          rngs=rngs))
+    return x
+
+
+class Encoder(nnx.Module):
+  """Token embedding + positions + a stack of Transformer blocks.
+
+  Token id 0 is padding. With ``pool="CLS"`` a learned CLS vector is
+  prepended to the sequence.
+  """
+
+  def __init__(self, *, vocab_size: int, max_len: int, emb_dim: int,
+               num_layers: int, num_heads: int, qkv_dim: int, mlp_dim: int,
+               dropout_rate: float = 0.1, attention: str = "hierarchical",
+               block_size: int = 16, causal: bool = False,
+               pool: str = "CLS", learned_positions: bool = False,
+               implementation: str | None = None, dtype: Any = None,
+               rngs: nnx.Rngs):
+    if pool not in POOLING:
+      raise ValueError(f"pool must be one of {POOLING}, got {pool!r}.")
+    dtype = _dtype(dtype)
+    self.dtype = dtype
+    self.pool = pool
+    self.max_len = max_len
+    self.embed = nnx.Embed(vocab_size, emb_dim, dtype=dtype,
+                           embedding_init=nnx.initializers.normal(1.0),
+                           rngs=rngs)
+    total = max_len + (1 if pool == "CLS" else 0)
+    self.learned_positions = learned_positions
+    if learned_positions:
+      self.positions = nnx.Param(
+          nnx.initializers.normal(0.02)(rngs.params(), (total, emb_dim)))
+    if pool == "CLS":
+      self.cls = nnx.Param(jnp.zeros((1, 1, emb_dim), jnp.float32))
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.blocks = nnx.List([
+        TransformerBlock(dim=emb_dim, num_heads=num_heads, qkv_dim=qkv_dim,
+                         mlp_dim=mlp_dim, dropout_rate=dropout_rate,
+                         attention=attention, block_size=block_size,
+                         causal=causal, implementation=implementation,
+                         dtype=dtype, rngs=rngs)
+        for _ in range(num_layers)])
+    self.ln = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, tokens, *, deterministic=True, rngs=None):
+    """tokens: int [batch, length] -> ([batch, length', dim], mask)."""
+    b, l = tokens.shape
+    if l > self.max_len:
+      raise ValueError(
+          f"input length {l} exceeds the model's max_len {self.max_len}.")
+    mask = tokens != 0
+    x = self.embed(tokens)
+    if self.pool == "CLS":
+      cls = jnp.broadcast_to(self.cls[...].astype(x.dtype),
+                             (b, 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+      mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+    if self.learned_positions:
+      pos = self.positions[...][: x.shape[1]]
+    else:
+      pos = sinusoidal_positions(x.shape[1], x.shape[-1])
+    x = x + jnp.asarray(pos).astype(x.dtype)
+    x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+    for block in self.blocks:
+      x = block(x, mask, deterministic=deterministic, rngs=rngs)
+    return self.ln(x), mask
+
+
+def pool(x, mask, kind):
+  """[batch, length, dim] -> [batch, dim] by CLS (position 0) or masked mean."""
+  if kind == "CLS":
+    return x[:, 0]
+  w = mask.astype(x.dtype)[..., None]
+  return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
+
+
+class Classifier(nnx.Module):
+  """Sequence classifier: Encoder, pooling, and a 2-layer MLP head."""
+
+  def __init__(self, *, num_classes: int, mlp_dim: int, emb_dim: int,
+               rngs: nnx.Rngs, **encoder_kwargs):
+    self.encoder = Encoder(emb_dim=emb_dim, mlp_dim=mlp_dim, rngs=rngs,
+                           **encoder_kwargs)
+    dtype = self.encoder.dtype
+    self.head1 = nnx.Linear(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
+    self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, tokens, *, deterministic=True, rngs=None):
+    x, mask = self.encoder(tokens, deterministic=deterministic, rngs=rngs)
+    x = pool(x, mask, self.encoder.pool)
+    x = nnx.relu(self.head1(x))
+    return self.head2(x).astype(jnp.float32)

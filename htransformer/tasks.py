@@ -1,0 +1,48 @@
+"""Task registry: config.task -> data sources and the model's in/out sizes.
+
+A task provides random-access sources (grain's RandomAccessDataSource
+protocol: ``__len__`` and ``__getitem__`` returning
+``{"inputs": int32[max_length], "targets": int32}``) for the train, val and
+test splits, and the vocabulary and class counts the model needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+TASKS = ("listops",)
+
+
+@dataclasses.dataclass
+class Task:
+  name: str
+  sources: dict[str, Any]  # split name -> random-access source
+  vocab_size: int
+  num_classes: int
+  max_length: int
+  data_dir: str
+
+
+def default_cache_dir() -> str:
+  return os.environ.get(
+      "HTRANSFORMER_CACHE",
+      os.path.join(os.path.expanduser("~"), ".cache", "htransformer"))
+
+
+def get_task(config) -> Task:
+  """Builds the task named by ``config.task`` (reading or generating data)."""
+  if config.task == "listops":
+    from htransformer.data import listops  # pylint: disable=g-import-not-at-top
+    d = config.data
+    data_dir = listops.find_data_dir(
+        config.data_dir or None, config.cache_dir or default_cache_dir(),
+        seed=d.seed, num_train=d.num_train, num_val=d.num_val,
+        num_test=d.num_test, min_length=d.min_length,
+        max_length=d.max_length)
+    sources = listops.load_sources(data_dir, max_length=config.max_length)
+    return Task("listops", sources, listops.VOCAB_SIZE, listops.NUM_CLASSES,
+                config.max_length, data_dir)
+  raise ValueError(f"config.task must be one of {TASKS}, got "
+                   f"{config.task!r}.")

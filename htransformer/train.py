@@ -1,0 +1,279 @@
+"""The training loop: one readable function, ``train_and_evaluate``.
+
+Data parallel over a ``jax.make_mesh`` mesh of all devices (axis ``data``):
+parameters and optimizer state are replicated, batches are split along the
+batch axis. Each process feeds its own part of the global batch
+(``jax.make_array_from_process_local_data``). A training step is a pure
+function of (state, batch): dropout keys are ``fold_in(seed, step)``, so a
+resumed run computes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from htransformer import checkpoint as ckpt_lib
+from htransformer import input_pipeline
+from htransformer import metrics as metrics_lib
+from htransformer import models
+from htransformer import optim
+from htransformer import tasks
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when the training loss becomes NaN or inf."""
+
+
+def build_model(config, task: tasks.Task, seed: int = 0) -> models.Classifier:
+  m = config.model
+  return models.Classifier(
+      num_classes=task.num_classes, vocab_size=task.vocab_size,
+      max_len=task.max_length, emb_dim=m.emb_dim, num_layers=m.num_layers,
+      num_heads=m.num_heads, qkv_dim=m.qkv_dim, mlp_dim=m.mlp_dim,
+      dropout_rate=m.dropout_rate, attention=m.attention,
+      block_size=m.block_size, pool=m.pool,
+      learned_positions=m.learned_positions,
+      implementation=m.implementation or None, dtype=m.dtype,
+      rngs=nnx.Rngs(params=seed))
+
+
+def parameter_overview(params) -> tuple[str, int]:
+  """A table of parameter names, shapes and sizes, and the total count."""
+  rows, total = [], 0
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k)))
+                    for k in path).removesuffix("/.value")
+    rows.append((name, str(tuple(x.shape)), int(np.prod(x.shape))))
+    total += rows[-1][2]
+  w = max([len(r[0]) for r in rows] + [4])
+  lines = [f"{'name':<{w}}  {'shape':<16} {'size':>10}"]
+  lines += [f"{n:<{w}}  {s:<16} {c:>10,}" for n, s, c in rows]
+  return "\n".join(lines), total
+
+
+def make_mesh():
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _loss_and_metrics(logits, targets, weights):
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return {"loss": jnp.sum(loss * weights), "correct": jnp.sum(
+      correct * weights), "count": jnp.sum(weights)}
+
+
+def make_steps(graphdef, tx, seed: int):
+  """The jitted-to-be train and eval step functions."""
+  base_key = jax.random.key(seed)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_key, state["step"])
+    weights = jnp.ones(batch["targets"].shape, jnp.float32)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      logits = model(batch["inputs"], deterministic=False,
+                     rngs=nnx.Rngs(dropout=rng))
+      sums = _loss_and_metrics(logits, batch["targets"], weights)
+      return sums["loss"] / sums["count"], sums
+
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    sums["nonfinite"] = (~jnp.isfinite(loss)).astype(jnp.float32)
+    sums["grad_norm"] = optax.global_norm(grads)
+    new_state = {"step": state["step"] + 1, "params": params,
+                 "opt_state": opt_state}
+    return new_state, sums
+
+  def eval_step(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], deterministic=True)
+    return _loss_and_metrics(logits, batch["targets"], batch["weights"])
+
+  return train_step, eval_step
+
+
+class Trainer:
+  """Holds the mesh, the jitted steps and the helpers of one run."""
+
+  def __init__(self, config, task, graphdef, tx):
+    self.config = config
+    self.mesh = make_mesh()
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    train_step, eval_step = make_steps(graphdef, tx, config.seed)
+    self.train_step = jax.jit(train_step, donate_argnums=0)
+    self.eval_step = jax.jit(eval_step)
+    self.task = task
+
+  def global_batch(self, local: dict):
+    return {k: jax.make_array_from_process_local_data(
+        self.batch_sharding, np.asarray(v)) for k, v in local.items()}
+
+  def evaluate(self, params, split: str) -> dict:
+    totals = None
+    for local in input_pipeline.eval_batches(self.task.sources[split],
+                                             self.config.eval_batch_size):
+      sums = self.eval_step(params, self.global_batch(local))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals,
+                                                        sums)
+    totals = jax.device_get(totals)
+    n = max(float(totals["count"]), 1.0)
+    return {f"{split}_loss": float(totals["loss"]) / n,
+            f"{split}_accuracy": float(totals["correct"]) / n}
+
+
+def _check_config(config):
+  if config.batch_size % jax.device_count():
+    raise ValueError(
+        f"batch_size {config.batch_size} must be divisible by the number of "
+        f"devices ({jax.device_count()}).")
+  if config.eval_batch_size % jax.device_count():
+    raise ValueError(
+        f"eval_batch_size {config.eval_batch_size} must be divisible by the "
+        f"number of devices ({jax.device_count()}).")
+  if config.max_length < 1:
+    raise ValueError(f"max_length must be positive, got {config.max_length}.")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains, evaluates and checkpoints; returns the final metrics.
+
+  Resumes from the latest checkpoint in ``workdir`` if there is one.
+  """
+  _check_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  task = tasks.get_task(config)
+  logging.info("Task %s: data from %s; %s", task.name, task.data_dir,
+               {k: len(v) for k, v in task.sources.items()})
+  model = build_model(config, task, config.seed)
+  graphdef, params = nnx.split(model, nnx.Param)
+  overview, total = parameter_overview(params)
+  if jax.process_index() == 0:
+    print(overview)
+    print(f"Total parameters: {total:,}", flush=True)
+  if config.dry_run:
+    return {"total_parameters": total}
+
+  total_steps = config.num_train_steps
+  tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
+  trainer = Trainer(config, task, graphdef, tx)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": tx.init(params)}
+  state = jax.device_put(state, trainer.replicated)
+
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  train_iter = input_pipeline.train_iterator(
+      task.sources["train"], config.batch_size, config.data_seed)
+  restored = ckpt.restore(ckpt_lib.abstract(state))
+  if restored is not None:
+    state, data_state = restored
+    train_iter.set_state(data_state)
+    logging.info("Resuming from step %d.", int(state["step"]))
+    if jax.process_index() == 0:
+      print(f"Resuming from step {int(state['step'])}", flush=True)
+  best = ckpt.best_info() or {"eval_accuracy": -1.0, "step": -1}
+
+  writer = metrics_lib.MetricWriter(workdir)
+  step = int(state["step"])
+  progress = metrics_lib.Progress(total_steps, step)
+  last_saved = step
+  sums = None
+  rates = []  # steps/s per log interval (the first includes compilation)
+
+  def save(step):
+    ckpt.save(step, state, train_iter.get_state())
+
+  while step < total_steps:
+    batch = trainer.global_batch(next(train_iter))
+    state, step_sums = trainer.train_step(state, batch)
+    sums = step_sums if sums is None else jax.tree.map(jnp.add, sums,
+                                                       step_sums)
+    step += 1
+    is_last = step == total_steps
+    log_now = step % config.log_every == 0 or is_last
+    eval_now = step % config.eval_every == 0 or is_last
+    ckpt_now = step % config.checkpoint_every == 0 or is_last
+    if log_now or ckpt_now:
+      sums = jax.device_get(sums)
+      if sums["nonfinite"] > 0:
+        raise NonFiniteLossError(
+            f"Training loss became NaN or inf between steps {step - 1} and "
+            f"{step} (or earlier since the last log). Stopping; the last "
+            f"good checkpoint is step {ckpt.latest_step()} in {workdir}. "
+            "Lower optimizer.learning_rate or set optimizer.grad_clip.")
+      n = sums["count"]
+      scalars = {"train_loss": sums["loss"] / n,
+                 "train_accuracy": sums["correct"] / n,
+                 "grad_norm": sums["grad_norm"] / (step - progress.last_step),
+                 "learning_rate": float(schedule(step - 1))}
+      rate = progress.report(step, scalars)
+      scalars["steps_per_sec"] = rate
+      rates.append(rate)
+      writer.write(step, scalars)
+      sums = None
+      if ckpt_now:
+        save(step)
+        last_saved = step
+      if eval_now:
+        ev = trainer.evaluate(state["params"], "val")
+        ev = {"eval_loss": ev["val_loss"], "eval_accuracy": ev["val_accuracy"]}
+        if ev["eval_accuracy"] > best["eval_accuracy"]:
+          best = {"eval_accuracy": ev["eval_accuracy"], "step": step}
+          ckpt.save_best(step, state["params"], best)
+        ev["best_eval_accuracy"] = best["eval_accuracy"]
+        writer.write(step, ev)
+        if jax.process_index() == 0:
+          print(f"step {step}: eval accuracy {ev['eval_accuracy']:.4f}, "
+                f"loss {ev['eval_loss']:.4f} (best "
+                f"{best['eval_accuracy']:.4f} at step {best['step']})",
+                flush=True)
+        progress.last_time = time.time()
+  if last_saved != step:
+    save(step)
+  ckpt.wait()
+
+  # Final evaluation: test with the final and the best-on-val parameters.
+  final = trainer.evaluate(state["params"], "test")
+  results = {"test_accuracy": final["test_accuracy"],
+             "test_loss": final["test_loss"]}
+  best_params = ckpt.restore_best(ckpt_lib.abstract(state["params"]))
+  if best_params is not None:
+    b = trainer.evaluate(best_params, "test")
+    results.update({"test_accuracy_best_eval": b["test_accuracy"],
+                    "test_loss_best_eval": b["test_loss"],
+                    "best_eval_accuracy": best["eval_accuracy"],
+                    "best_eval_step": best["step"]})
+  writer.write(step, results)
+  writer.close()
+  ckpt.close()
+  results["total_parameters"] = total
+  if rates:
+    steady = rates[1:] or rates
+    results["steps_per_sec"] = float(np.median(steady))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    print("Final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
+                                f"{k} {v}" for k, v in results.items()),
+          flush=True)
+  return results
