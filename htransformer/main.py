@@ -7,6 +7,7 @@ Multi-host: pass --coordinator_address, --num_processes and --process_id,
 or nothing where JAX detects the cluster itself (TPU pods, SLURM).
 """
 
+import importlib.util
 import os
 import sys
 
@@ -32,6 +33,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Keep the console readable.
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
   # Imported after distributed initialisation.
@@ -40,11 +43,61 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.NonFiniteLossError, FileNotFoundError, ValueError) as e:
-    logging.error("%s", e)
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
+def _load_config_file(spec: str):
+  """Loads ``path[:arg]`` the way --config does, for error messages."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _unknown_override(argv) -> str | None:
+  """Names the first --config.a.b=... override that is not a config field."""
+  spec = next((a.split("=", 1)[1] for a in argv
+               if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  try:
+    config = _load_config_file(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    field = a[len("--config."):].split("=", 1)[0]
+    node = config
+    for i, part in enumerate(field.split(".")):
+      if not hasattr(node, "keys") or part not in node.keys():
+        parent = ".".join(field.split(".")[:i]) or "config"
+        known = ", ".join(sorted(node.keys())) if hasattr(
+            node, "keys") else "(not a group)"
+        return (f"Unknown config field '{field}' (from {a}). Fields of "
+                f"{parent} in {spec}: {known}.")
+      node = node[part]
+  return None
+
+
+def parse_flags(argv):
+  """absl flag parsing with a one-line message for bad config overrides."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    if "Traceback (most recent call last):" in lines:  # Config file raised.
+      lines = [lines[0].rstrip(":"), lines[-1]]
+    print("Error: " + "\n  ".join(lines), file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    message = _unknown_override(argv) or f"Could not load the config: {e!r}"
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

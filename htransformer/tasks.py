@@ -36,6 +36,11 @@ def get_task(config) -> Task:
   if config.task == "listops":
     from htransformer.data import listops  # pylint: disable=g-import-not-at-top
     d = config.data
+    if not config.data_dir:
+      print(f"No data_dir given: using generated ListOps data (seed {d.seed}, "
+            f"{d.num_train}/{d.num_val}/{d.num_test}) from the cache in "
+            f"{config.cache_dir or default_cache_dir()} (generated there on "
+            "first use).", flush=True)
     data_dir = listops.find_data_dir(
         config.data_dir or None, config.cache_dir or default_cache_dir(),
         seed=d.seed, num_train=d.num_train, num_val=d.num_val,

@@ -94,7 +94,7 @@ def make_steps(graphdef, tx, seed: int):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     sums["nonfinite"] = (~jnp.isfinite(loss)).astype(jnp.float32)
-    sums["grad_norm"] = optax.global_norm(grads)
+    sums["grad_norm"] = optax.tree.norm(grads)
     new_state = {"step": state["step"] + 1, "params": params,
                  "opt_state": opt_state}
     return new_state, sums
@@ -138,6 +138,10 @@ class Trainer:
 
 
 def _check_config(config):
+  for name in ("batch_size", "eval_batch_size", "num_train_steps",
+               "log_every", "eval_every", "checkpoint_every"):
+    if config[name] < 1:
+      raise ValueError(f"{name} must be >= 1, got {config[name]}.")
   if config.batch_size % jax.device_count():
     raise ValueError(
         f"batch_size {config.batch_size} must be divisible by the number of "
@@ -234,20 +238,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if ckpt_now:
         save(step)
         last_saved = step
-      if eval_now:
-        ev = trainer.evaluate(state["params"], "val")
-        ev = {"eval_loss": ev["val_loss"], "eval_accuracy": ev["val_accuracy"]}
-        if ev["eval_accuracy"] > best["eval_accuracy"]:
-          best = {"eval_accuracy": ev["eval_accuracy"], "step": step}
-          ckpt.save_best(step, state["params"], best)
-        ev["best_eval_accuracy"] = best["eval_accuracy"]
-        writer.write(step, ev)
-        if jax.process_index() == 0:
-          print(f"step {step}: eval accuracy {ev['eval_accuracy']:.4f}, "
-                f"loss {ev['eval_loss']:.4f} (best "
-                f"{best['eval_accuracy']:.4f} at step {best['step']})",
-                flush=True)
-        progress.last_time = time.time()
+    if eval_now:
+      ev = trainer.evaluate(state["params"], "val")
+      ev = {"eval_loss": ev["val_loss"], "eval_accuracy": ev["val_accuracy"]}
+      if ev["eval_accuracy"] > best["eval_accuracy"]:
+        best = {"eval_accuracy": ev["eval_accuracy"], "step": step}
+        ckpt.save_best(step, state["params"], best)
+      ev["best_eval_accuracy"] = best["eval_accuracy"]
+      writer.write(step, ev)
+      if jax.process_index() == 0:
+        print(f"step {step}: eval accuracy {ev['eval_accuracy']:.4f}, "
+              f"loss {ev['eval_loss']:.4f} (best "
+              f"{best['eval_accuracy']:.4f} at step {best['step']})",
+              flush=True)
+      progress.last_time = time.time()
   if last_saved != step:
     save(step)
   ckpt.wait()

@@ -1,0 +1,26 @@
+# `make run`: train the quick ListOps job into runs/listops-quick.
+# `make test`: the test suite. Both create .venv from requirements.txt first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m htransformer.main --config=configs/listops.py:quick \
+	    --workdir=runs/listops-quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,696 @@
+#!/usr/bin/env python
+"""Benchmarks hierarchical attention against full (cuDNN and XLA) attention.
+
+For each method and sequence length this measures the forward and the
+forward+backward wall time (median of ``--repeats`` runs after compiling and
+warming up) and the peak device memory, at a fixed number of tokens per
+batch (``batch = max(1, tokens // length)``), then writes:
+
+  * the raw results as JSON (``--out_json``), from which
+    ``scripts/plot_benchmark.py`` draws a log-log plot;
+  * a markdown section in ``--out_md`` (a section with the same heading is
+    replaced, other sections are kept).
+
+Peak memory comes in two flavours:
+
+  * measured: ``peak_bytes_in_use`` of the device allocator. It is a
+    high-water mark for the whole process, so it is only reported when each
+    (method, length) runs in a process of its own (``--isolate``, the default
+    on GPU). It includes the inputs.
+  * compiled estimate: the compiler's ``memory_analysis()`` of the jitted
+    function (arguments + outputs + temporaries), available everywhere.
+
+Usage, from the repository root:
+
+  python scripts/benchmark_attention.py                # the full benchmark
+  python scripts/benchmark_attention.py --causal
+  python scripts/benchmark_attention.py --smoke        # tiny, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+import zlib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+# JAX reserves 75% of GPU memory by default; let the benchmark use most of
+# the card so that "fits" means fits on the card. Set the variable to
+# override. Must happen before JAX initialises its backend.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+
+# The imports below need the path and the environment set above.
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from htransformer.attention import full_attention, hierarchical_attention
+
+DEFAULT_METHODS = ("hierarchical_16", "hierarchical_64", "full_cudnn",
+                   "full_xla")
+DEFAULT_LENGTHS = tuple(1024 * 4**k for k in range(6))  # 1K ... 1M
+DEFAULT_OUT_JSON = "docs/benchmark_attention.json"
+DEFAULT_OUT_MD = "docs/benchmarks.md"
+
+# Settings of --smoke: a check of the script that runs in a minute or two on
+# a CPU (mostly compiling), plain-XLA methods only.
+SMOKE = dict(lengths=(256, 512), tokens=1024, heads=2, repeats=3,
+             methods=("hierarchical_16", "hierarchical_64", "full_xla"))
+
+# Targets for (hierarchical_16 fwd+bwd time) / (cuDNN fwd+bwd time).
+RATIO_TARGETS = {4096: 1.2, 16384: 0.35, 65536: 0.10}
+
+# Prefix of the line on which a --single run prints its JSON result.
+RESULT_MARKER = "BENCHMARK_RESULT "
+
+GIB = 2**30
+PHASES = ("fwd", "fwd_bwd")
+
+
+# ---------------------------------------------------------------------------
+# Methods.
+
+
+def check_method(name: str) -> str:
+  if name in ("full_cudnn", "full_xla") or re.fullmatch(
+      r"hierarchical_\d+", name):
+    return name
+  raise argparse.ArgumentTypeError(
+      f"unknown method {name!r}: use full_cudnn, full_xla or "
+      "hierarchical_<block_size>")
+
+
+def method_label(name: str) -> str:
+  if name.startswith("hierarchical_"):
+    return "hier-" + name.split("_")[1]
+  return {"full_cudnn": "cuDNN", "full_xla": "XLA dense"}[name]
+
+
+def method_sort_key(name: str) -> tuple[int, int]:
+  """Hierarchical by block size, then cuDNN, then dense XLA."""
+  if name.startswith("hierarchical_"):
+    return (0, int(name.split("_")[1]))
+  return (1, 0) if name == "full_cudnn" else (2, 0)
+
+
+def make_attention(name: str, causal: bool):
+  """Returns ``attention(q, k, v) -> out`` for a method name."""
+  if name.startswith("hierarchical_"):
+    block_size = int(name.split("_")[1])
+    return lambda q, k, v: hierarchical_attention(
+        q, k, v, block_size=block_size, causal=causal, implementation="xla")
+  implementation = name.split("_")[1]  # "cudnn" or "xla"
+  return lambda q, k, v: full_attention(
+      q, k, v, causal=causal, implementation=implementation)
+
+
+# ---------------------------------------------------------------------------
+# Measuring one (method, length), in this process.
+
+
+def batch_for(length: int, tokens: int) -> int:
+  return max(1, tokens // length)
+
+
+def random_normal(rng, shape, dtype):
+  # Drawn on the host, so that no RNG temporaries count towards the peak.
+  return jax.device_put(rng.standard_normal(shape, np.float32).astype(dtype))
+
+
+def compiled_peak_bytes(compiled) -> int | None:
+  """The compiler's estimate of peak memory of one call (incl. arguments)."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:
+    return None
+  if stats is None:
+    return None
+  peak = getattr(stats, "peak_memory_in_bytes", 0)
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes +
+           stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return max(peak, total)
+
+
+def device_bytes(key: str) -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats or key not in stats else int(stats[key])
+
+
+def error_status(exc: Exception) -> str:
+  message = str(exc)
+  if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower():
+    return "OOM"
+  return "error"
+
+
+def run_phase(fn, args, warmup: int, repeats: int) -> dict:
+  """Compiles ``fn``, warms it up and times ``repeats`` calls."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  peak = compiled_peak_bytes(compiled)
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return {
+      "status": "ok",
+      "median_ms": float(np.median(times)),
+      "times_ms": [round(t, 4) for t in times],
+      "compiled_peak_gib": None if peak is None else peak / GIB,
+      "compile_s": round(compile_s, 3),
+  }
+
+
+def measure(method: str, length: int, cfg: argparse.Namespace,
+            isolated: bool) -> dict:
+  """Times forward and forward+backward of one method at one length.
+
+  With ``isolated`` (a process of its own) the allocator's high-water mark is
+  also read after each phase; the forward runs first, so the fwd+bwd peak is
+  the larger of the two, which is the backward's in practice.
+  """
+  batch = batch_for(length, cfg.tokens)
+  shape = (batch, length, cfg.heads, cfg.head_dim)
+  dtype = jnp.dtype(cfg.dtype)
+  attention = make_attention(method, cfg.causal)
+
+  def fwd_bwd(q, k, v, cotangent):
+    def loss(q, k, v):
+      out = attention(q, k, v).astype(jnp.float32)
+      return jnp.sum(out * cotangent.astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  baseline = device_bytes("bytes_in_use") if isolated else None
+
+  def timed(fn, args) -> dict:
+    try:
+      entry = run_phase(fn, args, cfg.warmup, cfg.repeats)
+    except Exception as exc:
+      first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+      return {"status": error_status(exc), "error": first_line[:300]}
+    peak = device_bytes("peak_bytes_in_use") if isolated else None
+    if peak is not None and baseline is not None:
+      entry["measured_peak_gib"] = (peak - baseline) / GIB
+    return entry
+
+  # A fresh draw per (method, length), reproducible from --seed.
+  rng = np.random.default_rng([cfg.seed, length, zlib.crc32(method.encode())])
+  q, k, v = (random_normal(rng, shape, dtype) for _ in range(3))
+  result = {"method": method, "length": length, "batch": batch}
+  result["fwd"] = timed(attention, (q, k, v))
+  if result["fwd"]["status"] == "ok":
+    cotangent = random_normal(rng, shape, dtype)
+    result["fwd_bwd"] = timed(fwd_bwd, (q, k, v, cotangent))
+  else:  # would fail the same way
+    result["fwd_bwd"] = {"status": result["fwd"]["status"],
+                         "error": "not run: the forward failed"}
+  failed = [result[p]["status"] for p in PHASES if result[p]["status"] != "ok"]
+  result["status"] = failed[0] if failed else "ok"
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Running measurements, in this process or one process each.
+
+
+def environment_info() -> dict:
+  device = jax.devices()[0]
+  return {
+      "device_kind": device.device_kind,
+      "platform": device.platform,
+      "device_count": jax.device_count(),
+      "jax_version": jax.__version__,
+      "jaxlib_version": jaxlib.__version__,
+      "python_version": platform.python_version(),
+      "xla_python_client_mem_fraction":
+          os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+  }
+
+
+def config_flags(cfg: argparse.Namespace) -> list[str]:
+  """The flags that make a --single/--probe child measure what we would."""
+  flags = ["--tokens", str(cfg.tokens), "--heads", str(cfg.heads),
+           "--head_dim", str(cfg.head_dim), "--dtype", cfg.dtype,
+           "--repeats", str(cfg.repeats), "--warmup", str(cfg.warmup),
+           "--seed", str(cfg.seed)]
+  return flags + (["--causal"] if cfg.causal else [])
+
+
+def run_child(extra_flags: list[str], cfg: argparse.Namespace) -> dict:
+  """Runs this script with ``extra_flags``; returns its JSON result line."""
+  command = [sys.executable, os.path.abspath(__file__), *extra_flags,
+             *config_flags(cfg)]
+  try:
+    proc = subprocess.run(command, capture_output=True, text=True,
+                          timeout=cfg.timeout_s, check=False)
+  except subprocess.TimeoutExpired:
+    return {"status": "timeout",
+            "error": f"no result within --timeout_s={cfg.timeout_s}"}
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_MARKER):
+      return json.loads(line[len(RESULT_MARKER):])
+  tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-20:]
+  print("  child process failed (exit code %d):\n    %s"
+        % (proc.returncode, "\n    ".join(tail)), file=sys.stderr)
+  status = "OOM" if "RESOURCE_EXHAUSTED" in proc.stderr else "error"
+  return {"status": status,
+          "error": f"exit code {proc.returncode}: {tail[-1][:300]}"}
+
+
+def measure_isolated(method: str, length: int, cfg) -> dict:
+  result = run_child(["--single", method, str(length)], cfg)
+  if "method" not in result:  # the child died before reporting
+    result = {"method": method, "length": length,
+              "batch": batch_for(length, cfg.tokens), **result,
+              **{p: {"status": result["status"]} for p in PHASES}}
+  return result
+
+
+def skip_reason(method: str, length: int, cfg) -> str | None:
+  if method == "full_xla" and length > cfg.skip_xla_dense_above:
+    return "dense_logits"
+  if method.startswith("full_") and length > cfg.full_max_length:
+    return "quadratic"
+  return None
+
+
+def add_estimates(results: list[dict]) -> None:
+  """Estimates skipped quadratic runs from the longest measured length.
+
+  Full attention costs ``batch * length**2`` (times heads * head_dim), so a
+  measured time scales by that ratio.
+  """
+  for res in results:
+    if res.get("skip") != "quadratic":
+      continue
+    measured = [r for r in results
+                if r["method"] == res["method"] and r["status"] == "ok"]
+    if not measured:
+      continue
+    ref = max(measured, key=lambda r: r["length"])
+    cost = lambda r: r["batch"] * r["length"]**2
+    scale = cost(res) / cost(ref)
+    res["estimated_from_length"] = ref["length"]
+    for phase in PHASES:
+      res[phase]["estimated_ms"] = ref[phase]["median_ms"] * scale
+
+
+def skipped_result(method, length, reason, cfg) -> dict:
+  return {"method": method, "length": length,
+          "batch": batch_for(length, cfg.tokens), "status": "skipped",
+          "skip": reason, **{p: {"status": "skipped"} for p in PHASES}}
+
+
+def load_previous(path: str, config: dict, env: dict) -> dict | None:
+  """The report in ``path`` (for --merge), checked to measure the same."""
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    previous = json.load(f)
+  for key in ("tokens", "heads", "head_dim", "dtype", "causal"):
+    if previous["config"][key] != config[key]:
+      sys.exit(f"--merge: {path} has {key}={previous['config'][key]!r}, this "
+               f"run {config[key]!r}; pick another --out_json.")
+  if previous["environment"]["device_kind"] != env["device_kind"]:
+    sys.exit(f"--merge: {path} was measured on "
+             f"{previous['environment']['device_kind']}, not "
+             f"{env['device_kind']}.")
+  return previous
+
+
+def build_report(config: dict, env: dict, results: list[dict],
+                 previous: dict | None) -> dict:
+  """This run's report, plus the results of ``previous`` it did not redo."""
+  config, env = dict(config), dict(env)
+  if previous is not None:
+    done = {(r["method"], r["length"]) for r in results}
+    results = results + [r for r in previous["results"]
+                         if (r["method"], r["length"]) not in done]
+    config["lengths"] = sorted(set(config["lengths"]) |
+                               set(previous["config"]["lengths"]))
+    config["methods"] = sorted(
+        set(config["methods"]) | set(previous["config"]["methods"]),
+        key=method_sort_key)
+    env["commands"] = previous["environment"]["commands"] + env["commands"]
+  order = {m: i for i, m in enumerate(config["methods"])}
+  results = sorted(results, key=lambda r: (r["length"], order[r["method"]]))
+  add_estimates(results)
+  return {"config": config, "environment": env, "results": results}
+
+
+# ---------------------------------------------------------------------------
+# Reporting.
+
+
+def format_length(length: int) -> str:
+  if length >= 2**20 and length % 2**20 == 0:
+    return f"{length // 2**20}M"
+  if length >= 1024 and length % 1024 == 0:
+    return f"{length // 1024}K"
+  return str(length)
+
+
+def format_ms(ms: float) -> str:
+  if ms >= 100:
+    return f"{ms:.0f}"
+  return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def skip_note(res: dict, phase: str) -> str:
+  if res["skip"] == "quadratic":
+    estimate = res[phase].get("estimated_ms")
+    if estimate is None:
+      return "skipped (quadratic)"
+    return f"skipped (quadratic, est. {format_ms(estimate)} ms)"
+  return "skipped (dense L² logits)"
+
+
+def time_cell(res: dict | None, phase: str) -> str:
+  if res is None:
+    return ""
+  if res["status"] == "skipped":
+    return skip_note(res, phase)
+  entry = res[phase]
+  return format_ms(entry["median_ms"]) if entry["status"] == "ok" else (
+      entry["status"])
+
+
+def peak_gib(res: dict) -> tuple[float | None, bool]:
+  """(GiB, measured?) of the fwd+bwd run, measured where possible."""
+  entry = res["fwd_bwd"]
+  if entry.get("measured_peak_gib") is not None:
+    return entry["measured_peak_gib"], True
+  return entry.get("compiled_peak_gib"), False
+
+
+def peak_cell(res: dict | None) -> str:
+  if res is None or res["status"] == "skipped":
+    return "" if res is None else "—"
+  if res["fwd_bwd"]["status"] != "ok":
+    return res["fwd_bwd"]["status"]
+  gib, measured = peak_gib(res)
+  if gib is None:
+    return "n/a"
+  return f"{gib:.2f}" if measured else f"{gib:.2f}*"
+
+
+def section_heading(cfg: dict) -> str:
+  return (f"## Attention: hierarchical vs full ({cfg['dtype']}, heads "
+          f"{cfg['heads']}, head_dim {cfg['head_dim']}, {cfg['tokens']:,} "
+          f"tokens per batch, {'causal' if cfg['causal'] else 'non-causal'})")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(["---"] * len(header)) + "|"]
+  return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def ratio_lines(report: dict, lookup: dict) -> list[str]:
+  """Hierarchical fwd+bwd time over the full-attention reference."""
+  cfg = report["config"]
+  methods = cfg["methods"]
+  reference = next((m for m in ("full_cudnn", "full_xla") if any(
+      lookup.get((m, length), {}).get("status") == "ok"
+      for length in cfg["lengths"])), None)
+  hierarchical = [m for m in methods if m.startswith("hierarchical_")]
+  if reference is None or not hierarchical:
+    return []
+  with_targets = reference == "full_cudnn" and "hierarchical_16" in methods
+  header = ["length"] + [
+      f"{method_label(m)} / {method_label(reference)}" for m in hierarchical]
+  if with_targets:
+    header += ["target (hier-16)", "met"]
+  rows = []
+  for length in cfg["lengths"]:
+    ref = lookup.get((reference, length))
+    ref_ms, approx = None, ""
+    if ref and ref["fwd_bwd"].get("median_ms") is not None:
+      ref_ms = ref["fwd_bwd"]["median_ms"]
+    elif ref and ref["fwd_bwd"].get("estimated_ms") is not None:
+      ref_ms, approx = ref["fwd_bwd"]["estimated_ms"], "~"
+    row, ratios = [format_length(length)], {}
+    for method in hierarchical:
+      res = lookup.get((method, length))
+      ms = res["fwd_bwd"].get("median_ms") if res else None
+      if ms is None or ref_ms is None:
+        row.append("")
+        continue
+      ratios[method] = ms / ref_ms
+      row.append(f"{approx}{ratios[method]:.3f}")
+    if with_targets:
+      target = RATIO_TARGETS.get(length)
+      ratio = ratios.get("hierarchical_16")
+      row.append("" if target is None else f"≤ {target}")
+      row.append("" if target is None or ratio is None else
+                 ("yes" if ratio <= target else "no"))
+    rows.append(row)
+  lines = ["", f"Forward+backward time of hierarchical attention over "
+           f"{method_label(reference)} full attention (lower is better; "
+           "~ marks a ratio to an estimated time):", ""]
+  return lines + markdown_table(header, rows)
+
+
+def render_markdown(report: dict) -> tuple[str, str]:
+  """Returns (heading, body) of the markdown section for ``report``."""
+  cfg, env = report["config"], report["environment"]
+  lookup = {(r["method"], r["length"]): r for r in report["results"]}
+  methods = cfg["methods"]
+  commands = "; ".join(f"`{c}`" for c in env["commands"])
+  lines = [f"Card: {env['device_kind']} · date: {env['date']} · jax "
+           f"{env['jax_version']} · command: {commands}", ""]
+  header = ["length", "batch"]
+  for m in methods:
+    label = method_label(m)
+    header += [f"{label} fwd ms", f"{label} fwd+bwd ms", f"{label} peak GiB"]
+  rows = []
+  for length in cfg["lengths"]:
+    row = [format_length(length), str(batch_for(length, cfg["tokens"]))]
+    for m in methods:
+      res = lookup.get((m, length))
+      row += [time_cell(res, "fwd"), time_cell(res, "fwd_bwd"),
+              peak_cell(res)]
+    rows.append(row)
+  lines += markdown_table(header, rows)
+  lines += [
+      "",
+      f"Times: median of {cfg['repeats']} runs after compiling and "
+      f"{cfg['warmup']} warm-up runs; fwd+bwd is `jax.value_and_grad` of "
+      "`sum(out * cotangent)` with respect to q, k and v. Peak: the fwd+bwd "
+      "run's device memory high-water mark (`peak_bytes_in_use`) in a "
+      "process of its own, inputs included; * marks the compiler's estimate "
+      "(`memory_analysis()`: arguments + outputs + temporaries) where no "
+      "measurement was made. Skipped: full attention above "
+      f"{format_length(cfg['full_max_length'])} (quadratic time, estimated "
+      "by batch·L² scaling from the longest measured length), dense XLA "
+      f"above {format_length(cfg['skip_xla_dense_above'])} (it materialises "
+      "the L² logits).",
+  ]
+  lines += ratio_lines(report, lookup)
+  return section_heading(cfg), "\n".join(lines) + "\n"
+
+
+def update_markdown(path: str, heading: str, body: str) -> None:
+  """Replaces the section titled ``heading`` in ``path`` or appends it."""
+  text = "# Benchmarks\n"
+  if os.path.exists(path):
+    with open(path) as f:
+      text = f.read()
+  lines = text.splitlines()
+  section = [heading, ""] + body.rstrip("\n").splitlines()
+  if heading in lines:
+    start = lines.index(heading)
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].startswith(("# ", "## "))), len(lines))
+    tail = lines[end:]
+    lines = lines[:start] + section + ([""] + tail if tail else [])
+  else:
+    while lines and not lines[-1].strip():
+      lines.pop()
+    lines += [""] + section
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_json(path: str, report: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=1)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+
+
+def progress_line(res: dict) -> str:
+  parts = [f"{res['method']:<16} L={format_length(res['length']):>5} "
+           f"B={res['batch']:<4}"]
+  if res["status"] == "skipped":
+    return parts[0] + " " + skip_note(res, "fwd_bwd")
+  for phase, name in (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd")):
+    unit = " ms" if res[phase]["status"] == "ok" else ""
+    parts.append(f"{name} {time_cell(res, phase):>8}{unit}")
+  if res["fwd_bwd"]["status"] == "ok":
+    gib, measured = peak_gib(res)
+    if gib is not None:
+      parts.append(f"peak {gib:.2f} GiB" + ("" if measured else " (compiled)"))
+  errors = dict.fromkeys(res[p]["error"] for p in PHASES if "error" in res[p])
+  return "  ".join(parts + [f"[{e}]" for e in errors])
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0])
+  parser.add_argument("--lengths", type=int, nargs="+",
+                      help=f"sequence lengths (default {DEFAULT_LENGTHS})")
+  parser.add_argument("--methods", type=check_method, nargs="+",
+                      help=f"methods, a subset of {DEFAULT_METHODS} or any "
+                      "hierarchical_<block_size>")
+  parser.add_argument("--causal", action="store_true",
+                      help="causal attention (default non-causal)")
+  parser.add_argument("--repeats", type=int, help="timed runs (default 10)")
+  parser.add_argument("--warmup", type=int, default=2,
+                      help="untimed runs after compiling (default 2)")
+  parser.add_argument("--tokens", type=int,
+                      help="tokens per batch: batch = max(1, tokens // length)"
+                      " (default 65536)")
+  parser.add_argument("--heads", type=int, help="heads (default 8)")
+  parser.add_argument("--head_dim", type=int, default=64,
+                      help="head dim (default 64)")
+  parser.add_argument("--dtype", default="bfloat16",
+                      help="input dtype (default bfloat16)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the random inputs (default 0)")
+  parser.add_argument("--out_json", help=f"raw results (default "
+                      f"{DEFAULT_OUT_JSON}; none with --smoke)")
+  parser.add_argument("--out_md", help=f"markdown file whose section to "
+                      f"write (default {DEFAULT_OUT_MD}; none with --smoke)")
+  parser.add_argument("--merge", action="store_true",
+                      help="keep the results in --out_json that this run does"
+                      " not redo (to split a benchmark over several runs)")
+  parser.add_argument("--skip_xla_dense_above", type=int, default=16384,
+                      help="skip full_xla above this length (it materialises"
+                      " the L^2 logits; default 16384)")
+  parser.add_argument("--full_max_length", type=int, default=65536,
+                      help="skip full attention above this length; its time "
+                      "is estimated by L^2 scaling (default 65536)")
+  parser.add_argument("--isolate", action=argparse.BooleanOptionalAction,
+                      help="run each (method, length) in its own process, for "
+                      "a true peak memory per measurement (default: on GPU)")
+  parser.add_argument("--timeout_s", type=float, default=1200,
+                      help="time limit in seconds of one isolated (method, "
+                      "length) (default 1200)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny sizes and plain-XLA methods only, to check "
+                      "the script on a CPU: " + ", ".join(
+                          f"{k}={v}" for k, v in SMOKE.items()))
+  parser.add_argument("--single", nargs=2, metavar=("METHOD", "LENGTH"),
+                      help=argparse.SUPPRESS)  # internal: one measurement
+  parser.add_argument("--probe", action="store_true",
+                      help=argparse.SUPPRESS)  # internal: environment only
+  args = parser.parse_args(argv)
+
+  defaults = dict(lengths=DEFAULT_LENGTHS, methods=DEFAULT_METHODS,
+                  tokens=65536, heads=8, repeats=10)
+  if args.smoke:
+    defaults.update(SMOKE)
+  for key, value in defaults.items():
+    if getattr(args, key) is None:
+      setattr(args, key, list(value) if isinstance(value, tuple) else value)
+  if not args.smoke:
+    args.out_json = args.out_json or DEFAULT_OUT_JSON
+    args.out_md = args.out_md or DEFAULT_OUT_MD
+  args.lengths = sorted(set(args.lengths))
+  args.methods = list(dict.fromkeys(args.methods))
+  return args
+
+
+def main() -> None:
+  args = parse_args()
+  if args.probe:
+    print(RESULT_MARKER + json.dumps(environment_info()), flush=True)
+    return
+  if args.single:
+    method, length = check_method(args.single[0]), int(args.single[1])
+    result = measure(method, length, args, isolated=True)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return
+
+  # With isolation the parent process must leave the accelerator alone, so
+  # it learns about the device from a child.
+  if args.isolate is False:
+    env = environment_info()
+  else:
+    env = run_child(["--probe"], args)
+    if "device_kind" not in env:
+      sys.exit(f"could not start JAX in a child process: {env}")
+  isolate = (env["platform"] == "gpu") if args.isolate is None else (
+      args.isolate)
+  env["date"] = datetime.datetime.now().astimezone().isoformat(
+      timespec="seconds")
+  env["commands"] = ["python " + shlex.join(sys.argv)]
+  config = {key: getattr(args, key) for key in (
+      "tokens", "heads", "head_dim", "dtype", "causal", "repeats", "warmup",
+      "seed", "lengths", "methods", "skip_xla_dense_above",
+      "full_max_length")}
+  config["isolate"] = isolate
+  previous = (load_previous(args.out_json, config, env) if args.merge
+              else None)
+
+  print(f"device: {env['device_kind']} ({env['platform']}) · jax "
+        f"{env['jax_version']} · python {env['python_version']} · "
+        f"{env['date']}")
+  print(f"command: {env['commands'][0]}")
+  print(f"batch x length = {args.tokens:,} tokens, heads {args.heads}, "
+        f"head_dim {args.head_dim}, {args.dtype}, "
+        f"{'causal' if args.causal else 'non-causal'}, isolate={isolate}",
+        flush=True)
+
+  results = []
+  for length in args.lengths:
+    for method in args.methods:
+      reason = skip_reason(method, length, args)
+      if reason:
+        res = skipped_result(method, length, reason, args)
+      elif isolate:
+        res = measure_isolated(method, length, args)
+      else:
+        res = measure(method, length, args, isolated=False)
+      results.append(res)
+      report = build_report(config, env, results, previous)  # estimates too
+      print(progress_line(res), flush=True)
+      if args.out_json:  # after every measurement: survives an interruption
+        write_json(args.out_json, report)
+
+  heading, body = render_markdown(report)
+  print("\n" + heading + "\n\n" + body)
+  if args.out_json:
+    print(f"wrote {args.out_json}")
+  if args.out_md:
+    update_markdown(args.out_md, heading, body)
+    print(f"wrote section to {args.out_md}")
+  if args.out_json:
+    print(f"plot: python scripts/plot_benchmark.py --json {args.out_json} "
+          f"--out {os.path.splitext(args.out_json)[0]}.png")
+
+
+if __name__ == "__main__":
+  main()

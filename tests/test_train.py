@@ -1,0 +1,270 @@
+"""The ListOps training job: configs, steps, checkpoints, resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from configs import listops as listops_config
+from htransformer import metrics as metrics_lib
+from htransformer import models
+from htransformer import tasks
+from htransformer import train
+from htransformer.data import listops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("listops_tiny"))
+  listops.generate(d, num_train=400, num_val=64, num_test=64, seed=0,
+                   min_length=5, max_length=40, workers=1)
+  return d
+
+
+def tiny_config(data_dir, **overrides):
+  c = listops_config.get_config("quick")
+  c.data_dir = data_dir
+  c.max_length = 40
+  c.model.update(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=32,
+                 num_heads=2, block_size=4)
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.num_train_steps = 12
+  c.log_every = 4
+  c.eval_every = 6
+  c.checkpoint_every = 4
+  c.optimizer.warmup_steps = 4
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def run_main(args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "htransformer.main", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def saved_params(workdir):
+  """The parameters of the latest checkpoint, as numpy arrays."""
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("state", "data"))
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  mngr.close()
+  return step, jax.tree.map(np.asarray, state["params"])
+
+
+@pytest.mark.parametrize("variant", ["", "full", "quick"])
+def test_configs_load(variant):
+  c = listops_config.get_config(variant)
+  assert c.task == "listops"
+  assert c.model.attention == ("full" if variant == "full" else
+                               "hierarchical")
+  if not variant:
+    assert (c.model.num_layers, c.model.num_heads, c.model.emb_dim,
+            c.model.mlp_dim, c.batch_size, c.num_train_steps,
+            c.max_length) == (4, 8, 512, 1024, 32, 5000, 2000)
+    assert c.model.block_size == 16 and c.model.pool == "CLS"
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(ValueError, match="nope"):
+    listops_config.get_config("nope")
+
+
+def test_train_step_reduces_loss(tiny_data):
+  c = tiny_config(tiny_data)
+  task = tasks.get_task(c)
+  model = train.build_model(c, task)
+  graphdef, params = nnx.split(model, nnx.Param)
+  import optax  # pylint: disable=g-import-not-at-top
+  tx = optax.adam(3e-3)
+  step_fn, eval_fn = train.make_steps(graphdef, tx, seed=0)
+  step_fn = jax.jit(step_fn)
+  batch = {k: np.stack([task.sources["train"][i][k] for i in range(16)])
+           for k in ("inputs", "targets")}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": tx.init(params)}
+  losses = []
+  for _ in range(30):
+    state, sums = step_fn(state, batch)
+    losses.append(float(sums["loss"] / sums["count"]))
+  assert int(state["step"]) == 30
+  assert losses[-1] < 0.5 * losses[0], losses
+  ev = eval_fn(state["params"], {**batch, "weights": np.ones(16, np.float32)})
+  assert float(ev["count"]) == 16
+
+
+def test_model_is_padding_invariant(tiny_data):
+  """Padding tokens (id 0) change nothing for the real tokens' prediction."""
+  c = tiny_config(tiny_data)
+  task = tasks.get_task(c)
+  model = train.build_model(c, task)
+  tokens = np.array([[12, 3, 4, 16, 5, 16, 0, 0, 0, 0]], np.int32)
+  a = model(jnp.asarray(tokens[:, :6]))
+  b = model(jnp.asarray(tokens))
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_wrong_sequence_length_is_a_clear_error(tiny_data):
+  c = tiny_config(tiny_data)
+  model = train.build_model(c, tasks.get_task(c))
+  with pytest.raises(ValueError, match="max_len"):
+    model(jnp.ones((1, 41), jnp.int32))
+
+
+def test_batch_size_must_divide(tiny_data, tmp_path):
+  c = tiny_config(tiny_data, batch_size=0)
+  with pytest.raises(ValueError, match="batch_size"):
+    train.train_and_evaluate(c, str(tmp_path))
+  if jax.device_count() > 1:
+    c = tiny_config(tiny_data, batch_size=jax.device_count() + 1)
+    with pytest.raises(ValueError, match="divisible"):
+      train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_dry_run_prints_parameter_count(tiny_data, tmp_path):
+  r = run_main(["--config=configs/listops.py:quick",
+                f"--workdir={tmp_path}", f"--config.data_dir={tiny_data}",
+                "--config.max_length=40", "--config.dry_run=True"])
+  assert r.returncode == 0, r.stderr[-2000:]
+  line = [l for l in r.stdout.splitlines() if "Total parameters:" in l]
+  assert line, r.stdout[-2000:]
+  n = int(line[0].split(":")[1].replace(",", ""))
+  c = listops_config.get_config("quick")
+  c.max_length = 40
+  c.data_dir = tiny_data
+  _, params = nnx.split(train.build_model(c, tasks.get_task(c)), nnx.Param)
+  assert n == sum(x.size for x in jax.tree.leaves(params))
+  assert os.path.exists(tmp_path / "config.json")
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unknown_config_field_is_named(tmp_path):
+  r = run_main(["--config=configs/listops.py:quick", f"--workdir={tmp_path}",
+                "--config.model.num_layerz=3"])
+  assert r.returncode != 0
+  assert "Unknown config field 'model.num_layerz'" in r.stderr
+  assert "num_layers" in r.stderr  # Lists the real fields.
+  assert "Traceback" not in r.stderr
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+  missing = tmp_path / "no_such_dir"
+  r = run_main(["--config=configs/listops.py:quick",
+                f"--workdir={tmp_path / 'w'}", f"--config.data_dir={missing}"])
+  assert r.returncode != 0
+  assert "data_dir does not exist" in r.stderr and str(missing) in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_train_writes_metrics_checkpoints_and_results(tiny_data, tmp_path):
+  c = tiny_config(tiny_data)
+  results = train.train_and_evaluate(c, str(tmp_path))
+  rows = metrics_lib.read_metrics(str(tmp_path))
+  keys = set().union(*rows)
+  for k in ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy",
+            "test_accuracy", "test_loss", "test_accuracy_best_eval",
+            "steps_per_sec", "learning_rate"):
+    assert k in keys, k
+  assert [r["step"] for r in rows if "train_loss" in r] == [4, 8, 12]
+  assert [r["step"] for r in rows if "eval_accuracy" in r] == [6, 12]
+  assert 0.0 <= results["test_accuracy"] <= 1.0
+  assert json.load(open(tmp_path / "results.json"))["test_accuracy"] == (
+      results["test_accuracy"])
+  step, _ = saved_params(str(tmp_path))
+  assert step == 12
+  # Launching again finds the finished run and only re-evaluates.
+  again = train.train_and_evaluate(c, str(tmp_path))
+  assert again["test_accuracy"] == results["test_accuracy"]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data,
+                                                             tmp_path):
+  # Fine for 8 steps, then a NaN learning rate poisons the parameters.
+  c = tiny_config(tiny_data, num_train_steps=8)
+  train.train_and_evaluate(c, str(tmp_path))
+  c = tiny_config(tiny_data, num_train_steps=16)
+  c.optimizer.learning_rate = float("nan")
+  with pytest.raises(train.NonFiniteLossError, match="NaN or inf"):
+    train.train_and_evaluate(c, str(tmp_path))
+  step, params = saved_params(str(tmp_path))
+  assert step == 8
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
+  """SIGKILL mid-run, relaunch: same final parameters as an unbroken run."""
+  args = ["--config=configs/listops.py:quick", f"--config.data_dir={tiny_data}",
+          "--config.max_length=40", "--config.model.num_layers=1",
+          "--config.model.emb_dim=32", "--config.model.qkv_dim=32",
+          "--config.model.mlp_dim=32", "--config.model.block_size=4",
+          "--config.batch_size=8", "--config.eval_batch_size=16",
+          "--config.num_train_steps=40", "--config.log_every=5",
+          "--config.checkpoint_every=5", "--config.eval_every=20"]
+  straight = tmp_path / "straight"
+  r = run_main(args + [f"--workdir={straight}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  broken = tmp_path / "broken"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  # Slow the first run down so that it is surely killed mid-way.
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "htransformer.main", *args,
+       f"--workdir={broken}"], cwd=ROOT, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = broken / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else [])
+            if d.isdigit() and int(d) >= 10]
+    if done or proc.poll() is not None:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at, _ = saved_params(str(broken))
+  assert killed_at is not None and killed_at < 40, killed_at
+
+  r = run_main(args + [f"--workdir={broken}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"Resuming from step {killed_at}" in r.stdout
+  step_a, a = saved_params(str(straight))
+  step_b, b = saved_params(str(broken))
+  assert step_a == step_b == 40
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_quick_job_end_to_end(tmp_path):
+  """`:quick` from an empty cache: generate, train, evaluate, beat 17%."""
+  env_cache = tmp_path / "cache"
+  r = run_main(["--config=configs/listops.py:quick",
+                f"--workdir={tmp_path / 'run'}",
+                f"--config.cache_dir={env_cache}"], timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "generated ListOps data" in r.stdout
+  assert "steps/s" in r.stdout and "ETA" in r.stdout
+  results = json.load(open(tmp_path / "run" / "results.json"))
+  rows = metrics_lib.read_metrics(str(tmp_path / "run"))
+  best_eval = max(r["eval_accuracy"] for r in rows if "eval_accuracy" in r)
+  assert best_eval > 0.25, best_eval  # Majority class is ~17%.
+  assert results["test_accuracy"] > 0.25, results
