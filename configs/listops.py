@@ -9,17 +9,29 @@ pooling, max length 2000) with hierarchical attention, block_size 16.
 
 Variants (``--config=configs/listops.py:VARIANT``):
   full   the same model with full softmax attention (the baseline).
-  quick  small data and model; trains and evaluates on 2 CPU cores in a few
-         minutes, data generation included, and beats the majority class
-         (~17%) on validation:
+  quick  small data (6000/500/500 expressions of 10-60 tokens) and a
+         2-layer model; trains and evaluates on 2 CPU cores in about 3
+         minutes, data generation included:
            python -m htransformer.main --config=configs/listops.py:quick \
                --workdir=runs/listops-quick
+         Expected (2-core CPU, 2026-11-27): validation accuracy 43.2%, test
+         43.4% after 1200 steps, against ~17% for the majority class.
 
 Data: ``config.data_dir`` may point at the LRA release (a folder holding
 basic_{train,val,test}.tsv, or its listops-1000/ subfolder). Empty (the
 default) generates the data once with the LRA rules (seed
 ``config.data.seed``, 96k/2k/2k) into ``config.cache_dir`` (default
 ~/.cache/htransformer, or $HTRANSFORMER_CACHE).
+
+Mesh: ``config.mesh.model`` is the size of the ``model`` axis of the device
+mesh (attention heads and MLP hidden units are split over it); the ``data``
+axis gets the rest (devices / model) and splits the batch. The default, 1,
+is pure data parallelism. ``model`` must divide the number of devices on each
+host, ``model.num_heads`` and ``model.mlp_dim``; ``batch_size`` and
+``eval_batch_size`` are global and must be divisible by the data axis:
+
+  python -m htransformer.main --config=configs/listops.py \
+      --workdir=runs/listops-tp2 --config.mesh.model=2
 
 Expected results: see docs/results.md (paper: H-Transformer-1D 49.53% test,
 Transformer 36.37%).
@@ -45,6 +57,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       dropout_rate=0.1, pool="CLS", learned_positions=False,
       dtype="bfloat16"))
 
+  # Device mesh: (data, model) = (devices / mesh.model, mesh.model).
+  c.mesh = ml_collections.ConfigDict(dict(model=1))
+
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=0.05, schedule="rsqrt", warmup_steps=1000, b1=0.9,
       b2=0.98, eps=1e-9, weight_decay=0.1, grad_clip=0.0))
@@ -66,18 +81,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   elif variant == "quick":
     c.data = ml_collections.ConfigDict(dict(
         seed=0, num_train=6000, num_val=500, num_test=500, min_length=10,
-        max_length=100))
-    c.max_length = 100
+        max_length=60))
+    c.max_length = 60
     c.model.update(num_layers=2, num_heads=4, emb_dim=64, qkv_dim=64,
                    mlp_dim=128, block_size=8, dtype="float32")
     c.optimizer.update(learning_rate=1e-3, schedule="cosine",
                        warmup_steps=100, weight_decay=0.01)
     c.batch_size = 32
     c.eval_batch_size = 100
-    c.num_train_steps = 1500
+    c.num_train_steps = 1200
     c.log_every = 100
-    c.eval_every = 500
-    c.checkpoint_every = 500
+    c.eval_every = 400
+    c.checkpoint_every = 400
   else:
     raise ValueError(
         f"Unknown variant {variant!r} of configs/listops.py: use one of "
