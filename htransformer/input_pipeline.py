@@ -33,9 +33,13 @@ def train_dataset(source, global_batch_size: int, seed: int):
   return ds[jax.process_index()::jax.process_count()]
 
 
-def train_iterator(source, global_batch_size: int, seed: int):
+def train_iterator(source, global_batch_size: int, seed: int,
+                   num_threads: int = 4, prefetch: int = 8):
+  """Checkpointable iterator; batches are read ahead in background threads."""
+  options = grain.ReadOptions(num_threads=num_threads,
+                              prefetch_buffer_size=prefetch)
   return iter(train_dataset(source, global_batch_size, seed)
-              .to_iter_dataset())
+              .to_iter_dataset(options))
 
 
 def eval_batches(source, global_batch_size: int):

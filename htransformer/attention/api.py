@@ -18,6 +18,7 @@ from htransformer.attention import hierarchical
 
 HIERARCHICAL_IMPLEMENTATIONS = ("xla",)
 FULL_IMPLEMENTATIONS = ("xla", "cudnn")
+_CUDNN_LENGTH_MULTIPLE = 64
 
 
 def _check_inputs(query, key, value, mask):
@@ -128,12 +129,17 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
   if implementation == "cudnn":
     if value.shape[-1] != query.shape[-1]:
       raise ValueError("implementation='cudnn' needs value_dim == head_dim.")
-    lengths = None
-    if mask is not None:
-      lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    # cuDNN's fused kernels take only some lengths (e.g. not 2001): pad to a
+    # multiple of 64 and mask the padding by key length.
+    batch, length = query.shape[:2]
+    padded = -(-length // _CUDNN_LENGTH_MULTIPLE) * _CUDNN_LENGTH_MULTIPLE
+    lengths = (jnp.full((batch,), length, jnp.int32) if mask is None else
+               jnp.sum(mask, axis=-1, dtype=jnp.int32))
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
     out = jax.nn.dot_product_attention(
-        query, key, value, is_causal=causal, key_value_seq_lengths=lengths,
-        implementation="cudnn")
+        pad(query), pad(key), pad(value), is_causal=causal,
+        key_value_seq_lengths=lengths,
+        implementation="cudnn")[:, :length]
   else:
     # jax.nn.dot_product_attention wants one head dim for q, k and v: pad
     # the narrower ones with zeros (which changes no logit) and slice.
