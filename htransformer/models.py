@@ -5,6 +5,14 @@ The attention in every model is chosen by one argument, ``attention``:
 (softmax attention, cuDNN on GPU). Models hold only parameters; dropout
 randomness is passed at call time (``rngs``), so a training step is a pure
 function of (parameters, batch, step).
+
+Parameters carry sharding annotations over a ``model`` mesh axis
+(Megatron-style): the q/k/v projections and the MLP's first layer are split
+along their outputs (attention heads, hidden units), the attention output
+projection and the MLP's second layer along their inputs; everything else is
+replicated. The annotations are metadata only (``eager_sharding=False``): the
+models run anywhere without a mesh, and ``train.py`` places the parameters
+with ``nnx.get_named_sharding``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,16 @@ POOLING = ("CLS", "MEAN")
 
 def _dtype(dtype: Any):
   return jnp.dtype(dtype) if dtype is not None else jnp.float32
+
+
+def _sharded(init, spec: tuple):
+  """``init`` annotated with a PartitionSpec over the mesh axes (metadata)."""
+  return nnx.with_partitioning(init, spec, eager_sharding=False)
+
+
+# Column- and row-parallel kernels [in, out] over the "model" mesh axis.
+SPLIT_OUT = (None, "model")
+SPLIT_IN = ("model", None)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -67,12 +85,14 @@ class MultiHeadAttention(nnx.Module):
     self.implementation = implementation
     self.dtype = _dtype(dtype)
     init = nnx.initializers.xavier_uniform()
-    make = lambda i, o: nnx.Linear(i, o, use_bias=False, kernel_init=init,
+    make = lambda i, o: nnx.Linear(i, o, use_bias=False,
+                                   kernel_init=_sharded(init, SPLIT_OUT),
                                    dtype=self.dtype, rngs=rngs)
     self.query = make(in_features, qkv_features)
     self.key = make(in_features, qkv_features)
     self.value = make(in_features, qkv_features)
-    self.out = nnx.Linear(qkv_features, out_features, kernel_init=init,
+    self.out = nnx.Linear(qkv_features, out_features,
+                          kernel_init=_sharded(init, SPLIT_IN),
                           dtype=self.dtype, rngs=rngs)
 
   def __call__(self, x, mask=None):
@@ -104,10 +124,10 @@ class MlpBlock(nnx.Module):
   def __init__(self, dim: int, hidden: int, dropout_rate: float, dtype,
                rngs: nnx.Rngs):
     init = nnx.initializers.xavier_uniform()
-    self.fc1 = nnx.Linear(dim, hidden, kernel_init=init, dtype=dtype,
-                          rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, dim, kernel_init=init, dtype=dtype,
-                          rngs=rngs)
+    self.fc1 = nnx.Linear(dim, hidden, kernel_init=_sharded(init, SPLIT_OUT),
+                          dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, kernel_init=_sharded(init, SPLIT_IN),
+                          dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x, *, deterministic, rngs):

@@ -1,11 +1,15 @@
 """The training loop: one readable function, ``train_and_evaluate``.
 
-Data parallel over a ``jax.make_mesh`` mesh of all devices (axis ``data``):
-parameters and optimizer state are replicated, batches are split along the
-batch axis. Each process feeds its own part of the global batch
-(``jax.make_array_from_process_local_data``). A training step is a pure
-function of (state, batch): dropout keys are ``fold_in(seed, step)``, so a
-resumed run computes exactly what an uninterrupted one would.
+All devices form one ``jax.make_mesh`` mesh with axes ``("data", "model")``
+of sizes ``(devices / config.mesh.model, config.mesh.model)``. Batches are
+split over ``data``; parameters are placed by their sharding annotations
+(models.py: attention heads and MLP hidden units split over ``model``, the
+rest replicated) and the optimizer state follows them. Each process feeds
+its own part of the global batch (``jax.make_array_from_process_local_data``)
+and only process 0 writes files other than checkpoints. A training step is a
+pure function of (state, batch): dropout keys are ``fold_in(seed, step)``, so
+a resumed run computes exactly what an uninterrupted one would, and the
+result does not depend on the mesh beyond float rounding.
 """
 
 from __future__ import annotations
@@ -62,9 +66,15 @@ def parameter_overview(params) -> tuple[str, int]:
   return "\n".join(lines), total
 
 
-def make_mesh():
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(model: int = 1):
+  """The (data, model) mesh of all devices: (devices / model, model)."""
+  n = jax.device_count()
+  if model < 1 or n % model:
+    raise ValueError(f"mesh.model ({model}) must be >= 1 and divide the "
+                     f"number of devices ({n}).")
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((n // model, model), ("data", "model"),
+                       axis_types=(auto, auto))
 
 
 def _loss_and_metrics(logits, targets, weights):
@@ -108,17 +118,38 @@ def make_steps(graphdef, tx, seed: int):
 
 
 class Trainer:
-  """Holds the mesh, the jitted steps and the helpers of one run."""
+  """Holds the mesh, the state's shardings, the jitted steps and helpers.
 
-  def __init__(self, config, task, graphdef, tx):
+  ``params`` (from ``nnx.split``) give the state's structure and, through
+  their annotations, its shardings; they may be abstract.
+  """
+
+  def __init__(self, config, task, graphdef, params, tx):
     self.config = config
-    self.mesh = make_mesh()
+    self.task = task
+    self.tx = tx
+    self.mesh = make_mesh(config.mesh.model)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    # Parameters by their annotations; Adam's moments have the parameters'
+    # structure and annotations, so they get the same shardings.
+    self.state_sharding = nnx.get_named_sharding(
+        jax.eval_shape(self._init_state, params), self.mesh)
     train_step, eval_step = make_steps(graphdef, tx, config.seed)
-    self.train_step = jax.jit(train_step, donate_argnums=0)
-    self.eval_step = jax.jit(eval_step)
-    self.task = task
+    self.train_step = jax.jit(
+        train_step, out_shardings=(self.state_sharding, self.replicated),
+        donate_argnums=0)
+    self.eval_step = jax.jit(eval_step, out_shardings=self.replicated)
+
+  def _init_state(self, params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.tx.init(params)}
+
+  def initial_state(self, params):
+    """Step 0 (given the parameters), placed on the mesh."""
+    params = jax.device_put(params, self.state_sharding["params"])
+    return jax.jit(self._init_state,
+                   out_shardings=self.state_sharding)(params)
 
   def global_batch(self, local: dict):
     return {k: jax.make_array_from_process_local_data(
@@ -142,14 +173,27 @@ def _check_config(config):
                "log_every", "eval_every", "checkpoint_every"):
     if config[name] < 1:
       raise ValueError(f"{name} must be >= 1, got {config[name]}.")
-  if config.batch_size % jax.device_count():
+  model = config.mesh.model
+  if model < 1 or jax.device_count() % model:
+    raise ValueError(f"mesh.model ({model}) must be >= 1 and divide the "
+                     f"number of devices ({jax.device_count()}).")
+  if jax.local_device_count() % model:
+    # Each process feeds its own slice of the batch, so a model-parallel
+    # group must not span processes.
     raise ValueError(
-        f"batch_size {config.batch_size} must be divisible by the number of "
-        f"devices ({jax.device_count()}).")
-  if config.eval_batch_size % jax.device_count():
-    raise ValueError(
-        f"eval_batch_size {config.eval_batch_size} must be divisible by the "
-        f"number of devices ({jax.device_count()}).")
+        f"mesh.model ({model}) must divide the number of devices of each "
+        f"process ({jax.local_device_count()}).")
+  for name in ("num_heads", "mlp_dim"):
+    if config.model[name] % model:
+      raise ValueError(f"model.{name} ({config.model[name]}) must be "
+                       f"divisible by mesh.model ({model}).")
+  data = jax.device_count() // model
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] % data:
+      raise ValueError(
+          f"{name} {config[name]} must be divisible by the size of the "
+          f"mesh's data axis ({data} = {jax.device_count()} devices / "
+          f"mesh.model {model}).")
   if config.max_length < 1:
     raise ValueError(f"max_length must be positive, got {config.max_length}.")
 
@@ -180,10 +224,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   total_steps = config.num_train_steps
   tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
-  trainer = Trainer(config, task, graphdef, tx)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": tx.init(params)}
-  state = jax.device_put(state, trainer.replicated)
+  trainer = Trainer(config, task, graphdef, params, tx)
+  state = trainer.initial_state(params)
 
   ckpt = ckpt_lib.Checkpointer(workdir)
   train_iter = input_pipeline.train_iterator(
