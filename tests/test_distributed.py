@@ -1,0 +1,264 @@
+"""Meshes and processes: the same global batch gives the same training.
+
+* 4 forced host devices, mesh (data 4) and (data 2, model 2), against one
+  device: same losses and parameters within float rounding; parameters and
+  Adam's moments are sharded by the models' annotations.
+* Two real processes on localhost (JAX CPU collectives, gloo) run
+  ``htransformer.main`` to the end, stop, resume from their checkpoint and
+  finish; the final parameters equal a single-process run's, and only
+  process 0 wrote metrics.
+
+The device and process counts are fixed when JAX starts, so every run is a
+subprocess; this file is also the worker (``python tests/test_distributed.py
+steps ...``).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+def _env(num_devices=None):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if "xla_force_host_platform_device_count" not in f]
+  if num_devices:
+    flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  return env
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  from htransformer.data import listops  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path_factory.mktemp("listops_tiny"))
+  listops.generate(d, num_train=400, num_val=64, num_test=64, seed=0,
+                   min_length=5, max_length=40, workers=1)
+  return d
+
+
+# ----------------------------------------------------------------------------
+# Forced host devices: one process, several meshes.
+
+
+def steps_worker(data_dir, models, out):
+  """Trains STEPS steps for each mesh.model in ``models``; saves to ``out``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from htransformer import input_pipeline, optim, tasks, train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+
+  saved, info = {}, {"devices": jax.device_count()}
+  for model in models:
+    c = tiny_config(data_dir, **{"mesh.model": model})
+    task = tasks.get_task(c)
+    graphdef, params = nnx.split(train.build_model(c, task), nnx.Param)
+    tx, _ = optim.make_optimizer(c.optimizer, c.num_train_steps)
+    trainer = train.Trainer(c, task, graphdef, params, tx)
+    state = trainer.initial_state(params)
+    it = input_pipeline.train_iterator(task.sources["train"], c.batch_size,
+                                       c.data_seed)
+    losses = []
+    for _ in range(STEPS):
+      state, sums = trainer.train_step(state, trainer.global_batch(next(it)))
+      losses.append(float(sums["loss"] / sums["count"]))
+    saved[f"{model}/losses"] = np.array(losses)
+    saved[f"{model}/eval_loss"] = np.array(
+        trainer.evaluate(state["params"], "val")["val_loss"])
+    for path, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
+      saved[f"{model}/params{jax.tree_util.keystr(path)}"] = np.asarray(x)
+    attn = state["params"]["encoder"]["blocks"][0]["attn"]
+    mu = state["opt_state"][0][0].mu["encoder"]["blocks"][0]
+    info[str(model)] = {
+        "mesh": dict(trainer.mesh.shape),
+        "query": str(attn["query"]["kernel"][...].sharding.spec),
+        "out": str(attn["out"]["kernel"][...].sharding.spec),
+        "mu_fc1": str(mu["mlp"]["fc1"]["kernel"][...].sharding.spec),
+        "mu_fc2": str(mu["mlp"]["fc2"]["kernel"][...].sharding.spec),
+        "ln": str(state["params"]["encoder"]["ln"]["scale"][...]
+                  .sharding.spec),
+        "query_shard": list(attn["query"]["kernel"][...]
+                            .addressable_shards[0].data.shape),
+    }
+  info["errors"] = {}
+  for name, overrides in {"heads": {"mesh.model": 4, "model.mlp_dim": 64},
+                          "mlp": {"mesh.model": 2, "model.mlp_dim": 33},
+                          "devices": {"mesh.model": 3},
+                          "batch": {"mesh.model": 2, "batch_size": 7}}.items():
+    try:
+      train._check_config(tiny_config(data_dir, **overrides))  # pylint: disable=protected-access
+      info["errors"][name] = None
+    except ValueError as e:
+      info["errors"][name] = str(e)
+  np.savez(out + ".npz", **saved)
+  with open(out + ".json", "w") as f:
+    json.dump(info, f)
+
+
+def test_meshes_match_one_device(tiny_data, tmp_path):
+  runs = {"one": (1, "1"), "four": (4, "1,2")}
+  procs = {
+      name: subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), "steps", tiny_data,
+           models, str(tmp_path / name)],
+          cwd=ROOT, env=_env(n), stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True)
+      for name, (n, models) in runs.items()}
+  for name, p in procs.items():
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, f"{name}:\n{out[-3000:]}"
+  one = np.load(tmp_path / "one.npz")
+  four = np.load(tmp_path / "four.npz")
+  info = json.load(open(tmp_path / "four.json"))
+  assert json.load(open(tmp_path / "one.json"))["devices"] == 1
+  assert info["devices"] == 4
+  assert info["1"]["mesh"] == {"data": 4, "model": 1}
+  assert info["2"] == {
+      "mesh": {"data": 2, "model": 2},
+      "query": "P(None, 'model')",
+      "out": "P('model', None)",
+      "mu_fc1": "P(None, 'model')",
+      "mu_fc2": "P('model', None)",
+      "ln": "P()",
+      "query_shard": [32, 16]}  # emb 32 x qkv 32, split over 2.
+  errors = info["errors"]
+  assert "num_heads (2) must be divisible by mesh.model (4)" in errors["heads"]
+  assert "mlp_dim (33) must be divisible by mesh.model (2)" in errors["mlp"]
+  assert "mesh.model (3) must be >= 1 and divide the number of devices (4)" in (
+      errors["devices"])
+  assert "batch_size 7 must be divisible by the size of the mesh's data axis" \
+      " (2 = 4 devices / mesh.model 2)" in errors["batch"]
+  ref = {k[2:]: one[k] for k in one.files}
+  for model in ("1", "2"):
+    got = {k[len(model) + 1:]: four[k] for k in four.files
+           if k.startswith(model + "/")}
+    assert got.keys() == ref.keys()
+    assert len(ref["losses"]) == STEPS
+    for k in ref:
+      np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"mesh.model={model}: {k}")
+
+
+# ----------------------------------------------------------------------------
+# Two processes through htransformer.main.
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _main_args(data_dir, workdir, steps):
+  return [sys.executable, "-m", "htransformer.main",
+          "--config=configs/listops.py:quick", f"--workdir={workdir}",
+          f"--config.data_dir={data_dir}", "--config.max_length=40",
+          "--config.model.num_layers=1", "--config.model.emb_dim=32",
+          "--config.model.qkv_dim=32", "--config.model.mlp_dim=32",
+          "--config.model.num_heads=2", "--config.model.block_size=4",
+          "--config.batch_size=8", "--config.eval_batch_size=16",
+          "--config.optimizer.schedule=constant",
+          "--config.optimizer.warmup_steps=4",
+          f"--config.num_train_steps={steps}", "--config.log_every=4",
+          "--config.eval_every=4", "--config.checkpoint_every=4"]
+
+
+def _run_two_processes(args):
+  port = _free_port()
+  procs = [subprocess.Popen(
+      args + [f"--coordinator_address=localhost:{port}",
+              "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=600)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
+  return outs
+
+
+def _latest_params(workdir):
+  """(step, {path: numpy array}) of the latest checkpoint, on one device.
+
+  The checkpoint may come from another topology (two processes), so the
+  target names this process's device.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  path = os.path.join(ckpt_dir, str(step), "state")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path).item_metadata
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        meta)
+    state = ckptr.restore(path, target)
+  flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+  return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def test_two_processes_match_one(tiny_data, tmp_path):
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  ref = subprocess.Popen(_main_args(tiny_data, single, 12), cwd=ROOT,
+                         env=_env(1), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+  # Two processes: 8 steps, then relaunched to 12 (resumes from step 8).
+  first = _run_two_processes(_main_args(tiny_data, multi, 8))
+  assert "Final:" in first[0] and "Final:" not in first[1]
+  assert "step 4/8" in first[0] and "step 4/8" not in first[1]
+  second = _run_two_processes(_main_args(tiny_data, multi, 12))
+  assert "Resuming from step 8" in second[0]
+  out = ref.communicate(timeout=600)[0]
+  assert ref.returncode == 0, out[-3000:]
+
+  step_a, a = _latest_params(str(single))
+  step_b, b = _latest_params(str(multi))
+  assert step_a == step_b == 12
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+  # Only process 0 wrote: every row once.
+  rows = _rows(str(multi))
+  assert [r["step"] for r in rows if "train_loss" in r] == [4, 8, 12]
+  assert [r["step"] for r in rows if "eval_accuracy" in r] == [4, 8, 12]
+  assert [r["step"] for r in rows if "test_accuracy" in r] == [8, 12]
+  ref_rows = _rows(str(single))
+  ref_train = [r["train_loss"] for r in ref_rows if "train_loss" in r]
+  np.testing.assert_allclose(
+      [r["train_loss"] for r in rows if "train_loss" in r], ref_train,
+      rtol=1e-5)
+  ref_test = [r for r in ref_rows if "test_accuracy" in r][-1]
+  got_test = [r for r in rows if "test_accuracy" in r][-1]
+  assert got_test["test_accuracy"] == pytest.approx(
+      ref_test["test_accuracy"], abs=1e-6)
+  results = json.load(open(multi / "results.json"))
+  assert results["test_accuracy"] == got_test["test_accuracy"]
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "steps":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    steps_worker(sys.argv[2], [int(m) for m in sys.argv[3].split(",")],
+                 sys.argv[4])
