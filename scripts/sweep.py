@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+r"""Hyperparameter sweeps: a grid of training runs and one table of results.
+
+  python scripts/sweep.py --config=configs/listops.py \
+      --sweep="model.block_size=8,16,32;optimizer.learning_rate=0.05,0.1" \
+      --workdir=runs/sweep [--launch=local|print|collect] [--set k=v ...]
+
+``--sweep`` is ``;``-separated ``field=v1,v2,...`` axes; the grid is their
+product. Values are read as int, float, bool (true/false) or string. Each
+run gets ``WORKDIR/<name>`` with a name like
+``model.block_size=8,optimizer.learning_rate=0.05`` and is an ordinary
+``python -m htransformer.main --config=... --workdir=... --config.k=v ...``
+job; ``--set k=v`` (repeatable) adds the same override to every run.
+
+``--launch``:
+  local    run the grid here, one run after another (a run that was
+           interrupted resumes from its checkpoint when launched again);
+  print    print one command per line (stdout) for a cluster launcher;
+  collect  only gather the results.
+
+Every mode then gathers the runs' ``metrics.jsonl`` into a markdown table
+(best eval accuracy and its step, final test accuracy, test accuracy with
+the best-eval parameters, steps/s), printed (to stderr with ``print``) and
+written to ``WORKDIR/sweep.md``. Without ``--sweep``, ``collect`` gathers
+every run directory under WORKDIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = ("local", "print", "collect")
+
+
+def parse_value(text: str):
+  """'8' -> 8, '0.05' -> 0.05, 'true' -> True, anything else -> the string."""
+  text = text.strip()
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse_sweep(spec: str) -> list[tuple[str, list]]:
+  """'a.b=1,2;c=x' -> [('a.b', [1, 2]), ('c', ['x'])]."""
+  axes = []
+  for part in spec.split(";"):
+    if not part.strip():
+      continue
+    key, eq, values = part.partition("=")
+    key = key.strip()
+    if not eq or not key:
+      raise ValueError(f"sweep axis {part.strip()!r} is not field=v1,v2,...")
+    vals = [parse_value(v) for v in values.split(",") if v.strip()]
+    if not vals:
+      raise ValueError(f"sweep axis {key!r} has no values.")
+    if key in [k for k, _ in axes]:
+      raise ValueError(f"sweep axis {key!r} appears twice.")
+    axes.append((key, vals))
+  if not axes:
+    raise ValueError(f"empty sweep {spec!r}: use field=v1,v2;field=v1,...")
+  return axes
+
+
+def grid(axes) -> list[dict]:
+  """All combinations, the last axis varying fastest."""
+  keys = [k for k, _ in axes]
+  return [dict(zip(keys, combo))
+          for combo in itertools.product(*[v for _, v in axes])]
+
+
+def format_value(v) -> str:
+  return repr(v) if isinstance(v, float) else str(v)
+
+
+def run_name(point: dict) -> str:
+  return ",".join(f"{k}={format_value(v)}" for k, v in point.items()
+                  ).replace(os.sep, "_")
+
+
+def run_command(python, config, workdir, point, sets=()) -> list[str]:
+  return [python, "-m", "htransformer.main", f"--config={config}",
+          f"--workdir={workdir}", *[f"--config.{s}" for s in sets],
+          *[f"--config.{k}={format_value(v)}" for k, v in point.items()]]
+
+
+def _load_config(spec: str):
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_fields(config, keys):
+  """Raises ValueError naming the first key that is not a config field."""
+  for key in keys:
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+      if not hasattr(node, "keys") or part not in node.keys():
+        known = (", ".join(sorted(node.keys())) if hasattr(node, "keys")
+                 else "(not a group)")
+        raise ValueError(f"unknown config field {key!r}; fields of "
+                         f"{'.'.join(parts[:i]) or 'config'}: {known}.")
+      node = node[part]
+
+
+def _absolute_config(spec: str) -> str:
+  path, colon, arg = spec.partition(":")
+  return os.path.abspath(path) + colon + arg
+
+
+# ----------------------------------------------------------------------------
+# Results.
+
+
+def summarize(workdir: str) -> dict:
+  """The numbers of one run from its metrics.jsonl (and results.json)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  evals = [r for r in rows if isinstance(r.get("eval_accuracy"), float)]
+  best = max(evals, key=lambda r: (r["eval_accuracy"], -r["step"]),
+             default=None)
+  last = lambda k: next((r[k] for r in reversed(rows) if k in r), None)
+  rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
+  results_path = os.path.join(workdir, "results.json")
+  steps_per_sec = None
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      steps_per_sec = json.load(f).get("steps_per_sec")
+  if steps_per_sec is None and rates:  # The first includes compilation.
+    steps_per_sec = statistics.median(rates[1:] or rates)
+  return {"has_metrics": bool(rows),
+          "best_eval_accuracy": best and best["eval_accuracy"],
+          "best_eval_step": best and best["step"],
+          "test_accuracy": last("test_accuracy"),
+          "test_accuracy_best_eval": last("test_accuracy_best_eval"),
+          "steps_per_sec": steps_per_sec}
+
+
+def _cell(v, fmt="{:.4f}"):
+  return "-" if v is None or isinstance(v, str) else fmt.format(v)
+
+
+def table(names: list[str], sweep_dir: str) -> str:
+  lines = ["| run | best eval accuracy (step) | final test accuracy | "
+           "test accuracy (best-eval params) | steps/s |",
+           "|---|---|---|---|---|"]
+  for name in names:
+    s = summarize(os.path.join(sweep_dir, name))
+    best = (f"{s['best_eval_accuracy']:.4f} ({s['best_eval_step']})"
+            if s["best_eval_accuracy"] is not None else "-")
+    label = name if s["has_metrics"] else f"{name} (no metrics)"
+    lines.append(f"| {label} | {best} | {_cell(s['test_accuracy'])} | "
+                 f"{_cell(s['test_accuracy_best_eval'])} | "
+                 f"{_cell(s['steps_per_sec'], '{:.2f}')} |")
+  return "\n".join(lines)
+
+
+def run_dirs(sweep_dir: str) -> list[str]:
+  """Subdirectories of ``sweep_dir`` holding a metrics.jsonl."""
+  if not os.path.isdir(sweep_dir):
+    return []
+  return sorted(d for d in os.listdir(sweep_dir)
+                if os.path.exists(os.path.join(sweep_dir, d, "metrics.jsonl")))
+
+
+# ----------------------------------------------------------------------------
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", help="config file[:variant], as for main.py")
+  p.add_argument("--sweep", help='e.g. "model.block_size=8,16;'
+                 'optimizer.learning_rate=0.05,0.1"')
+  p.add_argument("--workdir", required=True, help="one subdirectory per run")
+  p.add_argument("--launch", choices=LAUNCH, default="local")
+  p.add_argument("--set", action="append", default=[], metavar="K=V",
+                 help="an override for every run (repeatable)")
+  p.add_argument("--python", default=sys.executable,
+                 help="interpreter of the runs (default: this one)")
+  args = p.parse_args(argv)
+  if args.launch != "collect" and not (args.config and args.sweep):
+    p.error(f"--launch={args.launch} needs --config and --sweep.")
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  sweep_dir = os.path.abspath(args.workdir)
+  names, commands = None, []
+  try:
+    if args.sweep:
+      axes = parse_sweep(args.sweep)
+      sets = [s.strip() for s in args.set]
+      for s in sets:
+        if "=" not in s:
+          raise ValueError(f"--set {s!r} is not field=value.")
+      set_keys = [s.split("=", 1)[0] for s in sets]
+      both = sorted(set(set_keys) & {k for k, _ in axes})
+      if both:
+        raise ValueError(f"{both} both swept and set with --set.")
+      if args.config:
+        check_fields(_load_config(args.config),
+                     [k for k, _ in axes] + set_keys)
+      points = grid(axes)
+      names = [run_name(p) for p in points]
+      if args.config:
+        commands = [run_command(args.python, _absolute_config(args.config),
+                                os.path.join(sweep_dir, n), p, sets)
+                    for n, p in zip(names, points)]
+  except (ValueError, OSError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    return 2
+
+  failed = []
+  if args.launch == "print":
+    for cmd in commands:
+      print(shlex.join(cmd))
+  elif args.launch == "local":
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    for i, (name, cmd) in enumerate(zip(names, commands)):
+      print(f"[{i + 1}/{len(commands)}] {name}", flush=True)
+      if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode:
+        failed.append(name)
+        print(f"Run {name} failed.", file=sys.stderr, flush=True)
+
+  if names is None:
+    names = run_dirs(sweep_dir)
+  os.makedirs(sweep_dir, exist_ok=True)
+  md = table(names, sweep_dir)
+  with open(os.path.join(sweep_dir, "sweep.md"), "w") as f:
+    if args.sweep:
+      f.write(f"Sweep `{args.sweep}` of `{args.config}`\n\n")
+    f.write(md + "\n")
+  print(md, file=sys.stderr if args.launch == "print" else sys.stdout,
+        flush=True)
+  if failed:
+    print(f"{len(failed)} run(s) failed: {', '.join(failed)}",
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,133 @@
+"""scripts/sweep.py: the grid, the commands, the results table."""
+
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = "model.block_size=8,16,32;optimizer.learning_rate=0.05,0.1"
+
+_spec = importlib.util.spec_from_file_location(
+    "sweep", os.path.join(ROOT, "scripts", "sweep.py"))
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+
+def run_sweep(*args, timeout=120):
+  return subprocess.run([sys.executable, "scripts/sweep.py", *args], cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_parse_sweep_and_grid():
+  axes = sweep.parse_sweep(SPEC)
+  assert axes == [("model.block_size", [8, 16, 32]),
+                  ("optimizer.learning_rate", [0.05, 0.1])]
+  assert [type(v) for v in axes[0][1]] == [int] * 3
+  assert sweep.parse_sweep("a=true,False; b = full ,1e-3;")[0:2] == [
+      ("a", [True, False]), ("b", ["full", 0.001])]
+  points = sweep.grid(axes)
+  assert len(points) == 6
+  assert [sweep.run_name(p) for p in points[:2]] == [
+      "model.block_size=8,optimizer.learning_rate=0.05",
+      "model.block_size=8,optimizer.learning_rate=0.1"]
+  for bad in ("", "model.block_size", "a=", "a=1;a=2"):
+    with pytest.raises(ValueError):
+      sweep.parse_sweep(bad)
+
+
+def test_print_mode(tmp_path):
+  r = run_sweep("--config=configs/listops.py:quick", f"--sweep={SPEC}",
+                f"--workdir={tmp_path}", "--launch=print",
+                "--set", "num_train_steps=10", "--set=model.num_layers=1")
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  assert len(lines) == 6
+  first = shlex.split(lines[0])
+  assert first[:3] == [sys.executable, "-m", "htransformer.main"]
+  assert first[3] == "--config=" + os.path.join(ROOT, "configs",
+                                                "listops.py:quick")
+  name = "model.block_size=8,optimizer.learning_rate=0.05"
+  assert f"--workdir={tmp_path / name}" in first
+  for flag in ("--config.num_train_steps=10", "--config.model.num_layers=1",
+               "--config.model.block_size=8",
+               "--config.optimizer.learning_rate=0.05"):
+    assert flag in first
+  assert "--config.model.block_size=32" in lines[-1]
+  assert "| run |" in r.stderr  # The (empty) table is not on stdout.
+  assert os.path.exists(tmp_path / "sweep.md")
+
+
+def test_unknown_field_is_refused(tmp_path):
+  r = run_sweep("--config=configs/listops.py", "--sweep=model.blok=1,2",
+                f"--workdir={tmp_path}", "--launch=print")
+  assert r.returncode == 2
+  assert "unknown config field 'model.blok'" in r.stderr
+  assert "block_size" in r.stderr and not r.stdout
+
+
+def _write_metrics(workdir, rows, results=None):
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  if results:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f)
+
+
+def test_collect(tmp_path):
+  _write_metrics(tmp_path / "a=1", [
+      {"step": 100, "train_loss": 2.0, "steps_per_sec": 1.0},
+      {"step": 100, "eval_accuracy": 0.3},
+      {"step": 200, "train_loss": 1.5, "steps_per_sec": 5.0},
+      {"step": 200, "eval_accuracy": 0.5},
+      {"step": 300, "train_loss": 1.0, "steps_per_sec": 7.0},
+      {"step": 300, "eval_accuracy": 0.5},
+      {"step": 300, "test_accuracy": 0.45, "test_accuracy_best_eval": 0.48}])
+  _write_metrics(tmp_path / "a=2", [
+      {"step": 10, "train_loss": 2.0, "steps_per_sec": 3.0},
+      {"step": 10, "eval_accuracy": 0.25},
+      {"step": 10, "test_accuracy": 0.2, "test_accuracy_best_eval": 0.21}],
+                 results={"steps_per_sec": 12.5})
+  os.makedirs(tmp_path / "not_a_run")
+  r = run_sweep(f"--workdir={tmp_path}", "--launch=collect")
+  assert r.returncode == 0, r.stderr
+  table = open(tmp_path / "sweep.md").read()
+  assert table.strip() == r.stdout.strip()
+  rows = [l for l in table.splitlines() if l.startswith("| a=")]
+  assert rows == [
+      "| a=1 | 0.5000 (200) | 0.4500 | 0.4800 | 6.00 |",
+      "| a=2 | 0.2500 (10) | 0.2000 | 0.2100 | 12.50 |"]
+  # With the sweep, missing runs are listed too.
+  r = run_sweep(f"--workdir={tmp_path}", "--launch=collect", "--sweep=a=1,3")
+  assert r.returncode == 0, r.stderr
+  assert "| a=1 | 0.5000 (200) |" in r.stdout
+  assert "| a=3 (no metrics) | - | - | - | - |" in r.stdout
+
+
+def test_local_run(tmp_path):
+  from htransformer.data import listops  # pylint: disable=g-import-not-at-top
+  data = tmp_path / "data"
+  listops.generate(str(data), num_train=200, num_val=32, num_test=32, seed=0,
+                   min_length=5, max_length=30, workers=1)
+  overrides = [f"data_dir={data}", "max_length=30", "model.num_layers=1",
+               "model.emb_dim=16", "model.qkv_dim=16", "model.mlp_dim=16",
+               "model.num_heads=2", "batch_size=8", "eval_batch_size=16",
+               "num_train_steps=4", "log_every=2", "eval_every=2",
+               "checkpoint_every=4", "optimizer.warmup_steps=2"]
+  r = run_sweep("--config=configs/listops.py:quick",
+                "--sweep=model.block_size=4", f"--workdir={tmp_path / 'sw'}",
+                "--launch=local", *[f"--set={o}" for o in overrides],
+                timeout=300)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  run = tmp_path / "sw" / "model.block_size=4"
+  assert json.load(open(run / "config.json"))["model"]["block_size"] == 4
+  line = [l for l in r.stdout.splitlines()
+          if l.startswith("| model.block_size=4 |")]
+  assert len(line) == 1 and " - " not in line[0], r.stdout[-2000:]
