@@ -4,6 +4,13 @@
 optimizer state, step) together with the input iterator's state, so a run
 that is killed resumes exactly where its last checkpoint left it.
 ``WORKDIR/best`` holds the parameters with the best validation accuracy.
+
+With several processes, every process calls save and restore (orbax's
+multi-process mode; WORKDIR must be on a shared filesystem), and each writes
+its own shards of the arrays. Restoring takes the shardings from the abstract
+target, so a run may resume on another mesh or process count. The data
+iterator's state is its position in the process's own slice of the batches,
+the same on every process, so the one JSON written by process 0 serves all.
 """
 
 from __future__ import annotations
