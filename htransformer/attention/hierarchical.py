@@ -94,16 +94,19 @@ def _structure_masks(block_size: int, causal: bool):
           np.concatenate([left, right], 1))
 
 
-def _level(q, k, v, c, structure, neighbours, scale, compute_dtype):
+def _level(q, k, v, c, structure, neighbours, scale, compute_dtype,
+           acc_dtype):
   """Blockwise attention of one level against its neighbouring key blocks.
 
   Args:
     q: [B, H, nb, Nr, D] queries of this level.
     k, v: [B, H, nb, Nr, D] / [.., Dv] keys and mean values of this level.
-    c: [B, H, nb, Nr] real-token counts of the keys (float32).
+    c: [B, H, nb, Nr] real-token counts of the keys (acc_dtype).
     structure: static bool [Nr, K] mask over the concatenated key slots.
     neighbours: which key blocks to use, e.g. ("left", "self", "right").
     scale: logit scale.
+    compute_dtype: dtype of the matmul operands.
+    acc_dtype: accumulation dtype (float32, or float64 for float64 inputs).
 
   Returns:
     y: [B, H, nb, Nr, Dv] unnormalised numerator, relative to ``m``.
@@ -116,7 +119,7 @@ def _level(q, k, v, c, structure, neighbours, scale, compute_dtype):
 
   ks, vs, cs = gather(k), gather(v), gather(c)
   s = jnp.einsum("bhnqd,bhnkd->bhnqk", q, ks,
-                 preferred_element_type=jnp.float32) * scale
+                 preferred_element_type=acc_dtype) * scale
   visible = jnp.asarray(structure) & (cs > 0)[:, :, :, None, :]
   s = jnp.where(visible, s, -jnp.inf)
   m = jnp.max(s, axis=-1)
@@ -124,7 +127,7 @@ def _level(q, k, v, c, structure, neighbours, scale, compute_dtype):
   p = jnp.exp(s - m[..., None]) * cs[:, :, :, None, :]
   z = jnp.sum(p, axis=-1)
   y = jnp.einsum("bhnqk,bhnkd->bhnqd", p.astype(compute_dtype), vs,
-                 preferred_element_type=jnp.float32)
+                 preferred_element_type=acc_dtype)
   return y, z, m
 
 
@@ -145,6 +148,8 @@ def hierarchical_attention_xla(query, key, value, valid, *, block_size,
   batch, length, heads, dim = query.shape
   out_dtype = query.dtype
   compute_dtype = jnp.promote_types(query.dtype, value.dtype)
+  # float32 accumulation at least (bfloat16 inputs), float64 for float64.
+  acc_dtype = jnp.promote_types(compute_dtype, jnp.float32)
   scale = 1.0 / math.sqrt(dim)
   lp = padded_length(length, block_size)
   levels = num_levels(length, block_size)
@@ -156,16 +161,16 @@ def hierarchical_attention_xla(query, key, value, valid, *, block_size,
     return jnp.pad(x, ((0, 0), (0, 0), (0, lp - length), (0, 0)))
 
   q, k, v = prep(query), prep(key), prep(value)
-  count = jnp.pad(valid.astype(jnp.float32), ((0, 0), (0, lp - length)))
+  count = jnp.pad(valid.astype(acc_dtype), ((0, 0), (0, lp - length)))
   count = jnp.broadcast_to(count[:, None], (batch, heads, lp))
 
   struct0, struct_coarse = _structure_masks(nr, causal)
   near = ("left", "self") if causal else ("left", "self", "right")
   far = ("left",) if causal else ("left", "right")
 
-  # Pyramid, fine to coarse. Sums are carried in float32; the per-level
+  # Pyramid, fine to coarse. Sums are carried in acc_dtype; the per-level
   # matmul operands are cast back to the compute dtype.
-  q_sum, k_sum, v_sum = (x.astype(jnp.float32) for x in (q, k, v))
+  q_sum, k_sum, v_sum = (x.astype(acc_dtype) for x in (q, k, v))
   q_count = count
   results = []
   for level in range(levels):
@@ -188,7 +193,8 @@ def hierarchical_attention_xla(query, key, value, valid, *, block_size,
     blocks = lambda x: x.reshape(batch, heads, nb, nr, *x.shape[3:])
     y, z, m = _level(blocks(q_l), blocks(k_l), blocks(v_l), blocks(count),
                      struct0 if level == 0 else struct_coarse,
-                     near if level == 0 else far, scale, compute_dtype)
+                     near if level == 0 else far, scale, compute_dtype,
+                     acc_dtype)
     results.append((y.reshape(batch, heads, n, -1), z.reshape(batch, heads, n),
                     m.reshape(batch, heads, n)))
 
