@@ -1,0 +1,661 @@
+r"""Pathfinder and Path-X (Long Range Arena): seeded generator and loader.
+
+Generator
+---------
+Linsley et al.'s "snakes", as LRA used them (docs/experiments.md, "Pathfinder
+generator"). Each image holds two target snakes of `contour_length` short
+dashes ("paddles"), a few short distractor snakes and two circular markers.
+Label 1: both markers sit on the two ends of the same target snake; label 0:
+one marker on an end of each target snake. Both target snakes are drawn in
+every image, so only the markers' placement tells the labels apart.
+
+Growth: a snake starts at a random point and direction. Each next paddle is
+placed on a circle around a pivot half a gap ahead of the previous paddle's
+end; its turn `d` relative to the previous direction is drawn among 16
+(jittered) angles in (-pi / (2 c), pi / (2 c)) with weight
+`max(cos(d * c), 0) ** 2` (c = continuity), restricted to positions inside
+the image whose centre line does not touch the dilated mask (radius
+thickness + margin) of anything already drawn (the snake's own previous
+paddle excepted, it is joined to the new one). No valid position: the pair
+of target snakes is started again (a distractor is dropped instead). The
+two marked ends are at least `seed_distance` apart in both classes.
+
+Drawing is anti-aliased by 2x supersampling (lines and markers drawn at
+twice the resolution, then 2x2 averaged); the image is normalised to the
+full 0-255 range and saved as an 8-bit gray PNG (htransformer/data/png.py).
+
+Parameters (32 px / 128 px): paddle length 2 / 5, thickness 0.5 / 1.5,
+margin 1 / {2, 3} (drawn per image), seed distance 7 / 20, marker radius
+1.5 / 3, continuity 1.0 / 1.8, contour length 14, distractor length 4,
+5 / 8 distractors.
+
+Deterministic: image i is a pure function of (seed, resolution, i, the
+parameters); its label is drawn (fair coin) from the same stream. Images are
+generated in worker processes (`workers`), which does not change the data.
+
+Layout (the LRA release's, under OUTPUT_DIR):
+  pathfinder{R}/curv_contour_length_{C}/imgs/<b>/sample_<j>.png
+  pathfinder{R}/curv_contour_length_{C}/metadata/<b>.npy
+with 1000 images per batch folder <b> (image i is batch i // 1000, j =
+i % 1000). Despite its name a metadata file is TEXT, one line per image:
+`imgs/<b> sample_<j>.png <j> <label> <contour_length> <distractor_length>
+<num_distractors>` (the loader, like LRA's, reads columns 0, 1 and 3).
+
+Loader
+------
+`find_data_dir` accepts the release root (holding pathfinder{R}/), the
+pathfinder{R}/ folder, or the curv_contour_length_{C}/ folder itself. Every
+metadata file is read (batches in numeric order, lines in file order);
+images whose PNG is empty (the release has some 0-byte files) or missing
+are skipped with a count in the log. The examples are split 80/10/10 into
+train/val/test by a permutation with a fixed seed (`split_seed`).
+
+Tokens: pixel value + 1 (1..256), so that id 0 stays padding and black
+pixels are never masked out of attention (the original code treated pixel
+0 as padding). VOCAB_SIZE = 257.
+
+CLI:
+  python -m htransformer.data.pathfinder --resolution=32 --num_images=200000 \
+      --output_dir=DIR --seed=0 [--workers=K] [--contour_length=14]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+from absl import logging
+
+from htransformer.data import png
+
+VOCAB_SIZE = 257  # pixel + 1; 0 = padding (never produced by an image)
+NUM_CLASSES = 2
+PIXEL_OFFSET = 1
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+IMAGES_PER_BATCH = 1000
+METADATA_FILE = "pathfinder_generation.json"
+GENERATOR_VERSION = 1
+_SUPERSAMPLE = 2
+_COMPLETE_MARKER = "COMPLETE"
+
+# Per resolution: the LRA / Linsley parameters.
+PARAMS = {
+    32: dict(paddle_length=2.0, thickness=0.5, margin=(1.0,),
+             seed_distance=7.0, marker_radius=1.5, continuity=1.0,
+             distractor_length=4, num_distractors=5),
+    128: dict(paddle_length=5.0, thickness=1.5, margin=(2.0, 3.0),
+              seed_distance=20.0, marker_radius=3.0, continuity=1.8,
+              distractor_length=4, num_distractors=8),
+}
+RESOLUTIONS = tuple(PARAMS)
+_NUM_TURNS = 16
+# Padding (supersampled pixels) around the drawing grids: more than the
+# largest stamp radius (marker + margin) plus a candidate paddle's overshoot
+# of the border (gap + paddle length), at every resolution.
+_PAD = 48
+_PAIR_ATTEMPTS = 200
+
+
+def contour_dirname(contour_length: int) -> str:
+  return f"curv_contour_length_{contour_length}"
+
+
+def release_subdir(resolution: int, contour_length: int = 14) -> str:
+  return os.path.join(f"pathfinder{resolution}",
+                      contour_dirname(contour_length))
+
+
+# ----------------------------------------------------------------------------
+# Drawing.
+# ----------------------------------------------------------------------------
+
+
+class _Canvas:
+  """Supersampled intensity canvas plus the occupancy ("forbidden") mask.
+
+  A segment of radius r covers the supersampled pixels whose centres lie
+  within r of one of its points (sampled every quarter of a supersampled
+  pixel).
+  """
+
+  def __init__(self, resolution: int):
+    self.res = resolution
+    self.size = resolution * _SUPERSAMPLE
+    # Both grids have _PAD pixels of padding on every side (wider than any
+    # stamp or candidate overshoot), so no index needs a bounds check.
+    self.full = self.size + 2 * _PAD
+    self.image = np.zeros((self.full, self.full), np.float32)
+    self.forbidden = np.zeros((self.full, self.full), bool)
+    self._discs = {}
+    self._fracs = {}
+
+  def _box(self, radius):
+    """Offsets (dy, dx) [m, 2] of the pixels that can lie within `radius`."""
+    key = round(radius, 6)
+    if key not in self._discs:
+      k = int(math.ceil(radius * _SUPERSAMPLE)) + 1
+      d = np.arange(-k, k + 1)
+      dy, dx = np.meshgrid(d, d, indexing="ij")
+      self._discs[key] = np.stack([dy.ravel(), dx.ravel()], axis=1)
+    return self._discs[key]
+
+  def _stamp_indices(self, starts, ends, radius):
+    """Flat indices of the pixels whose centres lie within `radius` (image
+    px) of a point sampled every quarter supersampled pixel along the
+    segments [m, 2] -> [m, 2]."""
+    starts = np.asarray(starts, np.float64).reshape(-1, 2)
+    ends = np.asarray(ends, np.float64).reshape(-1, 2)
+    n = int(math.ceil(np.max(np.abs(ends - starts)) * _SUPERSAMPLE * 4)) + 1
+    frac = self._fracs.get(n)
+    if frac is None:
+      frac = self._fracs[n] = np.linspace(0.0, 1.0, n)[None, :, None]
+    pts = (starts[:, None] + frac * (ends - starts)[:, None]).reshape(-1, 2)
+    # Padded pixel i has its centre at i (image coordinate x -> x*S-0.5+PAD).
+    pts = pts * _SUPERSAMPLE + (_PAD - 0.5)
+    base = np.round(pts).astype(np.int64)
+    box = self._box(radius)
+    iy = base[:, 1:2] + box[None, :, 0]
+    ix = base[:, 0:1] + box[None, :, 1]
+    r = radius * _SUPERSAMPLE
+    ok = (iy - pts[:, 1:2]) ** 2 + (ix - pts[:, 0:1]) ** 2 <= r * r
+    return (iy * self.full + ix)[ok]
+
+  def mark(self, a, b, radius, grid):
+    grid.reshape(-1)[self._stamp_indices(a, b, radius)] = True
+
+  def draw(self, starts, ends, radius):
+    self.image.reshape(-1)[self._stamp_indices(starts, ends, radius)] = 1.0
+
+  def is_free(self, points, border, forbidden=None):
+    """bool per row of points [k, n, 2]: inside and not forbidden."""
+    forbidden = self.forbidden if forbidden is None else forbidden
+    inside = ((points.min(axis=(1, 2)) >= border)
+              & (points.max(axis=(1, 2)) <= self.res - border))
+    idx = (points * _SUPERSAMPLE + _PAD).astype(np.int64)
+    hit = forbidden[idx[..., 1], idx[..., 0]].any(axis=1)
+    return inside & ~hit
+
+  def to_uint8(self) -> np.ndarray:
+    s = _SUPERSAMPLE
+    n = self.res
+    img = self.image[_PAD:_PAD + self.size, _PAD:_PAD + self.size]
+    img = img.reshape(n, s, n, s).mean(axis=(1, 3))
+    peak = img.max()
+    if peak > 0:
+      img = img / peak
+    return np.round(img * 255.0).astype(np.uint8)
+
+
+class _Generator:
+  """Draws one image with the parameters of a resolution."""
+
+  def __init__(self, resolution, rng, contour_length, p):
+    self.res = resolution
+    self.rng = rng
+    self.contour_length = contour_length
+    self.length = p["paddle_length"]
+    self.thickness = p["thickness"]
+    self.margin = float(rng.choice(p["margin"]))
+    self.gap = self.margin
+    self.seed_distance = p["seed_distance"]
+    self.marker_radius = p["marker_radius"]
+    self.continuity = p["continuity"]
+    self.distractor_length = p["distractor_length"]
+    self.num_distractors = p["num_distractors"]
+    self.dilate = self.thickness + self.margin
+    self.draw_radius = self.thickness / 2 + 0.5 / _SUPERSAMPLE
+    self.border = self.margin
+    self.n_points = int(math.ceil(self.length / 0.25)) + 1
+    half = math.pi / (2 * self.continuity)
+    self.turn_step = 2 * half / _NUM_TURNS
+    self.turns = -half + self.turn_step * (np.arange(_NUM_TURNS) + 0.5)
+    self.canvas = _Canvas(resolution)
+
+  def _grow(self, start, theta, n_paddles, forbidden):
+    """Paddles [(a, b)] of one snake, or None; marks `forbidden` (lag 1)."""
+    rng = self.rng
+    u = np.array([math.cos(theta), math.sin(theta)])
+    a = np.asarray(start, np.float64)
+    b = a + self.length * u
+    first = (a + np.linspace(0, 1, self.n_points)[:, None] * (b - a))[None]
+    if not self.canvas.is_free(first, self.border, forbidden)[0]:
+      return None
+    paddles = [(a, b)]
+    frac = np.linspace(0.0, 1.0, self.n_points)[None, :, None]
+    jitter = rng.uniform(-0.5, 0.5, (n_paddles, _NUM_TURNS)) * self.turn_step
+    picks = rng.random(n_paddles)
+    for step in range(1, n_paddles):
+      a_prev, b_prev = paddles[-1]
+      pivot = b_prev + (self.gap / 2) * u
+      turns = self.turns + jitter[step]
+      angles = theta + turns
+      dirs = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # [k, 2]
+      starts = pivot[None] + (self.gap / 2) * dirs
+      ends = starts + self.length * dirs
+      pts = starts[:, None] + frac * (ends - starts)[:, None]  # [k, n, 2]
+      free = self.canvas.is_free(pts, self.border, forbidden)
+      weights = np.maximum(np.cos(turns * self.continuity), 0.0) ** 2 * free
+      total = weights.sum()
+      if total <= 0:
+        return None
+      k = min(int(np.searchsorted(np.cumsum(weights), picks[step] * total,
+                                  side="right")), _NUM_TURNS - 1)
+      # Commit the previous paddle (the new one starts next to it).
+      self.canvas.mark(a_prev, b_prev, self.dilate, forbidden)
+      theta = float(angles[k])
+      u = dirs[k]
+      paddles.append((starts[k], ends[k]))
+    self.canvas.mark(*paddles[-1], self.dilate, forbidden)
+    return paddles
+
+  def _random_start(self):
+    lo = self.border + self.marker_radius
+    xy = self.rng.uniform(lo, self.res - lo, 2)
+    return xy, self.rng.uniform(0, 2 * math.pi)
+
+  def _targets(self):
+    for _ in range(_PAIR_ATTEMPTS):
+      forbidden = np.zeros_like(self.canvas.forbidden)
+      start_a, theta_a = self._random_start()
+      snake_a = self._grow(start_a, theta_a, self.contour_length, forbidden)
+      if snake_a is None:
+        continue
+      ends_a = (snake_a[0][0], snake_a[-1][1])
+      if np.linalg.norm(ends_a[0] - ends_a[1]) < self.seed_distance:
+        continue
+      for _ in range(20):
+        start_b, theta_b = self._random_start()
+        if min(np.linalg.norm(start_b - e) for e in ends_a) < (
+            self.seed_distance):
+          continue
+        trial = forbidden.copy()
+        snake_b = self._grow(start_b, theta_b, self.contour_length, trial)
+        if snake_b is None:
+          continue
+        ends_b = (snake_b[0][0], snake_b[-1][1])
+        if min([np.linalg.norm(x - y) for x in ends_a for y in ends_b]
+               + [np.linalg.norm(ends_b[0] - ends_b[1])]) < (
+                   self.seed_distance):
+          continue
+        self.canvas.forbidden = trial
+        return snake_a, snake_b
+    raise RuntimeError("Pathfinder: could not place the two target snakes "
+                       f"in {_PAIR_ATTEMPTS} attempts.")
+
+  def image(self, label: int) -> np.ndarray:
+    rng = self.rng
+    snake_a, snake_b = self._targets()
+    ends_a = [snake_a[0][0], snake_a[-1][1]]
+    ends_b = [snake_b[0][0], snake_b[-1][1]]
+    if rng.random() < 0.5:  # which snake gets the first marker
+      ends_a, ends_b = ends_b, ends_a
+    first = ends_a[rng.integers(2)]
+    if label:
+      second = ends_a[1] if first is ends_a[0] else ends_a[0]
+    else:
+      second = ends_b[rng.integers(2)]
+    markers = (first, second)
+    for m in markers:  # distractors keep away from the markers
+      self.canvas.mark(m, m, self.marker_radius + self.margin,
+                       self.canvas.forbidden)
+    distractors = []
+    for _ in range(self.num_distractors):
+      for _ in range(10):
+        start, theta = self._random_start()
+        trial = self.canvas.forbidden.copy()
+        snake = self._grow(start, theta, self.distractor_length, trial)
+        if snake is not None:
+          self.canvas.forbidden = trial
+          distractors.append(snake)
+          break
+    segments = [p for snake in (snake_a, snake_b, *distractors)
+                for p in snake]
+    self.canvas.draw([a for a, _ in segments], [b for _, b in segments],
+                     self.draw_radius)
+    self.canvas.draw(markers, markers, self.marker_radius)
+    return self.canvas.to_uint8()
+
+
+def image_rng(seed: int, resolution: int, index: int) -> np.random.Generator:
+  return np.random.default_rng(
+      np.random.SeedSequence(seed, spawn_key=(resolution, index)))
+
+
+def make_image(seed: int, resolution: int, index: int,
+               contour_length: int = 14) -> tuple[np.ndarray, int]:
+  """Image `index` of the dataset (seed, resolution): (uint8 [R, R], label)."""
+  if resolution not in PARAMS:
+    raise ValueError(f"resolution must be one of {RESOLUTIONS}, got "
+                     f"{resolution}.")
+  rng = image_rng(seed, resolution, index)
+  label = int(rng.integers(2))
+  gen = _Generator(resolution, rng, contour_length, PARAMS[resolution])
+  return gen.image(label), label
+
+
+def _batch_paths(index: int) -> tuple[str, str]:
+  b, j = divmod(index, IMAGES_PER_BATCH)
+  return f"imgs/{b}", f"sample_{j}.png"
+
+
+def _generate_range(args):
+  """Worker: writes images [lo, hi); returns their metadata lines."""
+  root, seed, resolution, contour_length, lo, hi = args
+  p = PARAMS[resolution]
+  lines = []
+  for i in range(lo, hi):
+    img, label = make_image(seed, resolution, i, contour_length)
+    sub, name = _batch_paths(i)
+    with open(os.path.join(root, sub, name), "wb") as f:
+      f.write(png.encode_gray(img))
+    j = i % IMAGES_PER_BATCH
+    lines.append((i, f"{sub} {name} {j} {label} {contour_length} "
+                  f"{p['distractor_length']} {p['num_distractors']}\n"))
+  return lines
+
+
+def _default_workers() -> int:
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:
+    return max(1, os.cpu_count() or 1)
+
+
+def generate(output_dir: str, resolution: int, num_images: int, seed: int = 0,
+             contour_length: int = 14, workers: int | None = None) -> str:
+  """Writes the release layout under output_dir; returns the image folder.
+
+  The folder is output_dir/pathfinder{R}/curv_contour_length_{C}/.
+  Deterministic in (seed, resolution, num_images, contour_length);
+  independent of `workers` (default: the number of usable CPUs).
+  """
+  if resolution not in PARAMS:
+    raise ValueError(f"resolution must be one of {RESOLUTIONS}, got "
+                     f"{resolution}.")
+  if num_images < 1:
+    raise ValueError(f"num_images must be >= 1, got {num_images}.")
+  if contour_length < 2:
+    raise ValueError(f"contour_length must be >= 2, got {contour_length}.")
+  workers = _default_workers() if not workers else int(workers)
+  root = os.path.join(output_dir, release_subdir(resolution, contour_length))
+  num_batches = -(-num_images // IMAGES_PER_BATCH)
+  for b in range(num_batches):
+    os.makedirs(os.path.join(root, "imgs", str(b)), exist_ok=True)
+  os.makedirs(os.path.join(root, "metadata"), exist_ok=True)
+  start = time.time()
+  logging.info("Generating %d Pathfinder images (%d px, contour length %d, "
+               "seed %d) into %s with %d worker(s).", num_images, resolution,
+               contour_length, seed, root, workers)
+  chunk = max(1, min(250, -(-num_images // (4 * workers))))
+  jobs = [(root, seed, resolution, contour_length, lo,
+           min(lo + chunk, num_images)) for lo in range(0, num_images, chunk)]
+  lines = {}
+  if workers <= 1:
+    results = map(_generate_range, jobs)
+    for r in results:
+      lines.update(r)
+  else:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+      done = 0
+      last = start
+      for r in pool.imap_unordered(_generate_range, jobs):
+        lines.update(r)
+        done += len(r)
+        if time.time() - last > 10:
+          last = time.time()
+          logging.info("Pathfinder: %d/%d images (%.0f s).", done,
+                       num_images, last - start)
+  labels = np.zeros(2, np.int64)
+  for b in range(num_batches):
+    with open(os.path.join(root, "metadata", f"{b}.npy"), "w") as f:
+      for i in range(b * IMAGES_PER_BATCH,
+                     min((b + 1) * IMAGES_PER_BATCH, num_images)):
+        f.write(lines[i])
+        labels[int(lines[i].split()[3])] += 1
+  elapsed = time.time() - start
+  meta = {"generator": "htransformer.data.pathfinder",
+          "generator_version": GENERATOR_VERSION, "seed": int(seed),
+          "resolution": int(resolution), "num_images": int(num_images),
+          "contour_length": int(contour_length),
+          "params": {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in PARAMS[resolution].items()},
+          "label_counts": labels.tolist(), "seconds": round(elapsed, 2),
+          "images_per_second": round(num_images / max(elapsed, 1e-9), 1),
+          "workers": workers}
+  with open(os.path.join(root, METADATA_FILE), "w") as f:
+    json.dump(meta, f, indent=1)
+  logging.info("Pathfinder: wrote %d images to %s in %.1f s (labels %s).",
+               num_images, root, elapsed, labels.tolist())
+  return root
+
+
+# ----------------------------------------------------------------------------
+# Reading.
+# ----------------------------------------------------------------------------
+
+
+def _is_image_dir(folder: str) -> bool:
+  return (os.path.isdir(os.path.join(folder, "metadata"))
+          and os.path.isdir(os.path.join(folder, "imgs")))
+
+
+def _candidates(data_dir, resolution, contour_length):
+  c = contour_dirname(contour_length)
+  sub = release_subdir(resolution, contour_length)
+  return [data_dir, os.path.join(data_dir, c), os.path.join(data_dir, sub),
+          os.path.join(data_dir, "lra_release", sub)]
+
+
+def find_data_dir(data_dir: str | None, cache_dir: str | None,
+                  resolution: int = 32, num_images: int = 200000,
+                  seed: int = 0, contour_length: int = 14,
+                  workers: int | None = None) -> str:
+  """The folder holding imgs/ and metadata/ (curv_contour_length_{C}/).
+
+  With `data_dir`: that folder, its curv_contour_length_{C}/, its
+  pathfinder{R}/curv_contour_length_{C}/ or lra_release/pathfinder{R}/...;
+  FileNotFoundError if none exists. Without: generates once into
+  cache_dir/pathfinder{R}_seed{S}_{N}_cl{C}/ and returns its image folder.
+  """
+  sub = release_subdir(resolution, contour_length)
+  if data_dir:
+    if not os.path.isdir(data_dir):
+      raise FileNotFoundError(
+          f"Pathfinder data_dir does not exist: {data_dir} (expected the LRA "
+          f"release root or a folder with {sub}/imgs and metadata).")
+    for folder in _candidates(data_dir, resolution, contour_length):
+      if _is_image_dir(folder):
+        return folder
+    raise FileNotFoundError(
+        f"Pathfinder data_dir {data_dir} holds no imgs/ and metadata/: "
+        f"looked in it, in {contour_dirname(contour_length)}/, {sub}/ and "
+        f"lra_release/{sub}/. Leave data_dir empty to generate the data.")
+  if not cache_dir:
+    raise ValueError("find_data_dir needs a cache_dir when data_dir is empty "
+                     "(the generated Pathfinder data is written there).")
+  name = f"pathfinder{resolution}_seed{seed}_{num_images}_cl{contour_length}"
+  final = os.path.join(cache_dir, name)
+  if os.path.isfile(os.path.join(final, _COMPLETE_MARKER)):
+    logging.info("Using generated Pathfinder data in %s.", final)
+    return os.path.join(final, sub)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=cache_dir)
+  try:
+    generate(tmp, resolution, num_images, seed=seed,
+             contour_length=contour_length, workers=workers)
+    with open(os.path.join(tmp, _COMPLETE_MARKER), "w") as f:
+      f.write("ok\n")
+    if os.path.isdir(final):
+      shutil.rmtree(final, ignore_errors=True)  # stale, incomplete
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not os.path.isfile(os.path.join(final, _COMPLETE_MARKER)):
+        raise
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return os.path.join(final, sub)
+
+
+def read_metadata(folder: str) -> tuple[list[str], np.ndarray, int]:
+  """(image paths, int32 labels, number skipped) for an image folder.
+
+  Reads every metadata/<b>.npy (text) in numeric order of <b>; skips images
+  whose file is missing or empty.
+  """
+  meta_dir = os.path.join(folder, "metadata")
+  names = [n for n in os.listdir(meta_dir) if n.endswith(".npy")]
+  names.sort(key=lambda n: (int(n[:-4]) if n[:-4].isdigit() else 10**12, n))
+  paths, labels, skipped = [], [], 0
+  for n in names:
+    with open(os.path.join(meta_dir, n), encoding="utf-8") as f:
+      for lineno, line in enumerate(f, 1):
+        parts = line.split()
+        if not parts:
+          continue
+        if len(parts) < 4:
+          raise ValueError(f"{meta_dir}/{n}:{lineno}: expected 'subdir "
+                           f"filename index label ...', got {line!r}.")
+        path = os.path.join(folder, parts[0], parts[1])
+        try:
+          size = os.path.getsize(path)
+        except OSError:
+          size = 0
+        if size == 0:
+          skipped += 1
+          continue
+        label = int(parts[3])
+        if label not in (0, 1):
+          raise ValueError(f"{meta_dir}/{n}:{lineno}: label {label} is not "
+                           "0 or 1.")
+        paths.append(path)
+        labels.append(label)
+  if skipped:
+    logging.warning("Pathfinder %s: skipped %d missing or empty images.",
+                    folder, skipped)
+  return paths, np.asarray(labels, np.int32), skipped
+
+
+def split_indices(n: int, split_seed: int = 0) -> dict[str, np.ndarray]:
+  """80/10/10 train/val/test indices by a permutation with a fixed seed."""
+  perm = np.random.default_rng(split_seed).permutation(n)
+  n_train = int(round(n * SPLIT_FRACTIONS[0]))
+  n_val = int(round(n * SPLIT_FRACTIONS[1]))
+  return {"train": perm[:n_train], "val": perm[n_train:n_train + n_val],
+          "test": perm[n_train + n_val:]}
+
+
+def read_image(path: str, resolution: int | None = None) -> np.ndarray:
+  with open(path, "rb") as f:
+    img = png.decode(f.read())
+  if resolution is not None and img.shape != (resolution, resolution):
+    raise ValueError(f"{path}: image is {img.shape}, expected "
+                     f"{resolution}x{resolution}.")
+  return img
+
+
+class PathfinderSource:
+  """grain RandomAccessDataSource over some images of an image folder.
+
+  Item i: {"inputs": int32[R*R] (row-major pixels + 1; never 0),
+  "targets": int32}. With `preload` every image is decoded once at
+  construction (uint8, R*R bytes each); otherwise on access.
+  """
+
+  def __init__(self, paths, labels, resolution: int, preload: bool = True):
+    self._paths = list(paths)
+    self.labels = np.asarray(labels, np.int32)
+    self.resolution = int(resolution)
+    self._pixels = None
+    if preload:
+      n = len(self._paths)
+      self._pixels = np.zeros((n, resolution * resolution), np.uint8)
+      for i, p in enumerate(self._paths):
+        self._pixels[i] = read_image(p, resolution).reshape(-1)
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, index):
+    n = len(self.labels)
+    index = int(index)
+    if index < 0:
+      index += n
+    if not 0 <= index < n:
+      raise IndexError(f"index {index} out of range for {n} examples")
+    if self._pixels is not None:
+      pixels = self._pixels[index]
+    else:
+      pixels = read_image(self._paths[index], self.resolution).reshape(-1)
+    return {"inputs": pixels.astype(np.int32) + PIXEL_OFFSET,
+            "targets": np.int32(self.labels[index])}
+
+  def __repr__(self):
+    return (f"PathfinderSource(resolution={self.resolution}, "
+            f"size={len(self)})")
+
+
+def load_sources(folder: str, resolution: int, split_seed: int = 0,
+                 preload: bool | None = None) -> dict[str, PathfinderSource]:
+  """{'train', 'val', 'test'} -> PathfinderSource (80/10/10 split).
+
+  preload defaults to True when all pixels take under 2 GB.
+  """
+  paths, labels, _ = read_metadata(folder)
+  if not paths:
+    raise FileNotFoundError(f"Pathfinder folder {folder} has no readable "
+                            "images.")
+  if preload is None:
+    preload = len(paths) * resolution * resolution < 2 * 2**30
+  out = {}
+  for split, idx in split_indices(len(paths), split_seed).items():
+    out[split] = PathfinderSource([paths[i] for i in idx], labels[idx],
+                                  resolution, preload=preload)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# CLI.
+# ----------------------------------------------------------------------------
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_enum("resolution", "32", ["32", "128"],
+                    "Image size: 32 (Pathfinder) or 128 (Path-X).")
+  flags.DEFINE_integer("num_images", 200000, "Number of images.")
+  flags.DEFINE_string("output_dir", None, "Root folder (the LRA layout "
+                      "pathfinder{R}/curv_contour_length_{C}/ is made in it).")
+  flags.DEFINE_integer("seed", 0, "Seed: the data is a function of it.")
+  flags.DEFINE_integer("workers", None, "Worker processes (default: usable "
+                       "CPUs). Does not change the data.")
+  flags.DEFINE_integer("contour_length", 14, "Paddles per target snake.")
+  flags.mark_flag_as_required("output_dir")
+  return flags.FLAGS
+
+
+def _main(argv):
+  del argv
+  f = _FLAGS
+  root = generate(f.output_dir, int(f.resolution), f.num_images, seed=f.seed,
+                  contour_length=f.contour_length, workers=f.workers)
+  with open(os.path.join(root, METADATA_FILE)) as fh:
+    meta = json.load(fh)
+  print(f"Wrote {meta['num_images']} images to {root} in {meta['seconds']} s "
+        f"({meta['images_per_second']} images/s, labels "
+        f"{meta['label_counts']}).")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _FLAGS = _define_flags()
+  app.run(_main)

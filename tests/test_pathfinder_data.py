@@ -1,0 +1,245 @@
+"""Tests for htransformer.data.pathfinder (generator, PNG codec, loader)."""
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from htransformer.data import pathfinder as pf
+from htransformer.data import png
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 24
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+  base = tmp_path_factory.mktemp("pathfinder")
+  out = {}
+  for name, seed, workers in [("w1", 0, 1), ("w2", 0, 2), ("seed1", 1, 1)]:
+    out[name] = pf.generate(str(base / name), 32, N, seed=seed,
+                            workers=workers)
+  return out
+
+
+def _files(folder):
+  out = {}
+  for dirpath, _, names in os.walk(folder):
+    for n in names:
+      if n == pf.METADATA_FILE:
+        continue  # holds timings
+      p = os.path.join(dirpath, n)
+      out[os.path.relpath(p, folder)] = open(p, "rb").read()
+  return out
+
+
+def test_layout(gen):
+  d = gen["w1"]
+  assert d.endswith(os.path.join("pathfinder32", "curv_contour_length_14"))
+  assert sorted(os.listdir(d)) == ["imgs", "metadata", pf.METADATA_FILE]
+  assert os.listdir(os.path.join(d, "metadata")) == ["0.npy"]
+  lines = open(os.path.join(d, "metadata", "0.npy")).read().splitlines()
+  assert len(lines) == N
+  for j, line in enumerate(lines):
+    sub, name, idx, label, cl, dl, nd = line.split(" ")
+    assert (sub, name, idx) == ("imgs/0", f"sample_{j}.png", str(j))
+    assert label in ("0", "1") and cl == "14"
+    data = open(os.path.join(d, sub, name), "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # 8-bit gray PNG (IHDR: width, height, depth 8, colour type 0).
+    assert struct.unpack(">IIBB", data[16:26]) == (32, 32, 8, 0)
+    img = png.decode(data)
+    assert img.shape == (32, 32) and img.dtype == np.uint8
+    assert img.max() == 255 and img.min() == 0  # normalised to 0-255
+    # Anti-aliased: intermediate gray levels, a sparse foreground.
+    assert len(np.unique(img)) > 2
+    assert 0.03 < (img > 0).mean() < 0.6
+
+
+def test_deterministic_and_independent_of_workers(gen):
+  a, b, c = (_files(gen[k]) for k in ("w1", "w2", "seed1"))
+  assert a == b
+  assert a.keys() == c.keys() and a != c
+  img, label = pf.make_image(0, 32, 5)
+  np.testing.assert_array_equal(
+      img, png.decode(a[os.path.join("imgs", "0", "sample_5.png")]))
+
+
+def test_labels_balanced():
+  labels = [int(pf.image_rng(0, 32, i).integers(2)) for i in range(4000)]
+  assert abs(np.mean(labels) - 0.5) < 0.03
+  labels = [pf.make_image(3, 32, i)[1] for i in range(60)]
+  assert 15 < sum(labels) < 45
+
+
+def test_label_semantics(monkeypatch):
+  # Label 1: the markers are the two ends of one target snake; 0: one end
+  # of each.
+  seen = {}
+  orig = pf._Generator._targets
+
+  def spy(self):
+    snakes = orig(self)
+    seen["ends"] = [(s[0][0], s[-1][1]) for s in snakes]
+    return snakes
+
+  monkeypatch.setattr(pf._Generator, "_targets", spy)
+  orig_draw = pf._Canvas.draw
+  calls = []
+  monkeypatch.setattr(pf._Canvas, "draw",
+                      lambda self, a, b, r: (calls.append(a),
+                                             orig_draw(self, a, b, r)))
+  for i in range(12):
+    calls.clear()
+    _, label = pf.make_image(0, 32, i)
+    markers = calls[-1]
+    owner = [[k for k, ends in enumerate(seen["ends"])
+              if any(np.allclose(m, e) for e in ends)] for m in markers]
+    assert all(len(o) == 1 for o in owner)
+    assert (owner[0] == owner[1]) == (label == 1)
+    assert np.linalg.norm(markers[0] - markers[1]) >= 7
+
+
+def test_pathx_resolution(tmp_path):
+  d = pf.generate(str(tmp_path), 128, 3, seed=0, workers=1)
+  assert d.endswith(os.path.join("pathfinder128", "curv_contour_length_14"))
+  srcs = pf.load_sources(d, 128)
+  item = next(srcs[s] for s in ("train", "val", "test") if len(srcs[s]))[0]
+  assert item["inputs"].shape == (16384,)
+
+
+def test_generate_rejects_bad_args(tmp_path):
+  with pytest.raises(ValueError, match="resolution"):
+    pf.generate(str(tmp_path), 64, 3)
+  with pytest.raises(ValueError, match="num_images"):
+    pf.generate(str(tmp_path), 32, 0)
+
+
+# --- PNG codec. ---
+
+
+def _filtered_png(img, filters):
+  """A gray PNG of `img` with the given filter type per row (reference)."""
+  h, w = img.shape
+  img = img.astype(np.int64)
+  rows = []
+  for y in range(h):
+    f = filters[y % len(filters)]
+    cur = img[y]
+    prev = img[y - 1] if y else np.zeros(w, np.int64)
+    left = np.concatenate([[0], cur[:-1]])
+    ul = np.concatenate([[0], prev[:-1]])
+    if f == 0:
+      pred = np.zeros(w, np.int64)
+    elif f == 1:
+      pred = left
+    elif f == 2:
+      pred = prev
+    elif f == 3:
+      pred = (left + prev) // 2
+    else:
+      p = left + prev - ul
+      pa, pb, pc = abs(p - left), abs(p - prev), abs(p - ul)
+      pred = np.where((pa <= pb) & (pa <= pc), left,
+                      np.where(pb <= pc, prev, ul))
+    rows.append(bytes([f]) + ((cur - pred) % 256).astype(np.uint8).tobytes())
+
+  def chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+  return (b"\x89PNG\r\n\x1a\n"
+          + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+def test_png_roundtrip_and_all_filters():
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (9, 13)).astype(np.uint8)
+  np.testing.assert_array_equal(png.decode(png.encode_gray(img)), img)
+  np.testing.assert_array_equal(
+      png.decode(_filtered_png(img, [0, 1, 2, 3, 4])), img)
+  with pytest.raises(ValueError, match="PNG"):
+    png.decode(b"not a png")
+
+
+# --- Loader. ---
+
+
+def test_find_data_dir_release_layout(gen, tmp_path):
+  release = os.path.dirname(os.path.dirname(gen["w1"]))  # holds pathfinder32/
+  cache = str(tmp_path / "cache")
+  for d in (release, os.path.join(release, "pathfinder32"), gen["w1"]):
+    assert pf.find_data_dir(d, cache, resolution=32) == gen["w1"]
+  assert not os.path.exists(cache)
+  with pytest.raises(FileNotFoundError, match="imgs"):
+    pf.find_data_dir(release, cache, resolution=128)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    pf.find_data_dir(str(tmp_path / "nope"), cache)
+
+
+def test_find_data_dir_generates_once(gen, tmp_path, monkeypatch):
+  cache = str(tmp_path / "cache")
+  d = pf.find_data_dir(None, cache, resolution=32, num_images=N, seed=0,
+                       workers=1)
+  assert d == os.path.join(cache, "pathfinder32_seed0_24_cl14", "pathfinder32",
+                           "curv_contour_length_14")
+  assert os.listdir(cache) == ["pathfinder32_seed0_24_cl14"]
+  assert _files(d) == _files(gen["w1"])
+  monkeypatch.setattr(pf, "generate", lambda *a, **k: 1 / 0)
+  assert pf.find_data_dir("", cache, resolution=32, num_images=N) == d
+
+
+def test_loader_skips_empty_and_splits(gen, tmp_path):
+  import shutil
+  d = str(tmp_path / "copy")
+  shutil.copytree(gen["w1"], d)
+  open(os.path.join(d, "imgs", "0", "sample_3.png"), "wb").close()  # empty
+  os.remove(os.path.join(d, "imgs", "0", "sample_7.png"))  # missing
+  paths, labels, skipped = pf.read_metadata(d)
+  assert skipped == 2 and len(paths) == N - 2
+  assert not any(p.endswith(("sample_3.png", "sample_7.png")) for p in paths)
+  srcs = pf.load_sources(d, 32, split_seed=0)
+  sizes = {k: len(v) for k, v in srcs.items()}
+  assert sum(sizes.values()) == N - 2
+  assert sizes["train"] == round(0.8 * (N - 2))
+  idx = pf.split_indices(N - 2, 0)
+  assert sorted(np.concatenate(list(idx.values())).tolist()) == list(
+      range(N - 2))
+  np.testing.assert_array_equal(pf.split_indices(N - 2, 0)["test"],
+                                idx["test"])
+  lazy = pf.load_sources(d, 32, split_seed=0, preload=False)
+  for split, src in srcs.items():
+    for i in range(len(src)):
+      item = src[i]
+      x = item["inputs"]
+      assert x.shape == (1024,) and x.dtype == np.int32
+      assert x.min() >= 1 and x.max() <= 256  # pixel + 1: 0 stays padding
+      path = paths[idx[split][i]]
+      np.testing.assert_array_equal(
+          x, png.decode(open(path, "rb").read()).reshape(-1).astype(np.int32) + 1)
+      assert int(item["targets"]) == labels[idx[split][i]]
+      np.testing.assert_array_equal(lazy[split][i]["inputs"], x)
+  src = pickle.loads(pickle.dumps(srcs["train"]))
+  assert len(src) == sizes["train"]
+  with pytest.raises(IndexError):
+    src[len(src)]
+
+
+def test_cli(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run(
+      [sys.executable, "-m", "htransformer.data.pathfinder",
+       "--resolution=32", "--num_images=4", f"--output_dir={tmp_path}",
+       "--seed=0", "--workers=1", "--contour_length=14"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert "images/s" in r.stdout
+  d = tmp_path / "pathfinder32" / "curv_contour_length_14"
+  assert sorted(os.listdir(d / "imgs" / "0")) == [
+      f"sample_{j}.png" for j in range(4)]
