@@ -1,0 +1,90 @@
+"""Shared pieces of the byte-level LRA tasks (Text, Retrieval) and tfds.
+
+Byte tokens: id = byte + 1 (1..256), 0 = padding; VOCAB_SIZE = 257. The
+vocabulary is fixed (every byte value), so ids never depend on the data.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+PAD_ID = 0
+BYTE_OFFSET = 1
+VOCAB_SIZE = 257
+
+
+def encode_bytes(data: bytes, max_length: int | None = None) -> np.ndarray:
+  """bytes -> int32 ids (byte + 1), truncated to max_length, no padding."""
+  if max_length is not None:
+    data = data[:max_length]
+  return np.frombuffer(data, np.uint8).astype(np.int32) + BYTE_OFFSET
+
+
+def decode_ids(ids: Iterable[int]) -> bytes:
+  """ids -> bytes, padding dropped."""
+  return bytes(int(i) - BYTE_OFFSET for i in ids if int(i) != PAD_ID)
+
+
+class PackedBytes:
+  """Many byte strings (each truncated to max_length) in one flat array."""
+
+  def __init__(self, texts: Sequence[bytes], max_length: int):
+    if max_length <= 0:
+      raise ValueError(f"max_length must be positive, got {max_length}.")
+    self.max_length = int(max_length)
+    kept = [t[:max_length] for t in texts]
+    lengths = np.fromiter((len(t) for t in kept), np.int64, len(kept))
+    self.offsets = np.zeros(len(kept) + 1, np.int64)
+    np.cumsum(lengths, out=self.offsets[1:])
+    self.data = np.frombuffer(b"".join(kept), np.uint8).copy()
+    self.lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+
+  def __len__(self):
+    return len(self.offsets) - 1
+
+  def padded(self, index: int) -> np.ndarray:
+    """int32[max_length]: byte + 1, then zeros."""
+    start, end = self.offsets[index], self.offsets[index + 1]
+    out = np.zeros(self.max_length, np.int32)
+    out[:end - start] = self.data[start:end]
+    out[:end - start] += BYTE_OFFSET
+    return out
+
+
+def check_index(index, n: int) -> int:
+  index = int(index)
+  if index < 0:
+    index += n
+  if not 0 <= index < n:
+    raise IndexError(f"index {index} out of range for {n} examples")
+  return index
+
+
+def require_tfds():
+  """Imports tensorflow_datasets, or says how to get it."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "This task reads its data through tensorflow-datasets (tfds), which "
+        "is not installed: `pip install tensorflow-datasets` (preparing a "
+        "dataset the first time may also need TensorFlow), or use the local "
+        "alternative described in the task's module docstring (config "
+        "field data_dir).") from e
+  return tfds
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None):
+  """tfds.data_source(name, split=...) with a clear error if unavailable."""
+  tfds = require_tfds()
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir or None)
+  except Exception as e:  # pylint: disable=broad-except
+    raise FileNotFoundError(
+        f"Could not open the tfds dataset {name!r} (split {split!r}, "
+        f"data_dir {data_dir or 'tfds default'}): {e}. Prepare it once with "
+        f"`tfds build {name}` on a machine with internet access (copy the "
+        "prepared folder here and set config.tfds_data_dir), or use the "
+        "local-files alternative.") from e

@@ -1,0 +1,115 @@
+"""Image classification (LRA "Image"): CIFAR-10 in gray, 1024 pixel tokens.
+
+Sources (one of):
+* tfds ``cifar10`` through ``tfds.data_source`` (items ``{"image":
+  uint8[32, 32, 3], "label": int}``), splits ``train[:90%]`` (train),
+  ``train[90%:]`` (val) and ``test`` (test), as LRA. tfds is imported lazily.
+* a local ``cifar-10-batches-py/`` folder (the CIFAR-10 "python version":
+  pickled ``data_batch_1..5`` and ``test_batch``); ``data_dir`` may be that
+  folder or its parent. The 50,000 training images (batches 1-5 in order)
+  are split the same way: the first 90% train, the rest val.
+
+Gray: ``round(0.2989 R + 0.5870 G + 0.1140 B)`` (the weights of
+``tf.image.rgb_to_grayscale``), row-major, 1024 tokens.
+
+Tokens: pixel value + 1 (1..256), so that id 0 stays padding and black
+pixels are never masked out of attention (the original code treated pixel
+0 as padding). VOCAB_SIZE = 257. Training batches are shuffled example by
+example (htransformer/input_pipeline.py), not as whole batches.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+
+from htransformer.data import byte_source
+
+VOCAB_SIZE = 257
+NUM_CLASSES = 10
+PIXEL_OFFSET = 1
+SPLITS = ("train", "val", "test")
+TFDS_NAME = "cifar10"
+TFDS_SPLITS = {"train": "train[:90%]", "val": "train[90%:]", "test": "test"}
+_GRAY = np.array([0.2989, 0.5870, 0.1140], np.float64)
+_LOCAL = "cifar-10-batches-py"
+
+
+def to_gray(images: np.ndarray) -> np.ndarray:
+  """uint8 [..., 32, 32, 3] -> uint8 [..., 32, 32]."""
+  gray = np.asarray(images, np.float64) @ _GRAY
+  return np.clip(np.round(gray), 0, 255).astype(np.uint8)
+
+
+class ImageSource:
+  """grain source: {"inputs": int32[h*w] (pixel + 1), "targets": int32}."""
+
+  def __init__(self, gray: np.ndarray, labels):
+    gray = np.asarray(gray, np.uint8)
+    self.pixels = gray.reshape(len(gray), -1)
+    self.labels = np.asarray(labels, np.int32)
+    if len(self.pixels) != len(self.labels):
+      raise ValueError("images and labels differ in length")
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, index):
+    index = byte_source.check_index(index, len(self))
+    return {"inputs": self.pixels[index].astype(np.int32) + PIXEL_OFFSET,
+            "targets": np.int32(self.labels[index])}
+
+  def __repr__(self):
+    return f"ImageSource(size={len(self)}, length={self.pixels.shape[1]})"
+
+
+def find_local_dir(data_dir: str) -> str:
+  for folder in (data_dir, os.path.join(data_dir, _LOCAL)):
+    if os.path.isfile(os.path.join(folder, "test_batch")):
+      return folder
+  raise FileNotFoundError(
+      f"CIFAR-10 data_dir {data_dir} holds no {_LOCAL}/ (data_batch_1..5, "
+      "test_batch). Leave data_dir empty to read tfds cifar10 instead.")
+
+
+def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+  with open(path, "rb") as f:
+    d = pickle.load(f, encoding="bytes")
+  data = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)
+  labels = np.asarray(d[b"labels"], np.int32)
+  return data.transpose(0, 2, 3, 1), labels  # NHWC
+
+
+def read_local(data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """split -> (gray uint8 [n, 32, 32], labels) from cifar-10-batches-py."""
+  folder = find_local_dir(data_dir)
+  parts = [_read_batch(os.path.join(folder, f"data_batch_{i}"))
+           for i in range(1, 6)]
+  images = np.concatenate([p[0] for p in parts])
+  labels = np.concatenate([p[1] for p in parts])
+  n_train = len(images) * 9 // 10
+  test_images, test_labels = _read_batch(os.path.join(folder, "test_batch"))
+  return {"train": (to_gray(images[:n_train]), labels[:n_train]),
+          "val": (to_gray(images[n_train:]), labels[n_train:]),
+          "test": (to_gray(test_images), test_labels)}
+
+
+def read_tfds(tfds_data_dir: str | None = None
+              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  out = {}
+  for split, tfds_split in TFDS_SPLITS.items():
+    src = byte_source.tfds_source(TFDS_NAME, tfds_split, tfds_data_dir)
+    items = [src[i] for i in range(len(src))]
+    images = np.stack([np.asarray(it["image"], np.uint8) for it in items])
+    labels = np.asarray([int(it["label"]) for it in items], np.int32)
+    out[split] = (to_gray(images), labels)
+  return out
+
+
+def load_sources(data_dir: str | None, tfds_data_dir: str | None = None
+                 ) -> dict[str, ImageSource]:
+  """{'train', 'val', 'test'} -> ImageSource."""
+  splits = read_local(data_dir) if data_dir else read_tfds(tfds_data_dir)
+  return {s: ImageSource(*splits[s]) for s in SPLITS}
