@@ -46,7 +46,8 @@ def eval_batches(source, global_batch_size: int):
   """This process's part of every eval batch, in order, with weights.
 
   The last batch is padded with weight-0 copies of example 0, so every
-  example counts exactly once.
+  example counts exactly once. Items with their own (per-token) ``weights``
+  get them multiplied by the example's weight.
   """
   local = local_batch_size(global_batch_size)
   n = len(source)
@@ -58,5 +59,8 @@ def eval_batches(source, global_batch_size: int):
     weights = (idx < n).astype(np.float32)
     items = [source[int(i) if i < n else 0] for i in idx]
     batch = {k: np.stack([it[k] for it in items]) for k in items[0]}
+    if "weights" in batch:
+      weights = batch["weights"] * weights.reshape(
+          (-1,) + (1,) * (batch["weights"].ndim - 1))
     batch["weights"] = weights
     yield batch

@@ -1,5 +1,8 @@
 """Transformer models (Flax NNX) with hierarchical or full attention.
 
+``Classifier`` (encoder + pooling + MLP head) for sequence classification,
+``Decoder`` (causal, untied output projection) for language modelling.
+
 The attention in every model is chosen by one argument, ``attention``:
 ``"hierarchical"`` (H-Transformer-1D, with ``block_size``) or ``"full"``
 (softmax attention, cuDNN on GPU). Models hold only parameters; dropout
@@ -248,3 +251,50 @@ class Classifier(nnx.Module):
     x = pool(x, mask, self.encoder.pool)
     x = nnx.relu(self.head1(x))
     return self.head2(x).astype(jnp.float32)
+
+
+class Decoder(nnx.Module):
+  """Decoder-only language model with causal attention.
+
+  Token embedding plus sinusoidal positions, ``num_layers`` pre-LayerNorm
+  TransformerBlocks with ``causal=True`` (hierarchical or full attention),
+  a final LayerNorm and an untied output projection to the vocabulary.
+  No padding mask is passed to the attention: causality alone means a
+  position sees only itself and earlier positions, so padding at the end of
+  a row (the only place it occurs) changes no real position's logits.
+  """
+
+  def __init__(self, *, vocab_size: int, max_len: int, emb_dim: int,
+               num_layers: int, num_heads: int, qkv_dim: int, mlp_dim: int,
+               dropout_rate: float = 0.1, attention: str = "hierarchical",
+               block_size: int = 16, implementation: str | None = None,
+               dtype: Any = None, rngs: nnx.Rngs):
+    dtype = _dtype(dtype)
+    self.dtype = dtype
+    self.max_len = max_len
+    self.embed = nnx.Embed(vocab_size, emb_dim, dtype=dtype,
+                           embedding_init=nnx.initializers.normal(1.0),
+                           rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.blocks = nnx.List([
+        TransformerBlock(dim=emb_dim, num_heads=num_heads, qkv_dim=qkv_dim,
+                         mlp_dim=mlp_dim, dropout_rate=dropout_rate,
+                         attention=attention, block_size=block_size,
+                         causal=True, implementation=implementation,
+                         dtype=dtype, rngs=rngs)
+        for _ in range(num_layers)])
+    self.ln = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(emb_dim, vocab_size, dtype=dtype, rngs=rngs)
+
+  def __call__(self, tokens, *, deterministic=True, rngs=None):
+    """tokens: int [batch, length] -> float32 logits [batch, length, vocab]."""
+    l = tokens.shape[1]
+    if l > self.max_len:
+      raise ValueError(
+          f"input length {l} exceeds the model's max_len {self.max_len}.")
+    x = self.embed(tokens)
+    x = x + jnp.asarray(sinusoidal_positions(l, x.shape[-1])).astype(x.dtype)
+    x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+    for block in self.blocks:
+      x = block(x, None, deterministic=deterministic, rngs=rngs)
+    return self.head(self.ln(x)).astype(jnp.float32)

@@ -4,6 +4,10 @@ A task provides random-access sources (grain's RandomAccessDataSource
 protocol: ``__len__`` and ``__getitem__`` returning
 ``{"inputs": int32[max_length], "targets": int32}``) for the train, val and
 test splits, and the vocabulary and class counts the model needs.
+
+``kind`` says what the model and the loss are: ``"classification"`` (one
+label per sequence) or ``"lm"`` (next-token prediction with per-token
+``weights`` in every item; htransformer/data/lm.py).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 import os
 from typing import Any
 
-TASKS = ("listops",)
+TASKS = ("listops", "lm")
 
 
 @dataclasses.dataclass
@@ -23,6 +27,8 @@ class Task:
   num_classes: int
   max_length: int
   data_dir: str
+  kind: str = "classification"
+  tokenizer: Any = None  # LM tasks: encode/decode (data/tokenizer.py).
 
 
 def default_cache_dir() -> str:
@@ -31,8 +37,11 @@ def default_cache_dir() -> str:
       os.path.join(os.path.expanduser("~"), ".cache", "htransformer"))
 
 
-def get_task(config) -> Task:
-  """Builds the task named by ``config.task`` (reading or generating data)."""
+def get_task(config, workdir: str | None = None) -> Task:
+  """Builds the task named by ``config.task`` (reading or generating data).
+
+  ``workdir`` holds state a task keeps with the run (the LM tokenizer).
+  """
   if config.task == "listops":
     from htransformer.data import listops  # pylint: disable=g-import-not-at-top
     d = config.data
@@ -49,5 +58,14 @@ def get_task(config) -> Task:
     sources = listops.load_sources(data_dir, max_length=config.max_length)
     return Task("listops", sources, listops.VOCAB_SIZE, listops.NUM_CLASSES,
                 config.max_length, data_dir)
+  if config.task == "lm":
+    from htransformer.data import lm  # pylint: disable=g-import-not-at-top
+    if config.dry_run:  # The model's shape needs no data.
+      return Task("lm", {}, lm.vocab_size_from_config(config.data), 0,
+                  config.max_length, "", kind="lm")
+    sources, tok, where = lm.build(config, workdir,
+                                   config.cache_dir or default_cache_dir())
+    return Task("lm", sources, tok.vocab_size, 0, config.max_length, where,
+                kind="lm", tokenizer=tok)
   raise ValueError(f"config.task must be one of {TASKS}, got "
                    f"{config.task!r}.")

@@ -39,8 +39,17 @@ class NonFiniteLossError(RuntimeError):
   """Raised when the training loss becomes NaN or inf."""
 
 
-def build_model(config, task: tasks.Task, seed: int = 0) -> models.Classifier:
+def build_model(config, task: tasks.Task, seed: int = 0) -> nnx.Module:
+  """The task's model: a Decoder for language modelling, else a Classifier."""
   m = config.model
+  if task.kind == "lm":
+    return models.Decoder(
+        vocab_size=task.vocab_size, max_len=task.max_length,
+        emb_dim=m.emb_dim, num_layers=m.num_layers, num_heads=m.num_heads,
+        qkv_dim=m.qkv_dim, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate,
+        attention=m.attention, block_size=m.block_size,
+        implementation=m.implementation or None, dtype=m.dtype,
+        rngs=nnx.Rngs(params=seed))
   return models.Classifier(
       num_classes=task.num_classes, vocab_size=task.vocab_size,
       max_len=task.max_length, emb_dim=m.emb_dim, num_layers=m.num_layers,
@@ -78,6 +87,7 @@ def make_mesh(model: int = 1):
 
 
 def _loss_and_metrics(logits, targets, weights):
+  """Weighted sums; targets and weights are [batch] or [batch, length]."""
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   return {"loss": jnp.sum(loss * weights), "correct": jnp.sum(
@@ -90,7 +100,9 @@ def make_steps(graphdef, tx, seed: int):
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_key, state["step"])
-    weights = jnp.ones(batch["targets"].shape, jnp.float32)
+    # LM items carry per-token weights (0 on padding); labels need none.
+    weights = batch.get("weights", jnp.ones(batch["targets"].shape,
+                                            jnp.float32))
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
@@ -164,8 +176,12 @@ class Trainer:
                                                         sums)
     totals = jax.device_get(totals)
     n = max(float(totals["count"]), 1.0)
-    return {f"{split}_loss": float(totals["loss"]) / n,
-            f"{split}_accuracy": float(totals["correct"]) / n}
+    out = {f"{split}_loss": float(totals["loss"]) / n,
+           f"{split}_accuracy": float(totals["correct"]) / n}
+    if self.task.kind == "lm":  # Per-token loss over all weighted tokens.
+      out[f"{split}_perplexity"] = float(np.exp(out[f"{split}_loss"]))
+      out[f"{split}_tokens"] = float(totals["count"])
+    return out
 
 
 def _check_config(config):
@@ -210,7 +226,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  task = tasks.get_task(config)
+  task = tasks.get_task(config, workdir)
   logging.info("Task %s: data from %s; %s", task.name, task.data_dir,
                {k: len(v) for k, v in task.sources.items()})
   model = build_model(config, task, config.seed)
@@ -237,7 +253,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("Resuming from step %d.", int(state["step"]))
     if jax.process_index() == 0:
       print(f"Resuming from step {int(state['step'])}", flush=True)
-  best = ckpt.best_info() or {"eval_accuracy": -1.0, "step": -1}
+  # The validation metric that picks the best parameters.
+  metric, higher = (("eval_perplexity", False) if task.kind == "lm" else
+                    ("eval_accuracy", True))
+  best = ckpt.best_info() or {metric: -1.0 if higher else float("inf"),
+                              "step": -1}
 
   writer = metrics_lib.MetricWriter(workdir)
   step = int(state["step"])
@@ -282,16 +302,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last_saved = step
     if eval_now:
       ev = trainer.evaluate(state["params"], "val")
-      ev = {"eval_loss": ev["val_loss"], "eval_accuracy": ev["val_accuracy"]}
-      if ev["eval_accuracy"] > best["eval_accuracy"]:
-        best = {"eval_accuracy": ev["eval_accuracy"], "step": step}
+      ev = {"eval" + k[len("val"):]: v for k, v in ev.items()}
+      if (ev[metric] > best[metric]) if higher else (
+          ev[metric] < best[metric]):
+        best = {metric: ev[metric], "step": step}
         ckpt.save_best(step, state["params"], best)
-      ev["best_eval_accuracy"] = best["eval_accuracy"]
+      ev["best_" + metric] = best[metric]
       writer.write(step, ev)
       if jax.process_index() == 0:
-        print(f"step {step}: eval accuracy {ev['eval_accuracy']:.4f}, "
+        print(f"step {step}: eval {metric[5:]} {ev[metric]:.4f}, "
               f"loss {ev['eval_loss']:.4f} (best "
-              f"{best['eval_accuracy']:.4f} at step {best['step']})",
+              f"{best[metric]:.4f} at step {best['step']})",
               flush=True)
       progress.last_time = time.time()
   if last_saved != step:
@@ -299,15 +320,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt.wait()
 
   # Final evaluation: test with the final and the best-on-val parameters.
-  final = trainer.evaluate(state["params"], "test")
-  results = {"test_accuracy": final["test_accuracy"],
-             "test_loss": final["test_loss"]}
+  results = trainer.evaluate(state["params"], "test")
   best_params = ckpt.restore_best(ckpt_lib.abstract(state["params"]))
   if best_params is not None:
     b = trainer.evaluate(best_params, "test")
-    results.update({"test_accuracy_best_eval": b["test_accuracy"],
-                    "test_loss_best_eval": b["test_loss"],
-                    "best_eval_accuracy": best["eval_accuracy"],
+    results.update({f"{k}_best_eval": v for k, v in b.items()
+                    if not k.endswith("_tokens")})
+    results.update({"best_" + metric: best[metric],
                     "best_eval_step": best["step"]})
   writer.write(step, results)
   writer.close()
@@ -316,6 +335,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if rates:
     steady = rates[1:] or rates
     results["steps_per_sec"] = float(np.median(steady))
+    if task.kind == "lm":
+      results["tokens_per_sec"] = (results["steps_per_sec"] *
+                                   config.batch_size * config.max_length)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)

@@ -1,0 +1,173 @@
+"""Tokenizers for language modelling: byte-level and SentencePiece.
+
+Both use the same special ids: 0 is padding (never produced by encoding) and
+1 is end-of-sequence (appended after every document or sentence, so it also
+starts the next one in a packed stream).
+
+``ByteTokenizer``: the UTF-8 bytes of the text, shifted by 2 (vocabulary 258).
+
+``SentencePieceTokenizer``: a SentencePiece unigram model trained with
+``sentencepiece.SentencePieceTrainer`` with pad 0, eos 1, unk 2 (distinct
+from pad) and no bos. ``get_tokenizer`` trains it once on the first
+``max_chars`` characters of the training text and saves it as
+``WORKDIR/tokenizer.model``; a resumed run and ``htransformer.sample`` load
+that file instead of training again.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from typing import Iterable, Sequence
+
+import numpy as np
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2  # SentencePiece only.
+TOKENIZER_FILE = "tokenizer.model"
+VOCABS = ("byte", "sentencepiece")
+
+
+class ByteTokenizer:
+  """UTF-8 bytes + 2; pad 0, eos 1."""
+
+  kind = "byte"
+  vocab_size = 258
+  pad_id = PAD_ID
+  eos_id = EOS_ID
+
+  def encode(self, text: str) -> list[int]:
+    return [b + 2 for b in text.encode("utf-8")]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    data = bytes(int(i) - 2 for i in ids if int(i) >= 2)
+    return data.decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+  """A trained SentencePiece model (pad 0, eos 1, unk 2, no bos)."""
+
+  kind = "sentencepiece"
+  pad_id = PAD_ID
+  eos_id = EOS_ID
+
+  def __init__(self, model_path: str):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    self.path = model_path
+    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    if (self.sp.pad_id(), self.sp.eos_id()) != (PAD_ID, EOS_ID):
+      raise ValueError(
+          f"{model_path}: expected pad id {PAD_ID} and eos id {EOS_ID}, got "
+          f"{self.sp.pad_id()} and {self.sp.eos_id()}.")
+    self.vocab_size = self.sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.sp.decode([int(i) for i in ids if int(i) > EOS_ID])
+
+
+def train_sentencepiece(texts: Iterable[str], model_path: str,
+                        vocab_size: int, max_chars: int = 10_000_000,
+                        seed: int = 0) -> SentencePieceTokenizer:
+  """Trains a unigram model on the first ``max_chars`` characters of texts.
+
+  Each text is split into lines (SentencePiece's "sentences"); lines are
+  taken in order until ``max_chars`` characters. Training is single-threaded
+  with a fixed seed, so the same text gives the same model.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  lines, total = [], 0
+  for text in texts:
+    for line in text.splitlines():
+      line = line.strip()
+      if not line:
+        continue
+      lines.append(line[: max_chars - total])
+      total += len(lines[-1])
+      if total >= max_chars:
+        break
+    if total >= max_chars:
+      break
+  if not lines:
+    raise ValueError("No text to train the SentencePiece model on.")
+  spm.set_random_generator_seed(seed)
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_writer=model,
+      model_type="unigram", vocab_size=vocab_size, character_coverage=1.0,
+      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+      input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
+      hard_vocab_limit=False, max_sentence_length=1 << 16,
+      minloglevel=2)
+  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+  tmp = model_path + f".tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, model_path)
+  return SentencePieceTokenizer(model_path)
+
+
+def get_tokenizer(data_config, workdir: str | None, train_texts=None):
+  """The tokenizer of a run: byte-level, or SentencePiece from the workdir.
+
+  SentencePiece: ``WORKDIR/tokenizer.model`` if it exists; else a copy of
+  ``data_config.spm_model`` if that is set; else trained on
+  ``train_texts()`` (a callable returning an iterable of strings) and saved
+  there. With several processes, process 0 trains and the others wait.
+  """
+  vocab = data_config.vocab
+  if vocab == "byte":
+    return ByteTokenizer()
+  if vocab != "sentencepiece":
+    raise ValueError(f"config.data.vocab must be one of {VOCABS}, got "
+                     f"{vocab!r}.")
+  if workdir is None:
+    raise ValueError("A SentencePiece tokenizer needs a workdir.")
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    print(f"Tokenizer: loaded {path}", flush=True)
+    return SentencePieceTokenizer(path)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    if data_config.spm_model:
+      if not os.path.exists(data_config.spm_model):
+        raise FileNotFoundError(
+            f"config.data.spm_model does not exist: {data_config.spm_model}")
+      shutil.copyfile(data_config.spm_model, path)
+      print(f"Tokenizer: copied {data_config.spm_model} to {path}",
+            flush=True)
+    else:
+      print(f"Tokenizer: training a SentencePiece unigram model "
+            f"(vocabulary {data_config.vocab_size}) on the first "
+            f"{data_config.spm_train_chars:,} characters of the training "
+            f"text; saving it to {path}", flush=True)
+      train_sentencepiece(train_texts(), path, data_config.vocab_size,
+                          data_config.spm_train_chars)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("tokenizer")
+  return SentencePieceTokenizer(path)
+
+
+def load_for_workdir(workdir: str, vocab: str):
+  """The tokenizer a finished run used (for sampling)."""
+  if vocab == "byte":
+    return ByteTokenizer()
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No {TOKENIZER_FILE} in {workdir}.")
+  return SentencePieceTokenizer(path)
+
+
+def token_dtype(vocab_size: int):
+  return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
