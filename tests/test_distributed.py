@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -112,9 +113,15 @@ def test_meshes_match_one_device(tiny_data, tmp_path):
           cwd=ROOT, env=_env(n), stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT, text=True)
       for name, (n, models) in runs.items()}
-  for name, p in procs.items():
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, f"{name}:\n{out[-3000:]}"
+  try:
+    for name, p in procs.items():
+      out, _ = p.communicate(timeout=300)
+      assert p.returncode == 0, f"{name}:\n{out[-3000:]}"
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
   one = np.load(tmp_path / "one.npz")
   four = np.load(tmp_path / "four.npz")
   info = json.load(open(tmp_path / "four.json"))
@@ -171,23 +178,36 @@ def _main_args(data_dir, workdir, steps):
           "--config.eval_every=4", "--config.checkpoint_every=4"]
 
 
-def _run_two_processes(args):
+def _run_two_processes(args, logdir, timeout=300):
+  """Runs ``args`` as processes 0 and 1; returns their outputs.
+
+  If one fails, the other (which would wait for it) is killed at once.
+  """
   port = _free_port()
+  logs = [open(os.path.join(logdir, f"process_{i}.log"), "w+")
+          for i in range(2)]
   procs = [subprocess.Popen(
       args + [f"--coordinator_address=localhost:{port}",
               "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = []
+      cwd=ROOT, env=_env(1), stdout=log, stderr=subprocess.STDOUT, text=True)
+           for i, log in enumerate(logs)]
+  deadline = time.time() + timeout
   try:
-    for p in procs:
-      outs.append(p.communicate(timeout=600)[0])
+    while (any(p.poll() is None for p in procs) and time.time() < deadline
+           and not any(p.poll() for p in procs)):
+      time.sleep(0.2)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
+  outs = []
+  for log in logs:
+    log.seek(0)
+    outs.append(log.read())
+    log.close()
   for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
+    assert p.returncode == 0, f"process {i} (rc {p.returncode}):\n{out[-3000:]}"
   return outs
 
 
@@ -223,14 +243,19 @@ def test_two_processes_match_one(tiny_data, tmp_path):
   ref = subprocess.Popen(_main_args(tiny_data, single, 12), cwd=ROOT,
                          env=_env(1), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-  # Two processes: 8 steps, then relaunched to 12 (resumes from step 8).
-  first = _run_two_processes(_main_args(tiny_data, multi, 8))
-  assert "Final:" in first[0] and "Final:" not in first[1]
-  assert "step 4/8" in first[0] and "step 4/8" not in first[1]
-  second = _run_two_processes(_main_args(tiny_data, multi, 12))
-  assert "Resuming from step 8" in second[0]
-  out = ref.communicate(timeout=600)[0]
-  assert ref.returncode == 0, out[-3000:]
+  try:
+    # Two processes: 8 steps, then relaunched to 12 (resumes from step 8).
+    first = _run_two_processes(_main_args(tiny_data, multi, 8), tmp_path)
+    assert "Final:" in first[0] and "Final:" not in first[1]
+    assert "step 4/8" in first[0] and "step 4/8" not in first[1]
+    second = _run_two_processes(_main_args(tiny_data, multi, 12), tmp_path)
+    assert "Resuming from step 8" in second[0]
+    out = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, out[-3000:]
+  finally:
+    if ref.poll() is None:
+      ref.kill()
+      ref.wait()
 
   step_a, a = _latest_params(str(single))
   step_b, b = _latest_params(str(multi))
