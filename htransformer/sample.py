@@ -1,0 +1,171 @@
+r"""Sample text from a trained language model.
+
+  python -m htransformer.sample --workdir=DIR --prompt="The government" \
+      [--max_new_tokens=100] [--temperature=1.0] [--top_k=0] [--seed=0] \
+      [--best]
+
+Loads ``DIR/config.json``, the tokenizer (``DIR/tokenizer.model`` for
+SentencePiece runs) and the latest checkpoint (``--best``: the parameters
+with the best validation perplexity), and continues the prompt. The prompt
+is preceded by eos, which the model saw at the start of every document.
+
+Decoding is a full recompute: each new token comes from one jitted forward
+pass over a fixed-size buffer of ``max_length`` tokens (the context, then
+padding), reading the logits at the last real position. The model is
+causal, so the padding changes nothing and the tokens are exactly those of
+running the model on the unpadded context at every step
+(tests/test_lm.py checks this). Contexts longer than ``max_length`` keep
+their last ``max_length`` tokens. Sampling: logits / temperature, the
+``top_k`` largest kept (0: all), a draw with the key
+``fold_in(key(seed), step)``; temperature 0 is greedy. Generation stops at
+eos (unless --nostop_at_eos) or after ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A language-model run's workdir.")
+flags.DEFINE_string("prompt", "", "Text to continue.")
+flags.DEFINE_integer("max_new_tokens", 100, "Most tokens to generate.")
+flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest (0: all).")
+flags.DEFINE_integer("seed", 0, "Random seed of the sampling.")
+flags.DEFINE_bool("best", False, "Use the best-on-validation parameters.")
+flags.DEFINE_bool("stop_at_eos", True, "Stop when eos is generated.")
+
+
+def sample_logits(logits, key, temperature: float, top_k: int):
+  """One token id from logits [vocab] (see module doc)."""
+  if temperature <= 0:
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def step_key(seed: int, step: int):
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+class Sampler:
+  """Jitted full-recompute decoding of a Decoder on a fixed-size buffer."""
+
+  def __init__(self, model, temperature: float = 1.0, top_k: int = 0):
+    self.max_len = model.max_len
+    graphdef, params = nnx.split(model)
+    self.params = params
+
+    def step(params, buffer, n, key):
+      logits = nnx.merge(graphdef, params)(buffer, deterministic=True)[0]
+      last = jax.lax.dynamic_index_in_dim(logits, n - 1, keepdims=False)
+      return sample_logits(last, key, temperature, top_k), last
+
+    self._step = jax.jit(step)
+
+  def next_token(self, context: list[int], key):
+    """(token, logits at the last position) for ``context``."""
+    window = context[-self.max_len:]
+    buffer = np.zeros((1, self.max_len), np.int32)
+    buffer[0, : len(window)] = window
+    token, logits = self._step(self.params, jnp.asarray(buffer),
+                               jnp.int32(len(window)), key)
+    return int(token), logits
+
+  def generate(self, prompt_ids: list[int], max_new_tokens: int,
+               seed: int = 0, eos_id: int | None = None) -> list[int]:
+    """The new tokens (up to and including eos when ``eos_id`` is given)."""
+    context, new = list(prompt_ids), []
+    for i in range(max_new_tokens):
+      token, _ = self.next_token(context, step_key(seed, i))
+      context.append(token)
+      new.append(token)
+      if eos_id is not None and token == eos_id:
+        break
+    return new
+
+
+def load_run(workdir: str, best: bool = False):
+  """(model with restored parameters, tokenizer, config) of a run."""
+  from htransformer import optim  # pylint: disable=g-import-not-at-top
+  from htransformer import tasks  # pylint: disable=g-import-not-at-top
+  from htransformer import train  # pylint: disable=g-import-not-at-top
+  from htransformer.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No config.json in {workdir}: not a run's "
+                            "workdir.")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.task != "lm":
+    raise ValueError(f"{workdir} is a {config.task!r} run, not a language "
+                     "model.")
+  tok = tokenizer_lib.load_for_workdir(workdir, config.data.vocab)
+  task = tasks.Task("lm", {}, tok.vocab_size, 0, config.max_length, "",
+                    kind="lm", tokenizer=tok)
+  model = train.build_model(config, task, config.seed)
+  graphdef, params = nnx.split(model, nnx.Param)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      tree)
+  if best:
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "best"),
+                                 item_names=("params", "info"))
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No best checkpoint in {workdir}/best.")
+    params = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(params)))).params
+  else:
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                 item_names=("state", "data"))
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
+    tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    state = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32),
+                                      "params": p, "opt_state": tx.init(p)},
+                           params)
+    params = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract(state)))).state["params"]
+  mngr.close()
+  logging.info("Restored step %d from %s.", step, workdir)
+  return nnx.merge(graphdef, params), tok, config
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    model, tok, _ = load_run(FLAGS.workdir, FLAGS.best)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+  prompt_ids = [tok.eos_id] + tok.encode(FLAGS.prompt)
+  sampler = Sampler(model, FLAGS.temperature, FLAGS.top_k)
+  new = sampler.generate(prompt_ids, FLAGS.max_new_tokens, FLAGS.seed,
+                         tok.eos_id if FLAGS.stop_at_eos else None)
+  print(tok.decode(prompt_ids + new), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
