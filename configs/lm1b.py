@@ -9,7 +9,7 @@ LayerNorm, untied output projection). ``config.model.attention`` is
 Variants (``--config=configs/lm1b.py:VARIANT``):
   base      (default) lm1b, SentencePiece unigram vocabulary of 32,768
             (trained on the first 10M characters of the training text),
-            6 layers, d_model 512, MLP 2048, 8 heads: 52,487,680
+            6 layers, d_model 512, MLP 2048, 8 heads: 52,493,312
             parameters (paper: 53M; -1.0%). Rows of 512 tokens, batch 128.
   large     the same with d_model 1024, MLP 4096, 16 heads: 142,702,592
             parameters (paper: 144M; -0.9%).

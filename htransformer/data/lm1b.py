@@ -82,7 +82,10 @@ class Sentences:
 def load_sentences(data_dir: str | None, num_val: int) -> dict:
   """split -> Sentences (train, val, test)."""
   tfds = import_tfds()
-  kwargs = {"data_dir": data_dir} if data_dir else {}
+  # download=False: never start a download (which needs TensorFlow).
+  kwargs = {"download": False}
+  if data_dir:
+    kwargs["data_dir"] = data_dir
   try:
     train = tfds.data_source("lm1b", split="train", **kwargs)
     test = tfds.data_source("lm1b", split="test", **kwargs)
