@@ -298,3 +298,40 @@ class Decoder(nnx.Module):
     for block in self.blocks:
       x = block(x, None, deterministic=deterministic, rngs=rngs)
     return self.head(self.ln(x)).astype(jnp.float32)
+
+
+class DualEncoderClassifier(nnx.Module):
+  """Two-tower pair classifier (LRA Retrieval) with one shared encoder.
+
+  ``tokens`` is ``[batch, 2, length]``: both documents of a pair go through
+  the same ``Encoder`` (shared weights; they are encoded together as one
+  batch of ``2 * batch`` rows) and are pooled (CLS or mean) to ``u`` and
+  ``v``; the pair is classified from ``[u, v, u * v, u - v]`` by a 2-layer
+  MLP (``4 * emb_dim -> mlp_dim -> num_classes``).
+  """
+
+  def __init__(self, *, num_classes: int, mlp_dim: int, emb_dim: int,
+               rngs: nnx.Rngs, **encoder_kwargs):
+    self.encoder = Encoder(emb_dim=emb_dim, mlp_dim=mlp_dim, rngs=rngs,
+                           **encoder_kwargs)
+    dtype = self.encoder.dtype
+    self.head1 = nnx.Linear(4 * emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
+    self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=dtype, rngs=rngs)
+
+  def encode(self, tokens, *, deterministic=True, rngs=None):
+    """tokens: int [batch, length] -> pooled [batch, emb_dim]."""
+    x, mask = self.encoder(tokens, deterministic=deterministic, rngs=rngs)
+    return pool(x, mask, self.encoder.pool)
+
+  def __call__(self, tokens, *, deterministic=True, rngs=None):
+    """tokens: int [batch, 2, length] -> float32 logits [batch, classes]."""
+    if tokens.ndim != 3 or tokens.shape[1] != 2:
+      raise ValueError(f"DualEncoderClassifier expects tokens of shape "
+                       f"[batch, 2, length], got {tokens.shape}.")
+    b = tokens.shape[0]
+    both = jnp.concatenate([tokens[:, 0], tokens[:, 1]], axis=0)
+    pooled = self.encode(both, deterministic=deterministic, rngs=rngs)
+    u, v = pooled[:b], pooled[b:]
+    x = jnp.concatenate([u, v, u * v, u - v], axis=-1)
+    x = nnx.relu(self.head1(x))
+    return self.head2(x).astype(jnp.float32)

@@ -6,8 +6,11 @@ protocol: ``__len__`` and ``__getitem__`` returning
 test splits, and the vocabulary and class counts the model needs.
 
 ``kind`` says what the model and the loss are: ``"classification"`` (one
-label per sequence) or ``"lm"`` (next-token prediction with per-token
-``weights`` in every item; htransformer/data/lm.py).
+label per sequence), ``"pair_classification"`` (one label per pair of
+sequences, items ``[2, max_length]``: LRA Retrieval, a two-tower model) or
+``"lm"`` (next-token prediction with per-token ``weights`` in every item;
+htransformer/data/lm.py). The LRA tasks besides ListOps are built in
+htransformer/lra.py.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import dataclasses
 import os
 from typing import Any
 
-TASKS = ("listops", "lm")
+TASKS = ("listops", "lm", "text", "retrieval", "image", "pathfinder",
+         "pathx")
 
 
 @dataclasses.dataclass
@@ -67,5 +71,8 @@ def get_task(config, workdir: str | None = None) -> Task:
                                    config.cache_dir or default_cache_dir())
     return Task("lm", sources, tok.vocab_size, 0, config.max_length, where,
                 kind="lm", tokenizer=tok)
+  from htransformer import lra  # pylint: disable=g-import-not-at-top
+  if config.task in lra.TASKS:  # Text, Retrieval, Image, Pathfinder, Path-X
+    return Task(**lra.build(config, config.cache_dir or default_cache_dir()))
   raise ValueError(f"config.task must be one of {TASKS}, got "
                    f"{config.task!r}.")

@@ -40,7 +40,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_model(config, task: tasks.Task, seed: int = 0) -> nnx.Module:
-  """The task's model: a Decoder for language modelling, else a Classifier."""
+  """The task's model: a Decoder for language modelling, a two-tower
+  DualEncoderClassifier for pairs (LRA Retrieval), else a Classifier."""
   m = config.model
   if task.kind == "lm":
     return models.Decoder(
@@ -50,7 +51,9 @@ def build_model(config, task: tasks.Task, seed: int = 0) -> nnx.Module:
         attention=m.attention, block_size=m.block_size,
         implementation=m.implementation or None, dtype=m.dtype,
         rngs=nnx.Rngs(params=seed))
-  return models.Classifier(
+  cls = (models.DualEncoderClassifier if task.kind == "pair_classification"
+         else models.Classifier)
+  return cls(
       num_classes=task.num_classes, vocab_size=task.vocab_size,
       max_len=task.max_length, emb_dim=m.emb_dim, num_layers=m.num_layers,
       num_heads=m.num_heads, qkv_dim=m.qkv_dim, mlp_dim=m.mlp_dim,
