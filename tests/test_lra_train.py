@@ -1,0 +1,166 @@
+"""LRA tasks end to end: the two-tower model and one step of each :quick
+config (on data the tests make in the real on-disk layouts)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import image as image_config
+from configs import pathfinder as pathfinder_config
+from configs import pathx as pathx_config
+from configs import retrieval as retrieval_config
+from configs import text as text_config
+from htransformer import models
+from htransformer import tasks
+from htransformer import train
+from tests import test_lra_data as data_helpers
+
+
+def _dual(pool="CLS"):
+  # Full attention keeps the many eager calls below fast; the two-tower
+  # logic does not depend on the attention (the train tests use
+  # hierarchical attention).
+  return models.DualEncoderClassifier(
+      num_classes=2, vocab_size=257, max_len=24, emb_dim=16, num_layers=1,
+      num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.1,
+      attention="full", pool=pool, rngs=nnx.Rngs(params=0))
+
+
+def test_dual_encoder_shapes_and_symmetry():
+  model = _dual("CLS")
+  rng = np.random.default_rng(0)
+  a = rng.integers(1, 257, (3, 24))
+  b = rng.integers(1, 257, (3, 24))
+  a[:, 15:] = 0  # padding
+  pair = lambda x, y: jnp.asarray(np.stack([x, y], axis=1))
+
+  @nnx.jit
+  def run(model, ab, ba, aa, a, b):
+    # One shared encoder: a document's vector does not depend on its tower,
+    # and the pair's features are exactly [u, v, u*v, u-v].
+    u, v = model.encode(a), model.encode(b)
+    head = lambda f: model.head2(nnx.relu(model.head1(f)))
+    expected = {
+        "ab": head(jnp.concatenate([u, v, u * v, u - v], -1)),
+        "ba": head(jnp.concatenate([v, u, v * u, v - u], -1)),
+        "aa": head(jnp.concatenate([u, u, u * u, jnp.zeros_like(u)], -1)),
+    }
+    got = {"ab": model(ab), "ba": model(ba), "aa": model(aa)}
+    train = model(ab, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    return u, got, expected, train
+
+  u, got, expected, train_out = run(model, pair(a, b), pair(b, a),
+                                    pair(a, a), jnp.asarray(a),
+                                    jnp.asarray(b))
+  assert u.shape == (3, 16)
+  for k in ("ab", "ba", "aa"):
+    assert got[k].shape == (3, 2) and got[k].dtype == jnp.float32
+    np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(got["ab"], got["ba"])  # order-aware head (u - v)
+  assert np.all(np.isfinite(np.asarray(train_out)))
+  # Shared weights: one encoder's parameters, a head on 4 * emb_dim.
+  names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(
+      nnx.state(model, nnx.Param))}
+  assert {n.split("/")[0] for n in names} == {"encoder", "head1", "head2"}
+  assert model.head1.kernel.shape == (64, 32)
+  with pytest.raises(ValueError, match="batch, 2, length"):
+    model(jnp.asarray(a))
+
+
+def _one_step(config, workdir):
+  """One training step, evaluation and results.json for a :quick config.
+
+  Only the model depth is cut (1 layer) to keep the compile time of the test
+  down; task, data pipeline, model class, loss and evaluation are the
+  config's.
+  """
+  config.model.num_layers = 1
+  config.eval_batch_size = config.batch_size
+  config.num_train_steps = 1
+  config.log_every = config.eval_every = config.checkpoint_every = 1
+  results = train.train_and_evaluate(config, str(workdir))
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)
+  assert 0.0 <= on_disk["test_accuracy"] <= 1.0
+  assert np.isfinite(on_disk["test_loss"])
+  return results
+
+
+def test_text_quick_one_step(tmp_path):
+  data_helpers._write_acl_imdb(str(tmp_path / "data"))
+  c = text_config.get_config("quick")
+  c.data_dir = str(tmp_path / "data")
+  assert c.max_length == 512 and c.task == "text"
+  _one_step(c, tmp_path / "run")
+
+
+def test_retrieval_quick_one_step(tmp_path):
+  data_helpers._write_aan(str(tmp_path / "tsv_data"), n=20)
+  c = retrieval_config.get_config("quick")
+  c.data_dir = str(tmp_path)
+  task = tasks.get_task(c)
+  assert task.kind == "pair_classification"
+  assert isinstance(train.build_model(c, task), models.DualEncoderClassifier)
+  _one_step(c, tmp_path / "run")
+
+
+def test_image_quick_one_step(tmp_path):
+  data_helpers._write_cifar(str(tmp_path / "data"))
+  c = image_config.get_config("quick")
+  c.data_dir = str(tmp_path / "data")
+  c.batch_size = 8
+  _one_step(c, tmp_path / "run")
+
+
+def test_pathfinder_quick_one_step_generates(tmp_path, capsys):
+  c = pathfinder_config.get_config("quick")
+  c.cache_dir = str(tmp_path / "cache")
+  c.data.num_images = 40
+  c.batch_size = 8
+  _one_step(c, tmp_path / "run")
+  assert "generated pathfinder data" in capsys.readouterr().out
+  assert os.listdir(c.cache_dir) == ["pathfinder32_seed0_40_cl14"]
+
+
+def test_pathx_quick_one_step_generates(tmp_path):
+  c = pathx_config.get_config("quick")
+  assert c.max_length == 16384
+  c.cache_dir = str(tmp_path / "cache")
+  c.data.num_images = 12
+  c.batch_size = 4
+  _one_step(c, tmp_path / "run")
+
+
+def test_configs_variants_and_errors():
+  for mod in (text_config, retrieval_config, image_config, pathfinder_config,
+              pathx_config):
+    assert mod.get_config("").model.attention == "hierarchical"
+    assert mod.get_config("full").model.attention == "full"
+    with pytest.raises(ValueError, match="Unknown variant"):
+      mod.get_config("nope")
+  assert text_config.get_config("len1000").max_length == 1000
+  assert text_config.get_config("full,len1000").model.attention == "full"
+  # LRA hyperparameters (experiments.md).
+  pf = pathfinder_config.get_config("")
+  assert (pf.model.num_layers, pf.model.emb_dim, pf.model.qkv_dim,
+          pf.model.pool, pf.batch_size) == (4, 32, 16, "MEAN", 512)
+  px = pathx_config.get_config("")
+  assert px.optimizer.grad_clip == 1.0 and px.model.learned_positions
+  im = image_config.get_config("")
+  assert (im.model.num_layers, im.model.num_heads, im.batch_size,
+          im.optimizer.learning_rate) == (1, 8, 256, 5e-4)
+  tx = text_config.get_config("")
+  assert (tx.max_length, tx.optimizer.warmup_steps, tx.num_train_steps) == (
+      4000, 8000, 20000)
+
+
+def test_pixel_tasks_check_length(tmp_path):
+  c = pathfinder_config.get_config("quick")
+  c.max_length = 1000
+  with pytest.raises(ValueError, match="1024"):
+    tasks.get_task(c)
