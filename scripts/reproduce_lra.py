@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+r"""Runs the Long Range Arena tasks and prints the paper's table beside ours.
+
+  python scripts/reproduce_lra.py [--tasks=listops,text,retrieval,image,pathfinder,pathx]
+      [--models=hierarchical,full] [--workdir_root=runs/lra] [--collect_only]
+      [--variant=quick] [--data_dir=text=PATH/aclImdb ...] [--set k=v ...]
+      [--results_md=docs/results.md]
+
+For each chosen task and model it runs (one after another)
+``python -m htransformer.main --config=configs/<task>.py --workdir=
+WORKDIR_ROOT/<task>-<model> --config.model.attention=<model>`` (``full`` is
+what each config's ``:full`` variant sets) (a run that was interrupted resumes from its
+checkpoint; a finished one is not run again), then collects every finished
+workdir (``results.json``; ``config.json`` for where the data came from)
+into a markdown table: our hierarchical model, our full-attention baseline
+and the paper's rows, test accuracy (%) of the final parameters, with the
+average over the five tasks without Path-X. Tasks trained on generated data
+(ListOps, Pathfinder and Path-X without a data_dir) are marked "gen.",
+tasks not run "not run", unfinished runs "unfinished". ``--collect_only``
+skips training. The table is printed and written to ``--results_md`` as
+the section "## LRA reproduction table" (replacing that section if present,
+keeping every other section of the file); ``--results_md=`` writes nothing.
+
+``--variant=quick`` runs the ``:quick`` configs (CPU-sized; not comparable
+to the paper) into WORKDIR_ROOT/<task>-<model>-quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+AVG_TASKS = TASKS[:5]  # the LRA average leaves out Path-X
+MODELS = ("hierarchical", "full")
+TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval",
+          "image": "Image", "pathfinder": "Pathfinder", "pathx": "Path-X"}
+GENERATED_TASKS = ("listops", "pathfinder", "pathx")
+SECTION = "## LRA reproduction table"
+
+# docs/experiments.md: test accuracy (%); None = "fail".
+PAPER = [
+    ("H-Transformer-1D (paper)",
+     (49.53, 78.69, 63.99, 46.05, 68.78, None), 61.41),
+    ("Transformer (LRA paper)",
+     (36.37, 64.27, 57.46, 42.44, 71.40, None), 54.39),
+    ("BigBird (LRA paper)", (36.05, 64.02, 59.29, 40.83, 74.87, None), 55.01),
+    ("Performer (LRA paper)",
+     (18.01, 65.40, 53.82, 42.77, 77.05, None), 51.41),
+]
+OUR_ROWS = {"hierarchical": "H-Transformer-1D, block 16 (ours)",
+            "full": "Transformer, full attention (ours)"}
+
+
+def workdir_for(root: str, task: str, model: str, variant: str = "") -> str:
+  name = f"{task}-{model}" + (f"-{variant}" if variant else "")
+  return os.path.join(root, name)
+
+
+def config_spec(task: str, variant: str = "") -> str:
+  spec = os.path.join("configs", f"{task}.py")
+  return spec + (f":{variant}" if variant else "")
+
+
+def run_command(python, task, model, workdir, variant="", data_dir="",
+                sets=()) -> list[str]:
+  """The training command; the full-attention baseline is the same config
+  with ``model.attention=full`` (what every config's ``:full`` sets)."""
+  cmd = [python, "-m", "htransformer.main",
+         f"--config={config_spec(task, variant)}", f"--workdir={workdir}",
+         f"--config.model.attention={model}"]
+  if data_dir:
+    cmd.append(f"--config.data_dir={data_dir}")
+  cmd += [f"--config.{s}" for s in sets]
+  return cmd
+
+
+def collect(workdir: str, task: str) -> dict:
+  """{status: finished|unfinished|not run, accuracy (%), generated, ...}."""
+  results = os.path.join(workdir, "results.json")
+  if not os.path.isfile(results):
+    started = os.path.isfile(os.path.join(workdir, "metrics.jsonl"))
+    return {"status": "unfinished" if started else "not run"}
+  with open(results) as f:
+    r = json.load(f)
+  data_dir = ""
+  cfg_path = os.path.join(workdir, "config.json")
+  if os.path.isfile(cfg_path):
+    with open(cfg_path) as f:
+      data_dir = json.load(f).get("data_dir", "") or ""
+  out = {"status": "finished", "accuracy": 100.0 * r["test_accuracy"],
+         "generated": task in GENERATED_TASKS and not data_dir}
+  if "test_accuracy_best_eval" in r:
+    out["accuracy_best_eval"] = 100.0 * r["test_accuracy_best_eval"]
+  return out
+
+
+def _cell(entry: dict | None) -> str:
+  if entry is None or entry["status"] == "not run":
+    return "not run"
+  if entry["status"] != "finished":
+    return entry["status"]
+  text = f"{entry['accuracy']:.2f}"
+  return text + " (gen.)" if entry["generated"] else text
+
+
+def table(entries: dict) -> str:
+  """entries[(task, model)] -> collect() dict; returns the markdown table."""
+  head = "| model | " + " | ".join(TITLES[t] for t in TASKS) + " | Avg |"
+  lines = [head, "|" + "---|" * (len(TASKS) + 2)]
+  for model in MODELS:
+    row = [entries.get((t, model)) for t in TASKS]
+    done = [e["accuracy"] for t, e in zip(TASKS, row)
+            if t in AVG_TASKS and e and e["status"] == "finished"]
+    if len(done) == len(AVG_TASKS):
+      avg = f"{sum(done) / len(done):.2f}"
+    else:
+      avg = f"— ({len(done)}/{len(AVG_TASKS)} tasks)"
+    lines.append(f"| {OUR_ROWS[model]} | "
+                 + " | ".join(_cell(e) for e in row) + f" | {avg} |")
+  for name, accs, avg in PAPER:
+    cells = ["fail" if a is None else f"{a:.2f}" for a in accs]
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg:.2f} |")
+  return "\n".join(lines)
+
+
+def section(entries: dict, workdir_root: str, variant: str = "") -> str:
+  notes = [
+      SECTION, "",
+      f"Written by `scripts/reproduce_lra.py` from the finished runs under "
+      f"`{workdir_root}`" + (f" (`:{variant}` configs: CPU-sized, not "
+                             "comparable to the paper)" if variant else "")
+      + ". Test accuracy (%) with the final parameters; the average is over "
+      "the five tasks without Path-X. \"gen.\": trained and tested on data "
+      "generated by this repository (ListOps, Pathfinder, Path-X "
+      "generators, seeds in the configs), not the LRA release. \"not run\": "
+      "no finished run of that task.", "",
+      table(entries), ""]
+  best = [(t, m, e) for (t, m), e in sorted(entries.items())
+          if e.get("status") == "finished" and "accuracy_best_eval" in e]
+  if best:
+    notes.append("Test accuracy with the best-on-validation parameters: "
+                 + "; ".join(f"{TITLES[t]} {m} {e['accuracy_best_eval']:.2f}"
+                             for t, m, e in best) + ".")
+    notes.append("")
+  return "\n".join(notes)
+
+
+def write_section(path: str, text: str) -> None:
+  """Replaces (or appends) the SECTION of a markdown file, keeping the rest."""
+  old = open(path).read() if os.path.isfile(path) else "# Results\n"
+  lines = old.splitlines()
+  start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
+  if start is None:
+    new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+  else:
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].startswith("## ")), len(lines))
+    before = "\n".join(lines[:start]).rstrip("\n")
+    after = "\n".join(lines[end:])
+    new = (before + "\n\n" if before else "") + text.rstrip("\n") + "\n"
+    if after:
+      new += "\n" + after.rstrip("\n") + "\n"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(new)
+
+
+def _split_list(text: str, allowed, what: str) -> list[str]:
+  items = [t.strip() for t in text.split(",") if t.strip()]
+  bad = [t for t in items if t not in allowed]
+  if bad:
+    raise SystemExit(f"Unknown {what}: {bad}; choose from {list(allowed)}.")
+  return items
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--tasks", default=",".join(TASKS))
+  p.add_argument("--models", default=",".join(MODELS))
+  p.add_argument("--workdir_root", default="runs/lra")
+  p.add_argument("--collect_only", action="store_true")
+  p.add_argument("--variant", default="", choices=["", "quick"])
+  p.add_argument("--data_dir", action="append", default=[],
+                 metavar="TASK=PATH", help="data_dir of a task (repeatable).")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="a config override for every run (repeatable).")
+  p.add_argument("--results_md", default=os.path.join("docs", "results.md"))
+  p.add_argument("--python", default=sys.executable)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  tasks = _split_list(args.tasks, TASKS, "task")
+  models = _split_list(args.models, MODELS, "model")
+  data_dirs = {}
+  for item in args.data_dir:
+    task, sep, path = item.partition("=")
+    if not sep or task not in TASKS:
+      raise SystemExit(f"--data_dir needs TASK=PATH with TASK in {TASKS}, "
+                       f"got {item!r}.")
+    data_dirs[task] = os.path.abspath(path)
+  root = os.path.abspath(args.workdir_root)
+  failed = []
+  if not args.collect_only:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    for task in tasks:
+      for model in models:
+        workdir = workdir_for(root, task, model, args.variant)
+        if collect(workdir, task)["status"] == "finished":
+          print(f"[{task} {model}] finished earlier: {workdir}", flush=True)
+          continue
+        cmd = run_command(args.python, task, model, workdir, args.variant,
+                          data_dirs.get(task, ""), args.set)
+        print(f"[{task} {model}] " + " ".join(map(shlex.quote, cmd)),
+              flush=True)
+        if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode:
+          failed.append(f"{task}-{model}")
+          print(f"[{task} {model}] FAILED (continuing)", flush=True)
+  entries = {(t, m): collect(workdir_for(root, t, m, args.variant), t)
+             for t in TASKS for m in MODELS}
+  text = section(entries, args.workdir_root, args.variant)
+  print(text)
+  if args.results_md:
+    write_section(os.path.join(ROOT, args.results_md)
+                  if not os.path.isabs(args.results_md) else args.results_md,
+                  text)
+    print(f"Wrote the table to {args.results_md}.", file=sys.stderr)
+  if failed:
+    print(f"Failed runs: {', '.join(failed)}", file=sys.stderr)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

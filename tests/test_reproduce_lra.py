@@ -1,0 +1,102 @@
+"""scripts/reproduce_lra.py: the table from fake finished workdirs."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "reproduce_lra", os.path.join(ROOT, "scripts", "reproduce_lra.py"))
+rl = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rl)
+
+
+def _fake_run(root, task, model, acc, data_dir="", best=None, finished=True):
+  d = os.path.join(root, f"{task}-{model}")
+  os.makedirs(d)
+  with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump({"task": task, "data_dir": data_dir}, f)
+  with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 10, "eval_accuracy": acc}) + "\n")
+  if finished:
+    r = {"test_accuracy": acc, "test_loss": 1.0}
+    if best is not None:
+      r["test_accuracy_best_eval"] = best
+    with open(os.path.join(d, "results.json"), "w") as f:
+      json.dump(r, f)
+
+
+def _row(text, start):
+  return next(l for l in text.splitlines() if l.startswith("| " + start))
+
+
+def test_table_from_finished_workdirs(tmp_path):
+  root = str(tmp_path / "runs")
+  accs = {"listops": 0.40, "text": 0.70, "retrieval": 0.60, "image": 0.45,
+          "pathfinder": 0.65}
+  for task, acc in accs.items():
+    _fake_run(root, task, "hierarchical", acc,
+              data_dir="/data/x" if task in ("text", "retrieval") else "",
+              best=acc + 0.01)
+  _fake_run(root, "pathx", "hierarchical", 0.5)
+  _fake_run(root, "listops", "full", 0.36, data_dir="/lra/listops-1000")
+  _fake_run(root, "text", "full", 0.5, finished=False)
+  entries = {(t, m): rl.collect(rl.workdir_for(root, t, m), t)
+             for t in rl.TASKS for m in rl.MODELS}
+  text = rl.table(entries)
+  ours = _row(text, "H-Transformer-1D, block 16 (ours)")
+  cells = [c.strip() for c in ours.strip("|").split("|")]
+  assert cells[1:] == ["40.00 (gen.)", "70.00", "60.00", "45.00",
+                       "65.00 (gen.)", "50.00 (gen.)", "56.00"]
+  full = [c.strip() for c in _row(text, "Transformer, full").strip(
+      "|").split("|")]
+  assert full[1:] == ["36.00", "unfinished", "not run", "not run", "not run",
+                      "not run", "— (1/5 tasks)"]
+  paper = _row(text, "H-Transformer-1D (paper)")
+  assert "49.53" in paper and "fail" in paper and "61.41" in paper
+  assert "54.39" in _row(text, "Transformer (LRA paper)")
+  assert text.splitlines()[0] == ("| model | ListOps | Text | Retrieval | "
+                                  "Image | Pathfinder | Path-X | Avg |")
+  sec = rl.section(entries, "runs")
+  assert sec.startswith(rl.SECTION)
+  assert "ListOps hierarchical 41.00" in sec
+
+
+def test_collect_only_writes_own_section(tmp_path, capsys):
+  root = str(tmp_path / "runs")
+  _fake_run(root, "pathfinder", "hierarchical", 0.61)
+  md = tmp_path / "results.md"
+  md.write_text("# Results\n\n## ListOps\n\nkeep me\n\n"
+                f"{rl.SECTION}\n\nold table\n\n## Later\n\nkeep me too\n")
+  assert rl.main(["--collect_only", f"--workdir_root={root}",
+                  f"--results_md={md}"]) == 0
+  out = capsys.readouterr().out
+  assert "61.00 (gen.)" in out
+  text = md.read_text()
+  assert "keep me\n" in text and "keep me too" in text
+  assert "old table" not in text and text.count(rl.SECTION) == 1
+  assert text.index("## ListOps") < text.index(rl.SECTION) < text.index(
+      "## Later")
+  # Again: replaced, not duplicated; a file without the section gets it
+  # appended.
+  rl.main(["--collect_only", f"--workdir_root={root}", f"--results_md={md}"])
+  assert md.read_text() == text
+  other = tmp_path / "other.md"
+  other.write_text("# Results\n\n## Mine\n\nx\n")
+  rl.main(["--collect_only", f"--workdir_root={root}",
+           f"--results_md={other}"])
+  assert other.read_text().startswith("# Results\n\n## Mine\n\nx\n\n"
+                                      + rl.SECTION)
+
+
+def test_commands():
+  cmd = rl.run_command("py", "text", "full", "/w/text-full", "quick",
+                       "/d/aclImdb", ["batch_size=8"])
+  assert cmd == ["py", "-m", "htransformer.main",
+                 "--config=configs/text.py:quick", "--workdir=/w/text-full",
+                 "--config.model.attention=full",
+                 "--config.data_dir=/d/aclImdb", "--config.batch_size=8"]
+  with pytest.raises(SystemExit):
+    rl.main(["--collect_only", "--tasks=nope", "--results_md="])
