@@ -52,3 +52,24 @@ def test_hierarchical_bf16_on_gpu_matches_float32(causal):
   assert out.dtype == jnp.bfloat16
   out, ref = np.asarray(out, np.float32), np.asarray(ref)
   assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-2
+
+
+@pytest.mark.parametrize("length,padded", [(1024, False), (2001, True),
+                                           (1000, False)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_gradients_match_xla(length, padded, causal):
+  q, k, v = _inputs(2, length, 4, 64, jnp.bfloat16, seed=3)
+  mask = None
+  if padded:
+    mask = jnp.arange(length)[None] < jnp.array([[length], [length - 300]])
+  cot = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
+
+  def grads(impl):
+    loss = lambda q, k, v: jnp.sum(full_attention(
+        q, k, v, causal=causal, mask=mask,
+        implementation=impl).astype(jnp.float32) * cot)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  for a, b in zip(grads("cudnn"), grads("xla")):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2

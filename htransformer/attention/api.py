@@ -133,8 +133,11 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
     # multiple of 64 and mask the padding by key length.
     batch, length = query.shape[:2]
     padded = -(-length // _CUDNN_LENGTH_MULTIPLE) * _CUDNN_LENGTH_MULTIPLE
-    lengths = (jnp.full((batch,), length, jnp.int32) if mask is None else
-               jnp.sum(mask, axis=-1, dtype=jnp.int32))
+    lengths = None  # cuDNN's plain path when nothing needs masking.
+    if mask is not None:
+      lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    elif padded != length:
+      lengths = jnp.full((batch,), length, jnp.int32)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
     out = jax.nn.dot_product_attention(
         pad(query), pad(key), pad(value), is_causal=causal,
