@@ -14,3 +14,16 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small ListOps dataset in the LRA layout (400/64/64, 5-40 tokens)."""
+    from htransformer.data import listops  # pylint: disable=g-import-not-at-top
+    d = str(tmp_path_factory.mktemp("listops_tiny"))
+    listops.generate(d, num_train=400, num_val=64, num_test=64, seed=0,
+                     min_length=5, max_length=40, workers=1)
+    return d

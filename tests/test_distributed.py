@@ -37,15 +37,6 @@ def _env(num_devices=None):
   return env
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-  from htransformer.data import listops  # pylint: disable=g-import-not-at-top
-  d = str(tmp_path_factory.mktemp("listops_tiny"))
-  listops.generate(d, num_train=400, num_val=64, num_test=64, seed=0,
-                   min_length=5, max_length=40, workers=1)
-  return d
-
-
 # ----------------------------------------------------------------------------
 # Forced host devices: one process, several meshes.
 

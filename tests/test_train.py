@@ -19,17 +19,8 @@ from htransformer import metrics as metrics_lib
 from htransformer import models
 from htransformer import tasks
 from htransformer import train
-from htransformer.data import listops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("listops_tiny"))
-  listops.generate(d, num_train=400, num_val=64, num_test=64, seed=0,
-                   min_length=5, max_length=40, workers=1)
-  return d
 
 
 def tiny_config(data_dir, **overrides):
