@@ -42,7 +42,8 @@ def main(argv):
   logging.info("Config:\n%s", FLAGS.config)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.NonFiniteLossError, FileNotFoundError, ValueError) as e:
+  except (train.NonFiniteLossError, FileNotFoundError, ImportError,
+          ValueError) as e:
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(1)
 
