@@ -61,7 +61,8 @@ class MultiHeadAttention(nnx.Module):
     attention: ``"hierarchical"`` or ``"full"``.
     block_size: block size Nr of hierarchical attention.
     causal: causal attention.
-    implementation: passed to the attention function (None: best available).
+    implementation: passed to the attention function (None: best available;
+      "xla" for either, "cudnn" for full attention on GPU).
     dtype: computation dtype (parameters stay float32).
   """
 
@@ -108,7 +109,8 @@ class MultiHeadAttention(nnx.Module):
                                  causal=self.causal, mask=mask,
                                  implementation=self.implementation)
     else:
-      y = full_attention(q, k, v, causal=self.causal, mask=mask)
+      y = full_attention(q, k, v, causal=self.causal, mask=mask,
+                         implementation=self.implementation)
     return self.out(y.reshape(b, l, -1))
 
 

@@ -259,3 +259,18 @@ def test_quick_job_end_to_end(tmp_path):
   best_eval = max(r["eval_accuracy"] for r in rows if "eval_accuracy" in r)
   assert best_eval > 0.25, best_eval  # Majority class is ~17%.
   assert results["test_accuracy"] > 0.25, results
+
+
+def test_attention_layer_passes_implementation():
+  x = jax.random.normal(jax.random.key(0), (2, 10, 16))
+  full = models.MultiHeadAttention(2, 16, attention="full",
+                                   implementation="xla", rngs=nnx.Rngs(0))
+  hier = models.MultiHeadAttention(2, 16, attention="hierarchical",
+                                   block_size=16, implementation="xla",
+                                   rngs=nnx.Rngs(0))
+  # block_size 16 >= padded length / 2: hierarchical equals full attention.
+  np.testing.assert_allclose(full(x), hier(x), atol=1e-5)
+  bad = models.MultiHeadAttention(2, 16, attention="hierarchical",
+                                  implementation="cudnn", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="implementation"):
+    bad(x)
