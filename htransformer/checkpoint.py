@@ -26,13 +26,21 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
     workdir = os.path.abspath(workdir)
-    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    # Several processes save synchronously: orbax's asynchronous finalize
+    # could validate the array metadata before every process had written
+    # its part (seen with two CPU processes).
+    async_save = jax.process_count() == 1
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        enable_async_checkpointing=async_save)
     self.latest = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"), options=opts,
         item_names=("state", "data"))
     self.best = ocp.CheckpointManager(
         os.path.join(workdir, "best"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True,
+            enable_async_checkpointing=async_save),
         item_names=("params", "info"))
 
   def latest_step(self):
