@@ -49,13 +49,13 @@ import json
 import multiprocessing
 import os
 import random
-import shutil
-import tempfile
 import time
 from typing import Iterator, Sequence
 
 import numpy as np
 from absl import logging
+
+from htransformer.data import cache
 
 # ----------------------------------------------------------------------------
 # Vocabulary.
@@ -461,7 +461,6 @@ def _read_split_u8(path: str) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 _SUBDIRS = ("", "listops-1000", os.path.join("lra_release", "listops-1000"))
-_COMPLETE_MARKER = "COMPLETE"
 
 
 def _has_splits(folder: str) -> bool:
@@ -503,32 +502,15 @@ def find_data_dir(data_dir: str | None, cache_dir: str | None, seed: int = 0,
   name = (f"listops_seed{seed}_{num_train}_{num_val}_{num_test}_{min_length}_"
           f"{max_length}")
   final = os.path.join(cache_dir, name)
-  if _has_splits(final) and os.path.isfile(
-      os.path.join(final, _COMPLETE_MARKER)):
+  if _has_splits(final) and cache.is_complete(final):
     logging.info("Using generated ListOps data in %s.", final)
     return final
-  os.makedirs(cache_dir, exist_ok=True)
   logging.info("No ListOps data_dir given: generating ListOps (seed=%d, "
                "%d/%d/%d, %d < length < %d) into %s.", seed, num_train,
                num_val, num_test, min_length, max_length, final)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=cache_dir)
-  try:
-    generate(tmp, num_train, num_val, num_test, seed=seed,
-             min_length=min_length, max_length=max_length, workers=workers)
-    with open(os.path.join(tmp, _COMPLETE_MARKER), "w") as f:
-      f.write("ok\n")
-    if os.path.isdir(final) and not os.path.isfile(
-        os.path.join(final, _COMPLETE_MARKER)):
-      shutil.rmtree(final, ignore_errors=True)  # stale, incomplete
-    try:
-      os.rename(tmp, final)
-    except OSError:
-      # Another process finished first: use its (identical) copy.
-      if not os.path.isfile(os.path.join(final, _COMPLETE_MARKER)):
-        raise
-  finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+  cache.build_once(cache_dir, name, lambda folder: generate(
+      folder, num_train, num_val, num_test, seed=seed, min_length=min_length,
+      max_length=max_length, workers=workers))
   logging.info("Generated ListOps data is in %s.", final)
   return final
 

@@ -65,13 +65,12 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 from absl import logging
 
+from htransformer.data import cache
 from htransformer.data import png
 
 VOCAB_SIZE = 257  # pixel + 1; 0 = padding (never produced by an image)
@@ -83,7 +82,6 @@ IMAGES_PER_BATCH = 1000
 METADATA_FILE = "pathfinder_generation.json"
 GENERATOR_VERSION = 1
 _SUPERSAMPLE = 2
-_COMPLETE_MARKER = "COMPLETE"
 
 # Per resolution: the LRA / Linsley parameters.
 PARAMS = {
@@ -483,26 +481,12 @@ def find_data_dir(data_dir: str | None, cache_dir: str | None,
                      "(the generated Pathfinder data is written there).")
   name = f"pathfinder{resolution}_seed{seed}_{num_images}_cl{contour_length}"
   final = os.path.join(cache_dir, name)
-  if os.path.isfile(os.path.join(final, _COMPLETE_MARKER)):
+  if cache.is_complete(final):
     logging.info("Using generated Pathfinder data in %s.", final)
     return os.path.join(final, sub)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=cache_dir)
-  try:
-    generate(tmp, resolution, num_images, seed=seed,
-             contour_length=contour_length, workers=workers)
-    with open(os.path.join(tmp, _COMPLETE_MARKER), "w") as f:
-      f.write("ok\n")
-    if os.path.isdir(final):
-      shutil.rmtree(final, ignore_errors=True)  # stale, incomplete
-    try:
-      os.rename(tmp, final)
-    except OSError:
-      if not os.path.isfile(os.path.join(final, _COMPLETE_MARKER)):
-        raise
-  finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+  cache.build_once(cache_dir, name, lambda folder: generate(
+      folder, resolution, num_images, seed=seed,
+      contour_length=contour_length, workers=workers))
   return os.path.join(final, sub)
 
 
