@@ -1,0 +1,110 @@
+r"""Where a training step's time goes: input pipeline, device step, both.
+
+Builds the job of a config exactly as training does (task, model, optimizer,
+mesh, grain iterator) and measures, each after warm-up:
+  data   host batches/s from the training iterator alone;
+  step   device steps/s of the jitted train step on one device-resident
+         batch (synchronised every step, so nothing overlaps);
+  loop   steps/s of the real loop (next batch, transfer, step), without
+         logging, evaluation or checkpoints.
+If ``loop`` is far below both ``data`` and ``step``, the time is lost
+between them (transfers, dispatch); if it equals ``data``, feed faster.
+
+  python scripts/step_time.py --config=configs/lm1b.py:text4096 \
+      [--config.model.attention=full] [--steps=50]
+
+Prints one JSON line per config (and appends it to --out if given).
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from htransformer import input_pipeline  # noqa: E402
+from htransformer import optim  # noqa: E402
+from htransformer import tasks  # noqa: E402
+from htransformer import train  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                lock_config=True)
+flags.DEFINE_integer("steps", 50, "Timed steps per measurement.")
+flags.DEFINE_string("out", "", "Append the JSON line to this file.")
+FLAGS = flags.FLAGS
+
+
+def _rate(fn, steps):
+  start = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return steps / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  steps = FLAGS.steps
+  with tempfile.TemporaryDirectory() as workdir:
+    task = tasks.get_task(config, workdir)
+    model = train.build_model(config, task, config.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    trainer = train.Trainer(config, task, graphdef, params, tx)
+    state = trainer.initial_state(params)
+    it = input_pipeline.train_iterator(task.sources["train"],
+                                       config.batch_size, config.data_seed)
+
+    for _ in range(3):
+      next(it)
+    data_rate = _rate(lambda: next(it), steps)
+
+    batch = trainer.global_batch(next(it))
+    holder = {"state": state}
+
+    def device_step():
+      holder["state"], sums = trainer.train_step(holder["state"], batch)
+      jax.block_until_ready(sums)
+
+    for _ in range(3):
+      device_step()
+    step_rate = _rate(device_step, steps)
+
+    def loop_step():
+      holder["state"], _ = trainer.train_step(
+          holder["state"], trainer.global_batch(next(it)))
+
+    for _ in range(3):
+      loop_step()
+    jax.block_until_ready(holder["state"])
+    start = time.perf_counter()
+    for _ in range(steps):
+      loop_step()
+    jax.block_until_ready(holder["state"])
+    loop_rate = steps / (time.perf_counter() - start)
+
+  row = {"task": config.task, "attention": config.model.attention,
+         "implementation": config.model.get("implementation", ""),
+         "max_length": config.max_length, "batch_size": config.batch_size,
+         "device": jax.devices()[0].device_kind,
+         "data_batches_per_sec": round(data_rate, 2),
+         "device_steps_per_sec": round(step_rate, 2),
+         "loop_steps_per_sec": round(loop_rate, 2)}
+  line = json.dumps(row)
+  print(line, flush=True)
+  if FLAGS.out:
+    with open(FLAGS.out, "a") as f:
+      f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
