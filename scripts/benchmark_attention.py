@@ -84,32 +84,41 @@ PHASES = ("fwd", "fwd_bwd")
 
 def check_method(name: str) -> str:
   if name in ("full_cudnn", "full_xla") or re.fullmatch(
-      r"hierarchical_\d+", name):
+      r"hierarchical_\d+(_pallas)?", name):
     return name
   raise argparse.ArgumentTypeError(
-      f"unknown method {name!r}: use full_cudnn, full_xla or "
-      "hierarchical_<block_size>")
+      f"unknown method {name!r}: use full_cudnn, full_xla, "
+      "hierarchical_<block_size> (plain XLA) or "
+      "hierarchical_<block_size>_pallas (fused kernels)")
+
+
+def _hier_parts(name: str) -> tuple[int, str]:
+  """(block_size, implementation) of a hierarchical method name."""
+  parts = name.split("_")
+  return int(parts[1]), ("pallas" if parts[-1] == "pallas" else "xla")
 
 
 def method_label(name: str) -> str:
   if name.startswith("hierarchical_"):
-    return "hier-" + name.split("_")[1]
+    block_size, impl = _hier_parts(name)
+    return f"hier-{block_size}" + (" pallas" if impl == "pallas" else "")
   return {"full_cudnn": "cuDNN", "full_xla": "XLA dense"}[name]
 
 
 def method_sort_key(name: str) -> tuple[int, int]:
   """Hierarchical by block size, then cuDNN, then dense XLA."""
   if name.startswith("hierarchical_"):
-    return (0, int(name.split("_")[1]))
-  return (1, 0) if name == "full_cudnn" else (2, 0)
+    block_size, impl = _hier_parts(name)
+    return (0 if impl == "pallas" else 1, block_size)
+  return (2, 0) if name == "full_cudnn" else (3, 0)
 
 
 def make_attention(name: str, causal: bool):
   """Returns ``attention(q, k, v) -> out`` for a method name."""
   if name.startswith("hierarchical_"):
-    block_size = int(name.split("_")[1])
+    block_size, impl = _hier_parts(name)
     return lambda q, k, v: hierarchical_attention(
-        q, k, v, block_size=block_size, causal=causal, implementation="xla")
+        q, k, v, block_size=block_size, causal=causal, implementation=impl)
   implementation = name.split("_")[1]  # "cudnn" or "xla"
   return lambda q, k, v: full_attention(
       q, k, v, causal=causal, implementation=implementation)
@@ -154,25 +163,39 @@ def error_status(exc: Exception) -> str:
   return "error"
 
 
+# Each timed run lasts at least this long: short calls are issued
+# back to back (``calls`` of them) and the run's time is divided by their
+# number, so that the host's dispatch latency does not count.
+MIN_RUN_S = 0.02
+
+
 def run_phase(fn, args, warmup: int, repeats: int) -> dict:
-  """Compiles ``fn``, warms it up and times ``repeats`` calls."""
+  """Compiles ``fn``, warms it up and times ``repeats`` runs of it."""
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - start
   peak = compiled_peak_bytes(compiled)
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  single = time.perf_counter() - start
+  calls = int(min(200, max(1, MIN_RUN_S // max(single, 1e-6))))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append((time.perf_counter() - start) * 1e3)
+    for _ in range(calls):  # one stream: the last to finish is the last
+      out = compiled(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) * 1e3 / calls)
+    del out
   return {
       "status": "ok",
       "median_ms": float(np.median(times)),
       "times_ms": [round(t, 4) for t in times],
       "compiled_peak_gib": None if peak is None else peak / GIB,
       "compile_s": round(compile_s, 3),
+      "calls_per_run": calls,
   }
 
 

@@ -73,3 +73,58 @@ def test_cudnn_gradients_match_xla(length, padded, causal):
   for a, b in zip(grads("cudnn"), grads("xla")):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
+
+
+# The fused kernels on the GPU against the plain path (float32 at full
+# precision): values and gradients, causal and not, with padding and holes.
+KERNEL_CASES = [
+    # batch, length, heads, head_dim, value_dim, block_size, holes
+    (2, 1000, 4, 64, 64, 16, True),
+    (1, 4096, 2, 32, 64, 16, False),
+    (2, 512, 2, 128, 128, 64, True),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
+def test_pallas_kernels_match_xla(case, causal, dtype):
+  batch, length, heads, d, dv, block_size, holes = case
+  keys = jax.random.split(jax.random.key(length + causal), 5)
+  q, k = (jax.random.normal(x, (batch, length, heads, d)) for x in keys[:2])
+  v = jax.random.normal(keys[2], (batch, length, heads, dv))
+  cotangent = jax.random.normal(keys[4], (batch, length, heads, dv))
+  mask = None
+  if holes:
+    mask = jax.random.bernoulli(keys[3], 0.9, (batch, length))
+    mask = mask.at[:, -50:].set(False)
+
+  def loss(implementation, q, k, v):
+    out = hierarchical_attention(q, k, v, block_size=block_size,
+                                 causal=causal, mask=mask,
+                                 implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  grad = lambda impl: jax.jit(jax.value_and_grad(
+      lambda *a: loss(impl, *a), argnums=(0, 1, 2), has_aux=True))
+  with jax.default_matmul_precision("highest"):
+    (_, ref), ref_grads = grad("xla")(q, k, v)
+  args = [x.astype(dtype) for x in (q, k, v)]
+  (_, out), grads = grad("pallas")(*args)
+  tol = 2e-5 if dtype == "float32" else 2e-2
+  for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                        (ref, *ref_grads)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.isfinite(a).all(), name
+    err = np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert err < tol, (name, err)
+  if holes:
+    assert (np.asarray(out, np.float32)[:, -50:] == 0).all()
+
+
+def test_pallas_is_the_default_on_gpu_for_bfloat16():
+  from htransformer.attention import api
+  q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+  assert api._default_hierarchical(q, q, 16) == "pallas"
+  assert api._default_hierarchical(q, q, 8) == "xla"
+  assert api._default_hierarchical(q.astype(jnp.float32), q, 16) == "xla"

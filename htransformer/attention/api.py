@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from htransformer.attention import hierarchical
+from htransformer.attention import kernels
 
-HIERARCHICAL_IMPLEMENTATIONS = ("xla",)
+HIERARCHICAL_IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
 FULL_IMPLEMENTATIONS = ("xla", "cudnn")
 _CUDNN_LENGTH_MULTIPLE = 64
 
@@ -78,8 +79,13 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
       queries are the first token of their group, so nothing leaks from the
       future.
     mask: optional bool [batch, length], True for real tokens.
-    implementation: None picks the best available path; "xla" is the
-      reshape-based plain-JAX path.
+    implementation: None picks the best available path: the fused Pallas
+      kernels on a GPU for 16-bit inputs they support (block_size a power
+      of two >= 16, head dims powers of two >= 16), "xla" otherwise.
+      "xla" is the reshape-based plain-JAX path; "pallas" the fused kernels
+      (GPU; float32 inputs use full-precision float32 products);
+      "pallas_interpret" the same kernels in Pallas interpret mode, on any
+      backend (slow; for tests).
 
   Returns:
     [batch, length, heads, value_dim] in the query dtype; zero at masked
@@ -88,15 +94,28 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
   _check_block_size(block_size)
   mask = _check_inputs(query, key, value, mask)
   if implementation is None:
-    implementation = "xla"
+    implementation = _default_hierarchical(query, value, block_size)
   if implementation not in HIERARCHICAL_IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be one of {HIERARCHICAL_IMPLEMENTATIONS} or "
         f"None, got {implementation!r}.")
+  if implementation.startswith("pallas"):
+    return kernels.hierarchical_attention_pallas(
+        query, key, value, mask, block_size=block_size, causal=bool(causal),
+        interpret=implementation == "pallas_interpret")
   if mask is None:
     mask = jnp.ones(query.shape[:2], jnp.bool_)
   return hierarchical.hierarchical_attention_xla(
       query, key, value, mask, block_size=block_size, causal=bool(causal))
+
+
+def _default_hierarchical(query, value, block_size) -> str:
+  if (jax.default_backend() == "gpu"
+      and query.dtype in (jnp.bfloat16, jnp.float16)
+      and value.dtype == query.dtype
+      and kernels.unsupported_reason(query, value, block_size) is None):
+    return "pallas"
+  return "xla"
 
 
 def _cudnn_supported(query, value) -> bool:

@@ -1,0 +1,515 @@
+"""Fused hierarchical attention: Pallas kernels (Triton on GPU) with a VJP.
+
+Same contract as ``hierarchical.py`` (``docs/h_attention.md``); the output
+equals the dense definition. Where the plain path writes every level's
+logits to memory, here each level is one kernel that reads its queries, keys
+and values once, keeps logits and probabilities on chip, and merges the
+coarser levels' result into its own:
+
+Forward, per level from the coarsest to the finest (one launch each):
+  a program owns ``tile`` query rows of the level and reads the key rows
+  ``[start - Nr, start + tile + Nr)`` (its own rows and one neighbour block
+  on each side), forms the logits with the level's block structure as a
+  mask, weights each key's probability by its real-token count, and merges
+  the parent level's normalised output and log-normaliser (each coarse row
+  repeated for its two children) with a shared running max. The finest
+  level writes the output; every level writes its row log-normaliser.
+
+Backward (flash-attention style, no logits stored): with ``lse`` the final
+log-normaliser of each row, a coarse logit ``s[r, j]`` (row ``r`` stands for
+the fine rows ``i`` of its group) has gradient
+``c_j exp(s - M_r) (G_r . v_j - E_r)`` where ``M_r = min_i lse_i``,
+``G_r = sum_i exp(M_r - lse_i) dO_i`` and ``E_r = sum_i exp(M_r - lse_i)
+(dO_i . O_i)``. ``(M, G, E)`` are restricted fine to coarse once; then each
+level runs one kernel for dq (per query tile) and one for dk, dv (per key
+tile), each adding the parent level's gradient (the backward of the mean or
+first-token coarsening) to its own, coarse to fine. Nothing is bigger than
+O(L) and every exponent is <= 0.
+
+The pyramid of coarse queries, keys and values is built with plain JAX.
+
+Requirements for the kernels (``supported``): block_size a power of two
+>= 16, head dims powers of two >= 16, floating inputs of at most 32 bits.
+``interpret=True`` runs the same kernels in Pallas interpret mode (CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from htransformer.attention import hierarchical
+
+# Row max / log-normaliser of a row that sees no key (finite, so that
+# exp(a - b) never meets inf - inf).
+_NO_KEY = -1e30
+# M of a row that takes no gradient (padding): exp(s - M) is 0.
+_NO_ROW = 1e30
+# Query rows per program.
+DEFAULT_TILE = 64
+
+
+def _pow2(x: int) -> bool:
+  return x >= 1 and (x & (x - 1)) == 0
+
+
+def unsupported_reason(query, value, block_size: int) -> str | None:
+  """Why the kernels cannot run these inputs (None if they can)."""
+  d, dv = query.shape[-1], value.shape[-1]
+  if not (_pow2(block_size) and block_size >= 16):
+    return f"block_size must be a power of two >= 16, got {block_size}"
+  if not (_pow2(d) and d >= 16 and _pow2(dv) and dv >= 16):
+    return f"head dims must be powers of two >= 16, got {d} and {dv}"
+  for x in (query, value):
+    if jnp.dtype(x.dtype).itemsize > 4:
+      return f"inputs must be 16- or 32-bit floats, got {x.dtype}"
+  return None
+
+
+def _iota(n):
+  return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _allowed(qi, kj, n, nr, level0, causal):
+  """The level's block structure: may coarse row qi see coarse key kj?"""
+  inside = (kj >= 0) & (kj < n) & (qi >= 0) & (qi < n)
+  bq, bk = qi // nr, kj // nr
+  if level0:
+    if causal:
+      ok = (bk == bq - 1) | ((bk == bq) & (kj <= qi))
+    else:
+      ok = (bk >= bq - 1) & (bk <= bq + 1)
+  else:
+    half = nr // 2
+    rq, rk = qi % nr, kj % nr
+    # Neighbour blocks minus the quarter a finer level already covers.
+    ok = (bk == bq - 1) & ~((rq < half) & (rk >= half))
+    if not causal:
+      ok = ok | ((bk == bq + 1) & ~((rq >= half) & (rk < half)))
+  return ok & inside
+
+
+def _pieces(start, tile, nr, causal):
+  """(nominal start, rows) of the neighbour rows a tile interacts with."""
+  out = [(start - nr, nr), (start, tile)]
+  if not causal:
+    out.append((start + tile, nr))
+  return out
+
+
+def _load_rows(refs, pos, size, n):
+  """Rows [pos, pos + size) of each ref, clamped inside [0, n)."""
+  at = jnp.clip(pos, 0, n - size)
+  return [r[pl.ds(at, size)] for r in refs]
+
+
+def _repeat2(x):
+  """Each row twice: [m, ...] -> [2m, ...] (a coarse row to its children)."""
+  m = x.shape[0]
+  y = jnp.broadcast_to(x[:, None], (m, 2) + x.shape[1:])
+  return y.reshape((2 * m,) + x.shape[1:])
+
+
+def _pair_sum(x):
+  """Sum of each row with its sibling, repeated for both: [2m] -> [2m]."""
+  m = x.shape[0] // 2
+  return _repeat2(x.reshape(m, 2).sum(axis=1))
+
+
+def _dot(a, b, precision, trans_b=False):
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
+                precision):
+  if has_parent:
+    q_ref, k_ref, v_ref, c_ref, po_ref, plse_ref, o_ref, lse_ref = refs
+  else:
+    q_ref, k_ref, v_ref, c_ref, o_ref, lse_ref = refs
+  start = pl.program_id(0) * tile
+  qi = start + _iota(tile)
+  cq = c_ref[pl.ds(start, tile)]
+  q = q_ref[...]
+  q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
+
+  logits = []
+  for pos, size in _pieces(start, tile, nr, causal):
+    k, v, c = _load_rows((k_ref, v_ref, c_ref), pos, size, n)
+    kj = pos + _iota(size)
+    ok = _allowed(qi[:, None], kj[None, :], n, nr, level0, causal)
+    ok = ok & (c[None, :] > 0)
+    s = _dot(q, jnp.where(c[:, None] > 0, k, jnp.zeros_like(k)), precision,
+             trans_b=True) * scale
+    logits.append((jnp.where(ok, s, _NO_KEY), ok, c, v))
+  m = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s, *_ in logits])
+  z = jnp.zeros((tile,), jnp.float32)
+  y = None
+  for s, ok, c, v in logits:
+    p = jnp.where(ok, jnp.exp(s - m[:, None]), 0.0) * c[None, :]
+    z = z + jnp.sum(p, axis=1)
+    v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
+    part = _dot(p.astype(v.dtype), v, precision)
+    y = part if y is None else y + part
+
+  if has_parent:
+    po = _repeat2(po_ref[...])
+    plse = _repeat2(plse_ref[...])
+    big = jnp.maximum(m, plse)
+    a = jnp.exp(m - big)
+    b = jnp.where(plse > 0.5 * _NO_KEY, jnp.exp(plse - big), 0.0)
+    z = z * a + b
+    y = y * a[:, None] + po * b[:, None]
+    m = big
+  has = z > 0
+  o = y / jnp.where(has, z, 1.0)[:, None]
+  lse = jnp.where(has, m + jnp.log(jnp.where(has, z, 1.0)), _NO_KEY)
+  if level0:
+    o = jnp.where(cq[:, None] > 0, o, 0.0)
+  o_ref[...] = o.astype(o_ref.dtype)
+  lse_ref[...] = lse
+
+
+def _level_forward(q, k, v, c, parent, *, nr, tile, level0, causal, scale,
+                   out_dtype, precision, interpret):
+  """One level: q, k, v [B, n, H, D(v)], c [B, n]; parent (o, lse) or None.
+
+  Returns o [B, n, H, Dv] (normalised, out_dtype) and lse [B, H, n] f32.
+  """
+  b, n, h, d = q.shape
+  dv = v.shape[-1]
+  t = min(tile, n)
+  grid = (n // t, h, b)
+  row_block = lambda w: pl.BlockSpec((None, t, None, w),
+                                     lambda i, j, k: (k, i, j, 0))
+  all_rows = lambda w: pl.BlockSpec((None, n, None, w),
+                                    lambda i, j, k: (k, 0, j, 0))
+  in_specs = [row_block(d), all_rows(d), all_rows(dv),
+              pl.BlockSpec((None, n), lambda i, j, k: (k, 0))]
+  args = [q, k, v, c]
+  if parent is not None:
+    in_specs += [pl.BlockSpec((None, t // 2, None, dv),
+                              lambda i, j, k: (k, i, j, 0)),
+                 pl.BlockSpec((None, None, t // 2), lambda i, j, k: (k, j, i))]
+    args += list(parent)
+  kernel = functools.partial(
+      _fwd_kernel, nr=nr, tile=t, n=n, level0=level0, causal=causal,
+      has_parent=parent is not None, scale=scale, precision=precision)
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=[row_block(dv),
+                 pl.BlockSpec((None, None, t), lambda i, j, k: (k, j, i))],
+      out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
+                 jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, d, dv, t),
+      name=f"hattn_fwd_l{'0' if level0 else 'c'}",
+  )(*args)
+
+
+def _compiler_params(interpret, d, dv, tile):
+  if interpret:
+    return None
+  # The Triton backend (not Mosaic GPU), also when lowering for a GPU from
+  # another host.
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+  warps = 4 if tile * max(d, dv) <= 64 * 64 else 8
+  return plgpu.CompilerParams(num_warps=warps, num_stages=1)
+
+
+# --------------------------------------------------------------- backward
+
+
+def _prolong_weight(c, causal_q):
+  """Weight of each child in its parent's coarsening (backward of it)."""
+  if causal_q:  # The parent is the first child.
+    return (_iota(c.shape[0]) % 2 == 0).astype(jnp.float32)
+  total = _pair_sum(c)
+  return jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def _dq_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
+               precision):
+  if has_parent:
+    (q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdq_ref,
+     dq_ref) = refs
+  else:
+    q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, dq_ref = refs
+  start = pl.program_id(0) * tile
+  qi = start + _iota(tile)
+  cq = c_ref[pl.ds(start, tile)]
+  q = q_ref[...]
+  q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
+  g, e, mrow = g_ref[...], e_ref[...], m_ref[...]
+  dq = None
+  for pos, size in _pieces(start, tile, nr, causal):
+    k, v, c = _load_rows((k_ref, v_ref, c_ref), pos, size, n)
+    kj = pos + _iota(size)
+    ok = _allowed(qi[:, None], kj[None, :], n, nr, level0, causal)
+    ok = ok & (c[None, :] > 0)
+    k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
+    v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
+    s = _dot(q, k, precision, trans_b=True) * scale
+    p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
+                  0.0) * c[None, :]
+    dp = _dot(g, v, precision, trans_b=True)
+    ds = p * (dp - e[:, None])
+    part = _dot(ds.astype(k.dtype), k, precision)
+    dq = part if dq is None else dq + part
+  dq = dq * scale
+  if has_parent:
+    w = _prolong_weight(cq, causal)
+    dq = dq + w[:, None] * _repeat2(pdq_ref[...])
+  if level0:
+    dq = jnp.where(cq[:, None] > 0, dq, 0.0)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
+                precision):
+  if has_parent:
+    (q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdk_ref, pdv_ref,
+     dk_ref, dv_ref) = refs
+  else:
+    q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, dk_ref, dv_ref = refs
+  start = pl.program_id(0) * tile
+  kj = start + _iota(tile)
+  ck = c_ref[pl.ds(start, tile)]
+  k, v = k_ref[...], v_ref[...]
+  k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
+  v = jnp.where(ck[:, None] > 0, v, jnp.zeros_like(v))
+  dk = dv = None
+  # Queries that see these keys: the same rows and a neighbour block on
+  # each side (the structure is symmetric in its reach).
+  for pos, size in [(start - nr, nr), (start, tile), (start + tile, nr)]:
+    q, g, c, e, mrow = _load_rows((q_ref, g_ref, c_ref, e_ref, m_ref), pos,
+                                  size, n)
+    qi = pos + _iota(size)
+    q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
+    ok = _allowed(qi[None, :], kj[:, None], n, nr, level0, causal)
+    ok = ok & (ck[:, None] > 0)
+    st = _dot(k, q, precision, trans_b=True) * scale
+    p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
+                  0.0) * ck[:, None]
+    part_v = _dot(p.astype(g.dtype), g, precision)
+    dp = _dot(v, g, precision, trans_b=True)
+    ds = p * (dp - e[None, :])
+    part_k = _dot(ds.astype(q.dtype), q, precision)
+    dk = part_k if dk is None else dk + part_k
+    dv = part_v if dv is None else dv + part_v
+  dk = dk * scale
+  if has_parent:
+    w = _prolong_weight(ck, False)
+    dk = dk + w[:, None] * _repeat2(pdk_ref[...])
+    dv = dv + w[:, None] * _repeat2(pdv_ref[...])
+  if level0:
+    dk = jnp.where(ck[:, None] > 0, dk, 0.0)
+    dv = jnp.where(ck[:, None] > 0, dv, 0.0)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _level_backward(q, k, v, c, g, e, mrow, parent, *, nr, tile, level0,
+                    causal, scale, out_dtypes, precision, interpret):
+  """dq, dk, dv of one level (plus the parent's, prolonged)."""
+  b, n, h, d = q.shape
+  dv_dim = v.shape[-1]
+  t = min(tile, n)
+  grid = (n // t, h, b)
+  row_block = lambda w: pl.BlockSpec((None, t, None, w),
+                                     lambda i, j, k: (k, i, j, 0))
+  all_rows = lambda w: pl.BlockSpec((None, n, None, w),
+                                    lambda i, j, k: (k, 0, j, 0))
+  half_block = lambda w: pl.BlockSpec((None, t // 2, None, w),
+                                      lambda i, j, k: (k, i, j, 0))
+  counts = pl.BlockSpec((None, n), lambda i, j, k: (k, 0))
+  row_vec = pl.BlockSpec((None, None, t), lambda i, j, k: (k, j, i))
+  all_vec = pl.BlockSpec((None, None, n), lambda i, j, k: (k, j, 0))
+  common = dict(nr=nr, tile=t, n=n, level0=level0, causal=causal,
+                has_parent=parent is not None, scale=scale,
+                precision=precision)
+  params = _compiler_params(interpret, d, dv_dim, t)
+
+  in_specs = [row_block(d), all_rows(d), all_rows(dv_dim), counts,
+              row_block(dv_dim), row_vec, row_vec]
+  args = [q, k, v, c, g, e, mrow]
+  if parent is not None:
+    in_specs.append(half_block(d))
+    args.append(parent[0])
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, **common), grid=grid, in_specs=in_specs,
+      out_specs=row_block(d),
+      out_shape=jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[0]),
+      interpret=interpret, compiler_params=params,
+      name=f"hattn_dq_l{'0' if level0 else 'c'}")(*args)
+
+  in_specs = [all_rows(d), row_block(d), row_block(dv_dim), counts,
+              all_rows(dv_dim), all_vec, all_vec]
+  args = [q, k, v, c, g, e, mrow]
+  if parent is not None:
+    in_specs += [half_block(d), half_block(dv_dim)]
+    args += [parent[1], parent[2]]
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, **common), grid=grid, in_specs=in_specs,
+      out_specs=[row_block(d), row_block(dv_dim)],
+      out_shape=[jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[1]),
+                 jax.ShapeDtypeStruct((b, n, h, dv_dim), out_dtypes[2])],
+      interpret=interpret, compiler_params=params,
+      name=f"hattn_dkv_l{'0' if level0 else 'c'}")(*args)
+  return dq, dk, dv
+
+
+# ------------------------------------------------------- pyramid and VJP
+
+
+def _halve(x):
+  """[B, n, ...] -> [B, n/2, 2, ...]."""
+  return x.reshape((x.shape[0], x.shape[1] // 2, 2) + x.shape[2:])
+
+
+def _coarsen_mean(x, c):
+  """Count-weighted mean of row pairs; x [B, n, H, D], c [B, n]."""
+  xs = _halve(jnp.where(c[:, :, None, None] > 0, x, 0).astype(jnp.float32))
+  cs = _halve(c)
+  total = cs.sum(axis=2)
+  mean = (xs * cs[..., None, None]).sum(axis=2)
+  return (mean / jnp.maximum(total, 1.0)[..., None, None]).astype(x.dtype)
+
+
+def _pyramid(q, k, v, c0, levels, causal):
+  """Per-level (q, k, v, counts), level 0 first."""
+  out = [(q, k, v, c0)]
+  for _ in range(1, levels):
+    q, k, v, c = out[-1]
+    c_next = _halve(c).sum(axis=2)
+    if causal:
+      q_next = _halve(jnp.where(c[:, :, None, None] > 0, q, 0))[:, :, 0]
+    else:
+      q_next = _coarsen_mean(q, c)
+    out.append((q_next, _coarsen_mean(k, c), _coarsen_mean(v, c), c_next))
+  return out
+
+
+def _restrict(g, e, mrow):
+  """(G, E, M) of the parent level from a level's; see the module doc.
+
+  g [B, n, H, Dv], e and mrow [B, H, n].
+  """
+  b, n, h = g.shape[:3]
+  m2 = mrow.reshape(b, h, n // 2, 2)
+  m_par = jnp.min(m2, axis=-1)
+  w = jnp.exp(m_par[..., None] - m2)  # <= 1; 0 for rows without gradient.
+  w = jnp.where(m2 < 0.5 * _NO_ROW, w, 0.0)
+  e_par = jnp.sum(w * e.reshape(b, h, n // 2, 2), axis=-1)
+  wg = jnp.transpose(w, (0, 2, 3, 1))[..., None]  # [B, n/2, 2, H, 1]
+  g_par = jnp.sum(wg * _halve(g).astype(jnp.float32), axis=2)
+  return g_par.astype(g.dtype), e_par, m_par
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _attention(q, k, v, c0, nr, causal, tile, interpret, precision):
+  return _forward(q, k, v, c0, nr, causal, tile, interpret, precision)[0]
+
+
+def _forward(q, k, v, c0, nr, causal, tile, interpret, precision):
+  n = q.shape[1]
+  levels = int(round(math.log2(n // nr)))
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  pyramid = _pyramid(q, k, v, c0, levels, causal)
+  parent = None
+  for level in reversed(range(levels)):
+    ql, kl, vl, cl = pyramid[level]
+    o, lse = _level_forward(
+        ql, kl, vl, cl, parent, nr=nr, tile=tile, level0=level == 0,
+        causal=causal, scale=scale,
+        out_dtype=q.dtype if level == 0 else jnp.float32,
+        precision=precision, interpret=interpret)
+    parent = (o, lse)
+  return o, (pyramid, o, lse)
+
+
+def _attention_fwd(q, k, v, c0, nr, causal, tile, interpret, precision):
+  o, res = _forward(q, k, v, c0, nr, causal, tile, interpret, precision)
+  return o, res
+
+
+def _attention_bwd(nr, causal, tile, interpret, precision, res, d_o):
+  pyramid, o, lse = res
+  q, k, v, c0 = pyramid[0]
+  levels = len(pyramid)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  valid = c0 > 0  # [B, n]
+  vrow = valid[:, None, :]  # [B, 1, n] against [B, H, n]
+  e = jnp.sum(d_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  e = jnp.where(vrow, jnp.transpose(e, (0, 2, 1)), 0.0)
+  mrow = jnp.where(vrow, lse, _NO_ROW)
+  g = jnp.where(valid[:, :, None, None], d_o, 0).astype(q.dtype)
+  stats = [(g, e, mrow)]
+  for _ in range(1, levels):
+    stats.append(_restrict(*stats[-1]))
+
+  parent = None
+  for level in reversed(range(levels)):
+    ql, kl, vl, cl = pyramid[level]
+    gl, el, ml = stats[level]
+    dtypes = ((q.dtype, k.dtype, v.dtype) if level == 0 else
+              (jnp.float32,) * 3)
+    parent = _level_backward(
+        ql, kl, vl, cl, gl, el, ml, parent, nr=nr, tile=tile,
+        level0=level == 0, causal=causal, scale=scale, out_dtypes=dtypes,
+        precision=precision, interpret=interpret)
+  dq, dk, dv = parent
+  return dq, dk, dv, jnp.zeros_like(c0)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
+                                  causal, interpret=False,
+                                  tile=DEFAULT_TILE):
+  """Core on validated inputs (see ``hierarchical.hierarchical_attention_xla``).
+
+  Args:
+    query, key: [B, L, H, D]; value: [B, L, H, Dv].
+    valid: bool [B, L] (True for real tokens) or None (all real).
+    block_size: power of two >= 16.
+    causal: causal attention.
+    interpret: run the kernels in Pallas interpret mode (any backend).
+    tile: query rows per program (a power of two).
+
+  Returns:
+    [B, L, H, Dv] in the query dtype, zero where ``valid`` is False.
+  """
+  reason = unsupported_reason(query, value, block_size)
+  if reason:
+    raise ValueError(f"implementation='pallas' cannot run these inputs: "
+                     f"{reason}. Use implementation='xla'.")
+  if not _pow2(tile):
+    raise ValueError(f"tile must be a power of two, got {tile}.")
+  batch, length = query.shape[:2]
+  dtype = jnp.promote_types(query.dtype, value.dtype)
+  query, key, value = (x.astype(dtype) for x in (query, key, value))
+  lp = hierarchical.padded_length(length, block_size)
+  if valid is None:
+    valid = jnp.ones((batch, length), jnp.bool_)
+  c0 = jnp.pad(valid.astype(jnp.float32), ((0, 0), (0, lp - length)))
+  if lp != length:
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, lp - length), (0, 0), (0, 0)))
+    query, key, value = pad(query), pad(key), pad(value)
+  precision = (lax.Precision.HIGHEST if dtype == jnp.float32 else
+               lax.Precision.DEFAULT)
+  out = _attention(query, key, value, c0, block_size, bool(causal),
+                   max(tile, block_size), bool(interpret), precision)
+  return out[:, :length]
