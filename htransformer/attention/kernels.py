@@ -52,6 +52,9 @@ _NO_KEY = -1e30
 _NO_ROW = 1e30
 # Query rows per program.
 DEFAULT_TILE = 64
+# Triton launch settings (read when a function is traced; for tuning):
+# warps per program (None: by tile size) and pipelining stages.
+TUNING = {"num_warps": None, "num_stages": 1}
 
 
 def _pow2(x: int) -> bool:
@@ -224,8 +227,9 @@ def _compiler_params(interpret, d, dv, tile):
   # The Triton backend (not Mosaic GPU), also when lowering for a GPU from
   # another host.
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  warps = 4 if tile * max(d, dv) <= 64 * 64 else 8
-  return plgpu.CompilerParams(num_warps=warps, num_stages=1)
+  warps = TUNING["num_warps"] or (4 if tile * max(d, dv) <= 64 * 64 else 8)
+  return plgpu.CompilerParams(num_warps=warps,
+                              num_stages=TUNING["num_stages"])
 
 
 # --------------------------------------------------------------- backward

@@ -1,0 +1,99 @@
+r"""Where the fused hierarchical attention's time goes, on a GPU.
+
+Times (median of back-to-back calls) the stages of
+``implementation="pallas"`` at 65,536 tokens (bf16, heads 8, head_dim 64):
+the coarse pyramid alone, the forward, forward+backward, for several tiles
+and warp counts, next to the card's copy bandwidth and cuDNN, all in one
+process:
+
+  python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 32 64 128]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from htransformer.attention import full_attention  # noqa: E402
+from htransformer.attention import kernels  # noqa: E402
+
+
+def bench(fn, *args, min_s=0.05, repeats=7):
+  """Median ms per call of back-to-back calls of jitted ``fn``."""
+  f = jax.jit(fn)
+  jax.block_until_ready(f(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  calls = int(min(500, max(1, min_s // max(time.perf_counter() - start,
+                                           1e-6))))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = f(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / calls * 1e3)
+  return float(np.median(times))
+
+
+def copy_bandwidth_gbps():
+  x = jnp.ones((2**29,), jnp.bfloat16)  # 1 GiB
+  ms = bench(lambda x: x * 2, x)
+  return 2 * x.nbytes / (ms * 1e-3) / 1e9
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
+  parser.add_argument("--tiles", type=int, nargs="+", default=[32, 64, 128])
+  parser.add_argument("--warps", type=int, nargs="+", default=[0])
+  parser.add_argument("--tokens", type=int, default=65536)
+  parser.add_argument("--causal", action="store_true")
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  rows = [{"device": jax.devices()[0].device_kind,
+           "copy_gbps": round(copy_bandwidth_gbps(), 1)}]
+  print(json.dumps(rows[0]), flush=True)
+  rng = np.random.default_rng(0)
+  for length in args.lengths:
+    batch = max(1, args.tokens // length)
+    shape = (batch, length, 8, 64)
+    q, k, v, ct = (jnp.asarray(rng.standard_normal(shape, np.float32),
+                               jnp.bfloat16) for _ in range(4))
+    c0 = jnp.ones((batch, length), jnp.float32)
+    levels = int(np.log2(length // 16))
+    row = {"length": length, "batch": batch,
+           "pyramid_ms": bench(lambda q, k, v: kernels._pyramid(
+               q, k, v, c0, levels, args.causal), q, k, v),
+           "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
+               q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)}
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    for tile in args.tiles:
+      for warps in args.warps:
+        kernels.TUNING["num_warps"] = warps or None
+        attn = lambda q, k, v: kernels.hierarchical_attention_pallas(
+            q, k, v, None, block_size=16, causal=args.causal, tile=tile)
+
+        def fwd_bwd(q, k, v):
+          loss = lambda *a: jnp.sum(attn(*a).astype(jnp.float32) * ct)
+          return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        row = {"length": length, "tile": tile, "warps": warps or "auto",
+               "fwd_ms": bench(attn, q, k, v),
+               "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
