@@ -26,7 +26,8 @@ tile), each adding the parent level's gradient (the backward of the mean or
 first-token coarsening) to its own, coarse to fine. Nothing is bigger than
 O(L) and every exponent is <= 0.
 
-The pyramid of coarse queries, keys and values is built with plain JAX.
+The pyramid of coarse queries, keys and values, and the restriction of
+(M, G, E), are kernels too: one program reduces 64 rows through six levels.
 
 Requirements for the kernels (``supported``): block_size a power of two
 >= 16, head dims powers of two >= 16, floating inputs of at most 32 bits.
@@ -256,6 +257,7 @@ def _dq_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
   q = q_ref[...]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
   g, e, mrow = g_ref[...], e_ref[...], m_ref[...]
+  g = jnp.where(cq[:, None] > 0, g, jnp.zeros_like(g))
   dq = None
   for pos, size in _pieces(start, tile, nr, causal):
     k, v, c = _load_rows((k_ref, v_ref, c_ref), pos, size, n)
@@ -301,6 +303,7 @@ def _dkv_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
                                   size, n)
     qi = pos + _iota(size)
     q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
+    g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
     ok = _allowed(qi[None, :], kj[:, None], n, nr, level0, causal)
     ok = ok & (ck[:, None] > 0)
     st = _dot(k, q, precision, trans_b=True) * scale
@@ -377,48 +380,133 @@ def _level_backward(q, k, v, c, g, e, mrow, parent, *, nr, tile, level0,
 # ------------------------------------------------------- pyramid and VJP
 
 
-def _halve(x):
-  """[B, n, ...] -> [B, n/2, 2, ...]."""
-  return x.reshape((x.shape[0], x.shape[1] // 2, 2) + x.shape[2:])
+# Levels a coarsening program reduces in one pass (its rows: 2**this).
+_CHUNK_LEVELS = 6
 
 
-def _coarsen_mean(x, c):
-  """Count-weighted mean of row pairs; x [B, n, H, D], c [B, n]."""
-  xs = _halve(jnp.where(c[:, :, None, None] > 0, x, 0).astype(jnp.float32))
-  cs = _halve(c)
-  total = cs.sum(axis=2)
-  mean = (xs * cs[..., None, None]).sum(axis=2)
-  return (mean / jnp.maximum(total, 1.0)[..., None, None]).astype(x.dtype)
-
-
-def _pyramid(q, k, v, c0, levels, causal):
-  """Per-level (q, k, v, counts), level 0 first."""
-  out = [(q, k, v, c0)]
-  for _ in range(1, levels):
-    q, k, v, c = out[-1]
-    c_next = _halve(c).sum(axis=2)
-    if causal:
-      q_next = _halve(jnp.where(c[:, :, None, None] > 0, q, 0))[:, :, 0]
-    else:
-      q_next = _coarsen_mean(q, c)
-    out.append((q_next, _coarsen_mean(k, c), _coarsen_mean(v, c), c_next))
+def _chunks(levels):
+  """(base level, number of levels) of the coarsening passes."""
+  out, base = [], 0
+  while base < levels - 1:
+    count = min(_CHUNK_LEVELS, levels - 1 - base)
+    out.append((base, count))
+    base += count
   return out
 
 
-def _restrict(g, e, mrow):
-  """(G, E, M) of the parent level from a level's; see the module doc.
+def _pairs(x):
+  """[2m, ...] -> [m, 2, ...]."""
+  return x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
 
-  g [B, n, H, Dv], e and mrow [B, H, n].
-  """
-  b, n, h = g.shape[:3]
-  m2 = mrow.reshape(b, h, n // 2, 2)
-  m_par = jnp.min(m2, axis=-1)
-  w = jnp.exp(m_par[..., None] - m2)  # <= 1; 0 for rows without gradient.
-  w = jnp.where(m2 < 0.5 * _NO_ROW, w, 0.0)
-  e_par = jnp.sum(w * e.reshape(b, h, n // 2, 2), axis=-1)
-  wg = jnp.transpose(w, (0, 2, 3, 1))[..., None]  # [B, n/2, 2, H, 1]
-  g_par = jnp.sum(wg * _halve(g).astype(jnp.float32), axis=2)
-  return g_par.astype(g.dtype), e_par, m_par
+
+def _coarsen_kernel(*refs, count, modes):
+  """Levels base+1 .. base+count of several [rows, D] arrays at once."""
+  c_ref, in_refs = refs[0], refs[1:1 + len(modes)]
+  out_refs = refs[1 + len(modes):]
+  c = c_ref[...]
+  for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
+    x = x_ref[...]
+    x = jnp.where(c[:, None] > 0, x, jnp.zeros_like(x)).astype(jnp.float32)
+    cs = c
+    if mode == "mean":
+      x = x * c[:, None]  # sums of real tokens
+    for j in range(count):
+      if mode == "first":
+        first = (_iota(2) == 0).astype(jnp.float32)
+        x = jnp.sum(_pairs(x) * first[None, :, None], axis=1)
+        out = x
+      else:
+        x = jnp.sum(_pairs(x), axis=1)
+        cs = jnp.sum(_pairs(cs), axis=1)
+        out = x / jnp.maximum(cs, 1.0)[:, None]
+      o_ref = out_refs[t * count + j]
+      o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _coarsen(arrays, modes, c, count, interpret):
+  """Next ``count`` levels of each [B, n, H, D] array (counts c [B, n])."""
+  b, n, h = arrays[0].shape[:3]
+  rows = 2**count
+  grid = (n // rows, h, b)
+  in_specs = [pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
+  out_specs, out_shape = [], []
+  for x in arrays:
+    in_specs.append(pl.BlockSpec((None, rows, None, x.shape[-1]),
+                                 lambda i, j, k: (k, i, j, 0)))
+    for level in range(1, count + 1):
+      out_specs.append(pl.BlockSpec((None, rows >> level, None, x.shape[-1]),
+                                    lambda i, j, k: (k, i, j, 0)))
+      out_shape.append(jax.ShapeDtypeStruct((b, n >> level, h, x.shape[-1]),
+                                            x.dtype))
+  outs = pl.pallas_call(
+      functools.partial(_coarsen_kernel, count=count, modes=tuple(modes)),
+      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, 16, 16, 16),
+      name="hattn_coarsen")(c, *arrays)
+  return [outs[t * count:(t + 1) * count] for t in range(len(arrays))]
+
+
+def _pyramid(q, k, v, c0, levels, causal, interpret):
+  """Per-level (q, k, v, counts), level 0 first."""
+  counts = [c0]
+  for _ in range(1, levels):
+    counts.append(counts[-1].reshape(c0.shape[0], -1, 2).sum(axis=-1))
+  qs, ks, vs = [q], [k], [v]
+  for base, count in _chunks(levels):
+    nq, nk, nv = _coarsen([qs[base], ks[base], vs[base]],
+                          ["first" if causal else "mean", "mean", "mean"],
+                          counts[base], count, interpret)
+    qs += nq
+    ks += nk
+    vs += nv
+  return list(zip(qs, ks, vs, counts))
+
+
+def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count):
+  """(G, E, M) of levels base+1 .. base+count; see the module doc."""
+  c = c_ref[...]
+  g = g_ref[...]
+  g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g)).astype(jnp.float32)
+  e, m = e_ref[...], m_ref[...]
+  for j in range(count):
+    m2 = _pairs(m)
+    m = jnp.min(m2, axis=1)
+    w = jnp.where(m2 < 0.5 * _NO_ROW, jnp.exp(m[:, None] - m2), 0.0)
+    g = jnp.sum(_pairs(g) * w[:, :, None], axis=1)
+    e = jnp.sum(_pairs(e) * w, axis=1)
+    g_out, e_out, m_out = out_refs[3 * j:3 * j + 3]
+    g_out[...] = g.astype(g_out.dtype)
+    e_out[...] = e
+    m_out[...] = m
+
+
+def _restrict(g, e, mrow, c, count, interpret):
+  """The next ``count`` levels of (G, E, M): g [B, n, H, Dv], e, m [B, H, n]."""
+  b, n, h, dv = g.shape
+  rows = 2**count
+  grid = (n // rows, h, b)
+  in_specs = [pl.BlockSpec((None, rows, None, dv), lambda i, j, k: (k, i, j, 0)),
+              pl.BlockSpec((None, None, rows), lambda i, j, k: (k, j, i)),
+              pl.BlockSpec((None, None, rows), lambda i, j, k: (k, j, i)),
+              pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
+  out_specs, out_shape = [], []
+  for level in range(1, count + 1):
+    r, m = rows >> level, n >> level
+    out_specs += [
+        pl.BlockSpec((None, r, None, dv), lambda i, j, k: (k, i, j, 0)),
+        pl.BlockSpec((None, None, r), lambda i, j, k: (k, j, i)),
+        pl.BlockSpec((None, None, r), lambda i, j, k: (k, j, i))]
+    out_shape += [jax.ShapeDtypeStruct((b, m, h, dv), g.dtype),
+                  jax.ShapeDtypeStruct((b, h, m), jnp.float32),
+                  jax.ShapeDtypeStruct((b, h, m), jnp.float32)]
+  outs = pl.pallas_call(
+      functools.partial(_restrict_kernel, count=count),
+      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, 16, 16, 16),
+      name="hattn_restrict")(g, e, mrow, c)
+  return [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
@@ -430,7 +518,7 @@ def _forward(q, k, v, c0, nr, causal, tile, interpret, precision):
   n = q.shape[1]
   levels = int(round(math.log2(n // nr)))
   scale = 1.0 / math.sqrt(q.shape[-1])
-  pyramid = _pyramid(q, k, v, c0, levels, causal)
+  pyramid = _pyramid(q, k, v, c0, levels, causal, interpret)
   parent = None
   for level in reversed(range(levels)):
     ql, kl, vl, cl = pyramid[level]
@@ -458,10 +546,10 @@ def _attention_bwd(nr, causal, tile, interpret, precision, res, d_o):
   e = jnp.sum(d_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
   e = jnp.where(vrow, jnp.transpose(e, (0, 2, 1)), 0.0)
   mrow = jnp.where(vrow, lse, _NO_ROW)
-  g = jnp.where(valid[:, :, None, None], d_o, 0).astype(q.dtype)
-  stats = [(g, e, mrow)]
-  for _ in range(1, levels):
-    stats.append(_restrict(*stats[-1]))
+  # Rows of padding take no gradient (M = _NO_ROW, G masked in the kernels).
+  stats = [(d_o.astype(q.dtype), e, mrow)]
+  for base, count in _chunks(levels):
+    stats += _restrict(*stats[base], pyramid[base][3], count, interpret)
 
   parent = None
   for level in reversed(range(levels)):

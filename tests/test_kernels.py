@@ -1,0 +1,144 @@
+"""The fused Pallas kernels, run in interpret mode on the CPU.
+
+``implementation="pallas_interpret"`` runs exactly the kernels the GPU runs
+(``htransformer/attention/kernels.py``). They are checked here against the
+float64 dense reference of the definition (tests/test_attention.py), for
+values and gradients, causal and not, with padding and holes, several tiles
+per level, several coarsening passes, and extreme rows. Sizes are small:
+interpret mode is slow.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from htransformer.attention import hierarchical_attention
+from htransformer.attention import kernels
+from tests.test_attention import dense_reference, make_mask, make_qkv
+from tests.test_attention import max_abs, numpy_reference
+
+
+def run_pallas(q, k, v, mask, *, causal, block_size=16):
+  return np.asarray(jax.jit(lambda q, k, v: hierarchical_attention(
+      q, k, v, block_size=block_size, causal=causal, mask=mask,
+      implementation="pallas_interpret"))(q, k, v))
+
+
+@pytest.fixture
+def small_passes(monkeypatch):
+  """Coarsening passes of 2 levels, so that several passes chain."""
+  monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
+  monkeypatch.setattr(kernels, "DEFAULT_TILE", 32)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("length,d,dv,mask_kind", [
+    (200, 16, 32, "suffix"),   # Lp 256: 4 levels, 8 tiles at level 0
+    (64, 16, 16, "empty"),     # a row with no real token
+    (256, 32, 16, "none"),
+])
+def test_matches_dense_definition(small_passes, length, d, dv, mask_kind,
+                                  causal):
+  q, k, v = make_qkv(length + d, 2, length, 2, d, dv)
+  mask = make_mask(length, 2, length, mask_kind)
+  out = run_pallas(q, k, v, mask, causal=causal)
+  want = numpy_reference(q, k, v, mask, block_size=16, causal=causal)
+  assert np.isfinite(out).all()
+  assert max_abs(out, want) <= 2e-5
+  if mask is not None:
+    assert (out[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_holes_and_garbage_in_padding(small_passes, causal):
+  """Holes anywhere; padding holding inf/NaN changes nothing.
+
+  Causal: a group's coarse query is its first token, which may be a hole;
+  the implementations read a hole's query as zero (content ignored), so the
+  reference gets zeros there too.
+  """
+  q, k, v = make_qkv(5, 1, 160, 2, 16, 16)
+  mask = np.random.default_rng(5).random((1, 160)) < 0.7
+  q[~mask] = 0.0
+  want = numpy_reference(q, k, v, mask, block_size=16, causal=causal)
+  xla = hierarchical_attention(q, k, v, block_size=16, causal=causal,
+                               mask=mask, implementation="xla")
+  assert max_abs(xla, want) <= 2e-5
+  for x in (q, k, v):
+    x[~mask] = np.nan
+  q[0, np.flatnonzero(~mask[0])[:3]] = np.inf
+  out = run_pallas(q, k, v, mask, causal=causal)
+  assert np.isfinite(out).all()
+  assert max_abs(out, want) <= 2e-5
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_extreme_rows(small_passes, causal):
+  """Rows whose logits sit hundreds apart stay exact (per-row max)."""
+  q, k, v = make_qkv(7, 1, 128, 1, 16, 16)
+  sign = np.where(np.arange(128) < 64, 1.0, -1.0)
+  q[0, :, 0, 0] = 64.0 * sign
+  k[0, :, 0, 0] = 32.0
+  out = run_pallas(q, k, v, None, causal=causal)
+  want = numpy_reference(q, k, v, None, block_size=16, causal=causal)
+  assert np.isfinite(out).all()
+  assert max_abs(out, want) <= 1e-4
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gradients_match_autodiff_of_reference(small_passes, causal):
+  length, d, dv = 150, 16, 32
+  q, k, v = make_qkv(31, 2, length, 1, d, dv)
+  mask = make_mask(31, 2, length, "suffix")
+  mask[1, 20:27] = False  # a hole
+  cot = np.random.default_rng(32).standard_normal(
+      (2, length, 1, dv)).astype(np.float32)
+
+  def loss(impl):
+    def f(q, k, v):
+      if impl == "ref":
+        out = dense_reference(q, k, v, mask, block_size=16, causal=causal,
+                              xp=jnp)
+      else:
+        out = hierarchical_attention(q, k, v, block_size=16, causal=causal,
+                                     mask=mask, implementation=impl)
+      return jnp.sum(out * cot)
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+
+  got = loss("pallas_interpret")(q, k, v)
+  want = loss("ref")(q, k, v)
+  for name, g, w in zip("qkv", got, want):
+    g, w = np.asarray(g), np.asarray(w)
+    assert np.isfinite(g).all(), name
+    scale = max(1.0, float(np.abs(w).max()))
+    assert max_abs(g, w) <= 1e-4 * scale, name
+    assert (g[~mask] == 0).all(), name
+
+
+def test_bfloat16_inputs():
+  q, k, v = make_qkv(41, 1, 96, 2, 16, 16)
+  want = numpy_reference(q, k, v, None, block_size=16, causal=False)
+  out = run_pallas(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), None,
+                   causal=False)
+  assert out.dtype == jnp.bfloat16
+  out = np.asarray(out, np.float32)
+  assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-2
+
+
+@pytest.mark.parametrize("block_size,d,message", [
+    (8, 16, "block_size must be a power of two >= 16"),
+    (24, 16, "block_size must be a power of two >= 16"),
+    (16, 12, "head dims must be powers of two >= 16"),
+])
+def test_unsupported_inputs_get_a_clear_error(block_size, d, message):
+  q = jnp.zeros((1, 64, 1, d))
+  with pytest.raises(ValueError, match=message):
+    hierarchical_attention(q, q, q, block_size=block_size,
+                           implementation="pallas_interpret")
+
+
+def test_default_is_xla_on_cpu():
+  from htransformer.attention import api
+  q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+  assert api._default_hierarchical(q, q, 16) == "xla"
