@@ -251,9 +251,20 @@ def measure(method: str, length: int, cfg: argparse.Namespace,
 # Running measurements, in this process or one process each.
 
 
-def environment_info() -> dict:
+def copy_bandwidth_gbps() -> float | None:
+  """Device copy bandwidth (bytes read + written per second, GB/s), GPU only."""
+  if jax.devices()[0].platform != "gpu":
+    return None
+  x = jnp.ones((2**29,), jnp.bfloat16)  # 1 GiB
+  double = jax.jit(lambda x: x * 2)
+  entry = run_phase(double, (x,), warmup=2, repeats=5)
+  return round(2 * x.nbytes / (entry["median_ms"] * 1e-3) / 1e9, 1)
+
+
+def environment_info(measure_copy: bool = False) -> dict:
   device = jax.devices()[0]
   return {
+      "copy_gbps": copy_bandwidth_gbps() if measure_copy else None,
       "device_kind": device.device_kind,
       "platform": device.platform,
       "device_count": jax.device_count(),
@@ -433,7 +444,9 @@ def peak_cell(res: dict | None) -> str:
 
 
 def section_heading(cfg: dict) -> str:
-  return (f"## Attention: hierarchical vs full ({cfg['dtype']}, heads "
+  fused = any(m.endswith("_pallas") for m in cfg["methods"])
+  return (f"## Attention{' (fused kernels)' if fused else ''}: hierarchical "
+          f"vs full ({cfg['dtype']}, heads "
           f"{cfg['heads']}, head_dim {cfg['head_dim']}, {cfg['tokens']:,} "
           f"tokens per batch, {'causal' if cfg['causal'] else 'non-causal'})")
 
@@ -489,6 +502,63 @@ def ratio_lines(report: dict, lookup: dict) -> list[str]:
   return lines + markdown_table(header, rows)
 
 
+# Targets of the fused kernels (hier-16 pallas) at 65,536 tokens per batch;
+# a longer sequence at batch 1 holds length / 65,536 times the tokens and
+# gets that many times the time.
+KERNEL_TARGET_MS = {"fwd": 0.3, "fwd_bwd": 0.8}
+
+
+def floor_bytes(cfg: dict, length: int, phase: str) -> int:
+  """Memory-traffic floor: read q, k, v and write out once (forward); the
+  backward also reads q, k, v, out, d_out and writes dq, dk, dv."""
+  tokens = batch_for(length, cfg["tokens"]) * length * cfg["heads"]
+  unit = tokens * cfg["head_dim"] * np.dtype(cfg["dtype"]).itemsize
+  return unit * (4 if phase == "fwd" else 12)
+
+
+def kernel_lines(report: dict, lookup: dict) -> list[str]:
+  """Fused kernels: time against the memory floor and the targets."""
+  cfg, env = report["config"], report["environment"]
+  kernels = [m for m in cfg["methods"] if m.endswith("_pallas")]
+  copy = env.get("copy_gbps")
+  if not kernels:
+    return []
+  header = ["length", "method", "fwd ms", "floor ms", "achieved GB/s",
+            "target ms", "met", "fwd+bwd ms", "floor ms", "achieved GB/s",
+            "target ms", "met"]
+  rows = []
+  for length in cfg["lengths"]:
+    scale = max(1.0, batch_for(length, cfg["tokens"]) * length /
+                cfg["tokens"])
+    for method in kernels:
+      res = lookup.get((method, length))
+      if not res or res["status"] != "ok":
+        continue
+      row = [format_length(length), method_label(method)]
+      for phase in PHASES:
+        ms = res[phase]["median_ms"]
+        nbytes = floor_bytes(cfg, length, phase)
+        floor = "" if not copy else f"{nbytes / (copy * 1e9) * 1e3:.3f}"
+        target = KERNEL_TARGET_MS[phase] * scale
+        applies = method == "hierarchical_16_pallas"
+        row += [format_ms(ms), floor, f"{nbytes / (ms * 1e-3) / 1e9:.0f}",
+                f"{target:g}" if applies else "",
+                ("yes" if ms <= target else "no") if applies else ""]
+      rows.append(row)
+  copy_text = (f"{copy:,.0f} GB/s (a 1 GiB bfloat16 array doubled, bytes "
+               "read + written, " + env.get("copy_note",
+                                            "measured in the same run") + ")"
+               if copy else "not measured")
+  lines = ["", "Fused kernels against the memory-traffic floor: the bytes "
+           "that any implementation must move (forward: read q, k, v and "
+           "write the output; forward+backward: also read q, k, v, the "
+           "output and its cotangent and write dq, dk, dv), at the card's "
+           f"copy bandwidth of {copy_text}. Achieved = floor bytes / time. "
+           "Targets (hier-16): forward 0.3 ms and forward+backward 0.8 ms at "
+           "65,536 tokens, scaled by the tokens at longer lengths.", ""]
+  return lines + markdown_table(header, rows)
+
+
 def render_markdown(report: dict) -> tuple[str, str]:
   """Returns (heading, body) of the markdown section for ``report``."""
   cfg, env = report["config"], report["environment"]
@@ -513,7 +583,8 @@ def render_markdown(report: dict) -> tuple[str, str]:
   lines += [
       "",
       f"Times: median of {cfg['repeats']} runs after compiling and "
-      f"{cfg['warmup']} warm-up runs; fwd+bwd is `jax.value_and_grad` of "
+      f"{cfg['warmup']} warm-up runs (a run issues calls back to back for "
+      "at least 20 ms and counts the time per call); fwd+bwd is `jax.value_and_grad` of "
       "`sum(out * cotangent)` with respect to q, k and v. Peak: the fwd+bwd "
       "run's device memory high-water mark (`peak_bytes_in_use`) in a "
       "process of its own, inputs included; * marks the compiler's estimate "
@@ -525,6 +596,7 @@ def render_markdown(report: dict) -> tuple[str, str]:
       "the L² logits).",
   ]
   lines += ratio_lines(report, lookup)
+  lines += kernel_lines(report, lookup)
   return section_heading(cfg), "\n".join(lines) + "\n"
 
 
@@ -649,7 +721,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> None:
   args = parse_args()
   if args.probe:
-    print(RESULT_MARKER + json.dumps(environment_info()), flush=True)
+    print(RESULT_MARKER + json.dumps(environment_info(measure_copy=True)),
+          flush=True)
     return
   if args.single:
     method, length = check_method(args.single[0]), int(args.single[1])
@@ -660,7 +733,7 @@ def main() -> None:
   # With isolation the parent process must leave the accelerator alone, so
   # it learns about the device from a child.
   if args.isolate is False:
-    env = environment_info()
+    env = environment_info(measure_copy=True)
   else:
     env = run_child(["--probe"], args)
     if "device_kind" not in env:
