@@ -183,6 +183,42 @@ def _fwd_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
   lse_ref[...] = lse
 
 
+class _Specs:
+  """Block specs of a level's kernels; grid (tiles, heads, batch).
+
+  Row arrays are [B, n, H, width], per-row scalars [B, H, n], counts
+  [B, n]; a program sees its tile of ``t`` rows, all ``n`` rows, or the
+  parent level's ``t / 2`` rows.
+  """
+
+  def __init__(self, n, t):
+    self.n, self.t = n, t
+
+  def tile(self, width):
+    return pl.BlockSpec((None, self.t, None, width),
+                        lambda i, j, k: (k, i, j, 0))
+
+  def all(self, width):
+    return pl.BlockSpec((None, self.n, None, width),
+                        lambda i, j, k: (k, 0, j, 0))
+
+  def half(self, width):
+    return pl.BlockSpec((None, self.t // 2, None, width),
+                        lambda i, j, k: (k, i, j, 0))
+
+  def tile_vec(self):
+    return pl.BlockSpec((None, None, self.t), lambda i, j, k: (k, j, i))
+
+  def half_vec(self):
+    return pl.BlockSpec((None, None, self.t // 2), lambda i, j, k: (k, j, i))
+
+  def all_vec(self):
+    return pl.BlockSpec((None, None, self.n), lambda i, j, k: (k, j, 0))
+
+  def counts(self):
+    return pl.BlockSpec((None, self.n), lambda i, j, k: (k, 0))
+
+
 def _level_forward(q, k, v, c, parent, *, nr, tile, level0, causal, scale,
                    out_dtype, precision, interpret):
   """One level: q, k, v [B, n, H, D(v)], c [B, n]; parent (o, lse) or None.
@@ -193,17 +229,11 @@ def _level_forward(q, k, v, c, parent, *, nr, tile, level0, causal, scale,
   dv = v.shape[-1]
   t = min(tile, n)
   grid = (n // t, h, b)
-  row_block = lambda w: pl.BlockSpec((None, t, None, w),
-                                     lambda i, j, k: (k, i, j, 0))
-  all_rows = lambda w: pl.BlockSpec((None, n, None, w),
-                                    lambda i, j, k: (k, 0, j, 0))
-  in_specs = [row_block(d), all_rows(d), all_rows(dv),
-              pl.BlockSpec((None, n), lambda i, j, k: (k, 0))]
+  spec = _Specs(n, t)
+  in_specs = [spec.tile(d), spec.all(d), spec.all(dv), spec.counts()]
   args = [q, k, v, c]
   if parent is not None:
-    in_specs += [pl.BlockSpec((None, t // 2, None, dv),
-                              lambda i, j, k: (k, i, j, 0)),
-                 pl.BlockSpec((None, None, t // 2), lambda i, j, k: (k, j, i))]
+    in_specs += [spec.half(dv), spec.half_vec()]
     args += list(parent)
   kernel = functools.partial(
       _fwd_kernel, nr=nr, tile=t, n=n, level0=level0, causal=causal,
@@ -212,8 +242,7 @@ def _level_forward(q, k, v, c, parent, *, nr, tile, level0, causal, scale,
       kernel,
       grid=grid,
       in_specs=in_specs,
-      out_specs=[row_block(dv),
-                 pl.BlockSpec((None, None, t), lambda i, j, k: (k, j, i))],
+      out_specs=[spec.tile(dv), spec.tile_vec()],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
                  jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
       interpret=interpret,
@@ -334,42 +363,34 @@ def _level_backward(q, k, v, c, g, e, mrow, parent, *, nr, tile, level0,
   dv_dim = v.shape[-1]
   t = min(tile, n)
   grid = (n // t, h, b)
-  row_block = lambda w: pl.BlockSpec((None, t, None, w),
-                                     lambda i, j, k: (k, i, j, 0))
-  all_rows = lambda w: pl.BlockSpec((None, n, None, w),
-                                    lambda i, j, k: (k, 0, j, 0))
-  half_block = lambda w: pl.BlockSpec((None, t // 2, None, w),
-                                      lambda i, j, k: (k, i, j, 0))
-  counts = pl.BlockSpec((None, n), lambda i, j, k: (k, 0))
-  row_vec = pl.BlockSpec((None, None, t), lambda i, j, k: (k, j, i))
-  all_vec = pl.BlockSpec((None, None, n), lambda i, j, k: (k, j, 0))
+  spec = _Specs(n, t)
   common = dict(nr=nr, tile=t, n=n, level0=level0, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision)
   params = _compiler_params(interpret, d, dv_dim, t)
 
-  in_specs = [row_block(d), all_rows(d), all_rows(dv_dim), counts,
-              row_block(dv_dim), row_vec, row_vec]
+  in_specs = [spec.tile(d), spec.all(d), spec.all(dv_dim), spec.counts(),
+              spec.tile(dv_dim), spec.tile_vec(), spec.tile_vec()]
   args = [q, k, v, c, g, e, mrow]
   if parent is not None:
-    in_specs.append(half_block(d))
+    in_specs.append(spec.half(d))
     args.append(parent[0])
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **common), grid=grid, in_specs=in_specs,
-      out_specs=row_block(d),
+      out_specs=spec.tile(d),
       out_shape=jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[0]),
       interpret=interpret, compiler_params=params,
       name=f"hattn_dq_l{'0' if level0 else 'c'}")(*args)
 
-  in_specs = [all_rows(d), row_block(d), row_block(dv_dim), counts,
-              all_rows(dv_dim), all_vec, all_vec]
+  in_specs = [spec.all(d), spec.tile(d), spec.tile(dv_dim), spec.counts(),
+              spec.all(dv_dim), spec.all_vec(), spec.all_vec()]
   args = [q, k, v, c, g, e, mrow]
   if parent is not None:
-    in_specs += [half_block(d), half_block(dv_dim)]
+    in_specs += [spec.half(d), spec.half(dv_dim)]
     args += [parent[1], parent[2]]
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **common), grid=grid, in_specs=in_specs,
-      out_specs=[row_block(d), row_block(dv_dim)],
+      out_specs=[spec.tile(d), spec.tile(dv_dim)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[1]),
                  jax.ShapeDtypeStruct((b, n, h, dv_dim), out_dtypes[2])],
       interpret=interpret, compiler_params=params,
