@@ -7,7 +7,6 @@ Multi-host: pass --coordinator_address, --num_processes and --process_id,
 or nothing where JAX detects the cluster itself (TPU pods, SLURM).
 """
 
-import importlib.util
 import os
 import sys
 
@@ -16,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from htransformer import config_utils
 from htransformer import distributed
 
 FLAGS = flags.FLAGS
@@ -48,15 +48,6 @@ def main(argv):
     sys.exit(1)
 
 
-def _load_config_file(spec: str):
-  """Loads ``path[:arg]`` the way --config does, for error messages."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def _unknown_override(argv) -> str | None:
   """Names the first --config.a.b=... override that is not a config field."""
   spec = next((a.split("=", 1)[1] for a in argv
@@ -64,7 +55,7 @@ def _unknown_override(argv) -> str | None:
   if spec is None:
     return None
   try:
-    config = _load_config_file(spec)
+    config = config_utils.load_config(spec)
   except Exception:  # pylint: disable=broad-except
     return None
   for a in argv:

@@ -28,7 +28,6 @@ every run directory under WORKDIR.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import os
@@ -38,6 +37,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from htransformer import config_utils  # noqa: E402
+
 LAUNCH = ("local", "print", "collect")
 
 
@@ -95,14 +98,6 @@ def run_command(python, config, workdir, point, sets=()) -> list[str]:
   return [python, "-m", "htransformer.main", f"--config={config}",
           f"--workdir={workdir}", *[f"--config.{s}" for s in sets],
           *[f"--config.{k}={format_value(v)}" for k, v in point.items()]]
-
-
-def _load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def check_fields(config, keys):
@@ -219,7 +214,7 @@ def main(argv=None) -> int:
       if both:
         raise ValueError(f"{both} both swept and set with --set.")
       if args.config:
-        check_fields(_load_config(args.config),
+        check_fields(config_utils.load_config(args.config),
                      [k for k, _ in axes] + set_keys)
       points = grid(axes)
       names = [run_name(p) for p in points]

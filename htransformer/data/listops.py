@@ -55,6 +55,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from absl import logging
 
+from htransformer.data import byte_source
 from htransformer.data import cache
 
 # ----------------------------------------------------------------------------
@@ -553,12 +554,7 @@ class ListOpsSource:
     return len(self.labels)
 
   def __getitem__(self, index):
-    n = len(self.labels)
-    index = int(index)
-    if index < 0:
-      index += n
-    if not 0 <= index < n:
-      raise IndexError(f"index {index} out of range for {n} examples")
+    index = byte_source.check_index(index, len(self.labels))
     start, end = self._offsets[index], self._offsets[index + 1]
     inputs = np.zeros(self._max_length, dtype=np.int32)
     inputs[:end - start] = self._tokens[start:end]

@@ -70,6 +70,7 @@ import time
 import numpy as np
 from absl import logging
 
+from htransformer.data import byte_source
 from htransformer.data import cache
 from htransformer.data import png
 
@@ -570,12 +571,7 @@ class PathfinderSource:
     return len(self.labels)
 
   def __getitem__(self, index):
-    n = len(self.labels)
-    index = int(index)
-    if index < 0:
-      index += n
-    if not 0 <= index < n:
-      raise IndexError(f"index {index} out of range for {n} examples")
+    index = byte_source.check_index(index, len(self.labels))
     if self._pixels is not None:
       pixels = self._pixels[index]
     else:
