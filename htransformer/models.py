@@ -165,6 +165,11 @@ class TransformerBlock(nnx.Module):
     return x
 
 
+def _blocks(num_layers: int, **kwargs) -> nnx.List:
+  """``num_layers`` TransformerBlocks with the same arguments."""
+  return nnx.List([TransformerBlock(**kwargs) for _ in range(num_layers)])
+
+
 class Encoder(nnx.Module):
   """Token embedding + positions + a stack of Transformer blocks.
 
@@ -196,13 +201,11 @@ class Encoder(nnx.Module):
     if pool == "CLS":
       self.cls = nnx.Param(jnp.zeros((1, 1, emb_dim), jnp.float32))
     self.dropout = nnx.Dropout(dropout_rate)
-    self.blocks = nnx.List([
-        TransformerBlock(dim=emb_dim, num_heads=num_heads, qkv_dim=qkv_dim,
-                         mlp_dim=mlp_dim, dropout_rate=dropout_rate,
-                         attention=attention, block_size=block_size,
-                         causal=causal, implementation=implementation,
-                         dtype=dtype, rngs=rngs)
-        for _ in range(num_layers)])
+    self.blocks = _blocks(
+        num_layers, dim=emb_dim, num_heads=num_heads, qkv_dim=qkv_dim,
+        mlp_dim=mlp_dim, dropout_rate=dropout_rate, attention=attention,
+        block_size=block_size, causal=causal, implementation=implementation,
+        dtype=dtype, rngs=rngs)
     self.ln = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, tokens, *, deterministic=True, rngs=None):
@@ -278,13 +281,11 @@ class Decoder(nnx.Module):
                            embedding_init=nnx.initializers.normal(1.0),
                            rngs=rngs)
     self.dropout = nnx.Dropout(dropout_rate)
-    self.blocks = nnx.List([
-        TransformerBlock(dim=emb_dim, num_heads=num_heads, qkv_dim=qkv_dim,
-                         mlp_dim=mlp_dim, dropout_rate=dropout_rate,
-                         attention=attention, block_size=block_size,
-                         causal=True, implementation=implementation,
-                         dtype=dtype, rngs=rngs)
-        for _ in range(num_layers)])
+    self.blocks = _blocks(
+        num_layers, dim=emb_dim, num_heads=num_heads, qkv_dim=qkv_dim,
+        mlp_dim=mlp_dim, dropout_rate=dropout_rate, attention=attention,
+        block_size=block_size, causal=True, implementation=implementation,
+        dtype=dtype, rngs=rngs)
     self.ln = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(emb_dim, vocab_size, dtype=dtype, rngs=rngs)
 

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import lm1b as lm_config
+from htransformer import config_utils
 from htransformer import metrics as metrics_lib
 from htransformer import models
 from htransformer import sample
@@ -62,12 +63,7 @@ def tiny_config(text_files, **overrides):
   c.eval_every = 15
   c.checkpoint_every = 15
   c.optimizer.update(learning_rate=1e-2, warmup_steps=5)
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  config_utils.set_fields(c, **overrides)
   return c
 
 

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from configs import listops as listops_config
+from htransformer import config_utils
 from htransformer import metrics as metrics_lib
 from htransformer import models
 from htransformer import tasks
@@ -36,12 +37,7 @@ def tiny_config(data_dir, **overrides):
   c.eval_every = 6
   c.checkpoint_every = 4
   c.optimizer.warmup_steps = 4
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  config_utils.set_fields(c, **overrides)
   return c
 
 
