@@ -39,6 +39,17 @@ def build_stream(token_lists: Iterable[Sequence[int]],
   return np.concatenate(parts).astype(tokenizer_lib.token_dtype(vocab_size))
 
 
+def _next_token_item(tokens, seq_len: int) -> dict:
+  """Inputs tokens[:-1], targets tokens[1:], weight 1 on those, zero padding
+  to ``seq_len``."""
+  n = len(tokens) - 1
+  inputs = np.zeros(seq_len, np.int32)
+  targets = np.zeros(seq_len, np.int32)
+  weights = np.zeros(seq_len, np.float32)
+  inputs[:n], targets[:n], weights[:n] = tokens[:-1], tokens[1:], 1.0
+  return {"inputs": inputs, "targets": targets, "weights": weights}
+
+
 class PackedRows:
   """Rows of length ``seq_len`` cut from a token stream (see module doc)."""
 
@@ -68,12 +79,7 @@ class PackedRows:
     start = i * self.seq_len
     window = np.asarray(self.stream[start: start + self.seq_len + 1],
                         np.int32)
-    n = len(window) - 1
-    inputs = np.zeros(self.seq_len, np.int32)
-    targets = np.zeros(self.seq_len, np.int32)
-    weights = np.zeros(self.seq_len, np.float32)
-    inputs[:n], targets[:n], weights[:n] = window[:-1], window[1:], 1.0
-    return {"inputs": inputs, "targets": targets, "weights": weights}
+    return _next_token_item(window, self.seq_len)
 
 
 class SentenceRows:
@@ -96,9 +102,4 @@ class SentenceRows:
     eos = tokenizer_lib.EOS_ID
     ids = list(self.encode(self.texts[i]))[: self.seq_len - 1]
     row = np.array([eos] + ids + [eos], np.int32)
-    n = len(row) - 1
-    inputs = np.zeros(self.seq_len, np.int32)
-    targets = np.zeros(self.seq_len, np.int32)
-    weights = np.zeros(self.seq_len, np.float32)
-    inputs[:n], targets[:n], weights[:n] = row[:-1], row[1:], 1.0
-    return {"inputs": inputs, "targets": targets, "weights": weights}
+    return _next_token_item(row, self.seq_len)
