@@ -165,6 +165,24 @@ class TransformerBlock(nnx.Module):
     return x
 
 
+# Vocabularies up to this size are embedded by a one-hot matrix product
+# rather than a gather: the gather's gradient is a scatter-add of every
+# token into a few rows (ListOps has 20, bytes 258), which accelerators
+# serialise; the product's gradient is a matrix product. Same values.
+ONE_HOT_MAX_VOCAB = 4096
+
+
+def embed_tokens(embed: nnx.Embed, tokens):
+  """``embed(tokens)``, by a one-hot product for small vocabularies."""
+  table = embed.embedding[...]
+  if table.shape[0] > ONE_HOT_MAX_VOCAB:
+    return embed(tokens)
+  dtype = embed.dtype or table.dtype
+  one_hot = jax.nn.one_hot(tokens, table.shape[0], dtype=dtype)
+  return jnp.dot(one_hot, table.astype(dtype),
+                 precision=jax.lax.Precision.HIGHEST)
+
+
 def _blocks(num_layers: int, **kwargs) -> nnx.List:
   """``num_layers`` TransformerBlocks with the same arguments."""
   return nnx.List([TransformerBlock(**kwargs) for _ in range(num_layers)])
@@ -215,7 +233,7 @@ class Encoder(nnx.Module):
       raise ValueError(
           f"input length {l} exceeds the model's max_len {self.max_len}.")
     mask = tokens != 0
-    x = self.embed(tokens)
+    x = embed_tokens(self.embed, tokens)
     if self.pool == "CLS":
       cls = jnp.broadcast_to(self.cls[...].astype(x.dtype),
                              (b, 1, x.shape[-1]))
@@ -295,7 +313,7 @@ class Decoder(nnx.Module):
     if l > self.max_len:
       raise ValueError(
           f"input length {l} exceeds the model's max_len {self.max_len}.")
-    x = self.embed(tokens)
+    x = embed_tokens(self.embed, tokens)
     x = x + jnp.asarray(sinusoidal_positions(l, x.shape[-1])).astype(x.dtype)
     x = self.dropout(x, deterministic=deterministic, rngs=rngs)
     for block in self.blocks:

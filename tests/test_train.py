@@ -270,3 +270,32 @@ def test_attention_layer_passes_implementation():
                                   implementation="cudnn", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="implementation"):
     bad(x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_hot_embedding_equals_gather(dtype, monkeypatch):
+  """Small vocabularies are embedded by a one-hot product: same values as
+  the gather, and the same gradient (up to the dtype's rounding)."""
+  embed = nnx.Embed(20, 16, dtype=dtype, rngs=nnx.Rngs(0),
+                    embedding_init=nnx.initializers.normal(1.0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 20, (4, 33)))
+  cot = jax.random.normal(jax.random.key(1), (4, 33, 16), dtype)
+
+  graphdef, state = nnx.split(embed)
+
+  def grad(embed_fn):
+    def loss(state):
+      e = nnx.merge(graphdef, state)
+      return jnp.sum((embed_fn(e, tokens) * cot).astype(jnp.float32))
+    return np.asarray(jax.grad(loss)(state)["embedding"][...], np.float32)
+
+  one_hot = models.embed_tokens(embed, tokens)
+  np.testing.assert_array_equal(np.asarray(one_hot, np.float32),
+                                np.asarray(embed(tokens), np.float32))
+  g_one_hot = grad(models.embed_tokens)
+  g_gather = grad(lambda e, t: e(t))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(g_one_hot, g_gather, rtol=tol, atol=tol * 10)
+  monkeypatch.setattr(models, "ONE_HOT_MAX_VOCAB", 10)  # gather above it
+  np.testing.assert_array_equal(np.asarray(models.embed_tokens(embed, tokens)),
+                                np.asarray(embed(tokens)))
