@@ -99,6 +99,11 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
     raise ValueError(
         f"implementation must be one of {HIERARCHICAL_IMPLEMENTATIONS} or "
         f"None, got {implementation!r}.")
+  if implementation == "pallas" and jax.default_backend() != "gpu":
+    raise ValueError(
+        f"implementation='pallas' runs on a GPU; this process runs on "
+        f"{jax.default_backend()!r}. Use 'xla', or 'pallas_interpret' (the "
+        "same kernels, interpreted; slow).")
   if implementation.startswith("pallas"):
     return kernels.hierarchical_attention_pallas(
         query, key, value, mask, block_size=block_size, causal=bool(causal),
