@@ -29,8 +29,10 @@ O(L) and every exponent is <= 0.
 The pyramid of coarse queries, keys and values, and the restriction of
 (M, G, E), are kernels too: one program reduces 64 rows through six levels.
 
-Requirements for the kernels (``supported``): block_size a power of two
->= 16, head dims powers of two >= 16, floating inputs of at most 32 bits.
+Requirements for the kernels (``unsupported_reason``): block_size a power
+of two >= 16, head dims powers of two >= 16, floating inputs of at most 32
+bits. Products take 16-bit operands as they come and float32 operands at
+full float32 precision (no TF32); accumulation is float32.
 ``interpret=True`` runs the same kernels in Pallas interpret mode (CPU).
 """
 
