@@ -29,42 +29,25 @@ Paper (test accuracy): H-Transformer-1D 46.05%, Transformer 42.44%.
 
 import ml_collections
 
+from htransformer import config_utils
+
 VARIANTS = ("full", "quick")
 TRAIN_IMAGES = 45000
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = {v for v in arg.split(",") if v}
-  unknown = variants - set(VARIANTS)
-  if unknown:
-    raise ValueError(f"Unknown variant(s) {sorted(unknown)} of "
-                     f"configs/image.py: use '' or a comma-separated subset "
-                     f"of {VARIANTS}.")
-  c = ml_collections.ConfigDict()
-  c.task = "image"
-  c.data_dir = ""
-  c.cache_dir = ""
-  c.data = ml_collections.ConfigDict(dict(tfds_data_dir=""))
-  c.max_length = 1024
-  c.model = ml_collections.ConfigDict(dict(
-      attention="hierarchical", block_size=16, implementation="",
-      num_layers=1, num_heads=8, emb_dim=128, qkv_dim=64, mlp_dim=128,
-      dropout_rate=0.1, pool="CLS", learned_positions=True,
-      dtype="bfloat16"))
-  c.mesh = ml_collections.ConfigDict(dict(model=1))
-  c.batch_size = 256
-  steps_per_epoch = TRAIN_IMAGES // c.batch_size  # 175 (+1 below)
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=5e-4, schedule="cosine", warmup_steps=steps_per_epoch + 1,
-      b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.0, grad_clip=0.0))
-  c.eval_batch_size = 256
-  c.num_train_steps = 200 * (steps_per_epoch + 1)
-  c.log_every = 100
-  c.eval_every = 10 * (steps_per_epoch + 1)
-  c.checkpoint_every = 10 * (steps_per_epoch + 1)
-  c.seed = 0
-  c.data_seed = 0
-  c.dry_run = False
+  variants = config_utils.parse_variants(arg, VARIANTS, "configs/image.py")
+  batch_size = 256
+  epoch = TRAIN_IMAGES // batch_size + 1  # 176 steps
+  c = config_utils.experiment_config(
+      "image", data=dict(tfds_data_dir=""), max_length=1024,
+      model=dict(num_layers=1, num_heads=8, emb_dim=128, qkv_dim=64,
+                 mlp_dim=128, pool="CLS", learned_positions=True),
+      optimizer=dict(learning_rate=5e-4, schedule="cosine",
+                     warmup_steps=epoch, weight_decay=0.0),
+      batch_size=batch_size, eval_batch_size=256,
+      num_train_steps=200 * epoch, log_every=100, eval_every=10 * epoch,
+      checkpoint_every=10 * epoch)
 
   if "full" in variants:
     c.model.attention = "full"

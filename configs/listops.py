@@ -39,40 +39,22 @@ Transformer 36.37%).
 
 import ml_collections
 
+from htransformer import config_utils
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   variant = arg or "default"
-  c = ml_collections.ConfigDict()
-  c.task = "listops"
-  c.data_dir = ""
-  c.cache_dir = ""
-  c.data = ml_collections.ConfigDict(dict(
-      seed=0, num_train=96000, num_val=2000, num_test=2000, min_length=500,
-      max_length=2000))
-  c.max_length = 2000
-
-  c.model = ml_collections.ConfigDict(dict(
-      attention="hierarchical", block_size=16, implementation="",
-      num_layers=4, num_heads=8, emb_dim=512, qkv_dim=512, mlp_dim=1024,
-      dropout_rate=0.1, pool="CLS", learned_positions=False,
-      dtype="bfloat16"))
-
-  # Device mesh: (data, model) = (devices / mesh.model, mesh.model).
-  c.mesh = ml_collections.ConfigDict(dict(model=1))
-
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=0.05, schedule="rsqrt", warmup_steps=1000, b1=0.9,
-      b2=0.98, eps=1e-9, weight_decay=0.1, grad_clip=0.0))
-
-  c.batch_size = 32
-  c.eval_batch_size = 64
-  c.num_train_steps = 5000
-  c.log_every = 100
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.seed = 0
-  c.data_seed = 0
-  c.dry_run = False
+  c = config_utils.experiment_config(
+      "listops",
+      data=dict(seed=0, num_train=96000, num_val=2000, num_test=2000,
+                min_length=500, max_length=2000),
+      max_length=2000,
+      model=dict(num_layers=4, num_heads=8, emb_dim=512, qkv_dim=512,
+                 mlp_dim=1024, pool="CLS", learned_positions=False),
+      optimizer=dict(learning_rate=0.05, schedule="rsqrt",
+                     warmup_steps=1000, weight_decay=0.1),
+      batch_size=32, eval_batch_size=64, num_train_steps=5000,
+      log_every=100, eval_every=500, checkpoint_every=500)
 
   if variant == "default":
     pass

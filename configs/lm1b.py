@@ -70,6 +70,8 @@ Sampling from a run: python -m htransformer.sample --workdir=DIR \
 
 import ml_collections
 
+from htransformer import config_utils
+
 VARIANTS = ("base", "large", "quick", "text4096")
 
 
@@ -78,37 +80,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r} of configs/lm1b.py: use "
                      f"one of {VARIANTS} ('' is base).")
-  c = ml_collections.ConfigDict()
-  c.task = "lm"
-  c.data_dir = ""  # tfds data_dir holding lm1b (empty: tfds's default).
-  c.cache_dir = ""  # Token-stream cache (empty: ~/.cache/htransformer).
-  c.data = ml_collections.ConfigDict(dict(
-      source="lm1b", text_files="", vocab="sentencepiece", vocab_size=32768,
-      spm_model="", spm_train_chars=10_000_000, packing="stream",
-      eval_packing="sentence", lm1b_val_sentences=10_000,
-      split_by="document", val_fraction=0.05, test_fraction=0.05,
-      max_eval_rows=10_000, max_test_rows=0))
-  c.max_length = 512
-
-  c.model = ml_collections.ConfigDict(dict(
-      attention="hierarchical", block_size=16, implementation="",
-      num_layers=6, num_heads=8, emb_dim=512, qkv_dim=512, mlp_dim=2048,
-      dropout_rate=0.1, dtype="bfloat16"))
-  c.mesh = ml_collections.ConfigDict(dict(model=1))
-  # Adam(0.9, 0.98), inverse-square-root schedule with warmup.
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=0.05, schedule="rsqrt", warmup_steps=4000, b1=0.9,
-      b2=0.98, eps=1e-9, weight_decay=0.01, grad_clip=1.0))
-
-  c.batch_size = 128
-  c.eval_batch_size = 128
-  c.num_train_steps = 100_000
-  c.log_every = 200
-  c.eval_every = 5000
-  c.checkpoint_every = 5000
-  c.seed = 0
-  c.data_seed = 0
-  c.dry_run = False
+  c = config_utils.experiment_config(
+      "lm",
+      # data_dir: tfds data_dir holding lm1b (empty: tfds's default);
+      # cache_dir: token-stream cache (empty: ~/.cache/htransformer).
+      data=dict(
+          source="lm1b", text_files="", vocab="sentencepiece",
+          vocab_size=32768, spm_model="", spm_train_chars=10_000_000,
+          packing="stream", eval_packing="sentence",
+          lm1b_val_sentences=10_000, split_by="document",
+          val_fraction=0.05, test_fraction=0.05, max_eval_rows=10_000,
+          max_test_rows=0),
+      max_length=512,
+      model=dict(num_layers=6, num_heads=8, emb_dim=512, qkv_dim=512,
+                 mlp_dim=2048),
+      # Adam(0.9, 0.98), inverse-square-root schedule with warmup.
+      optimizer=dict(learning_rate=0.05, schedule="rsqrt",
+                     warmup_steps=4000, weight_decay=0.01, grad_clip=1.0),
+      batch_size=128, eval_batch_size=128, num_train_steps=100_000,
+      log_every=200, eval_every=5000, checkpoint_every=5000)
 
   if variant == "large":
     c.model.update(emb_dim=1024, qkv_dim=1024, mlp_dim=4096, num_heads=16)

@@ -36,42 +36,26 @@ Paper (test accuracy): H-Transformer-1D 68.78%, Transformer 71.40%.
 
 import ml_collections
 
+from htransformer import config_utils
+
 VARIANTS = ("full", "quick")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = {v for v in arg.split(",") if v}
-  unknown = variants - set(VARIANTS)
-  if unknown:
-    raise ValueError(f"Unknown variant(s) {sorted(unknown)} of "
-                     f"configs/pathfinder.py: use '' or a comma-separated "
-                     f"subset of {VARIANTS}.")
-  c = ml_collections.ConfigDict()
-  c.task = "pathfinder"
-  c.data_dir = ""
-  c.cache_dir = ""
-  c.data = ml_collections.ConfigDict(dict(
-      seed=0, num_images=200000, contour_length=14, split_seed=0))
-  c.max_length = 32 * 32
-  c.model = ml_collections.ConfigDict(dict(
-      attention="hierarchical", block_size=16, implementation="",
-      num_layers=4, num_heads=4, emb_dim=32, qkv_dim=16, mlp_dim=32,
-      dropout_rate=0.1, pool="MEAN", learned_positions=False,
-      dtype="bfloat16"))
-  c.mesh = ml_collections.ConfigDict(dict(model=1))
-  c.batch_size = 512
-  epoch = -(-int(0.8 * c.data.num_images) // c.batch_size)  # 313
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, schedule="cosine", warmup_steps=epoch, b1=0.9,
-      b2=0.98, eps=1e-9, weight_decay=0.0, grad_clip=0.0))
-  c.eval_batch_size = 512
-  c.num_train_steps = 200 * epoch
-  c.log_every = 100
-  c.eval_every = 10 * epoch
-  c.checkpoint_every = 10 * epoch
-  c.seed = 0
-  c.data_seed = 0
-  c.dry_run = False
+  variants = config_utils.parse_variants(arg, VARIANTS,
+                                         "configs/pathfinder.py")
+  data = dict(seed=0, num_images=200000, contour_length=14, split_seed=0)
+  batch_size = 512
+  epoch = -(-int(0.8 * data["num_images"]) // batch_size)  # 313 steps
+  c = config_utils.experiment_config(
+      "pathfinder", data=data, max_length=32 * 32,
+      model=dict(num_layers=4, num_heads=4, emb_dim=32, qkv_dim=16,
+                 mlp_dim=32, pool="MEAN", learned_positions=False),
+      optimizer=dict(learning_rate=1e-3, schedule="cosine",
+                     warmup_steps=epoch, weight_decay=0.0),
+      batch_size=batch_size, eval_batch_size=512,
+      num_train_steps=200 * epoch, log_every=100, eval_every=10 * epoch,
+      checkpoint_every=10 * epoch)
 
   if "full" in variants:
     c.model.attention = "full"

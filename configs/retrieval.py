@@ -29,39 +29,22 @@ Paper (test accuracy): H-Transformer-1D 63.99%, Transformer 57.46%.
 
 import ml_collections
 
+from htransformer import config_utils
+
 VARIANTS = ("full", "quick")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = {v for v in arg.split(",") if v}
-  unknown = variants - set(VARIANTS)
-  if unknown:
-    raise ValueError(f"Unknown variant(s) {sorted(unknown)} of "
-                     f"configs/retrieval.py: use '' or a comma-separated "
-                     f"subset of {VARIANTS}.")
-  c = ml_collections.ConfigDict()
-  c.task = "retrieval"
-  c.data_dir = ""
-  c.cache_dir = ""
-  c.max_length = 4000  # per document
-  c.model = ml_collections.ConfigDict(dict(
-      attention="hierarchical", block_size=16, implementation="",
-      num_layers=4, num_heads=4, emb_dim=128, qkv_dim=128, mlp_dim=512,
-      dropout_rate=0.1, pool="CLS", learned_positions=False,
-      dtype="bfloat16"))
-  c.mesh = ml_collections.ConfigDict(dict(model=1))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=0.05, schedule="rsqrt", warmup_steps=8000, b1=0.9,
-      b2=0.98, eps=1e-9, weight_decay=0.1, grad_clip=0.0))
-  c.batch_size = 32
-  c.eval_batch_size = 64
-  c.num_train_steps = 5000
-  c.log_every = 100
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.seed = 0
-  c.data_seed = 0
-  c.dry_run = False
+  variants = config_utils.parse_variants(arg, VARIANTS,
+                                         "configs/retrieval.py")
+  c = config_utils.experiment_config(
+      "retrieval", max_length=4000,  # per document
+      model=dict(num_layers=4, num_heads=4, emb_dim=128, qkv_dim=128,
+                 mlp_dim=512, pool="CLS", learned_positions=False),
+      optimizer=dict(learning_rate=0.05, schedule="rsqrt",
+                     warmup_steps=8000, weight_decay=0.1),
+      batch_size=32, eval_batch_size=64, num_train_steps=5000,
+      log_every=100, eval_every=500, checkpoint_every=500)
 
   if "full" in variants:
     c.model.attention = "full"

@@ -30,40 +30,21 @@ Paper (test accuracy): H-Transformer-1D 78.69%, Transformer 64.27%.
 
 import ml_collections
 
+from htransformer import config_utils
+
 VARIANTS = ("full", "len1000", "quick")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = {v for v in arg.split(",") if v}
-  unknown = variants - set(VARIANTS)
-  if unknown:
-    raise ValueError(f"Unknown variant(s) {sorted(unknown)} of "
-                     f"configs/text.py: use '' or a comma-separated subset "
-                     f"of {VARIANTS}.")
-  c = ml_collections.ConfigDict()
-  c.task = "text"
-  c.data_dir = ""
-  c.cache_dir = ""
-  c.data = ml_collections.ConfigDict(dict(tfds_data_dir=""))
-  c.max_length = 4000
-  c.model = ml_collections.ConfigDict(dict(
-      attention="hierarchical", block_size=16, implementation="",
-      num_layers=4, num_heads=4, emb_dim=256, qkv_dim=256, mlp_dim=1024,
-      dropout_rate=0.1, pool="CLS", learned_positions=False,
-      dtype="bfloat16"))
-  c.mesh = ml_collections.ConfigDict(dict(model=1))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=0.05, schedule="rsqrt", warmup_steps=8000, b1=0.9,
-      b2=0.98, eps=1e-9, weight_decay=0.1, grad_clip=0.0))
-  c.batch_size = 32
-  c.eval_batch_size = 64
-  c.num_train_steps = 20000
-  c.log_every = 100
-  c.eval_every = 1000
-  c.checkpoint_every = 1000
-  c.seed = 0
-  c.data_seed = 0
-  c.dry_run = False
+  variants = config_utils.parse_variants(arg, VARIANTS, "configs/text.py")
+  c = config_utils.experiment_config(
+      "text", data=dict(tfds_data_dir=""), max_length=4000,
+      model=dict(num_layers=4, num_heads=4, emb_dim=256, qkv_dim=256,
+                 mlp_dim=1024, pool="CLS", learned_positions=False),
+      optimizer=dict(learning_rate=0.05, schedule="rsqrt",
+                     warmup_steps=8000, weight_decay=0.1),
+      batch_size=32, eval_batch_size=64, num_train_steps=20000,
+      log_every=100, eval_every=1000, checkpoint_every=1000)
 
   if "full" in variants:
     c.model.attention = "full"

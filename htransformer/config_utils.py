@@ -1,4 +1,5 @@
-"""Loading a config file by path, as ``--config=path[:arg]`` does."""
+"""Config helpers: loading a config file by path (as ``--config=path[:arg]``
+does), setting dotted fields, and the fields every experiment config has."""
 
 import importlib.util
 
@@ -24,3 +25,53 @@ def set_fields(config, **fields):
       node = node[name]
     node[last] = value
   return config
+
+
+def parse_variants(arg: str, allowed, config_file: str) -> set:
+  """The comma-separated variants in ``arg``; an unknown one is named."""
+  variants = {v for v in arg.split(",") if v}
+  unknown = variants - set(allowed)
+  if unknown:
+    raise ValueError(f"Unknown variant(s) {sorted(unknown)} of {config_file}: "
+                     f"use '' or a comma-separated subset of {tuple(allowed)}.")
+  return variants
+
+
+def experiment_config(task: str, *, max_length: int, model: dict,
+                      optimizer: dict, batch_size: int, eval_batch_size: int,
+                      num_train_steps: int, log_every: int, eval_every: int,
+                      checkpoint_every: int, data: dict | None = None):
+  """The fields every experiment config has, with the project's defaults.
+
+  ``model`` and ``optimizer`` hold each experiment's own values; unless they
+  say otherwise, the model uses hierarchical attention (block_size 16,
+  implementation chosen automatically), dropout 0.1 and bfloat16, and Adam
+  has b1 0.9, b2 0.98, eps 1e-9 and no gradient clipping. Data come from
+  ``data_dir`` (empty: generated or downloaded into ``cache_dir``); the mesh
+  is data parallel (``mesh.model`` = 1); seeds are 0.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.data_dir = ""
+  c.cache_dir = ""
+  if data is not None:
+    c.data = ml_collections.ConfigDict(data)
+  c.max_length = max_length
+  c.model = ml_collections.ConfigDict({
+      "attention": "hierarchical", "block_size": 16, "implementation": "",
+      "dropout_rate": 0.1, "dtype": "bfloat16", **model})
+  # Device mesh: (data, model) = (devices / mesh.model, mesh.model).
+  c.mesh = ml_collections.ConfigDict(dict(model=1))
+  c.optimizer = ml_collections.ConfigDict({
+      "b1": 0.9, "b2": 0.98, "eps": 1e-9, "grad_clip": 0.0, **optimizer})
+  c.batch_size = batch_size
+  c.eval_batch_size = eval_batch_size
+  c.num_train_steps = num_train_steps
+  c.log_every = log_every
+  c.eval_every = eval_every
+  c.checkpoint_every = checkpoint_every
+  c.seed = 0
+  c.data_seed = 0
+  c.dry_run = False
+  return c
