@@ -10,12 +10,20 @@ mesh, grain iterator) and measures, each after warm-up:
 If ``loop`` is far below both ``data`` and ``step``, the time is lost
 between them (transfers, dispatch); if it equals ``data``, feed faster.
 
+``--profile=N`` also traces N device steps with the JAX profiler and prints
+where the device time goes: the operations (XLA fusions, cuDNN and Pallas
+kernels) with the largest total time, their share of the traced device
+time, and how busy the device was over the traced wall time.
+
   python scripts/step_time.py --config=configs/lm1b.py:text4096 \
       [--config.model.attention=full] [--steps=50]
 
 Prints one JSON line per config (and appends it to --out if given).
 """
 
+import collections
+import glob
+import gzip
 import json
 import os
 import sys
@@ -39,6 +47,9 @@ config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                 lock_config=True)
 flags.DEFINE_integer("steps", 50, "Timed steps per measurement.")
 flags.DEFINE_string("out", "", "Append the JSON line to this file.")
+flags.DEFINE_integer("profile", 0, "Trace this many device steps and print "
+                     "the operations that take the device time.")
+flags.DEFINE_integer("top", 25, "Operations listed by --profile.")
 FLAGS = flags.FLAGS
 
 
@@ -47,6 +58,53 @@ def _rate(fn, steps):
   for _ in range(steps):
     fn()
   return steps / (time.perf_counter() - start)
+
+
+def _device_profile(fn, steps, top):
+  """Traces ``steps`` calls of ``fn``; returns the busiest device ops."""
+  with tempfile.TemporaryDirectory() as logdir:
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+      for _ in range(steps):
+        fn()
+    paths = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"),
+                      recursive=True)
+    if not paths:
+      raise RuntimeError(f"The profiler wrote no trace under {logdir}.")
+    with gzip.open(paths[0]) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, n in names.items()
+            if "/device:" in n and "CPU" not in n}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  kernels = [e for e in events if e.get("ph") == "X" and e["pid"] in device
+             and e.get("dur")]
+  # GPU traces show each kernel on its stream and again on summary lines
+  # ("XLA Ops", "XLA Modules"); count the streams only.
+  streams = [e for e in kernels
+             if "Stream" in threads.get((e["pid"], e.get("tid")), "")]
+  kernels = streams or kernels
+  if not kernels:
+    return {"note": "no device events in the trace (CPU backend?)"}
+  by_op = collections.defaultdict(lambda: [0.0, 0])
+  for e in kernels:
+    args = e.get("args") or {}
+    key = args.get("hlo_op") or e["name"]
+    by_op[key][0] += e["dur"]
+    by_op[key][1] += 1
+  busy = sum(v[0] for v in by_op.values())
+  start = min(e["ts"] for e in kernels)
+  end = max(e["ts"] + e["dur"] for e in kernels)
+  rows = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
+  return {
+      "device_ms_per_step": round(busy / 1e3 / steps, 3),
+      "wall_ms_per_step": round((end - start) / 1e3 / steps, 3),
+      "kernels_per_step": round(len(kernels) / steps, 1),
+      "top": [{"op": k, "ms_per_step": round(v[0] / 1e3 / steps, 3),
+               "share": round(v[0] / busy, 4), "calls_per_step": v[1] / steps}
+              for k, v in rows]}
 
 
 def main(argv):
@@ -77,6 +135,8 @@ def main(argv):
     for _ in range(3):
       device_step()
     step_rate = _rate(device_step, steps)
+    profile = (_device_profile(device_step, FLAGS.profile, FLAGS.top)
+               if FLAGS.profile else None)
 
     def loop_step():
       holder["state"], _ = trainer.train_step(
@@ -98,8 +158,17 @@ def main(argv):
          "data_batches_per_sec": round(data_rate, 2),
          "device_steps_per_sec": round(step_rate, 2),
          "loop_steps_per_sec": round(loop_rate, 2)}
+  if profile is not None:
+    row["profile"] = profile
   line = json.dumps(row)
   print(line, flush=True)
+  if profile is not None and "top" in profile:
+    print(f"device time {profile['device_ms_per_step']} ms/step over "
+          f"{profile['wall_ms_per_step']} ms/step wall, "
+          f"{profile['kernels_per_step']} kernels/step")
+    for r in profile["top"]:
+      print(f"  {r['ms_per_step']:9.3f} ms {100 * r['share']:5.1f}% "
+            f"x{r['calls_per_step']:<5g} {r['op'][:90]}")
   if FLAGS.out:
     with open(FLAGS.out, "a") as f:
       f.write(line + "\n")
