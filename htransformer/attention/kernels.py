@@ -142,9 +142,40 @@ def _fwd_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
     q_ref, k_ref, v_ref, c_ref, po_ref, plse_ref, o_ref, lse_ref = refs
   else:
     q_ref, k_ref, v_ref, c_ref, o_ref, lse_ref = refs
+    po_ref = plse_ref = None
   start = pl.program_id(0) * tile
-  qi = start + _iota(tile)
   cq = c_ref[pl.ds(start, tile)]
+  _unless_padding(cq, lambda: _fwd_tile(
+      q_ref, k_ref, v_ref, c_ref, po_ref, plse_ref, o_ref, lse_ref, cq,
+      start, nr=nr, tile=tile, n=n, level0=level0, causal=causal,
+      scale=scale, precision=precision), [(o_ref, 0.0), (lse_ref, _NO_KEY)])
+
+
+def _unless_padding(c, compute, fills):
+  """Runs ``compute`` unless the program's rows are all padding (c == 0).
+
+  A tile of padding only (the tail of a short sequence) writes ``fills``
+  instead, (ref, value) pairs: zero outputs and gradients (exactly what
+  ``compute`` gives such rows, whose queries, cotangents and counts are
+  zero) and no log-normaliser (padding rows take no gradient, and a coarse
+  row of padding has only padding children). Padding costs no attention.
+  """
+  live = jnp.max(c) > 0
+
+  @pl.when(live)
+  def _():
+    compute()
+
+  @pl.when(jnp.logical_not(live))
+  def _():
+    for ref, value in fills:
+      ref[...] = jnp.full(ref.shape, value, ref.dtype)
+
+
+def _fwd_tile(q_ref, k_ref, v_ref, c_ref, po_ref, plse_ref, o_ref, lse_ref,
+              cq, start, *, nr, tile, n, level0, causal, scale, precision):
+  has_parent = po_ref is not None
+  qi = start + _iota(tile)
   q = q_ref[...]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
 
@@ -282,9 +313,21 @@ def _dq_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
      dq_ref) = refs
   else:
     q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, dq_ref = refs
+    pdq_ref = None
   start = pl.program_id(0) * tile
-  qi = start + _iota(tile)
   cq = c_ref[pl.ds(start, tile)]
+  _unless_padding(cq, lambda: _dq_tile(
+      q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref,
+      pdq_ref, dq_ref, cq, start, nr=nr, tile=tile,
+      n=n, level0=level0, causal=causal, scale=scale, precision=precision),
+                  [(dq_ref, 0.0)])
+
+
+def _dq_tile(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdq_ref,
+             dq_ref, cq, start, *, nr, tile, n, level0, causal, scale,
+             precision):
+  has_parent = pdq_ref is not None
+  qi = start + _iota(tile)
   q = q_ref[...]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
   g, e, mrow = g_ref[...], e_ref[...], m_ref[...]
@@ -320,9 +363,21 @@ def _dkv_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
      dk_ref, dv_ref) = refs
   else:
     q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, dk_ref, dv_ref = refs
+    pdk_ref = pdv_ref = None
   start = pl.program_id(0) * tile
-  kj = start + _iota(tile)
   ck = c_ref[pl.ds(start, tile)]
+  _unless_padding(ck, lambda: _dkv_tile(
+      q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref,
+      pdk_ref, pdv_ref, dk_ref, dv_ref, ck, start, nr=nr, tile=tile, n=n, level0=level0,
+      causal=causal, scale=scale, precision=precision),
+                  [(dk_ref, 0.0), (dv_ref, 0.0)])
+
+
+def _dkv_tile(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdk_ref,
+              pdv_ref, dk_ref, dv_ref, ck, start, *, nr, tile, n, level0,
+              causal, scale, precision):
+  has_parent = pdk_ref is not None
+  kj = start + _iota(tile)
   k, v = k_ref[...], v_ref[...]
   k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
   v = jnp.where(ck[:, None] > 0, v, jnp.zeros_like(v))
