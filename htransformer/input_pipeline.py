@@ -11,9 +11,13 @@ run would have seen.
 
 from __future__ import annotations
 
+import threading
+
 import grain
 import jax
 import numpy as np
+
+from htransformer.data import byte_source
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -25,11 +29,69 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // n
 
 
+class ShuffledBatches(grain.MapDataset):
+  """Batches of an example-level shuffle, with a fresh permutation per epoch.
+
+  The stream is epoch 0's examples in the order ``permutation(seed, 0)``,
+  then epoch 1's in ``permutation(seed, 1)``, and so on forever; batch ``b``
+  is stream items ``[b * batch_size, (b + 1) * batch_size)`` (batches cross
+  epoch boundaries, so none is dropped). Each epoch's permutation is drawn
+  once with numpy. A source with ``get_batch(indices)`` (a dict of stacked
+  arrays) is read one batch at a time; others item by item.
+  """
+
+  def __init__(self, source, batch_size: int, seed: int):
+    super().__init__()
+    self._source = source
+    self._n = len(source)
+    if self._n < 1:
+      raise ValueError("Cannot train on an empty training source.")
+    self._batch = int(batch_size)
+    self._seed = int(seed)
+    self._perms = {}
+    self._lock = threading.Lock()
+
+  def __len__(self):
+    return np.iinfo(np.int64).max // self._batch
+
+  def __str__(self):
+    return (f"ShuffledBatches(seed={self._seed}, examples={self._n}, "
+            f"batch_size={self._batch})")
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      perm = self._perms.get(epoch)
+      if perm is None:
+        perm = np.random.default_rng([self._seed, epoch]).permutation(self._n)
+        # Reader threads work on neighbouring batches: keep a few epochs.
+        self._perms = {e: p for e, p in self._perms.items()
+                       if abs(e - epoch) <= 2}
+        self._perms[epoch] = perm
+      return perm
+
+  def indices(self, b: int) -> np.ndarray:
+    """Source indices of batch ``b``."""
+    stream = np.arange(b * self._batch, (b + 1) * self._batch, dtype=np.int64)
+    epochs, within = np.divmod(stream, self._n)
+    out = np.empty(self._batch, np.int64)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      out[sel] = self._permutation(int(e))[within[sel]]
+    return out
+
+  def __getitem__(self, b):
+    if isinstance(b, slice):
+      return self.slice(b)
+    idx = self.indices(int(b))
+    if hasattr(self._source, "get_batch"):
+      return self._source.get_batch(idx)
+    return byte_source.stack_items([self._source[int(i)] for i in idx])
+
+
 def train_dataset(source, global_batch_size: int, seed: int):
   """Infinite per-process dataset of shuffled training batches."""
   local = local_batch_size(global_batch_size)
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-  ds = ds.batch(local, drop_remainder=True)
+  ds = ShuffledBatches(source, local, seed)
   return ds[jax.process_index()::jax.process_count()]
 
 
@@ -57,8 +119,8 @@ def eval_batches(source, global_batch_size: int):
     idx = np.arange(b * global_batch_size + first,
                     b * global_batch_size + first + local)
     weights = (idx < n).astype(np.float32)
-    items = [source[int(i) if i < n else 0] for i in idx]
-    batch = {k: np.stack([it[k] for it in items]) for k in items[0]}
+    batch = byte_source.stack_items(
+        [source[int(i) if i < n else 0] for i in idx])
     if "weights" in batch:
       weights = batch["weights"] * weights.reshape(
           (-1,) + (1,) * (batch["weights"].ndim - 1))

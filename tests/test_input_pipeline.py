@@ -66,3 +66,43 @@ def test_eval_batches_cover_every_example_once():
   assert seen == list(range(23))
   assert batches[-1]["weights"].tolist() == [1.0] * 3 + [0.0] * 7
   assert all(b["inputs"].shape == (10, 3) for b in batches)
+
+
+class BatchedSource(Source):
+  """The same examples, with the batched read the image sources offer."""
+
+  def __init__(self, n):
+    super().__init__(n)
+    self.batched_reads = 0
+
+  def get_batch(self, indices):
+    self.batched_reads += 1
+    indices = np.asarray(indices)
+    return {"inputs": np.repeat(indices[:, None], 3, 1).astype(np.int32),
+            "targets": (indices % 10).astype(np.int32)}
+
+
+def test_batched_reads_give_the_same_batches():
+  src = BatchedSource(23)
+  a = take(input_pipeline.train_iterator(Source(23), 5, seed=4), 14)
+  b = take(input_pipeline.train_iterator(src, 5, seed=4), 14)
+  assert a == b
+  assert src.batched_reads >= 14
+
+
+def test_batches_cross_epochs_without_losing_examples():
+  # 23 examples in batches of 5: the stream is epoch after epoch, each a
+  # permutation, and batch 4 holds the end of epoch 0 and epoch 1's start.
+  stream = sum(take(input_pipeline.train_iterator(Source(23), 5, seed=0),
+                    23), [])
+  for e in range(5):
+    assert sorted(stream[23 * e:23 * (e + 1)]) == list(range(23))
+  assert stream[:23] != stream[23:46]
+
+
+def test_per_process_batches_interleave():
+  ds = input_pipeline.ShuffledBatches(Source(40), 4, seed=2)
+  everything = [ids(ds[b]) for b in range(6)]
+  for p in (0, 1):
+    mine = ds[p::2]
+    assert [ids(mine[i]) for i in range(3)] == everything[p::2]

@@ -198,6 +198,10 @@ def test_image_local_cifar(tmp_path):
       assert int(item["targets"]) == labels[offset + i]
   black = srcs["test"][0]["inputs"]
   assert (black == 1).all()  # black pixels are tokens (1), not padding (0)
+  batch = srcs["train"].get_batch([4, 0, 44])
+  for row, i in enumerate((4, 0, 44)):
+    np.testing.assert_array_equal(batch["inputs"][row], gray[i] + 1)
+    assert batch["targets"][row] == labels[i]
 
 
 def test_image_tfds_mock():

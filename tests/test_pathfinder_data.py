@@ -246,10 +246,21 @@ def test_loader_skips_empty_and_splits(gen, tmp_path):
           x, png.decode(open(path, "rb").read()).reshape(-1).astype(np.int32) + 1)
       assert int(item["targets"]) == labels[idx[split][i]]
       np.testing.assert_array_equal(lazy[split][i]["inputs"], x)
+  # The batched read (training) gives the items, preloaded or not.
+  order = np.array([3, 0, 3, len(srcs["train"]) - 1])
+  for source in (srcs["train"], lazy["train"]):
+    batch = source.get_batch(order)
+    for row, i in enumerate(order):
+      np.testing.assert_array_equal(batch["inputs"][row],
+                                    srcs["train"][int(i)]["inputs"])
+      assert batch["targets"][row] == srcs["train"][int(i)]["targets"]
+    assert batch["inputs"].dtype == np.int32
   src = pickle.loads(pickle.dumps(srcs["train"]))
   assert len(src) == sizes["train"]
   with pytest.raises(IndexError):
     src[len(src)]
+  with pytest.raises(IndexError):
+    src.get_batch([0, len(src)])
 
 
 def test_cli(tmp_path):

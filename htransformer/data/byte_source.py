@@ -62,6 +62,26 @@ def check_index(index, n: int) -> int:
   return index
 
 
+def stack_items(items) -> dict[str, np.ndarray]:
+  """A list of items (dicts of arrays) -> one dict of stacked arrays."""
+  return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+def pixel_batch(pixels: np.ndarray, labels: np.ndarray, indices,
+                offset: int) -> dict[str, np.ndarray]:
+  """Items ``indices`` of a preloaded image source, stacked.
+
+  ``pixels`` uint8 [n, h*w], ``labels`` [n]; inputs are pixel + ``offset``
+  as int32 (the item layout of the image sources).
+  """
+  indices = np.asarray(indices, np.int64)
+  n = len(labels)
+  if indices.size and (indices.min() < 0 or indices.max() >= n):
+    raise IndexError(f"indices out of range for {n} examples")
+  return {"inputs": pixels[indices].astype(np.int32) + offset,
+          "targets": np.asarray(labels, np.int32)[indices]}
+
+
 def require_tfds():
   """Imports tensorflow_datasets, or says how to get it."""
   try:

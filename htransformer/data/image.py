@@ -61,6 +61,11 @@ class ImageSource:
     return {"inputs": self.pixels[index].astype(np.int32) + PIXEL_OFFSET,
             "targets": np.int32(self.labels[index])}
 
+  def get_batch(self, indices) -> dict[str, np.ndarray]:
+    """Items ``indices`` stacked (what the training pipeline reads)."""
+    return byte_source.pixel_batch(self.pixels, self.labels, indices,
+                                   PIXEL_OFFSET)
+
   def __repr__(self):
     return f"ImageSource(size={len(self)}, length={self.pixels.shape[1]})"
 

@@ -579,6 +579,13 @@ class PathfinderSource:
     return {"inputs": pixels.astype(np.int32) + PIXEL_OFFSET,
             "targets": np.int32(self.labels[index])}
 
+  def get_batch(self, indices) -> dict[str, np.ndarray]:
+    """Items ``indices`` stacked (what the training pipeline reads)."""
+    if self._pixels is None:
+      return byte_source.stack_items([self[int(i)] for i in indices])
+    return byte_source.pixel_batch(self._pixels, self.labels, indices,
+                                   PIXEL_OFFSET)
+
   def __repr__(self):
     return (f"PathfinderSource(resolution={self.resolution}, "
             f"size={len(self)})")
