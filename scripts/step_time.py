@@ -12,8 +12,11 @@ between them (transfers, dispatch); if it equals ``data``, feed faster.
 
 ``--profile=N`` also traces N device steps with the JAX profiler and prints
 where the device time goes: the operations (XLA fusions, cuDNN and Pallas
-kernels) with the largest total time, their share of the traced device
-time, and how busy the device was over the traced wall time.
+kernels) with the largest total time, the same grouped by kernel name
+(e.g. every ``hattn_fwd_l0``), their share of the traced device time, and
+how busy the device was over the traced wall time. With XLA's command
+buffers on (the default) a step shows as one ``command_buffer`` entry: set
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see its kernels.
 
   python scripts/step_time.py --config=configs/lm1b.py:text4096 \
       [--config.model.attention=full] [--steps=50]
@@ -26,6 +29,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -72,6 +76,11 @@ def _device_profile(fn, steps, top):
       raise RuntimeError(f"The profiler wrote no trace under {logdir}.")
     with gzip.open(paths[0]) as f:
       trace = json.load(f)
+  return summarize_trace(trace, steps, top)
+
+
+def summarize_trace(trace, steps, top):
+  """Device time by operation and by kernel name in a perfetto trace."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   names = {e["pid"]: e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -89,22 +98,29 @@ def _device_profile(fn, steps, top):
   if not kernels:
     return {"note": "no device events in the trace (CPU backend?)"}
   by_op = collections.defaultdict(lambda: [0.0, 0])
+  by_kind = collections.defaultdict(lambda: [0.0, 0])
   for e in kernels:
     args = e.get("args") or {}
-    key = args.get("hlo_op") or e["name"]
-    by_op[key][0] += e["dur"]
-    by_op[key][1] += 1
+    for table, key in ((by_op, args.get("hlo_op") or e["name"]),
+                       # The kernel's name without its instance number:
+                       # e.g. all forward kernels of the finest level.
+                       (by_kind, re.sub(r"[._]\d+$", "", e["name"]))):
+      table[key][0] += e["dur"]
+      table[key][1] += 1
   busy = sum(v[0] for v in by_op.values())
   start = min(e["ts"] for e in kernels)
   end = max(e["ts"] + e["dur"] for e in kernels)
-  rows = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
+
+  def rows(table):
+    return [{"op": k, "ms_per_step": round(v[0] / 1e3 / steps, 3),
+             "share": round(v[0] / busy, 4), "calls_per_step": v[1] / steps}
+            for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]]
+
   return {
       "device_ms_per_step": round(busy / 1e3 / steps, 3),
       "wall_ms_per_step": round((end - start) / 1e3 / steps, 3),
       "kernels_per_step": round(len(kernels) / steps, 1),
-      "top": [{"op": k, "ms_per_step": round(v[0] / 1e3 / steps, 3),
-               "share": round(v[0] / busy, 4), "calls_per_step": v[1] / steps}
-              for k, v in rows]}
+      "top": rows(by_op), "top_kernels": rows(by_kind)}
 
 
 def main(argv):
@@ -166,9 +182,11 @@ def main(argv):
     print(f"device time {profile['device_ms_per_step']} ms/step over "
           f"{profile['wall_ms_per_step']} ms/step wall, "
           f"{profile['kernels_per_step']} kernels/step")
-    for r in profile["top"]:
-      print(f"  {r['ms_per_step']:9.3f} ms {100 * r['share']:5.1f}% "
-            f"x{r['calls_per_step']:<5g} {r['op'][:90]}")
+    for title, key in (("operations", "top"), ("kernels by name", "top_kernels")):
+      print(f" {title}:")
+      for r in profile[key]:
+        print(f"  {r['ms_per_step']:9.3f} ms {100 * r['share']:5.1f}% "
+              f"x{r['calls_per_step']:<5g} {r['op'][:90]}")
   if FLAGS.out:
     with open(FLAGS.out, "a") as f:
       f.write(line + "\n")

@@ -1,0 +1,62 @@
+"""scripts/step_time.py: the device-time summary of a profiler trace."""
+
+import importlib.util
+import os
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "step_time", os.path.join(_ROOT, "scripts", "step_time.py"))
+step_time = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(step_time)
+
+
+def _meta(kind, pid, name, tid=None):
+  e = {"ph": "M", "name": kind, "pid": pid, "args": {"name": name}}
+  if tid is not None:
+    e["tid"] = tid
+  return e
+
+
+def _kernel(pid, tid, name, ts, dur, hlo_op=None):
+  return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts,
+          "dur": dur, "args": {"hlo_op": hlo_op} if hlo_op else {}}
+
+
+def test_summary_counts_stream_kernels_once_per_step():
+  trace = {"traceEvents": [
+      _meta("process_name", 1, "/host:CPU"),
+      _meta("process_name", 2, "/device:GPU:0"),
+      _meta("thread_name", 2, "Stream #1(Compute)", tid=7),
+      _meta("thread_name", 2, "XLA Ops", tid=8),
+      # Two steps: two instances of the finest forward kernel and a fusion.
+      _kernel(2, 7, "hattn_fwd_l0", 0, 30.0, "pallas_call.3"),
+      _kernel(2, 7, "hattn_fwd_l0", 40, 30.0, "pallas_call.9"),
+      _kernel(2, 7, "loop_fusion_2", 80, 20.0, "loop_fusion.2"),
+      _kernel(2, 7, "hattn_fwd_l0", 200, 30.0, "pallas_call.3"),
+      _kernel(2, 7, "hattn_fwd_l0", 240, 30.0, "pallas_call.9"),
+      _kernel(2, 7, "loop_fusion_2", 280, 20.0, "loop_fusion.2"),
+      # The summary line repeats the kernels: not counted again.
+      _kernel(2, 8, "pallas_call.3", 0, 30.0),
+      # Host events are not device time.
+      _kernel(1, 5, "PjitFunction", 0, 1000.0),
+  ]}
+  got = step_time.summarize_trace(trace, steps=2, top=5)
+  assert got["device_ms_per_step"] == pytest.approx(0.08)
+  assert got["wall_ms_per_step"] == pytest.approx(0.15)
+  assert got["kernels_per_step"] == 3
+  kinds = {r["op"]: r for r in got["top_kernels"]}
+  assert kinds["hattn_fwd_l0"]["ms_per_step"] == pytest.approx(0.06)
+  assert kinds["hattn_fwd_l0"]["share"] == pytest.approx(0.75)
+  assert kinds["hattn_fwd_l0"]["calls_per_step"] == 2
+  assert [r["op"] for r in got["top"]][:1] in (["pallas_call.3"],
+                                               ["pallas_call.9"])
+  assert {r["op"] for r in got["top"]} == {"pallas_call.3", "pallas_call.9",
+                                           "loop_fusion.2"}
+
+
+def test_summary_of_a_cpu_trace_says_so():
+  trace = [_meta("process_name", 1, "/host:CPU"),
+           _kernel(1, 5, "PjitFunction", 0, 10.0)]
+  assert "note" in step_time.summarize_trace(trace, steps=1, top=5)
