@@ -51,6 +51,15 @@ class ShuffledBatches(grain.MapDataset):
     self._perms = {}
     self._lock = threading.Lock()
 
+  def __getstate__(self):  # For worker processes: no lock, no cache.
+    state = self.__dict__.copy()
+    state["_lock"], state["_perms"] = None, {}
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def __len__(self):
     return np.iinfo(np.int64).max // self._batch
 

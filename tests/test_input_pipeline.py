@@ -1,5 +1,7 @@
 """grain pipeline: seeded shuffling, epochs, resumable iterator, eval batches."""
 
+import pickle
+
 import numpy as np
 
 from htransformer import input_pipeline
@@ -106,3 +108,10 @@ def test_per_process_batches_interleave():
   for p in (0, 1):
     mine = ds[p::2]
     assert [ids(mine[i]) for i in range(3)] == everything[p::2]
+
+
+def test_dataset_pickles_for_worker_processes():
+  ds = input_pipeline.ShuffledBatches(Source(13), 4, seed=5)
+  want = [ids(ds[b]) for b in range(8)]
+  copy = pickle.loads(pickle.dumps(ds))
+  assert [ids(copy[b]) for b in range(8)] == want
