@@ -2,14 +2,17 @@ r"""Where the fused hierarchical attention's time goes, on a GPU.
 
 Times (median of back-to-back calls) the stages of
 ``implementation="pallas"`` at 65,536 tokens (bf16, heads 8, head_dim 64):
-the coarse pyramid alone, the forward, forward+backward, for several tiles
-and warp counts, next to the card's copy bandwidth and cuDNN, all in one
-process:
+the coarse pyramid alone, the forward, forward+backward, for several tiles,
+warp counts and levels per launch (``kernels.TUNING``), next to the card's
+copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 32 64 128]
+      [--warps 0 4 8] [--per_launch 1 3]
 """
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import sys
@@ -53,7 +56,10 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
   parser.add_argument("--tiles", type=int, nargs="+", default=[32, 64, 128])
-  parser.add_argument("--warps", type=int, nargs="+", default=[0])
+  parser.add_argument("--warps", type=int, nargs="+", default=[0],
+                      help="warps per program (0: by tile size)")
+  parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
+                      help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--causal", action="store_true")
   parser.add_argument("--out", default="")
@@ -71,25 +77,28 @@ def main():
     levels = int(np.log2(length // 16))
     row = {"length": length, "batch": batch,
            "pyramid_ms": bench(lambda q, k, v: kernels._pyramid(
-               q, k, v, c0, levels, args.causal), q, k, v),
+               q, k, v, c0, levels, args.causal, False), q, k, v),
            "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
                q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)}
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for tile in args.tiles:
-      for warps in args.warps:
-        kernels.TUNING["num_warps"] = warps or None
-        attn = lambda q, k, v: kernels.hierarchical_attention_pallas(
-            q, k, v, None, block_size=16, causal=args.causal, tile=tile)
+    for tile, warps, per_launch in itertools.product(
+        args.tiles, args.warps, args.per_launch):
+      kernels.TUNING["num_warps"] = warps or None
+      kernels.TUNING["levels_per_launch"] = per_launch
+      attn = functools.partial(
+          kernels.hierarchical_attention_pallas, valid=None, block_size=16,
+          causal=args.causal, tile=tile)
 
-        def fwd_bwd(q, k, v):
-          loss = lambda *a: jnp.sum(attn(*a).astype(jnp.float32) * ct)
-          return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-        row = {"length": length, "tile": tile, "warps": warps or "auto",
-               "fwd_ms": bench(attn, q, k, v),
-               "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+      def fwd_bwd(q, k, v, attn=attn):
+        loss = lambda *a: jnp.sum(attn(*a).astype(jnp.float32) * ct)
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+      row = {"length": length, "tile": tile, "warps": warps or "auto",
+             "levels_per_launch": per_launch,
+             "fwd_ms": bench(attn, q, k, v),
+             "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
+      print(json.dumps(row), flush=True)
+      rows.append(row)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=1)

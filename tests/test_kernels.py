@@ -25,11 +25,15 @@ def run_pallas(q, k, v, mask, *, causal, block_size=16):
       implementation="pallas_interpret"))(q, k, v))
 
 
-@pytest.fixture
-def small_passes(monkeypatch):
-  """Coarsening passes of 2 levels, so that several passes chain."""
+@pytest.fixture(params=[(32, 1), (64, 3)], ids=["tile32", "3-levels"])
+def small_passes(request, monkeypatch):
+  """Coarsening passes of 2 levels, so that several passes chain; small
+  tiles (several per level) with one level per launch, or tiles of 64 with
+  up to three levels per launch (64, 32 and 16 rows of one program)."""
+  tile, per_launch = request.param
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
-  monkeypatch.setattr(kernels, "DEFAULT_TILE", 32)
+  monkeypatch.setattr(kernels, "DEFAULT_TILE", tile)
+  monkeypatch.setitem(kernels.TUNING, "levels_per_launch", per_launch)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -148,3 +152,23 @@ def test_pallas_on_cpu_is_a_clear_error():
   q = jnp.zeros((1, 64, 1, 16))
   with pytest.raises(ValueError, match="runs on a GPU"):
     hierarchical_attention(q, q, q, implementation="pallas")
+
+
+def test_level_groups():
+  # 4096 tokens, block 16: 8 levels (4096 .. 32 rows); tiles of 64.
+  groups = kernels._level_groups(4096, 8, 64, 16, 3)
+  assert groups == [(0, 3, 64), (3, 3, 64), (6, 2, 64)]
+  # One level per launch: the plain schedule, tile capped by the level.
+  assert kernels._level_groups(256, 4, 64, 16, 1) == [
+      (0, 1, 64), (1, 1, 64), (2, 1, 64), (3, 1, 32)]
+  # Every level's tile keeps >= 16 rows and >= one block.
+  assert kernels._level_groups(256, 4, 64, 16, 8) == [(0, 3, 64), (3, 1, 32)]
+  assert kernels._level_groups(1024, 4, 64, 64, 3) == [
+      (0, 1, 64), (1, 1, 64), (2, 1, 64), (3, 1, 64)]
+  for n0, levels, tile, nr, k in [(65536, 12, 64, 16, 3), (2048, 5, 128, 32, 4)]:
+    groups = kernels._level_groups(n0, levels, tile, nr, k)
+    assert [f for f, _, _ in groups] == list(
+        np.cumsum([0] + [g for _, g, _ in groups[:-1]]))
+    assert sum(g for _, g, _ in groups) == levels
+    for first, g, t in groups:
+      assert t == min(tile, n0 >> first) and (t >> (g - 1)) >= max(16, nr)

@@ -6,7 +6,8 @@ logits to memory, here each level is one kernel that reads its queries, keys
 and values once, keeps logits and probabilities on chip, and merges the
 coarser levels' result into its own:
 
-Forward, per level from the coarsest to the finest (one launch each):
+Forward, per level from the coarsest to the finest (one launch each, or
+several levels per launch, below):
   a program owns ``tile`` query rows of the level and reads the key rows
   ``[start - Nr, start + tile + Nr)`` (its own rows and one neighbour block
   on each side), forms the logits with the level's block structure as a
@@ -28,6 +29,14 @@ O(L) and every exponent is <= 0.
 
 The pyramid of coarse queries, keys and values, and the restriction of
 (M, G, E), are kernels too: one program reduces 64 rows through six levels.
+
+Levels per launch (``TUNING["levels_per_launch"]``, default 1): with ``g >
+1`` one launch computes ``g`` consecutive levels, each program the rows of
+its tile at the finest of them and of their ancestors (``t``, ``t/2``, ...
+rows, coarse to fine), handing each level's state to the next in registers
+instead of through memory; forward, dq and dk/dv alike. Same values (the
+tests run both schedules); whether it is faster is for the GPU to say
+(``scripts/profile_kernels.py --per_launch 1 3``).
 
 Requirements for the kernels (``unsupported_reason``): block_size a power
 of two >= 16, head dims powers of two >= 16, floating inputs of at most 32
@@ -55,9 +64,10 @@ _NO_KEY = -1e30
 _NO_ROW = 1e30
 # Query rows per program.
 DEFAULT_TILE = 64
-# Triton launch settings (read when a function is traced; for tuning):
-# warps per program (None: by tile size) and pipelining stages.
-TUNING = {"num_warps": None, "num_stages": 1}
+# Launch settings (read when a function is traced; for tuning): Triton
+# warps per program (None: by tile size) and pipelining stages, and how many
+# consecutive levels one launch computes (see _level_groups).
+TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1}
 
 
 def _pow2(x: int) -> bool:
@@ -133,22 +143,29 @@ def _dot(a, b, precision, trans_b=False):
                          preferred_element_type=jnp.float32)
 
 
-# ---------------------------------------------------------------- forward
+# ----------------------------------------------------- levels per launch
 
 
-def _fwd_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
-                precision):
-  if has_parent:
-    q_ref, k_ref, v_ref, c_ref, po_ref, plse_ref, o_ref, lse_ref = refs
-  else:
-    q_ref, k_ref, v_ref, c_ref, o_ref, lse_ref = refs
-    po_ref = plse_ref = None
-  start = pl.program_id(0) * tile
-  cq = c_ref[pl.ds(start, tile)]
-  _unless_padding(cq, lambda: _fwd_tile(
-      q_ref, k_ref, v_ref, c_ref, po_ref, plse_ref, o_ref, lse_ref, cq,
-      start, nr=nr, tile=tile, n=n, level0=level0, causal=causal,
-      scale=scale, precision=precision), [(o_ref, 0.0), (lse_ref, _NO_KEY)])
+def _level_groups(n0, levels, tile, nr, per_launch):
+  """(first level, number of levels, tile rows at the first) per launch.
+
+  A launch runs ``g`` consecutive levels ``l .. l+g-1`` in one program per
+  tile of level ``l``: the tile's rows at level ``l + j`` are the
+  ``t >> j`` rows of its ancestors, so each program works coarse to fine on
+  its own rows and hands each level's state to the next in registers, with
+  no redundant work. Every level's tile must keep >= 16 rows (the smallest
+  product) and >= ``nr`` (one block), which bounds ``g``. Finest first.
+  """
+  out, level = [], 0
+  while level < levels:
+    t = min(tile, n0 >> level)
+    g = 1
+    while (g < per_launch and level + g < levels
+           and (t >> g) >= max(16, nr)):
+      g += 1
+    out.append((level, g, t))
+    level += g
+  return out
 
 
 def _unless_padding(c, compute, fills):
@@ -158,7 +175,9 @@ def _unless_padding(c, compute, fills):
   instead, (ref, value) pairs: zero outputs and gradients (exactly what
   ``compute`` gives such rows, whose queries, cotangents and counts are
   zero) and no log-normaliser (padding rows take no gradient, and a coarse
-  row of padding has only padding children). Padding costs no attention.
+  row of padding has only padding children). Coarser levels of the same
+  program cover the same tokens, so they are padding too. Padding costs no
+  attention.
   """
   live = jnp.max(c) > 0
 
@@ -172,9 +191,49 @@ def _unless_padding(c, compute, fills):
       ref[...] = jnp.full(ref.shape, value, ref.dtype)
 
 
-def _fwd_tile(q_ref, k_ref, v_ref, c_ref, po_ref, plse_ref, o_ref, lse_ref,
-              cq, start, *, nr, tile, n, level0, causal, scale, precision):
-  has_parent = po_ref is not None
+def _split_refs(refs, per_level, levels, parent_refs, out_refs):
+  """[level refs (finest first)], parent refs or None, output refs."""
+  lv = [refs[per_level * j:per_level * (j + 1)] for j in range(levels)]
+  rest = refs[per_level * levels:]
+  parent = rest[:parent_refs] if parent_refs else None
+  return lv, parent, rest[parent_refs:parent_refs + out_refs]
+
+
+# ---------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, group, nr, causal, has_parent, scale, precision):
+  """Levels ``group`` (finest first: (n, t, level0) each) of one tile."""
+  levels, parent_refs, (o_ref, lse_ref) = _split_refs(
+      refs, 4, len(group), 2 if has_parent else 0, 2)
+  i = pl.program_id(0)
+  t0 = group[0][1]
+
+  def compute():
+    state = None
+    if parent_refs is not None:
+      state = (parent_refs[0][...], parent_refs[1][...])
+    for (q_ref, k_ref, v_ref, c_ref), (n, t, level0) in reversed(
+        list(zip(levels, group))):
+      start = i * t
+      state = _fwd_rows(q_ref, k_ref, v_ref, c_ref, state,
+                        c_ref[pl.ds(start, t)], start, nr=nr, tile=t, n=n,
+                        level0=level0, causal=causal, scale=scale,
+                        precision=precision)
+    o_ref[...] = state[0].astype(o_ref.dtype)
+    lse_ref[...] = state[1]
+
+  _unless_padding(levels[0][3][pl.ds(i * t0, t0)], compute,
+                  [(o_ref, 0.0), (lse_ref, _NO_KEY)])
+
+
+def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
+              level0, causal, scale, precision):
+  """(normalised output f32, lse) of a level's rows [start, start + tile).
+
+  ``parent``: the parent level's (output, lse) of these rows' parents, or
+  None at the coarsest level.
+  """
   qi = start + _iota(tile)
   q = q_ref[...]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
@@ -198,9 +257,9 @@ def _fwd_tile(q_ref, k_ref, v_ref, c_ref, po_ref, plse_ref, o_ref, lse_ref,
     part = _dot(p.astype(v.dtype), v, precision)
     y = part if y is None else y + part
 
-  if has_parent:
-    po = _repeat2(po_ref[...])
-    plse = _repeat2(plse_ref[...])
+  if parent is not None:
+    po = _repeat2(parent[0].astype(jnp.float32))
+    plse = _repeat2(parent[1])
     big = jnp.maximum(m, plse)
     a = jnp.exp(m - big)
     b = jnp.where(plse > 0.5 * _NO_KEY, jnp.exp(plse - big), 0.0)
@@ -212,8 +271,7 @@ def _fwd_tile(q_ref, k_ref, v_ref, c_ref, po_ref, plse_ref, o_ref, lse_ref,
   lse = jnp.where(has, m + jnp.log(jnp.where(has, z, 1.0)), _NO_KEY)
   if level0:
     o = jnp.where(cq[:, None] > 0, o, 0.0)
-  o_ref[...] = o.astype(o_ref.dtype)
-  lse_ref[...] = lse
+  return o, lse
 
 
 class _Specs:
@@ -252,35 +310,47 @@ class _Specs:
     return pl.BlockSpec((None, self.n), lambda i, j, k: (k, 0))
 
 
-def _level_forward(q, k, v, c, parent, *, nr, tile, level0, causal, scale,
-                   out_dtype, precision, interpret):
-  """One level: q, k, v [B, n, H, D(v)], c [B, n]; parent (o, lse) or None.
+def _group_specs(pyramid, first, count, t):
+  """(group, [_Specs]) of levels first .. first+count-1, finest first."""
+  group, specs = [], []
+  for j in range(count):
+    n = pyramid[first + j][0].shape[1]
+    group.append((n, t >> j, first + j == 0))
+    specs.append(_Specs(n, t >> j))
+  return tuple(group), specs
 
-  Returns o [B, n, H, Dv] (normalised, out_dtype) and lse [B, H, n] f32.
+
+def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
+                   out_dtype, precision, interpret):
+  """Levels first .. first+count-1 in one launch; parent (o, lse) or None.
+
+  Returns level ``first``'s o [B, n, H, Dv] (normalised, out_dtype) and
+  lse [B, H, n] f32.
   """
+  q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  t = min(tile, n)
-  grid = (n // t, h, b)
-  spec = _Specs(n, t)
-  in_specs = [spec.tile(d), spec.all(d), spec.all(dv), spec.counts()]
-  args = [q, k, v, c]
+  group, specs = _group_specs(pyramid, first, count, t)
+  in_specs, args = [], []
+  for j, spec in enumerate(specs):
+    in_specs += [spec.tile(d), spec.all(d), spec.all(dv), spec.counts()]
+    args += list(pyramid[first + j])
   if parent is not None:
-    in_specs += [spec.half(dv), spec.half_vec()]
+    in_specs += [specs[-1].half(dv), specs[-1].half_vec()]
     args += list(parent)
   kernel = functools.partial(
-      _fwd_kernel, nr=nr, tile=t, n=n, level0=level0, causal=causal,
+      _fwd_kernel, group=group, nr=nr, causal=causal,
       has_parent=parent is not None, scale=scale, precision=precision)
   return pl.pallas_call(
       kernel,
-      grid=grid,
+      grid=(n // t, h, b),
       in_specs=in_specs,
-      out_specs=[spec.tile(dv), spec.tile_vec()],
+      out_specs=[specs[0].tile(dv), specs[0].tile_vec()],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
                  jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
       interpret=interpret,
       compiler_params=_compiler_params(interpret, d, dv, t),
-      name=f"hattn_fwd_l{'0' if level0 else 'c'}",
+      name=f"hattn_fwd_l{first}" + (f"_{count}" if count > 1 else ""),
   )(*args)
 
 
@@ -306,27 +376,27 @@ def _prolong_weight(c, causal_q):
   return jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def _dq_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
-               precision):
-  if has_parent:
-    (q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdq_ref,
-     dq_ref) = refs
-  else:
-    q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, dq_ref = refs
-    pdq_ref = None
-  start = pl.program_id(0) * tile
-  cq = c_ref[pl.ds(start, tile)]
-  _unless_padding(cq, lambda: _dq_tile(
-      q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref,
-      pdq_ref, dq_ref, cq, start, nr=nr, tile=tile,
-      n=n, level0=level0, causal=causal, scale=scale, precision=precision),
-                  [(dq_ref, 0.0)])
+def _dq_kernel(*refs, group, nr, causal, has_parent, scale, precision):
+  levels, parent_refs, (dq_ref,) = _split_refs(
+      refs, 7, len(group), 1 if has_parent else 0, 1)
+  i = pl.program_id(0)
+  t0 = group[0][1]
+
+  def compute():
+    pdq = parent_refs[0][...] if parent_refs is not None else None
+    for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
+      start = i * t
+      pdq = _dq_rows(*level_refs, pdq, level_refs[3][pl.ds(start, t)], start,
+                     nr=nr, tile=t, n=n, level0=level0, causal=causal,
+                     scale=scale, precision=precision)
+    dq_ref[...] = pdq.astype(dq_ref.dtype)
+
+  _unless_padding(levels[0][3][pl.ds(i * t0, t0)], compute, [(dq_ref, 0.0)])
 
 
-def _dq_tile(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdq_ref,
-             dq_ref, cq, start, *, nr, tile, n, level0, causal, scale,
-             precision):
-  has_parent = pdq_ref is not None
+def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdq, cq, start,
+             *, nr, tile, n, level0, causal, scale, precision):
+  """dq (f32) of a level's rows, plus the parent's dq prolonged (or None)."""
   qi = start + _iota(tile)
   q = q_ref[...]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
@@ -348,35 +418,39 @@ def _dq_tile(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdq_ref,
     part = _dot(ds.astype(k.dtype), k, precision)
     dq = part if dq is None else dq + part
   dq = dq * scale
-  if has_parent:
+  if pdq is not None:
     w = _prolong_weight(cq, causal)
-    dq = dq + w[:, None] * _repeat2(pdq_ref[...])
+    dq = dq + w[:, None] * _repeat2(pdq.astype(jnp.float32))
   if level0:
     dq = jnp.where(cq[:, None] > 0, dq, 0.0)
-  dq_ref[...] = dq.astype(dq_ref.dtype)
+  return dq
 
 
-def _dkv_kernel(*refs, nr, tile, n, level0, causal, has_parent, scale,
-                precision):
-  if has_parent:
-    (q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdk_ref, pdv_ref,
-     dk_ref, dv_ref) = refs
-  else:
-    q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, dk_ref, dv_ref = refs
-    pdk_ref = pdv_ref = None
-  start = pl.program_id(0) * tile
-  ck = c_ref[pl.ds(start, tile)]
-  _unless_padding(ck, lambda: _dkv_tile(
-      q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref,
-      pdk_ref, pdv_ref, dk_ref, dv_ref, ck, start, nr=nr, tile=tile, n=n, level0=level0,
-      causal=causal, scale=scale, precision=precision),
+def _dkv_kernel(*refs, group, nr, causal, has_parent, scale, precision):
+  levels, parent_refs, (dk_ref, dv_ref) = _split_refs(
+      refs, 7, len(group), 2 if has_parent else 0, 2)
+  i = pl.program_id(0)
+  t0 = group[0][1]
+
+  def compute():
+    state = None
+    if parent_refs is not None:
+      state = (parent_refs[0][...], parent_refs[1][...])
+    for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
+      start = i * t
+      state = _dkv_rows(*level_refs, state, level_refs[3][pl.ds(start, t)],
+                        start, nr=nr, tile=t, n=n, level0=level0,
+                        causal=causal, scale=scale, precision=precision)
+    dk_ref[...] = state[0].astype(dk_ref.dtype)
+    dv_ref[...] = state[1].astype(dv_ref.dtype)
+
+  _unless_padding(levels[0][3][pl.ds(i * t0, t0)], compute,
                   [(dk_ref, 0.0), (dv_ref, 0.0)])
 
 
-def _dkv_tile(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdk_ref,
-              pdv_ref, dk_ref, dv_ref, ck, start, *, nr, tile, n, level0,
-              causal, scale, precision):
-  has_parent = pdk_ref is not None
+def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
+              start, *, nr, tile, n, level0, causal, scale, precision):
+  """(dk, dv) f32 of a level's key rows, plus the parent's prolonged."""
   kj = start + _iota(tile)
   k, v = k_ref[...], v_ref[...]
   k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
@@ -402,56 +476,61 @@ def _dkv_tile(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdk_ref,
     dk = part_k if dk is None else dk + part_k
     dv = part_v if dv is None else dv + part_v
   dk = dk * scale
-  if has_parent:
+  if parent is not None:
     w = _prolong_weight(ck, False)
-    dk = dk + w[:, None] * _repeat2(pdk_ref[...])
-    dv = dv + w[:, None] * _repeat2(pdv_ref[...])
+    dk = dk + w[:, None] * _repeat2(parent[0].astype(jnp.float32))
+    dv = dv + w[:, None] * _repeat2(parent[1].astype(jnp.float32))
   if level0:
     dk = jnp.where(ck[:, None] > 0, dk, 0.0)
     dv = jnp.where(ck[:, None] > 0, dv, 0.0)
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  return dk, dv
 
 
-def _level_backward(q, k, v, c, g, e, mrow, parent, *, nr, tile, level0,
-                    causal, scale, out_dtypes, precision, interpret):
-  """dq, dk, dv of one level (plus the parent's, prolonged)."""
+def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
+                    scale, out_dtypes, precision, interpret):
+  """dq, dk, dv of level ``first`` (levels first .. first+count-1 in one
+  launch each for dq and for dk/dv, plus the parent's, prolonged)."""
+  q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv_dim = v.shape[-1]
-  t = min(tile, n)
-  grid = (n // t, h, b)
-  spec = _Specs(n, t)
-  common = dict(nr=nr, tile=t, n=n, level0=level0, causal=causal,
+  group, specs = _group_specs(pyramid, first, count, t)
+  common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision)
   params = _compiler_params(interpret, d, dv_dim, t)
+  grid = (n // t, h, b)
+  suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
 
-  in_specs = [spec.tile(d), spec.all(d), spec.all(dv_dim), spec.counts(),
-              spec.tile(dv_dim), spec.tile_vec(), spec.tile_vec()]
-  args = [q, k, v, c, g, e, mrow]
+  in_specs, args = [], []
+  for j, spec in enumerate(specs):
+    in_specs += [spec.tile(d), spec.all(d), spec.all(dv_dim), spec.counts(),
+                 spec.tile(dv_dim), spec.tile_vec(), spec.tile_vec()]
+    args += list(pyramid[first + j]) + list(stats[first + j])
   if parent is not None:
-    in_specs.append(spec.half(d))
+    in_specs.append(specs[-1].half(d))
     args.append(parent[0])
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **common), grid=grid, in_specs=in_specs,
-      out_specs=spec.tile(d),
+      out_specs=specs[0].tile(d),
       out_shape=jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[0]),
       interpret=interpret, compiler_params=params,
-      name=f"hattn_dq_l{'0' if level0 else 'c'}")(*args)
+      name=f"hattn_dq_{suffix}")(*args)
 
-  in_specs = [spec.all(d), spec.tile(d), spec.tile(dv_dim), spec.counts(),
-              spec.all(dv_dim), spec.all_vec(), spec.all_vec()]
-  args = [q, k, v, c, g, e, mrow]
+  in_specs, args = [], []
+  for j, spec in enumerate(specs):
+    in_specs += [spec.all(d), spec.tile(d), spec.tile(dv_dim), spec.counts(),
+                 spec.all(dv_dim), spec.all_vec(), spec.all_vec()]
+    args += list(pyramid[first + j]) + list(stats[first + j])
   if parent is not None:
-    in_specs += [spec.half(d), spec.half(dv_dim)]
+    in_specs += [specs[-1].half(d), specs[-1].half(dv_dim)]
     args += [parent[1], parent[2]]
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **common), grid=grid, in_specs=in_specs,
-      out_specs=[spec.tile(d), spec.tile(dv_dim)],
+      out_specs=[specs[0].tile(d), specs[0].tile(dv_dim)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[1]),
                  jax.ShapeDtypeStruct((b, n, h, dv_dim), out_dtypes[2])],
       interpret=interpret, compiler_params=params,
-      name=f"hattn_dkv_l{'0' if level0 else 'c'}")(*args)
+      name=f"hattn_dkv_{suffix}")(*args)
   return dq, dk, dv
 
 
@@ -587,34 +666,38 @@ def _restrict(g, e, mrow, c, count, interpret):
   return [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, c0, nr, causal, tile, interpret, precision):
-  return _forward(q, k, v, c0, nr, causal, tile, interpret, precision)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _attention(q, k, v, c0, nr, causal, tile, interpret, precision,
+               per_launch):
+  return _forward(q, k, v, c0, nr, causal, tile, interpret, precision,
+                  per_launch)[0]
 
 
-def _forward(q, k, v, c0, nr, causal, tile, interpret, precision):
+def _forward(q, k, v, c0, nr, causal, tile, interpret, precision, per_launch):
   n = q.shape[1]
   levels = int(round(math.log2(n // nr)))
   scale = 1.0 / math.sqrt(q.shape[-1])
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret)
   parent = None
-  for level in reversed(range(levels)):
-    ql, kl, vl, cl = pyramid[level]
-    o, lse = _level_forward(
-        ql, kl, vl, cl, parent, nr=nr, tile=tile, level0=level == 0,
-        causal=causal, scale=scale,
-        out_dtype=q.dtype if level == 0 else jnp.float32,
+  for first, count, t in reversed(
+      _level_groups(n, levels, tile, nr, per_launch)):
+    o, lse = _group_forward(
+        pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
+        out_dtype=q.dtype if first == 0 else jnp.float32,
         precision=precision, interpret=interpret)
     parent = (o, lse)
   return o, (pyramid, o, lse)
 
 
-def _attention_fwd(q, k, v, c0, nr, causal, tile, interpret, precision):
-  o, res = _forward(q, k, v, c0, nr, causal, tile, interpret, precision)
+def _attention_fwd(q, k, v, c0, nr, causal, tile, interpret, precision,
+                   per_launch):
+  o, res = _forward(q, k, v, c0, nr, causal, tile, interpret, precision,
+                    per_launch)
   return o, res
 
 
-def _attention_bwd(nr, causal, tile, interpret, precision, res, d_o):
+def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, res,
+                   d_o):
   pyramid, o, lse = res
   q, k, v, c0 = pyramid[0]
   levels = len(pyramid)
@@ -630,15 +713,14 @@ def _attention_bwd(nr, causal, tile, interpret, precision, res, d_o):
     stats += _restrict(*stats[base], pyramid[base][3], count, interpret)
 
   parent = None
-  for level in reversed(range(levels)):
-    ql, kl, vl, cl = pyramid[level]
-    gl, el, ml = stats[level]
-    dtypes = ((q.dtype, k.dtype, v.dtype) if level == 0 else
+  for first, count, t in reversed(
+      _level_groups(q.shape[1], levels, tile, nr, per_launch)):
+    dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (jnp.float32,) * 3)
-    parent = _level_backward(
-        ql, kl, vl, cl, gl, el, ml, parent, nr=nr, tile=tile,
-        level0=level == 0, causal=causal, scale=scale, out_dtypes=dtypes,
-        precision=precision, interpret=interpret)
+    parent = _group_backward(
+        pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
+        scale=scale, out_dtypes=dtypes, precision=precision,
+        interpret=interpret)
   dq, dk, dv = parent
   return dq, dk, dv, jnp.zeros_like(c0)
 
@@ -648,7 +730,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
                                   causal, interpret=False,
-                                  tile=DEFAULT_TILE):
+                                  tile=None):
   """Core on validated inputs (see ``hierarchical.hierarchical_attention_xla``).
 
   Args:
@@ -657,7 +739,8 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
     block_size: power of two >= 16.
     causal: causal attention.
     interpret: run the kernels in Pallas interpret mode (any backend).
-    tile: query rows per program (a power of two).
+    tile: query rows per program at the finest level (a power of two;
+      default DEFAULT_TILE).
 
   Returns:
     [B, L, H, Dv] in the query dtype, zero where ``valid`` is False.
@@ -666,6 +749,7 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   if reason:
     raise ValueError(f"implementation='pallas' cannot run these inputs: "
                      f"{reason}. Use implementation='xla'.")
+  tile = DEFAULT_TILE if tile is None else tile
   if not _pow2(tile):
     raise ValueError(f"tile must be a power of two, got {tile}.")
   batch, length = query.shape[:2]
@@ -680,6 +764,8 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
     query, key, value = pad(query), pad(key), pad(value)
   precision = (lax.Precision.HIGHEST if dtype == jnp.float32 else
                lax.Precision.DEFAULT)
+  per_launch = int(TUNING.get("levels_per_launch") or 1)
   out = _attention(query, key, value, c0, block_size, bool(causal),
-                   max(tile, block_size), bool(interpret), precision)
+                   max(tile, block_size), bool(interpret), precision,
+                   per_launch)
   return out[:, :length]
