@@ -89,6 +89,18 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 def test_pallas_kernels_match_xla(case, causal, dtype):
+  _check_pallas_against_xla(case, causal, dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
+  from htransformer.attention import kernels
+  monkeypatch.setitem(kernels.TUNING, "levels_per_launch", 3)
+  _check_pallas_against_xla(KERNEL_CASES[0], causal, "bfloat16")
+  _check_pallas_against_xla(KERNEL_CASES[1], causal, "float32")
+
+
+def _check_pallas_against_xla(case, causal, dtype):
   batch, length, heads, d, dv, block_size, holes = case
   keys = jax.random.split(jax.random.key(length + causal), 5)
   q, k = (jax.random.normal(x, (batch, length, heads, d)) for x in keys[:2])
