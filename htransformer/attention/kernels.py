@@ -191,40 +191,44 @@ def _unless_padding(c, compute, fills):
       ref[...] = jnp.full(ref.shape, value, ref.dtype)
 
 
-def _split_refs(refs, per_level, levels, parent_refs, out_refs):
-  """[level refs (finest first)], parent refs or None, output refs."""
-  lv = [refs[per_level * j:per_level * (j + 1)] for j in range(levels)]
-  rest = refs[per_level * levels:]
-  parent = rest[:parent_refs] if parent_refs else None
-  return lv, parent, rest[parent_refs:parent_refs + out_refs]
+def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
+  """The body of a kernel over a group of levels (see _level_groups).
+
+  ``refs``: per level (finest first) ``per_level`` refs whose fourth is the
+  level's counts, then the parent level's refs (as many as ``fills``) if
+  ``has_parent``, then the outputs (one per value in ``fills``). ``rows``
+  computes one level's rows from its refs, the coarser level's results
+  (a tuple, or None) and (counts of the rows, first row); called coarse to
+  fine, it returns the tuple of results that the finest level writes.
+  """
+  count = len(group)
+  levels = [refs[per_level * j:per_level * (j + 1)] for j in range(count)]
+  rest = refs[per_level * count:]
+  n_parent = len(fills) if has_parent else 0
+  parent_refs, out_refs = rest[:n_parent], rest[n_parent:]
+  i = pl.program_id(0)
+
+  def compute():
+    state = tuple(r[...] for r in parent_refs) if has_parent else None
+    for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
+      start = i * t
+      state = rows(*level_refs, state, level_refs[3][pl.ds(start, t)], start,
+                   tile=t, n=n, level0=level0, **kw)
+    for ref, value in zip(out_refs, state):
+      ref[...] = value.astype(ref.dtype)
+
+  t0 = group[0][1]
+  _unless_padding(levels[0][3][pl.ds(i * t0, t0)], compute,
+                  list(zip(out_refs, fills)))
 
 
 # ---------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, group, nr, causal, has_parent, scale, precision):
-  """Levels ``group`` (finest first: (n, t, level0) each) of one tile."""
-  levels, parent_refs, (o_ref, lse_ref) = _split_refs(
-      refs, 4, len(group), 2 if has_parent else 0, 2)
-  i = pl.program_id(0)
-  t0 = group[0][1]
-
-  def compute():
-    state = None
-    if parent_refs is not None:
-      state = (parent_refs[0][...], parent_refs[1][...])
-    for (q_ref, k_ref, v_ref, c_ref), (n, t, level0) in reversed(
-        list(zip(levels, group))):
-      start = i * t
-      state = _fwd_rows(q_ref, k_ref, v_ref, c_ref, state,
-                        c_ref[pl.ds(start, t)], start, nr=nr, tile=t, n=n,
-                        level0=level0, causal=causal, scale=scale,
-                        precision=precision)
-    o_ref[...] = state[0].astype(o_ref.dtype)
-    lse_ref[...] = state[1]
-
-  _unless_padding(levels[0][3][pl.ds(i * t0, t0)], compute,
-                  [(o_ref, 0.0), (lse_ref, _NO_KEY)])
+def _fwd_kernel(*refs, group, has_parent, **kw):
+  """Forward of levels ``group`` (finest first: (n, t, level0) each)."""
+  _run_levels(refs, _fwd_rows, group=group, per_level=4,
+              has_parent=has_parent, fills=(0.0, _NO_KEY), **kw)
 
 
 def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
@@ -376,27 +380,14 @@ def _prolong_weight(c, causal_q):
   return jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def _dq_kernel(*refs, group, nr, causal, has_parent, scale, precision):
-  levels, parent_refs, (dq_ref,) = _split_refs(
-      refs, 7, len(group), 1 if has_parent else 0, 1)
-  i = pl.program_id(0)
-  t0 = group[0][1]
-
-  def compute():
-    pdq = parent_refs[0][...] if parent_refs is not None else None
-    for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
-      start = i * t
-      pdq = _dq_rows(*level_refs, pdq, level_refs[3][pl.ds(start, t)], start,
-                     nr=nr, tile=t, n=n, level0=level0, causal=causal,
-                     scale=scale, precision=precision)
-    dq_ref[...] = pdq.astype(dq_ref.dtype)
-
-  _unless_padding(levels[0][3][pl.ds(i * t0, t0)], compute, [(dq_ref, 0.0)])
+def _dq_kernel(*refs, group, has_parent, **kw):
+  _run_levels(refs, _dq_rows, group=group, per_level=7,
+              has_parent=has_parent, fills=(0.0,), **kw)
 
 
-def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdq, cq, start,
-             *, nr, tile, n, level0, causal, scale, precision):
-  """dq (f32) of a level's rows, plus the parent's dq prolonged (or None)."""
+def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
+             start, *, nr, tile, n, level0, causal, scale, precision):
+  """(dq,) f32 of a level's rows, plus the parent's (dq,) prolonged."""
   qi = start + _iota(tile)
   q = q_ref[...]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
@@ -418,34 +409,17 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, pdq, cq, start,
     part = _dot(ds.astype(k.dtype), k, precision)
     dq = part if dq is None else dq + part
   dq = dq * scale
-  if pdq is not None:
+  if parent is not None:
     w = _prolong_weight(cq, causal)
-    dq = dq + w[:, None] * _repeat2(pdq.astype(jnp.float32))
+    dq = dq + w[:, None] * _repeat2(parent[0].astype(jnp.float32))
   if level0:
     dq = jnp.where(cq[:, None] > 0, dq, 0.0)
-  return dq
+  return (dq,)
 
 
-def _dkv_kernel(*refs, group, nr, causal, has_parent, scale, precision):
-  levels, parent_refs, (dk_ref, dv_ref) = _split_refs(
-      refs, 7, len(group), 2 if has_parent else 0, 2)
-  i = pl.program_id(0)
-  t0 = group[0][1]
-
-  def compute():
-    state = None
-    if parent_refs is not None:
-      state = (parent_refs[0][...], parent_refs[1][...])
-    for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
-      start = i * t
-      state = _dkv_rows(*level_refs, state, level_refs[3][pl.ds(start, t)],
-                        start, nr=nr, tile=t, n=n, level0=level0,
-                        causal=causal, scale=scale, precision=precision)
-    dk_ref[...] = state[0].astype(dk_ref.dtype)
-    dv_ref[...] = state[1].astype(dv_ref.dtype)
-
-  _unless_padding(levels[0][3][pl.ds(i * t0, t0)], compute,
-                  [(dk_ref, 0.0), (dv_ref, 0.0)])
+def _dkv_kernel(*refs, group, has_parent, **kw):
+  _run_levels(refs, _dkv_rows, group=group, per_level=7,
+              has_parent=has_parent, fills=(0.0, 0.0), **kw)
 
 
 def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
