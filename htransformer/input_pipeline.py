@@ -29,6 +29,14 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // n
 
 
+def read_batch(source, indices) -> dict[str, np.ndarray]:
+  """Items ``indices`` of ``source`` stacked: one ``get_batch`` call where
+  the source offers it (preloaded images), else item by item."""
+  if hasattr(source, "get_batch"):
+    return source.get_batch(np.asarray(indices, np.int64))
+  return byte_source.stack_items([source[int(i)] for i in indices])
+
+
 class ShuffledBatches(grain.MapDataset):
   """Batches of an example-level shuffle, with a fresh permutation per epoch.
 
@@ -91,10 +99,7 @@ class ShuffledBatches(grain.MapDataset):
   def __getitem__(self, b):
     if isinstance(b, slice):
       return self.slice(b)
-    idx = self.indices(int(b))
-    if hasattr(self._source, "get_batch"):
-      return self._source.get_batch(idx)
-    return byte_source.stack_items([self._source[int(i)] for i in idx])
+    return read_batch(self._source, self.indices(int(b)))
 
 
 def train_dataset(source, global_batch_size: int, seed: int):
@@ -128,8 +133,7 @@ def eval_batches(source, global_batch_size: int):
     idx = np.arange(b * global_batch_size + first,
                     b * global_batch_size + first + local)
     weights = (idx < n).astype(np.float32)
-    batch = byte_source.stack_items(
-        [source[int(i) if i < n else 0] for i in idx])
+    batch = read_batch(source, np.where(idx < n, idx, 0))
     if "weights" in batch:
       weights = batch["weights"] * weights.reshape(
           (-1,) + (1,) * (batch["weights"].ndim - 1))

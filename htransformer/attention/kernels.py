@@ -474,12 +474,14 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   params = _compiler_params(interpret, d, dv_dim, t)
   grid = (n // t, h, b)
   suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
+  # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
+  level_args = [x for j in range(count)
+                for x in (*pyramid[first + j], *stats[first + j])]
 
-  in_specs, args = [], []
-  for j, spec in enumerate(specs):
+  in_specs, args = [], list(level_args)
+  for spec in specs:
     in_specs += [spec.tile(d), spec.all(d), spec.all(dv_dim), spec.counts(),
                  spec.tile(dv_dim), spec.tile_vec(), spec.tile_vec()]
-    args += list(pyramid[first + j]) + list(stats[first + j])
   if parent is not None:
     in_specs.append(specs[-1].half(d))
     args.append(parent[0])
@@ -490,11 +492,10 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
       interpret=interpret, compiler_params=params,
       name=f"hattn_dq_{suffix}")(*args)
 
-  in_specs, args = [], []
-  for j, spec in enumerate(specs):
+  in_specs, args = [], list(level_args)
+  for spec in specs:
     in_specs += [spec.all(d), spec.tile(d), spec.tile(dv_dim), spec.counts(),
                  spec.all(dv_dim), spec.all_vec(), spec.all_vec()]
-    args += list(pyramid[first + j]) + list(stats[first + j])
   if parent is not None:
     in_specs += [specs[-1].half(d), specs[-1].half(dv_dim)]
     args += [parent[1], parent[2]]
