@@ -17,6 +17,8 @@ kernels) with the largest total time, the same grouped by kernel name
 how busy the device was over the traced wall time. With XLA's command
 buffers on (the default) a step shows as one ``command_buffer`` entry: set
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see its kernels.
+``--levels_per_launch=G`` runs the fused kernels with G levels per launch
+(``kernels.TUNING``) instead of the default.
 
   python scripts/step_time.py --config=configs/lm1b.py:text4096 \
       [--config.model.attention=full] [--steps=50]
@@ -54,6 +56,8 @@ flags.DEFINE_string("out", "", "Append the JSON line to this file.")
 flags.DEFINE_integer("profile", 0, "Trace this many device steps and print "
                      "the operations that take the device time.")
 flags.DEFINE_integer("top", 25, "Operations listed by --profile.")
+flags.DEFINE_integer("levels_per_launch", 0, "Fused kernels: levels per "
+                     "launch (kernels.TUNING); 0 keeps the default.")
 FLAGS = flags.FLAGS
 
 
@@ -127,6 +131,9 @@ def main(argv):
   del argv
   config = FLAGS.config
   steps = FLAGS.steps
+  if FLAGS.levels_per_launch:
+    from htransformer.attention import kernels  # pylint: disable=g-import-not-at-top
+    kernels.TUNING["levels_per_launch"] = FLAGS.levels_per_launch
   with tempfile.TemporaryDirectory() as workdir:
     task = tasks.get_task(config, workdir)
     model = train.build_model(config, task, config.seed)
@@ -174,6 +181,8 @@ def main(argv):
          "data_batches_per_sec": round(data_rate, 2),
          "device_steps_per_sec": round(step_rate, 2),
          "loop_steps_per_sec": round(loop_rate, 2)}
+  if FLAGS.levels_per_launch:
+    row["levels_per_launch"] = FLAGS.levels_per_launch
   if profile is not None:
     row["profile"] = profile
   line = json.dumps(row)
