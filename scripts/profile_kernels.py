@@ -1,13 +1,14 @@
 r"""Where the fused hierarchical attention's time goes, on a GPU.
 
 Times (median of back-to-back calls) the stages of
-``implementation="pallas"`` at 65,536 tokens (bf16, heads 8, head_dim 64):
+``implementation="pallas"`` at 65,536 tokens (bf16, heads 8, head_dim 64 or
+``--head_dim``):
 the coarse pyramid alone, the forward, forward+backward, for several tiles,
 warp counts and levels per launch (``kernels.TUNING``), next to the card's
 copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 32 64 128]
-      [--warps 0 4 8] [--per_launch 1 3]
+      [--warps 0 4 8] [--per_launch 1 3] [--head_dim 128] [--causal]
 """
 
 import argparse
@@ -61,6 +62,7 @@ def main():
   parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
                       help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--tokens", type=int, default=65536)
+  parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--causal", action="store_true")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -70,12 +72,12 @@ def main():
   rng = np.random.default_rng(0)
   for length in args.lengths:
     batch = max(1, args.tokens // length)
-    shape = (batch, length, 8, 64)
+    shape = (batch, length, 8, args.head_dim)
     q, k, v, ct = (jnp.asarray(rng.standard_normal(shape, np.float32),
                                jnp.bfloat16) for _ in range(4))
     c0 = jnp.ones((batch, length), jnp.float32)
     levels = int(np.log2(length // 16))
-    row = {"length": length, "batch": batch,
+    row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "pyramid_ms": bench(lambda q, k, v: kernels._pyramid(
                q, k, v, c0, levels, args.causal, False), q, k, v),
            "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
