@@ -16,6 +16,7 @@ htransformer/lra.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -39,6 +40,32 @@ def default_cache_dir() -> str:
   return os.environ.get(
       "HTRANSFORMER_CACHE",
       os.path.join(os.path.expanduser("~"), ".cache", "htransformer"))
+
+
+GENERATOR_FILES = ("listops_generation.json", "pathfinder_generation.json")
+
+
+def data_origin(data_dir: str) -> dict:
+  """Where a task's data came from, for results.json.
+
+  ``{"data_dir": ..., "generated": bool}`` plus the generator's record
+  (generator, seed, sizes) when the folder was written by one of this
+  repository's generators (ListOps, Pathfinder / Path-X), whether it was
+  found in the cache or passed as ``data_dir``.
+  """
+  out = {"data_dir": data_dir, "generated": False}
+  for name in GENERATOR_FILES:
+    path = os.path.join(data_dir, name) if data_dir else ""
+    if path and os.path.isfile(path):
+      with open(path) as f:
+        meta = json.load(f)
+      out["generated"] = True
+      out["generator"] = {k: meta[k] for k in
+                          ("generator", "seed", "num_train", "num_val",
+                           "num_test", "num_images", "resolution")
+                          if k in meta}
+      break
+  return out
 
 
 def get_task(config, workdir: str | None = None) -> Task:

@@ -335,6 +335,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.close()
   ckpt.close()
   results["total_parameters"] = total
+  results["data"] = tasks.data_origin(task.data_dir)
+  results["num_train_steps"] = int(config.num_train_steps)
   if rates:
     steady = rates[1:] or rates
     results["steps_per_sec"] = float(np.median(steady))
@@ -345,6 +347,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
     print("Final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
-                                f"{k} {v}" for k, v in results.items()),
+                                f"{k} {v}" for k, v in results.items()
+                                if k != "data"),
           flush=True)
   return results

@@ -114,6 +114,36 @@ def test_pathx_resolution(tmp_path):
   assert item["inputs"].shape == (16384,)
 
 
+def test_preload_decodes_in_worker_processes(gen, monkeypatch):
+  """decode_all with worker processes gives every image, in order."""
+  paths, _, _ = pf.read_metadata(gen["w1"])
+  serial = pf.decode_all(paths, 32, workers=1)
+  monkeypatch.setattr(pf, "MIN_IMAGES_PER_WORKER", 4)
+  parallel = pf.decode_all(paths, 32, workers=3)
+  assert parallel.shape == (N, 1024) and parallel.dtype == np.uint8
+  np.testing.assert_array_equal(parallel, serial)
+  for i in (0, N - 1):
+    np.testing.assert_array_equal(
+        serial[i], png.decode(open(paths[i], "rb").read()).reshape(-1))
+  assert pf.decode_all([], 32).shape == (0, 1024)
+
+
+def test_data_origin_names_the_generator(tmp_path):
+  """tasks.data_origin (results.json's "data") tells generated data from a
+  folder of files, also when the generated folder is passed as data_dir."""
+  from htransformer import tasks  # pylint: disable=g-import-not-at-top
+  d = pf.generate(str(tmp_path / "gen"), 32, 3, seed=5, workers=1)
+  origin = tasks.data_origin(d)
+  assert origin["generated"] is True and origin["data_dir"] == d
+  assert origin["generator"] == {"generator": "htransformer.data.pathfinder",
+                                 "seed": 5, "num_images": 3,
+                                 "resolution": 32}
+  os.makedirs(tmp_path / "release")
+  assert tasks.data_origin(str(tmp_path / "release")) == {
+      "data_dir": str(tmp_path / "release"), "generated": False}
+  assert tasks.data_origin("tfds:cifar10")["generated"] is False
+
+
 def test_generate_rejects_bad_args(tmp_path):
   with pytest.raises(ValueError, match="resolution"):
     pf.generate(str(tmp_path), 64, 3)

@@ -91,6 +91,44 @@ def test_collect_only_writes_own_section(tmp_path, capsys):
                                       + rl.SECTION)
 
 
+def test_data_record_and_shortened_schedules(tmp_path):
+  """results.json's data record overrides the data_dir guess; a run with
+  fewer steps than its config is marked with both step counts."""
+  root = str(tmp_path / "runs")
+  full = rl.config_steps("pathfinder")
+  assert full == 62600
+  _fake_run(root, "pathfinder", "hierarchical", 0.5, data_dir="/tmp/pf32")
+  _fake_run(root, "pathfinder", "full", 0.7, data_dir="/lra_release")
+  _fake_run(root, "listops", "hierarchical", 0.4)
+  for model, generated, steps in (("hierarchical", True, 6260),
+                                  ("full", False, full)):
+    path = os.path.join(root, f"pathfinder-{model}", "results.json")
+    r = json.load(open(path))
+    r.update(data={"data_dir": "x", "generated": generated},
+             num_train_steps=steps)
+    json.dump(r, open(path, "w"))
+  entries = {(t, m): rl.collect(rl.workdir_for(root, t, m), t)
+             for t in rl.TASKS for m in rl.MODELS}
+  assert entries[("pathfinder", "hierarchical")]["steps"] == (6260, full)
+  assert "steps" not in entries[("pathfinder", "full")]
+  text = rl.table(entries)
+  ours = [c.strip() for c in _row(text, "H-Transformer-1D, block 16 (ours)")
+          .strip("|").split("|")]
+  assert ours[5] == "50.00 (gen., 6,260 of 62,600 steps)"
+  assert ours[1] == "40.00 (gen.)"  # Old results.json: guessed from data_dir.
+  theirs = [c.strip() for c in _row(text, "Transformer, full").strip(
+      "|").split("|")]
+  assert theirs[5] == "70.00"
+  # An unfinished run says how far it got.
+  _fake_run(root, "pathx", "full", 0.5, finished=False)
+  cfg_path = os.path.join(root, "pathx-full", "config.json")
+  json.dump({"task": "pathx", "num_train_steps": 25000}, open(cfg_path, "w"))
+  with open(os.path.join(root, "pathx-full", "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 7500, "train_loss": 0.69}) + "\n")
+  entry = rl.collect(rl.workdir_for(root, "pathx", "full"), "pathx")
+  assert rl._cell(entry) == "unfinished (7,500 of 25,000 steps)"
+
+
 def test_commands():
   cmd = rl.run_command("py", "text", "full", "/w/text-full", "quick",
                        "/d/aclImdb", ["batch_size=8"])

@@ -255,6 +255,13 @@ def test_quick_job_end_to_end(tmp_path):
   best_eval = max(r["eval_accuracy"] for r in rows if "eval_accuracy" in r)
   assert best_eval > 0.25, best_eval  # Majority class is ~17%.
   assert results["test_accuracy"] > 0.25, results
+  # Where the data came from and the schedule, for the results table.
+  assert results["data"]["generated"] is True
+  assert results["data"]["generator"]["generator"] == (
+      "htransformer.data.listops")
+  assert results["data"]["data_dir"].startswith(str(env_cache))
+  assert results["num_train_steps"] == json.load(
+      open(tmp_path / "run" / "config.json"))["num_train_steps"]
 
 
 def test_attention_layer_passes_implementation():

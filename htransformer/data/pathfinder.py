@@ -548,6 +548,41 @@ def read_image(path: str, resolution: int | None = None) -> np.ndarray:
   return img
 
 
+MIN_IMAGES_PER_WORKER = 2000  # Fewer: decoding in this process is faster.
+
+
+def _decode_range(args) -> np.ndarray:
+  paths, resolution = args
+  out = np.empty((len(paths), resolution * resolution), np.uint8)
+  for i, p in enumerate(paths):
+    out[i] = read_image(p, resolution).reshape(-1)
+  return out
+
+
+def decode_all(paths, resolution: int, workers: int | None = None
+               ) -> np.ndarray:
+  """uint8 [len(paths), R*R]: every image decoded, in worker processes when
+  there are many (decoding is CPU-bound: ~0.5 ms per 128 px image)."""
+  paths = list(paths)
+  out = np.empty((len(paths), resolution * resolution), np.uint8)
+  workers = _default_workers() if not workers else int(workers)
+  workers = min(workers, max(1, len(paths) // MIN_IMAGES_PER_WORKER))
+  if workers <= 1:
+    return _decode_range((paths, resolution)) if paths else out
+  start = time.time()
+  chunk = -(-len(paths) // (8 * workers))
+  ranges = [(i, min(i + chunk, len(paths)))
+            for i in range(0, len(paths), chunk)]
+  ctx = multiprocessing.get_context("spawn")
+  with ctx.Pool(workers) as pool:
+    for (a, b), pixels in zip(ranges, pool.imap(
+        _decode_range, [(paths[a:b], resolution) for a, b in ranges])):
+      out[a:b] = pixels
+  logging.info("Decoded %d images of %d px in %.1f s with %d processes.",
+               len(paths), resolution, time.time() - start, workers)
+  return out
+
+
 class PathfinderSource:
   """grain RandomAccessDataSource over some images of an image folder.
 
@@ -556,16 +591,14 @@ class PathfinderSource:
   construction (uint8, R*R bytes each); otherwise on access.
   """
 
-  def __init__(self, paths, labels, resolution: int, preload: bool = True):
+  def __init__(self, paths, labels, resolution: int, preload: bool = True,
+               workers: int | None = None):
     self._paths = list(paths)
     self.labels = np.asarray(labels, np.int32)
     self.resolution = int(resolution)
     self._pixels = None
     if preload:
-      n = len(self._paths)
-      self._pixels = np.zeros((n, resolution * resolution), np.uint8)
-      for i, p in enumerate(self._paths):
-        self._pixels[i] = read_image(p, resolution).reshape(-1)
+      self._pixels = decode_all(self._paths, self.resolution, workers)
 
   def __len__(self):
     return len(self.labels)
@@ -591,18 +624,31 @@ class PathfinderSource:
             f"size={len(self)})")
 
 
+def _preload_budget() -> int:
+  """Bytes of pixels worth keeping in memory: a quarter of what is free."""
+  try:
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    free = 0
+  return max(2 * 2**30, free // 4)
+
+
 def load_sources(folder: str, resolution: int, split_seed: int = 0,
                  preload: bool | None = None) -> dict[str, PathfinderSource]:
   """{'train', 'val', 'test'} -> PathfinderSource (80/10/10 split).
 
-  preload defaults to True when all pixels take under 2 GB.
+  preload (decode every image once, in worker processes, and keep the
+  pixels in memory: batches then cost one indexing operation instead of a
+  PNG decode per image) defaults to True when all pixels fit in a quarter
+  of the host's available memory, and at least when they take under 2 GB
+  (Path-X's 200,000 images take 3.3 GB).
   """
   paths, labels, _ = read_metadata(folder)
   if not paths:
     raise FileNotFoundError(f"Pathfinder folder {folder} has no readable "
                             "images.")
   if preload is None:
-    preload = len(paths) * resolution * resolution < 2 * 2**30
+    preload = len(paths) * resolution * resolution < _preload_budget()
   out = {}
   for split, idx in split_indices(len(paths), split_seed).items():
     out[split] = PathfinderSource([paths[i] for i in idx], labels[idx],
