@@ -15,6 +15,10 @@ job; ``--set k=v`` (repeatable) adds the same override to every run.
 ``--launch``:
   local    run the grid here, one run after another (a run that was
            interrupted resumes from its checkpoint when launched again);
+           with ``--gpus=0,1,2,3`` (or ``--gpus=4``) one run per GPU at a
+           time, each seeing only its GPU, its console in
+           ``WORKDIR/<name>/log.txt`` (runs that generate the same data
+           wait for the first one's copy);
   print    print one command per line (stdout) for a cluster launcher;
   collect  only gather the results.
 
@@ -35,6 +39,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -118,6 +123,57 @@ def _absolute_config(spec: str) -> str:
   return os.path.abspath(path) + colon + arg
 
 
+def parse_gpus(text: str) -> list[str]:
+  """'0,1,2,3' -> ['0', '1', '2', '3']; '4' (a count) -> the same."""
+  parts = [p.strip() for p in text.split(",") if p.strip()]
+  if len(parts) == 1 and parts[0].isdigit() and "," not in text:
+    count = int(parts[0])
+    if count < 1:
+      raise ValueError(f"--gpus={text!r}: need at least one GPU.")
+    return [str(i) for i in range(count)]
+  if not parts or not all(p.isdigit() for p in parts):
+    raise ValueError(f"--gpus={text!r} is not a count or a list of GPU "
+                     "ids like 0,1,2,3.")
+  if len(set(parts)) != len(parts):
+    raise ValueError(f"--gpus={text!r} names a GPU twice.")
+  return parts
+
+
+def run_on_gpus(names, commands, gpus, env, sweep_dir) -> list[str]:
+  """Runs the commands one per GPU at a time (CUDA_VISIBLE_DEVICES), each
+  writing its console output to WORKDIR/<name>/log.txt; returns the failed
+  names. A GPU takes the next run as soon as its run ends."""
+  pending = list(zip(names, commands))
+  running = {}  # gpu -> (name, process, log file)
+  failed = []
+  done = 0
+  while pending or running:
+    for gpu in gpus:
+      if gpu not in running and pending:
+        name, cmd = pending.pop(0)
+        os.makedirs(os.path.join(sweep_dir, name), exist_ok=True)
+        log = open(os.path.join(sweep_dir, name, "log.txt"), "a")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                env=dict(env, CUDA_VISIBLE_DEVICES=gpu))
+        running[gpu] = (name, proc, log)
+        print(f"[GPU {gpu}] started {name} (log: "
+              f"{os.path.join(sweep_dir, name, 'log.txt')})", flush=True)
+    time.sleep(0.5)
+    for gpu, (name, proc, log) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      log.close()
+      del running[gpu]
+      done += 1
+      status = "finished" if proc.returncode == 0 else "FAILED"
+      print(f"[GPU {gpu}] {status} {name} ({done}/{len(names)})",
+            flush=True)
+      if proc.returncode:
+        failed.append(name)
+  return failed
+
+
 # ----------------------------------------------------------------------------
 # Results.
 
@@ -190,11 +246,23 @@ def parse_args(argv):
   p.add_argument("--launch", choices=LAUNCH, default="local")
   p.add_argument("--set", action="append", default=[], metavar="K=V",
                  help="an override for every run (repeatable)")
+  p.add_argument("--gpus", default="",
+                 help="with --launch=local: run one run per GPU at a time, "
+                 "e.g. 0,1,2,3 or 4 (each run sees only its GPU through "
+                 "CUDA_VISIBLE_DEVICES; its console goes to "
+                 "WORKDIR/<name>/log.txt)")
   p.add_argument("--python", default=sys.executable,
                  help="interpreter of the runs (default: this one)")
   args = p.parse_args(argv)
   if args.launch != "collect" and not (args.config and args.sweep):
     p.error(f"--launch={args.launch} needs --config and --sweep.")
+  if args.gpus:
+    if args.launch != "local":
+      p.error("--gpus goes with --launch=local.")
+    try:
+      args.gpus = parse_gpus(args.gpus)
+    except ValueError as e:
+      p.error(str(e))
   return args
 
 
@@ -234,11 +302,14 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    for i, (name, cmd) in enumerate(zip(names, commands)):
-      print(f"[{i + 1}/{len(commands)}] {name}", flush=True)
-      if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode:
-        failed.append(name)
-        print(f"Run {name} failed.", file=sys.stderr, flush=True)
+    if args.gpus:
+      failed = run_on_gpus(names, commands, args.gpus, env, sweep_dir)
+    else:
+      for i, (name, cmd) in enumerate(zip(names, commands)):
+        print(f"[{i + 1}/{len(commands)}] {name}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode:
+          failed.append(name)
+          print(f"Run {name} failed.", file=sys.stderr, flush=True)
 
   if names is None:
     names = run_dirs(sweep_dir)

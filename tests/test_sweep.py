@@ -111,16 +111,48 @@ def test_collect(tmp_path):
   assert "| a=3 (no metrics) | - | - | - | - |" in r.stdout
 
 
-def test_local_run(tmp_path):
+def _tiny_overrides(tmp_path):
   from htransformer.data import listops  # pylint: disable=g-import-not-at-top
   data = tmp_path / "data"
   listops.generate(str(data), num_train=200, num_val=32, num_test=32, seed=0,
                    min_length=5, max_length=30, workers=1)
-  overrides = [f"data_dir={data}", "max_length=30", "model.num_layers=1",
-               "model.emb_dim=16", "model.qkv_dim=16", "model.mlp_dim=16",
-               "model.num_heads=2", "batch_size=8", "eval_batch_size=16",
-               "num_train_steps=4", "log_every=2", "eval_every=2",
-               "checkpoint_every=4", "optimizer.warmup_steps=2"]
+  return [f"data_dir={data}", "max_length=30", "model.num_layers=1",
+          "model.emb_dim=16", "model.qkv_dim=16", "model.mlp_dim=16",
+          "model.num_heads=2", "batch_size=8", "eval_batch_size=16",
+          "num_train_steps=4", "log_every=2", "eval_every=2",
+          "checkpoint_every=4", "optimizer.warmup_steps=2"]
+
+
+def test_local_run_one_per_gpu(tmp_path):
+  """--gpus: the runs go concurrently, each with its own
+  CUDA_VISIBLE_DEVICES and its console in WORKDIR/<name>/log.txt."""
+  overrides = _tiny_overrides(tmp_path)
+  python = tmp_path / "python"  # Records the GPU each run was given.
+  python.write_text(f'#!/bin/sh\necho "GPU=$CUDA_VISIBLE_DEVICES"\n'
+                    f'exec {sys.executable} "$@"\n')
+  python.chmod(0o755)
+  r = run_sweep("--config=configs/listops.py:quick",
+                "--sweep=model.block_size=4,8,16", f"--workdir={tmp_path / 'sw'}",
+                "--launch=local", "--gpus=3,5", f"--python={python}",
+                *[f"--set={o}" for o in overrides], timeout=300)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  gpus = []
+  for bs in (4, 8, 16):
+    run = tmp_path / "sw" / f"model.block_size={bs}"
+    assert json.load(open(run / "config.json"))["model"]["block_size"] == bs
+    log = (run / "log.txt").read_text()
+    assert "Final:" in log, log[-2000:]
+    gpus.append(log.splitlines()[0])
+  assert gpus[:2] == ["GPU=3", "GPU=5"] and gpus[2] in ("GPU=3", "GPU=5")
+  assert r.stdout.count("finished model.block_size=") == 3
+  for bad in ("0,0", "x", "0"):
+    r = run_sweep("--config=configs/listops.py:quick", "--sweep=seed=1",
+                  f"--workdir={tmp_path / 'w'}", f"--gpus={bad}")
+    assert r.returncode == 2 and "--gpus" in r.stderr, r.stderr
+
+
+def test_local_run(tmp_path):
+  overrides = _tiny_overrides(tmp_path)
   r = run_sweep("--config=configs/listops.py:quick",
                 "--sweep=model.block_size=4", f"--workdir={tmp_path / 'sw'}",
                 "--launch=local", *[f"--set={o}" for o in overrides],

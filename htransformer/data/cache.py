@@ -7,6 +7,11 @@ import shutil
 import tempfile
 from typing import Callable
 
+try:
+  import fcntl
+except ImportError:  # Not POSIX.
+  fcntl = None
+
 COMPLETE_MARKER = "COMPLETE"
 
 
@@ -21,13 +26,25 @@ def build_once(cache_dir: str, name: str,
 
   ``write`` fills a temporary folder, which gets a completion marker and is
   then renamed into place, so a crash never leaves a folder that looks
-  finished. If another process finished the same folder first, its copy is
-  used.
+  finished. Processes on one host that ask for the same folder at once
+  (runs of a sweep started together) take turns on a lock file: the first
+  builds it, the others wait and then use it. If the lock is unavailable
+  (no ``fcntl``), each builds its own copy and the first one renamed into
+  place is kept.
   """
   final = os.path.join(cache_dir, name)
   if is_complete(final):
     return final
   os.makedirs(cache_dir, exist_ok=True)
+  with open(os.path.join(cache_dir, f".{name}.lock"), "a") as lock:
+    if fcntl is not None:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if not is_complete(final):
+      _build(cache_dir, name, final, write)
+  return final
+
+
+def _build(cache_dir, name, final, write):
   tmp = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=cache_dir)
   try:
     write(tmp)
@@ -43,4 +60,3 @@ def build_once(cache_dir: str, name: str,
   finally:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-  return final

@@ -1,0 +1,63 @@
+"""htransformer/data/cache.py: generated data built once, never half-written."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from htransformer.data import cache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_build_once_writes_once_and_marks_complete(tmp_path):
+  calls = []
+
+  def write(folder):
+    calls.append(folder)
+    with open(os.path.join(folder, "data.txt"), "w") as f:
+      f.write("x")
+
+  d = cache.build_once(str(tmp_path), "set", write)
+  assert d == str(tmp_path / "set") and cache.is_complete(d)
+  assert open(os.path.join(d, "data.txt")).read() == "x"
+  assert cache.build_once(str(tmp_path), "set", write) == d
+  assert len(calls) == 1
+  assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def test_failed_build_leaves_nothing_that_looks_finished(tmp_path):
+  def write(folder):
+    with open(os.path.join(folder, "half.txt"), "w") as f:
+      f.write("x")
+    raise RuntimeError("killed")
+
+  with pytest.raises(RuntimeError, match="killed"):
+    cache.build_once(str(tmp_path), "set", write)
+  assert not os.path.exists(tmp_path / "set")
+  assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def test_concurrent_processes_build_once(tmp_path):
+  """Runs started together (a sweep) wait for the first one's data."""
+  log = tmp_path / "writes.log"
+  code = textwrap.dedent(f"""
+      import os, sys, time
+      sys.path.insert(0, {ROOT!r})
+      from htransformer.data import cache
+      def write(folder):
+        with open({str(log)!r}, "a") as f:
+          f.write(str(os.getpid()) + "\\n")
+        time.sleep(1.0)
+        open(os.path.join(folder, "data.txt"), "w").write("x")
+      print(cache.build_once({str(tmp_path / "c")!r}, "set", write))
+  """)
+  procs = [subprocess.Popen([sys.executable, "-c", code],
+                            stdout=subprocess.PIPE, text=True)
+           for _ in range(3)]
+  outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+  assert all(p.returncode == 0 for p in procs)
+  assert outs == [str(tmp_path / "c" / "set")] * 3
+  assert len(log.read_text().split()) == 1  # Built by one process only.
