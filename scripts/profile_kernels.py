@@ -9,6 +9,15 @@ copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 32 64 128]
       [--warps 0 4 8] [--per_launch 1 3] [--head_dim 128] [--causal]
+      [--coarsen_heads 1 2 4 8] [--by_kernel]
+
+``--coarsen_heads`` times the pyramid (coarse q, k, v of every level) with
+that many heads per program (``TUNING["coarsen_heads"]``); the kernel
+settings after it use the first value. ``--by_kernel`` also traces the
+forward+backward of each setting and prints the device time of each
+kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
+XLA fusions) per call: where the milliseconds go. Run it with
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so that the kernels show.
 """
 
 import argparse
@@ -26,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from htransformer.attention import full_attention  # noqa: E402
+from htransformer import profiling  # noqa: E402
 from htransformer.attention import kernels  # noqa: E402
 
 
@@ -63,6 +73,10 @@ def main():
                       help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--coarsen_heads", type=int, nargs="+", default=[1],
+                      help="heads per pyramid program (TUNING)")
+  parser.add_argument("--by_kernel", action="store_true",
+                      help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -78,10 +92,14 @@ def main():
     c0 = jnp.ones((batch, length), jnp.float32)
     levels = int(np.log2(length // 16))
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
-           "pyramid_ms": bench(lambda q, k, v: kernels._pyramid(
-               q, k, v, c0, levels, args.causal, False), q, k, v),
            "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
                q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)}
+    for heads in args.coarsen_heads:
+      kernels.TUNING["coarsen_heads"] = heads
+      row[f"pyramid_ms_heads{heads}"] = bench(
+          lambda q, k, v: kernels._pyramid(q, k, v, c0, levels, args.causal,
+                                           False), q, k, v)
+    kernels.TUNING["coarsen_heads"] = args.coarsen_heads[0]
     print(json.dumps(row), flush=True)
     rows.append(row)
     for tile, warps, per_launch in itertools.product(
@@ -97,8 +115,14 @@ def main():
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "levels_per_launch": per_launch,
+             "coarsen_heads": args.coarsen_heads[0],
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
+      if args.by_kernel:
+        f = jax.jit(fwd_bwd)
+        row["fwd_bwd_by_kernel"] = profiling.device_profile(
+            lambda: jax.block_until_ready(f(q, k, v)), steps=5,
+            top=40).get("top_kernels")
       print(json.dumps(row), flush=True)
       rows.append(row)
   if args.out:

@@ -25,15 +25,17 @@ def run_pallas(q, k, v, mask, *, causal, block_size=16):
       implementation="pallas_interpret"))(q, k, v))
 
 
-@pytest.fixture(params=[(32, 1), (64, 3)], ids=["tile32", "3-levels"])
+@pytest.fixture(params=[(32, 1, 1), (64, 3, 2)], ids=["tile32", "3-levels"])
 def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain; small
-  tiles (several per level) with one level per launch, or tiles of 64 with
-  up to three levels per launch (64, 32 and 16 rows of one program)."""
-  tile, per_launch = request.param
+  tiles (several per level) with one level per launch and one head per
+  pyramid program, or tiles of 64 with up to three levels per launch (64,
+  32 and 16 rows of one program) and two heads per pyramid program."""
+  tile, per_launch, heads = request.param
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   monkeypatch.setattr(kernels, "DEFAULT_TILE", tile)
   monkeypatch.setitem(kernels.TUNING, "levels_per_launch", per_launch)
+  monkeypatch.setitem(kernels.TUNING, "coarsen_heads", heads)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -172,3 +174,44 @@ def test_level_groups():
     assert sum(g for _, g, _ in groups) == levels
     for first, g, t in groups:
       assert t == min(tile, n0 >> first) and (t >> (g - 1)) >= max(16, nr)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
+  """The pyramid kernel's [rows, heads*D] blocks give the one-head blocks'
+  coarse queries, keys and values (d != dv, padded rows), bit for bit."""
+  rng = np.random.default_rng(0)
+  b, n, h, d, dv = 2, 64, 4, 16, 32
+  q, k = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
+          for _ in range(2))
+  v = jnp.asarray(rng.standard_normal((b, n, h, dv)), jnp.float32)
+  c0 = jnp.asarray(np.arange(n)[None, :] < np.array([[50], [64]]),
+                   jnp.float32)
+  monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
+  got = {}
+  for heads in (1, 2, 4):
+    monkeypatch.setitem(kernels.TUNING, "coarsen_heads", heads)
+    got[heads] = jax.tree.map(np.asarray, kernels._pyramid(
+        q, k, v, c0, 4, causal, True))
+  assert len(got[1]) == 4 and got[1][3][0].shape == (b, n // 8, h, d)
+  assert got[1][3][2].shape == (b, n // 8, h, dv)
+  # Level 1 by hand: the mean (or first) of each pair of real rows.
+  c = np.asarray(c0)[:, :, None, None]
+  pair = lambda x: x.reshape(b, n // 2, 2, *x.shape[2:])
+  mean = lambda x: (pair(np.asarray(x) * c).sum(2)
+                    / np.maximum(pair(c).sum(2), 1.0))
+  np.testing.assert_allclose(got[1][1][1], mean(k), atol=1e-6)
+  np.testing.assert_allclose(
+      got[1][1][0], pair(np.asarray(q) * c)[:, :, 0] if causal else mean(q),
+      atol=1e-6)
+  for heads in (2, 4):
+    for level in range(4):
+      for a, e in zip(got[heads][level], got[1][level]):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_coarsen_heads_is_a_power_of_two_dividing_the_heads(monkeypatch):
+  for want, h, expect in ((1, 8, 1), (8, 8, 8), (3, 8, 2), (4, 6, 2),
+                          (16, 8, 8), (4, 5, 1), (None, 8, 1)):
+    monkeypatch.setitem(kernels.TUNING, "coarsen_heads", want)
+    assert kernels._coarsen_heads(h) == expect, (want, h)

@@ -67,7 +67,10 @@ DEFAULT_TILE = 64
 # Launch settings (read when a function is traced; for tuning): Triton
 # warps per program (None: by tile size) and pipelining stages, and how many
 # consecutive levels one launch computes (see _level_groups).
-TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1}
+# ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
+# [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements).
+TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
+          "coarsen_heads": 1}
 
 
 def _pow2(x: int) -> bool:
@@ -555,28 +558,47 @@ def _coarsen_kernel(*refs, count, modes):
       o_ref[...] = out.astype(o_ref.dtype)
 
 
+def _coarsen_heads(h: int) -> int:
+  """Heads per pyramid program: the largest power of two that divides h
+  and is at most TUNING's (block widths must be powers of two)."""
+  want = max(1, int(TUNING.get("coarsen_heads") or 1))
+  g = 1
+  while 2 * g <= want and h % (2 * g) == 0:
+    g *= 2
+  return g
+
+
 def _coarsen(arrays, modes, c, count, interpret):
-  """Next ``count`` levels of each [B, n, H, D] array (counts c [B, n])."""
+  """Next ``count`` levels of each [B, n, H, D] array (counts c [B, n]).
+
+  Each array is viewed as [B, n, H*D] (free: rows are contiguous), and a
+  program reduces a [2**count, hp*D] block, hp heads side by side (the
+  reduction is per column, the counts per row).
+  """
   b, n, h = arrays[0].shape[:3]
+  hp = _coarsen_heads(h)
   rows = 2**count
-  grid = (n // rows, h, b)
+  grid = (n // rows, h // hp, b)
   in_specs = [pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
-  out_specs, out_shape = [], []
+  out_specs, out_shape, flat = [], [], []
   for x in arrays:
-    in_specs.append(pl.BlockSpec((None, rows, None, x.shape[-1]),
-                                 lambda i, j, k: (k, i, j, 0)))
+    width = hp * x.shape[-1]
+    flat.append(x.reshape(b, n, h * x.shape[-1]))
+    in_specs.append(pl.BlockSpec((None, rows, width),
+                                 lambda i, j, k: (k, i, j)))
     for level in range(1, count + 1):
-      out_specs.append(pl.BlockSpec((None, rows >> level, None, x.shape[-1]),
-                                    lambda i, j, k: (k, i, j, 0)))
-      out_shape.append(jax.ShapeDtypeStruct((b, n >> level, h, x.shape[-1]),
-                                            x.dtype))
+      out_specs.append(pl.BlockSpec((None, rows >> level, width),
+                                    lambda i, j, k: (k, i, j)))
+      out_shape.append(jax.ShapeDtypeStruct(
+          (b, n >> level, h * x.shape[-1]), x.dtype))
   outs = pl.pallas_call(
       functools.partial(_coarsen_kernel, count=count, modes=tuple(modes)),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, 16, 16, 16),
-      name="hattn_coarsen")(c, *arrays)
-  return [outs[t * count:(t + 1) * count] for t in range(len(arrays))]
+      compiler_params=_compiler_params(interpret, 16 * hp, 16 * hp, 16),
+      name="hattn_coarsen")(c, *flat)
+  shaped = [o.reshape(o.shape[0], o.shape[1], h, -1) for o in outs]
+  return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
 
 
 def _pyramid(q, k, v, c0, levels, causal, interpret):

@@ -1,0 +1,79 @@
+"""Where device time goes: a JAX profiler trace summarised by operation.
+
+``device_profile(fn, steps)`` traces ``steps`` calls of ``fn`` and returns
+the device time per call, by operation (XLA fusions, cuDNN and Pallas
+kernels) and by kernel name without its instance number (e.g. every
+``hattn_fwd_l0``). Used by scripts/step_time.py (a training step) and
+scripts/profile_kernels.py (the attention alone). On a GPU, XLA's command
+buffers hide the kernels of a step behind one entry: set
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see them.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+import jax
+
+
+def device_profile(fn, steps: int, top: int = 25) -> dict:
+  """Traces ``steps`` calls of ``fn``; returns the busiest device ops."""
+  with tempfile.TemporaryDirectory() as logdir:
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+      for _ in range(steps):
+        fn()
+    paths = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"),
+                      recursive=True)
+    if not paths:
+      raise RuntimeError(f"The profiler wrote no trace under {logdir}.")
+    with gzip.open(paths[0]) as f:
+      trace = json.load(f)
+  return summarize_trace(trace, steps, top)
+
+
+def summarize_trace(trace, steps, top):
+  """Device time by operation and by kernel name in a perfetto trace."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, n in names.items()
+            if "/device:" in n and "CPU" not in n}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  kernels = [e for e in events if e.get("ph") == "X" and e["pid"] in device
+             and e.get("dur")]
+  # GPU traces show each kernel on its stream and again on summary lines
+  # ("XLA Ops", "XLA Modules"); count the streams only.
+  streams = [e for e in kernels
+             if "Stream" in threads.get((e["pid"], e.get("tid")), "")]
+  kernels = streams or kernels
+  if not kernels:
+    return {"note": "no device events in the trace (CPU backend?)"}
+  by_op = collections.defaultdict(lambda: [0.0, 0])
+  by_kind = collections.defaultdict(lambda: [0.0, 0])
+  for e in kernels:
+    args = e.get("args") or {}
+    for table, key in ((by_op, args.get("hlo_op") or e["name"]),
+                       # The kernel's name without its instance number:
+                       # e.g. all forward kernels of the finest level.
+                       (by_kind, re.sub(r"[._]\d+$", "", e["name"]))):
+      table[key][0] += e["dur"]
+      table[key][1] += 1
+  busy = sum(v[0] for v in by_op.values())
+  start = min(e["ts"] for e in kernels)
+  end = max(e["ts"] + e["dur"] for e in kernels)
+
+  def rows(table):
+    return [{"op": k, "ms_per_step": round(v[0] / 1e3 / steps, 3),
+             "share": round(v[0] / busy, 4), "calls_per_step": v[1] / steps}
+            for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]]
+
+  return {
+      "device_ms_per_step": round(busy / 1e3 / steps, 3),
+      "wall_ms_per_step": round((end - start) / 1e3 / steps, 3),
+      "kernels_per_step": round(len(kernels) / steps, 1),
+      "top": rows(by_op), "top_kernels": rows(by_kind)}
