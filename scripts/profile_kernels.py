@@ -9,11 +9,11 @@ copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 32 64 128]
       [--warps 0 4 8] [--per_launch 1 3] [--head_dim 128] [--causal]
-      [--coarsen_heads 1 2 4 8] [--by_kernel]
+      [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256] [--by_kernel]
 
-``--coarsen_heads`` times the pyramid (coarse q, k, v of every level) with
-that many heads per program (``TUNING["coarsen_heads"]``); the kernel
-settings after it use the first value. ``--by_kernel`` also traces the
+``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
+of every level) with that many heads and rows per program (``TUNING``),
+every combination; the kernel settings after it use the first values. ``--by_kernel`` also traces the
 forward+backward of each setting and prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
 XLA fusions) per call: where the milliseconds go. Run it with
@@ -75,6 +75,8 @@ def main():
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--coarsen_heads", type=int, nargs="+", default=[1],
                       help="heads per pyramid program (TUNING)")
+  parser.add_argument("--coarsen_rows", type=int, nargs="+", default=[0],
+                      help="rows per pyramid program (TUNING; 0: 64)")
   parser.add_argument("--by_kernel", action="store_true",
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
@@ -94,12 +96,15 @@ def main():
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
                q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)}
-    for heads in args.coarsen_heads:
+    for heads, crows in itertools.product(args.coarsen_heads,
+                                          args.coarsen_rows):
       kernels.TUNING["coarsen_heads"] = heads
-      row[f"pyramid_ms_heads{heads}"] = bench(
+      kernels.TUNING["coarsen_rows"] = crows
+      row[f"pyramid_ms_heads{heads}_rows{crows or 64}"] = bench(
           lambda q, k, v: kernels._pyramid(q, k, v, c0, levels, args.causal,
                                            False), q, k, v)
     kernels.TUNING["coarsen_heads"] = args.coarsen_heads[0]
+    kernels.TUNING["coarsen_rows"] = args.coarsen_rows[0]
     print(json.dumps(row), flush=True)
     rows.append(row)
     for tile, warps, per_launch in itertools.product(
@@ -116,6 +121,7 @@ def main():
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "levels_per_launch": per_launch,
              "coarsen_heads": args.coarsen_heads[0],
+             "coarsen_rows": args.coarsen_rows[0] or 64,
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
       if args.by_kernel:

@@ -68,9 +68,11 @@ DEFAULT_TILE = 64
 # warps per program (None: by tile size) and pipelining stages, and how many
 # consecutive levels one launch computes (see _level_groups).
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
-# [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements).
+# [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
+# ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
+# 64 for six levels; more gives fewer, larger programs).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
-          "coarsen_heads": 1}
+          "coarsen_heads": 1, "coarsen_rows": 0}
 
 
 def _pow2(x: int) -> bool:
@@ -568,6 +570,16 @@ def _coarsen_heads(h: int) -> int:
   return g
 
 
+def _coarsen_rows(n: int, count: int) -> int:
+  """Rows per pyramid program: TUNING's (a power of two) where it divides
+  the level's n, else 2**count (which always does)."""
+  want = int(TUNING.get("coarsen_rows") or 0)
+  rows = 2**count
+  while 2 * rows <= min(want, n) and n % (2 * rows) == 0:
+    rows *= 2
+  return rows
+
+
 def _coarsen(arrays, modes, c, count, interpret):
   """Next ``count`` levels of each [B, n, H, D] array (counts c [B, n]).
 
@@ -577,7 +589,7 @@ def _coarsen(arrays, modes, c, count, interpret):
   """
   b, n, h = arrays[0].shape[:3]
   hp = _coarsen_heads(h)
-  rows = 2**count
+  rows = _coarsen_rows(n, count)
   grid = (n // rows, h // hp, b)
   in_specs = [pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
   out_specs, out_shape, flat = [], [], []
