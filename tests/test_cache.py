@@ -25,7 +25,7 @@ def test_build_once_writes_once_and_marks_complete(tmp_path):
   assert open(os.path.join(d, "data.txt")).read() == "x"
   assert cache.build_once(str(tmp_path), "set", write) == d
   assert len(calls) == 1
-  assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+  assert os.listdir(tmp_path) == ["set"]  # No temporary or lock files left.
 
 
 def test_failed_build_leaves_nothing_that_looks_finished(tmp_path):
@@ -61,3 +61,4 @@ def test_concurrent_processes_build_once(tmp_path):
   assert all(p.returncode == 0 for p in procs)
   assert outs == [str(tmp_path / "c" / "set")] * 3
   assert len(log.read_text().split()) == 1  # Built by one process only.
+  assert os.listdir(tmp_path / "c") == ["set"]

@@ -36,11 +36,18 @@ def build_once(cache_dir: str, name: str,
   if is_complete(final):
     return final
   os.makedirs(cache_dir, exist_ok=True)
-  with open(os.path.join(cache_dir, f".{name}.lock"), "a") as lock:
+  lock_path = os.path.join(cache_dir, f".{name}.lock")
+  with open(lock_path, "a") as lock:
     if fcntl is not None:
       fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
     if not is_complete(final):
       _build(cache_dir, name, final, write)
+  # Once the folder is complete nobody builds it again (they return before
+  # taking the lock), so the lock file can go.
+  try:
+    os.remove(lock_path)
+  except FileNotFoundError:
+    pass
   return final
 
 
