@@ -4,7 +4,7 @@ r"""Runs the Long Range Arena tasks and prints the paper's table beside ours.
   python scripts/reproduce_lra.py [--tasks=listops,text,retrieval,image,pathfinder,pathx]
       [--models=hierarchical,full] [--workdir_root=runs/lra] [--collect_only]
       [--variant=quick] [--data_dir=text=PATH/aclImdb ...] [--set k=v ...]
-      [--results_md=docs/results.md]
+      [--results_md=docs/results.md] [--gpus=0,1,2,3]
 
 For each chosen task and model it runs (one after another)
 ``python -m htransformer.main --config=configs/<task>.py --workdir=
@@ -21,6 +21,9 @@ skips training. The table is printed and written to ``--results_md`` as
 the section "## LRA reproduction table" (replacing that section if present,
 keeping every other section of the file); ``--results_md=`` writes nothing.
 
+``--gpus=0,1,2,3`` (or a count) runs the tasks concurrently, one per GPU
+(each sees only its GPU; its console goes to the workdir's ``log.txt``).
+
 ``--variant=quick`` runs the ``:quick`` configs (CPU-sized; not comparable
 to the paper) into WORKDIR_ROOT/<task>-<model>-quick.
 """
@@ -36,6 +39,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from htransformer import launch  # noqa: E402  pylint: disable=g-import-not-at-top
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 AVG_TASKS = TASKS[:5]  # the LRA average leaves out Path-X
 MODELS = ("hierarchical", "full")
@@ -84,8 +90,6 @@ def run_command(python, task, model, workdir, variant="", data_dir="",
 @functools.lru_cache(maxsize=None)
 def config_steps(task: str, variant: str = "") -> int | None:
   """num_train_steps of the task's config (the schedule the paper ran)."""
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
   from htransformer import config_utils  # pylint: disable=g-import-not-at-top
   try:
     config = config_utils.load_config(
@@ -235,7 +239,16 @@ def parse_args(argv):
                  help="a config override for every run (repeatable).")
   p.add_argument("--results_md", default=os.path.join("docs", "results.md"))
   p.add_argument("--python", default=sys.executable)
-  return p.parse_args(argv)
+  p.add_argument("--gpus", default="",
+                 help="run one task per GPU at a time, e.g. 0,1,2,3 or 4 "
+                 "(console of each run in its workdir's log.txt)")
+  args = p.parse_args(argv)
+  if args.gpus:
+    try:
+      args.gpus = launch.parse_gpus(args.gpus)
+    except ValueError as e:
+      p.error(str(e))
+  return args
 
 
 def main(argv=None) -> int:
@@ -254,6 +267,7 @@ def main(argv=None) -> int:
   if not args.collect_only:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
+    jobs = []
     for task in tasks:
       for model in models:
         workdir = workdir_for(root, task, model, args.variant)
@@ -262,11 +276,18 @@ def main(argv=None) -> int:
           continue
         cmd = run_command(args.python, task, model, workdir, args.variant,
                           data_dirs.get(task, ""), args.set)
-        print(f"[{task} {model}] " + " ".join(map(shlex.quote, cmd)),
-              flush=True)
+        jobs.append((f"{task}-{model}", cmd,
+                     os.path.join(workdir, "log.txt")))
+    for name, cmd, _ in jobs if args.gpus else ():
+      print(f"[{name}] " + " ".join(map(shlex.quote, cmd)), flush=True)
+    if args.gpus:
+      failed = launch.run_on_gpus(jobs, args.gpus, env, cwd=ROOT)
+    else:
+      for name, cmd, _ in jobs:
+        print(f"[{name}] " + " ".join(map(shlex.quote, cmd)), flush=True)
         if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode:
-          failed.append(f"{task}-{model}")
-          print(f"[{task} {model}] FAILED (continuing)", flush=True)
+          failed.append(name)
+          print(f"[{name}] FAILED (continuing)", flush=True)
   entries = {(t, m): collect(workdir_for(root, t, m, args.variant), t,
                              args.variant)
              for t in TASKS for m in MODELS}

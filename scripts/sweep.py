@@ -39,12 +39,12 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from htransformer import config_utils  # noqa: E402
+from htransformer import launch  # noqa: E402
 
 LAUNCH = ("local", "print", "collect")
 
@@ -121,57 +121,6 @@ def check_fields(config, keys):
 def _absolute_config(spec: str) -> str:
   path, colon, arg = spec.partition(":")
   return os.path.abspath(path) + colon + arg
-
-
-def parse_gpus(text: str) -> list[str]:
-  """'0,1,2,3' -> ['0', '1', '2', '3']; '4' (a count) -> the same."""
-  parts = [p.strip() for p in text.split(",") if p.strip()]
-  if len(parts) == 1 and parts[0].isdigit() and "," not in text:
-    count = int(parts[0])
-    if count < 1:
-      raise ValueError(f"--gpus={text!r}: need at least one GPU.")
-    return [str(i) for i in range(count)]
-  if not parts or not all(p.isdigit() for p in parts):
-    raise ValueError(f"--gpus={text!r} is not a count or a list of GPU "
-                     "ids like 0,1,2,3.")
-  if len(set(parts)) != len(parts):
-    raise ValueError(f"--gpus={text!r} names a GPU twice.")
-  return parts
-
-
-def run_on_gpus(names, commands, gpus, env, sweep_dir) -> list[str]:
-  """Runs the commands one per GPU at a time (CUDA_VISIBLE_DEVICES), each
-  writing its console output to WORKDIR/<name>/log.txt; returns the failed
-  names. A GPU takes the next run as soon as its run ends."""
-  pending = list(zip(names, commands))
-  running = {}  # gpu -> (name, process, log file)
-  failed = []
-  done = 0
-  while pending or running:
-    for gpu in gpus:
-      if gpu not in running and pending:
-        name, cmd = pending.pop(0)
-        os.makedirs(os.path.join(sweep_dir, name), exist_ok=True)
-        log = open(os.path.join(sweep_dir, name, "log.txt"), "a")
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT,
-                                env=dict(env, CUDA_VISIBLE_DEVICES=gpu))
-        running[gpu] = (name, proc, log)
-        print(f"[GPU {gpu}] started {name} (log: "
-              f"{os.path.join(sweep_dir, name, 'log.txt')})", flush=True)
-    time.sleep(0.5)
-    for gpu, (name, proc, log) in list(running.items()):
-      if proc.poll() is None:
-        continue
-      log.close()
-      del running[gpu]
-      done += 1
-      status = "finished" if proc.returncode == 0 else "FAILED"
-      print(f"[GPU {gpu}] {status} {name} ({done}/{len(names)})",
-            flush=True)
-      if proc.returncode:
-        failed.append(name)
-  return failed
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +209,7 @@ def parse_args(argv):
     if args.launch != "local":
       p.error("--gpus goes with --launch=local.")
     try:
-      args.gpus = parse_gpus(args.gpus)
+      args.gpus = launch.parse_gpus(args.gpus)
     except ValueError as e:
       p.error(str(e))
   return args
@@ -303,7 +252,9 @@ def main(argv=None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(
         [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if args.gpus:
-      failed = run_on_gpus(names, commands, args.gpus, env, sweep_dir)
+      failed = launch.run_on_gpus(
+          [(n, c, os.path.join(sweep_dir, n, "log.txt"))
+           for n, c in zip(names, commands)], args.gpus, env, cwd=ROOT)
     else:
       for i, (name, cmd) in enumerate(zip(names, commands)):
         print(f"[{i + 1}/{len(commands)}] {name}", flush=True)

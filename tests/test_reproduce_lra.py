@@ -138,3 +138,50 @@ def test_commands():
                  "--config.data_dir=/d/aclImdb", "--config.batch_size=8"]
   with pytest.raises(SystemExit):
     rl.main(["--collect_only", "--tasks=nope", "--results_md="])
+
+
+FAKE_TRAINER = '''#!{python}
+"""Stands in for `python -m htransformer.main`: records its GPU and writes
+the files of a finished run."""
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+workdir = args["workdir"]
+task = os.path.basename(args["config"]).split(".")[0]
+os.makedirs(workdir, exist_ok=True)
+print("GPU=" + os.environ.get("CUDA_VISIBLE_DEVICES", "none"))
+if task == "pathfinder" and args["config.model.attention"] == "full":
+  sys.exit(3)  # A run that fails.
+json.dump({{"task": task, "data_dir": ""}},
+          open(os.path.join(workdir, "config.json"), "w"))
+open(os.path.join(workdir, "metrics.jsonl"), "w").write('{{"step": 1}}\\n')
+json.dump({{"test_accuracy": 0.5}},
+          open(os.path.join(workdir, "results.json"), "w"))
+'''
+
+
+@pytest.mark.parametrize("gpus", ["", "2"], ids=["sequential", "gpus"])
+def test_runs_the_chosen_tasks(tmp_path, capsys, gpus):
+  """The run path (a stand-in trainer): every task and model once, failures
+  reported, finished runs not run again; with --gpus one per GPU."""
+  trainer = tmp_path / "trainer"
+  trainer.write_text(FAKE_TRAINER.format(python=rl.sys.executable))
+  trainer.chmod(0o755)
+  root = tmp_path / "runs"
+  argv = ["--tasks=listops,pathfinder", f"--workdir_root={root}",
+          "--results_md=", f"--python={trainer}"] + (
+              [f"--gpus={gpus}"] if gpus else [])
+  assert rl.main(argv) == 1  # pathfinder-full failed
+  out = capsys.readouterr()
+  assert "Failed runs: pathfinder-full" in out.err
+  ours = [c.strip() for c in _row(out.out, "H-Transformer-1D, block 16 (ours)")
+          .strip("|").split("|")]
+  assert ours[1] == "50.00 (gen.)" and ours[5] == "50.00 (gen.)"
+  assert "unfinished" not in ours[5]
+  if gpus:
+    seen = {(root / f"{t}-{m}" / "log.txt").read_text().split()[0]
+            for t in ("listops", "pathfinder") for m in rl.MODELS}
+    assert seen == {"GPU=0", "GPU=1"}
+  # Again: the finished runs are skipped, only the failed one runs.
+  assert rl.main(argv) == 1
+  out = capsys.readouterr().out
+  assert out.count("finished earlier") == 3

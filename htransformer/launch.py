@@ -1,0 +1,65 @@
+"""Running several training commands at once, one per GPU.
+
+Used by scripts/sweep.py and scripts/reproduce_lra.py (``--gpus``): each
+command sees only its GPU (``CUDA_VISIBLE_DEVICES``) and writes its console
+to its own log file; a GPU takes the next command as soon as its command
+ends.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+
+def parse_gpus(text: str) -> list[str]:
+  """'0,1,2,3' -> ['0', '1', '2', '3']; '4' (a count) -> the same."""
+  parts = [p.strip() for p in text.split(",") if p.strip()]
+  if len(parts) == 1 and parts[0].isdigit() and "," not in text:
+    count = int(parts[0])
+    if count < 1:
+      raise ValueError(f"--gpus={text!r}: need at least one GPU.")
+    return [str(i) for i in range(count)]
+  if not parts or not all(p.isdigit() for p in parts):
+    raise ValueError(f"--gpus={text!r} is not a count or a list of GPU "
+                     "ids like 0,1,2,3.")
+  if len(set(parts)) != len(parts):
+    raise ValueError(f"--gpus={text!r} names a GPU twice.")
+  return parts
+
+
+def run_on_gpus(jobs, gpus, env=None, cwd=None, poll_s: float = 0.5
+                ) -> list[str]:
+  """Runs ``jobs`` ((name, command, log path) each), one per GPU at a time.
+
+  Returns the names of the jobs that failed (non-zero exit).
+  """
+  env = dict(os.environ if env is None else env)
+  pending = list(jobs)
+  running = {}  # gpu -> (name, process, log file)
+  failed, done = [], 0
+  while pending or running:
+    for gpu in gpus:
+      if gpu not in running and pending:
+        name, cmd, log_path = pending.pop(0)
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)),
+                    exist_ok=True)
+        log = open(log_path, "a")
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                env=dict(env, CUDA_VISIBLE_DEVICES=gpu))
+        running[gpu] = (name, proc, log)
+        print(f"[GPU {gpu}] started {name} (log: {log_path})", flush=True)
+    time.sleep(poll_s)
+    for gpu, (name, proc, log) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      log.close()
+      del running[gpu]
+      done += 1
+      status = "finished" if proc.returncode == 0 else "FAILED"
+      print(f"[GPU {gpu}] {status} {name} ({done}/{len(jobs)})", flush=True)
+      if proc.returncode:
+        failed.append(name)
+  return failed
