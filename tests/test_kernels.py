@@ -226,3 +226,33 @@ def test_coarsen_heads_is_a_power_of_two_dividing_the_heads(monkeypatch):
                           (16, 8, 8), (4, 5, 1), (None, 8, 1)):
     monkeypatch.setitem(kernels.TUNING, "coarsen_heads", want)
     assert kernels._coarsen_heads(h) == expect, (want, h)
+
+
+def test_restrict_matches_its_definition_with_padding_blocks():
+  """(G, E, M) restricted fine to coarse (module doc), where whole blocks
+  are padding (their programs skip the work and write the fills)."""
+  rng = np.random.default_rng(1)
+  b, n, h, dv, count = 2, 32, 2, 16, 2
+  c = np.ones((b, n), np.float32)
+  c[0, 20:] = 0.0  # rows 20..31: blocks 5..7 of 4 rows are all padding
+  c[1, 3] = 0.0  # a hole inside a block
+  g = rng.standard_normal((b, n, h, dv)).astype(np.float32)
+  e = rng.standard_normal((b, h, n)).astype(np.float32)
+  m = rng.standard_normal((b, h, n)).astype(np.float32)
+  m = np.where(c[:, None, :] > 0, m, kernels._NO_ROW).astype(np.float32)
+  got = kernels._restrict(jnp.asarray(g), jnp.asarray(e), jnp.asarray(m),
+                          jnp.asarray(c), count, True)
+  gw = np.where(c[:, :, None, None] > 0, g, 0.0).astype(np.float64)
+  ew, mw = e.astype(np.float64), m.astype(np.float64)
+  for level, (g_got, e_got, m_got) in enumerate(got, start=1):
+    m2 = mw.reshape(b, h, -1, 2)
+    mw = m2.min(-1)
+    w = np.where(m2 < 0.5 * kernels._NO_ROW, np.exp(mw[..., None] - m2), 0.0)
+    gw = (gw.reshape(b, -1, 2, h, dv)
+          * np.transpose(w, (0, 2, 3, 1))[..., None]).sum(2)
+    ew = (ew.reshape(b, h, -1, 2) * w).sum(-1)
+    np.testing.assert_array_equal(np.asarray(m_got), mw.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(g_got), gw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(e_got), ew, rtol=1e-5, atol=1e-6)
+    assert (np.asarray(m_got)[0, :, (20 >> level) + 1:] == kernels._NO_ROW
+            ).all()

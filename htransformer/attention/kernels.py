@@ -181,8 +181,9 @@ def _unless_padding(c, compute, fills):
   ``compute`` gives such rows, whose queries, cotangents and counts are
   zero) and no log-normaliser (padding rows take no gradient, and a coarse
   row of padding has only padding children). Coarser levels of the same
-  program cover the same tokens, so they are padding too. Padding costs no
-  attention.
+  program cover the same tokens, so they are padding too. The pyramid and
+  restriction kernels skip blocks of padding the same way (fills: zeros,
+  and M = _NO_ROW). Padding costs no attention and no coarsening.
   """
   live = jnp.max(c) > 0
 
@@ -541,23 +542,29 @@ def _coarsen_kernel(*refs, count, modes):
   c_ref, in_refs = refs[0], refs[1:1 + len(modes)]
   out_refs = refs[1 + len(modes):]
   c = c_ref[...]
-  for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
-    x = x_ref[...]
-    x = jnp.where(c[:, None] > 0, x, jnp.zeros_like(x)).astype(jnp.float32)
-    cs = c
-    if mode == "mean":
-      x = x * c[:, None]  # sums of real tokens
-    for j in range(count):
-      if mode == "first":
-        first = (_iota(2) == 0).astype(jnp.float32)
-        x = jnp.sum(_pairs(x) * first[None, :, None], axis=1)
-        out = x
-      else:
-        x = jnp.sum(_pairs(x), axis=1)
-        cs = jnp.sum(_pairs(cs), axis=1)
-        out = x / jnp.maximum(cs, 1.0)[:, None]
-      o_ref = out_refs[t * count + j]
-      o_ref[...] = out.astype(o_ref.dtype)
+
+  def compute():
+    for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
+      x = x_ref[...]
+      x = jnp.where(c[:, None] > 0, x, jnp.zeros_like(x)).astype(jnp.float32)
+      cs = c
+      if mode == "mean":
+        x = x * c[:, None]  # sums of real tokens
+      for j in range(count):
+        if mode == "first":
+          first = (_iota(2) == 0).astype(jnp.float32)
+          x = jnp.sum(_pairs(x) * first[None, :, None], axis=1)
+          out = x
+        else:
+          x = jnp.sum(_pairs(x), axis=1)
+          cs = jnp.sum(_pairs(cs), axis=1)
+          out = x / jnp.maximum(cs, 1.0)[:, None]
+        o_ref = out_refs[t * count + j]
+        o_ref[...] = out.astype(o_ref.dtype)
+
+  # Rows of padding only coarsen to zeros (what compute gives them); their
+  # q, k and v are not read.
+  _unless_padding(c, compute, [(o, 0.0) for o in out_refs])
 
 
 def _coarsen_heads(h: int) -> int:
@@ -632,19 +639,27 @@ def _pyramid(q, k, v, c0, levels, causal, interpret):
 def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count):
   """(G, E, M) of levels base+1 .. base+count; see the module doc."""
   c = c_ref[...]
-  g = g_ref[...]
-  g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g)).astype(jnp.float32)
-  e, m = e_ref[...], m_ref[...]
-  for j in range(count):
-    m2 = _pairs(m)
-    m = jnp.min(m2, axis=1)
-    w = jnp.where(m2 < 0.5 * _NO_ROW, jnp.exp(m[:, None] - m2), 0.0)
-    g = jnp.sum(_pairs(g) * w[:, :, None], axis=1)
-    e = jnp.sum(_pairs(e) * w, axis=1)
-    g_out, e_out, m_out = out_refs[3 * j:3 * j + 3]
-    g_out[...] = g.astype(g_out.dtype)
-    e_out[...] = e
-    m_out[...] = m
+
+  def compute():
+    g = g_ref[...]
+    g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g)).astype(jnp.float32)
+    e, m = e_ref[...], m_ref[...]
+    for j in range(count):
+      m2 = _pairs(m)
+      m = jnp.min(m2, axis=1)
+      w = jnp.where(m2 < 0.5 * _NO_ROW, jnp.exp(m[:, None] - m2), 0.0)
+      g = jnp.sum(_pairs(g) * w[:, :, None], axis=1)
+      e = jnp.sum(_pairs(e) * w, axis=1)
+      g_out, e_out, m_out = out_refs[3 * j:3 * j + 3]
+      g_out[...] = g.astype(g_out.dtype)
+      e_out[...] = e
+      m_out[...] = m
+
+  # Rows of padding only restrict to no gradient (G = E = 0, M = _NO_ROW),
+  # what compute gives them.
+  _unless_padding(c, compute, [
+      (ref, fill) for j in range(count)
+      for ref, fill in zip(out_refs[3 * j:3 * j + 3], (0.0, 0.0, _NO_ROW))])
 
 
 def _restrict(g, e, mrow, c, count, interpret):
