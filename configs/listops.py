@@ -15,7 +15,7 @@ Variants (``--config=configs/listops.py:VARIANT``):
            python -m htransformer.main --config=configs/listops.py:quick \
                --workdir=runs/listops-quick
          Expected (2-core CPU, 2026-11-28, data cached): validation
-         accuracy 45.0%, test 45.4% after 1200 steps (2 minutes), against
+         accuracy 44.0%, test 44.0% after 1200 steps (2 minutes), against
          ~17% for the majority class.
 
 Data: ``config.data_dir`` may point at the LRA release (a folder holding

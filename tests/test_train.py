@@ -111,6 +111,33 @@ def test_model_is_padding_invariant(tiny_data):
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention,pool,learned", [
+    ("hierarchical", "CLS", False), ("full", "MEAN", True)])
+def test_encoder_pads_rows_to_the_attention_length(attention, pool, learned):
+  """125 tokens + CLS = 126 rows run as 128 (what the attention pads to):
+  the same logits as without the row padding, and the encoder's output
+  keeps the input's rows."""
+  kw = dict(num_classes=3, mlp_dim=16, emb_dim=16, vocab_size=20,
+            max_len=200, num_layers=2, num_heads=2, qkv_dim=16,
+            attention=attention, block_size=16, pool=pool,
+            learned_positions=learned, dtype="float32",
+            implementation="xla")
+  padded = models.Classifier(rngs=nnx.Rngs(0), **kw)
+  plain = models.Classifier(rngs=nnx.Rngs(0), pad_rows=False, **kw)
+  rows = 125 + (pool == "CLS")
+  assert padded.encoder.attention_rows(rows) == 128
+  assert plain.encoder.attention_rows(rows) == rows
+  assert padded.encoder.attention_rows(100) == 100  # 128 would add 28%
+  tokens = np.random.default_rng(0).integers(1, 20, (2, 125)).astype(
+      np.int32)
+  tokens[1, 90:] = 0  # a padded example too
+  want = np.asarray(plain(jnp.asarray(tokens)))
+  np.testing.assert_allclose(np.asarray(padded(jnp.asarray(tokens))), want,
+                             rtol=1e-5, atol=1e-5)
+  x, mask = padded.encoder(jnp.asarray(tokens))
+  assert x.shape == (2, rows, 16) and mask.shape == (2, rows)
+
+
 def test_wrong_sequence_length_is_a_clear_error(tiny_data):
   c = tiny_config(tiny_data)
   model = train.build_model(c, tasks.get_task(c))
