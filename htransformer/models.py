@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from htransformer.attention import cudnn_padded_length
 from htransformer.attention import full_attention
 from htransformer.attention import hierarchical_attention
-from htransformer.attention.hierarchical import (
-    padded_length as hierarchical_padded_length)
+from htransformer.attention import padded_length
 
 ATTENTION_KINDS = ("hierarchical", "full")
 POOLING = ("CLS", "MEAN")
@@ -273,9 +273,9 @@ class Encoder(nnx.Module):
     if not self.pad_rows:
       return rows
     if self.attention == "hierarchical":
-      target = hierarchical_padded_length(rows, self.block_size)
+      target = padded_length(rows, self.block_size)
     else:
-      target = -(-rows // 64) * 64
+      target = cudnn_padded_length(rows)
     return target if (target - rows) * 16 <= rows else rows
 
 

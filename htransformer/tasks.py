@@ -42,9 +42,6 @@ def default_cache_dir() -> str:
       os.path.join(os.path.expanduser("~"), ".cache", "htransformer"))
 
 
-GENERATOR_FILES = ("listops_generation.json", "pathfinder_generation.json")
-
-
 def data_origin(data_dir: str) -> dict:
   """Where a task's data came from, for results.json.
 
@@ -53,10 +50,13 @@ def data_origin(data_dir: str) -> dict:
   repository's generators (ListOps, Pathfinder / Path-X), whether it was
   found in the cache or passed as ``data_dir``.
   """
+  # pylint: disable=g-import-not-at-top
+  from htransformer.data import listops
+  from htransformer.data import pathfinder
   out = {"data_dir": data_dir, "generated": False}
-  for name in GENERATOR_FILES:
-    path = os.path.join(data_dir, name) if data_dir else ""
-    if path and os.path.isfile(path):
+  for name in (listops.METADATA_FILE, pathfinder.METADATA_FILE):
+    path = os.path.join(data_dir, name)
+    if data_dir and os.path.isfile(path):
       with open(path) as f:
         meta = json.load(f)
       out["generated"] = True

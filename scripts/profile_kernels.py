@@ -13,8 +13,9 @@ copy bandwidth and cuDNN, all in one process:
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
-every combination; the kernel settings after it use the first values. ``--by_kernel`` also traces the
-forward+backward of each setting and prints the device time of each
+every combination; the kernel settings after it use the first values.
+``--by_kernel`` also traces the forward+backward of each setting and
+prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
 XLA fusions) per call: where the milliseconds go. Run it with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so that the kernels show.
@@ -34,8 +35,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from htransformer.attention import full_attention  # noqa: E402
 from htransformer import profiling  # noqa: E402
+from htransformer.attention import full_attention  # noqa: E402
 from htransformer.attention import kernels  # noqa: E402
 
 

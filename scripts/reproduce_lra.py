@@ -41,7 +41,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from htransformer import config_utils  # noqa: E402  pylint: disable=g-import-not-at-top
 from htransformer import launch  # noqa: E402  pylint: disable=g-import-not-at-top
+
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 AVG_TASKS = TASKS[:5]  # the LRA average leaves out Path-X
 MODELS = ("hierarchical", "full")
@@ -90,7 +92,6 @@ def run_command(python, task, model, workdir, variant="", data_dir="",
 @functools.lru_cache(maxsize=None)
 def config_steps(task: str, variant: str = "") -> int | None:
   """num_train_steps of the task's config (the schedule the paper ran)."""
-  from htransformer import config_utils  # pylint: disable=g-import-not-at-top
   try:
     config = config_utils.load_config(
         os.path.join(ROOT, config_spec(task, variant)))
@@ -278,13 +279,15 @@ def main(argv=None) -> int:
                           data_dirs.get(task, ""), args.set)
         jobs.append((f"{task}-{model}", cmd,
                      os.path.join(workdir, "log.txt")))
-    for name, cmd, _ in jobs if args.gpus else ():
-      print(f"[{name}] " + " ".join(map(shlex.quote, cmd)), flush=True)
+    show = lambda name, cmd: print(
+        f"[{name}] " + " ".join(map(shlex.quote, cmd)), flush=True)
     if args.gpus:
+      for name, cmd, _ in jobs:
+        show(name, cmd)
       failed = launch.run_on_gpus(jobs, args.gpus, env, cwd=ROOT)
     else:
       for name, cmd, _ in jobs:
-        print(f"[{name}] " + " ".join(map(shlex.quote, cmd)), flush=True)
+        show(name, cmd)
         if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode:
           failed.append(name)
           print(f"[{name}] FAILED (continuing)", flush=True)

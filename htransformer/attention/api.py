@@ -22,6 +22,12 @@ FULL_IMPLEMENTATIONS = ("xla", "cudnn")
 _CUDNN_LENGTH_MULTIPLE = 64
 
 
+def cudnn_padded_length(length: int) -> int:
+  """The length full attention runs cuDNN at: ``length`` rounded up to a
+  multiple of 64 (its fused kernels take only some lengths, e.g. not 2001)."""
+  return -(-length // _CUDNN_LENGTH_MULTIPLE) * _CUDNN_LENGTH_MULTIPLE
+
+
 def _check_inputs(query, key, value, mask):
   """Validates shapes and the mask; returns the bool mask [B, L] (or None)."""
   for name, x in (("query", query), ("key", key), ("value", value)):
@@ -156,7 +162,7 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
     # cuDNN's fused kernels take only some lengths (e.g. not 2001): pad to a
     # multiple of 64 and mask the padding by key length.
     batch, length = query.shape[:2]
-    padded = -(-length // _CUDNN_LENGTH_MULTIPLE) * _CUDNN_LENGTH_MULTIPLE
+    padded = cudnn_padded_length(length)
     lengths = None  # cuDNN's plain path when nothing needs masking.
     if mask is not None:
       lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)

@@ -564,11 +564,11 @@ def decode_all(paths, resolution: int, workers: int | None = None
   """uint8 [len(paths), R*R]: every image decoded, in worker processes when
   there are many (decoding is CPU-bound: ~0.5 ms per 128 px image)."""
   paths = list(paths)
-  out = np.empty((len(paths), resolution * resolution), np.uint8)
   workers = _default_workers() if not workers else int(workers)
   workers = min(workers, max(1, len(paths) // MIN_IMAGES_PER_WORKER))
   if workers <= 1:
-    return _decode_range((paths, resolution)) if paths else out
+    return _decode_range((paths, resolution))
+  out = np.empty((len(paths), resolution * resolution), np.uint8)
   start = time.time()
   chunk = -(-len(paths) // (8 * workers))
   ranges = [(i, min(i + chunk, len(paths)))
@@ -591,14 +591,13 @@ class PathfinderSource:
   construction (uint8, R*R bytes each); otherwise on access.
   """
 
-  def __init__(self, paths, labels, resolution: int, preload: bool = True,
-               workers: int | None = None):
+  def __init__(self, paths, labels, resolution: int, preload: bool = True):
     self._paths = list(paths)
     self.labels = np.asarray(labels, np.int32)
     self.resolution = int(resolution)
     self._pixels = None
     if preload:
-      self._pixels = decode_all(self._paths, self.resolution, workers)
+      self._pixels = decode_all(self._paths, self.resolution)
 
   def __len__(self):
     return len(self.labels)
