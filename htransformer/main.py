@@ -42,6 +42,9 @@ def main(argv):
   logging.info("Config:\n%s", FLAGS.config)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.TrainingStopped as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + e.signum)
   except (train.NonFiniteLossError, FileNotFoundError, ImportError,
           ValueError) as e:
     print(f"Error: {e}", file=sys.stderr)

@@ -14,8 +14,11 @@ result does not depend on the mesh beyond float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -37,6 +40,64 @@ from htransformer import tasks
 
 class NonFiniteLossError(RuntimeError):
   """Raised when the training loss becomes NaN or inf."""
+
+
+class TrainingStopped(RuntimeError):
+  """Raised after SIGTERM or SIGINT stopped training and a checkpoint of the
+  step reached was saved (``signum``: the signal)."""
+
+  def __init__(self, message, signum):
+    super().__init__(message)
+    self.signum = signum
+
+
+class _StopSignals:
+  """SIGTERM and SIGINT (preemption, Ctrl-C, ``timeout``) ask the loop to
+  stop after the current step; a second signal interrupts at once.
+
+  With several processes the request is shared at log and checkpoint steps
+  (every process must save the same step), otherwise seen at every step.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      self._restore()
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def _restore(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+    self._old = {}
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = {sig: signal.signal(sig, self._handle)
+                   for sig in self.SIGNALS}
+    try:
+      yield self
+    finally:
+      self._restore()
+
+  def requested(self, sync_point: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if not sync_point:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(
+        np.int32(self.signum or 0))
+    if self.signum is None and np.max(flags) > 0:
+      self.signum = int(np.max(flags))
+    return bool(np.max(flags) > 0)
 
 
 def build_model(config, task: tasks.Task, seed: int = 0) -> nnx.Module:
@@ -272,55 +333,68 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def save(step):
     ckpt.save(step, state, train_iter.get_state())
 
-  while step < total_steps:
-    batch = trainer.global_batch(next(train_iter))
-    state, step_sums = trainer.train_step(state, batch)
-    sums = step_sums if sums is None else jax.tree.map(jnp.add, sums,
-                                                       step_sums)
-    step += 1
-    is_last = step == total_steps
-    log_now = step % config.log_every == 0 or is_last
-    eval_now = step % config.eval_every == 0 or is_last
-    ckpt_now = step % config.checkpoint_every == 0 or is_last
-    if log_now or ckpt_now:
-      sums = jax.device_get(sums)
-      if sums["nonfinite"] > 0:
-        raise NonFiniteLossError(
-            f"Training loss became NaN or inf between steps {step - 1} and "
-            f"{step} (or earlier since the last log). Stopping; the last "
-            f"good checkpoint is step {ckpt.latest_step()} in {workdir}. "
-            "Lower optimizer.learning_rate or set optimizer.grad_clip.")
-      n = sums["count"]
-      scalars = {"train_loss": sums["loss"] / n,
-                 "train_accuracy": sums["correct"] / n,
-                 "grad_norm": sums["grad_norm"] / (step - progress.last_step),
-                 "learning_rate": float(schedule(step - 1))}
-      rate = progress.report(step, scalars)
-      scalars["steps_per_sec"] = rate
-      rates.append(rate)
-      writer.write(step, scalars)
-      sums = None
-      if ckpt_now:
-        save(step)
-        last_saved = step
-    if eval_now:
-      ev = trainer.evaluate(state["params"], "val")
-      ev = {"eval" + k[len("val"):]: v for k, v in ev.items()}
-      if (ev[metric] > best[metric]) if higher else (
-          ev[metric] < best[metric]):
-        best = {metric: ev[metric], "step": step}
-        ckpt.save_best(step, state["params"], best)
-      ev["best_" + metric] = best[metric]
-      writer.write(step, ev)
-      if jax.process_index() == 0:
-        print(f"step {step}: eval {metric[5:]} {ev[metric]:.4f}, "
-              f"loss {ev['eval_loss']:.4f} (best "
-              f"{best[metric]:.4f} at step {best['step']})",
-              flush=True)
-      progress.last_time = time.time()
+  # SIGTERM / SIGINT: finish the step, save it, stop (TrainingStopped).
+  stop = _StopSignals()
+  with stop.installed():
+    while step < total_steps:
+      batch = trainer.global_batch(next(train_iter))
+      state, step_sums = trainer.train_step(state, batch)
+      sums = step_sums if sums is None else jax.tree.map(jnp.add, sums,
+                                                         step_sums)
+      step += 1
+      is_last = step == total_steps
+      log_now = step % config.log_every == 0 or is_last
+      eval_now = step % config.eval_every == 0 or is_last
+      ckpt_now = step % config.checkpoint_every == 0 or is_last
+      if log_now or ckpt_now:
+        sums = jax.device_get(sums)
+        if sums["nonfinite"] > 0:
+          raise NonFiniteLossError(
+              f"Training loss became NaN or inf between steps {step - 1} and "
+              f"{step} (or earlier since the last log). Stopping; the last "
+              f"good checkpoint is step {ckpt.latest_step()} in {workdir}. "
+              "Lower optimizer.learning_rate or set optimizer.grad_clip.")
+        n = sums["count"]
+        scalars = {"train_loss": sums["loss"] / n,
+                   "train_accuracy": sums["correct"] / n,
+                   "grad_norm": (sums["grad_norm"] /
+                                 (step - progress.last_step)),
+                   "learning_rate": float(schedule(step - 1))}
+        rate = progress.report(step, scalars)
+        scalars["steps_per_sec"] = rate
+        rates.append(rate)
+        writer.write(step, scalars)
+        sums = None
+        if ckpt_now:
+          save(step)
+          last_saved = step
+      if eval_now:
+        ev = trainer.evaluate(state["params"], "val")
+        ev = {"eval" + k[len("val"):]: v for k, v in ev.items()}
+        if (ev[metric] > best[metric]) if higher else (
+            ev[metric] < best[metric]):
+          best = {metric: ev[metric], "step": step}
+          ckpt.save_best(step, state["params"], best)
+        ev["best_" + metric] = best[metric]
+        writer.write(step, ev)
+        if jax.process_index() == 0:
+          print(f"step {step}: eval {metric[5:]} {ev[metric]:.4f}, "
+                f"loss {ev['eval_loss']:.4f} (best "
+                f"{best[metric]:.4f} at step {best['step']})",
+                flush=True)
+        progress.last_time = time.time()
+      if stop.requested(sync_point=log_now or ckpt_now):
+        break
   if last_saved != step:
     save(step)
   ckpt.wait()
+  if stop.signum is not None and step < total_steps:
+    writer.close()
+    ckpt.close()
+    raise TrainingStopped(
+        f"Stopped by {signal.Signals(stop.signum).name} at step {step} of "
+        f"{total_steps}; checkpoint saved in {workdir}. Launch the same "
+        "command again to resume.", stop.signum)
 
   # Final evaluation: test with the final and the best-on-val parameters.
   results = trainer.evaluate(state["params"], "test")

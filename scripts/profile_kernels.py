@@ -9,11 +9,13 @@ copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 32 64 128]
       [--warps 0 4 8] [--per_launch 1 3] [--head_dim 128] [--causal]
-      [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256] [--by_kernel]
+      [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
+      [--coarsen_impl pallas xla] [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
-every combination; the kernel settings after it use the first values.
+every combination, and ``--coarsen_impl xla`` the pyramid as XLA
+reductions; the kernel settings after it use the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
 prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
@@ -78,6 +80,9 @@ def main():
                       help="heads per pyramid program (TUNING)")
   parser.add_argument("--coarsen_rows", type=int, nargs="+", default=[0],
                       help="rows per pyramid program (TUNING; 0: 64)")
+  parser.add_argument("--coarsen_impl", nargs="+", default=["pallas"],
+                      choices=["pallas", "xla"],
+                      help="pyramid implementation (TUNING)")
   parser.add_argument("--by_kernel", action="store_true",
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
@@ -97,15 +102,21 @@ def main():
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
                q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)}
-    for heads, crows in itertools.product(args.coarsen_heads,
-                                          args.coarsen_rows):
-      kernels.TUNING["coarsen_heads"] = heads
-      kernels.TUNING["coarsen_rows"] = crows
-      row[f"pyramid_ms_heads{heads}_rows{crows or 64}"] = bench(
-          lambda q, k, v: kernels._pyramid(q, k, v, c0, levels, args.causal,
-                                           False), q, k, v)
-    kernels.TUNING["coarsen_heads"] = args.coarsen_heads[0]
-    kernels.TUNING["coarsen_rows"] = args.coarsen_rows[0]
+    pyramid = lambda q, k, v: kernels._pyramid(q, k, v, c0, levels,
+                                               args.causal, False)
+    settings = [("pallas", heads, crows) for heads, crows in itertools.product(
+        args.coarsen_heads, args.coarsen_rows)]
+    settings = [s for impl in args.coarsen_impl for s in
+                (settings if impl == "pallas" else [("xla", 0, 0)])]
+    for impl, heads, crows in settings:
+      kernels.TUNING.update(coarsen_impl=impl, coarsen_heads=heads or 1,
+                            coarsen_rows=crows)
+      name = ("pyramid_ms_xla" if impl == "xla" else
+              f"pyramid_ms_heads{heads}_rows{crows or 64}")
+      row[name] = bench(pyramid, q, k, v)
+    kernels.TUNING.update(coarsen_impl=args.coarsen_impl[0],
+                          coarsen_heads=args.coarsen_heads[0],
+                          coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
     for tile, warps, per_launch in itertools.product(
@@ -123,6 +134,7 @@ def main():
              "levels_per_launch": per_launch,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
+             "coarsen_impl": args.coarsen_impl[0],
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
       if args.by_kernel:

@@ -179,8 +179,9 @@ def test_level_groups():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
-  """Pyramid programs of several heads or rows give the one-head, 2**count-row
-  coarse queries, keys and values (d != dv, padded rows)."""
+  """Pyramid programs of several heads or rows, and the XLA pyramid, give the
+  one-head, 2**count-row coarse queries, keys and values (d != dv, padded
+  rows)."""
   rng = np.random.default_rng(0)
   b, n, h, d, dv = 2, 64, 4, 16, 32
   q, k = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
@@ -190,12 +191,15 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
                    jnp.float32)
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   got = {}
-  for heads, rows in ((1, 0), (2, 0), (4, 16), (1, 64)):
+  for heads, rows, impl in ((1, 0, "pallas"), (2, 0, "pallas"),
+                            (4, 16, "pallas"), (1, 64, "pallas"),
+                            (1, 0, "xla")):
     monkeypatch.setitem(kernels.TUNING, "coarsen_heads", heads)
     monkeypatch.setitem(kernels.TUNING, "coarsen_rows", rows)
-    got[heads, rows] = jax.tree.map(np.asarray, kernels._pyramid(
+    monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
+    got[heads, rows, impl] = jax.tree.map(np.asarray, kernels._pyramid(
         q, k, v, c0, 4, causal, True))
-  base = got.pop((1, 0))
+  base = got.pop((1, 0, "pallas"))
   assert len(base) == 4 and base[3][0].shape == (b, n // 8, h, d)
   assert base[3][2].shape == (b, n // 8, h, dv)
   # Level 1 by hand: the mean (or first) of each pair of real rows.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,7 +227,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data,
 
 
 def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
-  """SIGKILL mid-run, relaunch: same final parameters as an unbroken run."""
+  """SIGKILL mid-run, or SIGTERM (saves the step reached), relaunch: same
+  final parameters as an unbroken run."""
   args = ["--config=configs/listops.py:quick", f"--config.data_dir={tiny_data}",
           "--config.max_length=40", "--config.model.num_layers=1",
           "--config.model.emb_dim=32", "--config.model.qkv_dim=32",
@@ -234,12 +236,34 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
           "--config.batch_size=8", "--config.eval_batch_size=16",
           "--config.num_train_steps=40", "--config.log_every=5",
           "--config.checkpoint_every=5", "--config.eval_every=20"]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  # SIGTERM (preemption, `timeout`): the run saves the step it reached and
+  # exits 143, while the uninterrupted run goes on beside it.
+  stopped = tmp_path / "stopped"
+  term = subprocess.Popen(
+      [sys.executable, "-m", "htransformer.main", *args,
+       f"--workdir={stopped}"], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   straight = tmp_path / "straight"
-  r = run_main(args + [f"--workdir={straight}"])
-  assert r.returncode == 0, r.stderr[-3000:]
+  unbroken = subprocess.Popen(
+      [sys.executable, "-m", "htransformer.main", *args,
+       f"--workdir={straight}"], cwd=ROOT, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  while (not (stopped / "metrics.jsonl").exists()
+         and term.poll() is None):
+    time.sleep(0.05)
+  term.send_signal(signal.SIGTERM)
+  _, err = term.communicate(timeout=300)
+  assert unbroken.wait(timeout=300) == 0, unbroken.stderr.read()[-3000:]
+  m = re.search(r"Stopped by SIGTERM at step (\d+) of 40; checkpoint saved",
+                err)
+  assert term.returncode == 143 and m, (term.returncode, err[-3000:])
+  stopped_at = int(m.group(1))
+  assert 5 <= stopped_at < 40
+  assert saved_params(str(stopped))[0] == stopped_at
+  assert not (stopped / "results.json").exists()
 
   broken = tmp_path / "broken"
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   # Slow the first run down so that it is surely killed mid-way.
   proc = subprocess.Popen(
       [sys.executable, "-m", "htransformer.main", *args,
@@ -261,11 +285,15 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
   r = run_main(args + [f"--workdir={broken}"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"Resuming from step {killed_at}" in r.stdout
+  r = run_main(args + [f"--workdir={stopped}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"Resuming from step {stopped_at}" in r.stdout
   step_a, a = saved_params(str(straight))
-  step_b, b = saved_params(str(broken))
-  assert step_a == step_b == 40
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  for other in (broken, stopped):
+    step_b, b = saved_params(str(other))
+    assert step_a == step_b == 40
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
 
 
 def test_quick_job_end_to_end(tmp_path):

@@ -70,9 +70,11 @@ DEFAULT_TILE = 64
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
-# 64 for six levels; more gives fewer, larger programs).
+# 64 for six levels; more gives fewer, larger programs);
+# ``coarsen_impl``: "pallas" (that kernel) or "xla" (the same sums as XLA
+# reductions, level by level).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
-          "coarsen_heads": 1, "coarsen_rows": 0}
+          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "pallas"}
 
 
 def _pow2(x: int) -> bool:
@@ -587,6 +589,29 @@ def _coarsen_rows(n: int, count: int) -> int:
   return rows
 
 
+def _coarsen_xla(arrays, modes, c, count):
+  """``_coarsen`` as XLA reductions: float32 sums carried level to level."""
+  b = c.shape[0]
+  pairs = lambda x: x.reshape((b, x.shape[1] // 2, 2) + x.shape[2:])
+  out = []
+  for x, mode in zip(arrays, modes):
+    real = c[:, :, None, None] > 0
+    s = jnp.where(real, x, jnp.zeros_like(x)).astype(jnp.float32)
+    if mode == "mean":
+      s = s * c[:, :, None, None]
+    cs, levels = c, []
+    for _ in range(count):
+      if mode == "first":
+        s = s[:, ::2]
+        levels.append(s.astype(x.dtype))
+      else:
+        s, cs = pairs(s).sum(axis=2), pairs(cs).sum(axis=2)
+        levels.append((s / jnp.maximum(cs, 1.0)[:, :, None, None])
+                      .astype(x.dtype))
+    out.append(levels)
+  return out
+
+
 def _coarsen(arrays, modes, c, count, interpret):
   """Next ``count`` levels of each [B, n, H, D] array (counts c [B, n]).
 
@@ -594,6 +619,8 @@ def _coarsen(arrays, modes, c, count, interpret):
   program reduces a [2**count, hp*D] block, hp heads side by side (the
   reduction is per column, the counts per row).
   """
+  if TUNING.get("coarsen_impl", "pallas") == "xla":
+    return _coarsen_xla(arrays, modes, c, count)
   b, n, h = arrays[0].shape[:3]
   hp = _coarsen_heads(h)
   rows = _coarsen_rows(n, count)
