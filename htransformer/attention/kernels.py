@@ -65,7 +65,7 @@ _NO_ROW = 1e30
 # Query rows per program.
 DEFAULT_TILE = 64
 # Launch settings (read when a function is traced; for tuning): Triton
-# warps per program (None: by tile size) and pipelining stages, and how many
+# warps per program (None: 4) and pipelining stages, and how many
 # consecutive levels one launch computes (see _level_groups).
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
@@ -361,18 +361,20 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
                  jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, d, dv, t),
+      compiler_params=_compiler_params(interpret),
       name=f"hattn_fwd_l{first}" + (f"_{count}" if count > 1 else ""),
   )(*args)
 
 
-def _compiler_params(interpret, d, dv, tile):
+def _compiler_params(interpret):
   if interpret:
     return None
   # The Triton backend (not Mosaic GPU), also when lowering for a GPU from
   # another host.
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  warps = TUNING["num_warps"] or (4 if tile * max(d, dv) <= 64 * 64 else 8)
+  # 4 warps: faster than 8 for tiles of 32 and 64 rows at head_dim 64
+  # and 128 (scripts/profile_kernels.py, docs/benchmarks.md).
+  warps = TUNING["num_warps"] or 4
   return plgpu.CompilerParams(num_warps=warps,
                               num_stages=TUNING["num_stages"])
 
@@ -479,7 +481,7 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision)
-  params = _compiler_params(interpret, d, dv_dim, t)
+  params = _compiler_params(interpret)
   grid = (n // t, h, b)
   suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
@@ -641,7 +643,7 @@ def _coarsen(arrays, modes, c, count, interpret):
       functools.partial(_coarsen_kernel, count=count, modes=tuple(modes)),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, 16 * hp, 16 * hp, 16),
+      compiler_params=_compiler_params(interpret),
       name="hattn_coarsen")(c, *flat)
   shaped = [o.reshape(o.shape[0], o.shape[1], h, -1) for o in outs]
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
@@ -712,7 +714,7 @@ def _restrict(g, e, mrow, c, count, interpret):
       functools.partial(_restrict_kernel, count=count),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, 16, 16, 16),
+      compiler_params=_compiler_params(interpret),
       name="hattn_restrict")(g, e, mrow, c)
   return [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
 
