@@ -102,8 +102,6 @@ def main():
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
                q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)}
-    pyramid = lambda q, k, v: kernels._pyramid(q, k, v, c0, levels,
-                                               args.causal, False)
     settings = [("pallas", heads, crows) for heads, crows in itertools.product(
         args.coarsen_heads, args.coarsen_rows)]
     settings = [s for impl in args.coarsen_impl for s in
@@ -113,6 +111,10 @@ def main():
                             coarsen_rows=crows)
       name = ("pyramid_ms_xla" if impl == "xla" else
               f"pyramid_ms_heads{heads}_rows{crows or 64}")
+      # A new function per setting: jit caches by function, and TUNING is
+      # read only when tracing.
+      pyramid = lambda q, k, v: kernels._pyramid(q, k, v, c0, levels,
+                                                 args.causal, False)
       row[name] = bench(pyramid, q, k, v)
       if args.by_kernel:  # The wall time above includes the host's work
         f = jax.jit(pyramid)  # for ~40 outputs; the device's alone:
