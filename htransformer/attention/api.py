@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from htransformer.attention import hierarchical
 from htransformer.attention import kernels
@@ -111,13 +112,68 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
         f"{jax.default_backend()!r}. Use 'xla', or 'pallas_interpret' (the "
         "same kernels, interpreted; slow).")
   if implementation.startswith("pallas"):
-    return kernels.hierarchical_attention_pallas(
-        query, key, value, mask, block_size=block_size, causal=bool(causal),
+    run = lambda q, k, v, m: kernels.hierarchical_attention_pallas(
+        q, k, v, m, block_size=block_size, causal=bool(causal),
         interpret=implementation == "pallas_interpret")
+    return _per_device(run, query, key, value, mask)
   if mask is None:
     mask = jnp.ones(query.shape[:2], jnp.bool_)
   return hierarchical.hierarchical_attention_xla(
       query, key, value, mask, block_size=block_size, causal=bool(causal))
+
+
+# Mesh axes that split the batch and the heads of the fused kernels' inputs
+# when these carry a mesh with automatic axes (the trainer's "data" and
+# "model"); axes not in the mesh, or not dividing the dimension, are left out.
+BATCH_AXES = ("data",)
+HEAD_AXES = ("model",)
+
+
+def _split_axes(mesh, names, size):
+  axes = []
+  for name in names:
+    if name in mesh.axis_names:
+      n = mesh.shape[name]
+      if size % (n * math.prod(mesh.shape[a] for a in axes)) == 0:
+        axes.append(name)
+  return tuple(axes) or None
+
+
+def _per_device(run, query, key, value, mask):
+  """``run(q, k, v, mask)`` on each device's share of a sharded batch.
+
+  A Pallas kernel is one opaque call: on inputs sharded over a mesh, the
+  compiler would gather every device's rows and compute the whole batch on
+  each device. Batch and heads are independent, so ``shard_map`` runs the
+  kernels on each device's batch rows and heads instead: split as the
+  inputs' explicit sharding says, or with automatic mesh axes over
+  ``BATCH_AXES`` and ``HEAD_AXES``. Length and head_dim stay whole.
+  """
+  sharding = getattr(jax.typeof(query), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return run(query, key, value, mask)
+  batch, _, heads, _ = query.shape
+  explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types)
+              if t == jax.sharding.AxisType.Explicit]
+  if explicit:
+    spec = tuple(sharding.spec) + (None,) * 4
+    b_axes, h_axes = spec[0], spec[2]
+  else:
+    b_axes = _split_axes(mesh, BATCH_AXES, batch)
+    h_axes = _split_axes(mesh, HEAD_AXES, heads)
+  rows = P(b_axes, None, h_axes, None)
+  if mask is None:
+    mask = jnp.ones((batch, query.shape[1]), jnp.bool_)
+  if explicit:
+    named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
+    query, key, value = (jax.sharding.reshard(x, named(rows))
+                         for x in (query, key, value))
+    mask = jax.sharding.reshard(mask, named(P(b_axes, None)))
+  return jax.shard_map(run, mesh=mesh, in_specs=(rows, rows, rows,
+                                                 P(b_axes, None)),
+                       out_specs=rows, check_vma=False)(
+                           query, key, value, mask)
 
 
 def _default_hierarchical(query, value, block_size) -> str:
