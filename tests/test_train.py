@@ -60,12 +60,15 @@ def saved_params(workdir):
   return step, jax.tree.map(np.asarray, state["params"])
 
 
-@pytest.mark.parametrize("variant", ["", "full", "quick"])
+@pytest.mark.parametrize("variant",
+                         ["", "full", "quick", "long", "long_full"])
 def test_configs_load(variant):
   c = listops_config.get_config(variant)
   assert c.task == "listops"
-  assert c.model.attention == ("full" if variant == "full" else
+  assert c.model.attention == ("full" if variant.endswith("full") else
                                "hierarchical")
+  if variant.startswith("long"):
+    assert (c.optimizer.learning_rate, c.num_train_steps) == (0.005, 20000)
   if not variant:
     assert (c.model.num_layers, c.model.num_heads, c.model.emb_dim,
             c.model.mlp_dim, c.batch_size, c.num_train_steps,
