@@ -124,7 +124,7 @@ def test_pathfinder_quick_one_step_generates(tmp_path, capsys):
   c.batch_size = 8
   _one_step(c, tmp_path / "run")
   assert "generated pathfinder data" in capsys.readouterr().out
-  assert os.listdir(c.cache_dir) == ["pathfinder32_seed0_40_cl14"]
+  assert os.listdir(c.cache_dir) == ["pathfinder32_seed0_40_cl14_v2"]
 
 
 def test_pathx_quick_one_step_generates(tmp_path):

@@ -9,6 +9,7 @@ import sys
 import zlib
 
 import numpy as np
+from scipy import ndimage
 import pytest
 
 from htransformer.data import pathfinder as pf
@@ -104,6 +105,33 @@ def test_label_semantics(monkeypatch):
     assert all(len(o) == 1 for o in owner)
     assert (owner[0] == owner[1]) == (label == 1)
     assert np.linalg.norm(markers[0] - markers[1]) >= 7
+
+
+@pytest.mark.parametrize("resolution,count", [(32, 40), (128, 6)])
+def test_different_snakes_never_touch(monkeypatch, resolution, count):
+  """The image shows the label: the markers are joined by lit pixels
+  (8-connected, any intensity) only when they are on one snake. At 32 px
+  a snake's dashes touch, so label 1 is connected too; at 128 px its gaps
+  show. (Snakes grown with margins in continuous coordinates touched each
+  other in two thirds of the 32 px images of label 0.)"""
+  orig_draw = pf._Canvas.draw
+  calls = []
+  monkeypatch.setattr(pf._Canvas, "draw",
+                      lambda self, a, b, r: (calls.append(a),
+                                             orig_draw(self, a, b, r)))
+  seen = set()
+  for i in range(count):
+    calls.clear()
+    image, label = pf.make_image(1, resolution, i)
+    parts, _ = ndimage.label(image > 0, np.ones((3, 3), int))
+    ids = [parts[int(y), int(x)] for x, y in calls[-1]]
+    joined = ids[0] == ids[1]
+    seen.add(label)
+    if label == 0:
+      assert not joined, (resolution, i)
+    elif resolution == 32:
+      assert joined, (resolution, i)
+  assert seen == {0, 1}
 
 
 def test_pathx_resolution(tmp_path):
@@ -238,9 +266,9 @@ def test_find_data_dir_generates_once(gen, tmp_path, monkeypatch):
   cache = str(tmp_path / "cache")
   d = pf.find_data_dir(None, cache, resolution=32, num_images=N, seed=0,
                        workers=1)
-  assert d == os.path.join(cache, "pathfinder32_seed0_24_cl14", "pathfinder32",
+  assert d == os.path.join(cache, "pathfinder32_seed0_24_cl14_v2", "pathfinder32",
                            "curv_contour_length_14")
-  assert os.listdir(cache) == ["pathfinder32_seed0_24_cl14"]
+  assert os.listdir(cache) == ["pathfinder32_seed0_24_cl14_v2"]
   assert _files(d) == _files(gen["w1"])
   monkeypatch.setattr(pf, "generate", lambda *a, **k: 1 / 0)
   assert pf.find_data_dir("", cache, resolution=32, num_images=N) == d

@@ -14,11 +14,16 @@ placed on a circle around a pivot half a gap ahead of the previous paddle's
 end; its turn `d` relative to the previous direction is drawn among 16
 (jittered) angles in (-pi / (2 c), pi / (2 c)) with weight
 `max(cos(d * c), 0) ** 2` (c = continuity), restricted to positions inside
-the image whose centre line does not touch the dilated mask (radius
-thickness + margin) of anything already drawn (the snake's own previous
-paddle excepted, it is joined to the new one). No valid position: the pair
-of target snakes is started again (a distractor is dropped instead). The
-two marked ends are at least `seed_distance` apart in both classes.
+the image whose pixels do not touch the dilated mask of anything already
+drawn (the snake's own previous paddle excepted, it is joined to the new
+one). Masks are in the image's own pixels: a paddle or marker occupies
+every pixel its disc may light, dilated by `margin` pixels, so different
+snakes and markers are at least `margin` background pixels apart (a snake
+can never appear to continue into another one). The ends of the first
+target snake (future markers) are occupied before the second grows. No
+valid position: the pair of target snakes is started again (a distractor
+is dropped instead). The two marked ends are at least `seed_distance`
+apart in both classes.
 
 Drawing is anti-aliased by 2x supersampling (lines and markers drawn at
 twice the resolution, then 2x2 averaged); the image is normalised to the
@@ -81,7 +86,10 @@ SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 IMAGES_PER_BATCH = 1000
 METADATA_FILE = "pathfinder_generation.json"
-GENERATOR_VERSION = 1
+# 2: occupancy in output pixels, so that different snakes (and markers)
+# never touch (version 1's margins, in continuous coordinates, let them
+# touch in most 32 px images).
+GENERATOR_VERSION = 2
 _SUPERSAMPLE = 2
 
 # Per resolution: the LRA / Linsley parameters.
@@ -131,7 +139,9 @@ class _Canvas:
     # stamp or candidate overshoot), so no index needs a bounds check.
     self.full = self.size + 2 * _PAD
     self.image = np.zeros((self.full, self.full), np.float32)
-    self.forbidden = np.zeros((self.full, self.full), bool)
+    # Occupancy at the image's own resolution (output pixels, padded).
+    self.pad_px = _PAD // _SUPERSAMPLE
+    self.forbidden = np.zeros((resolution + 2 * self.pad_px,) * 2, bool)
     self._discs = {}
     self._fracs = {}
 
@@ -166,19 +176,35 @@ class _Canvas:
     ok = (iy - pts[:, 1:2]) ** 2 + (ix - pts[:, 0:1]) ** 2 <= r * r
     return (iy * self.full + ix)[ok]
 
-  def mark(self, a, b, radius, grid):
-    grid.reshape(-1)[self._stamp_indices(a, b, radius)] = True
+  def _pixels(self, points, radius, grow=0):
+    """(rows, cols) in the padded occupancy grid of the output pixels that
+    a disc of ``radius`` around each point [..., 2] may light (its bounding
+    square: a superset of what ``draw`` lights), grown by ``grow`` pixels
+    on every side; [..., K, K] each (repeats allowed)."""
+    lo = np.floor(points - radius).astype(np.int64) - grow + self.pad_px
+    hi = np.floor(points + radius).astype(np.int64) + grow + self.pad_px
+    k = int(math.ceil(2 * radius)) + 1 + 2 * grow
+    off = np.arange(k)
+    xs = np.minimum(lo[..., 0, None] + off, hi[..., 0, None])  # [..., K]
+    ys = np.minimum(lo[..., 1, None] + off, hi[..., 1, None])
+    return ys[..., :, None], xs[..., None, :]
+
+  def mark(self, points, radius, grow, grid):
+    """Occupies the pixels of discs around points [..., 2], grown."""
+    rows, cols = self._pixels(np.asarray(points, np.float64), radius, grow)
+    grid[rows, cols] = True
 
   def draw(self, starts, ends, radius):
     self.image.reshape(-1)[self._stamp_indices(starts, ends, radius)] = 1.0
 
-  def is_free(self, points, border, forbidden=None):
-    """bool per row of points [k, n, 2]: inside and not forbidden."""
+  def is_free(self, points, radius, border, forbidden=None):
+    """bool per row of points [k, n, 2] (discs of ``radius``): inside the
+    border and lighting no occupied pixel."""
     forbidden = self.forbidden if forbidden is None else forbidden
     inside = ((points.min(axis=(1, 2)) >= border)
               & (points.max(axis=(1, 2)) <= self.res - border))
-    idx = (points * _SUPERSAMPLE + _PAD).astype(np.int64)
-    hit = forbidden[idx[..., 1], idx[..., 0]].any(axis=1)
+    rows, cols = self._pixels(points, radius)
+    hit = forbidden[rows, cols].any(axis=(1, 2, 3))
     return inside & ~hit
 
   def to_uint8(self) -> np.ndarray:
@@ -208,10 +234,12 @@ class _Generator:
     self.continuity = p["continuity"]
     self.distractor_length = p["distractor_length"]
     self.num_distractors = p["num_distractors"]
-    self.dilate = self.thickness + self.margin
     self.draw_radius = self.thickness / 2 + 0.5 / _SUPERSAMPLE
+    # What is drawn occupies its pixels plus `margin` pixels around them.
+    self.grow = int(math.ceil(self.margin))
     self.border = self.margin
     self.n_points = int(math.ceil(self.length / 0.25)) + 1
+    self.along = np.linspace(0.0, 1.0, self.n_points)[:, None]
     half = math.pi / (2 * self.continuity)
     self.turn_step = 2 * half / _NUM_TURNS
     self.turns = -half + self.turn_step * (np.arange(_NUM_TURNS) + 0.5)
@@ -223,11 +251,12 @@ class _Generator:
     u = np.array([math.cos(theta), math.sin(theta)])
     a = np.asarray(start, np.float64)
     b = a + self.length * u
-    first = (a + np.linspace(0, 1, self.n_points)[:, None] * (b - a))[None]
-    if not self.canvas.is_free(first, self.border, forbidden)[0]:
+    first = (a + self.along * (b - a))[None]
+    if not self.canvas.is_free(first, self.draw_radius, self.border,
+                               forbidden)[0]:
       return None
     paddles = [(a, b)]
-    frac = np.linspace(0.0, 1.0, self.n_points)[None, :, None]
+    frac = self.along[None]
     jitter = rng.uniform(-0.5, 0.5, (n_paddles, _NUM_TURNS)) * self.turn_step
     picks = rng.random(n_paddles)
     for step in range(1, n_paddles):
@@ -239,7 +268,8 @@ class _Generator:
       starts = pivot[None] + (self.gap / 2) * dirs
       ends = starts + self.length * dirs
       pts = starts[:, None] + frac * (ends - starts)[:, None]  # [k, n, 2]
-      free = self.canvas.is_free(pts, self.border, forbidden)
+      free = self.canvas.is_free(pts, self.draw_radius, self.border,
+                                 forbidden)
       weights = np.maximum(np.cos(turns * self.continuity), 0.0) ** 2 * free
       total = weights.sum()
       if total <= 0:
@@ -247,12 +277,25 @@ class _Generator:
       k = min(int(np.searchsorted(np.cumsum(weights), picks[step] * total,
                                   side="right")), _NUM_TURNS - 1)
       # Commit the previous paddle (the new one starts next to it).
-      self.canvas.mark(a_prev, b_prev, self.dilate, forbidden)
+      self._occupy(a_prev, b_prev, forbidden)
       theta = float(angles[k])
       u = dirs[k]
       paddles.append((starts[k], ends[k]))
-    self.canvas.mark(*paddles[-1], self.dilate, forbidden)
+    self._occupy(*paddles[-1], forbidden)
     return paddles
+
+  def _occupy(self, a, b, grid):
+    self.canvas.mark(a + self.along * (b - a), self.draw_radius, self.grow,
+                     grid)
+
+  def _ends_free(self, ends, forbidden):
+    """Do the marker discs that may go on these ends light no occupied
+    pixel?"""
+    rows, cols = self.canvas._pixels(np.asarray(ends), self.marker_radius)  # pylint: disable=protected-access
+    return not forbidden[rows, cols].any()
+
+  def _occupy_ends(self, ends, grid):
+    self.canvas.mark(np.asarray(ends), self.marker_radius, self.grow, grid)
 
   def _random_start(self):
     lo = self.border + self.marker_radius
@@ -269,6 +312,9 @@ class _Generator:
       ends_a = (snake_a[0][0], snake_a[-1][1])
       if np.linalg.norm(ends_a[0] - ends_a[1]) < self.seed_distance:
         continue
+      # Either end of either snake may get a marker: snake b keeps its
+      # margin from a's possible markers, and its own from a.
+      self._occupy_ends(ends_a, forbidden)
       for _ in range(20):
         start_b, theta_b = self._random_start()
         if min(np.linalg.norm(start_b - e) for e in ends_a) < (
@@ -283,6 +329,9 @@ class _Generator:
                + [np.linalg.norm(ends_b[0] - ends_b[1])]) < (
                    self.seed_distance):
           continue
+        if not self._ends_free(ends_b, forbidden):
+          continue
+        self._occupy_ends(ends_b, trial)
         self.canvas.forbidden = trial
         return snake_a, snake_b
     raise RuntimeError("Pathfinder: could not place the two target snakes "
@@ -301,9 +350,6 @@ class _Generator:
     else:
       second = ends_b[rng.integers(2)]
     markers = (first, second)
-    for m in markers:  # distractors keep away from the markers
-      self.canvas.mark(m, m, self.marker_radius + self.margin,
-                       self.canvas.forbidden)
     distractors = []
     for _ in range(self.num_distractors):
       for _ in range(10):
@@ -480,7 +526,8 @@ def find_data_dir(data_dir: str | None, cache_dir: str | None,
   if not cache_dir:
     raise ValueError("find_data_dir needs a cache_dir when data_dir is empty "
                      "(the generated Pathfinder data is written there).")
-  name = f"pathfinder{resolution}_seed{seed}_{num_images}_cl{contour_length}"
+  name = (f"pathfinder{resolution}_seed{seed}_{num_images}_cl{contour_length}"
+          f"_v{GENERATOR_VERSION}")
   final = os.path.join(cache_dir, name)
   if cache.is_complete(final):
     logging.info("Using generated Pathfinder data in %s.", final)
