@@ -61,8 +61,9 @@ def data_origin(data_dir: str) -> dict:
         meta = json.load(f)
       out["generated"] = True
       out["generator"] = {k: meta[k] for k in
-                          ("generator", "seed", "num_train", "num_val",
-                           "num_test", "num_images", "resolution")
+                          ("generator", "generator_version", "seed",
+                           "num_train", "num_val", "num_test", "num_images",
+                           "resolution")
                           if k in meta}
       break
   return out

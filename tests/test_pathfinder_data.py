@@ -164,6 +164,7 @@ def test_data_origin_names_the_generator(tmp_path):
   origin = tasks.data_origin(d)
   assert origin["generated"] is True and origin["data_dir"] == d
   assert origin["generator"] == {"generator": "htransformer.data.pathfinder",
+                                 "generator_version": pf.GENERATOR_VERSION,
                                  "seed": 5, "num_images": 3,
                                  "resolution": 32}
   os.makedirs(tmp_path / "release")

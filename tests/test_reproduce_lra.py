@@ -104,7 +104,8 @@ def test_data_record_and_shortened_schedules(tmp_path):
                                   ("full", False, full)):
     path = os.path.join(root, f"pathfinder-{model}", "results.json")
     r = json.load(open(path))
-    r.update(data={"data_dir": "x", "generated": generated},
+    r.update(data={"data_dir": "x", "generated": generated,
+                   "generator": {"generator_version": 2}},
              num_train_steps=steps)
     json.dump(r, open(path, "w"))
   entries = {(t, m): rl.collect(rl.workdir_for(root, t, m), t)
@@ -119,6 +120,15 @@ def test_data_record_and_shortened_schedules(tmp_path):
   theirs = [c.strip() for c in _row(text, "Transformer, full").strip(
       "|").split("|")]
   assert theirs[5] == "70.00"
+  # Images of an older Pathfinder generator (no version recorded: 1).
+  path = os.path.join(root, "pathfinder-hierarchical", "results.json")
+  r = json.load(open(path))
+  del r["data"]["generator"]
+  json.dump(r, open(path, "w"))
+  entry = rl.collect(rl.workdir_for(root, "pathfinder", "hierarchical"),
+                     "pathfinder")
+  assert rl._cell(entry) == (
+      "50.00 (gen. v1, superseded, 6,260 of 62,600 steps)")
   # An unfinished run says how far it got.
   _fake_run(root, "pathx", "full", 0.5, finished=False)
   cfg_path = os.path.join(root, "pathx-full", "config.json")
