@@ -25,13 +25,27 @@ def run_pallas(q, k, v, mask, *, causal, block_size=16):
       implementation="pallas_interpret"))(q, k, v))
 
 
-@pytest.fixture(params=[(32, 1, 1), (64, 3, 2)], ids=["tile32", "3-levels"])
+SCHEDULES = {"tile32": (32, 1, 1), "3-levels": (64, 3, 2)}
+
+
+@pytest.fixture(params=list(SCHEDULES))
 def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain; small
   tiles (several per level) with one level per launch and one head per
   pyramid program, or tiles of 64 with up to three levels per launch (64,
   32 and 16 rows of one program) and two heads per pyramid program."""
-  tile, per_launch, heads = request.param
+  _use_schedule(monkeypatch, request.param)
+
+
+@pytest.fixture
+def tile32_passes(monkeypatch):
+  """The first schedule of ``small_passes`` only (the default launch
+  settings; the other is checked for values and gradients)."""
+  _use_schedule(monkeypatch, "tile32")
+
+
+def _use_schedule(monkeypatch, name):
+  tile, per_launch, heads = SCHEDULES[name]
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   monkeypatch.setattr(kernels, "DEFAULT_TILE", tile)
   monkeypatch.setitem(kernels.TUNING, "levels_per_launch", per_launch)
@@ -58,7 +72,7 @@ def test_matches_dense_definition(small_passes, length, d, dv, mask_kind,
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_holes_and_garbage_in_padding(small_passes, causal):
+def test_holes_and_garbage_in_padding(tile32_passes, causal):
   """Holes anywhere; padding holding inf/NaN changes nothing.
 
   Causal: a group's coarse query is its first token, which may be a hole;
@@ -81,7 +95,7 @@ def test_holes_and_garbage_in_padding(small_passes, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_extreme_rows(small_passes, causal):
+def test_extreme_rows(tile32_passes, causal):
   """Rows whose logits sit hundreds apart stay exact (per-row max)."""
   q, k, v = make_qkv(7, 1, 128, 1, 16, 16)
   sign = np.where(np.arange(128) < 64, 1.0, -1.0)

@@ -240,23 +240,35 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
           "--config.num_train_steps=40", "--config.log_every=5",
           "--config.checkpoint_every=5", "--config.eval_every=20"]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  # SIGTERM (preemption, `timeout`): the run saves the step it reached and
-  # exits 143, while the uninterrupted run goes on beside it.
-  stopped = tmp_path / "stopped"
-  term = subprocess.Popen(
-      [sys.executable, "-m", "htransformer.main", *args,
-       f"--workdir={stopped}"], cwd=ROOT, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  straight = tmp_path / "straight"
-  unbroken = subprocess.Popen(
-      [sys.executable, "-m", "htransformer.main", *args,
-       f"--workdir={straight}"], cwd=ROOT, env=env,
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  while (not (stopped / "metrics.jsonl").exists()
-         and term.poll() is None):
+
+  def launch(workdir, out=subprocess.DEVNULL):
+    return subprocess.Popen(
+        [sys.executable, "-m", "htransformer.main", *args,
+         f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=out,
+        stderr=subprocess.PIPE, text=True)
+
+  # Three runs side by side: uninterrupted; SIGTERM (preemption, `timeout`:
+  # the run saves the step it reached and exits 143); SIGKILL once a
+  # checkpoint at step >= 10 exists (nothing saved at the kill).
+  straight, stopped, broken = (tmp_path / n
+                               for n in ("straight", "stopped", "broken"))
+  unbroken, term, proc = launch(straight), launch(stopped), launch(broken)
+  signalled = set()
+  deadline = time.time() + 300
+  while len(signalled) < 2 and time.time() < deadline:
+    if "term" not in signalled and ((stopped / "metrics.jsonl").exists()
+                                    or term.poll() is not None):
+      term.send_signal(signal.SIGTERM)
+      signalled.add("term")
+    ckpt_dir = broken / "checkpoints"
+    if "kill" not in signalled and (proc.poll() is not None or any(
+        d.isdigit() and int(d) >= 10
+        for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []))):
+      proc.send_signal(signal.SIGKILL)
+      signalled.add("kill")
     time.sleep(0.05)
-  term.send_signal(signal.SIGTERM)
   _, err = term.communicate(timeout=300)
+  proc.wait(timeout=300)
   assert unbroken.wait(timeout=300) == 0, unbroken.stderr.read()[-3000:]
   m = re.search(r"Stopped by SIGTERM at step (\d+) of 40; checkpoint saved",
                 err)
@@ -265,32 +277,15 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
   assert 5 <= stopped_at < 40
   assert saved_params(str(stopped))[0] == stopped_at
   assert not (stopped / "results.json").exists()
-
-  broken = tmp_path / "broken"
-  # Slow the first run down so that it is surely killed mid-way.
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "htransformer.main", *args,
-       f"--workdir={broken}"], cwd=ROOT, env=env,
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt_dir = broken / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    done = [d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else [])
-            if d.isdigit() and int(d) >= 10]
-    if done or proc.poll() is not None:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
   killed_at, _ = saved_params(str(broken))
   assert killed_at is not None and killed_at < 40, killed_at
 
-  r = run_main(args + [f"--workdir={broken}"])
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert f"Resuming from step {killed_at}" in r.stdout
-  r = run_main(args + [f"--workdir={stopped}"])
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert f"Resuming from step {stopped_at}" in r.stdout
+  # Relaunched, both resume and finish.
+  resumed = {w: launch(w, subprocess.PIPE) for w in (broken, stopped)}
+  for w, at in ((broken, killed_at), (stopped, stopped_at)):
+    out, err = resumed[w].communicate(timeout=300)
+    assert resumed[w].returncode == 0, err[-3000:]
+    assert f"Resuming from step {at}" in out
   step_a, a = saved_params(str(straight))
   for other in (broken, stopped):
     step_b, b = saved_params(str(other))
