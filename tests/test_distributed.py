@@ -98,8 +98,9 @@ def steps_worker(data_dir, models, out):
     json.dump(info, f)
 
 
-def kernels_worker(out):
-  """Pallas (interpret) attention over meshes of 4 devices vs one device."""
+def kernels_worker(data_dir, out):
+  """Pallas (interpret) attention over meshes of 4 devices vs one device,
+  and a training step that uses it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -133,18 +134,35 @@ def kernels_worker(out):
     info[name] = {
         "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(got, ref)),
         "all_gathers": compiled.as_text().count("all-gather")}
+  # The training step of a model with these kernels, data parallel over 4
+  # (tensor parallelism has all-gathers of its own).
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from htransformer import input_pipeline, optim, tasks, train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  c = tiny_config(data_dir, **{"model.block_size": 16,
+                               "model.implementation": "pallas_interpret"})
+  task = tasks.get_task(c)
+  graphdef, params = nnx.split(train.build_model(c, task), nnx.Param)
+  tx, _ = optim.make_optimizer(c.optimizer, c.num_train_steps)
+  trainer = train.Trainer(c, task, graphdef, params, tx)
+  it = input_pipeline.train_iterator(task.sources["train"], c.batch_size,
+                                     c.data_seed)
+  step = trainer.train_step.lower(trainer.initial_state(params),
+                                  trainer.global_batch(next(it))).compile()
+  info["train_step"] = {"max_diff": 0.0, "all_gathers":
+                        step.as_text().count("all-gather")}
   with open(out, "w") as f:
     json.dump(info, f)
 
 
-def test_kernels_run_per_device_on_a_mesh(tmp_path):
+def test_kernels_run_per_device_on_a_mesh(tiny_data, tmp_path):
   out = tmp_path / "kernels.json"
   r = subprocess.run([sys.executable, os.path.abspath(__file__), "kernels",
-                      str(out)], cwd=ROOT, env=_env(4), capture_output=True,
-                     text=True, timeout=600)
+                      tiny_data, str(out)], cwd=ROOT, env=_env(4),
+                     capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   info = json.load(open(out))
-  assert set(info) == {"data2_model2", "explicit"}
+  assert set(info) == {"data2_model2", "explicit", "train_step"}
   for name, row in info.items():
     assert row["max_diff"] < 1e-5, (name, row)
     # Without shard_map the compiler gathers the batch onto every device.
@@ -331,7 +349,8 @@ def test_two_processes_match_one(tiny_data, tmp_path):
 
 if __name__ == "__main__":
   if sys.argv[1] == "kernels":
-    kernels_worker(sys.argv[2])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    kernels_worker(sys.argv[2], sys.argv[3])
   elif sys.argv[1] == "steps":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     steps_worker(sys.argv[2], [int(m) for m in sys.argv[3].split(",")],
