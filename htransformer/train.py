@@ -93,11 +93,12 @@ class _StopSignals:
     if not sync_point:
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(
-        np.int32(self.signum or 0))
-    if self.signum is None and np.max(flags) > 0:
-      self.signum = int(np.max(flags))
-    return bool(np.max(flags) > 0)
+    # Any process's signal stops them all (0: none).
+    signum = int(np.max(multihost_utils.process_allgather(
+        np.int32(self.signum or 0))))
+    if signum and self.signum is None:
+      self.signum = signum
+    return bool(signum)
 
 
 def build_model(config, task: tasks.Task, seed: int = 0) -> nnx.Module:

@@ -154,8 +154,8 @@ def _per_device(run, query, key, value, mask):
   if mesh is None or mesh.empty or mesh.size == 1:
     return run(query, key, value, mask)
   batch, _, heads, _ = query.shape
-  explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types)
-              if t == jax.sharding.AxisType.Explicit]
+  explicit = any(t == jax.sharding.AxisType.Explicit
+                 for t in mesh.axis_types)
   if explicit:
     spec = tuple(sharding.spec) + (None,) * 4
     b_axes, h_axes = spec[0], spec[2]

@@ -197,15 +197,19 @@ class _Canvas:
   def draw(self, starts, ends, radius):
     self.image.reshape(-1)[self._stamp_indices(starts, ends, radius)] = 1.0
 
+  def touches(self, points, radius, grid):
+    """bool per point [..., 2]: does its disc of ``radius`` light an
+    occupied pixel of ``grid``?"""
+    rows, cols = self._pixels(np.asarray(points, np.float64), radius)
+    return grid[rows, cols].any(axis=(-2, -1))
+
   def is_free(self, points, radius, border, forbidden=None):
     """bool per row of points [k, n, 2] (discs of ``radius``): inside the
     border and lighting no occupied pixel."""
     forbidden = self.forbidden if forbidden is None else forbidden
     inside = ((points.min(axis=(1, 2)) >= border)
               & (points.max(axis=(1, 2)) <= self.res - border))
-    rows, cols = self._pixels(points, radius)
-    hit = forbidden[rows, cols].any(axis=(1, 2, 3))
-    return inside & ~hit
+    return inside & ~self.touches(points, radius, forbidden).any(axis=1)
 
   def to_uint8(self) -> np.ndarray:
     s = _SUPERSAMPLE
@@ -288,12 +292,6 @@ class _Generator:
     self.canvas.mark(a + self.along * (b - a), self.draw_radius, self.grow,
                      grid)
 
-  def _ends_free(self, ends, forbidden):
-    """Do the marker discs that may go on these ends light no occupied
-    pixel?"""
-    rows, cols = self.canvas._pixels(np.asarray(ends), self.marker_radius)  # pylint: disable=protected-access
-    return not forbidden[rows, cols].any()
-
   def _occupy_ends(self, ends, grid):
     self.canvas.mark(np.asarray(ends), self.marker_radius, self.grow, grid)
 
@@ -329,7 +327,8 @@ class _Generator:
                + [np.linalg.norm(ends_b[0] - ends_b[1])]) < (
                    self.seed_distance):
           continue
-        if not self._ends_free(ends_b, forbidden):
+        # b's possible markers keep their margin from a.
+        if self.canvas.touches(ends_b, self.marker_radius, forbidden).any():
           continue
         self._occupy_ends(ends_b, trial)
         self.canvas.forbidden = trial
