@@ -75,6 +75,25 @@ def test_cudnn_gradients_match_xla(length, padded, causal):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
 
 
+@pytest.mark.parametrize("dim", [4, 12])
+def test_cudnn_narrow_head_dims_match_xla(dim):
+  """Head dims cuDNN does not take (not a multiple of 8) run it padded."""
+  q, k, v = _inputs(2, 1024, 4, dim, jnp.bfloat16, seed=4)
+  mask = jnp.arange(1024)[None] < jnp.array([[1024], [900]])
+  cot = jax.random.normal(jax.random.key(5), q.shape, jnp.float32)
+
+  def run(impl):
+    f = lambda q, k, v: full_attention(q, k, v, mask=mask,
+                                       implementation=impl)
+    loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cot)
+    return [f(q, k, v)] + list(jax.grad(loss, argnums=(0, 1, 2))(q, k, v))
+
+  for a, b in zip(run("cudnn"), run("xla")):
+    assert a.shape == b.shape
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
+
+
 # The fused kernels on the GPU against the plain path (float32 at full
 # precision): values and gradients, causal and not, with padding and holes.
 KERNEL_CASES = [
@@ -82,6 +101,8 @@ KERNEL_CASES = [
     (2, 1000, 4, 64, 64, 16, True),
     (1, 4096, 2, 32, 64, 16, False),
     (2, 512, 2, 128, 128, 64, True),
+    (2, 1024, 4, 4, 4, 16, True),      # Pathfinder's head_dim: padded to 16
+    (1, 700, 2, 8, 24, 32, False),     # Path-X's 8; a value_dim of 24
 ]
 
 

@@ -193,7 +193,14 @@ def _cudnn_supported(query, value) -> bool:
   if value.dtype != query.dtype:
     return False
   d, dv = query.shape[-1], value.shape[-1]
-  return d == dv and d % 8 == 0 and d <= 128
+  return d == dv and cudnn_head_dim(d) <= 128
+
+
+def cudnn_head_dim(d: int) -> int:
+  """The head width full attention runs cuDNN at: ``d`` rounded up to a
+  multiple of 8 (zero columns change no logit; the scale stays
+  1/sqrt(d))."""
+  return -(-d // 8) * 8
 
 
 def full_attention(query, key, value, *, causal: bool = False, mask=None,
@@ -202,7 +209,8 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
 
   Same arguments and layout as :func:`hierarchical_attention`, minus
   ``block_size``. ``implementation=None`` uses cuDNN's fused attention on
-  GPU when dtype and shapes allow it, XLA otherwise. With cuDNN, ``mask`` is
+  GPU when dtype and shapes allow it (16-bit, head_dim == value_dim, at most
+  128 once rounded up to the multiple of 8 cuDNN takes), XLA otherwise. With cuDNN, ``mask`` is
   passed as per-row key lengths, so it must be suffix padding.
   """
   mask = _check_inputs(query, key, value, mask)
@@ -224,11 +232,14 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
       lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
     elif padded != length:
       lengths = jnp.full((batch,), length, jnp.int32)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
+    d = query.shape[-1]
+    width = cudnn_head_dim(d)
+    pad = lambda x: jnp.pad(
+        x, ((0, 0), (0, padded - length), (0, 0), (0, width - d)))
     out = jax.nn.dot_product_attention(
         pad(query), pad(key), pad(value), is_causal=causal,
-        key_value_seq_lengths=lengths,
-        implementation="cudnn")[:, :length]
+        key_value_seq_lengths=lengths, scale=1.0 / math.sqrt(d),
+        implementation="cudnn")[:, :length, :, :d]
   else:
     # jax.nn.dot_product_attention wants one head dim for q, k and v: pad
     # the narrower ones with zeros (which changes no logit) and slice.

@@ -39,8 +39,10 @@ tests run both schedules); whether it is faster is for the GPU to say
 (``scripts/profile_kernels.py --per_launch 1 3``).
 
 Requirements for the kernels (``unsupported_reason``): block_size a power
-of two >= 16, head dims powers of two >= 16, floating inputs of at most 32
-bits. Products take 16-bit operands as they come and float32 operands at
+of two >= 16 and floating inputs of at most 32 bits. The kernels work on
+head dims that are powers of two >= 16 (``kernel_head_dim``); narrower or
+other head dims are zero-padded to that width on the way in (no logit
+changes, the softmax scale stays 1/sqrt(head_dim)) and the output sliced. Products take 16-bit operands as they come and float32 operands at
 full float32 precision (no TF32); accumulation is float32.
 ``interpret=True`` runs the same kernels in Pallas interpret mode (CPU).
 """
@@ -81,13 +83,19 @@ def _pow2(x: int) -> bool:
   return x >= 1 and (x & (x - 1)) == 0
 
 
+def kernel_head_dim(d: int) -> int:
+  """The head width the kernels compute at: ``d`` rounded up to a power of
+  two, at least 16 (inputs are zero-padded to it)."""
+  return max(16, 1 << (int(d) - 1).bit_length())
+
+
 def unsupported_reason(query, value, block_size: int) -> str | None:
   """Why the kernels cannot run these inputs (None if they can)."""
   d, dv = query.shape[-1], value.shape[-1]
   if not (_pow2(block_size) and block_size >= 16):
     return f"block_size must be a power of two >= 16, got {block_size}"
-  if not (_pow2(d) and d >= 16 and _pow2(dv) and dv >= 16):
-    return f"head dims must be powers of two >= 16, got {d} and {dv}"
+  if min(d, dv) < 1:
+    return f"head dims must be >= 1, got {d} and {dv}"
   for x in (query, value):
     if jnp.dtype(x.dtype).itemsize > 4:
       return f"inputs must be 16- or 32-bit floats, got {x.dtype}"
@@ -719,17 +727,17 @@ def _restrict(g, e, mrow, c, count, interpret):
   return [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
 def _attention(q, k, v, c0, nr, causal, tile, interpret, precision,
-               per_launch):
+               per_launch, scale):
   return _forward(q, k, v, c0, nr, causal, tile, interpret, precision,
-                  per_launch)[0]
+                  per_launch, scale)[0]
 
 
-def _forward(q, k, v, c0, nr, causal, tile, interpret, precision, per_launch):
+def _forward(q, k, v, c0, nr, causal, tile, interpret, precision, per_launch,
+             scale):
   n = q.shape[1]
   levels = int(round(math.log2(n // nr)))
-  scale = 1.0 / math.sqrt(q.shape[-1])
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret)
   parent = None
   for first, count, t in reversed(
@@ -743,18 +751,17 @@ def _forward(q, k, v, c0, nr, causal, tile, interpret, precision, per_launch):
 
 
 def _attention_fwd(q, k, v, c0, nr, causal, tile, interpret, precision,
-                   per_launch):
+                   per_launch, scale):
   o, res = _forward(q, k, v, c0, nr, causal, tile, interpret, precision,
-                    per_launch)
+                    per_launch, scale)
   return o, res
 
 
-def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, res,
-                   d_o):
+def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
+                   res, d_o):
   pyramid, o, lse = res
   q, k, v, c0 = pyramid[0]
   levels = len(pyramid)
-  scale = 1.0 / math.sqrt(q.shape[-1])
   valid = c0 > 0  # [B, n]
   vrow = valid[:, None, :]  # [B, 1, n] against [B, H, n]
   e = jnp.sum(d_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
@@ -812,13 +819,17 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   if valid is None:
     valid = jnp.ones((batch, length), jnp.bool_)
   c0 = jnp.pad(valid.astype(jnp.float32), ((0, 0), (0, lp - length)))
-  if lp != length:
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, lp - length), (0, 0), (0, 0)))
-    query, key, value = pad(query), pad(key), pad(value)
+  d, dv = query.shape[-1], value.shape[-1]
+  scale = 1.0 / math.sqrt(d)
+  wq, wv = kernel_head_dim(d), kernel_head_dim(dv)
+  pad = lambda x, w: jnp.pad(
+      x, ((0, 0), (0, lp - length), (0, 0), (0, w - x.shape[-1])))
+  if lp != length or wq != d or wv != dv:
+    query, key, value = pad(query, wq), pad(key, wq), pad(value, wv)
   precision = (lax.Precision.HIGHEST if dtype == jnp.float32 else
                lax.Precision.DEFAULT)
   per_launch = int(TUNING.get("levels_per_launch") or 1)
   out = _attention(query, key, value, c0, block_size, bool(causal),
                    max(tile, block_size), bool(interpret), precision,
-                   per_launch)
-  return out[:, :length]
+                   per_launch, scale)
+  return out[:, :length, :, :dv]
