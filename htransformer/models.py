@@ -280,10 +280,17 @@ class Encoder(nnx.Module):
 
 
 def pool(x, mask, kind):
-  """[batch, length, dim] -> [batch, dim] by CLS (position 0) or masked mean."""
+  """[batch, length, dim] -> float32 [batch, dim] by CLS (position 0) or
+  masked mean.
+
+  Always float32: a bfloat16 mean of ~1,000 rows keeps 8 bits of the
+  average, so what a few rows add (one snake's pixels among 1,024) rounds
+  away; the classifier heads run in float32 for the same reason.
+  """
+  x = x.astype(jnp.float32)
   if kind == "CLS":
     return x[:, 0]
-  w = mask.astype(x.dtype)[..., None]
+  w = mask.astype(jnp.float32)[..., None]
   return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
 
 
@@ -294,9 +301,9 @@ class Classifier(nnx.Module):
                rngs: nnx.Rngs, **encoder_kwargs):
     self.encoder = Encoder(emb_dim=emb_dim, mlp_dim=mlp_dim, rngs=rngs,
                            **encoder_kwargs)
-    dtype = self.encoder.dtype
-    self.head1 = nnx.Linear(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
-    self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=dtype, rngs=rngs)
+    self.head1 = nnx.Linear(emb_dim, mlp_dim, dtype=jnp.float32, rngs=rngs)
+    self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=jnp.float32,
+                            rngs=rngs)
 
   def __call__(self, tokens, *, deterministic=True, rngs=None):
     x, mask = self.encoder(tokens, deterministic=deterministic, rngs=rngs)
@@ -364,9 +371,10 @@ class DualEncoderClassifier(nnx.Module):
                rngs: nnx.Rngs, **encoder_kwargs):
     self.encoder = Encoder(emb_dim=emb_dim, mlp_dim=mlp_dim, rngs=rngs,
                            **encoder_kwargs)
-    dtype = self.encoder.dtype
-    self.head1 = nnx.Linear(4 * emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
-    self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=dtype, rngs=rngs)
+    self.head1 = nnx.Linear(4 * emb_dim, mlp_dim, dtype=jnp.float32,
+                            rngs=rngs)
+    self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=jnp.float32,
+                            rngs=rngs)
 
   def encode(self, tokens, *, deterministic=True, rngs=None):
     """tokens: int [batch, length] -> pooled [batch, emb_dim]."""

@@ -31,6 +31,29 @@ def _dual(pool="CLS"):
       attention="full", pool=pool, rngs=nnx.Rngs(params=0))
 
 
+def test_mean_pooling_keeps_what_a_few_rows_add():
+  """A bfloat16 encoder output is pooled in float32: one row of 1,024 that
+  differs by 0.5 moves the mean by 0.5/1024, which a bfloat16 mean (8 bits)
+  rounds away, and the classifier's heads see it too."""
+  x = np.ones((2, 1024, 4), np.float32) + np.linspace(0, 1, 4)
+  x[1, 700] += 0.5
+  mask = np.ones((2, 1024), bool)
+  mask[:, 1000:] = False
+  x[:, 1000:] = 1e4  # masked rows count for nothing
+  pooled = models.pool(jnp.asarray(x, jnp.bfloat16), jnp.asarray(mask),
+                       "MEAN")
+  assert pooled.dtype == jnp.float32
+  want = x[:, :1000].astype(jnp.bfloat16).astype(np.float32).mean(1)
+  np.testing.assert_allclose(np.asarray(pooled), want, rtol=1e-6)
+  diff = np.asarray(pooled[1] - pooled[0])
+  assert (np.abs(diff - 0.5 / 1000) < 2e-5).all(), diff
+  model = models.Classifier(
+      num_classes=2, vocab_size=257, max_len=64, emb_dim=16, num_layers=1,
+      num_heads=2, qkv_dim=16, mlp_dim=16, attention="full", pool="MEAN",
+      dtype="bfloat16", rngs=nnx.Rngs(params=0))
+  assert model.head1.dtype == model.head2.dtype == jnp.float32
+
+
 def test_dual_encoder_shapes_and_symmetry():
   model = _dual("CLS")
   rng = np.random.default_rng(0)
