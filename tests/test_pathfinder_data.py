@@ -134,6 +134,35 @@ def test_different_snakes_never_touch(monkeypatch, resolution, count):
   assert seen == {0, 1}
 
 
+def _markers_joined(image):
+  """From the pixels alone: the two marker disks (what survives a 3x3
+  erosion of the lit pixels; None unless exactly two) and whether lit
+  pixels join them."""
+  lit = image > 60
+  cores, n = ndimage.label(ndimage.binary_erosion(lit, np.ones((3, 3))),
+                           np.ones((3, 3), int))
+  if n != 2:
+    return None
+  parts, _ = ndimage.label(lit, np.ones((3, 3), int))
+  return parts[cores == 1][0] == parts[cores == 2][0]
+
+
+def test_training_batches_show_their_labels(gen):
+  """What the model is fed: the training iterator's batches, read back as
+  images, have markers joined exactly when the label says so."""
+  from htransformer import input_pipeline
+  srcs = pf.load_sources(gen["w1"], 32)
+  batch = next(input_pipeline.train_iterator(srcs["train"], 16, seed=0))
+  seen = 0
+  for tokens, label in zip(np.asarray(batch["inputs"]),
+                           np.asarray(batch["targets"])):
+    joined = _markers_joined((tokens - pf.PIXEL_OFFSET).reshape(32, 32))
+    if joined is not None:
+      assert joined == bool(label)
+      seen += 1
+  assert seen >= 5
+
+
 def test_pathx_resolution(tmp_path):
   d = pf.generate(str(tmp_path), 128, 3, seed=0, workers=1)
   assert d.endswith(os.path.join("pathfinder128", "curv_contour_length_14"))
