@@ -88,7 +88,9 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
     mask: optional bool [batch, length], True for real tokens.
     implementation: None picks the best available path: the fused Pallas
       kernels on a GPU for 16-bit inputs they support (block_size a power
-      of two >= 16, head dims powers of two >= 16), "xla" otherwise.
+      of two >= 16; head dims that are not powers of two >= 16 are
+      zero-padded to one, which is faster than "xla" even at head_dim 4),
+      "xla" otherwise.
       "xla" is the reshape-based plain-JAX path; "pallas" the fused kernels
       (GPU; float32 inputs use full-precision float32 products);
       "pallas_interpret" the same kernels in Pallas interpret mode, on any
