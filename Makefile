@@ -20,7 +20,7 @@ run: $(STAMP)
 	    --workdir=runs/listops-quick
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf runs .pytest_cache
