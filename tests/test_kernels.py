@@ -107,6 +107,20 @@ def test_extreme_rows(tile32_passes, causal):
   assert max_abs(out, want) <= 1e-4
 
 
+def _grads(impl, q, k, v, mask, cot, causal):
+  """Gradients of sum(out * cot) for q, k, v: ``impl`` or the dense
+  reference ("ref")."""
+  def f(q, k, v):
+    if impl == "ref":
+      out = dense_reference(q, k, v, mask, block_size=16, causal=causal,
+                            xp=jnp)
+    else:
+      out = hierarchical_attention(q, k, v, block_size=16, causal=causal,
+                                   mask=mask, implementation=impl)
+    return jnp.sum(out * cot)
+  return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_gradients_match_autodiff_of_reference(small_passes, causal):
   length, d, dv = 150, 16, 32
@@ -116,19 +130,8 @@ def test_gradients_match_autodiff_of_reference(small_passes, causal):
   cot = np.random.default_rng(32).standard_normal(
       (2, length, 1, dv)).astype(np.float32)
 
-  def loss(impl):
-    def f(q, k, v):
-      if impl == "ref":
-        out = dense_reference(q, k, v, mask, block_size=16, causal=causal,
-                              xp=jnp)
-      else:
-        out = hierarchical_attention(q, k, v, block_size=16, causal=causal,
-                                     mask=mask, implementation=impl)
-      return jnp.sum(out * cot)
-    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
-
-  got = loss("pallas_interpret")(q, k, v)
-  want = loss("ref")(q, k, v)
+  got = _grads("pallas_interpret", q, k, v, mask, cot, causal)
+  want = _grads("ref", q, k, v, mask, cot, causal)
   for name, g, w in zip("qkv", got, want):
     g, w = np.asarray(g), np.asarray(w)
     assert np.isfinite(g).all(), name
@@ -153,18 +156,9 @@ def test_narrow_and_odd_head_dims(d, dv):
   cot = np.random.default_rng(d).standard_normal(out.shape).astype(
       np.float32)
 
-  def grads(impl):
-    def f(q, k, v):
-      if impl == "ref":
-        o = dense_reference(q, k, v, mask, block_size=16, causal=causal,
-                            xp=jnp)
-      else:
-        o = hierarchical_attention(q, k, v, block_size=16, causal=causal,
-                                   mask=mask, implementation=impl)
-      return jnp.sum(o * cot)
-    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
-
-  for name, g, w in zip("qkv", grads("pallas_interpret"), grads("ref")):
+  got = _grads("pallas_interpret", q, k, v, mask, cot, causal)
+  want = _grads("ref", q, k, v, mask, cot, causal)
+  for name, g, w in zip("qkv", got, want):
     g, w = np.asarray(g), np.asarray(w)
     assert g.shape == w.shape, name
     assert max_abs(g, w) <= 1e-4 * max(1.0, float(np.abs(w).max())), name

@@ -211,9 +211,10 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
 
   Same arguments and layout as :func:`hierarchical_attention`, minus
   ``block_size``. ``implementation=None`` uses cuDNN's fused attention on
-  GPU when dtype and shapes allow it (16-bit, head_dim == value_dim, at most
-  128 once rounded up to the multiple of 8 cuDNN takes), XLA otherwise. With cuDNN, ``mask`` is
-  passed as per-row key lengths, so it must be suffix padding.
+  GPU when dtype and shapes allow it (16-bit, head_dim == value_dim, at
+  most 128 once rounded up to the multiple of 8 cuDNN takes), XLA
+  otherwise. With cuDNN, ``mask`` is passed as per-row key lengths, so it
+  must be suffix padding.
   """
   mask = _check_inputs(query, key, value, mask)
   if implementation is None:

@@ -42,8 +42,9 @@ Requirements for the kernels (``unsupported_reason``): block_size a power
 of two >= 16 and floating inputs of at most 32 bits. The kernels work on
 head dims that are powers of two >= 16 (``kernel_head_dim``); narrower or
 other head dims are zero-padded to that width on the way in (no logit
-changes, the softmax scale stays 1/sqrt(head_dim)) and the output sliced. Products take 16-bit operands as they come and float32 operands at
-full float32 precision (no TF32); accumulation is float32.
+changes, the softmax scale stays 1/sqrt(head_dim)) and the output sliced.
+Products take 16-bit operands as they come and float32 operands at full
+float32 precision (no TF32); accumulation is float32.
 ``interpret=True`` runs the same kernels in Pallas interpret mode (CPU).
 """
 
