@@ -121,6 +121,11 @@ def main():
         row[name.replace("_ms", "_device_ms")] = profiling.device_profile(
             lambda: jax.block_until_ready(f(q, k, v)),
             steps=5).get("device_ms_per_step")
+      # One line per setting as it is measured: a run cut short by a time
+      # limit still reports the settings it reached.
+      device = name.replace("_ms", "_device_ms")
+      print(json.dumps({"length": length, name: row[name],
+                        device: row.get(device)}), flush=True)
     kernels.TUNING.update(coarsen_impl=args.coarsen_impl[0],
                           coarsen_heads=args.coarsen_heads[0],
                           coarsen_rows=args.coarsen_rows[0])
