@@ -134,19 +134,6 @@ def test_different_snakes_never_touch(monkeypatch, resolution, count):
   assert seen == {0, 1}
 
 
-def _markers_joined(image):
-  """From the pixels alone: the two marker disks (what survives a 3x3
-  erosion of the lit pixels; None unless exactly two) and whether lit
-  pixels join them."""
-  lit = image > 60
-  cores, n = ndimage.label(ndimage.binary_erosion(lit, np.ones((3, 3))),
-                           np.ones((3, 3), int))
-  if n != 2:
-    return None
-  parts, _ = ndimage.label(lit, np.ones((3, 3), int))
-  return parts[cores == 1][0] == parts[cores == 2][0]
-
-
 def test_training_batches_show_their_labels(gen):
   """What the model is fed: the training iterator's batches, read back as
   images, have markers joined exactly when the label says so."""
@@ -156,11 +143,27 @@ def test_training_batches_show_their_labels(gen):
   seen = 0
   for tokens, label in zip(np.asarray(batch["inputs"]),
                            np.asarray(batch["targets"])):
-    joined = _markers_joined((tokens - pf.PIXEL_OFFSET).reshape(32, 32))
+    joined = pf.markers_joined((tokens - pf.PIXEL_OFFSET).reshape(32, 32))
     if joined is not None:
       assert joined == bool(label)
       seen += 1
   assert seen >= 5
+
+
+def test_check_script_reads_a_folder(gen):
+  """scripts/check_pathfinder.py's summary of generated images: label 0
+  never joined, label 1 always, where two markers are found."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "check_pathfinder", os.path.join(ROOT, "scripts", "check_pathfinder.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  s = module.summarize(gen["w1"], 32, num=N)
+  assert s["checked"] == N and s["images"] == N
+  assert s["label0_read"] + s["label1_read"] + s["markers_not_found"] == N
+  assert s["label0_read"] and s["label1_read"]
+  assert s["label0_joined"] == 0.0 and s["label1_joined"] == 1.0
+  assert 0 < s["lit_fraction"] < 0.5
 
 
 def test_pathx_resolution(tmp_path):
