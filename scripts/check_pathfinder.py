@@ -29,12 +29,18 @@ from scipy import ndimage  # noqa: E402
 
 from htransformer.data import pathfinder  # noqa: E402
 
-flags.DEFINE_integer("resolution", 32, "Image size (32 Pathfinder, 128 Path-X).")
-flags.DEFINE_integer("contour_length", 14, "Which curv_contour_length_<C>.")
-flags.DEFINE_integer("num", 2000, "Images to check (drawn at random).")
-flags.DEFINE_integer("seed", 0, "Seed of the draw.")
-flags.DEFINE_integer("threshold", 60, "Pixels above this count as lit.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Defined when run as a script only: importing the module (the tests
+  do) adds no flags beside other modules' ones."""
+  flags.DEFINE_integer("resolution", 32,
+                       "Image size (32 Pathfinder, 128 Path-X).")
+  flags.DEFINE_integer("contour_length", 14, "Which curv_contour_length_<C>.")
+  flags.DEFINE_integer("num", 2000, "Images to check (drawn at random).")
+  flags.DEFINE_integer("seed", 0, "Seed of the draw.")
+  flags.DEFINE_integer("threshold", 60, "Pixels above this count as lit.")
 
 
 def summarize(folder: str, resolution: int, num: int, seed: int = 0,
@@ -94,4 +100,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
