@@ -52,7 +52,7 @@ def summarize(folder: str, resolution: int, num: int, seed: int = 0,
   pick = np.random.default_rng(seed).permutation(len(paths))[:num]
   lit, mean, parts = [], [], []
   joined = {0: [], 1: []}
-  unread = {0: 0, 1: 0}
+  unread = 0
   for i in pick:
     image = pathfinder.read_image(paths[i], resolution)
     label = int(labels[i])
@@ -62,7 +62,7 @@ def summarize(folder: str, resolution: int, num: int, seed: int = 0,
     parts.append(ndimage.label(on, np.ones((3, 3), int))[1])
     j = pathfinder.markers_joined(image, threshold)
     if j is None:
-      unread[label] += 1
+      unread += 1
     else:
       joined[label].append(j)
   rate = lambda xs: round(float(np.mean(xs)), 4) if len(xs) else None
@@ -73,7 +73,7 @@ def summarize(folder: str, resolution: int, num: int, seed: int = 0,
       "components_per_image": rate(parts),
       "label0_joined": rate(joined[0]), "label0_read": len(joined[0]),
       "label1_joined": rate(joined[1]), "label1_read": len(joined[1]),
-      "markers_not_found": unread[0] + unread[1]}
+      "markers_not_found": unread}
 
 
 def main(argv):

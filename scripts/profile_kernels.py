@@ -116,14 +116,14 @@ def main():
       pyramid = lambda q, k, v: kernels._pyramid(q, k, v, c0, levels,
                                                  args.causal, False)
       row[name] = bench(pyramid, q, k, v)
+      device = name.replace("_ms", "_device_ms")
       if args.by_kernel:  # The wall time above includes the host's work
         f = jax.jit(pyramid)  # for ~40 outputs; the device's alone:
-        row[name.replace("_ms", "_device_ms")] = profiling.device_profile(
+        row[device] = profiling.device_profile(
             lambda: jax.block_until_ready(f(q, k, v)),
             steps=5).get("device_ms_per_step")
       # One line per setting as it is measured: a run cut short by a time
       # limit still reports the settings it reached.
-      device = name.replace("_ms", "_device_ms")
       print(json.dumps({"length": length, name: row[name],
                         device: row.get(device)}), flush=True)
     kernels.TUNING.update(coarsen_impl=args.coarsen_impl[0],
