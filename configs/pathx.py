@@ -14,11 +14,15 @@ Data: ``config.data_dir`` may point at the LRA release (anything from
 (the default) generates 200,000 images of 128 px once with our snake
 generator (seed ``config.data.seed``) into the cache; about 70 minutes on 2
 CPU cores. Split 80/10/10 with ``config.data.split_seed``. Tokens are pixel
-values + 1 (1..256): nothing is masked.
+values + 1 (1..256): nothing is masked (see ``lra_mask``).
 
 Variants (``--config=configs/pathx.py:VARIANT``, comma-separated):
   full   the same model with full softmax attention (the baseline; 16K
          tokens, needs an accelerator's memory).
+  lra_mask  black pixels left out of attention, as queries and as keys
+         (``model.mask_black_pixels``): what the original LRA code did by
+         treating pixel 0 as padding, and what its numbers were measured
+         with. They are still pooled. Combines with the others.
   quick  300 generated images, the LRA model with emb 16, 30 steps of
          batch 8; a few minutes on 2 CPU cores, generation included:
            python -m htransformer.main --config=configs/pathx.py:quick \
@@ -32,7 +36,7 @@ import ml_collections
 
 from htransformer import config_utils
 
-VARIANTS = ("full", "quick")
+VARIANTS = ("full", "quick", "lra_mask")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -43,13 +47,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = config_utils.experiment_config(
       "pathx", data=data, max_length=128 * 128,
       model=dict(num_layers=1, num_heads=2, emb_dim=32, qkv_dim=16,
-                 mlp_dim=32, pool="MEAN", learned_positions=True),
+                 mlp_dim=32, pool="MEAN", learned_positions=True,
+                 mask_black_pixels=False),
       optimizer=dict(learning_rate=1e-3, schedule="cosine",
                      warmup_steps=epoch, weight_decay=0.0, grad_clip=1.0),
       batch_size=batch_size, eval_batch_size=64,
       num_train_steps=200 * epoch, log_every=500, eval_every=10 * epoch,
       checkpoint_every=2 * epoch)
 
+  if "lra_mask" in variants:
+    c.model.mask_black_pixels = True
   if "full" in variants:
     c.model.attention = "full"
   if "quick" in variants:

@@ -32,11 +32,13 @@ def _field(config, name, default=None):
 
 
 def build(config, cache_dir: str) -> dict:
-  """{name, sources, vocab_size, num_classes, max_length, data_dir, kind}."""
+  """{name, sources, vocab_size, num_classes, max_length, data_dir, kind,
+  black_pixel_token}."""
   name = config.task
   max_length = int(config.max_length)
   data_dir = config.data_dir or ""
   kind = "classification"
+  black = None  # the token of pixel value 0 (pixel tasks)
   if name == "text":
     from htransformer.data import imdb  # pylint: disable=g-import-not-at-top
     sources = imdb.load_sources(data_dir or None, max_length=max_length,
@@ -59,6 +61,7 @@ def build(config, cache_dir: str) -> dict:
         data_dir or None, tfds_data_dir=_field(config, "tfds_data_dir") or None)
     vocab, classes = image.VOCAB_SIZE, image.NUM_CLASSES
     where = data_dir or "tfds:cifar10"
+    black = image.PIXEL_OFFSET
   elif name in RESOLUTION:
     from htransformer.data import pathfinder  # pylint: disable=g-import-not-at-top
     res = RESOLUTION[name]
@@ -78,9 +81,10 @@ def build(config, cache_dir: str) -> dict:
     sources = pathfinder.load_sources(where, res,
                                       _field(config, "split_seed", 0))
     vocab, classes = pathfinder.VOCAB_SIZE, pathfinder.NUM_CLASSES
+    black = pathfinder.PIXEL_OFFSET
   else:
     raise ValueError(f"Not an LRA task of this module: {name!r} (one of "
                      f"{TASKS}).")
   return dict(name=name, sources=sources, vocab_size=vocab,
               num_classes=classes, max_length=max_length, data_dir=where,
-              kind=kind)
+              kind=kind, black_pixel_token=black)

@@ -196,6 +196,15 @@ class Encoder(nnx.Module):
   Token id 0 is padding. With ``pool="CLS"`` a learned CLS vector is
   prepended to the sequence.
 
+  ``unattended_token`` (an id other than 0, or None) leaves that token out
+  of attention, as query and as key: its rows take no attention output
+  (their residual stream goes on through the MLPs) and no other row
+  attends to them; unlike padding they are still pooled. The pixel tasks
+  use it for black pixels (``model.mask_black_pixels``), which is what the
+  original LRA code did, by treating pixel 0 as padding, when it measured
+  its Pathfinder numbers. (There a row with every key masked attended
+  uniformly to all rows; here such a row takes no attention output.)
+
   Rows are padded once, after the embedding, up to the length the
   attention computes at anyway (hierarchical: ``block_size * 2**m``; full:
   a multiple of 64, what cuDNN takes) when that adds at most 1/16 more
@@ -211,9 +220,16 @@ class Encoder(nnx.Module):
                block_size: int = 16, causal: bool = False,
                pool: str = "CLS", learned_positions: bool = False,
                implementation: str | None = None, dtype: Any = None,
-               pad_rows: bool = True, rngs: nnx.Rngs):
+               pad_rows: bool = True, unattended_token: int | None = None,
+               rngs: nnx.Rngs):
     if pool not in POOLING:
       raise ValueError(f"pool must be one of {POOLING}, got {pool!r}.")
+    if unattended_token is not None and not (
+        0 < unattended_token < vocab_size):
+      raise ValueError(
+          f"unattended_token must be a token id in 1..{vocab_size - 1} "
+          f"(0 is padding), got {unattended_token!r}.")
+    self.unattended_token = unattended_token
     dtype = _dtype(dtype)
     self.dtype = dtype
     self.pool = pool
@@ -263,8 +279,14 @@ class Encoder(nnx.Module):
       x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
       mask = jnp.pad(mask, ((0, 0), (0, extra)))
     x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+    attend = mask
+    if self.unattended_token is not None:
+      skip = tokens == self.unattended_token
+      front = rows - l  # the CLS row
+      skip = jnp.pad(skip, ((0, 0), (front, mask.shape[1] - rows)))
+      attend = mask & ~skip
     for block in self.blocks:
-      x = block(x, mask, deterministic=deterministic, rngs=rngs)
+      x = block(x, attend, deterministic=deterministic, rngs=rngs)
     return self.ln(x)[:, :rows], mask[:, :rows]
 
   def attention_rows(self, rows: int) -> int:

@@ -34,6 +34,7 @@ class Task:
   data_dir: str
   kind: str = "classification"
   tokenizer: Any = None  # LM tasks: encode/decode (data/tokenizer.py).
+  black_pixel_token: int | None = None  # pixel tasks: the token of pixel 0
 
 
 def default_cache_dir() -> str:

@@ -115,13 +115,20 @@ def build_model(config, task: tasks.Task, seed: int = 0) -> nnx.Module:
         rngs=nnx.Rngs(params=seed))
   cls = (models.DualEncoderClassifier if task.kind == "pair_classification"
          else models.Classifier)
+  unattended = None
+  if m.get("mask_black_pixels", False):
+    if task.black_pixel_token is None:
+      raise ValueError(
+          f"config.model.mask_black_pixels applies to the pixel tasks "
+          f"(image, pathfinder, pathx), not to {task.name!r}.")
+    unattended = task.black_pixel_token
   return cls(
       num_classes=task.num_classes, vocab_size=task.vocab_size,
       max_len=task.max_length, emb_dim=m.emb_dim, num_layers=m.num_layers,
       num_heads=m.num_heads, qkv_dim=m.qkv_dim, mlp_dim=m.mlp_dim,
       dropout_rate=m.dropout_rate, attention=m.attention,
       block_size=m.block_size, pool=m.pool,
-      learned_positions=m.learned_positions,
+      learned_positions=m.learned_positions, unattended_token=unattended,
       implementation=m.implementation or None, dtype=m.dtype,
       rngs=nnx.Rngs(params=seed))
 

@@ -463,6 +463,35 @@ def test_full_attention_matches_reference_long(causal):
     assert (full[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_full_attention_key_column_masks_any_keys(causal):
+    """The extra head column cuDNN full attention masks non-suffix masks with
+    (run here through XLA, with no mask argument) gives the float64 masked
+    softmax, values and gradients; masked keys get exactly zero gradient."""
+    from htransformer.attention import api
+    length, d = 45, 4
+    q, k, v = make_qkv(31, 2, length, 3, d, d)
+    mask = np.random.default_rng(32).random((2, length)) < 0.35
+    mask[:, 0] = True
+    cot = np.random.default_rng(33).standard_normal(q.shape).astype(np.float32)
+
+    def by_column(q, k, v):
+        out = api._xla(*api._mask_keys_by_column(q, k, v, mask), causal, None,
+                       scale_dim=d)[..., :d]
+        return jnp.where(mask[:, :, None, None], out, 0)
+
+    want = full_softmax_reference(q, k, v, mask, causal=causal)
+    assert max_abs(np.asarray(jit(by_column)(q, k, v)), want) <= 2e-5
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cot)
+    got = jit(jax.grad(loss(by_column), argnums=(0, 1, 2)))(q, k, v)
+    ref = jit(jax.grad(loss(functools.partial(
+        full_attention, causal=causal, mask=mask, implementation="xla")),
+        argnums=(0, 1, 2)))(q, k, v)
+    for name, g, w in zip("qkv", got, ref):
+        assert max_abs(np.asarray(g), np.asarray(w)) <= 1e-5, name
+        assert (np.asarray(g)[~mask] == 0).all(), name
+
+
 # ----------------------------------------------------------------------------
 # 3. v = 1 returns 1 at every real position.
 # ----------------------------------------------------------------------------

@@ -54,6 +54,37 @@ def test_mean_pooling_keeps_what_a_few_rows_add():
   assert model.head1.dtype == model.head2.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("attention,pool", [("hierarchical", "MEAN"),
+                                            ("full", "CLS")])
+def test_unattended_token_is_left_out_of_attention(attention, pool):
+  """With ``unattended_token=1`` (black pixels, ``model.mask_black_pixels``)
+  every other row's output is what it is when those tokens are padding:
+  they neither attend nor are attended to; they are still pooled. Without
+  the option the rows differ."""
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(2, 257, (2, 64))
+  tokens[rng.random((2, 64)) < 0.6] = 1  # "black pixels", not a suffix
+  as_padding = np.where(tokens == 1, 0, tokens)
+  other = np.pad(tokens != 1, ((0, 0), (1 if pool == "CLS" else 0, 0)),
+                 constant_values=True)
+  make = lambda token: models.Encoder(
+      vocab_size=257, max_len=64, emb_dim=16, num_layers=2, num_heads=2,
+      qkv_dim=16, mlp_dim=16, attention=attention, block_size=4, pool=pool,
+      implementation="xla", dtype="float32", unattended_token=token,
+      rngs=nnx.Rngs(params=0))
+  skip, plain = make(1), make(None)
+  x, mask = skip(jnp.asarray(tokens))
+  y, _ = skip(jnp.asarray(as_padding))
+  assert bool(mask.all())  # pooled: black rows are not padding
+  np.testing.assert_allclose(np.asarray(x)[other], np.asarray(y)[other],
+                             atol=1e-5)
+  z, _ = plain(jnp.asarray(tokens))
+  assert not np.allclose(np.asarray(z)[other], np.asarray(y)[other],
+                         atol=1e-3)
+  with pytest.raises(ValueError, match="unattended_token"):
+    make(0)
+
+
 def test_dual_encoder_shapes_and_symmetry():
   model = _dual("CLS")
   rng = np.random.default_rng(0)
@@ -141,11 +172,13 @@ def test_image_quick_one_step(tmp_path):
 
 
 def test_pathfinder_quick_one_step_generates(tmp_path, capsys):
-  c = pathfinder_config.get_config("quick")
+  c = pathfinder_config.get_config("quick,lra_mask")
   c.cache_dir = str(tmp_path / "cache")
   c.data.num_images = 40
   c.batch_size = 8
   _one_step(c, tmp_path / "run")
+  model = train.build_model(c, tasks.get_task(c))
+  assert model.encoder.unattended_token == 1  # the token of black pixels
   assert "generated pathfinder data" in capsys.readouterr().out
   assert os.listdir(c.cache_dir) == ["pathfinder32_seed0_40_cl14_v2"]
 
@@ -166,6 +199,9 @@ def test_configs_variants_and_errors():
     assert mod.get_config("full").model.attention == "full"
     with pytest.raises(ValueError, match="Unknown variant"):
       mod.get_config("nope")
+  for mod in (image_config, pathfinder_config, pathx_config):
+    assert not mod.get_config("").model.mask_black_pixels
+    assert mod.get_config("full,lra_mask").model.mask_black_pixels
   assert text_config.get_config("len1000").max_length == 1000
   assert text_config.get_config("full,len1000").model.attention == "full"
   # LRA hyperparameters (experiments.md).

@@ -213,8 +213,11 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
   ``block_size``. ``implementation=None`` uses cuDNN's fused attention on
   GPU when dtype and shapes allow it (16-bit, head_dim == value_dim, at
   most 128 once rounded up to the multiple of 8 cuDNN takes), XLA
-  otherwise. With cuDNN, ``mask`` is passed as per-row key lengths, so it
-  must be suffix padding.
+  otherwise. With cuDNN, a ``mask`` that is suffix padding in every row is
+  passed as per-row key lengths; any other mask (checked on the device,
+  each call) masks keys through one extra head column instead
+  (:func:`_mask_keys_by_column`), or runs XLA where that column would take
+  the head past cuDNN's 128.
   """
   mask = _check_inputs(query, key, value, mask)
   if implementation is None:
@@ -226,36 +229,79 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
   if implementation == "cudnn":
     if value.shape[-1] != query.shape[-1]:
       raise ValueError("implementation='cudnn' needs value_dim == head_dim.")
-    # cuDNN's fused kernels take only some lengths (e.g. not 2001): pad to a
-    # multiple of 64 and mask the padding by key length.
-    batch, length = query.shape[:2]
-    padded = cudnn_padded_length(length)
-    lengths = None  # cuDNN's plain path when nothing needs masking.
-    if mask is not None:
+    length = query.shape[1]
+    if mask is None:
+      out = _cudnn(query, key, value, causal, None)
+    else:
       lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-    elif padded != length:
-      lengths = jnp.full((batch,), length, jnp.int32)
-    d = query.shape[-1]
-    width = cudnn_head_dim(d)
-    pad = lambda x: jnp.pad(
-        x, ((0, 0), (0, padded - length), (0, 0), (0, width - d)))
-    out = jax.nn.dot_product_attention(
-        pad(query), pad(key), pad(value), is_causal=causal,
-        key_value_seq_lengths=lengths, scale=1.0 / math.sqrt(d),
-        implementation="cudnn")[:, :length, :, :d]
+      suffix = jnp.all(mask == (jnp.arange(length) < lengths[:, None]))
+      if cudnn_head_dim(query.shape[-1] + 1) <= 128:
+        other = lambda q, k, v, m: _cudnn(
+            *_mask_keys_by_column(q, k, v, m), causal, None,
+            scale_dim=q.shape[-1])[..., :q.shape[-1]]
+      else:
+        other = lambda q, k, v, m: _xla(q, k, v, causal, m)
+      out = jax.lax.cond(
+          suffix, lambda q, k, v, m: _cudnn(q, k, v, causal, lengths),
+          other, query, key, value, mask)
   else:
-    # jax.nn.dot_product_attention wants one head dim for q, k and v: pad
-    # the narrower ones with zeros (which changes no logit) and slice.
-    d, dv = query.shape[-1], value.shape[-1]
-    width = max(d, dv)
-    widen = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))
-    query, key, value = widen(query), widen(key), widen(value)
-    attn_mask = None
-    if mask is not None:
-      attn_mask = mask[:, None, None, :]
-    out = jax.nn.dot_product_attention(
-        query, key, value, mask=attn_mask, is_causal=causal,
-        scale=1.0 / math.sqrt(d), implementation="xla")[..., :dv]
+    out = _xla(query, key, value, causal, mask)
   if mask is not None:
     out = jnp.where(mask[:, :, None, None], out, 0)
   return out
+
+
+# A key that _mask_keys_by_column masks gets this much added to its logit
+# before the scale 1/sqrt(d): at least -2,650 after it for d <= 128, so
+# exp underflows to exactly 0 in float32; small enough for float16.
+_MASKED_KEY_LOGIT = -30000.0
+
+
+def _mask_keys_by_column(query, key, value, mask):
+  """Masks keys without a mask argument: one more head column, 1 in every
+  query, 0 in real keys and ``_MASKED_KEY_LOGIT`` in masked ones (0 in
+  values). Real keys' logits are unchanged (the products with the new
+  column are exact zeros); masked keys' softmax weights are exactly 0, and
+  so are their gradients. The caller keeps the scale of the original head
+  dim. Rows with no real key at all are the caller's to zero."""
+  ones = jnp.ones(query.shape[:3] + (1,), query.dtype)
+  col = jnp.where(mask, 0.0, _MASKED_KEY_LOGIT).astype(key.dtype)
+  col = jnp.broadcast_to(col[:, :, None, None], key.shape[:3] + (1,))
+  zeros = jnp.zeros(value.shape[:3] + (1,), value.dtype)
+  return (jnp.concatenate([query, ones], -1),
+          jnp.concatenate([key, col], -1),
+          jnp.concatenate([value, zeros], -1))
+
+
+def _cudnn(query, key, value, causal, lengths, scale_dim=None):
+  """cuDNN fused attention, padded to the lengths and head widths it takes
+  (lengths to a multiple of 64, masked by key length; heads to a multiple of
+  8 with zeros, which change no logit). ``lengths``: per-row key lengths or
+  None. The scale is ``1/sqrt(scale_dim or head_dim)``."""
+  batch, length, _, d = query.shape
+  padded = cudnn_padded_length(length)
+  if lengths is None and padded != length:
+    lengths = jnp.full((batch,), length, jnp.int32)
+  width = cudnn_head_dim(d)
+  pad = lambda x: jnp.pad(
+      x, ((0, 0), (0, padded - length), (0, 0), (0, width - d)))
+  return jax.nn.dot_product_attention(
+      pad(query), pad(key), pad(value), is_causal=causal,
+      key_value_seq_lengths=lengths,
+      scale=1.0 / math.sqrt(scale_dim or d),
+      implementation="cudnn")[:, :length, :, :d]
+
+
+def _xla(query, key, value, causal, mask, scale_dim=None):
+  """XLA attention. jax.nn.dot_product_attention wants one head dim for q, k
+  and v: the narrower ones are padded with zeros (which changes no logit)
+  and the output sliced. The scale is ``1/sqrt(scale_dim or head_dim)``."""
+  d, dv = query.shape[-1], value.shape[-1]
+  width = max(d, dv)
+  widen = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))
+  query, key, value = widen(query), widen(key), widen(value)
+  attn_mask = None if mask is None else mask[:, None, None, :]
+  return jax.nn.dot_product_attention(
+      query, key, value, mask=attn_mask, is_causal=causal,
+      scale=1.0 / math.sqrt(scale_dim or d),
+      implementation="xla")[..., :dv]
