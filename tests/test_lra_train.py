@@ -208,6 +208,11 @@ def test_configs_variants_and_errors():
   pf = pathfinder_config.get_config("")
   assert (pf.model.num_layers, pf.model.emb_dim, pf.model.qkv_dim,
           pf.model.pool, pf.batch_size) == (4, 32, 16, "MEAN", 512)
+  repo = pathfinder_config.get_config("lra_repo,lra_mask")
+  assert (repo.model.num_layers, repo.model.num_heads, repo.model.emb_dim,
+          repo.model.qkv_dim, repo.model.mlp_dim, repo.model.dropout_rate,
+          repo.model.mask_black_pixels, repo.batch_size) == (
+              1, 4, 128, 64, 128, 0.2, True, 512)
   px = pathx_config.get_config("")
   assert px.optimizer.grad_clip == 1.0 and px.model.learned_positions
   im = image_config.get_config("")
