@@ -164,6 +164,14 @@ def test_check_script_reads_a_folder(gen):
   assert s["label0_read"] and s["label1_read"]
   assert s["label0_joined"] == 0.0 and s["label1_joined"] == 1.0
   assert 0 < s["lit_fraction"] < 0.5
+  assert 0 < s["label0_lit_fraction"] < 0.5
+  assert 2 < s["label0_marker_distance"] < 45
+  assert 0.5 <= s["marker_distance_accuracy"] <= 1.0
+  # The threshold rule on values that do and do not separate the labels.
+  assert module.threshold_accuracy([1, 2, 3], [4, 5, 6]) == 1.0
+  assert module.threshold_accuracy([4, 5, 6], [1, 2, 3]) == 1.0
+  assert module.threshold_accuracy([1, 2, 3, 4], [1, 2, 3, 4]) == 0.5
+  assert module.threshold_accuracy([1, 3], [2, 4]) == 0.75
 
 
 def test_pathx_resolution(tmp_path):

@@ -594,21 +594,38 @@ def read_image(path: str, resolution: int | None = None) -> np.ndarray:
   return img
 
 
-def markers_joined(image: np.ndarray, threshold: int = 60) -> bool | None:
-  """What a 32 px image shows, read from its pixels alone: whether lit
-  pixels (> threshold, 8-connected) join the two markers. The markers are
-  what survives a 3x3 erosion of the lit pixels (a snake is too thin to);
-  None unless exactly two are found. In generated 32 px images this equals
-  the label; at 128 px a snake's gaps show, so label-1 markers need not be
-  joined."""
+def _marker_cores(image: np.ndarray, threshold: int):
+  """(lit pixels, labelled marker cores, number of cores): the markers are
+  what survives a 3x3 erosion of the lit pixels (a snake is too thin to)."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   lit = np.asarray(image) > threshold
   eight = np.ones((3, 3), int)
   cores, n = ndimage.label(ndimage.binary_erosion(lit, eight), eight)
+  return lit, cores, n
+
+
+def markers_joined(image: np.ndarray, threshold: int = 60) -> bool | None:
+  """What a 32 px image shows, read from its pixels alone: whether lit
+  pixels (> threshold, 8-connected) join the two markers (see
+  ``_marker_cores``); None unless exactly two are found. In generated 32
+  px images this equals the label; at 128 px a snake's gaps show, so
+  label-1 markers need not be joined."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  lit, cores, n = _marker_cores(image, threshold)
   if n != 2:
     return None
-  parts, _ = ndimage.label(lit, eight)
+  parts, _ = ndimage.label(lit, np.ones((3, 3), int))
   return bool(parts[cores == 1][0] == parts[cores == 2][0])
+
+
+def marker_distance(image: np.ndarray, threshold: int = 60) -> float | None:
+  """Pixels between the centres of the two markers; None unless exactly
+  two are found. A label cue if it differs between the labels."""
+  _, cores, n = _marker_cores(image, threshold)
+  if n != 2:
+    return None
+  (y1, x1), (y2, x2) = (np.argwhere(cores == i).mean(0) for i in (1, 2))
+  return float(np.hypot(y1 - y2, x1 - x2))
 
 
 MIN_IMAGES_PER_WORKER = 2000  # Fewer: decoding in this process is faster.
