@@ -16,6 +16,7 @@ subprocess; this file is also the worker (``python tests/test_distributed.py
 steps ...``).
 """
 
+import functools
 import json
 import os
 import socket
@@ -134,6 +135,38 @@ def kernels_worker(data_dir, out):
     info[name] = {
         "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(got, ref)),
         "all_gathers": compiled.as_text().count("all-gather")}
+  # Full attention with a mask on the cuDNN path: a branch on whether the
+  # mask is suffix padding, which must run per device too. cuDNN is not on
+  # this machine: its call is replaced by the XLA attention it computes
+  # (keys masked by length), so what is checked is the sharding around it.
+  from htransformer.attention import api  # pylint: disable=g-import-not-at-top
+  from htransformer.attention import full_attention  # pylint: disable=g-import-not-at-top
+
+  def cudnn_on_cpu(q, k, v, causal, lengths, scale_dim=None):
+    m = None if lengths is None else (
+        jnp.arange(q.shape[1])[None] < lengths[:, None])
+    return api._xla(q, k, v, causal, m, scale_dim=scale_dim)
+
+  api._cudnn = cudnn_on_cpu
+  holes = jnp.asarray(rng.random((4, 64)) < 0.5).at[:, 0].set(True)
+  for label, m in (("full_suffix", mask), ("full_holes", holes)):
+    def fgrads(q, k, v, m, impl):
+      f = lambda *a: jnp.sum(full_attention(*a, mask=m, causal=True,
+                                            implementation=impl) ** 2)
+      return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+    want = [np.asarray(g) for g in jax.jit(
+        functools.partial(fgrads, impl="xla"))(q, k, v, m)]
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(
+        jax.sharding.AxisType.Auto,) * 2)
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
+    spec = P("data", None, "model")
+    args = [put(x, spec) for x in (q, k, v)] + [put(m, P("data"))]
+    compiled = jax.jit(functools.partial(fgrads, impl="cudnn")).lower(
+        *args).compile()
+    got = [np.asarray(g) for g in compiled(*args)]
+    info[label] = {
+        "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(got, want)),
+        "all_gathers": compiled.as_text().count("all-gather")}
   # The training step of a model with these kernels, data parallel over 4
   # (tensor parallelism has all-gathers of its own).
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -162,7 +195,8 @@ def test_kernels_run_per_device_on_a_mesh(tiny_data, tmp_path):
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   info = json.load(open(out))
-  assert set(info) == {"data2_model2", "explicit", "train_step"}
+  assert set(info) == {"data2_model2", "explicit", "full_suffix",
+                       "full_holes", "train_step"}
   for name, row in info.items():
     assert row["max_diff"] < 1e-5, (name, row)
     # Without shard_map the compiler gathers the batch onto every device.

@@ -9,6 +9,7 @@ zero. Logits are scaled by ``1/sqrt(head_dim)``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -229,26 +230,36 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
   if implementation == "cudnn":
     if value.shape[-1] != query.shape[-1]:
       raise ValueError("implementation='cudnn' needs value_dim == head_dim.")
-    length = query.shape[1]
     if mask is None:
       out = _cudnn(query, key, value, causal, None)
     else:
-      lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-      suffix = jnp.all(mask == (jnp.arange(length) < lengths[:, None]))
-      if cudnn_head_dim(query.shape[-1] + 1) <= 128:
-        other = lambda q, k, v, m: _cudnn(
-            *_mask_keys_by_column(q, k, v, m), causal, None,
-            scale_dim=q.shape[-1])[..., :q.shape[-1]]
-      else:
-        other = lambda q, k, v, m: _xla(q, k, v, causal, m)
-      out = jax.lax.cond(
-          suffix, lambda q, k, v, m: _cudnn(q, k, v, causal, lengths),
-          other, query, key, value, mask)
+      # Per device (as the fused kernels): the check below is a branch, and
+      # a branch over a batch sharded by the compiler gathers the batch.
+      out = _per_device(functools.partial(_cudnn_masked, causal=causal),
+                        query, key, value, mask)
   else:
     out = _xla(query, key, value, causal, mask)
   if mask is not None:
     out = jnp.where(mask[:, :, None, None], out, 0)
   return out
+
+
+def _cudnn_masked(query, key, value, mask, *, causal):
+  """cuDNN with a mask: by key lengths when the mask is suffix padding in
+  every row (checked on the device), else by the key column below (or XLA
+  where that column would take the head past cuDNN's 128)."""
+  length, d = query.shape[1], query.shape[-1]
+  lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+  suffix = jnp.all(mask == (jnp.arange(length) < lengths[:, None]))
+  if cudnn_head_dim(d + 1) <= 128:
+    other = lambda q, k, v, m: _cudnn(
+        *_mask_keys_by_column(q, k, v, m), causal, None,
+        scale_dim=d)[..., :d]
+  else:
+    other = lambda q, k, v, m: _xla(q, k, v, causal, m)
+  return jax.lax.cond(
+      suffix, lambda q, k, v, m: _cudnn(q, k, v, causal, lengths), other,
+      query, key, value, mask)
 
 
 # A key that _mask_keys_by_column masks gets this much added to its logit
