@@ -457,3 +457,27 @@ def test_load_sources(gen_dirs):
   srcs = listops.load_sources(gen_dirs["w1"], max_length=128)
   assert {k: len(v) for k, v in srcs.items()} == {
       "train": 300, "val": 50, "test": 50}
+
+
+def test_depth_script_places_accuracy_on_the_tree(gen_dirs):
+  """scripts/listops_depth.py: evaluated deep enough every expression gives
+  its label; at depth 0 the answer is the root operator's most frequent
+  value (root read here from the string itself)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "listops_depth", os.path.join(ROOT, "scripts", "listops_depth.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  d = gen_dirs["w1"]
+  r = module.depth_accuracies(d, max_depth=listops.MAX_DEPTH, train=200)
+  assert set(r["guess"]) <= set(listops.OPERATORS)
+  assert all(0 <= v <= 9 for v in r["guess"].values())
+  for split in ("val", "test"):
+    assert r[split][-1] == 1.0
+    lines = [l.split("\t") for l in read_lines(split_path(d, split))[1:]]
+    root = [next(t for t in src.split() if t.startswith("[")) for src, _ in lines]
+    want = np.mean([r["guess"][op] == int(y) for op, (_, y) in zip(root, lines)])
+    assert r[split][0] == round(float(want), 4)
+    assert r[split][0] < r[split][-1]
+  with pytest.raises(ValueError, match="Not one ListOps expression"):
+    module.parse("( [MAX 2 ) 9")
