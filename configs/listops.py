@@ -43,7 +43,9 @@ host, ``model.num_heads`` and ``model.mlp_dim``; ``batch_size`` and
       --workdir=runs/listops-tp2 --config.mesh.model=2
 
 Expected results: see docs/results.md (paper: H-Transformer-1D 49.53% test,
-Transformer 36.37%).
+Transformer 36.37%). The default config on our generated data (seed 0):
+36.0% test after 5,000 steps (H100, 26 steps/s), which is what reading the
+outermost operator alone scores (36.1%; scripts/listops_depth.py).
 """
 
 import ml_collections
