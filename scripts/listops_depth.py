@@ -117,7 +117,16 @@ def depth_accuracies(folder: str, max_depth: int = 6, train: int = 20000,
     out[split] = [round(float(np.mean(
         [evaluate(t, k, guess) == y for t, y in zip(trees, labels)])), 4)
                   for k in range(max_depth + 1)]
+    depths = [operator_depth(t) for t in trees]
+    out[f"{split}_operator_depth"] = [min(depths), max(depths)]
   return out
+
+
+def operator_depth(tree) -> int:
+  """Operators on the longest path from the root (a digit: 0)."""
+  if isinstance(tree, int):
+    return 0
+  return 1 + max(operator_depth(a) for a in tree[1])
 
 
 def main(argv):
@@ -130,6 +139,8 @@ def main(argv):
   r = depth_accuracies(folder, FLAGS.max_depth, FLAGS.train)
   print(f"{folder}: most frequent value per operator {r['guess']}; "
         f"majority class {r['majority_class']}")
+  print(f"operators nested per expression (min, max): val "
+        f"{r['val_operator_depth']}, test {r['test_operator_depth']}")
   print("depth | " + " | ".join(f"{s} acc." for s in ("val", "test")))
   for k in range(FLAGS.max_depth + 1):
     print(f"{k} | {r['val'][k]:.4f} | {r['test'][k]:.4f}")

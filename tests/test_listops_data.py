@@ -474,6 +474,8 @@ def test_depth_script_places_accuracy_on_the_tree(gen_dirs):
   assert all(0 <= v <= 9 for v in r["guess"].values())
   for split in ("val", "test"):
     assert r[split][-1] == 1.0
+    lo, hi = r[f"{split}_operator_depth"]
+    assert 1 <= lo <= hi <= listops.MAX_DEPTH - 1
     lines = [l.split("\t") for l in read_lines(split_path(d, split))[1:]]
     root = [next(t for t in src.split() if t.startswith("[")) for src, _ in lines]
     want = np.mean([r["guess"][op] == int(y) for op, (_, y) in zip(root, lines)])
