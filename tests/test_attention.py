@@ -844,6 +844,12 @@ def test_error_unknown_implementation():
         hierarchical_attention(q, k, v, block_size=4, implementation="no-such-impl")
     with pytest.raises(ValueError, match="implementation"):
         full_attention(q, k, v, implementation="no-such-impl")
+    with pytest.raises(ValueError, match="value_dim == head_dim"):
+        full_attention(q, k, v, implementation="cudnn")
+    if jax.default_backend() != "gpu":
+        for mask in (None, np.ones(q.shape[:2], bool)):
+            with pytest.raises(ValueError, match="runs on a GPU"):
+                full_attention(q, k, q, mask=mask, implementation="cudnn")
 
 
 # ----------------------------------------------------------------------------

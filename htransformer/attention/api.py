@@ -289,6 +289,10 @@ def _cudnn(query, key, value, causal, lengths, scale_dim=None):
   (lengths to a multiple of 64, masked by key length; heads to a multiple of
   8 with zeros, which change no logit). ``lengths``: per-row key lengths or
   None. The scale is ``1/sqrt(scale_dim or head_dim)``."""
+  if jax.default_backend() != "gpu":
+    raise ValueError(
+        f"implementation='cudnn' runs on a GPU; this process runs on "
+        f"{jax.default_backend()!r}. Use 'xla' (or None, which picks it).")
   batch, length, _, d = query.shape
   padded = cudnn_padded_length(length)
   if lengths is None and padded != length:
