@@ -9,7 +9,7 @@ LRA release root down to ``curv_contour_length_14/``, or a generated
 folder). For ``--num`` images drawn at random it prints the label balance,
 pixel statistics (lit fraction, mean intensity, lit 8-connected
 components per image) and, per label, how often lit pixels join the two
-markers (``pathfinder.markers_joined``: markers are what survives a 3x3
+markers (``pathfinder.read_markers``: markers are what survives a 3x3
 erosion; images where it finds other than two are counted apart). On
 generated 32 px images label 0 is never joined and label 1 always is.
 It also looks for shortcuts, cues to the label that need no path
@@ -65,13 +65,13 @@ def summarize(folder: str, resolution: int, num: int, seed: int = 0,
     lit.append(on.mean())
     lit_by[label].append(on.mean())
     mean.append(image.mean())
-    parts.append(ndimage.label(on, np.ones((3, 3), int))[1])
-    j = pathfinder.markers_joined(image, threshold)
-    if j is None:
+    parts.append(ndimage.label(on, pathfinder.EIGHT_CONNECTED)[1])
+    markers = pathfinder.read_markers(image, threshold)
+    if markers is None:
       unread += 1
     else:
-      joined[label].append(j)
-      dist_by[label].append(pathfinder.marker_distance(image, threshold))
+      joined[label].append(markers[0])
+      dist_by[label].append(markers[1])
   rate = lambda xs: round(float(np.mean(xs)), 4) if len(xs) else None
   return {
       "folder": folder, "images": len(paths), "skipped": skipped,

@@ -594,38 +594,35 @@ def read_image(path: str, resolution: int | None = None) -> np.ndarray:
   return img
 
 
-def _marker_cores(image: np.ndarray, threshold: int):
-  """(lit pixels, labelled marker cores, number of cores): the markers are
-  what survives a 3x3 erosion of the lit pixels (a snake is too thin to)."""
+# 8-connectivity for scipy.ndimage (erosion, labelling).
+EIGHT_CONNECTED = np.ones((3, 3), int)
+
+
+def read_markers(image: np.ndarray, threshold: int = 60
+                 ) -> tuple[bool, float] | None:
+  """What a 32 px image shows, read from its pixels alone: whether lit
+  pixels (> threshold, 8-connected) join the two markers, and the pixels
+  between the markers' centres. The markers are what survives a 3x3
+  erosion of the lit pixels (a snake is too thin to); None unless exactly
+  two are found. In generated 32 px images "joined" equals the label; at
+  128 px a snake's gaps show, so label-1 markers need not be joined. The
+  distance is a label cue if it differs between the labels."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   lit = np.asarray(image) > threshold
-  eight = np.ones((3, 3), int)
-  cores, n = ndimage.label(ndimage.binary_erosion(lit, eight), eight)
-  return lit, cores, n
+  cores, n = ndimage.label(ndimage.binary_erosion(lit, EIGHT_CONNECTED),
+                           EIGHT_CONNECTED)
+  if n != 2:
+    return None
+  parts, _ = ndimage.label(lit, EIGHT_CONNECTED)
+  joined = bool(parts[cores == 1][0] == parts[cores == 2][0])
+  (y1, x1), (y2, x2) = (np.argwhere(cores == i).mean(0) for i in (1, 2))
+  return joined, float(np.hypot(y1 - y2, x1 - x2))
 
 
 def markers_joined(image: np.ndarray, threshold: int = 60) -> bool | None:
-  """What a 32 px image shows, read from its pixels alone: whether lit
-  pixels (> threshold, 8-connected) join the two markers (see
-  ``_marker_cores``); None unless exactly two are found. In generated 32
-  px images this equals the label; at 128 px a snake's gaps show, so
-  label-1 markers need not be joined."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  lit, cores, n = _marker_cores(image, threshold)
-  if n != 2:
-    return None
-  parts, _ = ndimage.label(lit, np.ones((3, 3), int))
-  return bool(parts[cores == 1][0] == parts[cores == 2][0])
-
-
-def marker_distance(image: np.ndarray, threshold: int = 60) -> float | None:
-  """Pixels between the centres of the two markers; None unless exactly
-  two are found. A label cue if it differs between the labels."""
-  _, cores, n = _marker_cores(image, threshold)
-  if n != 2:
-    return None
-  (y1, x1), (y2, x2) = (np.argwhere(cores == i).mean(0) for i in (1, 2))
-  return float(np.hypot(y1 - y2, x1 - x2))
+  """``read_markers``' first answer: lit pixels join the two markers."""
+  markers = read_markers(image, threshold)
+  return None if markers is None else markers[0]
 
 
 MIN_IMAGES_PER_WORKER = 2000  # Fewer: decoding in this process is faster.
