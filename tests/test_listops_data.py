@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from htransformer.data import listops
+from tests.scripts_helper import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -463,11 +464,7 @@ def test_depth_script_places_accuracy_on_the_tree(gen_dirs):
   """scripts/listops_depth.py: evaluated deep enough every expression gives
   its label; at depth 0 the answer is the root operator's most frequent
   value (root read here from the string itself)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "listops_depth", os.path.join(ROOT, "scripts", "listops_depth.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_script("listops_depth")
   d = gen_dirs["w1"]
   r = module.depth_accuracies(d, max_depth=listops.MAX_DEPTH, train=200)
   assert set(r["guess"]) <= set(listops.OPERATORS)

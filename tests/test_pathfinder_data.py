@@ -14,6 +14,7 @@ import pytest
 
 from htransformer.data import pathfinder as pf
 from htransformer.data import png
+from tests.scripts_helper import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 24
@@ -153,11 +154,7 @@ def test_training_batches_show_their_labels(gen):
 def test_check_script_reads_a_folder(gen):
   """scripts/check_pathfinder.py's summary of generated images: label 0
   never joined, label 1 always, where two markers are found."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "check_pathfinder", os.path.join(ROOT, "scripts", "check_pathfinder.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_script("check_pathfinder")
   s = module.summarize(gen["w1"], 32, num=N)
   assert s["checked"] == N and s["images"] == N
   assert s["label0_read"] + s["label1_read"] + s["markers_not_found"] == N

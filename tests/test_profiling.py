@@ -1,16 +1,12 @@
 """htransformer/profiling.py: the device-time summary of a profiler trace
 (what scripts/step_time.py and scripts/profile_kernels.py print)."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import pytest
 
 from htransformer import profiling
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.scripts_helper import load_script
 
 
 def _meta(kind, pid, name, tid=None):
@@ -71,6 +67,4 @@ def test_device_profile_runs_on_cpu_and_scripts_load():
   got = profiling.device_profile(lambda: f(x).block_until_ready(), steps=2)
   assert got.get("note") or got["device_ms_per_step"] > 0
   for name in ("step_time", "profile_kernels"):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(_ROOT, "scripts", f"{name}.py"))
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    load_script(name)

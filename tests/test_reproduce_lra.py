@@ -1,16 +1,13 @@
 """scripts/reproduce_lra.py: the table from fake finished workdirs."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    "reproduce_lra", os.path.join(ROOT, "scripts", "reproduce_lra.py"))
-rl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rl)
+from tests.scripts_helper import load_script
+
+rl = load_script("reproduce_lra")
 
 
 def _fake_run(root, task, model, acc, data_dir="", best=None, finished=True):

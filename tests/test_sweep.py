@@ -1,6 +1,5 @@
 """scripts/sweep.py: the grid, the commands, the results table."""
 
-import importlib.util
 import json
 import os
 import shlex
@@ -9,13 +8,12 @@ import sys
 
 import pytest
 
+from tests.scripts_helper import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = "model.block_size=8,16,32;optimizer.learning_rate=0.05,0.1"
 
-_spec = importlib.util.spec_from_file_location(
-    "sweep", os.path.join(ROOT, "scripts", "sweep.py"))
-sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep)
+sweep = load_script("sweep")
 
 
 def run_sweep(*args, timeout=120):
