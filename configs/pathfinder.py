@@ -45,9 +45,9 @@ Measured here (2026-11-28, generated images seed 0, generator version 2,
 NVIDIA H200s): chance in every setting tried. Default: hierarchical 49.70%
 test after 16,865 steps (54 epochs, 2 GPUs, 99 steps/s); full attention
 (cuDNN) 49.93% validation up to 26,742 steps (85 epochs). ``lra_mask``:
-chance up to 65 (hierarchical) / 55 (full) epochs of a 100-epoch schedule.
-``lra_repo,lra_mask``: chance up to 164 (hierarchical, 123 steps/s on one
-GPU) / 130 (full, 97 steps/s) epochs of the 200. What was checked and what
+chance up to 67 (hierarchical) / 55 (full) epochs of a 100-epoch schedule.
+``lra_repo,lra_mask``: chance up to 165 (hierarchical, 123 steps/s on one
+GPU; 49.70% test) / 131 (full, 97 steps/s) epochs of the 200. What was checked and what
 is open: docs/results.md.
 """
 
