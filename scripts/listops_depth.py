@@ -89,19 +89,11 @@ def most_frequent_values(trees) -> dict:
 
 
 def _read(folder, split, limit=None):
-  trees, labels = [], []
-  with open(os.path.join(folder, listops.split_filename(split)),
-            encoding="utf-8-sig") as f:
-    next(f)  # Source<TAB>Target
-    for line in f:
-      if not line.strip():
-        continue
-      source, label = line.rstrip("\r\n").split("\t")
-      trees.append(parse(source))
-      labels.append(int(label))
-      if limit and len(trees) >= limit:
-        break
-  return trees, np.asarray(labels)
+  """Trees and labels of a split, read by the training job's reader."""
+  seqs, labels = listops.read_split(
+      os.path.join(folder, listops.split_filename(split)))
+  seqs, labels = seqs[:limit], labels[:limit]
+  return [parse(listops.decode(ids)) for ids in seqs], labels
 
 
 def depth_accuracies(folder: str, max_depth: int = 6, train: int = 20000,
