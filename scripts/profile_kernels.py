@@ -10,12 +10,17 @@ copy bandwidth and cuDNN, all in one process:
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 32 64 128]
       [--warps 0 4 8] [--per_launch 1 3] [--head_dim 128] [--causal]
       [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
-      [--coarsen_impl pallas xla] [--by_kernel]
+      [--coarsen_impl pallas dot xla] [--parent_load repeat gather]
+      [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
-every combination, and ``--coarsen_impl xla`` the pyramid as XLA
-reductions; the kernel settings after it use the first values.
+every combination, ``--coarsen_impl dot`` the pyramid kernel with
+products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
+reductions. The forward and forward+backward are timed for every
+combination of tile, warps, levels per launch, pyramid implementation and
+``--parent_load`` (how the level kernels read the parent level's rows); the
+pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
 prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
@@ -81,8 +86,11 @@ def main():
   parser.add_argument("--coarsen_rows", type=int, nargs="+", default=[0],
                       help="rows per pyramid program (TUNING; 0: 64)")
   parser.add_argument("--coarsen_impl", nargs="+", default=["pallas"],
-                      choices=["pallas", "xla"],
+                      choices=["pallas", "dot", "xla"],
                       help="pyramid implementation (TUNING)")
+  parser.add_argument("--parent_load", nargs="+", default=["repeat"],
+                      choices=["repeat", "gather"],
+                      help="parent rows in the level kernels (TUNING)")
   parser.add_argument("--by_kernel", action="store_true",
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
@@ -105,12 +113,13 @@ def main():
     settings = [("pallas", heads, crows) for heads, crows in itertools.product(
         args.coarsen_heads, args.coarsen_rows)]
     settings = [s for impl in args.coarsen_impl for s in
-                (settings if impl == "pallas" else [("xla", 0, 0)])]
+                ([(impl,) + x[1:] for x in settings] if impl != "xla"
+                 else [("xla", 0, 0)])]
     for impl, heads, crows in settings:
       kernels.TUNING.update(coarsen_impl=impl, coarsen_heads=heads or 1,
                             coarsen_rows=crows)
       name = ("pyramid_ms_xla" if impl == "xla" else
-              f"pyramid_ms_heads{heads}_rows{crows or 64}")
+              f"pyramid_ms_{impl}_heads{heads}_rows{crows or 64}")
       # A new function per setting: jit caches by function, and TUNING is
       # read only when tracing.
       pyramid = lambda q, k, v: kernels._pyramid(q, k, v, c0, levels,
@@ -131,10 +140,12 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for tile, warps, per_launch in itertools.product(
-        args.tiles, args.warps, args.per_launch):
-      kernels.TUNING["num_warps"] = warps or None
-      kernels.TUNING["levels_per_launch"] = per_launch
+    for tile, warps, per_launch, impl, parent_load in itertools.product(
+        args.tiles, args.warps, args.per_launch, args.coarsen_impl,
+        args.parent_load):
+      kernels.TUNING.update(num_warps=warps or None,
+                            levels_per_launch=per_launch,
+                            coarsen_impl=impl, parent_load=parent_load)
       attn = functools.partial(
           kernels.hierarchical_attention_pallas, valid=None, block_size=16,
           causal=args.causal, tile=tile)
@@ -146,7 +157,7 @@ def main():
              "levels_per_launch": per_launch,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
-             "coarsen_impl": args.coarsen_impl[0],
+             "coarsen_impl": impl, "parent_load": parent_load,
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
       if args.by_kernel:

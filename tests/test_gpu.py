@@ -144,6 +144,22 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
   _check_pallas_against_xla(KERNEL_CASES[1], causal, "float32")
 
 
+@pytest.mark.parametrize("impl,parent_load", [
+    ("dot", "repeat"), ("pallas", "gather"), ("dot", "gather")])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, impl,
+                                              parent_load):
+  """The pyramid by products and parent rows loaded repeated, as compiled
+  for the GPU (interpret mode checks them in tests/test_kernels.py)."""
+  from htransformer.attention import kernels
+  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
+  monkeypatch.setitem(kernels.TUNING, "parent_load", parent_load)
+  for case, dtype in ((KERNEL_CASES[0], "bfloat16"),
+                      (KERNEL_CASES[1], "float32"),
+                      (KERNEL_CASES[3], "bfloat16")):
+    _check_pallas_against_xla(case, causal, dtype)
+
+
 def _check_pallas_against_xla(case, causal, dtype):
   batch, length, heads, d, dv, block_size, holes = case
   keys = jax.random.split(jax.random.key(length + causal), 5)

@@ -25,7 +25,11 @@ def run_pallas(q, k, v, mask, *, causal, block_size=16):
       implementation="pallas_interpret"))(q, k, v))
 
 
-SCHEDULES = {"tile32": (32, 1, 1), "3-levels": (64, 3, 2)}
+# name: (tile, levels per launch, heads per pyramid program, pyramid
+# implementation, how parent rows are loaded).
+SCHEDULES = {"tile32": (32, 1, 1, "pallas", "repeat"),
+             "3-levels": (64, 3, 2, "pallas", "repeat"),
+             "products-gather": (32, 1, 1, "dot", "gather")}
 
 
 @pytest.fixture(params=list(SCHEDULES))
@@ -33,7 +37,9 @@ def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain; small
   tiles (several per level) with one level per launch and one head per
   pyramid program, or tiles of 64 with up to three levels per launch (64,
-  32 and 16 rows of one program) and two heads per pyramid program."""
+  32 and 16 rows of one program) and two heads per pyramid program, or
+  tiles of 32 with the pyramid by products over 32 rows and parent rows
+  loaded repeated (the TUNING alternatives)."""
   _use_schedule(monkeypatch, request.param)
 
 
@@ -45,12 +51,15 @@ def tile32_passes(monkeypatch):
 
 
 def _use_schedule(monkeypatch, name):
-  tile, per_launch, heads = SCHEDULES[name]
+  tile, per_launch, heads, impl, parent_load = SCHEDULES[name]
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   monkeypatch.setattr(kernels, "DEFAULT_TILE", tile)
   monkeypatch.setitem(kernels.TUNING, "levels_per_launch", per_launch)
   monkeypatch.setitem(kernels.TUNING, "coarsen_heads", heads)
-  monkeypatch.setitem(kernels.TUNING, "coarsen_rows", 16 if heads > 1 else 0)
+  monkeypatch.setitem(kernels.TUNING, "coarsen_rows",
+                      32 if impl == "dot" else 16 if heads > 1 else 0)
+  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
+  monkeypatch.setitem(kernels.TUNING, "parent_load", parent_load)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -219,9 +228,9 @@ def test_level_groups():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
-  """Pyramid programs of several heads or rows, and the XLA pyramid, give the
-  one-head, 2**count-row coarse queries, keys and values (d != dv, padded
-  rows)."""
+  """Pyramid programs of several heads or rows, the XLA pyramid and the
+  pyramid by products give the one-head, 2**count-row coarse queries, keys
+  and values (d != dv, padded rows)."""
   rng = np.random.default_rng(0)
   b, n, h, d, dv = 2, 64, 4, 16, 32
   q, k = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
@@ -233,7 +242,8 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
   got = {}
   for heads, rows, impl in ((1, 0, "pallas"), (2, 0, "pallas"),
                             (4, 16, "pallas"), (1, 64, "pallas"),
-                            (1, 0, "xla")):
+                            (1, 0, "xla"), (1, 0, "dot"), (2, 64, "dot"),
+                            (1, 32, "dot")):
     monkeypatch.setitem(kernels.TUNING, "coarsen_heads", heads)
     monkeypatch.setitem(kernels.TUNING, "coarsen_rows", rows)
     monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)

@@ -74,10 +74,15 @@ DEFAULT_TILE = 64
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
 # 64 for six levels; more gives fewer, larger programs);
-# ``coarsen_impl``: "pallas" (that kernel) or "xla" (the same sums as XLA
+# ``coarsen_impl``: "pallas" (that kernel: pair sums), "dot" (the same
+# sums as products with a weight matrix per level) or "xla" (XLA
 # reductions, level by level).
+# ``parent_load``: how a level's kernels get the parent level's rows, each
+# repeated for its two children: "repeat" (load, then regroup in
+# registers) or "gather" (a load that reads each row twice).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
-          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "pallas"}
+          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "pallas",
+          "parent_load": "repeat"}
 
 
 def _pow2(x: int) -> bool:
@@ -208,6 +213,14 @@ def _unless_padding(c, compute, fills):
       ref[...] = jnp.full(ref.shape, value, ref.dtype)
 
 
+def _load_repeated(ref):
+  """A parent block's rows, each twice ([m, ...] -> [2m, ...]): regrouped
+  in registers, or (``TUNING["parent_load"] == "gather"``) loaded so."""
+  if TUNING.get("parent_load", "repeat") == "gather":
+    return ref[_iota(2 * ref.shape[0]) // 2]
+  return _repeat2(ref[...])
+
+
 def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
   """The body of a kernel over a group of levels (see _level_groups).
 
@@ -226,9 +239,14 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
   i = pl.program_id(0)
 
   def compute():
-    state = tuple(r[...] for r in parent_refs) if has_parent else None
+    # The parent level's results, each coarse row repeated for its two
+    # children (``rows`` takes them at its own rows).
+    state = (tuple(_load_repeated(r) for r in parent_refs) if has_parent
+             else None)
     for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
       start = i * t
+      if state is not None and state[0].shape[0] != t:
+        state = tuple(_repeat2(x) for x in state)
       state = rows(*level_refs, state, level_refs[3][pl.ds(start, t)], start,
                    tile=t, n=n, level0=level0, **kw)
     for ref, value in zip(out_refs, state):
@@ -252,8 +270,8 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
               level0, causal, scale, precision):
   """(normalised output f32, lse) of a level's rows [start, start + tile).
 
-  ``parent``: the parent level's (output, lse) of these rows' parents, or
-  None at the coarsest level.
+  ``parent``: the parent level's (output, lse) of these rows' parents (one
+  row per row here), or None at the coarsest level.
   """
   qi = start + _iota(tile)
   q = q_ref[...]
@@ -279,8 +297,8 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
     y = part if y is None else y + part
 
   if parent is not None:
-    po = _repeat2(parent[0].astype(jnp.float32))
-    plse = _repeat2(parent[1])
+    po = parent[0].astype(jnp.float32)
+    plse = parent[1]
     big = jnp.maximum(m, plse)
     a = jnp.exp(m - big)
     b = jnp.where(plse > 0.5 * _NO_KEY, jnp.exp(plse - big), 0.0)
@@ -430,7 +448,7 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
   dq = dq * scale
   if parent is not None:
     w = _prolong_weight(cq, causal)
-    dq = dq + w[:, None] * _repeat2(parent[0].astype(jnp.float32))
+    dq = dq + w[:, None] * parent[0].astype(jnp.float32)
   if level0:
     dq = jnp.where(cq[:, None] > 0, dq, 0.0)
   return (dq,)
@@ -471,8 +489,8 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   dk = dk * scale
   if parent is not None:
     w = _prolong_weight(ck, False)
-    dk = dk + w[:, None] * _repeat2(parent[0].astype(jnp.float32))
-    dv = dv + w[:, None] * _repeat2(parent[1].astype(jnp.float32))
+    dk = dk + w[:, None] * parent[0].astype(jnp.float32)
+    dv = dv + w[:, None] * parent[1].astype(jnp.float32)
   if level0:
     dk = jnp.where(ck[:, None] > 0, dk, 0.0)
     dv = jnp.where(ck[:, None] > 0, dv, 0.0)
@@ -580,6 +598,59 @@ def _coarsen_kernel(*refs, count, modes):
   _unless_padding(c, compute, [(o, 0.0) for o in out_refs])
 
 
+def _iota2(shape, axis):
+  return lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _coarsen_dot_kernel(*refs, count, modes, precision):
+  """``_coarsen_kernel`` with products instead of pair sums.
+
+  Level ``j``'s sums over the tile's ``R`` rows are one product ``W @ x``
+  with ``W[r, i]`` the weight of row ``i`` in coarse row ``r`` (its count
+  if ``i >> j == r``, for the mean; 1 at ``i == r << j``, for the first
+  token), on the tensor cores and without regrouping the rows in registers.
+  Levels of fewer than 16 rows (the smallest product) are pair sums of the
+  last product's rows. Same sums as ``_coarsen_kernel`` (up to the order of
+  float32 additions): the weights are small integers, exact in 16 bits.
+  """
+  c_ref, in_refs = refs[0], refs[1:1 + len(modes)]
+  out_refs = refs[1 + len(modes):]
+  c = c_ref[...]
+  rows = c.shape[0]
+
+  def compute():
+    for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
+      x = x_ref[...]
+      x = jnp.where(c[:, None] > 0, x, jnp.zeros_like(x))
+      s, cs = None, None
+      for j in range(1, count + 1):
+        r = rows >> j
+        if r >= 16:
+          coarse, fine = _iota2((r, rows), 0), _iota2((r, rows), 1)
+          if mode == "first":
+            w = (fine == coarse << j).astype(x.dtype)
+          else:
+            group = jnp.where((fine >> j) == coarse, c[None, :], 0.0)
+            cs = jnp.sum(group, axis=1)
+            w = group.astype(x.dtype)
+          s = _dot(w, x, precision)
+        else:
+          if s is None:  # A tile of fewer than 32 rows: sums from level 0.
+            s = x.astype(jnp.float32)
+            s, cs = (s, None) if mode == "first" else (s * c[:, None], c)
+          if mode == "first":
+            s = jnp.sum(_pairs(s) * (_iota(2) == 0).astype(jnp.float32)
+                        [None, :, None], axis=1)
+          else:
+            s = jnp.sum(_pairs(s), axis=1)
+            cs = jnp.sum(_pairs(cs), axis=1)
+        out = s if mode == "first" else s / jnp.maximum(cs, 1.0)[:, None]
+        o_ref = out_refs[t * count + j - 1]
+        o_ref[...] = out.astype(o_ref.dtype)
+
+  _unless_padding(c, compute, [(o, 0.0) for o in out_refs])
+
+
 def _coarsen_heads(h: int) -> int:
   """Heads per pyramid program: the largest power of two that divides h
   and is at most TUNING's (block widths must be powers of two)."""
@@ -630,8 +701,18 @@ def _coarsen(arrays, modes, c, count, interpret):
   program reduces a [2**count, hp*D] block, hp heads side by side (the
   reduction is per column, the counts per row).
   """
-  if TUNING.get("coarsen_impl", "pallas") == "xla":
+  impl = TUNING.get("coarsen_impl", "pallas")
+  if impl == "xla":
     return _coarsen_xla(arrays, modes, c, count)
+  if impl == "dot":
+    dtype = arrays[0].dtype
+    precision = (lax.Precision.HIGHEST if dtype == jnp.float32 else
+                 lax.Precision.DEFAULT)
+    kernel = functools.partial(_coarsen_dot_kernel, count=count,
+                               modes=tuple(modes), precision=precision)
+  else:
+    kernel = functools.partial(_coarsen_kernel, count=count,
+                               modes=tuple(modes))
   b, n, h = arrays[0].shape[:3]
   hp = _coarsen_heads(h)
   rows = _coarsen_rows(n, count)
@@ -649,8 +730,7 @@ def _coarsen(arrays, modes, c, count, interpret):
       out_shape.append(jax.ShapeDtypeStruct(
           (b, n >> level, h * x.shape[-1]), x.dtype))
   outs = pl.pallas_call(
-      functools.partial(_coarsen_kernel, count=count, modes=tuple(modes)),
-      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
       compiler_params=_compiler_params(interpret),
       name="hattn_coarsen")(c, *flat)
