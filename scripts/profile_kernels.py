@@ -85,7 +85,7 @@ def main():
                       help="heads per pyramid program (TUNING)")
   parser.add_argument("--coarsen_rows", type=int, nargs="+", default=[0],
                       help="rows per pyramid program (TUNING; 0: 64)")
-  parser.add_argument("--coarsen_impl", nargs="+", default=["pallas"],
+  parser.add_argument("--coarsen_impl", nargs="+", default=["dot"],
                       choices=["pallas", "dot", "xla"],
                       help="pyramid implementation (TUNING)")
   parser.add_argument("--parent_load", nargs="+", default=["repeat"],

@@ -27,19 +27,19 @@ def run_pallas(q, k, v, mask, *, causal, block_size=16):
 
 # name: (tile, levels per launch, heads per pyramid program, pyramid
 # implementation, how parent rows are loaded).
-SCHEDULES = {"tile32": (32, 1, 1, "pallas", "repeat"),
+SCHEDULES = {"tile32": (32, 1, 1, "dot", "repeat"),
              "3-levels": (64, 3, 2, "pallas", "repeat"),
-             "products-gather": (32, 1, 1, "dot", "gather")}
+             "gather": (32, 1, 1, "dot", "gather")}
 
 
 @pytest.fixture(params=list(SCHEDULES))
 def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain; small
-  tiles (several per level) with one level per launch and one head per
-  pyramid program, or tiles of 64 with up to three levels per launch (64,
-  32 and 16 rows of one program) and two heads per pyramid program, or
-  tiles of 32 with the pyramid by products over 32 rows and parent rows
-  loaded repeated (the TUNING alternatives)."""
+  tiles (several per level) with one level per launch and the pyramid by
+  products over 32 rows (the default settings), or tiles of 64 with up to
+  three levels per launch (64, 32 and 16 rows of one program) and a
+  pyramid by pair sums with two heads per program, or the first with
+  parent rows loaded repeated (TUNING's alternatives)."""
   _use_schedule(monkeypatch, request.param)
 
 

@@ -29,6 +29,9 @@ O(L) and every exponent is <= 0.
 
 The pyramid of coarse queries, keys and values, and the restriction of
 (M, G, E), are kernels too: one program reduces 64 rows through six levels.
+The pyramid forms each level's sums as one product of a weight matrix with
+the program's rows (tensor cores; 0.19 against 0.29 ms for pair sums in
+registers at 65,536 tokens on an H200, docs/benchmarks.md).
 
 Levels per launch (``TUNING["levels_per_launch"]``, default 1): with ``g >
 1`` one launch computes ``g`` consecutive levels, each program the rows of
@@ -74,14 +77,14 @@ DEFAULT_TILE = 64
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
 # 64 for six levels; more gives fewer, larger programs);
-# ``coarsen_impl``: "pallas" (that kernel: pair sums), "dot" (the same
-# sums as products with a weight matrix per level) or "xla" (XLA
-# reductions, level by level).
+# ``coarsen_impl``: "dot" (that kernel, each level's sums as one product
+# with a weight matrix), "pallas" (the kernel with pair sums in registers)
+# or "xla" (XLA reductions, level by level).
 # ``parent_load``: how a level's kernels get the parent level's rows, each
 # repeated for its two children: "repeat" (load, then regroup in
 # registers) or "gather" (a load that reads each row twice).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
-          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "pallas",
+          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
           "parent_load": "repeat"}
 
 
@@ -701,7 +704,7 @@ def _coarsen(arrays, modes, c, count, interpret):
   program reduces a [2**count, hp*D] block, hp heads side by side (the
   reduction is per column, the counts per row).
   """
-  impl = TUNING.get("coarsen_impl", "pallas")
+  impl = TUNING.get("coarsen_impl", "dot")
   if impl == "xla":
     return _coarsen_xla(arrays, modes, c, count)
   if impl == "dot":
