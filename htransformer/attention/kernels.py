@@ -733,8 +733,8 @@ def _coarsen(arrays, modes, c, count, interpret):
       out_shape.append(jax.ShapeDtypeStruct(
           (b, n >> level, h * x.shape[-1]), x.dtype))
   outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=interpret,
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, interpret=interpret,
       compiler_params=_compiler_params(interpret),
       name="hattn_coarsen")(c, *flat)
   shaped = [o.reshape(o.shape[0], o.shape[1], h, -1) for o in outs]
