@@ -144,17 +144,17 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
   _check_pallas_against_xla(KERNEL_CASES[1], causal, "float32")
 
 
-@pytest.mark.parametrize("impl,parent_load", [
-    ("pallas", "repeat"), ("dot", "gather")])
+@pytest.mark.parametrize("tuning", [
+    dict(coarsen_impl="pallas"), dict(parent_load="gather"),
+    dict(fused_backward=True)], ids=["pair_sums", "gather", "fused_bwd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, impl,
-                                              parent_load):
-  """The pyramid by pair sums and parent rows loaded repeated (TUNING's
-  alternatives to the defaults), as compiled for the GPU (interpret mode
-  checks them in tests/test_kernels.py)."""
+def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
+  """TUNING's alternatives to the default kernels (the pyramid by pair
+  sums, parent rows loaded repeated, one backward kernel per level), as
+  compiled for the GPU (interpret mode: tests/test_kernels.py)."""
   from htransformer.attention import kernels
-  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
-  monkeypatch.setitem(kernels.TUNING, "parent_load", parent_load)
+  for key, value in tuning.items():
+    monkeypatch.setitem(kernels.TUNING, key, value)
   for case, dtype in ((KERNEL_CASES[0], "bfloat16"),
                       (KERNEL_CASES[1], "float32"),
                       (KERNEL_CASES[3], "bfloat16")):

@@ -25,21 +25,27 @@ def run_pallas(q, k, v, mask, *, causal, block_size=16):
       implementation="pallas_interpret"))(q, k, v))
 
 
-# name: (tile, levels per launch, heads per pyramid program, pyramid
-# implementation, how parent rows are loaded).
-SCHEDULES = {"tile32": (32, 1, 1, "dot", "repeat"),
-             "3-levels": (64, 3, 2, "pallas", "repeat"),
-             "gather": (32, 1, 1, "dot", "gather")}
+# name: (tile, TUNING settings).
+SCHEDULES = {
+    "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
+                        coarsen_rows=32, coarsen_impl="dot")),
+    "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
+                          coarsen_rows=16, coarsen_impl="pallas")),
+    "alternatives": (32, dict(levels_per_launch=1, coarsen_heads=1,
+                              coarsen_rows=32, coarsen_impl="dot",
+                              parent_load="gather", fused_backward=True)),
+}
 
 
 @pytest.fixture(params=list(SCHEDULES))
 def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain; small
   tiles (several per level) with one level per launch and the pyramid by
-  products over 32 rows (the default settings), or tiles of 64 with up to
+  products (the default kernels) over 32 rows, or tiles of 64 with up to
   three levels per launch (64, 32 and 16 rows of one program) and a
   pyramid by pair sums with two heads per program, or the first with
-  parent rows loaded repeated (TUNING's alternatives)."""
+  parent rows loaded repeated and one backward kernel per level (TUNING's
+  other alternatives)."""
   _use_schedule(monkeypatch, request.param)
 
 
@@ -51,15 +57,11 @@ def tile32_passes(monkeypatch):
 
 
 def _use_schedule(monkeypatch, name):
-  tile, per_launch, heads, impl, parent_load = SCHEDULES[name]
+  tile, tuning = SCHEDULES[name]
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   monkeypatch.setattr(kernels, "DEFAULT_TILE", tile)
-  monkeypatch.setitem(kernels.TUNING, "levels_per_launch", per_launch)
-  monkeypatch.setitem(kernels.TUNING, "coarsen_heads", heads)
-  monkeypatch.setitem(kernels.TUNING, "coarsen_rows",
-                      32 if impl == "dot" else 16 if heads > 1 else 0)
-  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
-  monkeypatch.setitem(kernels.TUNING, "parent_load", parent_load)
+  for key, value in tuning.items():
+    monkeypatch.setitem(kernels.TUNING, key, value)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

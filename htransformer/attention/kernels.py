@@ -83,9 +83,12 @@ DEFAULT_TILE = 64
 # ``parent_load``: how a level's kernels get the parent level's rows, each
 # repeated for its two children: "repeat" (load, then regroup in
 # registers) or "gather" (a load that reads each row twice).
+# ``fused_backward``: one backward kernel per level (dq, dk and dv of a
+# tile's rows; each row's q, k, v and cotangent statistics read once)
+# instead of one for dq and one for dk, dv (levels of a one-level launch).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "parent_load": "repeat"}
+          "parent_load": "repeat", "fused_backward": False}
 
 
 def _pow2(x: int) -> bool:
@@ -426,12 +429,18 @@ def _dq_kernel(*refs, group, has_parent, **kw):
 
 
 def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
-             start, *, nr, tile, n, level0, causal, scale, precision):
+             start, **kw):
   """(dq,) f32 of a level's rows, plus the parent's (dq,) prolonged."""
+  return _dq_core(q_ref[...], g_ref[...], e_ref[...], m_ref[...], k_ref,
+                  v_ref, c_ref, parent, cq, start, **kw)
+
+
+def _dq_core(q, g, e, mrow, k_ref, v_ref, c_ref, parent, cq, start, *, nr,
+             tile, n, level0, causal, scale, precision):
+  """``_dq_rows`` on the rows' q, G, E and M (values) and the level's k, v
+  and counts (refs of all its rows)."""
   qi = start + _iota(tile)
-  q = q_ref[...]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
-  g, e, mrow = g_ref[...], e_ref[...], m_ref[...]
   g = jnp.where(cq[:, None] > 0, g, jnp.zeros_like(g))
   dq = None
   for pos, size in _pieces(start, tile, nr, causal):
@@ -463,10 +472,17 @@ def _dkv_kernel(*refs, group, has_parent, **kw):
 
 
 def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
-              start, *, nr, tile, n, level0, causal, scale, precision):
+              start, **kw):
   """(dk, dv) f32 of a level's key rows, plus the parent's prolonged."""
+  return _dkv_core(k_ref[...], v_ref[...], q_ref, g_ref, c_ref, e_ref, m_ref,
+                   parent, ck, start, **kw)
+
+
+def _dkv_core(k, v, q_ref, g_ref, c_ref, e_ref, m_ref, parent, ck, start, *,
+              nr, tile, n, level0, causal, scale, precision):
+  """``_dkv_rows`` on the key rows' k and v (values) and the level's q, G,
+  counts, E and M (refs of all its rows)."""
   kj = start + _iota(tile)
-  k, v = k_ref[...], v_ref[...]
   k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
   v = jnp.where(ck[:, None] > 0, v, jnp.zeros_like(v))
   dk = dv = None
@@ -500,6 +516,27 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   return dk, dv
 
 
+def _dqkv_kernel(*refs, group, has_parent, **kw):
+  _run_levels(refs, _dqkv_rows, group=group, per_level=7,
+              has_parent=has_parent, fills=(0.0, 0.0, 0.0), **kw)
+
+
+def _dqkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, c,
+               start, *, tile, **kw):
+  """(dq, dk, dv) f32 of a level's rows, as queries and as keys, in one
+  program: the rows' own q, k, v, G, E and M are read once for both (the
+  neighbour blocks' rows as in the two kernels). Refs hold all rows."""
+  own = lambda ref: ref[pl.ds(start, tile)]
+  dq_parent = dkv_parent = None
+  if parent is not None:
+    dq_parent, dkv_parent = parent[:1], parent[1:]
+  (dq,) = _dq_core(own(q_ref), own(g_ref), own(e_ref), own(m_ref), k_ref,
+                   v_ref, c_ref, dq_parent, c, start, tile=tile, **kw)
+  dk, dv = _dkv_core(own(k_ref), own(v_ref), q_ref, g_ref, c_ref, e_ref,
+                     m_ref, dkv_parent, c, start, tile=tile, **kw)
+  return dq, dk, dv
+
+
 def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                     scale, out_dtypes, precision, interpret):
   """dq, dk, dv of level ``first`` (levels first .. first+count-1 in one
@@ -517,6 +554,23 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
   level_args = [x for j in range(count)
                 for x in (*pyramid[first + j], *stats[first + j])]
+
+  if TUNING.get("fused_backward") and count == 1:
+    spec = specs[0]
+    in_specs = [spec.all(d), spec.all(d), spec.all(dv_dim), spec.counts(),
+                spec.all(dv_dim), spec.all_vec(), spec.all_vec()]
+    args = list(level_args)
+    if parent is not None:
+      in_specs += [spec.half(d), spec.half(d), spec.half(dv_dim)]
+      args += list(parent)
+    return tuple(pl.pallas_call(
+        functools.partial(_dqkv_kernel, **common), grid=grid,
+        in_specs=in_specs,
+        out_specs=[spec.tile(d), spec.tile(d), spec.tile(dv_dim)],
+        out_shape=[jax.ShapeDtypeStruct((b, n, h, w), dt) for w, dt in
+                   zip((d, d, dv_dim), out_dtypes)],
+        interpret=interpret, compiler_params=params,
+        name=f"hattn_dqkv_{suffix}")(*args))
 
   in_specs, args = [], list(level_args)
   for spec in specs:
