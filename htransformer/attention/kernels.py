@@ -24,8 +24,10 @@ the fine rows ``i`` of its group) has gradient
 (dO_i . O_i)``. ``(M, G, E)`` are restricted fine to coarse once; then each
 level runs one kernel for dq (per query tile) and one for dk, dv (per key
 tile), each adding the parent level's gradient (the backward of the mean or
-first-token coarsening) to its own, coarse to fine. Nothing is bigger than
-O(L) and every exponent is <= 0.
+first-token coarsening) to its own, coarse to fine (or, with
+``TUNING["fused_backward"]``, one kernel per tile for all three, which reads
+the tile's own rows once; not yet timed on a GPU, so off). Nothing is
+bigger than O(L) and every exponent is <= 0.
 
 The pyramid of coarse queries, keys and values, and the restriction of
 (M, G, E), are kernels too: one program reduces 64 rows through six levels.
