@@ -88,9 +88,14 @@ DEFAULT_TILE = 64
 # ``fused_backward``: one backward kernel per level (dq, dk and dv of a
 # tile's rows; each row's q, k, v and cotangent statistics read once)
 # instead of one for dq and one for dk, dv (levels of a one-level launch).
+# ``handover_dtype``: what a coarse level hands to the next finer one (its
+# normalised output forward; its dq, dk, dv backward): "float32", or
+# "input" (the inputs' dtype: half the bytes for 16-bit inputs, one more
+# rounding per level).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "parent_load": "repeat", "fused_backward": False}
+          "parent_load": "repeat", "fused_backward": False,
+          "handover_dtype": "float32"}
 
 
 def _pow2(x: int) -> bool:
@@ -874,17 +879,25 @@ def _attention(q, k, v, c0, nr, causal, tile, interpret, precision,
                   per_launch, scale)[0]
 
 
+def _handover_dtype(input_dtype):
+  """dtype of what a coarse level hands to the next finer level."""
+  if TUNING.get("handover_dtype", "float32") == "input":
+    return input_dtype
+  return jnp.float32
+
+
 def _forward(q, k, v, c0, nr, causal, tile, interpret, precision, per_launch,
              scale):
   n = q.shape[1]
   levels = int(round(math.log2(n // nr)))
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret)
+  handover = _handover_dtype(q.dtype)
   parent = None
   for first, count, t in reversed(
       _level_groups(n, levels, tile, nr, per_launch)):
     o, lse = _group_forward(
         pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
-        out_dtype=q.dtype if first == 0 else jnp.float32,
+        out_dtype=q.dtype if first == 0 else handover,
         precision=precision, interpret=interpret)
     parent = (o, lse)
   return o, (pyramid, o, lse)
@@ -916,7 +929,7 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
   for first, count, t in reversed(
       _level_groups(q.shape[1], levels, tile, nr, per_launch)):
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
-              (jnp.float32,) * 3)
+              (_handover_dtype(q.dtype),) * 3)
     parent = _group_backward(
         pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
         scale=scale, out_dtypes=dtypes, precision=precision,
