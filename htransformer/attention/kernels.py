@@ -632,50 +632,22 @@ def _pairs(x):
   return x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
 
 
-def _coarsen_kernel(*refs, count, modes):
-  """Levels base+1 .. base+count of several [rows, D] arrays at once."""
-  c_ref, in_refs = refs[0], refs[1:1 + len(modes)]
-  out_refs = refs[1 + len(modes):]
-  c = c_ref[...]
-
-  def compute():
-    for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
-      x = x_ref[...]
-      x = jnp.where(c[:, None] > 0, x, jnp.zeros_like(x)).astype(jnp.float32)
-      cs = c
-      if mode == "mean":
-        x = x * c[:, None]  # sums of real tokens
-      for j in range(count):
-        if mode == "first":
-          first = (_iota(2) == 0).astype(jnp.float32)
-          x = jnp.sum(_pairs(x) * first[None, :, None], axis=1)
-          out = x
-        else:
-          x = jnp.sum(_pairs(x), axis=1)
-          cs = jnp.sum(_pairs(cs), axis=1)
-          out = x / jnp.maximum(cs, 1.0)[:, None]
-        o_ref = out_refs[t * count + j]
-        o_ref[...] = out.astype(o_ref.dtype)
-
-  # Rows of padding only coarsen to zeros (what compute gives them); their
-  # q, k and v are not read.
-  _unless_padding(c, compute, [(o, 0.0) for o in out_refs])
-
-
 def _iota2(shape, axis):
   return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _coarsen_dot_kernel(*refs, count, modes, precision):
-  """``_coarsen_kernel`` with products instead of pair sums.
+def _coarsen_kernel(*refs, count, modes, precision=None):
+  """Levels base+1 .. base+count of several [rows, D] arrays at once.
 
-  Level ``j``'s sums over the tile's ``R`` rows are one product ``W @ x``
-  with ``W[r, i]`` the weight of row ``i`` in coarse row ``r`` (its count
-  if ``i >> j == r``, for the mean; 1 at ``i == r << j``, for the first
-  token), on the tensor cores and without regrouping the rows in registers.
-  Levels of fewer than 16 rows (the smallest product) are pair sums of the
-  last product's rows. Same sums as ``_coarsen_kernel`` (up to the order of
-  float32 additions): the weights are small integers, exact in 16 bits.
+  Each level's float32 sums of real tokens (and their counts, for the mean)
+  come from the level below by pair sums. With ``precision`` (TUNING
+  ``coarsen_impl="dot"``) a level of ``r >= 16`` rows (the smallest
+  product) is instead one product ``W @ x`` of the tile's ``R`` rows, with
+  ``W[r, i]`` the weight of row ``i`` in coarse row ``r`` (its count if
+  ``i >> j == r``, for the mean; 1 at ``i == r << j``, for the first token):
+  on the tensor cores and without regrouping the rows in registers. Same
+  sums up to the order of float32 additions: the weights are small
+  integers, exact in 16 bits.
   """
   c_ref, in_refs = refs[0], refs[1:1 + len(modes)]
   out_refs = refs[1 + len(modes):]
@@ -686,10 +658,10 @@ def _coarsen_dot_kernel(*refs, count, modes, precision):
     for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
       x = x_ref[...]
       x = jnp.where(c[:, None] > 0, x, jnp.zeros_like(x))
-      s, cs = None, None
+      s, cs = None, None  # sums and counts of the level last computed
       for j in range(1, count + 1):
         r = rows >> j
-        if r >= 16:
+        if precision is not None and r >= 16:
           coarse, fine = _iota2((r, rows), 0), _iota2((r, rows), 1)
           if mode == "first":
             w = (fine == coarse << j).astype(x.dtype)
@@ -699,9 +671,10 @@ def _coarsen_dot_kernel(*refs, count, modes, precision):
             w = group.astype(x.dtype)
           s = _dot(w, x, precision)
         else:
-          if s is None:  # A tile of fewer than 32 rows: sums from level 0.
-            s = x.astype(jnp.float32)
-            s, cs = (s, None) if mode == "first" else (s * c[:, None], c)
+          if s is None:  # The sums of the tile's own rows.
+            s, cs = x.astype(jnp.float32), c
+            if mode == "mean":
+              s = s * c[:, None]
           if mode == "first":
             s = jnp.sum(_pairs(s) * (_iota(2) == 0).astype(jnp.float32)
                         [None, :, None], axis=1)
@@ -712,6 +685,8 @@ def _coarsen_dot_kernel(*refs, count, modes, precision):
         o_ref = out_refs[t * count + j - 1]
         o_ref[...] = out.astype(o_ref.dtype)
 
+  # Rows of padding only coarsen to zeros (what compute gives them); their
+  # q, k and v are not read.
   _unless_padding(c, compute, [(o, 0.0) for o in out_refs])
 
 
@@ -768,15 +743,12 @@ def _coarsen(arrays, modes, c, count, interpret):
   impl = TUNING.get("coarsen_impl", "dot")
   if impl == "xla":
     return _coarsen_xla(arrays, modes, c, count)
+  precision = None  # "pallas": pair sums only.
   if impl == "dot":
-    dtype = arrays[0].dtype
-    precision = (lax.Precision.HIGHEST if dtype == jnp.float32 else
-                 lax.Precision.DEFAULT)
-    kernel = functools.partial(_coarsen_dot_kernel, count=count,
-                               modes=tuple(modes), precision=precision)
-  else:
-    kernel = functools.partial(_coarsen_kernel, count=count,
-                               modes=tuple(modes))
+    precision = (lax.Precision.HIGHEST if arrays[0].dtype == jnp.float32
+                 else lax.Precision.DEFAULT)
+  kernel = functools.partial(_coarsen_kernel, count=count,
+                             modes=tuple(modes), precision=precision)
   b, n, h = arrays[0].shape[:3]
   hp = _coarsen_heads(h)
   rows = _coarsen_rows(n, count)
