@@ -118,11 +118,11 @@ def main():
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
                q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)}
-    settings = [("pallas", heads, crows) for heads, crows in itertools.product(
-        args.coarsen_heads, args.coarsen_rows)]
-    settings = [s for impl in args.coarsen_impl for s in
-                ([(impl,) + x[1:] for x in settings] if impl != "xla"
-                 else [("xla", 0, 0)])]
+    # The XLA pyramid has no heads or rows per program.
+    settings = [(impl, heads, crows) for impl in args.coarsen_impl
+                for heads, crows in ([(0, 0)] if impl == "xla" else
+                                     itertools.product(args.coarsen_heads,
+                                                       args.coarsen_rows))]
     for impl, heads, crows in settings:
       kernels.TUNING.update(coarsen_impl=impl, coarsen_heads=heads or 1,
                             coarsen_rows=crows)
