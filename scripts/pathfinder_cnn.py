@@ -152,15 +152,21 @@ def train(data, *, epochs: int, batch_size: int, learning_rate: float,
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: pathfinder_cnn.py DATA_DIR [--flags]")
-  folder = pathfinder.find_data_dir(argv[1], None, FLAGS.resolution,
-                                    contour_length=FLAGS.contour_length)
-  data = split_arrays(folder, FLAGS.resolution)
+  try:
+    folder = pathfinder.find_data_dir(argv[1], None, FLAGS.resolution,
+                                      contour_length=FLAGS.contour_length)
+    data = split_arrays(folder, FLAGS.resolution)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(str(e)) from None
   print(json.dumps({"folder": folder, "device": jax.devices()[0].device_kind,
                     **{k: len(v[1]) for k, v in data.items()}}), flush=True)
-  train(data, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-        learning_rate=FLAGS.learning_rate, width=FLAGS.width,
-        depth=FLAGS.depth, seed=FLAGS.seed,
-        log=lambda s: print(s, flush=True))
+  try:
+    train(data, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+          learning_rate=FLAGS.learning_rate, width=FLAGS.width,
+          depth=FLAGS.depth, seed=FLAGS.seed,
+          log=lambda s: print(s, flush=True))
+  except ValueError as e:  # Too few images for one batch.
+    raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
