@@ -11,7 +11,7 @@ copy bandwidth and cuDNN, all in one process:
       [--warps 0 4 8] [--per_launch 1 3] [--head_dim 128] [--causal]
       [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--parent_load repeat gather]
-      [--fused_backward 0 1] [--handover_dtype float32 input] [--by_kernel]
+      [--handover_dtype input float32] [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
@@ -20,8 +20,7 @@ products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
 combination of tile, warps, levels per launch, pyramid implementation,
 ``--parent_load`` (how the level kernels read the parent level's rows) and
-``--fused_backward`` (1: one backward kernel per level for dq, dk and dv)
-and ``--handover_dtype`` (what coarse levels hand to finer ones); the
+``--handover_dtype`` (what coarse levels hand to finer ones); the
 pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
 prints the device time of each
@@ -93,10 +92,7 @@ def main():
   parser.add_argument("--parent_load", nargs="+", default=["repeat"],
                       choices=["repeat", "gather"],
                       help="parent rows in the level kernels (TUNING)")
-  parser.add_argument("--fused_backward", type=int, nargs="+", default=[0],
-                      choices=[0, 1],
-                      help="one backward kernel per level (TUNING)")
-  parser.add_argument("--handover_dtype", nargs="+", default=["float32"],
+  parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
   parser.add_argument("--by_kernel", action="store_true",
@@ -148,14 +144,13 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, per_launch, impl, parent_load, fused,
+    for (tile, warps, per_launch, impl, parent_load,
          handover) in itertools.product(
              args.tiles, args.warps, args.per_launch, args.coarsen_impl,
-             args.parent_load, args.fused_backward, args.handover_dtype):
+             args.parent_load, args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
                             coarsen_impl=impl, parent_load=parent_load,
-                            fused_backward=bool(fused),
                             handover_dtype=handover)
       attn = functools.partial(
           kernels.hierarchical_attention_pallas, valid=None, block_size=16,
@@ -169,7 +164,7 @@ def main():
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl, "parent_load": parent_load,
-             "fused_backward": bool(fused), "handover_dtype": handover,
+             "handover_dtype": handover,
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
       if args.by_kernel:

@@ -33,7 +33,7 @@ SCHEDULES = {
                           coarsen_rows=16, coarsen_impl="pallas")),
     "alternatives": (32, dict(levels_per_launch=1, coarsen_heads=1,
                               coarsen_rows=32, coarsen_impl="dot",
-                              parent_load="gather", fused_backward=True)),
+                              parent_load="gather")),
 }
 
 
@@ -44,8 +44,8 @@ def small_passes(request, monkeypatch):
   products (the default kernels) over 32 rows, or tiles of 64 with up to
   three levels per launch (64, 32 and 16 rows of one program) and a
   pyramid by pair sums with two heads per program, or the first with
-  parent rows loaded repeated and one backward kernel per level (TUNING's
-  other alternatives; ``all_passes`` only, to keep the suite short)."""
+  parent rows loaded repeated (TUNING's other alternative; ``all_passes``
+  only, to keep the suite short)."""
   _use_schedule(monkeypatch, request.param)
 
 
@@ -197,24 +197,33 @@ def test_bfloat16_inputs():
 
 
 def test_bfloat16_handover_between_levels(monkeypatch):
-  """TUNING handover_dtype="input": with bfloat16 inputs the coarse levels
-  hand bfloat16 to the finer ones. The output stays within bfloat16 error
-  of the float64 reference, not far from the float32 hand-over's error
-  (four levels, causal; the backward's hand-over: tests/test_gpu.py)."""
+  """With bfloat16 inputs the coarse levels hand bfloat16 to the finer ones
+  (TUNING handover_dtype="input", the default): output and gradients stay
+  within bfloat16 error of the float64 reference, close to the error of a
+  float32 hand-over (four levels, causal)."""
   length = 250
   q, k, v = make_qkv(43, 1, length, 1, 16, 16)
   mask = make_mask(43, 1, length, "suffix")
-  want = numpy_reference(q, k, v, mask, block_size=16, causal=True)
+  cot = np.random.default_rng(44).standard_normal(
+      (1, length, 1, 16)).astype(np.float32)
+  want = [numpy_reference(q, k, v, mask, block_size=16, causal=True)]
+  want += [np.asarray(g) for g in _grads("ref", q, k, v, mask, cot, True)]
+  bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
   errors = {}
   for handover in ("float32", "input"):
     monkeypatch.setitem(kernels.TUNING, "handover_dtype", handover)
-    out = run_pallas(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)),
-                     mask, causal=True)  # (a new function: traced anew)
-    errors[handover] = float(np.linalg.norm(np.asarray(out, np.float32)
-                                            - want) / np.linalg.norm(want))
+    # New functions each time: traced anew, so the setting takes effect.
+    got = [run_pallas(*bf16, mask, causal=True)]
+    got += list(_grads("pallas_interpret", *bf16, mask,
+                       jnp.asarray(cot, jnp.bfloat16), True))
+    errors[handover] = [
+        float(np.linalg.norm(np.asarray(g, np.float32) - w)
+              / np.linalg.norm(w)) for g, w in zip(got, want)]
   assert errors["input"] != errors["float32"]  # The setting took effect.
-  assert errors["float32"] < 1e-2 and errors["input"] < 1e-2, errors
-  assert errors["input"] < 2 * errors["float32"] + 1e-3, errors
+  for name, e32, e16 in zip(["out", "dq", "dk", "dv"], errors["float32"],
+                            errors["input"]):
+    assert e32 < 2e-2 and e16 < 2e-2, (name, errors)
+    assert e16 < 2 * e32 + 1e-3, (name, errors)
 
 
 @pytest.mark.parametrize("block_size,d,message", [

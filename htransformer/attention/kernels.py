@@ -24,10 +24,12 @@ the fine rows ``i`` of its group) has gradient
 (dO_i . O_i)``. ``(M, G, E)`` are restricted fine to coarse once; then each
 level runs one kernel for dq (per query tile) and one for dk, dv (per key
 tile), each adding the parent level's gradient (the backward of the mean or
-first-token coarsening) to its own, coarse to fine (or, with
-``TUNING["fused_backward"]``, one kernel per tile for all three, which reads
-the tile's own rows once; not yet timed on a GPU, so off). Nothing is
-bigger than O(L) and every exponent is <= 0.
+first-token coarsening) to its own, coarse to fine. (One kernel per tile
+for all three, reading the tile's own rows once, was no faster on an H200:
+docs/benchmarks.md.) Nothing is bigger than O(L) and every exponent is
+<= 0. A coarse level hands its normalised output (forward) and its dq, dk,
+dv (backward) to the next finer level in the inputs' dtype
+(``TUNING["handover_dtype"]``).
 
 The pyramid of coarse queries, keys and values, and the restriction of
 (M, G, E), are kernels too: one program reduces 64 rows through six levels.
@@ -85,17 +87,14 @@ DEFAULT_TILE = 64
 # ``parent_load``: how a level's kernels get the parent level's rows, each
 # repeated for its two children: "repeat" (load, then regroup in
 # registers) or "gather" (a load that reads each row twice).
-# ``fused_backward``: one backward kernel per level (dq, dk and dv of a
-# tile's rows; each row's q, k, v and cotangent statistics read once)
-# instead of one for dq and one for dk, dv (levels of a one-level launch).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
-# normalised output forward; its dq, dk, dv backward): "float32", or
-# "input" (the inputs' dtype: half the bytes for 16-bit inputs, one more
-# rounding per level).
+# normalised output forward; its dq, dk, dv backward): "input" (the
+# inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
+# rounding per level; 6% faster forward+backward at 65,536 tokens on an
+# H200) or "float32".
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "parent_load": "repeat", "fused_backward": False,
-          "handover_dtype": "float32"}
+          "parent_load": "repeat", "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -436,16 +435,9 @@ def _dq_kernel(*refs, group, has_parent, **kw):
 
 
 def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
-             start, **kw):
+             start, *, nr, tile, n, level0, causal, scale, precision):
   """(dq,) f32 of a level's rows, plus the parent's (dq,) prolonged."""
-  return _dq_core(q_ref[...], g_ref[...], e_ref[...], m_ref[...], k_ref,
-                  v_ref, c_ref, parent, cq, start, **kw)
-
-
-def _dq_core(q, g, e, mrow, k_ref, v_ref, c_ref, parent, cq, start, *, nr,
-             tile, n, level0, causal, scale, precision):
-  """``_dq_rows`` on the rows' q, G, E and M (values) and the level's k, v
-  and counts (refs of all its rows)."""
+  q, g, e, mrow = q_ref[...], g_ref[...], e_ref[...], m_ref[...]
   qi = start + _iota(tile)
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
   g = jnp.where(cq[:, None] > 0, g, jnp.zeros_like(g))
@@ -479,16 +471,9 @@ def _dkv_kernel(*refs, group, has_parent, **kw):
 
 
 def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
-              start, **kw):
+              start, *, nr, tile, n, level0, causal, scale, precision):
   """(dk, dv) f32 of a level's key rows, plus the parent's prolonged."""
-  return _dkv_core(k_ref[...], v_ref[...], q_ref, g_ref, c_ref, e_ref, m_ref,
-                   parent, ck, start, **kw)
-
-
-def _dkv_core(k, v, q_ref, g_ref, c_ref, e_ref, m_ref, parent, ck, start, *,
-              nr, tile, n, level0, causal, scale, precision):
-  """``_dkv_rows`` on the key rows' k and v (values) and the level's q, G,
-  counts, E and M (refs of all its rows)."""
+  k, v = k_ref[...], v_ref[...]
   kj = start + _iota(tile)
   k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
   v = jnp.where(ck[:, None] > 0, v, jnp.zeros_like(v))
@@ -523,27 +508,6 @@ def _dkv_core(k, v, q_ref, g_ref, c_ref, e_ref, m_ref, parent, ck, start, *,
   return dk, dv
 
 
-def _dqkv_kernel(*refs, group, has_parent, **kw):
-  _run_levels(refs, _dqkv_rows, group=group, per_level=7,
-              has_parent=has_parent, fills=(0.0, 0.0, 0.0), **kw)
-
-
-def _dqkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, c,
-               start, *, tile, **kw):
-  """(dq, dk, dv) f32 of a level's rows, as queries and as keys, in one
-  program: the rows' own q, k, v, G, E and M are read once for both (the
-  neighbour blocks' rows as in the two kernels). Refs hold all rows."""
-  own = lambda ref: ref[pl.ds(start, tile)]
-  dq_parent = dkv_parent = None
-  if parent is not None:
-    dq_parent, dkv_parent = parent[:1], parent[1:]
-  (dq,) = _dq_core(own(q_ref), own(g_ref), own(e_ref), own(m_ref), k_ref,
-                   v_ref, c_ref, dq_parent, c, start, tile=tile, **kw)
-  dk, dv = _dkv_core(own(k_ref), own(v_ref), q_ref, g_ref, c_ref, e_ref,
-                     m_ref, dkv_parent, c, start, tile=tile, **kw)
-  return dq, dk, dv
-
-
 def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                     scale, out_dtypes, precision, interpret):
   """dq, dk, dv of level ``first`` (levels first .. first+count-1 in one
@@ -561,23 +525,6 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
   level_args = [x for j in range(count)
                 for x in (*pyramid[first + j], *stats[first + j])]
-
-  if TUNING.get("fused_backward") and count == 1:
-    spec = specs[0]
-    in_specs = [spec.all(d), spec.all(d), spec.all(dv_dim), spec.counts(),
-                spec.all(dv_dim), spec.all_vec(), spec.all_vec()]
-    args = list(level_args)
-    if parent is not None:
-      in_specs += [spec.half(d), spec.half(d), spec.half(dv_dim)]
-      args += list(parent)
-    return tuple(pl.pallas_call(
-        functools.partial(_dqkv_kernel, **common), grid=grid,
-        in_specs=in_specs,
-        out_specs=[spec.tile(d), spec.tile(d), spec.tile(dv_dim)],
-        out_shape=[jax.ShapeDtypeStruct((b, n, h, w), dt) for w, dt in
-                   zip((d, d, dv_dim), out_dtypes)],
-        interpret=interpret, compiler_params=params,
-        name=f"hattn_dqkv_{suffix}")(*args))
 
   in_specs, args = [], list(level_args)
   for spec in specs:
@@ -853,7 +800,7 @@ def _attention(q, k, v, c0, nr, causal, tile, interpret, precision,
 
 def _handover_dtype(input_dtype):
   """dtype of what a coarse level hands to the next finer level."""
-  if TUNING.get("handover_dtype", "float32") == "input":
+  if TUNING.get("handover_dtype", "input") == "input":
     return input_dtype
   return jnp.float32
 
