@@ -27,6 +27,16 @@ prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
 XLA fusions) per call: where the milliseconds go. Run it with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so that the kernels show.
+
+``--ncu_target`` only runs the forward+backward at the first length twice
+(default settings, nothing timed), for Nsight Compute to read the
+hardware counters of chosen kernels (occupancy, registers, achieved
+bandwidth, stall reasons):
+
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= XLA_PYTHON_CLIENT_PREALLOCATE=false \
+  ncu --clock-control none -k regex:'hattn_(fwd_l0|dq_l0|dkv_l0|coarsen)' \
+      -c 4 --set detailed python scripts/profile_kernels.py \
+      --lengths 65536 --ncu_target
 """
 
 import argparse
@@ -72,6 +82,30 @@ def copy_bandwidth_gbps():
   return 2 * x.nbytes / (ms * 1e-3) / 1e9
 
 
+def fwd_bwd_fn(causal, tile, cotangent):
+  """Forward+backward of the kernels (current TUNING) as one function."""
+  attn = functools.partial(kernels.hierarchical_attention_pallas, valid=None,
+                           block_size=16, causal=causal, tile=tile)
+
+  def fwd_bwd(q, k, v):
+    loss = lambda *a: jnp.sum(attn(*a).astype(jnp.float32) * cotangent)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return attn, fwd_bwd
+
+
+def run_for_ncu(args):
+  length = args.lengths[0]
+  shape = (max(1, args.tokens // length), length, 8, args.head_dim)
+  rng = np.random.default_rng(0)
+  q, k, v, ct = (jnp.asarray(rng.standard_normal(shape, np.float32),
+                             jnp.bfloat16) for _ in range(4))
+  f = jax.jit(fwd_bwd_fn(args.causal, args.tiles[0], ct)[1])
+  for _ in range(2):
+    jax.block_until_ready(f(q, k, v))
+  print(json.dumps({"ncu_target": list(shape), "tile": args.tiles[0],
+                    "tuning": kernels.TUNING}), flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
@@ -99,7 +133,12 @@ def main():
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
   parser.add_argument("--out", default="")
+  parser.add_argument("--ncu_target", action="store_true",
+                      help="only run fwd+bwd twice, for Nsight Compute")
   args = parser.parse_args()
+  if args.ncu_target:
+    run_for_ncu(args)
+    return
   rows = [{"device": jax.devices()[0].device_kind,
            "copy_gbps": round(copy_bandwidth_gbps(), 1)}]
   print(json.dumps(rows[0]), flush=True)
@@ -152,13 +191,7 @@ def main():
                             levels_per_launch=per_launch,
                             coarsen_impl=impl, parent_load=parent_load,
                             handover_dtype=handover)
-      attn = functools.partial(
-          kernels.hierarchical_attention_pallas, valid=None, block_size=16,
-          causal=args.causal, tile=tile)
-
-      def fwd_bwd(q, k, v, attn=attn):
-        loss = lambda *a: jnp.sum(attn(*a).astype(jnp.float32) * ct)
-        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "levels_per_launch": per_launch,
              "coarsen_heads": args.coarsen_heads[0],
