@@ -29,7 +29,8 @@ XLA fusions) per call: where the milliseconds go. Run it with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so that the kernels show.
 
 ``--ncu_target`` only runs the forward+backward at the first length twice
-(default settings, nothing timed), for Nsight Compute to read the
+(default settings: the kernels' tile unless ``--tiles`` names one; nothing
+timed), for Nsight Compute to read the
 hardware counters of chosen kernels (occupancy, registers, achieved
 bandwidth, stall reasons):
 
@@ -93,23 +94,25 @@ def fwd_bwd_fn(causal, tile, cotangent):
   return attn, fwd_bwd
 
 
-def run_for_ncu(args):
+def run_for_ncu(args, tile):
   length = args.lengths[0]
   shape = (max(1, args.tokens // length), length, 8, args.head_dim)
   rng = np.random.default_rng(0)
   q, k, v, ct = (jnp.asarray(rng.standard_normal(shape, np.float32),
                              jnp.bfloat16) for _ in range(4))
-  f = jax.jit(fwd_bwd_fn(args.causal, args.tiles[0], ct)[1])
+  f = jax.jit(fwd_bwd_fn(args.causal, tile, ct)[1])
   for _ in range(2):
     jax.block_until_ready(f(q, k, v))
-  print(json.dumps({"ncu_target": list(shape), "tile": args.tiles[0],
+  print(json.dumps({"ncu_target": list(shape), "tile": tile,
                     "tuning": kernels.TUNING}), flush=True)
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
-  parser.add_argument("--tiles", type=int, nargs="+", default=[32, 64, 128])
+  parser.add_argument("--tiles", type=int, nargs="+",
+                      help="query rows per program (default 32 64 128; "
+                      f"--ncu_target: {kernels.DEFAULT_TILE}, the kernels')")
   parser.add_argument("--warps", type=int, nargs="+", default=[0],
                       help="warps per program (0: the default, 4)")
   parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
@@ -137,8 +140,9 @@ def main():
                       help="only run fwd+bwd twice, for Nsight Compute")
   args = parser.parse_args()
   if args.ncu_target:
-    run_for_ncu(args)
+    run_for_ncu(args, (args.tiles or [kernels.DEFAULT_TILE])[0])
     return
+  args.tiles = args.tiles or [32, 64, 128]
   rows = [{"device": jax.devices()[0].device_kind,
            "copy_gbps": round(copy_bandwidth_gbps(), 1)}]
   print(json.dumps(rows[0]), flush=True)
