@@ -10,7 +10,7 @@ copy bandwidth and cuDNN, all in one process:
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 32 64 128]
       [--warps 0 4 8] [--per_launch 1 3] [--head_dim 128] [--causal]
       [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
-      [--coarsen_impl pallas dot xla] [--parent_load repeat gather]
+      [--coarsen_impl pallas dot xla]
       [--handover_dtype input float32] [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
@@ -18,9 +18,8 @@ of every level) with that many heads and rows per program (``TUNING``),
 every combination, ``--coarsen_impl dot`` the pyramid kernel with
 products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
-combination of tile, warps, levels per launch, pyramid implementation,
-``--parent_load`` (how the level kernels read the parent level's rows) and
-``--handover_dtype`` (what coarse levels hand to finer ones); the
+combination of tile, warps, levels per launch, pyramid implementation
+and ``--handover_dtype`` (what coarse levels hand to finer ones); the
 pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
 prints the device time of each
@@ -126,9 +125,6 @@ def main():
   parser.add_argument("--coarsen_impl", nargs="+", default=["dot"],
                       choices=["pallas", "dot", "xla"],
                       help="pyramid implementation (TUNING)")
-  parser.add_argument("--parent_load", nargs="+", default=["repeat"],
-                      choices=["repeat", "gather"],
-                      help="parent rows in the level kernels (TUNING)")
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
@@ -187,20 +183,18 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, per_launch, impl, parent_load,
-         handover) in itertools.product(
-             args.tiles, args.warps, args.per_launch, args.coarsen_impl,
-             args.parent_load, args.handover_dtype):
+    for (tile, warps, per_launch, impl, handover) in itertools.product(
+        args.tiles, args.warps, args.per_launch, args.coarsen_impl,
+        args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
-                            coarsen_impl=impl, parent_load=parent_load,
-                            handover_dtype=handover)
+                            coarsen_impl=impl, handover_dtype=handover)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "levels_per_launch": per_launch,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
-             "coarsen_impl": impl, "parent_load": parent_load,
+             "coarsen_impl": impl,
              "handover_dtype": handover,
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}

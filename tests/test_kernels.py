@@ -31,29 +31,17 @@ SCHEDULES = {
                         coarsen_rows=32, coarsen_impl="dot")),
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
                           coarsen_rows=16, coarsen_impl="pallas")),
-    "alternatives": (32, dict(levels_per_launch=1, coarsen_heads=1,
-                              coarsen_rows=32, coarsen_impl="dot",
-                              parent_load="gather")),
 }
 
 
-@pytest.fixture(params=["tile32", "3-levels"])
+@pytest.fixture(params=list(SCHEDULES))
 def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain; small
   tiles (several per level) with one level per launch and the pyramid by
   products (the default kernels) over 32 rows, or tiles of 64 with up to
   three levels per launch (64, 32 and 16 rows of one program) and a
-  pyramid by pair sums with two heads per program, or the first with
-  parent rows loaded repeated (TUNING's other alternative; ``all_passes``
-  only, to keep the suite short)."""
+  pyramid by pair sums with two heads per program."""
   _use_schedule(monkeypatch, request.param)
-
-
-@pytest.fixture(params=list(SCHEDULES))
-def all_passes(request, monkeypatch):
-  """Every schedule of SCHEDULES (see ``small_passes``); its name."""
-  _use_schedule(monkeypatch, request.param)
-  return request.param
 
 
 @pytest.fixture
@@ -140,7 +128,7 @@ def _grads(impl, q, k, v, mask, cot, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_gradients_match_autodiff_of_reference(all_passes, causal):
+def test_gradients_match_autodiff_of_reference(small_passes, causal):
   length, d, dv = 150, 16, 32
   q, k, v = make_qkv(31, 2, length, 1, d, dv)
   mask = make_mask(31, 2, length, "suffix")
@@ -148,10 +136,6 @@ def test_gradients_match_autodiff_of_reference(all_passes, causal):
   cot = np.random.default_rng(32).standard_normal(
       (2, length, 1, dv)).astype(np.float32)
 
-  if all_passes == "alternatives":  # Values: test_matches_dense_definition.
-    out = run_pallas(q, k, v, mask, causal=causal)
-    assert max_abs(out, numpy_reference(q, k, v, mask, block_size=16,
-                                        causal=causal)) <= 2e-5
   got = _grads("pallas_interpret", q, k, v, mask, cot, causal)
   want = _grads("ref", q, k, v, mask, cot, causal)
   for name, g, w in zip("qkv", got, want):

@@ -84,9 +84,6 @@ DEFAULT_TILE = 64
 # ``coarsen_impl``: "dot" (that kernel, each level's sums as one product
 # with a weight matrix), "pallas" (the kernel with pair sums in registers)
 # or "xla" (XLA reductions, level by level).
-# ``parent_load``: how a level's kernels get the parent level's rows, each
-# repeated for its two children: "repeat" (load, then regroup in
-# registers) or "gather" (a load that reads each row twice).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -94,7 +91,7 @@ DEFAULT_TILE = 64
 # H200) or "float32".
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "parent_load": "repeat", "handover_dtype": "input"}
+          "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -225,14 +222,6 @@ def _unless_padding(c, compute, fills):
       ref[...] = jnp.full(ref.shape, value, ref.dtype)
 
 
-def _load_repeated(ref):
-  """A parent block's rows, each twice ([m, ...] -> [2m, ...]): regrouped
-  in registers, or (``TUNING["parent_load"] == "gather"``) loaded so."""
-  if TUNING.get("parent_load", "repeat") == "gather":
-    return ref[_iota(2 * ref.shape[0]) // 2]
-  return _repeat2(ref[...])
-
-
 def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
   """The body of a kernel over a group of levels (see _level_groups).
 
@@ -253,7 +242,7 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
   def compute():
     # The parent level's results, each coarse row repeated for its two
     # children (``rows`` takes them at its own rows).
-    state = (tuple(_load_repeated(r) for r in parent_refs) if has_parent
+    state = (tuple(_repeat2(r[...]) for r in parent_refs) if has_parent
              else None)
     for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
       start = i * t
