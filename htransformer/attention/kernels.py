@@ -42,8 +42,10 @@ Levels per launch (``TUNING["levels_per_launch"]``, default 1): with ``g >
 its tile at the finest of them and of their ancestors (``t``, ``t/2``, ...
 rows, coarse to fine), handing each level's state to the next in registers
 instead of through memory; forward, dq and dk/dv alike. Same values (the
-tests run both schedules); whether it is faster is for the GPU to say
-(``scripts/profile_kernels.py --per_launch 1 3``).
+tests run both schedules), but slower on an H100 (1.06 against 0.81 ms
+forward at 65,536 tokens with 3 levels per launch: each coarse row is
+recomputed by every descendant tile; docs/benchmarks.md), so the default
+stays 1 (``scripts/profile_kernels.py --per_launch 1 3`` to time it).
 
 Requirements for the kernels (``unsupported_reason``): block_size a power
 of two >= 16 and floating inputs of at most 32 bits. The kernels work on
