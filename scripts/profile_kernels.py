@@ -93,12 +93,16 @@ def fwd_bwd_fn(causal, tile, cotangent):
   return attn, fwd_bwd
 
 
+def random_inputs(rng, shape):
+  """q, k, v and an output cotangent: standard normal, bfloat16."""
+  return tuple(jnp.asarray(rng.standard_normal(shape, np.float32),
+                           jnp.bfloat16) for _ in range(4))
+
+
 def run_for_ncu(args, tile):
   length = args.lengths[0]
   shape = (max(1, args.tokens // length), length, 8, args.head_dim)
-  rng = np.random.default_rng(0)
-  q, k, v, ct = (jnp.asarray(rng.standard_normal(shape, np.float32),
-                             jnp.bfloat16) for _ in range(4))
+  q, k, v, ct = random_inputs(np.random.default_rng(0), shape)
   f = jax.jit(fwd_bwd_fn(args.causal, tile, ct)[1])
   for _ in range(2):
     jax.block_until_ready(f(q, k, v))
@@ -146,8 +150,7 @@ def main():
   for length in args.lengths:
     batch = max(1, args.tokens // length)
     shape = (batch, length, 8, args.head_dim)
-    q, k, v, ct = (jnp.asarray(rng.standard_normal(shape, np.float32),
-                               jnp.bfloat16) for _ in range(4))
+    q, k, v, ct = random_inputs(rng, shape)
     c0 = jnp.ones((batch, length), jnp.float32)
     levels = int(np.log2(length // 16))
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,

@@ -428,9 +428,10 @@ def _dq_kernel(*refs, group, has_parent, **kw):
 def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
              start, *, nr, tile, n, level0, causal, scale, precision):
   """(dq,) f32 of a level's rows, plus the parent's (dq,) prolonged."""
-  q, g, e, mrow = q_ref[...], g_ref[...], e_ref[...], m_ref[...]
   qi = start + _iota(tile)
+  q = q_ref[...]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
+  g, e, mrow = g_ref[...], e_ref[...], m_ref[...]
   g = jnp.where(cq[:, None] > 0, g, jnp.zeros_like(g))
   dq = None
   for pos, size in _pieces(start, tile, nr, causal):
@@ -464,8 +465,8 @@ def _dkv_kernel(*refs, group, has_parent, **kw):
 def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
               start, *, nr, tile, n, level0, causal, scale, precision):
   """(dk, dv) f32 of a level's key rows, plus the parent's prolonged."""
-  k, v = k_ref[...], v_ref[...]
   kj = start + _iota(tile)
+  k, v = k_ref[...], v_ref[...]
   k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
   v = jnp.where(ck[:, None] > 0, v, jnp.zeros_like(v))
   dk = dv = None
@@ -835,11 +836,12 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
   for base, count in _chunks(levels):
     stats += _restrict(*stats[base], pyramid[base][3], count, interpret)
 
+  handover = _handover_dtype(q.dtype)
   parent = None
   for first, count, t in reversed(
       _level_groups(q.shape[1], levels, tile, nr, per_launch)):
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
-              (_handover_dtype(q.dtype),) * 3)
+              (handover,) * 3)
     parent = _group_backward(
         pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
         scale=scale, out_dtypes=dtypes, precision=precision,
