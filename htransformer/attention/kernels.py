@@ -79,6 +79,8 @@ DEFAULT_TILE = 64
 # Launch settings (read when a function is traced; for tuning): Triton
 # warps per program (None: 4) and pipelining stages, and how many
 # consecutive levels one launch computes (see _level_groups).
+# ``tiles_per_program``: consecutive tiles each program computes in a loop
+# (a power of two, at most the level's tiles; 1: one tile per program).
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
@@ -92,8 +94,8 @@ DEFAULT_TILE = 64
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
-          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "handover_dtype": "input"}
+          "tiles_per_program": 1, "coarsen_heads": 1, "coarsen_rows": 0,
+          "coarsen_impl": "dot", "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -200,7 +202,7 @@ def _level_groups(n0, levels, tile, nr, per_launch):
   return out
 
 
-def _unless_padding(c, compute, fills):
+def _unless_padding(c, compute, fills, at=None):
   """Runs ``compute`` unless the program's rows are all padding (c == 0).
 
   A tile of padding only (the tail of a short sequence) writes ``fills``
@@ -221,43 +223,60 @@ def _unless_padding(c, compute, fills):
   @pl.when(jnp.logical_not(live))
   def _():
     for ref, value in fills:
-      ref[...] = jnp.full(ref.shape, value, ref.dtype)
+      if at is None:
+        ref[...] = jnp.full(ref.shape, value, ref.dtype)
+      else:  # The program's rows ``at`` of the ref.
+        ref[at] = jnp.full((at.size,) + ref.shape[1:], value, ref.dtype)
 
 
-def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
+def _run_levels(refs, rows, *, group, per_level, has_parent, fills, loop,
+                **kw):
   """The body of a kernel over a group of levels (see _level_groups).
 
   ``refs``: per level (finest first) ``per_level`` refs whose fourth is the
   level's counts, then the parent level's refs (as many as ``fills``) if
-  ``has_parent``, then the outputs (one per value in ``fills``). ``rows``
-  computes one level's rows from its refs, the coarser level's results
-  (a tuple, or None) and (counts of the rows, first row); called coarse to
-  fine, it returns the tuple of results that the finest level writes.
+  ``has_parent``, then the outputs (one per value in ``fills``); each holds
+  all rows of its (batch, head), and a program reads and writes its tile's.
+  ``rows`` computes one level's rows from its refs, the coarser level's
+  results (a tuple, or None) and (counts of the rows, first row); called
+  coarse to fine, it returns the tuple of results that the finest level
+  writes. A program computes ``loop`` consecutive tiles, one after the
+  other (``TUNING["tiles_per_program"]``).
   """
   count = len(group)
   levels = [refs[per_level * j:per_level * (j + 1)] for j in range(count)]
   rest = refs[per_level * count:]
   n_parent = len(fills) if has_parent else 0
   parent_refs, out_refs = rest[:n_parent], rest[n_parent:]
-  i = pl.program_id(0)
+  t0, tc = group[0][1], group[-1][1]  # tile rows: finest, coarsest level
 
-  def compute():
-    # The parent level's results, each coarse row repeated for its two
-    # children (``rows`` takes them at its own rows).
-    state = (tuple(_repeat2(r[...]) for r in parent_refs) if has_parent
-             else None)
-    for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
-      start = i * t
-      if state is not None and state[0].shape[0] != t:
-        state = tuple(_repeat2(x) for x in state)
-      state = rows(*level_refs, state, level_refs[3][pl.ds(start, t)], start,
-                   tile=t, n=n, level0=level0, **kw)
-    for ref, value in zip(out_refs, state):
-      ref[...] = value.astype(ref.dtype)
+  def one_tile(ti):
+    def compute():
+      # The parent level's results, each coarse row repeated for its two
+      # children (``rows`` takes them at its own rows).
+      state = (tuple(_repeat2(r[pl.ds(ti * (tc // 2), tc // 2)])
+                     for r in parent_refs) if has_parent else None)
+      for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
+        start = ti * t
+        if state is not None and state[0].shape[0] != t:
+          state = tuple(_repeat2(x) for x in state)
+        state = rows(*level_refs, state, level_refs[3][pl.ds(start, t)],
+                     start, tile=t, n=n, level0=level0, **kw)
+      for ref, value in zip(out_refs, state):
+        ref[pl.ds(ti * t0, t0)] = value.astype(ref.dtype)
 
-  t0 = group[0][1]
-  _unless_padding(levels[0][3][pl.ds(i * t0, t0)], compute,
-                  list(zip(out_refs, fills)))
+    at = pl.ds(ti * t0, t0)
+    _unless_padding(levels[0][3][at], compute, list(zip(out_refs, fills)),
+                    at=at)
+
+  first = pl.program_id(0) * loop  # (Read outside the loop: interpret
+  if loop == 1:                     # mode has no program id inside one.)
+    one_tile(first)
+  else:
+    def body(r, carry):
+      one_tile(first + r)
+      return carry
+    lax.fori_loop(0, loop, body, 0)
 
 
 # ---------------------------------------------------------------- forward
@@ -277,7 +296,7 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
   row per row here), or None at the coarsest level.
   """
   qi = start + _iota(tile)
-  q = q_ref[...]
+  q = q_ref[pl.ds(start, tile)]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
 
   logits = []
@@ -316,50 +335,44 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
   return o, lse
 
 
-class _Specs:
-  """Block specs of a level's kernels; grid (tiles, heads, batch).
+def _rows_spec(n, width):
+  """All ``n`` rows of one (batch, head) of a [B, n, H, width] array; grid
+  (tile programs, heads, batch). A program reads and writes its own tiles'
+  rows (``_run_levels``) and its neighbour rows (``_load_rows``)."""
+  return pl.BlockSpec((None, n, None, width), lambda i, j, k: (k, 0, j, 0))
 
-  Row arrays are [B, n, H, width], per-row scalars [B, H, n], counts
-  [B, n]; a program sees its tile of ``t`` rows, all ``n`` rows, or the
-  parent level's ``t / 2`` rows.
-  """
 
-  def __init__(self, n, t):
-    self.n, self.t = n, t
+def _vec_spec(n):
+  """All rows of one (batch, head) of a per-row scalar [B, H, n]."""
+  return pl.BlockSpec((None, None, n), lambda i, j, k: (k, j, 0))
 
-  def tile(self, width):
-    return pl.BlockSpec((None, self.t, None, width),
-                        lambda i, j, k: (k, i, j, 0))
 
-  def all(self, width):
-    return pl.BlockSpec((None, self.n, None, width),
-                        lambda i, j, k: (k, 0, j, 0))
+def _counts_spec(n):
+  """All rows of one batch element of the counts [B, n]."""
+  return pl.BlockSpec((None, n), lambda i, j, k: (k, 0))
 
-  def half(self, width):
-    return pl.BlockSpec((None, self.t // 2, None, width),
-                        lambda i, j, k: (k, i, j, 0))
 
-  def tile_vec(self):
-    return pl.BlockSpec((None, None, self.t), lambda i, j, k: (k, j, i))
-
-  def half_vec(self):
-    return pl.BlockSpec((None, None, self.t // 2), lambda i, j, k: (k, j, i))
-
-  def all_vec(self):
-    return pl.BlockSpec((None, None, self.n), lambda i, j, k: (k, j, 0))
-
-  def counts(self):
-    return pl.BlockSpec((None, self.n), lambda i, j, k: (k, 0))
+# Tiles per program (TUNING["tiles_per_program"]) only where the launch
+# keeps at least this many programs (a few per SM): small coarse levels
+# need their parallelism more than the loop.
+_LOOP_MIN_PROGRAMS = 1024
 
 
 def _group_specs(pyramid, first, count, t):
-  """(group, [_Specs]) of levels first .. first+count-1, finest first."""
-  group, specs = [], []
+  """(group, rows of each level, tiles per program) of levels first ..
+  first+count-1, finest first."""
+  group, ns = [], []
   for j in range(count):
     n = pyramid[first + j][0].shape[1]
     group.append((n, t >> j, first + j == 0))
-    specs.append(_Specs(n, t >> j))
-  return tuple(group), specs
+    ns.append(n)
+  b, _, h, _ = pyramid[first][0].shape
+  tiles = ns[0] // t  # A power of two, as is the loop.
+  loop = 1
+  while (2 * loop <= min(TUNING.get("tiles_per_program") or 1, tiles)
+         and tiles // (2 * loop) * h * b >= _LOOP_MIN_PROGRAMS):
+    loop *= 2
+  return tuple(group), ns, loop
 
 
 def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
@@ -372,22 +385,23 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  group, specs = _group_specs(pyramid, first, count, t)
+  group, ns, loop = _group_specs(pyramid, first, count, t)
   in_specs, args = [], []
-  for j, spec in enumerate(specs):
-    in_specs += [spec.tile(d), spec.all(d), spec.all(dv), spec.counts()]
+  for j, m in enumerate(ns):
+    in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv),
+                 _counts_spec(m)]
     args += list(pyramid[first + j])
   if parent is not None:
-    in_specs += [specs[-1].half(dv), specs[-1].half_vec()]
+    in_specs += [_rows_spec(ns[-1] // 2, dv), _vec_spec(ns[-1] // 2)]
     args += list(parent)
   kernel = functools.partial(
-      _fwd_kernel, group=group, nr=nr, causal=causal,
+      _fwd_kernel, group=group, nr=nr, causal=causal, loop=loop,
       has_parent=parent is not None, scale=scale, precision=precision)
   return pl.pallas_call(
       kernel,
-      grid=(n // t, h, b),
+      grid=(n // (t * loop), h, b),
       in_specs=in_specs,
-      out_specs=[specs[0].tile(dv), specs[0].tile_vec()],
+      out_specs=[_rows_spec(n, dv), _vec_spec(n)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
                  jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
       interpret=interpret,
@@ -429,9 +443,8 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
              start, *, nr, tile, n, level0, causal, scale, precision):
   """(dq,) f32 of a level's rows, plus the parent's (dq,) prolonged."""
   qi = start + _iota(tile)
-  q = q_ref[...]
+  q, g, e, mrow = (r[pl.ds(start, tile)] for r in (q_ref, g_ref, e_ref, m_ref))
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
-  g, e, mrow = g_ref[...], e_ref[...], m_ref[...]
   g = jnp.where(cq[:, None] > 0, g, jnp.zeros_like(g))
   dq = None
   for pos, size in _pieces(start, tile, nr, causal):
@@ -466,7 +479,7 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
               start, *, nr, tile, n, level0, causal, scale, precision):
   """(dk, dv) f32 of a level's key rows, plus the parent's prolonged."""
   kj = start + _iota(tile)
-  k, v = k_ref[...], v_ref[...]
+  k, v = k_ref[pl.ds(start, tile)], v_ref[pl.ds(start, tile)]
   k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
   v = jnp.where(ck[:, None] > 0, v, jnp.zeros_like(v))
   dk = dv = None
@@ -507,41 +520,44 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv_dim = v.shape[-1]
-  group, specs = _group_specs(pyramid, first, count, t)
-  common = dict(group=group, nr=nr, causal=causal,
+  group, ns, loop = _group_specs(pyramid, first, count, t)
+  common = dict(group=group, nr=nr, causal=causal, loop=loop,
                 has_parent=parent is not None, scale=scale,
                 precision=precision)
   params = _compiler_params(interpret)
-  grid = (n // t, h, b)
+  grid = (n // (t * loop), h, b)
   suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
   level_args = [x for j in range(count)
                 for x in (*pyramid[first + j], *stats[first + j])]
 
-  in_specs, args = [], list(level_args)
-  for spec in specs:
-    in_specs += [spec.tile(d), spec.all(d), spec.all(dv_dim), spec.counts(),
-                 spec.tile(dv_dim), spec.tile_vec(), spec.tile_vec()]
+  # The same specs (all rows of a batch element and head) for both kernels.
+  in_specs = []
+  for m in ns:
+    in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv_dim),
+                 _counts_spec(m), _rows_spec(m, dv_dim), _vec_spec(m),
+                 _vec_spec(m)]
+  args, parent_specs = list(level_args), []
   if parent is not None:
-    in_specs.append(specs[-1].half(d))
     args.append(parent[0])
+    parent_specs = [_rows_spec(ns[-1] // 2, d)]
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, **common), grid=grid, in_specs=in_specs,
-      out_specs=specs[0].tile(d),
+      functools.partial(_dq_kernel, **common), grid=grid,
+      in_specs=in_specs + parent_specs,
+      out_specs=_rows_spec(n, d),
       out_shape=jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[0]),
       interpret=interpret, compiler_params=params,
       name=f"hattn_dq_{suffix}")(*args)
 
-  in_specs, args = [], list(level_args)
-  for spec in specs:
-    in_specs += [spec.all(d), spec.tile(d), spec.tile(dv_dim), spec.counts(),
-                 spec.all(dv_dim), spec.all_vec(), spec.all_vec()]
+  args, parent_specs = list(level_args), []
   if parent is not None:
-    in_specs += [specs[-1].half(d), specs[-1].half(dv_dim)]
     args += [parent[1], parent[2]]
+    parent_specs = [_rows_spec(ns[-1] // 2, d),
+                    _rows_spec(ns[-1] // 2, dv_dim)]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, **common), grid=grid, in_specs=in_specs,
-      out_specs=[specs[0].tile(d), specs[0].tile(dv_dim)],
+      functools.partial(_dkv_kernel, **common), grid=grid,
+      in_specs=in_specs + parent_specs,
+      out_specs=[_rows_spec(n, d), _rows_spec(n, dv_dim)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[1]),
                  jax.ShapeDtypeStruct((b, n, h, dv_dim), out_dtypes[2])],
       interpret=interpret, compiler_params=params,
