@@ -7,9 +7,9 @@ the coarse pyramid alone, the forward, forward+backward, for several tiles,
 warp counts and levels per launch (``kernels.TUNING``), next to the card's
 copy bandwidth and cuDNN, all in one process:
 
-  python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 32 64 128]
-      [--warps 0 4 8] [--per_launch 1 3] [--tiles_per_program 1 4]
-      [--stages 1 2] [--head_dim 128] [--causal]
+  python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 16 32 64]
+      [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
+      [--causal]
       [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla]
       [--handover_dtype input float32] [--by_kernel]
@@ -19,8 +19,8 @@ of every level) with that many heads and rows per program (``TUNING``),
 every combination, ``--coarsen_impl dot`` the pyramid kernel with
 products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
-combination of tile, warps, levels per launch, tiles per program,
-pipelining stages, pyramid implementation
+combination of tile, warps, levels per launch, pipelining stages,
+pyramid implementation
 and ``--handover_dtype`` (what coarse levels hand to finer ones); the
 pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
@@ -116,15 +116,13 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
   parser.add_argument("--tiles", type=int, nargs="+",
-                      help="query rows per program (default 32 64 128; "
+                      help="query rows per program (default 16 32 64; "
                       f"--ncu_target: {kernels.DEFAULT_TILE}, the kernels')")
   parser.add_argument("--warps", type=int, nargs="+", default=[0],
-                      help="warps per program (0: the default, 4)")
+                      help="warps per program (0: the default, one per "
+                      "16 rows of a tile, at most 4)")
   parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
                       help="levels per launch (TUNING['levels_per_launch'])")
-  parser.add_argument("--tiles_per_program", type=int, nargs="+",
-                      default=[1], help="tiles each program computes in a "
-                      "loop (TUNING['tiles_per_program'])")
   parser.add_argument("--stages", type=int, nargs="+", default=[1],
                       help="Triton pipelining stages (TUNING['num_stages'])")
   parser.add_argument("--tokens", type=int, default=65536)
@@ -149,7 +147,7 @@ def main():
   if args.ncu_target:
     run_for_ncu(args, (args.tiles or [kernels.DEFAULT_TILE])[0])
     return
-  args.tiles = args.tiles or [32, 64, 128]
+  args.tiles = args.tiles or [16, 32, 64]
   rows = [{"device": jax.devices()[0].device_kind,
            "copy_gbps": round(copy_bandwidth_gbps(), 1)}]
   print(json.dumps(rows[0]), flush=True)
@@ -193,18 +191,17 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, per_launch, loop, stages, impl,
+    for (tile, warps, per_launch, stages, impl,
          handover) in itertools.product(
-             args.tiles, args.warps, args.per_launch, args.tiles_per_program,
-             args.stages, args.coarsen_impl, args.handover_dtype):
+             args.tiles, args.warps, args.per_launch, args.stages,
+             args.coarsen_impl, args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
-                            tiles_per_program=loop, num_stages=stages,
+                            num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
-             "levels_per_launch": per_launch, "tiles_per_program": loop,
-             "num_stages": stages,
+             "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl,

@@ -139,6 +139,8 @@ def test_pallas_kernels_match_xla(case, causal, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
   from htransformer.attention import kernels
+  # Tiles of 64 rows: room for three levels (64, 32, 16 rows) per launch.
+  monkeypatch.setattr(kernels, "DEFAULT_TILE", 64)
   monkeypatch.setitem(kernels.TUNING, "levels_per_launch", 3)
   _check_pallas_against_xla(KERNEL_CASES[0], causal, "bfloat16")
   _check_pallas_against_xla(KERNEL_CASES[1], causal, "float32")

@@ -29,9 +29,8 @@ def run_pallas(q, k, v, mask, *, causal, block_size=16):
 SCHEDULES = {
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),
-    "3-levels": (64, dict(levels_per_launch=3, tiles_per_program=2,
-                          coarsen_heads=2, coarsen_rows=16,
-                          coarsen_impl="pallas")),
+    "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
+                          coarsen_rows=16, coarsen_impl="pallas")),
 }
 
 
@@ -40,9 +39,8 @@ def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain; small
   tiles (several per level) with one level per launch and the pyramid by
   products (the default kernels) over 32 rows, or tiles of 64 with up to
-  three levels per launch (64, 32 and 16 rows of one program), two tiles
-  per program where a level has them, and a pyramid by pair sums with two
-  heads per program."""
+  three levels per launch (64, 32 and 16 rows of one program) and a
+  pyramid by pair sums with two heads per program."""
   _use_schedule(monkeypatch, request.param)
 
 
@@ -56,7 +54,6 @@ def tile32_passes(monkeypatch):
 def _use_schedule(monkeypatch, name):
   tile, tuning = SCHEDULES[name]
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
-  monkeypatch.setattr(kernels, "_LOOP_MIN_PROGRAMS", 1)
   monkeypatch.setattr(kernels, "DEFAULT_TILE", tile)
   for key, value in tuning.items():
     monkeypatch.setitem(kernels.TUNING, key, value)
@@ -269,7 +266,6 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
   c0 = jnp.asarray(np.arange(n)[None, :] < np.array([[50], [64]]),
                    jnp.float32)
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
-  monkeypatch.setattr(kernels, "_LOOP_MIN_PROGRAMS", 1)
   got = {}
   for heads, rows, impl in ((1, 0, "pallas"), (2, 0, "pallas"),
                             (4, 16, "pallas"), (1, 64, "pallas"),

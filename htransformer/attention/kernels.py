@@ -74,13 +74,13 @@ from htransformer.attention import hierarchical
 _NO_KEY = -1e30
 # M of a row that takes no gradient (padding): exp(s - M) is 0.
 _NO_ROW = 1e30
-# Query rows per program.
-DEFAULT_TILE = 64
+# Query rows per program (one block at block_size 16: fwd+bwd 1.85 against
+# 2.00 ms for tiles of 64 at 65,536 tokens on an H200; at least block_size).
+DEFAULT_TILE = 16
 # Launch settings (read when a function is traced; for tuning): Triton
-# warps per program (None: 4) and pipelining stages, and how many
-# consecutive levels one launch computes (see _level_groups).
-# ``tiles_per_program``: consecutive tiles each program computes in a loop
-# (a power of two, at most the level's tiles; 1: one tile per program).
+# warps per program (None: one per 16 rows, at most 4) and pipelining
+# stages, and how many consecutive levels one launch computes (see
+# _level_groups).
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
@@ -94,8 +94,8 @@ DEFAULT_TILE = 64
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
-          "tiles_per_program": 1, "coarsen_heads": 1, "coarsen_rows": 0,
-          "coarsen_impl": "dot", "handover_dtype": "input"}
+          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
+          "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -229,8 +229,7 @@ def _unless_padding(c, compute, fills, at=None):
         ref[at] = jnp.full((at.size,) + ref.shape[1:], value, ref.dtype)
 
 
-def _run_levels(refs, rows, *, group, per_level, has_parent, fills, loop,
-                **kw):
+def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
   """The body of a kernel over a group of levels (see _level_groups).
 
   ``refs``: per level (finest first) ``per_level`` refs whose fourth is the
@@ -240,8 +239,8 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, loop,
   ``rows`` computes one level's rows from its refs, the coarser level's
   results (a tuple, or None) and (counts of the rows, first row); called
   coarse to fine, it returns the tuple of results that the finest level
-  writes. A program computes ``loop`` consecutive tiles, one after the
-  other (``TUNING["tiles_per_program"]``).
+  writes. (A loop over several tiles per program, with 1-3 pipelining
+  stages, was slower on an H200: docs/benchmarks.md.)
   """
   count = len(group)
   levels = [refs[per_level * j:per_level * (j + 1)] for j in range(count)]
@@ -249,34 +248,25 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, loop,
   n_parent = len(fills) if has_parent else 0
   parent_refs, out_refs = rest[:n_parent], rest[n_parent:]
   t0, tc = group[0][1], group[-1][1]  # tile rows: finest, coarsest level
+  ti = pl.program_id(0)
 
-  def one_tile(ti):
-    def compute():
-      # The parent level's results, each coarse row repeated for its two
-      # children (``rows`` takes them at its own rows).
-      state = (tuple(_repeat2(r[pl.ds(ti * (tc // 2), tc // 2)])
-                     for r in parent_refs) if has_parent else None)
-      for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
-        start = ti * t
-        if state is not None and state[0].shape[0] != t:
-          state = tuple(_repeat2(x) for x in state)
-        state = rows(*level_refs, state, level_refs[3][pl.ds(start, t)],
-                     start, tile=t, n=n, level0=level0, **kw)
-      for ref, value in zip(out_refs, state):
-        ref[pl.ds(ti * t0, t0)] = value.astype(ref.dtype)
+  def compute():
+    # The parent level's results, each coarse row repeated for its two
+    # children (``rows`` takes them at its own rows).
+    state = (tuple(_repeat2(r[pl.ds(ti * (tc // 2), tc // 2)])
+                   for r in parent_refs) if has_parent else None)
+    for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
+      start = ti * t
+      if state is not None and state[0].shape[0] != t:
+        state = tuple(_repeat2(x) for x in state)
+      state = rows(*level_refs, state, level_refs[3][pl.ds(start, t)],
+                   start, tile=t, n=n, level0=level0, **kw)
+    for ref, value in zip(out_refs, state):
+      ref[pl.ds(ti * t0, t0)] = value.astype(ref.dtype)
 
-    at = pl.ds(ti * t0, t0)
-    _unless_padding(levels[0][3][at], compute, list(zip(out_refs, fills)),
-                    at=at)
-
-  first = pl.program_id(0) * loop  # (Read outside the loop: interpret
-  if loop == 1:                     # mode has no program id inside one.)
-    one_tile(first)
-  else:
-    def body(r, carry):
-      one_tile(first + r)
-      return carry
-    lax.fori_loop(0, loop, body, 0)
+  at = pl.ds(ti * t0, t0)
+  _unless_padding(levels[0][3][at], compute, list(zip(out_refs, fills)),
+                  at=at)
 
 
 # ---------------------------------------------------------------- forward
@@ -299,7 +289,9 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
   q = q_ref[pl.ds(start, tile)]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
 
-  logits = []
+  # One neighbour piece at a time with a running max (only one piece's
+  # logits live at once: fewer registers per program).
+  m = z = y = None
   for pos, size in _pieces(start, tile, nr, causal):
     k, v, c = _load_rows((k_ref, v_ref, c_ref), pos, size, n)
     kj = pos + _iota(size)
@@ -307,16 +299,19 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
     ok = ok & (c[None, :] > 0)
     s = _dot(q, jnp.where(c[:, None] > 0, k, jnp.zeros_like(k)), precision,
              trans_b=True) * scale
-    logits.append((jnp.where(ok, s, _NO_KEY), ok, c, v))
-  m = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s, *_ in logits])
-  z = jnp.zeros((tile,), jnp.float32)
-  y = None
-  for s, ok, c, v in logits:
-    p = jnp.where(ok, jnp.exp(s - m[:, None]), 0.0) * c[None, :]
-    z = z + jnp.sum(p, axis=1)
+    s = jnp.where(ok, s, _NO_KEY)
+    m_new = jnp.max(s, axis=1) if m is None else jnp.maximum(
+        m, jnp.max(s, axis=1))
+    p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0) * c[None, :]
     v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
     part = _dot(p.astype(v.dtype), v, precision)
-    y = part if y is None else y + part
+    if m is None:
+      z, y = jnp.sum(p, axis=1), part
+    else:
+      a = jnp.exp(m - m_new)
+      z = z * a + jnp.sum(p, axis=1)
+      y = y * a[:, None] + part
+    m = m_new
 
   if parent is not None:
     po = parent[0].astype(jnp.float32)
@@ -352,27 +347,15 @@ def _counts_spec(n):
   return pl.BlockSpec((None, n), lambda i, j, k: (k, 0))
 
 
-# Tiles per program (TUNING["tiles_per_program"]) only where the launch
-# keeps at least this many programs (a few per SM): small coarse levels
-# need their parallelism more than the loop.
-_LOOP_MIN_PROGRAMS = 1024
-
-
 def _group_specs(pyramid, first, count, t):
-  """(group, rows of each level, tiles per program) of levels first ..
-  first+count-1, finest first."""
+  """(group, rows of each level) of levels first .. first+count-1, finest
+  first."""
   group, ns = [], []
   for j in range(count):
     n = pyramid[first + j][0].shape[1]
     group.append((n, t >> j, first + j == 0))
     ns.append(n)
-  b, _, h, _ = pyramid[first][0].shape
-  tiles = ns[0] // t  # A power of two, as is the loop.
-  loop = 1
-  while (2 * loop <= min(TUNING.get("tiles_per_program") or 1, tiles)
-         and tiles // (2 * loop) * h * b >= _LOOP_MIN_PROGRAMS):
-    loop *= 2
-  return tuple(group), ns, loop
+  return tuple(group), ns
 
 
 def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
@@ -385,7 +368,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  group, ns, loop = _group_specs(pyramid, first, count, t)
+  group, ns = _group_specs(pyramid, first, count, t)
   in_specs, args = [], []
   for j, m in enumerate(ns):
     in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv),
@@ -395,30 +378,32 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
     in_specs += [_rows_spec(ns[-1] // 2, dv), _vec_spec(ns[-1] // 2)]
     args += list(parent)
   kernel = functools.partial(
-      _fwd_kernel, group=group, nr=nr, causal=causal, loop=loop,
+      _fwd_kernel, group=group, nr=nr, causal=causal,
       has_parent=parent is not None, scale=scale, precision=precision)
   return pl.pallas_call(
       kernel,
-      grid=(n // (t * loop), h, b),
+      grid=(n // t, h, b),
       in_specs=in_specs,
       out_specs=[_rows_spec(n, dv), _vec_spec(n)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
                  jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
       interpret=interpret,
-      compiler_params=_compiler_params(interpret),
+      compiler_params=_compiler_params(interpret, t),
       name=f"hattn_fwd_l{first}" + (f"_{count}" if count > 1 else ""),
   )(*args)
 
 
-def _compiler_params(interpret):
+def _compiler_params(interpret, rows):
+  """Triton settings of a kernel whose programs each own ``rows`` rows."""
   if interpret:
     return None
   # The Triton backend (not Mosaic GPU), also when lowering for a GPU from
   # another host.
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  # 4 warps: faster than 8 for tiles of 32 and 64 rows at head_dim 64
-  # and 128 (scripts/profile_kernels.py, docs/benchmarks.md).
-  warps = TUNING["num_warps"] or 4
+  # A warp per 16 rows, at most 4: tiles of 16 rows on one warp and of 64
+  # on 4 were the fastest of 1, 2 and 4 warps (8 is slower than 4) at
+  # head_dim 64 on an H200 (scripts/profile_kernels.py, docs/benchmarks.md).
+  warps = TUNING["num_warps"] or max(1, min(4, rows // 16))
   return plgpu.CompilerParams(num_warps=warps,
                               num_stages=TUNING["num_stages"])
 
@@ -520,12 +505,12 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv_dim = v.shape[-1]
-  group, ns, loop = _group_specs(pyramid, first, count, t)
-  common = dict(group=group, nr=nr, causal=causal, loop=loop,
+  group, ns = _group_specs(pyramid, first, count, t)
+  common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision)
-  params = _compiler_params(interpret)
-  grid = (n // (t * loop), h, b)
+  params = _compiler_params(interpret, t)
+  grid = (n // t, h, b)
   suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
   level_args = [x for j in range(count)
@@ -723,7 +708,7 @@ def _coarsen(arrays, modes, c, count, interpret):
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
-      compiler_params=_compiler_params(interpret),
+      compiler_params=_compiler_params(interpret, rows),
       name="hattn_coarsen")(c, *flat)
   shaped = [o.reshape(o.shape[0], o.shape[1], h, -1) for o in outs]
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
@@ -794,7 +779,7 @@ def _restrict(g, e, mrow, c, count, interpret):
       functools.partial(_restrict_kernel, count=count),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
-      compiler_params=_compiler_params(interpret),
+      compiler_params=_compiler_params(interpret, rows),
       name="hattn_restrict")(g, e, mrow, c)
   return [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
 
