@@ -282,6 +282,8 @@ def config_flags(cfg: argparse.Namespace) -> list[str]:
            "--head_dim", str(cfg.head_dim), "--dtype", cfg.dtype,
            "--repeats", str(cfg.repeats), "--warmup", str(cfg.warmup),
            "--seed", str(cfg.seed)]
+  if cfg.tuning:
+    flags += ["--tuning", *cfg.tuning]
   return flags + (["--causal"] if cfg.causal else [])
 
 
@@ -360,6 +362,10 @@ def load_previous(path: str, config: dict, env: dict) -> dict | None:
     if previous["config"][key] != config[key]:
       sys.exit(f"--merge: {path} has {key}={previous['config'][key]!r}, this "
                f"run {config[key]!r}; pick another --out_json.")
+  if previous["config"].get("tuning") != config.get("tuning"):
+    sys.exit(f"--merge: {path} was measured with --tuning "
+             f"{previous['config'].get('tuning')}, this run with "
+             f"{config.get('tuning')}; pick another --out_json.")
   if previous["environment"]["device_kind"] != env["device_kind"]:
     sys.exit(f"--merge: {path} was measured on "
              f"{previous['environment']['device_kind']}, not "
@@ -697,6 +703,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="tiny sizes and plain-XLA methods only, to check "
                       "the script on a CPU: " + ", ".join(
                           f"{k}={v}" for k, v in SMOKE.items()))
+  parser.add_argument("--tuning", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="launch settings of the fused kernels to use "
+                      "instead of the defaults (keys of htransformer/"
+                      "attention/kernels.py TUNING, e.g. num_warps=4)")
   parser.add_argument("--single", nargs=2, metavar=("METHOD", "LENGTH"),
                       help=argparse.SUPPRESS)  # internal: one measurement
   parser.add_argument("--probe", action="store_true",
@@ -715,7 +725,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.out_md = args.out_md or DEFAULT_OUT_MD
   args.lengths = sorted(set(args.lengths))
   args.methods = list(dict.fromkeys(args.methods))
+  try:
+    args.tuning_values = apply_tuning(args.tuning)
+  except ValueError as e:
+    parser.error(str(e))
   return args
+
+
+def apply_tuning(items: list[str]) -> dict:
+  """Sets ``kernels.TUNING`` from KEY=VALUE strings; returns what it set."""
+  from htransformer.attention import kernels  # pylint: disable=g-import-not-at-top
+  values = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or key not in kernels.TUNING:
+      raise ValueError(f"--tuning {item!r}: expected KEY=VALUE with KEY one "
+                       f"of {sorted(kernels.TUNING)}")
+    values[key] = int(text) if re.fullmatch(r"-?\d+", text) else text
+  kernels.TUNING.update(values)
+  return values
 
 
 def main() -> None:
@@ -748,6 +776,8 @@ def main() -> None:
       "seed", "lengths", "methods", "skip_xla_dense_above",
       "full_max_length")}
   config["isolate"] = isolate
+  if args.tuning_values:
+    config["tuning"] = args.tuning_values
   previous = (load_previous(args.out_json, config, env) if args.merge
               else None)
 

@@ -30,7 +30,8 @@ SCHEDULES = {
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
-                          coarsen_rows=16, coarsen_impl="pallas")),
+                          coarsen_rows=16, coarsen_impl="pallas",
+                          neighbour_reads="window")),
 }
 
 
@@ -39,8 +40,9 @@ def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain; small
   tiles (several per level) with one level per launch and the pyramid by
   products (the default kernels) over 32 rows, or tiles of 64 with up to
-  three levels per launch (64, 32 and 16 rows of one program) and a
-  pyramid by pair sums with two heads per program."""
+  three levels per launch (64, 32 and 16 rows of one program), neighbour
+  rows read as one window, and a pyramid by pair sums with two heads per
+  program."""
   _use_schedule(monkeypatch, request.param)
 
 

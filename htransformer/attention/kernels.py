@@ -81,6 +81,8 @@ DEFAULT_TILE = 16
 # warps per program (None: one per 16 rows, at most 4) and pipelining
 # stages, and how many consecutive levels one launch computes (see
 # _level_groups).
+# ``neighbour_reads``: how a tile reads its neighbour rows ("pieces" or
+# "window", see _neighbours).
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
@@ -94,8 +96,8 @@ DEFAULT_TILE = 16
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
-          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "handover_dtype": "input"}
+          "neighbour_reads": "pieces", "coarsen_heads": 1, "coarsen_rows": 0,
+          "coarsen_impl": "dot", "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -144,18 +146,29 @@ def _allowed(qi, kj, n, nr, level0, causal):
   return ok & inside
 
 
-def _pieces(start, tile, nr, causal):
-  """(nominal start, rows) of the neighbour rows a tile interacts with."""
-  out = [(start - nr, nr), (start, tile)]
-  if not causal:
-    out.append((start + tile, nr))
-  return out
+def _neighbours(refs, start, tile, nr, n, after):
+  """The rows of ``refs`` a tile [start, start + tile) interacts with:
+  [start - nr, start + tile + nr), or up to ``start + tile`` unless
+  ``after``. Yields (rows of each ref, their row numbers) per read.
 
-
-def _load_rows(refs, pos, size, n):
-  """Rows [pos, pos + size) of each ref, clamped inside [0, n)."""
-  at = jnp.clip(pos, 0, n - size)
-  return [r[pl.ds(at, size)] for r in refs]
+  ``TUNING["neighbour_reads"]``: "pieces" reads the neighbour block before,
+  the tile's own rows and the block after as three reads (row numbers
+  outside [0, n) stand for rows that ``_allowed`` masks); "window" reads
+  one window of a power-of-two size that covers them (clamped inside
+  [0, n); ``_allowed`` masks the rows it holds beyond them).
+  """
+  if TUNING.get("neighbour_reads", "pieces") == "window":
+    size = min(n, 1 << (tile + nr + (nr if after else 0) - 1).bit_length())
+    at = jnp.clip(start - nr, 0, n - size)
+    yield [r[pl.ds(at, size)] for r in refs], at + _iota(size)
+    return
+  pieces = [(start - nr, nr), (start, tile)] + ([(start + tile, nr)]
+                                                if after else [])
+  for pos, size in pieces:
+    # A piece is either inside [0, n) or wholly outside (all aligned to
+    # nr): the clamped read of one outside is masked by its row numbers.
+    at = jnp.clip(pos, 0, n - size)
+    yield [r[pl.ds(at, size)] for r in refs], pos + _iota(size)
 
 
 def _repeat2(x):
@@ -292,9 +305,8 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
   # One neighbour piece at a time with a running max (only one piece's
   # logits live at once: fewer registers per program).
   m = z = y = None
-  for pos, size in _pieces(start, tile, nr, causal):
-    k, v, c = _load_rows((k_ref, v_ref, c_ref), pos, size, n)
-    kj = pos + _iota(size)
+  for (k, v, c), kj in _neighbours((k_ref, v_ref, c_ref), start, tile, nr,
+                                   n, after=not causal):
     ok = _allowed(qi[:, None], kj[None, :], n, nr, level0, causal)
     ok = ok & (c[None, :] > 0)
     s = _dot(q, jnp.where(c[:, None] > 0, k, jnp.zeros_like(k)), precision,
@@ -333,7 +345,7 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
 def _rows_spec(n, width):
   """All ``n`` rows of one (batch, head) of a [B, n, H, width] array; grid
   (tile programs, heads, batch). A program reads and writes its own tiles'
-  rows (``_run_levels``) and its neighbour rows (``_load_rows``)."""
+  rows (``_run_levels``) and its neighbour rows (``_neighbours``)."""
   return pl.BlockSpec((None, n, None, width), lambda i, j, k: (k, 0, j, 0))
 
 
@@ -432,9 +444,8 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
   g = jnp.where(cq[:, None] > 0, g, jnp.zeros_like(g))
   dq = None
-  for pos, size in _pieces(start, tile, nr, causal):
-    k, v, c = _load_rows((k_ref, v_ref, c_ref), pos, size, n)
-    kj = pos + _iota(size)
+  for (k, v, c), kj in _neighbours((k_ref, v_ref, c_ref), start, tile, nr,
+                                   n, after=not causal):
     ok = _allowed(qi[:, None], kj[None, :], n, nr, level0, causal)
     ok = ok & (c[None, :] > 0)
     k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
@@ -470,10 +481,8 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   dk = dv = None
   # Queries that see these keys: the same rows and a neighbour block on
   # each side (the structure is symmetric in its reach).
-  for pos, size in [(start - nr, nr), (start, tile), (start + tile, nr)]:
-    q, g, c, e, mrow = _load_rows((q_ref, g_ref, c_ref, e_ref, m_ref), pos,
-                                  size, n)
-    qi = pos + _iota(size)
+  for (q, g, c, e, mrow), qi in _neighbours(
+      (q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr, n, after=True):
     q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
     g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
     ok = _allowed(qi[None, :], kj[:, None], n, nr, level0, causal)
