@@ -27,29 +27,34 @@ def run_pallas(q, k, v, mask, *, causal, block_size=16):
 
 # name: (tile, TUNING settings).
 SCHEDULES = {
-    "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
+    # The default kernels: a tile of one block (coarse levels read only
+    # the neighbour blocks), the pyramid by products over 32 rows.
+    "tile16": (16, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),
+    # Tiles of 64 with up to three levels per launch (64, 32 and 16 rows
+    # of one program), neighbour rows read as one window, the pyramid by
+    # pair sums with two heads per program.
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
                           coarsen_rows=16, coarsen_impl="pallas",
                           neighbour_reads="window")),
+    # Tiles of two blocks read in three pieces.
+    "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
+                        coarsen_rows=32, coarsen_impl="dot")),
 }
 
 
-@pytest.fixture(params=list(SCHEDULES))
+@pytest.fixture(params=["tile16", "3-levels"])
 def small_passes(request, monkeypatch):
-  """Coarsening passes of 2 levels, so that several passes chain; small
-  tiles (several per level) with one level per launch and the pyramid by
-  products (the default kernels) over 32 rows, or tiles of 64 with up to
-  three levels per launch (64, 32 and 16 rows of one program), neighbour
-  rows read as one window, and a pyramid by pair sums with two heads per
-  program."""
+  """Coarsening passes of 2 levels, so that several passes chain, with
+  the default kernels (several tiles per level) or the "3-levels"
+  schedule above."""
   _use_schedule(monkeypatch, request.param)
 
 
 @pytest.fixture
 def tile32_passes(monkeypatch):
-  """The first schedule of ``small_passes`` only (the default launch
-  settings; the other is checked for values and gradients)."""
+  """Tiles of 32 rows (two blocks) in three pieces, the default
+  otherwise."""
   _use_schedule(monkeypatch, "tile32")
 
 

@@ -146,24 +146,26 @@ def _allowed(qi, kj, n, nr, level0, causal):
   return ok & inside
 
 
-def _neighbours(refs, start, tile, nr, n, after):
+def _neighbours(refs, start, tile, nr, n, after, level0):
   """The rows of ``refs`` a tile [start, start + tile) interacts with:
   [start - nr, start + tile + nr), or up to ``start + tile`` unless
   ``after``. Yields (rows of each ref, their row numbers) per read.
 
   ``TUNING["neighbour_reads"]``: "pieces" reads the neighbour block before,
   the tile's own rows and the block after as three reads (row numbers
-  outside [0, n) stand for rows that ``_allowed`` masks); "window" reads
-  one window of a power-of-two size that covers them (clamped inside
-  [0, n); ``_allowed`` masks the rows it holds beyond them).
+  outside [0, n) stand for rows that ``_allowed`` masks; a coarse level's
+  tile of one block skips its own rows, which it does not interact with);
+  "window" reads one window of a power-of-two size that covers them
+  (clamped inside [0, n); ``_allowed`` masks the rows it holds beyond
+  them).
   """
   if TUNING.get("neighbour_reads", "pieces") == "window":
     size = min(n, 1 << (tile + nr + (nr if after else 0) - 1).bit_length())
     at = jnp.clip(start - nr, 0, n - size)
     yield [r[pl.ds(at, size)] for r in refs], at + _iota(size)
     return
-  pieces = [(start - nr, nr), (start, tile)] + ([(start + tile, nr)]
-                                                if after else [])
+  own = [(start, tile)] if level0 or tile > nr else []
+  pieces = [(start - nr, nr)] + own + ([(start + tile, nr)] if after else [])
   for pos, size in pieces:
     # A piece is either inside [0, n) or wholly outside (all aligned to
     # nr): the clamped read of one outside is masked by its row numbers.
@@ -306,7 +308,7 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
   # logits live at once: fewer registers per program).
   m = z = y = None
   for (k, v, c), kj in _neighbours((k_ref, v_ref, c_ref), start, tile, nr,
-                                   n, after=not causal):
+                                   n, not causal, level0):
     ok = _allowed(qi[:, None], kj[None, :], n, nr, level0, causal)
     ok = ok & (c[None, :] > 0)
     s = _dot(q, jnp.where(c[:, None] > 0, k, jnp.zeros_like(k)), precision,
@@ -445,7 +447,7 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
   g = jnp.where(cq[:, None] > 0, g, jnp.zeros_like(g))
   dq = None
   for (k, v, c), kj in _neighbours((k_ref, v_ref, c_ref), start, tile, nr,
-                                   n, after=not causal):
+                                   n, not causal, level0):
     ok = _allowed(qi[:, None], kj[None, :], n, nr, level0, causal)
     ok = ok & (c[None, :] > 0)
     k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
@@ -482,7 +484,7 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   # Queries that see these keys: the same rows and a neighbour block on
   # each side (the structure is symmetric in its reach).
   for (q, g, c, e, mrow), qi in _neighbours(
-      (q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr, n, after=True):
+      (q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr, n, True, level0):
     q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
     g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
     ok = _allowed(qi[None, :], kj[:, None], n, nr, level0, causal)
