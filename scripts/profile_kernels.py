@@ -8,8 +8,8 @@ warp counts and levels per launch (``kernels.TUNING``), next to the card's
 copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 16 32 64]
-      [--warps 0 1 4] [--per_launch 1 3] [--neighbour_reads pieces window]
-      [--stages 1 2] [--head_dim 128] [--causal]
+      [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
+      [--causal]
       [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla]
       [--handover_dtype input float32] [--by_kernel]
@@ -19,8 +19,8 @@ of every level) with that many heads and rows per program (``TUNING``),
 every combination, ``--coarsen_impl dot`` the pyramid kernel with
 products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
-combination of tile, warps, levels per launch, neighbour reads,
-pipelining stages, pyramid implementation
+combination of tile, warps, levels per launch, pipelining stages,
+pyramid implementation
 and ``--handover_dtype`` (what coarse levels hand to finer ones); the
 pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
@@ -123,9 +123,6 @@ def main():
                       "16 rows of a tile, at most 4)")
   parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
                       help="levels per launch (TUNING['levels_per_launch'])")
-  parser.add_argument("--neighbour_reads", nargs="+", default=["pieces"],
-                      choices=["pieces", "window"],
-                      help="how a tile reads its neighbour rows (TUNING)")
   parser.add_argument("--stages", type=int, nargs="+", default=[1],
                       help="Triton pipelining stages (TUNING['num_stages'])")
   parser.add_argument("--tokens", type=int, default=65536)
@@ -194,18 +191,17 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, per_launch, reads, stages, impl,
+    for (tile, warps, per_launch, stages, impl,
          handover) in itertools.product(
-             args.tiles, args.warps, args.per_launch, args.neighbour_reads,
-             args.stages, args.coarsen_impl, args.handover_dtype):
+             args.tiles, args.warps, args.per_launch, args.stages,
+             args.coarsen_impl, args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
-                            neighbour_reads=reads, num_stages=stages,
+                            num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
-             "levels_per_launch": per_launch, "neighbour_reads": reads,
-             "num_stages": stages,
+             "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl,

@@ -32,11 +32,9 @@ SCHEDULES = {
     "tile16": (16, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),
     # Tiles of 64 with up to three levels per launch (64, 32 and 16 rows
-    # of one program), neighbour rows read as one window, the pyramid by
-    # pair sums with two heads per program.
+    # of one program), the pyramid by pair sums with two heads per program.
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
-                          coarsen_rows=16, coarsen_impl="pallas",
-                          neighbour_reads="window")),
+                          coarsen_rows=16, coarsen_impl="pallas")),
     # Tiles of two blocks read in three pieces.
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),

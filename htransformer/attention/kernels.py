@@ -8,13 +8,16 @@ coarser levels' result into its own:
 
 Forward, per level from the coarsest to the finest (one launch each, or
 several levels per launch, below):
-  a program owns ``tile`` query rows of the level and reads the key rows
-  ``[start - Nr, start + tile + Nr)`` (its own rows and one neighbour block
-  on each side), forms the logits with the level's block structure as a
-  mask, weights each key's probability by its real-token count, and merges
-  the parent level's normalised output and log-normaliser (each coarse row
-  repeated for its two children) with a shared running max. The finest
-  level writes the output; every level writes its row log-normaliser.
+  a program owns ``tile`` query rows of the level (default one block of
+  16) and reads the key rows ``[start - Nr, start + tile + Nr)`` (one
+  neighbour block on each side, and its own rows unless it is a coarse
+  level's single block, which never sees itself), one piece at a time:
+  forms the logits with the level's block structure as a mask, weights
+  each key's probability by its real-token count and folds them in with a
+  running max; then merges the parent level's normalised output and
+  log-normaliser (each coarse row repeated for its two children). The
+  finest level writes the output; every level writes its row
+  log-normaliser.
 
 Backward (flash-attention style, no logits stored): with ``lse`` the final
 log-normaliser of each row, a coarse logit ``s[r, j]`` (row ``r`` stands for
@@ -45,7 +48,9 @@ instead of through memory; forward, dq and dk/dv alike. Same values (the
 tests run both schedules), but slower on an H100 (1.06 against 0.81 ms
 forward at 65,536 tokens with 3 levels per launch: each coarse row is
 recomputed by every descendant tile; docs/benchmarks.md), so the default
-stays 1 (``scripts/profile_kernels.py --per_launch 1 3`` to time it).
+stays 1 (``scripts/profile_kernels.py --tiles 64 --per_launch 1 3`` to
+time it; a level's tile keeps at least 16 rows and one block, so tiles of
+16 always run one level per launch).
 
 Requirements for the kernels (``unsupported_reason``): block_size a power
 of two >= 16 and floating inputs of at most 32 bits. The kernels work on
@@ -81,8 +86,6 @@ DEFAULT_TILE = 16
 # warps per program (None: one per 16 rows, at most 4) and pipelining
 # stages, and how many consecutive levels one launch computes (see
 # _level_groups).
-# ``neighbour_reads``: how a tile reads its neighbour rows ("pieces" or
-# "window", see _neighbours).
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
@@ -96,8 +99,8 @@ DEFAULT_TILE = 16
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
-          "neighbour_reads": "pieces", "coarsen_heads": 1, "coarsen_rows": 0,
-          "coarsen_impl": "dot", "handover_dtype": "input"}
+          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
+          "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -148,22 +151,13 @@ def _allowed(qi, kj, n, nr, level0, causal):
 
 def _neighbours(refs, start, tile, nr, n, after, level0):
   """The rows of ``refs`` a tile [start, start + tile) interacts with:
-  [start - nr, start + tile + nr), or up to ``start + tile`` unless
-  ``after``. Yields (rows of each ref, their row numbers) per read.
-
-  ``TUNING["neighbour_reads"]``: "pieces" reads the neighbour block before,
-  the tile's own rows and the block after as three reads (row numbers
-  outside [0, n) stand for rows that ``_allowed`` masks; a coarse level's
-  tile of one block skips its own rows, which it does not interact with);
-  "window" reads one window of a power-of-two size that covers them
-  (clamped inside [0, n); ``_allowed`` masks the rows it holds beyond
-  them).
+  the neighbour block before it, its own rows (at level 0, or when the
+  tile holds more than one block: a coarse row never sees its own block)
+  and, if ``after``, the block after it. Yields (rows of each ref, their
+  row numbers) per piece. (One read of a power-of-two window covering
+  them, with ``_allowed`` masking the rest, was 1.7x slower forward+
+  backward on an H200: docs/benchmarks.md.)
   """
-  if TUNING.get("neighbour_reads", "pieces") == "window":
-    size = min(n, 1 << (tile + nr + (nr if after else 0) - 1).bit_length())
-    at = jnp.clip(start - nr, 0, n - size)
-    yield [r[pl.ds(at, size)] for r in refs], at + _iota(size)
-    return
   own = [(start, tile)] if level0 or tile > nr else []
   pieces = [(start - nr, nr)] + own + ([(start + tile, nr)] if after else [])
   for pos, size in pieces:
