@@ -189,8 +189,8 @@ def test_bfloat16_handover_between_levels(monkeypatch):
   """With bfloat16 inputs the coarse levels hand bfloat16 to the finer ones
   (TUNING handover_dtype="input", the default): output and gradients stay
   within bfloat16 error of the float64 reference, close to the error of a
-  float32 hand-over (four levels, causal)."""
-  length = 250
+  float32 hand-over (three levels, causal)."""
+  length = 120
   q, k, v = make_qkv(43, 1, length, 1, 16, 16)
   mask = make_mask(43, 1, length, "suffix")
   cot = np.random.default_rng(44).standard_normal(
