@@ -9,20 +9,18 @@ copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 16 32 64]
       [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
-      [--causal]
-      [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
-      [--coarsen_impl pallas dot xla]
-      [--handover_dtype input float32] [--by_kernel]
+      [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
+      [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
+      [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
 every combination, ``--coarsen_impl dot`` the pyramid kernel with
 products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
-combination of tile, warps, levels per launch, pipelining stages,
-pyramid implementation
-and ``--handover_dtype`` (what coarse levels hand to finer ones); the
-pyramid's heads and rows per program are the first values.
+combination of tile, warps, levels per launch, pipelining stages, pyramid
+implementation and ``--handover_dtype`` (what coarse levels hand to finer
+ones); the pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
 prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,

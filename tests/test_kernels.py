@@ -211,7 +211,8 @@ def test_bfloat16_handover_between_levels(monkeypatch):
   assert errors["input"] != errors["float32"]  # The setting took effect.
   for name, e32, e16 in zip(["out", "dq", "dk", "dv"], errors["float32"],
                             errors["input"]):
-    assert e32 < 2e-2 and e16 < 2e-2, (name, errors)
+    bound = 1e-2 if name == "out" else 2e-2  # Gradients: two roundings.
+    assert e32 < bound and e16 < bound, (name, errors)
     assert e16 < 2 * e32 + 1e-3, (name, errors)
 
 
