@@ -11,7 +11,7 @@ copy bandwidth and cuDNN, all in one process:
       [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
-      [--prefetch 0 1] [--fused_backward 0 1] [--by_kernel]
+      [--fused_backward 0 1] [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
@@ -20,8 +20,7 @@ products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
 combination of tile, warps, levels per launch, pipelining stages, pyramid
 implementation, ``--handover_dtype`` (what coarse levels hand to finer
-ones), ``--prefetch`` (``TUNING["prefetch_neighbours"]``) and
-``--fused_backward`` (one backward kernel per level); the pyramid's
+ones) and ``--fused_backward`` (one backward kernel per level); the pyramid's
 heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
 prints the device time of each
@@ -137,10 +136,6 @@ def main():
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
-  parser.add_argument("--prefetch", type=int, nargs="+", default=[0],
-                      choices=[0, 1],
-                      help="1: level kernels load all neighbour pieces "
-                      "before computing (TUNING['prefetch_neighbours'])")
   parser.add_argument("--fused_backward", type=int, nargs="+", default=[0],
                       choices=[0, 1],
                       help="1: one backward kernel per level for dq, dk, "
@@ -199,16 +194,14 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, per_launch, stages, impl, handover, prefetch,
+    for (tile, warps, per_launch, stages, impl, handover,
          fused) in itertools.product(
              args.tiles, args.warps, args.per_launch, args.stages,
-             args.coarsen_impl, args.handover_dtype, args.prefetch,
-             args.fused_backward):
+             args.coarsen_impl, args.handover_dtype, args.fused_backward):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover,
-                            prefetch_neighbours=bool(prefetch),
                             fused_backward=bool(fused))
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
@@ -217,7 +210,6 @@ def main():
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl,
              "handover_dtype": handover,
-             "prefetch_neighbours": bool(prefetch),
              "fused_backward": bool(fused),
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}

@@ -35,10 +35,9 @@ SCHEDULES = {
     # of one program), the pyramid by pair sums with two heads per program.
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
                           coarsen_rows=16, coarsen_impl="pallas")),
-    # Tiles of two blocks read in three pieces, all loads issued first.
+    # Tiles of two blocks read in three pieces.
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
-                        coarsen_rows=32, coarsen_impl="dot",
-                        prefetch_neighbours=True)),
+                        coarsen_rows=32, coarsen_impl="dot")),
     # The default with one backward kernel per level for dq, dk and dv.
     "fused": (16, dict(levels_per_launch=1, coarsen_heads=1,
                        coarsen_rows=32, coarsen_impl="dot",

@@ -98,17 +98,13 @@ DEFAULT_TILE = 16
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
-# ``prefetch_neighbours``: a level kernel issues the loads of all its
-# neighbour pieces before computing on any (one memory round trip instead
-# of one per piece, for more registers per program).
 # ``fused_backward``: one backward kernel per level (``_dqkv_rows``: dq, dk
 # and dv of a tile's rows in one pass over the neighbour pieces, each
 # piece's rows loaded once) instead of one for dq and one for dk, dv
 # (levels of a one-level launch).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "handover_dtype": "input", "prefetch_neighbours": False,
-          "fused_backward": False}
+          "handover_dtype": "input", "fused_backward": False}
 
 
 def _pow2(x: int) -> bool:
@@ -164,21 +160,17 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
   and, if ``after``, the block after it. Yields (rows of each ref, their
   row numbers) per piece. (One read of a power-of-two window covering
   them, with ``_allowed`` masking the rest, was 1.7x slower forward+
-  backward on an H200: docs/benchmarks.md.)
+  backward on an H200, and issuing all pieces' loads before computing on
+  any made the forward 8% slower: docs/benchmarks.md.)
   """
   own = [(start, tile)] if level0 or tile > nr else []
   pieces = [(start - nr, nr)] + own + ([(start + tile, nr)] if after else [])
 
-  def read(pos, size):
+  for pos, size in pieces:
     # A piece is either inside [0, n) or wholly outside (all aligned to
     # nr): the clamped read of one outside is masked by its row numbers.
     at = jnp.clip(pos, 0, n - size)
-    return [r[pl.ds(at, size)] for r in refs], pos + _iota(size)
-
-  if TUNING.get("prefetch_neighbours"):
-    yield from [read(pos, size) for pos, size in pieces]
-  else:
-    yield from (read(pos, size) for pos, size in pieces)
+    yield [r[pl.ds(at, size)] for r in refs], pos + _iota(size)
 
 
 def _repeat2(x):
