@@ -11,7 +11,7 @@ copy bandwidth and cuDNN, all in one process:
       [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
-      [--fused_backward 0 1] [--by_kernel]
+      [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
@@ -19,9 +19,8 @@ every combination, ``--coarsen_impl dot`` the pyramid kernel with
 products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
 combination of tile, warps, levels per launch, pipelining stages, pyramid
-implementation, ``--handover_dtype`` (what coarse levels hand to finer
-ones) and ``--fused_backward`` (one backward kernel per level); the pyramid's
-heads and rows per program are the first values.
+implementation and ``--handover_dtype`` (what coarse levels hand to finer
+ones); the pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
 prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
@@ -136,10 +135,6 @@ def main():
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
-  parser.add_argument("--fused_backward", type=int, nargs="+", default=[0],
-                      choices=[0, 1],
-                      help="1: one backward kernel per level for dq, dk, "
-                      "dv (TUNING['fused_backward'])")
   parser.add_argument("--by_kernel", action="store_true",
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
@@ -194,15 +189,14 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, per_launch, stages, impl, handover,
-         fused) in itertools.product(
+    for (tile, warps, per_launch, stages, impl,
+         handover) in itertools.product(
              args.tiles, args.warps, args.per_launch, args.stages,
-             args.coarsen_impl, args.handover_dtype, args.fused_backward):
+             args.coarsen_impl, args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
                             num_stages=stages,
-                            coarsen_impl=impl, handover_dtype=handover,
-                            fused_backward=bool(fused))
+                            coarsen_impl=impl, handover_dtype=handover)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "levels_per_launch": per_launch, "num_stages": stages,
@@ -210,7 +204,6 @@ def main():
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl,
              "handover_dtype": handover,
-             "fused_backward": bool(fused),
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
       if args.by_kernel:

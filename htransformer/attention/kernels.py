@@ -28,8 +28,10 @@ the fine rows ``i`` of its group) has gradient
 level runs one kernel for dq (per query tile) and one for dk, dv (per key
 tile), each adding the parent level's gradient (the backward of the mean or
 first-token coarsening) to its own, coarse to fine. (One kernel per tile
-for all three, reading the tile's own rows once, was no faster on an H200:
-docs/benchmarks.md.) Nothing is bigger than O(L) and every exponent is
+for all three, reading the tile's own rows once, was no faster on an H200,
+nor, at tiles of one block, one pass over the neighbour pieces computing
+all three from each piece's rows, loaded once: 1.91 against 1.68 ms
+forward+backward at 65,536 tokens, docs/benchmarks.md.) Nothing is bigger than O(L) and every exponent is
 <= 0. A coarse level hands its normalised output (forward) and its dq, dk,
 dv (backward) to the next finer level in the inputs' dtype
 (``TUNING["handover_dtype"]``).
@@ -98,13 +100,9 @@ DEFAULT_TILE = 16
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
-# ``fused_backward``: one backward kernel per level (``_dqkv_rows``: dq, dk
-# and dv of a tile's rows in one pass over the neighbour pieces, each
-# piece's rows loaded once) instead of one for dq and one for dk, dv
-# (levels of a one-level launch).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "handover_dtype": "input", "fused_backward": False}
+          "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -509,65 +507,6 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   return dk, dv
 
 
-def _dqkv_kernel(*refs, group, has_parent, **kw):
-  _run_levels(refs, _dqkv_rows, group=group, per_level=7,
-              has_parent=has_parent, fills=(0.0, 0.0, 0.0), **kw)
-
-
-def _dqkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, c,
-               start, *, nr, tile, n, level0, causal, scale, precision):
-  """(dq, dk, dv) f32 of a level's rows, as queries and as keys, in one
-  program: ``_dq_rows`` and ``_dkv_rows`` in one pass over the neighbour
-  pieces, each piece's q, k, v, G, counts, E and M loaded once for both.
-  """
-  rows = start + _iota(tile)
-  real = c[:, None] > 0
-  zero_unreal = lambda x, r: jnp.where(r, x, jnp.zeros_like(x))
-  q, k, v, g = (zero_unreal(ref[pl.ds(start, tile)], real)
-                for ref in (q_ref, k_ref, v_ref, g_ref))
-  e, mrow = e_ref[pl.ds(start, tile)], m_ref[pl.ds(start, tile)]
-  dq = dk = dv = None
-  # Keys of a piece for these queries: the block before, the own rows at
-  # level 0 and, unless causal, the block after; queries of a piece for
-  # these keys: all three (the structure is symmetric in its reach).
-  pieces = _neighbours((q_ref, k_ref, v_ref, g_ref, c_ref, e_ref, m_ref),
-                       start, tile, nr, n, True, level0)
-  for j, ((qp, kp, vp, gp, cp, ep, mp), pj) in enumerate(pieces):
-    preal = cp[:, None] > 0
-    qp, kp, vp, gp = (zero_unreal(x, preal) for x in (qp, kp, vp, gp))
-    after = j == (2 if level0 or tile > nr else 1)
-    if not (causal and after):  # These queries against the piece's keys.
-      ok = _allowed(rows[:, None], pj[None, :], n, nr, level0, causal)
-      ok = ok & (cp[None, :] > 0)
-      s = _dot(q, kp, precision, trans_b=True) * scale
-      p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
-                    0.0) * cp[None, :]
-      ds = p * (_dot(g, vp, precision, trans_b=True) - e[:, None])
-      part = _dot(ds.astype(kp.dtype), kp, precision)
-      dq = part if dq is None else dq + part
-    # The piece's queries against these keys.
-    ok = _allowed(pj[None, :], rows[:, None], n, nr, level0, causal)
-    ok = ok & (c[:, None] > 0)
-    st = _dot(k, qp, precision, trans_b=True) * scale
-    p = jnp.where(ok, jnp.exp(jnp.minimum(st - mp[None, :], 0.0)),
-                  0.0) * c[:, None]
-    part_v = _dot(p.astype(gp.dtype), gp, precision)
-    ds = p * (_dot(v, gp, precision, trans_b=True) - ep[None, :])
-    part_k = _dot(ds.astype(qp.dtype), qp, precision)
-    dk = part_k if dk is None else dk + part_k
-    dv = part_v if dv is None else dv + part_v
-  dq, dk = dq * scale, dk * scale
-  if parent is not None:
-    dq = dq + _prolong_weight(c, causal)[:, None] * parent[0].astype(
-        jnp.float32)
-    w = _prolong_weight(c, False)[:, None]
-    dk = dk + w * parent[1].astype(jnp.float32)
-    dv = dv + w * parent[2].astype(jnp.float32)
-  if level0:
-    dq, dk, dv = (jnp.where(real, x, 0.0) for x in (dq, dk, dv))
-  return dq, dk, dv
-
-
 def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                     scale, out_dtypes, precision, interpret):
   """dq, dk, dv of level ``first`` (levels first .. first+count-1 in one
@@ -592,22 +531,6 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
     in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv_dim),
                  _counts_spec(m), _rows_spec(m, dv_dim), _vec_spec(m),
                  _vec_spec(m)]
-  if TUNING.get("fused_backward") and count == 1:
-    args, parent_specs = list(level_args), []
-    if parent is not None:
-      args += list(parent)
-      parent_specs = [_rows_spec(n // 2, d), _rows_spec(n // 2, d),
-                      _rows_spec(n // 2, dv_dim)]
-    return tuple(pl.pallas_call(
-        functools.partial(_dqkv_kernel, **common), grid=grid,
-        in_specs=in_specs + parent_specs,
-        out_specs=[_rows_spec(n, d), _rows_spec(n, d),
-                   _rows_spec(n, dv_dim)],
-        out_shape=[jax.ShapeDtypeStruct((b, n, h, w), dt) for w, dt in
-                   zip((d, d, dv_dim), out_dtypes)],
-        interpret=interpret, compiler_params=params,
-        name=f"hattn_dqkv_{suffix}")(*args))
-
   args, parent_specs = list(level_args), []
   if parent is not None:
     args.append(parent[0])
