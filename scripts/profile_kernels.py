@@ -11,7 +11,7 @@ copy bandwidth and cuDNN, all in one process:
       [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
-      [--tail_programs 0 1024 1000000000] [--by_kernel]
+      [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
@@ -19,9 +19,8 @@ every combination, ``--coarsen_impl dot`` the pyramid kernel with
 products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
 combination of tile, warps, levels per launch, pipelining stages, pyramid
-implementation, ``--handover_dtype`` (what coarse levels hand to finer
-ones) and ``--tail_programs`` (which coarse levels share one launch per
-pass); the pyramid's heads and rows per program are the first values.
+implementation and ``--handover_dtype`` (what coarse levels hand to finer
+ones); the pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward+backward of each setting and
 prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
@@ -136,10 +135,6 @@ def main():
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
-  parser.add_argument("--tail_programs", type=int, nargs="+",
-                      help="coarse levels of at most this many programs "
-                      "share one launch per pass (TUNING; 0: none; "
-                      "default: the kernels')")
   parser.add_argument("--by_kernel", action="store_true",
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
@@ -151,7 +146,6 @@ def main():
     run_for_ncu(args, (args.tiles or [kernels.DEFAULT_TILE])[0])
     return
   args.tiles = args.tiles or [16, 32, 64]
-  tail_programs = args.tail_programs or [kernels.TUNING["tail_programs"]]
   rows = [{"device": jax.devices()[0].device_kind,
            "copy_gbps": round(copy_bandwidth_gbps(), 1)}]
   print(json.dumps(rows[0]), flush=True)
@@ -195,15 +189,14 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, per_launch, stages, impl, handover,
-         tail) in itertools.product(
+    for (tile, warps, per_launch, stages, impl,
+         handover) in itertools.product(
              args.tiles, args.warps, args.per_launch, args.stages,
-             args.coarsen_impl, args.handover_dtype, tail_programs):
+             args.coarsen_impl, args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
                             num_stages=stages,
-                            coarsen_impl=impl, handover_dtype=handover,
-                            tail_programs=tail)
+                            coarsen_impl=impl, handover_dtype=handover)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "levels_per_launch": per_launch, "num_stages": stages,
@@ -211,7 +204,6 @@ def main():
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl,
              "handover_dtype": handover,
-             "tail_programs": tail,
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
       if args.by_kernel:

@@ -35,23 +35,17 @@ SCHEDULES = {
     # of one program), the pyramid by pair sums with two heads per program.
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
                           coarsen_rows=16, coarsen_impl="pallas")),
-    # The default with the coarse levels whose launches would have at most
-    # 16 programs in one launch per pass (levels 2 and 3 of 256 tokens at
-    # batch 2 and 2 heads; levels 0 and 1 as usual).
-    "tail": (16, dict(levels_per_launch=1, coarsen_heads=1,
-                      coarsen_rows=32, coarsen_impl="dot",
-                      tail_programs=16)),
     # Tiles of two blocks read in three pieces.
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),
 }
 
 
-@pytest.fixture(params=["tile16", "3-levels", "tail"])
+@pytest.fixture(params=["tile16", "3-levels"])
 def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain, with
-  the default kernels (several tiles per level), the "3-levels" or the
-  "tail" schedule above."""
+  the default kernels (several tiles per level) or the "3-levels"
+  schedule above."""
   _use_schedule(monkeypatch, request.param)
 
 
@@ -157,11 +151,12 @@ def test_gradients_match_autodiff_of_reference(small_passes, causal):
     assert (g[~mask] == 0).all(), name
 
 
-@pytest.mark.parametrize("schedule", ["tile16", "3-levels", "tail"])
+@pytest.mark.parametrize("schedule", ["tile16", "3-levels"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_gradients_ignore_garbage_in_padding(monkeypatch, schedule, causal):
   """Gradients with holes and NaN / inf in the padding's q, k, v equal the
-  reference's on clean inputs (the schedules of ``small_passes``)."""
+  reference's on clean inputs (the default kernels, and three levels per
+  launch)."""
   _use_schedule(monkeypatch, schedule)
   q, k, v = make_qkv(41, 1, 160, 2, 16, 16)
   mask = np.random.default_rng(42).random((1, 160)) < 0.7
@@ -291,23 +286,6 @@ def test_level_groups():
     assert sum(g for _, g, _ in groups) == levels
     for first, g, t in groups:
       assert t == min(tile, n0 >> first) and (t >> (g - 1)) >= max(16, nr)
-
-
-def test_tail_levels(monkeypatch):
-  # 65,536 tokens, block 16, tile 16: 12 levels, level l has 4096 >> l
-  # tiles (the coarsest 2); batch 1 x 8 heads.
-  tail = lambda limit, per_launch=1: (
-      monkeypatch.setitem(kernels.TUNING, "tail_programs", limit),
-      kernels._tail_levels(65536, 12, 16, 16, 8, per_launch))[1]
-  assert tail(0) == []  # off
-  assert tail(1024) == list(range(5, 12))  # level 5: 128 tiles x 8
-  assert tail(10**9) == list(range(1, 12))  # never level 0
-  assert tail(32) == [10, 11]  # 4 and 2 tiles x 8
-  assert tail(16) == []  # level 11 alone: one level is no tail
-  assert tail(10**9, per_launch=3) == []  # not with several per launch
-  # Batch 64 at 1,024 tokens: 6 levels, level l has 64 >> l tiles.
-  monkeypatch.setitem(kernels.TUNING, "tail_programs", 4096)
-  assert kernels._tail_levels(1024, 6, 16, 16, 64 * 8, 1) == [3, 4, 5]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

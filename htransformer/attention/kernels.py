@@ -53,6 +53,11 @@ recomputed by every descendant tile; docs/benchmarks.md), so the default
 stays 1 (``scripts/profile_kernels.py --tiles 64 --per_launch 1 3`` to
 time it; a level's tile keeps at least 16 rows and one block, so tiles of
 16 always run one level per launch).
+The smallest levels' launches (one wave of programs each) were also run
+as one launch per pass, each level without its parent, with the partial
+outputs merged and the gradients prolonged in XLA: at best 3% faster at
+65,536 tokens, slower at 4,096 and with more levels in the launch
+(docs/benchmarks.md), so not kept.
 
 Requirements for the kernels (``unsupported_reason``): block_size a power
 of two >= 16 and floating inputs of at most 32 bits. The kernels work on
@@ -100,12 +105,9 @@ DEFAULT_TILE = 16
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
-# ``tail_programs``: the coarse levels whose launch would have at most this
-# many programs each (a suffix of levels >= 1; 0: none) run in one launch
-# per pass instead of one each (``_tail_levels``).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "handover_dtype": "input", "tail_programs": 0}
+          "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -245,8 +247,7 @@ def _unless_padding(c, compute, fills, at=None):
         ref[at] = jnp.full((at.size,) + ref.shape[1:], value, ref.dtype)
 
 
-def _run_levels(refs, rows, *, group, per_level, has_parent, fills, ti=None,
-                **kw):
+def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
   """The body of a kernel over a group of levels (see _level_groups).
 
   ``refs``: per level (finest first) ``per_level`` refs whose fourth is the
@@ -256,9 +257,8 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, ti=None,
   ``rows`` computes one level's rows from its refs, the coarser level's
   results (a tuple, or None) and (counts of the rows, first row); called
   coarse to fine, it returns the tuple of results that the finest level
-  writes. ``ti``: the program's tile (default: its index on grid axis 0).
-  (A loop over several tiles per program, with 1-3 pipelining stages, was
-  slower on an H200: docs/benchmarks.md.)
+  writes. (A loop over several tiles per program, with 1-3 pipelining
+  stages, was slower on an H200: docs/benchmarks.md.)
   """
   count = len(group)
   levels = [refs[per_level * j:per_level * (j + 1)] for j in range(count)]
@@ -266,7 +266,7 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, ti=None,
   n_parent = len(fills) if has_parent else 0
   parent_refs, out_refs = rest[:n_parent], rest[n_parent:]
   t0, tc = group[0][1], group[-1][1]  # tile rows: finest, coarsest level
-  ti = pl.program_id(0) if ti is None else ti
+  ti = pl.program_id(0)
 
   def compute():
     # The parent level's results, each coarse row repeated for its two
@@ -564,145 +564,6 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   return dq, dk, dv
 
 
-# ------------------------------------------------------ the coarse tail
-
-
-def _tail_levels(n0, levels, tile, nr, programs_per_row, per_launch):
-  """The coarse levels run together, one launch per pass (or []).
-
-  The smallest levels' launches are one wave of programs each, whose time
-  is one program's latency; independent of each other, they can share one
-  launch. The tail is the longest suffix of levels >= 1 whose launch would
-  have at most ``TUNING["tail_programs"]`` programs (``programs_per_row``
-  = batch x heads per tile), if it holds at least two levels.
-  """
-  limit = int(TUNING.get("tail_programs") or 0)
-  if not limit or per_launch != 1:
-    return []
-  tail = []
-  for level in reversed(range(1, levels)):
-    n = n0 >> level
-    if programs_per_row * (n // min(tile, n)) > limit:
-      break
-    tail.insert(0, level)
-  return tail if len(tail) >= 2 else []
-
-
-def _tail_kernel(*refs, n_in, per_level, branches, **kw):
-  """Several levels' rows without their parents, in one launch.
-
-  ``branches``: (rows, fills, n, tile, first, tiles, i0, o0) each: programs
-  ``first .. first + tiles - 1`` of grid axis 0 compute ``rows`` for a
-  level of ``n`` rows from inputs ``i0 ..`` (``per_level`` refs) into
-  outputs ``o0 ..`` (one per fill), as ``_run_levels`` does for one level.
-  """
-  ins, outs = refs[:n_in], refs[n_in:]
-  pid = pl.program_id(0)
-  for rows, fills, n, t, first, tiles, i0, o0 in branches:
-    def body(rows=rows, fills=fills, n=n, t=t, first=first, i0=i0, o0=o0):
-      _run_levels(ins[i0:i0 + per_level] + outs[o0:o0 + len(fills)], rows,
-                  group=((n, t, False),), per_level=per_level,
-                  has_parent=False, fills=fills, ti=pid - first, **kw)
-    pl.when((pid >= first) & (pid < first + tiles))(body)
-
-
-def _tail_call(kernel_rows, pyramid, stats, tail, tile, *, nr,
-               causal, scale, out_dtype, precision, interpret, name):
-  """One launch of ``kernel_rows`` (a list of (rows, fills, widths)) over
-  every level in ``tail``; returns each level's outputs, level by level.
-  """
-  b, _, h, d = pyramid[tail[0]][0].shape
-  dv = pyramid[tail[0]][2].shape[-1]
-  per_level = 4 if stats is None else 7
-  in_specs, args, out_specs, out_shape, branches = [], [], [], [], []
-  first = 0
-  for j, level in enumerate(tail):
-    n = pyramid[level][0].shape[1]
-    t = min(tile, n)
-    in_specs += [_rows_spec(n, d), _rows_spec(n, d), _rows_spec(n, dv),
-                 _counts_spec(n)]
-    args += list(pyramid[level])
-    if stats is not None:
-      in_specs += [_rows_spec(n, dv), _vec_spec(n), _vec_spec(n)]
-      args += list(stats[level])
-    for rows, fills, widths in kernel_rows:
-      branches.append((rows, fills, n, t, first, n // t, per_level * j,
-                       len(out_shape)))
-      first += n // t
-      for w in widths:
-        width = {"d": d, "dv": dv}.get(w)
-        if width is None:  # A per-row scalar (lse).
-          out_specs.append(_vec_spec(n))
-          out_shape.append(jax.ShapeDtypeStruct((b, h, n), jnp.float32))
-        else:
-          out_specs.append(_rows_spec(n, width))
-          out_shape.append(jax.ShapeDtypeStruct((b, n, h, width), out_dtype))
-  kernel = functools.partial(
-      _tail_kernel, n_in=len(args), per_level=per_level,
-      branches=tuple(branches), nr=nr, causal=causal, scale=scale,
-      precision=precision)
-  outs = pl.pallas_call(
-      kernel, grid=(first, h, b), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, interpret=interpret,
-      compiler_params=_compiler_params(interpret, tile),
-      name=f"{name}_l{tail[0]}_to_l{tail[-1]}")(*args)
-  per = len(outs) // len(tail)
-  return [outs[per * j:per * (j + 1)] for j in range(len(tail))]
-
-
-def _ancestors(x, j, axis):
-  """Each row of a level ``j`` levels above, repeated for its ``2**j``
-  descendants (along ``axis``)."""
-  return jnp.repeat(x, 2**j, axis=axis) if j else x
-
-
-def _merge_tail(partials, out_dtype):
-  """(o, lse) of the tail's finest level with the coarser levels folded in.
-
-  ``partials``: (o, lse) per tail level, finest first, each over that
-  level's own keys only. Row ``r`` of the finest level sees row ``r >>
-  j`` of the level ``j`` above: the same merge by log-normaliser as a
-  level kernel does with its parent, over all ancestors at once.
-  """
-  lses = [_ancestors(lse, j, 2) for j, (_, lse) in enumerate(partials)]
-  m = functools.reduce(jnp.maximum, lses)
-  ws = [jnp.where(lse > 0.5 * _NO_KEY, jnp.exp(lse - m), 0.0)
-        for lse in lses]
-  z = functools.reduce(jnp.add, ws)
-  y = functools.reduce(jnp.add, (
-      jnp.transpose(w, (0, 2, 1))[..., None]
-      * _ancestors(o.astype(jnp.float32), j, 1)
-      for j, ((o, _), w) in enumerate(zip(partials, ws))))
-  has = z > 0
-  o = y / jnp.transpose(jnp.where(has, z, 1.0), (0, 2, 1))[..., None]
-  lse = jnp.where(has, m + jnp.log(jnp.where(has, z, 1.0)), _NO_KEY)
-  return o.astype(out_dtype), lse
-
-
-def _prolong_tail(grads, counts, causal, out_dtype):
-  """(dq, dk, dv) of the tail's finest level with the coarser levels'
-  gradients added, each through the chain of coarsenings' backward.
-
-  ``grads``: per tail level (finest first) its own (dq, dk, dv), without
-  its parent's; ``counts``: each level's counts. A chain of means weights
-  an ancestor ``j`` levels up by ``c / c_ancestor`` (the per-level
-  weights ``c_child / c_parent`` telescope); a chain of first tokens (the
-  causal query) passes it to the first row of its group only.
-  """
-  c = counts[0]
-  n = c.shape[1]
-  totals = [g.astype(jnp.float32) for g in grads[0]]
-  for j in range(1, len(grads)):
-    ca = _ancestors(counts[j], j, 1)
-    w = jnp.where(ca > 0, c / jnp.where(ca > 0, ca, 1.0), 0.0)
-    wq = ((jnp.arange(n) % 2**j == 0).astype(jnp.float32)[None, :]
-          if causal else w)
-    for t, (g, weight) in enumerate(zip(grads[j], (wq, w, w))):
-      totals[t] = totals[t] + weight[:, :, None, None] * _ancestors(
-          g.astype(jnp.float32), j, 1)
-  return tuple(x.astype(out_dtype) for x in totals)
-
-
 # ------------------------------------------------------- pyramid and VJP
 
 
@@ -957,17 +818,9 @@ def _forward(q, k, v, c0, nr, causal, tile, interpret, precision, per_launch,
   levels = int(round(math.log2(n // nr)))
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret)
   handover = _handover_dtype(q.dtype)
-  tail = _tail_levels(n, levels, tile, nr, q.shape[0] * q.shape[2],
-                      per_launch)
   parent = None
-  if tail:
-    parent = _merge_tail(_tail_call(
-        [(_fwd_rows, (0.0, _NO_KEY), ("dv", None))], pyramid, None, tail,
-        tile, nr=nr, causal=causal, scale=scale,
-        out_dtype=handover, precision=precision, interpret=interpret,
-        name="hattn_fwd_tail"), handover)
   for first, count, t in reversed(
-      _level_groups(n, tail[0] if tail else levels, tile, nr, per_launch)):
+      _level_groups(n, levels, tile, nr, per_launch)):
     o, lse = _group_forward(
         pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
         out_dtype=q.dtype if first == 0 else handover,
@@ -999,20 +852,9 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
     stats += _restrict(*stats[base], pyramid[base][3], count, interpret)
 
   handover = _handover_dtype(q.dtype)
-  n = q.shape[1]
-  tail = _tail_levels(n, levels, tile, nr, q.shape[0] * q.shape[2],
-                      per_launch)
   parent = None
-  if tail:
-    grads = _tail_call(
-        [(_dq_rows, (0.0,), ("d",)), (_dkv_rows, (0.0, 0.0), ("d", "dv"))],
-        pyramid, stats, tail, tile, nr=nr, causal=causal,
-        scale=scale, out_dtype=handover, precision=precision,
-        interpret=interpret, name="hattn_bwd_tail")
-    parent = _prolong_tail(grads, [pyramid[level][3] for level in tail],
-                           causal, handover)
   for first, count, t in reversed(
-      _level_groups(n, tail[0] if tail else levels, tile, nr, per_launch)):
+      _level_groups(q.shape[1], levels, tile, nr, per_launch)):
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
     parent = _group_backward(
