@@ -403,3 +403,17 @@ def test_cnn_script_learns_a_visible_label_and_reads_a_folder(gen):
   last = module.train(arrays, epochs=1, batch_size=8, learning_rate=1e-3,
                       width=4, depth=2, seed=0, log=lambda s: None)
   assert 0.0 <= last["test_accuracy"] <= 1.0
+
+  # --marker_contrast: the markers at 255, the snakes at the given value;
+  # every marker stays lit, no pixel is lit that was not.
+  pixels = arrays["train"][0]
+  emphasised = module.emphasise_markers(pixels, 100)
+  assert set(np.unique(emphasised)) == {0, 100, 255}
+  np.testing.assert_array_equal(emphasised > 0, pixels > 60)
+  for image, redrawn in zip(pixels, emphasised):
+    markers = pf.read_markers(image)
+    if markers is not None:  # Two markers: both found at 255.
+      cores, n = ndimage.label(ndimage.binary_erosion(
+          image > 60, pf.EIGHT_CONNECTED), pf.EIGHT_CONNECTED)
+      assert n == 2 and (redrawn[cores > 0] == 255).all()
+      assert (redrawn == 100).any()  # the snakes
