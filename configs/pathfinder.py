@@ -47,8 +47,11 @@ test after 16,865 steps (54 epochs, 2 GPUs, 99 steps/s); full attention
 (cuDNN) 49.93% validation up to 26,742 steps (85 epochs). ``lra_mask``:
 chance up to 67 (hierarchical) / 55 (full) epochs of a 100-epoch schedule.
 ``lra_repo,lra_mask``: chance up to 165 (hierarchical, 123 steps/s on one
-GPU; 49.70% test) / 131 (full, 97 steps/s) epochs of the 200. What was checked and what
-is open: docs/results.md.
+GPU; 49.70% test) / 131 (full, 97 steps/s) epochs of the 200. Version 2
+drew snakes as bright as the markers, and not even a CNN found the
+markers; version 3 (the generator now) draws them at half intensity, and a
+CNN reads contour-6 images (docs/results.md). These configs have not yet
+been trained on version 3.
 """
 
 import ml_collections

@@ -16,7 +16,7 @@ accuracy) and the test accuracy of the final parameters. DATA_DIR is
 anything the training job accepts as ``config.data_dir``.
 
 ``--marker_contrast=V`` (1-254) first redraws every image: the pixels of
-its markers (lit pixels, > 60, that survive a 3x3 erosion, which a snake
+its markers (lit pixels, > 20, that survive a 3x3 erosion, which a snake
 is too thin to, grown back by one pixel within the lit ones) at 255 and
 every other lit pixel at V. The same images with markers that stand out
 from the snakes: if the network learns those and not the originals,
@@ -97,7 +97,7 @@ def split_arrays(folder: str, resolution: int):
 
 
 def emphasise_markers(pixels: np.ndarray, value: int,
-                      threshold: int = 60) -> np.ndarray:
+                      threshold: int = 20) -> np.ndarray:
   """uint8 [N, R, R]: markers (lit pixels surviving a 3x3 erosion, grown
   back by one pixel within the lit ones) at 255, other lit pixels at
   ``value``, the rest 0."""

@@ -18,6 +18,7 @@ from configs import text as text_config
 from htransformer import models
 from htransformer import tasks
 from htransformer import train
+from htransformer.data import pathfinder
 from tests import test_lra_data as data_helpers
 
 
@@ -180,7 +181,8 @@ def test_pathfinder_quick_one_step_generates(tmp_path, capsys):
   model = train.build_model(c, tasks.get_task(c))
   assert model.encoder.unattended_token == 1  # the token of black pixels
   assert "generated pathfinder data" in capsys.readouterr().out
-  assert os.listdir(c.cache_dir) == ["pathfinder32_seed0_40_cl14_v2"]
+  assert os.listdir(c.cache_dir) == [
+      f"pathfinder32_seed0_40_cl14_v{pathfinder.GENERATOR_VERSION}"]
 
 
 def test_pathx_quick_one_step_generates(tmp_path):

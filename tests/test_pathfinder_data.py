@@ -95,8 +95,8 @@ def test_label_semantics(monkeypatch):
   orig_draw = pf._Canvas.draw
   calls = []
   monkeypatch.setattr(pf._Canvas, "draw",
-                      lambda self, a, b, r: (calls.append(a),
-                                             orig_draw(self, a, b, r)))
+                      lambda self, a, b, r, *v: (calls.append(a),
+                                                 orig_draw(self, a, b, r, *v)))
   for i in range(12):
     calls.clear()
     _, label = pf.make_image(0, 32, i)
@@ -118,8 +118,8 @@ def test_different_snakes_never_touch(monkeypatch, resolution, count):
   orig_draw = pf._Canvas.draw
   calls = []
   monkeypatch.setattr(pf._Canvas, "draw",
-                      lambda self, a, b, r: (calls.append(a),
-                                             orig_draw(self, a, b, r)))
+                      lambda self, a, b, r, *v: (calls.append(a),
+                                                 orig_draw(self, a, b, r, *v)))
   seen = set()
   for i in range(count):
     calls.clear()
@@ -304,9 +304,10 @@ def test_find_data_dir_generates_once(gen, tmp_path, monkeypatch):
   cache = str(tmp_path / "cache")
   d = pf.find_data_dir(None, cache, resolution=32, num_images=N, seed=0,
                        workers=1)
-  assert d == os.path.join(cache, "pathfinder32_seed0_24_cl14_v2", "pathfinder32",
+  folder = f"pathfinder32_seed0_24_cl14_v{pf.GENERATOR_VERSION}"
+  assert d == os.path.join(cache, folder, "pathfinder32",
                            "curv_contour_length_14")
-  assert os.listdir(cache) == ["pathfinder32_seed0_24_cl14_v2"]
+  assert os.listdir(cache) == [folder]
   assert _files(d) == _files(gen["w1"])
   monkeypatch.setattr(pf, "generate", lambda *a, **k: 1 / 0)
   assert pf.find_data_dir("", cache, resolution=32, num_images=N) == d
@@ -409,11 +410,11 @@ def test_cnn_script_learns_a_visible_label_and_reads_a_folder(gen):
   pixels = arrays["train"][0]
   emphasised = module.emphasise_markers(pixels, 100)
   assert set(np.unique(emphasised)) == {0, 100, 255}
-  np.testing.assert_array_equal(emphasised > 0, pixels > 60)
+  np.testing.assert_array_equal(emphasised > 0, pixels > 20)
   for image, redrawn in zip(pixels, emphasised):
     markers = pf.read_markers(image)
     if markers is not None:  # Two markers: both found at 255.
       cores, n = ndimage.label(ndimage.binary_erosion(
-          image > 60, pf.EIGHT_CONNECTED), pf.EIGHT_CONNECTED)
+          image > 20, pf.EIGHT_CONNECTED), pf.EIGHT_CONNECTED)
       assert n == 2 and (redrawn[cores > 0] == 255).all()
       assert (redrawn == 100).any()  # the snakes

@@ -26,8 +26,13 @@ is dropped instead). The two marked ends are at least `seed_distance`
 apart in both classes.
 
 Drawing is anti-aliased by 2x supersampling (lines and markers drawn at
-twice the resolution, then 2x2 averaged); the image is normalised to the
-full 0-255 range and saved as an 8-bit gray PNG (htransformer/data/png.py).
+twice the resolution, then 2x2 averaged); a paddle's band, at least a
+supersampled pixel each side of its centre line, is drawn at the intensity
+that gives it the ink of its thickness (half the markers' at 32 px, three
+quarters at 128 px), markers as solid discs; the image is normalised to
+the full 0-255 range and saved as an 8-bit gray PNG
+(htransformer/data/png.py). Markers are the brightest and widest things in
+an image, as in the LRA images.
 
 Parameters (32 px / 128 px): paddle length 2 / 5, thickness 0.5 / 1.5,
 margin 1 / {2, 3} (drawn per image), seed distance 7 / 20, marker radius
@@ -89,7 +94,11 @@ METADATA_FILE = "pathfinder_generation.json"
 # 2: occupancy in output pixels, so that different snakes (and markers)
 # never touch (version 1's margins, in continuous coordinates, let them
 # touch in most 32 px images).
-GENERATOR_VERSION = 2
+# 3: paddles carry the ink of their thickness (half intensity at 32 px)
+# instead of full intensity, so markers stand out from snakes as in the
+# LRA images (version 2's markers were as bright as its snakes; networks
+# did not find them: docs/results.md).
+GENERATOR_VERSION = 3
 _SUPERSAMPLE = 2
 
 # Per resolution: the LRA / Linsley parameters.
@@ -194,8 +203,10 @@ class _Canvas:
     rows, cols = self._pixels(np.asarray(points, np.float64), radius, grow)
     grid[rows, cols] = True
 
-  def draw(self, starts, ends, radius):
-    self.image.reshape(-1)[self._stamp_indices(starts, ends, radius)] = 1.0
+  def draw(self, starts, ends, radius, value=1.0):
+    flat = self.image.reshape(-1)
+    idx = self._stamp_indices(starts, ends, radius)
+    flat[idx] = np.maximum(flat[idx], value)
 
   def touches(self, points, radius, grid):
     """bool per point [..., 2]: does its disc of ``radius`` light an
@@ -239,6 +250,11 @@ class _Generator:
     self.distractor_length = p["distractor_length"]
     self.num_distractors = p["num_distractors"]
     self.draw_radius = self.thickness / 2 + 0.5 / _SUPERSAMPLE
+    # A paddle's band is 2 * draw_radius wide (at least a supersampled
+    # pixel each side of its centre line, so that it is never lost between
+    # pixel centres); drawn at this intensity it carries the ink of its
+    # true thickness (0.5 / 1.0 at 32 px: half the markers' intensity).
+    self.paddle_value = min(1.0, self.thickness / (2 * self.draw_radius))
     # What is drawn occupies its pixels plus `margin` pixels around them.
     self.grow = int(math.ceil(self.margin))
     self.border = self.margin
@@ -362,7 +378,7 @@ class _Generator:
     segments = [p for snake in (snake_a, snake_b, *distractors)
                 for p in snake]
     self.canvas.draw([a for a, _ in segments], [b for _, b in segments],
-                     self.draw_radius)
+                     self.draw_radius, self.paddle_value)
     self.canvas.draw(markers, markers, self.marker_radius)
     return self.canvas.to_uint8()
 
@@ -598,7 +614,7 @@ def read_image(path: str, resolution: int | None = None) -> np.ndarray:
 EIGHT_CONNECTED = np.ones((3, 3), int)
 
 
-def read_markers(image: np.ndarray, threshold: int = 60
+def read_markers(image: np.ndarray, threshold: int = 20
                  ) -> tuple[bool, float] | None:
   """What a 32 px image shows, read from its pixels alone: whether lit
   pixels (> threshold, 8-connected) join the two markers, and the pixels
@@ -619,7 +635,7 @@ def read_markers(image: np.ndarray, threshold: int = 60
   return joined, float(np.hypot(y1 - y2, x1 - x2))
 
 
-def markers_joined(image: np.ndarray, threshold: int = 60) -> bool | None:
+def markers_joined(image: np.ndarray, threshold: int = 20) -> bool | None:
   """``read_markers``' first answer: lit pixels join the two markers."""
   markers = read_markers(image, threshold)
   return None if markers is None else markers[0]
