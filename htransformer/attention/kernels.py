@@ -31,8 +31,8 @@ first-token coarsening) to its own, coarse to fine. (One kernel per tile
 for all three, reading the tile's own rows once, was no faster on an H200,
 nor, at tiles of one block, one pass over the neighbour pieces computing
 all three from each piece's rows, loaded once: 1.91 against 1.68 ms
-forward+backward at 65,536 tokens, docs/benchmarks.md.) Nothing is bigger than O(L) and every exponent is
-<= 0. A coarse level hands its normalised output (forward) and its dq, dk,
+forward+backward at 65,536 tokens, docs/benchmarks.md.) Nothing is bigger
+than O(L) and every exponent is <= 0. A coarse level hands its normalised output (forward) and its dq, dk,
 dv (backward) to the next finer level in the inputs' dtype
 (``TUNING["handover_dtype"]``).
 
@@ -168,7 +168,6 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
   """
   own = [(start, tile)] if level0 or tile > nr else []
   pieces = [(start - nr, nr)] + own + ([(start + tile, nr)] if after else [])
-
   for pos, size in pieces:
     # A piece is either inside [0, n) or wholly outside (all aligned to
     # nr): the clamped read of one outside is masked by its row numbers.

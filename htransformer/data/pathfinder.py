@@ -32,7 +32,7 @@ that gives it the ink of its thickness (half the markers' at 32 px, three
 quarters at 128 px), markers as solid discs; the image is normalised to
 the full 0-255 range and saved as an 8-bit gray PNG
 (htransformer/data/png.py). Markers are the brightest and widest things in
-an image, as in the LRA images.
+an image.
 
 Parameters (32 px / 128 px): paddle length 2 / 5, thickness 0.5 / 1.5,
 margin 1 / {2, 3} (drawn per image), seed distance 7 / 20, marker radius
@@ -95,9 +95,9 @@ METADATA_FILE = "pathfinder_generation.json"
 # never touch (version 1's margins, in continuous coordinates, let them
 # touch in most 32 px images).
 # 3: paddles carry the ink of their thickness (half intensity at 32 px)
-# instead of full intensity, so markers stand out from snakes as in the
-# LRA images (version 2's markers were as bright as its snakes; networks
-# did not find them: docs/results.md).
+# instead of full intensity, so that markers stand out from snakes
+# (version 2's markers were as bright as its snakes, and networks did not
+# find them: docs/results.md).
 GENERATOR_VERSION = 3
 _SUPERSAMPLE = 2
 
