@@ -199,7 +199,9 @@ def section(entries: dict, workdir_root: str, variant: str = "") -> str:
       "steps\": trained for N steps instead of the config's M (a shortened "
       "schedule). \"gen. vN, superseded\": Pathfinder or Path-X images of "
       "an older generator version (version 1 let different snakes touch, so "
-      "most label-0 images looked connected): rerun on the current one. "
+      "most label-0 images looked connected; version 2 drew snakes as "
+      "bright as the markers, which no network found): rerun on the "
+      "current one. "
       "\"not run\": no finished run of that task.", "",
       table(entries), ""]
   best = [(t, m, e) for (t, m), e in sorted(entries.items())

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from htransformer.data import pathfinder
 from tests.scripts_helper import load_script
 
 rl = load_script("reproduce_lra")
@@ -102,7 +103,8 @@ def test_data_record_and_shortened_schedules(tmp_path):
     path = os.path.join(root, f"pathfinder-{model}", "results.json")
     r = json.load(open(path))
     r.update(data={"data_dir": "x", "generated": generated,
-                   "generator": {"generator_version": 2}},
+                   "generator": {"generator_version":
+                                 pathfinder.GENERATOR_VERSION}},
              num_train_steps=steps)
     json.dump(r, open(path, "w"))
   entries = {(t, m): rl.collect(rl.workdir_for(root, t, m), t)
