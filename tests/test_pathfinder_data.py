@@ -135,6 +135,30 @@ def test_different_snakes_never_touch(monkeypatch, resolution, count):
   assert seen == {0, 1}
 
 
+@pytest.mark.parametrize("resolution,count", [(32, 20), (128, 3)])
+def test_markers_are_brighter_than_snakes(monkeypatch, resolution, count):
+  """Markers are solid discs at 255; a paddle carries the ink of its
+  thickness (half the markers' intensity at 32 px, three quarters at 128
+  px), so away from the markers no pixel is brighter than that.
+  (Generator version 2 drew snakes at 255 too, and no network found the
+  markers: docs/results.md.)"""
+  orig_draw = pf._Canvas.draw
+  calls = []
+  monkeypatch.setattr(pf._Canvas, "draw",
+                      lambda self, a, b, r, *v: (calls.append((a, r)),
+                                                 orig_draw(self, a, b, r, *v)))
+  snake_max = {32: 128, 128: 191}[resolution]
+  yy, xx = np.mgrid[:resolution, :resolution] + 0.5
+  for i in range(count):
+    calls.clear()
+    image, _ = pf.make_image(2, resolution, i)
+    markers, radius = calls[-1]
+    dist = np.min([np.hypot(xx - x, yy - y) for x, y in markers], axis=0)
+    assert (image[dist <= radius - 0.75] == 255).all(), i  # disc centres
+    far = image[dist > radius + 1.5]
+    assert far.max() <= snake_max and far.max() >= snake_max // 2, i
+
+
 def test_training_batches_show_their_labels(gen):
   """What the model is fed: the training iterator's batches, read back as
   images, have markers joined exactly when the label says so."""
