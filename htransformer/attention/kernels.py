@@ -32,9 +32,9 @@ for all three, reading the tile's own rows once, was no faster on an H200,
 nor, at tiles of one block, one pass over the neighbour pieces computing
 all three from each piece's rows, loaded once: 1.91 against 1.68 ms
 forward+backward at 65,536 tokens, docs/benchmarks.md.) Nothing is bigger
-than O(L) and every exponent is <= 0. A coarse level hands its normalised output (forward) and its dq, dk,
-dv (backward) to the next finer level in the inputs' dtype
-(``TUNING["handover_dtype"]``).
+than O(L) and every exponent is <= 0. A coarse level hands its normalised
+output (forward) and its dq, dk, dv (backward) to the next finer level in
+the inputs' dtype (``TUNING["handover_dtype"]``).
 
 The pyramid of coarse queries, keys and values, and the restriction of
 (M, G, E), are kernels too: one program reduces 64 rows through six levels.
@@ -363,15 +363,11 @@ def _counts_spec(n):
   return pl.BlockSpec((None, n), lambda i, j, k: (k, 0))
 
 
-def _group_specs(pyramid, first, count, t):
-  """(group, rows of each level) of levels first .. first+count-1, finest
+def _group(pyramid, first, count, t):
+  """(rows, tile rows, level 0?) of levels first .. first+count-1, finest
   first."""
-  group, ns = [], []
-  for j in range(count):
-    n = pyramid[first + j][0].shape[1]
-    group.append((n, t >> j, first + j == 0))
-    ns.append(n)
-  return tuple(group), ns
+  return tuple((pyramid[first + j][0].shape[1], t >> j, first + j == 0)
+               for j in range(count))
 
 
 def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
@@ -384,7 +380,8 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  group, ns = _group_specs(pyramid, first, count, t)
+  group = _group(pyramid, first, count, t)
+  ns = [m for m, _, _ in group]
   in_specs, args = [], []
   for j, m in enumerate(ns):
     in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv),
@@ -518,7 +515,8 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv_dim = v.shape[-1]
-  group, ns = _group_specs(pyramid, first, count, t)
+  group = _group(pyramid, first, count, t)
+  ns = [m for m, _, _ in group]
   common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision)
