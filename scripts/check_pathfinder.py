@@ -44,11 +44,12 @@ def _define_flags():
   flags.DEFINE_integer("contour_length", 14, "Which curv_contour_length_<C>.")
   flags.DEFINE_integer("num", 2000, "Images to check (drawn at random).")
   flags.DEFINE_integer("seed", 0, "Seed of the draw.")
-  flags.DEFINE_integer("threshold", 20, "Pixels above this count as lit.")
+  flags.DEFINE_integer("threshold", pathfinder.LIT_THRESHOLD,
+                       "Pixels above this count as lit.")
 
 
 def summarize(folder: str, resolution: int, num: int, seed: int = 0,
-              threshold: int = 20) -> dict:
+              threshold: int = pathfinder.LIT_THRESHOLD) -> dict:
   """The statistics above for ``num`` random images of an image folder."""
   paths, labels, skipped = pathfinder.read_metadata(folder)
   if not paths:

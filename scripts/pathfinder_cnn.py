@@ -16,9 +16,9 @@ accuracy) and the test accuracy of the final parameters. DATA_DIR is
 anything the training job accepts as ``config.data_dir``.
 
 ``--marker_contrast=V`` (1-254) first redraws every image: the pixels of
-its markers (lit pixels, > 20, that survive a 3x3 erosion, which a snake
-is too thin to, grown back by one pixel within the lit ones) at 255 and
-every other lit pixel at V. The same images with markers that stand out
+its markers (lit pixels that survive a 3x3 erosion, which a snake is too
+thin to, grown back by one pixel within the lit ones) at 255 and every
+other lit pixel at V. The same images with markers that stand out
 from the snakes: if the network learns those and not the originals,
 finding the markers is what it fails at.
 
@@ -96,16 +96,14 @@ def split_arrays(folder: str, resolution: int):
   return out
 
 
-def emphasise_markers(pixels: np.ndarray, value: int,
-                      threshold: int = 20) -> np.ndarray:
-  """uint8 [N, R, R]: markers (lit pixels surviving a 3x3 erosion, grown
-  back by one pixel within the lit ones) at 255, other lit pixels at
-  ``value``, the rest 0."""
+def emphasise_markers(pixels: np.ndarray, value: int) -> np.ndarray:
+  """uint8 [N, R, R]: markers (``pathfinder.marker_cores``, grown back by
+  one pixel within the lit ones) at 255, other lit pixels at ``value``,
+  the rest 0."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   out = np.zeros_like(pixels)
   for i, image in enumerate(pixels):
-    lit = image > threshold
-    cores = ndimage.binary_erosion(lit, pathfinder.EIGHT_CONNECTED)
+    lit, cores = pathfinder.marker_cores(image)
     markers = ndimage.binary_dilation(cores, pathfinder.EIGHT_CONNECTED) & lit
     out[i] = np.where(markers, 255, np.where(lit, value, 0))
   return out

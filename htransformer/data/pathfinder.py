@@ -612,9 +612,21 @@ def read_image(path: str, resolution: int | None = None) -> np.ndarray:
 
 # 8-connectivity for scipy.ndimage (erosion, labelling).
 EIGHT_CONNECTED = np.ones((3, 3), int)
+# Pixels above this count as lit: every drawn pixel (a half-intensity
+# paddle's thin diagonal steps fall to 32 at 32 px).
+LIT_THRESHOLD = 20
 
 
-def read_markers(image: np.ndarray, threshold: int = 20
+def marker_cores(image: np.ndarray, threshold: int = LIT_THRESHOLD
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(lit, cores): bool masks of the lit pixels and of what survives a 3x3
+  erosion of them, the markers' cores (a snake is too thin to)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  lit = np.asarray(image) > threshold
+  return lit, ndimage.binary_erosion(lit, EIGHT_CONNECTED)
+
+
+def read_markers(image: np.ndarray, threshold: int = LIT_THRESHOLD
                  ) -> tuple[bool, float] | None:
   """What a 32 px image shows, read from its pixels alone: whether lit
   pixels (> threshold, 8-connected) join the two markers, and the pixels
@@ -624,9 +636,8 @@ def read_markers(image: np.ndarray, threshold: int = 20
   128 px a snake's gaps show, so label-1 markers need not be joined. The
   distance is a label cue if it differs between the labels."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  lit = np.asarray(image) > threshold
-  cores, n = ndimage.label(ndimage.binary_erosion(lit, EIGHT_CONNECTED),
-                           EIGHT_CONNECTED)
+  lit, cores = marker_cores(image, threshold)
+  cores, n = ndimage.label(cores, EIGHT_CONNECTED)
   if n != 2:
     return None
   parts, _ = ndimage.label(lit, EIGHT_CONNECTED)
@@ -635,7 +646,8 @@ def read_markers(image: np.ndarray, threshold: int = 20
   return joined, float(np.hypot(y1 - y2, x1 - x2))
 
 
-def markers_joined(image: np.ndarray, threshold: int = 20) -> bool | None:
+def markers_joined(image: np.ndarray, threshold: int = LIT_THRESHOLD
+                   ) -> bool | None:
   """``read_markers``' first answer: lit pixels join the two markers."""
   markers = read_markers(image, threshold)
   return None if markers is None else markers[0]
