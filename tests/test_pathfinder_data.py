@@ -80,6 +80,17 @@ def test_labels_balanced():
   assert 15 < sum(labels) < 45
 
 
+def _spy_on_draw(monkeypatch):
+  """The list of what each drawing call of the generator draws (its start
+  points; the last call of an image draws the two markers)."""
+  orig_draw = pf._Canvas.draw
+  calls = []
+  monkeypatch.setattr(pf._Canvas, "draw",
+                      lambda self, a, b, r, *v: (calls.append(a),
+                                                 orig_draw(self, a, b, r, *v)))
+  return calls
+
+
 def test_label_semantics(monkeypatch):
   # Label 1: the markers are the two ends of one target snake; 0: one end
   # of each.
@@ -92,11 +103,7 @@ def test_label_semantics(monkeypatch):
     return snakes
 
   monkeypatch.setattr(pf._Generator, "_targets", spy)
-  orig_draw = pf._Canvas.draw
-  calls = []
-  monkeypatch.setattr(pf._Canvas, "draw",
-                      lambda self, a, b, r, *v: (calls.append(a),
-                                                 orig_draw(self, a, b, r, *v)))
+  calls = _spy_on_draw(monkeypatch)
   for i in range(12):
     calls.clear()
     _, label = pf.make_image(0, 32, i)
@@ -115,11 +122,7 @@ def test_different_snakes_never_touch(monkeypatch, resolution, count):
   a snake's dashes touch, so label 1 is connected too; at 128 px its gaps
   show. (Snakes grown with margins in continuous coordinates touched each
   other in two thirds of the 32 px images of label 0.)"""
-  orig_draw = pf._Canvas.draw
-  calls = []
-  monkeypatch.setattr(pf._Canvas, "draw",
-                      lambda self, a, b, r, *v: (calls.append(a),
-                                                 orig_draw(self, a, b, r, *v)))
+  calls = _spy_on_draw(monkeypatch)
   seen = set()
   for i in range(count):
     calls.clear()
@@ -142,17 +145,13 @@ def test_markers_are_brighter_than_snakes(monkeypatch, resolution, count):
   px), so away from the markers no pixel is brighter than that.
   (Generator version 2 drew snakes at 255 too, and no network found the
   markers: docs/results.md.)"""
-  orig_draw = pf._Canvas.draw
-  calls = []
-  monkeypatch.setattr(pf._Canvas, "draw",
-                      lambda self, a, b, r, *v: (calls.append((a, r)),
-                                                 orig_draw(self, a, b, r, *v)))
+  calls = _spy_on_draw(monkeypatch)
   snake_max = {32: 128, 128: 191}[resolution]
   yy, xx = np.mgrid[:resolution, :resolution] + 0.5
   for i in range(count):
     calls.clear()
     image, _ = pf.make_image(2, resolution, i)
-    markers, radius = calls[-1]
+    markers, radius = calls[-1], pf.PARAMS[resolution]["marker_radius"]
     dist = np.min([np.hypot(xx - x, yy - y) for x, y in markers], axis=0)
     assert (image[dist <= radius - 0.75] == 255).all(), i  # disc centres
     far = image[dist > radius + 1.5]
