@@ -301,6 +301,21 @@ class Encoder(nnx.Module):
     return target if (target - rows) * 16 <= rows else rows
 
 
+# The classifier heads' nonlinearity. "relu" is what the LRA code used; with
+# mean pooling over ~1,000 rows the pooled vectors of different inputs
+# differ by a few percent, so a ReLU unit is on for every input or for none,
+# and once off it never returns: on Pathfinder all 32 units of the head died
+# and every run sat at chance (docs/results.md). GELU has no dead region.
+HEAD_ACTIVATIONS = {"gelu": nnx.gelu, "relu": nnx.relu}
+
+
+def _head_activation(name: str) -> str:
+  if name not in HEAD_ACTIVATIONS:
+    raise ValueError(f"head_activation must be one of "
+                     f"{sorted(HEAD_ACTIVATIONS)}, got {name!r}.")
+  return name
+
+
 def pool(x, mask, kind):
   """[batch, length, dim] -> float32 [batch, dim] by CLS (position 0) or
   masked mean.
@@ -317,12 +332,15 @@ def pool(x, mask, kind):
 
 
 class Classifier(nnx.Module):
-  """Sequence classifier: Encoder, pooling, and a 2-layer MLP head."""
+  """Sequence classifier: Encoder, pooling, and a 2-layer MLP head
+  (``head_activation`` between its layers, see ``HEAD_ACTIVATIONS``)."""
 
   def __init__(self, *, num_classes: int, mlp_dim: int, emb_dim: int,
-               rngs: nnx.Rngs, **encoder_kwargs):
+               rngs: nnx.Rngs, head_activation: str = "gelu",
+               **encoder_kwargs):
     self.encoder = Encoder(emb_dim=emb_dim, mlp_dim=mlp_dim, rngs=rngs,
                            **encoder_kwargs)
+    self.head_activation = _head_activation(head_activation)
     self.head1 = nnx.Linear(emb_dim, mlp_dim, dtype=jnp.float32, rngs=rngs)
     self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=jnp.float32,
                             rngs=rngs)
@@ -330,7 +348,7 @@ class Classifier(nnx.Module):
   def __call__(self, tokens, *, deterministic=True, rngs=None):
     x, mask = self.encoder(tokens, deterministic=deterministic, rngs=rngs)
     x = pool(x, mask, self.encoder.pool)
-    x = nnx.relu(self.head1(x))
+    x = HEAD_ACTIVATIONS[self.head_activation](self.head1(x))
     return self.head2(x).astype(jnp.float32)
 
 
@@ -390,9 +408,11 @@ class DualEncoderClassifier(nnx.Module):
   """
 
   def __init__(self, *, num_classes: int, mlp_dim: int, emb_dim: int,
-               rngs: nnx.Rngs, **encoder_kwargs):
+               rngs: nnx.Rngs, head_activation: str = "gelu",
+               **encoder_kwargs):
     self.encoder = Encoder(emb_dim=emb_dim, mlp_dim=mlp_dim, rngs=rngs,
                            **encoder_kwargs)
+    self.head_activation = _head_activation(head_activation)
     self.head1 = nnx.Linear(4 * emb_dim, mlp_dim, dtype=jnp.float32,
                             rngs=rngs)
     self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=jnp.float32,
@@ -413,5 +433,5 @@ class DualEncoderClassifier(nnx.Module):
     pooled = self.encode(both, deterministic=deterministic, rngs=rngs)
     u, v = pooled[:b], pooled[b:]
     x = jnp.concatenate([u, v, u * v, u - v], axis=-1)
-    x = nnx.relu(self.head1(x))
+    x = HEAD_ACTIVATIONS[self.head_activation](self.head1(x))
     return self.head2(x).astype(jnp.float32)

@@ -129,6 +129,7 @@ def build_model(config, task: tasks.Task, seed: int = 0) -> nnx.Module:
       dropout_rate=m.dropout_rate, attention=m.attention,
       block_size=m.block_size, pool=m.pool,
       learned_positions=m.learned_positions, unattended_token=unattended,
+      head_activation=m.head_activation,
       implementation=m.implementation or None, dtype=m.dtype,
       rngs=nnx.Rngs(params=seed))
 

@@ -55,6 +55,45 @@ def test_mean_pooling_keeps_what_a_few_rows_add():
   assert model.head1.dtype == model.head2.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("two_tower", [False, True])
+def test_head_below_zero_still_passes_gradient(two_tower):
+  """Every unit of the classifier head pushed below zero (what happened to
+  all 32 on Pathfinder with LRA's ReLU head) still leaves a gradient for
+  the encoder with the default GELU head; with ``head_activation="relu"``
+  the gradient is exactly zero, so such a model never leaves chance."""
+  def grads(activation):
+    kw = dict(num_classes=2, vocab_size=257, emb_dim=16, num_layers=1,
+              num_heads=2, qkv_dim=16, mlp_dim=8, attention="full",
+              pool="MEAN", dtype="float32", head_activation=activation,
+              rngs=nnx.Rngs(params=0))
+    model = (models.DualEncoderClassifier(max_len=24, **kw) if two_tower
+             else models.Classifier(max_len=24, **kw))
+    model.head1.bias[...] = jnp.full((8,), -1.0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(
+        1, 257, (4, 2, 24) if two_tower else (4, 24)))
+    if two_tower:
+      u, v = model.encode(tokens[:, 0]), model.encode(tokens[:, 1])
+      pre = model.head1(jnp.concatenate([u, v, u * v, u - v], -1))
+    else:
+      pre = model.head1(models.pool(*model.encoder(tokens), "MEAN"))
+    assert float(pre.max()) < 0  # every unit is below zero on every input
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params)(tokens)
+      return -jax.nn.log_softmax(logits)[:, 0].mean()
+    g = jax.grad(loss)(params)["encoder"]
+    return max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g))
+
+  assert grads("relu") == 0.0
+  assert grads("gelu") > 1e-4
+  assert pathfinder_config.get_config().model.head_activation == "gelu"
+  with pytest.raises(ValueError, match="head_activation"):
+    models.Classifier(num_classes=2, vocab_size=8, max_len=8, emb_dim=8,
+                      num_layers=1, num_heads=2, qkv_dim=8, mlp_dim=8,
+                      head_activation="tanh", rngs=nnx.Rngs(params=0))
+
+
 @pytest.mark.parametrize("attention,pool", [("hierarchical", "MEAN"),
                                             ("full", "CLS")])
 def test_unattended_token_is_left_out_of_attention(attention, pool):
