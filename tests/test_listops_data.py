@@ -480,3 +480,26 @@ def test_depth_script_places_accuracy_on_the_tree(gen_dirs):
     assert r[split][0] < r[split][-1]
   with pytest.raises(ValueError, match="Not one ListOps expression"):
     module.parse("( [MAX 2 ) 9")
+
+
+def test_many_workers_finish_and_match_one(tmp_path):
+  """More worker processes than cores, and chunks still queued when the
+  last example is written: the generator must stop them and finish (a
+  multiprocessing.Pool deadlocked in terminate() here, in about two of
+  three runs with 16 workers on 2 cores, and with 64 on a GPU host: the
+  data was never written), with the same files as one worker. Two seeds,
+  so the old deadlock showed in ~9 of 10 runs of this test."""
+  sizes = dict(num_train=300, num_val=50, num_test=50)
+  for seed in (0, 1):
+    many, one = str(tmp_path / f"many{seed}"), str(tmp_path / f"one{seed}")
+    subprocess.run(
+        [sys.executable, "-m", "htransformer.data.listops",
+         f"--output_dir={many}", f"--seed={seed}", "--min_length=200",
+         "--max_length=600", "--workers=16"]
+        + [f"--{k}={v}" for k, v in sizes.items()],
+        cwd=ROOT, check=True, timeout=120, capture_output=True)
+    listops.generate(one, **sizes, seed=seed, min_length=200,
+                     max_length=600, workers=1)
+    for split in listops.SPLITS:
+      assert (open(split_path(many, split), "rb").read()
+              == open(split_path(one, split), "rb").read())

@@ -44,6 +44,7 @@ CLI:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import json
 import multiprocessing
@@ -289,18 +290,23 @@ def _iter_chunks(seed, min_length, max_length, workers) -> Iterator[list]:
     while True:
       yield _generate_chunk((seed, chunk, min_length, max_length))
       chunk += 1
-  # 'spawn': safe even when the caller has started threads (e.g. JAX).
-  ctx = multiprocessing.get_context("spawn")
-  with ctx.Pool(workers) as pool:
+  # 'spawn': safe even when the caller has started threads (e.g. JAX). An
+  # executor, not a multiprocessing.Pool: closing this generator must stop
+  # the chunks still queued, and Pool.terminate() with many tasks in flight
+  # can deadlock (seen with 64 workers: the data was never written).
+  executor = concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn"))
+  try:
     pending = collections.deque()
     chunk = 0
     while True:
       while len(pending) < 2 * workers:
-        pending.append(pool.apply_async(
-            _generate_chunk, ((seed, chunk, min_length, max_length),)))
+        pending.append(executor.submit(
+            _generate_chunk, (seed, chunk, min_length, max_length)))
         chunk += 1
-      yield pending.popleft().get()
-  # Leaving the `with` (generator closed) terminates the workers.
+      yield pending.popleft().result()
+  finally:  # Queued chunks are dropped; running ones (one per worker) end.
+    executor.shutdown(wait=True, cancel_futures=True)
 
 
 def generate(output_dir: str, num_train: int, num_val: int, num_test: int,
