@@ -13,7 +13,9 @@ Variants (``--config=configs/listops.py:VARIANT``):
          of LRA's) for 20,000 steps, evaluation every 1,000:
            python -m htransformer.main --config=configs/listops.py:long \
                --workdir=runs/listops-long
-         Expected (one NVIDIA H200, generated data seed 0, 2026-11-28):
+         Expected (one NVIDIA H200, generated data seed 0, 2026-11-28,
+         measured with LRA's ReLU head, the default then; add
+         --config.model.head_activation=relu to repeat it exactly):
          41.70% test, 42.25% best validation, ~61 steps/s (6 minutes);
          the default config gives 36.0% (docs/results.md). ``long_full``:
          the same with full attention (40.0% validation at 20k steps).
@@ -22,9 +24,9 @@ Variants (``--config=configs/listops.py:VARIANT``):
          minutes, data generation included:
            python -m htransformer.main --config=configs/listops.py:quick \
                --workdir=runs/listops-quick
-         Expected (2-core CPU, 2026-11-28, data cached): validation
-         accuracy 44.0%, test 44.0% after 1200 steps (2 minutes), against
-         ~17% for the majority class.
+         Expected (2-core CPU, 2026-11-28, data cached, GELU head):
+         validation accuracy 44.8%, test 43.6% after 1200 steps (about a
+         minute), against ~17% for the majority class.
 
 Data: ``config.data_dir`` may point at the LRA release (a folder holding
 basic_{train,val,test}.tsv, or its listops-1000/ subfolder). Empty (the
@@ -43,9 +45,10 @@ host, ``model.num_heads`` and ``model.mlp_dim``; ``batch_size`` and
       --workdir=runs/listops-tp2 --config.mesh.model=2
 
 Expected results: see docs/results.md (paper: H-Transformer-1D 49.53% test,
-Transformer 36.37%). The default config on our generated data (seed 0):
-36.0% test after 5,000 steps (H100, 26 steps/s), which is what reading the
-outermost operator alone scores (36.1%; scripts/listops_depth.py).
+Transformer 36.37%). The default config on our generated data (seed 0,
+ReLU head): 36.0% test after 5,000 steps (H100, 26 steps/s), which is
+what reading the outermost operator alone scores (36.1%;
+scripts/listops_depth.py).
 """
 
 import ml_collections
