@@ -304,8 +304,9 @@ class Encoder(nnx.Module):
 # The classifier heads' nonlinearity. "relu" is what the LRA code used; with
 # mean pooling over ~1,000 rows the pooled vectors of different inputs
 # differ by a few percent, so a ReLU unit is on for every input or for none,
-# and once off it never returns: on Pathfinder all 32 units of the head died
-# and every run sat at chance (docs/results.md). GELU has no dead region.
+# and once off it never returns: on Pathfinder all 32 units of the head died,
+# leaving no gradient for the encoder (docs/results.md). GELU has no dead
+# region.
 HEAD_ACTIVATIONS = {"gelu": nnx.gelu, "relu": nnx.relu}
 
 

@@ -254,6 +254,9 @@ def test_configs_variants_and_errors():
           repo.model.qkv_dim, repo.model.mlp_dim, repo.model.dropout_rate,
           repo.model.mask_black_pixels, repo.batch_size) == (
               1, 4, 128, 64, 128, 0.2, True, 512)
+  assert not pf.model.learned_positions  # LRA: sinusoidal for Pathfinder
+  lp = pathfinder_config.get_config("learned_pos,full")
+  assert lp.model.learned_positions and lp.model.attention == "full"
   px = pathx_config.get_config("")
   assert px.optimizer.grad_clip == 1.0 and px.model.learned_positions
   im = image_config.get_config("")
