@@ -138,7 +138,8 @@ def test_dual_encoder_shapes_and_symmetry():
     # One shared encoder: a document's vector does not depend on its tower,
     # and the pair's features are exactly [u, v, u*v, u-v].
     u, v = model.encode(a), model.encode(b)
-    head = lambda f: model.head2(nnx.relu(model.head1(f)))
+    act = models.HEAD_ACTIVATIONS[model.head_activation]
+    head = lambda f: model.head2(act(model.head1(f)))
     expected = {
         "ab": head(jnp.concatenate([u, v, u * v, u - v], -1)),
         "ba": head(jnp.concatenate([v, u, v * u, v - u], -1)),
