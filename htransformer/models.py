@@ -346,11 +346,19 @@ class Classifier(nnx.Module):
     self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=jnp.float32,
                             rngs=rngs)
 
-  def __call__(self, tokens, *, deterministic=True, rngs=None):
+  def features(self, tokens, *, deterministic=True, rngs=None):
+    """What the head reads: the pooled encoding, float32 [batch, emb_dim]."""
     x, mask = self.encoder(tokens, deterministic=deterministic, rngs=rngs)
-    x = pool(x, mask, self.encoder.pool)
-    x = HEAD_ACTIVATIONS[self.head_activation](self.head1(x))
+    return pool(x, mask, self.encoder.pool)
+
+  def head(self, features):
+    """features -> float32 logits [batch, num_classes]."""
+    x = HEAD_ACTIVATIONS[self.head_activation](self.head1(features))
     return self.head2(x).astype(jnp.float32)
+
+  def __call__(self, tokens, *, deterministic=True, rngs=None):
+    return self.head(self.features(tokens, deterministic=deterministic,
+                                   rngs=rngs))
 
 
 class Decoder(nnx.Module):
@@ -424,8 +432,8 @@ class DualEncoderClassifier(nnx.Module):
     x, mask = self.encoder(tokens, deterministic=deterministic, rngs=rngs)
     return pool(x, mask, self.encoder.pool)
 
-  def __call__(self, tokens, *, deterministic=True, rngs=None):
-    """tokens: int [batch, 2, length] -> float32 logits [batch, classes]."""
+  def features(self, tokens, *, deterministic=True, rngs=None):
+    """tokens: int [batch, 2, length] -> [u, v, u*v, u-v], [batch, 4*emb]."""
     if tokens.ndim != 3 or tokens.shape[1] != 2:
       raise ValueError(f"DualEncoderClassifier expects tokens of shape "
                        f"[batch, 2, length], got {tokens.shape}.")
@@ -433,6 +441,11 @@ class DualEncoderClassifier(nnx.Module):
     both = jnp.concatenate([tokens[:, 0], tokens[:, 1]], axis=0)
     pooled = self.encode(both, deterministic=deterministic, rngs=rngs)
     u, v = pooled[:b], pooled[b:]
-    x = jnp.concatenate([u, v, u * v, u - v], axis=-1)
-    x = HEAD_ACTIVATIONS[self.head_activation](self.head1(x))
-    return self.head2(x).astype(jnp.float32)
+    return jnp.concatenate([u, v, u * v, u - v], axis=-1)
+
+  head = Classifier.head
+
+  def __call__(self, tokens, *, deterministic=True, rngs=None):
+    """tokens: int [batch, 2, length] -> float32 logits [batch, classes]."""
+    return self.head(self.features(tokens, deterministic=deterministic,
+                                   rngs=rngs))

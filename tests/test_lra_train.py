@@ -71,11 +71,7 @@ def test_head_below_zero_still_passes_gradient(two_tower):
     model.head1.bias[...] = jnp.full((8,), -1.0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(
         1, 257, (4, 2, 24) if two_tower else (4, 24)))
-    if two_tower:
-      u, v = model.encode(tokens[:, 0]), model.encode(tokens[:, 1])
-      pre = model.head1(jnp.concatenate([u, v, u * v, u - v], -1))
-    else:
-      pre = model.head1(models.pool(*model.encoder(tokens), "MEAN"))
+    pre = model.head1(model.features(tokens))
     assert float(pre.max()) < 0  # every unit is below zero on every input
     graphdef, params = nnx.split(model, nnx.Param)
 

@@ -359,3 +359,31 @@ def test_one_hot_embedding_equals_gather(dtype, monkeypatch):
   monkeypatch.setattr(models, "ONE_HOT_MAX_VOCAB", 10)  # gather above it
   np.testing.assert_array_equal(np.asarray(models.embed_tokens(embed, tokens)),
                                 np.asarray(embed(tokens)))
+
+
+def test_inspect_classifier_reports_a_dead_head(tiny_data, tmp_path):
+  """scripts/inspect_classifier.py on a real run: the checkpoint's step and
+  statistics; a head pushed below zero reads as 0 units on and one answer
+  for every input; a folder that is no workdir is a clear error."""
+  from tests.scripts_helper import load_script  # pylint: disable=g-import-not-at-top
+  inspect = load_script("inspect_classifier")
+  c = tiny_config(tiny_data, **{"model.head_activation": "relu"})
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  out = inspect.inspect(str(tmp_path / "run"), num_examples=16)
+  assert out["trained"]["step"] == 12
+  for r in out.values():
+    assert r["head_units"] == 32 and 0 < r["head_units_on"] <= 32
+    assert r["logit_spread"] > 0 and r["feature_spread"] > 0
+    assert 0.0 <= r["accuracy"] <= 1.0
+  task = tasks.get_task(c)
+  model = train.build_model(c, task)
+  tokens = np.stack([task.sources["test"][i]["inputs"] for i in range(16)])
+  targets = np.array([task.sources["test"][i]["targets"] for i in range(16)])
+  alive = inspect.report(model, tokens, targets)
+  assert alive == out["init"]  # the run's initialisation, seed 0
+  model.head1.bias[...] = jnp.full((32,), -100.0)
+  dead = inspect.report(model, tokens, targets)
+  assert dead["head_units_on"] == 0 and dead["logit_spread"] == 0.0
+  assert dead["feature_spread"] == alive["feature_spread"]
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    inspect.inspect(str(tmp_path))

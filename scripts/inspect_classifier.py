@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+r"""Does a trained classifier still look at its input? A collapse check.
+
+  python scripts/inspect_classifier.py WORKDIR [--data_dir=DIR] \
+      [--split=test] [--num_examples=64]
+
+Reads the run's ``config.json`` and its latest checkpoint, takes the first
+``num_examples`` of a split (``--data_dir`` replaces the config's, e.g. when
+the run was made on another machine), and prints, for the parameters at
+initialisation and for the checkpoint, one JSON line each:
+
+  head_units_on     units of the head's first layer above zero on at least
+                    one example (of head_units); 0 with a ReLU head means
+                    no gradient reaches the encoder any more
+  max_pre_activation  the largest of those pre-activations
+  feature_spread    how much what the head reads (the pooled encoding)
+                    differs between examples: the mean over features of
+                    the standard deviation across examples
+  logit_spread      the same for the logits; ~0 means the model gives
+                    every input the same answer
+  accuracy          on those examples
+
+A model at chance with ``logit_spread`` near zero has stopped looking at
+its input (docs/results.md, "Pathfinder-32 on generator version 3").
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from htransformer import checkpoint as ckpt_lib  # noqa: E402
+from htransformer import input_pipeline  # noqa: E402
+from htransformer import models  # noqa: E402
+from htransformer import optim  # noqa: E402
+from htransformer import tasks  # noqa: E402
+from htransformer import train  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  flags.DEFINE_string("data_dir", None, "Replaces the config's data_dir.")
+  flags.DEFINE_string("split", "test", "Which split's examples to read.")
+  flags.DEFINE_integer("num_examples", 64, "How many examples.")
+
+
+def report(model, inputs, targets) -> dict:
+  """The statistics above for one model on one batch."""
+  features = model.features(jnp.asarray(inputs))
+  pre = np.asarray(model.head1(features))
+  logits = np.asarray(model.head(features))
+  return {
+      "head_units_on": int((pre > 0).any(axis=0).sum()),
+      "head_units": int(pre.shape[1]),
+      "max_pre_activation": float(pre.max()),
+      "feature_spread": float(np.asarray(features).std(axis=0).mean()),
+      "logit_spread": float(logits.std(axis=0).mean()),
+      "accuracy": float((logits.argmax(-1) == np.asarray(targets)).mean()),
+  }
+
+
+def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
+            num_examples: int = 64) -> dict:
+  """{"init": report, "trained": report plus "step"} for a run's workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir} has no config.json: not a workdir "
+                            "of htransformer.main.")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if data_dir is not None:
+    config.data_dir = data_dir
+  if "head_activation" not in config.model:  # runs from before the field
+    config.model.head_activation = "relu"
+  task = tasks.get_task(config, workdir)
+  if task.kind == "lm":
+    raise ValueError("inspect_classifier reads classifiers; "
+                     f"{workdir} trained a language model.")
+  if split not in task.sources:
+    raise ValueError(f"split must be one of {sorted(task.sources)}, got "
+                     f"{split!r}.")
+  model = train.build_model(config, task, config.seed)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
+  trainer = train.Trainer(config, task, graphdef, params, tx)
+  state = trainer.initial_state(params)
+  restored = ckpt_lib.Checkpointer(workdir).restore(ckpt_lib.abstract(state))
+  if restored is None:
+    raise FileNotFoundError(f"{workdir} holds no checkpoint.")
+  state = restored[0]
+  batch = next(iter(input_pipeline.eval_batches(task.sources[split],
+                                                num_examples)))
+  keep = np.asarray(batch["weights"]) > 0  # the last batch may be padded
+  inputs, targets = batch["inputs"][keep], batch["targets"][keep]
+  out = {"init": report(nnx.merge(graphdef, params), inputs, targets),
+         "trained": report(nnx.merge(graphdef, state["params"]), inputs,
+                           targets)}
+  out["trained"]["step"] = int(jax.device_get(state["step"]))
+  return out
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("usage: inspect_classifier.py WORKDIR [flags]")
+  try:
+    result = inspect(argv[1], FLAGS.data_dir, FLAGS.split, FLAGS.num_examples)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    return 1
+  for name, r in result.items():
+    print(json.dumps({"parameters": name, **r}))
+  return 0
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
