@@ -1,7 +1,10 @@
 """Config helpers: loading a config file by path (as ``--config=path[:arg]``
-does), setting dotted fields, and the fields every experiment config has."""
+does), reading the config a run wrote into its workdir, setting dotted
+fields, and the fields every experiment config has."""
 
 import importlib.util
+import json
+import os
 
 
 def load_config(spec: str):
@@ -11,6 +14,17 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def read_run_config(workdir: str):
+  """The resolved config a run wrote into its workdir (``config.json``)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No config.json in {workdir}: not a run's "
+                            "workdir.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def set_fields(config, **fields):

@@ -23,19 +23,19 @@ eos (unless --nostop_at_eos) or after ``max_new_tokens``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
 from flax import nnx
+
+from htransformer import config_utils
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A language-model run's workdir.")
@@ -106,12 +106,7 @@ def load_run(workdir: str, best: bool = False):
   from htransformer import tasks  # pylint: disable=g-import-not-at-top
   from htransformer import train  # pylint: disable=g-import-not-at-top
   from htransformer.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No config.json in {workdir}: not a run's "
-                            "workdir.")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = config_utils.read_run_config(workdir)
   if config.task != "lm":
     raise ValueError(f"{workdir} is a {config.task!r} run, not a language "
                      "model.")

@@ -32,13 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from htransformer import checkpoint as ckpt_lib  # noqa: E402
+from htransformer import config_utils  # noqa: E402
 from htransformer import input_pipeline  # noqa: E402
 from htransformer import models  # noqa: E402
 from htransformer import optim  # noqa: E402
@@ -72,12 +72,7 @@ def report(model, inputs, targets) -> dict:
 def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
             num_examples: int = 64) -> dict:
   """{"init": report, "trained": report plus "step"} for a run's workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{workdir} has no config.json: not a workdir "
-                            "of htransformer.main.")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = config_utils.read_run_config(workdir)
   if data_dir is not None:
     config.data_dir = data_dir
   if "head_activation" not in config.model:  # runs from before the field
