@@ -310,13 +310,6 @@ class Encoder(nnx.Module):
 HEAD_ACTIVATIONS = {"gelu": nnx.gelu, "relu": nnx.relu}
 
 
-def _head_activation(name: str) -> str:
-  if name not in HEAD_ACTIVATIONS:
-    raise ValueError(f"head_activation must be one of "
-                     f"{sorted(HEAD_ACTIVATIONS)}, got {name!r}.")
-  return name
-
-
 def pool(x, mask, kind):
   """[batch, length, dim] -> float32 [batch, dim] by CLS (position 0) or
   masked mean.
@@ -332,22 +325,26 @@ def pool(x, mask, kind):
   return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
 
 
-class Classifier(nnx.Module):
-  """Sequence classifier: Encoder, pooling, and a 2-layer MLP head
-  (``head_activation`` between its layers, see ``HEAD_ACTIVATIONS``)."""
+class _ClassifierHead(nnx.Module):
+  """An encoder and a 2-layer MLP head (``head_activation`` between its
+  layers, see ``HEAD_ACTIVATIONS``) on what ``features`` computes."""
 
   def __init__(self, *, num_classes: int, mlp_dim: int, emb_dim: int,
-               rngs: nnx.Rngs, head_activation: str = "gelu",
-               **encoder_kwargs):
+               features_dim: int, rngs: nnx.Rngs,
+               head_activation: str = "gelu", **encoder_kwargs):
     self.encoder = Encoder(emb_dim=emb_dim, mlp_dim=mlp_dim, rngs=rngs,
                            **encoder_kwargs)
-    self.head_activation = _head_activation(head_activation)
-    self.head1 = nnx.Linear(emb_dim, mlp_dim, dtype=jnp.float32, rngs=rngs)
+    if head_activation not in HEAD_ACTIVATIONS:
+      raise ValueError(f"head_activation must be one of "
+                       f"{sorted(HEAD_ACTIVATIONS)}, got {head_activation!r}.")
+    self.head_activation = head_activation
+    self.head1 = nnx.Linear(features_dim, mlp_dim, dtype=jnp.float32,
+                            rngs=rngs)
     self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=jnp.float32,
                             rngs=rngs)
 
-  def features(self, tokens, *, deterministic=True, rngs=None):
-    """What the head reads: the pooled encoding, float32 [batch, emb_dim]."""
+  def encode(self, tokens, *, deterministic=True, rngs=None):
+    """tokens: int [batch, length] -> pooled float32 [batch, emb_dim]."""
     x, mask = self.encoder(tokens, deterministic=deterministic, rngs=rngs)
     return pool(x, mask, self.encoder.pool)
 
@@ -359,6 +356,17 @@ class Classifier(nnx.Module):
   def __call__(self, tokens, *, deterministic=True, rngs=None):
     return self.head(self.features(tokens, deterministic=deterministic,
                                    rngs=rngs))
+
+
+class Classifier(_ClassifierHead):
+  """Sequence classifier: Encoder, pooling, and a 2-layer MLP head."""
+
+  def __init__(self, *, emb_dim: int, **kwargs):
+    super().__init__(emb_dim=emb_dim, features_dim=emb_dim, **kwargs)
+
+  def features(self, tokens, *, deterministic=True, rngs=None):
+    """What the head reads: the pooled encoding, float32 [batch, emb_dim]."""
+    return self.encode(tokens, deterministic=deterministic, rngs=rngs)
 
 
 class Decoder(nnx.Module):
@@ -406,7 +414,7 @@ class Decoder(nnx.Module):
     return self.head(self.ln(x)).astype(jnp.float32)
 
 
-class DualEncoderClassifier(nnx.Module):
+class DualEncoderClassifier(_ClassifierHead):
   """Two-tower pair classifier (LRA Retrieval) with one shared encoder.
 
   ``tokens`` is ``[batch, 2, length]``: both documents of a pair go through
@@ -416,21 +424,8 @@ class DualEncoderClassifier(nnx.Module):
   MLP (``4 * emb_dim -> mlp_dim -> num_classes``).
   """
 
-  def __init__(self, *, num_classes: int, mlp_dim: int, emb_dim: int,
-               rngs: nnx.Rngs, head_activation: str = "gelu",
-               **encoder_kwargs):
-    self.encoder = Encoder(emb_dim=emb_dim, mlp_dim=mlp_dim, rngs=rngs,
-                           **encoder_kwargs)
-    self.head_activation = _head_activation(head_activation)
-    self.head1 = nnx.Linear(4 * emb_dim, mlp_dim, dtype=jnp.float32,
-                            rngs=rngs)
-    self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=jnp.float32,
-                            rngs=rngs)
-
-  def encode(self, tokens, *, deterministic=True, rngs=None):
-    """tokens: int [batch, length] -> pooled [batch, emb_dim]."""
-    x, mask = self.encoder(tokens, deterministic=deterministic, rngs=rngs)
-    return pool(x, mask, self.encoder.pool)
+  def __init__(self, *, emb_dim: int, **kwargs):
+    super().__init__(emb_dim=emb_dim, features_dim=4 * emb_dim, **kwargs)
 
   def features(self, tokens, *, deterministic=True, rngs=None):
     """tokens: int [batch, 2, length] -> [u, v, u*v, u-v], [batch, 4*emb]."""
@@ -442,10 +437,3 @@ class DualEncoderClassifier(nnx.Module):
     pooled = self.encode(both, deterministic=deterministic, rngs=rngs)
     u, v = pooled[:b], pooled[b:]
     return jnp.concatenate([u, v, u * v, u - v], axis=-1)
-
-  head = Classifier.head
-
-  def __call__(self, tokens, *, deterministic=True, rngs=None):
-    """tokens: int [batch, 2, length] -> float32 logits [batch, classes]."""
-    return self.head(self.features(tokens, deterministic=deterministic,
-                                   rngs=rngs))
