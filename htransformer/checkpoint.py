@@ -95,3 +95,30 @@ def abstract(tree):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def restore_params(workdir: str, abstract_state, best: bool = False):
+  """(step, parameters) of a run's latest checkpoint, or of its
+  best-on-validation one, on one device: for reading a finished run
+  (sampling, inspection), not for resuming it. ``abstract_state``: the
+  training state's structure (``train.abstract_state``)."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  on_device = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      tree)
+  folder = os.path.join(workdir, "best" if best else "checkpoints")
+  items = ("params", "info") if best else ("state", "data")
+  mngr = ocp.CheckpointManager(folder, item_names=items)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {folder}.")
+    if best:
+      return step, mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(
+              on_device(abstract_state["params"])))).params
+    return step, mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(
+            on_device(abstract_state)))).state["params"]
+  finally:
+    mngr.close()

@@ -23,18 +23,17 @@ eos (unless --nostop_at_eos) or after ``max_new_tokens``.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
 from flax import nnx
 
+from htransformer import checkpoint as ckpt_lib
 from htransformer import config_utils
 
 FLAGS = flags.FLAGS
@@ -115,31 +114,9 @@ def load_run(workdir: str, best: bool = False):
                     kind="lm", tokenizer=tok)
   model = train.build_model(config, task, config.seed)
   graphdef, params = nnx.split(model, nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      tree)
-  if best:
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "best"),
-                                 item_names=("params", "info"))
-    step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No best checkpoint in {workdir}/best.")
-    params = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(params)))).params
-  else:
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                 item_names=("state", "data"))
-    step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
-    tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
-    state = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32),
-                                      "params": p, "opt_state": tx.init(p)},
-                           params)
-    params = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(state)))).state["params"]
-  mngr.close()
+  tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
+  step, params = ckpt_lib.restore_params(
+      workdir, train.abstract_state(params, tx), best)
   logging.info("Restored step %d from %s.", step, workdir)
   return nnx.merge(graphdef, params), tok, config
 

@@ -202,6 +202,17 @@ def make_steps(graphdef, tx, seed: int):
   return train_step, eval_step
 
 
+def init_state(params, tx) -> dict:
+  """The training state at step 0: what a checkpoint's ``state`` holds."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": tx.init(params)}
+
+
+def abstract_state(params, tx) -> dict:
+  """``init_state``'s shapes and dtypes, computing nothing."""
+  return jax.eval_shape(lambda p: init_state(p, tx), params)
+
+
 class Trainer:
   """Holds the mesh, the state's shardings, the jitted steps and helpers.
 
@@ -219,21 +230,17 @@ class Trainer:
     # Parameters by their annotations; Adam's moments have the parameters'
     # structure and annotations, so they get the same shardings.
     self.state_sharding = nnx.get_named_sharding(
-        jax.eval_shape(self._init_state, params), self.mesh)
+        abstract_state(params, self.tx), self.mesh)
     train_step, eval_step = make_steps(graphdef, tx, config.seed)
     self.train_step = jax.jit(
         train_step, out_shardings=(self.state_sharding, self.replicated),
         donate_argnums=0)
     self.eval_step = jax.jit(eval_step, out_shardings=self.replicated)
 
-  def _init_state(self, params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": self.tx.init(params)}
-
   def initial_state(self, params):
     """Step 0 (given the parameters), placed on the mesh."""
     params = jax.device_put(params, self.state_sharding["params"])
-    return jax.jit(self._init_state,
+    return jax.jit(lambda p: init_state(p, self.tx),
                    out_shardings=self.state_sharding)(params)
 
   def global_batch(self, local: dict):

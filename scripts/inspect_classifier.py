@@ -30,7 +30,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
@@ -40,7 +39,6 @@ from flax import nnx  # noqa: E402
 from htransformer import checkpoint as ckpt_lib  # noqa: E402
 from htransformer import config_utils  # noqa: E402
 from htransformer import input_pipeline  # noqa: E402
-from htransformer import models  # noqa: E402
 from htransformer import optim  # noqa: E402
 from htransformer import tasks  # noqa: E402
 from htransformer import train  # noqa: E402
@@ -87,20 +85,15 @@ def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
   model = train.build_model(config, task, config.seed)
   graphdef, params = nnx.split(model, nnx.Param)
   tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
-  trainer = train.Trainer(config, task, graphdef, params, tx)
-  state = trainer.initial_state(params)
-  restored = ckpt_lib.Checkpointer(workdir).restore(ckpt_lib.abstract(state))
-  if restored is None:
-    raise FileNotFoundError(f"{workdir} holds no checkpoint.")
-  state = restored[0]
+  step, trained = ckpt_lib.restore_params(
+      workdir, train.abstract_state(params, tx))
   batch = next(iter(input_pipeline.eval_batches(task.sources[split],
                                                 num_examples)))
   keep = np.asarray(batch["weights"]) > 0  # the last batch may be padded
   inputs, targets = batch["inputs"][keep], batch["targets"][keep]
   out = {"init": report(nnx.merge(graphdef, params), inputs, targets),
-         "trained": report(nnx.merge(graphdef, state["params"]), inputs,
-                           targets)}
-  out["trained"]["step"] = int(jax.device_get(state["step"]))
+         "trained": report(nnx.merge(graphdef, trained), inputs, targets)}
+  out["trained"]["step"] = int(step)
   return out
 
 
