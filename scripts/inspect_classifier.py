@@ -70,6 +70,9 @@ def report(model, inputs, targets) -> dict:
 def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
             num_examples: int = 64) -> dict:
   """{"init": report, "trained": report plus "step"} for a run's workdir."""
+  if num_examples < 2:
+    raise ValueError(f"num_examples must be at least 2 (spreads across "
+                     f"examples), got {num_examples}.")
   config = config_utils.read_run_config(workdir)
   if data_dir is not None:
     config.data_dir = data_dir

@@ -387,3 +387,7 @@ def test_inspect_classifier_reports_a_dead_head(tiny_data, tmp_path):
   assert dead["feature_spread"] == alive["feature_spread"]
   with pytest.raises(FileNotFoundError, match="config.json"):
     inspect.inspect(str(tmp_path))
+  with pytest.raises(ValueError, match="num_examples"):
+    inspect.inspect(str(tmp_path / "run"), num_examples=0)
+  with pytest.raises(ValueError, match="split must be one of"):
+    inspect.inspect(str(tmp_path / "run"), split="dev")
