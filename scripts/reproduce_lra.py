@@ -3,7 +3,8 @@ r"""Runs the Long Range Arena tasks and prints the paper's table beside ours.
 
   python scripts/reproduce_lra.py [--tasks=listops,text,retrieval,image,pathfinder,pathx]
       [--models=hierarchical,full] [--workdir_root=runs/lra] [--collect_only]
-      [--variant=quick] [--data_dir=text=PATH/aclImdb ...] [--set k=v ...]
+      [--variant=quick] [--task_variant=pathfinder=learned_pos ...]
+      [--data_dir=text=PATH/aclImdb ...] [--set k=v ...]
       [--results_md=docs/results.md] [--gpus=0,1,2,3]
 
 For each chosen task and model it runs (one after another)
@@ -26,6 +27,17 @@ keeping every other section of the file); ``--results_md=`` writes nothing.
 
 ``--variant=quick`` runs the ``:quick`` configs (CPU-sized; not comparable
 to the paper) into WORKDIR_ROOT/<task>-<model>-quick.
+
+``--task_variant=TASK=VARIANT`` (repeatable) runs one task with a variant of
+its config into WORKDIR_ROOT/<task>-<model>-<variant>, and its cells say so
+(e.g. "65.78 (gen., :learned_pos)"). The LRA recipe as published leaves
+Pathfinder at chance on generated images; learned positions make it learn
+(docs/results.md), so the table of docs/results.md was made with
+
+  python scripts/reproduce_lra.py --task_variant=pathfinder=learned_pos
+
+A run on fewer generated images than its config asks for (a data_dir of a
+smaller generated set) is marked "N images".
 """
 
 from __future__ import annotations
@@ -68,8 +80,14 @@ OUR_ROWS = {"hierarchical": "H-Transformer-1D, block 16 (ours)",
 
 
 def workdir_for(root: str, task: str, model: str, variant: str = "") -> str:
-  name = f"{task}-{model}" + (f"-{variant}" if variant else "")
+  name = f"{task}-{model}" + (f"-{variant.replace(',', '-')}"
+                              if variant else "")
   return os.path.join(root, name)
+
+
+def join_variants(*variants: str) -> str:
+  """``quick`` and a task's own variant as one config argument."""
+  return ",".join(v for v in variants if v)
 
 
 def config_spec(task: str, variant: str = "") -> str:
@@ -91,23 +109,39 @@ def run_command(python, task, model, workdir, variant="", data_dir="",
 
 
 @functools.lru_cache(maxsize=None)
-def config_steps(task: str, variant: str = "") -> int | None:
-  """num_train_steps of the task's config (the schedule the paper ran)."""
+def task_config(task: str, variant: str = ""):
+  """The task's config (None without a config file here); an unknown
+  variant raises ValueError naming it."""
   try:
-    config = config_utils.load_config(
+    return config_utils.load_config(
         os.path.join(ROOT, config_spec(task, variant)))
   except (OSError, ImportError):  # A task without a config file here.
     return None
-  return int(config.num_train_steps)
 
 
-def collect(workdir: str, task: str, variant: str = "") -> dict:
+def config_steps(task: str, variant: str = "") -> int | None:
+  """num_train_steps of the task's config (the schedule the paper ran)."""
+  config = task_config(task, variant)
+  return None if config is None else int(config.num_train_steps)
+
+
+def config_images(task: str, variant: str = "") -> int | None:
+  """data.num_images of an image task's config (generated set's size)."""
+  config = task_config(task, variant)
+  data = None if config is None else config.get("data")
+  return None if data is None else data.get("num_images")
+
+
+def collect(workdir: str, task: str, variant: str = "",
+            recipe: str = "") -> dict:
   """{status: finished|unfinished|not run, accuracy (%), generated, ...}.
 
   ``generated``: the data came from this repository's generators: what
   results.json's ``data`` record says (runs since it has one), else a
   generated task run without a data_dir. ``steps``: (run's, config's)
-  num_train_steps when the run was shorter than its config; ``done`` (an
+  num_train_steps when the run was shorter than its config; ``images``: the
+  generated set's size when smaller than the config's; ``recipe``: the
+  task's own variant (``--task_variant``), shown in its cell; ``done`` (an
   unfinished run): (last logged step, the run's num_train_steps).
   """
   results = os.path.join(workdir, "results.json")
@@ -141,6 +175,11 @@ def collect(workdir: str, task: str, variant: str = "") -> dict:
     version = int(gen.get("generator_version", 1))
     if version < pathfinder.GENERATOR_VERSION:
       out["superseded"] = version
+    wanted = config_images(task, variant)
+    if gen.get("num_images") and wanted and int(gen["num_images"]) < wanted:
+      out["images"] = int(gen["num_images"])
+  if recipe:
+    out["recipe"] = recipe
   if "test_accuracy_best_eval" in r:
     out["accuracy_best_eval"] = 100.0 * r["test_accuracy_best_eval"]
   steps = r.get("num_train_steps", cfg.get("num_train_steps"))
@@ -160,6 +199,10 @@ def _cell(entry: dict | None) -> str:
   notes = ["gen."] if entry["generated"] else []
   if "superseded" in entry:
     notes[-1] = f"gen. v{entry['superseded']}, superseded"
+  if "recipe" in entry:
+    notes.append(f":{entry['recipe']}")
+  if "images" in entry:
+    notes.append(f"{entry['images']:,} images")
   if "steps" in entry:
     notes.append("{:,} of {:,} steps".format(*entry["steps"]))
   text = f"{entry['accuracy']:.2f}"
@@ -242,6 +285,18 @@ def _split_list(text: str, allowed, what: str) -> list[str]:
   return items
 
 
+def _task_items(items, flag: str, what: str) -> dict:
+  """["TASK=VALUE", ...] -> {TASK: VALUE}; a bad item is named."""
+  out = {}
+  for item in items:
+    task, sep, value = item.partition("=")
+    if not sep or task not in TASKS or not value:
+      raise SystemExit(f"{flag} needs TASK={what} with TASK in {TASKS}, "
+                       f"got {item!r}.")
+    out[task] = value
+  return out
+
+
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--tasks", default=",".join(TASKS))
@@ -249,6 +304,9 @@ def parse_args(argv):
   p.add_argument("--workdir_root", default="runs/lra")
   p.add_argument("--collect_only", action="store_true")
   p.add_argument("--variant", default="", choices=["", "quick"])
+  p.add_argument("--task_variant", action="append", default=[],
+                 metavar="TASK=VARIANT",
+                 help="a variant of one task's config (repeatable).")
   p.add_argument("--data_dir", action="append", default=[],
                  metavar="TASK=PATH", help="data_dir of a task (repeatable).")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -271,13 +329,20 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   tasks = _split_list(args.tasks, TASKS, "task")
   models = _split_list(args.models, MODELS, "model")
-  data_dirs = {}
-  for item in args.data_dir:
-    task, sep, path = item.partition("=")
-    if not sep or task not in TASKS:
-      raise SystemExit(f"--data_dir needs TASK=PATH with TASK in {TASKS}, "
-                       f"got {item!r}.")
-    data_dirs[task] = os.path.abspath(path)
+  data_dirs = {task: os.path.abspath(path) for task, path in
+               _task_items(args.data_dir, "--data_dir", "PATH").items()}
+  recipes = _task_items(args.task_variant, "--task_variant", "VARIANT")
+  variants = {t: join_variants(args.variant, recipes.get(t, ""))
+              for t in TASKS}
+  for task, recipe in recipes.items():
+    if any(v.endswith("full") for v in recipe.split(",")):
+      raise SystemExit(f"--task_variant {task}={recipe}: the table runs "
+                       "every task with both attentions itself; leave the "
+                       "full-attention variants out.")
+    try:
+      task_config(task, variants[task])
+    except ValueError as e:
+      raise SystemExit(f"--task_variant {task}={recipe}: {e}") from e
   root = os.path.abspath(args.workdir_root)
   failed = []
   if not args.collect_only:
@@ -286,11 +351,11 @@ def main(argv=None) -> int:
     jobs = []
     for task in tasks:
       for model in models:
-        workdir = workdir_for(root, task, model, args.variant)
-        if collect(workdir, task, args.variant)["status"] == "finished":
+        workdir = workdir_for(root, task, model, variants[task])
+        if collect(workdir, task, variants[task])["status"] == "finished":
           print(f"[{task} {model}] finished earlier: {workdir}", flush=True)
           continue
-        cmd = run_command(args.python, task, model, workdir, args.variant,
+        cmd = run_command(args.python, task, model, workdir, variants[task],
                           data_dirs.get(task, ""), args.set)
         jobs.append((f"{task}-{model}", cmd,
                      os.path.join(workdir, "log.txt")))
@@ -306,8 +371,8 @@ def main(argv=None) -> int:
         if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode:
           failed.append(name)
           print(f"[{name}] FAILED (continuing)", flush=True)
-  entries = {(t, m): collect(workdir_for(root, t, m, args.variant), t,
-                             args.variant)
+  entries = {(t, m): collect(workdir_for(root, t, m, variants[t]), t,
+                             variants[t], recipes.get(t, ""))
              for t in TASKS for m in MODELS}
   text = section(entries, args.workdir_root, args.variant)
   print(text)

@@ -194,3 +194,56 @@ def test_runs_the_chosen_tasks(tmp_path, capsys, gpus):
   assert rl.main(argv) == 1
   out = capsys.readouterr().out
   assert out.count("finished earlier") == 3
+
+
+def test_task_variant_runs_and_cells(tmp_path, capsys):
+  """--task_variant: the task's runs use that variant (own workdirs), its
+  cells name it; a smaller generated set than the config's is marked."""
+  trainer = tmp_path / "trainer"
+  trainer.write_text(FAKE_TRAINER.format(python=rl.sys.executable).replace(
+      "sys.exit(3)", "pass"))
+  trainer.chmod(0o755)
+  root = tmp_path / "runs"
+  assert rl.main(["--tasks=pathfinder", f"--workdir_root={root}",
+                  "--task_variant=pathfinder=learned_pos", "--results_md=",
+                  f"--python={trainer}"]) == 0
+  out = capsys.readouterr().out
+  assert "--config=configs/pathfinder.py:learned_pos" in out
+  for model in rl.MODELS:
+    assert (root / f"pathfinder-{model}-learned_pos" / "results.json").exists()
+  assert not (root / "pathfinder-hierarchical").exists()
+  ours = [c.strip() for c in _row(out, "H-Transformer-1D, block 16 (ours)")
+          .strip("|").split("|")]
+  assert ours[5] == "50.00 (gen., :learned_pos)"
+  # Without the flag the same root has no Pathfinder run (other workdirs).
+  rl.main(["--collect_only", f"--workdir_root={root}", "--results_md="])
+  out = capsys.readouterr().out
+  assert _row(out, "H-Transformer-1D, block 16 (ours)").split("|")[5].strip(
+      ) == "not run"
+  # A Path-X run on 40,000 generated images where the config has 200,000.
+  _fake_run(str(root), "pathx", "hierarchical", 0.49)
+  path = root / "pathx-hierarchical" / "results.json"
+  r = json.loads(path.read_text())
+  r.update(num_train_steps=15000, data={
+      "data_dir": "/tmp/px", "generated": True, "generator": {
+          "generator_version": pathfinder.GENERATOR_VERSION,
+          "num_images": 40000}})
+  path.write_text(json.dumps(r))
+  entry = rl.collect(str(root / "pathx-hierarchical"), "pathx")
+  assert rl._cell(entry) == "49.00 (gen., 40,000 images, 15,000 of 500,000 steps)"
+  # quick and a task variant combine in one config argument and workdir.
+  assert rl.join_variants("quick", "learned_pos") == "quick,learned_pos"
+  assert rl.workdir_for("/r", "pathfinder", "full", "quick,learned_pos") == (
+      "/r/pathfinder-full-quick-learned_pos")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--task_variant=pathfinder=nope", "Unknown variant(s) ['nope']"),
+    ("--task_variant=pathfinder=learned_pos,full", "leave the full"),
+    ("--task_variant=learned_pos", "needs TASK=VARIANT"),
+    ("--task_variant=cifar=x", "needs TASK=VARIANT"),
+])
+def test_task_variant_errors(flag, message):
+  with pytest.raises(SystemExit) as e:
+    rl.main(["--collect_only", flag, "--results_md="])
+  assert message in str(e.value)
