@@ -13,12 +13,12 @@ Variants (``--config=configs/listops.py:VARIANT``):
          of LRA's) for 20,000 steps, evaluation every 1,000:
            python -m htransformer.main --config=configs/listops.py:long \
                --workdir=runs/listops-long
-         Expected (one NVIDIA H200, generated data seed 0, 2026-11-28,
-         measured with LRA's ReLU head, the default then; add
-         --config.model.head_activation=relu to repeat it exactly):
-         41.70% test, 42.25% best validation, ~61 steps/s (6 minutes);
-         the default config gives 36.0% (docs/results.md). ``long_full``:
-         the same with full attention (40.0% validation at 20k steps).
+         Expected (one NVIDIA H200, generated data seed 0, 2026-11-29):
+         41.80% test, 42.80% best validation, ~63 steps/s (6 minutes);
+         with LRA's ReLU head (--config.model.head_activation=relu)
+         41.70% / 42.25%. The default config gives 36.0% (ReLU head,
+         docs/results.md). ``long_full``: the same with full attention
+         (40.0% validation at 20k steps, ReLU head).
   quick  small data (6000/500/500 expressions of 10-60 tokens) and a
          2-layer model; trains and evaluates on 2 CPU cores in about 3
          minutes, data generation included:

@@ -55,10 +55,15 @@ images. With ``learned_pos`` the same model learns:
       --config.data.num_images=100000 --config.num_train_steps=12000]
 
 With the bracketed overrides (contour-6 images, 12,000 steps): 81.36% test,
-82.53% best validation, 64.8 steps/s on one H200. Without them (the LRA
-task, contour 14, 200 epochs) it has not been run yet. Runs before version
-3 (every earlier number in docs/results.md) say nothing about the models:
-those images hid their labels.
+82.53% best validation, 64.8 steps/s on one H200. On the LRA task itself
+(contour 14, the 200,000 generated images) with the schedule shortened to
+80 epochs (``--config.num_train_steps=25040``; measured 2026-11-29, one
+H200 per model): hierarchical 65.77% test (best validation 65.77%), 65.8
+steps/s; ``learned_pos,full`` (cuDNN) 51.48%, 35.5 steps/s, not yet off
+chance (one seed each; docs/results.md, "Contour 14 (the LRA task) with
+learned positions"). The 200 epochs have not been run. Runs before
+version 3 (every earlier number in docs/results.md) say nothing about the
+models: those images hid their labels.
 """
 
 import ml_collections
