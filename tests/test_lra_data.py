@@ -98,6 +98,19 @@ def test_imdb_tfds_mock():
   assert item["inputs"].shape == (64,) and int(item["targets"]) in (0, 1)
 
 
+@pytest.mark.parametrize("name", ["imdb_reviews", "cifar10"])
+def test_tfds_builders_can_prepare(name, tmp_path):
+  """What `tfds.data_source` does before it downloads: find the builder's
+  code and its download checksums (needs importlib_resources, which
+  requirements.txt installs; without it every first use of a tfds task
+  failed with ModuleNotFoundError). Nothing is downloaded."""
+  tfds = _tfds_or_skip()
+  builder = tfds.builder(name, data_dir=str(tmp_path))
+  urls = builder.url_infos
+  assert urls and all(u.startswith("http") for u in urls)
+  assert all(info.checksum for info in urls.values())
+
+
 def test_imdb_without_tfds_says_so(monkeypatch):
   import builtins
   real = builtins.__import__
