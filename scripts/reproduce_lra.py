@@ -30,9 +30,10 @@ to the paper) into WORKDIR_ROOT/<task>-<model>-quick.
 
 ``--task_variant=TASK=VARIANT`` (repeatable) runs one task with a variant of
 its config into WORKDIR_ROOT/<task>-<model>-<variant>, and its cells say so
-(e.g. "65.78 (gen., :learned_pos)"). The LRA recipe as published leaves
+(e.g. "65.77 (gen., :learned_pos)"). The LRA recipe as published leaves
 Pathfinder at chance on generated images; learned positions make it learn
-(docs/results.md), so the table of docs/results.md was made with
+(docs/results.md), so the table in docs/results.md uses them (the command
+that wrote it: docs/runs/lra/README.md):
 
   python scripts/reproduce_lra.py --task_variant=pathfinder=learned_pos
 
