@@ -41,6 +41,9 @@ Variants (``--config=configs/pathfinder.py:VARIANT``, comma-separated):
          a 400-step version of this variant): validation accuracy 51.75% at
          step 200, training loss 0.69. Pathfinder needs many epochs before
          accuracy leaves chance; the variant checks the pipeline end to end.
+         With full attention (``quick,full``) a CPU step is ~16x slower
+         (2026-11-29, 2 CPU cores: 0.16 against 2.65 steps/s with
+         ``quick,learned_pos``), about 20 minutes for the 200 steps.
 
 Paper (test accuracy): H-Transformer-1D 68.78%, Transformer 71.40%.
 Measured here (2026-11-28, generated images seed 0, generator version 3,

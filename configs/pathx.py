@@ -17,8 +17,9 @@ CPU cores. Split 80/10/10 with ``config.data.split_seed``. Tokens are pixel
 values + 1 (1..256): nothing is masked (see ``lra_mask``).
 
 Variants (``--config=configs/pathx.py:VARIANT``, comma-separated):
-  full   the same model with full softmax attention (the baseline; 16K
-         tokens, needs an accelerator's memory).
+  full   the same model with full softmax attention (the baseline). On
+         CPU it runs in chunks of queries (memory ~2.5 GB for ``quick,full``)
+         but slowly: ~75 s per ``quick`` step on 2 cores (2026-11-29).
   lra_mask  black pixels left out of attention, as queries and as keys
          (``model.mask_black_pixels``): what the original LRA code did by
          treating pixel 0 as padding, and what its numbers were measured

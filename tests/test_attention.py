@@ -492,6 +492,42 @@ def test_full_attention_key_column_masks_any_keys(causal):
         assert (np.asarray(g)[~mask] == 0).all(), name
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("mask_kind", ["none", "partial", "empty"])
+def test_full_attention_in_chunks_of_queries(causal, mask_kind, monkeypatch):
+    """Above XLA_MAX_LOGITS the XLA path runs in chunks of queries (the last
+    one padded): the float64 masked softmax, and the same gradients as the
+    dense path; value dim != head dim."""
+    from htransformer.attention import api
+    length = 37
+    q, k, v = make_qkv(41, 2, length, 3, 8, 5)
+    mask = make_mask(length, 2, length, mask_kind)
+    cot = np.random.default_rng(42).standard_normal(v.shape).astype(
+        np.float32)
+    def compiled():  # new functions: jit traces them again
+        run = lambda q, k, v: full_attention(
+            q, k, v, causal=causal, mask=mask, implementation="xla")
+        loss = lambda q, k, v: jnp.sum(run(q, k, v) * cot)
+        return jax.jit(run), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    run, grad = compiled()
+    assert "while" not in run.lower(q, k, v).as_text()
+    dense_out, dense_grads = np.asarray(run(q, k, v)), grad(q, k, v)
+    # 2 x 3 x 37 keys x 5 queries per chunk: 8 chunks, the last of 2 rows.
+    monkeypatch.setattr(api, "XLA_MAX_LOGITS", 2 * 3 * length * 5)
+    run, grad = compiled()
+    assert "while" in run.lower(q, k, v).as_text()  # lax.map is a loop
+    out = np.asarray(run(q, k, v))
+    want = full_softmax_reference(q, k, v, mask, causal=causal)
+    assert max_abs(out, want) <= 2e-5
+    assert max_abs(out, dense_out) <= 1e-6
+    if mask is not None:
+        assert (out[~mask] == 0).all()
+    grads = grad(q, k, v)
+    for name, g, w in zip("qkv", grads, dense_grads):
+        assert max_abs(np.asarray(g), np.asarray(w)) <= 1e-5, name
+
+
 # ----------------------------------------------------------------------------
 # 3. v = 1 returns 1 at every real position.
 # ----------------------------------------------------------------------------

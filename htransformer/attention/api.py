@@ -307,16 +307,61 @@ def _cudnn(query, key, value, causal, lengths, scale_dim=None):
       implementation="cudnn")[:, :length, :, :d]
 
 
+# The most logits (batch x heads x queries x keys) the XLA path of full
+# attention holds at once on CPU (16x that on accelerators): longer inputs go
+# through in chunks of queries, each recomputed in the backward pass, so
+# memory stays bounded. (Dense, Path-X's 16,384 tokens at batch 8 and 2
+# heads are 4.3G logits, 17 GB in float32, before the probabilities and
+# their gradient; in chunks its fwd+bwd peaks near 3 GB on CPU.)
+XLA_MAX_LOGITS = 1 << 26
+
+
 def _xla(query, key, value, causal, mask, scale_dim=None):
   """XLA attention. jax.nn.dot_product_attention wants one head dim for q, k
   and v: the narrower ones are padded with zeros (which changes no logit)
-  and the output sliced. The scale is ``1/sqrt(scale_dim or head_dim)``."""
+  and the output sliced. The scale is ``1/sqrt(scale_dim or head_dim)``.
+  Above ``XLA_MAX_LOGITS`` logits it runs in chunks of queries."""
   d, dv = query.shape[-1], value.shape[-1]
   width = max(d, dv)
   widen = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))
   query, key, value = widen(query), widen(key), widen(value)
+  scale = 1.0 / math.sqrt(scale_dim or d)
+  batch, length, heads, _ = query.shape
+  if batch * heads * length * length > _max_logits():
+    return _xla_chunked(query, key, value, causal, mask, scale)[..., :dv]
   attn_mask = None if mask is None else mask[:, None, None, :]
   return jax.nn.dot_product_attention(
-      query, key, value, mask=attn_mask, is_causal=causal,
-      scale=1.0 / math.sqrt(scale_dim or d),
+      query, key, value, mask=attn_mask, is_causal=causal, scale=scale,
       implementation="xla")[..., :dv]
+
+
+def _max_logits() -> int:
+  return XLA_MAX_LOGITS * (1 if jax.default_backend() == "cpu" else 16)
+
+
+def _xla_chunked(query, key, value, causal, mask, scale):
+  """:func:`_xla` over chunks of queries (``lax.map``), each attending to
+  every key under the same masks; ``jax.checkpoint`` keeps the backward
+  pass from storing every chunk's probabilities."""
+  batch, length, heads, width = query.shape
+  chunk = max(1, _max_logits() // (batch * heads * length))
+  num = -(-length // chunk)
+  padded = jnp.pad(query, ((0, 0), (0, num * chunk - length), (0, 0), (0, 0)))
+  chunks = padded.reshape(batch, num, chunk, heads, width).swapaxes(0, 1)
+  keys_ok = (jnp.ones((batch, length), bool) if mask is None
+             else mask)[:, None, None, :]
+  positions = jnp.arange(length)
+
+  @jax.checkpoint
+  def attend(args):
+    q, start = args
+    ok = keys_ok
+    if causal:
+      rows = start + jnp.arange(chunk)
+      ok = ok & (positions[None, :] <= rows[:, None])[None, None]
+    return jax.nn.dot_product_attention(q, key, value, mask=ok, scale=scale,
+                                        implementation="xla")
+
+  out = jax.lax.map(attend, (chunks, jnp.arange(num) * chunk))
+  return out.swapaxes(0, 1).reshape(batch, num * chunk, heads, width)[
+      :, :length]
