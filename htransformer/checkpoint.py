@@ -106,7 +106,9 @@ def restore_params(workdir: str, abstract_state, best: bool = False):
   on_device = lambda tree: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       tree)
-  folder = os.path.join(workdir, "best" if best else "checkpoints")
+  # orbax takes absolute paths only; users type relative ones.
+  folder = os.path.join(os.path.abspath(workdir),
+                        "best" if best else "checkpoints")
   items = ("params", "info") if best else ("state", "data")
   mngr = ocp.CheckpointManager(folder, item_names=items)
   try:

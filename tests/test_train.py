@@ -361,10 +361,12 @@ def test_one_hot_embedding_equals_gather(dtype, monkeypatch):
                                 np.asarray(embed(tokens)))
 
 
-def test_inspect_classifier_reports_a_dead_head(tiny_data, tmp_path):
+def test_inspect_classifier_reports_a_dead_head(tiny_data, tmp_path,
+                                                monkeypatch):
   """scripts/inspect_classifier.py on a real run: the checkpoint's step and
-  statistics; a head pushed below zero reads as 0 units on and one answer
-  for every input; a folder that is no workdir is a clear error."""
+  statistics (also from a relative workdir); a head pushed below zero reads
+  as 0 units on and one answer for every input; a folder that is no workdir
+  is a clear error."""
   from tests.scripts_helper import load_script  # pylint: disable=g-import-not-at-top
   inspect = load_script("inspect_classifier")
   c = tiny_config(tiny_data, **{"model.head_activation": "relu"})
@@ -381,6 +383,8 @@ def test_inspect_classifier_reports_a_dead_head(tiny_data, tmp_path):
   targets = np.array([task.sources["test"][i]["targets"] for i in range(16)])
   alive = inspect.report(model, tokens, targets)
   assert alive == out["init"]  # the run's initialisation, seed 0
+  monkeypatch.chdir(tmp_path)  # orbax takes absolute paths only
+  assert inspect.inspect("run", num_examples=16) == out
   model.head1.bias[...] = jnp.full((32,), -100.0)
   dead = inspect.report(model, tokens, targets)
   assert dead["head_units_on"] == 0 and dead["logit_spread"] == 0.0
