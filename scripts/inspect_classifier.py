@@ -22,9 +22,14 @@ initialisation and for the checkpoint, one JSON line each:
 
 A model at chance with ``logit_spread`` near zero has stopped looking at
 its input (docs/results.md, "Pathfinder-32 on generator version 3").
+
+For a model with learned position embeddings over a square image without a
+CLS token (Pathfinder, Path-X) it also prints how much those embeddings
+know the image's grid (:func:`grid_similarity`), initial and trained.
 """
 
 import json
+import math
 import os
 import sys
 
@@ -67,6 +72,35 @@ def report(model, inputs, targets) -> dict:
   }
 
 
+def grid_similarity(table, side: int) -> dict:
+  """Mean cosine similarity (rows centred first) of the position embeddings
+  of pixels 1 and 4 apart along a row (``right1``, ``right4``) and along a
+  column (``down1``, ``down4``: 32 and 128 tokens apart at 32 px), and of
+  pixels at least 8 rows and 8 columns apart (``far``, 50,000 random
+  pairs). An embedding that knows the grid has ``down`` close to
+  ``right``; the sinusoidal table of the flattened sequence does not."""
+  t = np.asarray(table, np.float64)[:side * side]
+  t = t - t.mean(axis=0)
+  t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+  g = t.reshape(side, side, -1)
+  cos = lambda a, b: float((a * b).sum(-1).mean())
+  rng = np.random.default_rng(0)
+  i, j = rng.integers(0, side * side, (2, 50000))
+  far = ((np.abs(i // side - j // side) >= 8)
+         & (np.abs(i % side - j % side) >= 8))
+  return {"right1": cos(g[:, :-1], g[:, 1:]), "down1": cos(g[:-1], g[1:]),
+          "right4": cos(g[:, :-4], g[:, 4:]), "down4": cos(g[:-4], g[4:]),
+          "far": cos(t[i[far]], t[j[far]])}
+
+
+def _image_side(config) -> int | None:
+  """The side of a square image the positions index, else None."""
+  side = math.isqrt(int(config.max_length))
+  square = side * side == int(config.max_length) and side >= 9
+  plain = config.model.get("learned_positions") and config.model.pool != "CLS"
+  return side if square and plain else None
+
+
 def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
             num_examples: int = 64) -> dict:
   """{"init": report, "trained": report plus "step"} for a run's workdir."""
@@ -97,6 +131,11 @@ def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
   out = {"init": report(nnx.merge(graphdef, params), inputs, targets),
          "trained": report(nnx.merge(graphdef, trained), inputs, targets)}
   out["trained"]["step"] = int(step)
+  side = _image_side(config)
+  if side:
+    for name, p in (("init", params), ("trained", trained)):
+      table = nnx.merge(graphdef, p).encoder.positions[...]
+      out[name]["positions"] = grid_similarity(table, side)
   return out
 
 

@@ -361,6 +361,27 @@ def test_one_hot_embedding_equals_gather(dtype, monkeypatch):
                                 np.asarray(embed(tokens)))
 
 
+def test_grid_similarity_tells_a_grid_from_a_sequence():
+  """inspect_classifier.grid_similarity: a table built from the 2-D
+  coordinates is as similar down a column as along a row; the 1-D
+  sinusoidal table of the flattened sequence is not (its pixels 4 rows
+  apart are 128 tokens apart)."""
+  from tests.scripts_helper import load_script  # pylint: disable=g-import-not-at-top
+  grid_similarity = load_script("inspect_classifier").grid_similarity
+  side = 32
+  axis = models.sinusoidal_positions(side, 16)
+  rows, cols = np.divmod(np.arange(side * side), side)
+  grid = grid_similarity(np.concatenate([axis[rows], axis[cols]], 1), side)
+  assert abs(grid["down1"] - grid["right1"]) < 1e-9
+  assert abs(grid["down4"] - grid["right4"]) < 1e-9
+  assert grid["right1"] > grid["right4"] > grid["far"]
+  flat = grid_similarity(models.sinusoidal_positions(side * side, 32), side)
+  assert flat["right1"] > 0.9 and flat["down4"] < 0 < flat["right4"]
+  noise = grid_similarity(np.random.default_rng(0).standard_normal(
+      (side * side, 32)), side)
+  assert all(abs(v) < 0.05 for v in noise.values())
+
+
 def test_inspect_classifier_reports_a_dead_head(tiny_data, tmp_path,
                                                 monkeypatch):
   """scripts/inspect_classifier.py on a real run: the checkpoint's step and
