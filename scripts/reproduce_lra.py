@@ -26,7 +26,10 @@ keeping every other section of the file); ``--results_md=`` writes nothing.
 (each sees only its GPU; its console goes to the workdir's ``log.txt``).
 
 ``--variant=quick`` runs the ``:quick`` configs (CPU-sized; not comparable
-to the paper) into WORKDIR_ROOT/<task>-<model>-quick.
+to the paper) into WORKDIR_ROOT/<task>-<model>-quick. On 2 CPU cores each
+hierarchical run takes a few minutes, but full attention at 1,024 and
+16,384 pixel tokens is slow there: ~20 minutes for Pathfinder, ~40 for
+Path-X (``--models=hierarchical`` leaves them out).
 
 ``--task_variant=TASK=VARIANT`` (repeatable) runs one task with a variant of
 its config into WORKDIR_ROOT/<task>-<model>-<variant>, and its cells say so
