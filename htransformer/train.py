@@ -294,6 +294,17 @@ def _check_config(config):
     raise ValueError(f"max_length must be positive, got {config.max_length}.")
 
 
+def _logged_rates(workdir: str, last_step: int) -> list[float]:
+  """steps/s of every logged interval up to ``last_step`` in metrics.jsonl,
+  across resumptions: where a run killed between checkpoints logged a step
+  twice, the later row (the one its final state comes from) counts."""
+  by_step = {}
+  for row in metrics_lib.read_metrics(workdir):
+    if "steps_per_sec" in row and row["step"] <= last_step:
+      by_step[row["step"]] = float(row["steps_per_sec"])
+  return [by_step[s] for s in sorted(by_step)]
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and checkpoints; returns the final metrics.
 
@@ -344,7 +355,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   progress = metrics_lib.Progress(total_steps, step)
   last_saved = step
   sums = None
-  rates = []  # steps/s per log interval (the first includes compilation)
+  rates = []  # steps/s per log interval of this segment
 
   def save(step):
     ckpt.save(step, state, train_iter.get_state())
@@ -427,9 +438,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results["total_parameters"] = total
   results["data"] = tasks.data_origin(task.data_dir)
   results["num_train_steps"] = int(config.num_train_steps)
+  rates = _logged_rates(workdir, step) or rates
   if rates:
-    steady = rates[1:] or rates
-    results["steps_per_sec"] = float(np.median(steady))
+    # The median over the log intervals of every segment of the run (a
+    # resumed run's earlier ones too); the few that include compilation
+    # barely move it.
+    results["steps_per_sec"] = float(np.median(rates))
+    results["steps_per_sec_intervals"] = len(rates)
     if task.kind == "lm":
       results["tokens_per_sec"] = (results["steps_per_sec"] *
                                    config.batch_size * config.max_length)

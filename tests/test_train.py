@@ -292,6 +292,16 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert step_a == step_b == 40
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(x, y)
+  # steps/s in results.json: the median over every logged interval of the
+  # run (40 steps / 5), the segments before the interruption included.
+  for w in (straight, broken, stopped):
+    results = json.load(open(w / "results.json"))
+    rates = {r["step"]: r["steps_per_sec"]
+             for r in metrics_lib.read_metrics(str(w)) if "steps_per_sec" in r}
+    assert sorted(rates) == list(range(5, 41, 5))
+    assert results["steps_per_sec_intervals"] == 8, w
+    assert results["steps_per_sec"] == pytest.approx(
+        np.median(list(rates.values())))
 
 
 def test_quick_job_end_to_end(tmp_path):
