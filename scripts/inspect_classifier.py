@@ -103,7 +103,8 @@ def _image_side(config) -> int | None:
 
 def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
             num_examples: int = 64) -> dict:
-  """{"init": report, "trained": report plus "step"} for a run's workdir."""
+  """{"init": report, "trained": report plus "step"} for a run's workdir;
+  both with "positions" (:func:`grid_similarity`) where it applies."""
   if num_examples < 2:
     raise ValueError(f"num_examples must be at least 2 (spreads across "
                      f"examples), got {num_examples}.")
