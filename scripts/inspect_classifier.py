@@ -129,14 +129,14 @@ def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
                                                 num_examples)))
   keep = np.asarray(batch["weights"]) > 0  # the last batch may be padded
   inputs, targets = batch["inputs"][keep], batch["targets"][keep]
-  out = {"init": report(nnx.merge(graphdef, params), inputs, targets),
-         "trained": report(nnx.merge(graphdef, trained), inputs, targets)}
-  out["trained"]["step"] = int(step)
   side = _image_side(config)
-  if side:
-    for name, p in (("init", params), ("trained", trained)):
-      table = nnx.merge(graphdef, p).encoder.positions[...]
-      out[name]["positions"] = grid_similarity(table, side)
+  out = {}
+  for name, p in (("init", params), ("trained", trained)):
+    m = nnx.merge(graphdef, p)
+    out[name] = report(m, inputs, targets)
+    if side:
+      out[name]["positions"] = grid_similarity(m.encoder.positions[...], side)
+  out["trained"]["step"] = int(step)
   return out
 
 
