@@ -327,24 +327,23 @@ def _xla(query, key, value, causal, mask, scale_dim=None):
   query, key, value = widen(query), widen(key), widen(value)
   scale = 1.0 / math.sqrt(scale_dim or d)
   batch, length, heads, _ = query.shape
-  if batch * heads * length * length > _max_logits():
-    return _xla_chunked(query, key, value, causal, mask, scale)[..., :dv]
+  limit = XLA_MAX_LOGITS * (1 if jax.default_backend() == "cpu" else 16)
+  if batch * heads * length * length > limit:
+    return _xla_chunked(query, key, value, causal, mask, scale,
+                        limit)[..., :dv]
   attn_mask = None if mask is None else mask[:, None, None, :]
   return jax.nn.dot_product_attention(
       query, key, value, mask=attn_mask, is_causal=causal, scale=scale,
       implementation="xla")[..., :dv]
 
 
-def _max_logits() -> int:
-  return XLA_MAX_LOGITS * (1 if jax.default_backend() == "cpu" else 16)
-
-
-def _xla_chunked(query, key, value, causal, mask, scale):
-  """:func:`_xla` over chunks of queries (``lax.map``), each attending to
-  every key under the same masks; ``jax.checkpoint`` keeps the backward
-  pass from storing every chunk's probabilities."""
+def _xla_chunked(query, key, value, causal, mask, scale, limit):
+  """:func:`_xla` over chunks of queries (``lax.map``) of at most ``limit``
+  logits, each attending to every key under the same masks;
+  ``jax.checkpoint`` keeps the backward pass from storing every chunk's
+  probabilities."""
   batch, length, heads, width = query.shape
-  chunk = max(1, _max_logits() // (batch * heads * length))
+  chunk = max(1, limit // (batch * heads * length))
   num = -(-length // chunk)
   padded = jnp.pad(query, ((0, 0), (0, num * chunk - length), (0, 0), (0, 0)))
   chunks = padded.reshape(batch, num, chunk, heads, width).swapaxes(0, 1)
