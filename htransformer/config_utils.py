@@ -59,7 +59,8 @@ def experiment_config(task: str, *, max_length: int, model: dict,
 
   ``model`` and ``optimizer`` hold each experiment's own values; unless they
   say otherwise, the model uses hierarchical attention (block_size 16,
-  implementation chosen automatically), dropout 0.1, bfloat16 and a GELU
+  implementation chosen automatically), dropout 0.1, no attention dropout
+  (``model.attention_dropout_rate``, LRA's code used 0.1), bfloat16 and a GELU
   between the classifier head's two layers (LRA's code had a ReLU there;
   ``model.head_activation``), and Adam
   has b1 0.9, b2 0.98, eps 1e-9 and no gradient clipping. Data come from
@@ -76,7 +77,8 @@ def experiment_config(task: str, *, max_length: int, model: dict,
   c.max_length = max_length
   c.model = ml_collections.ConfigDict({
       "attention": "hierarchical", "block_size": 16, "implementation": "",
-      "dropout_rate": 0.1, "dtype": "bfloat16", "head_activation": "gelu",
+      "dropout_rate": 0.1, "attention_dropout_rate": 0.0, "dtype": "bfloat16",
+      "head_activation": "gelu",
       **model})
   # Device mesh: (data, model) = (devices / mesh.model, mesh.model).
   c.mesh = ml_collections.ConfigDict(dict(model=1))

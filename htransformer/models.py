@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from htransformer.attention import cudnn_padded_length
+from htransformer.attention import dropout as dropout_lib
 from htransformer.attention import full_attention
 from htransformer.attention import hierarchical_attention
 from htransformer.attention import padded_length
@@ -66,6 +67,9 @@ class MultiHeadAttention(nnx.Module):
     implementation: passed to the attention function (None: best available;
       "xla" for either, "cudnn" for full attention on GPU).
     dtype: computation dtype (parameters stay float32).
+    dropout_rate: attention dropout on the attention weights (the
+      attention functions' ``dropout_rate``), in training only; it draws
+      from the ``dropout`` stream of the ``rngs`` given at call time.
   """
 
   def __init__(self, num_heads: int, in_features: int, *,
@@ -73,7 +77,8 @@ class MultiHeadAttention(nnx.Module):
                out_features: int | None = None,
                attention: str = "hierarchical", block_size: int = 16,
                causal: bool = False, implementation: str | None = None,
-               dtype: Any = None, rngs: nnx.Rngs):
+               dtype: Any = None, dropout_rate: float = 0.0,
+               rngs: nnx.Rngs):
     if attention not in ATTENTION_KINDS:
       raise ValueError(
           f"attention must be one of {ATTENTION_KINDS}, got {attention!r}.")
@@ -90,6 +95,7 @@ class MultiHeadAttention(nnx.Module):
     self.causal = causal
     self.implementation = implementation
     self.dtype = _dtype(dtype)
+    self.dropout_rate = dropout_lib.check_rate(dropout_rate)
     init = nnx.initializers.xavier_uniform()
     make = lambda i, o: nnx.Linear(i, o, use_bias=False,
                                    kernel_init=_sharded(init, SPLIT_OUT),
@@ -101,18 +107,29 @@ class MultiHeadAttention(nnx.Module):
                           kernel_init=_sharded(init, SPLIT_IN),
                           dtype=self.dtype, rngs=rngs)
 
-  def __call__(self, x, mask=None):
-    """x: [batch, length, in_features]; mask: bool [batch, length]."""
+  def __call__(self, x, mask=None, *, deterministic=True, rngs=None):
+    """x: [batch, length, in_features]; mask: bool [batch, length].
+
+    With ``dropout_rate > 0`` and ``deterministic=False``, ``rngs`` (an
+    ``nnx.Rngs`` with a ``dropout`` stream) draws the dropout key."""
     b, l, _ = x.shape
     split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    drop = dict(dropout_rate=0.0, dropout_rng=None)
+    if self.dropout_rate and not deterministic:
+      if rngs is None:
+        raise ValueError(
+            "MultiHeadAttention with dropout_rate > 0 needs rngs (with a "
+            "'dropout' stream) when deterministic=False.")
+      drop = dict(dropout_rate=self.dropout_rate,
+                  dropout_rng=rngs.dropout())
     if self.attention == "hierarchical":
       y = hierarchical_attention(q, k, v, block_size=self.block_size,
                                  causal=self.causal, mask=mask,
-                                 implementation=self.implementation)
+                                 implementation=self.implementation, **drop)
     else:
       y = full_attention(q, k, v, causal=self.causal, mask=mask,
-                         implementation=self.implementation)
+                         implementation=self.implementation, **drop)
     return self.out(y.reshape(b, l, -1))
 
 
@@ -149,19 +166,20 @@ class TransformerBlock(nnx.Module):
   def __init__(self, *, dim: int, num_heads: int, qkv_dim: int, mlp_dim: int,
                dropout_rate: float, attention: str, block_size: int,
                causal: bool, implementation: str | None, dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, attention_dropout_rate: float = 0.0):
     self.ln1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.attn = MultiHeadAttention(
         num_heads, dim, qkv_features=qkv_dim, attention=attention,
         block_size=block_size, causal=causal, implementation=implementation,
-        dtype=dtype, rngs=rngs)
+        dtype=dtype, dropout_rate=attention_dropout_rate, rngs=rngs)
     self.ln2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.mlp = MlpBlock(dim, mlp_dim, dropout_rate, dtype, rngs)
     self.dropout = nnx.Dropout(dropout_rate)
 
   def __call__(self, x, mask, *, deterministic, rngs):
     drop = lambda t: self.dropout(t, deterministic=deterministic, rngs=rngs)
-    x = x + drop(self.attn(self.ln1(x), mask))
+    x = x + drop(self.attn(self.ln1(x), mask, deterministic=deterministic,
+                           rngs=rngs))
     x = x + drop(self.mlp(self.ln2(x), deterministic=deterministic,
                           rngs=rngs))
     return x
@@ -221,7 +239,7 @@ class Encoder(nnx.Module):
                pool: str = "CLS", learned_positions: bool = False,
                implementation: str | None = None, dtype: Any = None,
                pad_rows: bool = True, unattended_token: int | None = None,
-               rngs: nnx.Rngs):
+               attention_dropout_rate: float = 0.0, rngs: nnx.Rngs):
     if pool not in POOLING:
       raise ValueError(f"pool must be one of {POOLING}, got {pool!r}.")
     if unattended_token is not None and not (
@@ -252,7 +270,8 @@ class Encoder(nnx.Module):
         num_layers, dim=emb_dim, num_heads=num_heads, qkv_dim=qkv_dim,
         mlp_dim=mlp_dim, dropout_rate=dropout_rate, attention=attention,
         block_size=block_size, causal=causal, implementation=implementation,
-        dtype=dtype, rngs=rngs)
+        dtype=dtype, attention_dropout_rate=attention_dropout_rate,
+        rngs=rngs)
     self.ln = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, tokens, *, deterministic=True, rngs=None):
@@ -384,7 +403,8 @@ class Decoder(nnx.Module):
                num_layers: int, num_heads: int, qkv_dim: int, mlp_dim: int,
                dropout_rate: float = 0.1, attention: str = "hierarchical",
                block_size: int = 16, implementation: str | None = None,
-               dtype: Any = None, rngs: nnx.Rngs):
+               dtype: Any = None, attention_dropout_rate: float = 0.0,
+               rngs: nnx.Rngs):
     dtype = _dtype(dtype)
     self.dtype = dtype
     self.max_len = max_len
@@ -396,7 +416,8 @@ class Decoder(nnx.Module):
         num_layers, dim=emb_dim, num_heads=num_heads, qkv_dim=qkv_dim,
         mlp_dim=mlp_dim, dropout_rate=dropout_rate, attention=attention,
         block_size=block_size, causal=True, implementation=implementation,
-        dtype=dtype, rngs=rngs)
+        dtype=dtype, attention_dropout_rate=attention_dropout_rate,
+        rngs=rngs)
     self.ln = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(emb_dim, vocab_size, dtype=dtype, rngs=rngs)
 

@@ -112,6 +112,7 @@ def build_model(config, task: tasks.Task, seed: int = 0) -> nnx.Module:
         qkv_dim=m.qkv_dim, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate,
         attention=m.attention, block_size=m.block_size,
         implementation=m.implementation or None, dtype=m.dtype,
+        attention_dropout_rate=m.get("attention_dropout_rate", 0.0),
         rngs=nnx.Rngs(params=seed))
   cls = (models.DualEncoderClassifier if task.kind == "pair_classification"
          else models.Classifier)
@@ -131,6 +132,7 @@ def build_model(config, task: tasks.Task, seed: int = 0) -> nnx.Module:
       learned_positions=m.learned_positions, unattended_token=unattended,
       head_activation=m.head_activation,
       implementation=m.implementation or None, dtype=m.dtype,
+      attention_dropout_rate=m.get("attention_dropout_rate", 0.0),
       rngs=nnx.Rngs(params=seed))
 
 

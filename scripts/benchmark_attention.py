@@ -113,15 +113,22 @@ def method_sort_key(name: str) -> tuple[int, int]:
   return (2, 0) if name == "full_cudnn" else (3, 0)
 
 
-def make_attention(name: str, causal: bool):
-  """Returns ``attention(q, k, v) -> out`` for a method name."""
+def make_attention(name: str, causal: bool, dropout_rate: float = 0.0):
+  """Returns ``attention(q, k, v) -> out`` for a method name (with attention
+  dropout at ``dropout_rate``, a fixed key; cuDNN has none)."""
+  drop = {}
+  if dropout_rate:
+    drop = dict(dropout_rate=dropout_rate, dropout_rng=jax.random.key(0))
   if name.startswith("hierarchical_"):
     block_size, impl = _hier_parts(name)
     return lambda q, k, v: hierarchical_attention(
-        q, k, v, block_size=block_size, causal=causal, implementation=impl)
+        q, k, v, block_size=block_size, causal=causal, implementation=impl,
+        **drop)
   implementation = name.split("_")[1]  # "cudnn" or "xla"
+  if name == "full_cudnn":
+    drop = {}
   return lambda q, k, v: full_attention(
-      q, k, v, causal=causal, implementation=implementation)
+      q, k, v, causal=causal, implementation=implementation, **drop)
 
 
 # ---------------------------------------------------------------------------
@@ -210,7 +217,7 @@ def measure(method: str, length: int, cfg: argparse.Namespace,
   batch = batch_for(length, cfg.tokens)
   shape = (batch, length, cfg.heads, cfg.head_dim)
   dtype = jnp.dtype(cfg.dtype)
-  attention = make_attention(method, cfg.causal)
+  attention = make_attention(method, cfg.causal, cfg.dropout_rate)
 
   def fwd_bwd(q, k, v, cotangent):
     def loss(q, k, v):
@@ -284,6 +291,8 @@ def config_flags(cfg: argparse.Namespace) -> list[str]:
            "--seed", str(cfg.seed)]
   if cfg.tuning:
     flags += ["--tuning", *cfg.tuning]
+  if cfg.dropout_rate:
+    flags += ["--dropout_rate", str(cfg.dropout_rate)]
   return flags + (["--causal"] if cfg.causal else [])
 
 
@@ -362,6 +371,10 @@ def load_previous(path: str, config: dict, env: dict) -> dict | None:
     if previous["config"][key] != config[key]:
       sys.exit(f"--merge: {path} has {key}={previous['config'][key]!r}, this "
                f"run {config[key]!r}; pick another --out_json.")
+  if previous["config"].get("dropout_rate", 0.0) != config["dropout_rate"]:
+    sys.exit(f"--merge: {path} was measured with --dropout_rate "
+             f"{previous['config'].get('dropout_rate', 0.0)}, this run with "
+             f"{config['dropout_rate']}; pick another --out_json.")
   if previous["config"].get("tuning") != config.get("tuning"):
     sys.exit(f"--merge: {path} was measured with --tuning "
              f"{previous['config'].get('tuning')}, this run with "
@@ -454,7 +467,9 @@ def section_heading(cfg: dict) -> str:
   return (f"## Attention{' (fused kernels)' if fused else ''}: hierarchical "
           f"vs full ({cfg['dtype']}, heads "
           f"{cfg['heads']}, head_dim {cfg['head_dim']}, {cfg['tokens']:,} "
-          f"tokens per batch, {'causal' if cfg['causal'] else 'non-causal'})")
+          f"tokens per batch, {'causal' if cfg['causal'] else 'non-causal'}"
+          + (f", attention dropout {cfg['dropout_rate']} (not cuDNN)"
+             if cfg.get("dropout_rate") else "") + ")")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -665,6 +680,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--methods", type=check_method, nargs="+",
                       help=f"methods, a subset of {DEFAULT_METHODS} or any "
                       "hierarchical_<block_size>")
+  parser.add_argument("--dropout_rate", type=float, default=0.0,
+                      help="attention dropout of the hierarchical and XLA "
+                      "methods (cuDNN's has none and runs without)")
   parser.add_argument("--causal", action="store_true",
                       help="causal attention (default non-causal)")
   parser.add_argument("--repeats", type=int, help="timed runs (default 10)")
@@ -774,7 +792,7 @@ def main() -> None:
   config = {key: getattr(args, key) for key in (
       "tokens", "heads", "head_dim", "dtype", "causal", "repeats", "warmup",
       "seed", "lengths", "methods", "skip_xla_dense_above",
-      "full_max_length")}
+      "full_max_length", "dropout_rate")}
   config["isolate"] = isolate
   if args.tuning_values:
     config["tuning"] = args.tuning_values

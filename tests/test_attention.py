@@ -27,6 +27,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from htransformer.attention import dropout as dropout_lib
 from htransformer.attention import full_attention, hierarchical_attention
 
 
@@ -107,10 +108,32 @@ def _dense_logits(q, k, mask, *, block_size, causal, xp, causal_query="first"):
     return s, valid, maskp, lev, length, lp
 
 
+def dropout_multipliers(batch, heads, lev, rate, rng):
+    """[B, H, Lp, Lp] attention-dropout multipliers of every pair (numpy):
+    the pair (i, j) at level l = lev[i, j] takes the weight of coarse row
+    i >> l and coarse key j >> l at that level (dropout.py)."""
+    with jax.ensure_compile_time_eval():  # also inside a traced reference
+        seed = np.asarray(dropout_lib.seed_from_key(rng))
+    seeds = dropout_lib.head_seeds(seed, batch, heads, xp=np)
+    i = np.arange(lev.shape[0])[:, None]
+    j = np.arange(lev.shape[1])[None, :]
+    out = np.zeros((batch, heads) + lev.shape, np.float32)
+    for level in range(int(lev.max()) + 1):
+        ls = dropout_lib.level_seed(seeds, level, xp=np)[:, :, None, None]
+        mult = dropout_lib.multiplier(ls, (i >> level).astype(np.uint32),
+                                      (j >> level).astype(np.uint32), rate,
+                                      xp=np)
+        out = np.where(lev == level, mult, out)
+    return out
+
+
 def dense_reference(q, k, v, mask=None, *, block_size, causal, xp=np,
-                    causal_query="first"):
-    """out[b, i, h, :] of the dense definition. q, k: [B,L,H,d]; v: [B,L,H,dv]."""
-    s, valid, maskp, _, length, lp = _dense_logits(
+                    causal_query="first", dropout=None):
+    """out[b, i, h, :] of the dense definition. q, k: [B,L,H,d]; v: [B,L,H,dv].
+
+    dropout: None or (rate, PRNG key): attention dropout on the weights of
+    the numerator (the normaliser keeps every weight)."""
+    s, valid, maskp, lev, length, lp = _dense_logits(
         q, k, mask, block_size=block_size, causal=causal, xp=xp,
         causal_query=causal_query)
     # A finite "minus infinity": identical to -inf for rows with at least one
@@ -120,6 +143,9 @@ def dense_reference(q, k, v, mask=None, *, block_size, causal, xp=np,
     s = s - s.max(axis=-1, keepdims=True)
     p = xp.exp(s)
     p = p / p.sum(axis=-1, keepdims=True)
+    if dropout is not None:
+        mult = dropout_multipliers(q.shape[0], q.shape[2], lev, *dropout)
+        p = p * xp.asarray(mult, dtype=p.dtype)
     vh = xp.pad(v, ((0, 0), (0, lp - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     out = p @ vh  # [B, H, Lp, dv]
     out = xp.where(maskp[:, None, :, None], out, 0.0)
@@ -923,3 +949,134 @@ def test_reference_detects_doc_mistakes():
     # stopping one level short: the coarsest level's pairs never meet
     short = np.where(lev == lev.max(), 0.0, w)
     assert max_abs((short @ v0) / short.sum(-1, keepdims=True), ref) > 1e-2
+
+
+# ----------------------------------------------------------------------------
+# Attention dropout.
+# ----------------------------------------------------------------------------
+
+
+def _h_dropout(q, k, v, mask, *, block_size, causal, rate, rng,
+               implementation="xla"):
+    return hierarchical_attention(q, k, v, block_size=block_size, causal=causal,
+                                  mask=mask, implementation=implementation,
+                                  dropout_rate=rate, dropout_rng=rng)
+
+
+@pytest.mark.parametrize("length,block_size", [(37, 4), (100, 16), (64, 8)])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_dropout_matches_dense_definition(length, block_size, causal):
+    q, k, v = make_qkv(41, 2, length, 3, 8)
+    mask = make_mask(42, 2, length, "partial")
+    rng = jax.random.PRNGKey(43)
+    got = np.asarray(jit(functools.partial(
+        _h_dropout, mask=mask, block_size=block_size, causal=causal, rate=0.3,
+        rng=rng))(q, k, v))
+    want = numpy_reference(q, k, v, mask, block_size=block_size, causal=causal,
+                           dropout=(0.3, rng))
+    assert max_abs(got, want) <= 2e-5
+    # The reference without dropout is far from it: the test can fail.
+    plain = numpy_reference(q, k, v, mask, block_size=block_size, causal=causal)
+    assert max_abs(plain, want) > 0.05
+    assert np.all(got[~mask] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_dropout_gradients_match_autodiff_of_reference(causal):
+    length, block_size, d, dv = 37, 4, 8, 6
+    q, k, v = make_qkv(44, 2, length, 2, d, dv)
+    cot = np.random.default_rng(45).standard_normal((2, length, 2, dv)).astype(np.float32)
+    mask = make_mask(46, 2, length, "partial")
+    rng = jax.random.PRNGKey(47)
+
+    def loss_impl(q, k, v):
+        return jnp.sum(_h_dropout(q, k, v, mask, block_size=block_size,
+                                  causal=causal, rate=0.25, rng=rng) * cot)
+
+    def loss_ref(q, k, v):
+        return jnp.sum(dense_reference(q, k, v, mask, block_size=block_size,
+                                       causal=causal, xp=jnp,
+                                       dropout=(0.25, rng)) * cot)
+
+    got = jit(jax.grad(loss_impl, argnums=(0, 1, 2)))(q, k, v)
+    want = jit(jax.grad(loss_ref, argnums=(0, 1, 2)))(q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        g, w = np.asarray(g), np.asarray(w)
+        scale = max(1.0, float(np.abs(w).max()))
+        assert max_abs(g, w) <= 1e-4 * scale, name
+
+
+def test_dropout_rate_zero_and_the_key():
+    q, k, v = make_qkv(48, 2, 50, 2, 8)
+    mask = make_mask(49, 2, 50, "partial")
+    run = lambda rate, rng: np.asarray(_h_dropout(
+        q, k, v, mask, block_size=8, causal=False, rate=rate, rng=rng))
+    plain = np.asarray(hierarchical_attention(q, k, v, block_size=8, mask=mask))
+    np.testing.assert_array_equal(run(0.0, None), plain)
+    np.testing.assert_array_equal(run(0.0, jax.random.PRNGKey(0)), plain)
+    a, b = run(0.2, jax.random.PRNGKey(1)), run(0.2, jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(a, b)  # same key, same weights dropped
+    assert max_abs(a, run(0.2, jax.random.PRNGKey(2))) > 0.01
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_drops_the_rate_independently(rate):
+    """Over 2 x 4 heads x 1024^2 level-0 weights: the dropped fraction is the
+    rate, heads and batch rows differ, and neighbouring weights are not
+    correlated."""
+    lev = np.zeros((1024, 1024), np.int64)
+    mult = dropout_multipliers(2, 4, lev, rate, jax.random.PRNGKey(3))
+    kept = mult > 0
+    assert set(np.unique(mult)) == {0.0, np.float32(1 / (1 - rate))}
+    n = kept.size
+    assert abs((1 - kept.mean()) - rate) < 4 * math.sqrt(rate * (1 - rate) / n) + 1e-4
+    for a, b in [(kept[0, 0], kept[0, 1]), (kept[0, 0], kept[1, 0]),
+                 (kept[0, 0, :, :-1], kept[0, 0, :, 1:]),
+                 (kept[0, 0, :-1], kept[0, 0, 1:])]:
+        agree = np.mean(a == b)
+        expect = rate**2 + (1 - rate)**2
+        assert abs(agree - expect) < 0.01, (agree, expect)
+    # Levels draw apart: level 1 over the same indices is another draw.
+    lev1 = np.ones((64, 64), np.int64)
+    m0 = dropout_multipliers(1, 1, np.zeros((64, 64), np.int64), rate,
+                             jax.random.PRNGKey(3))
+    m1 = dropout_multipliers(1, 1, lev1, rate, jax.random.PRNGKey(3))
+    assert np.any(m0[..., ::2, ::2] != m1[..., ::2, ::2])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_full_attention_dropout(causal, monkeypatch):
+    """Full attention with dropout drops the level-0 weight of every pair:
+    it equals the reference and hierarchical attention whose blocks cover
+    the sequence, also when it runs in chunks of queries."""
+    from htransformer.attention import api
+    length = 45
+    q, k, v = make_qkv(50, 2, length, 2, 8)
+    mask = make_mask(51, 2, length, "partial")
+    rng = jax.random.PRNGKey(52)
+    run = lambda: np.asarray(full_attention(
+        q, k, v, causal=causal, mask=mask, dropout_rate=0.3, dropout_rng=rng))
+    got = run()
+    want = numpy_reference(q, k, v, mask, block_size=32, causal=causal,
+                           dropout=(0.3, rng))
+    assert max_abs(got, want) <= 2e-5
+    h = np.asarray(_h_dropout(q, k, v, mask, block_size=32, causal=causal,
+                              rate=0.3, rng=rng))
+    assert max_abs(got, h) <= 2e-5
+    monkeypatch.setattr(api, "XLA_MAX_LOGITS", 2 * 2 * 45 * 8)  # 8-row chunks
+    assert max_abs(run(), want) <= 2e-5
+
+
+def test_dropout_errors():
+    q, k, v = make_qkv(53, 1, 16, 1, 4)
+    for rate in (-0.1, 1.0, "a"):
+        with pytest.raises(ValueError, match="dropout_rate"):
+            hierarchical_attention(q, k, v, block_size=4, dropout_rate=rate,
+                                   dropout_rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="needs dropout_rng"):
+        hierarchical_attention(q, k, v, block_size=4, dropout_rate=0.1)
+    with pytest.raises(ValueError, match="needs dropout_rng"):
+        full_attention(q, k, v, dropout_rate=0.1)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        full_attention(q, k, v, dropout_rate=0.1, implementation="cudnn",
+                       dropout_rng=jax.random.PRNGKey(0))

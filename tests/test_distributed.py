@@ -112,25 +112,31 @@ def kernels_worker(data_dir, out):
              for _ in range(3))
   mask = jnp.asarray(np.arange(64)[None] < np.array([[64], [50], [9], [33]]))
 
-  def attn(q, k, v, mask):
+  def attn(q, k, v, mask, rate=0.0):
     return hierarchical_attention(q, k, v, block_size=16, mask=mask,
-                                  implementation="pallas_interpret")
+                                  implementation="pallas_interpret",
+                                  dropout_rate=rate,
+                                  dropout_rng=jax.random.PRNGKey(5))
 
-  def grads(q, k, v, mask):
-    return jax.grad(lambda *a: jnp.sum(attn(*a, mask) ** 2),
+  def grads(q, k, v, mask, rate=0.0):
+    return jax.grad(lambda *a: jnp.sum(attn(*a, mask, rate) ** 2),
                     argnums=(0, 1, 2))(q, k, v)
 
-  ref = [np.asarray(g) for g in jax.jit(grads)(q, k, v, mask)]
   info = {}
-  for name, kind, spec in (
-      ("data2_model2", "Auto", P("data", None, "model")),
-      ("explicit", "Explicit", P("data", None, "model"))):
+  for name, kind, spec, rate in (
+      ("data2_model2", "Auto", P("data", None, "model"), 0.0),
+      ("explicit", "Explicit", P("data", None, "model"), 0.0),
+      # Each device drops the weights an unsplit call drops.
+      ("dropout", "Auto", P("data", None, "model"), 0.3)):
+    ref = [np.asarray(g) for g in jax.jit(grads, static_argnums=4)(
+        q, k, v, mask, rate)]
     mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(
         getattr(jax.sharding.AxisType, kind),) * 2)
     put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
     args = [put(x, spec) for x in (q, k, v)] + [put(mask, P("data"))]
     # The gradients hold the forward too.
-    compiled = jax.jit(grads).lower(*args).compile()
+    compiled = jax.jit(functools.partial(grads, rate=rate)).lower(
+        *args).compile()
     got = [np.asarray(g) for g in compiled(*args)]
     info[name] = {
         "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(got, ref)),
@@ -195,7 +201,7 @@ def test_kernels_run_per_device_on_a_mesh(tiny_data, tmp_path):
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   info = json.load(open(out))
-  assert set(info) == {"data2_model2", "explicit", "full_suffix",
+  assert set(info) == {"data2_model2", "explicit", "dropout", "full_suffix",
                        "full_holes", "train_step"}
   for name, row in info.items():
     assert row["max_diff"] < 1e-5, (name, row)

@@ -163,7 +163,17 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
     _check_pallas_against_xla(case, causal, dtype)
 
 
-def _check_pallas_against_xla(case, causal, dtype):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("case", [KERNEL_CASES[0], KERNEL_CASES[1],
+                                  KERNEL_CASES[2]], ids=str)
+def test_pallas_dropout_matches_xla(case, causal, dtype):
+  """Attention dropout, as compiled for the GPU: the kernels drop the
+  weights the plain path drops (the hash in uint32 arithmetic)."""
+  _check_pallas_against_xla(case, causal, dtype, dropout=0.2)
+
+
+def _check_pallas_against_xla(case, causal, dtype, dropout=0.0):
   batch, length, heads, d, dv, block_size, holes = case
   keys = jax.random.split(jax.random.key(length + causal), 5)
   q, k = (jax.random.normal(x, (batch, length, heads, d)) for x in keys[:2])
@@ -177,7 +187,9 @@ def _check_pallas_against_xla(case, causal, dtype):
   def loss(implementation, q, k, v):
     out = hierarchical_attention(q, k, v, block_size=block_size,
                                  causal=causal, mask=mask,
-                                 implementation=implementation)
+                                 implementation=implementation,
+                                 dropout_rate=dropout,
+                                 dropout_rng=jax.random.key(7))
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
   grad = lambda impl: jax.jit(jax.value_and_grad(

@@ -375,3 +375,44 @@ def test_restrict_matches_its_definition_with_padding_blocks():
     np.testing.assert_allclose(np.asarray(e_got), ew, rtol=1e-5, atol=1e-6)
     assert (np.asarray(m_got)[0, :, (20 >> level) + 1:] == kernels._NO_ROW
             ).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_dropout_values_and_gradients(small_passes, causal):
+  """Attention dropout in the kernels drops the weights the definition
+  (tests/test_attention.py's reference, dropout.py) drops: values and
+  gradients, with padding and a hole, several tiles and levels per launch
+  (over a mesh: tests/test_distributed.py)."""
+  length, d, dv = 150, 16, 32
+  q, k, v = make_qkv(61, 2, length, 2, d, dv)
+  mask = make_mask(61, 2, length, "suffix")
+  mask[1, 20:27] = False
+  cot = np.random.default_rng(62).standard_normal(
+      (2, length, 2, dv)).astype(np.float32)
+  rng = jax.random.PRNGKey(63)
+
+  def f(impl):
+    def loss(q, k, v):
+      if impl == "ref":
+        out = dense_reference(q, k, v, mask, block_size=16, causal=causal,
+                              xp=jnp, dropout=(0.3, rng))
+      else:
+        out = hierarchical_attention(q, k, v, block_size=16, causal=causal,
+                                     mask=mask, implementation=impl,
+                                     dropout_rate=0.3, dropout_rng=rng)
+      return jnp.sum(out * cot), out
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+  got, out = f("pallas_interpret")
+  want = numpy_reference(q, k, v, mask, block_size=16, causal=causal,
+                         dropout=(0.3, rng))
+  assert max_abs(out, want) <= 2e-5
+  assert max_abs(numpy_reference(q, k, v, mask, block_size=16,
+                                 causal=causal), want) > 0.05
+  want_grads, _ = f("ref")
+  for name, g, w in zip("qkv", got, want_grads):
+    g, w = np.asarray(g), np.asarray(w)
+    scale = max(1.0, float(np.abs(w).max()))
+    assert max_abs(g, w) <= 1e-4 * scale, name
+    assert (g[~mask] == 0).all(), name
+

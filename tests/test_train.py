@@ -21,6 +21,7 @@ from htransformer import metrics as metrics_lib
 from htransformer import models
 from htransformer import tasks
 from htransformer import train
+from htransformer.attention import full_attention, hierarchical_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -340,6 +341,54 @@ def test_attention_layer_passes_implementation():
                                   implementation="cudnn", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="implementation"):
     bad(x)
+
+
+def test_attention_layer_dropout():
+  """Attention dropout acts in training only, draws from the ``dropout``
+  stream, and drops what the attention function drops for that key."""
+  x = jax.random.normal(jax.random.key(0), (2, 10, 16))
+  make = lambda rate, kind: models.MultiHeadAttention(
+      2, 16, attention=kind, block_size=4, implementation="xla",
+      dropout_rate=rate, rngs=nnx.Rngs(0))
+  for kind in ("hierarchical", "full"):
+    plain, drop = make(0.0, kind), make(0.3, kind)
+    np.testing.assert_array_equal(plain(x), drop(x))  # deterministic
+    with pytest.raises(ValueError, match="needs rngs"):
+      drop(x, deterministic=False)
+    a = drop(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    b = drop(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.abs(a - drop(x)).max()) > 1e-3
+    # The key the layer drew: the stream's first, as nnx.Rngs hands it out.
+    key = nnx.Rngs(dropout=1).dropout()
+    q, k, v = (m(x).reshape(2, 10, 2, 8)
+               for m in (drop.query, drop.key, drop.value))
+    fn = hierarchical_attention if kind == "hierarchical" else full_attention
+    kw = dict(block_size=4) if kind == "hierarchical" else {}
+    y = fn(q, k, v, implementation="xla", dropout_rate=0.3, dropout_rng=key,
+           **kw)
+    np.testing.assert_allclose(a, drop.out(y.reshape(2, 10, 16)), atol=1e-6)
+  with pytest.raises(ValueError, match="dropout_rate"):
+    make(1.5, "full")
+
+
+def test_train_step_with_attention_dropout(tiny_data):
+  """model.attention_dropout_rate reaches the attention layers: in
+  training mode another dropout key changes the logits only when it is on
+  (the other dropout off)."""
+  diffs = {}
+  for rate in (0.0, 0.5):
+    c = tiny_config(tiny_data, **{"model.attention_dropout_rate": rate,
+                                  "model.dropout_rate": 0.0})
+    task = tasks.get_task(c)
+    model = train.build_model(c, task)
+    assert model.encoder.blocks[0].attn.dropout_rate == rate
+    tokens = jnp.asarray(np.stack(
+        [task.sources["train"][i]["inputs"] for i in range(4)]))
+    out = [model(tokens, deterministic=False, rngs=nnx.Rngs(dropout=s))
+           for s in (0, 1)]
+    diffs[rate] = float(jnp.abs(out[0] - out[1]).max())
+  assert diffs[0.0] == 0.0 and diffs[0.5] > 1e-4
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

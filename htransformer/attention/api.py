@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from htransformer.attention import dropout as dropout_lib
 from htransformer.attention import hierarchical
 from htransformer.attention import kernels
 
@@ -63,6 +64,20 @@ def _check_inputs(query, key, value, mask):
   return mask
 
 
+def _dropout_seeds(rate, rng, query):
+  """(rate, uint32 seeds [B, H] or None) of a call's attention dropout."""
+  rate = dropout_lib.check_rate(rate)
+  if rate == 0.0:
+    return rate, None
+  if rng is None:
+    raise ValueError(
+        f"dropout_rate={rate} needs dropout_rng (a JAX PRNG key); pass "
+        "dropout_rate=0.0 for none (e.g. at evaluation).")
+  batch, _, heads, _ = query.shape
+  return rate, dropout_lib.head_seeds(dropout_lib.seed_from_key(rng), batch,
+                                      heads)
+
+
 def _check_block_size(block_size):
   if (not isinstance(block_size, int) or isinstance(block_size, bool)
       or block_size < 2 or block_size % 2):
@@ -72,7 +87,8 @@ def _check_block_size(block_size):
 
 def hierarchical_attention(query, key, value, *, block_size: int = 16,
                            causal: bool = False, mask=None,
-                           implementation: str | None = None):
+                           implementation: str | None = None,
+                           dropout_rate: float = 0.0, dropout_rng=None):
   """H-Transformer-1D attention, exact to the definition in the docs.
 
   Args:
@@ -96,6 +112,13 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
       (GPU; float32 inputs use full-precision float32 products);
       "pallas_interpret" the same kernels in Pallas interpret mode, on any
       backend (slow; for tests).
+    dropout_rate: attention dropout on the weights (0: none): each weight
+      of the hierarchical matrix (a token pair at level 0, a coarse query
+      and key farther out) is dropped with this probability in the
+      numerator and the kept ones scaled by 1/(1 - rate); the normaliser
+      keeps all. The same weights are dropped by every implementation, as
+      ``htransformer/attention/dropout.py`` defines.
+    dropout_rng: a JAX PRNG key; required when ``dropout_rate > 0``.
 
   Returns:
     [batch, length, heads, value_dim] in the query dtype; zero at masked
@@ -103,6 +126,7 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
   """
   _check_block_size(block_size)
   mask = _check_inputs(query, key, value, mask)
+  rate, seeds = _dropout_seeds(dropout_rate, dropout_rng, query)
   if implementation is None:
     implementation = _default_hierarchical(query, value, block_size)
   if implementation not in HIERARCHICAL_IMPLEMENTATIONS:
@@ -115,14 +139,16 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
         f"{jax.default_backend()!r}. Use 'xla', or 'pallas_interpret' (the "
         "same kernels, interpreted; slow).")
   if implementation.startswith("pallas"):
-    run = lambda q, k, v, m: kernels.hierarchical_attention_pallas(
+    run = lambda q, k, v, m, s: kernels.hierarchical_attention_pallas(
         q, k, v, m, block_size=block_size, causal=bool(causal),
-        interpret=implementation == "pallas_interpret")
-    return _per_device(run, query, key, value, mask)
+        interpret=implementation == "pallas_interpret", dropout_rate=rate,
+        dropout_seeds=s)
+    return _per_device(run, query, key, value, mask, seeds)
   if mask is None:
     mask = jnp.ones(query.shape[:2], jnp.bool_)
   return hierarchical.hierarchical_attention_xla(
-      query, key, value, mask, block_size=block_size, causal=bool(causal))
+      query, key, value, mask, block_size=block_size, causal=bool(causal),
+      dropout_rate=rate, dropout_seeds=seeds)
 
 
 # Mesh axes that split the batch and the heads of the fused kernels' inputs
@@ -142,8 +168,9 @@ def _split_axes(mesh, names, size):
   return tuple(axes) or None
 
 
-def _per_device(run, query, key, value, mask):
-  """``run(q, k, v, mask)`` on each device's share of a sharded batch.
+def _per_device(run, query, key, value, mask, seeds=None):
+  """``run(q, k, v, mask, seeds)`` on each device's share of a sharded batch
+  (``seeds``: the per-(batch row, head) dropout seeds [B, H], or None).
 
   A Pallas kernel is one opaque call: on inputs sharded over a mesh, the
   compiler would gather every device's rows and compute the whole batch on
@@ -155,7 +182,7 @@ def _per_device(run, query, key, value, mask):
   sharding = getattr(jax.typeof(query), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or mesh.empty or mesh.size == 1:
-    return run(query, key, value, mask)
+    return run(query, key, value, mask, seeds)
   batch, _, heads, _ = query.shape
   explicit = any(t == jax.sharding.AxisType.Explicit
                  for t in mesh.axis_types)
@@ -168,15 +195,23 @@ def _per_device(run, query, key, value, mask):
   rows = P(b_axes, None, h_axes, None)
   if mask is None:
     mask = jnp.ones((batch, query.shape[1]), jnp.bool_)
+  # Seeds of the whole batch, split with it: each device drops the same
+  # weights as an unsplit call would.
+  has_seeds = seeds is not None
+  if not has_seeds:
+    seeds = jnp.zeros((batch, heads), jnp.uint32)
   if explicit:
     named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
     query, key, value = (jax.sharding.reshard(x, named(rows))
                          for x in (query, key, value))
     mask = jax.sharding.reshard(mask, named(P(b_axes, None)))
-  return jax.shard_map(run, mesh=mesh, in_specs=(rows, rows, rows,
-                                                 P(b_axes, None)),
+    seeds = jax.sharding.reshard(seeds, named(P(b_axes, h_axes)))
+  local = lambda q, k, v, m, s: run(q, k, v, m, s if has_seeds else None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows,
+                                                   P(b_axes, None),
+                                                   P(b_axes, h_axes)),
                        out_specs=rows, check_vma=False)(
-                           query, key, value, mask)
+                           query, key, value, mask, seeds)
 
 
 def _default_hierarchical(query, value, block_size) -> str:
@@ -207,7 +242,8 @@ def cudnn_head_dim(d: int) -> int:
 
 
 def full_attention(query, key, value, *, causal: bool = False, mask=None,
-                   implementation: str | None = None):
+                   implementation: str | None = None,
+                   dropout_rate: float = 0.0, dropout_rng=None):
   """Full softmax attention: the baseline, via jax.nn.dot_product_attention.
 
   Same arguments and layout as :func:`hierarchical_attention`, minus
@@ -219,15 +255,28 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
   each call) masks keys through one extra head column instead
   (:func:`_mask_keys_by_column`), or runs XLA where that column would take
   the head past cuDNN's 128.
+
+  ``dropout_rate`` / ``dropout_rng``: attention dropout as in
+  :func:`hierarchical_attention` (every pair drawn at level 0). cuDNN's
+  path has none, so ``implementation=None`` runs XLA when
+  ``dropout_rate > 0``.
   """
   mask = _check_inputs(query, key, value, mask)
+  rate, seeds = _dropout_seeds(dropout_rate, dropout_rng, query)
   if implementation is None:
-    implementation = "cudnn" if _cudnn_supported(query, value) else "xla"
+    implementation = ("cudnn" if _cudnn_supported(query, value) and not rate
+                      else "xla")
   if implementation not in FULL_IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be one of {FULL_IMPLEMENTATIONS} or None, got "
         f"{implementation!r}.")
-  if implementation == "cudnn":
+  if implementation == "cudnn" and rate:
+    raise ValueError(
+        "implementation='cudnn' has no attention dropout; use "
+        "implementation=None or 'xla' with dropout_rate > 0.")
+  if rate:
+    out = _xla(query, key, value, causal, mask, dropout=(rate, seeds))
+  elif implementation == "cudnn":
     if value.shape[-1] != query.shape[-1]:
       raise ValueError("implementation='cudnn' needs value_dim == head_dim.")
     if mask is None:
@@ -244,10 +293,12 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
   return out
 
 
-def _cudnn_masked(query, key, value, mask, *, causal):
+def _cudnn_masked(query, key, value, mask, seeds=None, *, causal):
   """cuDNN with a mask: by key lengths when the mask is suffix padding in
   every row (checked on the device), else by the key column below (or XLA
-  where that column would take the head past cuDNN's 128)."""
+  where that column would take the head past cuDNN's 128). ``seeds``:
+  unused (no dropout here), for :func:`_per_device`."""
+  del seeds
   length, d = query.shape[1], query.shape[-1]
   lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
   suffix = jnp.all(mask == (jnp.arange(length) < lengths[:, None]))
@@ -316,11 +367,13 @@ def _cudnn(query, key, value, causal, lengths, scale_dim=None):
 XLA_MAX_LOGITS = 1 << 26
 
 
-def _xla(query, key, value, causal, mask, scale_dim=None):
+def _xla(query, key, value, causal, mask, scale_dim=None, dropout=None):
   """XLA attention. jax.nn.dot_product_attention wants one head dim for q, k
   and v: the narrower ones are padded with zeros (which changes no logit)
   and the output sliced. The scale is ``1/sqrt(scale_dim or head_dim)``.
-  Above ``XLA_MAX_LOGITS`` logits it runs in chunks of queries."""
+  Above ``XLA_MAX_LOGITS`` logits it runs in chunks of queries.
+  ``dropout``: None or (rate, uint32 seeds [B, H]), attention dropout
+  (then the softmax is written out here: jax.nn's has none)."""
   d, dv = query.shape[-1], value.shape[-1]
   width = max(d, dv)
   widen = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))
@@ -330,14 +383,48 @@ def _xla(query, key, value, causal, mask, scale_dim=None):
   limit = XLA_MAX_LOGITS * (1 if jax.default_backend() == "cpu" else 16)
   if batch * heads * length * length > limit:
     return _xla_chunked(query, key, value, causal, mask, scale,
-                        limit)[..., :dv]
+                        limit, dropout)[..., :dv]
+  if dropout is not None:
+    return _dense_dropout(query, key, value, causal, mask, scale, dropout,
+                          0)[..., :dv]
   attn_mask = None if mask is None else mask[:, None, None, :]
   return jax.nn.dot_product_attention(
       query, key, value, mask=attn_mask, is_causal=causal, scale=scale,
       implementation="xla")[..., :dv]
 
 
-def _xla_chunked(query, key, value, causal, mask, scale, limit):
+def _dense_dropout(query, key, value, causal, mask, scale, dropout, start):
+  """Softmax attention of the queries ``start + [0, n)`` (a chunk) to every
+  key, with attention dropout ``(rate, seeds)`` on the numerator's weights
+  (level 0 of ``dropout.py`` for every pair)."""
+  rate, seeds = dropout
+  n, length = query.shape[1], key.shape[1]
+  acc = jnp.promote_types(query.dtype, jnp.float32)
+  s = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                 preferred_element_type=acc) * scale
+  rows = start + jnp.arange(n)
+  ok = jnp.ones((1, 1, n, length), bool)
+  if mask is not None:
+    ok = ok & mask[:, None, None, :]
+  if causal:
+    ok = ok & (jnp.arange(length)[None, :] <= rows[:, None])[None, None]
+  s = jnp.where(ok, s, -jnp.inf)
+  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)
+  z = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(z > 0, z, 1.0)
+  keep = dropout_lib.multiplier(
+      dropout_lib.level_seed(seeds, 0)[:, :, None, None],
+      rows.astype(jnp.uint32)[:, None],
+      jnp.arange(length, dtype=jnp.uint32)[None, :], rate)
+  out = jnp.einsum("bhqk,bkhd->bqhd", (p * keep).astype(value.dtype), value,
+                   preferred_element_type=acc)
+  return out.astype(query.dtype)
+
+
+def _xla_chunked(query, key, value, causal, mask, scale, limit,
+                 dropout=None):
   """:func:`_xla` over chunks of queries (``lax.map``) of at most ``limit``
   logits, each attending to every key under the same masks;
   ``jax.checkpoint`` keeps the backward pass from storing every chunk's
@@ -355,6 +442,9 @@ def _xla_chunked(query, key, value, causal, mask, scale, limit):
   def attend(args):
     q, start = args
     ok = keys_ok
+    if dropout is not None:
+      return _dense_dropout(q, key, value, causal, mask, scale, dropout,
+                            start)
     if causal:
       rows = start + jnp.arange(chunk)
       ok = ok & (positions[None, :] <= rows[:, None])[None, None]

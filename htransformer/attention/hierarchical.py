@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from htransformer.attention import dropout as dropout_lib
+
 # Stand-in for the max of a row with no visible key: finite, so that
 # rescaling factors exp(m - M) never produce NaN.
 _NO_KEY = -1e30
@@ -94,8 +96,25 @@ def _structure_masks(block_size: int, causal: bool):
           np.concatenate([left, right], 1))
 
 
+_OFFSETS = {"left": -1, "self": 0, "right": 1}
+
+
+def _dropout_multiplier(drop, nb, nr, neighbours):
+  """[B, H, nb, Nr, K] attention-dropout multipliers of a level's weights
+  (``drop``: the level's uint32 seeds [B, H] and the rate)."""
+  seeds, rate = drop
+  blk = np.arange(nb)[:, None, None]
+  rows = blk * nr + np.arange(nr)[None, :, None]
+  keys = np.concatenate([(blk + _OFFSETS[n]) * nr + np.arange(nr)[None, None]
+                         for n in neighbours], axis=2)
+  return dropout_lib.multiplier(seeds[:, :, None, None, None],
+                                jnp.asarray(dropout_lib.indices_u32(rows)),
+                                jnp.asarray(dropout_lib.indices_u32(keys)),
+                                rate)
+
+
 def _level(q, k, v, c, structure, neighbours, scale, compute_dtype,
-           acc_dtype):
+           acc_dtype, drop=None):
   """Blockwise attention of one level against its neighbouring key blocks.
 
   Args:
@@ -107,6 +126,8 @@ def _level(q, k, v, c, structure, neighbours, scale, compute_dtype,
     scale: logit scale.
     compute_dtype: dtype of the matmul operands.
     acc_dtype: accumulation dtype (float32, or float64 for float64 inputs).
+    drop: None, or (the level's uint32 seeds [B, H], rate): attention
+      dropout on the numerator's weights (``dropout.py``).
 
   Returns:
     y: [B, H, nb, Nr, Dv] unnormalised numerator, relative to ``m``.
@@ -126,13 +147,15 @@ def _level(q, k, v, c, structure, neighbours, scale, compute_dtype,
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, _NO_KEY))
   p = jnp.exp(s - m[..., None]) * cs[:, :, :, None, :]
   z = jnp.sum(p, axis=-1)
+  if drop is not None:
+    p = p * _dropout_multiplier(drop, q.shape[2], q.shape[3], neighbours)
   y = jnp.einsum("bhnqk,bhnkd->bhnqd", p.astype(compute_dtype), vs,
                  preferred_element_type=acc_dtype)
   return y, z, m
 
 
 def hierarchical_attention_xla(query, key, value, valid, *, block_size,
-                               causal):
+                               causal, dropout_rate=0.0, dropout_seeds=None):
   """Core on validated inputs.
 
   Args:
@@ -140,6 +163,9 @@ def hierarchical_attention_xla(query, key, value, valid, *, block_size,
     valid: bool [B, L], True for real tokens.
     block_size: even block size Nr >= 2.
     causal: causal attention.
+    dropout_rate: attention dropout rate (0: none).
+    dropout_seeds: uint32 [B, H] (``dropout.head_seeds``) when
+      ``dropout_rate > 0``.
 
   Returns:
     [B, L, H, Dv] in the query dtype, zero at positions where ``valid`` is
@@ -191,10 +217,13 @@ def hierarchical_attention_xla(query, key, value, valid, *, block_size,
         q_sum, q_count = _halve_sum(q_sum), _halve_sum(q_count)
         q_l = _masked_mean(q_sum, q_count).astype(compute_dtype)
     blocks = lambda x: x.reshape(batch, heads, nb, nr, *x.shape[3:])
+    drop = None
+    if dropout_rate > 0:
+      drop = (dropout_lib.level_seed(dropout_seeds, level), dropout_rate)
     y, z, m = _level(blocks(q_l), blocks(k_l), blocks(v_l), blocks(count),
                      struct0 if level == 0 else struct_coarse,
                      near if level == 0 else far, scale, compute_dtype,
-                     acc_dtype)
+                     acc_dtype, drop)
     results.append((y.reshape(batch, heads, n, -1), z.reshape(batch, heads, n),
                     m.reshape(batch, heads, n)))
 

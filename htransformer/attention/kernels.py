@@ -79,6 +79,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from htransformer.attention import dropout as dropout_lib
 from htransformer.attention import hierarchical
 
 # Row max / log-normaliser of a row that sees no key (finite, so that
@@ -272,12 +273,12 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
     # children (``rows`` takes them at its own rows).
     state = (tuple(_repeat2(r[pl.ds(ti * (tc // 2), tc // 2)])
                    for r in parent_refs) if has_parent else None)
-    for level_refs, (n, t, level0) in reversed(list(zip(levels, group))):
+    for level_refs, (n, t, level) in reversed(list(zip(levels, group))):
       start = ti * t
       if state is not None and state[0].shape[0] != t:
         state = tuple(_repeat2(x) for x in state)
       state = rows(*level_refs, state, level_refs[3][pl.ds(start, t)],
-                   start, tile=t, n=n, level0=level0, **kw)
+                   start, tile=t, n=n, level=level, **kw)
     for ref, value in zip(out_refs, state):
       ref[pl.ds(ti * t0, t0)] = value.astype(ref.dtype)
 
@@ -289,19 +290,41 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
 # ---------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, group, has_parent, **kw):
-  """Forward of levels ``group`` (finest first: (n, t, level0) each)."""
+def _with_dropout(refs, rate):
+  """(refs, drop): with ``rate > 0`` the first ref holds the program's
+  dropout seed (16 copies of its (batch row, head) seed)."""
+  if not rate:
+    return refs, None
+  return refs[1:], (refs[0], rate)
+
+
+def _dropout(drop, level, rows, keys):
+  """Attention-dropout multipliers of a level's weights (rows x keys) or
+  None (``dropout.py``: the same weights as every other implementation)."""
+  if drop is None:
+    return None
+  seed_ref, rate = drop
+  seed = dropout_lib.level_seed(jnp.max(seed_ref[...]), level)
+  return dropout_lib.multiplier(seed, rows.astype(jnp.uint32),
+                                keys.astype(jnp.uint32), rate)
+
+
+def _fwd_kernel(*refs, group, has_parent, rate, **kw):
+  """Forward of levels ``group`` (finest first: (n, t, level) each)."""
+  refs, drop = _with_dropout(refs, rate)
   _run_levels(refs, _fwd_rows, group=group, per_level=4,
-              has_parent=has_parent, fills=(0.0, _NO_KEY), **kw)
+              has_parent=has_parent, fills=(0.0, _NO_KEY), drop=drop, **kw)
 
 
 def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
-              level0, causal, scale, precision):
+              level, causal, scale, precision, drop):
   """(normalised output f32, lse) of a level's rows [start, start + tile).
 
   ``parent``: the parent level's (output, lse) of these rows' parents (one
-  row per row here), or None at the coarsest level.
+  row per row here), or None at the coarsest level. ``drop``: attention
+  dropout (``_with_dropout``) or None; it thins the numerator only.
   """
+  level0 = level == 0
   qi = start + _iota(tile)
   q = q_ref[pl.ds(start, tile)]
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
@@ -320,7 +343,9 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
         m, jnp.max(s, axis=1))
     p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0) * c[None, :]
     v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
-    part = _dot(p.astype(v.dtype), v, precision)
+    keep = _dropout(drop, level, qi[:, None], kj[None, :])
+    part = _dot((p if keep is None else p * keep).astype(v.dtype), v,
+                precision)
     if m is None:
       z, y = jnp.sum(p, axis=1), part
     else:
@@ -364,14 +389,34 @@ def _counts_spec(n):
 
 
 def _group(pyramid, first, count, t):
-  """(rows, tile rows, level 0?) of levels first .. first+count-1, finest
+  """(rows, tile rows, level) of levels first .. first+count-1, finest
   first."""
-  return tuple((pyramid[first + j][0].shape[1], t >> j, first + j == 0)
+  return tuple((pyramid[first + j][0].shape[1], t >> j, first + j)
                for j in range(count))
 
 
+def _seed_spec():
+  """A program's dropout seeds: [B, H, 16] (16 copies of each)."""
+  return pl.BlockSpec((None, None, _SEED_COPIES), lambda i, j, k: (k, j, 0))
+
+
+# Copies of each dropout seed the kernels read (a block of one element is
+# avoided; the kernels take their max).
+_SEED_COPIES = 16
+
+
+def _seed_inputs(seeds):
+  """(in_specs, args) that give the kernels the dropout seeds (none if
+  ``seeds`` is None)."""
+  if seeds is None:
+    return [], []
+  b, h = seeds.shape
+  return [_seed_spec()], [jnp.broadcast_to(seeds[:, :, None],
+                                           (b, h, _SEED_COPIES))]
+
+
 def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
-                   out_dtype, precision, interpret):
+                   out_dtype, precision, interpret, seeds=None, rate=0.0):
   """Levels first .. first+count-1 in one launch; parent (o, lse) or None.
 
   Returns level ``first``'s o [B, n, H, Dv] (normalised, out_dtype) and
@@ -382,7 +427,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   dv = v.shape[-1]
   group = _group(pyramid, first, count, t)
   ns = [m for m, _, _ in group]
-  in_specs, args = [], []
+  in_specs, args = _seed_inputs(seeds if rate else None)
   for j, m in enumerate(ns):
     in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv),
                  _counts_spec(m)]
@@ -392,7 +437,8 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
     args += list(parent)
   kernel = functools.partial(
       _fwd_kernel, group=group, nr=nr, causal=causal,
-      has_parent=parent is not None, scale=scale, precision=precision)
+      has_parent=parent is not None, scale=scale, precision=precision,
+      rate=rate)
   return pl.pallas_call(
       kernel,
       grid=(n // t, h, b),
@@ -432,14 +478,20 @@ def _prolong_weight(c, causal_q):
   return jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def _dq_kernel(*refs, group, has_parent, **kw):
+def _dq_kernel(*refs, group, has_parent, rate, **kw):
+  refs, drop = _with_dropout(refs, rate)
   _run_levels(refs, _dq_rows, group=group, per_level=7,
-              has_parent=has_parent, fills=(0.0,), **kw)
+              has_parent=has_parent, fills=(0.0,), drop=drop, **kw)
 
 
 def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
-             start, *, nr, tile, n, level0, causal, scale, precision):
-  """(dq,) f32 of a level's rows, plus the parent's (dq,) prolonged."""
+             start, *, nr, tile, n, level, causal, scale, precision, drop):
+  """(dq,) f32 of a level's rows, plus the parent's (dq,) prolonged.
+
+  With attention dropout (multipliers D on the numerator's weights), a
+  logit's gradient is ``p (D dp - E)``: E = dO . O already holds the
+  dropped weights."""
+  level0 = level == 0
   qi = start + _iota(tile)
   q, g, e, mrow = (r[pl.ds(start, tile)] for r in (q_ref, g_ref, e_ref, m_ref))
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
@@ -455,7 +507,8 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
     p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
                   0.0) * c[None, :]
     dp = _dot(g, v, precision, trans_b=True)
-    ds = p * (dp - e[:, None])
+    keep = _dropout(drop, level, qi[:, None], kj[None, :])
+    ds = p * ((dp if keep is None else keep * dp) - e[:, None])
     part = _dot(ds.astype(k.dtype), k, precision)
     dq = part if dq is None else dq + part
   dq = dq * scale
@@ -467,14 +520,17 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
   return (dq,)
 
 
-def _dkv_kernel(*refs, group, has_parent, **kw):
+def _dkv_kernel(*refs, group, has_parent, rate, **kw):
+  refs, drop = _with_dropout(refs, rate)
   _run_levels(refs, _dkv_rows, group=group, per_level=7,
-              has_parent=has_parent, fills=(0.0, 0.0), **kw)
+              has_parent=has_parent, fills=(0.0, 0.0), drop=drop, **kw)
 
 
 def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
-              start, *, nr, tile, n, level0, causal, scale, precision):
-  """(dk, dv) f32 of a level's key rows, plus the parent's prolonged."""
+              start, *, nr, tile, n, level, causal, scale, precision, drop):
+  """(dk, dv) f32 of a level's key rows, plus the parent's prolonged
+  (dropout as in ``_dq_rows``)."""
+  level0 = level == 0
   kj = start + _iota(tile)
   k, v = k_ref[pl.ds(start, tile)], v_ref[pl.ds(start, tile)]
   k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
@@ -491,9 +547,11 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
     st = _dot(k, q, precision, trans_b=True) * scale
     p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
                   0.0) * ck[:, None]
-    part_v = _dot(p.astype(g.dtype), g, precision)
+    keep = _dropout(drop, level, qi[None, :], kj[:, None])
+    part_v = _dot((p if keep is None else p * keep).astype(g.dtype), g,
+                  precision)
     dp = _dot(v, g, precision, trans_b=True)
-    ds = p * (dp - e[None, :])
+    ds = p * ((dp if keep is None else keep * dp) - e[None, :])
     part_k = _dot(ds.astype(q.dtype), q, precision)
     dk = part_k if dk is None else dk + part_k
     dv = part_v if dv is None else dv + part_v
@@ -509,7 +567,8 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
 
 
 def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
-                    scale, out_dtypes, precision, interpret):
+                    scale, out_dtypes, precision, interpret, seeds=None,
+                    rate=0.0):
   """dq, dk, dv of level ``first`` (levels first .. first+count-1 in one
   launch each for dq and for dk/dv, plus the parent's, prolonged)."""
   q, _, v, _ = pyramid[first]
@@ -519,7 +578,7 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   ns = [m for m, _, _ in group]
   common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
-                precision=precision)
+                precision=precision, rate=rate)
   params = _compiler_params(interpret, t)
   grid = (n // t, h, b)
   suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
@@ -528,7 +587,9 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                 for x in (*pyramid[first + j], *stats[first + j])]
 
   # The same specs (all rows of a batch element and head) for both kernels.
-  in_specs = []
+  seed_specs, seed_args = _seed_inputs(seeds if rate else None)
+  level_args = seed_args + level_args
+  in_specs = list(seed_specs)
   for m in ns:
     in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv_dim),
                  _counts_spec(m), _rows_spec(m, dv_dim), _vec_spec(m),
@@ -795,11 +856,12 @@ def _restrict(g, e, mrow, c, count, interpret):
   return [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
-def _attention(q, k, v, c0, nr, causal, tile, interpret, precision,
-               per_launch, scale):
-  return _forward(q, k, v, c0, nr, causal, tile, interpret, precision,
-                  per_launch, scale)[0]
+@functools.partial(jax.custom_vjp,
+                   nondiff_argnums=(5, 6, 7, 8, 9, 10, 11, 12))
+def _attention(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
+               per_launch, scale, rate):
+  return _forward(q, k, v, c0, seeds, nr, causal, tile, interpret,
+                  precision, per_launch, scale, rate)[0]
 
 
 def _handover_dtype(input_dtype):
@@ -809,8 +871,8 @@ def _handover_dtype(input_dtype):
   return jnp.float32
 
 
-def _forward(q, k, v, c0, nr, causal, tile, interpret, precision, per_launch,
-             scale):
+def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
+             per_launch, scale, rate):
   n = q.shape[1]
   levels = int(round(math.log2(n // nr)))
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret)
@@ -821,21 +883,21 @@ def _forward(q, k, v, c0, nr, causal, tile, interpret, precision, per_launch,
     o, lse = _group_forward(
         pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
         out_dtype=q.dtype if first == 0 else handover,
-        precision=precision, interpret=interpret)
+        precision=precision, interpret=interpret, seeds=seeds, rate=rate)
     parent = (o, lse)
-  return o, (pyramid, o, lse)
+  return o, (pyramid, o, lse, seeds)
 
 
-def _attention_fwd(q, k, v, c0, nr, causal, tile, interpret, precision,
-                   per_launch, scale):
-  o, res = _forward(q, k, v, c0, nr, causal, tile, interpret, precision,
-                    per_launch, scale)
+def _attention_fwd(q, k, v, c0, seeds, nr, causal, tile, interpret,
+                   precision, per_launch, scale, rate):
+  o, res = _forward(q, k, v, c0, seeds, nr, causal, tile, interpret,
+                    precision, per_launch, scale, rate)
   return o, res
 
 
 def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
-                   res, d_o):
-  pyramid, o, lse = res
+                   rate, res, d_o):
+  pyramid, o, lse, seeds = res
   q, k, v, c0 = pyramid[0]
   levels = len(pyramid)
   valid = c0 > 0  # [B, n]
@@ -857,9 +919,9 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
     parent = _group_backward(
         pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
         scale=scale, out_dtypes=dtypes, precision=precision,
-        interpret=interpret)
+        interpret=interpret, seeds=seeds, rate=rate)
   dq, dk, dv = parent
-  return dq, dk, dv, jnp.zeros_like(c0)
+  return dq, dk, dv, jnp.zeros_like(c0), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -867,7 +929,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
                                   causal, interpret=False,
-                                  tile=None):
+                                  tile=None, dropout_rate=0.0,
+                                  dropout_seeds=None):
   """Core on validated inputs (see ``hierarchical.hierarchical_attention_xla``).
 
   Args:
@@ -878,6 +941,9 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
     interpret: run the kernels in Pallas interpret mode (any backend).
     tile: query rows per program at the finest level (a power of two;
       default DEFAULT_TILE).
+    dropout_rate: attention dropout rate (0: none).
+    dropout_seeds: uint32 [B, H] (``dropout.head_seeds``) when
+      ``dropout_rate > 0``.
 
   Returns:
     [B, L, H, Dv] in the query dtype, zero where ``valid`` is False.
@@ -906,7 +972,11 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   precision = (lax.Precision.HIGHEST if dtype == jnp.float32 else
                lax.Precision.DEFAULT)
   per_launch = int(TUNING.get("levels_per_launch") or 1)
-  out = _attention(query, key, value, c0, block_size, bool(causal),
+  rate = float(dropout_rate)
+  seeds = dropout_seeds if rate else None
+  if rate and seeds is None:
+    raise ValueError("dropout_rate > 0 needs dropout_seeds.")
+  out = _attention(query, key, value, c0, seeds, block_size, bool(causal),
                    max(tile, block_size), bool(interpret), precision,
-                   per_launch, scale)
+                   per_launch, scale, rate)
   return out[:, :length, :, :dv]
