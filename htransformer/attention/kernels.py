@@ -59,6 +59,13 @@ outputs merged and the gradients prolonged in XLA: at best 3% faster at
 65,536 tokens, slower at 4,096 and with more levels in the launch
 (docs/benchmarks.md), so not kept.
 
+Attention dropout (``dropout_rate > 0``): every level kernel gets its
+(batch row, head) seed and recomputes, from a weight's level, row and key,
+whether ``dropout.py`` drops it: the forward thins the numerator's weights
+(not the normaliser's), dq and dk, dv use ``p (D dp - E)`` for the logits'
+gradient and the thinned weights for dv (E = dO . O already holds them).
+No mask is stored; about 10% more forward+backward time.
+
 Requirements for the kernels (``unsupported_reason``): block_size a power
 of two >= 16 and floating inputs of at most 32 bits. The kernels work on
 head dims that are powers of two >= 16 (``kernel_head_dim``); narrower or
@@ -395,14 +402,14 @@ def _group(pyramid, first, count, t):
                for j in range(count))
 
 
-def _seed_spec():
-  """A program's dropout seeds: [B, H, 16] (16 copies of each)."""
-  return pl.BlockSpec((None, None, _SEED_COPIES), lambda i, j, k: (k, j, 0))
-
-
 # Copies of each dropout seed the kernels read (a block of one element is
 # avoided; the kernels take their max).
 _SEED_COPIES = 16
+
+
+def _seed_spec():
+  """A program's dropout seeds: [B, H, _SEED_COPIES]."""
+  return pl.BlockSpec((None, None, _SEED_COPIES), lambda i, j, k: (k, j, 0))
 
 
 def _seed_inputs(seeds):
