@@ -173,6 +173,35 @@ def test_pallas_dropout_matches_xla(case, causal, dtype):
   _check_pallas_against_xla(case, causal, dtype, dropout=0.2)
 
 
+@pytest.mark.parametrize("tile_rows", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_pallas_tile_forward_matches_xla(monkeypatch, causal, tile_rows):
+  """TUNING["forward"] = "tile" as compiled for the GPU: the forward
+  without a gradient (values; interpret mode: tests/test_kernels.py)."""
+  from htransformer.attention import kernels
+  monkeypatch.setitem(kernels.TUNING, "forward", "tile")
+  monkeypatch.setitem(kernels.TUNING, "tile_rows", tile_rows)
+  for case, dtype, rate in ((KERNEL_CASES[0], "bfloat16", 0.0),
+                            (KERNEL_CASES[1], "float32", 0.2),
+                            (KERNEL_CASES[2], "bfloat16", 0.0)):
+    batch, length, heads, d, dv, block_size, holes = case
+    keys = jax.random.split(jax.random.key(length), 4)
+    q, k = (jax.random.normal(x, (batch, length, heads, d)) for x in keys[:2])
+    v = jax.random.normal(keys[2], (batch, length, heads, dv))
+    mask = jax.random.bernoulli(keys[3], 0.9, (batch, length)) if holes else None
+    run = lambda impl, *a: jax.jit(lambda q, k, v: hierarchical_attention(
+        q, k, v, block_size=block_size, causal=causal, mask=mask,
+        implementation=impl, dropout_rate=rate,
+        dropout_rng=jax.random.key(3)))(*a)
+    with jax.default_matmul_precision("highest"):
+      ref = np.asarray(run("xla", q, k, v), np.float32)
+    out = np.asarray(run("pallas", *(x.astype(dtype) for x in (q, k, v))),
+                     np.float32)
+    assert np.isfinite(out).all()
+    err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert err < (2e-5 if dtype == "float32" else 2e-2), (case, err)
+
+
 def _check_pallas_against_xla(case, causal, dtype, dropout=0.0):
   batch, length, heads, d, dv, block_size, holes = case
   keys = jax.random.split(jax.random.key(length + causal), 5)

@@ -416,3 +416,40 @@ def test_dropout_values_and_gradients(small_passes, causal):
     assert max_abs(g, w) <= 1e-4 * scale, name
     assert (g[~mask] == 0).all(), name
 
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3], ids=["plain", "dropout"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("tile_rows", [16, 64, 128])
+def test_tile_forward_matches_dense_definition(monkeypatch, tile_rows,
+                                               causal, rate):
+  """TUNING["forward"] = "tile" (the forward without a gradient): levels
+  0 .. a of a tile from its fine rows, the rest by the level kernels
+  (with several coarsening passes), merged; holes, garbage in the
+  padding, a row with no key, and attention dropout."""
+  monkeypatch.setitem(kernels.TUNING, "forward", "tile")
+  monkeypatch.setitem(kernels.TUNING, "tile_rows", tile_rows)
+  monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
+  length = 300  # Lp 512: five levels; a = 0, 2 and 3 in-tile.
+  q, k, v = make_qkv(71, 2, length, 2, 16, 32)
+  mask = make_mask(72, 2, length, "suffix")
+  mask[1, 40:77] = False
+  mask[0, 150:] = False
+  for x in (q, k, v):
+    x[~mask] = np.nan
+  rng = jax.random.PRNGKey(73)
+  want = numpy_reference(np.nan_to_num(q), np.nan_to_num(k),
+                         np.nan_to_num(v), mask, block_size=16,
+                         causal=causal, dropout=(rate, rng) if rate else None)
+  fn = lambda q, k, v: hierarchical_attention(
+      q, k, v, block_size=16, causal=causal, mask=mask,
+      implementation="pallas_interpret", dropout_rate=rate, dropout_rng=rng)
+  a = kernels.tile_levels(16, 5, tile_rows)
+  assert f"hattn_fwd_tile{a}" in str(jax.make_jaxpr(fn)(q, k, v))
+  out = np.asarray(jax.jit(fn)(q, k, v))
+  assert np.isfinite(out).all()
+  assert max_abs(out, want) <= 2e-5
+  assert (out[~mask] == 0).all()
+  monkeypatch.setitem(kernels.TUNING, "forward", "tiles")
+  with pytest.raises(ValueError, match="forward"):
+    run_pallas(q, k, v, mask, causal=causal)

@@ -59,6 +59,20 @@ outputs merged and the gradients prolonged in XLA: at best 3% faster at
 65,536 tokens, slower at 4,096 and with more levels in the launch
 (docs/benchmarks.md), so not kept.
 
+A forward without a gradient can instead run ``TUNING["forward"] =
+"tile"`` (``_tile_forward``; default "levels"): one program per tile of
+``nr * 2**a`` fine rows (at most ``TUNING["tile_rows"]``) computes levels
+0 .. a from the fine rows alone, its coarse queries and keys as products of
+weight matrices with the tile's rows and a neighbour block's worth of rows
+on each side, and writes the tile's level-(a+1) rows; the level kernels
+then run levels a+1 .. on those (1/2**(a+1) of the rows), and XLA merges
+the two results by their log-normalisers. It moves about half the bytes of
+the level-by-level forward (no pyramid pass over the fine rows, no
+hand-over between levels 0 .. a). Under a gradient the level-by-level
+forward runs, since the backward takes its pyramid. Checked against the
+float64 reference in interpret mode (tests/test_kernels.py); its GPU test
+(tests/test_gpu.py) and timings are still to be run.
+
 Attention dropout (``dropout_rate > 0``): every level kernel gets its
 (batch row, head) seed and recomputes, from a weight's level, row and key,
 whether ``dropout.py`` drops it: the forward thins the numerator's weights
@@ -113,9 +127,14 @@ DEFAULT_TILE = 16
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
+# ``forward``: the forward when no gradient is taken: "levels" (a launch
+# per level, as under a gradient) or "tile" (levels 0 .. a of a tile of
+# at most ``tile_rows`` fine rows in one launch, their coarse queries and
+# keys formed from the fine rows in the program, the coarser levels by
+# the level kernels, merged in XLA: ``_tile_forward``).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "handover_dtype": "input"}
+          "handover_dtype": "input", "forward": "levels", "tile_rows": 64}
 
 
 def _pow2(x: int) -> bool:
@@ -395,11 +414,11 @@ def _counts_spec(n):
   return pl.BlockSpec((None, n), lambda i, j, k: (k, 0))
 
 
-def _group(pyramid, first, count, t):
+def _group(pyramid, first, count, t, level_offset=0):
   """(rows, tile rows, level) of levels first .. first+count-1, finest
-  first."""
-  return tuple((pyramid[first + j][0].shape[1], t >> j, first + j)
-               for j in range(count))
+  first (``pyramid[0]`` is level ``level_offset``)."""
+  return tuple((pyramid[first + j][0].shape[1], t >> j,
+                level_offset + first + j) for j in range(count))
 
 
 # Copies of each dropout seed the kernels read (a block of one element is
@@ -423,7 +442,8 @@ def _seed_inputs(seeds):
 
 
 def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
-                   out_dtype, precision, interpret, seeds=None, rate=0.0):
+                   out_dtype, precision, interpret, seeds=None, rate=0.0,
+                   level_offset=0):
   """Levels first .. first+count-1 in one launch; parent (o, lse) or None.
 
   Returns level ``first``'s o [B, n, H, Dv] (normalised, out_dtype) and
@@ -432,7 +452,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  group = _group(pyramid, first, count, t)
+  group = _group(pyramid, first, count, t, level_offset)
   ns = [m for m, _, _ in group]
   in_specs, args = _seed_inputs(seeds if rate else None)
   for j, m in enumerate(ns):
@@ -455,7 +475,8 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
                  jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
       interpret=interpret,
       compiler_params=_compiler_params(interpret, t),
-      name=f"hattn_fwd_l{first}" + (f"_{count}" if count > 1 else ""),
+      name=f"hattn_fwd_l{level_offset + first}" + (
+          f"_{count}" if count > 1 else ""),
   )(*args)
 
 
@@ -472,6 +493,231 @@ def _compiler_params(interpret, rows):
   warps = TUNING["num_warps"] or max(1, min(4, rows // 16))
   return plgpu.CompilerParams(num_warps=warps,
                               num_stages=TUNING["num_stages"])
+
+
+# ------------------------------------------------ forward, several levels
+# per program from the fine rows (TUNING["forward"] = "tile")
+
+
+def tile_levels(nr: int, levels: int, tile_rows: int) -> int:
+  """``a``: a tile of ``nr * 2**a`` fine rows computes levels 0 .. a (at
+  most ``tile_rows`` rows, and a < levels)."""
+  a = 0
+  while a + 1 < levels and (nr << (a + 1)) <= tile_rows:
+    a += 1
+  return a
+
+
+def _coarse_sums(x, c, level, rows, first=False):
+  """Sums of the real rows of ``x`` [R, D] in groups of ``2**level`` (the
+  first ``rows`` groups), as one product with a weight matrix (tensor
+  cores), and the groups' counts; ``first``: each group's first row
+  instead (the causal coarse query; a hole reads as zero)."""
+  coarse, fine = _iota2((rows, x.shape[0]), 0), _iota2((rows, x.shape[0]), 1)
+  if first:
+    w = (fine == coarse << level).astype(x.dtype)
+  else:
+    w = jnp.where((fine >> level) == coarse, c[None, :], 0.0)
+  precision = (lax.Precision.HIGHEST if x.dtype == jnp.float32 else
+               lax.Precision.DEFAULT)
+  return _dot(w.astype(x.dtype), x, precision), jnp.sum(
+      w.astype(jnp.float32), axis=1)
+
+
+def _coarse_piece(k_ref, v_ref, c_ref, pos, level, nr, n0):
+  """The ``nr`` coarse keys, mean values and counts at ``level`` of the fine
+  rows [pos, pos + nr * 2**level) (all inside or all outside the
+  sequence; outside ones are masked by the caller's row numbers)."""
+  size = nr << level
+  at = jnp.clip(pos, 0, n0 - size)
+  c = c_ref[pl.ds(at, size)]
+  k, v = k_ref[pl.ds(at, size)], v_ref[pl.ds(at, size)]
+  k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
+  v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
+  if level == 0:
+    return k, v, c
+  ks, cs = _coarse_sums(k, c, level, nr)
+  vs, _ = _coarse_sums(v, c, level, nr)
+  mean = lambda s: (s / jnp.maximum(cs, 1.0)[:, None]).astype(k.dtype)
+  return mean(ks), mean(vs), cs
+
+
+def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
+                     coarse_out):
+  """Levels 0 .. a of a tile of ``nr * 2**a`` fine rows, from the fine
+  rows alone: a level's coarse queries and keys are products of weight
+  matrices with the fine rows (the tile's own, and a neighbour block's
+  worth on each side), computed coarse to fine with the running (max,
+  normaliser, numerator) of each row prolonged to the next finer level
+  in registers. Writes the tile's output and log-normaliser over these
+  levels (the coarser levels are merged in afterwards, ``_tile_forward``)
+  and, with ``coarse_out``, the tile's queries, keys and values at level
+  a + 1 (the coarser levels' input).
+  """
+  refs, drop = _with_dropout(refs, rate)
+  q_ref, k_ref, v_ref, c_ref, o_ref, lse_ref = refs[:6]
+  next_refs = refs[6:]
+  t = nr << a
+  ti = pl.program_id(0)
+  start = ti * t
+  c_own = c_ref[pl.ds(start, t)]
+
+  def compute():
+    q = q_ref[pl.ds(start, t)]
+    q = jnp.where(c_own[:, None] > 0, q, jnp.zeros_like(q))
+    k_own, v_own = k_ref[pl.ds(start, t)], v_ref[pl.ds(start, t)]
+    k_own = jnp.where(c_own[:, None] > 0, k_own, jnp.zeros_like(k_own))
+    v_own = jnp.where(c_own[:, None] > 0, v_own, jnp.zeros_like(v_own))
+    state = None
+    for level in range(a, -1, -1):
+      rows = t >> level
+      n = n0 >> level
+      qi = (start >> level) + _iota(rows)
+      if level == 0:
+        ql = q
+      else:
+        qs, qc = _coarse_sums(q, c_own, level, rows, first=causal)
+        ql = (qs if causal else
+              qs / jnp.maximum(qc, 1.0)[:, None]).astype(q.dtype)
+      pieces = [(_coarse_piece(k_ref, v_ref, c_ref, start - (nr << level),
+                               level, nr, n0),
+                 (start >> level) - nr + _iota(nr))]
+      if level == 0:
+        pieces.append(((k_own, v_own, c_own), qi))
+      elif level < a:  # The tile holds several blocks of this level.
+        ks, cs = _coarse_sums(k_own, c_own, level, rows)
+        vs, _ = _coarse_sums(v_own, c_own, level, rows)
+        mean = lambda s, cs=cs: (s / jnp.maximum(cs, 1.0)[:, None]).astype(
+            k_own.dtype)
+        pieces.append(((mean(ks), mean(vs), cs), qi))
+      if not causal:
+        pieces.append((_coarse_piece(k_ref, v_ref, c_ref, start + t, level,
+                                     nr, n0),
+                       ((start + t) >> level) + _iota(nr)))
+      m = z = y = None
+      for (k, v, c), kj in pieces:
+        ok = _allowed(qi[:, None], kj[None, :], n, nr, level == 0, causal)
+        ok = ok & (c[None, :] > 0)
+        s = _dot(ql, k, precision, trans_b=True) * scale
+        s = jnp.where(ok, s, _NO_KEY)
+        m_new = jnp.max(s, axis=1) if m is None else jnp.maximum(
+            m, jnp.max(s, axis=1))
+        p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0) * c[None, :]
+        keep = _dropout(drop, level, qi[:, None], kj[None, :])
+        part = _dot((p if keep is None else p * keep).astype(v.dtype), v,
+                    precision)
+        if m is None:
+          z, y = jnp.sum(p, axis=1), part
+        else:
+          f = jnp.exp(m - m_new)
+          z = z * f + jnp.sum(p, axis=1)
+          y = y * f[:, None] + part
+        m = m_new
+      if state is not None:  # The coarser levels' rows, one per row here.
+        mp, zp, yp = (_repeat2(x) for x in state)
+        big = jnp.maximum(m, mp)
+        f, fp = jnp.exp(m - big), jnp.exp(mp - big)
+        z = z * f + zp * fp
+        y = y * f[:, None] + yp * fp[:, None]
+        m = big
+      state = (m, z, y)
+    m, z, y = state
+    has = z > 0
+    o = y / jnp.where(has, z, 1.0)[:, None]
+    o = jnp.where(c_own[:, None] > 0, o, 0.0)
+    o_ref[pl.ds(start, t)] = o.astype(o_ref.dtype)
+    lse_ref[pl.ds(start, t)] = jnp.where(
+        has, m + jnp.log(jnp.where(has, z, 1.0)), _NO_KEY)
+    if coarse_out:
+      # Level a + 1: pair sums of the tile's level-a sums (nr / 2 rows).
+      rows = nr // 2
+      for x, out_ref, mode in zip((q, k_own, v_own), next_refs,
+                                  ("first" if causal else "mean", "mean",
+                                   "mean")):
+        sums, cnt = _coarse_sums(x, c_own, a, nr, first=mode == "first")
+        if mode == "first":
+          coarse = jnp.sum(_pairs(sums) * (_iota(2) == 0).astype(
+              jnp.float32)[None, :, None], axis=1)
+        else:
+          coarse = jnp.sum(_pairs(sums), axis=1) / jnp.maximum(
+              jnp.sum(_pairs(cnt), axis=1), 1.0)[:, None]
+        out_ref[pl.ds(ti * rows, rows)] = coarse.astype(out_ref.dtype)
+
+  at = pl.ds(start, t)
+  fills = [(o_ref, 0.0), (lse_ref, _NO_KEY)]
+  _unless_padding(c_own, compute, fills, at=at)
+  if coarse_out:
+    # A padding tile's coarse rows are zeros (what compute gives them).
+    rows = nr // 2
+
+    @pl.when(jnp.max(c_own) <= 0)
+    def _():
+      for out_ref in next_refs:
+        out_ref[pl.ds(ti * rows, rows)] = jnp.zeros(
+            (rows,) + out_ref.shape[1:], out_ref.dtype)
+
+
+def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
+                  scale, rate, tile_rows):
+  """The forward with ``TUNING["forward"] = "tile"``: levels 0 .. a in one
+  launch from the fine rows (``_tile_fwd_kernel``), levels a+1 .. on the
+  tile's coarse rows by the level kernels, merged in XLA. Returns the
+  output [B, n, H, Dv] in the inputs' dtype."""
+  b, n0, h, d = q.shape
+  dv = v.shape[-1]
+  levels = int(round(math.log2(n0 // nr)))
+  a = tile_levels(nr, levels, tile_rows)
+  t = nr << a
+  coarse_out = a + 1 < levels
+  n1 = n0 >> (a + 1)
+  seed_specs, seed_args = _seed_inputs(seeds if rate else None)
+  in_specs = seed_specs + [_rows_spec(n0, d), _rows_spec(n0, d),
+                           _rows_spec(n0, dv), _counts_spec(n0)]
+  out_specs = [_rows_spec(n0, dv), _vec_spec(n0)]
+  out_shape = [jax.ShapeDtypeStruct(
+      (b, n0, h, dv), _handover_dtype(q.dtype) if coarse_out else q.dtype),
+               jax.ShapeDtypeStruct((b, h, n0), jnp.float32)]
+  if coarse_out:
+    for width in (d, d, dv):
+      out_specs.append(_rows_spec(n1, width))
+      out_shape.append(jax.ShapeDtypeStruct((b, n1, h, width), q.dtype))
+  outs = pl.pallas_call(
+      functools.partial(_tile_fwd_kernel, a=a, nr=nr, n0=n0, causal=causal,
+                        scale=scale, precision=precision, rate=rate,
+                        coarse_out=coarse_out),
+      grid=(n0 // t, h, b), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, interpret=interpret,
+      compiler_params=_compiler_params(interpret, t),
+      name=f"hattn_fwd_tile{a}")(*seed_args, q, k, v, c0)
+  o_f, lse_f = outs[:2]
+  if not coarse_out:
+    return o_f
+  # Levels a+1 .. levels-1: the level kernels, coarse to fine, on the
+  # pyramid of the tile kernel's coarse rows.
+  c1 = c0.reshape(b, n1, -1).sum(axis=-1)
+  pyramid = _pyramid(*outs[2:], c1, levels - a - 1, causal, interpret)
+  per_launch = int(TUNING.get("levels_per_launch") or 1)
+  parent = None
+  for first, count, t1 in reversed(_level_groups(
+      n1, levels - a - 1, DEFAULT_TILE, nr, per_launch)):
+    parent = _group_forward(
+        pyramid, first, count, t1, parent, nr=nr, causal=causal,
+        scale=scale, out_dtype=_handover_dtype(q.dtype),
+        precision=precision, interpret=interpret, seeds=seeds, rate=rate,
+        level_offset=a + 1)
+  # Merge: each level-(a+1) row's result into its 2**(a+1) fine rows.
+  o_p, lse_p = parent
+  g = 1 << (a + 1)
+  o_p = jnp.repeat(o_p.astype(jnp.float32), g, axis=1)
+  lse_p = jnp.repeat(lse_p, g, axis=2)
+  big = jnp.maximum(lse_f, lse_p)
+  weight = lambda x: jnp.transpose(jnp.where(
+      x > 0.5 * _NO_KEY, jnp.exp(x - big), 0.0), (0, 2, 1))[..., None]
+  wf, wp = weight(lse_f), weight(lse_p)
+  total = wf + wp
+  o = (o_f.astype(jnp.float32) * wf + o_p * wp) / jnp.where(
+      total > 0, total, 1.0)
+  return jnp.where(c0[:, :, None, None] > 0, o, 0.0).astype(q.dtype)
 
 
 # --------------------------------------------------------------- backward
@@ -867,6 +1113,16 @@ def _restrict(g, e, mrow, c, count, interpret):
                    nondiff_argnums=(5, 6, 7, 8, 9, 10, 11, 12))
 def _attention(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
                per_launch, scale, rate):
+  # Without differentiation, the forward TUNING picks; under a gradient
+  # the level-by-level forward (its pyramid is the backward's input).
+  forward = TUNING.get("forward", "levels")
+  if forward not in ("levels", "tile"):
+    raise ValueError(f"TUNING['forward'] must be 'levels' or 'tile', got "
+                     f"{forward!r}.")
+  if forward == "tile":
+    return _tile_forward(q, k, v, c0, seeds, nr, causal, interpret,
+                         precision, scale, rate,
+                         int(TUNING.get("tile_rows") or 64))
   return _forward(q, k, v, c0, seeds, nr, causal, tile, interpret,
                   precision, per_launch, scale, rate)[0]
 
