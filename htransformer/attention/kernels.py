@@ -68,8 +68,9 @@ on each side, and writes the tile's level-(a+1) rows; the level kernels
 then run levels a+1 .. on those (1/2**(a+1) of the rows), and XLA merges
 the two results by their log-normalisers. It moves about half the bytes of
 the level-by-level forward (no pyramid pass over the fine rows, no
-hand-over between levels 0 .. a). Under a gradient the level-by-level
-forward runs, since the backward takes its pyramid. Checked against the
+hand-over between levels 0 .. a). Under a gradient it also writes the
+tile's rows at levels 1 .. a, the pyramid the backward reads (the backward
+is the same). Checked against the
 float64 reference in interpret mode (tests/test_kernels.py); its GPU test
 (tests/test_gpu.py) and timings are still to be run.
 
@@ -543,7 +544,7 @@ def _coarse_piece(k_ref, v_ref, c_ref, pos, level, nr, n0):
 
 
 def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
-                     coarse_out):
+                     out_levels):
   """Levels 0 .. a of a tile of ``nr * 2**a`` fine rows, from the fine
   rows alone: a level's coarse queries and keys are products of weight
   matrices with the fine rows (the tile's own, and a neighbour block's
@@ -551,12 +552,13 @@ def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
   normaliser, numerator) of each row prolonged to the next finer level
   in registers. Writes the tile's output and log-normaliser over these
   levels (the coarser levels are merged in afterwards, ``_tile_forward``)
-  and, with ``coarse_out``, the tile's queries, keys and values at level
-  a + 1 (the coarser levels' input).
+  and the tile's queries, keys and values at each level of
+  ``out_levels`` (at most a + 1: the coarser levels' input, and the
+  pyramid the backward reads).
   """
   refs, drop = _with_dropout(refs, rate)
   q_ref, k_ref, v_ref, c_ref, o_ref, lse_ref = refs[:6]
-  next_refs = refs[6:]
+  level_refs = [refs[6 + 3 * j:9 + 3 * j] for j in range(len(out_levels))]
   t = nr << a
   ti = pl.program_id(0)
   start = ti * t
@@ -628,41 +630,47 @@ def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
     o_ref[pl.ds(start, t)] = o.astype(o_ref.dtype)
     lse_ref[pl.ds(start, t)] = jnp.where(
         has, m + jnp.log(jnp.where(has, z, 1.0)), _NO_KEY)
-    if coarse_out:
-      # Level a + 1: pair sums of the tile's level-a sums (nr / 2 rows).
-      rows = nr // 2
-      for x, out_ref, mode in zip((q, k_own, v_own), next_refs,
-                                  ("first" if causal else "mean", "mean",
-                                   "mean")):
-        sums, cnt = _coarse_sums(x, c_own, a, nr, first=mode == "first")
-        if mode == "first":
-          coarse = jnp.sum(_pairs(sums) * (_iota(2) == 0).astype(
-              jnp.float32)[None, :, None], axis=1)
-        else:
-          coarse = jnp.sum(_pairs(sums), axis=1) / jnp.maximum(
-              jnp.sum(_pairs(cnt), axis=1), 1.0)[:, None]
+    for level, refs3 in zip(out_levels, level_refs):
+      rows = t >> level
+      for x, out_ref, first in zip((q, k_own, v_own), refs3,
+                                   (causal, False, False)):
+        if level <= a:
+          sums, cnt = _coarse_sums(x, c_own, level, rows, first=first)
+        else:  # Level a + 1 (nr / 2 rows): pair sums of level a's sums.
+          sums, cnt = _coarse_sums(x, c_own, a, nr, first=first)
+          if first:
+            sums = jnp.sum(_pairs(sums) * (_iota(2) == 0).astype(
+                jnp.float32)[None, :, None], axis=1)
+          else:
+            sums = jnp.sum(_pairs(sums), axis=1)
+            cnt = jnp.sum(_pairs(cnt), axis=1)
+        coarse = sums if first else sums / jnp.maximum(cnt, 1.0)[:, None]
         out_ref[pl.ds(ti * rows, rows)] = coarse.astype(out_ref.dtype)
 
   at = pl.ds(start, t)
   fills = [(o_ref, 0.0), (lse_ref, _NO_KEY)]
   _unless_padding(c_own, compute, fills, at=at)
-  if coarse_out:
-    # A padding tile's coarse rows are zeros (what compute gives them).
-    rows = nr // 2
 
-    @pl.when(jnp.max(c_own) <= 0)
-    def _():
-      for out_ref in next_refs:
+  @pl.when(jnp.max(c_own) <= 0)
+  def _():
+    # A padding tile's coarse rows are zeros (what compute gives them).
+    for level, refs3 in zip(out_levels, level_refs):
+      rows = t >> level
+      for out_ref in refs3:
         out_ref[pl.ds(ti * rows, rows)] = jnp.zeros(
             (rows,) + out_ref.shape[1:], out_ref.dtype)
 
 
 def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
-                  scale, rate, tile_rows):
+                  scale, rate, tile_rows, full_pyramid):
   """The forward with ``TUNING["forward"] = "tile"``: levels 0 .. a in one
   launch from the fine rows (``_tile_fwd_kernel``), levels a+1 .. on the
-  tile's coarse rows by the level kernels, merged in XLA. Returns the
-  output [B, n, H, Dv] in the inputs' dtype."""
+  tile's coarse rows by the level kernels, merged in XLA.
+
+  Returns the output [B, n, H, Dv] in the inputs' dtype, the rows'
+  log-normalisers [B, H, n] and the pyramid (per level (q, k, v,
+  counts), level 0 first), complete if ``full_pyramid`` (the backward's
+  input; else the kernel writes only level a + 1)."""
   b, n0, h, d = q.shape
   dv = v.shape[-1]
   levels = int(round(math.log2(n0 // nr)))
@@ -670,6 +678,8 @@ def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
   t = nr << a
   coarse_out = a + 1 < levels
   n1 = n0 >> (a + 1)
+  out_levels = ((tuple(range(1, a + 1)) if full_pyramid else ())
+                + ((a + 1,) if coarse_out else ()))
   seed_specs, seed_args = _seed_inputs(seeds if rate else None)
   in_specs = seed_specs + [_rows_spec(n0, d), _rows_spec(n0, d),
                            _rows_spec(n0, dv), _counts_spec(n0)]
@@ -677,31 +687,39 @@ def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
   out_shape = [jax.ShapeDtypeStruct(
       (b, n0, h, dv), _handover_dtype(q.dtype) if coarse_out else q.dtype),
                jax.ShapeDtypeStruct((b, h, n0), jnp.float32)]
-  if coarse_out:
+  for level in out_levels:
     for width in (d, d, dv):
-      out_specs.append(_rows_spec(n1, width))
-      out_shape.append(jax.ShapeDtypeStruct((b, n1, h, width), q.dtype))
+      out_specs.append(_rows_spec(n0 >> level, width))
+      out_shape.append(jax.ShapeDtypeStruct((b, n0 >> level, h, width),
+                                            q.dtype))
   outs = pl.pallas_call(
       functools.partial(_tile_fwd_kernel, a=a, nr=nr, n0=n0, causal=causal,
                         scale=scale, precision=precision, rate=rate,
-                        coarse_out=coarse_out),
+                        out_levels=out_levels),
       grid=(n0 // t, h, b), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
       compiler_params=_compiler_params(interpret, t),
       name=f"hattn_fwd_tile{a}")(*seed_args, q, k, v, c0)
   o_f, lse_f = outs[:2]
+  counts = [c0]
+  for _ in range(1, levels):
+    counts.append(counts[-1].reshape(b, -1, 2).sum(axis=-1))
+  pyramid = [(q, k, v, c0)] + [
+      (*outs[2 + 3 * j:5 + 3 * j], counts[level])
+      for j, level in enumerate(out_levels) if level <= a]
   if not coarse_out:
-    return o_f
+    return o_f, lse_f, pyramid
   # Levels a+1 .. levels-1: the level kernels, coarse to fine, on the
   # pyramid of the tile kernel's coarse rows.
-  c1 = c0.reshape(b, n1, -1).sum(axis=-1)
-  pyramid = _pyramid(*outs[2:], c1, levels - a - 1, causal, interpret)
+  coarse = _pyramid(*outs[-3:], counts[a + 1], levels - a - 1, causal,
+                    interpret)
+  pyramid += coarse
   per_launch = int(TUNING.get("levels_per_launch") or 1)
   parent = None
   for first, count, t1 in reversed(_level_groups(
       n1, levels - a - 1, DEFAULT_TILE, nr, per_launch)):
     parent = _group_forward(
-        pyramid, first, count, t1, parent, nr=nr, causal=causal,
+        coarse, first, count, t1, parent, nr=nr, causal=causal,
         scale=scale, out_dtype=_handover_dtype(q.dtype),
         precision=precision, interpret=interpret, seeds=seeds, rate=rate,
         level_offset=a + 1)
@@ -717,7 +735,11 @@ def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
   total = wf + wp
   o = (o_f.astype(jnp.float32) * wf + o_p * wp) / jnp.where(
       total > 0, total, 1.0)
-  return jnp.where(c0[:, :, None, None] > 0, o, 0.0).astype(q.dtype)
+  o = jnp.where(c0[:, :, None, None] > 0, o, 0.0).astype(q.dtype)
+  total = jnp.transpose(total[..., 0], (0, 2, 1))
+  lse = jnp.where(total > 0, big + jnp.log(jnp.where(total > 0, total, 1.0)),
+                  _NO_KEY)
+  return o, lse, pyramid
 
 
 # --------------------------------------------------------------- backward
@@ -1113,18 +1135,9 @@ def _restrict(g, e, mrow, c, count, interpret):
                    nondiff_argnums=(5, 6, 7, 8, 9, 10, 11, 12))
 def _attention(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
                per_launch, scale, rate):
-  # Without differentiation, the forward TUNING picks; under a gradient
-  # the level-by-level forward (its pyramid is the backward's input).
-  forward = TUNING.get("forward", "levels")
-  if forward not in ("levels", "tile"):
-    raise ValueError(f"TUNING['forward'] must be 'levels' or 'tile', got "
-                     f"{forward!r}.")
-  if forward == "tile":
-    return _tile_forward(q, k, v, c0, seeds, nr, causal, interpret,
-                         precision, scale, rate,
-                         int(TUNING.get("tile_rows") or 64))
+  # Without differentiation nothing but the output is needed.
   return _forward(q, k, v, c0, seeds, nr, causal, tile, interpret,
-                  precision, per_launch, scale, rate)[0]
+                  precision, per_launch, scale, rate, residuals=False)[0]
 
 
 def _handover_dtype(input_dtype):
@@ -1135,7 +1148,19 @@ def _handover_dtype(input_dtype):
 
 
 def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
-             per_launch, scale, rate):
+             per_launch, scale, rate, residuals=True):
+  """(output, residuals for the backward: pyramid, output, lse, seeds);
+  ``residuals=False``: only the output is used (TUNING's "tile" forward
+  then writes no pyramid levels it does not need)."""
+  forward = TUNING.get("forward", "levels")
+  if forward not in ("levels", "tile"):
+    raise ValueError(f"TUNING['forward'] must be 'levels' or 'tile', got "
+                     f"{forward!r}.")
+  if forward == "tile":
+    o, lse, pyramid = _tile_forward(
+        q, k, v, c0, seeds, nr, causal, interpret, precision, scale, rate,
+        int(TUNING.get("tile_rows") or 64), full_pyramid=residuals)
+    return o, (pyramid, o, lse, seeds)
   n = q.shape[1]
   levels = int(round(math.log2(n // nr)))
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret)
