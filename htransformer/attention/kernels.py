@@ -343,25 +343,15 @@ def _fwd_kernel(*refs, group, has_parent, rate, **kw):
               has_parent=has_parent, fills=(0.0, _NO_KEY), drop=drop, **kw)
 
 
-def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
-              level, causal, scale, precision, drop):
-  """(normalised output f32, lse) of a level's rows [start, start + tile).
-
-  ``parent``: the parent level's (output, lse) of these rows' parents (one
-  row per row here), or None at the coarsest level. ``drop``: attention
-  dropout (``_with_dropout``) or None; it thins the numerator only.
-  """
-  level0 = level == 0
-  qi = start + _iota(tile)
-  q = q_ref[pl.ds(start, tile)]
-  q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
-
-  # One neighbour piece at a time with a running max (only one piece's
-  # logits live at once: fewer registers per program).
+def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
+  """(max, normaliser, numerator) of the rows ``q`` (row numbers ``qi`` of
+  a level of ``n`` rows) over key pieces ``((k, v, counts), key row
+  numbers)``, one piece at a time with a running max (only one piece's
+  logits live at once: fewer registers per program). Each key's weight is
+  its real-token count; ``drop`` thins the numerator's weights."""
   m = z = y = None
-  for (k, v, c), kj in _neighbours((k_ref, v_ref, c_ref), start, tile, nr,
-                                   n, not causal, level0):
-    ok = _allowed(qi[:, None], kj[None, :], n, nr, level0, causal)
+  for (k, v, c), kj in pieces:
+    ok = _allowed(qi[:, None], kj[None, :], n, nr, level == 0, causal)
     ok = ok & (c[None, :] > 0)
     s = _dot(q, jnp.where(c[:, None] > 0, k, jnp.zeros_like(k)), precision,
              trans_b=True) * scale
@@ -380,6 +370,26 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
       z = z * a + jnp.sum(p, axis=1)
       y = y * a[:, None] + part
     m = m_new
+  return m, z, y
+
+
+def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
+              level, causal, scale, precision, drop):
+  """(normalised output f32, lse) of a level's rows [start, start + tile).
+
+  ``parent``: the parent level's (output, lse) of these rows' parents (one
+  row per row here), or None at the coarsest level. ``drop``: attention
+  dropout (``_with_dropout``) or None; it thins the numerator only.
+  """
+  level0 = level == 0
+  qi = start + _iota(tile)
+  q = q_ref[pl.ds(start, tile)]
+  q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
+
+  m, z, y = _fold(q, qi, _neighbours((k_ref, v_ref, c_ref), start, tile,
+                                      nr, n, not causal, level0),
+                  n=n, nr=nr, level=level, causal=causal, scale=scale,
+                  precision=precision, drop=drop)
 
   if parent is not None:
     po = parent[0].astype(jnp.float32)
@@ -596,25 +606,9 @@ def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
         pieces.append((_coarse_piece(k_ref, v_ref, c_ref, start + t, level,
                                      nr, n0),
                        ((start + t) >> level) + _iota(nr)))
-      m = z = y = None
-      for (k, v, c), kj in pieces:
-        ok = _allowed(qi[:, None], kj[None, :], n, nr, level == 0, causal)
-        ok = ok & (c[None, :] > 0)
-        s = _dot(ql, k, precision, trans_b=True) * scale
-        s = jnp.where(ok, s, _NO_KEY)
-        m_new = jnp.max(s, axis=1) if m is None else jnp.maximum(
-            m, jnp.max(s, axis=1))
-        p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0) * c[None, :]
-        keep = _dropout(drop, level, qi[:, None], kj[None, :])
-        part = _dot((p if keep is None else p * keep).astype(v.dtype), v,
-                    precision)
-        if m is None:
-          z, y = jnp.sum(p, axis=1), part
-        else:
-          f = jnp.exp(m - m_new)
-          z = z * f + jnp.sum(p, axis=1)
-          y = y * f[:, None] + part
-        m = m_new
+      m, z, y = _fold(ql, qi, pieces, n=n, nr=nr, level=level,
+                      causal=causal, scale=scale, precision=precision,
+                      drop=drop)
       if state is not None:  # The coarser levels' rows, one per row here.
         mp, zp, yp = (_repeat2(x) for x in state)
         big = jnp.maximum(m, mp)
