@@ -11,7 +11,7 @@ copy bandwidth and cuDNN, all in one process:
       [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
-      [--by_kernel]
+      [--forward levels tile] [--tile_rows 32 64 128] [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
@@ -19,10 +19,13 @@ every combination, ``--coarsen_impl dot`` the pyramid kernel with
 products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
 combination of tile, warps, levels per launch, pipelining stages, pyramid
-implementation and ``--handover_dtype`` (what coarse levels hand to finer
-ones); the pyramid's heads and rows per program are the first values.
-``--by_kernel`` also traces the forward+backward of each setting and
-prints the device time of each
+implementation, ``--handover_dtype`` (what coarse levels hand to finer
+ones) and ``--forward`` (``TUNING["forward"]``: "levels", a launch per
+level, or "tile", levels 0 .. a of a tile of at most ``--tile_rows`` fine
+rows in one launch); the pyramid's heads and rows per program are the
+first values.
+``--by_kernel`` also traces the forward and the forward+backward of each
+setting and prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
 XLA fusions) per call: where the milliseconds go. Run it with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so that the kernels show.
@@ -135,6 +138,11 @@ def main():
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
+  parser.add_argument("--forward", nargs="+", default=["levels"],
+                      choices=["levels", "tile"],
+                      help="TUNING['forward'] values to time")
+  parser.add_argument("--tile_rows", type=int, nargs="+", default=[64],
+                      help="TUNING['tile_rows'] values (forward 'tile')")
   parser.add_argument("--by_kernel", action="store_true",
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
@@ -189,16 +197,21 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, per_launch, stages, impl,
-         handover) in itertools.product(
+    forwards = [(f, rows) for f in args.forward
+                 for rows in (args.tile_rows if f == "tile" else [0])]
+    for (tile, warps, per_launch, stages, impl, handover,
+         (forward, tile_rows)) in itertools.product(
              args.tiles, args.warps, args.per_launch, args.stages,
-             args.coarsen_impl, args.handover_dtype):
+             args.coarsen_impl, args.handover_dtype, forwards):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
                             num_stages=stages,
-                            coarsen_impl=impl, handover_dtype=handover)
+                            coarsen_impl=impl, handover_dtype=handover,
+                            forward=forward, tile_rows=tile_rows or 64)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
-      row = {"length": length, "tile": tile, "warps": warps or "auto",
+      row = {"length": length, "forward": forward,
+             **({"tile_rows": tile_rows} if forward == "tile" else {}),
+             "tile": tile, "warps": warps or "auto",
              "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
@@ -207,6 +220,10 @@ def main():
              "fwd_ms": bench(attn, q, k, v),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
       if args.by_kernel:
+        f = jax.jit(attn)
+        row["fwd_by_kernel"] = profiling.device_profile(
+            lambda: jax.block_until_ready(f(q, k, v)), steps=5,
+            top=40).get("top_kernels")
         f = jax.jit(fwd_bwd)
         row["fwd_bwd_by_kernel"] = profiling.device_profile(
             lambda: jax.block_until_ready(f(q, k, v)), steps=5,
