@@ -202,6 +202,20 @@ def test_pallas_tile_forward_matches_xla(monkeypatch, causal, tile_rows):
     assert err < (2e-5 if dtype == "float32" else 2e-2), (case, err)
 
 
+@pytest.mark.parametrize("tile_rows", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_pallas_tile_backward_matches_xla(monkeypatch, causal, tile_rows):
+  """TUNING["forward"] and ["backward"] = "tile" as compiled for the GPU:
+  values and gradients (interpret mode: tests/test_kernels.py)."""
+  from htransformer.attention import kernels
+  for key, value in (("forward", "tile"), ("backward", "tile"),
+                     ("tile_rows", tile_rows)):
+    monkeypatch.setitem(kernels.TUNING, key, value)
+  _check_pallas_against_xla(KERNEL_CASES[0], causal, "bfloat16")
+  _check_pallas_against_xla(KERNEL_CASES[1], causal, "float32", dropout=0.2)
+  _check_pallas_against_xla(KERNEL_CASES[2], causal, "bfloat16")
+
+
 def _check_pallas_against_xla(case, causal, dtype, dropout=0.0):
   batch, length, heads, d, dv, block_size, holes = case
   keys = jax.random.split(jax.random.key(length + causal), 5)

@@ -418,15 +418,19 @@ def test_dropout_values_and_gradients(small_passes, causal):
 
 
 
-@pytest.mark.parametrize("tile_rows,causal,rate", [
-    (16, True, 0.0), (64, False, 0.3), (64, True, 0.3), (128, False, 0.0)])
-def test_tile_forward_matches_dense_definition(monkeypatch, tile_rows,
-                                               causal, rate):
+@pytest.mark.parametrize("tile_rows,causal,rate,backward", [
+    (16, True, 0.0, "tile"), (64, False, 0.3, "levels"),
+    (64, True, 0.3, "tile"), (64, False, 0.0, "tile"),
+    (128, True, 0.0, "levels")])
+def test_tile_schedules_match_dense_definition(monkeypatch, tile_rows,
+                                               causal, rate, backward):
   """TUNING["forward"] = "tile": levels 0 .. a of a tile from its fine
   rows, the rest by the level kernels (with several coarsening passes),
   merged; holes, garbage in the padding, a row with no key, attention
-  dropout; and the gradients of the backward it feeds."""
+  dropout; and the gradients of the backward it feeds, level by level or
+  (TUNING["backward"] = "tile") the same way as the forward."""
   monkeypatch.setitem(kernels.TUNING, "forward", "tile")
+  monkeypatch.setitem(kernels.TUNING, "backward", backward)
   monkeypatch.setitem(kernels.TUNING, "tile_rows", tile_rows)
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   length = 300  # Lp 512: five levels; a = 0, 2 and 3 in-tile.
@@ -458,7 +462,9 @@ def test_tile_forward_matches_dense_definition(monkeypatch, tile_rows,
       dropout=(rate, rng) if rate else None)
   clean = [np.nan_to_num(x) for x in (q, k, v)]
   got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
-  assert "hattn_fwd_tile" in str(jax.make_jaxpr(jax.grad(loss(fn)))(q, k, v))
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(fn)))(q, k, v))
+  assert "hattn_fwd_tile" in jaxpr
+  assert ("hattn_dkv_tile" in jaxpr) == (backward == "tile")
   want_g = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(*clean)
   for name, g, w in zip("qkv", got, want_g):
     # At real positions (causal: the reference's zero query of a hole that
@@ -468,6 +474,8 @@ def test_tile_forward_matches_dense_definition(monkeypatch, tile_rows,
     scale = max(1.0, float(np.abs(w).max()))
     assert max_abs(g[mask], w[mask]) <= 1e-4 * scale, name
     assert (g[~mask] == 0).all(), name
-  monkeypatch.setitem(kernels.TUNING, "forward", "tiles")
-  with pytest.raises(ValueError, match="forward"):
-    run_pallas(q, k, v, mask, causal=causal)
+  for name in ("forward", "backward"):
+    monkeypatch.setitem(kernels.TUNING, name, "tiles")
+    with pytest.raises(ValueError, match=name):
+      run_pallas(q, k, v, mask, causal=causal)
+    monkeypatch.setitem(kernels.TUNING, name, "tile")

@@ -133,9 +133,13 @@ DEFAULT_TILE = 16
 # at most ``tile_rows`` fine rows in one launch, their coarse queries and
 # keys formed from the fine rows in the program, the coarser levels by
 # the level kernels, merged in XLA: ``_tile_forward``).
+# ``backward``: "levels" (two kernels per level) or "tile" (levels 0 .. a
+# of a tile from its fine rows in one dq and one dk, dv launch, the coarser
+# levels by the level kernels: ``_tile_backward``).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "handover_dtype": "input", "forward": "levels", "tile_rows": 64}
+          "handover_dtype": "input", "forward": "levels", "backward": "levels",
+          "tile_rows": 64}
 
 
 def _pow2(x: int) -> bool:
@@ -698,9 +702,12 @@ def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
   counts = [c0]
   for _ in range(1, levels):
     counts.append(counts[-1].reshape(b, -1, 2).sum(axis=-1))
-  pyramid = [(q, k, v, c0)] + [
-      (*outs[2 + 3 * j:5 + 3 * j], counts[level])
-      for j, level in enumerate(out_levels) if level <= a]
+  # Levels 1 .. a (None where not written: the tile backward does not
+  # read them).
+  written = {level: (*outs[2 + 3 * j:5 + 3 * j], counts[level])
+             for j, level in enumerate(out_levels)}
+  pyramid = [(q, k, v, c0)] + [written.get(level)
+                               for level in range(1, a + 1)]
   if not coarse_out:
     return o_f, lse_f, pyramid
   # Levels a+1 .. levels-1: the level kernels, coarse to fine, on the
@@ -837,20 +844,21 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
 
 def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                     scale, out_dtypes, precision, interpret, seeds=None,
-                    rate=0.0):
+                    rate=0.0, level_offset=0):
   """dq, dk, dv of level ``first`` (levels first .. first+count-1 in one
-  launch each for dq and for dk/dv, plus the parent's, prolonged)."""
+  launch each for dq and for dk/dv, plus the parent's, prolonged;
+  ``pyramid[0]`` is level ``level_offset``)."""
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv_dim = v.shape[-1]
-  group = _group(pyramid, first, count, t)
+  group = _group(pyramid, first, count, t, level_offset)
   ns = [m for m, _, _ in group]
   common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision, rate=rate)
   params = _compiler_params(interpret, t)
   grid = (n // t, h, b)
-  suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
+  suffix = f"l{level_offset + first}" + (f"_{count}" if count > 1 else "")
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
   level_args = [x for j in range(count)
                 for x in (*pyramid[first + j], *stats[first + j])]
@@ -888,6 +896,267 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                  jax.ShapeDtypeStruct((b, n, h, dv_dim), out_dtypes[2])],
       interpret=interpret, compiler_params=params,
       name=f"hattn_dkv_{suffix}")(*args)
+  return dq, dk, dv
+
+
+# ----------------------------------------------- backward, several levels
+# per program from the fine rows (TUNING["backward"] = "tile")
+
+
+def _group_min(x, level):
+  """Min of ``x`` [R] over aligned groups of ``2**level`` -> [R >> level]."""
+  for _ in range(level):
+    x = jnp.min(_pairs(x), axis=1)
+  return x
+
+
+def _restricted(g, e, mrow, level, rows):
+  """(G, E, M) of the coarse rows at ``level`` of the fine rows' output
+  cotangent ``g`` [R, Dv], E and M [R] (module doc), as a product with a
+  weight matrix: ``M_r`` the group's least log-normaliser, weights
+  ``exp(M_r - M_i)`` (0 for rows of padding)."""
+  if level == 0:
+    return g, e, mrow
+  m = _group_min(mrow, level)
+  coarse, fine = _iota2((rows, g.shape[0]), 0), _iota2((rows, g.shape[0]), 1)
+  w = jnp.where(((fine >> level) == coarse) & (mrow[None, :] < 0.5 * _NO_ROW),
+                jnp.exp(jnp.minimum(m[:, None] - mrow[None, :], 0.0)), 0.0)
+  precision = (lax.Precision.HIGHEST if g.dtype == jnp.float32 else
+               lax.Precision.DEFAULT)
+  gc = _dot(w.astype(g.dtype), g, precision).astype(g.dtype)
+  return gc, jnp.sum(w * e[None, :], axis=1), m
+
+
+def _prolong(x, c, level, first):
+  """The gradient of a level's coarse rows ``x`` [R >> level, D] (f32) on
+  the fine rows (counts ``c`` [R]) they were formed from: each fine row's
+  weight in its group's mean (``first``: 1 for the group's first row)."""
+  for _ in range(level):
+    x = _repeat2(x)
+  rows = c.shape[0]
+  if first:
+    w = ((_iota(rows) & ((1 << level) - 1)) == 0).astype(jnp.float32)
+  else:
+    total = c
+    for _ in range(level):  # The group's count ...
+      total = jnp.sum(_pairs(total), axis=1)
+    for _ in range(level):  # ... on each of its rows.
+      total = _repeat2(total)
+    w = jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
+  return x * w[:, None]
+
+
+def _query_piece(refs, pos, size, level, causal, n0):
+  """Coarse queries at ``level`` and their (G, E, M) of the fine query rows
+  [pos, pos + size) (inside the sequence or masked by the caller)."""
+  q_ref, g_ref, e_ref, m_ref, c_ref = refs
+  at = jnp.clip(pos, 0, n0 - size)
+  c = c_ref[pl.ds(at, size)]
+  q, g = q_ref[pl.ds(at, size)], g_ref[pl.ds(at, size)]
+  e, mrow = e_ref[pl.ds(at, size)], m_ref[pl.ds(at, size)]
+  q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
+  g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
+  rows = size >> level
+  if level:
+    qs, qc = _coarse_sums(q, c, level, rows, first=causal)
+    q = (qs if causal else qs / jnp.maximum(qc, 1.0)[:, None]).astype(q.dtype)
+  return (q,) + _restricted(g, e, mrow, level, rows)
+
+
+def _tile_dq_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
+                    has_parent):
+  """dq of a tile of ``nr * 2**a`` fine rows over levels 0 .. a, from the
+  fine rows (as ``_tile_fwd_kernel``), plus the level-(a+1) dq prolonged."""
+  refs, drop = _with_dropout(refs, rate)
+  q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref = refs[:7]
+  parent_ref = refs[7] if has_parent else None
+  dq_ref = refs[-1]
+  t = nr << a
+  ti = pl.program_id(0)
+  start = ti * t
+  c_own = c_ref[pl.ds(start, t)]
+
+  def compute():
+    k_own, v_own = k_ref[pl.ds(start, t)], v_ref[pl.ds(start, t)]
+    dq = None
+    for level in range(a + 1):
+      rows = t >> level
+      n = n0 >> level
+      qi = (start >> level) + _iota(rows)
+      ql, g, e, mrow = _query_piece((q_ref, g_ref, e_ref, m_ref, c_ref),
+                                    start, t, level, causal, n0)
+      pieces = [(_coarse_piece(k_ref, v_ref, c_ref, start - (nr << level),
+                               level, nr, n0),
+                 (start >> level) - nr + _iota(nr))]
+      if level == 0:
+        pieces.append(((k_own, v_own, c_own), qi))
+      elif level < a:
+        ks, cs = _coarse_sums(jnp.where(c_own[:, None] > 0, k_own, 0.0
+                                        ).astype(k_own.dtype), c_own, level,
+                              rows)
+        vs, _ = _coarse_sums(jnp.where(c_own[:, None] > 0, v_own, 0.0
+                                       ).astype(v_own.dtype), c_own, level,
+                             rows)
+        mean = lambda s, cs=cs: (s / jnp.maximum(cs, 1.0)[:, None]).astype(
+            k_own.dtype)
+        pieces.append(((mean(ks), mean(vs), cs), qi))
+      if not causal:
+        pieces.append((_coarse_piece(k_ref, v_ref, c_ref, start + t, level,
+                                     nr, n0),
+                       ((start + t) >> level) + _iota(nr)))
+      dql = None
+      for (k, v, c), kj in pieces:
+        ok = _allowed(qi[:, None], kj[None, :], n, nr, level == 0, causal)
+        ok = ok & (c[None, :] > 0)
+        k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
+        v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
+        s = _dot(ql, k, precision, trans_b=True) * scale
+        p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
+                      0.0) * c[None, :]
+        dp = _dot(g, v, precision, trans_b=True)
+        keep = _dropout(drop, level, qi[:, None], kj[None, :])
+        ds = p * ((dp if keep is None else keep * dp) - e[:, None])
+        part = _dot(ds.astype(k.dtype), k, precision)
+        dql = part if dql is None else dql + part
+      part = _prolong(dql * scale, c_own, level, causal and level > 0)
+      dq = part if dq is None else dq + part
+    if parent_ref is not None:
+      rows = nr // 2
+      dq = dq + _prolong(parent_ref[pl.ds(ti * rows, rows)].astype(
+          jnp.float32), c_own, a + 1, causal)
+    dq_ref[pl.ds(start, t)] = jnp.where(c_own[:, None] > 0, dq,
+                                        0.0).astype(dq_ref.dtype)
+
+  _unless_padding(c_own, compute, [(dq_ref, 0.0)], at=pl.ds(start, t))
+
+
+def _tile_dkv_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
+                     has_parent):
+  """dk, dv of a tile of ``nr * 2**a`` fine key rows over levels 0 .. a:
+  the queries that see them (a neighbour block on each side, and the
+  tile's own) coarsened and their (G, E, M) restricted in the program,
+  plus the level-(a+1) dk, dv prolonged."""
+  refs, drop = _with_dropout(refs, rate)
+  q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref = refs[:7]
+  parent_refs = refs[7:9] if has_parent else None
+  dk_ref, dv_ref = refs[-2:]
+  t = nr << a
+  ti = pl.program_id(0)
+  start = ti * t
+  c_own = c_ref[pl.ds(start, t)]
+  qrefs = (q_ref, g_ref, e_ref, m_ref, c_ref)
+
+  def compute():
+    k_own, v_own = k_ref[pl.ds(start, t)], v_ref[pl.ds(start, t)]
+    k_own = jnp.where(c_own[:, None] > 0, k_own, jnp.zeros_like(k_own))
+    v_own = jnp.where(c_own[:, None] > 0, v_own, jnp.zeros_like(v_own))
+    dk = dv = None
+    for level in range(a + 1):
+      rows = t >> level
+      n = n0 >> level
+      kj = (start >> level) + _iota(rows)
+      if level == 0:
+        kc, vc, cc = k_own, v_own, c_own
+      else:
+        ks, cc = _coarse_sums(k_own, c_own, level, rows)
+        vs, _ = _coarse_sums(v_own, c_own, level, rows)
+        kc = (ks / jnp.maximum(cc, 1.0)[:, None]).astype(k_own.dtype)
+        vc = (vs / jnp.maximum(cc, 1.0)[:, None]).astype(v_own.dtype)
+      size = nr << level
+      pieces = [(_query_piece(qrefs, start - size, size, level, causal, n0),
+                 (start >> level) - nr + _iota(nr))]
+      if level == 0 or level < a:
+        pieces.append((_query_piece(qrefs, start, t, level, causal, n0), kj))
+      pieces.append((_query_piece(qrefs, start + t, size, level, causal, n0),
+                     ((start + t) >> level) + _iota(nr)))
+      dkl = dvl = None
+      for (ql, g, e, mrow), qi in pieces:
+        ok = _allowed(qi[None, :], kj[:, None], n, nr, level == 0, causal)
+        ok = ok & (cc[:, None] > 0)
+        st = _dot(kc, ql, precision, trans_b=True) * scale
+        p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
+                      0.0) * cc[:, None]
+        keep = _dropout(drop, level, qi[None, :], kj[:, None])
+        part_v = _dot((p if keep is None else p * keep).astype(g.dtype), g,
+                      precision)
+        dp = _dot(vc, g, precision, trans_b=True)
+        ds = p * ((dp if keep is None else keep * dp) - e[None, :])
+        part_k = _dot(ds.astype(ql.dtype), ql, precision)
+        dkl = part_k if dkl is None else dkl + part_k
+        dvl = part_v if dvl is None else dvl + part_v
+      pk = _prolong(dkl * scale, c_own, level, False)
+      pv = _prolong(dvl, c_own, level, False)
+      dk = pk if dk is None else dk + pk
+      dv = pv if dv is None else dv + pv
+    if parent_refs is not None:
+      rows = nr // 2
+      dk = dk + _prolong(parent_refs[0][pl.ds(ti * rows, rows)].astype(
+          jnp.float32), c_own, a + 1, False)
+      dv = dv + _prolong(parent_refs[1][pl.ds(ti * rows, rows)].astype(
+          jnp.float32), c_own, a + 1, False)
+    dk_ref[pl.ds(start, t)] = jnp.where(c_own[:, None] > 0, dk,
+                                        0.0).astype(dk_ref.dtype)
+    dv_ref[pl.ds(start, t)] = jnp.where(c_own[:, None] > 0, dv,
+                                        0.0).astype(dv_ref.dtype)
+
+  _unless_padding(c_own, compute, [(dk_ref, 0.0), (dv_ref, 0.0)],
+                  at=pl.ds(start, t))
+
+
+def _tile_backward(pyramid, g, e, mrow, seeds, *, nr, causal, interpret,
+                   precision, scale, rate, tile_rows, per_launch):
+  """dq, dk, dv with ``TUNING["backward"] = "tile"``: levels a+1 .. by
+  the level kernels on the pyramid's coarse levels (stats restricted to
+  level a+1 first), then levels 0 .. a by one dq and one dk, dv kernel
+  over tiles of fine rows that add the coarser levels' gradients."""
+  q, k, v, c0 = pyramid[0]
+  b, n0, h, d = q.shape
+  dv_dim = v.shape[-1]
+  levels = len(pyramid)
+  a = tile_levels(nr, levels, tile_rows)
+  t = nr << a
+  parent = None
+  if a + 1 < levels:
+    coarse = pyramid[a + 1:]
+    first_stats = _restrict(g, e, mrow, c0, a + 1, interpret)[-1]
+    stats = [first_stats]
+    for base, count in _chunks(len(coarse)):
+      stats += _restrict(*stats[base], coarse[base][3], count, interpret)
+    handover = _handover_dtype(q.dtype)
+    for first, count, t1 in reversed(_level_groups(
+        n0 >> (a + 1), len(coarse), DEFAULT_TILE, nr, per_launch)):
+      parent = _group_backward(
+          coarse, stats, first, count, t1, parent, nr=nr, causal=causal,
+          scale=scale, out_dtypes=(handover,) * 3, precision=precision,
+          interpret=interpret, seeds=seeds, rate=rate, level_offset=a + 1)
+  seed_specs, seed_args = _seed_inputs(seeds if rate else None)
+  in_specs = seed_specs + [
+      _rows_spec(n0, d), _rows_spec(n0, d), _rows_spec(n0, dv_dim),
+      _counts_spec(n0), _rows_spec(n0, dv_dim), _vec_spec(n0),
+      _vec_spec(n0)]
+  args = seed_args + [q, k, v, c0, g, e, mrow]
+  n1 = n0 >> (a + 1)
+  common = dict(a=a, nr=nr, n0=n0, causal=causal, scale=scale,
+                precision=precision, rate=rate,
+                has_parent=parent is not None)
+  grid = (n0 // t, h, b)
+  params = _compiler_params(interpret, t)
+  dq = pl.pallas_call(
+      functools.partial(_tile_dq_kernel, **common), grid=grid,
+      in_specs=in_specs + ([_rows_spec(n1, d)] if parent else []),
+      out_specs=_rows_spec(n0, d),
+      out_shape=jax.ShapeDtypeStruct((b, n0, h, d), q.dtype),
+      interpret=interpret, compiler_params=params,
+      name=f"hattn_dq_tile{a}")(*args, *(parent[:1] if parent else ()))
+  dk, dv = pl.pallas_call(
+      functools.partial(_tile_dkv_kernel, **common), grid=grid,
+      in_specs=in_specs + ([_rows_spec(n1, d), _rows_spec(n1, dv_dim)]
+                           if parent else []),
+      out_specs=[_rows_spec(n0, d), _rows_spec(n0, dv_dim)],
+      out_shape=[jax.ShapeDtypeStruct((b, n0, h, d), k.dtype),
+                 jax.ShapeDtypeStruct((b, n0, h, dv_dim), v.dtype)],
+      interpret=interpret, compiler_params=params,
+      name=f"hattn_dkv_tile{a}")(*args, *(parent[1:] if parent else ()))
   return dq, dk, dv
 
 
@@ -1141,19 +1410,29 @@ def _handover_dtype(input_dtype):
   return jnp.float32
 
 
+def _schedules():
+  """TUNING's forward and backward ("levels" or "tile"), checked."""
+  out = []
+  for name in ("forward", "backward"):
+    value = TUNING.get(name, "levels")
+    if value not in ("levels", "tile"):
+      raise ValueError(f"TUNING[{name!r}] must be 'levels' or 'tile', got "
+                       f"{value!r}.")
+    out.append(value)
+  return tuple(out)
+
+
 def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
              per_launch, scale, rate, residuals=True):
   """(output, residuals for the backward: pyramid, output, lse, seeds);
   ``residuals=False``: only the output is used (TUNING's "tile" forward
   then writes no pyramid levels it does not need)."""
-  forward = TUNING.get("forward", "levels")
-  if forward not in ("levels", "tile"):
-    raise ValueError(f"TUNING['forward'] must be 'levels' or 'tile', got "
-                     f"{forward!r}.")
+  forward, backward = _schedules()
   if forward == "tile":
     o, lse, pyramid = _tile_forward(
         q, k, v, c0, seeds, nr, causal, interpret, precision, scale, rate,
-        int(TUNING.get("tile_rows") or 64), full_pyramid=residuals)
+        int(TUNING.get("tile_rows") or 64),
+        full_pyramid=residuals and backward == "levels")
     return o, (pyramid, o, lse, seeds)
   n = q.shape[1]
   levels = int(round(math.log2(n // nr)))
@@ -1187,6 +1466,12 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
   e = jnp.sum(d_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
   e = jnp.where(vrow, jnp.transpose(e, (0, 2, 1)), 0.0)
   mrow = jnp.where(vrow, lse, _NO_ROW)
+  if _schedules()[1] == "tile":
+    dq, dk, dv = _tile_backward(
+        pyramid, d_o.astype(q.dtype), e, mrow, seeds, nr=nr, causal=causal,
+        interpret=interpret, precision=precision, scale=scale, rate=rate,
+        tile_rows=int(TUNING.get("tile_rows") or 64), per_launch=per_launch)
+    return dq, dk, dv, jnp.zeros_like(c0), None
   # Rows of padding take no gradient (M = _NO_ROW, G masked in the kernels).
   stats = [(d_o.astype(q.dtype), e, mrow)]
   for base, count in _chunks(levels):
