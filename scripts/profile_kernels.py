@@ -11,7 +11,8 @@ copy bandwidth and cuDNN, all in one process:
       [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
-      [--forward levels tile] [--tile_rows 32 64 128] [--by_kernel]
+      [--forward levels tile] [--backward levels tile]
+      [--tile_rows 32 64 128] [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
@@ -20,10 +21,10 @@ products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
 combination of tile, warps, levels per launch, pipelining stages, pyramid
 implementation, ``--handover_dtype`` (what coarse levels hand to finer
-ones) and ``--forward`` (``TUNING["forward"]``: "levels", a launch per
-level, or "tile", levels 0 .. a of a tile of at most ``--tile_rows`` fine
-rows in one launch); the pyramid's heads and rows per program are the
-first values.
+ones), ``--forward`` and ``--backward`` (``TUNING``'s: "levels", a
+launch per level, or "tile", levels 0 .. a of a tile of at most
+``--tile_rows`` fine rows in one launch); the pyramid's heads and rows per
+program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
 setting and prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
@@ -141,8 +142,12 @@ def main():
   parser.add_argument("--forward", nargs="+", default=["levels"],
                       choices=["levels", "tile"],
                       help="TUNING['forward'] values to time")
+  parser.add_argument("--backward", nargs="+", default=["levels"],
+                      choices=["levels", "tile"],
+                      help="TUNING['backward'] values to time")
   parser.add_argument("--tile_rows", type=int, nargs="+", default=[64],
-                      help="TUNING['tile_rows'] values (forward 'tile')")
+                      help="TUNING['tile_rows'] values (the 'tile' "
+                      "schedules)")
   parser.add_argument("--by_kernel", action="store_true",
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
@@ -197,20 +202,21 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    forwards = [(f, rows) for f in args.forward
-                 for rows in (args.tile_rows if f == "tile" else [0])]
+    schedules = [(f, bw, rows) for f in args.forward for bw in args.backward
+                 for rows in (args.tile_rows if "tile" in (f, bw) else [0])]
     for (tile, warps, per_launch, stages, impl, handover,
-         (forward, tile_rows)) in itertools.product(
+         (forward, backward, tile_rows)) in itertools.product(
              args.tiles, args.warps, args.per_launch, args.stages,
-             args.coarsen_impl, args.handover_dtype, forwards):
+             args.coarsen_impl, args.handover_dtype, schedules):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover,
-                            forward=forward, tile_rows=tile_rows or 64)
+                            forward=forward, backward=backward,
+                            tile_rows=tile_rows or 64)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
-      row = {"length": length, "forward": forward,
-             **({"tile_rows": tile_rows} if forward == "tile" else {}),
+      row = {"length": length, "forward": forward, "backward": backward,
+             **({"tile_rows": tile_rows} if tile_rows else {}),
              "tile": tile, "warps": warps or "auto",
              "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],

@@ -68,11 +68,17 @@ on each side, and writes the tile's level-(a+1) rows; the level kernels
 then run levels a+1 .. on those (1/2**(a+1) of the rows), and XLA merges
 the two results by their log-normalisers. It moves about half the bytes of
 the level-by-level forward (no pyramid pass over the fine rows, no
-hand-over between levels 0 .. a). Under a gradient it also writes the
-tile's rows at levels 1 .. a, the pyramid the backward reads (the backward
-is the same). Checked against the
-float64 reference in interpret mode (tests/test_kernels.py); its GPU test
-(tests/test_gpu.py) and timings are still to be run.
+hand-over between levels 0 .. a). Under a gradient with the level-by-level
+backward it also writes the tile's rows at levels 1 .. a, the pyramid that
+backward reads. ``TUNING["backward"] = "tile"`` (``_tile_backward``) is the
+backward built the same way: the coarser levels' gradients by the level
+kernels on levels a+1 .., then one dq and one dk, dv launch over tiles of
+fine rows, each forming its levels' coarse queries, keys and restricted
+cotangent statistics ``(G, E, M)`` from the fine rows (a neighbour block's
+worth on each side) and adding the coarser levels' gradients. Both are
+checked against the float64 reference in interpret mode
+(tests/test_kernels.py); their GPU tests (tests/test_gpu.py) and timings
+are still to be run.
 
 Attention dropout (``dropout_rate > 0``): every level kernel gets its
 (batch row, head) seed and recomputes, from a weight's level, row and key,
