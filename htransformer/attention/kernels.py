@@ -545,6 +545,38 @@ def _coarse_sums(x, c, level, rows, first=False):
       w.astype(jnp.float32), axis=1)
 
 
+def _coarse_mean(x, c, level, rows):
+  """(means of the real rows of ``x`` in groups of ``2**level``, in x's
+  dtype; the groups' counts)."""
+  sums, cnt = _coarse_sums(x, c, level, rows)
+  return (sums / jnp.maximum(cnt, 1.0)[:, None]).astype(x.dtype), cnt
+
+
+def _key_pieces(k_ref, v_ref, c_ref, own, start, t, level, a, nr, n0,
+                causal):
+  """The key pieces ``((k, v, counts), key row numbers)`` at ``level`` that
+  the queries of a tile [start, start + t) of fine rows see: the
+  neighbour block before it, its own rows (at level 0, or while the tile
+  holds several blocks of the level; ``own``: its fine (k, v, counts),
+  zeroed where not real) and, unless causal, the block after it."""
+  k_own, v_own, c_own = own
+  rows = t >> level
+  pieces = [(_coarse_piece(k_ref, v_ref, c_ref, start - (nr << level),
+                           level, nr, n0),
+             (start >> level) - nr + _iota(nr))]
+  if level == 0:
+    pieces.append((own, start + _iota(t)))
+  elif level < a:
+    kc, cc = _coarse_mean(k_own, c_own, level, rows)
+    vc, _ = _coarse_mean(v_own, c_own, level, rows)
+    pieces.append(((kc, vc, cc), (start >> level) + _iota(rows)))
+  if not causal:
+    pieces.append((_coarse_piece(k_ref, v_ref, c_ref, start + t, level, nr,
+                                 n0),
+                   ((start + t) >> level) + _iota(nr)))
+  return pieces
+
+
 def _coarse_piece(k_ref, v_ref, c_ref, pos, level, nr, n0):
   """The ``nr`` coarse keys, mean values and counts at ``level`` of the fine
   rows [pos, pos + nr * 2**level) (all inside or all outside the
@@ -557,10 +589,9 @@ def _coarse_piece(k_ref, v_ref, c_ref, pos, level, nr, n0):
   v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
   if level == 0:
     return k, v, c
-  ks, cs = _coarse_sums(k, c, level, nr)
-  vs, _ = _coarse_sums(v, c, level, nr)
-  mean = lambda s: (s / jnp.maximum(cs, 1.0)[:, None]).astype(k.dtype)
-  return mean(ks), mean(vs), cs
+  kc, cc = _coarse_mean(k, c, level, nr)
+  vc, _ = _coarse_mean(v, c, level, nr)
+  return kc, vc, cc
 
 
 def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
@@ -601,21 +632,8 @@ def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
         qs, qc = _coarse_sums(q, c_own, level, rows, first=causal)
         ql = (qs if causal else
               qs / jnp.maximum(qc, 1.0)[:, None]).astype(q.dtype)
-      pieces = [(_coarse_piece(k_ref, v_ref, c_ref, start - (nr << level),
-                               level, nr, n0),
-                 (start >> level) - nr + _iota(nr))]
-      if level == 0:
-        pieces.append(((k_own, v_own, c_own), qi))
-      elif level < a:  # The tile holds several blocks of this level.
-        ks, cs = _coarse_sums(k_own, c_own, level, rows)
-        vs, _ = _coarse_sums(v_own, c_own, level, rows)
-        mean = lambda s, cs=cs: (s / jnp.maximum(cs, 1.0)[:, None]).astype(
-            k_own.dtype)
-        pieces.append(((mean(ks), mean(vs), cs), qi))
-      if not causal:
-        pieces.append((_coarse_piece(k_ref, v_ref, c_ref, start + t, level,
-                                     nr, n0),
-                       ((start + t) >> level) + _iota(nr)))
+      pieces = _key_pieces(k_ref, v_ref, c_ref, (k_own, v_own, c_own), start,
+                           t, level, a, nr, n0, causal)
       m, z, y = _fold(ql, qi, pieces, n=n, nr=nr, level=level,
                       causal=causal, scale=scale, precision=precision,
                       drop=drop)
@@ -766,6 +784,53 @@ def _dq_kernel(*refs, group, has_parent, rate, **kw):
               has_parent=has_parent, fills=(0.0,), drop=drop, **kw)
 
 
+def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
+             precision, drop):
+  """dq (f32, scaled) of query rows ``q`` (row numbers ``qi``; G, E, M of
+  the module doc: ``g``, ``e``, ``mrow``) over key pieces ``((k, v,
+  counts), key row numbers)``. A logit's gradient is ``p (D dp - E)``
+  (D: the dropout multipliers, 1 without)."""
+  dq = None
+  for (k, v, c), kj in pieces:
+    ok = _allowed(qi[:, None], kj[None, :], n, nr, level == 0, causal)
+    ok = ok & (c[None, :] > 0)
+    k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
+    v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
+    s = _dot(q, k, precision, trans_b=True) * scale
+    p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
+                  0.0) * c[None, :]
+    dp = _dot(g, v, precision, trans_b=True)
+    keep = _dropout(drop, level, qi[:, None], kj[None, :])
+    ds = p * ((dp if keep is None else keep * dp) - e[:, None])
+    part = _dot(ds.astype(k.dtype), k, precision)
+    dq = part if dq is None else dq + part
+  return dq * scale
+
+
+def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
+              precision, drop):
+  """(dk, dv) (f32) of key rows ``k``, ``v`` (counts ``ck``, row numbers
+  ``kj``; zeroed where not real) over the query pieces that see them,
+  ``((q, G, E, M), query row numbers)`` with q and G zeroed where not
+  real (see ``_dq_fold``)."""
+  dk = dv = None
+  for (q, g, e, mrow), qi in pieces:
+    ok = _allowed(qi[None, :], kj[:, None], n, nr, level == 0, causal)
+    ok = ok & (ck[:, None] > 0)
+    st = _dot(k, q, precision, trans_b=True) * scale
+    p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
+                  0.0) * ck[:, None]
+    keep = _dropout(drop, level, qi[None, :], kj[:, None])
+    part_v = _dot((p if keep is None else p * keep).astype(g.dtype), g,
+                  precision)
+    dp = _dot(v, g, precision, trans_b=True)
+    ds = p * ((dp if keep is None else keep * dp) - e[None, :])
+    part_k = _dot(ds.astype(q.dtype), q, precision)
+    dk = part_k if dk is None else dk + part_k
+    dv = part_v if dv is None else dv + part_v
+  return dk * scale, dv
+
+
 def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
              start, *, nr, tile, n, level, causal, scale, precision, drop):
   """(dq,) f32 of a level's rows, plus the parent's (dq,) prolonged.
@@ -778,22 +843,10 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
   q, g, e, mrow = (r[pl.ds(start, tile)] for r in (q_ref, g_ref, e_ref, m_ref))
   q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
   g = jnp.where(cq[:, None] > 0, g, jnp.zeros_like(g))
-  dq = None
-  for (k, v, c), kj in _neighbours((k_ref, v_ref, c_ref), start, tile, nr,
-                                   n, not causal, level0):
-    ok = _allowed(qi[:, None], kj[None, :], n, nr, level0, causal)
-    ok = ok & (c[None, :] > 0)
-    k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
-    v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
-    s = _dot(q, k, precision, trans_b=True) * scale
-    p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
-                  0.0) * c[None, :]
-    dp = _dot(g, v, precision, trans_b=True)
-    keep = _dropout(drop, level, qi[:, None], kj[None, :])
-    ds = p * ((dp if keep is None else keep * dp) - e[:, None])
-    part = _dot(ds.astype(k.dtype), k, precision)
-    dq = part if dq is None else dq + part
-  dq = dq * scale
+  dq = _dq_fold(q, g, e, mrow, qi, _neighbours(
+      (k_ref, v_ref, c_ref), start, tile, nr, n, not causal, level0),
+                 n=n, nr=nr, level=level, causal=causal, scale=scale,
+                 precision=precision, drop=drop)
   if parent is not None:
     w = _prolong_weight(cq, causal)
     dq = dq + w[:, None] * parent[0].astype(jnp.float32)
@@ -817,27 +870,18 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   k, v = k_ref[pl.ds(start, tile)], v_ref[pl.ds(start, tile)]
   k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
   v = jnp.where(ck[:, None] > 0, v, jnp.zeros_like(v))
-  dk = dv = None
   # Queries that see these keys: the same rows and a neighbour block on
   # each side (the structure is symmetric in its reach).
-  for (q, g, c, e, mrow), qi in _neighbours(
-      (q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr, n, True, level0):
-    q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
-    g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
-    ok = _allowed(qi[None, :], kj[:, None], n, nr, level0, causal)
-    ok = ok & (ck[:, None] > 0)
-    st = _dot(k, q, precision, trans_b=True) * scale
-    p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
-                  0.0) * ck[:, None]
-    keep = _dropout(drop, level, qi[None, :], kj[:, None])
-    part_v = _dot((p if keep is None else p * keep).astype(g.dtype), g,
-                  precision)
-    dp = _dot(v, g, precision, trans_b=True)
-    ds = p * ((dp if keep is None else keep * dp) - e[None, :])
-    part_k = _dot(ds.astype(q.dtype), q, precision)
-    dk = part_k if dk is None else dk + part_k
-    dv = part_v if dv is None else dv + part_v
-  dk = dk * scale
+  def pieces():
+    for (q, g, c, e, mrow), qi in _neighbours(
+        (q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr, n, True,
+        level0):
+      q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
+      g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
+      yield (q, g, e, mrow), qi
+  dk, dv = _dkv_fold(k, v, ck, kj, pieces(), n=n, nr=nr, level=level,
+                     causal=causal, scale=scale, precision=precision,
+                     drop=drop)
   if parent is not None:
     w = _prolong_weight(ck, False)
     dk = dk + w[:, None] * parent[0].astype(jnp.float32)
@@ -984,6 +1028,8 @@ def _tile_dq_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
 
   def compute():
     k_own, v_own = k_ref[pl.ds(start, t)], v_ref[pl.ds(start, t)]
+    k_own = jnp.where(c_own[:, None] > 0, k_own, jnp.zeros_like(k_own))
+    v_own = jnp.where(c_own[:, None] > 0, v_own, jnp.zeros_like(v_own))
     dq = None
     for level in range(a + 1):
       rows = t >> level
@@ -991,40 +1037,12 @@ def _tile_dq_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
       qi = (start >> level) + _iota(rows)
       ql, g, e, mrow = _query_piece((q_ref, g_ref, e_ref, m_ref, c_ref),
                                     start, t, level, causal, n0)
-      pieces = [(_coarse_piece(k_ref, v_ref, c_ref, start - (nr << level),
-                               level, nr, n0),
-                 (start >> level) - nr + _iota(nr))]
-      if level == 0:
-        pieces.append(((k_own, v_own, c_own), qi))
-      elif level < a:
-        ks, cs = _coarse_sums(jnp.where(c_own[:, None] > 0, k_own, 0.0
-                                        ).astype(k_own.dtype), c_own, level,
-                              rows)
-        vs, _ = _coarse_sums(jnp.where(c_own[:, None] > 0, v_own, 0.0
-                                       ).astype(v_own.dtype), c_own, level,
-                             rows)
-        mean = lambda s, cs=cs: (s / jnp.maximum(cs, 1.0)[:, None]).astype(
-            k_own.dtype)
-        pieces.append(((mean(ks), mean(vs), cs), qi))
-      if not causal:
-        pieces.append((_coarse_piece(k_ref, v_ref, c_ref, start + t, level,
-                                     nr, n0),
-                       ((start + t) >> level) + _iota(nr)))
-      dql = None
-      for (k, v, c), kj in pieces:
-        ok = _allowed(qi[:, None], kj[None, :], n, nr, level == 0, causal)
-        ok = ok & (c[None, :] > 0)
-        k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
-        v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
-        s = _dot(ql, k, precision, trans_b=True) * scale
-        p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
-                      0.0) * c[None, :]
-        dp = _dot(g, v, precision, trans_b=True)
-        keep = _dropout(drop, level, qi[:, None], kj[None, :])
-        ds = p * ((dp if keep is None else keep * dp) - e[:, None])
-        part = _dot(ds.astype(k.dtype), k, precision)
-        dql = part if dql is None else dql + part
-      part = _prolong(dql * scale, c_own, level, causal and level > 0)
+      pieces = _key_pieces(k_ref, v_ref, c_ref, (k_own, v_own, c_own), start,
+                           t, level, a, nr, n0, causal)
+      dql = _dq_fold(ql, g, e, mrow, qi, pieces, n=n, nr=nr, level=level,
+                     causal=causal, scale=scale, precision=precision,
+                     drop=drop)
+      part = _prolong(dql, c_own, level, causal and level > 0)
       dq = part if dq is None else dq + part
     if parent_ref is not None:
       rows = nr // 2
@@ -1064,10 +1082,8 @@ def _tile_dkv_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
       if level == 0:
         kc, vc, cc = k_own, v_own, c_own
       else:
-        ks, cc = _coarse_sums(k_own, c_own, level, rows)
-        vs, _ = _coarse_sums(v_own, c_own, level, rows)
-        kc = (ks / jnp.maximum(cc, 1.0)[:, None]).astype(k_own.dtype)
-        vc = (vs / jnp.maximum(cc, 1.0)[:, None]).astype(v_own.dtype)
+        kc, cc = _coarse_mean(k_own, c_own, level, rows)
+        vc, _ = _coarse_mean(v_own, c_own, level, rows)
       size = nr << level
       pieces = [(_query_piece(qrefs, start - size, size, level, causal, n0),
                  (start >> level) - nr + _iota(nr))]
@@ -1075,22 +1091,10 @@ def _tile_dkv_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
         pieces.append((_query_piece(qrefs, start, t, level, causal, n0), kj))
       pieces.append((_query_piece(qrefs, start + t, size, level, causal, n0),
                      ((start + t) >> level) + _iota(nr)))
-      dkl = dvl = None
-      for (ql, g, e, mrow), qi in pieces:
-        ok = _allowed(qi[None, :], kj[:, None], n, nr, level == 0, causal)
-        ok = ok & (cc[:, None] > 0)
-        st = _dot(kc, ql, precision, trans_b=True) * scale
-        p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
-                      0.0) * cc[:, None]
-        keep = _dropout(drop, level, qi[None, :], kj[:, None])
-        part_v = _dot((p if keep is None else p * keep).astype(g.dtype), g,
-                      precision)
-        dp = _dot(vc, g, precision, trans_b=True)
-        ds = p * ((dp if keep is None else keep * dp) - e[None, :])
-        part_k = _dot(ds.astype(ql.dtype), ql, precision)
-        dkl = part_k if dkl is None else dkl + part_k
-        dvl = part_v if dvl is None else dvl + part_v
-      pk = _prolong(dkl * scale, c_own, level, False)
+      dkl, dvl = _dkv_fold(kc, vc, cc, kj, pieces, n=n, nr=nr, level=level,
+                           causal=causal, scale=scale, precision=precision,
+                           drop=drop)
+      pk = _prolong(dkl, c_own, level, False)
       pv = _prolong(dvl, c_own, level, False)
       dk = pk if dk is None else dk + pk
       dv = pv if dv is None else dv + pv
