@@ -1151,22 +1151,23 @@ def _tile_backward(pyramid, g, e, mrow, seeds, *, nr, causal, interpret,
                 has_parent=parent is not None)
   grid = (n0 // t, h, b)
   params = _compiler_params(interpret, t)
+  parent = () if parent is None else parent  # level a+1's dq, dk, dv
   dq = pl.pallas_call(
       functools.partial(_tile_dq_kernel, **common), grid=grid,
-      in_specs=in_specs + ([_rows_spec(n1, d)] if parent else []),
+      in_specs=in_specs + [_rows_spec(n1, d)] * len(parent[:1]),
       out_specs=_rows_spec(n0, d),
       out_shape=jax.ShapeDtypeStruct((b, n0, h, d), q.dtype),
       interpret=interpret, compiler_params=params,
-      name=f"hattn_dq_tile{a}")(*args, *(parent[:1] if parent else ()))
+      name=f"hattn_dq_tile{a}")(*args, *parent[:1])
   dk, dv = pl.pallas_call(
       functools.partial(_tile_dkv_kernel, **common), grid=grid,
-      in_specs=in_specs + ([_rows_spec(n1, d), _rows_spec(n1, dv_dim)]
-                           if parent else []),
+      in_specs=in_specs + [_rows_spec(n1, d), _rows_spec(n1, dv_dim)][
+          :len(parent[1:])],
       out_specs=[_rows_spec(n0, d), _rows_spec(n0, dv_dim)],
       out_shape=[jax.ShapeDtypeStruct((b, n0, h, d), k.dtype),
                  jax.ShapeDtypeStruct((b, n0, h, dv_dim), v.dtype)],
       interpret=interpret, compiler_params=params,
-      name=f"hattn_dkv_tile{a}")(*args, *(parent[1:] if parent else ()))
+      name=f"hattn_dkv_tile{a}")(*args, *parent[1:])
   return dq, dk, dv
 
 
