@@ -1128,7 +1128,8 @@ def _tile_backward(pyramid, g, e, mrow, seeds, *, nr, causal, interpret,
   parent = None
   if a + 1 < levels:
     coarse = pyramid[a + 1:]
-    first_stats = _restrict(g, e, mrow, c0, a + 1, interpret)[-1]
+    first_stats = _restrict(g, e, mrow, c0, a + 1, interpret,
+                            last_only=True)[0]
     stats = [first_stats]
     for base, count in _chunks(len(coarse)):
       stats += _restrict(*stats[base], coarse[base][3], count, interpret)
@@ -1351,8 +1352,9 @@ def _pyramid(q, k, v, c0, levels, causal, interpret):
   return list(zip(qs, ks, vs, counts))
 
 
-def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count):
-  """(G, E, M) of levels base+1 .. base+count; see the module doc."""
+def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count, written):
+  """(G, E, M) of levels base+1 .. base+count (those of them in
+  ``written``, 1-based); see the module doc."""
   c = c_ref[...]
 
   def compute():
@@ -1365,7 +1367,10 @@ def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count):
       w = jnp.where(m2 < 0.5 * _NO_ROW, jnp.exp(m[:, None] - m2), 0.0)
       g = jnp.sum(_pairs(g) * w[:, :, None], axis=1)
       e = jnp.sum(_pairs(e) * w, axis=1)
-      g_out, e_out, m_out = out_refs[3 * j:3 * j + 3]
+      if j + 1 not in written:
+        continue
+      at = written.index(j + 1)
+      g_out, e_out, m_out = out_refs[3 * at:3 * at + 3]
       g_out[...] = g.astype(g_out.dtype)
       e_out[...] = e
       m_out[...] = m
@@ -1373,12 +1378,13 @@ def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count):
   # Rows of padding only restrict to no gradient (G = E = 0, M = _NO_ROW),
   # what compute gives them.
   _unless_padding(c, compute, [
-      (ref, fill) for j in range(count)
+      (ref, fill) for j in range(len(written))
       for ref, fill in zip(out_refs[3 * j:3 * j + 3], (0.0, 0.0, _NO_ROW))])
 
 
-def _restrict(g, e, mrow, c, count, interpret):
-  """The next ``count`` levels of (G, E, M): g [B, n, H, Dv], e, m [B, H, n]."""
+def _restrict(g, e, mrow, c, count, interpret, last_only=False):
+  """The next ``count`` levels of (G, E, M): g [B, n, H, Dv], e, m [B, H, n]
+  (``last_only``: only the last of them, a list of one)."""
   b, n, h, dv = g.shape
   rows = 2**count
   grid = (n // rows, h, b)
@@ -1386,8 +1392,9 @@ def _restrict(g, e, mrow, c, count, interpret):
               pl.BlockSpec((None, None, rows), lambda i, j, k: (k, j, i)),
               pl.BlockSpec((None, None, rows), lambda i, j, k: (k, j, i)),
               pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
+  written = (count,) if last_only else tuple(range(1, count + 1))
   out_specs, out_shape = [], []
-  for level in range(1, count + 1):
+  for level in written:
     r, m = rows >> level, n >> level
     out_specs += [
         pl.BlockSpec((None, r, None, dv), lambda i, j, k: (k, i, j, 0)),
@@ -1397,12 +1404,12 @@ def _restrict(g, e, mrow, c, count, interpret):
                   jax.ShapeDtypeStruct((b, h, m), jnp.float32),
                   jax.ShapeDtypeStruct((b, h, m), jnp.float32)]
   outs = pl.pallas_call(
-      functools.partial(_restrict_kernel, count=count),
+      functools.partial(_restrict_kernel, count=count, written=written),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
       compiler_params=_compiler_params(interpret, rows),
       name="hattn_restrict")(g, e, mrow, c)
-  return [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
+  return [tuple(outs[3 * j:3 * j + 3]) for j in range(len(written))]
 
 
 @functools.partial(jax.custom_vjp,
