@@ -139,7 +139,7 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
         f"{jax.default_backend()!r}. Use 'xla', or 'pallas_interpret' (the "
         "same kernels, interpreted; slow).")
   if implementation.startswith("pallas"):
-    run = lambda q, k, v, m, s: kernels.hierarchical_attention_pallas(
+    run = lambda q, k, v, m, s=None: kernels.hierarchical_attention_pallas(
         q, k, v, m, block_size=block_size, causal=bool(causal),
         interpret=implementation == "pallas_interpret", dropout_rate=rate,
         dropout_seeds=s)
@@ -169,8 +169,10 @@ def _split_axes(mesh, names, size):
 
 
 def _per_device(run, query, key, value, mask, seeds=None):
-  """``run(q, k, v, mask, seeds)`` on each device's share of a sharded batch
-  (``seeds``: the per-(batch row, head) dropout seeds [B, H], or None).
+  """``run(q, k, v, mask)`` on each device's share of a sharded batch, or
+  ``run(q, k, v, mask, seeds)`` with ``seeds``, the per-(batch row, head)
+  dropout seeds [B, H] (split with the batch: each device drops the same
+  weights as an unsplit call would).
 
   A Pallas kernel is one opaque call: on inputs sharded over a mesh, the
   compiler would gather every device's rows and compute the whole batch on
@@ -181,8 +183,9 @@ def _per_device(run, query, key, value, mask, seeds=None):
   """
   sharding = getattr(jax.typeof(query), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
+  extra = () if seeds is None else (seeds,)
   if mesh is None or mesh.empty or mesh.size == 1:
-    return run(query, key, value, mask, seeds)
+    return run(query, key, value, mask, *extra)
   batch, _, heads, _ = query.shape
   explicit = any(t == jax.sharding.AxisType.Explicit
                  for t in mesh.axis_types)
@@ -195,23 +198,15 @@ def _per_device(run, query, key, value, mask, seeds=None):
   rows = P(b_axes, None, h_axes, None)
   if mask is None:
     mask = jnp.ones((batch, query.shape[1]), jnp.bool_)
-  # Seeds of the whole batch, split with it: each device drops the same
-  # weights as an unsplit call would.
-  has_seeds = seeds is not None
-  if not has_seeds:
-    seeds = jnp.zeros((batch, heads), jnp.uint32)
+  specs = (rows, rows, rows, P(b_axes, None)) + (P(b_axes, h_axes),) * len(
+      extra)
+  args = (query, key, value, mask) + extra
   if explicit:
-    named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
-    query, key, value = (jax.sharding.reshard(x, named(rows))
-                         for x in (query, key, value))
-    mask = jax.sharding.reshard(mask, named(P(b_axes, None)))
-    seeds = jax.sharding.reshard(seeds, named(P(b_axes, h_axes)))
-  local = lambda q, k, v, m, s: run(q, k, v, m, s if has_seeds else None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows,
-                                                   P(b_axes, None),
-                                                   P(b_axes, h_axes)),
-                       out_specs=rows, check_vma=False)(
-                           query, key, value, mask, seeds)
+    args = tuple(jax.sharding.reshard(
+        x, jax.sharding.NamedSharding(mesh, spec))
+                 for x, spec in zip(args, specs))
+  return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=rows,
+                       check_vma=False)(*args)
 
 
 def _default_hierarchical(query, value, block_size) -> str:
@@ -293,12 +288,10 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
   return out
 
 
-def _cudnn_masked(query, key, value, mask, seeds=None, *, causal):
+def _cudnn_masked(query, key, value, mask, *, causal):
   """cuDNN with a mask: by key lengths when the mask is suffix padding in
   every row (checked on the device), else by the key column below (or XLA
-  where that column would take the head past cuDNN's 128). ``seeds``:
-  unused (no dropout here), for :func:`_per_device`."""
-  del seeds
+  where that column would take the head past cuDNN's 128)."""
   length, d = query.shape[1], query.shape[-1]
   lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
   suffix = jnp.all(mask == (jnp.arange(length) < lengths[:, None]))
@@ -381,33 +374,26 @@ def _xla(query, key, value, causal, mask, scale_dim=None, dropout=None):
   scale = 1.0 / math.sqrt(scale_dim or d)
   batch, length, heads, _ = query.shape
   limit = XLA_MAX_LOGITS * (1 if jax.default_backend() == "cpu" else 16)
-  if batch * heads * length * length > limit:
+  # With dropout the softmax is written out below, in one chunk of queries
+  # when they fit.
+  if dropout is not None or batch * heads * length * length > limit:
     return _xla_chunked(query, key, value, causal, mask, scale,
                         limit, dropout)[..., :dv]
-  if dropout is not None:
-    return _dense_dropout(query, key, value, causal, mask, scale, dropout,
-                          0)[..., :dv]
   attn_mask = None if mask is None else mask[:, None, None, :]
   return jax.nn.dot_product_attention(
       query, key, value, mask=attn_mask, is_causal=causal, scale=scale,
       implementation="xla")[..., :dv]
 
 
-def _dense_dropout(query, key, value, causal, mask, scale, dropout, start):
-  """Softmax attention of the queries ``start + [0, n)`` (a chunk) to every
-  key, with attention dropout ``(rate, seeds)`` on the numerator's weights
-  (level 0 of ``dropout.py`` for every pair)."""
+def _dense_dropout(query, key, value, ok, rows, scale, dropout):
+  """Softmax attention of the queries ``rows`` (a chunk) to every key where
+  ``ok`` [B|1, 1, n, L], with attention dropout ``(rate, seeds)`` on the
+  numerator's weights (level 0 of ``dropout.py`` for every pair)."""
   rate, seeds = dropout
-  n, length = query.shape[1], key.shape[1]
+  length = key.shape[1]
   acc = jnp.promote_types(query.dtype, jnp.float32)
   s = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                  preferred_element_type=acc) * scale
-  rows = start + jnp.arange(n)
-  ok = jnp.ones((1, 1, n, length), bool)
-  if mask is not None:
-    ok = ok & mask[:, None, None, :]
-  if causal:
-    ok = ok & (jnp.arange(length)[None, :] <= rows[:, None])[None, None]
   s = jnp.where(ok, s, -jnp.inf)
   m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -426,11 +412,11 @@ def _dense_dropout(query, key, value, causal, mask, scale, dropout, start):
 def _xla_chunked(query, key, value, causal, mask, scale, limit,
                  dropout=None):
   """:func:`_xla` over chunks of queries (``lax.map``) of at most ``limit``
-  logits, each attending to every key under the same masks;
-  ``jax.checkpoint`` keeps the backward pass from storing every chunk's
-  probabilities."""
+  logits, each attending to every key under the same masks (and
+  ``dropout``, see :func:`_dense_dropout`); ``jax.checkpoint`` keeps the
+  backward pass from storing every chunk's probabilities."""
   batch, length, heads, width = query.shape
-  chunk = max(1, limit // (batch * heads * length))
+  chunk = max(1, min(length, limit // (batch * heads * length)))
   num = -(-length // chunk)
   padded = jnp.pad(query, ((0, 0), (0, num * chunk - length), (0, 0), (0, 0)))
   chunks = padded.reshape(batch, num, chunk, heads, width).swapaxes(0, 1)
@@ -441,13 +427,12 @@ def _xla_chunked(query, key, value, causal, mask, scale, limit,
   @jax.checkpoint
   def attend(args):
     q, start = args
+    rows = start + jnp.arange(chunk)
     ok = keys_ok
-    if dropout is not None:
-      return _dense_dropout(q, key, value, causal, mask, scale, dropout,
-                            start)
     if causal:
-      rows = start + jnp.arange(chunk)
       ok = ok & (positions[None, :] <= rows[:, None])[None, None]
+    if dropout is not None:
+      return _dense_dropout(q, key, value, ok, rows, scale, dropout)
     return jax.nn.dot_product_attention(q, key, value, mask=ok, scale=scale,
                                         implementation="xla")
 
