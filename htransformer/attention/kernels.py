@@ -220,6 +220,13 @@ def _repeat2(x):
   return y.reshape((2 * m,) + x.shape[1:])
 
 
+def _first_of_pairs(x):
+  """The first row of each pair: [2m, D] -> [m, D] (a select written as a
+  weighted pair sum, which the kernels lower)."""
+  return jnp.sum(_pairs(x) * (_iota(2) == 0).astype(x.dtype)[None, :, None],
+                 axis=1)
+
+
 def _pair_sum(x):
   """Sum of each row with its sibling, repeated for both: [2m] -> [2m]."""
   m = x.shape[0] // 2
@@ -661,8 +668,7 @@ def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
         else:  # Level a + 1 (nr / 2 rows): pair sums of level a's sums.
           sums, cnt = _coarse_sums(x, c_own, a, nr, first=first)
           if first:
-            sums = jnp.sum(_pairs(sums) * (_iota(2) == 0).astype(
-                jnp.float32)[None, :, None], axis=1)
+            sums = _first_of_pairs(sums)
           else:
             sums = jnp.sum(_pairs(sums), axis=1)
             cnt = jnp.sum(_pairs(cnt), axis=1)
@@ -723,9 +729,7 @@ def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
       compiler_params=_compiler_params(interpret, t),
       name=f"hattn_fwd_tile{a}")(*seed_args, q, k, v, c0)
   o_f, lse_f = outs[:2]
-  counts = [c0]
-  for _ in range(1, levels):
-    counts.append(counts[-1].reshape(b, -1, 2).sum(axis=-1))
+  counts = _level_counts(c0, levels)
   # Levels 1 .. a (None where not written: the tile backward does not
   # read them).
   written = {level: (*outs[2 + 3 * j:5 + 3 * j], counts[level])
@@ -1238,8 +1242,7 @@ def _coarsen_kernel(*refs, count, modes, precision=None):
             if mode == "mean":
               s = s * c[:, None]
           if mode == "first":
-            s = jnp.sum(_pairs(s) * (_iota(2) == 0).astype(jnp.float32)
-                        [None, :, None], axis=1)
+            s = _first_of_pairs(s)
           else:
             s = jnp.sum(_pairs(s), axis=1)
             cs = jnp.sum(_pairs(cs), axis=1)
@@ -1336,11 +1339,17 @@ def _coarsen(arrays, modes, c, count, interpret):
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
 
 
-def _pyramid(q, k, v, c0, levels, causal, interpret):
-  """Per-level (q, k, v, counts), level 0 first."""
+def _level_counts(c0, levels):
+  """Real-token counts [B, n >> l] of levels l = 0 .. levels-1."""
   counts = [c0]
   for _ in range(1, levels):
     counts.append(counts[-1].reshape(c0.shape[0], -1, 2).sum(axis=-1))
+  return counts
+
+
+def _pyramid(q, k, v, c0, levels, causal, interpret):
+  """Per-level (q, k, v, counts), level 0 first."""
+  counts = _level_counts(c0, levels)
   qs, ks, vs = [q], [k], [v]
   for base, count in _chunks(levels):
     nq, nk, nv = _coarsen([qs[base], ks[base], vs[base]],
