@@ -418,12 +418,15 @@ def test_dropout_values_and_gradients(small_passes, causal):
 
 
 
-@pytest.mark.parametrize("tile_rows,causal,rate,backward", [
-    (16, True, 0.0, "tile"), (64, False, 0.3, "levels"),
-    (64, True, 0.3, "tile"), (64, False, 0.0, "tile"),
-    (128, True, 0.0, "levels")])
-def test_tile_schedules_match_dense_definition(monkeypatch, tile_rows,
-                                               causal, rate, backward):
+@pytest.mark.parametrize("block_size,tile_rows,causal,rate,backward", [
+    (16, 16, True, 0.0, "tile"), (16, 64, False, 0.3, "levels"),
+    (16, 64, True, 0.3, "tile"), (16, 64, False, 0.0, "tile"),
+    (16, 128, True, 0.0, "levels"),
+    # Blocks wider than the level kernels' default tile of 16 rows.
+    (32, 64, False, 0.3, "tile")])
+def test_tile_schedules_match_dense_definition(monkeypatch, block_size,
+                                               tile_rows, causal, rate,
+                                               backward):
   """TUNING["forward"] = "tile": levels 0 .. a of a tile from its fine
   rows, the rest by the level kernels (with several coarsening passes),
   merged; holes, garbage in the padding, a row with no key, attention
@@ -433,21 +436,26 @@ def test_tile_schedules_match_dense_definition(monkeypatch, tile_rows,
   monkeypatch.setitem(kernels.TUNING, "backward", backward)
   monkeypatch.setitem(kernels.TUNING, "tile_rows", tile_rows)
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
-  length = 300  # Lp 512: five levels; a = 0, 2 and 3 in-tile.
+  # Lp 512: five levels of blocks of 16 (a = 0, 2 and 3 in-tile), four
+  # of 32 (a = 1; row 1 real to the end, so the coarse levels' tiles of
+  # rows past the first block carry weight).
+  length = 300 if block_size == 16 else 480
   q, k, v = make_qkv(71, 2, length, 2, 16, 32)
-  mask = make_mask(72, 2, length, "suffix")
+  mask = make_mask(72, 2, length, "suffix" if block_size == 16 else
+                   "partial")
   mask[1, 40:77] = False
   mask[0, 150:] = False
   for x in (q, k, v):
     x[~mask] = np.nan
   rng = jax.random.PRNGKey(73)
   want = numpy_reference(np.nan_to_num(q), np.nan_to_num(k),
-                         np.nan_to_num(v), mask, block_size=16,
+                         np.nan_to_num(v), mask, block_size=block_size,
                          causal=causal, dropout=(rate, rng) if rate else None)
   fn = lambda q, k, v: hierarchical_attention(
-      q, k, v, block_size=16, causal=causal, mask=mask,
+      q, k, v, block_size=block_size, causal=causal, mask=mask,
       implementation="pallas_interpret", dropout_rate=rate, dropout_rng=rng)
-  a = kernels.tile_levels(16, 5, tile_rows)
+  a = kernels.tile_levels(
+      block_size, int(np.log2(512 // block_size)), tile_rows)
   assert f"hattn_fwd_tile{a}" in str(jax.make_jaxpr(fn)(q, k, v))
   out = np.asarray(jax.jit(fn)(q, k, v))
   assert np.isfinite(out).all()
@@ -458,7 +466,7 @@ def test_tile_schedules_match_dense_definition(monkeypatch, tile_rows,
       np.float32)
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
   ref = lambda q, k, v: dense_reference(
-      q, k, v, mask, block_size=16, causal=causal, xp=jnp,
+      q, k, v, mask, block_size=block_size, causal=causal, xp=jnp,
       dropout=(rate, rng) if rate else None)
   clean = [np.nan_to_num(x) for x in (q, k, v)]
   got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)

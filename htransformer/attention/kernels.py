@@ -689,7 +689,7 @@ def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
             (rows,) + out_ref.shape[1:], out_ref.dtype)
 
 
-def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
+def _tile_forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
                   scale, rate, tile_rows, full_pyramid):
   """The forward with ``TUNING["forward"] = "tile"``: levels 0 .. a in one
   launch from the fine rows (``_tile_fwd_kernel``), levels a+1 .. on the
@@ -698,7 +698,8 @@ def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
   Returns the output [B, n, H, Dv] in the inputs' dtype, the rows'
   log-normalisers [B, H, n] and the pyramid (per level (q, k, v,
   counts), level 0 first), complete if ``full_pyramid`` (the backward's
-  input; else the kernel writes only level a + 1)."""
+  input; else the kernel writes only level a + 1). ``tile``: the level
+  kernels' rows per program (>= nr)."""
   b, n0, h, d = q.shape
   dv = v.shape[-1]
   levels = int(round(math.log2(n0 // nr)))
@@ -746,7 +747,7 @@ def _tile_forward(q, k, v, c0, seeds, nr, causal, interpret, precision,
   per_launch = int(TUNING.get("levels_per_launch") or 1)
   parent = None
   for first, count, t1 in reversed(_level_groups(
-      n1, levels - a - 1, DEFAULT_TILE, nr, per_launch)):
+      n1, levels - a - 1, tile, nr, per_launch)):
     parent = _group_forward(
         coarse, first, count, t1, parent, nr=nr, causal=causal,
         scale=scale, out_dtype=_handover_dtype(q.dtype),
@@ -1117,8 +1118,8 @@ def _tile_dkv_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
                   at=pl.ds(start, t))
 
 
-def _tile_backward(pyramid, g, e, mrow, seeds, *, nr, causal, interpret,
-                   precision, scale, rate, tile_rows, per_launch):
+def _tile_backward(pyramid, g, e, mrow, seeds, *, nr, causal, tile,
+                   interpret, precision, scale, rate, tile_rows, per_launch):
   """dq, dk, dv with ``TUNING["backward"] = "tile"``: levels a+1 .. by
   the level kernels on the pyramid's coarse levels (stats restricted to
   level a+1 first), then levels 0 .. a by one dq and one dk, dv kernel
@@ -1139,7 +1140,7 @@ def _tile_backward(pyramid, g, e, mrow, seeds, *, nr, causal, interpret,
       stats += _restrict(*stats[base], coarse[base][3], count, interpret)
     handover = _handover_dtype(q.dtype)
     for first, count, t1 in reversed(_level_groups(
-        n0 >> (a + 1), len(coarse), DEFAULT_TILE, nr, per_launch)):
+        n0 >> (a + 1), len(coarse), tile, nr, per_launch)):
       parent = _group_backward(
           coarse, stats, first, count, t1, parent, nr=nr, causal=causal,
           scale=scale, out_dtypes=(handover,) * 3, precision=precision,
@@ -1457,8 +1458,8 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   forward, backward = _schedules()
   if forward == "tile":
     o, lse, pyramid = _tile_forward(
-        q, k, v, c0, seeds, nr, causal, interpret, precision, scale, rate,
-        int(TUNING.get("tile_rows") or 64),
+        q, k, v, c0, seeds, nr, causal, tile, interpret, precision, scale,
+        rate, int(TUNING.get("tile_rows") or 64),
         full_pyramid=residuals and backward == "levels")
     return o, (pyramid, o, lse, seeds)
   n = q.shape[1]
@@ -1496,8 +1497,9 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
   if _schedules()[1] == "tile":
     dq, dk, dv = _tile_backward(
         pyramid, d_o.astype(q.dtype), e, mrow, seeds, nr=nr, causal=causal,
-        interpret=interpret, precision=precision, scale=scale, rate=rate,
-        tile_rows=int(TUNING.get("tile_rows") or 64), per_launch=per_launch)
+        tile=tile, interpret=interpret, precision=precision, scale=scale,
+        rate=rate, tile_rows=int(TUNING.get("tile_rows") or 64),
+        per_launch=per_launch)
     return dq, dk, dv, jnp.zeros_like(c0), None
   # Rows of padding take no gradient (M = _NO_ROW, G masked in the kernels).
   stats = [(d_o.astype(q.dtype), e, mrow)]
