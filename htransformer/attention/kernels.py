@@ -59,7 +59,7 @@ outputs merged and the gradients prolonged in XLA: at best 3% faster at
 65,536 tokens, slower at 4,096 and with more levels in the launch
 (docs/benchmarks.md), so not kept.
 
-A forward without a gradient can instead run ``TUNING["forward"] =
+The forward can instead run ``TUNING["forward"] =
 "tile"`` (``_tile_forward``; default "levels"): one program per tile of
 ``nr * 2**a`` fine rows (at most ``TUNING["tile_rows"]``) computes levels
 0 .. a from the fine rows alone, its coarse queries and keys as products of
@@ -77,8 +77,12 @@ fine rows, each forming its levels' coarse queries, keys and restricted
 cotangent statistics ``(G, E, M)`` from the fine rows (a neighbour block's
 worth on each side) and adding the coarser levels' gradients. Both are
 checked against the float64 reference in interpret mode
-(tests/test_kernels.py); their GPU tests (tests/test_gpu.py) and timings
-are still to be run.
+(tests/test_kernels.py) and against the plain path on a GPU
+(tests/test_gpu.py). They move fewer bytes and take longer: each tile
+rebuilds its neighbour blocks' coarse rows with small products, which the
+level-by-level design builds once (forward 0.68 against 0.54 ms and
+forward+backward 2.35 against 1.67 ms at 65,536 tokens on an H200, tiles
+of 32 rows; docs/benchmarks.md), so neither is the default.
 
 Attention dropout (``dropout_rate > 0``): every level kernel gets its
 (batch row, head) seed and recomputes, from a weight's level, row and key,
@@ -134,14 +138,16 @@ DEFAULT_TILE = 16
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
-# ``forward``: the forward when no gradient is taken: "levels" (a launch
-# per level, as under a gradient) or "tile" (levels 0 .. a of a tile of
-# at most ``tile_rows`` fine rows in one launch, their coarse queries and
-# keys formed from the fine rows in the program, the coarser levels by
-# the level kernels, merged in XLA: ``_tile_forward``).
+# ``forward``: "levels" (a launch per level) or "tile" (levels 0 .. a of
+# a tile of at most ``tile_rows`` fine rows in one launch, their coarse
+# queries and keys formed from the fine rows in the program, the coarser
+# levels by the level kernels, merged in XLA: ``_tile_forward``).
 # ``backward``: "levels" (two kernels per level) or "tile" (levels 0 .. a
 # of a tile from its fine rows in one dq and one dk, dv launch, the coarser
-# levels by the level kernels: ``_tile_backward``).
+# levels by the level kernels: ``_tile_backward``). Both "tile"
+# schedules are exact and slower on an H200 (tiles of 32 rows, 65,536
+# tokens: forward 0.68 against 0.54 ms, forward+backward 2.35 against
+# 1.67; docs/benchmarks.md), hence not the default.
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
           "handover_dtype": "input", "forward": "levels", "backward": "levels",
