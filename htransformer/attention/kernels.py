@@ -59,8 +59,8 @@ outputs merged and the gradients prolonged in XLA: at best 3% faster at
 65,536 tokens, slower at 4,096 and with more levels in the launch
 (docs/benchmarks.md), so not kept.
 
-The forward can instead run ``TUNING["forward"] =
-"tile"`` (``_tile_forward``; default "levels"): one program per tile of
+The forward can instead run ``TUNING["forward"] = "tile"``
+(``_tile_forward``; default "levels"): one program per tile of
 ``nr * 2**a`` fine rows (at most ``TUNING["tile_rows"]``) computes levels
 0 .. a from the fine rows alone, its coarse queries and keys as products of
 weight matrices with the tile's rows and a neighbour block's worth of rows
