@@ -759,7 +759,12 @@ def apply_tuning(items: list[str]) -> dict:
     if not sep or key not in kernels.TUNING:
       raise ValueError(f"--tuning {item!r}: expected KEY=VALUE with KEY one "
                        f"of {sorted(kernels.TUNING)}")
-    values[key] = int(text) if re.fullmatch(r"-?\d+", text) else text
+    values[key] = (int(text) if re.fullmatch(r"-?\d+", text) else
+                   None if text == "None" else text)
+  try:
+    kernels.check_tuning(values)
+  except ValueError as e:
+    raise ValueError(f"--tuning: {e}") from None
   kernels.TUNING.update(values)
   return values
 

@@ -8,6 +8,8 @@ per level, several coarsening passes, and extreme rows. Sizes are small:
 interpret mode is slow.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -482,8 +484,23 @@ def test_tile_schedules_match_dense_definition(monkeypatch, block_size,
     scale = max(1.0, float(np.abs(w).max()))
     assert max_abs(g[mask], w[mask]) <= 1e-4 * scale, name
     assert (g[~mask] == 0).all(), name
-  for name in ("forward", "backward"):
-    monkeypatch.setitem(kernels.TUNING, name, "tiles")
-    with pytest.raises(ValueError, match=name):
-      run_pallas(q, k, v, mask, causal=causal)
-    monkeypatch.setitem(kernels.TUNING, name, "tile")
+
+
+def test_bad_tuning_is_named(monkeypatch):
+  """A TUNING value the kernels cannot use (a typo in a schedule's name, an
+  odd warp count) stops the call with the key's name, before any kernel."""
+  kernels.check_tuning()  # the defaults
+  q, k, v = make_qkv(5, 1, 64, 1, 16, 16)
+  for key, value in (("forward", "tiles"), ("backward", "level"),
+                     ("coarsen_impl", "xl"), ("handover_dtype", "bfloat16"),
+                     ("num_warps", 3), ("num_stages", 0), ("tile_rows", 8),
+                     ("coarsen_rows", 48), ("levels_per_launch", "2"),
+                     ("coarsen_heads", 0)):
+    with monkeypatch.context() as m:
+      m.setitem(kernels.TUNING, key, value)
+      with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):
+        run_pallas(q, k, v, None, causal=False)
+  with monkeypatch.context() as m:
+    m.setitem(kernels.TUNING, "tile_row", 64)
+    with pytest.raises(ValueError, match="unknown TUNING key 'tile_row'"):
+      run_pallas(q, k, v, None, causal=False)

@@ -158,6 +158,46 @@ def _pow2(x: int) -> bool:
   return x >= 1 and (x & (x - 1)) == 0
 
 
+# What each TUNING key may hold: one of a few strings, or an int that passes
+# a check (num_warps may also be None).
+_TUNING_CHOICES = {
+    "coarsen_impl": ("dot", "pallas", "xla"),
+    "handover_dtype": ("input", "float32"),
+    "forward": ("levels", "tile"),
+    "backward": ("levels", "tile"),
+}
+_TUNING_INTS = {
+    "num_warps": ("None (one per 16 rows), or a power of two up to 32",
+                  lambda x: _pow2(x) and x <= 32),
+    "num_stages": ("an int >= 1", lambda x: x >= 1),
+    "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
+    "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
+    "coarsen_rows": ("0 (the default), or a power of two",
+                     lambda x: x == 0 or _pow2(x)),
+    "tile_rows": ("a power of two >= 16", lambda x: _pow2(x) and x >= 16),
+}
+
+
+def check_tuning(tuning=None) -> None:
+  """Raises ValueError naming the first key of ``tuning`` (default
+  ``TUNING``) that is unknown or holds a value the kernels cannot use."""
+  tuning = TUNING if tuning is None else tuning
+  for key, value in tuning.items():
+    if key in _TUNING_CHOICES:
+      if value not in _TUNING_CHOICES[key]:
+        raise ValueError(f"TUNING[{key!r}] must be one of "
+                         f"{_TUNING_CHOICES[key]}, got {value!r}.")
+    elif key in _TUNING_INTS:
+      what, ok = _TUNING_INTS[key]
+      if not ((value is None and key == "num_warps") or (
+          isinstance(value, int) and not isinstance(value, bool)
+          and ok(value))):
+        raise ValueError(f"TUNING[{key!r}] must be {what}, got {value!r}.")
+    else:
+      raise ValueError(f"unknown TUNING key {key!r}; the keys are "
+                       f"{sorted({**_TUNING_CHOICES, **_TUNING_INTS})}.")
+
+
 def kernel_head_dim(d: int) -> int:
   """The head width the kernels compute at: ``d`` rounded up to a power of
   two, at least 16 (inputs are zero-padded to it)."""
@@ -1445,15 +1485,8 @@ def _handover_dtype(input_dtype):
 
 
 def _schedules():
-  """TUNING's forward and backward ("levels" or "tile"), checked."""
-  out = []
-  for name in ("forward", "backward"):
-    value = TUNING.get(name, "levels")
-    if value not in ("levels", "tile"):
-      raise ValueError(f"TUNING[{name!r}] must be 'levels' or 'tile', got "
-                       f"{value!r}.")
-    out.append(value)
-  return tuple(out)
+  """TUNING's forward and backward ("levels" or "tile")."""
+  return TUNING.get("forward", "levels"), TUNING.get("backward", "levels")
 
 
 def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
@@ -1550,6 +1583,7 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   Returns:
     [B, L, H, Dv] in the query dtype, zero where ``valid`` is False.
   """
+  check_tuning()
   reason = unsupported_reason(query, value, block_size)
   if reason:
     raise ValueError(f"implementation='pallas' cannot run these inputs: "

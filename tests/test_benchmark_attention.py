@@ -1,0 +1,97 @@
+"""scripts/benchmark_attention.py: a real (tiny, CPU) run end to end, its
+markdown section, --merge, and the checks of its flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from htransformer.attention import kernels
+from tests.scripts_helper import ROOT, load_script
+
+bench = load_script("benchmark_attention")
+
+
+def _run(*flags):
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "benchmark_attention.py"),
+       "--smoke", "--repeats", "1", "--warmup", "0", *flags],
+      capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_smoke_run_writes_results_and_only_its_section(tmp_path):
+  out_json, out_md = str(tmp_path / "b.json"), str(tmp_path / "b.md")
+  with open(out_md, "w") as f:
+    f.write("# Benchmarks\n\n## Another section\n\nkept as is\n")
+  flags = ["--methods", "hierarchical_16", "full_xla", "--out_json",
+           out_json, "--out_md", out_md]
+  proc = _run("--lengths", "256", *flags)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  # A second run adds a length; --merge keeps the first run's results.
+  proc = _run("--lengths", "512", "--merge", *flags)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+  with open(out_json) as f:
+    report = json.load(f)
+  got = {(r["method"], r["length"]): r for r in report["results"]}
+  assert set(got) == {(m, n) for m in ("hierarchical_16", "full_xla")
+                      for n in (256, 512)}
+  for res in got.values():
+    assert res["batch"] == 1024 // res["length"]
+    for phase in ("fwd", "fwd_bwd"):
+      assert res[phase]["status"] == "ok"
+      assert res[phase]["median_ms"] > 0
+  with open(out_md) as f:
+    text = f.read()
+  assert "## Another section\n\nkept as is\n" in text
+  heading = [line for line in text.splitlines()
+             if line.startswith("## Attention: hierarchical vs full")]
+  assert len(heading) == 1  # replaced by the second run, not appended
+  for length in (256, 512):
+    assert f"\n| {length} | {1024 // length} |" in text
+
+
+def test_a_merge_with_other_settings_is_refused(tmp_path):
+  out_json = str(tmp_path / "b.json")
+  flags = ["--methods", "full_xla", "--out_json", out_json, "--out_md",
+           str(tmp_path / "b.md")]
+  assert _run("--lengths", "256", *flags).returncode == 0
+  proc = _run("--lengths", "256", "--causal", "--merge", *flags)
+  assert proc.returncode != 0
+  assert "--merge" in proc.stderr and "pick another --out_json" in proc.stderr
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("forward=tiles", "TUNING['forward'] must be one of"),
+    ("num_warps=3", "TUNING['num_warps'] must be"),
+    ("tile_rows=8", "TUNING['tile_rows'] must be"),
+    ("tile_rowz=64", "expected KEY=VALUE with KEY one of"),
+    ("num_warps", "expected KEY=VALUE"),
+])
+def test_bad_tuning_flags_are_named(monkeypatch, capsys, flag, message):
+  monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
+  before = dict(kernels.TUNING)
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--smoke", "--tuning", flag])
+  assert message in capsys.readouterr().err
+  assert kernels.TUNING == before  # nothing half-applied
+
+
+def test_tuning_flags_set_the_kernels_settings(monkeypatch):
+  monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
+  args = bench.parse_args(["--smoke", "--tuning", "forward=tile",
+                           "tile_rows=32", "num_warps=None"])
+  assert args.tuning_values == {"forward": "tile", "tile_rows": 32,
+                                "num_warps": None}
+  assert kernels.TUNING["forward"] == "tile"
+  assert kernels.TUNING["tile_rows"] == 32
+
+
+def test_memory_floor_counts_the_arrays_any_attention_moves():
+  cfg = {"tokens": 65536, "heads": 8, "head_dim": 64, "dtype": "bfloat16"}
+  array = 65536 * 8 * 64 * 2  # one [65,536, 8, 64] bfloat16 array
+  for length in (1024, 65536):
+    assert bench.floor_bytes(cfg, length, "fwd") == 4 * array
+    assert bench.floor_bytes(cfg, length, "fwd_bwd") == 12 * array
