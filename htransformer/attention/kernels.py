@@ -148,6 +148,7 @@ DEFAULT_TILE = 16
 # schedules are exact and slower on an H200 (tiles of 32 rows, 65,536
 # tokens: forward 0.68 against 0.54 ms, forward+backward 2.35 against
 # 1.67; docs/benchmarks.md), hence not the default.
+# Every call of the kernels checks these (``check_tuning``).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
           "handover_dtype": "input", "forward": "levels", "backward": "levels",
