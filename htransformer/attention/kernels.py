@@ -315,7 +315,8 @@ def _unless_padding(c, compute, fills, at=None):
   """Runs ``compute`` unless the program's rows are all padding (c == 0).
 
   A tile of padding only (the tail of a short sequence) writes ``fills``
-  instead, (ref, value) pairs: zero outputs and gradients (exactly what
+  instead, (ref, value) pairs (or (ref, value, rows): those rows of the
+  ref instead of ``at``): zero outputs and gradients (exactly what
   ``compute`` gives such rows, whose queries, cotangents and counts are
   zero) and no log-normaliser (padding rows take no gradient, and a coarse
   row of padding has only padding children). Coarser levels of the same
@@ -331,11 +332,13 @@ def _unless_padding(c, compute, fills, at=None):
 
   @pl.when(jnp.logical_not(live))
   def _():
-    for ref, value in fills:
-      if at is None:
+    for ref, value, *rows in fills:
+      where = rows[0] if rows else at
+      if where is None:
         ref[...] = jnp.full(ref.shape, value, ref.dtype)
-      else:  # The program's rows ``at`` of the ref.
-        ref[at] = jnp.full((at.size,) + ref.shape[1:], value, ref.dtype)
+      else:  # The program's rows ``where`` of the ref.
+        ref[where] = jnp.full((where.size,) + ref.shape[1:], value,
+                              ref.dtype)
 
 
 def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
@@ -437,6 +440,14 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
   return m, z, y
 
 
+def _normalised(m, z, y):
+  """(output y / z, log-normaliser m + log z) of running (max, normaliser,
+  numerator) rows; a row that saw no key: (0, _NO_KEY)."""
+  has = z > 0
+  o = y / jnp.where(has, z, 1.0)[:, None]
+  return o, jnp.where(has, m + jnp.log(jnp.where(has, z, 1.0)), _NO_KEY)
+
+
 def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
               level, causal, scale, precision, drop):
   """(normalised output f32, lse) of a level's rows [start, start + tile).
@@ -464,9 +475,7 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
     z = z * a + b
     y = y * a[:, None] + po * b[:, None]
     m = big
-  has = z > 0
-  o = y / jnp.where(has, z, 1.0)[:, None]
-  lse = jnp.where(has, m + jnp.log(jnp.where(has, z, 1.0)), _NO_KEY)
+  o, lse = _normalised(m, z, y)
   if level0:
     o = jnp.where(cq[:, None] > 0, o, 0.0)
   return o, lse
@@ -529,7 +538,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   dv = v.shape[-1]
   group = _group(pyramid, first, count, t, level_offset)
   ns = [m for m, _, _ in group]
-  in_specs, args = _seed_inputs(seeds if rate else None)
+  in_specs, args = _seed_inputs(seeds)
   for j, m in enumerate(ns):
     in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv),
                  _counts_spec(m)]
@@ -606,6 +615,28 @@ def _coarse_mean(x, c, level, rows):
   return (sums / jnp.maximum(cnt, 1.0)[:, None]).astype(x.dtype), cnt
 
 
+def _coarse_keys(k, v, c, level, rows):
+  """(keys, values, counts) of ``rows`` coarse rows at ``level`` from fine
+  rows ``k``, ``v`` (zeroed where not real) with counts ``c``; level 0:
+  the fine rows themselves."""
+  if level == 0:
+    return k, v, c
+  kc, cc = _coarse_mean(k, c, level, rows)
+  vc, _ = _coarse_mean(v, c, level, rows)
+  return kc, vc, cc
+
+
+def _coarse_queries(q, c, level, rows, causal):
+  """The ``rows`` coarse queries at ``level`` of fine rows ``q`` (zeroed
+  where not real), counts ``c``: the mean of a group's real rows, or
+  (causal) its first row; level 0: ``q``."""
+  if level == 0:
+    return q
+  qs, qc = _coarse_sums(q, c, level, rows, first=causal)
+  return (qs if causal else qs / jnp.maximum(qc, 1.0)[:, None]).astype(
+      q.dtype)
+
+
 def _key_pieces(k_ref, v_ref, c_ref, own, start, t, level, a, nr, n0,
                 causal):
   """The key pieces ``((k, v, counts), key row numbers)`` at ``level`` that
@@ -621,9 +652,8 @@ def _key_pieces(k_ref, v_ref, c_ref, own, start, t, level, a, nr, n0,
   if level == 0:
     pieces.append((own, start + _iota(t)))
   elif level < a:
-    kc, cc = _coarse_mean(k_own, c_own, level, rows)
-    vc, _ = _coarse_mean(v_own, c_own, level, rows)
-    pieces.append(((kc, vc, cc), (start >> level) + _iota(rows)))
+    pieces.append((_coarse_keys(k_own, v_own, c_own, level, rows),
+                   (start >> level) + _iota(rows)))
   if not causal:
     pieces.append((_coarse_piece(k_ref, v_ref, c_ref, start + t, level, nr,
                                  n0),
@@ -641,11 +671,7 @@ def _coarse_piece(k_ref, v_ref, c_ref, pos, level, nr, n0):
   k, v = k_ref[pl.ds(at, size)], v_ref[pl.ds(at, size)]
   k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
   v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
-  if level == 0:
-    return k, v, c
-  kc, cc = _coarse_mean(k, c, level, nr)
-  vc, _ = _coarse_mean(v, c, level, nr)
-  return kc, vc, cc
+  return _coarse_keys(k, v, c, level, nr)
 
 
 def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
@@ -680,12 +706,7 @@ def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
       rows = t >> level
       n = n0 >> level
       qi = (start >> level) + _iota(rows)
-      if level == 0:
-        ql = q
-      else:
-        qs, qc = _coarse_sums(q, c_own, level, rows, first=causal)
-        ql = (qs if causal else
-              qs / jnp.maximum(qc, 1.0)[:, None]).astype(q.dtype)
+      ql = _coarse_queries(q, c_own, level, rows, causal)
       pieces = _key_pieces(k_ref, v_ref, c_ref, (k_own, v_own, c_own), start,
                            t, level, a, nr, n0, causal)
       m, z, y = _fold(ql, qi, pieces, n=n, nr=nr, level=level,
@@ -699,13 +720,10 @@ def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
         y = y * f[:, None] + yp * fp[:, None]
         m = big
       state = (m, z, y)
-    m, z, y = state
-    has = z > 0
-    o = y / jnp.where(has, z, 1.0)[:, None]
+    o, lse = _normalised(*state)
     o = jnp.where(c_own[:, None] > 0, o, 0.0)
     o_ref[pl.ds(start, t)] = o.astype(o_ref.dtype)
-    lse_ref[pl.ds(start, t)] = jnp.where(
-        has, m + jnp.log(jnp.where(has, z, 1.0)), _NO_KEY)
+    lse_ref[pl.ds(start, t)] = lse
     for level, refs3 in zip(out_levels, level_refs):
       rows = t >> level
       for x, out_ref, first in zip((q, k_own, v_own), refs3,
@@ -722,18 +740,11 @@ def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
         coarse = sums if first else sums / jnp.maximum(cnt, 1.0)[:, None]
         out_ref[pl.ds(ti * rows, rows)] = coarse.astype(out_ref.dtype)
 
-  at = pl.ds(start, t)
-  fills = [(o_ref, 0.0), (lse_ref, _NO_KEY)]
-  _unless_padding(c_own, compute, fills, at=at)
-
-  @pl.when(jnp.max(c_own) <= 0)
-  def _():
-    # A padding tile's coarse rows are zeros (what compute gives them).
-    for level, refs3 in zip(out_levels, level_refs):
-      rows = t >> level
-      for out_ref in refs3:
-        out_ref[pl.ds(ti * rows, rows)] = jnp.zeros(
-            (rows,) + out_ref.shape[1:], out_ref.dtype)
+  # A padding tile's coarse rows are zeros (what compute gives them).
+  fills = [(o_ref, 0.0), (lse_ref, _NO_KEY)] + [
+      (out_ref, 0.0, pl.ds(ti * (t >> level), t >> level))
+      for level, refs3 in zip(out_levels, level_refs) for out_ref in refs3]
+  _unless_padding(c_own, compute, fills, at=pl.ds(start, t))
 
 
 def _tile_forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
@@ -756,7 +767,7 @@ def _tile_forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   n1 = n0 >> (a + 1)
   out_levels = ((tuple(range(1, a + 1)) if full_pyramid else ())
                 + ((a + 1,) if coarse_out else ()))
-  seed_specs, seed_args = _seed_inputs(seeds if rate else None)
+  seed_specs, seed_args = _seed_inputs(seeds)
   in_specs = seed_specs + [_rows_spec(n0, d), _rows_spec(n0, d),
                            _rows_spec(n0, dv), _counts_spec(n0)]
   out_specs = [_rows_spec(n0, dv), _vec_spec(n0)]
@@ -966,7 +977,7 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                 for x in (*pyramid[first + j], *stats[first + j])]
 
   # The same specs (all rows of a batch element and head) for both kernels.
-  seed_specs, seed_args = _seed_inputs(seeds if rate else None)
+  seed_specs, seed_args = _seed_inputs(seeds)
   level_args = seed_args + level_args
   in_specs = list(seed_specs)
   for m in ns:
@@ -1059,10 +1070,8 @@ def _query_piece(refs, pos, size, level, causal, n0):
   q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
   g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
   rows = size >> level
-  if level:
-    qs, qc = _coarse_sums(q, c, level, rows, first=causal)
-    q = (qs if causal else qs / jnp.maximum(qc, 1.0)[:, None]).astype(q.dtype)
-  return (q,) + _restricted(g, e, mrow, level, rows)
+  return ((_coarse_queries(q, c, level, rows, causal),)
+          + _restricted(g, e, mrow, level, rows))
 
 
 def _tile_dq_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
@@ -1131,11 +1140,7 @@ def _tile_dkv_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
       rows = t >> level
       n = n0 >> level
       kj = (start >> level) + _iota(rows)
-      if level == 0:
-        kc, vc, cc = k_own, v_own, c_own
-      else:
-        kc, cc = _coarse_mean(k_own, c_own, level, rows)
-        vc, _ = _coarse_mean(v_own, c_own, level, rows)
+      kc, vc, cc = _coarse_keys(k_own, v_own, c_own, level, rows)
       size = nr << level
       pieces = [(_query_piece(qrefs, start - size, size, level, causal, n0),
                  (start >> level) - nr + _iota(nr))]
@@ -1192,7 +1197,7 @@ def _tile_backward(pyramid, g, e, mrow, seeds, *, nr, causal, tile,
           coarse, stats, first, count, t1, parent, nr=nr, causal=causal,
           scale=scale, out_dtypes=(handover,) * 3, precision=precision,
           interpret=interpret, seeds=seeds, rate=rate, level_offset=a + 1)
-  seed_specs, seed_args = _seed_inputs(seeds if rate else None)
+  seed_specs, seed_args = _seed_inputs(seeds)
   in_specs = seed_specs + [
       _rows_spec(n0, d), _rows_spec(n0, d), _rows_spec(n0, dv_dim),
       _counts_spec(n0), _rows_spec(n0, dv_dim), _vec_spec(n0),
