@@ -367,18 +367,16 @@ def load_previous(path: str, config: dict, env: dict) -> dict | None:
     return None
   with open(path) as f:
     previous = json.load(f)
-  for key in ("tokens", "heads", "head_dim", "dtype", "causal"):
-    if previous["config"][key] != config[key]:
-      sys.exit(f"--merge: {path} has {key}={previous['config'][key]!r}, this "
-               f"run {config[key]!r}; pick another --out_json.")
-  if previous["config"].get("dropout_rate", 0.0) != config["dropout_rate"]:
-    sys.exit(f"--merge: {path} was measured with --dropout_rate "
-             f"{previous['config'].get('dropout_rate', 0.0)}, this run with "
-             f"{config['dropout_rate']}; pick another --out_json.")
-  if previous["config"].get("tuning") != config.get("tuning"):
-    sys.exit(f"--merge: {path} was measured with --tuning "
-             f"{previous['config'].get('tuning')}, this run with "
-             f"{config.get('tuning')}; pick another --out_json.")
+  # Settings that change the measurement; older reports lack the last two
+  # (then they were measured without dropout and with the default tuning).
+  unset = {"dropout_rate": 0.0, "tuning": None}
+  for key in ("tokens", "heads", "head_dim", "dtype", "causal",
+              "dropout_rate", "tuning"):
+    before = previous["config"].get(key, unset.get(key))
+    now = config.get(key, unset.get(key))
+    if before != now:
+      sys.exit(f"--merge: {path} has {key}={before!r}, this run {now!r}; "
+               "pick another --out_json.")
   if previous["environment"]["device_kind"] != env["device_kind"]:
     sys.exit(f"--merge: {path} was measured on "
              f"{previous['environment']['device_kind']}, not "

@@ -202,8 +202,8 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    schedules = [(f, bw, rows) for f in args.forward for bw in args.backward
-                 for rows in (args.tile_rows if "tile" in (f, bw) else [0])]
+    schedules = [(f, bw, tr) for f in args.forward for bw in args.backward
+                 for tr in (args.tile_rows if "tile" in (f, bw) else [0])]
     for (tile, warps, per_launch, stages, impl, handover,
          (forward, backward, tile_rows)) in itertools.product(
              args.tiles, args.warps, args.per_launch, args.stages,
