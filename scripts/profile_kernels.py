@@ -9,6 +9,7 @@ copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 16 32 64]
       [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
+      [--block_size 64]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
       [--forward levels tile] [--backward levels tile]
@@ -86,10 +87,10 @@ def copy_bandwidth_gbps():
   return 2 * x.nbytes / (ms * 1e-3) / 1e9
 
 
-def fwd_bwd_fn(causal, tile, cotangent):
+def fwd_bwd_fn(causal, tile, cotangent, block_size=16):
   """Forward+backward of the kernels (current TUNING) as one function."""
   attn = functools.partial(kernels.hierarchical_attention_pallas, valid=None,
-                           block_size=16, causal=causal, tile=tile)
+                           block_size=block_size, causal=causal, tile=tile)
 
   def fwd_bwd(q, k, v):
     loss = lambda *a: jnp.sum(attn(*a).astype(jnp.float32) * cotangent)
@@ -107,7 +108,7 @@ def run_for_ncu(args, tile):
   length = args.lengths[0]
   shape = (max(1, args.tokens // length), length, 8, args.head_dim)
   q, k, v, ct = random_inputs(np.random.default_rng(0), shape)
-  f = jax.jit(fwd_bwd_fn(args.causal, tile, ct)[1])
+  f = jax.jit(fwd_bwd_fn(args.causal, tile, ct, args.block_size)[1])
   for _ in range(2):
     jax.block_until_ready(f(q, k, v))
   print(json.dumps({"ncu_target": list(shape), "tile": tile,
@@ -119,7 +120,7 @@ def main():
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
   parser.add_argument("--tiles", type=int, nargs="+",
                       help="query rows per program (default 16 32 64; "
-                      f"--ncu_target: {kernels.DEFAULT_TILE}, the kernels')")
+                      "--ncu_target: the kernels' default for --block_size)")
   parser.add_argument("--warps", type=int, nargs="+", default=[0],
                       help="warps per program (0: the default, one per "
                       "16 rows of a tile, at most 4)")
@@ -129,6 +130,7 @@ def main():
                       help="Triton pipelining stages (TUNING['num_stages'])")
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--block_size", type=int, default=16)
   parser.add_argument("--coarsen_heads", type=int, nargs="+", default=[1],
                       help="heads per pyramid program (TUNING)")
   parser.add_argument("--coarsen_rows", type=int, nargs="+", default=[0],
@@ -156,7 +158,7 @@ def main():
                       help="only run fwd+bwd twice, for Nsight Compute")
   args = parser.parse_args()
   if args.ncu_target:
-    run_for_ncu(args, (args.tiles or [kernels.DEFAULT_TILE])[0])
+    run_for_ncu(args, (args.tiles or [kernels.default_tile(args.block_size)])[0])
     return
   args.tiles = args.tiles or [16, 32, 64]
   rows = [{"device": jax.devices()[0].device_kind,
@@ -168,8 +170,9 @@ def main():
     shape = (batch, length, 8, args.head_dim)
     q, k, v, ct = random_inputs(rng, shape)
     c0 = jnp.ones((batch, length), jnp.float32)
-    levels = int(np.log2(length // 16))
+    levels = int(np.log2(length // args.block_size))
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
+           "block_size": args.block_size,
            "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
                q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)}
     # The XLA pyramid has no heads or rows per program.
@@ -214,7 +217,7 @@ def main():
                             coarsen_impl=impl, handover_dtype=handover,
                             forward=forward, backward=backward,
                             tile_rows=tile_rows or 64)
-      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct)
+      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "forward": forward, "backward": backward,
              **({"tile_rows": tile_rows} if tile_rows else {}),
              "tile": tile, "warps": warps or "auto",

@@ -202,6 +202,18 @@ def test_pallas_tile_backward_matches_xla(monkeypatch, causal, tile_rows):
   _check_pallas_against_xla(KERNEL_CASES[2], causal, "bfloat16")
 
 
+@pytest.mark.parametrize("tile", [16, 32])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_pallas_tiles_smaller_than_a_block_match_xla(monkeypatch, causal,
+                                                     tile):
+  """Programs of fewer rows than a block (blocks of 64 and 32) as compiled
+  for the GPU (interpret mode: tests/test_kernels.py)."""
+  from htransformer.attention import kernels
+  monkeypatch.setattr(kernels, "default_tile", lambda nr: tile)
+  _check_pallas_against_xla(KERNEL_CASES[2], causal, "bfloat16")
+  _check_pallas_against_xla(KERNEL_CASES[4], causal, "float32", dropout=0.2)
+
+
 def _check_pallas_against_xla(case, causal, dtype, dropout=0.0,
                               forward_only=False):
   """The kernels against the plain path (float32 at full precision): the

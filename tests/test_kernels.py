@@ -486,6 +486,54 @@ def test_tile_schedules_match_dense_definition(monkeypatch, block_size,
     assert (g[~mask] == 0).all(), name
 
 
+@pytest.mark.parametrize("block_size,tile,causal,rate", [
+    (32, 16, False, 0.0), (64, 16, True, 0.3), (64, 32, False, 0.0)])
+def test_tiles_smaller_than_a_block(monkeypatch, block_size, tile, causal,
+                                    rate):
+  """Programs of fewer rows than a block (each reads its whole block's
+  neighbours and masks by row): values and gradients against the float64
+  reference, with holes, garbage in the padding and dropout."""
+  monkeypatch.setattr(kernels, "default_tile", lambda nr: tile)
+  monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
+  # Lp 512: four levels of blocks of 32, three of 64 (row 0 ends early,
+  # row 1 is real to the end, so coarse rows past the first block count).
+  length = 480
+  q, k, v = make_qkv(81, 2, length, 2, 16, 32)
+  mask = make_mask(82, 2, length, "partial")
+  mask[1, 40:77] = False
+  mask[0, 300:] = False
+  for x in (q, k, v):
+    x[~mask] = np.nan
+  rng = jax.random.PRNGKey(83)
+  drop = (rate, rng) if rate else None
+  clean = [np.nan_to_num(x) for x in (q, k, v)]
+  want = numpy_reference(*clean, mask, block_size=block_size, causal=causal,
+                         dropout=drop)
+  fn = lambda q, k, v: hierarchical_attention(
+      q, k, v, block_size=block_size, causal=causal, mask=mask,
+      implementation="pallas_interpret", dropout_rate=rate, dropout_rng=rng)
+  # Level 0 runs 512 / tile programs per (batch row, head).
+  assert re.search(rf"grid=\({512 // tile}, 2, 2\)[^\n]*hattn_fwd_l0",
+                   str(jax.make_jaxpr(fn)(q, k, v)).replace("\n", " "))
+  out = np.asarray(jax.jit(fn)(q, k, v))
+  assert np.isfinite(out).all()
+  assert max_abs(out, want) <= 2e-5
+  assert (out[~mask] == 0).all()
+  cot = np.random.default_rng(84).standard_normal(out.shape).astype(
+      np.float32)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+  ref = lambda q, k, v: dense_reference(
+      q, k, v, mask, block_size=block_size, causal=causal, xp=jnp,
+      dropout=drop)
+  got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+  want_g = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(*clean)
+  for name, g, w in zip("qkv", got, want_g):
+    g, w = np.asarray(g), np.asarray(w)
+    scale = max(1.0, float(np.abs(w).max()))
+    assert max_abs(g[mask], w[mask]) <= 1e-4 * scale, name
+    assert (g[~mask] == 0).all(), name
+
+
 def test_bad_tuning_is_named(monkeypatch):
   """A TUNING value the kernels cannot use (a typo in a schedule's name, an
   odd warp count) stops the call with the key's name, before any kernel."""

@@ -199,6 +199,12 @@ def check_tuning(tuning=None) -> None:
                        f"{sorted({**_TUNING_CHOICES, **_TUNING_INTS})}.")
 
 
+def default_tile(block_size: int) -> int:
+  """Query rows per program by default: one block, at least
+  ``DEFAULT_TILE``."""
+  return max(DEFAULT_TILE, block_size)
+
+
 def kernel_head_dim(d: int) -> int:
   """The head width the kernels compute at: ``d`` rounded up to a power of
   two, at least 16 (inputs are zero-padded to it)."""
@@ -245,12 +251,15 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
   """The rows of ``refs`` a tile [start, start + tile) interacts with:
   the neighbour block before it, its own rows (at level 0, or when the
   tile holds more than one block: a coarse row never sees its own block)
-  and, if ``after``, the block after it. Yields (rows of each ref, their
+  and, if ``after``, the block after it. A tile smaller than a block
+  meets what its block meets (``_allowed`` masks by row). Yields (rows of each ref, their
   row numbers) per piece. (One read of a power-of-two window covering
   them, with ``_allowed`` masking the rest, was 1.7x slower forward+
   backward on an H200, and issuing all pieces' loads before computing on
   any made the forward 8% slower: docs/benchmarks.md.)
   """
+  if tile < nr:  # Part of one block: it meets what its whole block meets.
+    start, tile = (start // nr) * nr, nr
   own = [(start, tile)] if level0 or tile > nr else []
   pieces = [(start - nr, nr)] + own + ([(start + tile, nr)] if after else [])
   for pos, size in pieces:
@@ -1580,8 +1589,9 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
     block_size: power of two >= 16.
     causal: causal attention.
     interpret: run the kernels in Pallas interpret mode (any backend).
-    tile: query rows per program at the finest level (a power of two;
-      default DEFAULT_TILE).
+    tile: query rows per program at the finest level (a power of two >=
+      16, the smallest product; less than a block or several blocks;
+      default ``default_tile(block_size)``).
     dropout_rate: attention dropout rate (0: none).
     dropout_seeds: uint32 [B, H] (``dropout.head_seeds``) when
       ``dropout_rate > 0``.
@@ -1594,9 +1604,10 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   if reason:
     raise ValueError(f"implementation='pallas' cannot run these inputs: "
                      f"{reason}. Use implementation='xla'.")
-  tile = DEFAULT_TILE if tile is None else tile
-  if not _pow2(tile):
-    raise ValueError(f"tile must be a power of two, got {tile}.")
+  if tile is None:
+    tile = default_tile(block_size)
+  if not (_pow2(tile) and tile >= 16):
+    raise ValueError(f"tile must be a power of two >= 16, got {tile}.")
   batch, length = query.shape[:2]
   dtype = jnp.promote_types(query.dtype, value.dtype)
   query, key, value = (x.astype(dtype) for x in (query, key, value))
@@ -1619,6 +1630,6 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   if rate and seeds is None:
     raise ValueError("dropout_rate > 0 needs dropout_seeds.")
   out = _attention(query, key, value, c0, seeds, block_size, bool(causal),
-                   max(tile, block_size), bool(interpret), precision,
+                   tile, bool(interpret), precision,
                    per_launch, scale, rate)
   return out[:, :length, :, :dv]
