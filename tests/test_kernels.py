@@ -379,6 +379,81 @@ def test_restrict_matches_its_definition_with_padding_blocks():
             ).all()
 
 
+def test_restrict_from_output_forms_level0_stats():
+  """The first restriction takes dO, O and lse: it writes level 0's E = dO
+  . O and M = lse (0 and _NO_ROW on padding, garbage there ignored) and
+  restricts them as from E and M given (also ``last_only``)."""
+  rng = np.random.default_rng(2)
+  b, n, h, dv, count = 2, 32, 2, 16, 2
+  c = np.ones((b, n), np.float32)
+  c[0, 20:] = 0.0  # blocks of padding only
+  c[1, 3] = 0.0  # a hole
+  g, o = (rng.standard_normal((b, n, h, dv)).astype(np.float32)
+          for _ in range(2))
+  lse = rng.standard_normal((b, h, n)).astype(np.float32)
+  o[c == 0] = np.nan
+  lse[np.broadcast_to(c[:, None, :] == 0, lse.shape)] = np.inf
+  args = [jnp.asarray(x) for x in (g, o, lse, c)]
+  got = kernels._restrict(*args[:3], args[3], count, True, from_output=True)
+  assert len(got) == count + 1 and got[0][0] is args[0]
+  live = c[:, None, :] > 0
+  e = np.where(live, np.einsum("bnhd,bnhd->bhn", g, o), 0.0)
+  np.testing.assert_allclose(np.asarray(got[0][1]), e, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got[0][2]),
+                                np.where(live, lse, kernels._NO_ROW))
+  want = kernels._restrict(args[0], got[0][1], got[0][2], args[3], count,
+                           True)
+  for got_level, want_level in zip(got[1:], want):
+    for a, w in zip(got_level, want_level):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+  last = kernels._restrict(*args[:3], args[3], count, True, last_only=True,
+                           from_output=True)
+  assert len(last) == 2
+  for a, w in zip(last[0][1:] + last[1], got[0][1:] + got[-1]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+
+
+def _xla_row_reductions(jaxpr):
+  """Sums over the last axis of 4-D arrays outside the kernels."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      continue
+    if (eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.ndim == 4
+        and tuple(eqn.params["axes"]) == (3,)):
+      found.append(eqn)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          found += _xla_row_reductions(sub)
+  return found
+
+
+@pytest.mark.parametrize("length", [20, 50, 150])
+def test_gradients_from_few_levels(length):
+  """One level (nothing to restrict: E and M of level 0 in XLA), two (one
+  restriction of a level, which forms E and M from dO, O and lse) and
+  more: gradients match the reference; only the one-level backward
+  reduces dO . O in XLA."""
+  q, k, v = make_qkv(length, 2, length, 1, 16, 16)
+  mask = make_mask(length, 2, length, "suffix")
+  mask[1, 5:9] = False
+  cot = np.random.default_rng(length).standard_normal(
+      (2, length, 1, 16)).astype(np.float32)
+  got = _grads("pallas_interpret", q, k, v, mask, cot, True)
+  want = _grads("ref", q, k, v, mask, cot, True)
+  for name, g, w in zip("qkv", got, want):
+    g, w = np.asarray(g), np.asarray(w)
+    assert max_abs(g, w) <= 1e-4 * max(1.0, float(np.abs(w).max())), name
+    assert (g[~mask] == 0).all(), name
+  loss = lambda q: jnp.sum(hierarchical_attention(
+      q, k, v, block_size=16, causal=True, mask=mask,
+      implementation="pallas_interpret") * cot)
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(q).jaxpr
+  assert bool(_xla_row_reductions(jaxpr)) == (length <= 32)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_dropout_values_and_gradients(small_passes, causal):
   """Attention dropout in the kernels drops the weights the definition

@@ -38,6 +38,8 @@ the inputs' dtype (``TUNING["handover_dtype"]``).
 
 The pyramid of coarse queries, keys and values, and the restriction of
 (M, G, E), are kernels too: one program reduces 64 rows through six levels.
+The first restriction also forms level 0's E and M from dO, O and lse, so
+that dO is read once (the "tile" backward forms them in XLA).
 The pyramid forms each level's sums as one product of a weight matrix with
 the program's rows (tensor cores; 0.19 against 0.29 ms for pair sums in
 registers at 65,536 tokens on an H200, docs/benchmarks.md).
@@ -1423,15 +1425,28 @@ def _pyramid(q, k, v, c0, levels, causal, interpret):
   return list(zip(qs, ks, vs, counts))
 
 
-def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count, written):
+def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count, written,
+                     from_output):
   """(G, E, M) of levels base+1 .. base+count (those of them in
-  ``written``, 1-based); see the module doc."""
+  ``written``, 1-based); see the module doc. ``from_output``: e_ref and
+  m_ref hold the output O and its lse, and the first two outputs get the
+  base level's E = dO . O and M (level 0: dO read once, not by XLA too)."""
   c = c_ref[...]
+  head = out_refs[:2] if from_output else ()  # E, M of the base level
+  out_refs = out_refs[len(head):]
 
   def compute():
+    live = c > 0
     g = g_ref[...]
-    g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g)).astype(jnp.float32)
-    e, m = e_ref[...], m_ref[...]
+    g = jnp.where(live[:, None], g, jnp.zeros_like(g)).astype(jnp.float32)
+    if from_output:
+      e = jnp.where(live, jnp.sum(g * e_ref[...].astype(jnp.float32), -1),
+                    0.0)
+      m = jnp.where(live, m_ref[...], _NO_ROW)
+      head[0][...] = e
+      head[1][...] = m
+    else:
+      e, m = e_ref[...], m_ref[...]
     for j in range(count):
       m2 = _pairs(m)
       m = jnp.min(m2, axis=1)
@@ -1448,39 +1463,45 @@ def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count, written):
 
   # Rows of padding only restrict to no gradient (G = E = 0, M = _NO_ROW),
   # what compute gives them.
-  _unless_padding(c, compute, [
+  _unless_padding(c, compute, list(zip(head, (0.0, _NO_ROW))) + [
       (ref, fill) for j in range(len(written))
       for ref, fill in zip(out_refs[3 * j:3 * j + 3], (0.0, 0.0, _NO_ROW))])
 
 
-def _restrict(g, e, mrow, c, count, interpret, last_only=False):
+def _restrict(g, e, mrow, c, count, interpret, last_only=False,
+              from_output=False):
   """The next ``count`` levels of (G, E, M): g [B, n, H, Dv], e, m [B, H, n]
-  (``last_only``: only the last of them, a list of one)."""
+  (``last_only``: only the last of them, a list of one). ``from_output``:
+  e is the output O [B, n, H, Dv] and mrow its lse; the list starts with
+  the base level's (g, E, M), E and M computed from them."""
   b, n, h, dv = g.shape
   rows = 2**count
   grid = (n // rows, h, b)
-  in_specs = [pl.BlockSpec((None, rows, None, dv), lambda i, j, k: (k, i, j, 0)),
-              pl.BlockSpec((None, None, rows), lambda i, j, k: (k, j, i)),
-              pl.BlockSpec((None, None, rows), lambda i, j, k: (k, j, i)),
+  rows_spec = lambda r: pl.BlockSpec((None, r, None, dv),
+                                     lambda i, j, k: (k, i, j, 0))
+  vec_spec = lambda r: pl.BlockSpec((None, None, r), lambda i, j, k: (k, j, i))
+  in_specs = [rows_spec(rows), rows_spec(rows) if from_output else
+              vec_spec(rows), vec_spec(rows),
               pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
   written = (count,) if last_only else tuple(range(1, count + 1))
   out_specs, out_shape = [], []
-  for level in written:
+  for level in ((0,) if from_output else ()) + written:
     r, m = rows >> level, n >> level
-    out_specs += [
-        pl.BlockSpec((None, r, None, dv), lambda i, j, k: (k, i, j, 0)),
-        pl.BlockSpec((None, None, r), lambda i, j, k: (k, j, i)),
-        pl.BlockSpec((None, None, r), lambda i, j, k: (k, j, i))]
-    out_shape += [jax.ShapeDtypeStruct((b, m, h, dv), g.dtype),
-                  jax.ShapeDtypeStruct((b, h, m), jnp.float32),
-                  jax.ShapeDtypeStruct((b, h, m), jnp.float32)]
+    if level:  # G (the base level's is g)
+      out_specs.append(rows_spec(r))
+      out_shape.append(jax.ShapeDtypeStruct((b, m, h, dv), g.dtype))
+    out_specs += [vec_spec(r)] * 2  # E, M
+    out_shape += [jax.ShapeDtypeStruct((b, h, m), jnp.float32)] * 2
   outs = pl.pallas_call(
-      functools.partial(_restrict_kernel, count=count, written=written),
+      functools.partial(_restrict_kernel, count=count, written=written,
+                        from_output=from_output),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
       compiler_params=_compiler_params(interpret, rows),
       name="hattn_restrict")(g, e, mrow, c)
-  return [tuple(outs[3 * j:3 * j + 3]) for j in range(len(written))]
+  head = [(g, *outs[:2])] if from_output else []
+  outs = outs[2:] if from_output else outs
+  return head + [tuple(outs[3 * j:3 * j + 3]) for j in range(len(written))]
 
 
 @functools.partial(jax.custom_vjp,
@@ -1538,26 +1559,37 @@ def _attention_fwd(q, k, v, c0, seeds, nr, causal, tile, interpret,
   return o, res
 
 
+def _row_stats(d_o, o, lse, c0):
+  """Level 0's E = dO . O and M = lse [B, H, n] in XLA (0 and _NO_ROW on
+  padding)."""
+  vrow = (c0 > 0)[:, None, :]  # [B, 1, n] against [B, H, n]
+  e = jnp.sum(d_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  return (jnp.where(vrow, jnp.transpose(e, (0, 2, 1)), 0.0),
+          jnp.where(vrow, lse, _NO_ROW))
+
+
 def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
                    rate, res, d_o):
   pyramid, o, lse, seeds = res
   q, k, v, c0 = pyramid[0]
   levels = len(pyramid)
-  valid = c0 > 0  # [B, n]
-  vrow = valid[:, None, :]  # [B, 1, n] against [B, H, n]
-  e = jnp.sum(d_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-  e = jnp.where(vrow, jnp.transpose(e, (0, 2, 1)), 0.0)
-  mrow = jnp.where(vrow, lse, _NO_ROW)
+  g = d_o.astype(q.dtype)
   if _schedules()[1] == "tile":
     dq, dk, dv = _tile_backward(
-        pyramid, d_o.astype(q.dtype), e, mrow, seeds, nr=nr, causal=causal,
-        tile=tile, interpret=interpret, precision=precision, scale=scale,
-        rate=rate, tile_rows=int(TUNING.get("tile_rows") or 64),
+        pyramid, g, *_row_stats(d_o, o, lse, c0), seeds, nr=nr,
+        causal=causal, tile=tile, interpret=interpret, precision=precision,
+        scale=scale, rate=rate, tile_rows=int(TUNING.get("tile_rows") or 64),
         per_launch=per_launch)
     return dq, dk, dv, jnp.zeros_like(c0), None
   # Rows of padding take no gradient (M = _NO_ROW, G masked in the kernels).
-  stats = [(d_o.astype(q.dtype), e, mrow)]
-  for base, count in _chunks(levels):
+  # The first restriction also computes level 0's E and M (one read of dO).
+  chunks = _chunks(levels)
+  if chunks:
+    stats = _restrict(g, o, lse, c0, chunks[0][1], interpret,
+                      from_output=True)
+  else:  # One level: nothing to restrict.
+    stats = [(g, *_row_stats(d_o, o, lse, c0))]
+  for base, count in chunks[1:]:
     stats += _restrict(*stats[base], pyramid[base][3], count, interpret)
 
   handover = _handover_dtype(q.dtype)
