@@ -125,9 +125,9 @@ _NO_ROW = 1e30
 # 2.00 ms for tiles of 64 at 65,536 tokens on an H200; at least block_size).
 DEFAULT_TILE = 16
 # Launch settings (read when a function is traced; for tuning): Triton
-# warps per program (None: one per 16 rows, at most 4) and pipelining
-# stages, and how many consecutive levels one launch computes (see
-# _level_groups).
+# warps per program (None: one per 16 rows of 64 elements, at most 4) and
+# pipelining stages, and how many consecutive levels one launch computes
+# (see _level_groups).
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
@@ -170,7 +170,8 @@ _TUNING_CHOICES = {
     "backward": ("levels", "tile"),
 }
 _TUNING_INTS = {
-    "num_warps": ("None (one per 16 rows), or a power of two up to 32",
+    "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
+                  "two up to 32",
                   lambda x: _pow2(x) and x <= 32),
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
@@ -254,19 +255,26 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
   the neighbour block before it, its own rows (at level 0, or when the
   tile holds more than one block: a coarse row never sees its own block)
   and, if ``after``, the block after it. A tile smaller than a block
-  meets what its block meets (``_allowed`` masks by row). Yields (rows of each ref, their
+  meets what its block meets (``_allowed`` masks by row), in pieces of
+  the tile's rows. Yields (rows of each ref, their
   row numbers) per piece. (One read of a power-of-two window covering
   them, with ``_allowed`` masking the rest, was 1.7x slower forward+
   backward on an H200, and issuing all pieces' loads before computing on
   any made the forward 8% slower: docs/benchmarks.md.)
   """
-  if tile < nr:  # Part of one block: it meets what its whole block meets.
+  step = None
+  if tile < nr:  # Part of one block: it meets what its whole block meets,
+    step = tile  # in pieces of the tile's size.
     start, tile = (start // nr) * nr, nr
   own = [(start, tile)] if level0 or tile > nr else []
   pieces = [(start - nr, nr)] + own + ([(start + tile, nr)] if after else [])
+  if step:
+    pieces = [(pos + j, step) for pos, size in pieces
+              for j in range(0, size, step)]
   for pos, size in pieces:
     # A piece is either inside [0, n) or wholly outside (all aligned to
-    # nr): the clamped read of one outside is masked by its row numbers.
+    # its size): the clamped read of one outside is masked by its row
+    # numbers.
     at = jnp.clip(pos, 0, n - size)
     yield [r[pl.ds(at, size)] for r in refs], pos + _iota(size)
 
@@ -569,23 +577,28 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
                  jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, t),
+      compiler_params=_compiler_params(interpret, t, max(d, dv)),
       name=f"hattn_fwd_l{level_offset + first}" + (
           f"_{count}" if count > 1 else ""),
   )(*args)
 
 
-def _compiler_params(interpret, rows):
-  """Triton settings of a kernel whose programs each own ``rows`` rows."""
+def _compiler_params(interpret, rows, width=64):
+  """Triton settings of a kernel whose programs each own ``rows`` rows of
+  ``width`` elements (the wider of the head dims)."""
   if interpret:
     return None
   # The Triton backend (not Mosaic GPU), also when lowering for a GPU from
   # another host.
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  # A warp per 16 rows, at most 4: tiles of 16 rows on one warp and of 64
-  # on 4 were the fastest of 1, 2 and 4 warps (8 is slower than 4) at
-  # head_dim 64 on an H200 (scripts/profile_kernels.py, docs/benchmarks.md).
-  warps = TUNING["num_warps"] or max(1, min(4, rows // 16))
+  # A warp per 16 x 64 elements, at most 4: tiles of 16 rows on one warp
+  # and of 64 on 4 were the fastest of 1, 2 and 4 warps (8 is slower than
+  # 4) at head_dim 64, and 16 rows on 2 warps at head_dim 128 (1.03 / 3.36
+  # ms forward / forward+backward at 65,536 tokens against 1.76 / 4.26 on
+  # one and 1.26 / 4.97 on 4), on an H200 (scripts/profile_kernels.py,
+  # docs/benchmarks.md).
+  warps = TUNING["num_warps"] or max(
+      1, min(4, rows * max(width, 64) // 1024))
   return plgpu.CompilerParams(num_warps=warps,
                               num_stages=TUNING["num_stages"])
 
@@ -796,7 +809,7 @@ def _tile_forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
                         out_levels=out_levels),
       grid=(n0 // t, h, b), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
-      compiler_params=_compiler_params(interpret, t),
+      compiler_params=_compiler_params(interpret, t, max(d, dv)),
       name=f"hattn_fwd_tile{a}")(*seed_args, q, k, v, c0)
   o_f, lse_f = outs[:2]
   counts = _level_counts(c0, levels)
@@ -980,7 +993,7 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision, rate=rate)
-  params = _compiler_params(interpret, t)
+  params = _compiler_params(interpret, t, max(d, dv_dim))
   grid = (n // t, h, b)
   suffix = f"l{level_offset + first}" + (f"_{count}" if count > 1 else "")
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
@@ -1219,7 +1232,7 @@ def _tile_backward(pyramid, g, e, mrow, seeds, *, nr, causal, tile,
                 precision=precision, rate=rate,
                 has_parent=parent is not None)
   grid = (n0 // t, h, b)
-  params = _compiler_params(interpret, t)
+  params = _compiler_params(interpret, t, max(d, dv_dim))
   parent = () if parent is None else parent  # level a+1's dq, dk, dv
   dq = pl.pallas_call(
       functools.partial(_tile_dq_kernel, **common), grid=grid,
