@@ -158,7 +158,8 @@ def main():
                       help="only run fwd+bwd twice, for Nsight Compute")
   args = parser.parse_args()
   if args.ncu_target:
-    run_for_ncu(args, (args.tiles or [kernels.default_tile(args.block_size)])[0])
+    tiles = args.tiles or [kernels.default_tile(args.block_size)]
+    run_for_ncu(args, tiles[0])
     return
   args.tiles = args.tiles or [16, 32, 64]
   rows = [{"device": jax.devices()[0].device_kind,
