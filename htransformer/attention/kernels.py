@@ -122,7 +122,8 @@ _NO_KEY = -1e30
 # M of a row that takes no gradient (padding): exp(s - M) is 0.
 _NO_ROW = 1e30
 # Query rows per program (one block at block_size 16: fwd+bwd 1.85 against
-# 2.00 ms for tiles of 64 at 65,536 tokens on an H200; at least block_size).
+# 2.00 ms for tiles of 64 at 65,536 tokens on an H200; by default at least
+# block_size, ``default_tile``: fewer rows than a block of 64 are slower).
 DEFAULT_TILE = 16
 # Launch settings (read when a function is traced; for tuning): Triton
 # warps per program (None: one per 16 rows of 64 elements, at most 4) and
@@ -256,11 +257,12 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
   tile holds more than one block: a coarse row never sees its own block)
   and, if ``after``, the block after it. A tile smaller than a block
   meets what its block meets (``_allowed`` masks by row), in pieces of
-  the tile's rows. Yields (rows of each ref, their
-  row numbers) per piece. (One read of a power-of-two window covering
-  them, with ``_allowed`` masking the rest, was 1.7x slower forward+
-  backward on an H200, and issuing all pieces' loads before computing on
-  any made the forward 8% slower: docs/benchmarks.md.)
+  the tile's rows (slower than tiles of a block for blocks of 64:
+  docs/benchmarks.md). Yields (rows of each ref, their row numbers) per
+  piece. (One read of a power-of-two window covering them, with
+  ``_allowed`` masking the rest, was 1.7x slower forward+backward on an
+  H200, and issuing all pieces' loads before computing on any made the
+  forward 8% slower: docs/benchmarks.md.)
   """
   step = None
   if tile < nr:  # Part of one block: it meets what its whole block meets,
