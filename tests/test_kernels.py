@@ -517,39 +517,60 @@ def test_tile_schedules_match_dense_definition(monkeypatch, block_size,
   # of 32 (a = 1; row 1 real to the end, so the coarse levels' tiles of
   # rows past the first block carry weight).
   length = 300 if block_size == 16 else 480
-  q, k, v = make_qkv(71, 2, length, 2, 16, 32)
-  mask = make_mask(72, 2, length, "suffix" if block_size == 16 else
-                   "partial")
+  q, k, v, mask = _inputs_with_holes(
+      71, length, 2, "suffix" if block_size == 16 else "partial")
+  rng = jax.random.PRNGKey(73)
+  fn = _interpret_attention(block_size, causal, mask, rate, rng)
+  a = kernels.tile_levels(
+      block_size, int(np.log2(512 // block_size)), tile_rows)
+  assert f"hattn_fwd_tile{a}" in str(jax.make_jaxpr(fn)(q, k, v))
+  # Under a gradient: its pyramid and log-normalisers feed the backward.
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda *x: jnp.sum(fn(*x))))(q, k, v))
+  assert "hattn_fwd_tile" in jaxpr
+  assert ("hattn_dkv_tile" in jaxpr) == (backward == "tile")
+  _check_values_and_gradients(fn, q, k, v, mask, block_size=block_size,
+                              causal=causal,
+                              dropout=(rate, rng) if rate else None, seed=74)
+
+
+def _inputs_with_holes(seed, length, heads, mask_kind):
+  """q, k (head_dim 16), v (32) of 2 rows and their mask: holes in row 1,
+  row 0 padding from 150 on, NaN wherever the mask is False."""
+  q, k, v = make_qkv(seed, 2, length, heads, 16, 32)
+  mask = make_mask(seed + 1, 2, length, mask_kind)
   mask[1, 40:77] = False
   mask[0, 150:] = False
   for x in (q, k, v):
     x[~mask] = np.nan
-  rng = jax.random.PRNGKey(73)
-  want = numpy_reference(np.nan_to_num(q), np.nan_to_num(k),
-                         np.nan_to_num(v), mask, block_size=block_size,
-                         causal=causal, dropout=(rate, rng) if rate else None)
-  fn = lambda q, k, v: hierarchical_attention(
+  return q, k, v, mask
+
+
+def _interpret_attention(block_size, causal, mask, rate, rng):
+  return lambda q, k, v: hierarchical_attention(
       q, k, v, block_size=block_size, causal=causal, mask=mask,
       implementation="pallas_interpret", dropout_rate=rate, dropout_rng=rng)
-  a = kernels.tile_levels(
-      block_size, int(np.log2(512 // block_size)), tile_rows)
-  assert f"hattn_fwd_tile{a}" in str(jax.make_jaxpr(fn)(q, k, v))
+
+
+def _check_values_and_gradients(fn, q, k, v, mask, *, block_size, causal,
+                                dropout, seed):
+  """``fn(q, k, v)`` (inputs NaN where ``mask`` is False) against the
+  float64 reference on clean inputs: the output, zero where not real, and
+  the gradients of ``sum(out * cotangent)`` at real positions, zero
+  elsewhere."""
+  clean = [np.nan_to_num(x) for x in (q, k, v)]
+  want = numpy_reference(*clean, mask, block_size=block_size, causal=causal,
+                         dropout=dropout)
   out = np.asarray(jax.jit(fn)(q, k, v))
   assert np.isfinite(out).all()
   assert max_abs(out, want) <= 2e-5
   assert (out[~mask] == 0).all()
-  # Under a gradient: its pyramid and log-normalisers feed the backward.
-  cot = np.random.default_rng(74).standard_normal(out.shape).astype(
+  cot = np.random.default_rng(seed).standard_normal(out.shape).astype(
       np.float32)
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
   ref = lambda q, k, v: dense_reference(
       q, k, v, mask, block_size=block_size, causal=causal, xp=jnp,
-      dropout=(rate, rng) if rate else None)
-  clean = [np.nan_to_num(x) for x in (q, k, v)]
+      dropout=dropout)
   got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
-  jaxpr = str(jax.make_jaxpr(jax.grad(loss(fn)))(q, k, v))
-  assert "hattn_fwd_tile" in jaxpr
-  assert ("hattn_dkv_tile" in jaxpr) == (backward == "tile")
   want_g = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(*clean)
   for name, g, w in zip("qkv", got, want_g):
     # At real positions (causal: the reference's zero query of a hole that
@@ -572,41 +593,15 @@ def test_tiles_smaller_than_a_block(monkeypatch, block_size, tile, causal,
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   # Lp 256: three levels of blocks of 32, two of 64 (row 0 ends early,
   # row 1 is real to the end, so coarse rows past the first block count).
-  length = 240
-  q, k, v = make_qkv(81, 2, length, 1, 16, 32)
-  mask = make_mask(82, 2, length, "partial")
-  mask[1, 40:77] = False
-  mask[0, 150:] = False
-  for x in (q, k, v):
-    x[~mask] = np.nan
+  q, k, v, mask = _inputs_with_holes(81, 240, 1, "partial")
   rng = jax.random.PRNGKey(83)
-  drop = (rate, rng) if rate else None
-  clean = [np.nan_to_num(x) for x in (q, k, v)]
-  want = numpy_reference(*clean, mask, block_size=block_size, causal=causal,
-                         dropout=drop)
-  fn = lambda q, k, v: hierarchical_attention(
-      q, k, v, block_size=block_size, causal=causal, mask=mask,
-      implementation="pallas_interpret", dropout_rate=rate, dropout_rng=rng)
+  fn = _interpret_attention(block_size, causal, mask, rate, rng)
   # Level 0 runs 256 / tile programs per (batch row, head).
   assert re.search(rf"grid=\({256 // tile}, 1, 2\)[^\n]*hattn_fwd_l0",
                    str(jax.make_jaxpr(fn)(q, k, v)).replace("\n", " "))
-  out = np.asarray(jax.jit(fn)(q, k, v))
-  assert np.isfinite(out).all()
-  assert max_abs(out, want) <= 2e-5
-  assert (out[~mask] == 0).all()
-  cot = np.random.default_rng(84).standard_normal(out.shape).astype(
-      np.float32)
-  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
-  ref = lambda q, k, v: dense_reference(
-      q, k, v, mask, block_size=block_size, causal=causal, xp=jnp,
-      dropout=drop)
-  got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
-  want_g = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(*clean)
-  for name, g, w in zip("qkv", got, want_g):
-    g, w = np.asarray(g), np.asarray(w)
-    scale = max(1.0, float(np.abs(w).max()))
-    assert max_abs(g[mask], w[mask]) <= 1e-4 * scale, name
-    assert (g[~mask] == 0).all(), name
+  _check_values_and_gradients(fn, q, k, v, mask, block_size=block_size,
+                              causal=causal,
+                              dropout=(rate, rng) if rate else None, seed=84)
 
 
 def test_bad_tuning_is_named(monkeypatch):
