@@ -582,23 +582,32 @@ def _check_values_and_gradients(fn, q, k, v, mask, *, block_size, causal,
     assert (g[~mask] == 0).all(), name
 
 
-@pytest.mark.parametrize("block_size,tile,causal,rate", [
-    (32, 16, False, 0.0), (64, 16, True, 0.3), (64, 32, False, 0.0)])
-def test_tiles_smaller_than_a_block(monkeypatch, block_size, tile, causal,
-                                    rate):
+@pytest.mark.parametrize("block_size,tile,piece_rows,causal,rate", [
+    (32, 16, 0, False, 0.0), (64, 16, 0, True, 0.3), (64, 32, 0, False, 0.0),
+    (64, 64, 16, True, 0.0)])
+def test_tiles_and_pieces_smaller_than_a_block(monkeypatch, block_size, tile,
+                                               piece_rows, causal, rate):
   """Programs of fewer rows than a block (each reads its whole block's
-  neighbours and masks by row): values and gradients against the float64
-  reference, with holes, garbage in the padding and dropout."""
+  neighbours and masks by row), and neighbour rows read in pieces smaller
+  than a block (``TUNING["piece_rows"]``): values and gradients against
+  the float64 reference, with holes, garbage in the padding and dropout."""
   monkeypatch.setattr(kernels, "default_tile", lambda nr: tile)
+  monkeypatch.setitem(kernels.TUNING, "piece_rows", piece_rows)
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   # Lp 256: three levels of blocks of 32, two of 64 (row 0 ends early,
   # row 1 is real to the end, so coarse rows past the first block count).
   q, k, v, mask = _inputs_with_holes(81, 240, 1, "partial")
   rng = jax.random.PRNGKey(83)
   fn = _interpret_attention(block_size, causal, mask, rate, rng)
-  # Level 0 runs 256 / tile programs per (batch row, head).
+  # Level 0 runs 256 / tile programs per (batch row, head), whose logits
+  # come in pieces of the tile's rows or piece_rows.
+  jaxpr = str(jax.make_jaxpr(fn)(q, k, v))
   assert re.search(rf"grid=\({256 // tile}, 1, 2\)[^\n]*hattn_fwd_l0",
-                   str(jax.make_jaxpr(fn)(q, k, v)).replace("\n", " "))
+                   jaxpr.replace("\n", " "))
+  logits = set(re.findall(  # q k^T: contracting both operands' dim 1
+      rf"f32\[{tile},(\d+)\] = dot_general\[\s*dimension_numbers="
+      r"\(\(\[1\], \[1\]\)", jaxpr))
+  assert logits == {str(piece_rows or tile)}, logits
   _check_values_and_gradients(fn, q, k, v, mask, block_size=block_size,
                               causal=causal,
                               dropout=(rate, rng) if rate else None, seed=84)

@@ -151,11 +151,14 @@ DEFAULT_TILE = 16
 # schedules are exact and slower on an H200 (tiles of 32 rows, 65,536
 # tokens: forward 0.68 against 0.54 ms, forward+backward 2.35 against
 # 1.67; docs/benchmarks.md), hence not the default.
+# ``piece_rows``: the level kernels read the neighbour rows in pieces of
+# at most this many rows (0: a block, or the tile when it is smaller);
+# fewer live registers per piece for blocks of 64 (not yet timed).
 # Every call of the kernels checks these (``check_tuning``).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
           "handover_dtype": "input", "forward": "levels", "backward": "levels",
-          "tile_rows": 64}
+          "tile_rows": 64, "piece_rows": 0}
 
 
 def _pow2(x: int) -> bool:
@@ -180,6 +183,8 @@ _TUNING_INTS = {
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
     "tile_rows": ("a power of two >= 16", lambda x: _pow2(x) and x >= 16),
+    "piece_rows": ("0 (the default), or a power of two >= 16",
+                   lambda x: x == 0 or (_pow2(x) and x >= 16)),
 }
 
 
@@ -258,21 +263,22 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
   and, if ``after``, the block after it. A tile smaller than a block
   meets what its block meets (``_allowed`` masks by row), in pieces of
   the tile's rows (slower than tiles of a block for blocks of 64:
-  docs/benchmarks.md). Yields (rows of each ref, their row numbers) per
-  piece. (One read of a power-of-two window covering them, with
-  ``_allowed`` masking the rest, was 1.7x slower forward+backward on an
-  H200, and issuing all pieces' loads before computing on any made the
-  forward 8% slower: docs/benchmarks.md.)
+  docs/benchmarks.md). ``TUNING["piece_rows"]`` caps every piece.
+  Yields (rows of each ref, their row numbers) per piece. (One read of a
+  power-of-two window covering them, with ``_allowed`` masking the rest,
+  was 1.7x slower forward+backward on an H200, and issuing all pieces'
+  loads before computing on any made the forward 8% slower:
+  docs/benchmarks.md.)
   """
-  step = None
+  step = int(TUNING.get("piece_rows") or 0)
   if tile < nr:  # Part of one block: it meets what its whole block meets,
-    step = tile  # in pieces of the tile's size.
+    step = step or tile  # by default in pieces of the tile's size.
     start, tile = (start // nr) * nr, nr
   own = [(start, tile)] if level0 or tile > nr else []
   pieces = [(start - nr, nr)] + own + ([(start + tile, nr)] if after else [])
   if step:
-    pieces = [(pos + j, step) for pos, size in pieces
-              for j in range(0, size, step)]
+    pieces = [(pos + j, min(step, size)) for pos, size in pieces
+              for j in range(0, size, min(step, size))]
   for pos, size in pieces:
     # A piece is either inside [0, n) or wholly outside (all aligned to
     # its size): the clamped read of one outside is masked by its row
