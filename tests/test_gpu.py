@@ -124,9 +124,9 @@ KERNEL_CASES = [
     (2, 1000, 4, 64, 64, 16, True),
     (1, 4096, 2, 32, 64, 16, False),
     (2, 512, 2, 128, 128, 64, True),
-    (1, 1024, 2, 128, 128, 16, True),  # tiles of 16 rows on 2 warps
     (2, 1024, 4, 4, 4, 16, True),      # Pathfinder's head_dim: padded to 16
     (1, 700, 2, 8, 24, 32, False),     # Path-X's 8; a value_dim of 24
+    (1, 1024, 2, 128, 128, 16, True),  # tiles of 16 rows on 2 warps
 ]
 
 
