@@ -123,7 +123,7 @@ def main():
                       "--ncu_target: the kernels' default for --block_size)")
   parser.add_argument("--warps", type=int, nargs="+", default=[0],
                       help="warps per program (0: the default, one per "
-                      "16 rows of a tile, at most 4)")
+                      "16 rows of 64 elements of a tile, at most 4)")
   parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
                       help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--stages", type=int, nargs="+", default=[1],
