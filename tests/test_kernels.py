@@ -622,7 +622,7 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("coarsen_impl", "xl"), ("handover_dtype", "bfloat16"),
                      ("num_warps", 3), ("num_stages", 0), ("tile_rows", 8),
                      ("coarsen_rows", 48), ("levels_per_launch", "2"),
-                     ("coarsen_heads", 0)):
+                     ("coarsen_heads", 0), ("piece_rows", 8)):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):
@@ -631,3 +631,11 @@ def test_bad_tuning_is_named(monkeypatch):
     m.setitem(kernels.TUNING, "tile_row", 64)
     with pytest.raises(ValueError, match="unknown TUNING key 'tile_row'"):
       run_pallas(q, k, v, None, causal=False)
+  # A tile the kernels cannot run (under the 16 rows of the smallest
+  # product) is named too.
+  for tile in (8, 24):
+    with pytest.raises(ValueError, match=f"tile must be a power of two >= "
+                       f"16, got {tile}"):
+      kernels.hierarchical_attention_pallas(
+          q, k, v, None, block_size=16, causal=False, interpret=True,
+          tile=tile)
