@@ -240,7 +240,11 @@ def _iota(n):
 def _allowed(qi, kj, n, nr, level0, causal):
   """The level's block structure: may coarse row qi see coarse key kj?"""
   inside = (kj >= 0) & (kj < n) & (qi >= 0) & (qi < n)
-  bq, bk = qi // nr, kj // nr
+  # nr is a power of two: shifts and masks are floor division and modulo
+  # (also for the negative row numbers before row 0), fewer integer
+  # instructions per logit than jnp's floor division.
+  shift = nr.bit_length() - 1
+  bq, bk = qi >> shift, kj >> shift
   if level0:
     if causal:
       ok = (bk == bq - 1) | ((bk == bq) & (kj <= qi))
@@ -248,7 +252,7 @@ def _allowed(qi, kj, n, nr, level0, causal):
       ok = (bk >= bq - 1) & (bk <= bq + 1)
   else:
     half = nr // 2
-    rq, rk = qi % nr, kj % nr
+    rq, rk = qi & (nr - 1), kj & (nr - 1)
     # Neighbour blocks minus the quarter a finer level already covers.
     ok = (bk == bq - 1) & ~((rq < half) & (rk >= half))
     if not causal:
@@ -447,9 +451,10 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
   for (k, v, c), kj in pieces:
     ok = _allowed(qi[:, None], kj[None, :], n, nr, level == 0, causal)
     ok = ok & (c[None, :] > 0)
-    s = _dot(q, jnp.where(c[:, None] > 0, k, jnp.zeros_like(k)), precision,
-             trans_b=True) * scale
-    s = jnp.where(ok, s, _NO_KEY)
+    # A key that is not real (garbage in padding) only reaches its own
+    # column of logits, which ``ok`` masks: no need to zero it (its value
+    # is zeroed: a zero weight times garbage is not zero).
+    s = jnp.where(ok, _dot(q, k, precision, trans_b=True) * scale, _NO_KEY)
     m_new = jnp.max(s, axis=1) if m is None else jnp.maximum(
         m, jnp.max(s, axis=1))
     p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0) * c[None, :]
