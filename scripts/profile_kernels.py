@@ -9,7 +9,7 @@ copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 16 32 64]
       [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
-      [--block_size 64] [--piece_rows 0 16 32]
+      [--block_size 64]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
       [--forward levels tile] [--backward levels tile]
@@ -131,8 +131,6 @@ def main():
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--block_size", type=int, default=16)
-  parser.add_argument("--piece_rows", type=int, nargs="+", default=[0],
-                      help="TUNING['piece_rows'] (0: a block, or the tile)")
   parser.add_argument("--coarsen_heads", type=int, nargs="+", default=[1],
                       help="heads per pyramid program (TUNING)")
   parser.add_argument("--coarsen_rows", type=int, nargs="+", default=[0],
@@ -211,22 +209,19 @@ def main():
     schedules = [(f, bw, tr) for f in args.forward for bw in args.backward
                  for tr in (args.tile_rows if "tile" in (f, bw) else [0])]
     for (tile, warps, per_launch, stages, impl, handover,
-         (forward, backward, tile_rows), piece_rows) in itertools.product(
+         (forward, backward, tile_rows)) in itertools.product(
              args.tiles, args.warps, args.per_launch, args.stages,
-             args.coarsen_impl, args.handover_dtype, schedules,
-             args.piece_rows):
+             args.coarsen_impl, args.handover_dtype, schedules):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover,
                             forward=forward, backward=backward,
-                            tile_rows=tile_rows or 64,
-                            piece_rows=piece_rows)
+                            tile_rows=tile_rows or 64)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "forward": forward, "backward": backward,
              **({"tile_rows": tile_rows} if tile_rows else {}),
              "tile": tile, "warps": warps or "auto",
-             "piece_rows": piece_rows,
              "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,

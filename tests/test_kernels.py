@@ -8,6 +8,7 @@ per level, several coarsening passes, and extreme rows. Sizes are small:
 interpret mode is slow.
 """
 
+import itertools
 import re
 
 import jax
@@ -582,17 +583,15 @@ def _check_values_and_gradients(fn, q, k, v, mask, *, block_size, causal,
     assert (g[~mask] == 0).all(), name
 
 
-@pytest.mark.parametrize("block_size,tile,piece_rows,causal,rate", [
-    (32, 16, 0, False, 0.0), (64, 16, 0, True, 0.3), (64, 32, 0, False, 0.0),
-    (64, 64, 16, True, 0.0)])
-def test_tiles_and_pieces_smaller_than_a_block(monkeypatch, block_size, tile,
-                                               piece_rows, causal, rate):
+@pytest.mark.parametrize("block_size,tile,causal,rate", [
+    (32, 16, False, 0.0), (64, 16, True, 0.3), (64, 32, False, 0.0)])
+def test_tiles_smaller_than_a_block(monkeypatch, block_size, tile, causal,
+                                    rate):
   """Programs of fewer rows than a block (each reads its whole block's
-  neighbours and masks by row), and neighbour rows read in pieces smaller
-  than a block (``TUNING["piece_rows"]``): values and gradients against
-  the float64 reference, with holes, garbage in the padding and dropout."""
+  neighbours in pieces of its own rows and masks by row): values and
+  gradients against the float64 reference, with holes, garbage in the
+  padding and dropout."""
   monkeypatch.setattr(kernels, "default_tile", lambda nr: tile)
-  monkeypatch.setitem(kernels.TUNING, "piece_rows", piece_rows)
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   # Lp 256: three levels of blocks of 32, two of 64 (row 0 ends early,
   # row 1 is real to the end, so coarse rows past the first block count).
@@ -600,17 +599,44 @@ def test_tiles_and_pieces_smaller_than_a_block(monkeypatch, block_size, tile,
   rng = jax.random.PRNGKey(83)
   fn = _interpret_attention(block_size, causal, mask, rate, rng)
   # Level 0 runs 256 / tile programs per (batch row, head), whose logits
-  # come in pieces of the tile's rows or piece_rows.
+  # come in pieces of the tile's rows.
   jaxpr = str(jax.make_jaxpr(fn)(q, k, v))
   assert re.search(rf"grid=\({256 // tile}, 1, 2\)[^\n]*hattn_fwd_l0",
                    jaxpr.replace("\n", " "))
   logits = set(re.findall(  # q k^T: contracting both operands' dim 1
       rf"f32\[{tile},(\d+)\] = dot_general\[\s*dimension_numbers="
       r"\(\(\[1\], \[1\]\)", jaxpr))
-  assert logits == {str(piece_rows or tile)}, logits
+  assert logits == {str(tile)}, logits
   _check_values_and_gradients(fn, q, k, v, mask, block_size=block_size,
                               causal=causal,
                               dropout=(rate, rng) if rate else None, seed=84)
+
+
+@pytest.mark.parametrize("nr", [16, 32])
+def test_piece_masks_from_offsets_equal_row_numbers(nr):
+  """The block structure of a piece from its offset to the program's first
+  row (a multiple of a block) and one in-bounds flag, as the level kernels
+  take it, equals the structure from row numbers, for every piece a tile
+  of 1, 2 or 4 blocks meets at the ends and in the middle of a level."""
+  n = 8 * nr
+  checked = 0
+  for tile, level0, causal in itertools.product(
+      (nr, 2 * nr, 4 * nr), (True, False), (True, False)):
+    for start in range(0, n, tile):
+      for off, size in ((-nr, nr), (0, tile), (tile, nr)):
+        own, other = start + np.arange(tile), start + off + np.arange(size)
+        inside = 0 <= start + off < n
+        for own_queries in (True, False):
+          kw = dict(n=n, nr=nr, level0=level0, causal=causal,
+                    own_queries=own_queries)
+          by_rows = kernels._piece_allowed(jnp.asarray(own),
+                                           jnp.asarray(other), None, **kw)
+          by_offset = kernels._piece_allowed(
+              jnp.asarray(own), jnp.asarray(other),
+              (off, jnp.asarray(inside)), **kw)
+          np.testing.assert_array_equal(by_offset, by_rows)
+          checked += int(np.asarray(by_rows).any())
+  assert checked > 100  # most pieces see something
 
 
 def test_bad_tuning_is_named(monkeypatch):
@@ -622,7 +648,7 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("coarsen_impl", "xl"), ("handover_dtype", "bfloat16"),
                      ("num_warps", 3), ("num_stages", 0), ("tile_rows", 8),
                      ("coarsen_rows", 48), ("levels_per_launch", "2"),
-                     ("coarsen_heads", 0), ("piece_rows", 8)):
+                     ("coarsen_heads", 0)):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

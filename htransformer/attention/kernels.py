@@ -151,14 +151,11 @@ DEFAULT_TILE = 16
 # schedules are exact and slower on an H200 (tiles of 32 rows, 65,536
 # tokens: forward 0.68 against 0.54 ms, forward+backward 2.35 against
 # 1.67; docs/benchmarks.md), hence not the default.
-# ``piece_rows``: the level kernels read the neighbour rows in pieces of
-# at most this many rows (0: a block, or the tile when it is smaller);
-# fewer live registers per piece for blocks of 64 (not yet timed).
 # Every call of the kernels checks these (``check_tuning``).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
           "handover_dtype": "input", "forward": "levels", "backward": "levels",
-          "tile_rows": 64, "piece_rows": 0}
+          "tile_rows": 64}
 
 
 def _pow2(x: int) -> bool:
@@ -183,8 +180,6 @@ _TUNING_INTS = {
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
     "tile_rows": ("a power of two >= 16", lambda x: _pow2(x) and x >= 16),
-    "piece_rows": ("0 (the default), or a power of two >= 16",
-                   lambda x: x == 0 or (_pow2(x) and x >= 16)),
 }
 
 
@@ -238,11 +233,11 @@ def _iota(n):
 
 
 def _allowed(qi, kj, n, nr, level0, causal):
-  """The level's block structure: may coarse row qi see coarse key kj?"""
-  inside = (kj >= 0) & (kj < n) & (qi >= 0) & (qi < n)
+  """The level's block structure: may coarse row qi see coarse key kj?
+  (``n``: the level's rows, or None for row numbers counted from a
+  multiple of ``nr`` whose rows are all inside the level.)"""
   # nr is a power of two: shifts and masks are floor division and modulo
-  # (also for the negative row numbers before row 0), fewer integer
-  # instructions per logit than jnp's floor division.
+  # (also for the negative row numbers before row 0).
   shift = nr.bit_length() - 1
   bq, bk = qi >> shift, kj >> shift
   if level0:
@@ -257,7 +252,28 @@ def _allowed(qi, kj, n, nr, level0, causal):
     ok = (bk == bq - 1) & ~((rq < half) & (rk >= half))
     if not causal:
       ok = ok | ((bk == bq + 1) & ~((rq >= half) & (rk < half)))
-  return ok & inside
+  if n is None:
+    return ok
+  return ok & (kj >= 0) & (kj < n) & (qi >= 0) & (qi < n)
+
+
+def _piece_allowed(own, other, rel, *, n, nr, level0, causal, own_queries):
+  """``_allowed`` of a program's rows (row numbers ``own`` [T]) against a
+  piece's (``other`` [S]) as [T, S]; ``own_queries``: the program's rows
+  are the queries (else the keys).
+
+  ``rel`` (from ``_neighbours``): None, or (the piece's first row minus the
+  program's first row, a multiple of ``nr``; whether the piece is inside
+  the level, a traced bool). With it the block structure comes from
+  offsets known when tracing and the bounds from one scalar, instead of
+  row numbers and four comparisons per logit.
+  """
+  if rel is not None:
+    offset, inside = rel
+    own, other, n = _iota(own.shape[0]), offset + _iota(other.shape[0]), None
+  a, b = own[:, None], other[None, :]
+  ok = _allowed(*((a, b) if own_queries else (b, a)), n, nr, level0, causal)
+  return ok if rel is None else ok & inside
 
 
 def _neighbours(refs, start, tile, nr, n, after, level0):
@@ -267,28 +283,34 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
   and, if ``after``, the block after it. A tile smaller than a block
   meets what its block meets (``_allowed`` masks by row), in pieces of
   the tile's rows (slower than tiles of a block for blocks of 64:
-  docs/benchmarks.md). ``TUNING["piece_rows"]`` caps every piece.
-  Yields (rows of each ref, their row numbers) per piece. (One read of a
+  docs/benchmarks.md; so were pieces of fewer rows than a block for tiles
+  of a block).
+  Yields (rows of each ref, their row numbers, ``rel`` of
+  ``_piece_allowed``) per piece. (One read of a
   power-of-two window covering them, with ``_allowed`` masking the rest,
   was 1.7x slower forward+backward on an H200, and issuing all pieces'
   loads before computing on any made the forward 8% slower:
   docs/benchmarks.md.)
   """
-  step = int(TUNING.get("piece_rows") or 0)
+  step = 0
   if tile < nr:  # Part of one block: it meets what its whole block meets,
-    step = step or tile  # by default in pieces of the tile's size.
+    step = tile  # in pieces of the tile's size.
     start, tile = (start // nr) * nr, nr
-  own = [(start, tile)] if level0 or tile > nr else []
-  pieces = [(start - nr, nr)] + own + ([(start + tile, nr)] if after else [])
+  # (offset from start, rows), offsets known when tracing.
+  own = [(0, tile)] if level0 or tile > nr else []
+  pieces = [(-nr, nr)] + own + ([(tile, nr)] if after else [])
   if step:
-    pieces = [(pos + j, min(step, size)) for pos, size in pieces
-              for j in range(0, size, min(step, size))]
-  for pos, size in pieces:
+    pieces = [(off + j, step) for off, size in pieces
+              for j in range(0, size, step)]
+  for off, size in pieces:
     # A piece is either inside [0, n) or wholly outside (all aligned to
-    # its size): the clamped read of one outside is masked by its row
-    # numbers.
+    # its size): the clamped read of one outside is masked.
+    pos = start + off
     at = jnp.clip(pos, 0, n - size)
-    yield [r[pl.ds(at, size)] for r in refs], pos + _iota(size)
+    # With a tile of whole blocks (start a multiple of nr) the structure
+    # is one of offsets (``_piece_allowed``).
+    rel = None if step else (off, (pos >= 0) & (pos < n))
+    yield [r[pl.ds(at, size)] for r in refs], pos + _iota(size), rel
 
 
 def _repeat2(x):
@@ -448,8 +470,9 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
   logits live at once: fewer registers per program). Each key's weight is
   its real-token count; ``drop`` thins the numerator's weights."""
   m = z = y = None
-  for (k, v, c), kj in pieces:
-    ok = _allowed(qi[:, None], kj[None, :], n, nr, level == 0, causal)
+  for (k, v, c), kj, *rel in pieces:
+    ok = _piece_allowed(qi, kj, rel[0] if rel else None, n=n, nr=nr,
+                        level0=level == 0, causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
     # A key that is not real (garbage in padding) only reaches its own
     # column of logits, which ``ok`` masks: no need to zero it (its value
@@ -891,8 +914,9 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
   counts), key row numbers)``. A logit's gradient is ``p (D dp - E)``
   (D: the dropout multipliers, 1 without)."""
   dq = None
-  for (k, v, c), kj in pieces:
-    ok = _allowed(qi[:, None], kj[None, :], n, nr, level == 0, causal)
+  for (k, v, c), kj, *rel in pieces:
+    ok = _piece_allowed(qi, kj, rel[0] if rel else None, n=n, nr=nr,
+                        level0=level == 0, causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
     k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
     v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
@@ -914,8 +938,9 @@ def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
   ``((q, G, E, M), query row numbers)`` with q and G zeroed where not
   real (see ``_dq_fold``)."""
   dk = dv = None
-  for (q, g, e, mrow), qi in pieces:
-    ok = _allowed(qi[None, :], kj[:, None], n, nr, level == 0, causal)
+  for (q, g, e, mrow), qi, *rel in pieces:
+    ok = _piece_allowed(kj, qi, rel[0] if rel else None, n=n, nr=nr,
+                        level0=level == 0, causal=causal, own_queries=False)
     ok = ok & (ck[:, None] > 0)
     st = _dot(k, q, precision, trans_b=True) * scale
     p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
@@ -973,12 +998,12 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   # Queries that see these keys: the same rows and a neighbour block on
   # each side (the structure is symmetric in its reach).
   def pieces():
-    for (q, g, c, e, mrow), qi in _neighbours(
+    for (q, g, c, e, mrow), qi, rel in _neighbours(
         (q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr, n, True,
         level0):
       q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
       g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
-      yield (q, g, e, mrow), qi
+      yield (q, g, e, mrow), qi, rel
   dk, dv = _dkv_fold(k, v, ck, kj, pieces(), n=n, nr=nr, level=level,
                      causal=causal, scale=scale, precision=precision,
                      drop=drop)
