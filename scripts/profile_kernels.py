@@ -12,8 +12,7 @@ copy bandwidth and cuDNN, all in one process:
       [--block_size 64]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
-      [--forward levels tile] [--backward levels tile]
-      [--tile_rows 32 64 128] [--by_kernel]
+      [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
@@ -21,11 +20,8 @@ every combination, ``--coarsen_impl dot`` the pyramid kernel with
 products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
 combination of tile, warps, levels per launch, pipelining stages, pyramid
-implementation, ``--handover_dtype`` (what coarse levels hand to finer
-ones), ``--forward`` and ``--backward`` (``TUNING``'s: "levels", a
-launch per level, or "tile", levels 0 .. a of a tile of at most
-``--tile_rows`` fine rows in one launch); the pyramid's heads and rows per
-program are the first values.
+implementation and ``--handover_dtype`` (what coarse levels hand to finer
+ones); the pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
 setting and prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
@@ -141,15 +137,6 @@ def main():
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
-  parser.add_argument("--forward", nargs="+", default=["levels"],
-                      choices=["levels", "tile"],
-                      help="TUNING['forward'] values to time")
-  parser.add_argument("--backward", nargs="+", default=["levels"],
-                      choices=["levels", "tile"],
-                      help="TUNING['backward'] values to time")
-  parser.add_argument("--tile_rows", type=int, nargs="+", default=[64],
-                      help="TUNING['tile_rows'] values (the 'tile' "
-                      "schedules)")
   parser.add_argument("--by_kernel", action="store_true",
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
@@ -206,22 +193,15 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    schedules = [(f, bw, tr) for f in args.forward for bw in args.backward
-                 for tr in (args.tile_rows if "tile" in (f, bw) else [0])]
-    for (tile, warps, per_launch, stages, impl, handover,
-         (forward, backward, tile_rows)) in itertools.product(
-             args.tiles, args.warps, args.per_launch, args.stages,
-             args.coarsen_impl, args.handover_dtype, schedules):
+    for tile, warps, per_launch, stages, impl, handover in itertools.product(
+        args.tiles, args.warps, args.per_launch, args.stages,
+        args.coarsen_impl, args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
                             levels_per_launch=per_launch,
                             num_stages=stages,
-                            coarsen_impl=impl, handover_dtype=handover,
-                            forward=forward, backward=backward,
-                            tile_rows=tile_rows or 64)
+                            coarsen_impl=impl, handover_dtype=handover)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
-      row = {"length": length, "forward": forward, "backward": backward,
-             **({"tile_rows": tile_rows} if tile_rows else {}),
-             "tile": tile, "warps": warps or "auto",
+      row = {"length": length, "tile": tile, "warps": warps or "auto",
              "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,

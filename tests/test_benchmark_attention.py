@@ -64,9 +64,9 @@ def test_a_merge_with_other_settings_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("forward=tiles", "TUNING['forward'] must be one of"),
+    ("coarsen_impl=xl", "TUNING['coarsen_impl'] must be one of"),
     ("num_warps=3", "TUNING['num_warps'] must be"),
-    ("tile_rows=8", "TUNING['tile_rows'] must be"),
+    ("coarsen_rows=48", "TUNING['coarsen_rows'] must be"),
     ("tile_rowz=64", "expected KEY=VALUE with KEY one of"),
     ("num_warps", "expected KEY=VALUE"),
 ])
@@ -81,12 +81,12 @@ def test_bad_tuning_flags_are_named(monkeypatch, capsys, flag, message):
 
 def test_tuning_flags_set_the_kernels_settings(monkeypatch):
   monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
-  args = bench.parse_args(["--smoke", "--tuning", "forward=tile",
-                           "tile_rows=32", "num_warps=None"])
-  assert args.tuning_values == {"forward": "tile", "tile_rows": 32,
+  args = bench.parse_args(["--smoke", "--tuning", "coarsen_impl=pallas",
+                           "coarsen_rows=32", "num_warps=None"])
+  assert args.tuning_values == {"coarsen_impl": "pallas", "coarsen_rows": 32,
                                 "num_warps": None}
-  assert kernels.TUNING["forward"] == "tile"
-  assert kernels.TUNING["tile_rows"] == 32
+  assert kernels.TUNING["coarsen_impl"] == "pallas"
+  assert kernels.TUNING["coarsen_rows"] == 32
 
 
 def test_memory_floor_counts_the_arrays_any_attention_moves():

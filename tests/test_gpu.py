@@ -174,35 +174,6 @@ def test_pallas_dropout_matches_xla(case, causal, dtype):
   _check_pallas_against_xla(case, causal, dtype, dropout=0.2)
 
 
-@pytest.mark.parametrize("tile_rows", [32, 64])
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_pallas_tile_forward_matches_xla(monkeypatch, causal, tile_rows):
-  """TUNING["forward"] = "tile" as compiled for the GPU: the forward
-  without a gradient (values; interpret mode: tests/test_kernels.py)."""
-  from htransformer.attention import kernels
-  monkeypatch.setitem(kernels.TUNING, "forward", "tile")
-  monkeypatch.setitem(kernels.TUNING, "tile_rows", tile_rows)
-  for case, dtype, rate in ((KERNEL_CASES[0], "bfloat16", 0.0),
-                            (KERNEL_CASES[1], "float32", 0.2),
-                            (KERNEL_CASES[2], "bfloat16", 0.0)):
-    _check_pallas_against_xla(case, causal, dtype, dropout=rate,
-                              forward_only=True)
-
-
-@pytest.mark.parametrize("tile_rows", [32, 64])
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_pallas_tile_backward_matches_xla(monkeypatch, causal, tile_rows):
-  """TUNING["forward"] and ["backward"] = "tile" as compiled for the GPU:
-  values and gradients (interpret mode: tests/test_kernels.py)."""
-  from htransformer.attention import kernels
-  for key, value in (("forward", "tile"), ("backward", "tile"),
-                     ("tile_rows", tile_rows)):
-    monkeypatch.setitem(kernels.TUNING, key, value)
-  _check_pallas_against_xla(KERNEL_CASES[0], causal, "bfloat16")
-  _check_pallas_against_xla(KERNEL_CASES[1], causal, "float32", dropout=0.2)
-  _check_pallas_against_xla(KERNEL_CASES[2], causal, "bfloat16")
-
-
 @pytest.mark.parametrize("tile", [16, 32])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tiles_smaller_than_a_block_match_xla(monkeypatch, causal,
@@ -215,11 +186,9 @@ def test_pallas_tiles_smaller_than_a_block_match_xla(monkeypatch, causal,
   _check_pallas_against_xla(KERNEL_CASES[4], causal, "float32", dropout=0.2)
 
 
-def _check_pallas_against_xla(case, causal, dtype, dropout=0.0,
-                              forward_only=False):
+def _check_pallas_against_xla(case, causal, dtype, dropout=0.0):
   """The kernels against the plain path (float32 at full precision): the
-  output and its gradients, or (``forward_only``) the output of a forward
-  taken without a gradient."""
+  output and its gradients."""
   batch, length, heads, d, dv, block_size, holes = case
   keys = jax.random.split(jax.random.key(length + causal), 5)
   q, k = (jax.random.normal(x, (batch, length, heads, d)) for x in keys[:2])
@@ -238,11 +207,8 @@ def _check_pallas_against_xla(case, causal, dtype, dropout=0.0,
                                  dropout_rng=jax.random.key(7))
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
-  if forward_only:
-    grad = lambda impl: jax.jit(lambda *a: ((None, loss(impl, *a)[1]), ()))
-  else:
-    grad = lambda impl: jax.jit(jax.value_and_grad(
-        lambda *a: loss(impl, *a), argnums=(0, 1, 2), has_aux=True))
+  grad = lambda impl: jax.jit(jax.value_and_grad(
+      lambda *a: loss(impl, *a), argnums=(0, 1, 2), has_aux=True))
   with jax.default_matmul_precision("highest"):
     (_, ref), ref_grads = grad("xla")(q, k, v)
   args = [x.astype(dtype) for x in (q, k, v)]

@@ -495,45 +495,6 @@ def test_dropout_values_and_gradients(small_passes, causal):
     assert (g[~mask] == 0).all(), name
 
 
-
-@pytest.mark.parametrize("block_size,tile_rows,causal,rate,backward", [
-    (16, 16, True, 0.0, "tile"), (16, 64, False, 0.3, "levels"),
-    (16, 64, True, 0.3, "tile"), (16, 64, False, 0.0, "tile"),
-    (16, 128, True, 0.0, "levels"),
-    # Blocks wider than the level kernels' default tile of 16 rows.
-    (32, 64, False, 0.3, "tile")])
-def test_tile_schedules_match_dense_definition(monkeypatch, block_size,
-                                               tile_rows, causal, rate,
-                                               backward):
-  """TUNING["forward"] = "tile": levels 0 .. a of a tile from its fine
-  rows, the rest by the level kernels (with several coarsening passes),
-  merged; holes, garbage in the padding, a row with no key, attention
-  dropout; and the gradients of the backward it feeds, level by level or
-  (TUNING["backward"] = "tile") the same way as the forward."""
-  monkeypatch.setitem(kernels.TUNING, "forward", "tile")
-  monkeypatch.setitem(kernels.TUNING, "backward", backward)
-  monkeypatch.setitem(kernels.TUNING, "tile_rows", tile_rows)
-  monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
-  # Lp 512: five levels of blocks of 16 (a = 0, 2 and 3 in-tile), four
-  # of 32 (a = 1; row 1 real to the end, so the coarse levels' tiles of
-  # rows past the first block carry weight).
-  length = 300 if block_size == 16 else 480
-  q, k, v, mask = _inputs_with_holes(
-      71, length, 2, "suffix" if block_size == 16 else "partial")
-  rng = jax.random.PRNGKey(73)
-  fn = _interpret_attention(block_size, causal, mask, rate, rng)
-  a = kernels.tile_levels(
-      block_size, int(np.log2(512 // block_size)), tile_rows)
-  assert f"hattn_fwd_tile{a}" in str(jax.make_jaxpr(fn)(q, k, v))
-  # Under a gradient: its pyramid and log-normalisers feed the backward.
-  jaxpr = str(jax.make_jaxpr(jax.grad(lambda *x: jnp.sum(fn(*x))))(q, k, v))
-  assert "hattn_fwd_tile" in jaxpr
-  assert ("hattn_dkv_tile" in jaxpr) == (backward == "tile")
-  _check_values_and_gradients(fn, q, k, v, mask, block_size=block_size,
-                              causal=causal,
-                              dropout=(rate, rng) if rate else None, seed=74)
-
-
 def _inputs_with_holes(seed, length, heads, mask_kind):
   """q, k (head_dim 16), v (32) of 2 rows and their mask: holes in row 1,
   row 0 padding from 150 on, NaN wherever the mask is False."""
@@ -640,13 +601,12 @@ def test_piece_masks_from_offsets_equal_row_numbers(nr):
 
 
 def test_bad_tuning_is_named(monkeypatch):
-  """A TUNING value the kernels cannot use (a typo in a schedule's name, an
+  """A TUNING value the kernels cannot use (a typo in a choice's name, an
   odd warp count) stops the call with the key's name, before any kernel."""
   kernels.check_tuning()  # the defaults
   q, k, v = make_qkv(5, 1, 64, 1, 16, 16)
-  for key, value in (("forward", "tiles"), ("backward", "level"),
-                     ("coarsen_impl", "xl"), ("handover_dtype", "bfloat16"),
-                     ("num_warps", 3), ("num_stages", 0), ("tile_rows", 8),
+  for key, value in (("coarsen_impl", "xl"), ("handover_dtype", "bfloat16"),
+                     ("num_warps", 3), ("num_stages", 0),
                      ("coarsen_rows", 48), ("levels_per_launch", "2"),
                      ("coarsen_heads", 0)):
     with monkeypatch.context() as m:

@@ -39,7 +39,7 @@ the inputs' dtype (``TUNING["handover_dtype"]``).
 The pyramid of coarse queries, keys and values, and the restriction of
 (M, G, E), are kernels too: one program reduces 64 rows through six levels.
 The first restriction also forms level 0's E and M from dO, O and lse, so
-that dO is read once (the "tile" backward forms them in XLA).
+that dO is read once.
 The pyramid forms each level's sums as one product of a weight matrix with
 the program's rows (tensor cores; 0.19 against 0.29 ms for pair sums in
 registers at 65,536 tokens on an H200, docs/benchmarks.md).
@@ -60,31 +60,14 @@ as one launch per pass, each level without its parent, with the partial
 outputs merged and the gradients prolonged in XLA: at best 3% faster at
 65,536 tokens, slower at 4,096 and with more levels in the launch
 (docs/benchmarks.md), so not kept.
-
-The forward can instead run ``TUNING["forward"] = "tile"``
-(``_tile_forward``; default "levels"): one program per tile of
-``nr * 2**a`` fine rows (at most ``TUNING["tile_rows"]``) computes levels
-0 .. a from the fine rows alone, its coarse queries and keys as products of
-weight matrices with the tile's rows and a neighbour block's worth of rows
-on each side, and writes the tile's level-(a+1) rows; the level kernels
-then run levels a+1 .. on those (1/2**(a+1) of the rows), and XLA merges
-the two results by their log-normalisers. It moves about half the bytes of
-the level-by-level forward (no pyramid pass over the fine rows, no
-hand-over between levels 0 .. a). Under a gradient with the level-by-level
-backward it also writes the tile's rows at levels 1 .. a, the pyramid that
-backward reads. ``TUNING["backward"] = "tile"`` (``_tile_backward``) is the
-backward built the same way: the coarser levels' gradients by the level
-kernels on levels a+1 .., then one dq and one dk, dv launch over tiles of
-fine rows, each forming its levels' coarse queries, keys and restricted
-cotangent statistics ``(G, E, M)`` from the fine rows (a neighbour block's
-worth on each side) and adding the coarser levels' gradients. Both are
-checked against the float64 reference in interpret mode
-(tests/test_kernels.py) and against the plain path on a GPU
-(tests/test_gpu.py). They move fewer bytes and take longer: each tile
-rebuilds its neighbour blocks' coarse rows with small products, which the
-level-by-level design builds once (forward 0.68 against 0.54 ms and
+Nor were forward and backward schedules that computed levels 0 .. a of a
+tile of fine rows in one launch, their coarse queries, keys and cotangent
+statistics formed in the program from the fine rows (a neighbour block's
+worth on each side), the coarser levels by the level kernels: about half
+the bytes moved, but each tile rebuilds its neighbours' coarse rows,
+which the pyramid builds once (forward 0.68 against 0.54 ms and
 forward+backward 2.35 against 1.67 ms at 65,536 tokens on an H200, tiles
-of 32 rows; docs/benchmarks.md), so neither is the default.
+of 32 rows; slower at every setting measured, docs/benchmarks.md).
 
 Attention dropout (``dropout_rate > 0``): every level kernel gets its
 (batch row, head) seed and recomputes, from a weight's level, row and key,
@@ -141,21 +124,10 @@ DEFAULT_TILE = 16
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
-# ``forward``: "levels" (a launch per level) or "tile" (levels 0 .. a of
-# a tile of at most ``tile_rows`` fine rows in one launch, their coarse
-# queries and keys formed from the fine rows in the program, the coarser
-# levels by the level kernels, merged in XLA: ``_tile_forward``).
-# ``backward``: "levels" (two kernels per level) or "tile" (levels 0 .. a
-# of a tile from its fine rows in one dq and one dk, dv launch, the coarser
-# levels by the level kernels: ``_tile_backward``). Both "tile"
-# schedules are exact and slower on an H200 (tiles of 32 rows, 65,536
-# tokens: forward 0.68 against 0.54 ms, forward+backward 2.35 against
-# 1.67; docs/benchmarks.md), hence not the default.
 # Every call of the kernels checks these (``check_tuning``).
 TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
           "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "handover_dtype": "input", "forward": "levels", "backward": "levels",
-          "tile_rows": 64}
+          "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -167,8 +139,6 @@ def _pow2(x: int) -> bool:
 _TUNING_CHOICES = {
     "coarsen_impl": ("dot", "pallas", "xla"),
     "handover_dtype": ("input", "float32"),
-    "forward": ("levels", "tile"),
-    "backward": ("levels", "tile"),
 }
 _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
@@ -179,7 +149,6 @@ _TUNING_INTS = {
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
-    "tile_rows": ("a power of two >= 16", lambda x: _pow2(x) and x >= 16),
 }
 
 
@@ -466,13 +435,14 @@ def _fwd_kernel(*refs, group, has_parent, rate, **kw):
 def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
   """(max, normaliser, numerator) of the rows ``q`` (row numbers ``qi`` of
   a level of ``n`` rows) over key pieces ``((k, v, counts), key row
-  numbers)``, one piece at a time with a running max (only one piece's
-  logits live at once: fewer registers per program). Each key's weight is
-  its real-token count; ``drop`` thins the numerator's weights."""
+  numbers, rel)`` (``_neighbours``; ``rel`` for ``_piece_allowed``), one
+  piece at a time with a running max (only one piece's logits live at
+  once: fewer registers per program). Each key's weight is its real-token
+  count; ``drop`` thins the numerator's weights."""
   m = z = y = None
-  for (k, v, c), kj, *rel in pieces:
-    ok = _piece_allowed(qi, kj, rel[0] if rel else None, n=n, nr=nr,
-                        level0=level == 0, causal=causal, own_queries=True)
+  for (k, v, c), kj, rel in pieces:
+    ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
+                        causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
     # A key that is not real (garbage in padding) only reaches its own
     # column of logits, which ``ok`` masks: no need to zero it (its value
@@ -639,257 +609,6 @@ def _compiler_params(interpret, rows, width=64):
                               num_stages=TUNING["num_stages"])
 
 
-# ------------------------------------------------ forward, several levels
-# per program from the fine rows (TUNING["forward"] = "tile")
-
-
-def tile_levels(nr: int, levels: int, tile_rows: int) -> int:
-  """``a``: a tile of ``nr * 2**a`` fine rows computes levels 0 .. a (at
-  most ``tile_rows`` rows, and a < levels)."""
-  a = 0
-  while a + 1 < levels and (nr << (a + 1)) <= tile_rows:
-    a += 1
-  return a
-
-
-def _coarse_sums(x, c, level, rows, first=False):
-  """Sums of the real rows of ``x`` [R, D] in groups of ``2**level`` (the
-  first ``rows`` groups), as one product with a weight matrix (tensor
-  cores), and the groups' counts; ``first``: each group's first row
-  instead (the causal coarse query; a hole reads as zero)."""
-  coarse, fine = _iota2((rows, x.shape[0]), 0), _iota2((rows, x.shape[0]), 1)
-  if first:
-    w = (fine == coarse << level).astype(x.dtype)
-  else:
-    w = jnp.where((fine >> level) == coarse, c[None, :], 0.0)
-  precision = (lax.Precision.HIGHEST if x.dtype == jnp.float32 else
-               lax.Precision.DEFAULT)
-  return _dot(w.astype(x.dtype), x, precision), jnp.sum(
-      w.astype(jnp.float32), axis=1)
-
-
-def _coarse_mean(x, c, level, rows):
-  """(means of the real rows of ``x`` in groups of ``2**level``, in x's
-  dtype; the groups' counts)."""
-  sums, cnt = _coarse_sums(x, c, level, rows)
-  return (sums / jnp.maximum(cnt, 1.0)[:, None]).astype(x.dtype), cnt
-
-
-def _coarse_keys(k, v, c, level, rows):
-  """(keys, values, counts) of ``rows`` coarse rows at ``level`` from fine
-  rows ``k``, ``v`` (zeroed where not real) with counts ``c``; level 0:
-  the fine rows themselves."""
-  if level == 0:
-    return k, v, c
-  kc, cc = _coarse_mean(k, c, level, rows)
-  vc, _ = _coarse_mean(v, c, level, rows)
-  return kc, vc, cc
-
-
-def _coarse_queries(q, c, level, rows, causal):
-  """The ``rows`` coarse queries at ``level`` of fine rows ``q`` (zeroed
-  where not real), counts ``c``: the mean of a group's real rows, or
-  (causal) its first row; level 0: ``q``."""
-  if level == 0:
-    return q
-  qs, qc = _coarse_sums(q, c, level, rows, first=causal)
-  return (qs if causal else qs / jnp.maximum(qc, 1.0)[:, None]).astype(
-      q.dtype)
-
-
-def _key_pieces(k_ref, v_ref, c_ref, own, start, t, level, a, nr, n0,
-                causal):
-  """The key pieces ``((k, v, counts), key row numbers)`` at ``level`` that
-  the queries of a tile [start, start + t) of fine rows see: the
-  neighbour block before it, its own rows (at level 0, or while the tile
-  holds several blocks of the level; ``own``: its fine (k, v, counts),
-  zeroed where not real) and, unless causal, the block after it."""
-  k_own, v_own, c_own = own
-  rows = t >> level
-  pieces = [(_coarse_piece(k_ref, v_ref, c_ref, start - (nr << level),
-                           level, nr, n0),
-             (start >> level) - nr + _iota(nr))]
-  if level == 0:
-    pieces.append((own, start + _iota(t)))
-  elif level < a:
-    pieces.append((_coarse_keys(k_own, v_own, c_own, level, rows),
-                   (start >> level) + _iota(rows)))
-  if not causal:
-    pieces.append((_coarse_piece(k_ref, v_ref, c_ref, start + t, level, nr,
-                                 n0),
-                   ((start + t) >> level) + _iota(nr)))
-  return pieces
-
-
-def _coarse_piece(k_ref, v_ref, c_ref, pos, level, nr, n0):
-  """The ``nr`` coarse keys, mean values and counts at ``level`` of the fine
-  rows [pos, pos + nr * 2**level) (all inside or all outside the
-  sequence; outside ones are masked by the caller's row numbers)."""
-  size = nr << level
-  at = jnp.clip(pos, 0, n0 - size)
-  c = c_ref[pl.ds(at, size)]
-  k, v = k_ref[pl.ds(at, size)], v_ref[pl.ds(at, size)]
-  k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
-  v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
-  return _coarse_keys(k, v, c, level, nr)
-
-
-def _tile_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
-                     out_levels):
-  """Levels 0 .. a of a tile of ``nr * 2**a`` fine rows, from the fine
-  rows alone: a level's coarse queries and keys are products of weight
-  matrices with the fine rows (the tile's own, and a neighbour block's
-  worth on each side), computed coarse to fine with the running (max,
-  normaliser, numerator) of each row prolonged to the next finer level
-  in registers. Writes the tile's output and log-normaliser over these
-  levels (the coarser levels are merged in afterwards, ``_tile_forward``)
-  and the tile's queries, keys and values at each level of
-  ``out_levels`` (at most a + 1: the coarser levels' input, and the
-  pyramid the backward reads).
-  """
-  refs, drop = _with_dropout(refs, rate)
-  q_ref, k_ref, v_ref, c_ref, o_ref, lse_ref = refs[:6]
-  level_refs = [refs[6 + 3 * j:9 + 3 * j] for j in range(len(out_levels))]
-  t = nr << a
-  ti = pl.program_id(0)
-  start = ti * t
-  c_own = c_ref[pl.ds(start, t)]
-
-  def compute():
-    q = q_ref[pl.ds(start, t)]
-    q = jnp.where(c_own[:, None] > 0, q, jnp.zeros_like(q))
-    k_own, v_own = k_ref[pl.ds(start, t)], v_ref[pl.ds(start, t)]
-    k_own = jnp.where(c_own[:, None] > 0, k_own, jnp.zeros_like(k_own))
-    v_own = jnp.where(c_own[:, None] > 0, v_own, jnp.zeros_like(v_own))
-    state = None
-    for level in range(a, -1, -1):
-      rows = t >> level
-      n = n0 >> level
-      qi = (start >> level) + _iota(rows)
-      ql = _coarse_queries(q, c_own, level, rows, causal)
-      pieces = _key_pieces(k_ref, v_ref, c_ref, (k_own, v_own, c_own), start,
-                           t, level, a, nr, n0, causal)
-      m, z, y = _fold(ql, qi, pieces, n=n, nr=nr, level=level,
-                      causal=causal, scale=scale, precision=precision,
-                      drop=drop)
-      if state is not None:  # The coarser levels' rows, one per row here.
-        mp, zp, yp = (_repeat2(x) for x in state)
-        big = jnp.maximum(m, mp)
-        f, fp = jnp.exp(m - big), jnp.exp(mp - big)
-        z = z * f + zp * fp
-        y = y * f[:, None] + yp * fp[:, None]
-        m = big
-      state = (m, z, y)
-    o, lse = _normalised(*state)
-    o = jnp.where(c_own[:, None] > 0, o, 0.0)
-    o_ref[pl.ds(start, t)] = o.astype(o_ref.dtype)
-    lse_ref[pl.ds(start, t)] = lse
-    for level, refs3 in zip(out_levels, level_refs):
-      rows = t >> level
-      for x, out_ref, first in zip((q, k_own, v_own), refs3,
-                                   (causal, False, False)):
-        if level <= a:
-          sums, cnt = _coarse_sums(x, c_own, level, rows, first=first)
-        else:  # Level a + 1 (nr / 2 rows): pair sums of level a's sums.
-          sums, cnt = _coarse_sums(x, c_own, a, nr, first=first)
-          if first:
-            sums = _first_of_pairs(sums)
-          else:
-            sums = jnp.sum(_pairs(sums), axis=1)
-            cnt = jnp.sum(_pairs(cnt), axis=1)
-        coarse = sums if first else sums / jnp.maximum(cnt, 1.0)[:, None]
-        out_ref[pl.ds(ti * rows, rows)] = coarse.astype(out_ref.dtype)
-
-  # A padding tile's coarse rows are zeros (what compute gives them).
-  fills = [(o_ref, 0.0), (lse_ref, _NO_KEY)] + [
-      (out_ref, 0.0, pl.ds(ti * (t >> level), t >> level))
-      for level, refs3 in zip(out_levels, level_refs) for out_ref in refs3]
-  _unless_padding(c_own, compute, fills, at=pl.ds(start, t))
-
-
-def _tile_forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
-                  scale, rate, tile_rows, full_pyramid):
-  """The forward with ``TUNING["forward"] = "tile"``: levels 0 .. a in one
-  launch from the fine rows (``_tile_fwd_kernel``), levels a+1 .. on the
-  tile's coarse rows by the level kernels, merged in XLA.
-
-  Returns the output [B, n, H, Dv] in the inputs' dtype, the rows'
-  log-normalisers [B, H, n] and the pyramid (per level (q, k, v,
-  counts), level 0 first), complete if ``full_pyramid`` (the backward's
-  input; else the kernel writes only level a + 1). ``tile``: the level
-  kernels' rows per program (>= nr)."""
-  b, n0, h, d = q.shape
-  dv = v.shape[-1]
-  levels = int(round(math.log2(n0 // nr)))
-  a = tile_levels(nr, levels, tile_rows)
-  t = nr << a
-  coarse_out = a + 1 < levels
-  n1 = n0 >> (a + 1)
-  out_levels = ((tuple(range(1, a + 1)) if full_pyramid else ())
-                + ((a + 1,) if coarse_out else ()))
-  seed_specs, seed_args = _seed_inputs(seeds)
-  in_specs = seed_specs + [_rows_spec(n0, d), _rows_spec(n0, d),
-                           _rows_spec(n0, dv), _counts_spec(n0)]
-  out_specs = [_rows_spec(n0, dv), _vec_spec(n0)]
-  out_shape = [jax.ShapeDtypeStruct(
-      (b, n0, h, dv), _handover_dtype(q.dtype) if coarse_out else q.dtype),
-               jax.ShapeDtypeStruct((b, h, n0), jnp.float32)]
-  for level in out_levels:
-    for width in (d, d, dv):
-      out_specs.append(_rows_spec(n0 >> level, width))
-      out_shape.append(jax.ShapeDtypeStruct((b, n0 >> level, h, width),
-                                            q.dtype))
-  outs = pl.pallas_call(
-      functools.partial(_tile_fwd_kernel, a=a, nr=nr, n0=n0, causal=causal,
-                        scale=scale, precision=precision, rate=rate,
-                        out_levels=out_levels),
-      grid=(n0 // t, h, b), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, interpret=interpret,
-      compiler_params=_compiler_params(interpret, t, max(d, dv)),
-      name=f"hattn_fwd_tile{a}")(*seed_args, q, k, v, c0)
-  o_f, lse_f = outs[:2]
-  counts = _level_counts(c0, levels)
-  # Levels 1 .. a (None where not written: the tile backward does not
-  # read them).
-  written = {level: (*outs[2 + 3 * j:5 + 3 * j], counts[level])
-             for j, level in enumerate(out_levels)}
-  pyramid = [(q, k, v, c0)] + [written.get(level)
-                               for level in range(1, a + 1)]
-  if not coarse_out:
-    return o_f, lse_f, pyramid
-  # Levels a+1 .. levels-1: the level kernels, coarse to fine, on the
-  # pyramid of the tile kernel's coarse rows.
-  coarse = _pyramid(*outs[-3:], counts[a + 1], levels - a - 1, causal,
-                    interpret)
-  pyramid += coarse
-  per_launch = int(TUNING.get("levels_per_launch") or 1)
-  parent = None
-  for first, count, t1 in reversed(_level_groups(
-      n1, levels - a - 1, tile, nr, per_launch)):
-    parent = _group_forward(
-        coarse, first, count, t1, parent, nr=nr, causal=causal,
-        scale=scale, out_dtype=_handover_dtype(q.dtype),
-        precision=precision, interpret=interpret, seeds=seeds, rate=rate,
-        level_offset=a + 1)
-  # Merge: each level-(a+1) row's result into its 2**(a+1) fine rows.
-  o_p, lse_p = parent
-  g = 1 << (a + 1)
-  o_p = jnp.repeat(o_p.astype(jnp.float32), g, axis=1)
-  lse_p = jnp.repeat(lse_p, g, axis=2)
-  big = jnp.maximum(lse_f, lse_p)
-  weight = lambda x: jnp.transpose(jnp.where(
-      x > 0.5 * _NO_KEY, jnp.exp(x - big), 0.0), (0, 2, 1))[..., None]
-  wf, wp = weight(lse_f), weight(lse_p)
-  total = wf + wp
-  o = (o_f.astype(jnp.float32) * wf + o_p * wp) / jnp.where(
-      total > 0, total, 1.0)
-  o = jnp.where(c0[:, :, None, None] > 0, o, 0.0).astype(q.dtype)
-  total = jnp.transpose(total[..., 0], (0, 2, 1))
-  lse = jnp.where(total > 0, big + jnp.log(jnp.where(total > 0, total, 1.0)),
-                  _NO_KEY)
-  return o, lse, pyramid
-
-
 # --------------------------------------------------------------- backward
 
 
@@ -911,12 +630,12 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
              precision, drop):
   """dq (f32, scaled) of query rows ``q`` (row numbers ``qi``; G, E, M of
   the module doc: ``g``, ``e``, ``mrow``) over key pieces ``((k, v,
-  counts), key row numbers)``. A logit's gradient is ``p (D dp - E)``
-  (D: the dropout multipliers, 1 without)."""
+  counts), key row numbers, rel)`` (as in ``_fold``). A logit's gradient
+  is ``p (D dp - E)`` (D: the dropout multipliers, 1 without)."""
   dq = None
-  for (k, v, c), kj, *rel in pieces:
-    ok = _piece_allowed(qi, kj, rel[0] if rel else None, n=n, nr=nr,
-                        level0=level == 0, causal=causal, own_queries=True)
+  for (k, v, c), kj, rel in pieces:
+    ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
+                        causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
     k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
     v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
@@ -935,12 +654,12 @@ def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
               precision, drop):
   """(dk, dv) (f32) of key rows ``k``, ``v`` (counts ``ck``, row numbers
   ``kj``; zeroed where not real) over the query pieces that see them,
-  ``((q, G, E, M), query row numbers)`` with q and G zeroed where not
-  real (see ``_dq_fold``)."""
+  ``((q, G, E, M), query row numbers, rel)`` (as in ``_fold``) with q and
+  G zeroed where not real (see ``_dq_fold``)."""
   dk = dv = None
-  for (q, g, e, mrow), qi, *rel in pieces:
-    ok = _piece_allowed(kj, qi, rel[0] if rel else None, n=n, nr=nr,
-                        level0=level == 0, causal=causal, own_queries=False)
+  for (q, g, e, mrow), qi, rel in pieces:
+    ok = _piece_allowed(kj, qi, rel, n=n, nr=nr, level0=level == 0,
+                        causal=causal, own_queries=False)
     ok = ok & (ck[:, None] > 0)
     st = _dot(k, q, precision, trans_b=True) * scale
     p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
@@ -1071,223 +790,6 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                  jax.ShapeDtypeStruct((b, n, h, dv_dim), out_dtypes[2])],
       interpret=interpret, compiler_params=params,
       name=f"hattn_dkv_{suffix}")(*args)
-  return dq, dk, dv
-
-
-# ----------------------------------------------- backward, several levels
-# per program from the fine rows (TUNING["backward"] = "tile")
-
-
-def _group_min(x, level):
-  """Min of ``x`` [R] over aligned groups of ``2**level`` -> [R >> level]."""
-  for _ in range(level):
-    x = jnp.min(_pairs(x), axis=1)
-  return x
-
-
-def _restricted(g, e, mrow, level, rows):
-  """(G, E, M) of the coarse rows at ``level`` of the fine rows' output
-  cotangent ``g`` [R, Dv], E and M [R] (module doc), as a product with a
-  weight matrix: ``M_r`` the group's least log-normaliser, weights
-  ``exp(M_r - M_i)`` (0 for rows of padding)."""
-  if level == 0:
-    return g, e, mrow
-  m = _group_min(mrow, level)
-  coarse, fine = _iota2((rows, g.shape[0]), 0), _iota2((rows, g.shape[0]), 1)
-  w = jnp.where(((fine >> level) == coarse) & (mrow[None, :] < 0.5 * _NO_ROW),
-                jnp.exp(jnp.minimum(m[:, None] - mrow[None, :], 0.0)), 0.0)
-  precision = (lax.Precision.HIGHEST if g.dtype == jnp.float32 else
-               lax.Precision.DEFAULT)
-  gc = _dot(w.astype(g.dtype), g, precision).astype(g.dtype)
-  return gc, jnp.sum(w * e[None, :], axis=1), m
-
-
-def _prolong(x, c, level, first):
-  """The gradient of a level's coarse rows ``x`` [R >> level, D] (f32) on
-  the fine rows (counts ``c`` [R]) they were formed from: each fine row's
-  weight in its group's mean (``first``: 1 for the group's first row)."""
-  for _ in range(level):
-    x = _repeat2(x)
-  rows = c.shape[0]
-  if first:
-    w = ((_iota(rows) & ((1 << level) - 1)) == 0).astype(jnp.float32)
-  else:
-    total = c
-    for _ in range(level):  # The group's count ...
-      total = jnp.sum(_pairs(total), axis=1)
-    for _ in range(level):  # ... on each of its rows.
-      total = _repeat2(total)
-    w = jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
-  return x * w[:, None]
-
-
-def _query_piece(refs, pos, size, level, causal, n0):
-  """Coarse queries at ``level`` and their (G, E, M) of the fine query rows
-  [pos, pos + size) (inside the sequence or masked by the caller)."""
-  q_ref, g_ref, e_ref, m_ref, c_ref = refs
-  at = jnp.clip(pos, 0, n0 - size)
-  c = c_ref[pl.ds(at, size)]
-  q, g = q_ref[pl.ds(at, size)], g_ref[pl.ds(at, size)]
-  e, mrow = e_ref[pl.ds(at, size)], m_ref[pl.ds(at, size)]
-  q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
-  g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
-  rows = size >> level
-  return ((_coarse_queries(q, c, level, rows, causal),)
-          + _restricted(g, e, mrow, level, rows))
-
-
-def _tile_dq_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
-                    has_parent):
-  """dq of a tile of ``nr * 2**a`` fine rows over levels 0 .. a, from the
-  fine rows (as ``_tile_fwd_kernel``), plus the level-(a+1) dq prolonged."""
-  refs, drop = _with_dropout(refs, rate)
-  q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref = refs[:7]
-  parent_ref = refs[7] if has_parent else None
-  dq_ref = refs[-1]
-  t = nr << a
-  ti = pl.program_id(0)
-  start = ti * t
-  c_own = c_ref[pl.ds(start, t)]
-
-  def compute():
-    k_own, v_own = k_ref[pl.ds(start, t)], v_ref[pl.ds(start, t)]
-    k_own = jnp.where(c_own[:, None] > 0, k_own, jnp.zeros_like(k_own))
-    v_own = jnp.where(c_own[:, None] > 0, v_own, jnp.zeros_like(v_own))
-    dq = None
-    for level in range(a + 1):
-      rows = t >> level
-      n = n0 >> level
-      qi = (start >> level) + _iota(rows)
-      ql, g, e, mrow = _query_piece((q_ref, g_ref, e_ref, m_ref, c_ref),
-                                    start, t, level, causal, n0)
-      pieces = _key_pieces(k_ref, v_ref, c_ref, (k_own, v_own, c_own), start,
-                           t, level, a, nr, n0, causal)
-      dql = _dq_fold(ql, g, e, mrow, qi, pieces, n=n, nr=nr, level=level,
-                     causal=causal, scale=scale, precision=precision,
-                     drop=drop)
-      part = _prolong(dql, c_own, level, causal and level > 0)
-      dq = part if dq is None else dq + part
-    if parent_ref is not None:
-      rows = nr // 2
-      dq = dq + _prolong(parent_ref[pl.ds(ti * rows, rows)].astype(
-          jnp.float32), c_own, a + 1, causal)
-    dq_ref[pl.ds(start, t)] = jnp.where(c_own[:, None] > 0, dq,
-                                        0.0).astype(dq_ref.dtype)
-
-  _unless_padding(c_own, compute, [(dq_ref, 0.0)], at=pl.ds(start, t))
-
-
-def _tile_dkv_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
-                     has_parent):
-  """dk, dv of a tile of ``nr * 2**a`` fine key rows over levels 0 .. a:
-  the queries that see them (a neighbour block on each side, and the
-  tile's own) coarsened and their (G, E, M) restricted in the program,
-  plus the level-(a+1) dk, dv prolonged."""
-  refs, drop = _with_dropout(refs, rate)
-  q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref = refs[:7]
-  parent_refs = refs[7:9] if has_parent else None
-  dk_ref, dv_ref = refs[-2:]
-  t = nr << a
-  ti = pl.program_id(0)
-  start = ti * t
-  c_own = c_ref[pl.ds(start, t)]
-  qrefs = (q_ref, g_ref, e_ref, m_ref, c_ref)
-
-  def compute():
-    k_own, v_own = k_ref[pl.ds(start, t)], v_ref[pl.ds(start, t)]
-    k_own = jnp.where(c_own[:, None] > 0, k_own, jnp.zeros_like(k_own))
-    v_own = jnp.where(c_own[:, None] > 0, v_own, jnp.zeros_like(v_own))
-    dk = dv = None
-    for level in range(a + 1):
-      rows = t >> level
-      n = n0 >> level
-      kj = (start >> level) + _iota(rows)
-      kc, vc, cc = _coarse_keys(k_own, v_own, c_own, level, rows)
-      size = nr << level
-      pieces = [(_query_piece(qrefs, start - size, size, level, causal, n0),
-                 (start >> level) - nr + _iota(nr))]
-      if level == 0 or level < a:
-        pieces.append((_query_piece(qrefs, start, t, level, causal, n0), kj))
-      pieces.append((_query_piece(qrefs, start + t, size, level, causal, n0),
-                     ((start + t) >> level) + _iota(nr)))
-      dkl, dvl = _dkv_fold(kc, vc, cc, kj, pieces, n=n, nr=nr, level=level,
-                           causal=causal, scale=scale, precision=precision,
-                           drop=drop)
-      pk = _prolong(dkl, c_own, level, False)
-      pv = _prolong(dvl, c_own, level, False)
-      dk = pk if dk is None else dk + pk
-      dv = pv if dv is None else dv + pv
-    if parent_refs is not None:
-      rows = nr // 2
-      dk = dk + _prolong(parent_refs[0][pl.ds(ti * rows, rows)].astype(
-          jnp.float32), c_own, a + 1, False)
-      dv = dv + _prolong(parent_refs[1][pl.ds(ti * rows, rows)].astype(
-          jnp.float32), c_own, a + 1, False)
-    dk_ref[pl.ds(start, t)] = jnp.where(c_own[:, None] > 0, dk,
-                                        0.0).astype(dk_ref.dtype)
-    dv_ref[pl.ds(start, t)] = jnp.where(c_own[:, None] > 0, dv,
-                                        0.0).astype(dv_ref.dtype)
-
-  _unless_padding(c_own, compute, [(dk_ref, 0.0), (dv_ref, 0.0)],
-                  at=pl.ds(start, t))
-
-
-def _tile_backward(pyramid, g, e, mrow, seeds, *, nr, causal, tile,
-                   interpret, precision, scale, rate, tile_rows, per_launch):
-  """dq, dk, dv with ``TUNING["backward"] = "tile"``: levels a+1 .. by
-  the level kernels on the pyramid's coarse levels (stats restricted to
-  level a+1 first), then levels 0 .. a by one dq and one dk, dv kernel
-  over tiles of fine rows that add the coarser levels' gradients."""
-  q, k, v, c0 = pyramid[0]
-  b, n0, h, d = q.shape
-  dv_dim = v.shape[-1]
-  levels = len(pyramid)
-  a = tile_levels(nr, levels, tile_rows)
-  t = nr << a
-  parent = None
-  if a + 1 < levels:
-    coarse = pyramid[a + 1:]
-    first_stats = _restrict(g, e, mrow, c0, a + 1, interpret,
-                            last_only=True)[0]
-    stats = [first_stats]
-    for base, count in _chunks(len(coarse)):
-      stats += _restrict(*stats[base], coarse[base][3], count, interpret)
-    handover = _handover_dtype(q.dtype)
-    for first, count, t1 in reversed(_level_groups(
-        n0 >> (a + 1), len(coarse), tile, nr, per_launch)):
-      parent = _group_backward(
-          coarse, stats, first, count, t1, parent, nr=nr, causal=causal,
-          scale=scale, out_dtypes=(handover,) * 3, precision=precision,
-          interpret=interpret, seeds=seeds, rate=rate, level_offset=a + 1)
-  seed_specs, seed_args = _seed_inputs(seeds)
-  in_specs = seed_specs + [
-      _rows_spec(n0, d), _rows_spec(n0, d), _rows_spec(n0, dv_dim),
-      _counts_spec(n0), _rows_spec(n0, dv_dim), _vec_spec(n0),
-      _vec_spec(n0)]
-  args = seed_args + [q, k, v, c0, g, e, mrow]
-  n1 = n0 >> (a + 1)
-  common = dict(a=a, nr=nr, n0=n0, causal=causal, scale=scale,
-                precision=precision, rate=rate,
-                has_parent=parent is not None)
-  grid = (n0 // t, h, b)
-  params = _compiler_params(interpret, t, max(d, dv_dim))
-  parent = () if parent is None else parent  # level a+1's dq, dk, dv
-  dq = pl.pallas_call(
-      functools.partial(_tile_dq_kernel, **common), grid=grid,
-      in_specs=in_specs + [_rows_spec(n1, d)] * len(parent[:1]),
-      out_specs=_rows_spec(n0, d),
-      out_shape=jax.ShapeDtypeStruct((b, n0, h, d), q.dtype),
-      interpret=interpret, compiler_params=params,
-      name=f"hattn_dq_tile{a}")(*args, *parent[:1])
-  dk, dv = pl.pallas_call(
-      functools.partial(_tile_dkv_kernel, **common), grid=grid,
-      in_specs=in_specs + [_rows_spec(n1, d), _rows_spec(n1, dv_dim)][
-          :len(parent[1:])],
-      out_specs=[_rows_spec(n0, d), _rows_spec(n0, dv_dim)],
-      out_shape=[jax.ShapeDtypeStruct((b, n0, h, d), k.dtype),
-                 jax.ShapeDtypeStruct((b, n0, h, dv_dim), v.dtype)],
-      interpret=interpret, compiler_params=params,
-      name=f"hattn_dkv_tile{a}")(*args, *parent[1:])
   return dq, dk, dv
 
 
@@ -1559,9 +1061,8 @@ def _restrict(g, e, mrow, c, count, interpret, last_only=False,
                    nondiff_argnums=(5, 6, 7, 8, 9, 10, 11, 12))
 def _attention(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
                per_launch, scale, rate):
-  # Without differentiation nothing but the output is needed.
   return _forward(q, k, v, c0, seeds, nr, causal, tile, interpret,
-                  precision, per_launch, scale, rate, residuals=False)[0]
+                  precision, per_launch, scale, rate)[0]
 
 
 def _handover_dtype(input_dtype):
@@ -1571,23 +1072,9 @@ def _handover_dtype(input_dtype):
   return jnp.float32
 
 
-def _schedules():
-  """TUNING's forward and backward ("levels" or "tile")."""
-  return TUNING.get("forward", "levels"), TUNING.get("backward", "levels")
-
-
 def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
-             per_launch, scale, rate, residuals=True):
-  """(output, residuals for the backward: pyramid, output, lse, seeds);
-  ``residuals=False``: only the output is used (TUNING's "tile" forward
-  then writes no pyramid levels it does not need)."""
-  forward, backward = _schedules()
-  if forward == "tile":
-    o, lse, pyramid = _tile_forward(
-        q, k, v, c0, seeds, nr, causal, tile, interpret, precision, scale,
-        rate, int(TUNING.get("tile_rows") or 64),
-        full_pyramid=residuals and backward == "levels")
-    return o, (pyramid, o, lse, seeds)
+             per_launch, scale, rate):
+  """(output, residuals for the backward: pyramid, output, lse, seeds)."""
   n = q.shape[1]
   levels = int(round(math.log2(n // nr)))
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret)
@@ -1625,13 +1112,6 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
   q, k, v, c0 = pyramid[0]
   levels = len(pyramid)
   g = d_o.astype(q.dtype)
-  if _schedules()[1] == "tile":
-    dq, dk, dv = _tile_backward(
-        pyramid, g, *_row_stats(d_o, o, lse, c0), seeds, nr=nr,
-        causal=causal, tile=tile, interpret=interpret, precision=precision,
-        scale=scale, rate=rate, tile_rows=int(TUNING.get("tile_rows") or 64),
-        per_launch=per_launch)
-    return dq, dk, dv, jnp.zeros_like(c0), None
   # Rows of padding take no gradient (M = _NO_ROW, G masked in the kernels).
   # The first restriction also computes level 0's E and M (one read of dO).
   chunks = _chunks(levels)
