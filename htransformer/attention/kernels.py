@@ -337,8 +337,8 @@ def _unless_padding(c, compute, fills, at=None):
   """Runs ``compute`` unless the program's rows are all padding (c == 0).
 
   A tile of padding only (the tail of a short sequence) writes ``fills``
-  instead, (ref, value) pairs (or (ref, value, rows): those rows of the
-  ref instead of ``at``): zero outputs and gradients (exactly what
+  instead, (ref, value) pairs (the rows ``at`` of each ref, or all of
+  it): zero outputs and gradients (exactly what
   ``compute`` gives such rows, whose queries, cotangents and counts are
   zero) and no log-normaliser (padding rows take no gradient, and a coarse
   row of padding has only padding children). Coarser levels of the same
@@ -354,13 +354,11 @@ def _unless_padding(c, compute, fills, at=None):
 
   @pl.when(jnp.logical_not(live))
   def _():
-    for ref, value, *rows in fills:
-      where = rows[0] if rows else at
-      if where is None:
+    for ref, value in fills:
+      if at is None:
         ref[...] = jnp.full(ref.shape, value, ref.dtype)
-      else:  # The program's rows ``where`` of the ref.
-        ref[where] = jnp.full((where.size,) + ref.shape[1:], value,
-                              ref.dtype)
+      else:  # The program's rows ``at`` of the ref.
+        ref[at] = jnp.full((at.size,) + ref.shape[1:], value, ref.dtype)
 
 
 def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
@@ -523,11 +521,11 @@ def _counts_spec(n):
   return pl.BlockSpec((None, n), lambda i, j, k: (k, 0))
 
 
-def _group(pyramid, first, count, t, level_offset=0):
+def _group(pyramid, first, count, t):
   """(rows, tile rows, level) of levels first .. first+count-1, finest
-  first (``pyramid[0]`` is level ``level_offset``)."""
+  first."""
   return tuple((pyramid[first + j][0].shape[1], t >> j,
-                level_offset + first + j) for j in range(count))
+                first + j) for j in range(count))
 
 
 # Copies of each dropout seed the kernels read (a block of one element is
@@ -551,8 +549,7 @@ def _seed_inputs(seeds):
 
 
 def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
-                   out_dtype, precision, interpret, seeds=None, rate=0.0,
-                   level_offset=0):
+                   out_dtype, precision, interpret, seeds=None, rate=0.0):
   """Levels first .. first+count-1 in one launch; parent (o, lse) or None.
 
   Returns level ``first``'s o [B, n, H, Dv] (normalised, out_dtype) and
@@ -561,7 +558,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv = v.shape[-1]
-  group = _group(pyramid, first, count, t, level_offset)
+  group = _group(pyramid, first, count, t)
   ns = [m for m, _, _ in group]
   in_specs, args = _seed_inputs(seeds)
   for j, m in enumerate(ns):
@@ -584,7 +581,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
                  jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
       interpret=interpret,
       compiler_params=_compiler_params(interpret, t, max(d, dv)),
-      name=f"hattn_fwd_l{level_offset + first}" + (
+      name=f"hattn_fwd_l{first}" + (
           f"_{count}" if count > 1 else ""),
   )(*args)
 
@@ -738,21 +735,20 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
 
 def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                     scale, out_dtypes, precision, interpret, seeds=None,
-                    rate=0.0, level_offset=0):
+                    rate=0.0):
   """dq, dk, dv of level ``first`` (levels first .. first+count-1 in one
-  launch each for dq and for dk/dv, plus the parent's, prolonged;
-  ``pyramid[0]`` is level ``level_offset``)."""
+  launch each for dq and for dk/dv, plus the parent's, prolonged)."""
   q, _, v, _ = pyramid[first]
   b, n, h, d = q.shape
   dv_dim = v.shape[-1]
-  group = _group(pyramid, first, count, t, level_offset)
+  group = _group(pyramid, first, count, t)
   ns = [m for m, _, _ in group]
   common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision, rate=rate)
   params = _compiler_params(interpret, t, max(d, dv_dim))
   grid = (n // t, h, b)
-  suffix = f"l{level_offset + first}" + (f"_{count}" if count > 1 else "")
+  suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
   level_args = [x for j in range(count)
                 for x in (*pyramid[first + j], *stats[first + j])]
@@ -978,10 +974,9 @@ def _pyramid(q, k, v, c0, levels, causal, interpret):
   return list(zip(qs, ks, vs, counts))
 
 
-def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count, written,
+def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count,
                      from_output):
-  """(G, E, M) of levels base+1 .. base+count (those of them in
-  ``written``, 1-based); see the module doc. ``from_output``: e_ref and
+  """(G, E, M) of levels base+1 .. base+count; see the module doc. ``from_output``: e_ref and
   m_ref hold the output O and its lse, and the first two outputs get the
   base level's E = dO . O and M (level 0: dO read once, not by XLA too)."""
   c = c_ref[...]
@@ -1006,10 +1001,7 @@ def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count, written,
       w = jnp.where(m2 < 0.5 * _NO_ROW, jnp.exp(m[:, None] - m2), 0.0)
       g = jnp.sum(_pairs(g) * w[:, :, None], axis=1)
       e = jnp.sum(_pairs(e) * w, axis=1)
-      if j + 1 not in written:
-        continue
-      at = written.index(j + 1)
-      g_out, e_out, m_out = out_refs[3 * at:3 * at + 3]
+      g_out, e_out, m_out = out_refs[3 * j:3 * j + 3]
       g_out[...] = g.astype(g_out.dtype)
       e_out[...] = e
       m_out[...] = m
@@ -1017,14 +1009,13 @@ def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count, written,
   # Rows of padding only restrict to no gradient (G = E = 0, M = _NO_ROW),
   # what compute gives them.
   _unless_padding(c, compute, list(zip(head, (0.0, _NO_ROW))) + [
-      (ref, fill) for j in range(len(written))
+      (ref, fill) for j in range(count)
       for ref, fill in zip(out_refs[3 * j:3 * j + 3], (0.0, 0.0, _NO_ROW))])
 
 
-def _restrict(g, e, mrow, c, count, interpret, last_only=False,
-              from_output=False):
-  """The next ``count`` levels of (G, E, M): g [B, n, H, Dv], e, m [B, H, n]
-  (``last_only``: only the last of them, a list of one). ``from_output``:
+def _restrict(g, e, mrow, c, count, interpret, from_output=False):
+  """The next ``count`` levels of (G, E, M): g [B, n, H, Dv], e, m [B, H, n].
+  ``from_output``:
   e is the output O [B, n, H, Dv] and mrow its lse; the list starts with
   the base level's (g, E, M), E and M computed from them."""
   b, n, h, dv = g.shape
@@ -1036,9 +1027,8 @@ def _restrict(g, e, mrow, c, count, interpret, last_only=False,
   in_specs = [rows_spec(rows), rows_spec(rows) if from_output else
               vec_spec(rows), vec_spec(rows),
               pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
-  written = (count,) if last_only else tuple(range(1, count + 1))
   out_specs, out_shape = [], []
-  for level in ((0,) if from_output else ()) + written:
+  for level in range(0 if from_output else 1, count + 1):
     r, m = rows >> level, n >> level
     if level:  # G (the base level's is g)
       out_specs.append(rows_spec(r))
@@ -1046,7 +1036,7 @@ def _restrict(g, e, mrow, c, count, interpret, last_only=False,
     out_specs += [vec_spec(r)] * 2  # E, M
     out_shape += [jax.ShapeDtypeStruct((b, h, m), jnp.float32)] * 2
   outs = pl.pallas_call(
-      functools.partial(_restrict_kernel, count=count, written=written,
+      functools.partial(_restrict_kernel, count=count,
                         from_output=from_output),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
@@ -1054,7 +1044,7 @@ def _restrict(g, e, mrow, c, count, interpret, last_only=False,
       name="hattn_restrict")(g, e, mrow, c)
   head = [(g, *outs[:2])] if from_output else []
   outs = outs[2:] if from_output else outs
-  return head + [tuple(outs[3 * j:3 * j + 3]) for j in range(len(written))]
+  return head + [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
 
 
 @functools.partial(jax.custom_vjp,
