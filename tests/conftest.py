@@ -9,11 +9,24 @@ JAX use the `jax.enable_x64(True)` context manager locally.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+# One persistent XLA compilation cache per test run, shared by the pytest
+# workers and the processes the tests start (they inherit the environment):
+# many tests compile the same small models and kernels, and a computation
+# compiled once is read back instead of compiled again. Set before JAX is
+# imported; a cache the caller set is kept.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:  # The workers inherit the first process's.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="htransformer-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -27,3 +40,11 @@ def tiny_data(tmp_path_factory):
     listops.generate(d, num_train=400, num_val=64, num_test=64, seed=0,
                      min_length=5, max_length=40, workers=1)
     return d
+
+
+def pytest_sessionfinish(session):
+    """The run's compilation cache goes with the run (the first process's
+    finish: not a worker's)."""
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"],
+                      ignore_errors=True)
