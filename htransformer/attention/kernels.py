@@ -12,7 +12,9 @@ several levels per launch, below):
   16) and reads the key rows ``[start - Nr, start + tile + Nr)`` (one
   neighbour block on each side, and its own rows unless it is a coarse
   level's single block, which never sees itself), one piece at a time:
-  forms the logits with the level's block structure as a mask, weights
+  forms the logits with the level's block structure as a mask (for a
+  tile of whole blocks, from each piece's offset to the tile, known when
+  tracing: ``_piece_allowed``), weights
   each key's probability by its real-token count and folds them in with a
   running max; then merges the parent level's normalised output and
   log-normaliser (each coarse row repeated for its two children). The
