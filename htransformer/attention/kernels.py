@@ -978,9 +978,10 @@ def _pyramid(q, k, v, c0, levels, causal, interpret):
 
 def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count,
                      from_output):
-  """(G, E, M) of levels base+1 .. base+count; see the module doc. ``from_output``: e_ref and
-  m_ref hold the output O and its lse, and the first two outputs get the
-  base level's E = dO . O and M (level 0: dO read once, not by XLA too)."""
+  """(G, E, M) of levels base+1 .. base+count; see the module doc.
+  ``from_output``: e_ref and m_ref hold the output O and its lse, and the
+  first two outputs get the base level's E = dO . O and M (level 0: dO
+  read once, not by XLA too)."""
   c = c_ref[...]
   head = out_refs[:2] if from_output else ()  # E, M of the base level
   out_refs = out_refs[len(head):]
@@ -1017,9 +1018,8 @@ def _restrict_kernel(g_ref, e_ref, m_ref, c_ref, *out_refs, count,
 
 def _restrict(g, e, mrow, c, count, interpret, from_output=False):
   """The next ``count`` levels of (G, E, M): g [B, n, H, Dv], e, m [B, H, n].
-  ``from_output``:
-  e is the output O [B, n, H, Dv] and mrow its lse; the list starts with
-  the base level's (g, E, M), E and M computed from them."""
+  ``from_output``: e is the output O [B, n, H, Dv] and mrow its lse; the
+  list starts with the base level's (g, E, M), E and M computed from them."""
   b, n, h, dv = g.shape
   rows = 2**count
   grid = (n // rows, h, b)
