@@ -13,8 +13,8 @@ several levels per launch, below):
   neighbour block on each side, and its own rows unless it is a coarse
   level's single block, which never sees itself), one piece at a time:
   forms the logits with the level's block structure as a mask (for a
-  tile of whole blocks, from each piece's offset to the tile, known when
-  tracing: ``_piece_allowed``), weights
+  tile of whole blocks, from each piece's offset to the tile:
+  ``_piece_allowed``; level 0's pieces in a loop: ``_over_pieces``), weights
   each key's probability by its real-token count and folds them in with a
   running max; then merges the parent level's normalised output and
   log-normaliser (each coarse row repeated for its two children). The
@@ -236,8 +236,9 @@ def _piece_allowed(own, other, rel, *, n, nr, level0, causal, own_queries):
   ``rel`` (from ``_neighbours``): None, or (the piece's first row minus the
   program's first row, a multiple of ``nr``; whether the piece is inside
   the level, a traced bool). With it the block structure comes from
-  offsets known when tracing and the bounds from one scalar, instead of
-  row numbers and four comparisons per logit.
+  offsets (known when tracing, except in a loop over pieces:
+  ``_over_pieces``) and the bounds from one scalar, instead of row
+  numbers and four comparisons per logit.
   """
   if rel is not None:
     offset, inside = rel
@@ -252,12 +253,14 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
   the neighbour block before it, its own rows (at level 0, or when the
   tile holds more than one block: a coarse row never sees its own block)
   and, if ``after``, the block after it. A tile smaller than a block
-  meets what its block meets (``_allowed`` masks by row), in pieces of
-  the tile's rows (slower than tiles of a block for blocks of 64:
+  meets what its whole block meets (``_allowed`` masks by row), in pieces
+  of the tile's rows (slower than tiles of a block for blocks of 64:
   docs/benchmarks.md; so were pieces of fewer rows than a block for tiles
   of a block).
-  Yields (rows of each ref, their row numbers, ``rel`` of
-  ``_piece_allowed``) per piece. (One read of a
+  Returns (read, pieces): ``pieces`` lists each piece's (offset from
+  ``start``, rows), known when tracing, and ``read(offset, rows)`` gives
+  (rows of each ref, their row numbers, ``rel`` of ``_piece_allowed``);
+  the offset may be traced (``_over_pieces``). (One read of a
   power-of-two window covering them, with ``_allowed`` masking the rest,
   was 1.7x slower forward+backward on an H200, and issuing all pieces'
   loads before computing on any made the forward 8% slower:
@@ -273,7 +276,8 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
   if step:
     pieces = [(off + j, step) for off, size in pieces
               for j in range(0, size, step)]
-  for off, size in pieces:
+
+  def read(off, size):
     # A piece is either inside [0, n) or wholly outside (all aligned to
     # its size): the clamped read of one outside is masked.
     pos = start + off
@@ -281,7 +285,34 @@ def _neighbours(refs, start, tile, nr, n, after, level0):
     # With a tile of whole blocks (start a multiple of nr) the structure
     # is one of offsets (``_piece_allowed``).
     rel = None if step else (off, (pos >= 0) & (pos < n))
-    yield [r[pl.ds(at, size)] for r in refs], pos + _iota(size), rel
+    return [r[pl.ds(at, size)] for r in refs], pos + _iota(size), rel
+
+  return read, pieces
+
+
+def _over_pieces(neighbours, body, loop):
+  """``carry = body(carry, rows, row numbers, rel)`` over the pieces of
+  ``_neighbours`` (``carry`` None for the first).
+
+  With ``loop``, three or more pieces of one size at even offsets (level
+  0 without causality) run the second to the last in a loop, whose
+  offsets are traced: the compiler keeps one piece's rows live at a time
+  instead of scheduling all of them at once. The forward's level-0 kernel
+  then takes 128 registers per thread instead of 164 (4 programs more on
+  an SM) and 15% less time; the dq and dk, dv kernels were slower so
+  (docs/benchmarks.md), so they unroll.
+  """
+  read, pieces = neighbours
+  offs, size = [off for off, _ in pieces], pieces[0][1]
+  stride = offs[1] - offs[0] if len(offs) > 1 else 0
+  carry = body(None, *read(offs[0], size))
+  if (loop and len(pieces) >= 3 and all(z == size for _, z in pieces)
+      and offs == [offs[0] + i * stride for i in range(len(offs))]):
+    return lax.fori_loop(1, len(pieces), lambda i, c: body(
+        c, *read(offs[0] + i * stride, size)), carry)
+  for off, rows in pieces[1:]:
+    carry = body(carry, *read(off, rows))
+  return carry
 
 
 def _repeat2(x):
@@ -439,8 +470,8 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
   piece at a time with a running max (only one piece's logits live at
   once: fewer registers per program). Each key's weight is its real-token
   count; ``drop`` thins the numerator's weights."""
-  m = z = y = None
-  for (k, v, c), kj, rel in pieces:
+  def body(carry, kvc, kj, rel):
+    k, v, c = kvc
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
@@ -448,21 +479,21 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
     # column of logits, which ``ok`` masks: no need to zero it (its value
     # is zeroed: a zero weight times garbage is not zero).
     s = jnp.where(ok, _dot(q, k, precision, trans_b=True) * scale, _NO_KEY)
-    m_new = jnp.max(s, axis=1) if m is None else jnp.maximum(
-        m, jnp.max(s, axis=1))
+    m_new = jnp.max(s, axis=1)
+    if carry is not None:
+      m_new = jnp.maximum(carry[0], m_new)
     p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0) * c[None, :]
     v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
     keep = _dropout(drop, level, qi[:, None], kj[None, :])
     part = _dot((p if keep is None else p * keep).astype(v.dtype), v,
                 precision)
-    if m is None:
-      z, y = jnp.sum(p, axis=1), part
-    else:
-      a = jnp.exp(m - m_new)
-      z = z * a + jnp.sum(p, axis=1)
-      y = y * a[:, None] + part
-    m = m_new
-  return m, z, y
+    if carry is None:
+      return m_new, jnp.sum(p, axis=1), part
+    m, z, y = carry
+    a = jnp.exp(m - m_new)
+    return m_new, z * a + jnp.sum(p, axis=1), y * a[:, None] + part
+
+  return _over_pieces(pieces, body, loop=True)
 
 
 def _normalised(m, z, y):
@@ -631,8 +662,8 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
   the module doc: ``g``, ``e``, ``mrow``) over key pieces ``((k, v,
   counts), key row numbers, rel)`` (as in ``_fold``). A logit's gradient
   is ``p (D dp - E)`` (D: the dropout multipliers, 1 without)."""
-  dq = None
-  for (k, v, c), kj, rel in pieces:
+  def body(dq, kvc, kj, rel):
+    k, v, c = kvc
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
@@ -645,18 +676,21 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
     keep = _dropout(drop, level, qi[:, None], kj[None, :])
     ds = p * ((dp if keep is None else keep * dp) - e[:, None])
     part = _dot(ds.astype(k.dtype), k, precision)
-    dq = part if dq is None else dq + part
-  return dq * scale
+    return part if dq is None else dq + part
+
+  return _over_pieces(pieces, body, loop=False) * scale
 
 
 def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
               precision, drop):
   """(dk, dv) (f32) of key rows ``k``, ``v`` (counts ``ck``, row numbers
   ``kj``; zeroed where not real) over the query pieces that see them,
-  ``((q, G, E, M), query row numbers, rel)`` (as in ``_fold``) with q and
-  G zeroed where not real (see ``_dq_fold``)."""
-  dk = dv = None
-  for (q, g, e, mrow), qi, rel in pieces:
+  ``((q, G, counts, E, M), query row numbers, rel)`` (as in ``_fold``);
+  q and G are zeroed where not real (see ``_dq_fold``)."""
+  def body(carry, rows, qi, rel):
+    q, g, c, e, mrow = rows
+    q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
+    g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
     ok = _piece_allowed(kj, qi, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=False)
     ok = ok & (ck[:, None] > 0)
@@ -669,8 +703,11 @@ def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
     dp = _dot(v, g, precision, trans_b=True)
     ds = p * ((dp if keep is None else keep * dp) - e[None, :])
     part_k = _dot(ds.astype(q.dtype), q, precision)
-    dk = part_k if dk is None else dk + part_k
-    dv = part_v if dv is None else dv + part_v
+    if carry is None:
+      return part_k, part_v
+    return carry[0] + part_k, carry[1] + part_v
+
+  dk, dv = _over_pieces(pieces, body, loop=False)
   return dk * scale, dv
 
 
@@ -715,14 +752,9 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   v = jnp.where(ck[:, None] > 0, v, jnp.zeros_like(v))
   # Queries that see these keys: the same rows and a neighbour block on
   # each side (the structure is symmetric in its reach).
-  def pieces():
-    for (q, g, c, e, mrow), qi, rel in _neighbours(
-        (q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr, n, True,
-        level0):
-      q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
-      g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
-      yield (q, g, e, mrow), qi, rel
-  dk, dv = _dkv_fold(k, v, ck, kj, pieces(), n=n, nr=nr, level=level,
+  pieces = _neighbours((q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr,
+                       n, True, level0)
+  dk, dv = _dkv_fold(k, v, ck, kj, pieces, n=n, nr=nr, level=level,
                      causal=causal, scale=scale, precision=precision,
                      drop=drop)
   if parent is not None:
