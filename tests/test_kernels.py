@@ -595,6 +595,38 @@ def test_piece_masks_from_offsets_equal_row_numbers(nr):
   assert checked > 100  # most pieces see something
 
 
+@pytest.mark.parametrize("tile,after,level0,loops", [
+    (16, True, True, True),     # level 0 without causality: 3 pieces
+    (16, False, True, False),   # causal level 0: 2 pieces, unrolled
+    (16, True, False, False),   # a coarse level: 2 pieces, unrolled
+    (32, True, True, False),    # a tile of two blocks: pieces of 16 and 32
+    (8, True, True, True),      # less than a block: 6 pieces of 8 rows
+])
+def test_pieces_in_a_loop_are_the_unrolled_pieces(tile, after, level0,
+                                                   loops):
+  """``_over_pieces`` with ``loop``: a loop only over three or more pieces
+  of one size at even offsets, and the same pieces, rows and masks as
+  unrolled (the forward takes the loop, dq and dk, dv unroll)."""
+  nr, n, start = 16, 128, 48 if tile >= 16 else 56
+  rows = jnp.arange(n * 2, dtype=jnp.float32).reshape(n, 2)
+  own = start + jnp.arange(tile)
+
+  def body(carry, piece, other, rel):
+    ok = kernels._piece_allowed(own, other, rel, n=n, nr=nr, level0=level0,
+                                causal=not after, own_queries=True)
+    part = jnp.where(ok, piece[0][None, :, 0] * (other[None, :] + 1), 0.0)
+    return part.sum(1) if carry is None else carry + part.sum(1)
+
+  def run(loop):
+    return kernels._over_pieces(kernels._neighbours(
+        [rows], start, tile, nr, n, after, level0), body, loop)
+
+  eqns = jax.make_jaxpr(lambda: run(True))().jaxpr.eqns
+  assert any(e.primitive.name in ("scan", "while") for e in eqns) == loops
+  np.testing.assert_array_equal(run(True), run(False))
+  assert float(jnp.abs(run(False)).sum()) > 0
+
+
 def test_bad_tuning_is_named(monkeypatch):
   """A TUNING value the kernels cannot use (a typo in a choice's name, an
   odd warp count) stops the call with the key's name, before any kernel."""

@@ -295,12 +295,12 @@ def _over_pieces(neighbours, body, loop):
   ``_neighbours`` (``carry`` None for the first).
 
   With ``loop``, three or more pieces of one size at even offsets (level
-  0 without causality) run the second to the last in a loop, whose
-  offsets are traced: the compiler keeps one piece's rows live at a time
-  instead of scheduling all of them at once. The forward's level-0 kernel
-  then takes 128 registers per thread instead of 164 (4 programs more on
-  an SM) and 15% less time; the dq and dk, dv kernels were slower so
-  (docs/benchmarks.md), so they unroll.
+  0 without causality; level 0 of a tile smaller than a block) run the
+  second to the last in a loop, with traced offsets. The forward's level-0
+  kernel then takes 128 registers per thread instead of 164 (16 programs
+  on an SM instead of 12) and 15% less time on an H200; looped, the dq
+  and dk, dv kernels kept too many registers for that (160, 222) and got
+  slower (docs/benchmarks.md), so they unroll.
   """
   read, pieces = neighbours
   offs, size = [off for off, _ in pieces], pieces[0][1]
