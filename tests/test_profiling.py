@@ -68,3 +68,37 @@ def test_device_profile_runs_on_cpu_and_scripts_load():
   assert got.get("note") or got["device_ms_per_step"] > 0
   for name in ("step_time", "profile_kernels"):
     load_script(name)
+
+
+def test_kernel_registers_captures_every_kernel_with_its_warps():
+  """scripts/kernel_registers.py lowers the forward+backward for CUDA on
+  this CPU host and keeps each kernel's Triton IR and warps (the part that
+  needs no triton package; compiling it does)."""
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  from jax.experimental import pallas as pl
+  script = load_script("kernel_registers")
+  originals = (pl.pallas_call,
+               registration.lowering.lower_jaxpr_to_triton_module)
+  captured = script.capture_kernels(length=128, block_size=16, head_dim=64,
+                                    causal=False, heads=2)
+  levels = 3  # 128 tokens in blocks of 16: levels 0-2
+  want = {"hattn_coarsen", "hattn_restrict"} | {
+      f"hattn_{kind}_l{level}" for kind in ("fwd", "dq", "dkv")
+      for level in range(levels)}
+  assert set(captured) == want
+  text, warps, stages = captured["hattn_dkv_l0"]
+  assert "tt.func public @hattn_dkv_l0" in text and "tt.dot" in text
+  assert (warps, stages) == (1, 1)  # a tile of 16 rows on one warp
+  # Pallas is left as it was.
+  assert (pl.pallas_call,
+          registration.lowering.lower_jaxpr_to_triton_module) == originals
+
+
+def test_programs_per_sm_from_registers():
+  """What Nsight Compute reported as the register limit of 1-warp programs
+  on an H200: 164 and 168 registers -> 12, 243 and 255 -> 8, 128 -> 16."""
+  script = load_script("kernel_registers")
+  assert [script.programs_per_sm(r, 1) for r in (128, 164, 168, 243, 255)] \
+      == [16, 12, 12, 8, 8]
+  assert script.programs_per_sm(32, 1) == 32  # the SM's program limit
+  assert script.programs_per_sm(128, 4) == 4
