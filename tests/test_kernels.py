@@ -409,6 +409,45 @@ def test_restrict_from_output_forms_level0_stats():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
 
 
+@pytest.mark.parametrize("impl", ["dot", "pallas", "xla"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_coarse_rows_are_clean_whatever_level_0_holds(monkeypatch, impl,
+                                                      causal):
+  """What lets the level kernels zero only level 0's rows of no real token
+  (``kernels._zeroed``): with NaN and inf in level 0's q, k, v and
+  cotangent where tokens are not real, every coarse row of the pyramid
+  (each ``coarsen_impl``, several passes) and of the restriction is
+  finite, and zero where its count is 0."""
+  monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
+  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
+  rng = np.random.default_rng(5)
+  b, n, h, d, levels = 2, 64, 2, 16, 5
+  c = np.ones((b, n), np.float32)
+  c[0, 40:] = 0.0  # padding: coarse rows of count 0 up to level 3
+  c[1, 8:12] = 0.0  # a hole: coarse rows of count 0 up to level 2
+  c[1, 17] = 0.0
+  q, k, v, g = (rng.standard_normal((b, n, h, d)).astype(np.float32)
+                for _ in range(4))
+  for x, bad in ((q, np.nan), (k, np.inf), (v, -np.inf), (g, np.nan)):
+    x[c == 0] = bad
+  pyramid = kernels._pyramid(*(jnp.asarray(x) for x in (q, k, v, c)),
+                             levels, causal, True)
+  lse = np.where(c[:, None, :] > 0, 0.5, np.inf).astype(np.float32)
+  stats = kernels._restrict(jnp.asarray(g), jnp.asarray(q), jnp.asarray(lse),
+                            jnp.asarray(c), 2, True, from_output=True)
+  stats += kernels._restrict(*stats[2], pyramid[2][3], 2, True)
+  checked = 0
+  for level in range(1, levels):
+    counts = np.asarray(pyramid[level][3])
+    rows = list(pyramid[level][:3]) + [stats[level][0]]
+    for name, x in zip(("q", "k", "v", "G"), rows):
+      x = np.asarray(x, np.float32)
+      assert np.isfinite(x).all(), (level, name)
+      assert (x[counts == 0] == 0).all(), (level, name)
+      checked += int((counts == 0).any())
+  assert checked >= 3 * 4  # rows of count 0 at levels 1-3
+
+
 def _xla_row_reductions(jaxpr):
   """Sums over the last axis of 4-D arrays outside the kernels."""
   found = []

@@ -315,6 +315,20 @@ def _over_pieces(neighbours, body, loop):
   return carry
 
 
+def _zeroed(level, c, *rows):
+  """``rows`` (each [S, D]) with the rows whose count ``c`` [S] is 0 set to
+  zero, at level 0: there q, k, v and the cotangent are the caller's, which
+  may hold anything (NaN, inf) where tokens are not real, and a zero weight
+  times NaN is not zero. A coarse level's rows are left as they are: the
+  pyramid and the restriction zero such rows before they sum them, so
+  every coarse row is finite, and zero where its count is 0 (the
+  where-selects cost registers: 210 against 168 for dq level 1, as
+  scripts/kernel_registers.py estimates them)."""
+  if level:
+    return rows
+  return tuple(jnp.where(c[:, None] > 0, x, jnp.zeros_like(x)) for x in rows)
+
+
 def _repeat2(x):
   """Each row twice: [m, ...] -> [2m, ...] (a coarse row to its children)."""
   m = x.shape[0]
@@ -477,13 +491,14 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
     ok = ok & (c[None, :] > 0)
     # A key that is not real (garbage in padding) only reaches its own
     # column of logits, which ``ok`` masks: no need to zero it (its value
-    # is zeroed: a zero weight times garbage is not zero).
+    # is zeroed at level 0, ``_zeroed``: a zero weight times garbage is
+    # not zero).
     s = jnp.where(ok, _dot(q, k, precision, trans_b=True) * scale, _NO_KEY)
     m_new = jnp.max(s, axis=1)
     if carry is not None:
       m_new = jnp.maximum(carry[0], m_new)
     p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0) * c[None, :]
-    v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
+    v, = _zeroed(level, c, v)
     keep = _dropout(drop, level, qi[:, None], kj[None, :])
     part = _dot((p if keep is None else p * keep).astype(v.dtype), v,
                 precision)
@@ -515,7 +530,7 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
   level0 = level == 0
   qi = start + _iota(tile)
   q = q_ref[pl.ds(start, tile)]
-  q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
+  q, = _zeroed(level, cq, q)
 
   m, z, y = _fold(q, qi, _neighbours((k_ref, v_ref, c_ref), start, tile,
                                       nr, n, not causal, level0),
@@ -667,8 +682,7 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
-    k = jnp.where(c[:, None] > 0, k, jnp.zeros_like(k))
-    v = jnp.where(c[:, None] > 0, v, jnp.zeros_like(v))
+    k, v = _zeroed(level, c, k, v)
     s = _dot(q, k, precision, trans_b=True) * scale
     p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
                   0.0) * c[None, :]
@@ -689,8 +703,7 @@ def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
   q and G are zeroed where not real (see ``_dq_fold``)."""
   def body(carry, rows, qi, rel):
     q, g, c, e, mrow = rows
-    q = jnp.where(c[:, None] > 0, q, jnp.zeros_like(q))
-    g = jnp.where(c[:, None] > 0, g, jnp.zeros_like(g))
+    q, g = _zeroed(level, c, q, g)
     ok = _piece_allowed(kj, qi, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=False)
     ok = ok & (ck[:, None] > 0)
@@ -721,8 +734,7 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
   level0 = level == 0
   qi = start + _iota(tile)
   q, g, e, mrow = (r[pl.ds(start, tile)] for r in (q_ref, g_ref, e_ref, m_ref))
-  q = jnp.where(cq[:, None] > 0, q, jnp.zeros_like(q))
-  g = jnp.where(cq[:, None] > 0, g, jnp.zeros_like(g))
+  q, g = _zeroed(level, cq, q, g)
   dq = _dq_fold(q, g, e, mrow, qi, _neighbours(
       (k_ref, v_ref, c_ref), start, tile, nr, n, not causal, level0),
                  n=n, nr=nr, level=level, causal=causal, scale=scale,
@@ -748,8 +760,7 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   level0 = level == 0
   kj = start + _iota(tile)
   k, v = k_ref[pl.ds(start, tile)], v_ref[pl.ds(start, tile)]
-  k = jnp.where(ck[:, None] > 0, k, jnp.zeros_like(k))
-  v = jnp.where(ck[:, None] > 0, v, jnp.zeros_like(v))
+  k, v = _zeroed(level, ck, k, v)
   # Queries that see these keys: the same rows and a neighbour block on
   # each side (the structure is symmetric in its reach).
   pieces = _neighbours((q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr,
