@@ -698,9 +698,9 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
 def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
               precision, drop):
   """(dk, dv) (f32) of key rows ``k``, ``v`` (counts ``ck``, row numbers
-  ``kj``; zeroed where not real) over the query pieces that see them,
-  ``((q, G, counts, E, M), query row numbers, rel)`` (as in ``_fold``);
-  q and G are zeroed where not real (see ``_dq_fold``)."""
+  ``kj``; zero where not real, ``_zeroed``) over the query pieces that see
+  them, ``((q, G, counts, E, M), query row numbers, rel)`` (as in
+  ``_fold``); q and G are made zero where not real the same way."""
   def body(carry, rows, qi, rel):
     q, g, c, e, mrow = rows
     q, g = _zeroed(level, c, q, g)
