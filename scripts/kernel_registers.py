@@ -34,7 +34,6 @@ values, and time what looks promising on the GPU.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -61,12 +60,12 @@ def capture_kernels(length, block_size, head_dim, causal, heads=8):
   from jax._src.pallas.triton import pallas_call_registration as registration
   lowering = registration.lowering
   settings, found = {}, {}
-  make_call, lower_module = pl.pallas_call, lowering.lower_jaxpr_to_triton_module
+  make_call = pl.pallas_call
+  lower_module = lowering.lower_jaxpr_to_triton_module
 
   def pallas_call(*args, **kw):  # the warps each kernel asks for
-    params = kw.get("compiler_params")
-    if kw.get("name") and params is not None:
-      settings[kw["name"]] = (params.num_warps, params.num_stages)
+    params = kw["compiler_params"]
+    settings[kw["name"]] = (params.num_warps, params.num_stages)
     return make_call(*args, **kw)
 
   def lower(*args, **kw):
@@ -90,15 +89,15 @@ def capture_kernels(length, block_size, head_dim, causal, heads=8):
   finally:
     pl.pallas_call, lowering.lower_jaxpr_to_triton_module = (make_call,
                                                             lower_module)
-  return {name: (text, *settings.get(name, (None, None)))
-          for name, text in found.items()}
+  return {name: (text, *settings[name]) for name, text in found.items()}
 
 
 def registers(text, warps, stages):
   """(registers per thread, spill store bytes) of one kernel's Triton IR,
   compiled for sm_90."""
-  import triton  # pylint: disable=g-import-not-at-top
-  from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import triton
+  from triton.backends.compiler import GPUTarget
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "kernel.ttir")
     with open(path, "w") as f:
@@ -147,18 +146,21 @@ def main():
   # Triton's default, set so that it does not warn.
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
   try:
-    import triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    # pylint: disable-next=g-import-not-at-top,unused-import
+    import triton  # noqa: F401
   except ImportError:
     sys.exit("kernel_registers.py needs the triton package: pip install "
              "triton (a developer's tool, not in requirements.txt).")
   captured = capture_kernels(args.length, args.block_size, args.head_dim,
                              args.causal)
-  for name in sorted(captured):
-    if not re.search(args.kernels, name):
-      continue
+  names = [name for name in sorted(captured) if re.search(args.kernels, name)]
+  if not names:
+    sys.exit(f"--kernels {args.kernels!r} matches none of the kernels: "
+             f"{', '.join(sorted(captured))}.")
+  for name in names:
     text, warps, stages = captured[name]
-    warps = args.warps or warps or 4
-    regs, spill = registers(text, warps, stages or 1)
+    warps = args.warps or warps
+    regs, spill = registers(text, warps, stages)
     print(json.dumps({"kernel": name, "warps": warps, "registers": regs,
                       "spill_bytes": spill,
                       "programs_per_sm": programs_per_sm(regs, warps)}),
