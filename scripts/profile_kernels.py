@@ -8,18 +8,21 @@ warp counts and levels per launch (``kernels.TUNING``), next to the card's
 copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 16 32 64]
-      [--warps 0 1 4] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
+      [--warps 0 1 4] [--pyramid_warps 0 2 8] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
       [--block_size 64]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
-      [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
+      [--coarsen_impl pallas dot stacked xla]
+      [--handover_dtype input float32]
       [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
 every combination, ``--coarsen_impl dot`` the pyramid kernel with
-products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
+products instead of pair sums (``stacked``: one product for all levels of
+a tile) and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
-combination of tile, warps, levels per launch, pipelining stages, pyramid
+combination of tile, warps, warps of the pyramid and restriction kernels
+(``--pyramid_warps``), levels per launch, pipelining stages, pyramid
 implementation and ``--handover_dtype`` (what coarse levels hand to finer
 ones); the pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
@@ -120,6 +123,9 @@ def main():
   parser.add_argument("--warps", type=int, nargs="+", default=[0],
                       help="warps per program (0: the default, one per "
                       "16 rows of 64 elements of a tile, at most 4)")
+  parser.add_argument("--pyramid_warps", type=int, nargs="+", default=[0],
+                      help="warps per program of the pyramid and restriction "
+                      "kernels (0: as --warps)")
   parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
                       help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--stages", type=int, nargs="+", default=[1],
@@ -132,7 +138,7 @@ def main():
   parser.add_argument("--coarsen_rows", type=int, nargs="+", default=[0],
                       help="rows per pyramid program (TUNING; 0: 64)")
   parser.add_argument("--coarsen_impl", nargs="+", default=["dot"],
-                      choices=["pallas", "dot", "xla"],
+                      choices=["pallas", "dot", "stacked", "xla"],
                       help="pyramid implementation (TUNING)")
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
@@ -193,15 +199,18 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for tile, warps, per_launch, stages, impl, handover in itertools.product(
-        args.tiles, args.warps, args.per_launch, args.stages,
-        args.coarsen_impl, args.handover_dtype):
+    for (tile, warps, pwarps, per_launch, stages, impl,
+         handover) in itertools.product(
+             args.tiles, args.warps, args.pyramid_warps, args.per_launch,
+             args.stages, args.coarsen_impl, args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
+                            pyramid_warps=pwarps or None,
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
+             "pyramid_warps": pwarps or "auto",
              "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,

@@ -148,8 +148,9 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
 
 
 @pytest.mark.parametrize("tuning", [
-    dict(coarsen_impl="pallas"), dict(handover_dtype="float32")],
-    ids=["pair_sums", "handover_f32"])
+    dict(coarsen_impl="pallas"), dict(coarsen_impl="stacked"),
+    dict(handover_dtype="float32"), dict(pyramid_warps=8)],
+    ids=["pair_sums", "stacked", "handover_f32", "pyramid_warps8"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair

@@ -311,7 +311,8 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
   for heads, rows, impl in ((1, 0, "pallas"), (2, 0, "pallas"),
                             (4, 16, "pallas"), (1, 64, "pallas"),
                             (1, 0, "xla"), (1, 0, "dot"), (2, 64, "dot"),
-                            (1, 32, "dot")):
+                            (1, 32, "dot"), (1, 16, "stacked"),
+                            (2, 64, "stacked")):
     monkeypatch.setitem(kernels.TUNING, "coarsen_heads", heads)
     monkeypatch.setitem(kernels.TUNING, "coarsen_rows", rows)
     monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
@@ -333,6 +334,25 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
     for level in range(4):      # differently for other block shapes.
       for a, e in zip(other[level], base[level]):
         np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["dot", "stacked"])
+def test_pyramid_products_only_with_counts_the_dtype_holds(monkeypatch, impl):
+  """A level-9 row counts up to 512 tokens, and bfloat16 holds 257 as 256:
+  coarsening such rows by products would weigh them wrongly, so the
+  kernel sums pairs in float32 there. Pairs of counts 257 and 255 whose
+  values are 1 and -1 have the mean 2 / 512 (by products: 1 / 512)."""
+  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
+  monkeypatch.setitem(kernels.TUNING, "coarsen_rows", 32)  # level 1 by dot
+  n, d = 32, 16
+  x = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)[None, :, None, None]
+  x = jnp.asarray(np.broadcast_to(x, (1, n, 1, d)), jnp.bfloat16)
+  c = jnp.asarray(np.where(np.arange(n) % 2 == 0, 257.0, 255.0)[None])
+  for base, want in ((9, 2 / 512), (0, 1 / 512)):
+    # At base 0 (counts of at most 1) the same counts show the products.
+    [[level1]] = kernels._coarsen([x], ["mean"], c, 1, True, base=base)
+    np.testing.assert_array_equal(np.asarray(level1, np.float32),
+                                  np.full((1, n // 2, 1, d), want))
 
 
 def test_coarsen_rows_divide_the_level(monkeypatch):
@@ -409,7 +429,7 @@ def test_restrict_from_output_forms_level0_stats():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
 
 
-@pytest.mark.parametrize("impl", ["dot", "pallas", "xla"])
+@pytest.mark.parametrize("impl", ["dot", "stacked", "pallas", "xla"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_coarse_rows_are_clean_whatever_level_0_holds(monkeypatch, impl,
                                                       causal):
@@ -420,6 +440,8 @@ def test_coarse_rows_are_clean_whatever_level_0_holds(monkeypatch, impl,
   finite, and zero where its count is 0."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
+  # Programs of 32 rows: products at level 1 ("dot"), all levels stacked.
+  monkeypatch.setitem(kernels.TUNING, "coarsen_rows", 32)
   rng = np.random.default_rng(5)
   b, n, h, d, levels = 2, 64, 2, 16, 5
   c = np.ones((b, n), np.float32)
@@ -672,9 +694,9 @@ def test_bad_tuning_is_named(monkeypatch):
   kernels.check_tuning()  # the defaults
   q, k, v = make_qkv(5, 1, 64, 1, 16, 16)
   for key, value in (("coarsen_impl", "xl"), ("handover_dtype", "bfloat16"),
-                     ("num_warps", 3), ("num_stages", 0),
-                     ("coarsen_rows", 48), ("levels_per_launch", "2"),
-                     ("coarsen_heads", 0)):
+                     ("num_warps", 3), ("pyramid_warps", 64),
+                     ("num_stages", 0), ("coarsen_rows", 48),
+                     ("levels_per_launch", "2"), ("coarsen_heads", 0)):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

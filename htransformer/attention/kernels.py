@@ -119,7 +119,8 @@ DEFAULT_TILE = 16
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
 # 64 for six levels; more gives fewer, larger programs);
 # ``coarsen_impl``: "dot" (that kernel, each level's sums as one product
-# with a weight matrix), "pallas" (the kernel with pair sums in registers)
+# with a weight matrix), "stacked" (that kernel, all levels of a tile as
+# one product), "pallas" (the kernel with pair sums in registers)
 # or "xla" (XLA reductions, level by level).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
@@ -127,8 +128,8 @@ DEFAULT_TILE = 16
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
 # Every call of the kernels checks these (``check_tuning``).
-TUNING = {"num_warps": None, "num_stages": 1, "levels_per_launch": 1,
-          "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
+TUNING = {"num_warps": None, "pyramid_warps": None, "num_stages": 1,
+          "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
           "handover_dtype": "input"}
 
 
@@ -139,13 +140,15 @@ def _pow2(x: int) -> bool:
 # What each TUNING key may hold: one of a few strings, or an int that passes
 # a check (num_warps may also be None).
 _TUNING_CHOICES = {
-    "coarsen_impl": ("dot", "pallas", "xla"),
+    "coarsen_impl": ("dot", "stacked", "pallas", "xla"),
     "handover_dtype": ("input", "float32"),
 }
 _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
                   "two up to 32",
                   lambda x: _pow2(x) and x <= 32),
+    "pyramid_warps": ("None (as num_warps), or a power of two up to 32",
+                      lambda x: _pow2(x) and x <= 32),
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
@@ -165,7 +168,7 @@ def check_tuning(tuning=None) -> None:
                          f"{_TUNING_CHOICES[key]}, got {value!r}.")
     elif key in _TUNING_INTS:
       what, ok = _TUNING_INTS[key]
-      if not ((value is None and key == "num_warps") or (
+      if not ((value is None and key in ("num_warps", "pyramid_warps")) or (
           isinstance(value, int) and not isinstance(value, bool)
           and ok(value))):
         raise ValueError(f"TUNING[{key!r}] must be {what}, got {value!r}.")
@@ -634,9 +637,10 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   )(*args)
 
 
-def _compiler_params(interpret, rows, width=64):
+def _compiler_params(interpret, rows, width=64, pyramid=False):
   """Triton settings of a kernel whose programs each own ``rows`` rows of
-  ``width`` elements (the wider of the head dims)."""
+  ``width`` elements (the wider of the head dims); ``pyramid``: the
+  coarsening or restriction kernel (``TUNING["pyramid_warps"]``)."""
   if interpret:
     return None
   # The Triton backend (not Mosaic GPU), also when lowering for a GPU from
@@ -648,8 +652,8 @@ def _compiler_params(interpret, rows, width=64):
   # ms forward / forward+backward at 65,536 tokens against 1.76 / 4.26 on
   # one and 1.26 / 4.97 on 4), on an H200 (scripts/profile_kernels.py,
   # docs/benchmarks.md).
-  warps = TUNING["num_warps"] or max(
-      1, min(4, rows * max(width, 64) // 1024))
+  warps = ((pyramid and TUNING.get("pyramid_warps")) or TUNING["num_warps"]
+           or max(1, min(4, rows * max(width, 64) // 1024)))
   return plgpu.CompilerParams(num_warps=warps,
                               num_stages=TUNING["num_stages"])
 
@@ -860,7 +864,38 @@ def _iota2(shape, axis):
   return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _coarsen_kernel(*refs, count, modes, precision=None):
+def _stacked_weights(c, count, mode):
+  """Weights of every level's coarse rows at once: ``W[s, i]`` for the
+  ``R`` fine rows ``i`` of a tile, the coarse rows ``s`` stacked level by
+  level (level 1's ``R/2`` first, then level 2's ``R/4``, ...; the last
+  ``R >> count`` rows weigh nothing). The weight is row ``i``'s count if it
+  is in coarse row ``s``'s group (the mean), or 1 if it is the group's
+  first row (the first token); float32, small integers."""
+  rows = c.shape[0]
+  s, fine = _iota2((rows, rows), 0), _iota2((rows, rows), 1)
+  shift, coarse = jnp.zeros_like(s), jnp.zeros_like(s)
+  for j in range(1, count + 1):
+    start = rows - (rows >> (j - 1))
+    here = (s >= start) & (s < start + (rows >> j))
+    shift = jnp.where(here, j, shift)
+    coarse = jnp.where(here, s - start, coarse)
+  used = s < rows - (rows >> count)
+  if mode == "first":
+    return jnp.where(used & (fine == coarse << shift), 1.0, 0.0)
+  return jnp.where(used & ((fine >> shift) == coarse), c[None, :], 0.0)
+
+
+def _unstack(x, count):
+  """The levels of a stacked [R, D] value (see _stacked_weights): halves,
+  the first of each the next level."""
+  out = []
+  for _ in range(count):
+    level, x = jnp.split(x, 2, axis=0)
+    out.append(level)
+  return out
+
+
+def _coarsen_kernel(*refs, count, modes, precision=None, stacked=False):
   """Levels base+1 .. base+count of several [rows, D] arrays at once.
 
   Each level's float32 sums of real tokens (and their counts, for the mean)
@@ -869,14 +904,31 @@ def _coarsen_kernel(*refs, count, modes, precision=None):
   product) is instead one product ``W @ x`` of the tile's ``R`` rows, with
   ``W[r, i]`` the weight of row ``i`` in coarse row ``r`` (its count if
   ``i >> j == r``, for the mean; 1 at ``i == r << j``, for the first token):
-  on the tensor cores and without regrouping the rows in registers. Same
-  sums up to the order of float32 additions: the weights are small
-  integers, exact in 16 bits.
+  on the tensor cores and without regrouping the rows in registers. With
+  ``stacked`` (``coarsen_impl="stacked"``) all levels come from one
+  product, their rows stacked (``_stacked_weights``), and are split
+  apart by halving. Same sums up to the order of float32 additions: the
+  weights are integers, exact in the inputs' dtype (the caller checks).
   """
   c_ref, in_refs = refs[0], refs[1:1 + len(modes)]
   out_refs = refs[1 + len(modes):]
   c = c_ref[...]
   rows = c.shape[0]
+
+  def compute_stacked():
+    weights = {}
+    for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
+      x = x_ref[...]
+      x = jnp.where(c[:, None] > 0, x, jnp.zeros_like(x))
+      if mode not in weights:
+        weights[mode] = _stacked_weights(c, count, mode)
+      w = weights[mode]
+      s = _dot(w.astype(x.dtype), x, precision)
+      if mode == "mean":
+        s = s / jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None]
+      for j, level in enumerate(_unstack(s, count)):
+        o_ref = out_refs[t * count + j]
+        o_ref[...] = level.astype(o_ref.dtype)
 
   def compute():
     for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
@@ -910,7 +962,8 @@ def _coarsen_kernel(*refs, count, modes, precision=None):
 
   # Rows of padding only coarsen to zeros (what compute gives them); their
   # q, k and v are not read.
-  _unless_padding(c, compute, [(o, 0.0) for o in out_refs])
+  _unless_padding(c, compute_stacked if stacked else compute,
+                  [(o, 0.0) for o in out_refs])
 
 
 def _coarsen_heads(h: int) -> int:
@@ -956,8 +1009,13 @@ def _coarsen_xla(arrays, modes, c, count):
   return out
 
 
-def _coarsen(arrays, modes, c, count, interpret):
-  """Next ``count`` levels of each [B, n, H, D] array (counts c [B, n]).
+# The largest count whose integers up to it a dtype holds exactly.
+_EXACT_INTS = {jnp.dtype(jnp.bfloat16): 256, jnp.dtype(jnp.float16): 2048}
+
+
+def _coarsen(arrays, modes, c, count, interpret, base=0):
+  """Next ``count`` levels of each [B, n, H, D] array (counts c [B, n]) of
+  level ``base``.
 
   Each array is viewed as [B, n, H*D] (free: rows are contiguous), and a
   program reduces a [2**count, hp*D] block, hp heads side by side (the
@@ -966,15 +1024,19 @@ def _coarsen(arrays, modes, c, count, interpret):
   impl = TUNING.get("coarsen_impl", "dot")
   if impl == "xla":
     return _coarsen_xla(arrays, modes, c, count)
-  precision = None  # "pallas": pair sums only.
-  if impl == "dot":
-    precision = (lax.Precision.HIGHEST if arrays[0].dtype == jnp.float32
-                 else lax.Precision.DEFAULT)
-  kernel = functools.partial(_coarsen_kernel, count=count,
-                             modes=tuple(modes), precision=precision)
   b, n, h = arrays[0].shape[:3]
   hp = _coarsen_heads(h)
   rows = _coarsen_rows(n, count)
+  dtype = jnp.dtype(arrays[0].dtype)
+  precision = None  # "pallas", or counts the dtype does not hold exactly
+  # (a level-``base`` row counts up to 2**base tokens): pair sums only.
+  if impl in ("dot", "stacked") and 2**base <= _EXACT_INTS.get(dtype, 2**24):
+    precision = (lax.Precision.HIGHEST if dtype == jnp.float32
+                 else lax.Precision.DEFAULT)
+  stacked = impl == "stacked" and precision is not None and rows >= 16
+  kernel = functools.partial(_coarsen_kernel, count=count,
+                             modes=tuple(modes), precision=precision,
+                             stacked=stacked)
   grid = (n // rows, h // hp, b)
   in_specs = [pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
   out_specs, out_shape, flat = [], [], []
@@ -991,7 +1053,7 @@ def _coarsen(arrays, modes, c, count, interpret):
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
-      compiler_params=_compiler_params(interpret, rows),
+      compiler_params=_compiler_params(interpret, rows, pyramid=True),
       name="hattn_coarsen")(c, *flat)
   shaped = [o.reshape(o.shape[0], o.shape[1], h, -1) for o in outs]
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
@@ -1012,7 +1074,7 @@ def _pyramid(q, k, v, c0, levels, causal, interpret):
   for base, count in _chunks(levels):
     nq, nk, nv = _coarsen([qs[base], ks[base], vs[base]],
                           ["first" if causal else "mean", "mean", "mean"],
-                          counts[base], count, interpret)
+                          counts[base], count, interpret, base)
     qs += nq
     ks += nk
     vs += nv
@@ -1085,7 +1147,7 @@ def _restrict(g, e, mrow, c, count, interpret, from_output=False):
                         from_output=from_output),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, rows),
+      compiler_params=_compiler_params(interpret, rows, pyramid=True),
       name="hattn_restrict")(g, e, mrow, c)
   head = [(g, *outs[:2])] if from_output else []
   outs = outs[2:] if from_output else outs
