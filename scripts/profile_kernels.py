@@ -8,18 +8,17 @@ warp counts and levels per launch (``kernels.TUNING``), next to the card's
 copy bandwidth and cuDNN, all in one process:
 
   python scripts/profile_kernels.py [--lengths 4096 65536] [--tiles 16 32 64]
-      [--warps 0 1 4] [--pyramid_warps 0 2 8] [--per_launch 1 3] [--stages 1 2] [--head_dim 128]
+      [--warps 0 1 4] [--pyramid_warps 0 1 4] [--per_launch 1 3]
+      [--stages 1 2] [--head_dim 128]
       [--block_size 64]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
-      [--coarsen_impl pallas dot stacked xla]
-      [--handover_dtype input float32]
+      [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
       [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
 every combination, ``--coarsen_impl dot`` the pyramid kernel with
-products instead of pair sums (``stacked``: one product for all levels of
-a tile) and ``--coarsen_impl xla`` the pyramid as XLA
+products instead of pair sums and ``--coarsen_impl xla`` the pyramid as XLA
 reductions. The forward and forward+backward are timed for every
 combination of tile, warps, warps of the pyramid and restriction kernels
 (``--pyramid_warps``), levels per launch, pipelining stages, pyramid
@@ -125,7 +124,7 @@ def main():
                       "16 rows of 64 elements of a tile, at most 4)")
   parser.add_argument("--pyramid_warps", type=int, nargs="+", default=[0],
                       help="warps per program of the pyramid and restriction "
-                      "kernels (0: as --warps)")
+                      "kernels (0: the kernels' default, TUNING)")
   parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
                       help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--stages", type=int, nargs="+", default=[1],
@@ -138,7 +137,7 @@ def main():
   parser.add_argument("--coarsen_rows", type=int, nargs="+", default=[0],
                       help="rows per pyramid program (TUNING; 0: 64)")
   parser.add_argument("--coarsen_impl", nargs="+", default=["dot"],
-                      choices=["pallas", "dot", "stacked", "xla"],
+                      choices=["pallas", "dot", "xla"],
                       help="pyramid implementation (TUNING)")
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
@@ -159,6 +158,7 @@ def main():
            "copy_gbps": round(copy_bandwidth_gbps(), 1)}]
   print(json.dumps(rows[0]), flush=True)
   rng = np.random.default_rng(0)
+  default_pwarps = kernels.TUNING["pyramid_warps"]
   for length in args.lengths:
     batch = max(1, args.tokens // length)
     shape = (batch, length, 8, args.head_dim)
@@ -204,13 +204,13 @@ def main():
              args.tiles, args.warps, args.pyramid_warps, args.per_launch,
              args.stages, args.coarsen_impl, args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
-                            pyramid_warps=pwarps or None,
+                            pyramid_warps=pwarps or default_pwarps,
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
-             "pyramid_warps": pwarps or "auto",
+             "pyramid_warps": pwarps or default_pwarps,
              "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,

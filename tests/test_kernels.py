@@ -311,8 +311,7 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
   for heads, rows, impl in ((1, 0, "pallas"), (2, 0, "pallas"),
                             (4, 16, "pallas"), (1, 64, "pallas"),
                             (1, 0, "xla"), (1, 0, "dot"), (2, 64, "dot"),
-                            (1, 32, "dot"), (1, 16, "stacked"),
-                            (2, 64, "stacked")):
+                            (1, 32, "dot")):
     monkeypatch.setitem(kernels.TUNING, "coarsen_heads", heads)
     monkeypatch.setitem(kernels.TUNING, "coarsen_rows", rows)
     monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
@@ -336,13 +335,12 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
         np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["dot", "stacked"])
-def test_pyramid_products_only_with_counts_the_dtype_holds(monkeypatch, impl):
+def test_pyramid_products_only_with_counts_the_dtype_holds(monkeypatch):
   """A level-9 row counts up to 512 tokens, and bfloat16 holds 257 as 256:
   coarsening such rows by products would weigh them wrongly, so the
   kernel sums pairs in float32 there. Pairs of counts 257 and 255 whose
   values are 1 and -1 have the mean 2 / 512 (by products: 1 / 512)."""
-  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
+  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", "dot")
   monkeypatch.setitem(kernels.TUNING, "coarsen_rows", 32)  # level 1 by dot
   n, d = 32, 16
   x = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)[None, :, None, None]
@@ -429,7 +427,7 @@ def test_restrict_from_output_forms_level0_stats():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
 
 
-@pytest.mark.parametrize("impl", ["dot", "stacked", "pallas", "xla"])
+@pytest.mark.parametrize("impl", ["dot", "pallas", "xla"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_coarse_rows_are_clean_whatever_level_0_holds(monkeypatch, impl,
                                                       causal):
@@ -440,7 +438,7 @@ def test_coarse_rows_are_clean_whatever_level_0_holds(monkeypatch, impl,
   finite, and zero where its count is 0."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
-  # Programs of 32 rows: products at level 1 ("dot"), all levels stacked.
+  # Programs of 32 rows: level 1 by products ("dot").
   monkeypatch.setitem(kernels.TUNING, "coarsen_rows", 32)
   rng = np.random.default_rng(5)
   b, n, h, d, levels = 2, 64, 2, 16, 5

@@ -111,16 +111,16 @@ _NO_ROW = 1e30
 # block_size, ``default_tile``: fewer rows than a block of 64 are slower).
 DEFAULT_TILE = 16
 # Launch settings (read when a function is traced; for tuning): Triton
-# warps per program (None: one per 16 rows of 64 elements, at most 4) and
-# pipelining stages, and how many consecutive levels one launch computes
-# (see _level_groups).
+# warps per program (None: one per 16 rows of 64 elements, at most 4), the
+# pyramid and restriction kernels' (``pyramid_warps``; None: the same
+# rule), pipelining stages, and how many consecutive levels one launch
+# computes (see _level_groups).
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
 # 64 for six levels; more gives fewer, larger programs);
 # ``coarsen_impl``: "dot" (that kernel, each level's sums as one product
-# with a weight matrix), "stacked" (that kernel, all levels of a tile as
-# one product), "pallas" (the kernel with pair sums in registers)
+# with a weight matrix), "pallas" (the kernel with pair sums in registers)
 # or "xla" (XLA reductions, level by level).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
@@ -128,9 +128,9 @@ DEFAULT_TILE = 16
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
 # Every call of the kernels checks these (``check_tuning``).
-TUNING = {"num_warps": None, "pyramid_warps": None, "num_stages": 1,
-          "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0, "coarsen_impl": "dot",
-          "handover_dtype": "input"}
+TUNING = {"num_warps": None, "pyramid_warps": 2, "num_stages": 1,
+          "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
+          "coarsen_impl": "dot", "handover_dtype": "input"}
 
 
 def _pow2(x: int) -> bool:
@@ -140,14 +140,15 @@ def _pow2(x: int) -> bool:
 # What each TUNING key may hold: one of a few strings, or an int that passes
 # a check (num_warps may also be None).
 _TUNING_CHOICES = {
-    "coarsen_impl": ("dot", "stacked", "pallas", "xla"),
+    "coarsen_impl": ("dot", "pallas", "xla"),
     "handover_dtype": ("input", "float32"),
 }
 _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
                   "two up to 32",
                   lambda x: _pow2(x) and x <= 32),
-    "pyramid_warps": ("None (as num_warps), or a power of two up to 32",
+    "pyramid_warps": ("None (as the level kernels), or a power of two up "
+                      "to 32",
                       lambda x: _pow2(x) and x <= 32),
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
@@ -651,7 +652,9 @@ def _compiler_params(interpret, rows, width=64, pyramid=False):
   # 4) at head_dim 64, and 16 rows on 2 warps at head_dim 128 (1.03 / 3.36
   # ms forward / forward+backward at 65,536 tokens against 1.76 / 4.26 on
   # one and 1.26 / 4.97 on 4), on an H200 (scripts/profile_kernels.py,
-  # docs/benchmarks.md).
+  # docs/benchmarks.md). The pyramid and restriction kernels: 2 warps
+  # (faster than 4 and 8 at 65,536 tokens: 0.177 + 0.081 ms against 0.191
+  # + 0.104 and 0.241 + 0.132, same card and script).
   warps = ((pyramid and TUNING.get("pyramid_warps")) or TUNING["num_warps"]
            or max(1, min(4, rows * max(width, 64) // 1024)))
   return plgpu.CompilerParams(num_warps=warps,
@@ -864,38 +867,7 @@ def _iota2(shape, axis):
   return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _stacked_weights(c, count, mode):
-  """Weights of every level's coarse rows at once: ``W[s, i]`` for the
-  ``R`` fine rows ``i`` of a tile, the coarse rows ``s`` stacked level by
-  level (level 1's ``R/2`` first, then level 2's ``R/4``, ...; the last
-  ``R >> count`` rows weigh nothing). The weight is row ``i``'s count if it
-  is in coarse row ``s``'s group (the mean), or 1 if it is the group's
-  first row (the first token); float32, small integers."""
-  rows = c.shape[0]
-  s, fine = _iota2((rows, rows), 0), _iota2((rows, rows), 1)
-  shift, coarse = jnp.zeros_like(s), jnp.zeros_like(s)
-  for j in range(1, count + 1):
-    start = rows - (rows >> (j - 1))
-    here = (s >= start) & (s < start + (rows >> j))
-    shift = jnp.where(here, j, shift)
-    coarse = jnp.where(here, s - start, coarse)
-  used = s < rows - (rows >> count)
-  if mode == "first":
-    return jnp.where(used & (fine == coarse << shift), 1.0, 0.0)
-  return jnp.where(used & ((fine >> shift) == coarse), c[None, :], 0.0)
-
-
-def _unstack(x, count):
-  """The levels of a stacked [R, D] value (see _stacked_weights): halves,
-  the first of each the next level."""
-  out = []
-  for _ in range(count):
-    level, x = jnp.split(x, 2, axis=0)
-    out.append(level)
-  return out
-
-
-def _coarsen_kernel(*refs, count, modes, precision=None, stacked=False):
+def _coarsen_kernel(*refs, count, modes, precision=None):
   """Levels base+1 .. base+count of several [rows, D] arrays at once.
 
   Each level's float32 sums of real tokens (and their counts, for the mean)
@@ -904,31 +876,14 @@ def _coarsen_kernel(*refs, count, modes, precision=None, stacked=False):
   product) is instead one product ``W @ x`` of the tile's ``R`` rows, with
   ``W[r, i]`` the weight of row ``i`` in coarse row ``r`` (its count if
   ``i >> j == r``, for the mean; 1 at ``i == r << j``, for the first token):
-  on the tensor cores and without regrouping the rows in registers. With
-  ``stacked`` (``coarsen_impl="stacked"``) all levels come from one
-  product, their rows stacked (``_stacked_weights``), and are split
-  apart by halving. Same sums up to the order of float32 additions: the
-  weights are integers, exact in the inputs' dtype (the caller checks).
+  on the tensor cores and without regrouping the rows in registers. Same
+  sums up to the order of float32 additions: the weights are integers,
+  exact in the inputs' dtype (the caller checks).
   """
   c_ref, in_refs = refs[0], refs[1:1 + len(modes)]
   out_refs = refs[1 + len(modes):]
   c = c_ref[...]
   rows = c.shape[0]
-
-  def compute_stacked():
-    weights = {}
-    for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
-      x = x_ref[...]
-      x = jnp.where(c[:, None] > 0, x, jnp.zeros_like(x))
-      if mode not in weights:
-        weights[mode] = _stacked_weights(c, count, mode)
-      w = weights[mode]
-      s = _dot(w.astype(x.dtype), x, precision)
-      if mode == "mean":
-        s = s / jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None]
-      for j, level in enumerate(_unstack(s, count)):
-        o_ref = out_refs[t * count + j]
-        o_ref[...] = level.astype(o_ref.dtype)
 
   def compute():
     for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
@@ -962,8 +917,7 @@ def _coarsen_kernel(*refs, count, modes, precision=None, stacked=False):
 
   # Rows of padding only coarsen to zeros (what compute gives them); their
   # q, k and v are not read.
-  _unless_padding(c, compute_stacked if stacked else compute,
-                  [(o, 0.0) for o in out_refs])
+  _unless_padding(c, compute, [(o, 0.0) for o in out_refs])
 
 
 def _coarsen_heads(h: int) -> int:
@@ -1030,13 +984,11 @@ def _coarsen(arrays, modes, c, count, interpret, base=0):
   dtype = jnp.dtype(arrays[0].dtype)
   precision = None  # "pallas", or counts the dtype does not hold exactly
   # (a level-``base`` row counts up to 2**base tokens): pair sums only.
-  if impl in ("dot", "stacked") and 2**base <= _EXACT_INTS.get(dtype, 2**24):
+  if impl == "dot" and 2**base <= _EXACT_INTS.get(dtype, 2**24):
     precision = (lax.Precision.HIGHEST if dtype == jnp.float32
                  else lax.Precision.DEFAULT)
-  stacked = impl == "stacked" and precision is not None and rows >= 16
   kernel = functools.partial(_coarsen_kernel, count=count,
-                             modes=tuple(modes), precision=precision,
-                             stacked=stacked)
+                             modes=tuple(modes), precision=precision)
   grid = (n // rows, h // hp, b)
   in_specs = [pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
   out_specs, out_shape, flat = [], [], []
