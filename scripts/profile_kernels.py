@@ -13,7 +13,7 @@ copy bandwidth and cuDNN, all in one process:
       [--block_size 64]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl pallas dot xla] [--handover_dtype input float32]
-      [--by_kernel]
+      [--masked] [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
@@ -85,9 +85,10 @@ def copy_bandwidth_gbps():
   return 2 * x.nbytes / (ms * 1e-3) / 1e9
 
 
-def fwd_bwd_fn(causal, tile, cotangent, block_size=16):
-  """Forward+backward of the kernels (current TUNING) as one function."""
-  attn = functools.partial(kernels.hierarchical_attention_pallas, valid=None,
+def fwd_bwd_fn(causal, tile, cotangent, block_size=16, valid=None):
+  """Forward+backward of the kernels (current TUNING) as one function;
+  ``valid``: the mask, or None."""
+  attn = functools.partial(kernels.hierarchical_attention_pallas, valid=valid,
                            block_size=block_size, causal=causal, tile=tile)
 
   def fwd_bwd(q, k, v):
@@ -142,6 +143,9 @@ def main():
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
+  parser.add_argument("--masked", action="store_true",
+                      help="pass a mask (every token real): the path of "
+                      "callers with padding masks")
   parser.add_argument("--by_kernel", action="store_true",
                       help="device time per kernel kind (profiler trace)")
   parser.add_argument("--causal", action="store_true")
@@ -164,6 +168,7 @@ def main():
     shape = (batch, length, 8, args.head_dim)
     q, k, v, ct = random_inputs(rng, shape)
     c0 = jnp.ones((batch, length), jnp.float32)
+    valid = jnp.ones((batch, length), jnp.bool_) if args.masked else None
     levels = int(np.log2(length // args.block_size))
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "block_size": args.block_size,
@@ -208,9 +213,10 @@ def main():
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover)
-      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
+      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size,
+                                 valid)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
-             "pyramid_warps": pwarps or default_pwarps,
+             "pyramid_warps": pwarps or default_pwarps, "masked": args.masked,
              "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,

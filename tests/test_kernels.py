@@ -157,9 +157,9 @@ def test_gradients_match_autodiff_of_reference(small_passes, causal):
 @pytest.mark.parametrize("schedule", ["tile16", "3-levels"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_gradients_ignore_garbage_in_padding(monkeypatch, schedule, causal):
-  """Gradients with holes and NaN / inf in the padding's q, k, v equal the
-  reference's on clean inputs (the default kernels, and three levels per
-  launch)."""
+  """Gradients with holes and NaN / inf in the padding's q, k, v and
+  output cotangent equal the reference's on clean inputs (the default
+  kernels, and three levels per launch)."""
   _use_schedule(monkeypatch, schedule)
   q, k, v = make_qkv(41, 1, 160, 2, 16, 16)
   mask = np.random.default_rng(42).random((1, 160)) < 0.7
@@ -174,6 +174,8 @@ def test_gradients_ignore_garbage_in_padding(monkeypatch, schedule, causal):
   for x in (q, k, v):
     x[~mask] = np.nan
   q[0, np.flatnonzero(~mask[0])[:3]] = np.inf
+  cot = cot.copy()
+  cot[~mask] = np.nan  # the output there is zero whatever its cotangent
   got = _grads("pallas_interpret", q, k, v, mask, cot, causal)
   for name, g, w in zip("qkv", got, want):
     g, w = np.asarray(g), np.asarray(w)
@@ -431,11 +433,11 @@ def test_restrict_from_output_forms_level0_stats():
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_coarse_rows_are_clean_whatever_level_0_holds(monkeypatch, impl,
                                                       causal):
-  """What lets the level kernels zero only level 0's rows of no real token
-  (``kernels._zeroed``): with NaN and inf in level 0's q, k, v and
-  cotangent where tokens are not real, every coarse row of the pyramid
-  (each ``coarsen_impl``, several passes) and of the restriction is
-  finite, and zero where its count is 0."""
+  """What lets the level kernels read rows of no real token as they are
+  at every level (``kernels._clean`` zeroes level 0's): even with NaN and
+  inf in level 0's q, k, v and cotangent where tokens are not real, every
+  coarse row of the pyramid (each ``coarsen_impl``, several passes) and of
+  the restriction is finite, and zero where its count is 0."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
   # Programs of 32 rows: level 1 by products ("dot").

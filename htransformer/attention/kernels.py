@@ -319,20 +319,6 @@ def _over_pieces(neighbours, body, loop):
   return carry
 
 
-def _zeroed(level, c, *rows):
-  """``rows`` (each [S, D]) with the rows whose count ``c`` [S] is 0 set to
-  zero, at level 0: there q, k, v and the cotangent are the caller's, which
-  may hold anything (NaN, inf) where tokens are not real, and a zero weight
-  times NaN is not zero. A coarse level's rows are left as they are: the
-  pyramid and the restriction zero such rows before they sum them, so
-  every coarse row is finite, and zero where its count is 0 (the
-  where-selects cost registers: 210 against 164 for dq level 1, as
-  scripts/kernel_registers.py estimates them)."""
-  if level:
-    return rows
-  return tuple(jnp.where(c[:, None] > 0, x, jnp.zeros_like(x)) for x in rows)
-
-
 def _repeat2(x):
   """Each row twice: [m, ...] -> [2m, ...] (a coarse row to its children)."""
   m = x.shape[0]
@@ -493,16 +479,13 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
-    # A key that is not real (garbage in padding) only reaches its own
-    # column of logits, which ``ok`` masks: no need to zero it (its value
-    # is zeroed at level 0, ``_zeroed``: a zero weight times garbage is
-    # not zero).
+    # Rows that are not real hold zeros (``_clean``), and ``ok`` masks
+    # their columns of logits.
     s = jnp.where(ok, _dot(q, k, precision, trans_b=True) * scale, _NO_KEY)
     m_new = jnp.max(s, axis=1)
     if carry is not None:
       m_new = jnp.maximum(carry[0], m_new)
     p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0) * c[None, :]
-    v, = _zeroed(level, c, v)
     keep = _dropout(drop, level, qi[:, None], kj[None, :])
     part = _dot((p if keep is None else p * keep).astype(v.dtype), v,
                 precision)
@@ -534,7 +517,6 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
   level0 = level == 0
   qi = start + _iota(tile)
   q = q_ref[pl.ds(start, tile)]
-  q, = _zeroed(level, cq, q)
 
   m, z, y = _fold(q, qi, _neighbours((k_ref, v_ref, c_ref), start, tile,
                                       nr, n, not causal, level0),
@@ -689,7 +671,6 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
-    k, v = _zeroed(level, c, k, v)
     s = _dot(q, k, precision, trans_b=True) * scale
     p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
                   0.0) * c[None, :]
@@ -705,12 +686,11 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
 def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
               precision, drop):
   """(dk, dv) (f32) of key rows ``k``, ``v`` (counts ``ck``, row numbers
-  ``kj``; zero where not real, ``_zeroed``) over the query pieces that see
-  them, ``((q, G, counts, E, M), query row numbers, rel)`` (as in
-  ``_fold``); q and G are made zero where not real the same way."""
+  ``kj``) over the query pieces that see them, ``((q, G, counts, E, M),
+  query row numbers, rel)`` (as in ``_fold``). Rows that are not real are
+  zero in q, k, v and G at every level (``_clean``)."""
   def body(carry, rows, qi, rel):
     q, g, c, e, mrow = rows
-    q, g = _zeroed(level, c, q, g)
     ok = _piece_allowed(kj, qi, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=False)
     ok = ok & (ck[:, None] > 0)
@@ -741,7 +721,6 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
   level0 = level == 0
   qi = start + _iota(tile)
   q, g, e, mrow = (r[pl.ds(start, tile)] for r in (q_ref, g_ref, e_ref, m_ref))
-  q, g = _zeroed(level, cq, q, g)
   dq = _dq_fold(q, g, e, mrow, qi, _neighbours(
       (k_ref, v_ref, c_ref), start, tile, nr, n, not causal, level0),
                  n=n, nr=nr, level=level, causal=causal, scale=scale,
@@ -767,7 +746,6 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   level0 = level == 0
   kj = start + _iota(tile)
   k, v = k_ref[pl.ds(start, tile)], v_ref[pl.ds(start, tile)]
-  k, v = _zeroed(level, ck, k, v)
   # Queries that see these keys: the same rows and a neighbour block on
   # each side (the structure is symmetric in its reach).
   pieces = _neighbours((q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr,
@@ -1106,10 +1084,22 @@ def _restrict(g, e, mrow, c, count, interpret, from_output=False):
   return head + [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
 
 
+def _clean(x, c0):
+  """``x`` [B, n, H, D] with zeros in the rows of no real token (c0 [B, n]
+  is 0): the caller's q, k, v and output cotangent may hold anything there
+  (NaN, inf), and the kernels take a zero weight times such a row as zero.
+  One pass in XLA, and only where a mask may leave such rows (padding to a
+  whole block is zeros already), instead of a select per piece and row in
+  every level-0 kernel (they cost registers: 180 against 142 for dq level
+  0, as scripts/kernel_registers.py estimates them). The pyramid and the
+  restriction keep such rows zero at the coarse levels."""
+  return jnp.where(c0[:, :, None, None] > 0, x, jnp.zeros_like(x))
+
+
 @functools.partial(jax.custom_vjp,
-                   nondiff_argnums=(5, 6, 7, 8, 9, 10, 11, 12))
+                   nondiff_argnums=(5, 6, 7, 8, 9, 10, 11, 12, 13))
 def _attention(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
-               per_launch, scale, rate):
+               per_launch, scale, rate, masked):
   return _forward(q, k, v, c0, seeds, nr, causal, tile, interpret,
                   precision, per_launch, scale, rate)[0]
 
@@ -1140,7 +1130,8 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
 
 
 def _attention_fwd(q, k, v, c0, seeds, nr, causal, tile, interpret,
-                   precision, per_launch, scale, rate):
+                   precision, per_launch, scale, rate, masked):
+  del masked  # q, k and v come clean (hierarchical_attention_pallas).
   o, res = _forward(q, k, v, c0, seeds, nr, causal, tile, interpret,
                     precision, per_launch, scale, rate)
   return o, res
@@ -1156,11 +1147,13 @@ def _row_stats(d_o, o, lse, c0):
 
 
 def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
-                   rate, res, d_o):
+                   rate, masked, res, d_o):
   pyramid, o, lse, seeds = res
   q, k, v, c0 = pyramid[0]
   levels = len(pyramid)
-  g = d_o.astype(q.dtype)
+  # Without a mask, the rows of no real token are the padding to a whole
+  # block, whose cotangent is zero (the output is sliced).
+  g = (_clean(d_o, c0) if masked else d_o).astype(q.dtype)
   # Rows of padding take no gradient (M = _NO_ROW, G masked in the kernels).
   # The first restriction also computes level 0's E and M (one read of dO).
   chunks = _chunks(levels)
@@ -1224,8 +1217,11 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   dtype = jnp.promote_types(query.dtype, value.dtype)
   query, key, value = (x.astype(dtype) for x in (query, key, value))
   lp = hierarchical.padded_length(length, block_size)
+  masked = valid is not None
   if valid is None:
     valid = jnp.ones((batch, length), jnp.bool_)
+  else:
+    query, key, value = (_clean(x, valid) for x in (query, key, value))
   c0 = jnp.pad(valid.astype(jnp.float32), ((0, 0), (0, lp - length)))
   d, dv = query.shape[-1], value.shape[-1]
   scale = 1.0 / math.sqrt(d)
@@ -1243,5 +1239,5 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
     raise ValueError("dropout_rate > 0 needs dropout_seeds.")
   out = _attention(query, key, value, c0, seeds, block_size, bool(causal),
                    tile, bool(interpret), precision,
-                   per_launch, scale, rate)
+                   per_launch, scale, rate, masked)
   return out[:, :length, :, :dv]
