@@ -1154,7 +1154,7 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
   # Without a mask, the rows of no real token are the padding to a whole
   # block, whose cotangent is zero (the output is sliced).
   g = (_clean(d_o, c0) if masked else d_o).astype(q.dtype)
-  # Rows of padding take no gradient (M = _NO_ROW, G masked in the kernels).
+  # Rows of padding take no gradient (M = _NO_ROW; their G is zero).
   # The first restriction also computes level 0's E and M (one read of dO).
   chunks = _chunks(levels)
   if chunks:
