@@ -686,11 +686,12 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
 def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
               precision, drop):
   """(dk, dv) (f32) of key rows ``k``, ``v`` (counts ``ck``, row numbers
-  ``kj``) over the query pieces that see them, ``((q, G, counts, E, M),
-  query row numbers, rel)`` (as in ``_fold``). Rows that are not real are
-  zero in q, k, v and G at every level (``_clean``)."""
+  ``kj``) over the query pieces that see them, ``((q, G, E, M), query row
+  numbers, rel)`` (as in ``_fold``). Rows that are not real are zero in
+  q, k, v and G at every level (``_clean``), and their M (_NO_ROW) gives
+  them no weight."""
   def body(carry, rows, qi, rel):
-    q, g, c, e, mrow = rows
+    q, g, e, mrow = rows
     ok = _piece_allowed(kj, qi, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=False)
     ok = ok & (ck[:, None] > 0)
@@ -748,7 +749,7 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   k, v = k_ref[pl.ds(start, tile)], v_ref[pl.ds(start, tile)]
   # Queries that see these keys: the same rows and a neighbour block on
   # each side (the structure is symmetric in its reach).
-  pieces = _neighbours((q_ref, g_ref, c_ref, e_ref, m_ref), start, tile, nr,
+  pieces = _neighbours((q_ref, g_ref, e_ref, m_ref), start, tile, nr,
                        n, True, level0)
   dk, dv = _dkv_fold(k, v, ck, kj, pieces, n=n, nr=nr, level=level,
                      causal=causal, scale=scale, precision=precision,
