@@ -21,7 +21,7 @@ run: $(STAMP)
 
 # Two worker processes (work stealing: the long end-to-end tests do not
 # wait at the end of one queue) sharing one XLA compilation cache
-# (tests/conftest.py): about 11 minutes on 2 cores.
+# (tests/conftest.py): 11-12 minutes on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
