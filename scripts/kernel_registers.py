@@ -15,7 +15,7 @@ effect on registers on a CPU, before a GPU call times it:
 
   pip install triton   # not in requirements.txt: a developer's tool
   python scripts/kernel_registers.py [--length 2048] [--block_size 16]
-      [--head_dim 64] [--causal] [--kernels 'hattn_(fwd|dq|dkv)_l[01]$']
+      [--head_dim 64] [--causal] [--masked] [--kernels 'hattn_(fwd|dq|dkv)_l[01]$']
       [--warps 2]
 
 It prints one JSON line per kernel: its name, warps, registers per
@@ -53,7 +53,8 @@ REGISTERS_PER_SM = 65536
 PROGRAMS_PER_SM = 32
 
 
-def capture_kernels(length, block_size, head_dim, causal, heads=8):
+def capture_kernels(length, block_size, head_dim, causal, masked=False,
+                    heads=8):
   """{kernel name: (Triton IR text, warps, stages)} of the forward+backward,
   lowered for CUDA on this host."""
   # Internal to jax: where the Pallas Triton lowering builds a kernel's IR.
@@ -77,9 +78,11 @@ def capture_kernels(length, block_size, head_dim, causal, heads=8):
 
   q = jax.ShapeDtypeStruct((1, length, heads, head_dim), jnp.bfloat16)
 
+  valid = jnp.ones((1, length), jnp.bool_) if masked else None
+
   def loss(q, k, v):
     out = kernels.hierarchical_attention_pallas(
-        q, k, v, None, block_size=block_size, causal=causal)
+        q, k, v, valid, block_size=block_size, causal=causal)
     return jnp.sum(out.astype(jnp.float32))
 
   pl.pallas_call, lowering.lower_jaxpr_to_triton_module = pallas_call, lower
@@ -138,6 +141,8 @@ def main():
   parser.add_argument("--block_size", type=int, default=16)
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--causal", action="store_true")
+  parser.add_argument("--masked", action="store_true",
+                      help="the kernels of a call with a mask (padding)")
   parser.add_argument("--kernels", default=r"hattn_(fwd|dq|dkv)_l[01]$",
                       help="regex of the kernel names to compile")
   parser.add_argument("--warps", type=int, default=0,
@@ -152,7 +157,7 @@ def main():
     sys.exit("kernel_registers.py needs the triton package: pip install "
              "triton (a developer's tool, not in requirements.txt).")
   captured = capture_kernels(args.length, args.block_size, args.head_dim,
-                             args.causal)
+                             args.causal, args.masked)
   names = [name for name in sorted(captured) if re.search(args.kernels, name)]
   if not names:
     sys.exit(f"--kernels {args.kernels!r} matches none of the kernels: "
