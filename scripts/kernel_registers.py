@@ -15,8 +15,8 @@ effect on registers on a CPU, before a GPU call times it:
 
   pip install triton   # not in requirements.txt: a developer's tool
   python scripts/kernel_registers.py [--length 2048] [--block_size 16]
-      [--head_dim 64] [--causal] [--masked] [--kernels 'hattn_(fwd|dq|dkv)_l[01]$']
-      [--warps 2]
+      [--head_dim 64] [--causal] [--masked]
+      [--kernels 'hattn_(fwd|dq|dkv)_l[01]$'] [--warps 2]
 
 It prints one JSON line per kernel: its name, warps, registers per
 thread, spill bytes and the programs an SM can hold by registers.
