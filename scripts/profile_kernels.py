@@ -85,14 +85,18 @@ def copy_bandwidth_gbps():
   return 2 * x.nbytes / (ms * 1e-3) / 1e9
 
 
-def fwd_bwd_fn(causal, tile, cotangent, block_size=16, valid=None):
-  """Forward+backward of the kernels (current TUNING) as one function;
-  ``valid``: the mask, or None."""
-  attn = functools.partial(kernels.hierarchical_attention_pallas, valid=valid,
-                           block_size=block_size, causal=causal, tile=tile)
+def fwd_bwd_fn(causal, tile, cotangent, block_size=16):
+  """(forward, forward+backward) of the kernels (current TUNING), each a
+  function of (q, k, v, valid): ``valid`` the mask or None, an argument
+  (not a constant the compiler could fold away with the selects it
+  costs)."""
+  def attn(q, k, v, valid=None):
+    return kernels.hierarchical_attention_pallas(
+        q, k, v, valid, block_size=block_size, causal=causal, tile=tile)
 
-  def fwd_bwd(q, k, v):
-    loss = lambda *a: jnp.sum(attn(*a).astype(jnp.float32) * cotangent)
+  def fwd_bwd(q, k, v, valid=None):
+    loss = lambda *a: jnp.sum(attn(*a, valid).astype(jnp.float32) *
+                              cotangent)
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   return attn, fwd_bwd
 
@@ -213,8 +217,7 @@ def main():
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover)
-      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size,
-                                 valid)
+      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "pyramid_warps": pwarps or default_pwarps, "masked": args.masked,
              "levels_per_launch": per_launch, "num_stages": stages,
@@ -222,16 +225,16 @@ def main():
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl,
              "handover_dtype": handover,
-             "fwd_ms": bench(attn, q, k, v),
-             "fwd_bwd_ms": bench(fwd_bwd, q, k, v)}
+             "fwd_ms": bench(attn, q, k, v, valid),
+             "fwd_bwd_ms": bench(fwd_bwd, q, k, v, valid)}
       if args.by_kernel:
         f = jax.jit(attn)
         row["fwd_by_kernel"] = profiling.device_profile(
-            lambda: jax.block_until_ready(f(q, k, v)), steps=5,
+            lambda: jax.block_until_ready(f(q, k, v, valid)), steps=5,
             top=40).get("top_kernels")
         f = jax.jit(fwd_bwd)
         row["fwd_bwd_by_kernel"] = profiling.device_profile(
-            lambda: jax.block_until_ready(f(q, k, v)), steps=5,
+            lambda: jax.block_until_ready(f(q, k, v, valid)), steps=5,
             top=40).get("top_kernels")
       print(json.dumps(row), flush=True)
       rows.append(row)
