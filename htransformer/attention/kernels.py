@@ -319,6 +319,26 @@ def _over_pieces(neighbours, body, loop):
   return carry
 
 
+def _zeroed(level, masked, c, *rows):
+  """``rows`` (each [S, D]) with the rows whose count ``c`` [S] is 0 set to
+  zero, at level 0 of a call with a mask (``masked``): there q, k, v and
+  the cotangent are the caller's, which may hold anything (NaN, inf) where
+  tokens are not real, and a zero weight times NaN is not zero. Without a
+  mask the only such rows are the padding to a whole block, zeros already
+  (and the cotangent there is zero: the output is sliced). A coarse level's
+  rows are left as they are: the pyramid and the restriction zero such
+  rows before they sum them, so every coarse row is finite, and zero where
+  its count is 0.
+
+  The selects cost time: without them (no mask) forward+backward takes
+  1.34 ms instead of 1.45 at 65,536 tokens on an H200 (dk, dv level 0 0.233
+  against 0.295). One select pass over q, k, v and the cotangent in XLA
+  instead costs more (0.23 ms; docs/benchmarks.md)."""
+  if level or not masked:
+    return rows
+  return tuple(jnp.where(c[:, None] > 0, x, jnp.zeros_like(x)) for x in rows)
+
+
 def _repeat2(x):
   """Each row twice: [m, ...] -> [2m, ...] (a coarse row to its children)."""
   m = x.shape[0]
@@ -467,7 +487,8 @@ def _fwd_kernel(*refs, group, has_parent, rate, **kw):
               has_parent=has_parent, fills=(0.0, _NO_KEY), drop=drop, **kw)
 
 
-def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
+def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop,
+          masked):
   """(max, normaliser, numerator) of the rows ``q`` (row numbers ``qi`` of
   a level of ``n`` rows) over key pieces ``((k, v, counts), key row
   numbers, rel)`` (``_neighbours``; ``rel`` for ``_piece_allowed``), one
@@ -479,13 +500,16 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop):
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
-    # Rows that are not real hold zeros (``_clean``), and ``ok`` masks
-    # their columns of logits.
+    # A key that is not real (garbage in padding) only reaches its own
+    # column of logits, which ``ok`` masks: no need to zero it (its value
+    # is zeroed at level 0, ``_zeroed``: a zero weight times garbage is
+    # not zero).
     s = jnp.where(ok, _dot(q, k, precision, trans_b=True) * scale, _NO_KEY)
     m_new = jnp.max(s, axis=1)
     if carry is not None:
       m_new = jnp.maximum(carry[0], m_new)
     p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0) * c[None, :]
+    v, = _zeroed(level, masked, c, v)
     keep = _dropout(drop, level, qi[:, None], kj[None, :])
     part = _dot((p if keep is None else p * keep).astype(v.dtype), v,
                 precision)
@@ -507,7 +531,7 @@ def _normalised(m, z, y):
 
 
 def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
-              level, causal, scale, precision, drop):
+              level, causal, scale, precision, drop, masked):
   """(normalised output f32, lse) of a level's rows [start, start + tile).
 
   ``parent``: the parent level's (output, lse) of these rows' parents (one
@@ -517,11 +541,12 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
   level0 = level == 0
   qi = start + _iota(tile)
   q = q_ref[pl.ds(start, tile)]
+  q, = _zeroed(level, masked, cq, q)
 
   m, z, y = _fold(q, qi, _neighbours((k_ref, v_ref, c_ref), start, tile,
                                       nr, n, not causal, level0),
                   n=n, nr=nr, level=level, causal=causal, scale=scale,
-                  precision=precision, drop=drop)
+                  precision=precision, drop=drop, masked=masked)
 
   if parent is not None:
     po = parent[0].astype(jnp.float32)
@@ -583,7 +608,8 @@ def _seed_inputs(seeds):
 
 
 def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
-                   out_dtype, precision, interpret, seeds=None, rate=0.0):
+                   out_dtype, precision, interpret, seeds=None, rate=0.0,
+                   masked=False):
   """Levels first .. first+count-1 in one launch; parent (o, lse) or None.
 
   Returns level ``first``'s o [B, n, H, Dv] (normalised, out_dtype) and
@@ -605,7 +631,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   kernel = functools.partial(
       _fwd_kernel, group=group, nr=nr, causal=causal,
       has_parent=parent is not None, scale=scale, precision=precision,
-      rate=rate)
+      rate=rate, masked=masked)
   return pl.pallas_call(
       kernel,
       grid=(n // t, h, b),
@@ -661,7 +687,7 @@ def _dq_kernel(*refs, group, has_parent, rate, **kw):
 
 
 def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
-             precision, drop):
+             precision, drop, masked):
   """dq (f32, scaled) of query rows ``q`` (row numbers ``qi``; G, E, M of
   the module doc: ``g``, ``e``, ``mrow``) over key pieces ``((k, v,
   counts), key row numbers, rel)`` (as in ``_fold``). A logit's gradient
@@ -671,6 +697,7 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
+    k, v = _zeroed(level, masked, c, k, v)
     s = _dot(q, k, precision, trans_b=True) * scale
     p = jnp.where(ok, jnp.exp(jnp.minimum(s - mrow[:, None], 0.0)),
                   0.0) * c[None, :]
@@ -684,14 +711,16 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
 
 
 def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
-              precision, drop):
+              precision, drop, masked):
   """(dk, dv) (f32) of key rows ``k``, ``v`` (counts ``ck``, row numbers
-  ``kj``) over the query pieces that see them, ``((q, G, E, M), query row
-  numbers, rel)`` (as in ``_fold``). Rows that are not real are zero in
-  q, k, v and G at every level (``_clean``), and their M (_NO_ROW) gives
-  them no weight."""
+  ``kj``; zero where not real, ``_zeroed``) over the query pieces that see
+  them, ``((q, G, E, M), query row numbers, rel)`` (as in ``_fold``), and
+  the pieces' counts last where ``_zeroed`` needs them (level 0 with a
+  mask) to zero q and G the same way."""
   def body(carry, rows, qi, rel):
-    q, g, e, mrow = rows
+    q, g, e, mrow = rows[:4]
+    if len(rows) > 4:
+      q, g = _zeroed(level, masked, rows[4], q, g)
     ok = _piece_allowed(kj, qi, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=False)
     ok = ok & (ck[:, None] > 0)
@@ -713,7 +742,8 @@ def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
 
 
 def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
-             start, *, nr, tile, n, level, causal, scale, precision, drop):
+             start, *, nr, tile, n, level, causal, scale, precision, drop,
+             masked):
   """(dq,) f32 of a level's rows, plus the parent's (dq,) prolonged.
 
   With attention dropout (multipliers D on the numerator's weights), a
@@ -722,10 +752,11 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
   level0 = level == 0
   qi = start + _iota(tile)
   q, g, e, mrow = (r[pl.ds(start, tile)] for r in (q_ref, g_ref, e_ref, m_ref))
+  q, g = _zeroed(level, masked, cq, q, g)
   dq = _dq_fold(q, g, e, mrow, qi, _neighbours(
       (k_ref, v_ref, c_ref), start, tile, nr, n, not causal, level0),
                  n=n, nr=nr, level=level, causal=causal, scale=scale,
-                 precision=precision, drop=drop)
+                 precision=precision, drop=drop, masked=masked)
   if parent is not None:
     w = _prolong_weight(cq, causal)
     dq = dq + w[:, None] * parent[0].astype(jnp.float32)
@@ -741,19 +772,22 @@ def _dkv_kernel(*refs, group, has_parent, rate, **kw):
 
 
 def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
-              start, *, nr, tile, n, level, causal, scale, precision, drop):
+              start, *, nr, tile, n, level, causal, scale, precision, drop,
+              masked):
   """(dk, dv) f32 of a level's key rows, plus the parent's prolonged
   (dropout as in ``_dq_rows``)."""
   level0 = level == 0
   kj = start + _iota(tile)
   k, v = k_ref[pl.ds(start, tile)], v_ref[pl.ds(start, tile)]
+  k, v = _zeroed(level, masked, ck, k, v)
   # Queries that see these keys: the same rows and a neighbour block on
   # each side (the structure is symmetric in its reach).
-  pieces = _neighbours((q_ref, g_ref, e_ref, m_ref), start, tile, nr,
-                       n, True, level0)
+  counts = (c_ref,) if level0 and masked else ()
+  pieces = _neighbours((q_ref, g_ref, e_ref, m_ref) + counts, start, tile,
+                       nr, n, True, level0)
   dk, dv = _dkv_fold(k, v, ck, kj, pieces, n=n, nr=nr, level=level,
                      causal=causal, scale=scale, precision=precision,
-                     drop=drop)
+                     drop=drop, masked=masked)
   if parent is not None:
     w = _prolong_weight(ck, False)
     dk = dk + w[:, None] * parent[0].astype(jnp.float32)
@@ -766,7 +800,7 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
 
 def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                     scale, out_dtypes, precision, interpret, seeds=None,
-                    rate=0.0):
+                    rate=0.0, masked=False):
   """dq, dk, dv of level ``first`` (levels first .. first+count-1 in one
   launch each for dq and for dk/dv, plus the parent's, prolonged)."""
   q, _, v, _ = pyramid[first]
@@ -776,7 +810,7 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   ns = [m for m, _, _ in group]
   common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
-                precision=precision, rate=rate)
+                precision=precision, rate=rate, masked=masked)
   params = _compiler_params(interpret, t, max(d, dv_dim))
   grid = (n // t, h, b)
   suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
@@ -1085,24 +1119,12 @@ def _restrict(g, e, mrow, c, count, interpret, from_output=False):
   return head + [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
 
 
-def _clean(x, c0):
-  """``x`` [B, n, H, D] with zeros in the rows of no real token (c0 [B, n]
-  is 0): the caller's q, k, v and output cotangent may hold anything there
-  (NaN, inf), and the kernels take a zero weight times such a row as zero.
-  One pass in XLA, and only where a mask may leave such rows (padding to a
-  whole block is zeros already), instead of a select per piece and row in
-  every level-0 kernel (they cost registers: 180 against 142 for dq level
-  0, as scripts/kernel_registers.py estimates them). The pyramid and the
-  restriction keep such rows zero at the coarse levels."""
-  return jnp.where(c0[:, :, None, None] > 0, x, jnp.zeros_like(x))
-
-
 @functools.partial(jax.custom_vjp,
                    nondiff_argnums=(5, 6, 7, 8, 9, 10, 11, 12, 13))
 def _attention(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
                per_launch, scale, rate, masked):
   return _forward(q, k, v, c0, seeds, nr, causal, tile, interpret,
-                  precision, per_launch, scale, rate)[0]
+                  precision, per_launch, scale, rate, masked)[0]
 
 
 def _handover_dtype(input_dtype):
@@ -1113,7 +1135,7 @@ def _handover_dtype(input_dtype):
 
 
 def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
-             per_launch, scale, rate):
+             per_launch, scale, rate, masked):
   """(output, residuals for the backward: pyramid, output, lse, seeds)."""
   n = q.shape[1]
   levels = int(round(math.log2(n // nr)))
@@ -1125,16 +1147,16 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
     o, lse = _group_forward(
         pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
         out_dtype=q.dtype if first == 0 else handover,
-        precision=precision, interpret=interpret, seeds=seeds, rate=rate)
+        precision=precision, interpret=interpret, seeds=seeds, rate=rate,
+        masked=masked)
     parent = (o, lse)
   return o, (pyramid, o, lse, seeds)
 
 
 def _attention_fwd(q, k, v, c0, seeds, nr, causal, tile, interpret,
                    precision, per_launch, scale, rate, masked):
-  del masked  # q, k and v come clean (hierarchical_attention_pallas).
   o, res = _forward(q, k, v, c0, seeds, nr, causal, tile, interpret,
-                    precision, per_launch, scale, rate)
+                    precision, per_launch, scale, rate, masked)
   return o, res
 
 
@@ -1152,10 +1174,8 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
   pyramid, o, lse, seeds = res
   q, k, v, c0 = pyramid[0]
   levels = len(pyramid)
-  # Without a mask, the rows of no real token are the padding to a whole
-  # block, whose cotangent is zero (the output is sliced).
-  g = (_clean(d_o, c0) if masked else d_o).astype(q.dtype)
-  # Rows of padding take no gradient (M = _NO_ROW; their G is zero).
+  g = d_o.astype(q.dtype)
+  # Rows of padding take no gradient (M = _NO_ROW, G masked in the kernels).
   # The first restriction also computes level 0's E and M (one read of dO).
   chunks = _chunks(levels)
   if chunks:
@@ -1175,7 +1195,7 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
     parent = _group_backward(
         pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
         scale=scale, out_dtypes=dtypes, precision=precision,
-        interpret=interpret, seeds=seeds, rate=rate)
+        interpret=interpret, seeds=seeds, rate=rate, masked=masked)
   dq, dk, dv = parent
   return dq, dk, dv, jnp.zeros_like(c0), None
 
@@ -1221,8 +1241,6 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   masked = valid is not None
   if valid is None:
     valid = jnp.ones((batch, length), jnp.bool_)
-  else:
-    query, key, value = (_clean(x, valid) for x in (query, key, value))
   c0 = jnp.pad(valid.astype(jnp.float32), ((0, 0), (0, lp - length)))
   d, dv = query.shape[-1], value.shape[-1]
   scale = 1.0 / math.sqrt(d)
