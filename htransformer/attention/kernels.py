@@ -502,8 +502,7 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop,
     ok = ok & (c[None, :] > 0)
     # A key that is not real (garbage in padding) only reaches its own
     # column of logits, which ``ok`` masks: no need to zero it (its value
-    # is zeroed at level 0, ``_zeroed``: a zero weight times garbage is
-    # not zero).
+    # is zeroed, ``_zeroed``: a zero weight times garbage is not zero).
     s = jnp.where(ok, _dot(q, k, precision, trans_b=True) * scale, _NO_KEY)
     m_new = jnp.max(s, axis=1)
     if carry is not None:
@@ -1175,7 +1174,8 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
   q, k, v, c0 = pyramid[0]
   levels = len(pyramid)
   g = d_o.astype(q.dtype)
-  # Rows of padding take no gradient (M = _NO_ROW, G masked in the kernels).
+  # Rows of padding take no gradient (M = _NO_ROW; G zeroed by the level-0
+  # kernels, ``_zeroed``, and by the restriction).
   # The first restriction also computes level 0's E and M (one read of dO).
   chunks = _chunks(levels)
   if chunks:
