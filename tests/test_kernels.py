@@ -435,10 +435,10 @@ def test_coarse_rows_are_clean_whatever_level_0_holds(monkeypatch, impl,
                                                       causal):
   """What lets the level kernels read rows of no real token as they are
   at every coarse level (only the level-0 kernels zero such rows,
-  ``kernels._zeroed``): even with NaN and
-  inf in level 0's q, k, v and cotangent where tokens are not real, every
-  coarse row of the pyramid (each ``coarsen_impl``, several passes) and of
-  the restriction is finite, and zero where its count is 0."""
+  ``kernels._zeroed``): even with NaN and inf in level 0's q, k, v and
+  cotangent where tokens are not real, every coarse row of the pyramid
+  (each ``coarsen_impl``, several passes) and of the restriction is
+  finite, and zero where its count is 0."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
   # Programs of 32 rows: level 1 by products ("dot").

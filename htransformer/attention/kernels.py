@@ -502,7 +502,8 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop,
     ok = ok & (c[None, :] > 0)
     # A key that is not real (garbage in padding) only reaches its own
     # column of logits, which ``ok`` masks: no need to zero it (its value
-    # is zeroed, ``_zeroed``: a zero weight times garbage is not zero).
+    # is zero or zeroed, ``_zeroed``: a zero weight times garbage is not
+    # zero).
     s = jnp.where(ok, _dot(q, k, precision, trans_b=True) * scale, _NO_KEY)
     m_new = jnp.max(s, axis=1)
     if carry is not None:
@@ -717,9 +718,9 @@ def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
   the pieces' counts last where ``_zeroed`` needs them (level 0 with a
   mask) to zero q and G the same way."""
   def body(carry, rows, qi, rel):
-    q, g, e, mrow = rows[:4]
-    if len(rows) > 4:
-      q, g = _zeroed(level, masked, rows[4], q, g)
+    q, g, e, mrow, *counts = rows
+    if counts:
+      q, g = _zeroed(level, masked, counts[0], q, g)
     ok = _piece_allowed(kj, qi, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=False)
     ok = ok & (ck[:, None] > 0)
