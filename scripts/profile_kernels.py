@@ -130,6 +130,10 @@ def main():
   parser.add_argument("--pyramid_warps", type=int, nargs="+", default=[0],
                       help="warps per program of the pyramid and restriction "
                       "kernels (0: the kernels' default, TUNING)")
+  parser.add_argument("--dq_warps", type=int, default=0,
+                      help="warps of the dq kernels (0: TUNING's)")
+  parser.add_argument("--dkv_warps", type=int, default=0,
+                      help="warps of the dk, dv kernels (0: TUNING's)")
   parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
                       help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--stages", type=int, nargs="+", default=[1],
@@ -213,6 +217,8 @@ def main():
              args.tiles, args.warps, args.pyramid_warps, args.per_launch,
              args.stages, args.coarsen_impl, args.handover_dtype):
       kernels.TUNING.update(num_warps=warps or None,
+                            dq_warps=args.dq_warps or None,
+                            dkv_warps=args.dkv_warps or None,
                             pyramid_warps=pwarps or default_pwarps,
                             levels_per_launch=per_launch,
                             num_stages=stages,
@@ -220,6 +226,8 @@ def main():
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "pyramid_warps": pwarps or default_pwarps, "masked": args.masked,
+             "dq_warps": args.dq_warps or "auto",
+             "dkv_warps": args.dkv_warps or "auto",
              "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,

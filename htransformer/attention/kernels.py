@@ -128,7 +128,10 @@ DEFAULT_TILE = 16
 # rounding per level; 6% faster forward+backward at 65,536 tokens on an
 # H200) or "float32".
 # Every call of the kernels checks these (``check_tuning``).
-TUNING = {"num_warps": None, "pyramid_warps": 2, "num_stages": 1,
+# ``dq_warps`` / ``dkv_warps``: the dq and the dk, dv kernels' warps (None:
+# as the level kernels).
+TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
+          "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "dot", "handover_dtype": "input"}
 
@@ -150,6 +153,11 @@ _TUNING_INTS = {
     "pyramid_warps": ("None (as the level kernels), or a power of two up "
                       "to 32",
                       lambda x: _pow2(x) and x <= 32),
+    "dq_warps": ("None (as the level kernels), or a power of two up to 32",
+                 lambda x: _pow2(x) and x <= 32),
+    "dkv_warps": ("None (as the level kernels), or a power of two up to "
+                  "32",
+                  lambda x: _pow2(x) and x <= 32),
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
@@ -169,7 +177,7 @@ def check_tuning(tuning=None) -> None:
                          f"{_TUNING_CHOICES[key]}, got {value!r}.")
     elif key in _TUNING_INTS:
       what, ok = _TUNING_INTS[key]
-      if not ((value is None and key in ("num_warps", "pyramid_warps")) or (
+      if not ((value is None and key.endswith("warps")) or (
           isinstance(value, int) and not isinstance(value, bool)
           and ok(value))):
         raise ValueError(f"TUNING[{key!r}] must be {what}, got {value!r}.")
@@ -646,10 +654,11 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   )(*args)
 
 
-def _compiler_params(interpret, rows, width=64, pyramid=False):
+def _compiler_params(interpret, rows, width=64, kind=None):
   """Triton settings of a kernel whose programs each own ``rows`` rows of
-  ``width`` elements (the wider of the head dims); ``pyramid``: the
-  coarsening or restriction kernel (``TUNING["pyramid_warps"]``)."""
+  ``width`` elements (the wider of the head dims); ``kind``: None (a
+  forward level kernel), or "pyramid" (the coarsening or restriction
+  kernel), "dq" or "dkv", whose warps ``TUNING[kind + "_warps"]`` may set."""
   if interpret:
     return None
   # The Triton backend (not Mosaic GPU), also when lowering for a GPU from
@@ -663,7 +672,7 @@ def _compiler_params(interpret, rows, width=64, pyramid=False):
   # docs/benchmarks.md). The pyramid and restriction kernels: 2 warps
   # (faster than 4 and 8 at 65,536 tokens: 0.177 + 0.081 ms against 0.191
   # + 0.104 and 0.241 + 0.132, same card and script).
-  warps = ((pyramid and TUNING.get("pyramid_warps")) or TUNING["num_warps"]
+  warps = ((kind and TUNING.get(kind + "_warps")) or TUNING["num_warps"]
            or max(1, min(4, rows * max(width, 64) // 1024)))
   return plgpu.CompilerParams(num_warps=warps,
                               num_stages=TUNING["num_stages"])
@@ -811,7 +820,6 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision, rate=rate, masked=masked)
-  params = _compiler_params(interpret, t, max(d, dv_dim))
   grid = (n // t, h, b)
   suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
@@ -835,7 +843,8 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
       in_specs=in_specs + parent_specs,
       out_specs=_rows_spec(n, d),
       out_shape=jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[0]),
-      interpret=interpret, compiler_params=params,
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, t, max(d, dv_dim), "dq"),
       name=f"hattn_dq_{suffix}")(*args)
 
   args, parent_specs = list(level_args), []
@@ -849,7 +858,8 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
       out_specs=[_rows_spec(n, d), _rows_spec(n, dv_dim)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[1]),
                  jax.ShapeDtypeStruct((b, n, h, dv_dim), out_dtypes[2])],
-      interpret=interpret, compiler_params=params,
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, t, max(d, dv_dim), "dkv"),
       name=f"hattn_dkv_{suffix}")(*args)
   return dq, dk, dv
 
@@ -1018,7 +1028,7 @@ def _coarsen(arrays, modes, c, count, interpret, base=0):
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
-      compiler_params=_compiler_params(interpret, rows, pyramid=True),
+      compiler_params=_compiler_params(interpret, rows, kind="pyramid"),
       name="hattn_coarsen")(c, *flat)
   shaped = [o.reshape(o.shape[0], o.shape[1], h, -1) for o in outs]
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
@@ -1112,7 +1122,7 @@ def _restrict(g, e, mrow, c, count, interpret, from_output=False):
                         from_output=from_output),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, rows, pyramid=True),
+      compiler_params=_compiler_params(interpret, rows, kind="pyramid"),
       name="hattn_restrict")(g, e, mrow, c)
   head = [(g, *outs[:2])] if from_output else []
   outs = outs[2:] if from_output else outs
