@@ -696,6 +696,7 @@ def test_bad_tuning_is_named(monkeypatch):
   q, k, v = make_qkv(5, 1, 64, 1, 16, 16)
   for key, value in (("coarsen_impl", "xl"), ("handover_dtype", "bfloat16"),
                      ("num_warps", 3), ("pyramid_warps", 64),
+                     ("dq_warps", 0), ("dkv_warps", 48),
                      ("num_stages", 0), ("coarsen_rows", 48),
                      ("levels_per_launch", "2"), ("coarsen_heads", 0)):
     with monkeypatch.context() as m:
