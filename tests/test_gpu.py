@@ -157,8 +157,7 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair
   sums, float32 between levels, the pyramid's warps by the level kernels'
   rule, other warps for the backward kernels), as compiled for the GPU
-  (interpret mode:
-  tests/test_kernels.py)."""
+  (interpret mode: tests/test_kernels.py)."""
   from htransformer.attention import kernels
   for key, value in tuning.items():
     monkeypatch.setitem(kernels.TUNING, key, value)

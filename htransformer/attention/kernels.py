@@ -253,6 +253,9 @@ def _piece_allowed(own, other, rel, *, n, nr, level0, causal, own_queries):
   numbers and four comparisons per logit.
   """
   if rel is not None:
+    # (Giving pieces whose pairs all meet, found when tracing, only the
+    # bound timed no faster: these comparisons cost nothing measurable;
+    # docs/benchmarks.md.)
     offset, inside = rel
     own, other, n = _iota(own.shape[0]), offset + _iota(other.shape[0]), None
   a, b = own[:, None], other[None, :]
@@ -671,7 +674,12 @@ def _compiler_params(interpret, rows, width=64, kind=None):
   # one and 1.26 / 4.97 on 4), on an H200 (scripts/profile_kernels.py,
   # docs/benchmarks.md). The pyramid and restriction kernels: 2 warps
   # (faster than 4 and 8 at 65,536 tokens: 0.177 + 0.081 ms against 0.191
-  # + 0.104 and 0.241 + 0.132, same card and script).
+  # + 0.104 and 0.241 + 0.132, same card and script). The dq and dk, dv
+  # kernels on more warps than that rule (fewer registers per thread: 134
+  # instead of 255 for dk, dv level 0 on 2 warps) were no faster at
+  # head_dim 64 (2 warps: 1.36 against 1.35 ms; dk, dv level 0 with a
+  # mask 0.352 against 0.299) and slower at 128 (4 warps: 2.78 against
+  # 2.56 ms; same card, docs/benchmarks.md).
   warps = ((kind and TUNING.get(kind + "_warps")) or TUNING["num_warps"]
            or max(1, min(4, rows * max(width, 64) // 1024)))
   return plgpu.CompilerParams(num_warps=warps,
@@ -705,6 +713,10 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
     k, v, c = kvc
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=True)
+    # (The weight ``c`` below already zeroes keys that are not real, but
+    # without this select (and dk, dv's) dq level 0 with a mask took 0.238
+    # ms instead of 0.185 at 65,536 tokens on an H200, and no less
+    # without a mask.)
     ok = ok & (c[None, :] > 0)
     k, v = _zeroed(level, masked, c, k, v)
     s = _dot(q, k, precision, trans_b=True) * scale
