@@ -141,7 +141,7 @@ def _pow2(x: int) -> bool:
 
 
 # What each TUNING key may hold: one of a few strings, or an int that passes
-# a check (num_warps may also be None).
+# a check (the warps keys may also be None).
 _TUNING_CHOICES = {
     "coarsen_impl": ("dot", "pallas", "xla"),
     "handover_dtype": ("input", "float32"),
@@ -150,14 +150,9 @@ _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
                   "two up to 32",
                   lambda x: _pow2(x) and x <= 32),
-    "pyramid_warps": ("None (as the level kernels), or a power of two up "
-                      "to 32",
-                      lambda x: _pow2(x) and x <= 32),
-    "dq_warps": ("None (as the level kernels), or a power of two up to 32",
-                 lambda x: _pow2(x) and x <= 32),
-    "dkv_warps": ("None (as the level kernels), or a power of two up to "
-                  "32",
-                  lambda x: _pow2(x) and x <= 32),
+    **{key: ("None (as the level kernels), or a power of two up to 32",
+             lambda x: _pow2(x) and x <= 32)
+       for key in ("pyramid_warps", "dq_warps", "dkv_warps")},
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
