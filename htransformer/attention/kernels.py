@@ -506,10 +506,10 @@ def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop,
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
                         causal=causal, own_queries=True)
     ok = ok & (c[None, :] > 0)
-    # A key that is not real (garbage in padding) only reaches its own
-    # column of logits, which ``ok`` masks: no need to zero it (its value
-    # is zero or zeroed, ``_zeroed``: a zero weight times garbage is not
-    # zero).
+    # A key row that is not real may hold garbage (with a mask): it only
+    # reaches its own column of logits, which ``ok`` masks, so it is left
+    # as it is. Its value row is zeroed (``_zeroed``): a zero weight times
+    # garbage is not zero.
     s = jnp.where(ok, _dot(q, k, precision, trans_b=True) * scale, _NO_KEY)
     m_new = jnp.max(s, axis=1)
     if carry is not None:
