@@ -28,6 +28,19 @@ if _OWN_CACHE:  # The workers inherit the first process's.
         prefix="htransformer-tests-xla-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+# Most of the suite's time on a CPU is XLA compiling (the interpreted
+# kernels, the small models of many tests), not running: LLVM without
+# optimisation compiles them about a third faster, in this process, its
+# workers and the processes they start. Tests that run long computations
+# ask for optimised code (tests/test_train.py, run_main). Only where there
+# is no GPU (the flag would reach the GPU compiler too), and not when the
+# caller chose a level.
+_OPT_FLAG = "--xla_backend_optimization_level"
+if (not os.path.exists("/dev/nvidiactl")
+    and _OPT_FLAG not in os.environ.get("XLA_FLAGS", "")):
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), f"{_OPT_FLAG}=0"]).strip()
+
 
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 

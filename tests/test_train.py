@@ -43,8 +43,15 @@ def tiny_config(data_dir, **overrides):
   return c
 
 
-def run_main(args, timeout=600):
+def run_main(args, timeout=600, optimised=False):
+  """``python -m htransformer.main ARGS`` in a CPU process; ``optimised``:
+  with XLA's default code optimisation, for runs of many steps (the suite
+  turns it off, tests/conftest.py)."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  if optimised:
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_backend_optimization_level"))
   return subprocess.run([sys.executable, "-m", "htransformer.main", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
@@ -310,7 +317,8 @@ def test_quick_job_end_to_end(tmp_path):
   env_cache = tmp_path / "cache"
   r = run_main(["--config=configs/listops.py:quick",
                 f"--workdir={tmp_path / 'run'}",
-                f"--config.cache_dir={env_cache}"], timeout=900)
+                f"--config.cache_dir={env_cache}"], timeout=900,
+               optimised=True)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "generated ListOps data" in r.stdout
   assert "steps/s" in r.stdout and "ETA" in r.stdout
