@@ -233,3 +233,16 @@ def test_pallas_is_the_default_on_gpu_for_bfloat16():
   assert api._default_hierarchical(q, q, 16) == "pallas"
   assert api._default_hierarchical(q, q, 8) == "xla"
   assert api._default_hierarchical(q.astype(jnp.float32), q, 16) == "xla"
+
+
+def test_without_the_triton_backend_the_default_is_xla(monkeypatch):
+  """A jax without Pallas's Triton backend: implementation=None warns and
+  runs the plain path (same values as 'xla')."""
+  import sys  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  q, k, v = _inputs(1, 256, 2, 64, jnp.bfloat16)
+  with pytest.warns(RuntimeWarning, match="no Pallas Triton backend"):
+    out = hierarchical_attention(q, k, v, block_size=16)
+  want = hierarchical_attention(q, k, v, block_size=16, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                np.asarray(want, np.float32))

@@ -10,6 +10,7 @@ interpret mode is slow.
 
 import itertools
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -274,6 +275,21 @@ def test_pallas_on_cpu_is_a_clear_error():
   q = jnp.zeros((1, 64, 1, 16))
   with pytest.raises(ValueError, match="runs on a GPU"):
     hierarchical_attention(q, q, q, implementation="pallas")
+
+
+def test_a_jax_without_the_triton_backend(monkeypatch):
+  """Pallas's Triton backend (deprecated in jax 0.11) gone, as a later jax
+  may have it: 'pallas' is an error that says so, and interpret mode, which
+  does not need it, still gives the definition's values."""
+  assert kernels.triton_missing() is None  # This jax has it.
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  assert "no Pallas Triton backend" in kernels.triton_missing()
+  q, k, v = make_qkv(11, 1, 64, 1, 16, 16)
+  with pytest.raises(ValueError, match="cannot run: .*no Pallas Triton"):
+    hierarchical_attention(q, k, v, block_size=16, implementation="pallas")
+  out = run_pallas(q, k, v, None, causal=True)
+  want = numpy_reference(q, k, v, None, block_size=16, causal=True)
+  assert max_abs(out, want) <= 2e-5
 
 
 def test_level_groups():

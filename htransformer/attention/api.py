@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,10 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
     raise ValueError(
         f"implementation must be one of {HIERARCHICAL_IMPLEMENTATIONS} or "
         f"None, got {implementation!r}.")
+  if implementation == "pallas" and (missing := kernels.triton_missing()):
+    raise ValueError(
+        f"implementation='pallas' cannot run: {missing}. Use 'xla' (or "
+        "None, which then picks it), or a jax that has the backend.")
   if implementation == "pallas" and jax.default_backend() != "gpu":
     raise ValueError(
         f"implementation='pallas' runs on a GPU; this process runs on "
@@ -214,7 +219,11 @@ def _default_hierarchical(query, value, block_size) -> str:
       and query.dtype in (jnp.bfloat16, jnp.float16)
       and value.dtype == query.dtype
       and kernels.unsupported_reason(query, value, block_size) is None):
-    return "pallas"
+    missing = kernels.triton_missing()
+    if missing is None:
+      return "pallas"
+    warnings.warn(f"hierarchical_attention runs the plain-JAX path, not the "
+                  f"fused kernels: {missing}.", RuntimeWarning, stacklevel=3)
   return "xla"
 
 

@@ -91,6 +91,7 @@ float32 precision (no TF32); accumulation is float32.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import jax
@@ -191,6 +192,21 @@ def kernel_head_dim(d: int) -> int:
   """The head width the kernels compute at: ``d`` rounded up to a power of
   two, at least 16 (inputs are zero-padded to it)."""
   return max(16, 1 << (int(d) - 1).bit_length())
+
+
+def triton_missing() -> str | None:
+  """Why this jax cannot compile the kernels for a GPU (None if it can).
+
+  They are written for Pallas's Triton backend, which jax 0.11 marks as
+  deprecated (in favour of Mosaic GPU) and a later jax may remove. Interpret
+  mode does not need it."""
+  try:
+    importlib.import_module("jax.experimental.pallas.triton")
+  except ImportError as e:
+    return (f"this jax ({jax.__version__}) has no Pallas Triton backend "
+            f"({e}); the fused kernels are written for it (jax 0.10 and "
+            "0.11 have it)")
+  return None
 
 
 def unsupported_reason(query, value, block_size: int) -> str | None:
