@@ -265,12 +265,14 @@ def test_unsupported_inputs_get_a_clear_error(block_size, d, message):
                            implementation="pallas_interpret")
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 def test_default_is_xla_on_cpu():
   from htransformer.attention import api
   q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
   assert api._default_hierarchical(q, q, 16) == "xla"
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 def test_pallas_on_cpu_is_a_clear_error():
   q = jnp.zeros((1, 64, 1, 16))
   with pytest.raises(ValueError, match="runs on a GPU"):
