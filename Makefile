@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean
+.PHONY: run test test-gpu venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ run: $(STAMP)
 # many steps (tests/conftest.py): 10-15 minutes on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
+
+# On a GPU host with a CUDA jax (requirements.txt, first lines): the checks
+# of tests/test_gpu.py on the GPU (the suite itself runs on the CPU).
+test-gpu: $(STAMP)
+	HTRANSFORMER_TEST_ACCELERATOR=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+	    $(PY) -m pytest -q -n 4 tests/test_gpu.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,4 +1,9 @@
-"""Checks that need a GPU (skipped elsewhere): cuDNN baseline and bf16 paths."""
+"""Checks that need a GPU: cuDNN baseline, the fused kernels compiled, bf16.
+
+Skipped unless the suite runs on a GPU, which it does only when asked
+(tests/conftest.py): on a GPU host, ``make test-gpu``, or
+``HTRANSFORMER_TEST_ACCELERATOR=1 pytest tests/test_gpu.py``.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +14,7 @@ from htransformer.attention import full_attention
 from htransformer.attention import hierarchical_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
-                                reason="needs a GPU")
+                                reason="needs a GPU: make test-gpu")
 
 
 def _inputs(batch, length, heads, dim, dtype, seed=0):
