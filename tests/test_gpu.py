@@ -5,6 +5,8 @@ Skipped unless the suite runs on a GPU, which it does only when asked
 ``HTRANSFORMER_TEST_ACCELERATOR=1 pytest tests/test_gpu.py``.
 """
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,8 +245,8 @@ def test_pallas_is_the_default_on_gpu_for_bfloat16():
 def test_without_the_triton_backend_the_default_is_xla(monkeypatch):
   """A jax without Pallas's Triton backend: implementation=None warns and
   runs the plain path (same values as 'xla')."""
-  import sys  # pylint: disable=g-import-not-at-top
-  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  from htransformer.attention import kernels
+  monkeypatch.setitem(sys.modules, kernels.TRITON_MODULE, None)
   q, k, v = _inputs(1, 256, 2, 64, jnp.bfloat16)
   with pytest.warns(RuntimeWarning, match="no Pallas Triton backend"):
     out = hierarchical_attention(q, k, v, block_size=16)

@@ -284,7 +284,7 @@ def test_a_jax_without_the_triton_backend(monkeypatch):
   may have it: 'pallas' is an error that says so, and interpret mode, which
   does not need it, still gives the definition's values."""
   assert kernels.triton_missing() is None  # This jax has it.
-  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  monkeypatch.setitem(sys.modules, kernels.TRITON_MODULE, None)
   assert "no Pallas Triton backend" in kernels.triton_missing()
   q, k, v = make_qkv(11, 1, 64, 1, 16, 16)
   with pytest.raises(ValueError, match="cannot run: .*no Pallas Triton"):

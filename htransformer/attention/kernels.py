@@ -194,14 +194,16 @@ def kernel_head_dim(d: int) -> int:
   return max(16, 1 << (int(d) - 1).bit_length())
 
 
-def triton_missing() -> str | None:
-  """Why this jax cannot compile the kernels for a GPU (None if it can).
+# Pallas's Triton backend, which the kernels are written for (not Mosaic
+# GPU); jax 0.11 marks it as deprecated and a later jax may remove it.
+# Interpret mode does not need it.
+TRITON_MODULE = "jax.experimental.pallas.triton"
 
-  They are written for Pallas's Triton backend, which jax 0.11 marks as
-  deprecated (in favour of Mosaic GPU) and a later jax may remove. Interpret
-  mode does not need it."""
+
+def triton_missing() -> str | None:
+  """Why this jax cannot compile the kernels for a GPU (None if it can)."""
   try:
-    importlib.import_module("jax.experimental.pallas.triton")
+    importlib.import_module(TRITON_MODULE)
   except ImportError as e:
     return (f"this jax ({jax.__version__}) has no Pallas Triton backend "
             f"({e}); the fused kernels are written for it (jax 0.10 and "
@@ -675,9 +677,8 @@ def _compiler_params(interpret, rows, width=64, kind=None):
   kernel), "dq" or "dkv", whose warps ``TUNING[kind + "_warps"]`` may set."""
   if interpret:
     return None
-  # The Triton backend (not Mosaic GPU), also when lowering for a GPU from
-  # another host.
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+  # The Triton backend, also when lowering for a GPU from another host.
+  plgpu = importlib.import_module(TRITON_MODULE)
   # A warp per 16 x 64 elements, at most 4: tiles of 16 rows on one warp
   # and of 64 on 4 were the fastest of 1, 2 and 4 warps (8 is slower than
   # 4) at head_dim 64, and 16 rows on 2 warps at head_dim 128 (1.03 / 3.36
