@@ -40,14 +40,14 @@ if not os.environ.get("HTRANSFORMER_TEST_ACCELERATOR"):
 # kernels, the small models of many tests), not running: LLVM without
 # optimisation compiles them about a third faster, in this process, its
 # workers and the processes they start. Tests that run long computations
-# ask for optimised code (tests/test_train.py, run_main). Only on the CPU
+# ask for optimised code (tests/scripts_helper.py, child_env). Only on the CPU
 # (the flag would reach a GPU compiler too), and not when the caller chose
 # a level.
-_OPT_FLAG = "--xla_backend_optimization_level"
+from tests.scripts_helper import OPT_FLAG  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 if (os.environ.get("JAX_PLATFORMS") == "cpu"
-    and _OPT_FLAG not in os.environ.get("XLA_FLAGS", "")):
+    and OPT_FLAG not in os.environ.get("XLA_FLAGS", "")):
   os.environ["XLA_FLAGS"] = " ".join(
-      [os.environ.get("XLA_FLAGS", ""), f"{_OPT_FLAG}=0"]).strip()
+      [os.environ.get("XLA_FLAGS", ""), f"{OPT_FLAG}=0"]).strip()
 
 
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -1,9 +1,14 @@
-"""Loading a script of scripts/ as a module, for the tests of its functions."""
+"""Helpers shared by the tests: the scripts of scripts/ as modules, and the
+environment of the processes the tests start."""
 
 import importlib.util
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# XLA's CPU code optimisation; the suite turns it off (tests/conftest.py)
+# except in the processes that run many steps (child_env(optimised=True)).
+OPT_FLAG = "--xla_backend_optimization_level"
 
 
 def load_script(name: str):
@@ -13,3 +18,23 @@ def load_script(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def child_env(*, optimised: bool = False, drop_xla_flags=(),
+              add_xla_flags=(), **variables):
+  """This process's environment for a child process run from ROOT.
+
+  The repository goes first on PYTHONPATH, ahead of what was there (a
+  machine whose packages come through PYTHONPATH keeps them). ``variables``
+  are set as given (e.g. JAX_PLATFORMS="cpu"). XLA_FLAGS loses the flags
+  named in ``drop_xla_flags`` (OPT_FLAG too when ``optimised``: the child
+  builds XLA's default optimised code) and gains ``add_xla_flags``.
+  """
+  env = dict(os.environ, **variables)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  drop = set(drop_xla_flags) | ({OPT_FLAG} if optimised else set())
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if f.split("=")[0] not in drop]
+  env["XLA_FLAGS"] = " ".join(flags + list(add_xla_flags))
+  return env

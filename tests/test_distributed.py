@@ -27,18 +27,16 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.scripts_helper import ROOT, child_env
+
 STEPS = 6
 
 
 def _env(num_devices=None):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if "xla_force_host_platform_device_count" not in f]
-  if num_devices:
-    flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-  env["XLA_FLAGS"] = " ".join(flags)
-  return env
+  flag = "--xla_force_host_platform_device_count"
+  return child_env(
+      JAX_PLATFORMS="cpu", drop_xla_flags=[flag],
+      add_xla_flags=[f"{flag}={num_devices}"] if num_devices else [])
 
 
 # ----------------------------------------------------------------------------

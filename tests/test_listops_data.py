@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from htransformer.data import listops
-from tests.scripts_helper import load_script
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.scripts_helper import ROOT, child_env, load_script
 
 SIZES = dict(num_train=300, num_val=50, num_test=50)
 # Bounds with ~100 accepted trees per chunk, so that the 400 examples span
@@ -318,7 +316,7 @@ def test_vocab_ids_identical_across_processes():
           "print(list(L.VOCAB)); print(L.encode(%r).tolist())" % FIXED)
   outs = []
   for hashseed in ("1", "2"):
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED=hashseed)
+    env = child_env(PYTHONHASHSEED=hashseed)
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
                        capture_output=True, text=True, check=True)
     outs.append(r.stdout)

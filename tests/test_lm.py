@@ -22,8 +22,7 @@ from htransformer import train
 from htransformer.data import packing
 from htransformer.data import text as text_lib
 from htransformer.data import tokenizer as tokenizer_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.scripts_helper import ROOT, child_env
 
 WORDS = ("the of and a to in is was that for on with as by at from his her "
          "government market people year said would new first team game "
@@ -352,7 +351,7 @@ def test_sampling_is_deterministic_for_a_seed(lm_run):
   assert sampler.generate(prompt, 20, seed=7) == a
   assert any(sampler.generate(prompt, 20, seed=s) != a for s in (8, 9))
   # The command line gives the same text.
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env = child_env(JAX_PLATFORMS="cpu")
   r = subprocess.run(
       [sys.executable, "-m", "htransformer.sample", f"--workdir={workdir}",
        "--prompt=The market", "--max_new_tokens=20", "--seed=7",

@@ -14,9 +14,8 @@ import pytest
 
 from htransformer.data import pathfinder as pf
 from htransformer.data import png
-from tests.scripts_helper import load_script
+from tests.scripts_helper import ROOT, child_env, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 24
 
 
@@ -384,7 +383,7 @@ def test_loader_skips_empty_and_splits(gen, tmp_path):
 
 
 def test_cli(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  env = child_env()
   r = subprocess.run(
       [sys.executable, "-m", "htransformer.data.pathfinder",
        "--resolution=32", "--num_images=4", f"--output_dir={tmp_path}",

@@ -22,8 +22,7 @@ from htransformer import models
 from htransformer import tasks
 from htransformer import train
 from htransformer.attention import full_attention, hierarchical_attention
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.scripts_helper import ROOT, child_env
 
 
 def tiny_config(data_dir, **overrides):
@@ -47,11 +46,7 @@ def run_main(args, timeout=600, optimised=False):
   """``python -m htransformer.main ARGS`` in a CPU process; ``optimised``:
   with XLA's default code optimisation, for runs of many steps (the suite
   turns it off, tests/conftest.py)."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  if optimised:
-    env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_backend_optimization_level"))
+  env = child_env(optimised=optimised, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "htransformer.main", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
@@ -247,7 +242,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
           "--config.batch_size=8", "--config.eval_batch_size=16",
           "--config.num_train_steps=40", "--config.log_every=5",
           "--config.checkpoint_every=5", "--config.eval_every=20"]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env = child_env(JAX_PLATFORMS="cpu")
 
   def launch(workdir, out=subprocess.DEVNULL):
     return subprocess.Popen(
