@@ -829,6 +829,36 @@ def test_bfloat16_inputs(causal):
 # ----------------------------------------------------------------------------
 
 
+def _strided_slices(jaxpr):
+    """The slices with a stride other than 1, sub-computations included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "slice" and any(
+                s != 1 for s in (eqn.params["strides"] or ())):
+            found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _strided_slices(sub)
+    return found
+
+
+def test_causal_plain_path_has_no_strided_slice():
+    """XLA's GPU compiler aborts on a strided slice of the queries feeding a
+    level's matmul (batch x heads 1; tests/test_gpu.py compiles it there):
+    the causal coarse queries are taken from the pairs' axis instead. This
+    guards the formulation where no GPU runs, forward and backward."""
+    q = jnp.ones((1, 64, 1, 16), jnp.float32)
+    loss = lambda q: jnp.sum(hierarchical_attention(
+        q, q, q, block_size=4, causal=True, implementation="xla"))
+    for fn in (loss, jax.grad(loss)):
+        assert not _strided_slices(jax.make_jaxpr(fn)(q).jaxpr)
+    # The check finds such a slice where there is one.
+    assert _strided_slices(jax.make_jaxpr(lambda q: q[:, ::2] @ q[0].T)(
+        q[0, :, :, 0]).jaxpr)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_vmap_over_extra_leading_axis(causal):
     nr = SHARED["block_size"]
