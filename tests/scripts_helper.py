@@ -38,3 +38,18 @@ def child_env(*, optimised: bool = False, drop_xla_flags=(),
            if f.split("=")[0] not in drop]
   env["XLA_FLAGS"] = " ".join(flags + list(add_xla_flags))
   return env
+
+
+def jaxpr_equations(jaxpr, skip=("pallas_call",)):
+  """The equations of ``jaxpr`` and of the jaxprs inside them (jit, custom
+  VJP, loops...), depth first; the bodies of the primitives named in
+  ``skip`` (the fused kernels') are not entered."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    if eqn.primitive.name in skip:
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          yield from jaxpr_equations(sub, skip)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from htransformer.attention import dropout as dropout_lib
 from htransformer.attention import full_attention, hierarchical_attention
+from tests.scripts_helper import jaxpr_equations
 
 
 # ----------------------------------------------------------------------------
@@ -831,17 +832,9 @@ def test_bfloat16_inputs(causal):
 
 def _strided_slices(jaxpr):
     """The slices with a stride other than 1, sub-computations included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "slice" and any(
-                s != 1 for s in (eqn.params["strides"] or ())):
-            found.append(eqn)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    found += _strided_slices(sub)
-    return found
+    return [eqn for eqn in jaxpr_equations(jaxpr)
+            if eqn.primitive.name == "slice"
+            and any(s != 1 for s in (eqn.params["strides"] or ()))]
 
 
 def test_causal_plain_path_has_no_strided_slice():

@@ -19,6 +19,7 @@ import pytest
 
 from htransformer.attention import hierarchical_attention
 from htransformer.attention import kernels
+from tests.scripts_helper import jaxpr_equations
 from tests.test_attention import dense_reference, make_mask, make_qkv
 from tests.test_attention import max_abs, numpy_reference
 
@@ -491,19 +492,10 @@ def test_coarse_rows_are_clean_whatever_level_0_holds(monkeypatch, impl,
 
 def _xla_row_reductions(jaxpr):
   """Sums over the last axis of 4-D arrays outside the kernels."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      continue
-    if (eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.ndim == 4
-        and tuple(eqn.params["axes"]) == (3,)):
-      found.append(eqn)
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          found += _xla_row_reductions(sub)
-  return found
+  return [eqn for eqn in jaxpr_equations(jaxpr)
+          if eqn.primitive.name == "reduce_sum"
+          and eqn.invars[0].aval.ndim == 4
+          and tuple(eqn.params["axes"]) == (3,)]
 
 
 @pytest.mark.parametrize("length", [20, 50, 150])
