@@ -109,8 +109,11 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
       of two >= 16; head dims that are not powers of two >= 16 are
       zero-padded to one, which is faster than "xla" even at head_dim 4),
       "xla" otherwise.
-      "xla" is the reshape-based plain-JAX path; "pallas" the fused kernels
-      (GPU; float32 inputs use full-precision float32 products);
+      "xla" is the reshape-based plain-JAX path (its products take JAX's
+      default matmul precision: TF32 for float32 on recent NVIDIA GPUs
+      unless ``jax_default_matmul_precision`` says "highest"); "pallas"
+      the fused kernels (GPU; float32 inputs use full-precision float32
+      products);
       "pallas_interpret" the same kernels in Pallas interpret mode, on any
       backend (slow; for tests).
     dropout_rate: attention dropout on the weights (0: none): each weight
