@@ -13,6 +13,16 @@ import subprocess
 import time
 
 
+def env_with_path(root: str, **variables) -> dict[str, str]:
+  """This process's environment, ``variables`` set, and ``root`` first on
+  PYTHONPATH ahead of what was there: a child process imports this
+  repository's code and keeps packages that come through PYTHONPATH."""
+  env = dict(os.environ, **variables)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  return env
+
+
 def parse_gpus(text: str) -> list[str]:
   """'0,1,2,3' -> ['0', '1', '2', '3']; '4' (a count) -> the same."""
   parts = [p.strip() for p in text.split(",") if p.strip()]

@@ -353,8 +353,7 @@ def main(argv=None) -> int:
   root = os.path.abspath(args.workdir_root)
   failed = []
   if not args.collect_only:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep
-               + os.environ.get("PYTHONPATH", ""))
+    env = launch.env_with_path(ROOT)
     jobs = []
     for task in tasks:
       for model in models:

@@ -248,9 +248,7 @@ def main(argv=None) -> int:
     for cmd in commands:
       print(shlex.join(cmd))
   elif args.launch == "local":
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = launch.env_with_path(ROOT)
     if args.gpus:
       failed = launch.run_on_gpus(
           [(n, c, os.path.join(sweep_dir, n, "log.txt"))

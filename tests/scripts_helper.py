@@ -4,6 +4,8 @@ environment of the processes the tests start."""
 import importlib.util
 import os
 
+from htransformer import launch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # XLA's CPU code optimisation; the suite turns it off (tests/conftest.py)
@@ -30,9 +32,7 @@ def child_env(*, optimised: bool = False, drop_xla_flags=(),
   named in ``drop_xla_flags`` (OPT_FLAG too when ``optimised``: the child
   builds XLA's default optimised code) and gains ``add_xla_flags``.
   """
-  env = dict(os.environ, **variables)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  env = launch.env_with_path(ROOT, **variables)
   drop = set(drop_xla_flags) | ({OPT_FLAG} if optimised else set())
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if f.split("=")[0] not in drop]
