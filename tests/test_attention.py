@@ -519,13 +519,20 @@ def test_full_attention_key_column_masks_any_keys(causal):
         assert (np.asarray(g)[~mask] == 0).all(), name
 
 
+def _limit_xla_logits(monkeypatch, logits):
+    """Full attention's XLA path holds at most ``logits`` at once, whatever
+    the backend."""
+    from htransformer.attention import api
+    monkeypatch.setattr(api, "XLA_MAX_LOGITS", logits)
+    monkeypatch.setattr(api, "XLA_MAX_LOGITS_ACCELERATOR", logits)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("mask_kind", ["none", "partial", "empty"])
 def test_full_attention_in_chunks_of_queries(causal, mask_kind, monkeypatch):
     """Above XLA_MAX_LOGITS the XLA path runs in chunks of queries (the last
     one padded): the float64 masked softmax, and the same gradients as the
     dense path; value dim != head dim."""
-    from htransformer.attention import api
     length = 37
     q, k, v = make_qkv(41, 2, length, 3, 8, 5)
     mask = make_mask(length, 2, length, mask_kind)
@@ -541,7 +548,7 @@ def test_full_attention_in_chunks_of_queries(causal, mask_kind, monkeypatch):
     assert "while" not in run.lower(q, k, v).as_text()
     dense_out, dense_grads = np.asarray(run(q, k, v)), grad(q, k, v)
     # 2 x 3 x 37 keys x 5 queries per chunk: 8 chunks, the last of 2 rows.
-    monkeypatch.setattr(api, "XLA_MAX_LOGITS", 2 * 3 * length * 5)
+    _limit_xla_logits(monkeypatch, 2 * 3 * length * 5)
     run, grad = compiled()
     assert "while" in run.lower(q, k, v).as_text()  # lax.map is a loop
     out = np.asarray(run(q, k, v))
@@ -1051,7 +1058,6 @@ def test_full_attention_dropout(causal, monkeypatch):
     """Full attention with dropout drops the level-0 weight of every pair:
     it equals the reference and hierarchical attention whose blocks cover
     the sequence, also when it runs in chunks of queries."""
-    from htransformer.attention import api
     length = 45
     q, k, v = make_qkv(50, 2, length, 2, 8)
     mask = make_mask(51, 2, length, "partial")
@@ -1065,7 +1071,7 @@ def test_full_attention_dropout(causal, monkeypatch):
     h = np.asarray(_h_dropout(q, k, v, mask, block_size=32, causal=causal,
                               rate=0.3, rng=rng))
     assert max_abs(got, h) <= 2e-5
-    monkeypatch.setattr(api, "XLA_MAX_LOGITS", 2 * 2 * 45 * 8)  # 8-row chunks
+    _limit_xla_logits(monkeypatch, 2 * 2 * 45 * 8)  # 8-row chunks
     assert max_abs(run(), want) <= 2e-5
 
 

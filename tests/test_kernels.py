@@ -695,8 +695,12 @@ def test_pieces_in_a_loop_are_the_unrolled_pieces(tile, after, level0,
 
   eqns = jax.make_jaxpr(lambda: run(True))().jaxpr.eqns
   assert any(e.primitive.name in ("scan", "while") for e in eqns) == loops
-  np.testing.assert_array_equal(run(True), run(False))
-  assert float(jnp.abs(run(False)).sum()) > 0
+  # Traced, as in a kernel: the rows stand in for a ref, and jax from 0.11
+  # on no longer indexes an array with a pl.ds of a concrete start.
+  looped = jax.jit(lambda: run(True))()
+  unrolled = jax.jit(lambda: run(False))()
+  np.testing.assert_array_equal(looped, unrolled)
+  assert float(jnp.abs(unrolled).sum()) > 0
 
 
 def test_bad_tuning_is_named(monkeypatch):

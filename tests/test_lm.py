@@ -311,7 +311,11 @@ def test_lm_training_reports_perplexity(lm_run, capsys):
   again = train.train_and_evaluate(c, workdir)
   out = capsys.readouterr().out
   assert "Tokenizer: loaded" in out and "Resuming from step 30" in out
-  assert again["test_perplexity"] == results["test_perplexity"]
+  # The same weights: bit for bit on the CPU; on a GPU the evaluation is
+  # compiled again and may sum in another order.
+  exact = jax.default_backend() == "cpu"
+  assert again["test_perplexity"] == pytest.approx(
+      results["test_perplexity"], rel=0 if exact else 1e-5, abs=0)
 
 
 def test_sampling_equals_step_by_step_recompute(lm_run):

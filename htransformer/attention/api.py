@@ -364,19 +364,26 @@ def _cudnn(query, key, value, causal, lengths, scale_dim=None):
 
 
 # The most logits (batch x heads x queries x keys) the XLA path of full
-# attention holds at once on CPU (16x that on accelerators): longer inputs go
+# attention holds at once, on CPU and on accelerators: longer inputs go
 # through in chunks of queries, each recomputed in the backward pass, so
 # memory stays bounded. (Dense, Path-X's 16,384 tokens at batch 8 and 2
 # heads are 4.3G logits, 17 GB in float32, before the probabilities and
 # their gradient; in chunks its fwd+bwd peaks near 3 GB on CPU.)
 XLA_MAX_LOGITS = 1 << 26
+XLA_MAX_LOGITS_ACCELERATOR = 1 << 30
+
+
+def _xla_max_logits():
+  return (XLA_MAX_LOGITS if jax.default_backend() == "cpu"
+          else XLA_MAX_LOGITS_ACCELERATOR)
 
 
 def _xla(query, key, value, causal, mask, scale_dim=None, dropout=None):
   """XLA attention. jax.nn.dot_product_attention wants one head dim for q, k
   and v: the narrower ones are padded with zeros (which changes no logit)
   and the output sliced. The scale is ``1/sqrt(scale_dim or head_dim)``.
-  Above ``XLA_MAX_LOGITS`` logits it runs in chunks of queries.
+  Above ``XLA_MAX_LOGITS`` logits (``XLA_MAX_LOGITS_ACCELERATOR`` off the
+  CPU) it runs in chunks of queries.
   ``dropout``: None or (rate, uint32 seeds [B, H]), attention dropout
   (then the softmax is written out here: jax.nn's has none)."""
   d, dv = query.shape[-1], value.shape[-1]
@@ -385,7 +392,7 @@ def _xla(query, key, value, causal, mask, scale_dim=None, dropout=None):
   query, key, value = widen(query), widen(key), widen(value)
   scale = 1.0 / math.sqrt(scale_dim or d)
   batch, length, heads, _ = query.shape
-  limit = XLA_MAX_LOGITS * (1 if jax.default_backend() == "cpu" else 16)
+  limit = _xla_max_logits()
   # With dropout the softmax is written out below, in one chunk of queries
   # when they fit.
   if dropout is not None or batch * heads * length * length > limit:
