@@ -53,6 +53,16 @@ REGISTERS_PER_SM = 65536
 PROGRAMS_PER_SM = 32
 
 
+def _hopper():
+  """Where Pallas lowers for a Hopper card (sm_90) on a host without one:
+  jax 0.11 reads the card from the abstract mesh's device (0.10 assumed
+  sm_90 when it found no GPU)."""
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+          device_kind="NVIDIA H200", num_cores=None, platform="gpu"))
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
 def capture_kernels(length, block_size, head_dim, causal, masked=False,
                     heads=8):
   """{kernel name: (Triton IR text, warps, stages)} of the forward+backward,
@@ -87,8 +97,9 @@ def capture_kernels(length, block_size, head_dim, causal, masked=False,
 
   pl.pallas_call, lowering.lower_jaxpr_to_triton_module = pallas_call, lower
   try:
-    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(
-        lowering_platforms=("cuda",))
+    with _hopper():
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(
+          lowering_platforms=("cuda",))
   finally:
     pl.pallas_call, lowering.lower_jaxpr_to_triton_module = (make_call,
                                                             lower_module)
