@@ -39,8 +39,8 @@ if not os.environ.get("HTRANSFORMER_TEST_ACCELERATOR"):
 # with the float64 definition to 2e-5, which needs float32 products in full:
 # JAX's default on recent NVIDIA GPUs is TF32 (1e-3 off). It asks for them
 # there (its workers and child processes inherit it) unless the caller chose
-# a precision; tests/test_gpu.py puts the caller's back, since its checks are
-# of what users run.
+# a precision; tests/test_gpu.py goes back to JAX's default, since its
+# checks are of what users run.
 elif "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
   os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
   os.environ["HTRANSFORMER_TEST_SET_PRECISION"] = "1"
