@@ -311,8 +311,10 @@ def test_lm_training_reports_perplexity(lm_run, capsys):
   again = train.train_and_evaluate(c, workdir)
   out = capsys.readouterr().out
   assert "Tokenizer: loaded" in out and "Resuming from step 30" in out
-  # The same weights: bit for bit on the CPU; on a GPU the evaluation is
-  # compiled again and may sum in another order.
+  # The same weights: bit for bit on the CPU, and on an H200 running this
+  # test alone; with 16 test processes sharing that GPU the relaunch was 5e-7
+  # off (XLA tunes its GPU kernels by timing them, and may pick others under
+  # load).
   exact = jax.default_backend() == "cpu"
   assert again["test_perplexity"] == pytest.approx(
       results["test_perplexity"], rel=0 if exact else 1e-5, abs=0)
