@@ -8,8 +8,7 @@ import textwrap
 import pytest
 
 from htransformer.data import cache
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.scripts_helper import ROOT
 
 
 def test_build_once_writes_once_and_marks_complete(tmp_path):

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from tests.scripts_helper import load_script
+from tests.scripts_helper import ROOT, child_env, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = "model.block_size=8,16,32;optimizer.learning_rate=0.05,0.1"
 
 sweep = load_script("sweep")
@@ -18,7 +17,7 @@ sweep = load_script("sweep")
 
 def run_sweep(*args, timeout=120):
   return subprocess.run([sys.executable, "scripts/sweep.py", *args], cwd=ROOT,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        env=child_env(JAX_PLATFORMS="cpu"),
                         capture_output=True, text=True, timeout=timeout)
 
 
