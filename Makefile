@@ -29,7 +29,7 @@ test: $(STAMP)
 # On a GPU host with a CUDA jax (requirements.txt, first lines): the checks
 # of tests/test_gpu.py on the GPU (the suite itself runs on the CPU). Most
 # of their time is compiling, on the host's cores: GPU_WORKERS processes
-# share the GPU (16 on a 16-core H200 host: about 7.5 minutes, measured
+# share the GPU (16 on a 16-core H200 host: about 7 minutes, measured
 # with the same pytest command).
 GPU_WORKERS ?= 4
 test-gpu: $(STAMP)
