@@ -43,7 +43,6 @@ bandwidth, stall reasons):
 """
 
 import argparse
-import functools
 import itertools
 import json
 import os
