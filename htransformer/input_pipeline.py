@@ -6,7 +6,10 @@ epoch), repeated forever and cut into per-process batches. Process ``p`` of
 step ``s`` is the same set of examples for any number of processes. The
 iterator's state (``get_state``/``set_state``) is a small dict saved with
 every checkpoint: a resumed run sees exactly the batches an uninterrupted
-run would have seen.
+run would have seen. The state also records what fixes the order (the data
+seed, the global batch size and the number of training examples), and
+``set_state`` refuses a state saved with other values: resumed with a
+changed data config, the saved position would point at other examples.
 """
 
 from __future__ import annotations
@@ -109,13 +112,72 @@ def train_dataset(source, global_batch_size: int, seed: int):
   return ds[jax.process_index()::jax.process_count()]
 
 
+# State fields that fix the order of the batches, with their names in the
+# config (for errors). The process count and index do not: the global batch
+# at step s is the same for any number of processes, and process 0's state
+# serves every process (htransformer/checkpoint.py).
+ORDER_FIELDS = {"data_seed": "config.data_seed",
+                "global_batch_size": "config.batch_size",
+                "num_examples": "the number of training examples"}
+
+
+class TrainIterator:
+  """grain's iterator plus the order-defining fields in its state.
+
+  ``get_state`` adds ``ORDER_FIELDS`` to grain's ``{"next_index": k}``;
+  ``set_state`` checks them (a state without them, saved before they were
+  recorded, is restored unchecked) and raises ValueError naming each
+  field that changed, old and new value.
+  """
+
+  def __init__(self, iterator, seed: int, global_batch_size: int,
+               num_examples: int):
+    self._it = iterator
+    self._order = {"data_seed": int(seed),
+                   "global_batch_size": int(global_batch_size),
+                   "num_examples": int(num_examples)}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    state = dict(self._it.get_state())
+    state.update(self._order)
+    return state
+
+  def set_state(self, state: dict) -> None:
+    changed = [f"{ORDER_FIELDS[k]}: {state[k]} in the checkpoint, now {v}"
+               for k, v in self._order.items()
+               if k in state and state[k] != v]
+    if changed:
+      raise ValueError(
+          "Cannot resume: the training data order differs from the "
+          "checkpoint's (" + "; ".join(changed) + "), so its position "
+          f"(next_index {state.get('next_index')}) would point at other "
+          "examples. Restore the old values, or start in a new workdir.")
+    self._it.set_state({k: v for k, v in state.items()
+                        if k not in ORDER_FIELDS})
+
+  def __getattr__(self, name):  # Anything else: grain's iterator.
+    if name.startswith("__") or name == "_it":
+      raise AttributeError(name)
+    return getattr(self._it, name)
+
+  def __repr__(self):
+    return f"TrainIterator({self._order})"
+
+
 def train_iterator(source, global_batch_size: int, seed: int,
-                   num_threads: int = 4, prefetch: int = 8):
+                   num_threads: int = 4, prefetch: int = 8) -> TrainIterator:
   """Checkpointable iterator; batches are read ahead in background threads."""
   options = grain.ReadOptions(num_threads=num_threads,
                               prefetch_buffer_size=prefetch)
-  return iter(train_dataset(source, global_batch_size, seed)
-              .to_iter_dataset(options))
+  it = iter(train_dataset(source, global_batch_size, seed)
+            .to_iter_dataset(options))
+  return TrainIterator(it, seed, global_batch_size, len(source))
 
 
 def eval_batches(source, global_batch_size: int):

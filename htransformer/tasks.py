@@ -70,11 +70,38 @@ def data_origin(data_dir: str) -> dict:
   return out
 
 
+def check_splits(task: Task) -> Task:
+  """Raises ValueError if a split the run uses has no examples.
+
+  Training needs ``train``; every evaluation reads ``val`` and ``test``
+  (train.py), and an empty one would end the run at its first evaluation,
+  after the training. The error names the data and every split's size.
+  """
+  if not task.sources:  # A dry run: shapes only, no data.
+    return task
+  sizes = {s: len(task.sources[s]) if s in task.sources else None
+           for s in ("train", "val", "test")}
+  bad = [s for s, n in sizes.items() if not n]
+  if bad:
+    listed = ", ".join(f"{s} {'missing' if n is None else n}"
+                       for s, n in sizes.items())
+    raise ValueError(
+        f"Task {task.name} (data: {task.data_dir or 'unnamed'}): the "
+        f"{'/'.join(bad)} split(s) have no examples (split sizes: {listed}); "
+        "training and every evaluation need at least one example in each.")
+  return task
+
+
 def get_task(config, workdir: str | None = None) -> Task:
   """Builds the task named by ``config.task`` (reading or generating data).
 
   ``workdir`` holds state a task keeps with the run (the LM tokenizer).
+  Every split the run uses holds at least one example (``check_splits``).
   """
+  return check_splits(_build_task(config, workdir))
+
+
+def _build_task(config, workdir: str | None) -> Task:
   if config.task == "listops":
     from htransformer.data import listops  # pylint: disable=g-import-not-at-top
     d = config.data

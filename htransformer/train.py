@@ -256,6 +256,9 @@ class Trainer:
       sums = self.eval_step(params, self.global_batch(local))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals,
                                                         sums)
+    if totals is None:
+      raise ValueError(f"The {split!r} split has no examples: nothing to "
+                       "evaluate.")
     totals = jax.device_get(totals)
     n = max(float(totals["count"]), 1.0)
     out = {f"{split}_loss": float(totals["loss"]) / n,

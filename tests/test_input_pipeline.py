@@ -1,8 +1,11 @@
 """grain pipeline: seeded shuffling, epochs, resumable iterator, eval batches."""
 
+import json
 import pickle
+import re
 
 import numpy as np
+import pytest
 
 from htransformer import input_pipeline
 
@@ -115,3 +118,46 @@ def test_dataset_pickles_for_worker_processes():
   want = [ids(ds[b]) for b in range(8)]
   copy = pickle.loads(pickle.dumps(ds))
   assert [ids(copy[b]) for b in range(8)] == want
+
+
+def test_state_records_the_order_and_restores():
+  it = input_pipeline.train_iterator(Source(30), 4, seed=3)
+  take(it, 5)
+  state = it.get_state()
+  assert state == {"next_index": 5, "data_seed": 3, "global_batch_size": 4,
+                   "num_examples": 30}
+  expected = take(it, 6)
+  fresh = input_pipeline.train_iterator(Source(30), 4, seed=3)
+  fresh.set_state(json.loads(json.dumps(state)))  # as the checkpoint has it
+  assert take(fresh, 6) == expected
+  # A state saved before the order was recorded restores as before.
+  old = input_pipeline.train_iterator(Source(30), 4, seed=3)
+  old.set_state({"next_index": 5})
+  assert take(old, 6) == expected
+  assert old.get_state()["next_index"] == 11
+
+
+@pytest.mark.parametrize("n,batch,seed,changed", [
+    (30, 4, 4, "config.data_seed: 3 in the checkpoint, now 4"),
+    (30, 6, 3, "config.batch_size: 4 in the checkpoint, now 6"),
+    (31, 4, 3, "the number of training examples: 30 in the checkpoint, "
+               "now 31"),
+])
+def test_resuming_with_another_data_order_is_refused(n, batch, seed, changed):
+  it = input_pipeline.train_iterator(Source(30), 4, seed=3)
+  take(it, 5)
+  state = it.get_state()
+  other = input_pipeline.train_iterator(Source(n), batch, seed=seed)
+  with pytest.raises(ValueError, match=re.escape(changed)):
+    other.set_state(state)
+
+
+def test_resuming_reports_every_change():
+  it = input_pipeline.train_iterator(Source(30), 4, seed=3)
+  state = it.get_state()
+  other = input_pipeline.train_iterator(Source(12), 6, seed=0)
+  with pytest.raises(ValueError) as e:
+    other.set_state(state)
+  assert all(f in str(e.value) for f in ("data_seed: 3", "batch_size: 4",
+                                         "examples: 30"))
+

@@ -1,5 +1,6 @@
 """The ListOps training job: configs, steps, checkpoints, resume, errors."""
 
+import dataclasses
 import json
 import os
 import re
@@ -105,6 +106,17 @@ def test_train_step_reduces_loss(tiny_data):
   assert losses[-1] < 0.5 * losses[0], losses
   ev = eval_fn(state["params"], {**batch, "weights": np.ones(16, np.float32)})
   assert float(ev["count"]) == 16
+
+
+def test_evaluating_an_empty_split_is_a_clear_error(tiny_data):
+  c = tiny_config(tiny_data)
+  task = tasks.get_task(c)
+  graphdef, params = nnx.split(train.build_model(c, task), nnx.Param)
+  import optax  # pylint: disable=g-import-not-at-top
+  task = dataclasses.replace(task, sources={**task.sources, "val": []})
+  trainer = train.Trainer(c, task, graphdef, params, optax.adam(1e-3))
+  with pytest.raises(ValueError, match="'val' split has no examples"):
+    trainer.evaluate(params, "val")
 
 
 def test_model_is_padding_invariant(tiny_data):

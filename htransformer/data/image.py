@@ -48,7 +48,7 @@ class ImageSource:
 
   def __init__(self, gray: np.ndarray, labels):
     gray = np.asarray(gray, np.uint8)
-    self.pixels = gray.reshape(len(gray), -1)
+    self.pixels = gray.reshape(len(gray), int(np.prod(gray.shape[1:])))
     self.labels = np.asarray(labels, np.int32)
     if len(self.pixels) != len(self.labels):
       raise ValueError("images and labels differ in length")
@@ -79,12 +79,52 @@ def find_local_dir(data_dir: str) -> str:
       "test_batch). Leave data_dir empty to read tfds cifar10 instead.")
 
 
+_VALUES = 3 * 32 * 32  # per image: the red, green and blue 32x32 planes
+
+
 def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-  with open(path, "rb") as f:
-    d = pickle.load(f, encoding="bytes")
-  data = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)
-  labels = np.asarray(d[b"labels"], np.int32)
-  return data.transpose(0, 2, 3, 1), labels  # NHWC
+  """(uint8 [n, 32, 32, 3], int32 labels [n]) of one CIFAR-10 batch file.
+
+  ValueError naming the file for anything but a pickled dict with
+  ``b"data"`` (n rows of 3072 values in 0-255) and ``b"labels"`` (n labels
+  in 0-9).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"CIFAR-10 batch file not found: {path}")
+  try:
+    with open(path, "rb") as f:
+      d = pickle.load(f, encoding="bytes")
+  except Exception as e:  # pylint: disable=broad-except
+    # A 0-byte file: EOFError; a truncated one: UnpicklingError; others.
+    raise ValueError(f"{path}: not a CIFAR-10 python batch (a pickled dict "
+                     f"of b'data' and b'labels'): {type(e).__name__}: "
+                     f"{e}") from None
+  if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+    keys = sorted(d)[:5] if isinstance(d, dict) else type(d).__name__
+    raise ValueError(f"{path}: expected a dict with b'data' and b'labels', "
+                     f"got {keys}.")
+  data = np.asarray(d[b"data"])
+  if data.ndim != 2 or data.shape[1] != _VALUES:
+    raise ValueError(f"{path}: b'data' has shape {data.shape}; expected "
+                     f"[images, {_VALUES}] ({_VALUES} values per image: 3 "
+                     "colour planes of 32x32).")
+  if data.dtype != np.uint8:
+    if (not np.issubdtype(data.dtype, np.integer)
+        or (data.size and (data.min() < 0 or data.max() > 255))):
+      raise ValueError(f"{path}: b'data' must hold pixel values 0-255, got "
+                       f"{data.dtype} values.")
+  labels = np.asarray(d[b"labels"])
+  if labels.ndim != 1 or len(labels) != len(data):
+    raise ValueError(f"{path}: {len(data)} images but b'labels' has shape "
+                     f"{labels.shape}; expected one label per image.")
+  if labels.size and (not np.issubdtype(labels.dtype, np.integer)
+                      or labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    bad = [x for x in labels.tolist()
+           if not (isinstance(x, int) and 0 <= x < NUM_CLASSES)][:5]
+    raise ValueError(f"{path}: labels must be integers 0-{NUM_CLASSES - 1}, "
+                     f"got {bad}.")
+  data = data.astype(np.uint8).reshape(-1, 3, 32, 32)
+  return data.transpose(0, 2, 3, 1), labels.astype(np.int32)  # NHWC
 
 
 def read_local(data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -115,6 +155,14 @@ def read_tfds(tfds_data_dir: str | None = None
 
 def load_sources(data_dir: str | None, tfds_data_dir: str | None = None
                  ) -> dict[str, ImageSource]:
-  """{'train', 'val', 'test'} -> ImageSource."""
+  """{'train', 'val', 'test'} -> ImageSource; every split non-empty."""
   splits = read_local(data_dir) if data_dir else read_tfds(tfds_data_dir)
-  return {s: ImageSource(*splits[s]) for s in SPLITS}
+  sources = {s: ImageSource(*splits[s]) for s in SPLITS}
+  empty = [s for s in SPLITS if not len(sources[s])]
+  if empty:
+    where = find_local_dir(data_dir) if data_dir else f"tfds {TFDS_NAME}"
+    sizes = ", ".join(f"{s} {len(v)}" for s, v in sources.items())
+    raise ValueError(f"CIFAR-10 data in {where}: the {'/'.join(empty)} "
+                     f"split(s) have no images (split sizes: {sizes}); every "
+                     "split needs at least one.")
+  return sources

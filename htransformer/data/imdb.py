@@ -81,14 +81,16 @@ def read_local_split(folder: str, split: str) -> tuple[list[bytes], np.ndarray]:
   texts, labels = [], []
   for label, cls in enumerate(_CLASSES):
     d = os.path.join(folder, split, cls)
-    for name in sorted(os.listdir(d)):
-      if not name.endswith(".txt"):
-        continue
+    names = [n for n in sorted(os.listdir(d)) if n.endswith(".txt")]
+    if not names:  # One class only: a model would learn nothing.
+      raise FileNotFoundError(
+          f"No reviews (*.txt) in {d}: every class folder of "
+          f"{os.path.join(folder, split)} ({', '.join(_CLASSES)}) needs "
+          "reviews.")
+    for name in names:
       with open(os.path.join(d, name), "rb") as f:
         texts.append(f.read())
       labels.append(label)
-  if not texts:
-    raise FileNotFoundError(f"No reviews in {folder}/{split}/{{neg,pos}}.")
   return texts, np.asarray(labels, np.int32)
 
 

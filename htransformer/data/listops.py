@@ -422,7 +422,9 @@ def read_split(path: str) -> tuple[list[np.ndarray], np.ndarray]:
 
   Returns (list of int32 token-id arrays without padding, int32 labels); the
   ids are those of `encode`. Tolerates CRLF line endings, a UTF-8 BOM,
-  trailing newlines and blank lines.
+  trailing newlines and blank lines. A row has exactly one tab and a label
+  of digits ([0-9]+) from 0 to 9; anything else raises ValueError naming
+  the file and line.
   """
   seqs, labels = _read_split_u8(path)
   return [s.astype(np.int32) for s in seqs], labels
@@ -446,25 +448,30 @@ def _read_split_u8(path: str) -> tuple[list[np.ndarray], np.ndarray]:
       sources = []
       for line in lines:
         lineno += 1
-        line = line.strip()
-        if not line:
+        line = line.rstrip(b"\r\n")
+        if not line.strip():
           continue
-        source, sep, target = line.rpartition(b"\t")
-        try:
-          if not sep:
-            raise ValueError("no tab")
-          label = int(target)
-        except ValueError:
+        source, sep, target = line.partition(b"\t")
+        if not sep or b"\t" in target:
+          columns = line.count(b"\t") + 1
           raise ValueError(
-              f"{path}:{lineno}: expected '<source>\\t<label>', got "
-              f"{line[:80]!r}...") from None
-        if not 0 <= label < NUM_CLASSES:
-          raise ValueError(f"{path}:{lineno}: label {label} not in "
-                           f"[0, {NUM_CLASSES}).")
-        sources.append(source)
-        labels.append(label)
+              f"{path}:{lineno}: expected '<source>\\t<label>' (exactly one "
+              f"tab), got {columns} column(s): {_excerpt(line)}")
+        target = target.strip(b" ")
+        digit = target.lstrip(b"0") or b"0"
+        # bytes.isdigit: ASCII digits only (int() would take "+3", "0_3").
+        if not target.isdigit() or len(digit) != 1:
+          raise ValueError(
+              f"{path}:{lineno}: label {_excerpt(target)} is not one of the "
+              f"digits 0-{NUM_CLASSES - 1}.")
+        sources.append(source.strip())
+        labels.append(int(digit))
       seqs.extend(_encode_bytes(x) for x in sources)
   return seqs, np.asarray(labels, dtype=np.int32)
+
+
+def _excerpt(data: bytes, n: int = 80) -> str:
+  return repr(data[:n]) + ("..." if len(data) > n else "")
 
 
 _SUBDIRS = ("", "listops-1000", os.path.join("lra_release", "listops-1000"))
@@ -573,9 +580,21 @@ class ListOpsSource:
 
 def load_sources(data_dir: str, max_length: int = 2000
                  ) -> dict[str, ListOpsSource]:
-  """{'train', 'val', 'test'} -> ListOpsSource for a folder from find_data_dir."""
-  return {s: ListOpsSource(os.path.join(data_dir, split_filename(s)),
-                           max_length) for s in SPLITS}
+  """{'train', 'val', 'test'} -> ListOpsSource for a folder from find_data_dir.
+
+  Raises ValueError if a split file holds no examples (training or
+  evaluating on it would fail later, after the other splits were used).
+  """
+  sources = {s: ListOpsSource(os.path.join(data_dir, split_filename(s)),
+                              max_length) for s in SPLITS}
+  sizes = ", ".join(f"{s} {len(v)}" for s, v in sources.items())
+  for s, src in sources.items():
+    if not len(src):
+      raise ValueError(
+          f"{os.path.join(data_dir, split_filename(s))}: the {s} split has "
+          f"no examples (split sizes: {sizes}); every split needs at least "
+          "one.")
+  return sources
 
 
 # ----------------------------------------------------------------------------

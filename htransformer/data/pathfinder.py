@@ -57,8 +57,11 @@ Loader
 pathfinder{R}/ folder, or the curv_contour_length_{C}/ folder itself. Every
 metadata file is read (batches in numeric order, lines in file order);
 images whose PNG is empty (the release has some 0-byte files) or missing
-are skipped with a count in the log. The examples are split 80/10/10 into
-train/val/test by a permutation with a fixed seed (`split_seed`).
+are skipped with a count in the log; a label other than 0 or 1, a metadata
+file that is not text or an image that is not a readable PNG is an error
+naming the file (and line). The examples are split 80/10/10 into
+train/val/test by a permutation with a fixed seed (`split_seed`); each
+split gets at least one (3 or more readable images are needed).
 
 Tokens: pixel value + 1 (1..256), so that id 0 stays padding and black
 pixels are never masked out of attention (the original code treated pixel
@@ -75,7 +78,9 @@ import json
 import math
 import multiprocessing
 import os
+import struct
 import time
+import zlib
 
 import numpy as np
 from absl import logging
@@ -564,14 +569,25 @@ def read_metadata(folder: str) -> tuple[list[str], np.ndarray, int]:
   names.sort(key=lambda n: (int(n[:-4]) if n[:-4].isdigit() else 10**12, n))
   paths, labels, skipped = [], [], 0
   for n in names:
-    with open(os.path.join(meta_dir, n), encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
+    meta_path = os.path.join(meta_dir, n)
+    with open(meta_path, "rb") as f:
+      for lineno, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+          raise ValueError(
+              f"{meta_path}:{lineno}: not text (a metadata file is a text "
+              "file of 'subdir filename index label ...' lines despite its "
+              f".npy name), got {raw[:60]!r}.") from None
         parts = line.split()
         if not parts:
           continue
         if len(parts) < 4:
-          raise ValueError(f"{meta_dir}/{n}:{lineno}: expected 'subdir "
-                           f"filename index label ...', got {line!r}.")
+          raise ValueError(f"{meta_path}:{lineno}: expected 'subdir "
+                           f"filename index label ...', got {line[:120]!r}.")
+        if parts[3] not in ("0", "1"):
+          raise ValueError(f"{meta_path}:{lineno}: label {parts[3][:20]!r} "
+                           "is not 0 or 1.")
         path = os.path.join(folder, parts[0], parts[1])
         try:
           size = os.path.getsize(path)
@@ -580,12 +596,8 @@ def read_metadata(folder: str) -> tuple[list[str], np.ndarray, int]:
         if size == 0:
           skipped += 1
           continue
-        label = int(parts[3])
-        if label not in (0, 1):
-          raise ValueError(f"{meta_dir}/{n}:{lineno}: label {label} is not "
-                           "0 or 1.")
         paths.append(path)
-        labels.append(label)
+        labels.append(int(parts[3]))
   if skipped:
     logging.warning("Pathfinder %s: skipped %d missing or empty images.",
                     folder, skipped)
@@ -593,17 +605,31 @@ def read_metadata(folder: str) -> tuple[list[str], np.ndarray, int]:
 
 
 def split_indices(n: int, split_seed: int = 0) -> dict[str, np.ndarray]:
-  """80/10/10 train/val/test indices by a permutation with a fixed seed."""
+  """80/10/10 train/val/test indices by a permutation with a fixed seed.
+
+  Sizes: train round(0.8 n), val round(0.1 n), test the rest; from 3
+  examples on, val and test get at least one each, taken from train (4
+  examples: 2/1/1, not 3/0/1).
+  """
   perm = np.random.default_rng(split_seed).permutation(n)
   n_train = int(round(n * SPLIT_FRACTIONS[0]))
   n_val = int(round(n * SPLIT_FRACTIONS[1]))
+  if n >= len(SPLITS):
+    n_val = max(n_val, 1)
+    n_train = min(n_train, n - n_val - 1)
   return {"train": perm[:n_train], "val": perm[n_train:n_train + n_val],
           "test": perm[n_train + n_val:]}
 
 
 def read_image(path: str, resolution: int | None = None) -> np.ndarray:
+  """uint8 [h, w] pixels of a PNG; ValueError naming the file if it is not
+  a readable PNG (corrupt, truncated) or not resolution x resolution."""
   with open(path, "rb") as f:
-    img = png.decode(f.read())
+    data = f.read()
+  try:
+    img = png.decode(data)
+  except (ValueError, zlib.error, struct.error) as e:
+    raise ValueError(f"{path}: not a readable PNG image ({e}).") from None
   if resolution is not None and img.shape != (resolution, resolution):
     raise ValueError(f"{path}: image is {img.shape}, expected "
                      f"{resolution}x{resolution}.")
@@ -747,14 +773,23 @@ def load_sources(folder: str, resolution: int, split_seed: int = 0,
   of the host's available memory, and at least when they take under 2 GB
   (Path-X's 200,000 images take 3.3 GB).
   """
-  paths, labels, _ = read_metadata(folder)
+  paths, labels, skipped = read_metadata(folder)
   if not paths:
     raise FileNotFoundError(f"Pathfinder folder {folder} has no readable "
                             "images.")
+  splits = split_indices(len(paths), split_seed)
+  empty = [s for s, idx in splits.items() if not len(idx)]
+  if empty:
+    sizes = ", ".join(f"{s} {len(idx)}" for s, idx in splits.items())
+    raise ValueError(
+        f"Pathfinder folder {folder}: {len(paths)} readable image(s) "
+        f"({skipped} missing or empty skipped) leave the "
+        f"{'/'.join(empty)} split(s) empty (split sizes: {sizes}); every "
+        f"split needs an image, so at least {len(SPLITS)} are needed.")
   if preload is None:
     preload = len(paths) * resolution * resolution < _preload_budget()
   out = {}
-  for split, idx in split_indices(len(paths), split_seed).items():
+  for split, idx in splits.items():
     out[split] = PathfinderSource([paths[i] for i in idx], labels[idx],
                                   resolution, preload=preload)
   return out

@@ -119,7 +119,11 @@ def _pixels_pil(data: bytes, h: int, w: int, ch: int) -> np.ndarray | None:
 
 
 def decode(data: bytes) -> np.ndarray:
-  """PNG bytes -> uint8 [height, width] (gray; colour is converted)."""
+  """PNG bytes -> uint8 [height, width] (gray; colour is converted).
+
+  Raises ValueError for anything that is not a readable PNG of the kinds
+  above (bad signature, truncated or corrupt data).
+  """
   if not data.startswith(_SIGNATURE):
     raise ValueError("not a PNG file (bad signature)")
   pos = len(_SIGNATURE)
@@ -131,6 +135,9 @@ def decode(data: bytes) -> np.ndarray:
     body = data[pos + 8:pos + 8 + length]
     pos += 12 + length
     if kind == b"IHDR":
+      if len(body) != 13:
+        raise ValueError(f"PNG IHDR chunk of {len(body)} bytes, not 13 "
+                         "(truncated file?)")
       header = struct.unpack(">IIBBBBB", body)
     elif kind == b"IDAT":
       idat.append(body)
@@ -146,7 +153,10 @@ def decode(data: bytes) -> np.ndarray:
   ch = _CHANNELS[color]
   img = _pixels_pil(data, h, w, ch) if _PIL is not None else None
   if img is None:
-    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
+    try:
+      raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
+    except zlib.error as e:
+      raise ValueError(f"PNG data is corrupt or truncated ({e})") from None
     if raw.size != h * (w * ch + 1):
       raise ValueError("PNG data has the wrong size (truncated file?)")
     img = _unfilter(raw, h, w * ch, ch).reshape(h, w, ch)

@@ -2,9 +2,10 @@
 
 Files (the LRA release's ``tsv_data/``): ``new_aan_pairs.{train,eval,test}.tsv``,
 no header, one pair per line with 5 tab-separated columns
-``label id1 id2 text1 text2`` (the label may be written ``1`` or ``1.0``;
-as in LRA's reader no quoting is interpreted, and any further tabs belong to
-text2). ``data_dir`` may be the folder holding the files, its
+``label id1 id2 text1 text2`` (the label is ``0``, ``1``, ``0.0`` or
+``1.0``, anything else is an error; as in LRA's reader no quoting is
+interpreted, and any further tabs belong to text2). Every split must hold a
+pair. ``data_dir`` may be the folder holding the files, its
 ``tsv_data/`` or ``lra_release/tsv_data/`` subfolder. Splits: train = train,
 val = eval, test = test.
 
@@ -29,6 +30,9 @@ NUM_CLASSES = 2
 SPLITS = ("train", "val", "test")
 _FILE_SPLIT = {"train": "train", "val": "eval", "test": "test"}
 _SUBDIRS = ("", "tsv_data", os.path.join("lra_release", "tsv_data"))
+# The label forms of the release's files (written as floats); anything else
+# (0.7, inf, nan, 2) is an error, never rounded.
+LABELS = {b"0": 0, b"1": 1, b"0.0": 0, b"1.0": 1}
 
 
 def split_filename(split: str) -> str:
@@ -70,13 +74,11 @@ def read_split(path: str, max_length: int | None = None
         raise ValueError(
             f"{path}:{lineno}: expected 5 tab-separated columns (label id1 "
             f"id2 text1 text2), got {len(parts)}: {line[:80]!r}")
-      try:
-        label = int(float(parts[0]))
-      except ValueError:
-        raise ValueError(f"{path}:{lineno}: bad label {parts[0][:20]!r}") \
-            from None
-      if label not in (0, 1):
-        raise ValueError(f"{path}:{lineno}: label {label} is not 0 or 1.")
+      label = LABELS.get(parts[0].strip(b" "))
+      if label is None:
+        raise ValueError(
+            f"{path}:{lineno}: label {parts[0][:20]!r} is not one of "
+            f"{', '.join(k.decode() for k in LABELS)}.")
       docs1.append(parts[3][:max_length] if max_length else parts[3])
       docs2.append(parts[4][:max_length] if max_length else parts[4])
       labels.append(label)
@@ -109,6 +111,14 @@ class RetrievalSource:
 
 def load_sources(data_dir: str, max_length: int = 4000
                  ) -> dict[str, RetrievalSource]:
+  """{'train', 'val', 'test'} -> RetrievalSource; every split non-empty."""
   folder = find_data_dir(data_dir)
-  return {s: RetrievalSource(os.path.join(folder, split_filename(s)),
-                             max_length) for s in SPLITS}
+  sources = {s: RetrievalSource(os.path.join(folder, split_filename(s)),
+                                max_length) for s in SPLITS}
+  sizes = ", ".join(f"{s} {len(v)}" for s, v in sources.items())
+  for s, src in sources.items():
+    if not len(src):
+      raise ValueError(
+          f"{os.path.join(folder, split_filename(s))}: the {s} split has no "
+          f"pairs (split sizes: {sizes}); every split needs at least one.")
+  return sources
