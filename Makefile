@@ -31,8 +31,10 @@ test: $(STAMP)
 # of their time is compiling, on the host's cores: GPU_WORKERS processes
 # share the GPU (16 on a 16-core H200 host: about 7 minutes, measured
 # with the same pytest command).
+# Stops first when .venv's jax sees no GPU (its checks would all skip).
 GPU_WORKERS ?= 4
 test-gpu: $(STAMP)
+	@$(PY) -c "import jax, sys; b = jax.default_backend(); sys.exit(0 if b == 'gpu' else 'make test-gpu: the jax in .venv runs on ' + repr(b) + ', not a GPU. Install a CUDA build of it, e.g. .venv/bin/pip install \"jax[cuda12]==' + jax.__version__ + '\" (requirements.txt, first lines).')"
 	HTRANSFORMER_TEST_ACCELERATOR=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
 	    $(PY) -m pytest -q -n $(GPU_WORKERS) tests/test_gpu.py
 

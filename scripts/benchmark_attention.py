@@ -20,10 +20,19 @@ Peak memory comes in two flavours:
   * compiled estimate: the compiler's ``memory_analysis()`` of the jitted
     function (arguments + outputs + temporaries), available everywhere.
 
+Methods: ``full_cudnn``, ``full_xla``, ``hierarchical_<block_size>`` (the
+plain-XLA path, ``implementation="xla"``) and
+``hierarchical_<block_size>_pallas`` (the fused kernels, the default for
+bfloat16 inputs on a GPU).
+
 Usage, from the repository root:
 
-  python scripts/benchmark_attention.py                # the full benchmark
+  python scripts/benchmark_attention.py                # the plain paths
   python scripts/benchmark_attention.py --causal
+  # the fused kernels against cuDNN ("Where things stand" in
+  # docs/benchmarks.md):
+  python scripts/benchmark_attention.py --lengths 1024 65536 --repeats 5 \
+      --no-isolate --methods hierarchical_16_pallas full_cudnn --head_dim 64
   python scripts/benchmark_attention.py --smoke        # tiny, on a CPU
 """
 
@@ -676,8 +685,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--lengths", type=int, nargs="+",
                       help=f"sequence lengths (default {DEFAULT_LENGTHS})")
   parser.add_argument("--methods", type=check_method, nargs="+",
-                      help=f"methods, a subset of {DEFAULT_METHODS} or any "
-                      "hierarchical_<block_size>")
+                      help=f"methods (default {DEFAULT_METHODS}): full_cudnn,"
+                      " full_xla, hierarchical_<block_size> (plain XLA) or "
+                      "hierarchical_<block_size>_pallas (fused kernels)")
   parser.add_argument("--dropout_rate", type=float, default=0.0,
                       help="attention dropout of the hierarchical and XLA "
                       "methods (cuDNN's has none and runs without)")
@@ -745,6 +755,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.tuning_values = apply_tuning(args.tuning)
   except ValueError as e:
     parser.error(str(e))
+  # (A child measures one method, whichever, with the parent's flags.)
+  top = not (args.single or args.probe)
+  if top and args.tuning and not any(
+      m.endswith("_pallas") for m in args.methods):
+    parser.error("--tuning sets the fused kernels' launch settings: add a "
+                 "hierarchical_<block_size>_pallas method to --methods")
   return args
 
 

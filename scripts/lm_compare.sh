@@ -14,9 +14,16 @@
 # A relaunch resumes unfinished runs and re-evaluates finished ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=${1:-runs/lm-compare}
-shift || true
-PY=${PYTHON:-python3}
+ROOT=runs/lm-compare
+if [ $# -gt 0 ] && [[ $1 != --* ]]; then
+  ROOT=$1
+  shift
+fi
+if [ -x .venv/bin/python ]; then
+  PY=${PYTHON:-.venv/bin/python}
+else
+  PY=${PYTHON:-python3}
+fi
 export PYTHONUNBUFFERED=1
 if [ ! -d data/bbc_news ]; then
   $PY scripts/prepare_text_corpus.py --output_dir=data/bbc_news

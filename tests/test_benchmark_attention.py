@@ -81,12 +81,28 @@ def test_bad_tuning_flags_are_named(monkeypatch, capsys, flag, message):
 
 def test_tuning_flags_set_the_kernels_settings(monkeypatch):
   monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
-  args = bench.parse_args(["--smoke", "--tuning", "coarsen_impl=pallas",
+  args = bench.parse_args(["--smoke", "--methods", "hierarchical_16_pallas",
+                           "--tuning", "coarsen_impl=pallas",
                            "coarsen_rows=32", "num_warps=None"])
   assert args.tuning_values == {"coarsen_impl": "pallas", "coarsen_rows": 32,
                                 "num_warps": None}
   assert kernels.TUNING["coarsen_impl"] == "pallas"
   assert kernels.TUNING["coarsen_rows"] == 32
+
+
+def test_tuning_without_a_fused_method_is_an_error(monkeypatch, capsys):
+  """--tuning changes only the fused kernels: with plain methods alone it
+  would time nothing it names."""
+  monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--smoke", "--tuning", "num_warps=4"])
+  assert "add a hierarchical_<block_size>_pallas method" in (
+      capsys.readouterr().err)
+  # The children of an isolated run take the parent's flags, whatever
+  # method they measure.
+  for child in (["--single", "full_cudnn", "1024"], ["--probe"]):
+    args = bench.parse_args([*child, "--tuning", "num_warps=4"])
+    assert args.tuning_values == {"num_warps": 4}
 
 
 def test_memory_floor_counts_the_arrays_any_attention_moves():
