@@ -89,15 +89,10 @@ def test_matches_dense_definition(small_passes, length, d, dv, mask_kind,
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_holes_and_garbage_in_padding(tile32_passes, causal):
-  """Holes anywhere; padding holding inf/NaN changes nothing.
-
-  Causal: a group's coarse query is its first token, which may be a hole;
-  the implementations read a hole's query as zero (content ignored), so the
-  reference gets zeros there too.
-  """
+  """Holes anywhere; padding holding inf/NaN changes nothing (causal: a
+  group's coarse query is that of its first real token)."""
   q, k, v = make_qkv(5, 1, 160, 2, 16, 16)
   mask = np.random.default_rng(5).random((1, 160)) < 0.7
-  q[~mask] = 0.0
   want = numpy_reference(q, k, v, mask, block_size=16, causal=causal)
   xla = hierarchical_attention(q, k, v, block_size=16, causal=causal,
                                mask=mask, implementation="xla")
@@ -166,7 +161,6 @@ def test_gradients_ignore_garbage_in_padding(monkeypatch, schedule, causal):
   q, k, v = make_qkv(41, 1, 160, 2, 16, 16)
   mask = np.random.default_rng(42).random((1, 160)) < 0.7
   mask[0, 64:80] = False  # a whole block of padding
-  q[~mask] = 0.0  # what the implementations read a hole's query as
   cot = np.random.default_rng(43).standard_normal(
       (1, 160, 2, 16)).astype(np.float32)
   want = [np.asarray(w) for w in _grads("ref", q, k, v, mask, cot, causal)]
@@ -182,9 +176,6 @@ def test_gradients_ignore_garbage_in_padding(monkeypatch, schedule, causal):
   for name, g, w in zip("qkv", got, want):
     g, w = np.asarray(g), np.asarray(w)
     assert np.isfinite(g).all(), name
-    # Real tokens only: causal, the reference's coarse query of a group
-    # whose first token is a hole is that hole's (zero) query, which
-    # passes it a gradient; the implementations ignore a hole's content.
     scale = max(1.0, float(np.abs(w[mask]).max()))
     assert max_abs(g[mask], w[mask]) <= 1e-4 * scale, name
     assert (g[~mask] == 0).all(), name
@@ -261,16 +252,23 @@ def test_bfloat16_handover_between_levels(monkeypatch):
 ])
 def test_unsupported_inputs_get_a_clear_error(block_size, d, message):
   q = jnp.zeros((1, 64, 1, d))
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match="implementation='pallas_interpret' "
+                     f"cannot run these inputs: {message}"):
     hierarchical_attention(q, q, q, block_size=block_size,
                            implementation="pallas_interpret")
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
-def test_default_is_xla_on_cpu():
-  from htransformer.attention import api
-  q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
-  assert api._default_hierarchical(q, q, 16) == "xla"
+def test_output_in_the_query_dtype():
+  """bfloat16 queries and keys with float32 values: computed in float32,
+  returned in the query dtype, as the plain path does."""
+  q, k, v = make_qkv(3, 1, 64, 1, 16, 16)
+  qb, kb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k))
+  out = hierarchical_attention(qb, kb, v, block_size=16,
+                               implementation="pallas_interpret")
+  assert out.dtype == jnp.bfloat16
+  want = numpy_reference(np.asarray(qb, np.float32), np.asarray(kb, np.float32),
+                         v, None, block_size=16, causal=False)
+  assert max_abs(out, want) <= 1e-2
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
@@ -325,8 +323,10 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
   q, k = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
           for _ in range(2))
   v = jnp.asarray(rng.standard_normal((b, n, h, dv)), jnp.float32)
-  c0 = jnp.asarray(np.arange(n)[None, :] < np.array([[50], [64]]),
-                   jnp.float32)
+  real = np.arange(n)[None, :] < np.array([[50], [64]])
+  # Holes at the start of groups of 2, 4 and 8 rows that hold real rows.
+  real[0, [0, 4, 5, 8, 9, 10, 16, 17, 18, 19, 20, 21, 22]] = False
+  c0 = jnp.asarray(real, jnp.float32)
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   got = {}
   for heads, rows, impl in ((1, 0, "pallas"), (2, 0, "pallas"),
@@ -347,9 +347,17 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
   mean = lambda x: (pair(np.asarray(x) * c).sum(2)
                     / np.maximum(pair(c).sum(2), 1.0))
   np.testing.assert_allclose(base[1][1], mean(k), atol=1e-6)
-  np.testing.assert_allclose(
-      base[1][0], pair(np.asarray(q) * c)[:, :, 0] if causal else mean(q),
-      atol=1e-6)
+  if not causal:
+    np.testing.assert_allclose(base[1][0], mean(q), atol=1e-6)
+  # Causal, every level: the query of the group's first real row (zero
+  # where the group has none).
+  for level in range(1, 4) if causal else ():
+    g = 2**level
+    groups = real.reshape(b, n // g, g)
+    first = groups.argmax(-1) + np.arange(0, n, g)
+    want = np.take_along_axis(np.asarray(q), first[:, :, None, None], 1)
+    want = np.where(groups.any(-1)[:, :, None, None], want, 0.0)
+    np.testing.assert_allclose(base[level][0], want, atol=1e-6)
   for other in got.values():  # The same sums; XLA may round the division
     for level in range(4):      # differently for other block shapes.
       for a, e in zip(other[level], base[level]):

@@ -10,7 +10,8 @@ Algorithm (linear in length):
   1. Pad to ``Lp = block_size * 2**m`` and build a pyramid per level with
      reshapes ``[.., n, d] -> [.., n/2, 2, d]``: keys and values by masked
      mean, a count of real tokens by sum, queries by masked mean
-     (non-causal) or by taking the group's first token (causal, leak-free).
+     (non-causal) or by taking the group's first real token (causal,
+     leak-free).
   2. Per level, compute ``block_size x block_size`` logit blocks against the
      neighbouring key blocks: at level 0 the left, diagonal and (non-causal)
      right block; at coarser levels only left and (non-causal) right, minus
@@ -197,7 +198,6 @@ def hierarchical_attention_xla(query, key, value, valid, *, block_size,
   # Pyramid, fine to coarse. Sums are carried in acc_dtype; the per-level
   # matmul operands are cast back to the compute dtype.
   q_sum, k_sum, v_sum = (x.astype(acc_dtype) for x in (q, k, v))
-  q_count = count
   results = []
   for level in range(levels):
     n = lp >> level
@@ -205,20 +205,24 @@ def hierarchical_attention_xla(query, key, value, valid, *, block_size,
     if level == 0:
       q_l, k_l, v_l = q, k, v
     else:
+      if causal:
+        # The query of the group's first real token (the second of a pair
+        # whose first has none): no future token leaks in. Taken from the
+        # pairs' axis, not as a strided slice [::2]: XLA's GPU compiler
+        # aborts on strided slices feeding its Triton matmul fusions when
+        # batch x heads is 1 (tests/test_gpu.py).
+        pairs = q_sum.reshape(batch, heads, n, 2, *q_sum.shape[3:])
+        first_real = count.reshape(batch, heads, n, 2)[:, :, :, 0] > 0
+        q_sum = jnp.where(first_real[..., None], pairs[:, :, :, 0],
+                          pairs[:, :, :, 1])
+      else:
+        q_sum = _halve_sum(q_sum)
       k_sum, v_sum = _halve_sum(k_sum), _halve_sum(v_sum)
       count = _halve_sum(count)
+      q_l = (q_sum if causal else _masked_mean(q_sum, count)).astype(
+          compute_dtype)
       k_l = _masked_mean(k_sum, count).astype(compute_dtype)
       v_l = _masked_mean(v_sum, count).astype(compute_dtype)
-      if causal:
-        # The query of the group's first token: no future token leaks in.
-        # Taken from the pairs' axis, not as a strided slice [::2]: XLA's
-        # GPU compiler aborts on strided slices feeding its Triton matmul
-        # fusions when batch x heads is 1 (tests/test_gpu.py).
-        q_sum = q_sum.reshape(batch, heads, n, 2, *q_sum.shape[3:])[:, :, :, 0]
-        q_l = q_sum.astype(compute_dtype)
-      else:
-        q_sum, q_count = _halve_sum(q_sum), _halve_sum(q_count)
-        q_l = _masked_mean(q_sum, q_count).astype(compute_dtype)
     blocks = lambda x: x.reshape(batch, heads, nb, nr, *x.shape[3:])
     drop = None
     if dropout_rate > 0:

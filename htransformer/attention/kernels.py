@@ -370,11 +370,27 @@ def _repeat2(x):
   return y.reshape((2 * m,) + x.shape[1:])
 
 
-def _first_of_pairs(x):
-  """The first row of each pair: [2m, D] -> [m, D] (a select written as a
-  weighted pair sum, which the kernels lower)."""
-  return jnp.sum(_pairs(x) * (_iota(2) == 0).astype(x.dtype)[None, :, None],
+def _of_pairs(x, which):
+  """Row ``which`` (0 or 1) of each pair: [2m, ...] -> [m, ...] (a select
+  written as a weighted pair sum, which the kernels lower)."""
+  pick = (_iota(2) == which).astype(x.dtype)
+  return jnp.sum(_pairs(x) * pick.reshape((1, 2) + (1,) * (x.ndim - 1)),
                  axis=1)
+
+
+def _first_of_pairs(x):
+  """The first row of each pair: [2m, ...] -> [m, ...]."""
+  return _of_pairs(x, 0)
+
+
+def _first_real_of_pairs(x, c):
+  """Each pair's first row with a real token (the second where the first
+  has none), and the pairs' counts: ([2m, D], [2m]) -> ([m, D], [m]).
+  Causal coarse queries: applied level after level, a coarse row gets the
+  query of its group's first real token."""
+  take_first = (_first_of_pairs(c) > 0)[:, None]
+  return (jnp.where(take_first, _of_pairs(x, 0), _of_pairs(x, 1)),
+          jnp.sum(_pairs(c), axis=1))
 
 
 def _pair_sum(x):
@@ -703,8 +719,10 @@ def _compiler_params(interpret, rows, width=64, kind=None):
 
 def _prolong_weight(c, causal_q):
   """Weight of each child in its parent's coarsening (backward of it)."""
-  if causal_q:  # The parent is the first child.
-    return (_iota(c.shape[0]) % 2 == 0).astype(jnp.float32)
+  if causal_q:  # The parent is the first child with a real token.
+    first_real = (_repeat2(_first_of_pairs(c)) > 0).astype(jnp.float32)
+    return jnp.where(_iota(c.shape[0]) % 2 == 0, first_real,
+                     1.0 - first_real)
   total = _pair_sum(c)
   return jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
 
@@ -922,7 +940,8 @@ def _coarsen_kernel(*refs, count, modes, precision=None):
   ``coarsen_impl="dot"``) a level of ``r >= 16`` rows (the smallest
   product) is instead one product ``W @ x`` of the tile's ``R`` rows, with
   ``W[r, i]`` the weight of row ``i`` in coarse row ``r`` (its count if
-  ``i >> j == r``, for the mean; 1 at ``i == r << j``, for the first token):
+  ``i >> j == r``, for the mean; 1 at the first ``i`` with ``i >> j == r``
+  and a real token, for the causal queries):
   on the tensor cores and without regrouping the rows in registers. Same
   sums up to the order of float32 additions: the weights are integers,
   exact in the inputs' dtype (the caller checks).
@@ -941,11 +960,12 @@ def _coarsen_kernel(*refs, count, modes, precision=None):
         r = rows >> j
         if precision is not None and r >= 16:
           coarse, fine = _iota2((r, rows), 0), _iota2((r, rows), 1)
-          if mode == "first":
-            w = (fine == coarse << j).astype(x.dtype)
+          group = jnp.where((fine >> j) == coarse, c[None, :], 0.0)
+          cs = jnp.sum(group, axis=1)
+          if mode == "first":  # the group's first row with a real token
+            first = jnp.min(jnp.where(group > 0, fine, rows), axis=1)
+            w = (fine == first[:, None]).astype(x.dtype)
           else:
-            group = jnp.where((fine >> j) == coarse, c[None, :], 0.0)
-            cs = jnp.sum(group, axis=1)
             w = group.astype(x.dtype)
           s = _dot(w, x, precision)
         else:
@@ -954,7 +974,7 @@ def _coarsen_kernel(*refs, count, modes, precision=None):
             if mode == "mean":
               s = s * c[:, None]
           if mode == "first":
-            s = _first_of_pairs(s)
+            s, cs = _first_real_of_pairs(s, cs)
           else:
             s = jnp.sum(_pairs(s), axis=1)
             cs = jnp.sum(_pairs(cs), axis=1)
@@ -999,8 +1019,10 @@ def _coarsen_xla(arrays, modes, c, count):
       s = s * c[:, :, None, None]
     cs, levels = c, []
     for _ in range(count):
-      if mode == "first":
-        s = s[:, ::2]
+      if mode == "first":  # each pair's first row with a real token
+        take_first = (pairs(cs)[:, :, 0] > 0)[:, :, None, None]
+        s = jnp.where(take_first, pairs(s)[:, :, 0], pairs(s)[:, :, 1])
+        cs = pairs(cs).sum(axis=2)
         levels.append(s.astype(x.dtype))
       else:
         s, cs = pairs(s).sum(axis=2), pairs(cs).sum(axis=2)
@@ -1263,13 +1285,15 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   check_tuning()
   reason = unsupported_reason(query, value, block_size)
   if reason:
-    raise ValueError(f"implementation='pallas' cannot run these inputs: "
+    mode = "pallas_interpret" if interpret else "pallas"
+    raise ValueError(f"implementation={mode!r} cannot run these inputs: "
                      f"{reason}. Use implementation='xla'.")
   if tile is None:
     tile = default_tile(block_size)
   if not (_pow2(tile) and tile >= 16):
     raise ValueError(f"tile must be a power of two >= 16, got {tile}.")
   batch, length = query.shape[:2]
+  out_dtype = query.dtype
   dtype = jnp.promote_types(query.dtype, value.dtype)
   query, key, value = (x.astype(dtype) for x in (query, key, value))
   lp = hierarchical.padded_length(length, block_size)
@@ -1294,4 +1318,4 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
   out = _attention(query, key, value, c0, seeds, block_size, bool(causal),
                    tile, bool(interpret), precision,
                    per_launch, scale, rate, masked)
-  return out[:, :length, :, :dv]
+  return out[:, :length, :, :dv].astype(out_dtype)
