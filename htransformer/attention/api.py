@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from htransformer.attention import dropout as dropout_lib
@@ -30,6 +32,12 @@ def cudnn_padded_length(length: int) -> int:
   """The length full attention runs cuDNN at: ``length`` rounded up to a
   multiple of 64 (its fused kernels take only some lengths, e.g. not 2001)."""
   return -(-length // _CUDNN_LENGTH_MULTIPLE) * _CUDNN_LENGTH_MULTIPLE
+
+
+def _backend() -> str:
+  """The platform JAX runs on ("cpu", "gpu", ...): the one place this module
+  asks, so that tests can pretend to run elsewhere."""
+  return jax.default_backend()
 
 
 def _check_inputs(query, key, value, mask):
@@ -52,6 +60,10 @@ def _check_inputs(query, key, value, mask):
       raise TypeError(f"{name} must be floating point, got {x.dtype}.")
   if query.shape[1] < 1:
     raise ValueError("query length must be at least 1.")
+  if query.shape[-1] < 1:
+    raise ValueError(
+        f"head_dim (the last dim of query and key) must be >= 1, got query "
+        f"{query.shape}.")
   if mask is None:
     return None
   mask = jnp.asarray(mask)
@@ -65,9 +77,39 @@ def _check_inputs(query, key, value, mask):
   return mask
 
 
+def _describe(x) -> str:
+  if hasattr(x, "dtype") and hasattr(x, "shape"):
+    return f"{type(x).__name__} of dtype {x.dtype} and shape {x.shape}"
+  text = repr(x)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_rng(rng):
+  """Raises unless ``rng`` is one JAX PRNG key, typed (``jax.random.key``)
+  or raw (``jax.random.PRNGKey``, uint32)."""
+  dtype, shape = getattr(rng, "dtype", None), getattr(rng, "shape", None)
+  if dtype is not None and shape is not None:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      if shape == ():
+        return
+    elif (dtype == jnp.uint32 and shape
+          == jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape):
+      return
+  raise TypeError(
+      "dropout_rng must be one JAX PRNG key (jax.random.key(seed) or "
+      f"jax.random.PRNGKey(seed)), got {_describe(rng)}.")
+
+
 def _dropout_seeds(rate, rng, query):
   """(rate, uint32 seeds [B, H] or None) of a call's attention dropout."""
+  if isinstance(rate, jax.core.Tracer):
+    raise ValueError(
+        "dropout_rate must be a static Python float, got a traced value "
+        f"({_describe(rate)}): mark it static (jax.jit's static_argnames) or "
+        "close over it.")
   rate = dropout_lib.check_rate(rate)
+  if rng is not None:
+    _check_rng(rng)
   if rate == 0.0:
     return rate, None
   if rng is None:
@@ -79,11 +121,63 @@ def _dropout_seeds(rate, rng, query):
                                       heads)
 
 
-def _check_block_size(block_size):
-  if (not isinstance(block_size, int) or isinstance(block_size, bool)
-      or block_size < 2 or block_size % 2):
+def _check_block_size(block_size) -> int:
+  """``block_size`` as a Python int: anything ``operator.index`` takes (an
+  int, a numpy or concrete 0-d JAX integer), but a bool; even, >= 2."""
+  if isinstance(block_size, jax.core.Tracer):
+    raise ValueError(
+        "block_size must be a static integer (it sets the shapes), got a "
+        f"traced value ({_describe(block_size)}): mark it static "
+        "(jax.jit's static_argnames) or close over it.")
+  size = None
+  if not isinstance(block_size, (bool, np.bool_)):
+    try:
+      size = operator.index(block_size)
+    except TypeError:
+      pass
+  if size is None or size < 2 or size % 2:
     raise ValueError(
         f"block_size must be an even integer >= 2, got {block_size!r}.")
+  return size
+
+
+def _check_causal(causal) -> bool:
+  if not isinstance(causal, (bool, np.bool_)):
+    raise TypeError(
+        f"causal must be a bool (static), got {_describe(causal)}.")
+  return bool(causal)
+
+
+def _fitting_block_size(block_size: int, length: int,
+                        implementation: str) -> int:
+  """The smallest block size that gives the same output as ``block_size``.
+
+  When ``2 * block_size >= length`` the padded sequence is two blocks and
+  the output is full attention (dropout included: level 0 draws per token
+  pair), as with any block size that holds the sequence in two blocks: the
+  smallest even one for "xla"; for the kernels the smallest power of two
+  >= 16 (and only when ``block_size`` itself is one: otherwise their
+  error stands). Longer sequences keep ``block_size``.
+  """
+  if 2 * block_size < length:
+    return block_size
+  smallest = max(2, 2 * -(-length // 4))  # Even, 2 * smallest >= length.
+  if implementation != "xla":
+    if block_size < 16 or block_size & (block_size - 1):
+      return block_size
+    smallest = max(16, 1 << (smallest - 1).bit_length())
+  return min(block_size, smallest)
+
+
+def _empty_output(query, value, dtype):
+  """The output of a call with batch or heads 0: [B, L, H, Dv], no
+  elements."""
+  return jnp.zeros(query.shape[:3] + value.shape[-1:], dtype)
+
+
+def _out_dtype(dtype):
+  """``dtype`` as JAX holds it (float64 is float32 unless x64 is on)."""
+  return jax.dtypes.canonicalize_dtype(dtype)
 
 
 def hierarchical_attention(query, key, value, *, block_size: int = 16,
@@ -96,12 +190,17 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
     query: [batch, length, heads, head_dim].
     key: [batch, length, heads, head_dim].
     value: [batch, length, heads, value_dim].
-    block_size: the block size Nr (the paper's numerical rank); even, >= 2.
-      Pairs of tokens within about ``block_size`` of each other interact
-      exactly; with ``block_size >= padded_length / 2`` this is full
-      attention.
-    causal: if True, position i attends only to positions <= i, and coarse
-      queries are the first token of their group, so nothing leaks from the
+    block_size: the block size Nr (the paper's numerical rank); even, >= 2;
+      a static integer (a Python int or anything ``operator.index`` takes,
+      not a bool). Pairs of tokens within about ``block_size`` of each
+      other interact exactly; with ``block_size >= padded_length / 2``
+      this is full attention. A block size of at least half the length
+      runs as the smallest one that gives the same output (the smallest
+      even one >= length / 2 on "xla"; for the kernels also a power of
+      two >= 16), so a large one costs no memory.
+    causal: a bool. If True, position i attends only to positions <= i,
+      and coarse queries are the first token of their group (the first
+      real one, where the mask leaves holes), so nothing leaks from the
       future.
     mask: optional bool [batch, length], True for real tokens.
     implementation: None picks the best available path: the fused Pallas
@@ -116,19 +215,22 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
       products);
       "pallas_interpret" the same kernels in Pallas interpret mode, on any
       backend (slow; for tests).
-    dropout_rate: attention dropout on the weights (0: none): each weight
-      of the hierarchical matrix (a token pair at level 0, a coarse query
-      and key farther out) is dropped with this probability in the
-      numerator and the kept ones scaled by 1/(1 - rate); the normaliser
-      keeps all. The same weights are dropped by every implementation, as
-      ``htransformer/attention/dropout.py`` defines.
-    dropout_rng: a JAX PRNG key; required when ``dropout_rate > 0``.
+    dropout_rate: attention dropout on the weights (0: none), a static
+      Python float (not traced): each weight of the hierarchical matrix (a
+      token pair at level 0, a coarse query and key farther out) is dropped
+      with this probability in the numerator and the kept ones scaled by
+      1/(1 - rate); the normaliser keeps all. The same weights are dropped
+      by every implementation, as ``htransformer/attention/dropout.py``
+      defines.
+    dropout_rng: one JAX PRNG key (``jax.random.key`` or
+      ``jax.random.PRNGKey``); required when ``dropout_rate > 0``.
 
   Returns:
     [batch, length, heads, value_dim] in the query dtype; zero at masked
-    positions.
+    positions (empty when batch or heads is 0).
   """
-  _check_block_size(block_size)
+  block_size = _check_block_size(block_size)
+  causal = _check_causal(causal)
   mask = _check_inputs(query, key, value, mask)
   rate, seeds = _dropout_seeds(dropout_rate, dropout_rng, query)
   if implementation is None:
@@ -141,21 +243,24 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
     raise ValueError(
         f"implementation='pallas' cannot run: {missing}. Use 'xla' (or "
         "None, which then picks it), or a jax that has the backend.")
-  if implementation == "pallas" and jax.default_backend() != "gpu":
+  if implementation == "pallas" and _backend() != "gpu":
     raise ValueError(
         f"implementation='pallas' runs on a GPU; this process runs on "
-        f"{jax.default_backend()!r}. Use 'xla', or 'pallas_interpret' (the "
+        f"{_backend()!r}. Use 'xla', or 'pallas_interpret' (the "
         "same kernels, interpreted; slow).")
+  if 0 in (query.shape[0], query.shape[2]):
+    return _empty_output(query, value, _out_dtype(query.dtype))
+  block_size = _fitting_block_size(block_size, query.shape[1], implementation)
   if implementation.startswith("pallas"):
     run = lambda q, k, v, m, s=None: kernels.hierarchical_attention_pallas(
-        q, k, v, m, block_size=block_size, causal=bool(causal),
+        q, k, v, m, block_size=block_size, causal=causal,
         interpret=implementation == "pallas_interpret", dropout_rate=rate,
         dropout_seeds=s)
     return _per_device(run, query, key, value, mask, seeds)
   if mask is None:
     mask = jnp.ones(query.shape[:2], jnp.bool_)
   return hierarchical.hierarchical_attention_xla(
-      query, key, value, mask, block_size=block_size, causal=bool(causal),
+      query, key, value, mask, block_size=block_size, causal=causal,
       dropout_rate=rate, dropout_seeds=seeds)
 
 
@@ -218,7 +323,7 @@ def _per_device(run, query, key, value, mask, seeds=None):
 
 
 def _default_hierarchical(query, value, block_size) -> str:
-  if (jax.default_backend() == "gpu"
+  if (_backend() == "gpu"
       and query.dtype in (jnp.bfloat16, jnp.float16)
       and value.dtype == query.dtype
       and kernels.unsupported_reason(query, value, block_size) is None):
@@ -231,7 +336,7 @@ def _default_hierarchical(query, value, block_size) -> str:
 
 
 def _cudnn_supported(query, value) -> bool:
-  if jax.default_backend() != "gpu":
+  if _backend() != "gpu":
     return False
   if query.dtype not in (jnp.bfloat16, jnp.float16):
     return False
@@ -267,9 +372,19 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
   :func:`hierarchical_attention` (every pair drawn at level 0). cuDNN's
   path has none, so ``implementation=None`` runs XLA when
   ``dropout_rate > 0``.
+
+  Query, key and value of different float dtypes are promoted to a common
+  one; the output is in the query dtype, zero at masked positions (whatever
+  the inputs hold there, NaN included), empty when batch or heads is 0.
   """
+  causal = _check_causal(causal)
   mask = _check_inputs(query, key, value, mask)
   rate, seeds = _dropout_seeds(dropout_rate, dropout_rng, query)
+  out_dtype = _out_dtype(query.dtype)
+  dtype = _out_dtype(jnp.promote_types(
+      jnp.promote_types(query.dtype, key.dtype), value.dtype))
+  query, key, value = (jnp.asarray(x).astype(dtype)
+                       for x in (query, key, value))
   if implementation is None:
     implementation = ("cudnn" if _cudnn_supported(query, value) and not rate
                       else "xla")
@@ -281,6 +396,14 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
     raise ValueError(
         "implementation='cudnn' has no attention dropout; use "
         "implementation=None or 'xla' with dropout_rate > 0.")
+  if 0 in (query.shape[0], query.shape[2]):
+    return _empty_output(query, value, out_dtype)
+  if mask is not None:
+    # Padding's contents must not reach the output or the gradients (a NaN
+    # there times its weight 0 is NaN): zeros instead, by a select, whose
+    # gradient is 0 there too.
+    real = mask[:, :, None, None]
+    query, key, value = (jnp.where(real, x, 0) for x in (query, key, value))
   if rate:
     out = _xla(query, key, value, causal, mask, dropout=(rate, seeds))
   elif implementation == "cudnn":
@@ -297,7 +420,7 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
     out = _xla(query, key, value, causal, mask)
   if mask is not None:
     out = jnp.where(mask[:, :, None, None], out, 0)
-  return out
+  return out.astype(out_dtype)
 
 
 def _cudnn_masked(query, key, value, mask, *, causal):
@@ -345,10 +468,10 @@ def _cudnn(query, key, value, causal, lengths, scale_dim=None):
   (lengths to a multiple of 64, masked by key length; heads to a multiple of
   8 with zeros, which change no logit). ``lengths``: per-row key lengths or
   None. The scale is ``1/sqrt(scale_dim or head_dim)``."""
-  if jax.default_backend() != "gpu":
+  if _backend() != "gpu":
     raise ValueError(
         f"implementation='cudnn' runs on a GPU; this process runs on "
-        f"{jax.default_backend()!r}. Use 'xla' (or None, which picks it).")
+        f"{_backend()!r}. Use 'xla' (or None, which picks it).")
   batch, length, _, d = query.shape
   padded = cudnn_padded_length(length)
   if lengths is None and padded != length:
@@ -374,7 +497,7 @@ XLA_MAX_LOGITS_ACCELERATOR = 1 << 30
 
 
 def _xla_max_logits():
-  return (XLA_MAX_LOGITS if jax.default_backend() == "cpu"
+  return (XLA_MAX_LOGITS if _backend() == "cpu"
           else XLA_MAX_LOGITS_ACCELERATOR)
 
 
