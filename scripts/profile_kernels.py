@@ -193,8 +193,8 @@ def main():
               f"pyramid_ms_{impl}_heads{heads}_rows{crows or 64}")
       # A new function per setting: jit caches by function, and TUNING is
       # read only when tracing.
-      pyramid = lambda q, k, v: kernels._pyramid(q, k, v, c0, levels,
-                                                 args.causal, False)
+      pyramid = lambda q, k, v: kernels._pyramid(
+          q, k, v, c0, levels, args.causal, False, args.masked)
       row[name] = bench(pyramid, q, k, v)
       device = name.replace("_ms", "_device_ms")
       if args.by_kernel:  # The wall time above includes the host's work

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from htransformer.attention import dropout as dropout_lib
+from htransformer.attention import hierarchical
 from htransformer.attention import full_attention, hierarchical_attention
 from tests.scripts_helper import jaxpr_equations
 
@@ -899,6 +900,13 @@ def test_error_bad_block_size(block_size):
     q, k, v = _small()
     with pytest.raises(ValueError, match="block_size"):
         hierarchical_attention(q, k, v, block_size=block_size)
+
+
+@pytest.mark.parametrize("block_size", [0, -4])
+def test_padded_length_refuses_block_sizes_below_one(block_size):
+    """(It used to loop forever: models call it before the API checks.)"""
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        hierarchical.padded_length(100, block_size)
 
 
 @pytest.mark.parametrize("which", [

@@ -364,6 +364,31 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
         np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl,rows", [("dot", 64), ("pallas", 0),
+                                       ("xla", 0)])
+def test_causal_pyramid_without_a_mask_takes_first_tokens(monkeypatch, impl,
+                                                          rows):
+  """Without a mask (padding only at the end) the causal pyramid takes each
+  group's first query, no select: the same as the first real one there."""
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 2, 16)), jnp.float32)
+             for _ in range(3))
+  c0 = jnp.asarray(np.arange(64)[None, :] < np.array([[37], [64]]),
+                   jnp.float32)
+  monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
+  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
+  monkeypatch.setitem(kernels.TUNING, "coarsen_rows", rows)
+  assert kernels._query_mode(True, False) == "first"
+  first, real = (jax.tree.map(np.asarray, kernels._pyramid(
+      q, k, v, c0, 4, True, True, masked)) for masked in (False, True))
+  for level in range(1, 4):
+    want = np.asarray(q)[:, ::2**level]
+    want = np.where(np.asarray(real[level][3])[:, :, None, None] > 0, want,
+                    0.0)
+    np.testing.assert_array_equal(first[level][0], want)
+    np.testing.assert_array_equal(real[level][0], want)
+
+
 def test_pyramid_products_only_with_counts_the_dtype_holds(monkeypatch):
   """A level-9 row counts up to 512 tokens, and bfloat16 holds 257 as 256:
   coarsening such rows by products would weigh them wrongly, so the

@@ -41,6 +41,8 @@ _NO_KEY = -1e30
 
 def padded_length(length: int, block_size: int) -> int:
   """Smallest ``block_size * 2**m`` with ``m >= 1`` that holds ``length``."""
+  if block_size < 1:
+    raise ValueError(f"block_size must be >= 1, got {block_size}.")
   lp = 2 * block_size
   while lp < length:
     lp *= 2
