@@ -6,7 +6,6 @@ sizes far above the length, and the default implementation on a GPU
 (pretended: the suite runs on the CPU).
 """
 
-import time
 import warnings
 
 import jax
@@ -248,12 +247,11 @@ def test_huge_block_size_costs_no_memory(impl):
   assert _largest_intermediate(run, q, k, v) <= 4096
 
 
-def test_huge_block_size_runs_quickly():
+def test_huge_block_size_is_full_attention():
+  """(Padded to 2**21 tokens, this call needed terabytes.)"""
   q, k, v = make_qkv(8, 2, 8, 2, 4)
-  start = time.perf_counter()
   out = hierarchical_attention(q, k, v, block_size=1 << 20, causal=True,
                                dropout_rate=0.2, dropout_rng=jax.random.key(1))
-  assert time.perf_counter() - start < 60
   want = full_attention(q, k, v, causal=True, dropout_rate=0.2,
                         dropout_rng=jax.random.key(1))
   np.testing.assert_allclose(out, want, atol=2e-6)
