@@ -389,6 +389,9 @@ MATCH_CASES = [
     (100, 16, 4, 4, "none"),
     (257, 2, 4, 4, "none"),
     (257, 8, 16, 16, "suffix"),
+    (45, 6, 4, 4, "suffix"),     # even block sizes that are not powers of 2
+    (100, 10, 8, 8, "none"),
+    (97, 12, 4, 6, "partial"),
 ]
 
 
@@ -754,7 +757,8 @@ def test_gradients_match_autodiff_of_reference(causal, rate):
         np.testing.assert_allclose(np.asarray(per_ex), np.asarray(got[0]), atol=1e-5)
 
 
-def test_gradients_finite_differences_float64():
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gradients_finite_differences_float64(causal):
     """Central differences along a random direction vs <grad, direction>,
     with x64 enabled locally.
 
@@ -773,11 +777,11 @@ def test_gradients_finite_differences_float64():
 
         def impl(q, k, v):
             return jnp.sum(hierarchical_attention(q, k, v, block_size=block_size,
-                                                  mask=mask) * cot)
+                                                  causal=causal, mask=mask) * cot)
 
         def ref(q, k, v):
             return jnp.sum(dense_reference(q, k, v, mask, block_size=block_size,
-                                           causal=False, xp=jnp) * cot)
+                                           causal=causal, xp=jnp) * cot)
 
         def directional(loss, eps):
             grads = jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
