@@ -319,6 +319,7 @@ def test_default_on_gpu(on_gpu):
     f32 = q.astype(jnp.float32)
     assert api._default_hierarchical(f32, f32, 16) == "xla"
     assert api._default_hierarchical(q, f32, 16) == "xla"
+    assert api._default_hierarchical(q, q, 16, key=f32) == "xla"
 
 
 def test_default_on_gpu_without_triton(on_gpu):

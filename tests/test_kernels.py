@@ -269,6 +269,13 @@ def test_output_in_the_query_dtype():
   want = numpy_reference(np.asarray(qb, np.float32), np.asarray(kb, np.float32),
                          v, None, block_size=16, causal=False)
   assert max_abs(out, want) <= 1e-2
+  # A float32 key among bfloat16 queries and values: float32 throughout.
+  vb = jnp.asarray(v, jnp.bfloat16)
+  run = lambda q, k, v: np.asarray(hierarchical_attention(
+      q, k, v, block_size=16, implementation="pallas_interpret"), np.float32)
+  np.testing.assert_array_equal(
+      run(qb, k, vb), run(*(jnp.asarray(x, jnp.float32) for x in (qb, k, vb)))
+      .astype(jnp.bfloat16).astype(np.float32))
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")

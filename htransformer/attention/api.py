@@ -234,7 +234,7 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
   mask = _check_inputs(query, key, value, mask)
   rate, seeds = _dropout_seeds(dropout_rate, dropout_rng, query)
   if implementation is None:
-    implementation = _default_hierarchical(query, value, block_size)
+    implementation = _default_hierarchical(query, value, block_size, key)
   if implementation not in HIERARCHICAL_IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be one of {HIERARCHICAL_IMPLEMENTATIONS} or "
@@ -322,10 +322,12 @@ def _per_device(run, query, key, value, mask, seeds=None):
                        check_vma=False)(*args)
 
 
-def _default_hierarchical(query, value, block_size) -> str:
+def _default_hierarchical(query, value, block_size, key=None) -> str:
+  """"pallas" for 16-bit inputs of one dtype the kernels take on a GPU."""
+  key = query if key is None else key
   if (_backend() == "gpu"
       and query.dtype in (jnp.bfloat16, jnp.float16)
-      and value.dtype == query.dtype
+      and value.dtype == query.dtype and key.dtype == query.dtype
       and kernels.unsupported_reason(query, value, block_size) is None):
     missing = kernels.triton_missing()
     if missing is None:

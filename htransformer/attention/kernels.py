@@ -1315,7 +1315,8 @@ def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
     raise ValueError(f"tile must be a power of two >= 16, got {tile}.")
   batch, length = query.shape[:2]
   out_dtype = query.dtype
-  dtype = jnp.promote_types(query.dtype, value.dtype)
+  dtype = jnp.promote_types(jnp.promote_types(query.dtype, key.dtype),
+                            value.dtype)
   query, key, value = (x.astype(dtype) for x in (query, key, value))
   lp = hierarchical.padded_length(length, block_size)
   masked = valid is not None
