@@ -3,16 +3,19 @@
 ``build(config, cache_dir)`` returns the fields of a ``tasks.Task``. Data:
 
 * text: ``config.data_dir`` = an ``aclImdb/`` folder (or its parent); empty:
-  tfds ``imdb_reviews`` (``config.data.tfds_data_dir``). data/imdb.py.
+  tfds ``imdb_reviews``, prepared beforehand (never downloaded) in
+  ``config.data.tfds_data_dir`` or tfds's default folder. data/imdb.py.
 * retrieval: ``config.data_dir`` = the release's ``tsv_data/`` (required).
   Items are pairs ``[2, max_length]``; the task's kind is
   ``"pair_classification"`` (models.DualEncoderClassifier). data/retrieval.py.
 * image: ``config.data_dir`` = ``cifar-10-batches-py/`` (or its parent);
-  empty: tfds ``cifar10``. data/image.py.
+  empty: tfds ``cifar10``, prepared as for text. data/image.py.
 * pathfinder / pathx: ``config.data_dir`` = the LRA release (or any folder
   down to ``curv_contour_length_14/``); empty: generated once into the cache
   (``config.data``: seed, num_images, contour_length; split_seed for the
   80/10/10 split). data/pathfinder.py.
+
+A dry run (``config.dry_run``) reads and generates no data.
 
 Pixel tasks use pixel + 1 as the token (0 stays padding, nothing is ever
 masked), so ``max_length`` must be the number of pixels.
@@ -33,41 +36,52 @@ def _field(config, name, default=None):
 
 def build(config, cache_dir: str) -> dict:
   """{name, sources, vocab_size, num_classes, max_length, data_dir, kind,
-  black_pixel_token}."""
+  black_pixel_token}.
+
+  A dry run (``config.dry_run``) reads and generates nothing: the model's
+  shape needs no data (the vocabulary and classes are fixed), so
+  ``sources`` is empty and ``data_dir`` "".
+  """
+  # pylint: disable=g-import-not-at-top
+  from htransformer.data import image
+  from htransformer.data import imdb
+  from htransformer.data import pathfinder
+  from htransformer.data import retrieval
+  # pylint: enable=g-import-not-at-top
   name = config.task
   max_length = int(config.max_length)
+  if name not in TASKS:
+    raise ValueError(f"Not an LRA task of this module: {name!r} (one of "
+                     f"{TASKS}).")
+  module = {"text": imdb, "retrieval": retrieval, "image": image}.get(
+      name, pathfinder)
+  side = 32 if name == "image" else RESOLUTION.get(name, 0)  # pixel tasks
+  pixels = side * side
+  if pixels and max_length != pixels:
+    raise ValueError(f"The {name} task has {side}x{side} = {pixels} pixel "
+                     f"tokens; set max_length={pixels} (got {max_length}).")
+  task = dict(name=name, vocab_size=module.VOCAB_SIZE,
+              num_classes=module.NUM_CLASSES, max_length=max_length,
+              kind=("pair_classification" if name == "retrieval"
+                    else "classification"),
+              black_pixel_token=module.PIXEL_OFFSET if pixels else None)
+  if config.get("dry_run"):  # The model's shape needs no data.
+    return dict(task, sources={}, data_dir="")
   data_dir = config.data_dir or ""
-  kind = "classification"
-  black = None  # the token of pixel value 0 (pixel tasks)
   if name == "text":
-    from htransformer.data import imdb  # pylint: disable=g-import-not-at-top
     sources = imdb.load_sources(data_dir or None, max_length=max_length,
                                 tfds_data_dir=_field(config, "tfds_data_dir")
                                 or None)
-    vocab, classes = imdb.VOCAB_SIZE, imdb.NUM_CLASSES
     where = data_dir or "tfds:imdb_reviews"
   elif name == "retrieval":
-    from htransformer.data import retrieval  # pylint: disable=g-import-not-at-top
     sources = retrieval.load_sources(data_dir, max_length=max_length)
-    vocab, classes = retrieval.VOCAB_SIZE, retrieval.NUM_CLASSES
     where = retrieval.find_data_dir(data_dir)
-    kind = "pair_classification"
   elif name == "image":
-    from htransformer.data import image  # pylint: disable=g-import-not-at-top
-    if max_length != 1024:
-      raise ValueError(f"The image task has 1024 pixel tokens; set "
-                       f"max_length=1024 (got {max_length}).")
     sources = image.load_sources(
         data_dir or None, tfds_data_dir=_field(config, "tfds_data_dir") or None)
-    vocab, classes = image.VOCAB_SIZE, image.NUM_CLASSES
     where = data_dir or "tfds:cifar10"
-    black = image.PIXEL_OFFSET
-  elif name in RESOLUTION:
-    from htransformer.data import pathfinder  # pylint: disable=g-import-not-at-top
+  else:  # pathfinder, pathx
     res = RESOLUTION[name]
-    if max_length != res * res:
-      raise ValueError(f"{name} has {res}x{res} = {res * res} pixel tokens; "
-                       f"set max_length={res * res} (got {max_length}).")
     seed = _field(config, "seed", 0)
     num_images = _field(config, "num_images", 200000)
     contour_length = _field(config, "contour_length", 14)
@@ -80,11 +94,4 @@ def build(config, cache_dir: str) -> dict:
         seed=seed, contour_length=contour_length)
     sources = pathfinder.load_sources(where, res,
                                       _field(config, "split_seed", 0))
-    vocab, classes = pathfinder.VOCAB_SIZE, pathfinder.NUM_CLASSES
-    black = pathfinder.PIXEL_OFFSET
-  else:
-    raise ValueError(f"Not an LRA task of this module: {name!r} (one of "
-                     f"{TASKS}).")
-  return dict(name=name, sources=sources, vocab_size=vocab,
-              num_classes=classes, max_length=max_length, data_dir=where,
-              kind=kind, black_pixel_token=black)
+  return dict(task, sources=sources, data_dir=where)

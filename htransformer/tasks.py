@@ -97,6 +97,8 @@ def get_task(config, workdir: str | None = None) -> Task:
 
   ``workdir`` holds state a task keeps with the run (the LM tokenizer).
   Every split the run uses holds at least one example (``check_splits``).
+  A dry run (``config.dry_run``) reads and generates no data: every task's
+  model shape is fixed by the config, so its Task has no sources.
   """
   return check_splits(_build_task(config, workdir))
 
@@ -105,6 +107,9 @@ def _build_task(config, workdir: str | None) -> Task:
   if config.task == "listops":
     from htransformer.data import listops  # pylint: disable=g-import-not-at-top
     d = config.data
+    if config.get("dry_run"):  # The model's shape needs no data.
+      return Task("listops", {}, listops.VOCAB_SIZE, listops.NUM_CLASSES,
+                  config.max_length, "")
     if not config.data_dir:
       print(f"No data_dir given: using generated ListOps data (seed {d.seed}, "
             f"{d.num_train}/{d.num_val}/{d.num_test}) from the cache in "
@@ -120,7 +125,7 @@ def _build_task(config, workdir: str | None) -> Task:
                 config.max_length, data_dir)
   if config.task == "lm":
     from htransformer.data import lm  # pylint: disable=g-import-not-at-top
-    if config.dry_run:  # The model's shape needs no data.
+    if config.get("dry_run"):  # The model's shape needs no data.
       return Task("lm", {}, lm.vocab_size_from_config(config.data), 0,
                   config.max_length, "", kind="lm")
     sources, tok, where = lm.build(config, workdir,

@@ -1,6 +1,7 @@
 """htransformer/data/cache.py: generated data built once, never half-written."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -61,3 +62,40 @@ def test_concurrent_processes_build_once(tmp_path):
   assert outs == [str(tmp_path / "c" / "set")] * 3
   assert len(log.read_text().split()) == 1  # Built by one process only.
   assert os.listdir(tmp_path / "c") == ["set"]
+
+
+def test_build_after_a_killed_build_removes_its_leftovers(tmp_path):
+  """SIGKILL skips a build's cleanup; the next build of that entry removes
+  the temporary folder it left (under the lock), other entries' stay."""
+  cache_dir = tmp_path / "c"
+  code = textwrap.dedent(f"""
+      import os, sys, time
+      sys.path.insert(0, {ROOT!r})
+      from htransformer.data import cache
+      def write(folder):
+        open(os.path.join(folder, "half.txt"), "w").write("x")
+        print("writing", flush=True)
+        time.sleep(600)
+      cache.build_once({str(cache_dir)!r}, "set", write)
+  """)
+  proc = subprocess.Popen([sys.executable, "-c", code],
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "writing"
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  left = [n for n in os.listdir(cache_dir) if n.startswith(".set.tmp")]
+  assert len(left) == 1 and os.path.isfile(cache_dir / left[0] / "half.txt")
+  # Another entry's temporary folders (names that start alike included).
+  others = [".set.tmpx.tmpabc", ".settmpabc", ".other.tmpabc"]
+  for n in others:
+    os.makedirs(cache_dir / n)
+
+  def write(folder):
+    with open(os.path.join(folder, "data.txt"), "w") as f:
+      f.write("y")
+
+  d = cache.build_once(str(cache_dir), "set", write)
+  assert open(os.path.join(d, "data.txt")).read() == "y"
+  assert sorted(os.listdir(cache_dir)) == sorted(["set"] + others)

@@ -1,17 +1,29 @@
 """Loaders of the LRA Text, Retrieval and Image tasks, on data in the real
 on-disk layouts made by the tests (tfds through tfds.testing.mock_data)."""
 
+import dataclasses
+import importlib
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from htransformer import input_pipeline
+from htransformer import tasks
 from htransformer.data import byte_source
 from htransformer.data import image
 from htransformer.data import imdb
+from htransformer.data import png
 from htransformer.data import retrieval
+from tests.scripts_helper import ROOT, child_env
+
+# A port nothing listens on: a tfds download that a regression lets start
+# fails at once instead of reaching the internet.
+NO_NETWORK = {k: "http://127.0.0.1:9" for k in
+              ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
 
 
 def _tfds_or_skip():
@@ -235,3 +247,110 @@ def test_training_batches_shuffle_examples_not_batches(tmp_path):
   assert len(set(ids)) == 9
   # Not a block of consecutive examples (as whole-batch shuffling gives).
   assert sorted(ids) != list(range(min(ids), min(ids) + 9))
+
+
+# --- tfds: never downloaded by training. ---
+
+
+def _config(task, **fields):
+  c = importlib.import_module(f"configs.{task}").get_config()
+  for k, v in fields.items():
+    c[k] = v
+  return c
+
+
+@pytest.mark.parametrize("task,name", [("text", "imdb_reviews"),
+                                       ("image", "cifar10")])
+def test_unprepared_tfds_dataset_is_a_clear_error(task, name, tmp_path,
+                                               monkeypatch):
+  """No download: a clear error naming the dataset, the folder, the config
+  field and the command that prepares it; nothing written there."""
+  _tfds_or_skip()
+  for k, v in NO_NETWORK.items():
+    monkeypatch.setenv(k, v)
+  folder = str(tmp_path / "tfds")
+  c = _config(task)
+  c.data.tfds_data_dir = folder
+  with pytest.raises(FileNotFoundError) as e:
+    tasks.get_task(c)
+  for part in (repr(name), folder, "--config.data.tfds_data_dir=DIR",
+               f"tfds build {name} --data_dir=DIR --file_format=array_record",
+               "--config.data_dir="):
+    assert part in str(e.value), part
+  assert not os.path.exists(folder)
+
+
+def test_text_task_offline_cli_is_a_clear_error(tmp_path):
+  """The command a user runs, with tfds's default folder (~ is tmp_path)."""
+  _tfds_or_skip()
+  env = child_env(HOME=str(tmp_path), **NO_NETWORK)
+  env.pop("TFDS_DATA_DIR", None)
+  r = subprocess.run(
+      [sys.executable, "-m", "htransformer.main", "--config=configs/text.py",
+       f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0
+  default = str(tmp_path / "tensorflow_datasets")
+  for part in ("'imdb_reviews'", default, "config.data.tfds_data_dir",
+               "tfds build imdb_reviews"):
+    assert part in r.stderr, (part, r.stderr[-2000:])
+  assert not os.path.exists(default)  # no partial folders
+
+
+# --- Dry runs read and generate no data. ---
+
+
+def _write_listops(folder):
+  os.makedirs(folder)
+  for split in ("train", "val", "test"):
+    with open(os.path.join(folder, f"basic_{split}.tsv"), "w") as f:
+      f.write("Source\tTarget\n( ( [MAX 2 ) 9 ] )\t9\n( ( [MIN 2 ) 9 ] )\t2\n")
+
+
+def _write_pathfinder(root, resolution, n=4):
+  """n random images in the release layout under root."""
+  folder = os.path.join(root, f"pathfinder{resolution}",
+                        "curv_contour_length_14")
+  os.makedirs(os.path.join(folder, "imgs", "0"))
+  os.makedirs(os.path.join(folder, "metadata"))
+  rng = np.random.default_rng(0)
+  lines = []
+  for j in range(n):
+    pixels = rng.integers(0, 256, (resolution, resolution)).astype(np.uint8)
+    with open(os.path.join(folder, "imgs", "0", f"sample_{j}.png"), "wb") as f:
+      f.write(png.encode_gray(pixels))
+    lines.append(f"imgs/0 sample_{j}.png {j} {j % 2} 14 4 5\n")
+  with open(os.path.join(folder, "metadata", "0.npy"), "w") as f:
+    f.write("".join(lines))
+
+
+_DATA = {  # task -> (config overrides, writes its data under a folder)
+    "listops": (dict(max_length=16), _write_listops),
+    "text": (dict(max_length=64), _write_acl_imdb),
+    "retrieval": (dict(max_length=64), _write_aan),
+    "image": ({}, _write_cifar),
+    "pathfinder": ({}, lambda d: _write_pathfinder(d, 32)),
+    "pathx": ({}, lambda d: _write_pathfinder(d, 128)),
+}
+
+
+@pytest.mark.parametrize("data_dir", ["", "missing"])
+@pytest.mark.parametrize("task", sorted(_DATA))
+def test_dry_run_reads_no_data(task, data_dir, tmp_path):
+  """The default config's dry run touches no data_dir, cache or tfds folder
+  and builds the same task as a real run, without sources."""
+  fields, write = _DATA[task]
+  real_dir = str(tmp_path / "data")
+  write(real_dir)
+  real = tasks.get_task(_config(task, data_dir=real_dir, **fields))
+  assert all(len(real.sources[s]) for s in ("train", "val", "test"))
+  # Below a regular file: nothing can be read or created there, so a task
+  # that tried would fail at once (rather than generate for minutes).
+  (tmp_path / "file").write_text("")
+  nowhere = str(tmp_path / "file" / "nowhere")
+  c = _config(task, dry_run=True, cache_dir=nowhere,
+              data_dir=nowhere if data_dir else "", **fields)
+  if "tfds_data_dir" in c.get("data", {}):
+    c.data.tfds_data_dir = nowhere
+  dry = tasks.get_task(c)  # Same vocabulary, classes, kind, length...
+  assert dry == dataclasses.replace(real, sources={}, data_dir="")

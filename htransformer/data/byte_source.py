@@ -6,6 +6,7 @@ vocabulary is fixed (every byte value), so ids never depend on the data.
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -96,15 +97,45 @@ def require_tfds():
   return tfds
 
 
-def tfds_source(name: str, split: str, data_dir: str | None = None):
-  """tfds.data_source(name, split=...) with a clear error if unavailable."""
+def _tfds_folders(tfds, name: str, data_dir: str | None) -> tuple[str, str]:
+  """(the tfds data folder searched, the dataset's version folder in it)."""
+  root = data_dir or os.path.expanduser(
+      getattr(tfds.core.constants, "DATA_DIR", "~/tensorflow_datasets"))
+  try:
+    folder = str(tfds.builder(name, data_dir=data_dir or None).data_dir)
+  except Exception:  # pylint: disable=broad-except
+    folder = os.path.join(root, name)
+  return root, folder
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None, *,
+                field: str = "config.data.tfds_data_dir", local: str = ""):
+  """tfds.data_source(name, split=...) of a prepared dataset; never downloads.
+
+  A dataset that is not prepared (in ArrayRecord format) raises
+  FileNotFoundError at once naming it, the folder searched, the config
+  ``field`` that sets that folder and how to prepare it; ``local`` is
+  appended (the task's local-files alternative).
+  """
   tfds = require_tfds()
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir or None)
+    # Training never downloads: offline, tfds retries for minutes and
+    # leaves partial folders behind.
+    return tfds.data_source(name, split=split, data_dir=data_dir or None,
+                            download=False)
   except Exception as e:  # pylint: disable=broad-except
+    root, folder = _tfds_folders(tfds, name, data_dir)
+    if os.path.isfile(os.path.join(folder, "dataset_info.json")):
+      problem = f"{folder} holds it, but opening it failed: {e}"
+    else:
+      problem = f"it is not prepared there (no dataset_info.json in {folder})"
+    where = (f"{field}={data_dir}" if data_dir else
+             f"{field} is empty: the tfds default folder")
     raise FileNotFoundError(
-        f"Could not open the tfds dataset {name!r} (split {split!r}, "
-        f"data_dir {data_dir or 'tfds default'}): {e}. Prepare it once with "
-        f"`tfds build {name}` on a machine with internet access (copy the "
-        "prepared folder here and set config.tfds_data_dir), or use the "
-        "local-files alternative.") from e
+        f"The tfds dataset {name!r} (split {split!r}) could not be opened "
+        f"from {root} ({where}): {problem}. Training never downloads. "
+        f"Prepare it once, in ArrayRecord format, where TensorFlow, "
+        f"tensorflow-datasets and the internet are available: `tfds build "
+        f"{name} --data_dir=DIR --file_format=array_record`; then copy DIR "
+        f"here and pass --{field}=DIR.{' ' + local if local else ''}"
+    ) from e

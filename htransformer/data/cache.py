@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from typing import Callable
@@ -30,7 +31,8 @@ def build_once(cache_dir: str, name: str,
   (runs of a sweep started together) take turns on a lock file: the first
   builds it, the others wait and then use it. If the lock is unavailable
   (no ``fcntl``), each builds its own copy and the first one renamed into
-  place is kept.
+  place is kept. Temporary folders of this entry left by a killed build
+  are removed under the lock before building.
   """
   final = os.path.join(cache_dir, name)
   if is_complete(final):
@@ -41,6 +43,8 @@ def build_once(cache_dir: str, name: str,
     if fcntl is not None:
       fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
     if not is_complete(final):
+      if fcntl is not None:  # Under the lock: no live process owns them.
+        remove_stale_tmp(cache_dir, name)
       _build(cache_dir, name, final, write)
   # Once the folder is complete nobody builds it again (they return before
   # taking the lock), so the lock file can go.
@@ -51,8 +55,30 @@ def build_once(cache_dir: str, name: str,
   return final
 
 
+def _tmp_prefix(name: str) -> str:
+  return f".{name}.tmp"
+
+
+def remove_stale_tmp(cache_dir: str, name: str) -> list[str]:
+  """Removes the temporary folders of entry ``name`` left by builds that
+  were killed (SIGKILL skips their cleanup); returns their paths.
+
+  Call it only while holding the entry's lock: a build of the entry holds
+  the lock until its temporary folder is gone, so any found then is stale.
+  Other entries' folders (``.{name}.tmpX.tmpY``) are left alone.
+  """
+  pattern = re.compile(re.escape(_tmp_prefix(name)) + r"[A-Za-z0-9_]+")
+  removed = []
+  for entry in sorted(os.listdir(cache_dir)):
+    path = os.path.join(cache_dir, entry)
+    if pattern.fullmatch(entry) and os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  return removed
+
+
 def _build(cache_dir, name, final, write):
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=cache_dir)
+  tmp = tempfile.mkdtemp(prefix=_tmp_prefix(name), dir=cache_dir)
   try:
     write(tmp)
     with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:

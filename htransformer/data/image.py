@@ -3,7 +3,9 @@
 Sources (one of):
 * tfds ``cifar10`` through ``tfds.data_source`` (items ``{"image":
   uint8[32, 32, 3], "label": int}``), splits ``train[:90%]`` (train),
-  ``train[90%:]`` (val) and ``test`` (test), as LRA. tfds is imported lazily.
+  ``train[90%:]`` (val) and ``test`` (test), as LRA. tfds is imported lazily
+  and never downloads: the dataset must be prepared
+  (byte_source.tfds_source says how).
 * a local ``cifar-10-batches-py/`` folder (the CIFAR-10 "python version":
   pickled ``data_batch_1..5`` and ``test_batch``); ``data_dir`` may be that
   folder or its parent. The 50,000 training images (batches 1-5 in order)
@@ -145,7 +147,10 @@ def read_tfds(tfds_data_dir: str | None = None
               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   out = {}
   for split, tfds_split in TFDS_SPLITS.items():
-    src = byte_source.tfds_source(TFDS_NAME, tfds_split, tfds_data_dir)
+    src = byte_source.tfds_source(
+        TFDS_NAME, tfds_split, tfds_data_dir,
+        local="Or read the CIFAR-10 python version (cifar-10-python.tar.gz) "
+        f"unpacked: --config.data_dir=PATH/{_LOCAL}.")
     items = [src[i] for i in range(len(src))]
     images = np.stack([np.asarray(it["image"], np.uint8) for it in items])
     labels = np.asarray([int(it["label"]) for it in items], np.int32)

@@ -3,7 +3,8 @@
 Sources (one of):
 * tfds ``imdb_reviews`` through ``tfds.data_source`` (splits ``train`` and
   ``test``; items ``{"text": bytes, "label": 0 neg / 1 pos}``), read when no
-  local folder is given. tfds is imported lazily.
+  local folder is given. tfds is imported lazily and never downloads: the
+  dataset must be prepared (byte_source.tfds_source says how).
 * a local ``aclImdb/`` folder as the Stanford archive unpacks
   (``aclImdb/{train,test}/{neg,pos}/<id>_<rating>.txt``; ``train/unsup`` is
   ignored). ``data_dir`` may be the ``aclImdb`` folder or its parent. Files
@@ -96,7 +97,10 @@ def read_local_split(folder: str, split: str) -> tuple[list[bytes], np.ndarray]:
 
 def read_tfds_split(split: str, tfds_data_dir: str | None = None
                     ) -> tuple[list[bytes], np.ndarray]:
-  src = byte_source.tfds_source(TFDS_NAME, split, tfds_data_dir)
+  src = byte_source.tfds_source(
+      TFDS_NAME, split, tfds_data_dir,
+      local="Or read the Stanford archive (aclImdb_v1.tar.gz) unpacked: "
+      "--config.data_dir=PATH/aclImdb.")
   texts, labels = [], []
   for i in range(len(src)):
     ex = src[i]
