@@ -27,6 +27,7 @@ import pickle
 
 import numpy as np
 
+from htransformer import data as data_lib
 from htransformer.data import byte_source
 
 VOCAB_SIZE = 257
@@ -163,11 +164,8 @@ def load_sources(data_dir: str | None, tfds_data_dir: str | None = None
   """{'train', 'val', 'test'} -> ImageSource; every split non-empty."""
   splits = read_local(data_dir) if data_dir else read_tfds(tfds_data_dir)
   sources = {s: ImageSource(*splits[s]) for s in SPLITS}
-  empty = [s for s in SPLITS if not len(sources[s])]
-  if empty:
-    where = find_local_dir(data_dir) if data_dir else f"tfds {TFDS_NAME}"
-    sizes = ", ".join(f"{s} {len(v)}" for s, v in sources.items())
-    raise ValueError(f"CIFAR-10 data in {where}: the {'/'.join(empty)} "
-                     f"split(s) have no images (split sizes: {sizes}); every "
-                     "split needs at least one.")
+  where = lambda s: "CIFAR-10 data in " + (
+      find_local_dir(data_dir) if data_dir else f"tfds {TFDS_NAME}")
+  data_lib.check_nonempty({s: len(v) for s, v in sources.items()}, "images",
+                          where)
   return sources

@@ -56,6 +56,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from absl import logging
 
+from htransformer import data as data_lib
 from htransformer.data import byte_source
 from htransformer.data import cache
 
@@ -585,15 +586,10 @@ def load_sources(data_dir: str, max_length: int = 2000
   Raises ValueError if a split file holds no examples (training or
   evaluating on it would fail later, after the other splits were used).
   """
-  sources = {s: ListOpsSource(os.path.join(data_dir, split_filename(s)),
-                              max_length) for s in SPLITS}
-  sizes = ", ".join(f"{s} {len(v)}" for s, v in sources.items())
-  for s, src in sources.items():
-    if not len(src):
-      raise ValueError(
-          f"{os.path.join(data_dir, split_filename(s))}: the {s} split has "
-          f"no examples (split sizes: {sizes}); every split needs at least "
-          "one.")
+  path = lambda s: os.path.join(data_dir, split_filename(s))
+  sources = {s: ListOpsSource(path(s), max_length) for s in SPLITS}
+  data_lib.check_nonempty({s: len(v) for s, v in sources.items()},
+                          "examples", path)
   return sources
 
 

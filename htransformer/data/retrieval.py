@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from htransformer import data as data_lib
 from htransformer.data import byte_source
 
 VOCAB_SIZE = byte_source.VOCAB_SIZE
@@ -113,12 +114,8 @@ def load_sources(data_dir: str, max_length: int = 4000
                  ) -> dict[str, RetrievalSource]:
   """{'train', 'val', 'test'} -> RetrievalSource; every split non-empty."""
   folder = find_data_dir(data_dir)
-  sources = {s: RetrievalSource(os.path.join(folder, split_filename(s)),
-                                max_length) for s in SPLITS}
-  sizes = ", ".join(f"{s} {len(v)}" for s, v in sources.items())
-  for s, src in sources.items():
-    if not len(src):
-      raise ValueError(
-          f"{os.path.join(folder, split_filename(s))}: the {s} split has no "
-          f"pairs (split sizes: {sizes}); every split needs at least one.")
+  path = lambda s: os.path.join(folder, split_filename(s))
+  sources = {s: RetrievalSource(path(s), max_length) for s in SPLITS}
+  data_lib.check_nonempty({s: len(v) for s, v in sources.items()}, "pairs",
+                          path)
   return sources
