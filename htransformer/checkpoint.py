@@ -46,6 +46,22 @@ class Checkpointer:
   def latest_step(self):
     return self.latest.latest_step()
 
+  def mismatch(self, step: int, abstract_state) -> list[str]:
+    """How the checkpoint of ``step`` differs from ``abstract_state``
+    (arrays only in one of them or of another shape; empty if it fits),
+    read from the checkpoint's metadata without restoring anything."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      stored = handler.metadata(self.latest.directory / str(step) / "state")
+    finally:
+      handler.close()
+    have, want = _shapes(stored), _shapes(abstract_state)
+    show = lambda shapes, path: str(shapes.get(path, "absent"))
+    return [f"{p}: checkpoint {show(have, p)}, this config {show(want, p)}"
+            for p in sorted(have.keys() | want.keys(),
+                            key=lambda p: (not p.startswith("params"), p))
+            if have.get(p) != want.get(p)]
+
   def save(self, step: int, state, data_state: dict):
     self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
@@ -87,6 +103,33 @@ class Checkpointer:
   def close(self):
     self.latest.close()
     self.best.close()
+
+
+def _shapes(tree) -> dict:
+  """{"a/b/0/c": shape} of the arrays in ``tree`` (checkpoint metadata or
+  ShapeDtypeStructs; keys of dicts, sequences and attributes alike)."""
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if hasattr(x, "shape"):
+      name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(
+          k, "name", k)))) for k in path)
+      out[name.removesuffix("/value")] = tuple(x.shape)
+  return out
+
+
+def latest_step(workdir: str):
+  """The step of the latest checkpoint in ``workdir``, or None; creates
+  nothing."""
+  folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(folder):
+    return None
+  mngr = ocp.CheckpointManager(
+      folder, options=ocp.CheckpointManagerOptions(create=False),
+      item_names=("state", "data"))
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
 
 
 def abstract(tree):

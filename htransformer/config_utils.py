@@ -1,10 +1,11 @@
 """Config helpers: loading a config file by path (as ``--config=path[:arg]``
-does), reading the config a run wrote into its workdir, setting dotted
-fields, and the fields every experiment config has."""
+does), preparing a workdir and reading the config a run wrote into it,
+setting dotted fields, and the fields every experiment config has."""
 
 import importlib.util
 import json
 import os
+import tempfile
 
 
 def load_config(spec: str):
@@ -14,6 +15,34 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def make_workdir(workdir: str) -> str:
+  """Creates ``workdir`` if needed; its absolute path.
+
+  Raises ValueError saying what is wrong (to be prefixed with the path)
+  when it is empty, cannot be created or is not a writable folder.
+  """
+  if not workdir or not workdir.strip():
+    raise ValueError("empty: name the folder for checkpoints and metrics")
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError("exists and is not a folder")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    parent = path
+    while parent != os.path.dirname(parent) and not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+      raise ValueError(f"cannot create it: {parent} is not a folder") from None
+    raise ValueError(f"cannot create it: {e.strerror or e}") from None
+  try:
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise ValueError(f"cannot write into it: {e.strerror or e}") from None
+  return path
 
 
 def read_run_config(workdir: str):

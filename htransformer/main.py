@@ -28,6 +28,11 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Number of processes.")
 flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+# An empty --workdir= would train into the current directory.
+flags.register_validator(
+    "workdir", lambda v: v is None or bool(v.strip()),
+    "must name a folder (empty: checkpoints and metrics would land in the "
+    "current directory)")
 
 
 def main(argv):
@@ -35,6 +40,11 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Keep the console readable.
+  try:
+    config_utils.make_workdir(FLAGS.workdir)
+  except ValueError as e:
+    print(f"Error: --workdir {FLAGS.workdir}: {e}.", file=sys.stderr)
+    sys.exit(2)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
   # Imported after distributed initialisation.
@@ -51,20 +61,53 @@ def main(argv):
     sys.exit(1)
 
 
+def _config_spec(argv) -> str | None:
+  """The value of the last --config flag in ``argv`` (``--config=X`` or
+  ``--config X``)."""
+  spec = None
+  args = list(argv[1:])
+  for i, a in enumerate(args):
+    if a == "--":
+      break
+    if a in ("--config", "-config") and i + 1 < len(args):
+      spec = args[i + 1]
+    elif a.startswith(("--config=", "-config=")):
+      spec = a.split("=", 1)[1]
+  return spec
+
+
+def _config_file_problem(spec: str | None) -> str | None:
+  """Why the config file of ``spec`` (``path[:arg]``) cannot be read."""
+  if spec is None:
+    return None
+  path = spec.split(":", 1)[0]
+  if not path:
+    return f"--config={spec}: no config file named."
+  if not os.path.exists(path):
+    return (f"--config={spec}: no such config file: {path} (relative to "
+            f"{os.getcwd()}).")
+  if not os.path.isfile(path):
+    return f"--config={spec}: {path} is not a file."
+  if not os.access(path, os.R_OK):
+    return f"--config={spec}: {path} is not readable."
+  return None
+
+
 def _unknown_override(argv) -> str | None:
   """Names the first --config.a.b=... override that is not a config field."""
-  spec = next((a.split("=", 1)[1] for a in argv
-               if a.startswith("--config=")), None)
+  spec = _config_spec(argv)
   if spec is None:
     return None
   try:
     config = config_utils.load_config(spec)
   except Exception:  # pylint: disable=broad-except
     return None
-  for a in argv:
-    if not a.startswith("--config."):
+  for a in argv[1:]:
+    if a == "--":
+      break
+    if not a.startswith(("--config.", "-config.")):
       continue
-    field = a[len("--config."):].split("=", 1)[0]
+    field = a.split("config.", 1)[1].split("=", 1)[0]
     node = config
     for i, part in enumerate(field.split(".")):
       if not hasattr(node, "keys") or part not in node.keys():
@@ -77,10 +120,24 @@ def _unknown_override(argv) -> str | None:
   return None
 
 
+def _one_line(e: Exception) -> str:
+  """``e`` as ``Type: message`` on one line."""
+  text = " ".join(l.strip() for l in str(e).splitlines() if l.strip())
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def parse_flags(argv):
   """absl flag parsing with a one-line message for bad config overrides."""
+  problem = _config_file_problem(_config_spec(argv))
+  if problem:
+    print(f"Error: {problem}", file=sys.stderr)
+    sys.exit(2)
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+    # config_flags defers a config file that failed to load (an IOError)
+    # until the config is read.
+    FLAGS.config.keys()  # pylint: disable=pointless-statement
+    return rest
   except flags.Error as e:
     lines = [l for l in str(e).splitlines() if l.strip()]
     if "Traceback (most recent call last):" in lines:  # Config file raised.
@@ -88,7 +145,8 @@ def parse_flags(argv):
     print("Error: " + "\n  ".join(lines), file=sys.stderr)
     sys.exit(2)
   except Exception as e:  # pylint: disable=broad-except
-    message = _unknown_override(argv) or f"Could not load the config: {e!r}"
+    message = (_unknown_override(argv) or
+               f"Could not load the config: {_one_line(e)}")
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(2)
 

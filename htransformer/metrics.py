@@ -49,6 +49,37 @@ class MetricWriter:
                                          scalars.items()})
       self._tb.flush()
 
+  def rewind(self, step: int, redo_final: bool = False):
+    """Drops the rows a run resumed at ``step`` writes again: those after
+    ``step`` (logged after the checkpoint it resumes from) and, with
+    ``redo_final``, the final evaluation's rows at ``step`` (``test_*``).
+    A row cut short by a kill goes too. The file is replaced in one rename,
+    so a crash leaves the old or the new one."""
+    if not self.active or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip()]
+    keep = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+        row_step = int(row["step"])
+      except (ValueError, KeyError, TypeError):
+        logging.warning("Dropping a torn line of %s: %r", self.path, line)
+        continue
+      if row_step > step or (redo_final and row_step == step and any(
+          k.startswith("test_") for k in row)):
+        continue
+      keep.append(line if line.endswith("\n") else line + "\n")
+    if keep == lines:
+      return
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+
   def close(self):
     if self._tb is not None:
       self._tb.close()
@@ -64,17 +95,28 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-  """Console progress line: step, steps/s, ETA and the latest numbers."""
+  """Console progress line: step, steps/s, ETA and the latest numbers.
+
+  steps/s counts the steps since the previous line, or since ``restart``
+  if that came later: the loop restarts the clock after a segment's first
+  step (which compiled the step function) and after each evaluation, so
+  neither slows the rate. A line with no step since the restart (the first
+  step was the one logged) counts the time since the previous line.
+  """
 
   def __init__(self, total_steps: int, start_step: int):
     self.total = total_steps
-    self.last_step = start_step
-    self.last_time = time.time()
+    self._clock = self._line = (start_step, time.time())
+
+  def restart(self, step: int):
+    """Times the next rate from ``step``, now."""
+    self._clock = (step, time.time())
 
   def report(self, step: int, scalars: dict) -> float:
     now = time.time()
-    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
+    start, since = self._clock if step > self._clock[0] else self._line
+    rate = (step - start) / max(now - since, 1e-9)
+    self._clock = self._line = (step, now)
     eta = (self.total - step) / rate if rate > 0 else float("inf")
     parts = [f"step {step}/{self.total}", f"{rate:.2f} steps/s",
              f"ETA {_fmt_time(eta)}"]

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from htransformer import checkpoint as ckpt_lib
+from htransformer import config_utils
 from htransformer import input_pipeline
 from htransformer import metrics as metrics_lib
 from htransformer import models
@@ -269,11 +269,55 @@ class Trainer:
     return out
 
 
+# Computation dtypes a model may use (``model.dtype``; parameters stay
+# float32).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_model_and_optimizer(config):
+  """Refuses model and optimizer values that would crash deep inside the
+  model or train silently on nonsense, naming the field."""
+  m, opt = config.model, config.optimizer
+  for name in ("num_layers", "num_heads", "emb_dim", "qkv_dim", "mlp_dim"):
+    if m[name] < 1:
+      raise ValueError(f"model.{name} must be >= 1, got {m[name]}.")
+  if m.qkv_dim % m.num_heads:
+    raise ValueError(f"model.qkv_dim ({m.qkv_dim}) must be divisible by "
+                     f"model.num_heads ({m.num_heads}).")
+  if m.block_size < 2 or m.block_size % 2:
+    raise ValueError(f"model.block_size must be an even integer >= 2, got "
+                     f"{m.block_size}.")
+  choices = {"dtype": DTYPES, "attention": models.ATTENTION_KINDS,
+             "pool": models.POOLING,
+             "head_activation": tuple(models.HEAD_ACTIVATIONS)}
+  for name, allowed in choices.items():
+    if name in m and m[name] not in allowed:
+      raise ValueError(f"model.{name} must be one of {allowed}, got "
+                       f"{m[name]!r}.")
+  for name in ("dropout_rate", "attention_dropout_rate"):
+    if name in m and not 0.0 <= m[name] < 1.0:
+      raise ValueError(f"model.{name} must be in [0, 1), got {m[name]}.")
+  if not 0.0 < opt.learning_rate < float("inf"):
+    raise ValueError(f"optimizer.learning_rate must be a positive number, "
+                     f"got {opt.learning_rate}.")
+  if opt.schedule not in optim.SCHEDULES:
+    raise ValueError(f"optimizer.schedule must be one of {optim.SCHEDULES}, "
+                     f"got {opt.schedule!r}.")
+  for name in ("b1", "b2"):
+    if not 0.0 <= opt[name] < 1.0:
+      raise ValueError(f"optimizer.{name} must be in [0, 1), got "
+                       f"{opt[name]}.")
+  for name in ("eps", "weight_decay", "grad_clip", "warmup_steps"):
+    if not opt[name] >= 0:
+      raise ValueError(f"optimizer.{name} must be >= 0, got {opt[name]}.")
+
+
 def _check_config(config):
   for name in ("batch_size", "eval_batch_size", "num_train_steps",
                "log_every", "eval_every", "checkpoint_every"):
     if config[name] < 1:
       raise ValueError(f"{name} must be >= 1, got {config[name]}.")
+  _check_model_and_optimizer(config)
   model = config.mesh.model
   if model < 1 or jax.device_count() % model:
     raise ValueError(f"mesh.model ({model}) must be >= 1 and divide the "
@@ -301,26 +345,92 @@ def _check_config(config):
 
 def _logged_rates(workdir: str, last_step: int) -> list[float]:
   """steps/s of every logged interval up to ``last_step`` in metrics.jsonl,
-  across resumptions: where a run killed between checkpoints logged a step
-  twice, the later row (the one its final state comes from) counts."""
-  by_step = {}
-  for row in metrics_lib.read_metrics(workdir):
-    if "steps_per_sec" in row and row["step"] <= last_step:
-      by_step[row["step"]] = float(row["steps_per_sec"])
-  return [by_step[s] for s in sorted(by_step)]
+  across resumptions (a resumed run has dropped the rows after its
+  checkpoint, so each logged step has one row)."""
+  return [float(row["steps_per_sec"])
+          for row in metrics_lib.read_metrics(workdir)
+          if "steps_per_sec" in row and row["step"] <= last_step]
+
+
+def _write_config(config, workdir: str):
+  """WORKDIR/config.json (process 0), replaced in one rename."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _config_differences(config, workdir: str) -> str:
+  """Which fields of ``config`` differ from WORKDIR/config.json."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return f"There is no {path} to compare with."
+  try:
+    with open(path) as f:
+      old = _flat(json.load(f))
+  except (OSError, ValueError) as e:
+    return f"{path} could not be read ({e})."
+  new = _flat(json.loads(config.to_json_best_effort()))
+  show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
+  diffs = [f"{k} {show(old, k)} -> {show(new, k)}"
+           for k in sorted(old.keys() | new.keys())
+           if show(old, k) != show(new, k)]
+  if not diffs:
+    return (f"{path} holds the same values as this config, so it is not the "
+            "config of that checkpoint.")
+  return (f"Fields that differ from {path} (its value -> this config's): "
+          + ", ".join(diffs) + ".")
+
+
+def _restore(ckpt, state, config, workdir: str):
+  """(state, data_state) of the latest checkpoint in ``workdir``, or None
+  if there is none. A checkpoint this config cannot continue (other
+  shapes, or a later step than ``num_train_steps``) is a ValueError,
+  raised before anything in the workdir changes."""
+  step = ckpt.latest_step()
+  if step is None:
+    return None
+  target = ckpt_lib.abstract(state)
+  mismatch = ckpt.mismatch(step, target)
+  if mismatch:
+    more = f"; and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
+    raise ValueError(
+        f"{workdir} holds a run whose checkpoint (step {step}) does not fit "
+        f"this config ({mismatch[0]}{more}). "
+        f"{_config_differences(config, workdir)} Use a new --workdir or the "
+        "run's config.")
+  if config.num_train_steps < step:
+    raise ValueError(
+        f"num_train_steps ({config.num_train_steps}) is below the step of "
+        f"the checkpoint in {workdir} ({step}). Use num_train_steps >= "
+        f"{step} ({step} only evaluates) or a new --workdir.")
+  return ckpt.restore(target)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and checkpoints; returns the final metrics.
 
   Resumes from the latest checkpoint in ``workdir`` if there is one.
+  WORKDIR/config.json is written once the run starts from step 0 or its
+  checkpoint was restored, so a refused relaunch leaves it alone.
   """
   _check_config(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  try:
+    workdir = config_utils.make_workdir(workdir)
+  except ValueError as e:
+    raise ValueError(f"workdir {workdir!r}: {e}.") from None
 
   task = tasks.get_task(config, workdir)
   logging.info("Task %s: data from %s; %s", task.name, task.data_dir,
@@ -332,6 +442,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(overview)
     print(f"Total parameters: {total:,}", flush=True)
   if config.dry_run:
+    # A workdir that holds a run keeps that run's config.json.
+    if ckpt_lib.latest_step(workdir) is None:
+      _write_config(config, workdir)
     return {"total_parameters": total}
 
   total_steps = config.num_train_steps
@@ -342,13 +455,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir)
   train_iter = input_pipeline.train_iterator(
       task.sources["train"], config.batch_size, config.data_seed)
-  restored = ckpt.restore(ckpt_lib.abstract(state))
+  try:
+    restored = _restore(ckpt, state, config, workdir)
+  except ValueError:
+    ckpt.close()
+    raise
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state)
     logging.info("Resuming from step %d.", int(state["step"]))
     if jax.process_index() == 0:
       print(f"Resuming from step {int(state['step'])}", flush=True)
+  _write_config(config, workdir)
   # The validation metric that picks the best parameters.
   metric, higher = (("eval_perplexity", False) if task.kind == "lm" else
                     ("eval_accuracy", True))
@@ -356,9 +474,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               "step": -1}
 
   writer = metrics_lib.MetricWriter(workdir)
-  step = int(state["step"])
+  step = start = int(state["step"])
+  # metrics.jsonl reads as one run: the rows this segment writes again go.
+  writer.rewind(step, redo_final=step >= total_steps)
   progress = metrics_lib.Progress(total_steps, step)
-  last_saved = step
+  last_saved = last_logged = step
   sums = None
   rates = []  # steps/s per log interval of this segment
 
@@ -374,6 +494,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       sums = step_sums if sums is None else jax.tree.map(jnp.add, sums,
                                                          step_sums)
       step += 1
+      if step == start + 1:
+        # This step compiled the step function: the rate starts after it.
+        jax.block_until_ready(step_sums)
+        progress.restart(step)
       is_last = step == total_steps
       log_now = step % config.log_every == 0 or is_last
       eval_now = step % config.eval_every == 0 or is_last
@@ -389,14 +513,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         n = sums["count"]
         scalars = {"train_loss": sums["loss"] / n,
                    "train_accuracy": sums["correct"] / n,
-                   "grad_norm": (sums["grad_norm"] /
-                                 (step - progress.last_step)),
+                   "grad_norm": sums["grad_norm"] / (step - last_logged),
                    "learning_rate": float(schedule(step - 1))}
         rate = progress.report(step, scalars)
         scalars["steps_per_sec"] = rate
         rates.append(rate)
         writer.write(step, scalars)
         sums = None
+        last_logged = step
         if ckpt_now:
           save(step)
           last_saved = step
@@ -414,7 +538,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"loss {ev['eval_loss']:.4f} (best "
                 f"{best[metric]:.4f} at step {best['step']})",
                 flush=True)
-        progress.last_time = time.time()
+        progress.restart(step)  # Evaluation time is no training time.
       if stop.requested(sync_point=log_now or ckpt_now):
         break
   if last_saved != step:
@@ -446,8 +570,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   rates = _logged_rates(workdir, step) or rates
   if rates:
     # The median over the log intervals of every segment of the run (a
-    # resumed run's earlier ones too); the few that include compilation
-    # barely move it.
+    # resumed run's earlier ones too). Compilation is outside them (the
+    # clock starts after each segment's first step) unless that step was
+    # logged itself; those few barely move the median.
     results["steps_per_sec"] = float(np.median(rates))
     results["steps_per_sec_intervals"] = len(rates)
     if task.kind == "lm":

@@ -144,7 +144,9 @@ def summarize(workdir: str) -> dict:
   if os.path.exists(results_path):
     with open(results_path) as f:
       steps_per_sec = json.load(f).get("steps_per_sec")
-  if steps_per_sec is None and rates:  # The first includes compilation.
+  if steps_per_sec is None and rates:
+    # The first rate may include compilation (runs logged before the clock
+    # started after the first step, or a first step logged itself).
     steps_per_sec = statistics.median(rates[1:] or rates)
   return {"has_metrics": bool(rows),
           "best_eval_accuracy": best and best["eval_accuracy"],

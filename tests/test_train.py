@@ -174,6 +174,139 @@ def test_batch_size_must_divide(tiny_data, tmp_path):
       train.train_and_evaluate(c, str(tmp_path))
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("model.block_size", 0, r"model\.block_size must be an even integer"),
+    ("model.block_size", 1, r"model\.block_size .* got 1"),
+    ("model.block_size", 5, r"model\.block_size .* got 5"),
+    ("model.block_size", -4, r"model\.block_size .* got -4"),
+    ("model.dtype", "foo", r"model\.dtype must be one of .*'foo'"),
+    ("model.num_heads", 0, r"model\.num_heads must be >= 1"),
+    ("model.emb_dim", 0, r"model\.emb_dim must be >= 1"),
+    ("model.num_layers", 0, r"model\.num_layers must be >= 1"),
+    ("model.qkv_dim", 33, r"model\.qkv_dim \(33\) must be divisible by "
+                          r"model\.num_heads \(2\)"),
+    ("model.dropout_rate", 1.5, r"model\.dropout_rate must be in \[0, 1\)"),
+    ("model.attention_dropout_rate", -0.1,
+     r"model\.attention_dropout_rate must be in"),
+    ("model.attention", "sparse", r"model\.attention must be one of"),
+    ("optimizer.learning_rate", -1.0,
+     r"optimizer\.learning_rate must be a positive number, got -1"),
+    ("optimizer.learning_rate", float("nan"), r"optimizer\.learning_rate"),
+    ("optimizer.warmup_steps", -5, r"optimizer\.warmup_steps must be >= 0"),
+])
+def test_bad_model_and_optimizer_values_are_named(tiny_data, tmp_path, field,
+                                                  value, match):
+  """Refused before anything runs or is written, naming the field."""
+  c = tiny_config(tiny_data, **{field: value})
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def _all_config_variants():
+  """(config file, variant) of every config and variant, the combinable
+  variants in every combination."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import itertools  # pylint: disable=g-import-not-at-top
+  out = [("listops", v) for v in ("", "full", "long", "long_full", "quick")]
+  out += [("lm1b", v) for v in ("",) + importlib.import_module(
+      "configs.lm1b").VARIANTS]
+  for name in sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                     if f.endswith(".py")):
+    if name in ("listops", "lm1b"):
+      continue
+    variants = importlib.import_module(f"configs.{name}").VARIANTS
+    out += [(name, ",".join(combo)) for r in range(len(variants) + 1)
+            for combo in itertools.combinations(variants, r)]
+  return out
+
+
+def test_every_config_variant_passes_the_checks():
+  variants = _all_config_variants()
+  assert len({name for name, _ in variants}) == 7  # every file in configs/
+  for name, variant in variants:
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    train._check_config(config_utils.load_config(  # pylint: disable=protected-access
+        f"{path}:{variant}" if variant else path))
+
+
+def test_relaunch_that_does_not_fit_the_checkpoint_is_refused(tiny_data,
+                                                              tmp_path):
+  """Other shapes, or fewer steps than the checkpoint's: a clear error that
+  leaves the run's files alone; a dry run keeps the run's config.json."""
+  w = str(tmp_path)
+  train.train_and_evaluate(tiny_config(tiny_data, num_train_steps=4), w)
+  files = ("config.json", "metrics.jsonl", "results.json")
+  before = {f: (tmp_path / f).read_bytes() for f in files}
+  wider = tiny_config(tiny_data, num_train_steps=8,
+                      **{"model.emb_dim": 64, "model.qkv_dim": 64})
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(wider, w)
+  message = str(e.value)
+  assert "holds a run whose checkpoint (step 4) does not fit this config" in (
+      message)
+  assert ("model.emb_dim 32 -> 64, model.qkv_dim 32 -> 64, num_train_steps "
+          "4 -> 8." in message)
+  assert "Use a new --workdir or the run's config." in message
+  with pytest.raises(ValueError, match=r"num_train_steps \(2\) is below the "
+                     r"step of the checkpoint in .* \(4\)"):
+    train.train_and_evaluate(tiny_config(tiny_data, num_train_steps=2), w)
+  dry = tiny_config(tiny_data, dry_run=True, **{"model.emb_dim": 64,
+                                                "model.qkv_dim": 64})
+  train.train_and_evaluate(dry, w)
+  assert {f: (tmp_path / f).read_bytes() for f in files} == before
+  # Without the run's config.json the error still explains itself.
+  os.remove(tmp_path / "config.json")
+  with pytest.raises(ValueError, match="There is no .*config.json to compare "
+                     "with. Use a new --workdir"):
+    train.train_and_evaluate(wider, w)
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_resumed_run_logs_each_step_once(tiny_data, tmp_path):
+  """A run killed after logging steps it had not checkpointed yet logs them
+  again on resume: metrics.jsonl keeps one row per step (the earlier ones
+  dropped), the same rows as an unbroken run's; so does relaunching a
+  finished run, which only re-evaluates."""
+  c = tiny_config(tiny_data, log_every=2)  # 12 steps, checkpoints every 4
+  train.train_and_evaluate(c, str(tmp_path / "straight"))
+  train.train_and_evaluate(c, str(tmp_path / "broken"))
+  # Killed after logging step 12, before its checkpoint was written, and
+  # in the middle of a row.
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path / "broken" / "checkpoints" / "12")
+  with open(tmp_path / "broken" / "metrics.jsonl", "a") as f:
+    f.write('{"step": 12, "train_lo')
+  train.train_and_evaluate(c, str(tmp_path / "broken"))
+  train.train_and_evaluate(c, str(tmp_path / "straight"))  # finished
+
+  def rows(name):  # steps/s differ from run to run
+    return [{k: v for k, v in r.items() if k != "steps_per_sec"}
+            for r in metrics_lib.read_metrics(str(tmp_path / name))]
+
+  straight = rows("straight")
+  assert [r["step"] for r in straight if "train_loss" in r] == list(
+      range(2, 13, 2))
+  assert [r["step"] for r in straight if "test_loss" in r] == [12]
+  assert rows("broken") == straight
+  assert not os.path.exists(tmp_path / "broken" / "metrics.jsonl.tmp")
+
+
+def test_progress_rate_leaves_out_compilation(tiny_data, tmp_path, capsys):
+  """The first progress line's steps/s (and so its ETA) is not slowed by
+  compiling the step function: it is about the rate of the later lines."""
+  c = tiny_config(tiny_data, num_train_steps=30, log_every=10,
+                  eval_every=30, checkpoint_every=30)
+  train.train_and_evaluate(c, str(tmp_path))
+  rates = [r["steps_per_sec"] for r in metrics_lib.read_metrics(str(tmp_path))
+           if "steps_per_sec" in r]
+  assert len(rates) == 3
+  assert rates[0] > 0.3 * min(rates[1:]), rates
+  first = [l for l in capsys.readouterr().out.splitlines()
+           if l.startswith("step 10/30 |")]
+  assert first and f"{rates[0]:.2f} steps/s" in first[0], first
+
+
 def test_dry_run_prints_parameter_count(tiny_data, tmp_path):
   r = run_main(["--config=configs/listops.py:quick",
                 f"--workdir={tmp_path}", f"--config.data_dir={tiny_data}",
@@ -232,11 +365,12 @@ def test_train_writes_metrics_checkpoints_and_results(tiny_data, tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data,
                                                              tmp_path):
-  # Fine for 8 steps, then a NaN learning rate poisons the parameters.
+  # Fine for 8 steps, then a huge learning rate poisons the parameters (a
+  # NaN one is refused up front).
   c = tiny_config(tiny_data, num_train_steps=8)
   train.train_and_evaluate(c, str(tmp_path))
   c = tiny_config(tiny_data, num_train_steps=16)
-  c.optimizer.learning_rate = float("nan")
+  c.optimizer.learning_rate = 1e30
   with pytest.raises(train.NonFiniteLossError, match="NaN or inf"):
     train.train_and_evaluate(c, str(tmp_path))
   step, params = saved_params(str(tmp_path))
@@ -307,13 +441,19 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert step_a == step_b == 40
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(x, y)
-  # steps/s in results.json: the median over every logged interval of the
-  # run (40 steps / 5), the segments before the interruption included.
+  # metrics.jsonl reads as one run: each logged step once (the rows a
+  # killed run wrote after its checkpoint were dropped on resume). steps/s
+  # in results.json: the median over every logged interval of the run
+  # (40 steps / 5), the segments before the interruption included.
   for w in (straight, broken, stopped):
     results = json.load(open(w / "results.json"))
-    rates = {r["step"]: r["steps_per_sec"]
-             for r in metrics_lib.read_metrics(str(w)) if "steps_per_sec" in r}
-    assert sorted(rates) == list(range(5, 41, 5))
+    rows = metrics_lib.read_metrics(str(w))
+    assert [r["step"] for r in rows if "train_loss" in r] == list(
+        range(5, 41, 5)), w
+    assert [r["step"] for r in rows if "eval_loss" in r] == [20, 40], w
+    assert [r["step"] for r in rows if "test_loss" in r] == [40], w
+    rates = {r["step"]: r["steps_per_sec"] for r in rows
+             if "steps_per_sec" in r}
     assert results["steps_per_sec_intervals"] == 8, w
     assert results["steps_per_sec"] == pytest.approx(
         np.median(list(rates.values())))

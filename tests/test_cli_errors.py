@@ -1,0 +1,91 @@
+"""Bad command lines of ``python -m htransformer.main``: one clear line
+("Error: ..."), a non-zero exit, no traceback, nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from htransformer import train
+from tests.scripts_helper import ROOT, child_env
+from tests.test_train import tiny_config
+
+CONFIG = os.path.join(ROOT, "configs", "listops.py")
+
+
+def run_main(args, cwd):
+  """``python -m htransformer.main ARGS`` on the CPU, run in ``cwd``."""
+  return subprocess.run([sys.executable, "-m", "htransformer.main", *args],
+                        cwd=cwd, env=child_env(JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+
+
+def assert_clear_error(r, *expected):
+  assert r.returncode not in (0, None), r.stdout[-2000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert "\\n" not in r.stderr, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith("Error: ")]
+  assert len(errors) == 1, r.stderr[-3000:]
+  for text in expected:
+    assert text in errors[0], r.stderr[-3000:]
+
+
+def test_empty_workdir_is_refused(tmp_path):
+  """It would train into the current directory."""
+  r = run_main([f"--config={CONFIG}:quick", "--workdir=",
+                "--config.dry_run=True"], cwd=tmp_path)
+  assert_clear_error(r, "--workdir")
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("where,problem", [
+    ("a_file", "exists and is not a folder"),
+    ("a_file/run", "a_file is not a folder"),
+    pytest.param("/proc/run", "cannot create it", marks=pytest.mark.skipif(
+        not os.path.isdir("/proc"), reason="no /proc")),
+    pytest.param("read_only", "cannot write into it", marks=pytest.mark.skipif(
+        os.geteuid() == 0, reason="root writes into read-only folders")),
+])
+def test_unusable_workdir_is_a_clear_error(tmp_path, where, problem):
+  (tmp_path / "a_file").write_text("not a folder")
+  (tmp_path / "read_only").mkdir(mode=0o555)
+  workdir = where if where.startswith("/") else str(tmp_path / where)
+  r = run_main([f"--config={CONFIG}:quick", f"--workdir={workdir}",
+                "--config.dry_run=True"], cwd=tmp_path)
+  assert_clear_error(r, f"Error: --workdir {workdir}: ", problem)
+
+
+def test_unknown_field_with_space_separated_config(tmp_path):
+  r = run_main(["--config", f"{CONFIG}:quick", "--config.trian=1",
+                f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
+  assert_clear_error(r, "Unknown config field 'trian' (from --config.trian=1)",
+                     "num_train_steps")
+
+
+@pytest.mark.parametrize("overrides", [[], ["--config.num_train_steps=3"]])
+def test_missing_config_file_is_a_clear_error(tmp_path, overrides):
+  r = run_main(["--config=configs/nosuch.py", *overrides,
+                f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
+  assert_clear_error(r, "no such config file: configs/nosuch.py")
+
+
+def test_bad_model_value_is_named(tmp_path):
+  r = run_main([f"--config={CONFIG}:quick", "--config.model.block_size=0",
+                f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
+  assert_clear_error(r, "model.block_size must be an even integer >= 2, "
+                     "got 0")
+
+
+def test_relaunch_with_other_shapes_keeps_the_run(tiny_data, tmp_path):
+  """The run's config.json stays; the error names the differing fields."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(tiny_data, num_train_steps=4),
+                           str(workdir))
+  config_json = (workdir / "config.json").read_bytes()
+  r = run_main([f"--config={CONFIG}:quick", f"--workdir={workdir}",
+                f"--config.data_dir={tiny_data}", "--config.max_length=40"],
+               cwd=tmp_path)
+  assert_clear_error(r, "does not fit this config", "model.emb_dim 32 -> 64",
+                     "Use a new --workdir or the run's config.")
+  assert (workdir / "config.json").read_bytes() == config_json
