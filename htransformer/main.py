@@ -40,6 +40,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Keep the console readable.
+  # A workdir this launch creates goes again if the run is refused before
+  # writing anything into it.
+  created = not os.path.exists(os.path.abspath(FLAGS.workdir))
   try:
     config_utils.make_workdir(FLAGS.workdir)
   except ValueError as e:
@@ -58,6 +61,11 @@ def main(argv):
   except (train.NonFiniteLossError, FileNotFoundError, ImportError,
           ValueError) as e:
     print(f"Error: {e}", file=sys.stderr)
+    if created:
+      try:
+        os.rmdir(FLAGS.workdir)  # only if still empty
+      except OSError:
+        pass
     sys.exit(1)
 
 

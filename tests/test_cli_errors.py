@@ -75,6 +75,12 @@ def test_bad_model_value_is_named(tmp_path):
                 f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
   assert_clear_error(r, "model.block_size must be an even integer >= 2, "
                      "got 0")
+  assert not os.path.exists(tmp_path / "w")  # the refused run left no folder
+  # A folder that was there before stays.
+  os.makedirs(tmp_path / "kept")
+  r = run_main([f"--config={CONFIG}:quick", "--config.model.block_size=0",
+                f"--workdir={tmp_path / 'kept'}"], cwd=tmp_path)
+  assert r.returncode == 1 and os.path.isdir(tmp_path / "kept")
 
 
 def test_relaunch_with_other_shapes_keeps_the_run(tiny_data, tmp_path):
