@@ -963,15 +963,16 @@ def _coarsen_kernel(*refs, count, modes, precision=None):
         r = rows >> j
         if precision is not None and r >= 16:
           coarse, fine = _iota2((r, rows), 0), _iota2((r, rows), 1)
-          group = jnp.where((fine >> j) == coarse, c[None, :], 0.0)
-          cs = jnp.sum(group, axis=1)
           if mode == "first":
             w = (fine == coarse << j).astype(x.dtype)
-          elif mode == "first_real":  # the group's first real row
-            first = jnp.min(jnp.where(group > 0, fine, rows), axis=1)
-            w = (fine == first[:, None]).astype(x.dtype)
           else:
-            w = group.astype(x.dtype)
+            group = jnp.where((fine >> j) == coarse, c[None, :], 0.0)
+            cs = jnp.sum(group, axis=1)
+            if mode == "first_real":  # the group's first real row
+              first = jnp.min(jnp.where(group > 0, fine, rows), axis=1)
+              w = (fine == first[:, None]).astype(x.dtype)
+            else:
+              w = group.astype(x.dtype)
           s = _dot(w, x, precision)
         else:
           if s is None:  # The sums of the tile's own rows.
