@@ -20,6 +20,8 @@ import json
 import os
 from typing import Any
 
+from htransformer import data as data_lib
+
 TASKS = ("listops", "lm", "text", "retrieval", "image", "pathfinder",
          "pathx")
 
@@ -81,14 +83,9 @@ def check_splits(task: Task) -> Task:
     return task
   sizes = {s: len(task.sources[s]) if s in task.sources else None
            for s in ("train", "val", "test")}
-  bad = [s for s, n in sizes.items() if not n]
-  if bad:
-    listed = ", ".join(f"{s} {'missing' if n is None else n}"
-                       for s, n in sizes.items())
-    raise ValueError(
-        f"Task {task.name} (data: {task.data_dir or 'unnamed'}): the "
-        f"{'/'.join(bad)} split(s) have no examples (split sizes: {listed}); "
-        "training and every evaluation need at least one example in each.")
+  data_lib.check_nonempty(
+      sizes, "examples",
+      lambda s: f"Task {task.name} (data: {task.data_dir or 'unnamed'})")
   return task
 
 

@@ -49,14 +49,22 @@ def _listops_config(data_dir):
   return c
 
 
+def _assert_empty_split(load, where, sizes, config):
+  """``load()`` refuses the data naming ``where`` and every split's size
+  (``sizes``), and so does the task (the run stops at once)."""
+  with pytest.raises(ValueError, match=re.escape(where)) as e:
+    load()
+  assert sizes in str(e.value)
+  with pytest.raises(ValueError, match="val 0"):
+    tasks.get_task(config)
+
+
 def test_listops_header_only_val_split(tmp_path):
   d = _write_listops(str(tmp_path / "listops-1000"), val_rows=[])
-  path = os.path.join(d, "basic_val.tsv")
-  with pytest.raises(ValueError, match=re.escape(path)) as e:
-    listops.load_sources(d, max_length=16)
-  assert "train 3, val 0, test 3" in str(e.value)
-  with pytest.raises(ValueError, match="val 0"):  # the run stops at once
-    tasks.get_task(_listops_config(str(tmp_path)))
+  _assert_empty_split(lambda: listops.load_sources(d, max_length=16),
+                      os.path.join(d, "basic_val.tsv"),
+                      "train 3, val 0, test 3",
+                      _listops_config(str(tmp_path)))
   # The same files with a non-empty val split load.
   _write_listops(d)
   task = tasks.get_task(_listops_config(str(tmp_path)))
@@ -111,13 +119,10 @@ def test_retrieval_empty_eval_file(tmp_path):
   _write_aan(folder)
   path = os.path.join(folder, "new_aan_pairs.eval.tsv")
   open(path, "wb").close()  # 0 bytes
-  with pytest.raises(ValueError, match=re.escape(path)) as e:
-    retrieval.load_sources(folder, max_length=16)
-  assert "train 5, val 0, test 5" in str(e.value)
   c = retrieval_config.get_config("quick")
   c.data_dir = folder
-  with pytest.raises(ValueError, match="val 0"):
-    tasks.get_task(c)
+  _assert_empty_split(lambda: retrieval.load_sources(folder, max_length=16),
+                      path, "train 5, val 0, test 5", c)
 
 
 def test_retrieval_label_forms(tmp_path):
@@ -176,13 +181,10 @@ def test_pathfinder_too_few_images(tmp_path):
   paths, _ = _write_pathfinder(folder, 4)
   open(paths[0], "wb").close()  # empty: skipped, as in the release
   os.remove(paths[1])  # missing: skipped
-  with pytest.raises(ValueError, match=re.escape(folder)) as e:
-    pf.load_sources(folder, 32)
-  assert "train 2, val 0, test 0" in str(e.value)
   c = pathfinder_config.get_config("quick")
   c.data_dir = folder
-  with pytest.raises(ValueError, match="val 0"):
-    tasks.get_task(c)
+  _assert_empty_split(lambda: pf.load_sources(folder, 32), folder,
+                      "train 2, val 0, test 0", c)
 
 
 def test_pathfinder_corrupt_images_name_the_file(tmp_path):

@@ -85,6 +85,7 @@ import zlib
 import numpy as np
 from absl import logging
 
+from htransformer import data as data_lib
 from htransformer.data import byte_source
 from htransformer.data import cache
 from htransformer.data import png
@@ -778,14 +779,11 @@ def load_sources(folder: str, resolution: int, split_seed: int = 0,
     raise FileNotFoundError(f"Pathfinder folder {folder} has no readable "
                             "images.")
   splits = split_indices(len(paths), split_seed)
-  empty = [s for s, idx in splits.items() if not len(idx)]
-  if empty:
-    sizes = ", ".join(f"{s} {len(idx)}" for s, idx in splits.items())
-    raise ValueError(
-        f"Pathfinder folder {folder}: {len(paths)} readable image(s) "
-        f"({skipped} missing or empty skipped) leave the "
-        f"{'/'.join(empty)} split(s) empty (split sizes: {sizes}); every "
-        f"split needs an image, so at least {len(SPLITS)} are needed.")
+  data_lib.check_nonempty(
+      {s: len(idx) for s, idx in splits.items()}, "images",
+      lambda s: (f"Pathfinder folder {folder} ({len(paths)} readable "
+                 f"image(s), {skipped} missing or empty skipped; at least "
+                 f"{len(SPLITS)} are needed)"))
   if preload is None:
     preload = len(paths) * resolution * resolution < _preload_budget()
   out = {}
