@@ -163,7 +163,7 @@ def _fitting_block_size(block_size: int, length: int,
     return block_size
   smallest = max(2, 2 * -(-length // 4))  # Even, 2 * smallest >= length.
   if implementation != "xla":
-    if block_size < 16 or block_size & (block_size - 1):
+    if block_size < 16 or not kernels._pow2(block_size):  # pylint: disable=protected-access
       return block_size
     smallest = max(16, 1 << (smallest - 1).bit_length())
   return min(block_size, smallest)
