@@ -1,5 +1,6 @@
 """Tests for htransformer.data.listops (generator, vocabulary, reader)."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -195,6 +196,30 @@ def test_deterministic_and_independent_of_workers(gen_dirs):
     assert a == b
     assert a == c
     assert a != other
+
+
+# sha256 of the files `generate` writes for seed 0 (SIZES, MIN_LEN, MAX_LEN)
+# at the current GENERATOR_VERSION. The generator uses Python's own random
+# and integer arithmetic only, so these hold on every platform.
+_DIGESTS = {
+    1: {"train": "7a45ea071e7bc3d93114589f5edd5058351ecc1d43f8de0d37fa39b70d35bdd9",
+        "val": "3514e7dccc6aba31b9f3382151712b92a659545af4ade019e71fef7f5204592b",
+        "test": "35a69501241a9926090952e4de1664f0d947746df2926f6209a9cfb77dc6864d"},
+}
+
+
+def test_generated_data_is_pinned_to_the_generator_version(gen_dirs):
+  """Generated data is cached by GENERATOR_VERSION (find_data_dir's folder
+  name), so a change to what the generator writes must come with a new
+  version; otherwise runs would silently keep training on the old data."""
+  assert listops.GENERATOR_VERSION in _DIGESTS, (
+      "new GENERATOR_VERSION: add its digests to _DIGESTS")
+  for split in listops.SPLITS:
+    data = open(split_path(gen_dirs["w1"], split), "rb").read()
+    assert (hashlib.sha256(data).hexdigest()
+            == _DIGESTS[listops.GENERATOR_VERSION][split]), (
+                f"the generated {split} split changed: bump "
+                f"listops.GENERATOR_VERSION and add its digests")
 
 
 def test_sampling_distribution():
@@ -396,8 +421,9 @@ def test_find_data_dir_generates_once(gen_dirs, tmp_path, monkeypatch):
   cache = str(tmp_path / "cache")
   kw = dict(seed=0, **SIZES, min_length=MIN_LEN, max_length=MAX_LEN, workers=1)
   d = listops.find_data_dir(None, cache, **kw)
-  assert d == os.path.join(cache, "listops_seed0_300_50_50_60_120")
-  assert os.listdir(cache) == ["listops_seed0_300_50_50_60_120"]  # no temp left
+  name = f"listops_seed0_300_50_50_60_120_v{listops.GENERATOR_VERSION}"
+  assert d == os.path.join(cache, name)
+  assert os.listdir(cache) == [name]  # no temp left
   for split in listops.SPLITS:
     assert (open(split_path(d, split), "rb").read()
             == open(split_path(gen_dirs["w1"], split), "rb").read())

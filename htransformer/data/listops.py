@@ -493,7 +493,9 @@ def find_data_dir(data_dir: str | None, cache_dir: str | None, seed: int = 0,
   `lra_release/listops-1000/`) subfolder, as the official release ships it;
   FileNotFoundError if neither holds the three files. Without `data_dir`:
   generates (once) into cache_dir/listops_seed{seed}_{num_train}_{num_val}_
-  {num_test}_{min_length}_{max_length} and returns that folder.
+  {num_test}_{min_length}_{max_length}_v{GENERATOR_VERSION} and returns that
+  folder (a new generator version builds a new folder, never reuses data
+  an older generator wrote).
   """
   expected = ", ".join(split_filename(s) for s in SPLITS)
   if data_dir:
@@ -515,7 +517,7 @@ def find_data_dir(data_dir: str | None, cache_dir: str | None, seed: int = 0,
     raise ValueError("find_data_dir needs a cache_dir when data_dir is empty "
                      "(the generated ListOps data is written there).")
   name = (f"listops_seed{seed}_{num_train}_{num_val}_{num_test}_{min_length}_"
-          f"{max_length}")
+          f"{max_length}_v{GENERATOR_VERSION}")
   final = os.path.join(cache_dir, name)
   if _has_splits(final) and cache.is_complete(final):
     logging.info("Using generated ListOps data in %s.", final)
