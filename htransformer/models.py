@@ -42,6 +42,19 @@ def _dtype(dtype: Any):
   return jnp.dtype(dtype) if dtype is not None else jnp.float32
 
 
+def _check_tokens(tokens, model: str):
+  """Raises unless ``tokens`` is an integer array [batch, length]."""
+  shape, dtype = getattr(tokens, "shape", None), getattr(tokens, "dtype", None)
+  if shape is None or dtype is None:
+    raise TypeError(f"{model} expects tokens as an integer array [batch, "
+                    f"length], got {type(tokens).__name__}.")
+  if len(shape) != 2:
+    raise ValueError(f"{model} expects tokens of shape [batch, length], got "
+                     f"{tuple(shape)}.")
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{model} expects integer token ids, got dtype {dtype}.")
+
+
 def _sharded(init, spec: tuple):
   """``init`` annotated with a PartitionSpec over the mesh axes (metadata)."""
   return nnx.with_partitioning(init, spec, eager_sharding=False)
@@ -89,6 +102,7 @@ class MultiHeadAttention(nnx.Module):
           f"qkv_features ({qkv_features}) must be divisible by num_heads "
           f"({num_heads}).")
     self.num_heads = num_heads
+    self.in_features = in_features
     self.head_dim = qkv_features // num_heads
     self.attention = attention
     self.block_size = block_size
@@ -112,6 +126,10 @@ class MultiHeadAttention(nnx.Module):
 
     With ``dropout_rate > 0`` and ``deterministic=False``, ``rngs`` (an
     ``nnx.Rngs`` with a ``dropout`` stream) draws the dropout key."""
+    if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.in_features:
+      raise ValueError(
+          f"MultiHeadAttention expects x of shape [batch, length, "
+          f"{self.in_features}], got {getattr(x, 'shape', None)}.")
     b, l, _ = x.shape
     split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
@@ -242,6 +260,10 @@ class Encoder(nnx.Module):
                attention_dropout_rate: float = 0.0, rngs: nnx.Rngs):
     if pool not in POOLING:
       raise ValueError(f"pool must be one of {POOLING}, got {pool!r}.")
+    if causal and pool == "CLS":
+      raise ValueError(
+          "pool='CLS' cannot be causal: the CLS row comes first and would "
+          "attend only to itself, never to the input; use pool='MEAN'.")
     if unattended_token is not None and not (
         0 < unattended_token < vocab_size):
       raise ValueError(
@@ -276,6 +298,7 @@ class Encoder(nnx.Module):
 
   def __call__(self, tokens, *, deterministic=True, rngs=None):
     """tokens: int [batch, length] -> ([batch, length', dim], mask)."""
+    _check_tokens(tokens, "Encoder")
     b, l = tokens.shape
     if l > self.max_len:
       raise ValueError(
@@ -423,6 +446,7 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens, *, deterministic=True, rngs=None):
     """tokens: int [batch, length] -> float32 logits [batch, length, vocab]."""
+    _check_tokens(tokens, "Decoder")
     l = tokens.shape[1]
     if l > self.max_len:
       raise ValueError(

@@ -18,11 +18,15 @@ running the model on the unpadded context at every step
 their last ``max_length`` tokens. Sampling: logits / temperature, the
 ``top_k`` largest kept (0: all), a draw with the key
 ``fold_in(key(seed), step)``; temperature 0 is greedy. Generation stops at
-eos (unless --nostop_at_eos) or after ``max_new_tokens``.
+eos (unless --nostop_at_eos) or after ``max_new_tokens``. A negative or
+non-finite temperature, a negative ``top_k`` or ``max_new_tokens``, an empty
+prompt and token ids outside the vocabulary are errors.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 import sys
 
 import jax
@@ -47,9 +51,39 @@ flags.DEFINE_bool("best", False, "Use the best-on-validation parameters.")
 flags.DEFINE_bool("stop_at_eos", True, "Stop when eos is generated.")
 
 
+def _count(value, name: str) -> int:
+  """``value`` as a Python int >= 0 (not a bool), or a ValueError."""
+  count = None
+  if not isinstance(value, (bool, np.bool_)):
+    try:
+      count = operator.index(value)
+    except TypeError:
+      pass
+  if count is None or count < 0:
+    raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+  return count
+
+
+def check_settings(temperature, top_k, max_new_tokens=0):
+  """(temperature, top_k, max_new_tokens) as float, int, int; a ValueError
+  naming the first that is not a finite temperature >= 0 or a count >= 0."""
+  t = None
+  if not isinstance(temperature, (bool, np.bool_)):
+    try:
+      t = float(temperature)
+    except (TypeError, ValueError):
+      pass
+  if t is None or not math.isfinite(t) or t < 0:
+    raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), "
+                     f"got {temperature!r}.")
+  return (t, _count(top_k, "top_k"),
+          _count(max_new_tokens, "max_new_tokens"))
+
+
 def sample_logits(logits, key, temperature: float, top_k: int):
   """One token id from logits [vocab] (see module doc)."""
-  if temperature <= 0:
+  temperature, top_k, _ = check_settings(temperature, top_k)
+  if temperature == 0:
     return jnp.argmax(logits, -1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
   if top_k and top_k < logits.shape[-1]:
@@ -66,7 +100,9 @@ class Sampler:
   """Jitted full-recompute decoding of a Decoder on a fixed-size buffer."""
 
   def __init__(self, model, temperature: float = 1.0, top_k: int = 0):
+    temperature, top_k, _ = check_settings(temperature, top_k)
     self.max_len = model.max_len
+    self.vocab_size = model.embed.num_embeddings
     graphdef, params = nnx.split(model)
     self.params = params
 
@@ -79,7 +115,17 @@ class Sampler:
 
   def next_token(self, context: list[int], key):
     """(token, logits at the last position) for ``context``."""
-    window = context[-self.max_len:]
+    window = np.asarray(list(context[-self.max_len:]))
+    if not window.size:
+      raise ValueError("The context is empty: give at least one token (the "
+                       "command line starts every prompt with eos).")
+    if window.ndim != 1 or not np.issubdtype(window.dtype, np.integer):
+      raise ValueError(f"The context must be a sequence of token ids, got "
+                       f"{window.dtype} values of shape {window.shape}.")
+    bad = window[(window < 0) | (window >= self.vocab_size)]
+    if bad.size:
+      raise ValueError(f"Token id {int(bad[0])} is outside the model's "
+                       f"vocabulary (0..{self.vocab_size - 1}).")
     buffer = np.zeros((1, self.max_len), np.int32)
     buffer[0, : len(window)] = window
     token, logits = self._step(self.params, jnp.asarray(buffer),
@@ -89,7 +135,11 @@ class Sampler:
   def generate(self, prompt_ids: list[int], max_new_tokens: int,
                seed: int = 0, eos_id: int | None = None) -> list[int]:
     """The new tokens (up to and including eos when ``eos_id`` is given)."""
+    max_new_tokens = _count(max_new_tokens, "max_new_tokens")
     context, new = list(prompt_ids), []
+    if not context:
+      raise ValueError("The prompt is empty: give at least one token (the "
+                       "command line starts every prompt with eos).")
     for i in range(max_new_tokens):
       token, _ = self.next_token(context, step_key(seed, i))
       context.append(token)
@@ -127,6 +177,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:
+    check_settings(FLAGS.temperature, FLAGS.top_k, FLAGS.max_new_tokens)
     model, tok, _ = load_run(FLAGS.workdir, FLAGS.best)
   except (FileNotFoundError, ValueError) as e:
     print(f"Error: {e}", file=sys.stderr)
