@@ -11,8 +11,16 @@ Variants (``--config=configs/lm1b.py:VARIANT``):
             (trained on the first 10M characters of the training text),
             6 layers, d_model 512, MLP 2048, 8 heads: 52,493,312
             parameters (paper: 53M; -1.0%). Rows of 512 tokens, batch 128.
+            DIR is the tfds data_dir scripts/prepare_lm1b.py wrote:
+              python -m htransformer.main --config=configs/lm1b.py \
+                  --workdir=runs/lm1b --config.data_dir=DIR
+            Expected: not measured (no lm1b copy on the development
+            machines); paper test perplexity 23.95.
   large     the same with d_model 1024, MLP 4096, 16 heads: 142,702,592
-            parameters (paper: 144M; -0.9%).
+            parameters (paper: 144M; -0.9%):
+              python -m htransformer.main --config=configs/lm1b.py:large \
+                  --workdir=runs/lm1b-large --config.data_dir=DIR
+            Expected: not measured; paper test perplexity 20.25.
   quick     a CPU smoke test on text found in any checkout: this
             repository's own Markdown and Python files, byte-level
             vocabulary, split by a held-out fraction of every file, 2 small
@@ -27,7 +35,11 @@ Variants (``--config=configs/lm1b.py:VARIANT``):
             extracted by `python scripts/prepare_text_corpus.py` into
             data/bbc_news), byte-level vocabulary, rows of 4,096 tokens,
             4 layers, d_model 512, MLP 2048, 8 heads (12.9M parameters).
-            scripts/lm_compare.sh runs it with both attentions.
+            scripts/lm_compare.sh runs it with both attentions:
+              python -m htransformer.main --config=configs/lm1b.py:text4096 \
+                  --workdir=runs/lm-compare/hierarchical
+              python -m htransformer.main --config=configs/lm1b.py:text4096 \
+                  --workdir=runs/lm-compare/full --config.model.attention=full
             Expected (one H100, 600 steps; docs/results.md): test
             perplexity 8.705 hierarchical, 12.300 full (cuDNN), and
             2.27M vs 2.09M training tokens/s.

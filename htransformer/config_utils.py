@@ -5,6 +5,7 @@ setting dotted fields, and the fields every experiment config has."""
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 
 
@@ -70,6 +71,52 @@ def set_fields(config, **fields):
   return config
 
 
+def field_problem(config, key: str, source: str = "") -> str | None:
+  """Why the dotted ``key`` is not a field of ``config`` (naming the fields
+  of the group where it goes wrong), or None if it is one. ``source``
+  (e.g. the flag it came from) is named after the key."""
+  node, parts = config, key.split(".")
+  for i, part in enumerate(parts):
+    if not hasattr(node, "keys") or part not in node.keys():
+      known = (", ".join(sorted(node.keys())) if hasattr(node, "keys")
+               else "(not a group)")
+      where = f" (from {source})" if source else ""
+      return (f"unknown config field {key!r}{where}; fields of "
+              f"{'.'.join(parts[:i]) or 'config'}: {known}.")
+    node = node[part]
+  return None
+
+
+def override_problem(config, key: str, text: str) -> str | None:
+  """Why ``--config.KEY=TEXT`` would be refused (an unknown field, a group
+  of fields, or a value the field's type does not read), or None."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  problem = field_problem(config, key)
+  if problem:
+    return problem
+  *path, last = key.split(".")
+  node = config
+  for name in path:
+    node = node[name]
+  kind = node.get_type(last) if hasattr(node, "get_type") else type(
+      node[last])
+  if isinstance(kind, type) and issubclass(kind, ml_collections.ConfigDict):
+    return (f"{key} is a group of fields ({', '.join(sorted(node[last]))}), "
+            "not a value: set one of them.")
+  parser, what = {bool: (flags.BooleanParser(), "true or false"),
+                  int: (flags.IntegerParser(), "an integer"),
+                  float: (flags.FloatParser(), "a number")}.get(
+                      kind, (None, ""))
+  if parser is not None:
+    try:
+      parser.parse(text)
+    except ValueError:
+      return (f"{key}={text}: {key} takes {what} (the config has "
+              f"{node[last]!r}).")
+  return None
+
+
 def parse_variants(arg: str, allowed, config_file: str) -> set:
   """The comma-separated variants in ``arg``; an unknown one is named."""
   variants = {v for v in arg.split(",") if v}
@@ -123,3 +170,101 @@ def experiment_config(task: str, *, max_length: int, model: dict,
   c.data_seed = 0
   c.dry_run = False
   return c
+
+
+# The command line of main.py and of scripts that take the same --config.
+
+
+def config_spec(argv) -> str | None:
+  """The value of the last --config flag in ``argv`` (``--config=X`` or
+  ``--config X``)."""
+  spec = None
+  args = list(argv[1:])
+  for i, a in enumerate(args):
+    if a == "--":
+      break
+    if a in ("--config", "-config") and i + 1 < len(args):
+      spec = args[i + 1]
+    elif a.startswith(("--config=", "-config=")):
+      spec = a.split("=", 1)[1]
+  return spec
+
+
+def config_file_problem(spec: str | None) -> str | None:
+  """Why the config file of ``spec`` (``path[:arg]``) cannot be read."""
+  if spec is None:
+    return None
+  path = spec.split(":", 1)[0]
+  if not path:
+    return f"--config={spec}: no config file named."
+  if not os.path.exists(path):
+    return (f"--config={spec}: no such config file: {path} (relative to "
+            f"{os.getcwd()}).")
+  if not os.path.isfile(path):
+    return f"--config={spec}: {path} is not a file."
+  if not os.access(path, os.R_OK):
+    return f"--config={spec}: {path} is not readable."
+  return None
+
+
+def override_flag_problem(argv) -> str | None:
+  """Why the first ``--config.FIELD[=VALUE]`` of ``argv`` would be refused
+  (an unknown field, a group of fields, a value of the wrong type), in one
+  line; None if they are all fine or the config does not load."""
+  spec = config_spec(argv)
+  if spec is None or config_file_problem(spec):
+    return None
+  try:
+    config = load_config(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for a in argv[1:]:
+    if a == "--":
+      break
+    if not a.startswith(("--config.", "-config.")):
+      continue
+    field, eq, text = a.split("config.", 1)[1].partition("=")
+    problem = field_problem(config, field, source=a)
+    if problem:
+      return f"{problem[0].upper()}{problem[1:]}"
+    if eq:
+      problem = override_problem(config, field, text)
+      if problem:
+        return problem
+  return None
+
+
+def _one_line(e: Exception) -> str:
+  """``e`` as ``Type: message`` on one line."""
+  text = " ".join(l.strip() for l in str(e).splitlines() if l.strip())
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def parse_config_flags(argv):
+  """absl flag parsing for a program with a ``config`` flag
+  (``config_flags.DEFINE_config_file``): a config file that cannot be read
+  or an override it refuses is one line, "Error: ...", and exit status 2.
+  Use as ``app.run(main, flags_parser=config_utils.parse_config_flags)``."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  problem = config_file_problem(config_spec(argv))
+  if problem:
+    print(f"Error: {problem}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    rest = flags.FLAGS(argv)
+    # config_flags defers a config file that failed to load (an IOError)
+    # until the config is read.
+    flags.FLAGS.config.keys()  # pylint: disable=pointless-statement
+    return rest
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if "Traceback (most recent call last):" in lines:  # Config file raised.
+      lines = [lines[0].rstrip(":"), lines[-1]]
+    message = override_flag_problem(argv) or ": ".join(lines)
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    message = (override_flag_problem(argv) or
+               f"Could not load the config: {_one_line(e)}")
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -109,6 +109,12 @@ def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
     raise ValueError(f"num_examples must be at least 2 (spreads across "
                      f"examples), got {num_examples}.")
   config = config_utils.read_run_config(workdir)
+  # Before any data is read (or generated): a workdir with no checkpoint
+  # (a dry run's, or a run stopped before its first) has nothing to show.
+  if ckpt_lib.latest_step(workdir) is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {os.path.join(workdir, 'checkpoints')}: "
+        f"{workdir} holds no trained parameters to inspect.")
   if data_dir is not None:
     config.data_dir = data_dir
   if "head_activation" not in config.model:  # runs from before the field

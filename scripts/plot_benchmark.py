@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import matplotlib
 
@@ -86,8 +87,17 @@ def main() -> None:
   parser.add_argument("--phase", choices=sorted(PHASE_NAMES),
                       default="fwd_bwd", help="which time to plot")
   args = parser.parse_args()
-  with open(args.json) as f:
-    report = json.load(f)
+  try:
+    with open(args.json) as f:
+      report = json.load(f)
+  except OSError as e:
+    sys.exit(f"Error: --json {args.json}: {e.strerror or e}.")
+  except ValueError as e:
+    sys.exit(f"Error: --json {args.json} is not JSON ({e}).")
+  keys = ("config", "environment", "results")
+  if not isinstance(report, dict) or not all(k in report for k in keys):
+    sys.exit(f"Error: --json {args.json} is not a report of "
+             f"scripts/benchmark_attention.py (it has {', '.join(keys)}).")
   plot(report, args.phase, args.out)
   print(f"wrote {args.out}")
 

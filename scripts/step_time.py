@@ -23,7 +23,10 @@ buffers on (the default) a step shows as one ``command_buffer`` entry: set
   python scripts/step_time.py --config=configs/lm1b.py:text4096 \
       [--config.model.attention=full] [--steps=50]
 
-Prints one JSON line per config (and appends it to --out if given).
+Prints one JSON line per config (and appends it to --out if given). A
+config that cannot be read (no such file, an unknown variant or field, a
+value of the wrong type) or a job that cannot be built (its data missing,
+say) is one line, "Error: ...".
 """
 
 import json
@@ -40,6 +43,7 @@ from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from htransformer import config_utils  # noqa: E402
 from htransformer import input_pipeline  # noqa: E402
 from htransformer import optim  # noqa: E402
 from htransformer import profiling  # noqa: E402
@@ -73,7 +77,12 @@ def main(argv):
     from htransformer.attention import kernels  # pylint: disable=g-import-not-at-top
     kernels.TUNING["levels_per_launch"] = FLAGS.levels_per_launch
   with tempfile.TemporaryDirectory() as workdir:
-    task = tasks.get_task(config, workdir)
+    try:
+      train._check_config(config)  # pylint: disable=protected-access
+      task = tasks.get_task(config, workdir)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+      print(f"Error: {e}", file=sys.stderr)
+      return 1
     model = train.build_model(config, task, config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
     tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
@@ -141,4 +150,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=config_utils.parse_config_flags)

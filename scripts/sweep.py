@@ -24,9 +24,15 @@ job; ``--set k=v`` (repeatable) adds the same override to every run.
 
 Every mode then gathers the runs' ``metrics.jsonl`` into a markdown table
 (best eval accuracy and its step, final test accuracy, test accuracy with
-the best-eval parameters, steps/s), printed (to stderr with ``print``) and
-written to ``WORKDIR/sweep.md``. Without ``--sweep``, ``collect`` gathers
-every run directory under WORKDIR.
+the best-eval parameters, steps/s; perplexity instead of accuracy for
+language models, the best being the lowest), printed (to stderr with
+``print``) and written to ``WORKDIR/sweep.md``. Without ``--sweep``,
+``collect`` gathers every run directory under WORKDIR (which must exist).
+
+Before anything runs, every swept value and ``--set`` override is checked
+against the config: an unknown field, a group of fields or a value of the
+wrong type (``model.block_size=abc``) is refused, and so is a grid with two
+points of the same name (``8,08``: one workdir for two runs).
 """
 
 from __future__ import annotations
@@ -105,17 +111,24 @@ def run_command(python, config, workdir, point, sets=()) -> list[str]:
           *[f"--config.{k}={format_value(v)}" for k, v in point.items()]]
 
 
-def check_fields(config, keys):
-  """Raises ValueError naming the first key that is not a config field."""
-  for key in keys:
-    node, parts = config, key.split(".")
-    for i, part in enumerate(parts):
-      if not hasattr(node, "keys") or part not in node.keys():
-        known = (", ".join(sorted(node.keys())) if hasattr(node, "keys")
-                 else "(not a group)")
-        raise ValueError(f"unknown config field {key!r}; fields of "
-                         f"{'.'.join(parts[:i]) or 'config'}: {known}.")
-      node = node[part]
+def check_overrides(config, overrides):
+  """Raises ValueError naming the first ``(field, value text)`` that the
+  runs would refuse: an unknown field, a group of fields, or a value the
+  field's type does not read (``--config.FIELD=TEXT`` as main.py reads it)."""
+  for key, text in overrides:
+    problem = config_utils.override_problem(config, key, text)
+    if problem:
+      raise ValueError(problem)
+
+
+def check_names(names):
+  """Raises ValueError if two points of the grid share a run directory."""
+  seen = set()
+  for name in names:
+    if name in seen:
+      raise ValueError(f"two points of the grid are both run {name!r} (one "
+                       "workdir): give each value once.")
+    seen.add(name)
 
 
 def _absolute_config(spec: str) -> str:
@@ -127,32 +140,62 @@ def _absolute_config(spec: str) -> str:
 # Results.
 
 
-def summarize(workdir: str) -> dict:
-  """The numbers of one run from its metrics.jsonl (and results.json)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl; a line cut short (a run killed while
+  writing it, or being written now) is left out."""
   rows = []
   if os.path.exists(path):
     with open(path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  evals = [r for r in rows if isinstance(r.get("eval_accuracy"), float)]
-  best = max(evals, key=lambda r: (r["eval_accuracy"], -r["step"]),
-             default=None)
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(row, dict) and _is_number(row.get("step")):
+          rows.append(row)
+  return rows
+
+
+def summarize(workdir: str, metric: str | None = None) -> dict:
+  """The numbers of one run from its metrics.jsonl (and results.json).
+
+  ``metric`` picks the best evaluation, as in training: the highest
+  ``eval_accuracy`` ("accuracy", a classifier) or the lowest
+  ``eval_perplexity`` ("perplexity", a language model); None: the latter
+  if the run logged a perplexity.
+  """
+  rows = read_rows(os.path.join(workdir, "metrics.jsonl"))
+  if metric is None:
+    metric = ("perplexity" if any("eval_perplexity" in r for r in rows)
+              else "accuracy")
+  sign = 1 if metric == "accuracy" else -1
+  key = f"eval_{metric}"
+  evals = [r for r in rows if _is_number(r.get(key))]
+  best = max(evals, key=lambda r: (sign * r[key], -r["step"]), default=None)
   last = lambda k: next((r[k] for r in reversed(rows) if k in r), None)
-  rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
+  rates = [r["steps_per_sec"] for r in rows
+           if _is_number(r.get("steps_per_sec"))]
   results_path = os.path.join(workdir, "results.json")
   steps_per_sec = None
   if os.path.exists(results_path):
-    with open(results_path) as f:
-      steps_per_sec = json.load(f).get("steps_per_sec")
+    try:
+      with open(results_path) as f:
+        steps_per_sec = json.load(f).get("steps_per_sec")
+    except ValueError:  # Being written, or cut short.
+      pass
   if steps_per_sec is None and rates:
     # The first rate may include compilation (runs logged before the clock
     # started after the first step, or a first step logged itself).
     steps_per_sec = statistics.median(rates[1:] or rates)
-  return {"has_metrics": bool(rows),
-          "best_eval_accuracy": best and best["eval_accuracy"],
+  return {"has_metrics": bool(rows), "metric": metric,
+          "best_eval": best and best[key],
           "best_eval_step": best and best["step"],
-          "test_accuracy": last("test_accuracy"),
-          "test_accuracy_best_eval": last("test_accuracy_best_eval"),
+          "test": last(f"test_{metric}"),
+          "test_best_eval": last(f"test_{metric}_best_eval"),
           "steps_per_sec": steps_per_sec}
 
 
@@ -161,16 +204,22 @@ def _cell(v, fmt="{:.4f}"):
 
 
 def table(names: list[str], sweep_dir: str) -> str:
-  lines = ["| run | best eval accuracy (step) | final test accuracy | "
-           "test accuracy (best-eval params) | steps/s |",
+  """The markdown table of the runs ``names``: accuracy, or perplexity
+  when the runs are language models."""
+  dirs = [os.path.join(sweep_dir, name) for name in names]
+  summaries = [summarize(d) for d in dirs]
+  metric = ("perplexity" if any(s["metric"] == "perplexity"
+                                for s in summaries) else "accuracy")
+  summaries = [summarize(d, metric) for d in dirs]
+  lines = [f"| run | best eval {metric} (step) | final test {metric} | "
+           f"test {metric} (best-eval params) | steps/s |",
            "|---|---|---|---|---|"]
-  for name in names:
-    s = summarize(os.path.join(sweep_dir, name))
-    best = (f"{s['best_eval_accuracy']:.4f} ({s['best_eval_step']})"
-            if s["best_eval_accuracy"] is not None else "-")
+  for name, s in zip(names, summaries):
+    best = (f"{s['best_eval']:.4f} ({s['best_eval_step']})"
+            if s["best_eval"] is not None else "-")
     label = name if s["has_metrics"] else f"{name} (no metrics)"
-    lines.append(f"| {label} | {best} | {_cell(s['test_accuracy'])} | "
-                 f"{_cell(s['test_accuracy_best_eval'])} | "
+    lines.append(f"| {label} | {best} | {_cell(s['test'])} | "
+                 f"{_cell(s['test_best_eval'])} | "
                  f"{_cell(s['steps_per_sec'], '{:.2f}')} |")
   return "\n".join(lines)
 
@@ -233,14 +282,26 @@ def main(argv=None) -> int:
       if both:
         raise ValueError(f"{both} both swept and set with --set.")
       if args.config:
-        check_fields(config_utils.load_config(args.config),
-                     [k for k, _ in axes] + set_keys)
+        check_overrides(
+            config_utils.load_config(args.config),
+            [(k, format_value(v)) for k, vals in axes for v in vals]
+            + [tuple(s.split("=", 1)) for s in sets])
       points = grid(axes)
       names = [run_name(p) for p in points]
+      check_names(names)
       if args.config:
         commands = [run_command(args.python, _absolute_config(args.config),
                                 os.path.join(sweep_dir, n), p, sets)
                     for n, p in zip(names, points)]
+    if args.launch == "collect":
+      if not os.path.isdir(sweep_dir):
+        raise ValueError(f"--workdir {args.workdir}: no such folder, so no "
+                         "runs to collect.")
+    else:
+      try:
+        config_utils.make_workdir(args.workdir)
+      except ValueError as e:
+        raise ValueError(f"--workdir {args.workdir}: {e}.") from None
   except (ValueError, OSError) as e:
     print(f"Error: {e}", file=sys.stderr)
     return 2
@@ -264,7 +325,6 @@ def main(argv=None) -> int:
 
   if names is None:
     names = run_dirs(sweep_dir)
-  os.makedirs(sweep_dir, exist_ok=True)
   md = table(names, sweep_dir)
   with open(os.path.join(sweep_dir, "sweep.md"), "w") as f:
     if args.sweep:

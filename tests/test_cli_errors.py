@@ -95,3 +95,20 @@ def test_relaunch_with_other_shapes_keeps_the_run(tiny_data, tmp_path):
   assert_clear_error(r, "does not fit this config", "model.emb_dim 32 -> 64",
                      "Use a new --workdir or the run's config.")
   assert (workdir / "config.json").read_bytes() == config_json
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.model.block_size=x", ["model.block_size takes an integer"]),
+    ("--config.model=3", ["model is a group of fields", "block_size"]),
+])
+def test_override_of_the_wrong_kind_is_one_line(tmp_path, override, expected):
+  r = run_main([f"--config={CONFIG}:quick", override,
+                f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
+  assert_clear_error(r, *expected)
+  assert not (tmp_path / "w").exists()
+
+
+def test_config_file_that_raises_is_one_line(tmp_path):
+  r = run_main([f"--config={CONFIG}:nope", f"--workdir={tmp_path / 'w'}"],
+               cwd=tmp_path)
+  assert_clear_error(r, "Unknown variant 'nope'", "'long_full'")

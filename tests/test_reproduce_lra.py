@@ -247,3 +247,51 @@ def test_task_variant_errors(flag, message):
   with pytest.raises(SystemExit) as e:
     rl.main(["--collect_only", flag, "--results_md="])
   assert message in str(e.value)
+
+
+def test_runs_cut_short_are_unfinished_not_a_crash(tmp_path, capsys):
+  """A run killed while writing: a torn last line of metrics.jsonl, or a
+  results.json cut short. Collecting (and relaunching, which collects
+  first) reads them as unfinished runs."""
+  root = str(tmp_path / "runs")
+  _fake_run(root, "listops", "hierarchical", 0.4, finished=False)
+  d = os.path.join(root, "listops-hierarchical")
+  json.dump({"task": "listops", "num_train_steps": 5000},
+            open(os.path.join(d, "config.json"), "w"))
+  with open(os.path.join(d, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 500, "train_loss": 1.7}) + "\n")
+    f.write('{"step": 1000, "train_lo')
+  _fake_run(root, "pathfinder", "full", 0.5)
+  with open(os.path.join(root, "pathfinder-full", "results.json"), "w") as f:
+    f.write('{"test_accuracy": 0.5, "test_lo')
+  assert rl._cell(rl.collect(d, "listops")) == (
+      "unfinished (500 of 5,000 steps)")
+  assert rl.collect(os.path.join(root, "pathfinder-full"),
+                    "pathfinder")["status"] == "unfinished"
+  assert rl.main(["--collect_only", f"--workdir_root={root}",
+                  "--results_md="]) == 0
+  assert "unfinished (500 of 5,000 steps)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--set=model.blok_size=8"], "unknown config field 'model.blok_size'"),
+    (["--set=model.block_size=abc"], "model.block_size takes an integer"),
+    (["--tasks=listops,pathfinder", "--set=data.num_images=1000"],
+     "(configs/listops.py): unknown config field 'data.num_images'"),
+    (["--set=model.attention=full"], "leave model.attention out"),
+    (["--tasks=text", "--data_dir=text=/no/such/aclImdb"],
+     "--data_dir text=/no/such/aclImdb: no such folder"),
+])
+def test_bad_overrides_and_data_dirs_stop_before_any_run(tmp_path, flags,
+                                                          message):
+  """Each run would fail on its own (or, for model.attention, both rows
+  would train one model): refused before anything runs."""
+  trainer = tmp_path / "trainer"
+  trainer.write_text(FAKE_TRAINER.format(python=rl.sys.executable))
+  trainer.chmod(0o755)
+  root = tmp_path / "runs"
+  with pytest.raises(SystemExit) as e:
+    rl.main([f"--workdir_root={root}", "--results_md=",
+             f"--python={trainer}", *flags])
+  assert message in str(e.value)
+  assert not root.exists()

@@ -160,3 +160,74 @@ def test_local_run(tmp_path):
   line = [l for l in r.stdout.splitlines()
           if l.startswith("| model.block_size=4 |")]
   assert len(line) == 1 and " - " not in line[0], r.stdout[-2000:]
+
+
+def test_collect_reads_runs_cut_short(tmp_path):
+  """A run killed (or being written) mid-line: its torn last row of
+  metrics.jsonl, or a results.json cut short, is left out, not a crash."""
+  _write_metrics(tmp_path / "a=1", [
+      {"step": 100, "train_loss": 2.0, "steps_per_sec": 4.0},
+      {"step": 100, "eval_accuracy": 0.3},
+      {"step": 200, "train_loss": 1.5, "steps_per_sec": 6.0}])
+  with open(tmp_path / "a=1" / "metrics.jsonl", "a") as f:
+    f.write('{"step": 200, "eval_accur')
+  _write_metrics(tmp_path / "a=2", [{"step": 10, "eval_accuracy": 0.25}])
+  (tmp_path / "a=2" / "results.json").write_text('{"steps_per_sec": 1')
+  r = run_sweep(f"--workdir={tmp_path}", "--launch=collect")
+  assert r.returncode == 0, r.stderr
+  assert "| a=1 | 0.3000 (100) | - | - | 6.00 |" in r.stdout
+  assert "| a=2 | 0.2500 (10) | - | - | - |" in r.stdout
+
+
+def test_language_model_runs_are_tabled_by_perplexity(tmp_path):
+  """The best evaluation of a language model is its lowest perplexity (as
+  training picks it), not its highest token accuracy."""
+  _write_metrics(tmp_path / "lm", [
+      {"step": 100, "eval_accuracy": 0.50, "eval_perplexity": 9.0},
+      {"step": 200, "eval_accuracy": 0.49, "eval_perplexity": 8.0},
+      {"step": 200, "test_accuracy": 0.5, "test_perplexity": 8.5,
+       "test_accuracy_best_eval": 0.5, "test_perplexity_best_eval": 8.25}],
+                 results={"steps_per_sec": 3.0})
+  # A second run still before its first evaluation.
+  _write_metrics(tmp_path / "lm2", [
+      {"step": 50, "train_loss": 3.0, "train_accuracy": 0.2,
+       "steps_per_sec": 2.0}, {"step": 50, "test_accuracy": 0.3}])
+  text = sweep.table(["lm", "lm2"], str(tmp_path))
+  assert text.splitlines()[0] == (
+      "| run | best eval perplexity (step) | final test perplexity | "
+      "test perplexity (best-eval params) | steps/s |")
+  assert "| lm | 8.0000 (200) | 8.5000 | 8.2500 | 3.00 |" in text
+  assert "| lm2 | - | - | - | 2.00 |" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep=model.block_size=abc,8"],
+     "model.block_size=abc: model.block_size takes an integer"),
+    (["--sweep=seed=1", "--set=optimizer.learning_rate=fast"],
+     "optimizer.learning_rate takes a number"),
+    (["--sweep=seed=1", "--set=model=2"], "model is a group of fields"),
+    (["--sweep=model.block_size=8,08"],
+     "both run 'model.block_size=8' (one workdir)"),
+])
+def test_bad_values_are_refused_before_any_run(tmp_path, args, message):
+  """Each run would fail on its own (or two would share a workdir): the
+  sweep refuses at once, prints no command and creates nothing."""
+  r = run_sweep("--config=configs/listops.py:quick", *args,
+                f"--workdir={tmp_path / 'w'}", "--launch=print")
+  assert r.returncode == 2, r.stdout
+  assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+  assert not r.stdout and not (tmp_path / "w").exists()
+
+
+def test_unusable_workdir_is_a_clear_error(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  r = run_sweep("--config=configs/listops.py:quick", "--sweep=seed=1",
+                f"--workdir={tmp_path / 'a_file'}", "--launch=print")
+  assert r.returncode == 2 and not r.stdout
+  assert "exists and is not a folder" in r.stderr, r.stderr
+  assert "Traceback" not in r.stderr
+  # Collecting from a folder that is not there (a typo) says so and
+  # creates nothing.
+  r = run_sweep(f"--workdir={tmp_path / 'typo'}", "--launch=collect")
+  assert r.returncode == 2 and "no such folder" in r.stderr, r.stderr
+  assert not (tmp_path / "typo").exists()

