@@ -15,7 +15,7 @@ generated 32 px images label 0 is never joined and label 1 always is.
 It also looks for shortcuts, cues to the label that need no path
 following: the lit fraction and the distance between the markers per
 label, and how often the best single threshold on that distance is
-right (generated 32 px images: ~54%). The same statistics for the LRA
+right (generated 32 px images: ~55%). The same statistics for the LRA
 release and for our images say how the two differ. The last line is the
 summary as JSON.
 """
