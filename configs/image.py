@@ -3,7 +3,7 @@ r"""LRA Image (CIFAR-10 in gray, 1024 pixel tokens) with H-Transformer-1D.
 Default: the LRA configuration (1 layer, 8 heads, emb 128, qkv 64, MLP 128,
 batch 256, 200 epochs of the 45,000 training images = 35,200 steps, lr
 5e-4 with a cosine decay after 1 epoch (176 steps) of warmup, Adam b2 0.98,
-no weight decay, dropout 0.1 (experiments.md: 0.1-0.3), CLS pooling,
+no weight decay, dropout 0.1 (LRA's paper: 0.1-0.3), CLS pooling,
 learned positions), hierarchical attention with block_size 16.
 
   python -m htransformer.main --config=configs/image.py --workdir=runs/image

@@ -81,7 +81,8 @@ TITLES = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval",
 GENERATED_TASKS = ("listops", "pathfinder", "pathx")
 SECTION = "## LRA reproduction table"
 
-# docs/experiments.md: test accuracy (%); None = "fail".
+# Published test accuracy (%): H-Transformer-1D (Zhu & Soricut, 2021) and the
+# LRA paper (Tay et al., 2021); None = "fail".
 PAPER = [
     ("H-Transformer-1D (paper)",
      (49.53, 78.69, 63.99, 46.05, 68.78, None), 61.41),

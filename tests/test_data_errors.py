@@ -1,6 +1,6 @@
 """Bad data gets an error naming the file (and line) and the problem.
 
-Every test writes real files in the documented layout (docs/experiments.md)
+Every test writes real files in the LRA release's layout (README.md)
 under tmp_path: empty splits, malformed rows and labels, corrupt images and
 batch files.
 """

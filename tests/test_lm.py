@@ -218,6 +218,15 @@ def test_lm1b_without_tfds_is_a_clear_error(monkeypatch):
     lm1b.import_tfds()
 
 
+def test_lm1b_missing_data_dir_is_named(tmp_path):
+  """Before tfds is asked (whose message would be about formats)."""
+  from htransformer.data import lm1b  # pylint: disable=g-import-not-at-top
+  missing = str(tmp_path / "nosuch")
+  with pytest.raises(FileNotFoundError,
+                     match=f"lm1b data_dir does not exist: {missing}"):
+    lm1b.load_sentences(missing, num_val=10)
+
+
 # ------------------------------------------------------------------- model
 
 

@@ -242,7 +242,7 @@ def test_configs_variants_and_errors():
     assert mod.get_config("full,lra_mask").model.mask_black_pixels
   assert text_config.get_config("len1000").max_length == 1000
   assert text_config.get_config("full,len1000").model.attention == "full"
-  # LRA hyperparameters (experiments.md).
+  # LRA hyperparameters (the LRA paper's).
   pf = pathfinder_config.get_config("")
   assert (pf.model.num_layers, pf.model.emb_dim, pf.model.qkv_dim,
           pf.model.pool, pf.batch_size) == (4, 32, 16, "MEAN", 512)

@@ -2,14 +2,14 @@
 
 Generator
 ---------
-Follows the LRA generator's rules (see docs/experiments.md, "ListOps generator
-(LRA rules)"): operators MIN, MAX, MED (floor of the median) and SM (sum mod
-10) over the digits 0-9; a tree is sampled recursively from depth 1 with max
-depth 10, a node is a digit with probability 0.75 (always at max depth) and
-otherwise an operator with a uniform 2..10 arguments, each sampled one level
-deeper. The length of a tree counts operator tokens, digits and one `]` per
-operator (not the parentheses). Trees with min_length < length < max_length
-are kept, strings are distinct across all splits.
+Follows the rules of the Long Range Arena's ListOps generator (Tay et al.,
+2021; Nangia & Bowman, 2018): operators MIN, MAX, MED (floor of the median) and
+SM (sum mod 10) over the digits 0-9; a tree is sampled recursively from depth 1
+with max depth 10, a node is a digit with probability 0.75 (always at max
+depth) and otherwise an operator with a uniform 2..10 arguments, each sampled
+one level deeper. The length of a tree counts operator tokens, digits and one
+`]` per operator (not the parentheses). Trees with min_length < length <
+max_length are kept, strings are distinct across all splits.
 
 Unlike the original (unseeded, set-ordered) generator, the output is a pure
 function of (seed, sizes, length bounds): trials are grouped into fixed chunks

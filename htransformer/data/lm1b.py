@@ -81,6 +81,12 @@ class Sentences:
 
 def load_sentences(data_dir: str | None, num_val: int) -> dict:
   """split -> Sentences (train, val, test)."""
+  if data_dir and not os.path.isdir(data_dir):
+    raise FileNotFoundError(
+        f"lm1b data_dir does not exist: {data_dir}. Prepare the data with "
+        "`python scripts/prepare_lm1b.py --data_dir=DIR` and pass "
+        "--config.data_dir=DIR (or leave it empty for tfds's default "
+        "folder).")
   tfds = import_tfds()
   # download=False: never start a download (which needs TensorFlow).
   kwargs = {"download": False}

@@ -2,8 +2,8 @@ r"""Pathfinder and Path-X (Long Range Arena): seeded generator and loader.
 
 Generator
 ---------
-Linsley et al.'s "snakes", as LRA used them (docs/experiments.md, "Pathfinder
-generator"). Each image holds two target snakes of `contour_length` short
+Linsley et al.'s "snakes" (NeurIPS 2018), as the Long Range Arena used
+them. Each image holds two target snakes of `contour_length` short
 dashes ("paddles"), a few short distractor snakes and two circular markers.
 Label 1: both markers sit on the two ends of the same target snake; label 0:
 one marker on an end of each target snake. Both target snakes are drawn in
