@@ -1,8 +1,9 @@
 """Checkpoints with orbax: training state plus the data iterator's position.
 
 ``WORKDIR/checkpoints`` holds the latest training states (model parameters,
-optimizer state, step) together with the input iterator's state, so a run
-that is killed resumes exactly where its last checkpoint left it.
+optimizer state, step) together with the input iterator's state (and the
+best validation value up to that step), so a run that is killed resumes
+exactly where its last checkpoint left it.
 ``WORKDIR/best`` holds the parameters with the best validation accuracy.
 
 With several processes, every process calls save and restore (orbax's
@@ -11,14 +12,46 @@ its own shards of the arrays. Restoring takes the shardings from the abstract
 target, so a run may resume on another mesh or process count. The data
 iterator's state is its position in the process's own slice of the batches,
 the same on every process, so the one JSON written by process 0 serves all.
+
+Both folders must be writable folders (checked when the Checkpointer is
+made). A checkpoint that cannot be written (a full disk) or read (a run
+copied in part, a file cut short) is a ``CheckpointError`` that names its
+folder and what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
 import orbax.checkpoint as ocp
+
+from htransformer import config_utils
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be written or read; the message says which
+  and what to do."""
+
+
+def _cause(e: Exception) -> str:
+  """The error under ``e`` (orbax wraps TensorStore's) as ``Type: first
+  line``: they run to many lines."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  text = lines[0] if lines else ""
+  if len(text) > 300:
+    text = text[:300] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _writable_folder(path: str) -> str:
+  try:
+    return config_utils.make_workdir(path)
+  except ValueError as e:
+    raise CheckpointError(f"Checkpoint folder {path}: {e}.") from None
 
 
 class Checkpointer:
@@ -26,25 +59,55 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
     workdir = os.path.abspath(workdir)
+    # Refused before any training, not at the first save.
+    folders = [_writable_folder(os.path.join(workdir, name))
+               for name in ("checkpoints", "best")]
     # Several processes save synchronously: orbax's asynchronous finalize
     # could validate the array metadata before every process had written
     # its part (seen with two CPU processes).
     async_save = jax.process_count() == 1
+    # Step folders are made in save(), so one that cannot be made (a full
+    # disk) raises there; made in orbax's background threads, the failure
+    # left threads waiting that held the process for 5 minutes at exit.
+    async_options = ocp.AsyncOptions(create_directories_asynchronously=False)
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save, async_options=async_options)
     self.latest = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"), options=opts,
-        item_names=("state", "data"))
+        folders[0], options=opts, item_names=("state", "data"))
     self.best = ocp.CheckpointManager(
-        os.path.join(workdir, "best"),
+        folders[1],
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True,
-            enable_async_checkpointing=async_save),
+            enable_async_checkpointing=async_save,
+            async_options=async_options),
         item_names=("params", "info"))
 
   def latest_step(self):
     return self.latest.latest_step()
+
+  @contextlib.contextmanager
+  def _reading(self, manager, step: int):
+    """Turns a failure to read ``step`` of ``manager`` into a
+    CheckpointError that names the folder and what to do. Errors of the
+    device (out of memory) are not the checkpoint's and pass."""
+    try:
+      yield
+    except jax.errors.JaxRuntimeError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      folder = manager.directory / str(step)
+      if manager is self.best:
+        remedy = (f"Delete {folder} to go on without the best-on-validation "
+                  "parameters (the next better evaluation saves them again)")
+      else:
+        earlier = [s for s in manager.all_steps() if s < step]
+        remedy = (f"Delete {folder} to resume from step {max(earlier)}, the "
+                  "checkpoint before it" if earlier else
+                  f"Delete {folder} to start the run again from step 0")
+      raise CheckpointError(
+          f"The checkpoint of step {step} in {folder} cannot be read "
+          f"({_cause(e)}). {remedy}, or use a new --workdir.") from e
 
   def mismatch(self, step: int, abstract_state) -> list[str]:
     """How the checkpoint of ``step`` differs from ``abstract_state``
@@ -52,7 +115,8 @@ class Checkpointer:
     read from the checkpoint's metadata without restoring anything."""
     handler = ocp.StandardCheckpointHandler()
     try:
-      stored = handler.metadata(self.latest.directory / str(step) / "state")
+      with self._reading(self.latest, step):
+        stored = handler.metadata(self.latest.directory / str(step) / "state")
     finally:
       handler.close()
     have, want = _shapes(stored), _shapes(abstract_state)
@@ -62,43 +126,77 @@ class Checkpointer:
                             key=lambda p: (not p.startswith("params"), p))
             if have.get(p) != want.get(p)]
 
+  @contextlib.contextmanager
+  def _writing(self, manager):
+    """Turns a failure to write a checkpoint (this one, or the one before
+    it finishing in the background) into a CheckpointError."""
+    try:
+      yield
+    except (jax.errors.JaxRuntimeError,
+            ocp.checkpoint_manager.StepAlreadyExistsError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      try:
+        self.latest.reload()  # the steps on disk, not the ones begun
+        last = self.latest.latest_step()
+      except Exception:  # pylint: disable=broad-except
+        last = None
+      raise CheckpointError(
+          f"Could not write a checkpoint in {manager.directory} "
+          f"({_cause(e)}). Free disk space or fix the folder, then launch "
+          "the same command again: it resumes from "
+          + (f"step {last}." if last is not None else
+             "step 0 (no checkpoint was saved).")) from e
+
   def save(self, step: int, state, data_state: dict):
-    self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state)))
+    """Saves the training state of ``step``. The best-on-validation
+    parameters saved before it are written first: a checkpoint of step N
+    implies that everything up to step N, its evaluation included, is."""
+    with self._writing(self.best):
+      self.best.wait_until_finished()
+    with self._writing(self.latest):
+      self.latest.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state)))
 
   def restore(self, abstract_state):
     """Restores (state, data_state) of the latest step, or None."""
     step = self.latest.latest_step()
     if step is None:
       return None
-    r = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore()))
+    with self._reading(self.latest, step):
+      r = self.latest.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore()))
     return r.state, r.data
 
   def save_best(self, step: int, params, info: dict):
-    self.best.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), info=ocp.args.JsonSave(info)),
-        force=True)
+    with self._writing(self.best):
+      self.best.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          info=ocp.args.JsonSave(info)), force=True)
 
   def best_info(self):
     step = self.best.latest_step()
     if step is None:
       return None
-    return self.best.restore(step, args=ocp.args.Composite(
-        info=ocp.args.JsonRestore())).info
+    with self._reading(self.best, step):
+      return self.best.restore(step, args=ocp.args.Composite(
+          info=ocp.args.JsonRestore())).info
 
   def restore_best(self, abstract_params):
     step = self.best.latest_step()
     if step is None:
       return None
-    return self.best.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params))).params
+    with self._reading(self.best, step):
+      return self.best.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params))).params
 
   def wait(self):
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    with self._writing(self.latest):
+      self.latest.wait_until_finished()
+    with self._writing(self.best):
+      self.best.wait_until_finished()
 
   def close(self):
     self.latest.close()

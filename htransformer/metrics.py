@@ -3,6 +3,13 @@
 Only process 0 writes. TensorBoard event files go through
 ``clu.metric_writers`` when TensorFlow is installed; on hosts without it
 (e.g. accelerator images) the JSON lines and the console line remain.
+
+A resumed run writes again the steps logged after its checkpoint. In
+metrics.jsonl the earlier rows of those steps are dropped first
+(``MetricWriter.rewind``); event files can only be appended to, so the
+resumed run's events go to a new file beside the old one, and TensorBoard
+may show those steps twice: the same values (the steps are recomputed
+exactly), except ``steps_per_sec``. metrics.jsonl is the record.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ result does not depend on the mesh beyond float rounding.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -419,19 +420,60 @@ def _restore(ckpt, state, config, workdir: str):
   return ckpt.restore(target)
 
 
+@contextlib.contextmanager
+def _only_run_in(workdir: str, enabled: bool = True):
+  """Holds ``workdir``'s lock while the run trains: a second launch into
+  it while the first still runs (a job thought dead, a relaunched sweep)
+  is refused instead of writing the same checkpoints and metrics. Process
+  0 holds it (flock on the folder: the system drops it when the process
+  dies, even by SIGKILL); where the filesystem has no locks, runs go
+  unlocked."""
+  fd, free = None, True
+  if enabled and jax.process_index() == 0:
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      free = False
+    except OSError as e:
+      logging.warning("No lock on %s (%s): nothing stops a second run in "
+                      "it.", workdir, e)
+    if not free:
+      os.close(fd)
+      fd = None
+  if enabled and jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    free = bool(np.min(multihost_utils.process_allgather(np.int32(free))))
+  if not free:
+    raise ValueError(
+        f"Another run is training in {workdir} (it holds the folder's "
+        "lock): wait for it to end or stop it, or use a new --workdir.")
+  try:
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)  # releases the lock
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates and checkpoints; returns the final metrics.
 
   Resumes from the latest checkpoint in ``workdir`` if there is one.
   WORKDIR/config.json is written once the run starts from step 0 or its
-  checkpoint was restored, so a refused relaunch leaves it alone.
+  checkpoint was restored, so a refused relaunch leaves it alone. One run
+  at a time trains in a workdir (a dry run does not count).
   """
   _check_config(config)
   try:
     workdir = config_utils.make_workdir(workdir)
   except ValueError as e:
     raise ValueError(f"workdir {workdir!r}: {e}.") from None
+  with _only_run_in(workdir, enabled=not config.dry_run):
+    return _train_and_evaluate(config, workdir)
 
+
+def _train_and_evaluate(config, workdir: str) -> dict:
+  """train_and_evaluate in a workdir made and held."""
   task = tasks.get_task(config, workdir)
   logging.info("Task %s: data from %s; %s", task.name, task.data_dir,
                {k: len(v) for k, v in task.sources.items()})
@@ -455,14 +497,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir)
   train_iter = input_pipeline.train_iterator(
       task.sources["train"], config.batch_size, config.data_seed)
+  best = None
   try:
     restored = _restore(ckpt, state, config, workdir)
+    if restored is not None:
+      state, data_state = restored
+      best = data_state.pop("best_eval", None)  # absent in older ones
+      train_iter.set_state(data_state)
+    saved = ckpt.best_info()
   except ValueError:
     ckpt.close()
     raise
   if restored is not None:
-    state, data_state = restored
-    train_iter.set_state(data_state)
     logging.info("Resuming from step %d.", int(state["step"]))
     if jax.process_index() == 0:
       print(f"Resuming from step {int(state['step'])}", flush=True)
@@ -470,8 +516,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # The validation metric that picks the best parameters.
   metric, higher = (("eval_perplexity", False) if task.kind == "lm" else
                     ("eval_accuracy", True))
-  best = ckpt.best_info() or {metric: -1.0 if higher else float("inf"),
-                              "step": -1}
+  better = lambda a, b: a > b if higher else a < b
+  # best/ holds the parameters of the best evaluation the workdir has seen
+  # (``saved``), those of a killed segment after its checkpoint included;
+  # the rows and the console report the best up to each step (``best``,
+  # saved with every checkpoint), as an unbroken run does.
+  none = {metric: -1.0 if higher else float("inf"), "step": -1}
+  saved = saved or none
+  if best is None:  # a run from step 0, or a checkpoint without it
+    best = none if restored is None else saved
 
   writer = metrics_lib.MetricWriter(workdir)
   step = start = int(state["step"])
@@ -483,10 +536,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   rates = []  # steps/s per log interval of this segment
 
   def save(step):
-    ckpt.save(step, state, train_iter.get_state())
+    ckpt.save(step, state, {**train_iter.get_state(), "best_eval": best})
 
   # SIGTERM / SIGINT: finish the step, save it, stop (TrainingStopped).
-  stop = _StopSignals()
+  stop, stopped = _StopSignals(), False
   with stop.installed():
     while step < total_steps:
       batch = trainer.global_batch(next(train_iter))
@@ -495,8 +548,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                          step_sums)
       step += 1
       if step == start + 1:
-        # This step compiled the step function: the rate starts after it.
-        jax.block_until_ready(step_sums)
+        # This step compiled the step function, and the small computations
+        # of a log line (adding steps' sums, the learning rate) compile at
+        # their first use: the rate starts after both.
+        jax.block_until_ready((step_sums, schedule(step),
+                               jax.tree.map(jnp.add, step_sums, step_sums)))
         progress.restart(step)
       is_last = step == total_steps
       log_now = step % config.log_every == 0 or is_last
@@ -505,11 +561,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if log_now or ckpt_now:
         sums = jax.device_get(sums)
         if sums["nonfinite"] > 0:
+          last = ckpt.latest_step()
           raise NonFiniteLossError(
               f"Training loss became NaN or inf between steps {step - 1} and "
-              f"{step} (or earlier since the last log). Stopping; the last "
-              f"good checkpoint is step {ckpt.latest_step()} in {workdir}. "
-              "Lower optimizer.learning_rate or set optimizer.grad_clip.")
+              f"{step} (or earlier since the last log). Stopping; "
+              + (f"the last good checkpoint is step {last} in {workdir}. "
+                 if last is not None else
+                 f"no checkpoint was saved yet in {workdir}. ")
+              + "Lower optimizer.learning_rate or set optimizer.grad_clip.")
         n = sums["count"]
         scalars = {"train_loss": sums["loss"] / n,
                    "train_accuracy": sums["correct"] / n,
@@ -521,16 +580,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.write(step, scalars)
         sums = None
         last_logged = step
-        if ckpt_now:
-          save(step)
-          last_saved = step
+      # Evaluation comes before the checkpoint of the same step: a run
+      # killed during it resumes from the checkpoint before and evaluates
+      # again, rather than from this step with the evaluation lost.
       if eval_now:
         ev = trainer.evaluate(state["params"], "val")
         ev = {"eval" + k[len("val"):]: v for k, v in ev.items()}
-        if (ev[metric] > best[metric]) if higher else (
-            ev[metric] < best[metric]):
+        if better(ev[metric], best[metric]):
           best = {metric: ev[metric], "step": step}
-          ckpt.save_best(step, state["params"], best)
+        if better(ev[metric], saved[metric]):
+          saved = {metric: ev[metric], "step": step}
+          ckpt.save_best(step, state["params"], saved)
         ev["best_" + metric] = best[metric]
         writer.write(step, ev)
         if jax.process_index() == 0:
@@ -538,19 +598,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"loss {ev['eval_loss']:.4f} (best "
                 f"{best[metric]:.4f} at step {best['step']})",
                 flush=True)
+      if ckpt_now:
+        save(step)
+        last_saved = step
+      if eval_now:
         progress.restart(step)  # Evaluation time is no training time.
       if stop.requested(sync_point=log_now or ckpt_now):
+        stopped = True
         break
   if last_saved != step:
     save(step)
   ckpt.wait()
-  if stop.signum is not None and step < total_steps:
+  if stopped:
+    # Also at the last step (the signal came during its evaluation, say):
+    # the test evaluation is left to the relaunch, which does only that.
     writer.close()
     ckpt.close()
     raise TrainingStopped(
         f"Stopped by {signal.Signals(stop.signum).name} at step {step} of "
         f"{total_steps}; checkpoint saved in {workdir}. Launch the same "
-        "command again to resume.", stop.signum)
+        "command again to "
+        + ("resume." if step < total_steps else "evaluate on the test split."),
+        stop.signum)
 
   # Final evaluation: test with the final and the best-on-val parameters.
   results = trainer.evaluate(state["params"], "test")
@@ -559,8 +628,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     b = trainer.evaluate(best_params, "test")
     results.update({f"{k}_best_eval": v for k, v in b.items()
                     if not k.endswith("_tokens")})
-    results.update({"best_" + metric: best[metric],
-                    "best_eval_step": best["step"]})
+    results.update({"best_" + metric: saved[metric],
+                    "best_eval_step": saved["step"]})
   writer.write(step, results)
   writer.close()
   ckpt.close()

@@ -1,0 +1,475 @@
+"""Interrupted, damaged and doubled runs: what a relaunch finds and says.
+
+* A run killed while it evaluates at a checkpoint step, or while it writes
+  a checkpoint, ends, once relaunched, with the metrics rows, best
+  parameters and final parameters of a run that was never interrupted.
+* A checkpoint that cannot be read (cut short, part missing) or a
+  checkpoint folder that cannot be written is a one-line error naming the
+  folder and what to do, raised at once: never a traceback, nor a process
+  that waits minutes before it exits.
+* A second launch into a workdir where a run still trains is refused; a
+  stopped launcher of runs on several GPUs stops its runs.
+* The progress line's steps/s times no compilation.
+
+The kills are real (SIGKILL of a training process at a chosen moment), so
+this file is also the worker: ``python tests/test_resume.py kill
+DATA_DIR WORKDIR MOMENT STEP CHECKPOINT_EVERY``.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from htransformer import checkpoint as ckpt_lib
+from htransformer import metrics as metrics_lib
+from htransformer import train
+from tests.scripts_helper import ROOT, child_env
+from tests.test_train import saved_params, tiny_config
+
+# 8 steps: logs every 2, evaluates and checkpoints every 4.
+RUN = {"num_train_steps": 8, "log_every": 2, "eval_every": 4,
+       "checkpoint_every": 4}
+# The same, evaluated at every step.
+EVERY_STEP = {**RUN, "eval_every": 1}
+
+
+def kill_worker(data_dir, workdir, moment, kill_step, checkpoint_every):
+  """Trains ``EVERY_STEP`` (checkpoints every ``checkpoint_every``) and
+  SIGKILLs itself at ``moment`` of step ``kill_step``: ``eval`` (the
+  validation's first read) or ``save`` (the checkpoint begun, its writing
+  in the background)."""
+  from htransformer import tasks  # pylint: disable=g-import-not-at-top
+
+  def kill():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+  save = ckpt_lib.Checkpointer.save
+
+  def save_then(self, step, state, data_state):
+    save(self, step, state, data_state)
+    if moment == "save" and step == kill_step:
+      kill()
+    # Anything else is on disk before training goes on, so what the kill
+    # leaves does not depend on how fast orbax writes in the background.
+    self.wait()
+
+  ckpt_lib.Checkpointer.save = save_then
+
+  class KilledAtEval:
+    """The validation split; its first read at step ``kill_step`` kills."""
+
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      rows = metrics_lib.read_metrics(workdir)
+      if moment == "eval" and rows and rows[-1]["step"] == kill_step:
+        kill()
+      return self.source[i]
+
+  get_task = tasks.get_task
+
+  def get_task_killed_at_eval(*args, **kwargs):
+    task = get_task(*args, **kwargs)
+    task.sources["val"] = KilledAtEval(task.sources["val"])
+    return task
+
+  tasks.get_task = get_task_killed_at_eval
+  train.train_and_evaluate(
+      tiny_config(data_dir, **{**EVERY_STEP,
+                               "checkpoint_every": checkpoint_every}),
+      workdir)
+
+
+def _rows(workdir):
+  """metrics.jsonl without steps/s (it differs from run to run)."""
+  return [{k: v for k, v in r.items() if k != "steps_per_sec"}
+          for r in metrics_lib.read_metrics(str(workdir))]
+
+
+def test_killed_runs_end_as_an_unbroken_one(tiny_data, tmp_path):
+  """Killed while evaluating the last step, or while writing its
+  checkpoint: the relaunch evaluates steps 5 to 8 again (resumed from the
+  checkpoint of step 4; with checkpoints only at the end, from the start)
+  and ends with the metrics rows, best checkpoint and parameters of an
+  unbroken run; the rows it writes again report the best evaluation up to
+  their step, not the killed run's later one."""
+  # name: (moment, checkpoint_every); the rows do not depend on the latter
+  # (log_every 2 logs every checkpoint step too).
+  kills = {"in_eval": ("eval", 8), "in_save": ("save", 4)}
+  procs = {
+      name: subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), "kill", tiny_data,
+           str(tmp_path / name), moment, "8", str(every)],
+          cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
+          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for name, (moment, every) in kills.items()}
+  c = tiny_config(tiny_data, **EVERY_STEP)
+  train.train_and_evaluate(c, str(tmp_path / "straight"))
+  for name, p in procs.items():
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == -signal.SIGKILL, f"{name}:\n{out[-3000:]}"
+  # What the kills left: no evaluation of step 8; its checkpoint unfinished.
+  assert [r["step"] for r in _rows(tmp_path / "in_eval")
+          if "eval_loss" in r] == list(range(1, 8))
+  assert "8" not in os.listdir(tmp_path / "in_save" / "checkpoints")
+
+  straight = _rows(tmp_path / "straight")
+  evals = {r["step"]: r for r in straight if "eval_loss" in r}
+  assert list(evals) == list(range(1, 9))
+  # What makes the rows of steps 5-7 tell: the best evaluation before step
+  # 8 comes after step 5.
+  top = max(evals[s]["eval_accuracy"] for s in range(1, 8))
+  assert evals[5]["best_eval_accuracy"] < top, evals
+  _, want = saved_params(str(tmp_path / "straight"))
+  for name, (_, every) in kills.items():
+    train.train_and_evaluate(
+        tiny_config(tiny_data, **{**EVERY_STEP, "checkpoint_every": every}),
+        str(tmp_path / name))
+    assert _rows(tmp_path / name) == straight, name
+    assert os.listdir(tmp_path / name / "best") == os.listdir(
+        tmp_path / "straight" / "best"), name
+    step, got = saved_params(str(tmp_path / name))
+    assert step == 8
+    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(x, y)
+    assert sorted(os.listdir(tmp_path / name / "checkpoints")) == (
+        ["8"] if every == 8 else ["4", "8"])
+    assert (json.load(open(tmp_path / name / "results.json"))
+            ["test_accuracy_best_eval"] == json.load(open(
+                tmp_path / "straight" / "results.json"))
+            ["test_accuracy_best_eval"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+  """A run of 8 steps with checkpoints at 4 and 8."""
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  train.train_and_evaluate(tiny_config(tiny_data, **RUN), str(workdir))
+  return workdir
+
+
+def _damage_arrays(step_dir):
+  for root, _, files in os.walk(step_dir / "state"):
+    if "/d" in root[len(str(step_dir)):]:
+      for f in files:
+        open(os.path.join(root, f), "w").close()
+
+
+@pytest.mark.parametrize("damage", [
+    "arrays cut short", "no state", "no data", "data not JSON", "empty",
+    "best info not JSON"])
+def test_unreadable_checkpoint_is_a_clear_error(tiny_data, finished_run,
+                                                tmp_path, damage):
+  """A relaunch over a damaged checkpoint names its folder and what to do
+  (delete it: resume from the checkpoint before), in one line, and
+  leaves the run's files alone."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  if damage.startswith("best"):
+    folder, step = "best", int(os.listdir(workdir / "best")[0])
+  else:
+    folder, step = "checkpoints", 8
+  step_dir = workdir / folder / str(step)
+  if damage == "arrays cut short":
+    _damage_arrays(step_dir)
+  elif damage == "no state":
+    shutil.rmtree(step_dir / "state")
+  elif damage == "no data":
+    shutil.rmtree(step_dir / "data")
+  elif damage == "data not JSON":
+    (step_dir / "data" / "metadata").write_text("{next_index")
+  elif damage == "empty":
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+  else:
+    (step_dir / "info" / "metadata").write_text("{step")
+  files = ("config.json", "metrics.jsonl", "results.json")
+  before = {f: (workdir / f).read_bytes() for f in files}
+  c = tiny_config(tiny_data, **{**RUN, "num_train_steps": 12})
+  with pytest.raises(ValueError) as e:  # main prints it as "Error: ..."
+    train.train_and_evaluate(c, str(workdir))
+  message = str(e.value)
+  assert "\n" not in message
+  assert f"The checkpoint of step {step} in {step_dir} cannot be read (" in (
+      message)
+  if folder == "checkpoints":
+    assert (f"Delete {step_dir} to resume from step 4, the checkpoint before "
+            "it, or use a new --workdir." in message)
+  else:
+    assert f"Delete {step_dir} to go on without the best-on-validation" in (
+        message)
+  assert {f: (workdir / f).read_bytes() for f in files} == before
+  if damage in ("arrays cut short", "best info not JSON"):
+    shutil.rmtree(step_dir)  # Doing what it says resumes.
+    results = train.train_and_evaluate(c, str(workdir))
+    assert saved_params(str(workdir))[0] == 12
+    # best/ holds what results.json says it evaluated.
+    assert os.listdir(workdir / "best") == [str(results["best_eval_step"])]
+
+
+_SAVE_INTO_A_FILE = """
+import os, shutil, sys, time
+import jax.numpy as jnp
+from htransformer import checkpoint as ckpt_lib
+workdir = sys.argv[1]
+ckpt = ckpt_lib.Checkpointer(workdir)
+state = {"step": jnp.zeros((), jnp.int32), "w": jnp.ones((4, 4))}
+ckpt.save(1, state, {"next_index": 1})
+ckpt.wait()
+# The disk goes away under the run: its step folder cannot be made.
+shutil.rmtree(os.path.join(workdir, "checkpoints"))
+open(os.path.join(workdir, "checkpoints"), "w").close()
+try:
+  ckpt.save(2, state, {"next_index": 2})
+  ckpt.wait()
+except Exception as e:  # pylint: disable=broad-except
+  print(f"{type(e).__name__}: {e}")
+ckpt.close()
+"""
+
+
+def test_unwritable_checkpoint_folder_is_a_clear_error(tiny_data, tmp_path):
+  """A checkpoint folder that cannot be written: refused before training
+  starts, in one line; one that fails later (a full disk) raises at the
+  save, and the process exits at once (a failure in orbax's background
+  threads held it for 5 minutes)."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("not a folder")
+  args = ["--config=configs/listops.py:quick", f"--workdir={workdir}",
+          f"--config.data_dir={tiny_data}", "--config.max_length=40",
+          "--config.num_train_steps=4", "--config.checkpoint_every=2"]
+  start = time.time()
+  r = subprocess.run([sys.executable, "-m", "htransformer.main", *args],
+                     cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=200)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith("Error: ")]
+  assert errors == [f"Error: Checkpoint folder {workdir / 'checkpoints'}: "
+                    "exists and is not a folder."], r.stderr[-3000:]
+  assert not (workdir / "metrics.jsonl").exists()  # nothing trained
+
+  r = subprocess.run([sys.executable, "-c", _SAVE_INTO_A_FILE,
+                      str(tmp_path / "later")], cwd=ROOT,
+                     env=child_env(JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=200)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (f"CheckpointError: Could not write a checkpoint in "
+          f"{tmp_path / 'later' / 'checkpoints'} (NotADirectoryError" in
+          r.stdout), r.stdout + r.stderr[-3000:]
+  assert time.time() - start < 150
+
+
+def test_second_run_in_a_workdir_is_refused(tiny_data, tmp_path):
+  """A launch into a workdir where a run still trains is refused (both
+  would write the same checkpoints and metrics.jsonl: rows twice, orbax
+  failing on the other's files); the training run goes on, and once it
+  ends, even killed, a relaunch resumes."""
+  workdir = tmp_path / "run"
+  run = {**RUN, "num_train_steps": 100000, "checkpoint_every": 2}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "htransformer.main",
+       "--config=configs/listops.py:quick", f"--workdir={workdir}",
+       f"--config.data_dir={tiny_data}", "--config.max_length=40",
+       "--config.model.num_layers=1", "--config.model.emb_dim=32",
+       "--config.model.qkv_dim=32", "--config.model.mlp_dim=32",
+       "--config.model.num_heads=2", "--config.model.block_size=4",
+       "--config.batch_size=8", "--config.eval_batch_size=16",
+       "--config.optimizer.warmup_steps=4",
+       *[f"--config.{k}={v}" for k, v in run.items()]],
+      cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 200
+    while (ckpt_lib.latest_step(str(workdir)) is None and
+           proc.poll() is None and time.time() < deadline):
+      time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    before = _rows(workdir)
+    # The same run, relaunched while it trains (in this process).
+    with pytest.raises(ValueError, match=(
+        f"Another run is training in {workdir} .*: wait for it to end or "
+        "stop it, or use a new --workdir.")):
+      train.train_and_evaluate(
+          tiny_config(tiny_data, **{**run, "num_train_steps": 400}),
+          str(workdir))
+    assert proc.poll() is None
+    assert _rows(workdir)[:len(before)] == before
+  finally:
+    proc.kill()
+    proc.wait()
+  step = ckpt_lib.latest_step(str(workdir))
+  train.train_and_evaluate(  # only evaluates the checkpoint
+      tiny_config(tiny_data, **{**run, "num_train_steps": step}),
+      str(workdir))
+  assert json.load(open(workdir / "results.json"))["num_train_steps"] == step
+
+
+_JOB = """
+import os, signal, sys, time
+name = sys.argv[1]
+def stop(signum, frame):
+  open(name + ".stopped", "w").close()
+  sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+with open(name + ".pid", "w") as f:
+  f.write(str(os.getpid()))
+time.sleep(120)
+"""
+
+_LAUNCHER = """
+import sys
+from htransformer import launch
+jobs = [(n, [sys.executable, "-c", sys.argv[1], n], n + ".log")
+        for n in ("a", "b", "c")]
+launch.run_on_gpus(jobs, ["0", "1"], poll_s=0.05)
+"""
+
+
+def test_stopped_launcher_stops_its_runs(tmp_path):
+  """SIGTERM to the launcher of runs on several GPUs (scripts/sweep.py
+  --gpus) passes on to the runs (a training run saves and exits) and
+  starts no more, instead of leaving them running with no launcher."""
+  proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _JOB],
+                          cwd=tmp_path, env=child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  pids = []
+  try:
+    deadline = time.time() + 60
+    while len(pids) < 2 and time.time() < deadline:
+      time.sleep(0.05)
+      pids = [int(open(tmp_path / f"{n}.pid").read()) for n in "ab"
+              if (tmp_path / f"{n}.pid").exists() and
+              (tmp_path / f"{n}.pid").read_text()]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGTERM, out
+    assert (tmp_path / "a.stopped").exists(), out
+    assert (tmp_path / "b.stopped").exists(), out
+    assert not (tmp_path / "c.log").exists(), out
+    for pid in pids:
+      with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    for pid in pids:
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+
+
+def test_progress_rate_times_no_compilation(tiny_data, tmp_path,
+                                            monkeypatch):
+  """No XLA compilation falls inside a progress line's timed interval
+  (the learning rate and the sums of the first log line compiled inside
+  the first one, which read several times too slow on a GPU), also in a
+  resumed run."""
+  compiles, intervals = [], []
+
+  def on_event(event, duration, **kwargs):
+    del kwargs
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      compiles.append((time.time() - duration, time.time()))
+
+  class Timed(metrics_lib.Progress):
+    def report(self, step, scalars):
+      since = (self._clock if step > self._clock[0] else self._line)[1]  # pylint: disable=protected-access
+      rate = super().report(step, scalars)
+      intervals.append((step, since, self._line[1]))  # pylint: disable=protected-access
+      return rate
+
+  monkeypatch.setattr(metrics_lib, "Progress", Timed)
+  jax.clear_caches()  # compiled by earlier tests, as by none in a new run
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    c = tiny_config(tiny_data, **{**RUN, "log_every": 5})
+    train.train_and_evaluate(c, str(tmp_path))
+    c = tiny_config(tiny_data, **{**RUN, "num_train_steps": 16,
+                                  "log_every": 5})
+    train.train_and_evaluate(c, str(tmp_path))  # resumed at step 8
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  # Log and checkpoint steps, the last.
+  assert [s for s, _, _ in intervals] == [4, 5, 8, 10, 12, 15, 16]
+  assert compiles
+  inside = [(s, round(b - a, 3)) for s, a, b in intervals
+            for c0, c1 in compiles if c1 > a and c0 < b]
+  assert not inside, inside
+
+
+def test_divergence_before_the_first_checkpoint_says_so(tiny_data, tmp_path):
+  c = tiny_config(tiny_data, **{**RUN, "optimizer.learning_rate": 1e30})
+  with pytest.raises(train.NonFiniteLossError) as e:
+    train.train_and_evaluate(c, str(tmp_path))
+  assert f"no checkpoint was saved yet in {tmp_path}." in str(e.value)
+  assert "None" not in str(e.value)
+
+
+def test_sigterm_during_the_last_evaluation_stops_before_the_test(
+    tiny_data, tmp_path, monkeypatch):
+  """SIGTERM (``timeout``, a scheduler) while the last step evaluates: the
+  run stops there, as at any other step, instead of going on into the
+  test evaluation; the relaunch only evaluates on the test split."""
+  from htransformer import tasks  # pylint: disable=g-import-not-at-top
+  get_task = tasks.get_task
+  workdir = str(tmp_path)
+
+  class TermAtLastEval:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      rows = metrics_lib.read_metrics(workdir)
+      if i == 0 and rows and rows[-1]["step"] == RUN["num_train_steps"]:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return self.source[i]
+
+  def with_val_signalling(*args, **kwargs):
+    task = get_task(*args, **kwargs)
+    task.sources["val"] = TermAtLastEval(task.sources["val"])
+    return task
+
+  monkeypatch.setattr(tasks, "get_task", with_val_signalling)
+  c = tiny_config(tiny_data, **RUN)
+  with pytest.raises(train.TrainingStopped,
+                     match="at step 8 of 8; .* evaluate on the test split"):
+    train.train_and_evaluate(c, workdir)
+  assert saved_params(workdir)[0] == 8
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  assert not any("test_loss" in r for r in metrics_lib.read_metrics(workdir))
+
+  monkeypatch.setattr(tasks, "get_task", get_task)
+  results = train.train_and_evaluate(c, workdir)
+  assert "test_accuracy" in results
+  rows = metrics_lib.read_metrics(workdir)
+  assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
+  assert [r["step"] for r in rows if "test_loss" in r] == [8]
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "kill":
+    sys.path.insert(0, ROOT)
+    kill_worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                int(sys.argv[6]))
