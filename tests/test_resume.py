@@ -45,7 +45,7 @@ def kill_worker(data_dir, workdir, moment, kill_step, checkpoint_every):
   """Trains ``EVERY_STEP`` (checkpoints every ``checkpoint_every``) and
   SIGKILLs itself at ``moment`` of step ``kill_step``: ``eval`` (the
   validation's first read) or ``save`` (the checkpoint begun, its writing
-  in the background)."""
+  in the background); ``none``: trains to the end."""
   from htransformer import tasks  # pylint: disable=g-import-not-at-top
 
   def kill():
@@ -109,22 +109,33 @@ def test_killed_runs_end_as_an_unbroken_one(tiny_data, tmp_path):
   # name: (moment, checkpoint_every); the rows do not depend on the latter
   # (log_every 2 logs every checkpoint step too).
   kills = {"in_eval": ("eval", 8), "in_save": ("save", 4)}
-  procs = {
-      name: subprocess.Popen(
-          [sys.executable, os.path.abspath(__file__), "kill", tiny_data,
-           str(tmp_path / name), moment, "8", str(every)],
-          cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
-          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for name, (moment, every) in kills.items()}
-  c = tiny_config(tiny_data, **EVERY_STEP)
-  train.train_and_evaluate(c, str(tmp_path / "straight"))
+
+  def worker(name, moment, every):
+    # Every run in a CPU process of its own, the uninterrupted one and the
+    # relaunches too: the runs compare bit for bit, so they must not mix
+    # devices (the suite may run in-process tests on a GPU).
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "kill", tiny_data,
+         str(tmp_path / name), moment, "8", str(every)],
+        cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  procs = {name: worker(name, moment, every)
+           for name, (moment, every) in kills.items()}
+  procs["straight"] = worker("straight", "none", 4)
   for name, p in procs.items():
     out = p.communicate(timeout=300)[0]
-    assert p.returncode == -signal.SIGKILL, f"{name}:\n{out[-3000:]}"
+    want_rc = 0 if name == "straight" else -signal.SIGKILL
+    assert p.returncode == want_rc, f"{name}:\n{out[-3000:]}"
   # What the kills left: no evaluation of step 8; its checkpoint unfinished.
   assert [r["step"] for r in _rows(tmp_path / "in_eval")
           if "eval_loss" in r] == list(range(1, 8))
   assert "8" not in os.listdir(tmp_path / "in_save" / "checkpoints")
+  relaunched = {name: worker(name, "none", every)
+                for name, (_, every) in kills.items()}
+  for name, p in relaunched.items():
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, f"{name}:\n{out[-3000:]}"
 
   straight = _rows(tmp_path / "straight")
   evals = {r["step"]: r for r in straight if "eval_loss" in r}
@@ -135,9 +146,6 @@ def test_killed_runs_end_as_an_unbroken_one(tiny_data, tmp_path):
   assert evals[5]["best_eval_accuracy"] < top, evals
   _, want = saved_params(str(tmp_path / "straight"))
   for name, (_, every) in kills.items():
-    train.train_and_evaluate(
-        tiny_config(tiny_data, **{**EVERY_STEP, "checkpoint_every": every}),
-        str(tmp_path / name))
     assert _rows(tmp_path / name) == straight, name
     assert os.listdir(tmp_path / name / "best") == os.listdir(
         tmp_path / "straight" / "best"), name
