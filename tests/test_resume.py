@@ -41,6 +41,30 @@ RUN = {"num_train_steps": 8, "log_every": 2, "eval_every": 4,
 EVERY_STEP = {**RUN, "eval_every": 1}
 
 
+def with_val_watched(get_task, before_read):
+  """``get_task`` whose task calls ``before_read(i)`` before each read of
+  its validation split (to act at a chosen moment of an evaluation)."""
+
+  class Watched:
+
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      before_read(i)
+      return self.source[i]
+
+  def watched(*args, **kwargs):
+    task = get_task(*args, **kwargs)
+    task.sources["val"] = Watched(task.sources["val"])
+    return task
+
+  return watched
+
+
 def kill_worker(data_dir, workdir, moment, kill_step, checkpoint_every):
   """Trains ``EVERY_STEP`` (checkpoints every ``checkpoint_every``) and
   SIGKILLs itself at ``moment`` of step ``kill_step``: ``eval`` (the
@@ -64,29 +88,13 @@ def kill_worker(data_dir, workdir, moment, kill_step, checkpoint_every):
 
   ckpt_lib.Checkpointer.save = save_then
 
-  class KilledAtEval:
-    """The validation split; its first read at step ``kill_step`` kills."""
+  def before_val_read(i):
+    del i
+    rows = metrics_lib.read_metrics(workdir)
+    if moment == "eval" and rows and rows[-1]["step"] == kill_step:
+      kill()
 
-    def __init__(self, source):
-      self.source = source
-
-    def __len__(self):
-      return len(self.source)
-
-    def __getitem__(self, i):
-      rows = metrics_lib.read_metrics(workdir)
-      if moment == "eval" and rows and rows[-1]["step"] == kill_step:
-        kill()
-      return self.source[i]
-
-  get_task = tasks.get_task
-
-  def get_task_killed_at_eval(*args, **kwargs):
-    task = get_task(*args, **kwargs)
-    task.sources["val"] = KilledAtEval(task.sources["val"])
-    return task
-
-  tasks.get_task = get_task_killed_at_eval
+  tasks.get_task = with_val_watched(tasks.get_task, before_val_read)
   train.train_and_evaluate(
       tiny_config(data_dir, **{**EVERY_STEP,
                                "checkpoint_every": checkpoint_every}),
@@ -441,25 +449,13 @@ def test_sigterm_during_the_last_evaluation_stops_before_the_test(
   get_task = tasks.get_task
   workdir = str(tmp_path)
 
-  class TermAtLastEval:
-    def __init__(self, source):
-      self.source = source
+  def before_val_read(i):
+    rows = metrics_lib.read_metrics(workdir)
+    if i == 0 and rows and rows[-1]["step"] == RUN["num_train_steps"]:
+      os.kill(os.getpid(), signal.SIGTERM)
 
-    def __len__(self):
-      return len(self.source)
-
-    def __getitem__(self, i):
-      rows = metrics_lib.read_metrics(workdir)
-      if i == 0 and rows and rows[-1]["step"] == RUN["num_train_steps"]:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return self.source[i]
-
-  def with_val_signalling(*args, **kwargs):
-    task = get_task(*args, **kwargs)
-    task.sources["val"] = TermAtLastEval(task.sources["val"])
-    return task
-
-  monkeypatch.setattr(tasks, "get_task", with_val_signalling)
+  monkeypatch.setattr(tasks, "get_task",
+                      with_val_watched(get_task, before_val_read))
   c = tiny_config(tiny_data, **RUN)
   with pytest.raises(train.TrainingStopped,
                      match="at step 8 of 8; .* evaluate on the test split"):
