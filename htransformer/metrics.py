@@ -93,12 +93,22 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All rows of WORKDIR/metrics.jsonl (empty if there is none)."""
+  """All rows of WORKDIR/metrics.jsonl (empty if there is none). A line cut
+  short (a run killed while writing it, or one being written now) is left
+  out, as a resume drops it (``MetricWriter.rewind``)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict):
+        rows.append(row)
+  return rows
 
 
 class Progress:

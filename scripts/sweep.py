@@ -51,6 +51,7 @@ sys.path.insert(0, ROOT)
 
 from htransformer import config_utils  # noqa: E402
 from htransformer import launch  # noqa: E402
+from htransformer import metrics as metrics_lib  # noqa: E402
 
 LAUNCH = ("local", "print", "collect")
 
@@ -144,20 +145,11 @@ def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def read_rows(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl; a line cut short (a run killed while
-  writing it, or being written now) is left out."""
-  rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(row, dict) and _is_number(row.get("step")):
-          rows.append(row)
-  return rows
+def read_rows(workdir: str) -> list[dict]:
+  """The rows of a run's metrics.jsonl that carry a step (a line cut short
+  by a kill is left out)."""
+  return [r for r in metrics_lib.read_metrics(workdir)
+          if _is_number(r.get("step"))]
 
 
 def summarize(workdir: str, metric: str | None = None) -> dict:
@@ -168,7 +160,7 @@ def summarize(workdir: str, metric: str | None = None) -> dict:
   ``eval_perplexity`` ("perplexity", a language model); None: the latter
   if the run logged a perplexity.
   """
-  rows = read_rows(os.path.join(workdir, "metrics.jsonl"))
+  rows = read_rows(workdir)
   if metric is None:
     metric = ("perplexity" if any("eval_perplexity" in r for r in rows)
               else "accuracy")

@@ -472,6 +472,15 @@ def test_sigterm_during_the_last_evaluation_stops_before_the_test(
   assert [r["step"] for r in rows if "test_loss" in r] == [8]
 
 
+def test_read_metrics_leaves_out_a_line_cut_short(tmp_path):
+  """A run killed while writing a row (and not yet resumed) leaves half a
+  line: the rows before it still read."""
+  rows = [{"step": 2, "train_loss": 1.5}, {"step": 4, "eval_loss": 1.25}]
+  text = "".join(json.dumps(r) + "\n" for r in rows)
+  (tmp_path / "metrics.jsonl").write_text(text + '{"step": 6, "train_lo')
+  assert metrics_lib.read_metrics(str(tmp_path)) == rows
+
+
 if __name__ == "__main__":
   if sys.argv[1] == "kill":
     sys.path.insert(0, ROOT)
