@@ -648,8 +648,12 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       results["tokens_per_sec"] = (results["steps_per_sec"] *
                                    config.batch_size * config.max_length)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    # Written whole, then renamed: a kill never leaves half a file that
+    # the sweep and reproduce scripts would take for a finished run.
+    path = os.path.join(workdir, "results.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
     print("Final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                 f"{k} {v}" for k, v in results.items()
                                 if k != "data"),
