@@ -33,7 +33,8 @@ def parse_gpus(text: str) -> list[str]:
   if len(parts) == 1 and parts[0].isdigit() and "," not in text:
     count = int(parts[0])
     if count < 1:
-      raise ValueError(f"--gpus={text!r}: need at least one GPU.")
+      raise ValueError(f"--gpus={text!r} is a count of no GPUs; for GPU 0 "
+                       "alone give --gpus=1 (a count) or --gpus=0, (a list).")
     return [str(i) for i in range(count)]
   if not parts or not all(p.isdigit() for p in parts):
     raise ValueError(f"--gpus={text!r} is not a count or a list of GPU "

@@ -146,6 +146,7 @@ def test_local_run_one_per_gpu(tmp_path):
     r = run_sweep("--config=configs/listops.py:quick", "--sweep=seed=1",
                   f"--workdir={tmp_path / 'w'}", f"--gpus={bad}")
     assert r.returncode == 2 and "--gpus" in r.stderr, r.stderr
+  assert "for GPU 0 alone give --gpus=1 (a count) or --gpus=0," in r.stderr
 
 
 def test_local_run(tmp_path):
