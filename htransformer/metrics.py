@@ -111,6 +111,18 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
+def read_record(workdir: str, name: str = "results.json") -> dict | None:
+  """The JSON object a run wrote into WORKDIR/``name`` (results.json,
+  config.json); None if it is missing, cut short (a run killed while
+  writing it) or not an object."""
+  try:
+    with open(os.path.join(workdir, name)) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
 class Progress:
   """Console progress line: step, steps/s, ETA and the latest numbers.
 

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shlex
 import subprocess
@@ -71,6 +70,7 @@ sys.path.insert(0, ROOT)
 
 from htransformer import config_utils  # noqa: E402  pylint: disable=g-import-not-at-top
 from htransformer import launch  # noqa: E402  pylint: disable=g-import-not-at-top
+from htransformer import metrics as metrics_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from htransformer.data import pathfinder  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
@@ -161,19 +161,13 @@ def collect(workdir: str, task: str, variant: str = "",
   task's own variant (``--task_variant``), shown in its cell; ``done`` (an
   unfinished run): (last logged step, the run's num_train_steps).
   """
-  cfg = _read_json(os.path.join(workdir, "config.json")) or {}
-  r = _read_json(os.path.join(workdir, "results.json"))
+  cfg = metrics_lib.read_record(workdir, "config.json") or {}
+  r = metrics_lib.read_record(workdir)
   if r is None or "test_accuracy" not in r:
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(metrics):
+    if not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
       return {"status": "not run"}
-    steps = []
-    with open(metrics) as f:
-      for line in f:
-        try:  # A line cut short by a kill (or being written) is left out.
-          steps.append(int(json.loads(line)["step"]))
-        except (ValueError, TypeError, KeyError):
-          pass
+    steps = [int(row["step"]) for row in metrics_lib.read_metrics(workdir)
+             if isinstance(row.get("step"), int)]
     out = {"status": "unfinished"}
     if steps and cfg.get("num_train_steps"):
       out["done"] = (max(steps), int(cfg["num_train_steps"]))
@@ -203,17 +197,6 @@ def collect(workdir: str, task: str, variant: str = "",
   if steps is not None and full is not None and int(steps) < full:
     out["steps"] = (int(steps), full)
   return out
-
-
-def _read_json(path: str) -> dict | None:
-  """The object in a JSON file; None if it is missing or cut short (a run
-  killed while writing it)."""
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
 
 
 def _cell(entry: dict | None) -> str:

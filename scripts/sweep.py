@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shlex
 import statistics
@@ -171,14 +170,8 @@ def summarize(workdir: str, metric: str | None = None) -> dict:
   last = lambda k: next((r[k] for r in reversed(rows) if k in r), None)
   rates = [r["steps_per_sec"] for r in rows
            if _is_number(r.get("steps_per_sec"))]
-  results_path = os.path.join(workdir, "results.json")
-  steps_per_sec = None
-  if os.path.exists(results_path):
-    try:
-      with open(results_path) as f:
-        steps_per_sec = json.load(f).get("steps_per_sec")
-    except ValueError:  # Being written, or cut short.
-      pass
+  steps_per_sec = (metrics_lib.read_record(workdir) or {}).get(
+      "steps_per_sec")
   if steps_per_sec is None and rates:
     # The first rate may include compilation (runs logged before the clock
     # started after the first step, or a first step logged itself).
