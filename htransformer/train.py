@@ -353,14 +353,19 @@ def _logged_rates(workdir: str, last_step: int) -> list[float]:
           if "steps_per_sec" in row and row["step"] <= last_step]
 
 
-def _write_config(config, workdir: str):
-  """WORKDIR/config.json (process 0), replaced in one rename."""
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, "config.json")
+def _write_whole(path: str, text: str):
+  """Writes ``path`` in one rename: a kill never leaves half a file (that
+  a relaunch, or the sweep and reproduce scripts, would misread)."""
   with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    f.write(text)
   os.replace(path + ".tmp", path)
+
+
+def _write_config(config, workdir: str):
+  """WORKDIR/config.json (process 0)."""
+  if jax.process_index() == 0:
+    _write_whole(os.path.join(workdir, "config.json"),
+                 config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -648,12 +653,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       results["tokens_per_sec"] = (results["steps_per_sec"] *
                                    config.batch_size * config.max_length)
   if jax.process_index() == 0:
-    # Written whole, then renamed: a kill never leaves half a file that
-    # the sweep and reproduce scripts would take for a finished run.
-    path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    _write_whole(os.path.join(workdir, "results.json"),
+                 json.dumps(results, indent=2, sort_keys=True))
     print("Final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                 f"{k} {v}" for k, v in results.items()
                                 if k != "data"),
