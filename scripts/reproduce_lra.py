@@ -62,7 +62,6 @@ import argparse
 import functools
 import os
 import shlex
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -400,9 +399,8 @@ def main(argv=None) -> int:
     else:
       for name, cmd, _ in jobs:
         show(name, cmd)
-        if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode:
-          failed.append(name)
-          print(f"[{name}] FAILED (continuing)", flush=True)
+      failed = launch.run_in_turn([(name, cmd) for name, cmd, _ in jobs],
+                                  env, cwd=ROOT)
   entries = {(t, m): collect(workdir_for(root, t, m, variants[t]), t,
                              variants[t], recipes.get(t, ""))
              for t in TASKS for m in MODELS}

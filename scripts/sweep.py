@@ -42,7 +42,6 @@ import itertools
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -302,11 +301,7 @@ def main(argv=None) -> int:
           [(n, c, os.path.join(sweep_dir, n, "log.txt"))
            for n, c in zip(names, commands)], args.gpus, env, cwd=ROOT)
     else:
-      for i, (name, cmd) in enumerate(zip(names, commands)):
-        print(f"[{i + 1}/{len(commands)}] {name}", flush=True)
-        if subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode:
-          failed.append(name)
-          print(f"Run {name} failed.", file=sys.stderr, flush=True)
+      failed = launch.run_in_turn(list(zip(names, commands)), env, cwd=ROOT)
 
   if names is None:
     names = run_dirs(sweep_dir)

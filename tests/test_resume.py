@@ -24,12 +24,16 @@ import subprocess
 import sys
 import time
 
+from flax import nnx
 import jax
 import numpy as np
 import pytest
 
 from htransformer import checkpoint as ckpt_lib
+from htransformer import config_utils
 from htransformer import metrics as metrics_lib
+from htransformer import optim
+from htransformer import tasks
 from htransformer import train
 from tests.scripts_helper import ROOT, child_env
 from tests.test_train import saved_params, tiny_config
@@ -240,6 +244,49 @@ def test_unreadable_checkpoint_is_a_clear_error(tiny_data, finished_run,
     assert os.listdir(workdir / "best") == [str(results["best_eval_step"])]
 
 
+def _abstract_state(workdir):
+  """The training state's structure for the run in ``workdir``, built as
+  the readers of finished runs (sampling, inspect_classifier) build it."""
+  config = config_utils.read_run_config(str(workdir))
+  task = tasks.get_task(config, str(workdir))
+  _, params = nnx.split(train.build_model(config, task, config.seed),
+                        nnx.Param)
+  tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
+  return train.abstract_state(params, tx)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_reading_a_damaged_checkpoint_of_a_finished_run(finished_run,
+                                                        tmp_path):
+  """restore_params (sampling, inspect_classifier) names the damaged
+  checkpoint and what to do, in one line, as a CheckpointError (main
+  programs print ValueErrors as "Error: ..."); the undamaged best one
+  still reads."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  abstract_state = _abstract_state(workdir)
+  step_dir = workdir / "checkpoints" / "8"
+  _damage_arrays(step_dir)
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    ckpt_lib.restore_params(str(workdir), abstract_state)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(
+      f"The checkpoint of step 8 in {step_dir} cannot be read ("), message
+  assert message.endswith(
+      "Copy the run's folder again in full, or delete "
+      f"{step_dir} to read step 4."), message
+  step, params = ckpt_lib.restore_params(str(workdir), abstract_state,
+                                         best=True)
+  assert step == int(os.listdir(workdir / "best")[0])
+  assert jax.tree.leaves(params)
+  shutil.rmtree(step_dir)  # Doing what it says reads step 4.
+  assert ckpt_lib.restore_params(str(workdir), abstract_state)[0] == 4
+  shutil.rmtree(workdir / "checkpoints")
+  with pytest.raises(FileNotFoundError, match="no such folder"):
+    ckpt_lib.restore_params(str(workdir), abstract_state)
+
+
 _SAVE_INTO_A_FILE = """
 import os, shutil, sys, time
 import jax.numpy as jnp
@@ -351,38 +398,50 @@ with open(name + ".pid", "w") as f:
 time.sleep(120)
 """
 
-_LAUNCHER = """
+_LAUNCHERS = {
+    "gpus": """
 import sys
 from htransformer import launch
 jobs = [(n, [sys.executable, "-c", sys.argv[1], n], n + ".log")
         for n in ("a", "b", "c")]
 launch.run_on_gpus(jobs, ["0", "1"], poll_s=0.05)
-"""
+""",
+    "in_turn": """
+import sys
+from htransformer import launch
+jobs = [(n, [sys.executable, "-c", sys.argv[1], n]) for n in ("a", "b")]
+launch.run_in_turn(jobs)
+"""}
 
 
-def test_stopped_launcher_stops_its_runs(tmp_path):
-  """SIGTERM to the launcher of runs on several GPUs (scripts/sweep.py
-  --gpus) passes on to the runs (a training run saves and exits) and
-  starts no more, instead of leaving them running with no launcher."""
-  proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _JOB],
+@pytest.mark.parametrize("mode", ["gpus", "in_turn"])
+def test_stopped_launcher_stops_its_runs(tmp_path, mode):
+  """SIGTERM to the launcher of runs (scripts/sweep.py and
+  reproduce_lra.py, one after another or with --gpus one per GPU) passes
+  on to the runs (a training run saves and exits) and starts no more,
+  instead of leaving them running with no launcher."""
+  proc = subprocess.Popen([sys.executable, "-c", _LAUNCHERS[mode], _JOB],
                           cwd=tmp_path, env=child_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
+  started = "ab" if mode == "gpus" else "a"
   pids = []
   try:
     deadline = time.time() + 60
-    while len(pids) < 2 and time.time() < deadline:
+    while len(pids) < len(started) and time.time() < deadline:
       time.sleep(0.05)
-      pids = [int(open(tmp_path / f"{n}.pid").read()) for n in "ab"
+      pids = [int(open(tmp_path / f"{n}.pid").read()) for n in started
               if (tmp_path / f"{n}.pid").exists() and
               (tmp_path / f"{n}.pid").read_text()]
-    assert len(pids) == 2
+    assert len(pids) == len(started)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == -signal.SIGTERM, out
-    assert (tmp_path / "a.stopped").exists(), out
-    assert (tmp_path / "b.stopped").exists(), out
-    assert not (tmp_path / "c.log").exists(), out
+    for n in started:
+      assert (tmp_path / f"{n}.stopped").exists(), out
+    # No next run started: "c" with two GPUs, "b" one after another.
+    after = "c" if mode == "gpus" else "b"
+    assert not (tmp_path / f"{after}.pid").exists(), out
     for pid in pids:
       with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
