@@ -54,6 +54,21 @@ def _writable_folder(path: str) -> str:
     raise CheckpointError(f"Checkpoint folder {path}: {e}.") from None
 
 
+@contextlib.contextmanager
+def _reading(folder, step: int, remedy: str):
+  """Turns a failure to read the checkpoint of ``step`` in ``folder`` into a
+  CheckpointError that names the folder, the cause and ``remedy``. Errors of
+  the device (out of memory) are not the checkpoint's and pass."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f"The checkpoint of step {step} in {folder} cannot be read "
+        f"({_cause(e)}). {remedy}.") from e
+
+
 class Checkpointer:
   """Latest training state + iterator state, and the best-on-validation."""
 
@@ -86,28 +101,19 @@ class Checkpointer:
   def latest_step(self):
     return self.latest.latest_step()
 
-  @contextlib.contextmanager
   def _reading(self, manager, step: int):
-    """Turns a failure to read ``step`` of ``manager`` into a
-    CheckpointError that names the folder and what to do. Errors of the
-    device (out of memory) are not the checkpoint's and pass."""
-    try:
-      yield
-    except jax.errors.JaxRuntimeError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      folder = manager.directory / str(step)
-      if manager is self.best:
-        remedy = (f"Delete {folder} to go on without the best-on-validation "
-                  "parameters (the next better evaluation saves them again)")
-      else:
-        earlier = [s for s in manager.all_steps() if s < step]
-        remedy = (f"Delete {folder} to resume from step {max(earlier)}, the "
-                  "checkpoint before it" if earlier else
-                  f"Delete {folder} to start the run again from step 0")
-      raise CheckpointError(
-          f"The checkpoint of step {step} in {folder} cannot be read "
-          f"({_cause(e)}). {remedy}, or use a new --workdir.") from e
+    """``_reading`` with the remedy for this run's folders: go on without
+    best/, or resume from the checkpoint before ``step``."""
+    folder = manager.directory / str(step)
+    if manager is self.best:
+      remedy = (f"Delete {folder} to go on without the best-on-validation "
+                "parameters (the next better evaluation saves them again)")
+    else:
+      earlier = [s for s in manager.all_steps() if s < step]
+      remedy = (f"Delete {folder} to resume from step {max(earlier)}, the "
+                "checkpoint before it" if earlier else
+                f"Delete {folder} to start the run again from step 0")
+    return _reading(folder, step, remedy + ", or use a new --workdir")
 
   def mismatch(self, step: int, abstract_state) -> list[str]:
     """How the checkpoint of ``step`` differs from ``abstract_state``
@@ -251,17 +257,27 @@ def restore_params(workdir: str, abstract_state, best: bool = False):
   folder = os.path.join(os.path.abspath(workdir),
                         "best" if best else "checkpoints")
   items = ("params", "info") if best else ("state", "data")
-  mngr = ocp.CheckpointManager(folder, item_names=items)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"No checkpoint in {folder}: no such folder.")
+  mngr = ocp.CheckpointManager(
+      folder, options=ocp.CheckpointManagerOptions(create=False),
+      item_names=items)
   try:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {folder}.")
-    if best:
+    step_folder = os.path.join(folder, str(step))
+    earlier = [s for s in mngr.all_steps() if s < step]
+    remedy = "Copy the run's folder again in full" + (
+        f", or delete {step_folder} to read step {max(earlier)}"
+        if earlier else "")
+    with _reading(step_folder, step, remedy):
+      if best:
+        return step, mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(
+                on_device(abstract_state["params"])))).params
       return step, mngr.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(
-              on_device(abstract_state["params"])))).params
-    return step, mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(
-            on_device(abstract_state)))).state["params"]
+          state=ocp.args.StandardRestore(
+              on_device(abstract_state)))).state["params"]
   finally:
     mngr.close()
