@@ -7,7 +7,8 @@ pooling, max length 2000) with hierarchical attention, block_size 16.
   python -m htransformer.main --config=configs/listops.py \
       --workdir=runs/listops
 
-Variants (``--config=configs/listops.py:VARIANT``):
+Variants (``--config=configs/listops.py:VARIANT``, or several joined by
+commas, e.g. ``:quick,full``):
   full   the same model with full softmax attention (the baseline).
   long   the best recipe found so far on generated data: lr 0.005 (a tenth
          of LRA's) for 20,000 steps, evaluation every 1,000:
@@ -17,7 +18,7 @@ Variants (``--config=configs/listops.py:VARIANT``):
          41.80% test, 42.80% best validation, ~63 steps/s (6 minutes);
          with LRA's ReLU head (--config.model.head_activation=relu)
          41.70% / 42.25%. The default config gives 36.0% (ReLU head,
-         docs/results.md). ``long_full``: the same with full attention
+         docs/results.md). ``long_full`` (``long,full``): the same with full attention
          (40.0% validation at 20k steps, ReLU head). With LRA's attention
          dropout (--config.model.attention_dropout_rate=0.1): 41.35% test,
          41.75% best validation; with learned positions 38.25% / 38.70%.
@@ -58,8 +59,16 @@ import ml_collections
 from htransformer import config_utils
 
 
+VARIANTS = ("full", "long", "long_full", "quick")
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variant = arg or "default"
+  variants = config_utils.parse_variants(arg, VARIANTS, "configs/listops.py")
+  if "long_full" in variants:  # the name the results tables use
+    variants = (variants - {"long_full"}) | {"long", "full"}
+  if {"long", "quick"} <= variants:
+    raise ValueError("Variants 'long' and 'quick' of configs/listops.py "
+                     "each set their own data and schedule: give one.")
   c = config_utils.experiment_config(
       "listops",
       data=dict(seed=0, num_train=96000, num_val=2000, num_test=2000,
@@ -72,18 +81,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       batch_size=32, eval_batch_size=64, num_train_steps=5000,
       log_every=100, eval_every=500, checkpoint_every=500)
 
-  if variant == "default":
-    pass
-  elif variant == "full":
+  if "full" in variants:
     c.model.attention = "full"
-  elif variant in ("long", "long_full"):
+  if "long" in variants:
     c.optimizer.learning_rate = 0.005
     c.num_train_steps = 20000
     c.eval_every = 1000
     c.checkpoint_every = 1000
-    if variant == "long_full":
-      c.model.attention = "full"
-  elif variant == "quick":
+  if "quick" in variants:
     c.data = ml_collections.ConfigDict(dict(
         seed=0, num_train=6000, num_val=500, num_test=500, min_length=10,
         max_length=60))
@@ -98,8 +103,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.log_every = 100
     c.eval_every = 400
     c.checkpoint_every = 400
-  else:
-    raise ValueError(
-        f"Unknown variant {variant!r} of configs/listops.py: use one of "
-        "'' (default), 'full', 'long', 'long_full', 'quick'.")
   return c

@@ -111,4 +111,4 @@ def test_override_of_the_wrong_kind_is_one_line(tmp_path, override, expected):
 def test_config_file_that_raises_is_one_line(tmp_path):
   r = run_main([f"--config={CONFIG}:nope", f"--workdir={tmp_path / 'w'}"],
                cwd=tmp_path)
-  assert_clear_error(r, "Unknown variant 'nope'", "'long_full'")
+  assert_clear_error(r, "Unknown variant(s) ['nope']", "'long_full'")

@@ -122,7 +122,7 @@ def test_scripts_help_is_not_a_traceback():
 STEP_TIME_CASES = [
     (["--config=configs/nosuch.py"], ["no such config file"]),
     (["--config", "configs/listops.py:nope"],
-     ["Unknown variant 'nope'", "'long_full'"]),
+     ["Unknown variant(s) ['nope']", "'long_full'"]),
     (["--config=configs/listops.py:quick", "--config.model.blok=8"],
      ["Unknown config field 'model.blok'", "block_size"]),
     (["--config=configs/listops.py:quick", "--config.model.block_size=x"],

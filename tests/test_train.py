@@ -83,6 +83,20 @@ def test_configs_load(variant):
 def test_unknown_variant_is_named():
   with pytest.raises(ValueError, match="nope"):
     listops_config.get_config("nope")
+  with pytest.raises(ValueError, match="'long' and 'quick'.*give one"):
+    listops_config.get_config("quick,long")
+
+
+def test_variants_combine():
+  """Variants join with commas, as in the other configs; long_full is
+  long and full."""
+  quick, quick_full = (listops_config.get_config(v)
+                       for v in ("quick", "full,quick"))
+  assert quick_full.model.attention == "full"
+  quick_full.model.attention = quick.model.attention
+  assert quick_full == quick
+  assert listops_config.get_config("long_full") == (
+      listops_config.get_config("long,full"))
 
 
 def test_train_step_reduces_loss(tiny_data):
@@ -226,7 +240,7 @@ def test_every_config_variant_passes_the_checks():
   assert len({name for name, _ in variants}) == 7  # every file in configs/
   for name, variant in variants:
     path = os.path.join(ROOT, "configs", f"{name}.py")
-    train._check_config(config_utils.load_config(  # pylint: disable=protected-access
+    train.check_config(config_utils.load_config(
         f"{path}:{variant}" if variant else path))
 
 
