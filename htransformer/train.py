@@ -15,7 +15,6 @@ result does not depend on the mesh beyond float rounding.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -37,6 +36,11 @@ from htransformer import metrics as metrics_lib
 from htransformer import models
 from htransformer import optim
 from htransformer import tasks
+
+try:
+  import fcntl  # POSIX: the workdir's lock (_only_run_in)
+except ImportError:  # e.g. Windows: runs go unlocked
+  fcntl = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -313,7 +317,10 @@ def _check_model_and_optimizer(config):
       raise ValueError(f"optimizer.{name} must be >= 0, got {opt[name]}.")
 
 
-def _check_config(config):
+def check_config(config):
+  """Raises ValueError naming the first setting of ``config`` this run cannot
+  use (counts below 1, a model or optimizer field out of range, a mesh that
+  does not fit the devices, batches the data axis does not divide)."""
   for name in ("batch_size", "eval_batch_size", "num_train_steps",
                "log_every", "eval_every", "checkpoint_every"):
     if config[name] < 1:
@@ -431,10 +438,13 @@ def _only_run_in(workdir: str, enabled: bool = True):
   it while the first still runs (a job thought dead, a relaunched sweep)
   is refused instead of writing the same checkpoints and metrics. Process
   0 holds it (flock on the folder: the system drops it when the process
-  dies, even by SIGKILL); where the filesystem has no locks, runs go
-  unlocked."""
+  dies, even by SIGKILL); where the filesystem or the system (no fcntl)
+  has no locks, runs go unlocked."""
   fd, free = None, True
-  if enabled and jax.process_index() == 0:
+  if enabled and fcntl is None:
+    logging.warning("No fcntl on this system: nothing stops a second run "
+                    "in %s.", workdir)
+  elif enabled and jax.process_index() == 0:
     fd = os.open(workdir, os.O_RDONLY)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -468,7 +478,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   checkpoint was restored, so a refused relaunch leaves it alone. One run
   at a time trains in a workdir (a dry run does not count).
   """
-  _check_config(config)
+  check_config(config)
   try:
     workdir = config_utils.make_workdir(workdir)
   except ValueError as e:

@@ -78,7 +78,7 @@ def main(argv):
     kernels.TUNING["levels_per_launch"] = FLAGS.levels_per_launch
   with tempfile.TemporaryDirectory() as workdir:
     try:
-      train._check_config(config)  # pylint: disable=protected-access
+      train.check_config(config)
       task = tasks.get_task(config, workdir)
     except (FileNotFoundError, ImportError, ValueError) as e:
       print(f"Error: {e}", file=sys.stderr)

@@ -88,7 +88,7 @@ def steps_worker(data_dir, models, out):
                           "devices": {"mesh.model": 3},
                           "batch": {"mesh.model": 2, "batch_size": 7}}.items():
     try:
-      train._check_config(tiny_config(data_dir, **overrides))  # pylint: disable=protected-access
+      train.check_config(tiny_config(data_dir, **overrides))
       info["errors"][name] = None
     except ValueError as e:
       info["errors"][name] = str(e)
