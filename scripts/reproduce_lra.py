@@ -10,8 +10,10 @@ r"""Runs the Long Range Arena tasks and prints the paper's table beside ours.
 For each chosen task and model it runs (one after another)
 ``python -m htransformer.main --config=configs/<task>.py --workdir=
 WORKDIR_ROOT/<task>-<model> --config.model.attention=<model>`` (``full`` is
-what each config's ``:full`` variant sets) (a run that was interrupted resumes from its
-checkpoint; a finished one is not run again), then collects every finished
+what each config's ``:full`` variant sets) (a run that was interrupted
+resumes from its checkpoint; a finished one is not run again; stopped by
+SIGTERM or Ctrl-C, the script passes SIGTERM on to its runs, which save
+their step, and starts no more), then collects every finished
 workdir (``results.json``; ``config.json`` for where the data came from)
 into a markdown table: our hierarchical model, our full-attention baseline
 and the paper's rows, test accuracy (%) of the final parameters, with the

@@ -21,6 +21,9 @@ job; ``--set k=v`` (repeatable) adds the same override to every run.
            wait for the first one's copy);
   print    print one command per line (stdout) for a cluster launcher;
   collect  only gather the results.
+Stopped (SIGTERM, Ctrl-C), ``local`` passes SIGTERM on to the runs it
+started (each saves its step and exits) and starts no more
+(``htransformer.launch``); the same command again resumes.
 
 Every mode then gathers the runs' ``metrics.jsonl`` into a markdown table
 (best eval accuracy and its step, final test accuracy, test accuracy with
