@@ -141,6 +141,7 @@ def run_on_gpus(jobs, gpus, env=None, cwd=None, poll_s: float = 0.5
             continue
           log.close()
           del running[gpu]
+          stopper.running.remove(proc)
           done += 1
           status = "finished" if proc.returncode == 0 else "FAILED"
           print(f"[GPU {gpu}] {status} {name} ({done}/{len(jobs)})",
