@@ -58,7 +58,14 @@ class ShuffledBatches(grain.MapDataset):
     if self._n < 1:
       raise ValueError("Cannot train on an empty training source.")
     self._batch = int(batch_size)
+    if self._batch < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     self._seed = int(seed)
+    if self._seed < 0 or self._seed != seed:
+      # numpy's generators take non-negative integer seeds only, and would
+      # refuse this one later, in a reader thread.
+      raise ValueError(f"config.data_seed must be a non-negative integer, "
+                       f"got {seed!r}.")
     self._perms = {}
     self._lock = threading.Lock()
 

@@ -54,6 +54,21 @@ class PackedBytes:
     return out
 
 
+def check_data_dir(data_dir: str, task: str, expected: str) -> None:
+  """Raises FileNotFoundError unless ``data_dir`` is an existing folder,
+  saying which it is: missing, or a file (an archive not unpacked, say).
+  ``task`` names the task, ``expected`` what the folder should hold."""
+  if os.path.isdir(data_dir):
+    return
+  if os.path.exists(data_dir):
+    problem = ("is a file, not a folder (an archive? unpack it and pass the "
+               "folder it makes)")
+  else:
+    problem = "does not exist"
+  raise FileNotFoundError(f"{task} data_dir {data_dir} {problem}; expected "
+                          f"{expected}.")
+
+
 def check_index(index, n: int) -> int:
   index = int(index)
   if index < 0:

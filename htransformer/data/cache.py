@@ -37,6 +37,10 @@ def build_once(cache_dir: str, name: str,
   final = os.path.join(cache_dir, name)
   if is_complete(final):
     return final
+  if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+    raise ValueError(
+        f"The cache folder {cache_dir} is a file, not a folder: point "
+        "config.cache_dir (or $HTRANSFORMER_CACHE) at a folder.")
   os.makedirs(cache_dir, exist_ok=True)
   lock_path = os.path.join(cache_dir, f".{name}.lock")
   with open(lock_path, "a") as lock:

@@ -74,6 +74,9 @@ class ImageSource:
 
 
 def find_local_dir(data_dir: str) -> str:
+  byte_source.check_data_dir(
+      data_dir, "CIFAR-10", f"the {_LOCAL}/ folder of the CIFAR-10 python "
+      "version (cifar-10-python.tar.gz) or its parent")
   for folder in (data_dir, os.path.join(data_dir, _LOCAL)):
     if os.path.isfile(os.path.join(folder, "test_batch")):
       return folder

@@ -67,6 +67,9 @@ class TextSource:
 
 def find_local_dir(data_dir: str) -> str:
   """The aclImdb folder (data_dir itself or data_dir/aclImdb)."""
+  byte_source.check_data_dir(
+      data_dir, "IMDb", "the aclImdb folder of the Stanford archive "
+      "(aclImdb_v1.tar.gz) or its parent")
   for folder in (data_dir, os.path.join(data_dir, "aclImdb")):
     if all(os.path.isdir(os.path.join(folder, s, c))
            for s in ("train", "test") for c in _CLASSES):

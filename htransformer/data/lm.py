@@ -35,16 +35,18 @@ def build(config, workdir: str | None, cache_dir: str):
   max_val = d.max_eval_rows or None
   max_test = d.max_test_rows or None
   if d.source == "text":
+    # Before anything is read or a tokenizer trained (and saved).
+    if d.eval_packing == "sentence":
+      raise ValueError("eval_packing='sentence' is for lm1b; local text is "
+                       "evaluated on stream-packed rows.")
     from htransformer.data import text  # pylint: disable=g-import-not-at-top
     files = text.find_files(d.text_files)
     docs = text.split_documents(files, d.split_by, d.val_fraction,
                                 d.test_fraction)
+    text.check_every_split(docs, len(files))
     tok = tokenizer_lib.get_tokenizer(d, workdir, lambda: docs["train"])
     streams = {s: packing.build_stream(tok.encode_batch(docs[s]),
                                        tok.vocab_size) for s in docs}
-    if d.eval_packing == "sentence":
-      raise ValueError("eval_packing='sentence' is for lm1b; local text is "
-                       "evaluated on stream-packed rows.")
     sources = {
         "train": packing.PackedRows(streams["train"], seq_len),
         "val": packing.PackedRows(streams["val"], seq_len,

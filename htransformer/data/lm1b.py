@@ -80,10 +80,16 @@ class Sentences:
 
 
 def load_sentences(data_dir: str | None, num_val: int) -> dict:
-  """split -> Sentences (train, val, test)."""
+  """split -> Sentences (train, val, test).
+
+  Validation is the last ``num_val`` sentences of tfds's train, at most a
+  tenth of them (a small prepared copy keeps most for training).
+  """
   if data_dir and not os.path.isdir(data_dir):
+    problem = ("is a file, not a folder" if os.path.exists(data_dir) else
+               "does not exist")
     raise FileNotFoundError(
-        f"lm1b data_dir does not exist: {data_dir}. Prepare the data with "
+        f"lm1b data_dir {problem}: {data_dir}. Prepare the data with "
         "`python scripts/prepare_lm1b.py --data_dir=DIR` and pass "
         "--config.data_dir=DIR (or leave it empty for tfds's default "
         "folder).")

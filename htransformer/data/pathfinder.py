@@ -533,10 +533,9 @@ def find_data_dir(data_dir: str | None, cache_dir: str | None,
   """
   sub = release_subdir(resolution, contour_length)
   if data_dir:
-    if not os.path.isdir(data_dir):
-      raise FileNotFoundError(
-          f"Pathfinder data_dir does not exist: {data_dir} (expected the LRA "
-          f"release root or a folder with {sub}/imgs and metadata).")
+    byte_source.check_data_dir(
+        data_dir, "Pathfinder", f"the LRA release root or a folder with "
+        f"{sub}/imgs and metadata")
     for folder in _candidates(data_dir, resolution, contour_length):
       if _is_image_dir(folder):
         return folder
@@ -612,7 +611,11 @@ def split_indices(n: int, split_seed: int = 0) -> dict[str, np.ndarray]:
   examples on, val and test get at least one each, taken from train (4
   examples: 2/1/1, not 3/0/1).
   """
-  perm = np.random.default_rng(split_seed).permutation(n)
+  if int(split_seed) != split_seed or split_seed < 0:
+    # numpy takes non-negative integer seeds only.
+    raise ValueError(f"config.data.split_seed must be a non-negative "
+                     f"integer, got {split_seed!r}.")
+  perm = np.random.default_rng(int(split_seed)).permutation(n)
   n_train = int(round(n * SPLIT_FRACTIONS[0]))
   n_val = int(round(n * SPLIT_FRACTIONS[1]))
   if n >= len(SPLITS):

@@ -46,6 +46,9 @@ def find_data_dir(data_dir: str) -> str:
         "The Retrieval task needs config.data_dir: the LRA release's "
         "tsv_data/ folder (new_aan_pairs.{train,eval,test}.tsv). It cannot "
         "be generated.")
+  byte_source.check_data_dir(
+      data_dir, "Retrieval", "the folder holding new_aan_pairs.{train,eval,"
+      "test}.tsv (the LRA release's tsv_data/) or a parent of it")
   for sub in _SUBDIRS:
     folder = os.path.join(data_dir, sub) if sub else data_dir
     if all(os.path.isfile(os.path.join(folder, split_filename(s)))

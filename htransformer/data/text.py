@@ -2,22 +2,28 @@
 
 ``config.data.text_files`` is a glob (several separated by commas;
 ``**`` recurses), relative to the current directory. Each file is one
-document, read as UTF-8 (Latin-1 where that fails). The split into train,
-validation and test is deterministic:
+document, read as UTF-8 (a leading byte-order mark dropped; UTF-16 with its
+byte-order mark; Latin-1 where UTF-8 fails). A file holding NUL characters
+is not text (an archive, a PDF, an image the glob caught) and is an error
+naming it. The split into train, validation and test is deterministic:
 
 * ``split_by="document"``: a document goes to test when
   ``crc32(path relative to the common folder) / 2**32 < test_fraction``, to
   validation when below ``test_fraction + val_fraction``, else to train, so
-  adding files never moves the others.
+  adding files inside that common folder never moves the others (a file
+  outside it changes the common folder, and so every relative path).
 * ``split_by="text"``: every document is cut at line boundaries into its
   first ``1 - val - test`` (train), next ``val`` and last ``test`` fraction
-  of characters (for a few large files).
+  of characters (for a few large files). A document without a line break
+  after those points stays whole in train; the LM task refuses a split
+  left empty that way (``check_every_split``) before it trains a tokenizer.
 
 Every split is then stream-packed (``htransformer/data/packing.py``).
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import zlib
@@ -33,20 +39,39 @@ def find_files(patterns: str) -> list[str]:
     files.update(f for f in glob.glob(os.path.expanduser(pattern),
                                       recursive=True) if os.path.isfile(f))
   if not files:
+    folders = [p.strip() for p in patterns.split(",")
+               if p.strip() and os.path.isdir(os.path.expanduser(p.strip()))]
+    hint = (f" {', '.join(folders)} is a folder: match the files in it, "
+            f"e.g. {os.path.join(folders[0], '**', '*.txt')!r}."
+            if folders else "")
     raise FileNotFoundError(
         f"config.data.text_files matches no file: {patterns!r} (relative to "
-        f"{os.getcwd()}). For the offline English corpus run "
+        f"{os.getcwd()}).{hint} For the offline English corpus run "
         "`python scripts/prepare_text_corpus.py` first.")
   return sorted(files)
 
 
 def read_text(path: str) -> str:
+  """The text of a file (see the module doc for the encodings read)."""
   with open(path, "rb") as f:
     data = f.read()
-  try:
-    return data.decode("utf-8")
-  except UnicodeDecodeError:
-    return data.decode("latin-1")
+  if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    try:
+      text = data.decode("utf-16")
+    except UnicodeDecodeError:
+      text = "\x00"  # Not UTF-16 after all: binary.
+  else:
+    try:
+      text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+      text = data.decode("latin-1")
+  if "\x00" in text:
+    raise ValueError(
+        f"{path}: not a text file (it holds NUL characters: binary data, or "
+        "text in an encoding other than UTF-8, UTF-16 with a byte-order mark "
+        "or Latin-1). Narrow config.data.text_files to the text files, or "
+        "save this one as UTF-8.")
+  return text
 
 
 def _cut(text: str, fraction: float) -> int:
@@ -92,3 +117,16 @@ def split_documents(files: list[str], split_by: str, val_fraction: float,
         if part.strip():
           out[split].append(part)
   return out
+
+
+def check_every_split(docs: dict[str, list[str]], num_files: int) -> None:
+  """Raises ValueError if ``split_documents(..., "text", ...)`` left a split
+  without documents, saying why (its cuts are at line breaks)."""
+  empty = [s for s in SPLITS if not docs[s]]
+  if empty:
+    raise ValueError(
+        f"split_by='text' leaves the {'/'.join(empty)} split(s) empty with "
+        f"{num_files} file(s): it cuts each file at line breaks, so a file "
+        "of one long line (or with no text on lines after the cut) stays "
+        "whole in train. Use files with line breaks, or "
+        "--config.data.split_by=document with more files.")

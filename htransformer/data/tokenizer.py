@@ -57,13 +57,22 @@ class SentencePieceTokenizer:
   eos_id = EOS_ID
 
   def __init__(self, model_path: str):
+    """Loads ``model_path``; ValueError naming it if it is not a
+    SentencePiece model or lacks pad id 0 and eos id 1."""
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     self.path = model_path
-    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    # A file that is not a model raises RuntimeError ("could not parse
+    # ModelProto"); a missing one OSError, which says so.
+    try:
+      self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    except RuntimeError as e:
+      raise ValueError(f"{model_path}: not a SentencePiece model ({e})."
+                       ) from None
     if (self.sp.pad_id(), self.sp.eos_id()) != (PAD_ID, EOS_ID):
       raise ValueError(
           f"{model_path}: expected pad id {PAD_ID} and eos id {EOS_ID}, got "
-          f"{self.sp.pad_id()} and {self.sp.eos_id()}.")
+          f"{self.sp.pad_id()} and {self.sp.eos_id()} (train it with "
+          f"pad_id={PAD_ID} eos_id={EOS_ID} unk_id={UNK_ID} bos_id=-1).")
     self.vocab_size = self.sp.get_piece_size()
 
   def encode(self, text: str) -> list[int]:
@@ -121,9 +130,11 @@ def get_tokenizer(data_config, workdir: str | None, train_texts=None):
   """The tokenizer of a run: byte-level, or SentencePiece from the workdir.
 
   SentencePiece: ``WORKDIR/tokenizer.model`` if it exists; else a copy of
-  ``data_config.spm_model`` if that is set; else trained on
-  ``train_texts()`` (a callable returning an iterable of strings) and saved
-  there. With several processes, process 0 trains and the others wait.
+  ``data_config.spm_model`` if that is set (checked before it is copied: a
+  file that is not a model with pad id 0 and eos id 1 is an error naming
+  it, and the workdir keeps nothing); else trained on ``train_texts()`` (a
+  callable returning an iterable of strings) and saved there. With several
+  processes, process 0 trains and the others wait.
   """
   vocab = data_config.vocab
   if vocab == "byte":
@@ -140,10 +151,20 @@ def get_tokenizer(data_config, workdir: str | None, train_texts=None):
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     if data_config.spm_model:
-      if not os.path.exists(data_config.spm_model):
+      if not os.path.isfile(data_config.spm_model):
+        problem = ("is a folder, not a model file"
+                   if os.path.isdir(data_config.spm_model) else
+                   "does not exist")
         raise FileNotFoundError(
-            f"config.data.spm_model does not exist: {data_config.spm_model}")
-      shutil.copyfile(data_config.spm_model, path)
+            f"config.data.spm_model {problem}: {data_config.spm_model}")
+      try:
+        SentencePieceTokenizer(data_config.spm_model)
+      except ValueError as e:
+        raise ValueError(f"config.data.spm_model: {e}") from None
+      os.makedirs(workdir, exist_ok=True)
+      tmp = path + f".tmp{os.getpid()}"
+      shutil.copyfile(data_config.spm_model, tmp)
+      os.replace(tmp, path)
       print(f"Tokenizer: copied {data_config.spm_model} to {path}",
             flush=True)
     else:
