@@ -123,12 +123,16 @@ def test_stream_packing_and_sentence_rows():
   np.testing.assert_array_equal(padded[2]["inputs"], [9, 0, 0])
   np.testing.assert_array_equal(padded[2]["targets"], [1, 0, 0])
   np.testing.assert_array_equal(padded[2]["weights"], [1, 0, 0])
-  sent = packing.SentenceRows(["ab", "abcdef"], lambda s: [ord(c) for c in s],
-                              seq_len=4)
+  sent = packing.SentenceRows(["ab", "abcdef", "abc"],
+                              lambda s: [ord(c) for c in s], seq_len=4)
   np.testing.assert_array_equal(sent[0]["inputs"], [1, 97, 98, 0])
   np.testing.assert_array_equal(sent[0]["targets"], [97, 98, 1, 0])
   np.testing.assert_array_equal(sent[0]["weights"], [1, 1, 1, 0])
-  np.testing.assert_array_equal(sent[1]["targets"], [97, 98, 99, 1])
+  # Cut: the targets are the sentence's own tokens, no eos it does not have.
+  np.testing.assert_array_equal(sent[1]["inputs"], [1, 97, 98, 99])
+  np.testing.assert_array_equal(sent[1]["targets"], [97, 98, 99, 100])
+  np.testing.assert_array_equal(sent[1]["weights"], [1, 1, 1, 1])
+  np.testing.assert_array_equal(sent[2]["targets"], [97, 98, 99, 1])
 
 
 # ------------------------------------------------------------- local text

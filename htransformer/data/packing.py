@@ -12,7 +12,9 @@ the same rows. The last, partial row is dropped for training and padded
 
 One-sentence rows (the lm1b test and validation, as in the paper): inputs
 ``[eos, t1 .. tn]``, targets ``[t1 .. tn, eos]``, the rest padding with
-weight 0; sentences longer than the row are cut.
+weight 0; a sentence longer than the row (n >= L) is cut to inputs ``[eos,
+t1 .. t(L-1)]`` and targets ``[t1 .. tL]``: its eos and the tokens after
+tL are not scored, and no target is one the text does not have.
 
 Rows are random-access sources for grain (``__len__``, ``__getitem__``)
 returning ``{"inputs": int32[L], "targets": int32[L], "weights":
@@ -100,6 +102,8 @@ class SentenceRows:
     if not 0 <= i < self.num_rows:
       raise IndexError(i)
     eos = tokenizer_lib.EOS_ID
-    ids = list(self.encode(self.texts[i]))[: self.seq_len - 1]
-    row = np.array([eos] + ids + [eos], np.int32)
+    ids = list(self.encode(self.texts[i]))
+    # A sentence longer than the row is cut after its L-th token, which is
+    # then the last target: every target is the text's next token.
+    row = np.array(([eos] + ids + [eos])[: self.seq_len + 1], np.int32)
     return _next_token_item(row, self.seq_len)
