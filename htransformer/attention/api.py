@@ -232,6 +232,8 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
   block_size = _check_block_size(block_size)
   causal = _check_causal(causal)
   mask = _check_inputs(query, key, value, mask)
+  # As JAX holds them: numpy float64 is float32 unless x64 is on.
+  query, key, value = (jnp.asarray(x) for x in (query, key, value))
   rate, seeds = _dropout_seeds(dropout_rate, dropout_rng, query)
   if implementation is None:
     implementation = _default_hierarchical(query, value, block_size, key)
@@ -272,13 +274,20 @@ HEAD_AXES = ("model",)
 
 
 def _split_axes(mesh, names, size):
+  manual = _manual_axes(mesh)
   axes = []
   for name in names:
-    if name in mesh.axis_names:
+    if name in mesh.axis_names and name not in manual:
       n = mesh.shape[name]
       if size % (n * math.prod(mesh.shape[a] for a in axes)) == 0:
         axes.append(name)
   return tuple(axes) or None
+
+
+def _manual_axes(mesh):
+  """The mesh axes a caller's ``shard_map`` already splits (Manual)."""
+  return {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+          if kind == jax.sharding.AxisType.Manual}
 
 
 def _per_device(run, query, key, value, mask, seeds=None):
@@ -292,12 +301,15 @@ def _per_device(run, query, key, value, mask, seeds=None):
   each device. Batch and heads are independent, so ``shard_map`` runs the
   kernels on each device's batch rows and heads instead: split as the
   inputs' explicit sharding says, or with automatic mesh axes over
-  ``BATCH_AXES`` and ``HEAD_AXES``. Length and head_dim stay whole.
+  ``BATCH_AXES`` and ``HEAD_AXES``. Length and head_dim stay whole. Inside
+  a caller's ``shard_map`` the inputs are already each device's share over
+  its (Manual) axes: those are not split again.
   """
   sharding = getattr(jax.typeof(query), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
   extra = () if seeds is None else (seeds,)
-  if mesh is None or mesh.empty or mesh.size == 1:
+  if (mesh is None or mesh.empty or mesh.size == 1
+      or len(_manual_axes(mesh)) == len(mesh.axis_names)):
     return run(query, key, value, mask, *extra)
   batch, _, heads, _ = query.shape
   explicit = any(t == jax.sharding.AxisType.Explicit

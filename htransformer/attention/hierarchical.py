@@ -34,10 +34,6 @@ import numpy as np
 
 from htransformer.attention import dropout as dropout_lib
 
-# Stand-in for the max of a row with no visible key: finite, so that
-# rescaling factors exp(m - M) never produce NaN.
-_NO_KEY = -1e30
-
 
 def padded_length(length: int, block_size: int) -> int:
   """Smallest ``block_size * 2**m`` with ``m >= 1`` that holds ``length``."""
@@ -147,13 +143,28 @@ def _level(q, k, v, c, structure, neighbours, scale, compute_dtype,
   visible = jnp.asarray(structure) & (cs > 0)[:, :, :, None, :]
   s = jnp.where(visible, s, -jnp.inf)
   m = jnp.max(s, axis=-1)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, _NO_KEY))
+  # A row with no visible key takes the lowest finite value as its max:
+  # finite, so that rescaling factors exp(m - M) are never NaN, and below
+  # every real logit, so that it never outweighs a level that has keys
+  # (a constant such as -1e30 would, for rows whose logits all sit below it).
+  no_key = jnp.finfo(acc_dtype).min
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, no_key))
   p = jnp.exp(s - m[..., None]) * cs[:, :, :, None, :]
   z = jnp.sum(p, axis=-1)
   if drop is not None:
     p = p * _dropout_multiplier(drop, q.shape[2], q.shape[3], neighbours)
+  top = None
+  if compute_dtype == jnp.float16:
+    # A weight is up to its key's count (2**l tokens, over 1/(1 - rate) with
+    # dropout): past float16's 65,504 in long sequences. It goes into the
+    # product relative to its row's largest, which multiplies back after.
+    top = jax.lax.stop_gradient(jnp.max(p, axis=-1, keepdims=True))
+    top = jnp.where(top > 0, top, 1.0)
+    p = p / top
   y = jnp.einsum("bhnqk,bhnkd->bhnqd", p.astype(compute_dtype), vs,
                  preferred_element_type=acc_dtype)
+  if top is not None:
+    y = y * top
   return y, z, m
 
 
