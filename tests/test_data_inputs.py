@@ -19,6 +19,7 @@ from htransformer.data import cache
 from htransformer.data import image
 from htransformer.data import imdb
 from htransformer.data import lm
+from htransformer.data import listops
 from htransformer.data import lm1b
 from htransformer.data import pathfinder as pf
 from htransformer.data import retrieval
@@ -33,6 +34,7 @@ LOADERS = {
     "image": image.load_sources,
     "pathfinder": lambda d: pf.find_data_dir(d, None),
     "lm1b": lambda d: lm1b.load_sentences(d, 10),
+    "listops": lambda d: listops.find_data_dir(d, None),
 }
 
 

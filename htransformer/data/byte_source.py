@@ -65,7 +65,7 @@ def check_data_dir(data_dir: str, task: str, expected: str) -> None:
                "folder it makes)")
   else:
     problem = "does not exist"
-  raise FileNotFoundError(f"{task} data_dir {data_dir} {problem}; expected "
+  raise FileNotFoundError(f"{task} data_dir {problem}: {data_dir}; expected "
                           f"{expected}.")
 
 

@@ -499,10 +499,9 @@ def find_data_dir(data_dir: str | None, cache_dir: str | None, seed: int = 0,
   """
   expected = ", ".join(split_filename(s) for s in SPLITS)
   if data_dir:
-    if not os.path.isdir(data_dir):
-      raise FileNotFoundError(
-          f"ListOps data_dir does not exist: {data_dir} (expected a folder "
-          f"with {expected}, directly or under listops-1000/).")
+    byte_source.check_data_dir(
+        data_dir, "ListOps",
+        f"a folder with {expected}, directly or under listops-1000/")
     for sub in _SUBDIRS:
       folder = os.path.join(data_dir, sub) if sub else data_dir
       if _has_splits(folder):

@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from htransformer.data import byte_source
 from htransformer.data import tokenizer as tokenizer_lib
 
 _CHUNK = 100_000
@@ -85,14 +86,11 @@ def load_sentences(data_dir: str | None, num_val: int) -> dict:
   Validation is the last ``num_val`` sentences of tfds's train, at most a
   tenth of them (a small prepared copy keeps most for training).
   """
-  if data_dir and not os.path.isdir(data_dir):
-    problem = ("is a file, not a folder" if os.path.exists(data_dir) else
-               "does not exist")
-    raise FileNotFoundError(
-        f"lm1b data_dir {problem}: {data_dir}. Prepare the data with "
-        "`python scripts/prepare_lm1b.py --data_dir=DIR` and pass "
-        "--config.data_dir=DIR (or leave it empty for tfds's default "
-        "folder).")
+  if data_dir:
+    byte_source.check_data_dir(
+        data_dir, "lm1b", "a folder made by `python scripts/prepare_lm1b.py "
+        "--data_dir=DIR`, passed as --config.data_dir=DIR (or leave it "
+        "empty for tfds's default folder)")
   tfds = import_tfds()
   # download=False: never start a download (which needs TensorFlow).
   kwargs = {"download": False}
