@@ -54,6 +54,11 @@ def _writable_folder(path: str) -> str:
     raise CheckpointError(f"Checkpoint folder {path}: {e}.") from None
 
 
+def _step_before(manager, step: int):
+  """The step of ``manager``'s checkpoint before ``step``, or None."""
+  return max((s for s in manager.all_steps() if s < step), default=None)
+
+
 @contextlib.contextmanager
 def _reading(folder, step: int, remedy: str):
   """Turns a failure to read the checkpoint of ``step`` in ``folder`` into a
@@ -109,9 +114,9 @@ class Checkpointer:
       remedy = (f"Delete {folder} to go on without the best-on-validation "
                 "parameters (the next better evaluation saves them again)")
     else:
-      earlier = [s for s in manager.all_steps() if s < step]
-      remedy = (f"Delete {folder} to resume from step {max(earlier)}, the "
-                "checkpoint before it" if earlier else
+      before = _step_before(manager, step)
+      remedy = (f"Delete {folder} to resume from step {before}, the "
+                "checkpoint before it" if before is not None else
                 f"Delete {folder} to start the run again from step 0")
     return _reading(folder, step, remedy + ", or use a new --workdir")
 
@@ -267,10 +272,10 @@ def restore_params(workdir: str, abstract_state, best: bool = False):
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {folder}.")
     step_folder = os.path.join(folder, str(step))
-    earlier = [s for s in mngr.all_steps() if s < step]
+    before = _step_before(mngr, step)
     remedy = "Copy the run's folder again in full" + (
-        f", or delete {step_folder} to read step {max(earlier)}"
-        if earlier else "")
+        f", or delete {step_folder} to read step {before}"
+        if before is not None else "")
     with _reading(step_folder, step, remedy):
       if best:
         return step, mngr.restore(step, args=ocp.args.Composite(
