@@ -74,7 +74,6 @@ def kill_worker(data_dir, workdir, moment, kill_step, checkpoint_every):
   SIGKILLs itself at ``moment`` of step ``kill_step``: ``eval`` (the
   validation's first read) or ``save`` (the checkpoint begun, its writing
   in the background); ``none``: trains to the end."""
-  from htransformer import tasks  # pylint: disable=g-import-not-at-top
 
   def kill():
     sys.stdout.flush()
@@ -508,7 +507,6 @@ def test_sigterm_during_the_last_evaluation_stops_before_the_test(
   """SIGTERM (``timeout``, a scheduler) while the last step evaluates: the
   run stops there, as at any other step, instead of going on into the
   test evaluation; the relaunch only evaluates on the test split."""
-  from htransformer import tasks  # pylint: disable=g-import-not-at-top
   get_task = tasks.get_task
   workdir = str(tmp_path)
 
