@@ -20,6 +20,7 @@ import grain
 import jax
 import numpy as np
 
+from htransformer import data as data_lib
 from htransformer.data import byte_source
 
 
@@ -60,12 +61,7 @@ class ShuffledBatches(grain.MapDataset):
     self._batch = int(batch_size)
     if self._batch < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    self._seed = int(seed)
-    if self._seed < 0 or self._seed != seed:
-      # numpy's generators take non-negative integer seeds only, and would
-      # refuse this one later, in a reader thread.
-      raise ValueError(f"config.data_seed must be a non-negative integer, "
-                       f"got {seed!r}.")
+    self._seed = data_lib.check_seed(seed, "config.data_seed")
     self._perms = {}
     self._lock = threading.Lock()
 

@@ -13,3 +13,14 @@ def check_nonempty(sizes: dict, what: str, where) -> None:
     raise ValueError(f"{places}: the {'/'.join(empty)} split(s) have no "
                      f"{what} (split sizes: {listed}); every split needs at "
                      "least one.")
+
+
+def check_seed(value, name: str) -> int:
+  """``value`` as an int if it is a non-negative integer (what numpy's
+  generators take); else ValueError naming the setting ``name``. Checked
+  where the setting is read, not where numpy would refuse it later (in a
+  reader thread, say)."""
+  if int(value) != value or value < 0:
+    raise ValueError(f"{name} must be a non-negative integer, got "
+                     f"{value!r}.")
+  return int(value)

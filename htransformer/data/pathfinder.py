@@ -611,11 +611,8 @@ def split_indices(n: int, split_seed: int = 0) -> dict[str, np.ndarray]:
   examples on, val and test get at least one each, taken from train (4
   examples: 2/1/1, not 3/0/1).
   """
-  if int(split_seed) != split_seed or split_seed < 0:
-    # numpy takes non-negative integer seeds only.
-    raise ValueError(f"config.data.split_seed must be a non-negative "
-                     f"integer, got {split_seed!r}.")
-  perm = np.random.default_rng(int(split_seed)).permutation(n)
+  split_seed = data_lib.check_seed(split_seed, "config.data.split_seed")
+  perm = np.random.default_rng(split_seed).permutation(n)
   n_train = int(round(n * SPLIT_FRACTIONS[0]))
   n_val = int(round(n * SPLIT_FRACTIONS[1]))
   if n >= len(SPLITS):
