@@ -126,9 +126,6 @@ def test_sentence_packing_of_local_text_is_refused_before_training(tmp_path):
                 eval_packing="sentence")
   c.max_length = 16
   workdir = tmp_path / "w"
-
-  def no_training():
-    raise AssertionError("the config is refused before any training")
   with pytest.raises(ValueError, match="eval_packing='sentence' is for lm1b"):
     lm.build(c, str(workdir), str(tmp_path / "cache"))
   assert not (workdir / tokenizer_lib.TOKENIZER_FILE).exists()
