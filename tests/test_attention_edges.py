@@ -21,10 +21,6 @@ from htransformer.attention import hierarchical_attention
 from tests.scripts_helper import ROOT, child_env
 from tests.test_attention import make_mask, make_qkv, max_abs, numpy_reference
 
-jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
 # ----------------------------------------------------------------------------
 # 1. Numpy float64 inputs (numpy's default) with x64 off.
 # ----------------------------------------------------------------------------
@@ -64,7 +60,7 @@ def test_rows_with_all_logits_below_minus_1e30(causal):
   normaliser's digits; kernels.py, "Precision".)"""
   q, k, v = make_qkv(2, 1, 40, 1, 4, 4)
   q[..., 0], k[..., 0] = -1e16, 1e16
-  out = np.asarray(jit(functools.partial(
+  out = np.asarray(jax.jit(functools.partial(
       hierarchical_attention, block_size=4, causal=causal,
       implementation="xla"))(q, k, v))
   want = numpy_reference(q, k, v, block_size=4, causal=causal)
@@ -85,8 +81,8 @@ def test_float16_coarse_counts_beyond_float16_range():
   v = np.random.default_rng(3).standard_normal((1, length, 2, 1)).astype(
       np.float16)
   q = np.zeros_like(v)
-  out = jit(functools.partial(hierarchical_attention, block_size=2,
-                              implementation="xla"))(q, q, v)
+  out = jax.jit(functools.partial(hierarchical_attention, block_size=2,
+                                  implementation="xla"))(q, q, v)
   assert out.dtype == jnp.float16
   out = np.asarray(out, np.float64)
   want = np.broadcast_to(v.astype(np.float64).mean(1, keepdims=True),
