@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
 
 from htransformer import profiling  # noqa: E402
 from htransformer.attention import full_attention  # noqa: E402
@@ -78,9 +79,22 @@ def bench(fn, *args, min_s=0.05, repeats=7):
   return float(np.median(times))
 
 
-def copy_bandwidth_gbps():
-  x = jnp.ones((2**29,), jnp.bfloat16)  # 1 GiB
-  ms = bench(lambda x: x * 2, x)
+def copy_bandwidth_gbps(kind="xla"):
+  """Bytes read + written per second doubling a 1 GiB bfloat16 array:
+  ``kind`` "xla" (XLA's elementwise kernel) or "pallas" (a Triton kernel
+  of [32, 1024] blocks, 64 KiB per program: the ceiling for kernels
+  written as ours are)."""
+  x = jnp.ones((2**19, 1024), jnp.bfloat16)  # 1 GiB
+  if kind == "pallas":
+    def double(x_ref, o_ref):
+      o_ref[...] = x_ref[...] * 2
+    spec = pl.BlockSpec((32, 1024), lambda i: (i, 0))
+    fn = lambda x: pl.pallas_call(
+        double, grid=(x.shape[0] // 32,), in_specs=[spec], out_specs=spec,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+  else:
+    fn = lambda x: x * 2
+  ms = bench(fn, x)
   return 2 * x.nbytes / (ms * 1e-3) / 1e9
 
 
@@ -150,6 +164,9 @@ def main():
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
+  parser.add_argument("--grid_order", nargs="+", default=["tiles"],
+                      choices=["tiles", "heads"],
+                      help="kernels.TUNING['grid_order'] values to time")
   parser.add_argument("--masked", action="store_true",
                       help="pass a mask (every token real): the path of "
                       "callers with padding masks")
@@ -166,7 +183,8 @@ def main():
     return
   args.tiles = args.tiles or [16, 32, 64]
   rows = [{"device": jax.devices()[0].device_kind,
-           "copy_gbps": round(copy_bandwidth_gbps(), 1)}]
+           "copy_gbps": round(copy_bandwidth_gbps(), 1),
+           "copy_gbps_pallas": round(copy_bandwidth_gbps("pallas"), 1)}]
   print(json.dumps(rows[0]), flush=True)
   rng = np.random.default_rng(0)
   default_pwarps = kernels.TUNING["pyramid_warps"]
@@ -212,16 +230,18 @@ def main():
     print(json.dumps(row), flush=True)
     rows.append(row)
     for (tile, warps, pwarps, per_launch, stages, impl,
-         handover) in itertools.product(
+         handover, order) in itertools.product(
              args.tiles, args.warps, args.pyramid_warps, args.per_launch,
-             args.stages, args.coarsen_impl, args.handover_dtype):
+             args.stages, args.coarsen_impl, args.handover_dtype,
+             args.grid_order):
       kernels.TUNING.update(num_warps=warps or None,
                             dq_warps=args.dq_warps or None,
                             dkv_warps=args.dkv_warps or None,
                             pyramid_warps=pwarps or default_pwarps,
                             levels_per_launch=per_launch,
                             num_stages=stages,
-                            coarsen_impl=impl, handover_dtype=handover)
+                            coarsen_impl=impl, handover_dtype=handover,
+                            grid_order=order)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "pyramid_warps": pwarps or default_pwarps, "masked": args.masked,
@@ -231,7 +251,7 @@ def main():
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl,
-             "handover_dtype": handover,
+             "handover_dtype": handover, "grid_order": order,
              "fwd_ms": bench(attn, q, k, v, valid),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v, valid)}
       if args.by_kernel:

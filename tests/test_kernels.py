@@ -37,9 +37,11 @@ SCHEDULES = {
     "tile16": (16, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),
     # Tiles of 64 with up to three levels per launch (64, 32 and 16 rows
-    # of one program), the pyramid by pair sums with two heads per program.
+    # of one program), the pyramid by pair sums with two heads per program,
+    # the programs of a launch ordered heads first.
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
-                          coarsen_rows=16, coarsen_impl="pallas")),
+                          coarsen_rows=16, coarsen_impl="pallas",
+                          grid_order="heads")),
     # Tiles of two blocks read in three pieces.
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),

@@ -140,10 +140,15 @@ DEFAULT_TILE = 16
 # Every call of the kernels checks these (``check_tuning``).
 # ``dq_warps`` / ``dkv_warps``: the dq and the dk, dv kernels' warps (None:
 # as the level kernels).
+# ``grid_order``: which program index varies fastest in a launch (the
+# order the GPU starts programs in): "tiles" (a head's consecutive tiles
+# side by side) or "heads" (the heads of one tile side by side, so that
+# programs started together read whole rows of the [B, L, H, D] arrays).
 TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
-          "coarsen_impl": "dot", "handover_dtype": "input"}
+          "coarsen_impl": "dot", "handover_dtype": "input",
+          "grid_order": "tiles"}
 
 
 def _pow2(x: int) -> bool:
@@ -155,6 +160,7 @@ def _pow2(x: int) -> bool:
 _TUNING_CHOICES = {
     "coarsen_impl": ("dot", "pallas", "xla"),
     "handover_dtype": ("input", "float32"),
+    "grid_order": ("tiles", "heads"),
 }
 _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
@@ -486,7 +492,7 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
   n_parent = len(fills) if has_parent else 0
   parent_refs, out_refs = rest[:n_parent], rest[n_parent:]
   t0, tc = group[0][1], group[-1][1]  # tile rows: finest, coarsest level
-  ti = pl.program_id(0)
+  ti = _tile_id()
 
   def compute():
     # The parent level's results, each coarse row repeated for its two
@@ -616,17 +622,38 @@ def _rows_spec(n, width):
   """All ``n`` rows of one (batch, head) of a [B, n, H, width] array; grid
   (tile programs, heads, batch). A program reads and writes its own tiles'
   rows (``_run_levels``) and its neighbour rows (``_neighbours``)."""
-  return pl.BlockSpec((None, n, None, width), lambda i, j, k: (k, 0, j, 0))
+  return pl.BlockSpec((None, n, None, width),
+                      _ids(lambda i, j, k: (k, 0, j, 0)))
 
 
 def _vec_spec(n):
   """All rows of one (batch, head) of a per-row scalar [B, H, n]."""
-  return pl.BlockSpec((None, None, n), lambda i, j, k: (k, j, 0))
+  return pl.BlockSpec((None, None, n), _ids(lambda i, j, k: (k, j, 0)))
 
 
 def _counts_spec(n):
   """All rows of one batch element of the counts [B, n]."""
-  return pl.BlockSpec((None, n), lambda i, j, k: (k, 0))
+  return pl.BlockSpec((None, n), _ids(lambda i, j, k: (k, 0)))
+
+
+def _grid(tiles, heads, batch):
+  """A launch of (tile, head, batch element) programs, the index that
+  ``TUNING["grid_order"]`` names first (varying fastest)."""
+  if TUNING["grid_order"] == "heads":
+    return (heads, tiles, batch)
+  return (tiles, heads, batch)
+
+
+def _ids(index_map):
+  """``index_map`` of (tile, head, batch) ids, for a grid of ``_grid``."""
+  if TUNING["grid_order"] == "heads":
+    return lambda j, i, k: index_map(i, j, k)
+  return index_map
+
+
+def _tile_id():
+  """The program's tile index in a grid of ``_grid``."""
+  return pl.program_id(1 if TUNING["grid_order"] == "heads" else 0)
 
 
 def _group(pyramid, first, count, t):
@@ -643,7 +670,8 @@ _SEED_COPIES = 16
 
 def _seed_spec():
   """A program's dropout seeds: [B, H, _SEED_COPIES]."""
-  return pl.BlockSpec((None, None, _SEED_COPIES), lambda i, j, k: (k, j, 0))
+  return pl.BlockSpec((None, None, _SEED_COPIES),
+                      _ids(lambda i, j, k: (k, j, 0)))
 
 
 def _seed_inputs(seeds):
@@ -683,7 +711,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
       rate=rate, masked=masked)
   return pl.pallas_call(
       kernel,
-      grid=(n // t, h, b),
+      grid=_grid(n // t, h, b),
       in_specs=in_specs,
       out_specs=[_rows_spec(n, dv), _vec_spec(n)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
@@ -874,7 +902,7 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   common = dict(group=group, nr=nr, causal=causal,
                 has_parent=parent is not None, scale=scale,
                 precision=precision, rate=rate, masked=masked)
-  grid = (n // t, h, b)
+  grid = _grid(n // t, h, b)
   suffix = f"l{first}" + (f"_{count}" if count > 1 else "")
   # Per level: q, k, v, counts, G, E, M (the kernels' per_level = 7).
   level_args = [x for j in range(count)
@@ -1078,17 +1106,17 @@ def _coarsen(arrays, modes, c, count, interpret, base=0):
                  else lax.Precision.DEFAULT)
   kernel = functools.partial(_coarsen_kernel, count=count,
                              modes=tuple(modes), precision=precision)
-  grid = (n // rows, h // hp, b)
-  in_specs = [pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
+  grid = _grid(n // rows, h // hp, b)
+  in_specs = [pl.BlockSpec((None, rows), _ids(lambda i, j, k: (k, i)))]
   out_specs, out_shape, flat = [], [], []
   for x in arrays:
     width = hp * x.shape[-1]
     flat.append(x.reshape(b, n, h * x.shape[-1]))
     in_specs.append(pl.BlockSpec((None, rows, width),
-                                 lambda i, j, k: (k, i, j)))
+                                 _ids(lambda i, j, k: (k, i, j))))
     for level in range(1, count + 1):
       out_specs.append(pl.BlockSpec((None, rows >> level, width),
-                                    lambda i, j, k: (k, i, j)))
+                                    _ids(lambda i, j, k: (k, i, j))))
       out_shape.append(jax.ShapeDtypeStruct(
           (b, n >> level, h * x.shape[-1]), x.dtype))
   outs = pl.pallas_call(
@@ -1179,13 +1207,14 @@ def _restrict(g, e, mrow, c, count, interpret, from_output=False):
   list starts with the base level's (g, E, M), E and M computed from them."""
   b, n, h, dv = g.shape
   rows = 2**count
-  grid = (n // rows, h, b)
+  grid = _grid(n // rows, h, b)
   rows_spec = lambda r: pl.BlockSpec((None, r, None, dv),
-                                     lambda i, j, k: (k, i, j, 0))
-  vec_spec = lambda r: pl.BlockSpec((None, None, r), lambda i, j, k: (k, j, i))
+                                     _ids(lambda i, j, k: (k, i, j, 0)))
+  vec_spec = lambda r: pl.BlockSpec((None, None, r),
+                                    _ids(lambda i, j, k: (k, j, i)))
   in_specs = [rows_spec(rows), rows_spec(rows) if from_output else
               vec_spec(rows), vec_spec(rows),
-              pl.BlockSpec((None, rows), lambda i, j, k: (k, i))]
+              pl.BlockSpec((None, rows), _ids(lambda i, j, k: (k, i)))]
   out_specs, out_shape = [], []
   for level in range(0 if from_output else 1, count + 1):
     r, m = rows >> level, n >> level
