@@ -167,9 +167,6 @@ def main():
   parser.add_argument("--grid_order", nargs="+", default=["tiles"],
                       choices=["tiles", "heads"],
                       help="kernels.TUNING['grid_order'] values to time")
-  parser.add_argument("--pyramid_loads", nargs="+", default=["each"],
-                      choices=["each", "first"],
-                      help="kernels.TUNING['pyramid_loads'] values to time")
   parser.add_argument("--masked", action="store_true",
                       help="pass a mask (every token real): the path of "
                       "callers with padding masks")
@@ -233,10 +230,10 @@ def main():
     print(json.dumps(row), flush=True)
     rows.append(row)
     for (tile, warps, pwarps, per_launch, stages, impl,
-         handover, order, ploads) in itertools.product(
+         handover, order) in itertools.product(
              args.tiles, args.warps, args.pyramid_warps, args.per_launch,
              args.stages, args.coarsen_impl, args.handover_dtype,
-             args.grid_order, args.pyramid_loads):
+             args.grid_order):
       kernels.TUNING.update(num_warps=warps or None,
                             dq_warps=args.dq_warps or None,
                             dkv_warps=args.dkv_warps or None,
@@ -244,7 +241,7 @@ def main():
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, handover_dtype=handover,
-                            grid_order=order, pyramid_loads=ploads)
+                            grid_order=order)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
              "pyramid_warps": pwarps or default_pwarps, "masked": args.masked,
@@ -255,7 +252,6 @@ def main():
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl,
              "handover_dtype": handover, "grid_order": order,
-             "pyramid_loads": ploads,
              "fwd_ms": bench(attn, q, k, v, valid),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v, valid)}
       if args.by_kernel:

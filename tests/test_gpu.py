@@ -223,9 +223,9 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
 @pytest.mark.parametrize("tuning", [
     dict(coarsen_impl="pallas"), dict(handover_dtype="float32"),
     dict(pyramid_warps=None), dict(dq_warps=2, dkv_warps=4),
-    dict(grid_order="heads"), dict(pyramid_loads="first")],
+    dict(grid_order="heads")],
     ids=["pair_sums", "handover_f32", "pyramid_warps_as_levels",
-         "backward_warps", "heads_first", "pyramid_loads_first"])
+         "backward_warps", "heads_first"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair

@@ -324,10 +324,9 @@ def test_level_groups():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
-  """Pyramid programs of several heads or rows, the XLA pyramid, the
-  pyramid by products and programs that load q, k and v first give the
-  one-head, 2**count-row coarse queries, keys and values (d != dv, padded
-  rows)."""
+  """Pyramid programs of several heads or rows, the XLA pyramid and the
+  pyramid by products give the one-head, 2**count-row coarse queries, keys
+  and values (d != dv, padded rows)."""
   rng = np.random.default_rng(0)
   b, n, h, d, dv = 2, 64, 4, 16, 32
   q, k = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
@@ -339,19 +338,16 @@ def test_pyramid_same_for_any_heads_per_program(monkeypatch, causal):
   c0 = jnp.asarray(real, jnp.float32)
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   got = {}
-  for heads, rows, impl, loads in (
-      (1, 0, "pallas", "each"), (2, 0, "pallas", "each"),
-      (4, 16, "pallas", "each"), (1, 64, "pallas", "each"),
-      (1, 0, "xla", "each"), (1, 0, "dot", "each"), (2, 64, "dot", "each"),
-      (1, 32, "dot", "each"), (1, 32, "dot", "first"),
-      (1, 0, "pallas", "first")):
-    monkeypatch.setitem(kernels.TUNING, "pyramid_loads", loads)
+  for heads, rows, impl in ((1, 0, "pallas"), (2, 0, "pallas"),
+                            (4, 16, "pallas"), (1, 64, "pallas"),
+                            (1, 0, "xla"), (1, 0, "dot"), (2, 64, "dot"),
+                            (1, 32, "dot")):
     monkeypatch.setitem(kernels.TUNING, "coarsen_heads", heads)
     monkeypatch.setitem(kernels.TUNING, "coarsen_rows", rows)
     monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
-    got[heads, rows, impl, loads] = jax.tree.map(
-        np.asarray, kernels._pyramid(q, k, v, c0, 4, causal, True))
-  base = got.pop((1, 0, "pallas", "each"))
+    got[heads, rows, impl] = jax.tree.map(np.asarray, kernels._pyramid(
+        q, k, v, c0, 4, causal, True))
+  base = got.pop((1, 0, "pallas"))
   assert len(base) == 4 and base[3][0].shape == (b, n // 8, h, d)
   assert base[3][2].shape == (b, n // 8, h, dv)
   # Level 1 by hand: the mean (or first) of each pair of real rows.

@@ -144,14 +144,11 @@ DEFAULT_TILE = 16
 # order the GPU starts programs in): "tiles" (a head's consecutive tiles
 # side by side) or "heads" (the heads of one tile side by side, so that
 # programs started together read whole rows of the [B, L, H, D] arrays).
-# ``pyramid_loads``: when a pyramid program loads its q, k and v rows:
-# "each" (one array after the other, each before its products and
-# stores) or "first" (all three before any product).
 TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "dot", "handover_dtype": "input",
-          "grid_order": "tiles", "pyramid_loads": "each"}
+          "grid_order": "tiles"}
 
 
 def _pow2(x: int) -> bool:
@@ -164,7 +161,6 @@ _TUNING_CHOICES = {
     "coarsen_impl": ("dot", "pallas", "xla"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
-    "pyramid_loads": ("each", "first"),
 }
 _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
@@ -996,10 +992,8 @@ def _coarsen_kernel(*refs, count, modes, precision=None):
   rows = c.shape[0]
 
   def compute():
-    loaded = ([x_ref[...] for x_ref in in_refs]
-              if TUNING["pyramid_loads"] == "first" else None)
     for t, (x_ref, mode) in enumerate(zip(in_refs, modes)):
-      x = x_ref[...] if loaded is None else loaded[t]
+      x = x_ref[...]
       x = jnp.where(c[:, None] > 0, x, jnp.zeros_like(x))
       s, cs = None, None  # sums and counts of the level last computed
       for j in range(1, count + 1):
