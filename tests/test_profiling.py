@@ -3,6 +3,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from htransformer import profiling
@@ -102,3 +103,21 @@ def test_programs_per_sm_from_registers():
       == [16, 12, 12, 8, 8]
   assert script.programs_per_sm(32, 1) == 32  # the SM's program limit
   assert script.programs_per_sm(128, 4) == 4
+
+
+@pytest.mark.parametrize("kind", ["xla", "pallas"])
+def test_copy_kernel_doubles_every_element(kind):
+  """The copy ceiling's kernels (benchmark and profile scripts) write
+  every element, counted once read and once written."""
+  fn, x, nbytes = profiling.copy_kernel(kind, rows=96, interpret=True)
+  x = jnp.arange(96 * 1024, dtype=jnp.float32).reshape(96, 1024) % 251
+  out = np.asarray(jax.jit(fn)(x.astype(jnp.bfloat16)), np.float32)
+  np.testing.assert_array_equal(out, 2 * np.asarray(x))
+  assert nbytes == 2 * 96 * 1024 * 2
+
+
+def test_copy_kernel_bad_arguments_are_named():
+  with pytest.raises(ValueError, match="copy kind"):
+    profiling.copy_kernel("cuda")
+  with pytest.raises(ValueError, match="multiple of 32"):
+    profiling.copy_kernel("pallas", rows=40)
