@@ -580,11 +580,10 @@ def kernel_lines(report: dict, lookup: dict) -> list[str]:
                 f"{target:g}" if applies else "",
                 ("yes" if ms <= target else "no") if applies else ""]
       rows.append(row)
+  note = env.get("copy_note", "measured in the same run")
   copy_text = (f"{copy:,.0f} GB/s (a 1 GiB bfloat16 array doubled, the "
                "faster of XLA and a Pallas kernel, bytes read + written, "
-               + env.get("copy_note",
-                                            "measured in the same run") + ")"
-               if copy else "not measured")
+               f"{note})" if copy else "not measured")
   lines = ["", "Fused kernels against the memory-traffic floor: the bytes "
            "that any implementation must move (forward: read q, k, v and "
            "write the output; forward+backward: also read q, k, v, the "

@@ -111,3 +111,37 @@ def test_memory_floor_counts_the_arrays_any_attention_moves():
   for length in (1024, 65536):
     assert bench.floor_bytes(cfg, length, "fwd") == 4 * array
     assert bench.floor_bytes(cfg, length, "fwd_bwd") == 12 * array
+
+
+def test_kernel_lines_measure_the_floor_at_the_copy_bandwidth():
+  """The fused kernels' table: the floor at the card's copy bandwidth
+  (the faster of the two copies) and the bytes per second achieved."""
+  cfg = {"tokens": 65536, "heads": 8, "head_dim": 64, "dtype": "bfloat16",
+         "lengths": [65536], "methods": ["hierarchical_16_pallas"]}
+  lookup = {("hierarchical_16_pallas", 65536): {
+      "status": "ok", "fwd": {"median_ms": 0.5},
+      "fwd_bwd": {"median_ms": 1.5}}}
+  env = {"copy_gbps": 4000.0, "copy_gbps_xla": 3300.0,
+         "copy_gbps_pallas": 4000.0}
+  text = "\n".join(bench.kernel_lines(
+      {"config": cfg, "environment": env}, lookup))
+  assert "copy bandwidth of 4,000 GB/s" in text
+  assert "faster of XLA and a Pallas kernel" in text
+  array = 65536 * 8 * 64 * 2
+  row = [line for line in text.splitlines() if line.startswith("| 64K")]
+  cells = [c.strip() for c in row[0].split("|")[1:-1]]
+  assert cells[3] == f"{4 * array / 4e12 * 1e3:.3f}"  # forward floor, ms
+  assert cells[4] == f"{4 * array / 0.5e-3 / 1e9:.0f}"  # achieved GB/s
+  assert cells[8] == f"{12 * array / 4e12 * 1e3:.3f}"
+
+
+def test_copy_bandwidth_is_the_faster_copy(monkeypatch):
+  """Both copies are recorded; the card's bandwidth is the faster (the
+  copies themselves need a GPU: tests/test_profiling.py checks their
+  kernels in interpret mode)."""
+  speeds = {"xla": 3300.0, "pallas": 3970.0}
+  monkeypatch.setattr(bench, "copy_bandwidth_gbps", speeds.get)
+  env = bench.environment_info(measure_copy=True)
+  assert (env["copy_gbps"], env["copy_gbps_xla"], env["copy_gbps_pallas"]) \
+      == (3970.0, 3300.0, 3970.0)
+  assert bench.environment_info()["copy_gbps"] is None
