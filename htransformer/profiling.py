@@ -33,14 +33,22 @@ _COPY_ROWS = 32
 
 def copy_kernel(kind: str = "xla", rows: int = 2**19, interpret=False):
   """(fn, x, bytes moved per call): ``fn(x)`` doubles ``x``, a bfloat16
-  [rows, 1024] array (1 GiB by default), through XLA (``kind`` "xla") or a
+  [rows, 1024] array (1 GiB by default), through XLA (``kind`` "xla"), a
   Pallas kernel of [32, 1024] blocks ("pallas", the ceiling for kernels
-  written as the attention's are). Bytes are those read plus written."""
-  if kind not in ("xla", "pallas"):
-    raise ValueError(f"copy kind must be 'xla' or 'pallas', got {kind!r}.")
+  written as the attention's are) or a Mosaic GPU kernel ("mosaic":
+  ``attention.mosaic.double``; not yet compiled on a GPU). Bytes are those
+  read plus written."""
+  if kind not in ("xla", "pallas", "mosaic"):
+    raise ValueError("copy kind must be 'xla', 'pallas' or 'mosaic', got "
+                     f"{kind!r}.")
   if rows % _COPY_ROWS:
     raise ValueError(f"rows must be a multiple of {_COPY_ROWS}, got {rows}.")
   x = jnp.ones((rows, 1024), jnp.bfloat16)
+  if kind == "mosaic":  # [256, 128] tiles through shared memory
+    from htransformer.attention import mosaic
+    fn = lambda x: mosaic.double(x.reshape(-1, 128),
+                                 interpret=interpret).reshape(x.shape)
+    return fn, x, 2 * x.nbytes
   if kind == "xla":
     return (lambda x: x * 2), x, 2 * x.nbytes
 

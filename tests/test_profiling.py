@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from htransformer import profiling
+from htransformer.attention import mosaic
 from tests.scripts_helper import load_script
 
 
@@ -105,7 +106,7 @@ def test_programs_per_sm_from_registers():
   assert script.programs_per_sm(128, 4) == 4
 
 
-@pytest.mark.parametrize("kind", ["xla", "pallas"])
+@pytest.mark.parametrize("kind", ["xla", "pallas", "mosaic"])
 def test_copy_kernel_doubles_every_element(kind):
   """The copy ceiling's kernels (benchmark and profile scripts) write
   every element, counted once read and once written."""
@@ -119,5 +120,7 @@ def test_copy_kernel_doubles_every_element(kind):
 def test_copy_kernel_bad_arguments_are_named():
   with pytest.raises(ValueError, match="copy kind"):
     profiling.copy_kernel("cuda")
+  with pytest.raises(ValueError, match=r"double takes \[n \* 256, 128\]"):
+    mosaic.double(jnp.ones((100, 128), jnp.bfloat16), interpret=True)
   with pytest.raises(ValueError, match="multiple of 32"):
     profiling.copy_kernel("pallas", rows=40)
