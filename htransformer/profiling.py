@@ -9,9 +9,10 @@ buffers hide the kernels of a step behind one entry: set
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to see them.
 
 ``copy_kernel(kind)`` is the device's copy ceiling to time: a 1 GiB
-bfloat16 array doubled by XLA or by a Pallas kernel (on an H200 the Pallas
-kernel moves about 20% more bytes per second than XLA's: 3,970 against
-3,300 GB/s, docs/benchmarks.md).
+bfloat16 array doubled by XLA, a Pallas (Triton) kernel or a Mosaic GPU
+kernel (on an H200 the Triton kernel moves about 20% more bytes per second
+than XLA's: 3,970 against 3,300 GB/s, docs/benchmarks.md; the Mosaic GPU
+one is not yet timed).
 """
 
 import collections
@@ -44,22 +45,21 @@ def copy_kernel(kind: str = "xla", rows: int = 2**19, interpret=False):
   if rows % _COPY_ROWS:
     raise ValueError(f"rows must be a multiple of {_COPY_ROWS}, got {rows}.")
   x = jnp.ones((rows, 1024), jnp.bfloat16)
-  if kind == "mosaic":  # [256, 128] tiles through shared memory
+  if kind == "xla":
+    fn = lambda x: x * 2
+  elif kind == "mosaic":  # [256, 128] tiles (rows % 32: a whole number)
     from htransformer.attention import mosaic
     fn = lambda x: mosaic.double(x.reshape(-1, 128),
                                  interpret=interpret).reshape(x.shape)
-    return fn, x, 2 * x.nbytes
-  if kind == "xla":
-    return (lambda x: x * 2), x, 2 * x.nbytes
+  else:
+    def double(x_ref, o_ref):
+      o_ref[...] = x_ref[...] * 2
 
-  def double(x_ref, o_ref):
-    o_ref[...] = x_ref[...] * 2
-
-  spec = pl.BlockSpec((_COPY_ROWS, 1024), lambda i: (i, 0))
-  fn = lambda x: pl.pallas_call(
-      double, grid=(x.shape[0] // _COPY_ROWS,), in_specs=[spec],
-      out_specs=spec, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      interpret=interpret, name="copy_ceiling")(x)
+    spec = pl.BlockSpec((_COPY_ROWS, 1024), lambda i: (i, 0))
+    fn = lambda x: pl.pallas_call(
+        double, grid=(x.shape[0] // _COPY_ROWS,), in_specs=[spec],
+        out_specs=spec, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        interpret=interpret, name="copy_ceiling")(x)
   return fn, x, 2 * x.nbytes
 
 

@@ -638,24 +638,28 @@ def _counts_spec(n):
   return pl.BlockSpec((None, n), _ids(lambda i, j, k: (k, 0)))
 
 
+def _heads_first() -> bool:
+  """Whether launches put the head index first (``TUNING["grid_order"]``,
+  read when tracing)."""
+  return TUNING["grid_order"] == "heads"
+
+
 def _grid(tiles, heads, batch):
   """A launch of (tile, head, batch element) programs, the index that
   ``TUNING["grid_order"]`` names first (varying fastest)."""
-  if TUNING["grid_order"] == "heads":
-    return (heads, tiles, batch)
-  return (tiles, heads, batch)
+  return (heads, tiles, batch) if _heads_first() else (tiles, heads, batch)
 
 
 def _ids(index_map):
   """``index_map`` of (tile, head, batch) ids, for a grid of ``_grid``."""
-  if TUNING["grid_order"] == "heads":
+  if _heads_first():
     return lambda j, i, k: index_map(i, j, k)
   return index_map
 
 
 def _tile_id():
   """The program's tile index in a grid of ``_grid``."""
-  return pl.program_id(1 if TUNING["grid_order"] == "heads" else 0)
+  return pl.program_id(1 if _heads_first() else 0)
 
 
 def _group(pyramid, first, count, t):
