@@ -79,3 +79,109 @@ def double(x, *, interpret=False):
                          plgpu.Barrier(num_arrivals=1)],
                 grid=(rows // _TILE[0],), grid_names=("tile",),
                 interpret=interpret)(x)
+
+
+# ----------------------------------------------------------- the pyramid
+
+_TILING = (8, 64)  # shared-memory tiles of bfloat16 rows of 64 (128 bytes)
+
+
+def _transforms(width, dtype):
+  """Tiling and swizzle of a [rows, width] shared-memory block."""
+  swizzle = plgpu.find_swizzle(width * jax.numpy.dtype(dtype).itemsize * 8)
+  elems = swizzle // jax.numpy.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _load(ref, layout, interpret):
+  """A shared-memory block in registers, in ``layout`` (ignored in
+  interpret mode, where jax 0.10's ``plgpu.load`` does not trace)."""
+  return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+
+def coarsen_mean(x, c, levels, *, rows=64, stages=2, programs=None,
+                 out_slots=2, interpret=False):
+  """Levels 1 .. ``levels`` of x [B, n, H, D]: each row the mean of the real
+  rows of its pair one level down (counts c [B, n] of real tokens).
+
+  The [B, n, H, D] array is read as [B, n / T, T, H, D] (T = 2**levels):
+  a pipeline step loads, for one head, the T strided [rows, D] blocks of
+  ``rows`` groups of T consecutive rows, and writes each level's rows in
+  the same strided form; the levels are sums of pairs, all elementwise.
+  """
+  jnp = jax.numpy
+  b, n, h, d = x.shape
+  t = 2**levels
+  groups = n // t
+  if n % t or groups % rows:
+    raise ValueError(f"coarsen_mean needs a length that is a multiple of "
+                     f"{t * rows}, got {n}.")
+  steps = groups // rows
+  if programs is None:
+    programs = 1
+    while (programs * 2 * b * h <= 264 and steps % (programs * 2) == 0):
+      programs *= 2
+  per = steps // programs
+  xv = x.reshape(b, groups, t, h, d)
+  cv = jnp.swapaxes(c.astype(jnp.float32).reshape(b, groups, t), 1, 2)
+  out_type = [jax.ShapeDtypeStruct((b, groups, t >> l, h, d), x.dtype)
+              for l in range(1, levels + 1)]
+  tf = _transforms(d, x.dtype)
+  block = plgpu.BlockSpec((rows, d), lambda i: (i, 0), transforms=tf)
+  vec = plgpu.BlockSpec((rows,), lambda i: (i,))
+  wg, row = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+
+  def compute(*refs):
+    x_refs, c_refs, o_refs = refs[:t], refs[t:2 * t], refs[2 * t:]
+    sums, counts = [], []
+    for x_ref, c_ref in zip(x_refs, c_refs):
+      cs = _load(c_ref, row, interpret)
+      xs = _load(x_ref, wg, interpret).astype(jnp.float32)
+      cb = lax.broadcast_in_dim(cs, (rows, d), [0])
+      sums.append(jnp.where(cb > 0, xs * cb, 0.0))
+      counts.append(cs)
+    at = 0
+    for _ in range(levels):
+      sums = [sums[2 * i] + sums[2 * i + 1] for i in range(len(sums) // 2)]
+      counts = [counts[2 * i] + counts[2 * i + 1]
+                for i in range(len(counts) // 2)]
+      for s, cs in zip(sums, counts):
+        inv = 1.0 / jnp.maximum(cs, 1.0)
+        o_refs[at][...] = (s * lax.broadcast_in_dim(inv, (rows, d), [0])
+                           ).astype(x.dtype)
+        at += 1
+
+  def body(x_gmem, c_gmem, *refs):
+    o_gmems, out_smem = refs[:levels], refs[levels]
+    bi, hi = lax.axis_index("b"), lax.axis_index("h")
+    first = lax.axis_index("p") * per
+
+    def step(idx, *in_refs):
+      # Out blocks: ``out_slots`` slots; with two, a slot's copies of two
+      # steps ago are done when at most the last step's t - 1 copies are
+      # pending.
+      slot = idx[0] % out_slots
+      plgpu.wait_smem_to_gmem((t - 1) * (out_slots - 1), wait_read_only=True)
+      o_refs = [out_smem.at[slot, j] for j in range(t - 1)]
+      compute(*in_refs, *o_refs)
+      plgpu.commit_smem()
+      span = pl.ds((first + idx[0]) * rows, rows)
+      at = 0
+      for o in o_gmems:
+        for j in range(o.shape[2]):
+          plgpu.copy_smem_to_gmem(o_refs[at], o.at[bi, span, j, hi])
+          at += 1
+
+    span = pl.ds(first * rows, per * rows)
+    ins = [x_gmem.at[bi, span, s, hi] for s in range(t)]
+    ins += [c_gmem.at[bi, s, span] for s in range(t)]
+    plgpu.emit_pipeline(step, grid=(per,), in_specs=[block] * t + [vec] * t,
+                        max_concurrent_steps=stages)(*ins)
+    plgpu.wait_smem_to_gmem(0)
+
+  outs = kernel(body, out_shape=out_type,
+                scratch=[plgpu.SMEM((out_slots, t - 1, rows, d), x.dtype,
+                                    transforms=tf)],
+                grid=(programs, h, b), grid_names=("p", "h", "b"),
+                interpret=interpret)(xv, cv)
+  return [o.reshape(b, n >> l, h, d) for l, o in enumerate(outs, 1)]
