@@ -185,3 +185,173 @@ def coarsen_mean(x, c, levels, *, rows=64, stages=2, programs=None,
                 grid=(programs, h, b), grid_names=("p", "h", "b"),
                 interpret=interpret)(xv, cv)
   return [o.reshape(b, n >> l, h, d) for l, o in enumerate(outs, 1)]
+
+
+# ------------------------------------------------- the forward at level 0
+
+_NO_KEY = -1e30  # kernels._NO_KEY: a masked logit; the lse of a row of none
+
+
+def _programs(steps, per_batch_head, most=264):
+  """Programs per (batch, head) over ``steps`` tiles: a power of two that
+  divides them, as many as keep the launch within ``most`` programs."""
+  p = 1
+  while p * 2 * per_batch_head <= most and steps % (p * 2) == 0:
+    p *= 2
+  return p
+
+
+def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
+                   programs=None, interpret=False):
+  """Level 0 of the non-causal forward (``kernels._fwd_rows`` at level 0
+  with the parent level's output ``po`` [B, n/2, H, D] and lse ``plse``
+  [B, H, n/2]), in Mosaic GPU.
+
+  A step takes 128 query rows as two [64, D] tiles, the even and the odd
+  rows (TMA reads [B, n/2, 2, H, D] views): each row's parent is then row
+  i of the same [64, D] parent tile, with no regrouping of rows in
+  registers. Keys: the window of 128 + 2 nr rows around them. Returns
+  (o [B, n, H, D], lse as [B, H, 2, n/2], the even rows' then the odd
+  rows').
+  """
+  jnp = jax.numpy
+  f32 = jnp.float32
+  b, n, h, d = q.shape
+  rows, tile = 64, 128
+  win = tile + 2 * nr
+  if n % tile or n < win or win > 256:
+    raise ValueError(f"forward_level0 needs a length that is a multiple "
+                     f"of {tile} and at least {win}, blocks of at most 64; "
+                     f"got {n} and {nr}.")
+  steps = n // tile
+  programs = programs or _programs(steps, b * h)
+  per = steps // programs
+  stages = min(stages, per)
+  qv = q.reshape(b, n // 2, 2, h, d)
+  cq = jnp.swapaxes(c.astype(f32).reshape(b, n // 2, 2), 1, 2)
+  c = c.astype(f32)
+  tq, tp = _transforms(d, q.dtype), _transforms(d, po.dtype)
+  wg, row, col = (plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1),
+                  plgpu.Layout.WGMMA.reduce(0))
+  shift = nr.bit_length() - 1
+
+  def body(q_g, k_g, v_g, c_g, cq_g, po_g, plse_g, o_g, lse_g, q_s, k_s,
+           v_s, c_s, cq_s, po_s, plse_s, o_s, lse_s, bar):
+    bi, hi = lax.axis_index("b"), lax.axis_index("h")
+    first = lax.axis_index("p") * per
+
+    def window(i):
+      start = (first + i) * tile
+      return start, jnp.clip(start - nr, 0, n - win)
+
+    def issue(i, slot):
+      start, at = window(i)
+      half, keys, into = pl.ds(start // 2, rows), pl.ds(at, win), bar.at[slot]
+      for s in range(2):
+        plgpu.copy_gmem_to_smem(q_g.at[bi, half, s, hi], q_s.at[slot, s],
+                                into)
+      plgpu.copy_gmem_to_smem(k_g.at[bi, keys, hi], k_s.at[slot], into)
+      plgpu.copy_gmem_to_smem(v_g.at[bi, keys, hi], v_s.at[slot], into)
+      plgpu.copy_gmem_to_smem(c_g.at[bi, keys], c_s.at[slot], into)
+      plgpu.copy_gmem_to_smem(cq_g.at[bi, :, half], cq_s.at[slot], into)
+      plgpu.copy_gmem_to_smem(po_g.at[bi, half, hi], po_s.at[slot], into)
+      plgpu.copy_gmem_to_smem(plse_g.at[bi, hi, half], plse_s.at[slot], into)
+
+    for i in range(stages):
+      issue(i, i)
+
+    @pl.loop(0, per)
+    def _(i):
+      slot = i % stages
+      plgpu.barrier_wait(bar.at[slot])
+      start, at = window(i)
+      ck = _load(c_s.at[slot], col, interpret)
+      po = _load(po_s.at[slot], wg, interpret).astype(f32)
+      pm = _load(plse_s.at[slot], row, interpret)
+      qrow = _iota2((rows, win), 0, wg, interpret)
+      kj = at + _iota2((rows, win), 1, wg, interpret)
+      real = lax.broadcast_in_dim(ck, (rows, win), [1])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      for s in range(2):
+        qi = start + 2 * qrow + s
+        bq, bk = qi >> shift, kj >> shift
+        ok = (bk >= bq - 1) & (bk <= bq + 1) & (real > 0)
+
+        x = _matmul(q_s.at[slot, s], k_s.at[slot], True, interpret)
+        x = jnp.where(ok, x * scale, _NO_KEY)
+        m = jnp.max(x, axis=1)
+        p = jnp.where(ok, jnp.exp(x - lax.broadcast_in_dim(m, x.shape, [0])),
+                      0.0) * real
+        z = jnp.sum(p, axis=1)
+        p = p.astype(v.dtype)
+
+        y = _matmul(p, v_s.at[slot], False, interpret)
+        big = jnp.maximum(m, pm)
+        a = jnp.exp(m - big)
+        w = jnp.where(pm > 0.5 * _NO_KEY, jnp.exp(pm - big), 0.0)
+        z = z * a + w
+        y = (y * lax.broadcast_in_dim(a, y.shape, [0])
+             + po * lax.broadcast_in_dim(w, y.shape, [0]))
+        has = z > 0
+        zs = jnp.where(has, z, 1.0)
+        real_q = _load(cq_s.at[slot, s], row, interpret) > 0
+        keep = (real_q & has).astype(f32) / zs
+        o_s.at[s][...] = (y * lax.broadcast_in_dim(keep, y.shape, [0])
+                          ).astype(o_s.dtype)
+        lse_s.at[s][...] = jnp.where(has, big + jnp.log(zs), _NO_KEY)
+      plgpu.commit_smem()
+      half = pl.ds(start // 2, rows)
+      for s in range(2):
+        plgpu.copy_smem_to_gmem(o_s.at[s], o_g.at[bi, half, s, hi])
+        plgpu.copy_smem_to_gmem(lse_s.at[s], lse_g.at[bi, hi, s, half])
+
+      @pl.when(i + stages < per)
+      def _():
+        issue(i + stages, slot)
+
+    plgpu.wait_smem_to_gmem(0)
+
+  out_type = [jax.ShapeDtypeStruct((b, n // 2, 2, h, d), q.dtype),
+              jax.ShapeDtypeStruct((b, h, 2, n // 2), f32)]
+  scratch = [plgpu.SMEM((stages, 2, rows, d), q.dtype, transforms=tq),
+             plgpu.SMEM((stages, win, d), k.dtype, transforms=tq),
+             plgpu.SMEM((stages, win, d), v.dtype, transforms=tq),
+             plgpu.SMEM((stages, win), f32),
+             plgpu.SMEM((stages, 2, rows), f32),
+             plgpu.SMEM((stages, rows, d), po.dtype, transforms=tp),
+             plgpu.SMEM((stages, rows), f32),
+             plgpu.SMEM((2, rows, d), q.dtype, transforms=tq),
+             plgpu.SMEM((2, rows), f32),
+             plgpu.Barrier(num_arrivals=8, num_barriers=stages)]
+  o, lse = kernel(body, out_shape=out_type, scratch=scratch,
+                  grid=(programs, h, b), grid_names=("p", "h", "b"),
+                  interpret=interpret)(qv, k, v, c, cq, po, plse)
+  return o.reshape(b, n, h, d), lse
+
+
+def _iota2(shape, axis, layout, interpret):
+  """int32 indices along ``axis`` of ``shape``, in ``layout`` on a GPU."""
+  if interpret:
+    return lax.broadcasted_iota(jax.numpy.int32, shape, axis)
+  return plgpu.broadcasted_iota(jax.numpy.int32, shape, axis, layout=layout)
+
+
+def _matmul(a, b_ref, transpose_b, interpret):
+  """float32 ``a @ b`` (``a @ b.T`` with ``transpose_b``) on the tensor
+  cores (``a`` a shared-memory ref or registers, ``b_ref`` shared memory).
+  Interpret mode, whose ``wgmma`` takes neither a transposed ref nor
+  registers, multiplies the loaded arrays instead."""
+  jnp = jax.numpy
+  if interpret:
+    a = a if isinstance(a, jax.Array) else a[...]
+    b = b_ref[...]
+    return jnp.dot(a, b.T if transpose_b else b,
+                   preferred_element_type=jnp.float32)
+  b = b_ref.transpose((1, 0)) if transpose_b else b_ref
+  rows, cols = a.shape[0], b.shape[1]
+
+  def product(acc):
+    plgpu.wgmma(acc, a, b)
+    return acc[...]
+
+  return pl.run_scoped(product, plgpu.ACC((rows, cols), jnp.float32))
