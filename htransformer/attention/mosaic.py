@@ -210,7 +210,7 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
   A step takes 128 query rows as two [64, D] tiles, the even and the odd
   rows (TMA reads [B, n/2, 2, H, D] views): each row's parent is then row
   i of the same [64, D] parent tile, with no regrouping of rows in
-  registers. Keys: the window of 128 + 2 nr rows around them. Returns
+  registers. Keys: a window of 128 + 2 max(nr, 32) rows around them. Returns
   (o [B, n, H, D], lse as [B, H, 2, n/2], the even rows' then the odd
   rows').
   """
@@ -218,7 +218,11 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
   f32 = jnp.float32
   b, n, h, d = q.shape
   rows, tile = 64, 128
-  win = tile + 2 * nr
+  # Keys: ``edge`` rows each side, at least a block, and a window whose
+  # rows are a multiple of 64 (the product of weights and values reads it
+  # in 64-row steps).
+  edge = max(nr, 32)
+  win = tile + 2 * edge
   if n % tile or n < win or win > 256:
     raise ValueError(f"forward_level0 needs a length that is a multiple "
                      f"of {tile} and at least {win}, blocks of at most 64; "
@@ -241,12 +245,18 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
     first = lax.axis_index("p") * per
 
     def window(i):
-      start = (first + i) * tile
-      return start, jnp.clip(start - nr, 0, n - win)
+      # (first query row, first key row, the query tiles' rows in the
+      # [B, n/2, 2, H, D] view). Offsets are products (the key window's a
+      # clamped index times ``edge``): Mosaic GPU checks that a TMA
+      # offset is a multiple of the shared-memory tiling, and proves it
+      # only through products.
+      t = first + i
+      at = jnp.clip(t * (tile // edge) - 1, 0, (n - win) // edge) * edge
+      return t * tile, at, pl.ds(t * rows, rows)
 
     def issue(i, slot):
-      start, at = window(i)
-      half, keys, into = pl.ds(start // 2, rows), pl.ds(at, win), bar.at[slot]
+      _, at, half = window(i)
+      keys, into = pl.ds(at, win), bar.at[slot]
       for s in range(2):
         plgpu.copy_gmem_to_smem(q_g.at[bi, half, s, hi], q_s.at[slot, s],
                                 into)
@@ -264,7 +274,7 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
     def _(i):
       slot = i % stages
       plgpu.barrier_wait(bar.at[slot])
-      start, at = window(i)
+      start, at, half = window(i)
       ck = _load(c_s.at[slot], col, interpret)
       po = _load(po_s.at[slot], wg, interpret).astype(f32)
       pm = _load(plse_s.at[slot], row, interpret)
@@ -300,7 +310,6 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
                           ).astype(o_s.dtype)
         lse_s.at[s][...] = jnp.where(has, big + jnp.log(zs), _NO_KEY)
       plgpu.commit_smem()
-      half = pl.ds(start // 2, rows)
       for s in range(2):
         plgpu.copy_smem_to_gmem(o_s.at[s], o_g.at[bi, half, s, hi])
         plgpu.copy_smem_to_gmem(lse_s.at[s], lse_g.at[bi, hi, s, half])
