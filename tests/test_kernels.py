@@ -19,6 +19,7 @@ import pytest
 
 from htransformer.attention import hierarchical_attention
 from htransformer.attention import kernels
+from htransformer.attention import mosaic
 from tests.scripts_helper import jaxpr_equations
 from tests.test_attention import dense_reference, make_mask, make_qkv
 from tests.test_attention import max_abs, numpy_reference
@@ -42,17 +43,19 @@ SCHEDULES = {
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
                           coarsen_rows=16, coarsen_impl="pallas",
                           grid_order="heads")),
+    # The pyramid by Mosaic GPU passes (levels of 256 rows or more).
+    "mosaic": (16, dict(levels_per_launch=1, coarsen_impl="mosaic")),
     # Tiles of two blocks read in three pieces.
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),
 }
 
 
-@pytest.fixture(params=["tile16", "3-levels"])
+@pytest.fixture(params=["tile16", "3-levels", "mosaic"])
 def small_passes(request, monkeypatch):
   """Coarsening passes of 2 levels, so that several passes chain, with
-  the default kernels (several tiles per level) or the "3-levels"
-  schedule above."""
+  the default kernels (several tiles per level), the "3-levels" schedule
+  or the Mosaic GPU pyramid above."""
   _use_schedule(monkeypatch, request.param)
 
 
@@ -396,6 +399,54 @@ def test_causal_pyramid_without_a_mask_takes_first_tokens(monkeypatch, impl,
                     0.0)
     np.testing.assert_array_equal(first[level][0], want)
     np.testing.assert_array_equal(real[level][0], want)
+
+
+@pytest.mark.parametrize("causal,masked", [(False, True), (True, True),
+                                           (True, False)],
+                         ids=["mean", "first_real", "first"])
+def test_mosaic_pyramid_matches_xla(monkeypatch, causal, masked):
+  """The pyramid in Mosaic GPU passes (``coarsen_impl="mosaic"``, interpret
+  mode): passes of two levels chained (1024 rows: levels 0-2, 2-4), the
+  levels too short for a pass by the "dot" kernel, q and k of another
+  width than v, holes and padding whose rows hold NaN and inf. The levels
+  of XLA's reductions: exactly those of the first pass and every selected
+  query; a mean from a later pass starts from the last pass's rounded
+  means (XLA's from float32 sums over the 6 levels of its pass), one
+  rounding of bfloat16 apart."""
+  rng = np.random.default_rng(3)
+  b, n, h, d, dv, levels = 2, 1024, 2, 16, 64, 6
+  c = np.ones((b, n), np.float32)
+  c[0, 900:] = 0.0
+  if masked:  # holes at the start of groups of 2 .. 64 rows
+    c[1, [0, 2, 3, 64, 65, 66, 67]] = 0.0
+    c[1, 128:192] = 0.0
+  q, k = (rng.standard_normal((b, n, h, d)).astype(np.float32)
+          for _ in range(2))
+  v = rng.standard_normal((b, n, h, dv)).astype(np.float32)
+  for x, bad in ((q, np.nan), (k, np.inf), (v, -np.inf)):
+    x[c == 0] = bad
+  args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)] + [jnp.asarray(c)]
+  got = {}
+  for impl in ("mosaic", "xla"):
+    monkeypatch.setitem(kernels.TUNING, "coarsen_impl", impl)
+    got[impl] = jax.tree.map(np.asarray, kernels._pyramid(
+        *args, levels, causal, True, masked))
+  for level in range(1, levels):
+    for name, a, e in zip("qkvc", got["mosaic"][level], got["xla"][level]):
+      a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+      assert np.isfinite(a).all(), (level, name)
+      assert (a[np.asarray(got["xla"][level][3]) == 0] == 0).all()
+      if level <= 2 or name == "c" or (name == "q" and causal):
+        np.testing.assert_array_equal(a, e, err_msg=f"level {level} {name}")
+      else:
+        np.testing.assert_allclose(a, e, rtol=2**-7, atol=2**-8,
+                                   err_msg=f"level {level} {name}")
+
+
+def test_mosaic_coarsen_rejects_lengths_it_cannot_tile():
+  x = jnp.zeros((1, 384, 1, 16), jnp.bfloat16)
+  with pytest.raises(ValueError, match="multiple of 256, got 384"):
+    mosaic.coarsen([x], ["mean"], jnp.ones((1, 384)), 2, interpret=True)
 
 
 def test_pyramid_products_only_with_counts_the_dtype_holds(monkeypatch):

@@ -130,8 +130,11 @@ DEFAULT_TILE = 16
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
 # 64 for six levels; more gives fewer, larger programs);
 # ``coarsen_impl``: "dot" (that kernel, each level's sums as one product
-# with a weight matrix), "pallas" (the kernel with pair sums in registers)
-# or "xla" (XLA reductions, level by level).
+# with a weight matrix), "pallas" (the kernel with pair sums in registers),
+# "xla" (XLA reductions, level by level) or "mosaic" (Mosaic GPU passes of
+# two levels, ``mosaic.coarsen``: TMA reads of strided blocks, the levels
+# elementwise; Hopper GPUs and newer; levels of fewer than 256 rows go to
+# the "dot" kernel).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -160,7 +163,7 @@ def _pow2(x: int) -> bool:
 # What each TUNING key may hold: one of a few strings, or an int that passes
 # a check (the warps keys may also be None).
 _TUNING_CHOICES = {
-    "coarsen_impl": ("dot", "pallas", "xla"),
+    "coarsen_impl": ("dot", "pallas", "xla", "mosaic"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
 }
@@ -1090,17 +1093,20 @@ def _coarsen_xla(arrays, modes, c, count):
 _EXACT_INTS = {jnp.dtype(jnp.bfloat16): 256, jnp.dtype(jnp.float16): 2048}
 
 
-def _coarsen(arrays, modes, c, count, interpret, base=0):
+def _coarsen(arrays, modes, c, count, interpret, base=0, impl=None):
   """Next ``count`` levels of each [B, n, H, D] array (counts c [B, n]) of
   level ``base``.
 
   Each array is viewed as [B, n, H*D] (free: rows are contiguous), and a
   program reduces a [2**count, hp*D] block, hp heads side by side (the
-  reduction is per column, the counts per row).
+  reduction is per column, the counts per row). ``impl``: TUNING's
+  ``coarsen_impl`` unless given.
   """
-  impl = TUNING.get("coarsen_impl", "dot")
+  impl = impl or TUNING.get("coarsen_impl", "dot")
   if impl == "xla":
     return _coarsen_xla(arrays, modes, c, count)
+  if impl == "mosaic":
+    return _coarsen_mosaic(arrays, modes, c, count, interpret, base)
   b, n, h = arrays[0].shape[:3]
   hp = _coarsen_heads(h)
   rows = _coarsen_rows(n, count)
@@ -1132,6 +1138,39 @@ def _coarsen(arrays, modes, c, count, interpret, base=0):
       name="hattn_coarsen")(c, *flat)
   shaped = [o.reshape(o.shape[0], o.shape[1], h, -1) for o in outs]
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
+
+
+# Levels per Mosaic GPU pass, and its rows per block: a pass reads blocks
+# of [64, D] rows 4 apart (``mosaic.coarsen``).
+_MOSAIC_PASS, _MOSAIC_ROWS = 2, 64
+
+
+def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
+  """``_coarsen`` in Mosaic GPU passes of up to two levels, each from the
+  last; what no pass fits (fewer than 4 x 64 rows) by the "dot" kernel."""
+  from htransformer.attention import mosaic  # Only where it is chosen.
+  levels = [[] for _ in arrays]
+  while len(levels[0]) < count:
+    step = min(_MOSAIC_PASS, count - len(levels[0]))
+    n = arrays[0].shape[1]
+    if n % (_MOSAIC_ROWS << step):
+      rest = _coarsen(arrays, modes, c, count - len(levels[0]), interpret,
+                      base, impl="dot")
+      return [done + more for done, more in zip(levels, rest)]
+    # One launch per width (q and k may differ from v).
+    new = [None] * len(arrays)
+    for width in sorted({x.shape[-1] for x in arrays}):
+      ids = [i for i, x in enumerate(arrays) if x.shape[-1] == width]
+      out = mosaic.coarsen([arrays[i] for i in ids], [modes[i] for i in ids],
+                           c, step, rows=_MOSAIC_ROWS, interpret=interpret)
+      for i, more in zip(ids, out):
+        new[i] = more
+    for done, more in zip(levels, new):
+      done += more
+    arrays = [more[-1] for more in new]
+    c = c.reshape(c.shape[0], -1, 2**step).sum(axis=-1)
+    base += step
+  return levels
 
 
 def _level_counts(c0, levels):
