@@ -12,19 +12,20 @@ copy bandwidth and cuDNN, all in one process:
       [--stages 1 2] [--head_dim 128]
       [--block_size 64]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
-      [--coarsen_impl pallas dot xla mosaic] [--handover_dtype input float32]
+      [--coarsen_impl auto pallas dot xla mosaic]
+      [--handover_dtype input float32]
       [--masked] [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
 every combination, ``--coarsen_impl dot`` the pyramid kernel with products
 instead of pair sums, ``--coarsen_impl xla`` the pyramid as XLA reductions
-and ``--coarsen_impl mosaic`` as Mosaic GPU passes. The forward and
-forward+backward are timed for every combination of tile, warps, warps of
-the pyramid and restriction kernels (``--pyramid_warps``), levels per
-launch, pipelining stages, pyramid implementation and ``--handover_dtype``
-(what coarse levels hand to finer ones); the pyramid's heads and rows per
-program are the first values.
+and ``--coarsen_impl mosaic`` as Mosaic GPU passes (``auto``, the default:
+the kernels' choice). The forward and forward+backward are timed for every
+combination of tile, warps, warps of the pyramid and restriction kernels
+(``--pyramid_warps``), levels per launch, pipelining stages, pyramid
+implementation and ``--handover_dtype`` (what coarse levels hand to finer
+ones); the pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
 setting and prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
@@ -154,8 +155,8 @@ def main():
                       help="heads per pyramid program (TUNING)")
   parser.add_argument("--coarsen_rows", type=int, nargs="+", default=[0],
                       help="rows per pyramid program (TUNING; 0: 64)")
-  parser.add_argument("--coarsen_impl", nargs="+", default=["dot"],
-                      choices=["pallas", "dot", "xla", "mosaic"],
+  parser.add_argument("--coarsen_impl", nargs="+", default=["auto"],
+                      choices=["auto", "pallas", "dot", "xla", "mosaic"],
                       help="pyramid implementation (TUNING)")
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],

@@ -91,10 +91,19 @@ def _transforms(width, dtype):
   return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
 
 
+# jax 0.10's plgpu.load needs an index after the ref; 0.11 deprecates it.
+_LOAD_NEEDS_INDEX = (inspect.signature(plgpu.load).parameters["idx"].default
+                     is inspect.Parameter.empty)
+
+
 def _load(ref, layout, interpret):
   """A shared-memory block in registers, in ``layout`` (ignored in
   interpret mode, where jax 0.10's ``plgpu.load`` does not trace)."""
-  return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+  if interpret:
+    return ref[...]
+  if _LOAD_NEEDS_INDEX:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
 
 
 def _loaded_rows(mode, t):
