@@ -443,6 +443,31 @@ def test_mosaic_pyramid_matches_xla(monkeypatch, causal, masked):
                                    err_msg=f"level {level} {name}")
 
 
+@pytest.mark.parametrize("width,dtype", [(16, "bfloat16"), (64, "float16"),
+                                         (128, "bfloat16"), (64, "float32"),
+                                         (128, "float32")])
+def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(width, dtype):
+  """The Mosaic GPU pyramid pass compiled (lowered) for a Hopper GPU from
+  this CPU: it lowers wherever ``coarsen_smem`` says it fits in shared
+  memory, which the kernels check before choosing it; float32 rows of
+  128 do not fit (Mosaic GPU says so when lowering)."""
+  x = jax.ShapeDtypeStruct((1, 4096, 2, width), dtype)
+  c = jax.ShapeDtypeStruct((1, 4096), jnp.float32)
+  modes = ["first_real", "mean", "first"]
+  fits = [s for s in (2, 1) if mosaic.coarsen_smem(
+      [x] * 3, modes, 2, out_slots=s) <= mosaic.SMEM_BYTES]
+  assert bool(fits) == (jnp.dtype(dtype).itemsize * width < 512)
+  slots = fits[0] if fits else 1
+  lower = lambda: jax.jit(lambda a, b, e, c: mosaic.coarsen(
+      [a, b, e], modes, c, 2, out_slots=slots)).trace(x, x, x, c).lower(
+          lowering_platforms=("cuda",))
+  if fits:
+    assert "mosaic_gpu" in lower().as_text()
+  else:
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+      lower()
+
+
 def test_mosaic_coarsen_rejects_lengths_it_cannot_tile():
   x = jnp.zeros((1, 384, 1, 16), jnp.bfloat16)
   with pytest.raises(ValueError, match="multiple of 256, got 384"):

@@ -1164,22 +1164,30 @@ _MOSAIC_PASS, _MOSAIC_ROWS = 2, 64
 
 def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
   """``_coarsen`` in Mosaic GPU passes of up to two levels, each from the
-  last; what no pass fits (fewer than 4 x 64 rows) by the "dot" kernel."""
+  last; what no pass fits (fewer than 4 x 64 rows, or blocks too large
+  for shared memory: float32 rows of 128) by the "dot" kernel."""
   from htransformer.attention import mosaic  # Only where it is chosen.
   levels = [[] for _ in arrays]
   while len(levels[0]) < count:
     step = min(_MOSAIC_PASS, count - len(levels[0]))
     n = arrays[0].shape[1]
-    if n % (_MOSAIC_ROWS << step):
+    # One launch per width (q and k may differ from v), two output slots
+    # where they fit.
+    widths = [[i for i, x in enumerate(arrays) if x.shape[-1] == w]
+              for w in sorted({x.shape[-1] for x in arrays})]
+    slots = [next((s for s in (2, 1) if mosaic.coarsen_smem(
+        [arrays[i] for i in ids], [modes[i] for i in ids], step,
+        rows=_MOSAIC_ROWS, out_slots=s) <= mosaic.SMEM_BYTES), 0)
+             for ids in widths]
+    if n % (_MOSAIC_ROWS << step) or not all(slots):
       rest = _coarsen(arrays, modes, c, count - len(levels[0]), interpret,
                       base, impl="dot")
       return [done + more for done, more in zip(levels, rest)]
-    # One launch per width (q and k may differ from v).
     new = [None] * len(arrays)
-    for width in sorted({x.shape[-1] for x in arrays}):
-      ids = [i for i, x in enumerate(arrays) if x.shape[-1] == width]
+    for ids, out_slots in zip(widths, slots):
       out = mosaic.coarsen([arrays[i] for i in ids], [modes[i] for i in ids],
-                           c, step, rows=_MOSAIC_ROWS, interpret=interpret)
+                           c, step, rows=_MOSAIC_ROWS, out_slots=out_slots,
+                           interpret=interpret)
       for i, more in zip(ids, out):
         new[i] = more
     for done, more in zip(levels, new):

@@ -124,6 +124,21 @@ def _combine(mode, a, b):
   return xa, ca  # "first"
 
 
+# Shared memory a Hopper program may use (227 KiB), less room for barriers.
+SMEM_BYTES = 227 * 1024 - 1024
+
+
+def coarsen_smem(arrays, modes, levels, *, rows=64, stages=2, out_slots=2):
+  """Shared memory of a ``coarsen`` launch (bytes): the largest array's
+  pipeline buffers (``stages`` steps of its blocks and counts) and the
+  output slots."""
+  t = 2**levels
+  block = lambda x: rows * x.shape[-1] * jax.numpy.dtype(x.dtype).itemsize
+  pipeline = max(stages * len(_loaded_rows(m, t)) * (block(x) + 4 * rows)
+                 for x, m in zip(arrays, modes))
+  return pipeline + out_slots * (t - 1) * max(block(x) for x in arrays)
+
+
 def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
             out_slots=2, interpret=False):
   """Levels 1 .. ``levels`` of each [B, n, H, D] array of ``arrays``, by
