@@ -468,10 +468,14 @@ def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(width, dtype):
       lower()
 
 
-def test_mosaic_coarsen_rejects_lengths_it_cannot_tile():
+def test_mosaic_coarsen_rejects_what_it_cannot_tile():
   x = jnp.zeros((1, 384, 1, 16), jnp.bfloat16)
   with pytest.raises(ValueError, match="multiple of 256, got 384"):
     mosaic.coarsen([x], ["mean"], jnp.ones((1, 384)), 2, interpret=True)
+  y = jnp.zeros((1, 512, 1, 32), jnp.bfloat16)
+  with pytest.raises(ValueError, match="arrays of one shape and dtype"):
+    mosaic.coarsen([y, y[..., :16]], ["mean"] * 2, jnp.ones((1, 512)), 2,
+                   interpret=True)
 
 
 def test_pyramid_products_only_with_counts_the_dtype_holds(monkeypatch):

@@ -155,6 +155,10 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
   """
   jnp = jax.numpy
   b, n, h, d = arrays[0].shape
+  if any(x.shape != arrays[0].shape or x.dtype != arrays[0].dtype
+         for x in arrays):
+    raise ValueError("mosaic.coarsen takes arrays of one shape and dtype, "
+                     f"got {[(x.shape, str(x.dtype)) for x in arrays]}.")
   t = 2**levels
   groups = n // t
   if n % t or groups % rows:
