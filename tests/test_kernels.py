@@ -446,11 +446,13 @@ def test_mosaic_pyramid_matches_xla(monkeypatch, causal, masked):
 @pytest.mark.parametrize("width,dtype", [(16, "bfloat16"), (64, "float16"),
                                          (128, "bfloat16"), (64, "float32"),
                                          (128, "float32")])
-def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(width, dtype):
+def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(monkeypatch, width,
+                                                        dtype):
   """The Mosaic GPU pyramid pass compiled (lowered) for a Hopper GPU from
   this CPU: it lowers wherever ``coarsen_smem`` says it fits in shared
   memory, which the kernels check before choosing it; float32 rows of
-  128 do not fit (Mosaic GPU says so when lowering)."""
+  128 do not fit (Mosaic GPU says so when lowering), and the pyramid
+  takes the products kernel (a ``pallas_call``) for them instead."""
   x = jax.ShapeDtypeStruct((1, 4096, 2, width), dtype)
   c = jax.ShapeDtypeStruct((1, 4096), jnp.float32)
   modes = ["first_real", "mean", "first"]
@@ -466,6 +468,12 @@ def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(width, dtype):
   else:
     with pytest.raises(ValueError, match="exceeds available shared memory"):
       lower()
+  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", "mosaic")
+  pyramid = jax.make_jaxpr(lambda x, c: kernels._pyramid(
+      x, x, x, c, 3, False, True))(jnp.zeros(x.shape, dtype),
+                                   jnp.ones(c.shape))
+  names = {e.primitive.name for e in jaxpr_equations(pyramid.jaxpr)}
+  assert ("pallas_call" in names) == (not fits), names
 
 
 def test_mosaic_coarsen_rejects_what_it_cannot_tile():
