@@ -66,6 +66,7 @@ import numpy as np
 
 from htransformer import profiling
 from htransformer.attention import full_attention, hierarchical_attention
+from htransformer.attention import kernels
 
 DEFAULT_METHODS = ("hierarchical_16", "hierarchical_64", "full_cudnn",
                    "full_xla")
@@ -280,14 +281,19 @@ def copy_bandwidth_gbps(kind: str = "xla") -> float | None:
 
 def environment_info(measure_copy: bool = False) -> dict:
   device = jax.devices()[0]
-  copies = {kind: copy_bandwidth_gbps(kind) if measure_copy else None
-            for kind in ("xla", "pallas")}
+  # The Mosaic GPU copy compiles on Hopper GPUs and newer only.
+  copies = {kind: copy_bandwidth_gbps(kind) if measure_copy and (
+      kind != "mosaic" or kernels.mosaic_gpu()) else None
+            for kind in ("xla", "pallas", "mosaic")}
   measured = [x for x in copies.values() if x is not None]
   return {
-      # The card's copy bandwidth: the faster of the two copies.
+      # The card's copy bandwidth: the fastest of the copies.
       "copy_gbps": max(measured) if measured else None,
       "copy_gbps_xla": copies["xla"],
       "copy_gbps_pallas": copies["pallas"],
+      "copy_gbps_mosaic": copies["mosaic"],
+      # What builds the fused kernels' pyramid on this device.
+      "coarsen_impl": kernels.coarsen_impl(),
       "device_kind": device.device_kind,
       "platform": device.platform,
       "device_count": jax.device_count(),
@@ -582,8 +588,9 @@ def kernel_lines(report: dict, lookup: dict) -> list[str]:
       rows.append(row)
   note = env.get("copy_note", "measured in the same run")
   copy_text = (f"{copy:,.0f} GB/s (a 1 GiB bfloat16 array doubled, the "
-               "faster of XLA and a Pallas kernel, bytes read + written, "
-               f"{note})" if copy else "not measured")
+               "fastest of XLA, a Pallas kernel and, on Hopper, a Mosaic "
+               f"GPU kernel, bytes read + written, {note})" if copy
+               else "not measured")
   lines = ["", "Fused kernels against the memory-traffic floor: the bytes "
            "that any implementation must move (forward: read q, k, v and "
            "write the output; forward+backward: also read q, k, v, the "

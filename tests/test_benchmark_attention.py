@@ -126,7 +126,7 @@ def test_kernel_lines_measure_the_floor_at_the_copy_bandwidth():
   text = "\n".join(bench.kernel_lines(
       {"config": cfg, "environment": env}, lookup))
   assert "copy bandwidth of 4,000 GB/s" in text
-  assert "faster of XLA and a Pallas kernel" in text
+  assert "fastest of XLA, a Pallas kernel and, on Hopper, a Mosaic" in text
   array = 65536 * 8 * 64 * 2
   row = [line for line in text.splitlines() if line.startswith("| 64K")]
   cells = [c.strip() for c in row[0].split("|")[1:-1]]
@@ -135,13 +135,21 @@ def test_kernel_lines_measure_the_floor_at_the_copy_bandwidth():
   assert cells[8] == f"{12 * array / 4e12 * 1e3:.3f}"
 
 
-def test_copy_bandwidth_is_the_faster_copy(monkeypatch):
-  """Both copies are recorded; the card's bandwidth is the faster (the
-  copies themselves need a GPU: tests/test_profiling.py checks their
-  kernels in interpret mode)."""
-  speeds = {"xla": 3300.0, "pallas": 3970.0}
+def test_copy_bandwidth_is_the_fastest_copy(monkeypatch):
+  """The copies are recorded (the Mosaic GPU one on Hopper GPUs, where it
+  compiles; so does the pyramid's Mosaic GPU kernel, which the record
+  names); the card's bandwidth is the fastest (the copies themselves need
+  a GPU: tests/test_profiling.py checks their kernels in interpret
+  mode)."""
+  speeds = {"xla": 3300.0, "pallas": 3970.0, "mosaic": 4020.0}
   monkeypatch.setattr(bench, "copy_bandwidth_gbps", speeds.get)
   env = bench.environment_info(measure_copy=True)
-  assert (env["copy_gbps"], env["copy_gbps_xla"], env["copy_gbps_pallas"]) \
-      == (3970.0, 3300.0, 3970.0)
+  # No Mosaic GPU copy on this CPU (a Hopper GPU's): the faster of two.
+  assert (env["copy_gbps"], env["copy_gbps_xla"], env["copy_gbps_pallas"],
+          env["copy_gbps_mosaic"]) == (3970.0, 3300.0, 3970.0, None)
+  assert env["coarsen_impl"] == "dot"
+  monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
+  env = bench.environment_info(measure_copy=True)
+  assert (env["copy_gbps"], env["copy_gbps_mosaic"]) == (4020.0, 4020.0)
+  assert env["coarsen_impl"] == "mosaic"
   assert bench.environment_info()["copy_gbps"] is None

@@ -246,6 +246,15 @@ def mosaic_gpu() -> bool:
     return False
 
 
+def coarsen_impl(interpret: bool = False) -> str:
+  """The pyramid's implementation: ``TUNING["coarsen_impl"]``, with "auto"
+  resolved for this device (and interpret mode)."""
+  impl = TUNING.get("coarsen_impl", "auto")
+  if impl == "auto":
+    return "mosaic" if not interpret and mosaic_gpu() else "dot"
+  return impl
+
+
 def unsupported_reason(query, value, block_size: int) -> str | None:
   """Why the kernels cannot run these inputs (None if they can)."""
   d, dv = query.shape[-1], value.shape[-1]
@@ -1117,9 +1126,7 @@ def _coarsen(arrays, modes, c, count, interpret, base=0, impl=None):
   reduction is per column, the counts per row). ``impl``: TUNING's
   ``coarsen_impl`` unless given.
   """
-  impl = impl or TUNING.get("coarsen_impl", "auto")
-  if impl == "auto":
-    impl = "dot" if interpret or not mosaic_gpu() else "mosaic"
+  impl = impl or coarsen_impl(interpret)
   if impl == "xla":
     return _coarsen_xla(arrays, modes, c, count)
   if impl == "mosaic":
