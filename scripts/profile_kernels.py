@@ -32,6 +32,9 @@ kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
 XLA fusions) per call: where the milliseconds go. Run it with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so that the kernels show.
 
+``--mosaic_forward`` only times the finest level's forward, the Triton
+kernel against the Mosaic GPU one (``mosaic.forward_level0``), on the same
+inputs, and prints their largest differences.
 ``--ncu_target`` only runs the forward+backward at the first length twice
 (default settings: the kernels' tile unless ``--tiles`` names one; nothing
 timed), for Nsight Compute to read the
@@ -55,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from htransformer import profiling  # noqa: E402
@@ -128,6 +132,64 @@ def run_for_ncu(args, tile):
                     "tuning": kernels.TUNING}), flush=True)
 
 
+def level0_forward_rows(args):
+  """The finest level's forward: the Triton kernel (tiles of
+  ``args.tiles[0]`` rows, else the default) against ``mosaic.
+  forward_level0`` (each of ``args.stages`` pipelining stages), device
+  time on the same inputs (a mask with a padded end, a random parent
+  level), and the largest differences of the output and the lse."""
+  from htransformer.attention import mosaic
+  nr = args.block_size
+  tile = (args.tiles or [kernels.default_tile(nr)])[0]
+  scale = 1.0 / np.sqrt(args.head_dim)
+  rows = []
+  for length in args.lengths:
+    batch = max(1, args.tokens // length)
+    rng = np.random.default_rng(0)
+    q, k, v, po = random_inputs(rng, (batch, length, 8, args.head_dim))
+    po = po[:, ::2]
+    plse = jnp.asarray(3 * rng.standard_normal((batch, 8, length // 2)),
+                       jnp.float32)
+    c = jnp.ones((batch, length), jnp.float32).at[:, length - 37:].set(0.0)
+    args_ = (q, k, v, c, po, plse)
+
+    def triton(q, k, v, c, po, plse):
+      return kernels._group_forward(
+          [(q, k, v, c)], 0, 1, tile, (po, plse), nr=nr, causal=False,
+          scale=scale, out_dtype=q.dtype, precision=lax.Precision.DEFAULT,
+          interpret=False, masked=True)
+
+    def device_ms(fn):
+      f = jax.jit(fn)
+      jax.block_until_ready(f(*args_))
+      return profiling.device_profile(
+          lambda: jax.block_until_ready(f(*args_)),
+          steps=20).get("device_ms_per_step")
+
+    row = {"length": length, "batch": batch, "head_dim": args.head_dim,
+           "block_size": nr, "tile": tile,
+           "triton_fwd_l0_device_ms": device_ms(triton)}
+    want = jax.jit(triton)(*args_)
+    for stages in args.stages:
+      name = f"mosaic_fwd_l0_stages{stages}"
+      mos = lambda *a, s=stages: mosaic.forward_level0(
+          *a, nr=nr, scale=scale, stages=s)
+      try:
+        row[name + "_device_ms"] = device_ms(mos)
+        o, lse = jax.jit(mos)(*args_)
+      except Exception as e:  # noqa: BLE001 (reported: a new kernel)
+        row[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        continue
+      real = want[1] > 0.5 * kernels._NO_KEY
+      row[name + "_max_diff_o"] = float(jnp.max(jnp.abs(
+          o.astype(jnp.float32) - want[0].astype(jnp.float32))))
+      row[name + "_max_diff_lse"] = float(jnp.max(jnp.where(
+          real, jnp.abs(lse - want[1]), 0.0)))
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
@@ -147,7 +209,8 @@ def main():
   parser.add_argument("--per_launch", type=int, nargs="+", default=[1],
                       help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--stages", type=int, nargs="+", default=[1],
-                      help="Triton pipelining stages (TUNING['num_stages'])")
+                      help="Triton pipelining stages (TUNING['num_stages']); "
+                      "with --mosaic_forward, the Mosaic GPU kernel's")
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--block_size", type=int, default=16)
@@ -173,7 +236,17 @@ def main():
   parser.add_argument("--out", default="")
   parser.add_argument("--ncu_target", action="store_true",
                       help="only run fwd+bwd twice, for Nsight Compute")
+  parser.add_argument("--mosaic_forward", action="store_true",
+                      help="only time the finest level's forward: the "
+                      "Triton kernel against mosaic.forward_level0 "
+                      "(--stages: its pipelining stages)")
   args = parser.parse_args()
+  if args.mosaic_forward:
+    rows = level0_forward_rows(args)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    return
   if args.ncu_target:
     tiles = args.tiles or [kernels.default_tile(args.block_size)]
     run_for_ncu(args, tiles[0])

@@ -486,6 +486,65 @@ def test_mosaic_coarsen_rejects_what_it_cannot_tile():
                    interpret=True)
 
 
+@pytest.mark.parametrize("nr", [16, 64])
+def test_mosaic_forward_level0_matches_the_triton_kernel(nr):
+  """``mosaic.forward_level0`` (interpret mode) against the Triton level-0
+  forward (interpret mode) with a parent level: holes, a padded end, a
+  parent row of no key, query rows that are not real (zeroed queries,
+  zero output). The log-normaliser is compared where the Triton kernel
+  computes it (it skips tiles of padding only)."""
+  keys = jax.random.split(jax.random.key(nr), 6)
+  b, n, h, d = 2, 512, 2, 64
+  q, k, v = (jax.random.normal(x, (b, n, h, d), jnp.bfloat16)
+             for x in keys[:3])
+  c = (jax.random.uniform(keys[5], (b, n)) > 0.2).astype(jnp.float32)
+  c = c.at[0, n - 100:].set(0.0).at[1, 64:128].set(0.0)
+  po = jax.random.normal(keys[3], (b, n // 2, h, d), jnp.bfloat16)
+  plse = 3 * jax.random.normal(keys[4], (b, h, n // 2), jnp.float32)
+  plse = plse.at[:, :, 7].set(kernels._NO_KEY)
+  o, lse = mosaic.forward_level0(q, k, v, c, po, plse, nr=nr, scale=0.125,
+                                 interpret=True)
+  want_o, want_lse = kernels._group_forward(
+      [(q, k, v, c)], 0, 1, 16, (po, plse), nr=nr, causal=False,
+      scale=0.125, out_dtype=jnp.bfloat16, precision=jax.lax.Precision.DEFAULT,
+      interpret=True, masked=True)
+  o, want_o = np.asarray(o, np.float32), np.asarray(want_o, np.float32)
+  np.testing.assert_allclose(o, want_o, rtol=2**-7, atol=2**-7)
+  assert (o[np.asarray(c) == 0] == 0).all()
+  lse, want_lse = np.asarray(lse), np.asarray(want_lse)
+  computed = want_lse > 0.5 * kernels._NO_KEY
+  assert computed.mean() > 0.7
+  np.testing.assert_allclose(lse[computed], want_lse[computed], atol=1e-5)
+
+
+@pytest.mark.parametrize("nr,d", [(16, 64), (32, 128), (64, 32)])
+def test_mosaic_forward_level0_lowers_for_hopper(nr, d):
+  """Compiled (lowered) for a Hopper GPU from this CPU: Mosaic GPU's
+  layout inference, tensor-core shapes and shared memory accept it."""
+  x = jax.ShapeDtypeStruct((1, 2048, 2, d), jnp.bfloat16)
+  po = jax.ShapeDtypeStruct((1, 1024, 2, d), jnp.bfloat16)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  fn = lambda *a: mosaic.forward_level0(*a, nr=nr, scale=0.125, stages=2)
+  lowered = jax.jit(fn).trace(x, x, x, f32(1, 2048), po, f32(1, 2, 1024)
+                              ).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_mosaic_forward_level0_rejects_what_it_cannot_run():
+  def inputs(n, dtype):
+    x = jnp.zeros((1, n, 1, 16), dtype)
+    return x, x, x, jnp.ones((1, n)), x[:, ::2], jnp.zeros((1, 1, n // 2))
+
+  for args, nr, match in (
+      (inputs(256, jnp.float32), 16, "16-bit inputs and blocks of 16, 32 "
+       "or 64 rows, got float32 and 16"),
+      (inputs(256, jnp.bfloat16), 128, "got bfloat16 and 128"),
+      (inputs(80, jnp.bfloat16), 16, "multiple of 64 and at least 96, "
+       "got 80")):
+    with pytest.raises(ValueError, match=match):
+      mosaic.forward_level0(*args, nr=nr, scale=1.0, interpret=True)
+
+
 def test_pyramid_products_only_with_counts_the_dtype_holds(monkeypatch):
   """A level-9 row counts up to 512 tokens, and bfloat16 holds 257 as 256:
   coarsening such rows by products would weigh them wrongly, so the

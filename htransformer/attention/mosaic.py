@@ -11,9 +11,19 @@ through ``kernel`` below, and checked on a CPU with ``interpret=True``
 simulated).
 
 ``coarsen`` is the pyramid of ``kernels.py`` (its three modes) in passes of
-up to two levels, chosen by ``kernels.TUNING["coarsen_impl"] = "mosaic"``;
-``double`` (a 1 GiB array doubled through shared memory) is the copy
-ceiling of such kernels: ``profiling.copy_kernel("mosaic")``.
+up to two levels, the default on Hopper GPUs (``kernels.TUNING
+["coarsen_impl"]``). ``forward_level0`` is the finest level's non-causal
+forward on contiguous tiles of 64 query rows, not used by the attention
+yet: ``scripts/profile_kernels.py --mosaic_forward`` times it against the
+Triton kernel (docs/benchmarks.md, section "Mosaic GPU"). ``double`` (a
+1 GiB array doubled through shared memory) is the copy ceiling of such
+kernels: ``profiling.copy_kernel("mosaic")``.
+
+Every kernel here is checked on a CPU twice: its values in interpret mode
+(where ``wgmma`` is replaced by ``jnp.dot``: interpret mode takes neither
+a transposed operand nor one in registers), and its compilation for a
+Hopper GPU (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``
+runs Mosaic GPU's layout inference and shared-memory check).
 """
 
 from __future__ import annotations
@@ -84,10 +94,14 @@ def double(x, *, interpret=False):
 
 # ----------------------------------------------------------- the pyramid
 
-def _transforms(width, dtype):
-  """Tiling and swizzle of a [rows, width] shared-memory block."""
-  swizzle = plgpu.find_swizzle(width * jax.numpy.dtype(dtype).itemsize * 8)
-  elems = swizzle // jax.numpy.dtype(dtype).itemsize
+def _transforms(width, dtype, most=128):
+  """Tiling and swizzle of a [rows, width] shared-memory block (a swizzle
+  of at most ``most`` bytes: the rows of a block that is the second
+  operand of a tensor-core product, [K, N], come in steps of the swizzle's
+  width, 64 rows at 128 bytes of bfloat16, 32 at 64)."""
+  itemsize = jax.numpy.dtype(dtype).itemsize
+  swizzle = min(plgpu.find_swizzle(width * itemsize * 8), most)
+  elems = swizzle // itemsize
   return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
 
 
@@ -252,3 +266,171 @@ def _programs(steps, per_batch_head, most=264):
   while p * 2 * per_batch_head <= most and steps % (p * 2) == 0:
     p *= 2
   return p
+
+
+# ------------------------------------------------- the forward at level 0
+
+_NO_KEY = -1e30  # kernels._NO_KEY: a masked logit; the lse of a row of none
+
+
+def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
+                   programs=None, interpret=False):
+  """Level 0 of the non-causal forward in Mosaic GPU: ``kernels._fwd_rows``
+  at level 0, with the parent level's normalised output ``po`` [B, n/2, H,
+  D] and lse ``plse`` [B, H, n/2]. Returns (o [B, n, H, D] in q's dtype,
+  zero on rows that are not real; lse [B, H, n]).
+
+  A program loops over tiles of 64 query rows (a tensor-core product's
+  least), each with the window of 64 + 2 nr keys around it (TMA, ``stages``
+  tiles ahead): 2x the logits of the band at blocks of 16. A row's parent
+  is row i // 2 of the tile's 32 parent rows: a product with a 0/1 matrix
+  repeats them (exact); the parent lse comes repeated from XLA (4 bytes a
+  row).
+  """
+  jnp = jax.numpy
+  f32 = jnp.float32
+  b, n, h, d = q.shape
+  rows = 64
+  win = rows + 2 * nr
+  if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
+    raise ValueError(f"forward_level0 takes 16-bit inputs and blocks of "
+                     f"16, 32 or 64 rows, got {q.dtype} and {nr}.")
+  if n % rows or n < win or win > 256:
+    raise ValueError(f"forward_level0 needs a length that is a multiple "
+                     f"of {rows} and at least {win}, got {n}.")
+  steps = n // rows
+  programs = programs or _programs(steps, b * h, most=1024)
+  per = steps // programs
+  stages = min(stages, per)
+  plse2 = jnp.repeat(plse.astype(f32), 2, axis=-1)  # [B, H, n]
+  c = c.astype(f32)
+  wg, row, col = (plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1),
+                  plgpu.Layout.WGMMA.reduce(0))
+  shift = nr.bit_length() - 1
+
+  def body(q_g, k_g, v_g, c_g, po_g, pl_g, o_g, lse_g, q_s, k_s, v_s, ck_s,
+           cq_s, po_s, pl_s, o_s, lse_s, bar):
+    bi, hi = lax.axis_index("b"), lax.axis_index("h")
+    first = lax.axis_index("p") * per
+
+    def window(i):
+      # (tile index, first key row): offsets as products (the window's a
+      # clamped block index times nr), which is how Mosaic GPU proves a
+      # TMA offset a multiple of the shared-memory tiling.
+      t = first + i
+      at = jnp.clip(t * (rows // nr) - 1, 0, (n - win) // nr) * nr
+      return t, at
+
+    def issue(i, slot):
+      t, at = window(i)
+      own, keys = pl.ds(t * rows, rows), pl.ds(at, win)
+      parents, into = pl.ds(t * (rows // 2), rows // 2), bar.at[slot]
+      for src, dst in ((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
+                       (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
+                       (c_g.at[bi, own], cq_s),
+                       (po_g.at[bi, parents, hi], po_s),
+                       (pl_g.at[bi, hi, own], pl_s)):
+        plgpu.copy_gmem_to_smem(src, dst.at[slot], into)
+
+    for i in range(stages):
+      issue(i, i)
+
+    @pl.loop(0, per)
+    def _(i):
+      slot = i % stages
+      plgpu.barrier_wait(bar.at[slot])
+      t, at = window(i)
+      # Block distance of key and query, from offsets: the tile and the
+      # window start at multiples of nr.
+      qb = _iota((rows, win), 0, wg, interpret) >> shift
+      kb = _iota((rows, win), 1, wg, interpret) >> shift
+      dist = kb - qb + ((at - t * rows) >> shift)
+      ck = _load(ck_s.at[slot], col, interpret)
+      real = lax.broadcast_in_dim(ck, (rows, win), [1])
+      ok = (dist >= -1) & (dist <= 1) & (real > 0)
+      real_q = _load(cq_s.at[slot], row, interpret) > 0
+      x = _matmul(q_s.at[slot], k_s.at[slot], True, interpret)
+      # A query row that is not real is a row of zeros (as ``_zeroed``
+      # makes it for the Triton kernels): its logits are 0.
+      x = jnp.where(ok, jnp.where(lax.broadcast_in_dim(real_q, x.shape, [0]),
+                                  x * scale, 0.0), _NO_KEY)
+      m = jnp.max(x, axis=1)
+      p = jnp.where(ok, jnp.exp(x - lax.broadcast_in_dim(m, x.shape, [0])),
+                    0.0) * real
+      z = jnp.sum(p, axis=1)
+      y = _matmul(p.astype(v.dtype), v_s.at[slot], False, interpret)
+      # Parent rows repeated: y_parent = R @ po, R[r, j] = (r // 2 == j).
+      repeat = ((_iota((rows, rows // 2), 0, wg, interpret) >> 1)
+                == _iota((rows, rows // 2), 1, wg, interpret))
+      parent = _matmul(repeat.astype(po.dtype), po_s.at[slot], False,
+                       interpret)
+      pm = _load(pl_s.at[slot], row, interpret)
+      big = jnp.maximum(m, pm)
+      a = jnp.exp(m - big)
+      w = jnp.where(pm > 0.5 * _NO_KEY, jnp.exp(pm - big), 0.0)
+      z = z * a + w
+      y = (y * lax.broadcast_in_dim(a, y.shape, [0])
+           + parent * lax.broadcast_in_dim(w, y.shape, [0]))
+      has = z > 0
+      zs = jnp.where(has, z, 1.0)
+      keep = (real_q & has).astype(f32) / zs
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
+      o_s[...] = (y * lax.broadcast_in_dim(keep, y.shape, [0])
+                  ).astype(o_s.dtype)
+      lse_s[...] = jnp.where(has, big + jnp.log(zs), _NO_KEY)
+      plgpu.commit_smem()
+      own = pl.ds(t * rows, rows)
+      plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, own, hi])
+      plgpu.copy_smem_to_gmem(lse_s, lse_g.at[bi, hi, own])
+
+      @pl.when(i + stages < per)
+      def _():
+        issue(i + stages, slot)
+
+    plgpu.wait_smem_to_gmem(0)
+
+  body.__name__ = "hattn_fwd_l0_mosaic"  # the kernel's name in profiles
+  out_type = [jax.ShapeDtypeStruct((b, n, h, d), q.dtype),
+              jax.ShapeDtypeStruct((b, h, n), f32)]
+  tq, t64 = _transforms(d, q.dtype), _transforms(d, q.dtype, most=64)
+  scratch = [plgpu.SMEM((stages, rows, d), q.dtype, transforms=tq),
+             plgpu.SMEM((stages, win, d), k.dtype, transforms=tq),
+             plgpu.SMEM((stages, win, d), v.dtype, transforms=t64),
+             plgpu.SMEM((stages, win), f32),
+             plgpu.SMEM((stages, rows), f32),
+             plgpu.SMEM((stages, rows // 2, d), po.dtype, transforms=t64),
+             plgpu.SMEM((stages, rows), f32),
+             plgpu.SMEM((rows, d), q.dtype, transforms=tq),
+             plgpu.SMEM((rows,), f32),
+             plgpu.Barrier(num_arrivals=7, num_barriers=stages)]
+  return kernel(body, out_shape=out_type, scratch=scratch,
+                grid=(programs, h, b), grid_names=("p", "h", "b"),
+                interpret=interpret)(q, k, v, c, po, plse2)
+
+
+def _iota(shape, axis, layout, interpret):
+  """int32 indices along ``axis`` of ``shape``, in ``layout`` on a GPU."""
+  if interpret:
+    return lax.broadcasted_iota(jax.numpy.int32, shape, axis)
+  return plgpu.broadcasted_iota(jax.numpy.int32, shape, axis, layout=layout)
+
+
+def _matmul(a, b_ref, transpose_b, interpret):
+  """float32 ``a @ b`` (``a @ b.T`` with ``transpose_b``) on the tensor
+  cores (``a`` a shared-memory ref or registers, ``b_ref`` shared memory).
+  Interpret mode, whose ``wgmma`` takes neither a transposed ref nor
+  registers, multiplies the loaded arrays."""
+  jnp = jax.numpy
+  if interpret:
+    a = a if isinstance(a, jax.Array) else a[...]
+    b = b_ref[...]
+    return jnp.dot(a, b.T if transpose_b else b,
+                   preferred_element_type=jnp.float32)
+  b = b_ref.transpose((1, 0)) if transpose_b else b_ref
+  shape = (a.shape[0], b.shape[1])
+
+  def product(acc):
+    plgpu.wgmma(acc, a, b)
+    return acc[...]
+
+  return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
