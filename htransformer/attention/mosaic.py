@@ -19,9 +19,10 @@ Triton kernel (docs/benchmarks.md, section "Mosaic GPU"). ``double`` (a
 1 GiB array doubled through shared memory) is the copy ceiling of such
 kernels: ``profiling.copy_kernel("mosaic")``.
 
-Every kernel here is checked on a CPU twice: its values in interpret mode
+``coarsen`` and ``forward_level0`` are checked on a CPU twice
+(``tests/test_kernels.py``): their values in interpret mode
 (where ``wgmma`` is replaced by ``jnp.dot``: interpret mode takes neither
-a transposed operand nor one in registers), and its compilation for a
+a transposed operand nor one in registers), and their compilation for a
 Hopper GPU (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``
 runs Mosaic GPU's layout inference and shared-memory check).
 """
