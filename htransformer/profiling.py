@@ -11,8 +11,8 @@ buffers hide the kernels of a step behind one entry: set
 ``copy_kernel(kind)`` is the device's copy ceiling to time: a 1 GiB
 bfloat16 array doubled by XLA, a Pallas (Triton) kernel or a Mosaic GPU
 kernel (on an H200 the Triton kernel moves about 20% more bytes per second
-than XLA's: 3,970 against 3,300 GB/s, docs/benchmarks.md; the Mosaic GPU
-one is not yet timed).
+than XLA's, the Mosaic GPU one a little more again: 3,970 and 4,020
+against 3,300 GB/s, docs/benchmarks.md).
 """
 
 import collections
@@ -37,7 +37,7 @@ def copy_kernel(kind: str = "xla", rows: int = 2**19, interpret=False):
   [rows, 1024] array (1 GiB by default), through XLA (``kind`` "xla"), a
   Pallas kernel of [32, 1024] blocks ("pallas", the ceiling for kernels
   written as the attention's are) or a Mosaic GPU kernel ("mosaic":
-  ``attention.mosaic.double``; not yet compiled on a GPU). Bytes are those
+  ``attention.mosaic.double``; Hopper GPUs and newer). Bytes are those
   read plus written."""
   if kind not in ("xla", "pallas", "mosaic"):
     raise ValueError("copy kind must be 'xla', 'pallas' or 'mosaic', got "

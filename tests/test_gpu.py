@@ -327,32 +327,12 @@ def test_without_the_triton_backend_the_default_is_xla(monkeypatch):
 @pytest.mark.parametrize("nr", [16, 64])
 def test_mosaic_forward_level0_matches_the_triton_kernel(nr):
   """``mosaic.forward_level0`` compiled for this GPU (Hopper and newer)
-  against the Triton level-0 forward on the same inputs (interpret mode:
+  against the Triton level-0 forward on the same inputs
+  (``tests.test_kernels.check_mosaic_forward_level0``; interpret mode:
   tests/test_kernels.py)."""
-  from htransformer.attention import kernels, mosaic
+  from htransformer.attention import kernels
+  from tests.test_kernels import check_mosaic_forward_level0
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
-  keys = jax.random.split(jax.random.key(nr), 6)
-  b, n, h, d = 2, 1024, 4, 64
-  q, k, v = (jax.random.normal(x, (b, n, h, d), jnp.bfloat16)
-             for x in keys[:3])
-  c = (jax.random.uniform(keys[5], (b, n)) > 0.2).astype(jnp.float32)
-  c = c.at[0, n - 100:].set(0.0)
-  po = jax.random.normal(keys[3], (b, n // 2, h, d), jnp.bfloat16)
-  plse = 3 * jax.random.normal(keys[4], (b, h, n // 2), jnp.float32)
-  o, lse = jax.jit(lambda *a: mosaic.forward_level0(
-      *a, nr=nr, scale=0.125))(q, k, v, c, po, plse)
-
-  def triton(q, k, v, c, po, plse):
-    return kernels._group_forward(
-        [(q, k, v, c)], 0, 1, 16, (po, plse), nr=nr, causal=False,
-        scale=0.125, out_dtype=jnp.bfloat16,
-        precision=jax.lax.Precision.DEFAULT, interpret=False, masked=True)
-
-  want_o, want_lse = jax.jit(triton)(q, k, v, c, po, plse)
-  np.testing.assert_allclose(np.asarray(o, np.float32),
-                             np.asarray(want_o, np.float32),
-                             rtol=2**-7, atol=2**-7)
-  lse, want_lse = np.asarray(lse), np.asarray(want_lse)
-  computed = want_lse > 0.5 * kernels._NO_KEY
-  np.testing.assert_allclose(lse[computed], want_lse[computed], atol=1e-4)
+  check_mosaic_forward_level0(nr, n=1024, heads=4, interpret=False,
+                              lse_atol=1e-4)

@@ -36,6 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+# A masked logit, and the lse of a row that sees no key.
+from htransformer.attention.kernels import _NO_KEY
+
 
 def interpret_params():
   """Parameters that run a Mosaic GPU kernel in interpret mode (public
@@ -270,9 +273,6 @@ def _programs(steps, per_batch_head, most=264):
 
 
 # ------------------------------------------------- the forward at level 0
-
-_NO_KEY = -1e30  # kernels._NO_KEY: a masked logit; the lse of a row of none
-
 
 def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
                    programs=None, interpret=False):
