@@ -147,9 +147,9 @@ def test_copy_bandwidth_is_the_fastest_copy(monkeypatch):
   # No Mosaic GPU copy on this CPU (a Hopper GPU's): the faster of two.
   assert (env["copy_gbps"], env["copy_gbps_xla"], env["copy_gbps_pallas"],
           env["copy_gbps_mosaic"]) == (3970.0, 3300.0, 3970.0, None)
-  assert env["coarsen_impl"] == "dot"
+  assert (env["coarsen_impl"], env["forward_l0_impl"]) == ("dot", "triton")
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
   env = bench.environment_info(measure_copy=True)
   assert (env["copy_gbps"], env["copy_gbps_mosaic"]) == (4020.0, 4020.0)
-  assert env["coarsen_impl"] == "mosaic"
+  assert (env["coarsen_impl"], env["forward_l0_impl"]) == ("mosaic", "mosaic")
   assert bench.environment_info()["copy_gbps"] is None

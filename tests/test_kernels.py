@@ -543,6 +543,58 @@ def test_mosaic_forward_level0_lowers_for_hopper(nr, d):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+def _level0_forward_kernels(fn, *args):
+  """Names of the Triton level-0 forward launches in ``fn``'s jaxpr."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return [e for e in jaxpr_equations(jaxpr) if e.primitive.name ==
+          "pallas_call" and "hattn_fwd_l0" in str(e.params.get(
+              "name_and_src_info", e.params.get("name", "")))]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_attention_with_the_mosaic_level0_forward(monkeypatch, causal):
+  """``forward_l0_impl="mosaic"`` (interpret mode): bfloat16 inputs with
+  holes and a padded end give the Triton kernels' values and gradients
+  (to bfloat16 rounding) and the float64 reference's; the Mosaic GPU
+  kernel replaces the Triton level-0 forward where it applies (not
+  causal), and causal attention keeps the Triton kernel."""
+  monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
+  length, heads, d = 200, 2, 32
+  q, k, v = make_qkv(61, 2, length, heads, d)
+  mask = np.random.default_rng(62).random((2, length)) < 0.8
+  mask[1, 150:] = False
+  cot = np.random.default_rng(63).standard_normal(
+      (2, length, heads, d)).astype(np.float32)
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+
+  def loss(q, k, v):
+    out = hierarchical_attention(q, k, v, block_size=16, causal=causal,
+                                 mask=mask, implementation="pallas_interpret")
+    return jnp.sum(out.astype(jnp.float32) * cot), out
+
+  results = {}
+  for impl in ("triton", "mosaic"):
+    monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", impl)
+    assert kernels.forward_l0_impl(interpret=True) == impl
+    triton_l0 = _level0_forward_kernels(lambda *a: loss(*a)[1], q, k, v)
+    assert len(triton_l0) == (1 if impl == "triton" or causal else 0)
+    # A new jit for each setting: TUNING is read when tracing.
+    (_, out), grads = jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    results[impl] = [np.asarray(x, np.float32) for x in (out, *grads)]
+  want = numpy_reference(*(np.asarray(x, np.float32) for x in (q, k, v)),
+                         mask, block_size=16, causal=causal)
+  out = results["mosaic"][0]
+  assert (out[~mask] == 0).all()
+  assert max_abs(out, want) <= 2e-2
+  for name, got, triton in zip(["out", "dq", "dk", "dv"], results["mosaic"],
+                               results["triton"]):
+    assert np.isfinite(got).all(), name
+    scale = max(1.0, float(np.abs(triton).max()))
+    np.testing.assert_allclose(got, triton, rtol=0, atol=2**-7 * scale,
+                               err_msg=name)
+
+
 def test_mosaic_forward_level0_rejects_what_it_cannot_run():
   def inputs(n, dtype):
     x = jnp.zeros((1, n, 1, 16), dtype)

@@ -137,6 +137,12 @@ DEFAULT_TILE = 16
 # the "dot" kernel) or "auto" (the default: "mosaic" where it compiles,
 # else "dot"; on an H200 the forward 4% faster at 1 x 65,536 tokens, 10%
 # causal with a mask, level at 64 x 1,024: docs/benchmarks.md).
+# ``forward_l0_impl``: the finest level's forward, "triton" (the level
+# kernel above), "mosaic" (``mosaic.forward_level0``, Hopper GPUs and
+# newer: non-causal, no dropout, 16-bit inputs; elsewhere the Triton
+# kernel) or "auto" (the default: "mosaic" where it compiles, as
+# ``coarsen_impl``; on an H200 the level 4% faster at blocks of 16, 10% at
+# blocks of 64: docs/benchmarks.md).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -154,8 +160,8 @@ DEFAULT_TILE = 16
 TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
-          "coarsen_impl": "auto", "handover_dtype": "input",
-          "grid_order": "tiles"}
+          "coarsen_impl": "auto", "forward_l0_impl": "auto",
+          "handover_dtype": "input", "grid_order": "tiles"}
 
 
 def _pow2(x: int) -> bool:
@@ -166,6 +172,7 @@ def _pow2(x: int) -> bool:
 # a check (the warps keys may also be None).
 _TUNING_CHOICES = {
     "coarsen_impl": ("auto", "dot", "pallas", "xla", "mosaic"),
+    "forward_l0_impl": ("auto", "triton", "mosaic"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
 }
@@ -252,6 +259,15 @@ def coarsen_impl(interpret: bool = False) -> str:
   impl = TUNING.get("coarsen_impl", "auto")
   if impl == "auto":
     return "mosaic" if not interpret and mosaic_gpu() else "dot"
+  return impl
+
+
+def forward_l0_impl(interpret: bool = False) -> str:
+  """The finest level's forward: ``TUNING["forward_l0_impl"]``, with
+  "auto" resolved for this device (and interpret mode)."""
+  impl = TUNING.get("forward_l0_impl", "auto")
+  if impl == "auto":
+    return "mosaic" if not interpret and mosaic_gpu() else "triton"
   return impl
 
 
@@ -1337,13 +1353,31 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   parent = None
   for first, count, t in reversed(
       _level_groups(n, levels, tile, nr, per_launch)):
-    o, lse = _group_forward(
+    done = None
+    if first == 0 and count == 1 and not causal and not rate:
+      done = _forward_level0_mosaic(pyramid[0], parent, nr, scale, interpret)
+    o, lse = done or _group_forward(
         pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
         out_dtype=q.dtype if first == 0 else handover,
         precision=precision, interpret=interpret, seeds=seeds, rate=rate,
         masked=masked)
     parent = (o, lse)
   return o, (pyramid, o, lse, seeds)
+
+
+def _forward_level0_mosaic(level0, parent, nr, scale, interpret):
+  """Level 0's non-causal forward without dropout by
+  ``mosaic.forward_level0`` where ``forward_l0_impl`` says so and it takes
+  these inputs: (o, lse), else None (the Triton kernel's turn)."""
+  if parent is None or forward_l0_impl(interpret) != "mosaic":
+    return None
+  from htransformer.attention import mosaic  # Only where it is chosen.
+  q, k, v, c = level0
+  if mosaic.forward_level0_unsupported(q, v, parent[0], nr):
+    return None
+  return mosaic.forward_level0(
+      q, k, v, c, *parent, nr=nr, scale=scale, interpret=interpret,
+      stages=mosaic.forward_level0_stages(nr, q.shape[-1], q.dtype))
 
 
 def _attention_fwd(q, k, v, c0, seeds, nr, causal, tile, interpret,

@@ -274,6 +274,53 @@ def _programs(steps, per_batch_head, most=264):
 
 # ------------------------------------------------- the forward at level 0
 
+_ROWS = 64  # query rows of a forward_level0 tile (a product's least)
+
+
+def forward_level0_smem(nr, d, dtype, stages):
+  """Shared memory of a ``forward_level0`` program (bytes, at least what
+  Mosaic GPU allocates): ``stages`` tiles of q, the key window's k and v,
+  the parents and the counts; one output tile."""
+  item = jax.numpy.dtype(dtype).itemsize
+  win = _ROWS + 2 * nr
+  # Each buffer rounded up to 1 KiB (Mosaic GPU aligns them).
+  up = lambda x: -(-x // 1024) * 1024
+  per_stage = (up(_ROWS * d * item) + 2 * up(win * d * item)
+               + up(_ROWS // 2 * d * item) + up(4 * win) + 2 * up(4 * _ROWS))
+  return stages * per_stage + up(_ROWS * d * item) + up(4 * _ROWS)
+
+
+def forward_level0_stages(nr, d, dtype):
+  """Pipelining stages of ``forward_level0``: two at blocks of 16 (on an
+  H200 4% faster than one), else one (blocks of 64: 0.25 against 0.38 ms
+  at 65,536 tokens; docs/benchmarks.md); 0 where even one does not fit in
+  shared memory."""
+  for stages in ((2, 1) if nr == 16 else (1,)):
+    if forward_level0_smem(nr, d, dtype, stages) <= SMEM_BYTES:
+      return stages
+  return 0
+
+
+def forward_level0_unsupported(q, v, po, nr):
+  """Why ``forward_level0`` cannot take these level-0 inputs (None if it
+  can): 16-bit q, k, v and parent output of one dtype and one head width
+  (16 to 128), blocks of 16, 32 or 64, a length that is a multiple of 64
+  and holds a key window, shared memory for one stage."""
+  b, n, h, d = q.shape
+  win = _ROWS + 2 * nr
+  if jax.numpy.dtype(q.dtype).itemsize != 2 or po.dtype != q.dtype:
+    return f"16-bit inputs and parent output only, got {q.dtype}/{po.dtype}"
+  if v.shape[-1] != d or d not in (16, 32, 64, 128):
+    return f"head widths 16 to 128, the same for q and v, got {d}/{v.shape[-1]}"
+  if nr not in (16, 32, 64):
+    return f"blocks of 16, 32 or 64 rows, got {nr}"
+  if n % _ROWS or n < win:
+    return f"a length that is a multiple of {_ROWS} and at least {win}, got {n}"
+  if not forward_level0_stages(nr, d, q.dtype):
+    return "not enough shared memory for one stage"
+  return None
+
+
 def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
                    programs=None, interpret=False):
   """Level 0 of the non-causal forward in Mosaic GPU: ``kernels._fwd_rows``
@@ -291,7 +338,7 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
   jnp = jax.numpy
   f32 = jnp.float32
   b, n, h, d = q.shape
-  rows = 64
+  rows = _ROWS
   win = rows + 2 * nr
   if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
     raise ValueError(f"forward_level0 takes 16-bit inputs and blocks of "
