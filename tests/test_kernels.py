@@ -452,22 +452,26 @@ def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(monkeypatch, width,
   this CPU: it lowers wherever ``coarsen_smem`` says it fits in shared
   memory, which the kernels check before choosing it; float32 rows of
   128 do not fit (Mosaic GPU says so when lowering), and the pyramid
-  takes the products kernel (a ``pallas_call``) for them instead."""
-  x = jax.ShapeDtypeStruct((1, 4096, 2, width), dtype)
-  c = jax.ShapeDtypeStruct((1, 4096), jnp.float32)
+  takes the products kernel (a ``pallas_call``) for them instead. Rows of
+  256 bytes (128 bfloat16, 64 float32) take one output slot: two need
+  233,488 bytes (the GPU refused them at 65,536 tokens)."""
+  # Enough steps per program for the pipeline's two stages.
+  x = jax.ShapeDtypeStruct((1, 16384, 8, width), dtype)
+  c = jax.ShapeDtypeStruct((1, 16384), jnp.float32)
   modes = ["first_real", "mean", "first"]
   fits = [s for s in (2, 1) if mosaic.coarsen_smem(
       [x] * 3, modes, 2, out_slots=s) <= mosaic.SMEM_BYTES]
-  assert bool(fits) == (jnp.dtype(dtype).itemsize * width < 512)
-  slots = fits[0] if fits else 1
-  lower = lambda: jax.jit(lambda a, b, e, c: mosaic.coarsen(
+  lower = lambda slots: jax.jit(lambda a, b, e, c: mosaic.coarsen(
       [a, b, e], modes, c, 2, out_slots=slots)).trace(x, x, x, c).lower(
           lowering_platforms=("cuda",))
   if fits:
-    assert "mosaic_gpu" in lower().as_text()
-  else:
+    assert "mosaic_gpu" in lower(fits[0]).as_text()
+  row_bytes = jnp.dtype(dtype).itemsize * width
+  refused = [1] if not fits else [2] if row_bytes == 256 else []
+  assert fits == {512: [], 256: [1]}.get(row_bytes, [2, 1])
+  for slots in refused:
     with pytest.raises(ValueError, match="exceeds available shared memory"):
-      lower()
+      lower(slots)
   monkeypatch.setitem(kernels.TUNING, "coarsen_impl", "mosaic")
   pyramid = jax.make_jaxpr(lambda x, c: kernels._pyramid(
       x, x, x, c, 3, False, True))(jnp.zeros(x.shape, dtype),

@@ -147,14 +147,24 @@ SMEM_BYTES = 227 * 1024 - 1024
 
 
 def coarsen_smem(arrays, modes, levels, *, rows=64, stages=2, out_slots=2):
-  """Shared memory of a ``coarsen`` launch (bytes): the largest array's
-  pipeline buffers (``stages`` steps of its blocks and counts) and the
-  output slots."""
+  """Shared memory of a ``coarsen`` launch (bytes, at least what Mosaic
+  GPU allocates): the largest array's pipeline buffers (``stages`` steps
+  of its blocks and counts) and the output slots."""
   t = 2**levels
-  block = lambda x: rows * x.shape[-1] * jax.numpy.dtype(x.dtype).itemsize
-  pipeline = max(stages * len(_loaded_rows(m, t)) * (block(x) + 4 * rows)
+  block = lambda x: _aligned(
+      rows * x.shape[-1] * jax.numpy.dtype(x.dtype).itemsize)
+  pipeline = max(stages * len(_loaded_rows(m, t))
+                 * (block(x) + _aligned(4 * rows))
                  for x, m in zip(arrays, modes))
   return pipeline + out_slots * (t - 1) * max(block(x) for x in arrays)
+
+
+def _aligned(nbytes):
+  """A shared-memory buffer's bytes rounded up to 1 KiB: what Mosaic GPU
+  allocates for it is within that (its 256-byte count vectors take more
+  than 256: a [64, 128] bfloat16 pyramid pass that this bound without the
+  rounding let through needed 233,488 bytes, over the 232,448)."""
+  return -(-nbytes // 1024) * 1024
 
 
 def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
@@ -283,22 +293,21 @@ def forward_level0_smem(nr, d, dtype, stages):
   the parents and the counts; one output tile."""
   item = jax.numpy.dtype(dtype).itemsize
   win = _ROWS + 2 * nr
-  # Each buffer rounded up to 1 KiB (Mosaic GPU aligns them).
-  up = lambda x: -(-x // 1024) * 1024
+  up = _aligned
   per_stage = (up(_ROWS * d * item) + 2 * up(win * d * item)
                + up(_ROWS // 2 * d * item) + up(4 * win) + 2 * up(4 * _ROWS))
   return stages * per_stage + up(_ROWS * d * item) + up(4 * _ROWS)
 
 
 def forward_level0_stages(nr, d, dtype):
-  """Pipelining stages of ``forward_level0``: two at blocks of 16 (on an
-  H200 4% faster than one), else one (blocks of 64: 0.25 against 0.38 ms
-  at 65,536 tokens; docs/benchmarks.md); 0 where even one does not fit in
-  shared memory."""
-  for stages in ((2, 1) if nr == 16 else (1,)):
-    if forward_level0_smem(nr, d, dtype, stages) <= SMEM_BYTES:
-      return stages
-  return 0
+  """Pipelining stages of ``forward_level0``: two where two programs
+  still fit on an SM, else one (on an H200 at 65,536 tokens, blocks of 16
+  and 32 at head_dim 64 are 10-14% faster with two; blocks of 64, and
+  head_dim 128, 25-35% faster with one: docs/benchmarks.md); 0 where even
+  one does not fit in shared memory."""
+  if forward_level0_smem(nr, d, dtype, 2) <= SMEM_BYTES // 2:
+    return 2
+  return 1 if forward_level0_smem(nr, d, dtype, 1) <= SMEM_BYTES else 0
 
 
 def forward_level0_unsupported(q, v, po, nr):
