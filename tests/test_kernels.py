@@ -599,6 +599,34 @@ def test_attention_with_the_mosaic_level0_forward(monkeypatch, causal):
                                err_msg=name)
 
 
+def test_auto_takes_the_mosaic_level0_forward_where_it_is_faster(
+    monkeypatch):
+  """``forward_l0_impl="auto"`` on a Hopper GPU (the device probe set;
+  traced, not run): Mosaic GPU at the blocks and head widths of
+  ``MOSAIC_L0_FASTER``, non-causal and without dropout; the Triton kernel
+  elsewhere, and always in interpret mode or on other devices."""
+  assert kernels.TUNING["forward_l0_impl"] == "auto"
+  assert kernels.MOSAIC_L0_FASTER == {(32, 64), (16, 128)}
+
+  def triton_l0(nr, d, causal=False, rate=0.0, interpret=False):
+    x = jnp.zeros((1, 1024, 2, d), jnp.bfloat16)
+    seeds = jnp.zeros((1, 2), jnp.uint32)
+    return len(_level0_forward_kernels(
+        lambda q: kernels.hierarchical_attention_pallas(
+            q, q, q, None, block_size=nr, causal=causal, dropout_rate=rate,
+            dropout_seeds=seeds, interpret=interpret), x))
+
+  assert triton_l0(32, 64) == triton_l0(16, 128) == 1  # Not a Hopper GPU.
+  monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
+  assert kernels.forward_l0_impl(interpret=True) == "triton"
+  assert kernels.forward_l0_impl(block_size=16, head_dim=64) == "triton"
+  assert [triton_l0(32, 64), triton_l0(16, 128), triton_l0(16, 100)] == [
+      0, 0, 0]  # 100 is computed at width 128
+  assert [triton_l0(16, 64), triton_l0(64, 64), triton_l0(32, 128),
+          triton_l0(16, 128, causal=True), triton_l0(32, 64, rate=0.1),
+          triton_l0(32, 64, interpret=True)] == [1] * 6
+
+
 def test_mosaic_forward_level0_rejects_what_it_cannot_run():
   def inputs(n, dtype):
     x = jnp.zeros((1, n, 1, 16), dtype)

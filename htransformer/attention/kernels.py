@@ -140,9 +140,8 @@ DEFAULT_TILE = 16
 # ``forward_l0_impl``: the finest level's forward, "triton" (the level
 # kernel above), "mosaic" (``mosaic.forward_level0``, Hopper GPUs and
 # newer: non-causal, no dropout, 16-bit inputs; elsewhere the Triton
-# kernel) or "auto" (the default: "mosaic" where it compiles, as
-# ``coarsen_impl``; on an H200 the level 4% faster at blocks of 16, 10% at
-# blocks of 64: docs/benchmarks.md).
+# kernel) or "auto" (the default: "mosaic" on such GPUs at the block sizes
+# and head widths of ``MOSAIC_L0_FASTER``, "triton" elsewhere).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -262,13 +261,30 @@ def coarsen_impl(interpret: bool = False) -> str:
   return impl
 
 
-def forward_l0_impl(interpret: bool = False) -> str:
+# (block size, head width of the kernels) where ``mosaic.forward_level0``
+# was measured faster than the Triton level-0 forward (H200, 65,536 tokens,
+# the level alone: 0.126 against 0.213 ms at blocks of 32, 0.182 against
+# 0.342 at head_dim 128; at blocks of 16 and head_dim 64 the two tie, at
+# blocks of 64 the Triton kernel is faster without a mask:
+# docs/benchmarks.md). ``forward_l0_impl="auto"`` takes it there only.
+MOSAIC_L0_FASTER = frozenset({(32, 64), (16, 128)})
+
+
+def forward_l0_impl(interpret: bool = False, block_size: int | None = None,
+                    head_dim: int | None = None) -> str:
   """The finest level's forward: ``TUNING["forward_l0_impl"]``, with
-  "auto" resolved for this device (and interpret mode)."""
+  "auto" resolved for this device (and interpret mode) and, where given,
+  the block size and the kernels' head width (without them "mosaic" means
+  Mosaic GPU at those of ``MOSAIC_L0_FASTER``)."""
   impl = TUNING.get("forward_l0_impl", "auto")
-  if impl == "auto":
-    return "mosaic" if not interpret and mosaic_gpu() else "triton"
-  return impl
+  if impl != "auto":
+    return impl
+  if interpret or not mosaic_gpu():
+    return "triton"
+  if block_size is None or head_dim is None:
+    return "mosaic"
+  return ("mosaic" if (block_size, head_dim) in MOSAIC_L0_FASTER else
+          "triton")
 
 
 def unsupported_reason(query, value, block_size: int) -> str | None:
@@ -1369,10 +1385,10 @@ def _forward_level0_mosaic(level0, parent, nr, scale, interpret):
   """Level 0's non-causal forward without dropout by
   ``mosaic.forward_level0`` where ``forward_l0_impl`` says so and it takes
   these inputs: (o, lse), else None (the Triton kernel's turn)."""
-  if parent is None or forward_l0_impl(interpret) != "mosaic":
+  q, k, v, c = level0
+  if parent is None or forward_l0_impl(interpret, nr, q.shape[-1]) != "mosaic":
     return None
   from htransformer.attention import mosaic  # Only where it is chosen.
-  q, k, v, c = level0
   if mosaic.forward_level0_unsupported(q, v, parent[0], nr):
     return None
   return mosaic.forward_level0(

@@ -13,9 +13,11 @@ simulated).
 ``coarsen`` is the pyramid of ``kernels.py`` (its three modes) in passes of
 up to two levels, the default on Hopper GPUs (``kernels.TUNING
 ["coarsen_impl"]``). ``forward_level0`` is the finest level's non-causal
-forward on contiguous tiles of 64 query rows, not used by the attention
-yet: ``scripts/profile_kernels.py --mosaic_forward`` times it against the
-Triton kernel (docs/benchmarks.md, section "Mosaic GPU"). ``double`` (a
+forward on contiguous tiles of 64 query rows (``kernels.TUNING
+["forward_l0_impl"]``; by default on Hopper GPUs at the block sizes and
+head widths where it was measured faster, ``kernels.MOSAIC_L0_FASTER``):
+``scripts/profile_kernels.py --mosaic_forward`` times it against the
+Triton kernel (docs/benchmarks.md, sections "Mosaic GPU"). ``double`` (a
 1 GiB array doubled through shared memory) is the copy ceiling of such
 kernels: ``profiling.copy_kernel("mosaic")``.
 
