@@ -627,6 +627,39 @@ def test_auto_takes_the_mosaic_level0_forward_where_it_is_faster(
           triton_l0(32, 64, interpret=True)] == [1] * 6
 
 
+@pytest.mark.parametrize("d,nr,causal,masked,dtype", [
+    (64, 16, False, False, "bfloat16"), (64, 16, True, True, "bfloat16"),
+    (128, 16, False, True, "bfloat16"), (64, 32, False, False, "bfloat16"),
+    (64, 64, False, True, "bfloat16"), (128, 64, True, False, "float16"),
+    (128, 16, False, False, "float32")])
+def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
+    monkeypatch, d, nr, causal, masked, dtype):
+  """The forward and backward at 65,536 tokens, heads 8 (the benchmark's
+  shape), as the defaults choose them on a Hopper GPU (the device probe
+  set; Mosaic GPU pyramid and, where it is faster, level-0 forward),
+  compiled (lowered) from this CPU: Mosaic GPU checks shared memory when
+  lowering. At head_dim 128 the pyramid's old estimate let through a pass
+  that needs more than a program may have (docs/benchmarks.md); the GPU
+  tests' short sequences did not reach it."""
+  monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
+  x = jax.ShapeDtypeStruct((1, 65536, 8, d), dtype)
+  valid = jax.ShapeDtypeStruct((1, 65536), jnp.bool_) if masked else None
+
+  def loss(q, k, v, valid):
+    out = kernels.hierarchical_attention_pallas(
+        q, k, v, valid, block_size=nr, causal=causal)
+    return jnp.sum(out.astype(jnp.float32))
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+      x, x, x, valid).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  # float32 rows of 128 do not fit a Mosaic GPU pyramid pass.
+  assert ("mosaic_gpu" in text) == (jnp.dtype(dtype).itemsize * d < 512)
+  assert ("hattn_fwd_l0_mosaic" in text) == (
+      dtype != "float32" and not causal and (nr, d) in
+      kernels.MOSAIC_L0_FASTER)
+
+
 def test_mosaic_forward_level0_rejects_what_it_cannot_run():
   def inputs(n, dtype):
     x = jnp.zeros((1, n, 1, 16), dtype)
