@@ -547,6 +547,25 @@ def test_mosaic_forward_level0_lowers_for_hopper(nr, d):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+def test_mosaic_level0_forward_ignores_garbage_in_padding(monkeypatch):
+  """NaN and inf in the padding's q, k and v (the caller's arrays reach
+  level 0 as they are) change nothing in the Mosaic GPU level-0 forward's
+  output (interpret mode)."""
+  monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", "mosaic")
+  q, k, v = make_qkv(71, 1, 200, 2, 32)
+  mask = np.random.default_rng(72).random((1, 200)) < 0.7
+  run = lambda q, k, v: np.asarray(run_pallas(
+      *(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask,
+      causal=False), np.float32)
+  want = run(q, k, v)
+  assert np.isfinite(want).all()
+  for x in (q, k, v):
+    x[~mask] = np.nan
+  v[0, np.flatnonzero(~mask[0])[:3]] = np.inf
+  q[0, np.flatnonzero(~mask[0])[3:6]] = -np.inf
+  np.testing.assert_array_equal(run(q, k, v), want)
+
+
 def _level0_forward_kernels(fn, *args):
   """Names of the Triton level-0 forward launches in ``fn``'s jaxpr."""
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr

@@ -1371,7 +1371,8 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
       _level_groups(n, levels, tile, nr, per_launch)):
     done = None
     if first == 0 and count == 1 and not causal and not rate:
-      done = _forward_level0_mosaic(pyramid[0], parent, nr, scale, interpret)
+      done = _forward_level0_mosaic(pyramid[0], parent, nr, scale, masked,
+                                    interpret)
     o, lse = done or _group_forward(
         pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
         out_dtype=q.dtype if first == 0 else handover,
@@ -1381,16 +1382,22 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   return o, (pyramid, o, lse, seeds)
 
 
-def _forward_level0_mosaic(level0, parent, nr, scale, interpret):
+def _forward_level0_mosaic(level0, parent, nr, scale, masked, interpret):
   """Level 0's non-causal forward without dropout by
   ``mosaic.forward_level0`` where ``forward_l0_impl`` says so and it takes
-  these inputs: (o, lse), else None (the Triton kernel's turn)."""
+  these inputs: (o, lse), else None (the Triton kernel's turn).
+
+  With a mask, v's rows of no real token are zeroed first (one XLA pass
+  over v): the kernel selects away the logits of such rows, whatever q and
+  k hold there, but a zero weight times a NaN of v is NaN (``_zeroed``)."""
   q, k, v, c = level0
   if parent is None or forward_l0_impl(interpret, nr, q.shape[-1]) != "mosaic":
     return None
   from htransformer.attention import mosaic  # Only where it is chosen.
   if mosaic.forward_level0_unsupported(q, v, parent[0], nr):
     return None
+  if masked:
+    v = jnp.where(c[:, :, None, None] > 0, v, jnp.zeros_like(v))
   return mosaic.forward_level0(
       q, k, v, c, *parent, nr=nr, scale=scale, interpret=interpret,
       stages=mosaic.forward_level0_stages(nr, q.shape[-1], q.dtype))
