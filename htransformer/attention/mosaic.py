@@ -289,27 +289,56 @@ def _programs(steps, per_batch_head, most=264):
 _ROWS = 64  # query rows of a forward_level0 tile (a product's least)
 
 
-def forward_level0_smem(nr, d, dtype, stages):
-  """Shared memory of a ``forward_level0`` program (bytes, at least what
-  Mosaic GPU allocates): ``stages`` tiles of q, the key window's k and v,
-  the parents and the counts; one output tile."""
+def _level0_smem(nr, d, dtype, stages, *, row_blocks, row_vectors,
+                 out_vectors):
+  """Shared memory of a level-0 program (bytes, at least what Mosaic GPU
+  allocates): per stage ``row_blocks`` [64, d] tiles, the key window's k
+  and v, the parent rows, the window's counts and ``row_vectors`` f32
+  vectors of the tile; one output tile and ``out_vectors`` vectors."""
   item = jax.numpy.dtype(dtype).itemsize
   win = _ROWS + 2 * nr
   up = _aligned
-  per_stage = (up(_ROWS * d * item) + 2 * up(win * d * item)
-               + up(_ROWS // 2 * d * item) + up(4 * win) + 2 * up(4 * _ROWS))
-  return stages * per_stage + up(_ROWS * d * item) + up(4 * _ROWS)
+  per_stage = (row_blocks * up(_ROWS * d * item) + 2 * up(win * d * item)
+               + up(_ROWS // 2 * d * item) + up(4 * win)
+               + row_vectors * up(4 * _ROWS))
+  return (stages * per_stage + up(_ROWS * d * item)
+          + out_vectors * up(4 * _ROWS))
+
+
+def forward_level0_smem(nr, d, dtype, stages):
+  """Shared memory of a ``forward_level0`` program (bytes): q, k, v, the
+  parents, counts and parent lse per stage; the output and its lse."""
+  return _level0_smem(nr, d, dtype, stages, row_blocks=1, row_vectors=2,
+                      out_vectors=1)
+
+
+def dq_level0_smem(nr, d, dtype, stages):
+  """Shared memory of a ``dq_level0`` program (bytes): q, dO, k, v, the
+  parents' dq, counts, E, M and weights per stage; the output."""
+  return _level0_smem(nr, d, dtype, stages, row_blocks=2, row_vectors=4,
+                      out_vectors=0)
+
+
+def _stages(smem):
+  """Pipelining stages of a level-0 kernel whose shared memory at S stages
+  is ``smem(S)``: two where two programs still fit on an SM, else one (on
+  an H200 at 65,536 tokens, the forward at blocks of 16 and 32 and
+  head_dim 64 is 10-14% faster with two; at blocks of 64, and head_dim
+  128, 25-35% faster with one: docs/benchmarks.md); 0 where even one does
+  not fit in shared memory."""
+  if smem(2) <= SMEM_BYTES // 2:
+    return 2
+  return 1 if smem(1) <= SMEM_BYTES else 0
 
 
 def forward_level0_stages(nr, d, dtype):
-  """Pipelining stages of ``forward_level0``: two where two programs
-  still fit on an SM, else one (on an H200 at 65,536 tokens, blocks of 16
-  and 32 at head_dim 64 are 10-14% faster with two; blocks of 64, and
-  head_dim 128, 25-35% faster with one: docs/benchmarks.md); 0 where even
-  one does not fit in shared memory."""
-  if forward_level0_smem(nr, d, dtype, 2) <= SMEM_BYTES // 2:
-    return 2
-  return 1 if forward_level0_smem(nr, d, dtype, 1) <= SMEM_BYTES else 0
+  """``forward_level0``'s stages (``_stages``)."""
+  return _stages(lambda s: forward_level0_smem(nr, d, dtype, s))
+
+
+def dq_level0_stages(nr, d, dtype):
+  """``dq_level0``'s stages (``_stages``)."""
+  return _stages(lambda s: dq_level0_smem(nr, d, dtype, s))
 
 
 def forward_level0_unsupported(q, v, po, nr):
@@ -465,6 +494,131 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
   return kernel(body, out_shape=out_type, scratch=scratch,
                 grid=(programs, h, b), grid_names=("p", "h", "b"),
                 interpret=interpret)(q, k, v, c, po, plse2)
+
+
+def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
+              programs=None, interpret=False):
+  """Level 0's non-causal dq in Mosaic GPU: ``kernels._dq_rows`` at level 0
+  without dropout, on the tiles and key windows of ``forward_level0``.
+
+  q, k, v [B, n, H, D] (16-bit; k zero on rows that are not real where a
+  mask may leave garbage there, as ``kernels._forward_level0_mosaic`` does
+  for v), counts c [B, n], the output cotangent g [B, n, H, D], E = dO . O
+  and M = lse [B, H, n] (``kernels._row_stats``), the parent level's dq
+  ``pdq`` [B, n/2, H, D] and the prolongation weights ``w`` [B, n] (a
+  row's share of its parent, ``kernels._prolong_weight`` "mean"). Returns
+  dq [B, n, H, D] in q's dtype, zero on rows that are not real.
+
+  Per tile: s = q k^T and dp = g v^T over the window (the band's keys
+  kept), ds = p (dp - E), dq = scale ds k + w (R pdq) with R the 0/1
+  matrix that repeats parent rows (exact). k serves as the second operand
+  both transposed and not, so it takes the 64-byte swizzle (steps of 32
+  keys) that the non-transposed use needs.
+  """
+  jnp = jax.numpy
+  f32 = jnp.float32
+  b, n, h, d = q.shape
+  rows = _ROWS
+  win = rows + 2 * nr
+  if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
+    raise ValueError(f"dq_level0 takes 16-bit inputs and blocks of 16, 32 "
+                     f"or 64 rows, got {q.dtype} and {nr}.")
+  if n % rows or n < win:
+    raise ValueError(f"dq_level0 needs a length that is a multiple of "
+                     f"{rows} and at least {win}, got {n}.")
+  steps = n // rows
+  programs = programs or _programs(steps, b * h, most=1024)
+  per = steps // programs
+  stages = min(stages, per)
+  c, w = c.astype(f32), w.astype(f32)
+  wg, row, col = (plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1),
+                  plgpu.Layout.WGMMA.reduce(0))
+  shift = nr.bit_length() - 1
+
+  def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, p_g, w_g, o_g, q_s, k_s, v_s,
+           ck_s, cq_s, g_s, e_s, m_s, p_s, w_s, o_s, bar):
+    bi, hi = lax.axis_index("b"), lax.axis_index("h")
+    first = lax.axis_index("p") * per
+
+    def window(i):
+      # As forward_level0's: offsets as products of nr.
+      t = first + i
+      at = jnp.clip(t * (rows // nr) - 1, 0, (n - win) // nr) * nr
+      return t, at
+
+    def issue(i, slot):
+      t, at = window(i)
+      own, keys = pl.ds(t * rows, rows), pl.ds(at, win)
+      parents, into = pl.ds(t * (rows // 2), rows // 2), bar.at[slot]
+      for src, dst in ((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
+                       (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
+                       (c_g.at[bi, own], cq_s), (g_g.at[bi, own, hi], g_s),
+                       (e_g.at[bi, hi, own], e_s), (m_g.at[bi, hi, own], m_s),
+                       (p_g.at[bi, parents, hi], p_s), (w_g.at[bi, own], w_s)):
+        plgpu.copy_gmem_to_smem(src, dst.at[slot], into)
+
+    for i in range(stages):
+      issue(i, i)
+
+    @pl.loop(0, per)
+    def _(i):
+      slot = i % stages
+      plgpu.barrier_wait(bar.at[slot])
+      t, at = window(i)
+      qb = _iota((rows, win), 0, wg, interpret) >> shift
+      kb = _iota((rows, win), 1, wg, interpret) >> shift
+      dist = kb - qb + ((at - t * rows) >> shift)
+      ck = _load(ck_s.at[slot], col, interpret)
+      ok = (dist >= -1) & (dist <= 1) & (lax.broadcast_in_dim(
+          ck, (rows, win), [1]) > 0)
+      bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [0])
+      s = _matmul(q_s.at[slot], k_s.at[slot], True, interpret) * scale
+      mrow = _load(m_s.at[slot], row, interpret)
+      p = jnp.where(ok, jnp.exp(jnp.minimum(s - bcast(mrow), 0.0)), 0.0)
+      dp = _matmul(g_s.at[slot], v_s.at[slot], True, interpret)
+      erow = _load(e_s.at[slot], row, interpret)
+      # Selected, not multiplied: dp may be NaN where v is garbage.
+      ds = jnp.where(ok, p * (dp - bcast(erow)), 0.0)
+      dq = _matmul(ds.astype(k.dtype), k_s.at[slot], False, interpret)
+      repeat = ((_iota((rows, rows // 2), 0, wg, interpret) >> 1)
+                == _iota((rows, rows // 2), 1, wg, interpret))
+      parent = _matmul(repeat.astype(pdq.dtype), p_s.at[slot], False,
+                       interpret)
+      wrow = lax.broadcast_in_dim(_load(w_s.at[slot], row, interpret),
+                                  dq.shape, [0])
+      real_q = lax.broadcast_in_dim(_load(cq_s.at[slot], row, interpret),
+                                    dq.shape, [0]) > 0
+      dq = jnp.where(real_q, dq * scale + wrow * parent, 0.0)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
+      o_s[...] = dq.astype(o_s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, pl.ds(t * rows, rows), hi])
+
+      @pl.when(i + stages < per)
+      def _():
+        issue(i + stages, slot)
+
+    plgpu.wait_smem_to_gmem(0)
+
+  body.__name__ = "hattn_dq_l0_mosaic"  # the kernel's name in profiles
+  # q too: a product's operands in shared memory share one swizzle.
+  tq, t64 = _transforms(d, q.dtype), _transforms(d, q.dtype, most=64)
+  scratch = [plgpu.SMEM((stages, rows, d), q.dtype, transforms=t64),
+             plgpu.SMEM((stages, win, d), k.dtype, transforms=t64),
+             plgpu.SMEM((stages, win, d), v.dtype, transforms=tq),
+             plgpu.SMEM((stages, win), f32),
+             plgpu.SMEM((stages, rows), f32),
+             plgpu.SMEM((stages, rows, d), g.dtype, transforms=tq),
+             plgpu.SMEM((stages, rows), f32),
+             plgpu.SMEM((stages, rows), f32),
+             plgpu.SMEM((stages, rows // 2, d), pdq.dtype, transforms=t64),
+             plgpu.SMEM((stages, rows), f32),
+             plgpu.SMEM((rows, d), q.dtype, transforms=tq),
+             plgpu.Barrier(num_arrivals=10, num_barriers=stages)]
+  return kernel(body, out_shape=jax.ShapeDtypeStruct((b, n, h, d), q.dtype),
+                scratch=scratch, grid=(programs, h, b),
+                grid_names=("p", "h", "b"),
+                interpret=interpret)(q, k, v, c, g, e, m, pdq, w)
 
 
 def _iota(shape, axis, layout, interpret):
