@@ -36,7 +36,8 @@ XLA fusions) per call: where the milliseconds go. Run it with
 
 ``--mosaic_forward`` only times the finest level's forward, the Triton
 kernel against the Mosaic GPU one (``mosaic.forward_level0``), on the same
-inputs, and prints their largest differences.
+inputs, and prints their largest differences; ``--mosaic_dq`` the same for
+its dq (``mosaic.dq_level0``).
 ``--ncu_target`` only runs the forward+backward at the first length twice
 (default settings: the kernels' tile unless ``--tiles`` names one; nothing
 timed), for Nsight Compute to read the
@@ -183,6 +184,67 @@ def level0_forward_rows(args):
   return rows
 
 
+def level0_dq_rows(args):
+  """The finest level's dq: the Triton kernel against ``mosaic.dq_level0``
+  (as ``level0_forward_rows``; random E and M, k zero where the mask's
+  padded end is, as the attention hands it over)."""
+  from htransformer.attention import mosaic
+  nr = args.block_size
+  tile = (args.tiles or [kernels.default_tile(nr)])[0]
+  scale = 1.0 / np.sqrt(args.head_dim)
+  rows = []
+  for length in args.lengths:
+    batch = max(1, args.tokens // length)
+    rng = np.random.default_rng(0)
+    shape = (batch, length, 8, args.head_dim)
+    q, k, v, g = random_inputs(rng, shape)
+    pdq, pdk, pdv = (x[:, ::2] for x in random_inputs(rng, shape)[:3])
+    c = jnp.ones((batch, length), jnp.float32).at[:, length - 37:].set(0.0)
+    k = jnp.where(c[:, :, None, None] > 0, k, 0)
+    real = (c > 0)[:, None, :]
+    e = jnp.where(real, jnp.asarray(rng.standard_normal(
+        (batch, 8, length)), jnp.float32), 0.0)
+    m = jnp.where(real, 2.0 + jnp.asarray(rng.standard_normal(
+        (batch, 8, length)), jnp.float32), kernels._NO_ROW)
+    total = jnp.repeat(c.reshape(batch, -1, 2).sum(-1), 2, axis=-1)
+    w = jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
+    args_ = (q, k, v, c, g, e, m, pdq)
+
+    def triton(q, k, v, c, g, e, m, pdq):  # dk, dv unused: not run
+      return kernels._group_backward(
+          [(q, k, v, c)], [(g, e, m)], 0, 1, tile, (pdq, pdk, pdv), nr=nr,
+          causal=False, scale=scale, out_dtypes=(q.dtype,) * 3,
+          precision=lax.Precision.DEFAULT, interpret=False, masked=True)[0]
+
+    def device_ms(fn):
+      f = jax.jit(fn)
+      jax.block_until_ready(f(*args_))
+      return profiling.device_profile(
+          lambda: jax.block_until_ready(f(*args_)),
+          steps=20).get("device_ms_per_step")
+
+    row = {"length": length, "batch": batch, "head_dim": args.head_dim,
+           "block_size": nr, "tile": tile,
+           "triton_dq_l0_device_ms": device_ms(triton)}
+    want = jax.jit(triton)(*args_).astype(jnp.float32)
+    for stages in args.stages:
+      name = f"mosaic_dq_l0_stages{stages}"
+      mos = lambda *a, s=stages: mosaic.dq_level0(
+          *a, w, nr=nr, scale=scale, stages=s)
+      try:
+        row[name + "_device_ms"] = device_ms(mos)
+        dq = jax.jit(mos)(*args_)
+      except Exception as e:  # noqa: BLE001 (reported: a new kernel)
+        row[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        continue
+      row[name + "_max_diff"] = float(jnp.max(jnp.abs(
+          dq.astype(jnp.float32) - want)))
+      row[name + "_max_abs"] = float(jnp.max(jnp.abs(want)))
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
@@ -236,7 +298,16 @@ def main():
                       help="only time the finest level's forward: the "
                       "Triton kernel against mosaic.forward_level0 "
                       "(--stages: its pipelining stages)")
+  parser.add_argument("--mosaic_dq", action="store_true",
+                      help="the same for the finest level's dq "
+                      "(mosaic.dq_level0)")
   args = parser.parse_args()
+  if args.mosaic_dq:
+    rows = level0_dq_rows(args)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    return
   if args.mosaic_forward:
     rows = level0_forward_rows(args)
     if args.out:
