@@ -527,11 +527,11 @@ def check_mosaic_forward_level0(nr, n, heads, interpret, lse_atol):
                              atol=lse_atol)
 
 
-def check_mosaic_dq_level0(nr, n, heads, interpret, d=64):
-  """``mosaic.dq_level0`` against the Triton level-0 dq kernel, both in
-  interpret mode or both compiled (tests/test_gpu.py), with a parent
-  level: holes, a padded end, rows of no real token (M = _NO_ROW, E = 0,
-  zero dq)."""
+def check_mosaic_backward_level0(nr, n, heads, interpret, d=64):
+  """``mosaic.dq_level0`` and ``mosaic.dkv_level0`` against the Triton
+  level-0 dq and dk, dv kernels, both in interpret mode or both compiled
+  (tests/test_gpu.py), with a parent level: holes, a padded end, rows of
+  no real token (M = _NO_ROW, E = 0, zero gradients)."""
   keys = jax.random.split(jax.random.key(nr + 1), 8)
   b = 2
   q, k, v, g = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
@@ -547,46 +547,56 @@ def check_mosaic_dq_level0(nr, n, heads, interpret, d=64):
   pairs = c.reshape(b, n // 2, 2)
   total = jnp.repeat(pairs.sum(-1), 2, axis=-1)
   w = jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
-  k = jnp.where(c[:, :, None, None] > 0, k, 0)  # as the caller zeroes it
+  # As the caller zeroes them (garbage may be there with a mask).
+  q, k, g = (jnp.where(c[:, :, None, None] > 0, x, 0) for x in (q, k, g))
 
-  def triton(q, k, v, c, g, e, m, pdq):
+  def triton(q, k, v, c, g, e, m, pdq, pdk, pdv):
     return kernels._group_backward(
         [(q, k, v, c)], [(g, e, m)], 0, 1, 16, (pdq, pdk, pdv), nr=nr,
         causal=False, scale=0.125, out_dtypes=(jnp.bfloat16,) * 3,
         precision=jax.lax.Precision.DEFAULT, interpret=interpret,
-        masked=True)[0]
+        masked=True)
 
-  args = (q, k, v, c, g, e, m, pdq)
+  args = (q, k, v, c, g, e, m)
   dq = jax.jit(lambda *a: mosaic.dq_level0(
-      *a, w, nr=nr, scale=0.125, interpret=interpret))(*args)
-  want = jax.jit(triton)(*args)
-  dq, want = np.asarray(dq, np.float32), np.asarray(want, np.float32)
-  assert (dq[np.asarray(c) == 0] == 0).all()
-  scale = float(np.abs(want).max())
-  assert scale > 1
-  np.testing.assert_allclose(dq, want, rtol=2**-7, atol=2**-7 * scale)
+      *a, pdq, w, nr=nr, scale=0.125, interpret=interpret))(*args)
+  dk, dv = jax.jit(lambda *a: mosaic.dkv_level0(
+      *a, pdk, pdv, w, nr=nr, scale=0.125, interpret=interpret))(*args)
+  want = jax.jit(triton)(*args, pdq, pdk, pdv)
+  for name, got, ref in zip(["dq", "dk", "dv"], (dq, dk, dv), want):
+    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    assert (got[np.asarray(c) == 0] == 0).all(), name
+    scale = float(np.abs(ref).max())
+    assert scale > 1, name
+    np.testing.assert_allclose(got, ref, rtol=2**-7, atol=2**-7 * scale,
+                               err_msg=name)
 
 
 @pytest.mark.parametrize("nr", [16, 64])
-def test_mosaic_dq_level0_matches_the_triton_kernel(nr):
-  """In interpret mode (``check_mosaic_dq_level0``)."""
-  check_mosaic_dq_level0(nr, n=512, heads=2, interpret=True)
+def test_mosaic_backward_level0_matches_the_triton_kernels(nr):
+  """In interpret mode (``check_mosaic_backward_level0``)."""
+  check_mosaic_backward_level0(nr, n=512, heads=2, interpret=True)
 
 
 @pytest.mark.parametrize("nr,d", [(16, 64), (32, 128), (64, 32)])
-def test_mosaic_dq_level0_lowers_for_hopper(nr, d):
-  """Compiled (lowered) for a Hopper GPU from this CPU, with enough steps
-  per program for two stages."""
+def test_mosaic_backward_level0_lowers_for_hopper(nr, d):
+  """dq and dk, dv compiled (lowered) for a Hopper GPU from this CPU, with
+  enough steps per program for two stages, at the stages their shared
+  memory allows."""
   x = jax.ShapeDtypeStruct((1, 8192, 16, d), jnp.bfloat16)
   po = jax.ShapeDtypeStruct((1, 4096, 16, d), jnp.bfloat16)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  stages = mosaic.dq_level0_stages(nr, d, jnp.bfloat16)
-  assert stages == (1 if d == 128 else 2)
-  fn = lambda *a: mosaic.dq_level0(*a, nr=nr, scale=0.125, stages=stages)
-  lowered = jax.jit(fn).trace(
-      x, x, x, f32(1, 8192), x, f32(1, 16, 8192), f32(1, 16, 8192), po,
-      f32(1, 8192)).lower(lowering_platforms=("cuda",))
-  assert "mosaic_gpu" in lowered.as_text()
+  common = (x, x, x, f32(1, 8192), x, f32(1, 16, 8192), f32(1, 16, 8192))
+  for fn, parents, stages in (
+      (mosaic.dq_level0, (po,), mosaic.dq_level0_stages),
+      (mosaic.dkv_level0, (po, po), mosaic.dkv_level0_stages)):
+    stages = stages(nr, d, jnp.bfloat16)
+    assert stages in (1, 2)
+    lowered = jax.jit(lambda *a: fn(
+        *a, nr=nr, scale=0.125, stages=stages)).trace(
+            *common, *parents, f32(1, 8192)).lower(
+                lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
 
 
 @pytest.mark.parametrize("nr", [16, 64])

@@ -319,6 +319,19 @@ def dq_level0_smem(nr, d, dtype, stages):
                       out_vectors=0)
 
 
+def dkv_level0_smem(nr, d, dtype, stages):
+  """Shared memory of a ``dkv_level0`` program (bytes): the window's q and
+  dO, the tile's k and v, the parents' dk and dv, counts, E, M and
+  weights per stage; the two outputs."""
+  item = jax.numpy.dtype(dtype).itemsize
+  win = _ROWS + 2 * nr
+  up = _aligned
+  per_stage = (2 * up(win * d * item) + 2 * up(_ROWS * d * item)
+               + 2 * up(_ROWS // 2 * d * item) + 3 * up(4 * win)
+               + 2 * up(4 * _ROWS))
+  return stages * per_stage + 2 * up(_ROWS * d * item)
+
+
 def _stages(smem):
   """Pipelining stages of a level-0 kernel whose shared memory at S stages
   is ``smem(S)``: two where two programs still fit on an SM, else one (on
@@ -339,6 +352,11 @@ def forward_level0_stages(nr, d, dtype):
 def dq_level0_stages(nr, d, dtype):
   """``dq_level0``'s stages (``_stages``)."""
   return _stages(lambda s: dq_level0_smem(nr, d, dtype, s))
+
+
+def dkv_level0_stages(nr, d, dtype):
+  """``dkv_level0``'s stages (``_stages``)."""
+  return _stages(lambda s: dkv_level0_smem(nr, d, dtype, s))
 
 
 def forward_level0_unsupported(q, v, po, nr):
@@ -619,6 +637,133 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
                 scratch=scratch, grid=(programs, h, b),
                 grid_names=("p", "h", "b"),
                 interpret=interpret)(q, k, v, c, g, e, m, pdq, w)
+
+
+def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale, stages=2,
+               programs=None, interpret=False):
+  """Level 0's non-causal dk, dv in Mosaic GPU: ``kernels._dkv_rows`` at
+  level 0 without dropout. A program's tile is 64 key rows, its window the
+  64 + 2 nr query rows around them (as ``forward_level0``'s keys).
+
+  Inputs as ``dq_level0``'s (q and g zero on rows that are not real where
+  a mask may leave garbage there), with the parent level's dk, dv ``pdk``,
+  ``pdv`` [B, n/2, H, D] in place of its dq. Returns (dk, dv) [B, n, H, D]
+  in k's and v's dtype, zero on rows that are not real.
+
+  Per tile: s^T = k q^T and dp^T = v g^T over the window, p^T and ds^T as
+  in the dq, dv = p^T g, dk = scale ds^T q, plus each parent's share (R
+  repeats parent rows). Every operand in shared memory takes the 64-byte
+  swizzle: q and g are second operands both transposed and not.
+  """
+  jnp = jax.numpy
+  f32 = jnp.float32
+  b, n, h, d = q.shape
+  rows = _ROWS
+  win = rows + 2 * nr
+  if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
+    raise ValueError(f"dkv_level0 takes 16-bit inputs and blocks of 16, 32 "
+                     f"or 64 rows, got {q.dtype} and {nr}.")
+  if n % rows or n < win:
+    raise ValueError(f"dkv_level0 needs a length that is a multiple of "
+                     f"{rows} and at least {win}, got {n}.")
+  steps = n // rows
+  programs = programs or _programs(steps, b * h, most=1024)
+  per = steps // programs
+  stages = min(stages, per)
+  c, w = c.astype(f32), w.astype(f32)
+  wg, row, col = (plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1),
+                  plgpu.Layout.WGMMA.reduce(0))
+  shift = nr.bit_length() - 1
+
+  def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, pk_g, pv_g, w_g, dk_g, dv_g,
+           q_s, k_s, v_s, cq_s, ck_s, g_s, e_s, m_s, pk_s, pv_s, w_s, dk_s,
+           dv_s, bar):
+    bi, hi = lax.axis_index("b"), lax.axis_index("h")
+    first = lax.axis_index("p") * per
+
+    def window(i):
+      t = first + i
+      at = jnp.clip(t * (rows // nr) - 1, 0, (n - win) // nr) * nr
+      return t, at
+
+    def issue(i, slot):
+      t, at = window(i)
+      own, qs = pl.ds(t * rows, rows), pl.ds(at, win)
+      parents, into = pl.ds(t * (rows // 2), rows // 2), bar.at[slot]
+      for src, dst in ((q_g.at[bi, qs, hi], q_s), (k_g.at[bi, own, hi], k_s),
+                       (v_g.at[bi, own, hi], v_s), (c_g.at[bi, qs], cq_s),
+                       (c_g.at[bi, own], ck_s), (g_g.at[bi, qs, hi], g_s),
+                       (e_g.at[bi, hi, qs], e_s), (m_g.at[bi, hi, qs], m_s),
+                       (pk_g.at[bi, parents, hi], pk_s),
+                       (pv_g.at[bi, parents, hi], pv_s),
+                       (w_g.at[bi, own], w_s)):
+        plgpu.copy_gmem_to_smem(src, dst.at[slot], into)
+
+    for i in range(stages):
+      issue(i, i)
+
+    @pl.loop(0, per)
+    def _(i):
+      slot = i % stages
+      plgpu.barrier_wait(bar.at[slot])
+      t, at = window(i)
+      kb = _iota((rows, win), 0, wg, interpret) >> shift
+      qb = _iota((rows, win), 1, wg, interpret) >> shift
+      dist = qb - kb + ((at - t * rows) >> shift)
+      cq = _load(cq_s.at[slot], col, interpret)
+      ok = (dist >= -1) & (dist <= 1) & (lax.broadcast_in_dim(
+          cq, (rows, win), [1]) > 0)
+      bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [1])
+      st = _matmul(k_s.at[slot], q_s.at[slot], True, interpret) * scale
+      mcol = _load(m_s.at[slot], col, interpret)
+      p = jnp.where(ok, jnp.exp(jnp.minimum(st - bcast(mcol), 0.0)), 0.0)
+      dv = _matmul(p.astype(g.dtype), g_s.at[slot], False, interpret)
+      dp = _matmul(v_s.at[slot], g_s.at[slot], True, interpret)
+      ecol = _load(e_s.at[slot], col, interpret)
+      ds = jnp.where(ok, p * (dp - bcast(ecol)), 0.0)
+      dk = _matmul(ds.astype(q.dtype), q_s.at[slot], False, interpret)
+      repeat = ((_iota((rows, rows // 2), 0, wg, interpret) >> 1)
+                == _iota((rows, rows // 2), 1, wg, interpret)).astype(
+                    pdk.dtype)
+      pk = _matmul(repeat, pk_s.at[slot], False, interpret)
+      pv = _matmul(repeat.astype(pdv.dtype), pv_s.at[slot], False,
+                   interpret)
+      wrow = lax.broadcast_in_dim(_load(w_s.at[slot], row, interpret),
+                                  dk.shape, [0])
+      real_k = lax.broadcast_in_dim(_load(ck_s.at[slot], row, interpret),
+                                    dk.shape, [0]) > 0
+      dk = jnp.where(real_k, dk * scale + wrow * pk, 0.0)
+      dv = jnp.where(real_k, dv + wrow * pv, 0.0)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
+      dk_s[...] = dk.astype(dk_s.dtype)
+      dv_s[...] = dv.astype(dv_s.dtype)
+      plgpu.commit_smem()
+      own = pl.ds(t * rows, rows)
+      plgpu.copy_smem_to_gmem(dk_s, dk_g.at[bi, own, hi])
+      plgpu.copy_smem_to_gmem(dv_s, dv_g.at[bi, own, hi])
+
+      @pl.when(i + stages < per)
+      def _():
+        issue(i + stages, slot)
+
+    plgpu.wait_smem_to_gmem(0)
+
+  body.__name__ = "hattn_dkv_l0_mosaic"  # the kernel's name in profiles
+  t64 = _transforms(d, q.dtype, most=64)
+  block = lambda r, dtype: plgpu.SMEM((stages, r, d), dtype, transforms=t64)
+  vec = lambda r: plgpu.SMEM((stages, r), f32)
+  scratch = [block(win, q.dtype), block(rows, k.dtype), block(rows, v.dtype),
+             vec(win), vec(rows), block(win, g.dtype), vec(win), vec(win),
+             block(rows // 2, pdk.dtype), block(rows // 2, pdv.dtype),
+             vec(rows),
+             plgpu.SMEM((rows, d), k.dtype, transforms=t64),
+             plgpu.SMEM((rows, d), v.dtype, transforms=t64),
+             plgpu.Barrier(num_arrivals=11, num_barriers=stages)]
+  out = [jax.ShapeDtypeStruct((b, n, h, d), k.dtype),
+         jax.ShapeDtypeStruct((b, n, h, d), v.dtype)]
+  return kernel(body, out_shape=out, scratch=scratch, grid=(programs, h, b),
+                grid_names=("p", "h", "b"),
+                interpret=interpret)(q, k, v, c, g, e, m, pdk, pdv, w)
 
 
 def _iota(shape, axis, layout, interpret):
