@@ -297,6 +297,7 @@ def environment_info(measure_copy: bool = False) -> dict:
       # And the finest level's forward ("mosaic": Mosaic GPU at the block
       # sizes and head widths of kernels.MOSAIC_L0_FASTER).
       "forward_l0_impl": kernels.forward_l0_impl(),
+      "backward_l0_impl": kernels.TUNING["backward_l0_impl"],
       "device_kind": device.device_kind,
       "platform": device.platform,
       "device_count": jax.device_count(),

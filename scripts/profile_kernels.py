@@ -13,7 +13,7 @@ copy bandwidth and cuDNN, all in one process:
       [--block_size 64]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl auto pallas dot xla mosaic]
-      [--forward_l0_impl auto triton mosaic]
+      [--forward_l0_impl auto triton mosaic] [--backward_l0_impl triton mosaic]
       [--handover_dtype input float32]
       [--masked] [--by_kernel]
 
@@ -25,9 +25,10 @@ and ``--coarsen_impl mosaic`` as Mosaic GPU passes (``auto``, the default:
 the kernels' choice). The forward and forward+backward are timed for every
 combination of tile, warps, warps of the pyramid and restriction kernels
 (``--pyramid_warps``), levels per launch, pipelining stages, pyramid
-implementation, level-0 forward (``--forward_l0_impl``: the Triton kernel
-or Mosaic GPU's) and ``--handover_dtype`` (what coarse levels hand to finer
-ones); the pyramid's heads and rows per program are the first values.
+implementation, level-0 forward and backward (``--forward_l0_impl``,
+``--backward_l0_impl``: the Triton kernels or Mosaic GPU's) and
+``--handover_dtype`` (what coarse levels hand to finer ones); the
+pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
 setting and prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
@@ -279,6 +280,9 @@ def main():
   parser.add_argument("--forward_l0_impl", nargs="+", default=["auto"],
                       choices=["auto", "triton", "mosaic"],
                       help="level-0 forward implementation (TUNING)")
+  parser.add_argument("--backward_l0_impl", nargs="+", default=["triton"],
+                      choices=["triton", "mosaic"],
+                      help="level-0 backward implementation (TUNING)")
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
@@ -370,11 +374,11 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, pwarps, per_launch, stages, impl, l0_impl,
+    for (tile, warps, pwarps, per_launch, stages, impl, l0_impl, l0_bwd,
          handover, order) in itertools.product(
              args.tiles, args.warps, args.pyramid_warps, args.per_launch,
              args.stages, args.coarsen_impl, args.forward_l0_impl,
-             args.handover_dtype, args.grid_order):
+             args.backward_l0_impl, args.handover_dtype, args.grid_order):
       kernels.TUNING.update(num_warps=warps or None,
                             dq_warps=args.dq_warps or None,
                             dkv_warps=args.dkv_warps or None,
@@ -382,6 +386,7 @@ def main():
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, forward_l0_impl=l0_impl,
+                            backward_l0_impl=l0_bwd,
                             handover_dtype=handover, grid_order=order)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
@@ -392,6 +397,7 @@ def main():
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl, "forward_l0_impl": l0_impl,
+             "backward_l0_impl": l0_bwd,
              "handover_dtype": handover, "grid_order": order,
              "fwd_ms": bench(attn, q, k, v, valid),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v, valid)}

@@ -619,25 +619,6 @@ def test_mosaic_forward_level0_lowers_for_hopper(nr, d):
   assert "mosaic_gpu" in lowered.as_text()
 
 
-def test_mosaic_level0_forward_ignores_garbage_in_padding(monkeypatch):
-  """NaN and inf in the padding's q, k and v (the caller's arrays reach
-  level 0 as they are) change nothing in the Mosaic GPU level-0 forward's
-  output (interpret mode)."""
-  monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", "mosaic")
-  q, k, v = make_qkv(71, 1, 200, 2, 32)
-  mask = np.random.default_rng(72).random((1, 200)) < 0.7
-  run = lambda q, k, v: np.asarray(run_pallas(
-      *(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask,
-      causal=False), np.float32)
-  want = run(q, k, v)
-  assert np.isfinite(want).all()
-  for x in (q, k, v):
-    x[~mask] = np.nan
-  v[0, np.flatnonzero(~mask[0])[:3]] = np.inf
-  q[0, np.flatnonzero(~mask[0])[3:6]] = -np.inf
-  np.testing.assert_array_equal(run(q, k, v), want)
-
-
 def _level0_forward_kernels(fn, *args):
   """Names of the Triton level-0 forward launches in ``fn``'s jaxpr."""
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
@@ -647,12 +628,14 @@ def _level0_forward_kernels(fn, *args):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_attention_with_the_mosaic_level0_forward(monkeypatch, causal):
-  """``forward_l0_impl="mosaic"`` (interpret mode): bfloat16 inputs with
-  holes and a padded end give the Triton kernels' values and gradients
-  (to bfloat16 rounding) and the float64 reference's; the Mosaic GPU
-  kernel replaces the Triton level-0 forward where it applies (not
-  causal), and causal attention keeps the Triton kernel."""
+def test_attention_with_the_mosaic_level0_kernels(monkeypatch, causal):
+  """``forward_l0_impl="mosaic"``, and with it ``backward_l0_impl=
+  "mosaic"`` (interpret mode): bfloat16 inputs with holes, a padded end
+  and NaN / inf in the padding give the Triton kernels' values and
+  gradients on clean inputs (to bfloat16 rounding) and the float64
+  reference's; the Mosaic GPU kernels replace the Triton level-0 kernels
+  where they apply (not causal), and causal attention keeps the Triton
+  kernels."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   length, heads, d = 200, 2, 32
   q, k, v = make_qkv(61, 2, length, heads, d)
@@ -660,34 +643,54 @@ def test_attention_with_the_mosaic_level0_forward(monkeypatch, causal):
   mask[1, 150:] = False
   cot = np.random.default_rng(63).standard_normal(
       (2, length, heads, d)).astype(np.float32)
-  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  clean = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+  for x in (q, k, v):
+    x[~mask] = np.nan
+  q[0, np.flatnonzero(~mask[0])[:3]] = np.inf
+  cot[~mask] = np.nan
+  garbage = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
 
   def loss(q, k, v):
     out = hierarchical_attention(q, k, v, block_size=16, causal=causal,
                                  mask=mask, implementation="pallas_interpret")
-    return jnp.sum(out.astype(jnp.float32) * cot), out
+    return jnp.sum(jnp.where(mask[:, :, None, None],
+                             out.astype(jnp.float32) * cot, 0.0)), out
+
+  def kernel_names(*args):
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: loss(*a)[0],
+                                    argnums=(0, 1, 2)))(*args).jaxpr
+    return [str(e.params.get("name_and_src_info", e.params.get("name", "")))
+            for e in jaxpr_equations(jaxpr) if e.primitive.name ==
+            "pallas_call"]
 
   results = {}
-  for impl in ("triton", "mosaic"):
-    monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", impl)
-    assert kernels.forward_l0_impl(interpret=True) == impl
-    triton_l0 = _level0_forward_kernels(lambda *a: loss(*a)[1], q, k, v)
-    assert len(triton_l0) == (1 if impl == "triton" or causal else 0)
+  for fwd, bwd in (("triton", "triton"), ("mosaic", "triton"),
+                   ("mosaic", "mosaic")):
+    monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", fwd)
+    monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", bwd)
+    assert kernels.forward_l0_impl(interpret=True) == fwd
+    names = kernel_names(*clean)
+    for kind, impl in (("fwd", fwd), ("dq", bwd), ("dkv", bwd)):
+      count = sum(f"hattn_{kind}_l0" in name for name in names)
+      assert count == (1 if impl == "triton" or causal else 0), (kind, impl)
     # A new jit for each setting: TUNING is read when tracing.
+    inputs = clean if fwd == "triton" else garbage
     (_, out), grads = jax.jit(jax.value_and_grad(
-        loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    results[impl] = [np.asarray(x, np.float32) for x in (out, *grads)]
-  want = numpy_reference(*(np.asarray(x, np.float32) for x in (q, k, v)),
+        loss, argnums=(0, 1, 2), has_aux=True))(*inputs)
+    results[fwd, bwd] = [np.asarray(x, np.float32) for x in (out, *grads)]
+  want = numpy_reference(*(np.asarray(x, np.float32) for x in clean),
                          mask, block_size=16, causal=causal)
-  out = results["mosaic"][0]
-  assert (out[~mask] == 0).all()
-  assert max_abs(out, want) <= 2e-2
-  for name, got, triton in zip(["out", "dq", "dk", "dv"], results["mosaic"],
-                               results["triton"]):
-    assert np.isfinite(got).all(), name
-    scale = max(1.0, float(np.abs(triton).max()))
-    np.testing.assert_allclose(got, triton, rtol=0, atol=2**-7 * scale,
-                               err_msg=name)
+  triton = results["triton", "triton"]
+  for impls in (("mosaic", "triton"), ("mosaic", "mosaic")):
+    out = results[impls][0]
+    assert (out[~mask] == 0).all()
+    assert max_abs(out, want) <= 2e-2
+    for name, got, ref in zip(["out", "dq", "dk", "dv"], results[impls],
+                              triton):
+      assert np.isfinite(got).all(), (name, impls)
+      scale = max(1.0, float(np.abs(ref).max()))
+      np.testing.assert_allclose(got, ref, rtol=0, atol=2**-7 * scale,
+                                 err_msg=f"{name} {impls}")
 
 
 def test_auto_takes_the_mosaic_level0_forward_where_it_is_faster(
@@ -718,21 +721,28 @@ def test_auto_takes_the_mosaic_level0_forward_where_it_is_faster(
           triton_l0(32, 64, interpret=True)] == [1] * 6
 
 
-@pytest.mark.parametrize("d,nr,causal,masked,dtype", [
-    (64, 16, False, False, "bfloat16"), (64, 16, True, True, "bfloat16"),
-    (128, 16, False, True, "bfloat16"), (64, 32, False, False, "bfloat16"),
-    (64, 64, False, True, "bfloat16"), (128, 64, True, False, "float16"),
-    (128, 16, False, False, "float32")])
+@pytest.mark.parametrize("d,nr,causal,masked,dtype,backward", [
+    (64, 16, False, False, "bfloat16", "triton"),
+    (64, 16, True, True, "bfloat16", "triton"),
+    (128, 16, False, True, "bfloat16", "triton"),
+    (64, 32, False, False, "bfloat16", "triton"),
+    (64, 64, False, True, "bfloat16", "triton"),
+    (128, 64, True, False, "float16", "triton"),
+    (128, 16, False, False, "float32", "triton"),
+    (128, 16, False, True, "bfloat16", "mosaic"),
+    (64, 64, False, False, "bfloat16", "mosaic")])
 def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
-    monkeypatch, d, nr, causal, masked, dtype):
+    monkeypatch, d, nr, causal, masked, dtype, backward):
   """The forward and backward at 65,536 tokens, heads 8 (the benchmark's
   shape), as the defaults choose them on a Hopper GPU (the device probe
   set; Mosaic GPU pyramid and, where it is faster, level-0 forward),
   compiled (lowered) from this CPU: Mosaic GPU checks shared memory when
   lowering. At head_dim 128 the pyramid's old estimate let through a pass
   that needs more than a program may have (docs/benchmarks.md); the GPU
-  tests' short sequences did not reach it."""
+  tests' short sequences did not reach it. Also with the Mosaic GPU
+  level-0 backward (``backward_l0_impl="mosaic"``, not a default)."""
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
+  monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", backward)
   x = jax.ShapeDtypeStruct((1, 65536, 8, d), dtype)
   valid = jax.ShapeDtypeStruct((1, 65536), jnp.bool_) if masked else None
 
@@ -746,9 +756,12 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   text = lowered.as_text()
   # float32 rows of 128 do not fit a Mosaic GPU pyramid pass.
   assert ("mosaic_gpu" in text) == (jnp.dtype(dtype).itemsize * d < 512)
+  mosaic_level0 = dtype != "float32" and not causal
   assert ("hattn_fwd_l0_mosaic" in text) == (
-      dtype != "float32" and not causal and (nr, d) in
-      kernels.MOSAIC_L0_FASTER)
+      mosaic_level0 and (nr, d) in kernels.MOSAIC_L0_FASTER)
+  for kind in ("dq", "dkv"):
+    assert (f"hattn_{kind}_l0_mosaic" in text) == (
+        mosaic_level0 and backward == "mosaic")
 
 
 def test_mosaic_forward_level0_rejects_what_it_cannot_run():

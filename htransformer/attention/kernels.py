@@ -142,6 +142,9 @@ DEFAULT_TILE = 16
 # newer: non-causal, no dropout, 16-bit inputs; elsewhere the Triton
 # kernel) or "auto" (the default: "mosaic" on such GPUs at the block sizes
 # and head widths of ``MOSAIC_L0_FASTER``, "triton" elsewhere).
+# ``backward_l0_impl``: the finest level's dq and dk, dv, "triton" (the
+# default) or "mosaic" (``mosaic.dq_level0`` and ``dkv_level0``, where the
+# forward's Mosaic GPU kernel would apply; not yet timed on a GPU).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -160,7 +163,8 @@ TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
-          "handover_dtype": "input", "grid_order": "tiles"}
+          "backward_l0_impl": "triton", "handover_dtype": "input",
+          "grid_order": "tiles"}
 
 
 def _pow2(x: int) -> bool:
@@ -172,6 +176,7 @@ def _pow2(x: int) -> bool:
 _TUNING_CHOICES = {
     "coarsen_impl": ("auto", "dot", "pallas", "xla", "mosaic"),
     "forward_l0_impl": ("auto", "triton", "mosaic"),
+    "backward_l0_impl": ("triton", "mosaic"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
 }
@@ -1443,7 +1448,11 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
       _level_groups(q.shape[1], levels, tile, nr, per_launch)):
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
-    parent = _group_backward(
+    done = None
+    if first == 0 and count == 1 and not causal and not rate:
+      done = _backward_level0_mosaic(pyramid[0], stats[0], parent, nr,
+                                     scale, masked, interpret)
+    parent = done or _group_backward(
         pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
         scale=scale, out_dtypes=dtypes, precision=precision,
         interpret=interpret, seeds=seeds, rate=rate, masked=masked)
@@ -1452,6 +1461,49 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _backward_level0_mosaic(level0, stats0, parent, nr, scale, masked,
+                            interpret):
+  """Level 0's non-causal backward without dropout by ``mosaic.dq_level0``
+  and ``mosaic.dkv_level0`` where ``TUNING["backward_l0_impl"]`` says so
+  and they take these inputs: (dq, dk, dv), else None (the Triton
+  kernels' turn).
+
+  With a mask, q, k and the cotangent are zeroed on rows of no real token
+  first (one XLA pass each): the kernels select such rows' logits away,
+  but their products would multiply zero weights by NaN there."""
+  if parent is None or TUNING.get("backward_l0_impl", "triton") != "mosaic":
+    return None
+  from htransformer.attention import mosaic  # Only where it is chosen.
+  q, k, v, c = level0
+  g, e, m = stats0
+  d = q.shape[-1]
+  if (mosaic.forward_level0_unsupported(q, v, parent[0], nr)
+      or any(x.dtype != q.dtype for x in (k, v, g, *parent))
+      or not mosaic.dq_level0_stages(nr, d, q.dtype)
+      or not mosaic.dkv_level0_stages(nr, d, q.dtype)):
+    return None
+  if masked:
+    real = c[:, :, None, None] > 0
+    q, k, g = (jnp.where(real, x, jnp.zeros_like(x)) for x in (q, k, g))
+  pairs = _pair_sum_rows(c)
+  w = jnp.where(pairs > 0, c / jnp.where(pairs > 0, pairs, 1.0), 0.0)
+  common = dict(nr=nr, scale=scale, interpret=interpret)
+  dq = mosaic.dq_level0(q, k, v, c, g, e, m, parent[0], w,
+                        stages=mosaic.dq_level0_stages(nr, d, q.dtype),
+                        **common)
+  dk, dv = mosaic.dkv_level0(q, k, v, c, g, e, m, parent[1], parent[2], w,
+                             stages=mosaic.dkv_level0_stages(nr, d, q.dtype),
+                             **common)
+  return dq, dk, dv
+
+
+def _pair_sum_rows(c):
+  """Each row's pair total, [B, n] -> [B, n] (the "mean" prolongation's
+  denominator, ``_prolong_weight``)."""
+  b, n = c.shape
+  return jnp.repeat(c.reshape(b, n // 2, 2).sum(-1), 2, axis=-1)
 
 
 def hierarchical_attention_pallas(query, key, value, valid, *, block_size,
