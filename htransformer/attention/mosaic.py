@@ -17,11 +17,14 @@ forward on contiguous tiles of 64 query rows (``kernels.TUNING
 ["forward_l0_impl"]``; by default on Hopper GPUs at the block sizes and
 head widths where it was measured faster, ``kernels.MOSAIC_L0_FASTER``):
 ``scripts/profile_kernels.py --mosaic_forward`` times it against the
-Triton kernel (docs/benchmarks.md, sections "Mosaic GPU"). ``double`` (a
-1 GiB array doubled through shared memory) is the copy ceiling of such
-kernels: ``profiling.copy_kernel("mosaic")``.
+Triton kernel (docs/benchmarks.md, sections "Mosaic GPU"). ``dq_level0``
+and ``dkv_level0`` are its backward on the same tiles and windows
+(``TUNING["backward_l0_impl"]``, not a default until timed;
+``--mosaic_dq``). ``double`` (a 1 GiB array doubled through shared
+memory) is the copy ceiling of such kernels:
+``profiling.copy_kernel("mosaic")``.
 
-``coarsen`` and ``forward_level0`` are checked on a CPU twice
+Every kernel here is checked on a CPU twice
 (``tests/test_kernels.py``): their values in interpret mode
 (where ``wgmma`` is replaced by ``jnp.dot``: interpret mode takes neither
 a transposed operand nor one in registers), and their compilation for a
