@@ -751,8 +751,13 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
         q, k, v, valid, block_size=nr, causal=causal)
     return jnp.sum(out.astype(jnp.float32))
 
-  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
-      x, x, x, valid).lower(lowering_platforms=("cuda",))
+  try:
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+        x, x, x, valid).lower(lowering_platforms=("cuda",))
+  except RuntimeError as e:  # jax 0.11 without a GPU (0.10 lowers here)
+    if "No supported GPU devices found" not in str(e):
+      raise
+    pytest.skip("this jax lowers the Triton kernels only with a GPU")
   text = lowered.as_text()
   # float32 rows of 128 do not fit a Mosaic GPU pyramid pass.
   assert ("mosaic_gpu" in text) == (jnp.dtype(dtype).itemsize * d < 512)

@@ -382,6 +382,95 @@ def forward_level0_unsupported(q, v, po, nr):
   return None
 
 
+class _Level0:
+  """The tiling of the level-0 kernels: tiles of ``_ROWS`` rows of the [B,
+  n, H, D] arrays (queries for the forward and dq, keys for dk, dv), each
+  with the window of ``_ROWS + 2 nr`` rows around it (the other side: keys
+  or queries), ``per`` consecutive tiles per program, ``stages`` of them in
+  flight (TMA copies into shared memory)."""
+
+  def __init__(self, name, q, nr, stages, programs, interpret):
+    b, n, h, _ = q.shape
+    self.rows, self.win, self.nr, self.n = _ROWS, _ROWS + 2 * nr, nr, n
+    if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
+      raise ValueError(f"{name} takes 16-bit inputs and blocks of 16, 32 "
+                       f"or 64 rows, got {q.dtype} and {nr}.")
+    if n % self.rows or n < self.win:
+      raise ValueError(f"{name} needs a length that is a multiple of "
+                       f"{self.rows} and at least {self.win}, got {n}.")
+    steps = n // self.rows
+    programs = programs or _programs(steps, b * h, most=1024)
+    self.per = steps // programs
+    self.stages = min(stages, self.per)
+    self.grid = (programs, h, b)
+    self.shift = nr.bit_length() - 1
+    self.interpret = interpret
+
+  def window(self, i):
+    """(tile index, first window row) of this program's step ``i``: the
+    offset as a product (a clamped block index times nr), which is how
+    Mosaic GPU proves a TMA offset a multiple of the shared-memory
+    tiling."""
+    rows, nr = self.rows, self.nr
+    t = lax.axis_index("p") * self.per + i
+    at = jax.numpy.clip(t * (rows // nr) - 1, 0, (self.n - self.win) // nr)
+    return t, at * nr
+
+  def slices(self, i):
+    """(tile rows, window rows, parent rows) of step ``i``."""
+    t, at = self.window(i)
+    return (pl.ds(t * self.rows, self.rows), pl.ds(at, self.win),
+            pl.ds(t * (self.rows // 2), self.rows // 2))
+
+  def band(self, i, counts):
+    """bool [rows, win]: the pairs of a tile row and a window row at most
+    one block apart (from the offsets: tile and window start at multiples
+    of nr) whose window row has a real token (``counts`` [win])."""
+    t, at = self.window(i)
+    shape, wg = (self.rows, self.win), plgpu.Layout.WGMMA
+    tile = _iota(shape, 0, wg, self.interpret) >> self.shift
+    other = _iota(shape, 1, wg, self.interpret) >> self.shift
+    dist = other - tile + ((at - t * self.rows) >> self.shift)
+    real = lax.broadcast_in_dim(counts, shape, [1]) > 0
+    return (dist >= -1) & (dist <= 1) & real
+
+  def parent_rows(self, parents):
+    """float32 [rows, D]: each tile row's parent, row r // 2 of the
+    ``rows / 2`` parent rows in shared memory, by a product with the 0/1
+    matrix R[r, j] = (r // 2 == j) (exact)."""
+    shape, wg = (self.rows, self.rows // 2), plgpu.Layout.WGMMA
+    repeat = ((_iota(shape, 0, wg, self.interpret) >> 1)
+              == _iota(shape, 1, wg, self.interpret))
+    return _matmul(repeat.astype(parents.dtype), parents, False,
+                   self.interpret)
+
+  def run(self, bar, issue, step):
+    """The pipeline: ``issue(i, slot)`` starts step i's copies into
+    ``slot`` (arriving on ``bar.at[slot]``); each step waits for its slot,
+    runs ``step(i, slot)`` and refills the slot with step i + stages; at
+    the end, the last stores to memory are waited for."""
+    for i in range(self.stages):
+      issue(i, i)
+
+    @pl.loop(0, self.per)
+    def _(i):
+      slot = i % self.stages
+      plgpu.barrier_wait(bar.at[slot])
+      step(i, slot)
+
+      @pl.when(i + self.stages < self.per)
+      def _():
+        issue(i + self.stages, slot)
+
+    plgpu.wait_smem_to_gmem(0)
+
+  def call(self, body, name, out_shape, scratch, *args):
+    body.__name__ = name  # the kernel's name in profiles
+    return kernel(body, out_shape=out_shape, scratch=scratch,
+                  grid=self.grid, grid_names=("p", "h", "b"),
+                  interpret=self.interpret)(*args)
+
+
 def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
                    programs=None, interpret=False):
   """Level 0 of the non-causal forward in Mosaic GPU: ``kernels._fwd_rows``
@@ -399,64 +488,28 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
   jnp = jax.numpy
   f32 = jnp.float32
   b, n, h, d = q.shape
-  rows = _ROWS
-  win = rows + 2 * nr
-  if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
-    raise ValueError(f"forward_level0 takes 16-bit inputs and blocks of "
-                     f"16, 32 or 64 rows, got {q.dtype} and {nr}.")
-  if n % rows or n < win or win > 256:
-    raise ValueError(f"forward_level0 needs a length that is a multiple "
-                     f"of {rows} and at least {win}, got {n}.")
-  steps = n // rows
-  programs = programs or _programs(steps, b * h, most=1024)
-  per = steps // programs
-  stages = min(stages, per)
+  t0 = _Level0("forward_level0", q, nr, stages, programs, interpret)
+  rows, win, stages = t0.rows, t0.win, t0.stages
   plse2 = jnp.repeat(plse.astype(f32), 2, axis=-1)  # [B, H, n]
-  c = c.astype(f32)
-  wg, row, col = (plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1),
-                  plgpu.Layout.WGMMA.reduce(0))
-  shift = nr.bit_length() - 1
+  row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
   def body(q_g, k_g, v_g, c_g, po_g, pl_g, o_g, lse_g, q_s, k_s, v_s, ck_s,
            cq_s, po_s, pl_s, o_s, lse_s, bar):
     bi, hi = lax.axis_index("b"), lax.axis_index("h")
-    first = lax.axis_index("p") * per
-
-    def window(i):
-      # (tile index, first key row): offsets as products (the window's a
-      # clamped block index times nr), which is how Mosaic GPU proves a
-      # TMA offset a multiple of the shared-memory tiling.
-      t = first + i
-      at = jnp.clip(t * (rows // nr) - 1, 0, (n - win) // nr) * nr
-      return t, at
 
     def issue(i, slot):
-      t, at = window(i)
-      own, keys = pl.ds(t * rows, rows), pl.ds(at, win)
-      parents, into = pl.ds(t * (rows // 2), rows // 2), bar.at[slot]
+      own, keys, parents = t0.slices(i)
       for src, dst in ((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
                        (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
                        (c_g.at[bi, own], cq_s),
                        (po_g.at[bi, parents, hi], po_s),
                        (pl_g.at[bi, hi, own], pl_s)):
-        plgpu.copy_gmem_to_smem(src, dst.at[slot], into)
+        plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
-    for i in range(stages):
-      issue(i, i)
-
-    @pl.loop(0, per)
-    def _(i):
-      slot = i % stages
-      plgpu.barrier_wait(bar.at[slot])
-      t, at = window(i)
-      # Block distance of key and query, from offsets: the tile and the
-      # window start at multiples of nr.
-      qb = _iota((rows, win), 0, wg, interpret) >> shift
-      kb = _iota((rows, win), 1, wg, interpret) >> shift
-      dist = kb - qb + ((at - t * rows) >> shift)
+    def step(i, slot):
       ck = _load(ck_s.at[slot], col, interpret)
       real = lax.broadcast_in_dim(ck, (rows, win), [1])
-      ok = (dist >= -1) & (dist <= 1) & (real > 0)
+      ok = t0.band(i, ck)
       real_q = _load(cq_s.at[slot], row, interpret) > 0
       x = _matmul(q_s.at[slot], k_s.at[slot], True, interpret)
       # A query row that is not real is a row of zeros (as ``_zeroed``
@@ -468,11 +521,7 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
                     0.0) * real
       z = jnp.sum(p, axis=1)
       y = _matmul(p.astype(v.dtype), v_s.at[slot], False, interpret)
-      # Parent rows repeated: y_parent = R @ po, R[r, j] = (r // 2 == j).
-      repeat = ((_iota((rows, rows // 2), 0, wg, interpret) >> 1)
-                == _iota((rows, rows // 2), 1, wg, interpret))
-      parent = _matmul(repeat.astype(po.dtype), po_s.at[slot], False,
-                       interpret)
+      parent = t0.parent_rows(po_s.at[slot])
       pm = _load(pl_s.at[slot], row, interpret)
       big = jnp.maximum(m, pm)
       a = jnp.exp(m - big)
@@ -488,17 +537,12 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
                   ).astype(o_s.dtype)
       lse_s[...] = jnp.where(has, big + jnp.log(zs), _NO_KEY)
       plgpu.commit_smem()
-      own = pl.ds(t * rows, rows)
+      own = t0.slices(i)[0]
       plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, own, hi])
       plgpu.copy_smem_to_gmem(lse_s, lse_g.at[bi, hi, own])
 
-      @pl.when(i + stages < per)
-      def _():
-        issue(i + stages, slot)
+    t0.run(bar, issue, step)
 
-    plgpu.wait_smem_to_gmem(0)
-
-  body.__name__ = "hattn_fwd_l0_mosaic"  # the kernel's name in profiles
   out_type = [jax.ShapeDtypeStruct((b, n, h, d), q.dtype),
               jax.ShapeDtypeStruct((b, h, n), f32)]
   tq, t64 = _transforms(d, q.dtype), _transforms(d, q.dtype, most=64)
@@ -512,9 +556,8 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
              plgpu.SMEM((rows, d), q.dtype, transforms=tq),
              plgpu.SMEM((rows,), f32),
              plgpu.Barrier(num_arrivals=7, num_barriers=stages)]
-  return kernel(body, out_shape=out_type, scratch=scratch,
-                grid=(programs, h, b), grid_names=("p", "h", "b"),
-                interpret=interpret)(q, k, v, c, po, plse2)
+  return t0.call(body, "hattn_fwd_l0_mosaic", out_type, scratch,
+                 q, k, v, c.astype(f32), po, plse2)
 
 
 def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
@@ -539,59 +582,25 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
   jnp = jax.numpy
   f32 = jnp.float32
   b, n, h, d = q.shape
-  rows = _ROWS
-  win = rows + 2 * nr
-  if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
-    raise ValueError(f"dq_level0 takes 16-bit inputs and blocks of 16, 32 "
-                     f"or 64 rows, got {q.dtype} and {nr}.")
-  if n % rows or n < win:
-    raise ValueError(f"dq_level0 needs a length that is a multiple of "
-                     f"{rows} and at least {win}, got {n}.")
-  steps = n // rows
-  programs = programs or _programs(steps, b * h, most=1024)
-  per = steps // programs
-  stages = min(stages, per)
-  c, w = c.astype(f32), w.astype(f32)
-  wg, row, col = (plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1),
-                  plgpu.Layout.WGMMA.reduce(0))
-  shift = nr.bit_length() - 1
+  t0 = _Level0("dq_level0", q, nr, stages, programs, interpret)
+  rows, win, stages = t0.rows, t0.win, t0.stages
+  row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
   def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, p_g, w_g, o_g, q_s, k_s, v_s,
            ck_s, cq_s, g_s, e_s, m_s, p_s, w_s, o_s, bar):
     bi, hi = lax.axis_index("b"), lax.axis_index("h")
-    first = lax.axis_index("p") * per
-
-    def window(i):
-      # As forward_level0's: offsets as products of nr.
-      t = first + i
-      at = jnp.clip(t * (rows // nr) - 1, 0, (n - win) // nr) * nr
-      return t, at
 
     def issue(i, slot):
-      t, at = window(i)
-      own, keys = pl.ds(t * rows, rows), pl.ds(at, win)
-      parents, into = pl.ds(t * (rows // 2), rows // 2), bar.at[slot]
+      own, keys, parents = t0.slices(i)
       for src, dst in ((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
                        (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
                        (c_g.at[bi, own], cq_s), (g_g.at[bi, own, hi], g_s),
                        (e_g.at[bi, hi, own], e_s), (m_g.at[bi, hi, own], m_s),
                        (p_g.at[bi, parents, hi], p_s), (w_g.at[bi, own], w_s)):
-        plgpu.copy_gmem_to_smem(src, dst.at[slot], into)
+        plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
-    for i in range(stages):
-      issue(i, i)
-
-    @pl.loop(0, per)
-    def _(i):
-      slot = i % stages
-      plgpu.barrier_wait(bar.at[slot])
-      t, at = window(i)
-      qb = _iota((rows, win), 0, wg, interpret) >> shift
-      kb = _iota((rows, win), 1, wg, interpret) >> shift
-      dist = kb - qb + ((at - t * rows) >> shift)
-      ck = _load(ck_s.at[slot], col, interpret)
-      ok = (dist >= -1) & (dist <= 1) & (lax.broadcast_in_dim(
-          ck, (rows, win), [1]) > 0)
+    def step(i, slot):
+      ok = t0.band(i, _load(ck_s.at[slot], col, interpret))
       bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [0])
       s = _matmul(q_s.at[slot], k_s.at[slot], True, interpret) * scale
       mrow = _load(m_s.at[slot], row, interpret)
@@ -601,10 +610,7 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
       # Selected, not multiplied: dp may be NaN where v is garbage.
       ds = jnp.where(ok, p * (dp - bcast(erow)), 0.0)
       dq = _matmul(ds.astype(k.dtype), k_s.at[slot], False, interpret)
-      repeat = ((_iota((rows, rows // 2), 0, wg, interpret) >> 1)
-                == _iota((rows, rows // 2), 1, wg, interpret))
-      parent = _matmul(repeat.astype(pdq.dtype), p_s.at[slot], False,
-                       interpret)
+      parent = t0.parent_rows(p_s.at[slot])
       wrow = lax.broadcast_in_dim(_load(w_s.at[slot], row, interpret),
                                   dq.shape, [0])
       real_q = lax.broadcast_in_dim(_load(cq_s.at[slot], row, interpret),
@@ -613,15 +619,10 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
       o_s[...] = dq.astype(o_s.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, pl.ds(t * rows, rows), hi])
+      plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, t0.slices(i)[0], hi])
 
-      @pl.when(i + stages < per)
-      def _():
-        issue(i + stages, slot)
+    t0.run(bar, issue, step)
 
-    plgpu.wait_smem_to_gmem(0)
-
-  body.__name__ = "hattn_dq_l0_mosaic"  # the kernel's name in profiles
   # q too: a product's operands in shared memory share one swizzle.
   tq, t64 = _transforms(d, q.dtype), _transforms(d, q.dtype, most=64)
   scratch = [plgpu.SMEM((stages, rows, d), q.dtype, transforms=t64),
@@ -636,10 +637,9 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
              plgpu.SMEM((stages, rows), f32),
              plgpu.SMEM((rows, d), q.dtype, transforms=tq),
              plgpu.Barrier(num_arrivals=10, num_barriers=stages)]
-  return kernel(body, out_shape=jax.ShapeDtypeStruct((b, n, h, d), q.dtype),
-                scratch=scratch, grid=(programs, h, b),
-                grid_names=("p", "h", "b"),
-                interpret=interpret)(q, k, v, c, g, e, m, pdq, w)
+  return t0.call(body, "hattn_dq_l0_mosaic",
+                 jax.ShapeDtypeStruct((b, n, h, d), q.dtype), scratch,
+                 q, k, v, c.astype(f32), g, e, m, pdq, w.astype(f32))
 
 
 def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale, stages=2,
@@ -661,38 +661,17 @@ def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale, stages=2,
   jnp = jax.numpy
   f32 = jnp.float32
   b, n, h, d = q.shape
-  rows = _ROWS
-  win = rows + 2 * nr
-  if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
-    raise ValueError(f"dkv_level0 takes 16-bit inputs and blocks of 16, 32 "
-                     f"or 64 rows, got {q.dtype} and {nr}.")
-  if n % rows or n < win:
-    raise ValueError(f"dkv_level0 needs a length that is a multiple of "
-                     f"{rows} and at least {win}, got {n}.")
-  steps = n // rows
-  programs = programs or _programs(steps, b * h, most=1024)
-  per = steps // programs
-  stages = min(stages, per)
-  c, w = c.astype(f32), w.astype(f32)
-  wg, row, col = (plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1),
-                  plgpu.Layout.WGMMA.reduce(0))
-  shift = nr.bit_length() - 1
+  t0 = _Level0("dkv_level0", q, nr, stages, programs, interpret)
+  rows, win, stages = t0.rows, t0.win, t0.stages
+  row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
   def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, pk_g, pv_g, w_g, dk_g, dv_g,
            q_s, k_s, v_s, cq_s, ck_s, g_s, e_s, m_s, pk_s, pv_s, w_s, dk_s,
            dv_s, bar):
     bi, hi = lax.axis_index("b"), lax.axis_index("h")
-    first = lax.axis_index("p") * per
-
-    def window(i):
-      t = first + i
-      at = jnp.clip(t * (rows // nr) - 1, 0, (n - win) // nr) * nr
-      return t, at
 
     def issue(i, slot):
-      t, at = window(i)
-      own, qs = pl.ds(t * rows, rows), pl.ds(at, win)
-      parents, into = pl.ds(t * (rows // 2), rows // 2), bar.at[slot]
+      own, qs, parents = t0.slices(i)
       for src, dst in ((q_g.at[bi, qs, hi], q_s), (k_g.at[bi, own, hi], k_s),
                        (v_g.at[bi, own, hi], v_s), (c_g.at[bi, qs], cq_s),
                        (c_g.at[bi, own], ck_s), (g_g.at[bi, qs, hi], g_s),
@@ -700,22 +679,10 @@ def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale, stages=2,
                        (pk_g.at[bi, parents, hi], pk_s),
                        (pv_g.at[bi, parents, hi], pv_s),
                        (w_g.at[bi, own], w_s)):
-        plgpu.copy_gmem_to_smem(src, dst.at[slot], into)
+        plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
-    for i in range(stages):
-      issue(i, i)
-
-    @pl.loop(0, per)
-    def _(i):
-      slot = i % stages
-      plgpu.barrier_wait(bar.at[slot])
-      t, at = window(i)
-      kb = _iota((rows, win), 0, wg, interpret) >> shift
-      qb = _iota((rows, win), 1, wg, interpret) >> shift
-      dist = qb - kb + ((at - t * rows) >> shift)
-      cq = _load(cq_s.at[slot], col, interpret)
-      ok = (dist >= -1) & (dist <= 1) & (lax.broadcast_in_dim(
-          cq, (rows, win), [1]) > 0)
+    def step(i, slot):
+      ok = t0.band(i, _load(cq_s.at[slot], col, interpret))
       bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [1])
       st = _matmul(k_s.at[slot], q_s.at[slot], True, interpret) * scale
       mcol = _load(m_s.at[slot], col, interpret)
@@ -725,33 +692,23 @@ def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale, stages=2,
       ecol = _load(e_s.at[slot], col, interpret)
       ds = jnp.where(ok, p * (dp - bcast(ecol)), 0.0)
       dk = _matmul(ds.astype(q.dtype), q_s.at[slot], False, interpret)
-      repeat = ((_iota((rows, rows // 2), 0, wg, interpret) >> 1)
-                == _iota((rows, rows // 2), 1, wg, interpret)).astype(
-                    pdk.dtype)
-      pk = _matmul(repeat, pk_s.at[slot], False, interpret)
-      pv = _matmul(repeat.astype(pdv.dtype), pv_s.at[slot], False,
-                   interpret)
       wrow = lax.broadcast_in_dim(_load(w_s.at[slot], row, interpret),
                                   dk.shape, [0])
       real_k = lax.broadcast_in_dim(_load(ck_s.at[slot], row, interpret),
                                     dk.shape, [0]) > 0
-      dk = jnp.where(real_k, dk * scale + wrow * pk, 0.0)
-      dv = jnp.where(real_k, dv + wrow * pv, 0.0)
+      dk = jnp.where(real_k, dk * scale + wrow * t0.parent_rows(
+          pk_s.at[slot]), 0.0)
+      dv = jnp.where(real_k, dv + wrow * t0.parent_rows(pv_s.at[slot]), 0.0)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
       dk_s[...] = dk.astype(dk_s.dtype)
       dv_s[...] = dv.astype(dv_s.dtype)
       plgpu.commit_smem()
-      own = pl.ds(t * rows, rows)
+      own = t0.slices(i)[0]
       plgpu.copy_smem_to_gmem(dk_s, dk_g.at[bi, own, hi])
       plgpu.copy_smem_to_gmem(dv_s, dv_g.at[bi, own, hi])
 
-      @pl.when(i + stages < per)
-      def _():
-        issue(i + stages, slot)
+    t0.run(bar, issue, step)
 
-    plgpu.wait_smem_to_gmem(0)
-
-  body.__name__ = "hattn_dkv_l0_mosaic"  # the kernel's name in profiles
   t64 = _transforms(d, q.dtype, most=64)
   block = lambda r, dtype: plgpu.SMEM((stages, r, d), dtype, transforms=t64)
   vec = lambda r: plgpu.SMEM((stages, r), f32)
@@ -764,9 +721,8 @@ def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale, stages=2,
              plgpu.Barrier(num_arrivals=11, num_barriers=stages)]
   out = [jax.ShapeDtypeStruct((b, n, h, d), k.dtype),
          jax.ShapeDtypeStruct((b, n, h, d), v.dtype)]
-  return kernel(body, out_shape=out, scratch=scratch, grid=(programs, h, b),
-                grid_names=("p", "h", "b"),
-                interpret=interpret)(q, k, v, c, g, e, m, pdk, pdv, w)
+  return t0.call(body, "hattn_dkv_l0_mosaic", out, scratch,
+                 q, k, v, c.astype(f32), g, e, m, pdk, pdv, w.astype(f32))
 
 
 def _iota(shape, axis, layout, interpret):
