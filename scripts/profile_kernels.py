@@ -127,6 +127,15 @@ def run_for_ncu(args, tile):
                     "tuning": kernels.TUNING}), flush=True)
 
 
+def _device_ms(fn, args):
+  """Device time of ``jax.jit(fn)(*args)`` per call (20 profiled calls
+  after one to compile)."""
+  f = jax.jit(fn)
+  jax.block_until_ready(f(*args))
+  return profiling.device_profile(lambda: jax.block_until_ready(f(*args)),
+                                  steps=20).get("device_ms_per_step")
+
+
 def level0_forward_rows(args):
   """The finest level's forward: the Triton kernel (tiles of
   ``args.tiles[0]`` rows, else the default) against ``mosaic.
@@ -154,23 +163,16 @@ def level0_forward_rows(args):
           scale=scale, out_dtype=q.dtype, precision=lax.Precision.DEFAULT,
           interpret=False, masked=True)
 
-    def device_ms(fn):
-      f = jax.jit(fn)
-      jax.block_until_ready(f(*args_))
-      return profiling.device_profile(
-          lambda: jax.block_until_ready(f(*args_)),
-          steps=20).get("device_ms_per_step")
-
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "block_size": nr, "tile": tile,
-           "triton_fwd_l0_device_ms": device_ms(triton)}
+           "triton_fwd_l0_device_ms": _device_ms(triton, args_)}
     want = jax.jit(triton)(*args_)
     for stages in args.stages:
       name = f"mosaic_fwd_l0_stages{stages}"
       mos = lambda *a, s=stages: mosaic.forward_level0(
           *a, nr=nr, scale=scale, stages=s)
       try:
-        row[name + "_device_ms"] = device_ms(mos)
+        row[name + "_device_ms"] = _device_ms(mos, args_)
         o, lse = jax.jit(mos)(*args_)
       except Exception as e:  # noqa: BLE001 (reported: a new kernel)
         row[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
@@ -217,23 +219,16 @@ def level0_dq_rows(args):
           causal=False, scale=scale, out_dtypes=(q.dtype,) * 3,
           precision=lax.Precision.DEFAULT, interpret=False, masked=True)[0]
 
-    def device_ms(fn):
-      f = jax.jit(fn)
-      jax.block_until_ready(f(*args_))
-      return profiling.device_profile(
-          lambda: jax.block_until_ready(f(*args_)),
-          steps=20).get("device_ms_per_step")
-
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "block_size": nr, "tile": tile,
-           "triton_dq_l0_device_ms": device_ms(triton)}
+           "triton_dq_l0_device_ms": _device_ms(triton, args_)}
     want = jax.jit(triton)(*args_).astype(jnp.float32)
     for stages in args.stages:
       name = f"mosaic_dq_l0_stages{stages}"
       mos = lambda *a, s=stages: mosaic.dq_level0(
           *a, w, nr=nr, scale=scale, stages=s)
       try:
-        row[name + "_device_ms"] = device_ms(mos)
+        row[name + "_device_ms"] = _device_ms(mos, args_)
         dq = jax.jit(mos)(*args_)
       except Exception as e:  # noqa: BLE001 (reported: a new kernel)
         row[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
