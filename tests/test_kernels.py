@@ -490,7 +490,8 @@ def test_mosaic_coarsen_rejects_what_it_cannot_tile():
                    interpret=True)
 
 
-def check_mosaic_forward_level0(nr, n, heads, interpret, lse_atol):
+def check_mosaic_forward_level0(nr, n, heads, interpret, lse_atol,
+                                causal=False):
   """``mosaic.forward_level0`` against the Triton level-0 forward, both in
   interpret mode or both compiled (tests/test_gpu.py), with a parent
   level: holes, a padded end, a parent row of no key, query rows that are
@@ -508,14 +509,14 @@ def check_mosaic_forward_level0(nr, n, heads, interpret, lse_atol):
 
   def triton(q, k, v, c, po, plse):
     return kernels._group_forward(
-        [(q, k, v, c)], 0, 1, 16, (po, plse), nr=nr, causal=False,
+        [(q, k, v, c)], 0, 1, 16, (po, plse), nr=nr, causal=causal,
         scale=0.125, out_dtype=jnp.bfloat16,
         precision=jax.lax.Precision.DEFAULT, interpret=interpret,
         masked=True)
 
   args = (q, k, v, c, po, plse)
   o, lse = jax.jit(lambda *a: mosaic.forward_level0(
-      *a, nr=nr, scale=0.125, interpret=interpret))(*args)
+      *a, nr=nr, scale=0.125, causal=causal, interpret=interpret))(*args)
   want_o, want_lse = jax.jit(triton)(*args)
   o, want_o = np.asarray(o, np.float32), np.asarray(want_o, np.float32)
   np.testing.assert_allclose(o, want_o, rtol=2**-7, atol=2**-7)
@@ -527,7 +528,8 @@ def check_mosaic_forward_level0(nr, n, heads, interpret, lse_atol):
                              atol=lse_atol)
 
 
-def check_mosaic_backward_level0(nr, n, heads, interpret, d=64):
+def check_mosaic_backward_level0(nr, n, heads, interpret, d=64,
+                                 causal=False):
   """``mosaic.dq_level0`` and ``mosaic.dkv_level0`` against the Triton
   level-0 dq and dk, dv kernels, both in interpret mode or both compiled
   (tests/test_gpu.py), with a parent level: holes, a padded end, rows of
@@ -544,24 +546,29 @@ def check_mosaic_backward_level0(nr, n, heads, interpret, d=64):
                 kernels._NO_ROW)
   pdq, pdk, pdv = (jax.random.normal(x, (b, n // 2, heads, d), jnp.bfloat16)
                    for x in jax.random.split(keys[7], 3))
-  pairs = c.reshape(b, n // 2, 2)
-  total = jnp.repeat(pairs.sum(-1), 2, axis=-1)
-  w = jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
+  total = jnp.repeat(c.reshape(b, n // 2, 2).sum(-1), 2, axis=-1)
+  w_k = jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
+  # Causal queries (with a mask) go to the first real row of each pair.
+  first = jnp.repeat(c[:, ::2] > 0, 2, axis=-1)
+  even = (jnp.arange(n) % 2 == 0)[None]
+  w_q = jnp.where(even, first, ~first).astype(jnp.float32) if causal else w_k
   # As the caller zeroes them (garbage may be there with a mask).
   q, k, g = (jnp.where(c[:, :, None, None] > 0, x, 0) for x in (q, k, g))
 
   def triton(q, k, v, c, g, e, m, pdq, pdk, pdv):
     return kernels._group_backward(
         [(q, k, v, c)], [(g, e, m)], 0, 1, 16, (pdq, pdk, pdv), nr=nr,
-        causal=False, scale=0.125, out_dtypes=(jnp.bfloat16,) * 3,
+        causal=causal, scale=0.125, out_dtypes=(jnp.bfloat16,) * 3,
         precision=jax.lax.Precision.DEFAULT, interpret=interpret,
         masked=True)
 
   args = (q, k, v, c, g, e, m)
   dq = jax.jit(lambda *a: mosaic.dq_level0(
-      *a, pdq, w, nr=nr, scale=0.125, interpret=interpret))(*args)
+      *a, pdq, w_q, nr=nr, scale=0.125, causal=causal,
+      interpret=interpret))(*args)
   dk, dv = jax.jit(lambda *a: mosaic.dkv_level0(
-      *a, pdk, pdv, w, nr=nr, scale=0.125, interpret=interpret))(*args)
+      *a, pdk, pdv, w_k, nr=nr, scale=0.125, causal=causal,
+      interpret=interpret))(*args)
   want = jax.jit(triton)(*args, pdq, pdk, pdv)
   for name, got, ref in zip(["dq", "dk", "dv"], (dq, dk, dv), want):
     got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
@@ -572,10 +579,12 @@ def check_mosaic_backward_level0(nr, n, heads, interpret, d=64):
                                err_msg=name)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("nr", [16, 64])
-def test_mosaic_backward_level0_matches_the_triton_kernels(nr):
+def test_mosaic_backward_level0_matches_the_triton_kernels(nr, causal):
   """In interpret mode (``check_mosaic_backward_level0``)."""
-  check_mosaic_backward_level0(nr, n=512, heads=2, interpret=True)
+  check_mosaic_backward_level0(nr, n=512, heads=2, interpret=True,
+                               causal=causal)
 
 
 @pytest.mark.parametrize("nr,d", [(16, 64), (32, 128), (64, 32)])
@@ -599,11 +608,12 @@ def test_mosaic_backward_level0_lowers_for_hopper(nr, d):
     assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("nr", [16, 64])
-def test_mosaic_forward_level0_matches_the_triton_kernel(nr):
+def test_mosaic_forward_level0_matches_the_triton_kernel(nr, causal):
   """In interpret mode (``check_mosaic_forward_level0``)."""
   check_mosaic_forward_level0(nr, n=512, heads=2, interpret=True,
-                              lse_atol=1e-5)
+                              lse_atol=1e-5, causal=causal)
 
 
 @pytest.mark.parametrize("nr,d", [(16, 64), (32, 128), (64, 32)])
@@ -633,9 +643,8 @@ def test_attention_with_the_mosaic_level0_kernels(monkeypatch, causal):
   "mosaic"`` (interpret mode): bfloat16 inputs with holes, a padded end
   and NaN / inf in the padding give the Triton kernels' values and
   gradients on clean inputs (to bfloat16 rounding) and the float64
-  reference's; the Mosaic GPU kernels replace the Triton level-0 kernels
-  where they apply (not causal), and causal attention keeps the Triton
-  kernels."""
+  reference's; the Mosaic GPU kernels replace the Triton level-0 kernels,
+  causal or not."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   length, heads, d = 200, 2, 32
   q, k, v = make_qkv(61, 2, length, heads, d)
@@ -672,7 +681,7 @@ def test_attention_with_the_mosaic_level0_kernels(monkeypatch, causal):
     names = kernel_names(*clean)
     for kind, impl in (("fwd", fwd), ("dq", bwd), ("dkv", bwd)):
       count = sum(f"hattn_{kind}_l0" in name for name in names)
-      assert count == (1 if impl == "triton" or causal else 0), (kind, impl)
+      assert count == (1 if impl == "triton" else 0), (kind, impl)
     # A new jit for each setting: TUNING is read when tracing.
     inputs = clean if fwd == "triton" else garbage
     (_, out), grads = jax.jit(jax.value_and_grad(
@@ -730,7 +739,8 @@ def test_auto_takes_the_mosaic_level0_forward_where_it_is_faster(
     (128, 64, True, False, "float16", "triton"),
     (128, 16, False, False, "float32", "triton"),
     (128, 16, False, True, "bfloat16", "mosaic"),
-    (64, 64, False, False, "bfloat16", "mosaic")])
+    (64, 64, False, False, "bfloat16", "mosaic"),
+    (64, 32, True, True, "bfloat16", "mosaic")])
 def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
     monkeypatch, d, nr, causal, masked, dtype, backward):
   """The forward and backward at 65,536 tokens, heads 8 (the benchmark's
@@ -761,12 +771,12 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   text = lowered.as_text()
   # float32 rows of 128 do not fit a Mosaic GPU pyramid pass.
   assert ("mosaic_gpu" in text) == (jnp.dtype(dtype).itemsize * d < 512)
-  mosaic_level0 = dtype != "float32" and not causal
+  half = dtype != "float32"
   assert ("hattn_fwd_l0_mosaic" in text) == (
-      mosaic_level0 and (nr, d) in kernels.MOSAIC_L0_FASTER)
+      half and not causal and (nr, d) in kernels.MOSAIC_L0_FASTER)
   for kind in ("dq", "dkv"):
     assert (f"hattn_{kind}_l0_mosaic" in text) == (
-        mosaic_level0 and backward == "mosaic")
+        half and backward == "mosaic")
 
 
 def test_mosaic_forward_level0_rejects_what_it_cannot_run():

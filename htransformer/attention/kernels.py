@@ -139,12 +139,15 @@ DEFAULT_TILE = 16
 # causal with a mask, level at 64 x 1,024: docs/benchmarks.md).
 # ``forward_l0_impl``: the finest level's forward, "triton" (the level
 # kernel above), "mosaic" (``mosaic.forward_level0``, Hopper GPUs and
-# newer: non-causal, no dropout, 16-bit inputs; elsewhere the Triton
-# kernel) or "auto" (the default: "mosaic" on such GPUs at the block sizes
-# and head widths of ``MOSAIC_L0_FASTER``, "triton" elsewhere).
+# newer: no dropout, 16-bit inputs; elsewhere the Triton kernel) or "auto"
+# (the default: "mosaic" on such GPUs, not causal, at the block sizes and
+# head widths of ``MOSAIC_L0_FASTER``; "triton" elsewhere).
 # ``backward_l0_impl``: the finest level's dq and dk, dv, "triton" (the
 # default) or "mosaic" (``mosaic.dq_level0`` and ``dkv_level0``, where the
 # forward's Mosaic GPU kernel would apply; not yet timed on a GPU).
+# Every Mosaic GPU level-0 kernel zeroes nothing in its inputs: with a
+# mask, the rows of no real token of the arrays whose zero weights it
+# multiplies (v forward; q, k, dO backward) are zeroed in XLA first.
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -276,11 +279,12 @@ MOSAIC_L0_FASTER = frozenset({(32, 64), (16, 128)})
 
 
 def forward_l0_impl(interpret: bool = False, block_size: int | None = None,
-                    head_dim: int | None = None) -> str:
+                    head_dim: int | None = None, causal: bool = False) -> str:
   """The finest level's forward: ``TUNING["forward_l0_impl"]``, with
   "auto" resolved for this device (and interpret mode) and, where given,
-  the block size and the kernels' head width (without them "mosaic" means
-  Mosaic GPU at those of ``MOSAIC_L0_FASTER``)."""
+  the block size, the kernels' head width and causality (without them
+  "mosaic" means Mosaic GPU at those of ``MOSAIC_L0_FASTER``, not
+  causal: the causal kernel is not yet timed)."""
   impl = TUNING.get("forward_l0_impl", "auto")
   if impl != "auto":
     return impl
@@ -288,8 +292,8 @@ def forward_l0_impl(interpret: bool = False, block_size: int | None = None,
     return "triton"
   if block_size is None or head_dim is None:
     return "mosaic"
-  return ("mosaic" if (block_size, head_dim) in MOSAIC_L0_FASTER else
-          "triton")
+  return ("mosaic" if (block_size, head_dim) in MOSAIC_L0_FASTER
+          and not causal else "triton")
 
 
 def unsupported_reason(query, value, block_size: int) -> str | None:
@@ -1375,9 +1379,9 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   for first, count, t in reversed(
       _level_groups(n, levels, tile, nr, per_launch)):
     done = None
-    if first == 0 and count == 1 and not causal and not rate:
-      done = _forward_level0_mosaic(pyramid[0], parent, nr, scale, masked,
-                                    interpret)
+    if first == 0 and count == 1 and not rate:
+      done = _forward_level0_mosaic(pyramid[0], parent, nr, scale, causal,
+                                    masked, interpret)
     o, lse = done or _group_forward(
         pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
         out_dtype=q.dtype if first == 0 else handover,
@@ -1387,8 +1391,9 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   return o, (pyramid, o, lse, seeds)
 
 
-def _forward_level0_mosaic(level0, parent, nr, scale, masked, interpret):
-  """Level 0's non-causal forward without dropout by
+def _forward_level0_mosaic(level0, parent, nr, scale, causal, masked,
+                           interpret):
+  """Level 0's forward without dropout by
   ``mosaic.forward_level0`` where ``forward_l0_impl`` says so and it takes
   these inputs: (o, lse), else None (the Triton kernel's turn).
 
@@ -1396,7 +1401,8 @@ def _forward_level0_mosaic(level0, parent, nr, scale, masked, interpret):
   over v): the kernel selects away the logits of such rows, whatever q and
   k hold there, but a zero weight times a NaN of v is NaN (``_zeroed``)."""
   q, k, v, c = level0
-  if parent is None or forward_l0_impl(interpret, nr, q.shape[-1]) != "mosaic":
+  if parent is None or forward_l0_impl(interpret, nr, q.shape[-1],
+                                       causal) != "mosaic":
     return None
   from htransformer.attention import mosaic  # Only where it is chosen.
   if mosaic.forward_level0_unsupported(q, v, parent[0], nr):
@@ -1404,7 +1410,8 @@ def _forward_level0_mosaic(level0, parent, nr, scale, masked, interpret):
   if masked:
     v = jnp.where(c[:, :, None, None] > 0, v, jnp.zeros_like(v))
   return mosaic.forward_level0(
-      q, k, v, c, *parent, nr=nr, scale=scale, interpret=interpret,
+      q, k, v, c, *parent, nr=nr, scale=scale, causal=causal,
+      interpret=interpret,
       stages=mosaic.forward_level0_stages(nr, q.shape[-1], q.dtype))
 
 
@@ -1449,9 +1456,9 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
     done = None
-    if first == 0 and count == 1 and not causal and not rate:
+    if first == 0 and count == 1 and not rate:
       done = _backward_level0_mosaic(pyramid[0], stats[0], parent, nr,
-                                     scale, masked, interpret)
+                                     scale, causal, masked, interpret)
     parent = done or _group_backward(
         pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
         scale=scale, out_dtypes=dtypes, precision=precision,
@@ -1463,9 +1470,9 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _backward_level0_mosaic(level0, stats0, parent, nr, scale, masked,
-                            interpret):
-  """Level 0's non-causal backward without dropout by ``mosaic.dq_level0``
+def _backward_level0_mosaic(level0, stats0, parent, nr, scale, causal,
+                            masked, interpret):
+  """Level 0's backward without dropout by ``mosaic.dq_level0``
   and ``mosaic.dkv_level0`` where ``TUNING["backward_l0_impl"]`` says so
   and they take these inputs: (dq, dk, dv), else None (the Triton
   kernels' turn).
@@ -1487,23 +1494,19 @@ def _backward_level0_mosaic(level0, stats0, parent, nr, scale, masked,
   if masked:
     real = c[:, :, None, None] > 0
     q, k, g = (jnp.where(real, x, jnp.zeros_like(x)) for x in (q, k, g))
-  pairs = _pair_sum_rows(c)
-  w = jnp.where(pairs > 0, c / jnp.where(pairs > 0, pairs, 1.0), 0.0)
-  common = dict(nr=nr, scale=scale, interpret=interpret)
-  dq = mosaic.dq_level0(q, k, v, c, g, e, m, parent[0], w,
+  # Each row's share of its parent: queries by their coarsening mode,
+  # keys by the mean.
+  share = lambda mode: jax.vmap(lambda x: _prolong_weight(x, mode))(c)
+  common = dict(nr=nr, scale=scale, causal=causal, interpret=interpret)
+  dq = mosaic.dq_level0(q, k, v, c, g, e, m, parent[0],
+                        share(_query_mode(causal, masked)),
                         stages=mosaic.dq_level0_stages(nr, d, q.dtype),
                         **common)
-  dk, dv = mosaic.dkv_level0(q, k, v, c, g, e, m, parent[1], parent[2], w,
+  dk, dv = mosaic.dkv_level0(q, k, v, c, g, e, m, parent[1], parent[2],
+                             share("mean"),
                              stages=mosaic.dkv_level0_stages(nr, d, q.dtype),
                              **common)
   return dq, dk, dv
-
-
-def _pair_sum_rows(c):
-  """Each row's pair total, [B, n] -> [B, n] (the "mean" prolongation's
-  denominator, ``_prolong_weight``)."""
-  b, n = c.shape
-  return jnp.repeat(c.reshape(b, n // 2, 2).sum(-1), 2, axis=-1)
 
 
 def hierarchical_attention_pallas(query, key, value, valid, *, block_size,

@@ -12,10 +12,11 @@ simulated).
 
 ``coarsen`` is the pyramid of ``kernels.py`` (its three modes) in passes of
 up to two levels, the default on Hopper GPUs (``kernels.TUNING
-["coarsen_impl"]``). ``forward_level0`` is the finest level's non-causal
-forward on contiguous tiles of 64 query rows (``kernels.TUNING
-["forward_l0_impl"]``; by default on Hopper GPUs at the block sizes and
-head widths where it was measured faster, ``kernels.MOSAIC_L0_FASTER``):
+["coarsen_impl"]``). ``forward_level0`` is the finest level's forward,
+causal or not, on contiguous tiles of 64 query rows (``kernels.TUNING
+["forward_l0_impl"]``; by default on Hopper GPUs, not causal, at the block
+sizes and head widths where it was measured faster,
+``kernels.MOSAIC_L0_FASTER``):
 ``scripts/profile_kernels.py --mosaic_forward`` times it against the
 Triton kernel (docs/benchmarks.md, sections "Mosaic GPU"). ``dq_level0``
 and ``dkv_level0`` are its backward on the same tiles and windows
@@ -422,17 +423,28 @@ class _Level0:
     return (pl.ds(t * self.rows, self.rows), pl.ds(at, self.win),
             pl.ds(t * (self.rows // 2), self.rows // 2))
 
-  def band(self, i, counts):
-    """bool [rows, win]: the pairs of a tile row and a window row at most
-    one block apart (from the offsets: tile and window start at multiples
-    of nr) whose window row has a real token (``counts`` [win])."""
+  def band(self, i, counts, causal, tile_queries=True):
+    """bool [rows, win]: the pairs of a tile row and a window row that
+    level 0 lets meet (``kernels._allowed``: blocks at most one apart;
+    causal, the key's block one before the query's, or the same block and
+    the key not after the query), from the offsets (tile and window start
+    at multiples of nr), where the window row has a real token (``counts``
+    [win]). ``tile_queries``: the tile's rows are the queries (else the
+    keys)."""
     t, at = self.window(i)
     shape, wg = (self.rows, self.win), plgpu.Layout.WGMMA
-    tile = _iota(shape, 0, wg, self.interpret) >> self.shift
-    other = _iota(shape, 1, wg, self.interpret) >> self.shift
-    dist = other - tile + ((at - t * self.rows) >> self.shift)
-    real = lax.broadcast_in_dim(counts, shape, [1]) > 0
-    return (dist >= -1) & (dist <= 1) & real
+    tile = _iota(shape, 0, wg, self.interpret)
+    other = _iota(shape, 1, wg, self.interpret) + (at - t * self.rows)
+    # The window row's block minus the tile row's (offsets from the tile's
+    # first row: arithmetic shifts are floor division).
+    dist = (other >> self.shift) - (tile >> self.shift)
+    if not causal:
+      near = (dist >= -1) & (dist <= 1)
+    elif tile_queries:  # the window's keys: before, or not after in-block
+      near = (dist == -1) | ((dist == 0) & (other <= tile))
+    else:  # the window's queries: after, or not before in-block
+      near = (dist == 1) | ((dist == 0) & (other >= tile))
+    return near & (lax.broadcast_in_dim(counts, shape, [1]) > 0)
 
   def parent_rows(self, parents):
     """float32 [rows, D]: each tile row's parent, row r // 2 of the
@@ -471,10 +483,10 @@ class _Level0:
                   interpret=self.interpret)(*args)
 
 
-def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
-                   programs=None, interpret=False):
-  """Level 0 of the non-causal forward in Mosaic GPU: ``kernels._fwd_rows``
-  at level 0, with the parent level's normalised output ``po`` [B, n/2, H,
+def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
+                   stages=2, programs=None, interpret=False):
+  """Level 0 of the forward in Mosaic GPU: ``kernels._fwd_rows`` at level 0
+  (``causal`` or not; no dropout), with the parent level's normalised output ``po`` [B, n/2, H,
   D] and lse ``plse`` [B, H, n/2]. Returns (o [B, n, H, D] in q's dtype,
   zero on rows that are not real; lse [B, H, n]).
 
@@ -509,7 +521,7 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
     def step(i, slot):
       ck = _load(ck_s.at[slot], col, interpret)
       real = lax.broadcast_in_dim(ck, (rows, win), [1])
-      ok = t0.band(i, ck)
+      ok = t0.band(i, ck, causal)
       real_q = _load(cq_s.at[slot], row, interpret) > 0
       x = _matmul(q_s.at[slot], k_s.at[slot], True, interpret)
       # A query row that is not real is a row of zeros (as ``_zeroed``
@@ -560,17 +572,18 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, stages=2,
                  q, k, v, c.astype(f32), po, plse2)
 
 
-def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
-              programs=None, interpret=False):
-  """Level 0's non-causal dq in Mosaic GPU: ``kernels._dq_rows`` at level 0
-  without dropout, on the tiles and key windows of ``forward_level0``.
+def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
+              stages=2, programs=None, interpret=False):
+  """Level 0's dq in Mosaic GPU: ``kernels._dq_rows`` at level 0 (``causal``
+  or not) without dropout, on the tiles and key windows of ``forward_level0``.
 
   q, k, v [B, n, H, D] (16-bit; k zero on rows that are not real where a
   mask may leave garbage there, as ``kernels._forward_level0_mosaic`` does
   for v), counts c [B, n], the output cotangent g [B, n, H, D], E = dO . O
   and M = lse [B, H, n] (``kernels._row_stats``), the parent level's dq
   ``pdq`` [B, n/2, H, D] and the prolongation weights ``w`` [B, n] (a
-  row's share of its parent, ``kernels._prolong_weight`` "mean"). Returns
+  row's share of its parent, ``kernels._prolong_weight`` of the queries'
+  mode). Returns
   dq [B, n, H, D] in q's dtype, zero on rows that are not real.
 
   Per tile: s = q k^T and dp = g v^T over the window (the band's keys
@@ -600,7 +613,7 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
         plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
     def step(i, slot):
-      ok = t0.band(i, _load(ck_s.at[slot], col, interpret))
+      ok = t0.band(i, _load(ck_s.at[slot], col, interpret), causal)
       bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [0])
       s = _matmul(q_s.at[slot], k_s.at[slot], True, interpret) * scale
       mrow = _load(m_s.at[slot], row, interpret)
@@ -642,10 +655,10 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, stages=2,
                  q, k, v, c.astype(f32), g, e, m, pdq, w.astype(f32))
 
 
-def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale, stages=2,
-               programs=None, interpret=False):
-  """Level 0's non-causal dk, dv in Mosaic GPU: ``kernels._dkv_rows`` at
-  level 0 without dropout. A program's tile is 64 key rows, its window the
+def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
+               causal=False, stages=2, programs=None, interpret=False):
+  """Level 0's dk, dv in Mosaic GPU: ``kernels._dkv_rows`` at level 0
+  (``causal`` or not) without dropout. A program's tile is 64 key rows, its window the
   64 + 2 nr query rows around them (as ``forward_level0``'s keys).
 
   Inputs as ``dq_level0``'s (q and g zero on rows that are not real where
@@ -682,7 +695,8 @@ def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale, stages=2,
         plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
     def step(i, slot):
-      ok = t0.band(i, _load(cq_s.at[slot], col, interpret))
+      ok = t0.band(i, _load(cq_s.at[slot], col, interpret), causal,
+                   tile_queries=False)
       bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [1])
       st = _matmul(k_s.at[slot], q_s.at[slot], True, interpret) * scale
       mcol = _load(m_s.at[slot], col, interpret)
