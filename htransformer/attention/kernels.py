@@ -1405,7 +1405,8 @@ def _forward_level0_mosaic(level0, parent, nr, scale, causal, masked,
                                        causal) != "mosaic":
     return None
   from htransformer.attention import mosaic  # Only where it is chosen.
-  if mosaic.forward_level0_unsupported(q, v, parent[0], nr):
+  if mosaic.level0_unsupported(q, v, [k, parent[0]], nr,
+                               [mosaic.forward_level0_stages]):
     return None
   if masked:
     v = jnp.where(c[:, :, None, None] > 0, v, jnp.zeros_like(v))
@@ -1486,10 +1487,9 @@ def _backward_level0_mosaic(level0, stats0, parent, nr, scale, causal,
   q, k, v, c = level0
   g, e, m = stats0
   d = q.shape[-1]
-  if (mosaic.forward_level0_unsupported(q, v, parent[0], nr)
-      or any(x.dtype != q.dtype for x in (k, v, g, *parent))
-      or not mosaic.dq_level0_stages(nr, d, q.dtype)
-      or not mosaic.dkv_level0_stages(nr, d, q.dtype)):
+  if mosaic.level0_unsupported(q, v, [k, v, g, *parent], nr,
+                               [mosaic.dq_level0_stages,
+                                mosaic.dkv_level0_stages]):
     return None
   if masked:
     real = c[:, :, None, None] > 0

@@ -288,52 +288,51 @@ def _programs(steps, per_batch_head, most=264):
   return p
 
 
-# ------------------------------------------------- the forward at level 0
+# ------------------------------------------------------------- level 0
 
-_ROWS = 64  # query rows of a forward_level0 tile (a product's least)
+_ROWS = 64  # rows of a level-0 tile (a tensor-core product's least)
 
 
-def _level0_smem(nr, d, dtype, stages, *, row_blocks, row_vectors,
-                 out_vectors):
+def _level0_smem(nr, d, dtype, stages, *, tile_blocks, parent_blocks,
+                 window_vectors, tile_vectors, out_blocks, out_vectors=0):
   """Shared memory of a level-0 program (bytes, at least what Mosaic GPU
-  allocates): per stage ``row_blocks`` [64, d] tiles, the key window's k
-  and v, the parent rows, the window's counts and ``row_vectors`` f32
-  vectors of the tile; one output tile and ``out_vectors`` vectors."""
+  allocates): per stage ``tile_blocks`` [64, d] blocks, two [64 + 2 nr, d]
+  blocks of the window, ``parent_blocks`` [32, d] blocks and the f32
+  vectors of the window and of the tile; ``out_blocks`` [64, d] output
+  blocks and ``out_vectors`` output vectors."""
   item = jax.numpy.dtype(dtype).itemsize
   win = _ROWS + 2 * nr
   up = _aligned
-  per_stage = (row_blocks * up(_ROWS * d * item) + 2 * up(win * d * item)
-               + up(_ROWS // 2 * d * item) + up(4 * win)
-               + row_vectors * up(4 * _ROWS))
-  return (stages * per_stage + up(_ROWS * d * item)
+  per_stage = (tile_blocks * up(_ROWS * d * item) + 2 * up(win * d * item)
+               + parent_blocks * up(_ROWS // 2 * d * item)
+               + window_vectors * up(4 * win) + tile_vectors * up(4 * _ROWS))
+  return (stages * per_stage + out_blocks * up(_ROWS * d * item)
           + out_vectors * up(4 * _ROWS))
 
 
 def forward_level0_smem(nr, d, dtype, stages):
-  """Shared memory of a ``forward_level0`` program (bytes): q, k, v, the
-  parents, counts and parent lse per stage; the output and its lse."""
-  return _level0_smem(nr, d, dtype, stages, row_blocks=1, row_vectors=2,
+  """Shared memory of a ``forward_level0`` program (bytes): q, the
+  window's k, v and counts, the parents, counts and parent lse per stage;
+  the output and its lse."""
+  return _level0_smem(nr, d, dtype, stages, tile_blocks=1, parent_blocks=1,
+                      window_vectors=1, tile_vectors=2, out_blocks=1,
                       out_vectors=1)
 
 
 def dq_level0_smem(nr, d, dtype, stages):
-  """Shared memory of a ``dq_level0`` program (bytes): q, dO, k, v, the
-  parents' dq, counts, E, M and weights per stage; the output."""
-  return _level0_smem(nr, d, dtype, stages, row_blocks=2, row_vectors=4,
-                      out_vectors=0)
+  """Shared memory of a ``dq_level0`` program (bytes): q, dO, the window's
+  k, v and counts, the parents' dq, counts, E, M and weights per stage;
+  the output."""
+  return _level0_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=1,
+                      window_vectors=1, tile_vectors=4, out_blocks=1)
 
 
 def dkv_level0_smem(nr, d, dtype, stages):
-  """Shared memory of a ``dkv_level0`` program (bytes): the window's q and
-  dO, the tile's k and v, the parents' dk and dv, counts, E, M and
+  """Shared memory of a ``dkv_level0`` program (bytes): k, v, the
+  window's q, dO, counts, E and M, the parents' dk and dv, counts and
   weights per stage; the two outputs."""
-  item = jax.numpy.dtype(dtype).itemsize
-  win = _ROWS + 2 * nr
-  up = _aligned
-  per_stage = (2 * up(win * d * item) + 2 * up(_ROWS * d * item)
-               + 2 * up(_ROWS // 2 * d * item) + 3 * up(4 * win)
-               + 2 * up(4 * _ROWS))
-  return stages * per_stage + 2 * up(_ROWS * d * item)
+  return _level0_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=2,
+                      window_vectors=3, tile_vectors=2, out_blocks=2)
 
 
 def _stages(smem):
@@ -363,23 +362,37 @@ def dkv_level0_stages(nr, d, dtype):
   return _stages(lambda s: dkv_level0_smem(nr, d, dtype, s))
 
 
-def forward_level0_unsupported(q, v, po, nr):
-  """Why ``forward_level0`` cannot take these level-0 inputs (None if it
-  can): 16-bit q, k, v and parent output of one dtype and one head width
-  (16 to 128), blocks of 16, 32 or 64, a length that is a multiple of 64
-  and holds a key window, shared memory for one stage."""
-  b, n, h, d = q.shape
-  win = _ROWS + 2 * nr
-  if jax.numpy.dtype(q.dtype).itemsize != 2 or po.dtype != q.dtype:
-    return f"16-bit inputs and parent output only, got {q.dtype}/{po.dtype}"
-  if v.shape[-1] != d or d not in (16, 32, 64, 128):
-    return f"head widths 16 to 128, the same for q and v, got {d}/{v.shape[-1]}"
-  if nr not in (16, 32, 64):
-    return f"blocks of 16, 32 or 64 rows, got {nr}"
+def _level0_shape_problem(q, nr):
+  """What a level-0 kernel cannot tile in [B, n, H, D] inputs like ``q``
+  (None if nothing): 16-bit inputs, blocks of 16, 32 or 64 rows, a length
+  that is a multiple of 64 and holds a window."""
+  n, win = q.shape[1], _ROWS + 2 * nr
+  if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
+    return (f"takes 16-bit inputs and blocks of 16, 32 or 64 rows, got "
+            f"{q.dtype} and {nr}")
   if n % _ROWS or n < win:
-    return f"a length that is a multiple of {_ROWS} and at least {win}, got {n}"
-  if not forward_level0_stages(nr, d, q.dtype):
-    return "not enough shared memory for one stage"
+    return (f"needs a length that is a multiple of {_ROWS} and at least "
+            f"{win}, got {n}")
+  return None
+
+
+def level0_unsupported(q, v, others, nr, stages):
+  """Why the level-0 kernels whose stage rules are ``stages`` (e.g.
+  ``[forward_level0_stages]``) cannot take these inputs (None if they
+  can): q as ``_level0_shape_problem`` wants it, ``others`` (k, the
+  parent level's arrays, ...) of q's dtype, one head width (16 to 128)
+  for q and v, and shared memory for at least one stage."""
+  d = q.shape[-1]
+  problem = _level0_shape_problem(q, nr)
+  if problem:
+    return problem
+  if any(x.dtype != q.dtype for x in others):
+    return (f"takes one dtype, got {q.dtype} and "
+            f"{sorted({str(x.dtype) for x in others})}")
+  if v.shape[-1] != d or d not in (16, 32, 64, 128):
+    return f"takes one head width of 16 to 128, got {d} and {v.shape[-1]}"
+  if not all(rule(nr, d, q.dtype) for rule in stages):
+    return "needs more shared memory than one stage has"
   return None
 
 
@@ -393,12 +406,9 @@ class _Level0:
   def __init__(self, name, q, nr, stages, programs, interpret):
     b, n, h, _ = q.shape
     self.rows, self.win, self.nr, self.n = _ROWS, _ROWS + 2 * nr, nr, n
-    if jax.numpy.dtype(q.dtype).itemsize != 2 or nr not in (16, 32, 64):
-      raise ValueError(f"{name} takes 16-bit inputs and blocks of 16, 32 "
-                       f"or 64 rows, got {q.dtype} and {nr}.")
-    if n % self.rows or n < self.win:
-      raise ValueError(f"{name} needs a length that is a multiple of "
-                       f"{self.rows} and at least {self.win}, got {n}.")
+    problem = _level0_shape_problem(q, nr)
+    if problem:
+      raise ValueError(f"{name} {problem}.")
     steps = n // self.rows
     programs = programs or _programs(steps, b * h, most=1024)
     self.per = steps // programs
@@ -486,9 +496,11 @@ class _Level0:
 def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
                    stages=2, programs=None, interpret=False):
   """Level 0 of the forward in Mosaic GPU: ``kernels._fwd_rows`` at level 0
-  (``causal`` or not; no dropout), with the parent level's normalised output ``po`` [B, n/2, H,
-  D] and lse ``plse`` [B, H, n/2]. Returns (o [B, n, H, D] in q's dtype,
-  zero on rows that are not real; lse [B, H, n]).
+  (``causal`` or not; no dropout), with the counts c [B, n] (1 for a real
+  token, 0 else: level 0's, so a real key's weight is 1), the parent
+  level's normalised output ``po`` [B, n/2, H, D] and lse ``plse`` [B, H,
+  n/2]. Returns (o [B, n, H, D] in q's dtype, zero on rows that are not
+  real; lse [B, H, n]).
 
   A program loops over tiles of 64 query rows (a tensor-core product's
   least), each with the window of 64 + 2 nr keys around it (TMA, ``stages``
@@ -519,9 +531,7 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
         plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
     def step(i, slot):
-      ck = _load(ck_s.at[slot], col, interpret)
-      real = lax.broadcast_in_dim(ck, (rows, win), [1])
-      ok = t0.band(i, ck, causal)
+      ok = t0.band(i, _load(ck_s.at[slot], col, interpret), causal)
       real_q = _load(cq_s.at[slot], row, interpret) > 0
       x = _matmul(q_s.at[slot], k_s.at[slot], True, interpret)
       # A query row that is not real is a row of zeros (as ``_zeroed``
@@ -530,7 +540,7 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
                                   x * scale, 0.0), _NO_KEY)
       m = jnp.max(x, axis=1)
       p = jnp.where(ok, jnp.exp(x - lax.broadcast_in_dim(m, x.shape, [0])),
-                    0.0) * real
+                    0.0)
       z = jnp.sum(p, axis=1)
       y = _matmul(p.astype(v.dtype), v_s.at[slot], False, interpret)
       parent = t0.parent_rows(po_s.at[slot])
@@ -574,8 +584,9 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
 
 def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
               stages=2, programs=None, interpret=False):
-  """Level 0's dq in Mosaic GPU: ``kernels._dq_rows`` at level 0 (``causal``
-  or not) without dropout, on the tiles and key windows of ``forward_level0``.
+  """Level 0's dq in Mosaic GPU: ``kernels._dq_rows`` at level 0
+  (``causal`` or not) without dropout, on the tiles and key windows of
+  ``forward_level0``.
 
   q, k, v [B, n, H, D] (16-bit; k zero on rows that are not real where a
   mask may leave garbage there, as ``kernels._forward_level0_mosaic`` does
@@ -583,8 +594,8 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
   and M = lse [B, H, n] (``kernels._row_stats``), the parent level's dq
   ``pdq`` [B, n/2, H, D] and the prolongation weights ``w`` [B, n] (a
   row's share of its parent, ``kernels._prolong_weight`` of the queries'
-  mode). Returns
-  dq [B, n, H, D] in q's dtype, zero on rows that are not real.
+  mode). Returns dq [B, n, H, D] in q's dtype, zero on rows that are not
+  real.
 
   Per tile: s = q k^T and dp = g v^T over the window (the band's keys
   kept), ds = p (dp - E), dq = scale ds k + w (R pdq) with R the 0/1
@@ -658,8 +669,9 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
 def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
                causal=False, stages=2, programs=None, interpret=False):
   """Level 0's dk, dv in Mosaic GPU: ``kernels._dkv_rows`` at level 0
-  (``causal`` or not) without dropout. A program's tile is 64 key rows, its window the
-  64 + 2 nr query rows around them (as ``forward_level0``'s keys).
+  (``causal`` or not) without dropout. A program's tile is 64 key rows,
+  its window the 64 + 2 nr query rows around them (as
+  ``forward_level0``'s keys).
 
   Inputs as ``dq_level0``'s (q and g zero on rows that are not real where
   a mask may leave garbage there), with the parent level's dk, dv ``pdk``,
