@@ -588,23 +588,26 @@ def test_mosaic_backward_level0_matches_the_triton_kernels(nr, causal):
 
 
 @pytest.mark.parametrize("nr,d", [(16, 64), (32, 128), (64, 32)])
-def test_mosaic_backward_level0_lowers_for_hopper(nr, d):
-  """dq and dk, dv compiled (lowered) for a Hopper GPU from this CPU, with
-  enough steps per program for two stages, at the stages their shared
-  memory allows."""
+def test_mosaic_level0_kernels_lower_for_hopper(nr, d):
+  """The forward, dq and dk, dv compiled (lowered) for a Hopper GPU from
+  this CPU, with enough steps per program for two stages, at the stages
+  their shared memory allows: Mosaic GPU's layout inference, tensor-core
+  shapes and shared-memory check accept them."""
   x = jax.ShapeDtypeStruct((1, 8192, 16, d), jnp.bfloat16)
   po = jax.ShapeDtypeStruct((1, 4096, 16, d), jnp.bfloat16)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  common = (x, x, x, f32(1, 8192), x, f32(1, 16, 8192), f32(1, 16, 8192))
-  for fn, parents, stages in (
-      (mosaic.dq_level0, (po,), mosaic.dq_level0_stages),
-      (mosaic.dkv_level0, (po, po), mosaic.dkv_level0_stages)):
+  stats = (x, f32(1, 16, 8192), f32(1, 16, 8192))  # dO, E, M
+  for fn, args, stages in (
+      (mosaic.forward_level0, (po, f32(1, 16, 4096)),
+       mosaic.forward_level0_stages),
+      (mosaic.dq_level0, (*stats, po, f32(1, 8192)), mosaic.dq_level0_stages),
+      (mosaic.dkv_level0, (*stats, po, po, f32(1, 8192)),
+       mosaic.dkv_level0_stages)):
     stages = stages(nr, d, jnp.bfloat16)
     assert stages in (1, 2)
     lowered = jax.jit(lambda *a: fn(
         *a, nr=nr, scale=0.125, stages=stages)).trace(
-            *common, *parents, f32(1, 8192)).lower(
-                lowering_platforms=("cuda",))
+            x, x, x, f32(1, 8192), *args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
@@ -616,25 +619,11 @@ def test_mosaic_forward_level0_matches_the_triton_kernel(nr, causal):
                               lse_atol=1e-5, causal=causal)
 
 
-@pytest.mark.parametrize("nr,d", [(16, 64), (32, 128), (64, 32)])
-def test_mosaic_forward_level0_lowers_for_hopper(nr, d):
-  """Compiled (lowered) for a Hopper GPU from this CPU: Mosaic GPU's
-  layout inference, tensor-core shapes and shared memory accept it."""
-  x = jax.ShapeDtypeStruct((1, 2048, 2, d), jnp.bfloat16)
-  po = jax.ShapeDtypeStruct((1, 1024, 2, d), jnp.bfloat16)
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  fn = lambda *a: mosaic.forward_level0(*a, nr=nr, scale=0.125, stages=2)
-  lowered = jax.jit(fn).trace(x, x, x, f32(1, 2048), po, f32(1, 2, 1024)
-                              ).lower(lowering_platforms=("cuda",))
-  assert "mosaic_gpu" in lowered.as_text()
-
-
-def _level0_forward_kernels(fn, *args):
-  """Names of the Triton level-0 forward launches in ``fn``'s jaxpr."""
+def _pallas_call_names(fn, *args):
+  """The names of the Pallas (Triton) launches in ``fn``'s jaxpr."""
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-  return [e for e in jaxpr_equations(jaxpr) if e.primitive.name ==
-          "pallas_call" and "hattn_fwd_l0" in str(e.params.get(
-              "name_and_src_info", e.params.get("name", "")))]
+  return [str(e.params.get("name_and_src_info", e.params.get("name", "")))
+          for e in jaxpr_equations(jaxpr) if e.primitive.name == "pallas_call"]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -665,20 +654,14 @@ def test_attention_with_the_mosaic_level0_kernels(monkeypatch, causal):
     return jnp.sum(jnp.where(mask[:, :, None, None],
                              out.astype(jnp.float32) * cot, 0.0)), out
 
-  def kernel_names(*args):
-    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: loss(*a)[0],
-                                    argnums=(0, 1, 2)))(*args).jaxpr
-    return [str(e.params.get("name_and_src_info", e.params.get("name", "")))
-            for e in jaxpr_equations(jaxpr) if e.primitive.name ==
-            "pallas_call"]
-
   results = {}
   for fwd, bwd in (("triton", "triton"), ("mosaic", "triton"),
                    ("mosaic", "mosaic")):
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", fwd)
     monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", bwd)
     assert kernels.forward_l0_impl(interpret=True) == fwd
-    names = kernel_names(*clean)
+    names = _pallas_call_names(jax.grad(lambda *a: loss(*a)[0],
+                                        argnums=(0, 1, 2)), *clean)
     for kind, impl in (("fwd", fwd), ("dq", bwd), ("dkv", bwd)):
       count = sum(f"hattn_{kind}_l0" in name for name in names)
       assert count == (1 if impl == "triton" else 0), (kind, impl)
@@ -714,10 +697,11 @@ def test_auto_takes_the_mosaic_level0_forward_where_it_is_faster(
   def triton_l0(nr, d, causal=False, rate=0.0, interpret=False):
     x = jnp.zeros((1, 1024, 2, d), jnp.bfloat16)
     seeds = jnp.zeros((1, 2), jnp.uint32)
-    return len(_level0_forward_kernels(
+    names = _pallas_call_names(
         lambda q: kernels.hierarchical_attention_pallas(
             q, q, q, None, block_size=nr, causal=causal, dropout_rate=rate,
-            dropout_seeds=seeds, interpret=interpret), x))
+            dropout_seeds=seeds, interpret=interpret), x)
+    return sum("hattn_fwd_l0" in name for name in names)
 
   assert triton_l0(32, 64) == triton_l0(16, 128) == 1  # Not a Hopper GPU.
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
