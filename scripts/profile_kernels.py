@@ -52,6 +52,7 @@ bandwidth, stall reasons):
 """
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -136,106 +137,102 @@ def _device_ms(fn, args):
                                   steps=20).get("device_ms_per_step")
 
 
-def level0_forward_rows(args):
-  """The finest level's forward: the Triton kernel (tiles of
-  ``args.tiles[0]`` rows, else the default) against ``mosaic.
-  forward_level0`` (each of ``args.stages`` pipelining stages), device
-  time on the same inputs (a mask with a padded end, a random parent
-  level), and the largest differences of the output and the lse."""
+def _forward_case(rng, shape, c, nr, tile, scale):
+  """The level-0 forward's inputs (a random parent level), the Triton
+  kernel, the Mosaic GPU one (given ``stages``) and their differences."""
   from htransformer.attention import mosaic
+  batch, length = shape[:2]
+  q, k, v, po = random_inputs(rng, shape)
+  plse = jnp.asarray(3 * rng.standard_normal((batch, 8, length // 2)),
+                     jnp.float32)
+
+  def triton(q, k, v, c, po, plse):
+    return kernels._group_forward(
+        [(q, k, v, c)], 0, 1, tile, (po, plse), nr=nr, causal=False,
+        scale=scale, out_dtype=q.dtype, precision=lax.Precision.DEFAULT,
+        interpret=False, masked=True)
+
+  def diffs(got, want):
+    (o, lse), real = got, want[1] > 0.5 * kernels._NO_KEY
+    return {"_max_diff_o": float(jnp.max(jnp.abs(
+        o.astype(jnp.float32) - want[0].astype(jnp.float32)))),
+            "_max_diff_lse": float(jnp.max(jnp.where(
+                real, jnp.abs(lse - want[1]), 0.0)))}
+
+  return ((q, k, v, c, po[:, ::2], plse), triton,
+          lambda *a, stages: mosaic.forward_level0(
+              *a, nr=nr, scale=scale, stages=stages), diffs)
+
+
+def _dq_case(rng, shape, c, nr, tile, scale):
+  """The level-0 dq's inputs (random E and M, a random parent level, k
+  zero where the mask's padded end is, as the attention hands it over),
+  the Triton kernel, the Mosaic GPU one and their differences."""
+  from htransformer.attention import mosaic
+  batch, length = shape[:2]
+  q, k, v, g = random_inputs(rng, shape)
+  pdq, pdk, pdv = (x[:, ::2] for x in random_inputs(rng, shape)[:3])
+  k = jnp.where(c[:, :, None, None] > 0, k, 0)
+  real = (c > 0)[:, None, :]
+  e = jnp.where(real, jnp.asarray(rng.standard_normal(
+      (batch, 8, length)), jnp.float32), 0.0)
+  m = jnp.where(real, 2.0 + jnp.asarray(rng.standard_normal(
+      (batch, 8, length)), jnp.float32), kernels._NO_ROW)
+  total = jnp.repeat(c.reshape(batch, -1, 2).sum(-1), 2, axis=-1)
+  w = jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
+
+  def triton(q, k, v, c, g, e, m, pdq):  # dk, dv unused: not run
+    return kernels._group_backward(
+        [(q, k, v, c)], [(g, e, m)], 0, 1, tile, (pdq, pdk, pdv), nr=nr,
+        causal=False, scale=scale, out_dtypes=(q.dtype,) * 3,
+        precision=lax.Precision.DEFAULT, interpret=False, masked=True)[0]
+
+  def diffs(got, want):
+    want = want.astype(jnp.float32)
+    return {"_max_diff": float(jnp.max(jnp.abs(
+        got.astype(jnp.float32) - want))),
+            "_max_abs": float(jnp.max(jnp.abs(want)))}
+
+  return ((q, k, v, c, g, e, m, pdq), triton,
+          lambda *a, stages: mosaic.dq_level0(
+              *a, w, nr=nr, scale=scale, stages=stages), diffs)
+
+
+# The level-0 comparisons: the Mosaic GPU kernel against the Triton one.
+_LEVEL0_CASES = {"fwd": _forward_case, "dq": _dq_case}
+
+
+def level0_rows(args, kind):
+  """The finest level's forward ("fwd") or dq ("dq"): the Triton kernel
+  (tiles of ``args.tiles[0]`` rows, else the default) against the Mosaic
+  GPU one (``mosaic.forward_level0``, ``mosaic.dq_level0``; each of
+  ``args.stages`` pipelining stages), device time on the same inputs (a
+  mask with a padded end), and their largest differences."""
   nr = args.block_size
   tile = (args.tiles or [kernels.default_tile(nr)])[0]
   scale = 1.0 / np.sqrt(args.head_dim)
   rows = []
   for length in args.lengths:
     batch = max(1, args.tokens // length)
-    rng = np.random.default_rng(0)
-    q, k, v, po = random_inputs(rng, (batch, length, 8, args.head_dim))
-    po = po[:, ::2]
-    plse = jnp.asarray(3 * rng.standard_normal((batch, 8, length // 2)),
-                       jnp.float32)
     c = jnp.ones((batch, length), jnp.float32).at[:, length - 37:].set(0.0)
-    args_ = (q, k, v, c, po, plse)
-
-    def triton(q, k, v, c, po, plse):
-      return kernels._group_forward(
-          [(q, k, v, c)], 0, 1, tile, (po, plse), nr=nr, causal=False,
-          scale=scale, out_dtype=q.dtype, precision=lax.Precision.DEFAULT,
-          interpret=False, masked=True)
-
+    inputs, triton, mosaic_fn, diffs = _LEVEL0_CASES[kind](
+        np.random.default_rng(0), (batch, length, 8, args.head_dim), c, nr,
+        tile, scale)
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "block_size": nr, "tile": tile,
-           "triton_fwd_l0_device_ms": _device_ms(triton, args_)}
-    want = jax.jit(triton)(*args_)
+           f"triton_{kind}_l0_device_ms": _device_ms(triton, inputs)}
+    want = jax.jit(triton)(*inputs)
     for stages in args.stages:
-      name = f"mosaic_fwd_l0_stages{stages}"
-      mos = lambda *a, s=stages: mosaic.forward_level0(
-          *a, nr=nr, scale=scale, stages=s)
+      name = f"mosaic_{kind}_l0_stages{stages}"
+      mos = functools.partial(mosaic_fn, stages=stages)
       try:
-        row[name + "_device_ms"] = _device_ms(mos, args_)
-        o, lse = jax.jit(mos)(*args_)
+        row[name + "_device_ms"] = _device_ms(mos, inputs)
+        got = jax.jit(mos)(*inputs)
       except Exception as e:  # noqa: BLE001 (reported: a new kernel)
         row[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
         continue
-      real = want[1] > 0.5 * kernels._NO_KEY
-      row[name + "_max_diff_o"] = float(jnp.max(jnp.abs(
-          o.astype(jnp.float32) - want[0].astype(jnp.float32))))
-      row[name + "_max_diff_lse"] = float(jnp.max(jnp.where(
-          real, jnp.abs(lse - want[1]), 0.0)))
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-  return rows
-
-
-def level0_dq_rows(args):
-  """The finest level's dq: the Triton kernel against ``mosaic.dq_level0``
-  (as ``level0_forward_rows``; random E and M, k zero where the mask's
-  padded end is, as the attention hands it over)."""
-  from htransformer.attention import mosaic
-  nr = args.block_size
-  tile = (args.tiles or [kernels.default_tile(nr)])[0]
-  scale = 1.0 / np.sqrt(args.head_dim)
-  rows = []
-  for length in args.lengths:
-    batch = max(1, args.tokens // length)
-    rng = np.random.default_rng(0)
-    shape = (batch, length, 8, args.head_dim)
-    q, k, v, g = random_inputs(rng, shape)
-    pdq, pdk, pdv = (x[:, ::2] for x in random_inputs(rng, shape)[:3])
-    c = jnp.ones((batch, length), jnp.float32).at[:, length - 37:].set(0.0)
-    k = jnp.where(c[:, :, None, None] > 0, k, 0)
-    real = (c > 0)[:, None, :]
-    e = jnp.where(real, jnp.asarray(rng.standard_normal(
-        (batch, 8, length)), jnp.float32), 0.0)
-    m = jnp.where(real, 2.0 + jnp.asarray(rng.standard_normal(
-        (batch, 8, length)), jnp.float32), kernels._NO_ROW)
-    total = jnp.repeat(c.reshape(batch, -1, 2).sum(-1), 2, axis=-1)
-    w = jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
-    args_ = (q, k, v, c, g, e, m, pdq)
-
-    def triton(q, k, v, c, g, e, m, pdq):  # dk, dv unused: not run
-      return kernels._group_backward(
-          [(q, k, v, c)], [(g, e, m)], 0, 1, tile, (pdq, pdk, pdv), nr=nr,
-          causal=False, scale=scale, out_dtypes=(q.dtype,) * 3,
-          precision=lax.Precision.DEFAULT, interpret=False, masked=True)[0]
-
-    row = {"length": length, "batch": batch, "head_dim": args.head_dim,
-           "block_size": nr, "tile": tile,
-           "triton_dq_l0_device_ms": _device_ms(triton, args_)}
-    want = jax.jit(triton)(*args_).astype(jnp.float32)
-    for stages in args.stages:
-      name = f"mosaic_dq_l0_stages{stages}"
-      mos = lambda *a, s=stages: mosaic.dq_level0(
-          *a, w, nr=nr, scale=scale, stages=s)
-      try:
-        row[name + "_device_ms"] = _device_ms(mos, args_)
-        dq = jax.jit(mos)(*args_)
-      except Exception as e:  # noqa: BLE001 (reported: a new kernel)
-        row[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-        continue
-      row[name + "_max_diff"] = float(jnp.max(jnp.abs(
-          dq.astype(jnp.float32) - want)))
-      row[name + "_max_abs"] = float(jnp.max(jnp.abs(want)))
+      row.update({name + key: value for key, value in diffs(got,
+                                                            want).items()})
     print(json.dumps(row), flush=True)
     rows.append(row)
   return rows
@@ -261,7 +258,8 @@ def main():
                       help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--stages", type=int, nargs="+", default=[1],
                       help="Triton pipelining stages (TUNING['num_stages']); "
-                      "with --mosaic_forward, the Mosaic GPU kernel's")
+                      "with --mosaic_forward or --mosaic_dq, the Mosaic GPU "
+                      "kernel's")
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--block_size", type=int, default=16)
@@ -301,14 +299,8 @@ def main():
                       help="the same for the finest level's dq "
                       "(mosaic.dq_level0)")
   args = parser.parse_args()
-  if args.mosaic_dq:
-    rows = level0_dq_rows(args)
-    if args.out:
-      with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    return
-  if args.mosaic_forward:
-    rows = level0_forward_rows(args)
+  if args.mosaic_forward or args.mosaic_dq:
+    rows = level0_rows(args, "fwd" if args.mosaic_forward else "dq")
     if args.out:
       with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
