@@ -294,10 +294,10 @@ def environment_info(measure_copy: bool = False) -> dict:
       "copy_gbps_mosaic": copies["mosaic"],
       # What builds the fused kernels' pyramid on this device.
       "coarsen_impl": kernels.coarsen_impl(),
-      # And the finest level's forward ("mosaic": Mosaic GPU at the block
-      # sizes and head widths of kernels.MOSAIC_L0_FASTER).
-      "forward_l0_impl": kernels.forward_l0_impl(),
-      "backward_l0_impl": kernels.TUNING["backward_l0_impl"],
+      # And the finest level's forward and backward ("mosaic": Mosaic GPU
+      # at the block sizes and head widths of kernels.MOSAIC_L0_FASTER).
+      "forward_l0_impl": kernels.level0_impl("forward"),
+      "backward_l0_impl": kernels.level0_impl("backward"),
       "device_kind": device.device_kind,
       "platform": device.platform,
       "device_count": jax.device_count(),

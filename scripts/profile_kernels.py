@@ -13,7 +13,8 @@ copy bandwidth and cuDNN, all in one process:
       [--block_size 64]
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl auto pallas dot xla mosaic]
-      [--forward_l0_impl auto triton mosaic] [--backward_l0_impl triton mosaic]
+      [--forward_l0_impl auto triton mosaic]
+      [--backward_l0_impl auto triton mosaic]
       [--handover_dtype input float32]
       [--masked] [--by_kernel]
 
@@ -26,7 +27,8 @@ the kernels' choice). The forward and forward+backward are timed for every
 combination of tile, warps, warps of the pyramid and restriction kernels
 (``--pyramid_warps``), levels per launch, pipelining stages, pyramid
 implementation, level-0 forward and backward (``--forward_l0_impl``,
-``--backward_l0_impl``: the Triton kernels or Mosaic GPU's) and
+``--backward_l0_impl``: the Triton kernels, Mosaic GPU's or, by default,
+the kernels' choice) and
 ``--handover_dtype`` (what coarse levels hand to finer ones); the
 pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
@@ -273,8 +275,8 @@ def main():
   parser.add_argument("--forward_l0_impl", nargs="+", default=["auto"],
                       choices=["auto", "triton", "mosaic"],
                       help="level-0 forward implementation (TUNING)")
-  parser.add_argument("--backward_l0_impl", nargs="+", default=["triton"],
-                      choices=["triton", "mosaic"],
+  parser.add_argument("--backward_l0_impl", nargs="+", default=["auto"],
+                      choices=["auto", "triton", "mosaic"],
                       help="level-0 backward implementation (TUNING)")
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],

@@ -659,7 +659,8 @@ def test_attention_with_the_mosaic_level0_kernels(monkeypatch, causal):
                    ("mosaic", "mosaic")):
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", fwd)
     monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", bwd)
-    assert kernels.forward_l0_impl(interpret=True) == fwd
+    assert kernels.level0_impl("forward", interpret=True) == fwd
+    assert kernels.level0_impl("backward", interpret=True) == bwd
     names = _pallas_call_names(jax.grad(lambda *a: loss(*a)[0],
                                         argnums=(0, 1, 2)), *clean)
     for kind, impl in (("fwd", fwd), ("dq", bwd), ("dkv", bwd)):
@@ -685,43 +686,61 @@ def test_attention_with_the_mosaic_level0_kernels(monkeypatch, causal):
                                  err_msg=f"{name} {impls}")
 
 
-def test_auto_takes_the_mosaic_level0_forward_where_it_is_faster(
+def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
     monkeypatch):
-  """``forward_l0_impl="auto"`` on a Hopper GPU (the device probe set;
-  traced, not run): Mosaic GPU at the blocks and head widths of
-  ``MOSAIC_L0_FASTER``, non-causal and without dropout; the Triton kernel
-  elsewhere, and always in interpret mode or on other devices."""
+  """``forward_l0_impl`` and ``backward_l0_impl`` "auto" on a Hopper GPU
+  (the device probe set; traced, not run): Mosaic GPU at the blocks and
+  head widths of ``MOSAIC_L0_FASTER``, non-causal and without dropout; the
+  Triton kernels elsewhere, and always in interpret mode or on other
+  devices."""
   assert kernels.TUNING["forward_l0_impl"] == "auto"
-  assert kernels.MOSAIC_L0_FASTER == {(32, 64), (16, 128)}
+  assert kernels.TUNING["backward_l0_impl"] == "auto"
+  assert kernels.MOSAIC_L0_FASTER == {"forward": {(32, 64), (16, 128)},
+                                      "backward": {(16, 64), (16, 128)}}
 
   def triton_l0(nr, d, causal=False, rate=0.0, interpret=False):
+    """How many Triton level-0 kernels (forward, dq, dk and dv) the
+    attention's gradient launches."""
     x = jnp.zeros((1, 1024, 2, d), jnp.bfloat16)
     seeds = jnp.zeros((1, 2), jnp.uint32)
-    names = _pallas_call_names(
-        lambda q: kernels.hierarchical_attention_pallas(
+    names = _pallas_call_names(jax.grad(
+        lambda q: jnp.sum(kernels.hierarchical_attention_pallas(
             q, q, q, None, block_size=nr, causal=causal, dropout_rate=rate,
-            dropout_seeds=seeds, interpret=interpret), x)
-    return sum("hattn_fwd_l0" in name for name in names)
+            dropout_seeds=seeds, interpret=interpret).astype(jnp.float32))),
+        x)
+    return [sum(f"hattn_{kind}_l0" in name for name in names)
+            for kind in ("fwd", "dq", "dkv")]
 
-  assert triton_l0(32, 64) == triton_l0(16, 128) == 1  # Not a Hopper GPU.
+  for nr, d in ((32, 64), (16, 128), (16, 64)):  # Not a Hopper GPU.
+    assert triton_l0(nr, d) == [1, 1, 1]
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
-  assert kernels.forward_l0_impl(interpret=True) == "triton"
-  assert kernels.forward_l0_impl(block_size=16, head_dim=64) == "triton"
-  assert [triton_l0(32, 64), triton_l0(16, 128), triton_l0(16, 100)] == [
-      0, 0, 0]  # 100 is computed at width 128
-  assert [triton_l0(16, 64), triton_l0(64, 64), triton_l0(32, 128),
-          triton_l0(16, 128, causal=True), triton_l0(32, 64, rate=0.1),
-          triton_l0(32, 64, interpret=True)] == [1] * 6
+  for kind in ("forward", "backward"):
+    assert kernels.level0_impl(kind, interpret=True) == "triton"
+    assert kernels.level0_impl(kind, block_size=64, head_dim=64) == "triton"
+  assert kernels.level0_impl("forward", block_size=16,
+                             head_dim=64) == "triton"
+  assert kernels.level0_impl("backward", block_size=16,
+                             head_dim=64) == "mosaic"
+  assert triton_l0(32, 64) == [0, 1, 1]
+  assert triton_l0(16, 64) == [1, 0, 0]
+  # 100 is computed at width 128.
+  assert triton_l0(16, 128) == triton_l0(16, 100) == [0, 0, 0]
+  for case in (dict(nr=64, d=64), dict(nr=32, d=128),
+               dict(nr=16, d=128, causal=True),
+               dict(nr=16, d=128, rate=0.1),
+               dict(nr=16, d=128, interpret=True)):
+    assert triton_l0(**case) == [1, 1, 1], case
 
 
 @pytest.mark.parametrize("d,nr,causal,masked,dtype,backward", [
-    (64, 16, False, False, "bfloat16", "triton"),
-    (64, 16, True, True, "bfloat16", "triton"),
-    (128, 16, False, True, "bfloat16", "triton"),
-    (64, 32, False, False, "bfloat16", "triton"),
-    (64, 64, False, True, "bfloat16", "triton"),
-    (128, 64, True, False, "float16", "triton"),
-    (128, 16, False, False, "float32", "triton"),
+    (64, 16, False, False, "bfloat16", "auto"),
+    (64, 16, False, True, "bfloat16", "triton"),
+    (64, 16, True, True, "bfloat16", "auto"),
+    (128, 16, False, True, "bfloat16", "auto"),
+    (64, 32, False, False, "bfloat16", "auto"),
+    (64, 64, False, True, "bfloat16", "auto"),
+    (128, 64, True, False, "float16", "auto"),
+    (128, 16, False, False, "float32", "auto"),
     (128, 16, False, True, "bfloat16", "mosaic"),
     (64, 64, False, False, "bfloat16", "mosaic"),
     (64, 32, True, True, "bfloat16", "mosaic")])
@@ -734,7 +753,7 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   lowering. At head_dim 128 the pyramid's old estimate let through a pass
   that needs more than a program may have (docs/benchmarks.md); the GPU
   tests' short sequences did not reach it. Also with the Mosaic GPU
-  level-0 backward (``backward_l0_impl="mosaic"``, not a default)."""
+  level-0 backward everywhere (``backward_l0_impl="mosaic"``)."""
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
   monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", backward)
   x = jax.ShapeDtypeStruct((1, 65536, 8, d), dtype)
@@ -757,10 +776,11 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   assert ("mosaic_gpu" in text) == (jnp.dtype(dtype).itemsize * d < 512)
   half = dtype != "float32"
   assert ("hattn_fwd_l0_mosaic" in text) == (
-      half and not causal and (nr, d) in kernels.MOSAIC_L0_FASTER)
+      half and not causal and (nr, d) in kernels.MOSAIC_L0_FASTER["forward"])
   for kind in ("dq", "dkv"):
-    assert (f"hattn_{kind}_l0_mosaic" in text) == (
-        half and backward == "mosaic")
+    assert (f"hattn_{kind}_l0_mosaic" in text) == (half and (
+        backward == "mosaic" or (backward == "auto" and not causal and (
+            nr, d) in kernels.MOSAIC_L0_FASTER["backward"])))
 
 
 def test_mosaic_forward_level0_rejects_what_it_cannot_run():

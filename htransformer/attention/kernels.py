@@ -141,10 +141,11 @@ DEFAULT_TILE = 16
 # kernel above), "mosaic" (``mosaic.forward_level0``, Hopper GPUs and
 # newer: no dropout, 16-bit inputs; elsewhere the Triton kernel) or "auto"
 # (the default: "mosaic" on such GPUs, not causal, at the block sizes and
-# head widths of ``MOSAIC_L0_FASTER``; "triton" elsewhere).
-# ``backward_l0_impl``: the finest level's dq and dk, dv, "triton" (the
-# default) or "mosaic" (``mosaic.dq_level0`` and ``dkv_level0``, where the
-# forward's Mosaic GPU kernel would apply; not yet timed on a GPU).
+# head widths of ``MOSAIC_L0_FASTER["forward"]``; "triton" elsewhere).
+# ``backward_l0_impl``: the finest level's dq and dk, dv, "triton",
+# "mosaic" (``mosaic.dq_level0`` and ``dkv_level0``, where the forward's
+# Mosaic GPU kernel would apply) or "auto" (the default, as the forward's
+# "auto" with ``MOSAIC_L0_FASTER["backward"]``).
 # Every Mosaic GPU level-0 kernel zeroes nothing in its inputs: with a
 # mask, the rows of no real token of the arrays whose zero weights it
 # multiplies (v forward; q, k, dO backward) are zeroed in XLA first.
@@ -166,7 +167,7 @@ TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
-          "backward_l0_impl": "triton", "handover_dtype": "input",
+          "backward_l0_impl": "auto", "handover_dtype": "input",
           "grid_order": "tiles"}
 
 
@@ -179,7 +180,7 @@ def _pow2(x: int) -> bool:
 _TUNING_CHOICES = {
     "coarsen_impl": ("auto", "dot", "pallas", "xla", "mosaic"),
     "forward_l0_impl": ("auto", "triton", "mosaic"),
-    "backward_l0_impl": ("triton", "mosaic"),
+    "backward_l0_impl": ("auto", "triton", "mosaic"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
 }
@@ -269,30 +270,37 @@ def coarsen_impl(interpret: bool = False) -> str:
   return impl
 
 
-# (block size, head width of the kernels) where ``mosaic.forward_level0``
-# was measured faster than the Triton level-0 forward (H200, 65,536 tokens,
-# the level alone: 0.126 against 0.213 ms at blocks of 32, 0.182 against
-# 0.342 at head_dim 128; at blocks of 16 and head_dim 64 the two tie, at
-# blocks of 64 the Triton kernel is faster without a mask:
-# docs/benchmarks.md). ``forward_l0_impl="auto"`` takes it there only.
-MOSAIC_L0_FASTER = frozenset({(32, 64), (16, 128)})
+# (block size, head width of the kernels) where the Mosaic GPU level-0
+# kernels were measured faster than the Triton ones (H200, 65,536 tokens,
+# bfloat16, non-causal: docs/benchmarks.md). The forward
+# (``mosaic.forward_level0``), the level alone: 0.126 against 0.213 ms at
+# blocks of 32, 0.182 against 0.342 at head_dim 128; at blocks of 16 and
+# head_dim 64 the two tie, at blocks of 64 the Triton kernel is faster
+# without a mask. The backward (``mosaic.dq_level0``, ``dkv_level0``), in
+# the whole attention at blocks of 16: forward+backward 1.220 against
+# 1.316 ms at head_dim 64 (1.334 against 1.431 with a mask), 2.387
+# against 2.449 at head_dim 128. ``"auto"`` takes them there only.
+MOSAIC_L0_FASTER = {"forward": frozenset({(32, 64), (16, 128)}),
+                    "backward": frozenset({(16, 64), (16, 128)})}
 
 
-def forward_l0_impl(interpret: bool = False, block_size: int | None = None,
-                    head_dim: int | None = None, causal: bool = False) -> str:
-  """The finest level's forward: ``TUNING["forward_l0_impl"]``, with
-  "auto" resolved for this device (and interpret mode) and, where given,
-  the block size, the kernels' head width and causality (without them
-  "mosaic" means Mosaic GPU at those of ``MOSAIC_L0_FASTER``, not
-  causal: the causal kernel is not yet timed)."""
-  impl = TUNING.get("forward_l0_impl", "auto")
+def level0_impl(kind: str, interpret: bool = False,
+                block_size: int | None = None, head_dim: int | None = None,
+                causal: bool = False) -> str:
+  """The finest level's ``kind`` ("forward" or "backward") implementation:
+  ``TUNING["forward_l0_impl"]`` or ``["backward_l0_impl"]``, with "auto"
+  resolved for this device (and interpret mode) and, where given, the
+  block size, the kernels' head width and causality (without them "auto"
+  means Mosaic GPU at those of ``MOSAIC_L0_FASTER[kind]``, not causal: the
+  causal kernels are not yet timed)."""
+  impl = TUNING.get(f"{kind}_l0_impl", "auto")
   if impl != "auto":
     return impl
   if interpret or not mosaic_gpu():
     return "triton"
   if block_size is None or head_dim is None:
     return "mosaic"
-  return ("mosaic" if (block_size, head_dim) in MOSAIC_L0_FASTER
+  return ("mosaic" if (block_size, head_dim) in MOSAIC_L0_FASTER[kind]
           and not causal else "triton")
 
 
@@ -1394,15 +1402,15 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
 def _forward_level0_mosaic(level0, parent, nr, scale, causal, masked,
                            interpret):
   """Level 0's forward without dropout by
-  ``mosaic.forward_level0`` where ``forward_l0_impl`` says so and it takes
+  ``mosaic.forward_level0`` where ``level0_impl`` says so and it takes
   these inputs: (o, lse), else None (the Triton kernel's turn).
 
   With a mask, v's rows of no real token are zeroed first (one XLA pass
   over v): the kernel selects away the logits of such rows, whatever q and
   k hold there, but a zero weight times a NaN of v is NaN (``_zeroed``)."""
   q, k, v, c = level0
-  if parent is None or forward_l0_impl(interpret, nr, q.shape[-1],
-                                       causal) != "mosaic":
+  if parent is None or level0_impl("forward", interpret, nr, q.shape[-1],
+                                   causal) != "mosaic":
     return None
   from htransformer.attention import mosaic  # Only where it is chosen.
   if mosaic.level0_unsupported(q, v, [k, parent[0]], nr,
@@ -1474,17 +1482,17 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def _backward_level0_mosaic(level0, stats0, parent, nr, scale, causal,
                             masked, interpret):
   """Level 0's backward without dropout by ``mosaic.dq_level0``
-  and ``mosaic.dkv_level0`` where ``TUNING["backward_l0_impl"]`` says so
-  and they take these inputs: (dq, dk, dv), else None (the Triton
-  kernels' turn).
+  and ``mosaic.dkv_level0`` where ``level0_impl`` says so and they take
+  these inputs: (dq, dk, dv), else None (the Triton kernels' turn).
 
   With a mask, q, k and the cotangent are zeroed on rows of no real token
   first (one XLA pass each): the kernels select such rows' logits away,
   but their products would multiply zero weights by NaN there."""
-  if parent is None or TUNING.get("backward_l0_impl", "triton") != "mosaic":
+  q, k, v, c = level0
+  if parent is None or level0_impl("backward", interpret, nr, q.shape[-1],
+                                   causal) != "mosaic":
     return None
   from htransformer.attention import mosaic  # Only where it is chosen.
-  q, k, v, c = level0
   g, e, m = stats0
   d = q.shape[-1]
   if mosaic.level0_unsupported(q, v, [k, v, g, *parent], nr,

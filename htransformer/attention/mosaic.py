@@ -20,7 +20,8 @@ sizes and head widths where it was measured faster,
 ``scripts/profile_kernels.py --mosaic_forward`` times it against the
 Triton kernel (docs/benchmarks.md, sections "Mosaic GPU"). ``dq_level0``
 and ``dkv_level0`` are its backward on the same tiles and windows
-(``TUNING["backward_l0_impl"]``, not a default until timed;
+(``TUNING["backward_l0_impl"]``, by default where they were measured
+faster;
 ``--mosaic_dq``). ``double`` (a 1 GiB array doubled through shared
 memory) is the copy ceiling of such kernels:
 ``profiling.copy_kernel("mosaic")``.
