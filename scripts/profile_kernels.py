@@ -14,7 +14,7 @@ copy bandwidth and cuDNN, all in one process:
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl auto pallas dot xla mosaic]
       [--forward_l0_impl auto triton mosaic]
-      [--backward_l0_impl auto triton mosaic]
+      [--backward_l0_impl auto triton mosaic] [--mosaic_levels 1 2 3]
       [--handover_dtype input float32]
       [--masked] [--by_kernel]
 
@@ -28,7 +28,8 @@ combination of tile, warps, warps of the pyramid and restriction kernels
 (``--pyramid_warps``), levels per launch, pipelining stages, pyramid
 implementation, level-0 forward and backward (``--forward_l0_impl``,
 ``--backward_l0_impl``: the Triton kernels, Mosaic GPU's or, by default,
-the kernels' choice) and
+the kernels' choice; ``--mosaic_levels``: how many of the finest levels
+take the Mosaic GPU kernels where those choose them) and
 ``--handover_dtype`` (what coarse levels hand to finer ones); the
 pyramid's heads and rows per program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
@@ -38,9 +39,9 @@ XLA fusions) per call: where the milliseconds go. Run it with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so that the kernels show.
 
 ``--mosaic_forward`` only times the finest level's forward, the Triton
-kernel against the Mosaic GPU one (``mosaic.forward_level0``), on the same
+kernel against the Mosaic GPU one (``mosaic.forward_level``), on the same
 inputs, and prints their largest differences; ``--mosaic_dq`` the same for
-its dq (``mosaic.dq_level0``).
+its dq (``mosaic.dq_level``).
 ``--ncu_target`` only runs the forward+backward at the first length twice
 (default settings: the kernels' tile unless ``--tiles`` names one; nothing
 timed), for Nsight Compute to read the
@@ -162,7 +163,7 @@ def _forward_case(rng, shape, c, nr, tile, scale):
                 real, jnp.abs(lse - want[1]), 0.0)))}
 
   return ((q, k, v, c, po[:, ::2], plse), triton,
-          lambda *a, stages: mosaic.forward_level0(
+          lambda *a, stages: mosaic.forward_level(
               *a, nr=nr, scale=scale, stages=stages), diffs)
 
 
@@ -196,7 +197,7 @@ def _dq_case(rng, shape, c, nr, tile, scale):
             "_max_abs": float(jnp.max(jnp.abs(want)))}
 
   return ((q, k, v, c, g, e, m, pdq), triton,
-          lambda *a, stages: mosaic.dq_level0(
+          lambda *a, stages: mosaic.dq_level(
               *a, w, nr=nr, scale=scale, stages=stages), diffs)
 
 
@@ -207,7 +208,7 @@ _LEVEL0_CASES = {"fwd": _forward_case, "dq": _dq_case}
 def level0_rows(args, kind):
   """The finest level's forward ("fwd") or dq ("dq"): the Triton kernel
   (tiles of ``args.tiles[0]`` rows, else the default) against the Mosaic
-  GPU one (``mosaic.forward_level0``, ``mosaic.dq_level0``; each of
+  GPU one (``mosaic.forward_level``, ``mosaic.dq_level``; each of
   ``args.stages`` pipelining stages), device time on the same inputs (a
   mask with a padded end), and their largest differences."""
   nr = args.block_size
@@ -278,6 +279,9 @@ def main():
   parser.add_argument("--backward_l0_impl", nargs="+", default=["auto"],
                       choices=["auto", "triton", "mosaic"],
                       help="level-0 backward implementation (TUNING)")
+  parser.add_argument("--mosaic_levels", type=int, nargs="+", default=[1],
+                      help="finest levels on the Mosaic GPU level kernels "
+                      "where the two above choose them (TUNING)")
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
@@ -295,11 +299,11 @@ def main():
                       help="only run fwd+bwd twice, for Nsight Compute")
   parser.add_argument("--mosaic_forward", action="store_true",
                       help="only time the finest level's forward: the "
-                      "Triton kernel against mosaic.forward_level0 "
+                      "Triton kernel against mosaic.forward_level "
                       "(--stages: its pipelining stages)")
   parser.add_argument("--mosaic_dq", action="store_true",
                       help="the same for the finest level's dq "
-                      "(mosaic.dq_level0)")
+                      "(mosaic.dq_level)")
   args = parser.parse_args()
   if args.mosaic_forward or args.mosaic_dq:
     rows = level0_rows(args, "fwd" if args.mosaic_forward else "dq")
@@ -364,10 +368,11 @@ def main():
     print(json.dumps(row), flush=True)
     rows.append(row)
     for (tile, warps, pwarps, per_launch, stages, impl, l0_impl, l0_bwd,
-         handover, order) in itertools.product(
+         mlevels, handover, order) in itertools.product(
              args.tiles, args.warps, args.pyramid_warps, args.per_launch,
              args.stages, args.coarsen_impl, args.forward_l0_impl,
-             args.backward_l0_impl, args.handover_dtype, args.grid_order):
+             args.backward_l0_impl, args.mosaic_levels, args.handover_dtype,
+             args.grid_order):
       kernels.TUNING.update(num_warps=warps or None,
                             dq_warps=args.dq_warps or None,
                             dkv_warps=args.dkv_warps or None,
@@ -375,7 +380,7 @@ def main():
                             levels_per_launch=per_launch,
                             num_stages=stages,
                             coarsen_impl=impl, forward_l0_impl=l0_impl,
-                            backward_l0_impl=l0_bwd,
+                            backward_l0_impl=l0_bwd, mosaic_levels=mlevels,
                             handover_dtype=handover, grid_order=order)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
@@ -386,7 +391,7 @@ def main():
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
              "coarsen_impl": impl, "forward_l0_impl": l0_impl,
-             "backward_l0_impl": l0_bwd,
+             "backward_l0_impl": l0_bwd, "mosaic_levels": mlevels,
              "handover_dtype": handover, "grid_order": order,
              "fwd_ms": bench(attn, q, k, v, valid),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v, valid)}

@@ -226,11 +226,13 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
     dict(grid_order="heads"), dict(coarsen_impl="dot"),
     dict(forward_l0_impl="triton", backward_l0_impl="triton"),
     dict(forward_l0_impl="mosaic"),
-    dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic")],
+    dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic"),
+    dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
+         mosaic_levels=20)],
     ids=["pair_sums", "handover_f32", "pyramid_warps_as_levels",
          "backward_warps", "heads_first", "products_pyramid",
          "triton_level0", "mosaic_level0_forward",
-         "mosaic_level0_both"])
+         "mosaic_level0_both", "mosaic_all_levels"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair
@@ -238,7 +240,8 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   rule, other warps for the backward kernels, heads first in a launch, the
   pyramid by the products kernel and the Triton level-0 kernels where
   Mosaic GPU is the default, the Mosaic GPU level-0 forward, and
-  backward, wherever they apply), as compiled for the GPU
+  backward, and both at every level long enough, wherever they apply), as
+  compiled for the GPU
   (interpret mode: tests/test_kernels.py)."""
   from htransformer.attention import kernels
   for key, value in tuning.items():
@@ -331,26 +334,26 @@ def test_without_the_triton_backend_the_default_is_xla(monkeypatch):
 
 
 @pytest.mark.parametrize("nr", [16, 64])
-def test_mosaic_forward_level0_matches_the_triton_kernel(nr):
-  """``mosaic.forward_level0`` compiled for this GPU (Hopper and newer)
+def test_mosaic_forward_level_matches_the_triton_kernel(nr):
+  """``mosaic.forward_level`` compiled for this GPU (Hopper and newer)
   against the Triton level-0 forward on the same inputs
-  (``tests.test_kernels.check_mosaic_forward_level0``; interpret mode:
+  (``tests.test_kernels.check_mosaic_forward_level``; interpret mode:
   tests/test_kernels.py)."""
   from htransformer.attention import kernels
-  from tests.test_kernels import check_mosaic_forward_level0
+  from tests.test_kernels import check_mosaic_forward_level
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
-  check_mosaic_forward_level0(nr, n=1024, heads=4, interpret=False,
+  check_mosaic_forward_level(nr, n=1024, heads=4, interpret=False,
                               lse_atol=1e-4)
 
 
 @pytest.mark.parametrize("nr", [16, 64])
-def test_mosaic_backward_level0_matches_the_triton_kernels(nr):
-  """``mosaic.dq_level0`` and ``dkv_level0`` compiled for this GPU
+def test_mosaic_backward_level_matches_the_triton_kernels(nr):
+  """``mosaic.dq_level`` and ``dkv_level`` compiled for this GPU
   against the Triton level-0 backward kernels on the same inputs
-  (``tests.test_kernels.check_mosaic_backward_level0``)."""
+  (``tests.test_kernels.check_mosaic_backward_level``)."""
   from htransformer.attention import kernels
-  from tests.test_kernels import check_mosaic_backward_level0
+  from tests.test_kernels import check_mosaic_backward_level
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
-  check_mosaic_backward_level0(nr, n=1024, heads=4, interpret=False)
+  check_mosaic_backward_level(nr, n=1024, heads=4, interpret=False)

@@ -490,37 +490,56 @@ def test_mosaic_coarsen_rejects_what_it_cannot_tile():
                    interpret=True)
 
 
-def check_mosaic_forward_level0(nr, n, heads, interpret, lse_atol,
-                                causal=False):
-  """``mosaic.forward_level0`` against the Triton level-0 forward, both in
-  interpret mode or both compiled (tests/test_gpu.py), with a parent
-  level: holes, a padded end, a parent row of no key, query rows that are
-  not real (zeroed queries, zero output). The log-normaliser is compared
-  where the Triton kernel computes it (it skips tiles of padding only)."""
-  keys = jax.random.split(jax.random.key(nr), 6)
+def _level_counts(key, b, n, level):
+  """Real-token counts [b, n] of a level: 0 or 1 at level 0, 0 to 2 at a
+  coarser one (0, 1 or 2 real tokens under a row; the kernels read them
+  as weights), with holes, a padded end and a stretch of no real token."""
+  c = jax.random.randint(key, (b, n), -1, 3 if level else 2).astype(
+      jnp.float32)
+  c = jnp.maximum(c, 0.0)
+  return c.at[0, n - 100:].set(0.0).at[1, 64:128].set(0.0)
+
+
+def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
+                               causal=False, level=0):
+  """``mosaic.forward_level`` against the Triton forward of ``level``,
+  both in interpret mode or both compiled (tests/test_gpu.py), with a
+  parent level: holes, a padded end, a parent row of no key, query rows
+  that are not real (at level 0 zeroed queries, zero output; coarser, rows
+  of zeros, as the pyramid makes them, and keys weighted by counts of 1
+  or 2). The log-normaliser is compared where the Triton kernel computes
+  it (it skips tiles of padding only)."""
+  keys = jax.random.split(jax.random.key(nr + 10 * level), 6)
   b, d = 2, 64
   q, k, v = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
              for x in keys[:3])
-  c = (jax.random.uniform(keys[5], (b, n)) > 0.2).astype(jnp.float32)
-  c = c.at[0, n - 100:].set(0.0).at[1, 64:128].set(0.0)
+  c = _level_counts(keys[5], b, n, level)
+  if level:
+    q, k, v = (jnp.where(c[:, :, None, None] > 0, x, 0) for x in (q, k, v))
   po = jax.random.normal(keys[3], (b, n // 2, heads, d), jnp.bfloat16)
   plse = 3 * jax.random.normal(keys[4], (b, heads, n // 2), jnp.float32)
   plse = plse.at[:, :, 7].set(kernels._NO_KEY)
 
   def triton(q, k, v, c, po, plse):
+    # The level's arrays at its index of a pyramid (the kernel's level).
     return kernels._group_forward(
-        [(q, k, v, c)], 0, 1, 16, (po, plse), nr=nr, causal=causal,
-        scale=0.125, out_dtype=jnp.bfloat16,
+        [None] * level + [(q, k, v, c)], level, 1, 16, (po, plse), nr=nr,
+        causal=causal, scale=0.125, out_dtype=jnp.bfloat16,
         precision=jax.lax.Precision.DEFAULT, interpret=interpret,
         masked=True)
 
   args = (q, k, v, c, po, plse)
-  o, lse = jax.jit(lambda *a: mosaic.forward_level0(
-      *a, nr=nr, scale=0.125, causal=causal, interpret=interpret))(*args)
+  o, lse = jax.jit(lambda *a: mosaic.forward_level(
+      *a, nr=nr, scale=0.125, causal=causal, level=level,
+      interpret=interpret))(*args)
   want_o, want_lse = jax.jit(triton)(*args)
   o, want_o = np.asarray(o, np.float32), np.asarray(want_o, np.float32)
+  real = np.asarray(c) > 0
+  if level == 0:  # Rows of no real token: zero.
+    assert (o[~real] == 0).all()
+  else:  # Rows of no real token reach no real row: not compared (the
+    o, want_o = o[real], want_o[real]  # Triton kernel skips some).
   np.testing.assert_allclose(o, want_o, rtol=2**-7, atol=2**-7)
-  assert (o[np.asarray(c) == 0] == 0).all()
   lse, want_lse = np.asarray(lse), np.asarray(want_lse)
   computed = want_lse > 0.5 * kernels._NO_KEY
   assert computed.mean() > 0.7
@@ -528,18 +547,19 @@ def check_mosaic_forward_level0(nr, n, heads, interpret, lse_atol,
                              atol=lse_atol)
 
 
-def check_mosaic_backward_level0(nr, n, heads, interpret, d=64,
-                                 causal=False):
-  """``mosaic.dq_level0`` and ``mosaic.dkv_level0`` against the Triton
-  level-0 dq and dk, dv kernels, both in interpret mode or both compiled
+def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
+                                causal=False, level=0):
+  """``mosaic.dq_level`` and ``mosaic.dkv_level`` against the Triton dq
+  and dk, dv kernels of ``level``, both in interpret mode or both compiled
   (tests/test_gpu.py), with a parent level: holes, a padded end, rows of
-  no real token (M = _NO_ROW, E = 0, zero gradients)."""
-  keys = jax.random.split(jax.random.key(nr + 1), 8)
+  no real token (M = _NO_ROW, E = 0; zero gradients at level 0, the
+  parent's share at coarser levels, whose keys weigh their counts of 1 or
+  2)."""
+  keys = jax.random.split(jax.random.key(nr + 1 + 10 * level), 8)
   b = 2
   q, k, v, g = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
                 for x in keys[:4])
-  c = (jax.random.uniform(keys[4], (b, n)) > 0.2).astype(jnp.float32)
-  c = c.at[0, n - 100:].set(0.0).at[1, 64:128].set(0.0)
+  c = _level_counts(keys[4], b, n, level)
   real = (c > 0)[:, None, :]
   e = jnp.where(real, jax.random.normal(keys[5], (b, heads, n)), 0.0)
   m = jnp.where(real, 2 + jax.random.normal(keys[6], (b, heads, n)),
@@ -552,71 +572,83 @@ def check_mosaic_backward_level0(nr, n, heads, interpret, d=64,
   first = jnp.repeat(c[:, ::2] > 0, 2, axis=-1)
   even = (jnp.arange(n) % 2 == 0)[None]
   w_q = jnp.where(even, first, ~first).astype(jnp.float32) if causal else w_k
-  # As the caller zeroes them (garbage may be there with a mask).
+  # As the caller zeroes them at level 0 (garbage may be there with a
+  # mask), and the pyramid and the restriction at coarser levels (v too).
   q, k, g = (jnp.where(c[:, :, None, None] > 0, x, 0) for x in (q, k, g))
+  if level:
+    v = jnp.where(c[:, :, None, None] > 0, v, 0)
 
   def triton(q, k, v, c, g, e, m, pdq, pdk, pdv):
     return kernels._group_backward(
-        [(q, k, v, c)], [(g, e, m)], 0, 1, 16, (pdq, pdk, pdv), nr=nr,
-        causal=causal, scale=0.125, out_dtypes=(jnp.bfloat16,) * 3,
-        precision=jax.lax.Precision.DEFAULT, interpret=interpret,
-        masked=True)
+        [None] * level + [(q, k, v, c)], [None] * level + [(g, e, m)],
+        level, 1, 16, (pdq, pdk, pdv), nr=nr, causal=causal, scale=0.125,
+        out_dtypes=(jnp.bfloat16,) * 3, precision=jax.lax.Precision.DEFAULT,
+        interpret=interpret, masked=True)
 
   args = (q, k, v, c, g, e, m)
-  dq = jax.jit(lambda *a: mosaic.dq_level0(
-      *a, pdq, w_q, nr=nr, scale=0.125, causal=causal,
-      interpret=interpret))(*args)
-  dk, dv = jax.jit(lambda *a: mosaic.dkv_level0(
-      *a, pdk, pdv, w_k, nr=nr, scale=0.125, causal=causal,
-      interpret=interpret))(*args)
+  common = dict(nr=nr, scale=0.125, causal=causal, level=level,
+                interpret=interpret)
+  dq = jax.jit(lambda *a: mosaic.dq_level(*a, pdq, w_q, **common))(*args)
+  dk, dv = jax.jit(lambda *a: mosaic.dkv_level(
+      *a, pdk, pdv, w_k, **common))(*args)
   want = jax.jit(triton)(*args, pdq, pdk, pdv)
+  real = np.asarray(c) > 0
   for name, got, ref in zip(["dq", "dk", "dv"], (dq, dk, dv), want):
     got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
-    assert (got[np.asarray(c) == 0] == 0).all(), name
+    if level == 0:  # Rows of no real token: zero.
+      assert (got[~real] == 0).all(), name
+    else:  # They reach no real row (their children have no real token,
+      # and level 0 zeroes those): not compared (the Triton kernel skips
+      got, ref = got[real], ref[real]  # some, some take a parent's share).
     scale = float(np.abs(ref).max())
     assert scale > 1, name
     np.testing.assert_allclose(got, ref, rtol=2**-7, atol=2**-7 * scale,
                                err_msg=name)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("nr", [16, 64])
-def test_mosaic_backward_level0_matches_the_triton_kernels(nr, causal):
-  """In interpret mode (``check_mosaic_backward_level0``)."""
-  check_mosaic_backward_level0(nr, n=512, heads=2, interpret=True,
-                               causal=causal)
+@pytest.mark.parametrize("nr,causal,level", [
+    (16, False, 0), (16, True, 0), (64, False, 0), (64, True, 0),
+    (16, False, 1), (32, True, 2)])
+def test_mosaic_backward_level_matches_the_triton_kernels(nr, causal, level):
+  """In interpret mode (``check_mosaic_backward_level``)."""
+  check_mosaic_backward_level(nr, n=512, heads=2, interpret=True,
+                              causal=causal, level=level)
 
 
-@pytest.mark.parametrize("nr,d", [(16, 64), (32, 128), (64, 32)])
-def test_mosaic_level0_kernels_lower_for_hopper(nr, d):
+@pytest.mark.parametrize("nr,d,level", [(16, 64, 0), (32, 128, 0),
+                                        (64, 32, 0), (16, 64, 1),
+                                        (64, 128, 3)])
+def test_mosaic_level_kernels_lower_for_hopper(nr, d, level):
   """The forward, dq and dk, dv compiled (lowered) for a Hopper GPU from
   this CPU, with enough steps per program for two stages, at the stages
-  their shared memory allows: Mosaic GPU's layout inference, tensor-core
-  shapes and shared-memory check accept them."""
+  their shared memory allows, at level 0 and coarser (their band and
+  count weights): Mosaic GPU's layout inference, tensor-core shapes and
+  shared-memory check accept them."""
   x = jax.ShapeDtypeStruct((1, 8192, 16, d), jnp.bfloat16)
   po = jax.ShapeDtypeStruct((1, 4096, 16, d), jnp.bfloat16)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   stats = (x, f32(1, 16, 8192), f32(1, 16, 8192))  # dO, E, M
   for fn, args, stages in (
-      (mosaic.forward_level0, (po, f32(1, 16, 4096)),
-       mosaic.forward_level0_stages),
-      (mosaic.dq_level0, (*stats, po, f32(1, 8192)), mosaic.dq_level0_stages),
-      (mosaic.dkv_level0, (*stats, po, po, f32(1, 8192)),
-       mosaic.dkv_level0_stages)):
+      (mosaic.forward_level, (po, f32(1, 16, 4096)),
+       mosaic.forward_level_stages),
+      (mosaic.dq_level, (*stats, po, f32(1, 8192)), mosaic.dq_level_stages),
+      (mosaic.dkv_level, (*stats, po, po, f32(1, 8192)),
+       mosaic.dkv_level_stages)):
     stages = stages(nr, d, jnp.bfloat16)
     assert stages in (1, 2)
     lowered = jax.jit(lambda *a: fn(
-        *a, nr=nr, scale=0.125, stages=stages)).trace(
+        *a, nr=nr, scale=0.125, level=level, stages=stages)).trace(
             x, x, x, f32(1, 8192), *args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("nr", [16, 64])
-def test_mosaic_forward_level0_matches_the_triton_kernel(nr, causal):
-  """In interpret mode (``check_mosaic_forward_level0``)."""
-  check_mosaic_forward_level0(nr, n=512, heads=2, interpret=True,
-                              lse_atol=1e-5, causal=causal)
+@pytest.mark.parametrize("nr,causal,level", [
+    (16, False, 0), (16, True, 0), (64, False, 0), (64, True, 0),
+    (16, False, 1), (32, True, 2)])
+def test_mosaic_forward_level_matches_the_triton_kernel(nr, causal, level):
+  """In interpret mode (``check_mosaic_forward_level``)."""
+  check_mosaic_forward_level(nr, n=512, heads=2, interpret=True,
+                             lse_atol=1e-5, causal=causal, level=level)
 
 
 def _pallas_call_names(fn, *args):
@@ -627,13 +659,14 @@ def _pallas_call_names(fn, *args):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_attention_with_the_mosaic_level0_kernels(monkeypatch, causal):
+def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   """``forward_l0_impl="mosaic"``, and with it ``backward_l0_impl=
-  "mosaic"`` (interpret mode): bfloat16 inputs with holes, a padded end
-  and NaN / inf in the padding give the Triton kernels' values and
-  gradients on clean inputs (to bfloat16 rounding) and the float64
-  reference's; the Mosaic GPU kernels replace the Triton level-0 kernels,
-  causal or not."""
+  "mosaic"``, at level 0 and then at every level long enough
+  (``mosaic_levels``; interpret mode): bfloat16 inputs with holes, a
+  padded end and NaN / inf in the padding give the Triton kernels' values
+  and gradients on clean inputs (to bfloat16 rounding) and the float64
+  reference's; the Mosaic GPU kernels replace the Triton ones at those
+  levels, causal or not."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   length, heads, d = 200, 2, 32
   q, k, v = make_qkv(61, 2, length, heads, d)
@@ -655,26 +688,33 @@ def test_attention_with_the_mosaic_level0_kernels(monkeypatch, causal):
                              out.astype(jnp.float32) * cot, 0.0)), out
 
   results = {}
-  for fwd, bwd in (("triton", "triton"), ("mosaic", "triton"),
-                   ("mosaic", "mosaic")):
+  # 256 rows of blocks of 16: levels 0 (256 rows) and 1 (128) hold a
+  # Mosaic GPU window (96 rows, 64 per tile), level 2 (64) does not.
+  for fwd, bwd, levels in (("triton", "triton", 1), ("mosaic", "triton", 1),
+                           ("mosaic", "mosaic", 1), ("mosaic", "mosaic", 8)):
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", fwd)
     monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", bwd)
+    monkeypatch.setitem(kernels.TUNING, "mosaic_levels", levels)
     assert kernels.level0_impl("forward", interpret=True) == fwd
     assert kernels.level0_impl("backward", interpret=True) == bwd
     names = _pallas_call_names(jax.grad(lambda *a: loss(*a)[0],
                                         argnums=(0, 1, 2)), *clean)
-    for kind, impl in (("fwd", fwd), ("dq", bwd), ("dkv", bwd)):
-      count = sum(f"hattn_{kind}_l0" in name for name in names)
-      assert count == (1 if impl == "triton" else 0), (kind, impl)
+    for level in (0, 1, 2):
+      for kind, impl in (("fwd", fwd), ("dq", bwd), ("dkv", bwd)):
+        count = sum(f"hattn_{kind}_l{level}" in name for name in names)
+        triton = impl == "triton" or level >= min(levels, 2)
+        assert count == (1 if triton else 0), (kind, impl, level)
     # A new jit for each setting: TUNING is read when tracing.
     inputs = clean if fwd == "triton" else garbage
     (_, out), grads = jax.jit(jax.value_and_grad(
         loss, argnums=(0, 1, 2), has_aux=True))(*inputs)
-    results[fwd, bwd] = [np.asarray(x, np.float32) for x in (out, *grads)]
+    results[fwd, bwd, levels] = [np.asarray(x, np.float32)
+                                 for x in (out, *grads)]
   want = numpy_reference(*(np.asarray(x, np.float32) for x in clean),
                          mask, block_size=16, causal=causal)
-  triton = results["triton", "triton"]
-  for impls in (("mosaic", "triton"), ("mosaic", "mosaic")):
+  triton = results["triton", "triton", 1]
+  for impls in (("mosaic", "triton", 1), ("mosaic", "mosaic", 1),
+                ("mosaic", "mosaic", 8)):
     out = results[impls][0]
     assert (out[~mask] == 0).all()
     assert max_abs(out, want) <= 2e-2
@@ -743,7 +783,9 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
     (128, 16, False, False, "float32", "auto"),
     (128, 16, False, True, "bfloat16", "mosaic"),
     (64, 64, False, False, "bfloat16", "mosaic"),
-    (64, 32, True, True, "bfloat16", "mosaic")])
+    (64, 32, True, True, "bfloat16", "mosaic"),
+    (64, 16, False, True, "bfloat16", "all_levels"),
+    (128, 32, True, False, "bfloat16", "all_levels")])
 def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
     monkeypatch, d, nr, causal, masked, dtype, backward):
   """The forward and backward at 65,536 tokens, heads 8 (the benchmark's
@@ -753,8 +795,15 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   lowering. At head_dim 128 the pyramid's old estimate let through a pass
   that needs more than a program may have (docs/benchmarks.md); the GPU
   tests' short sequences did not reach it. Also with the Mosaic GPU
-  level-0 backward everywhere (``backward_l0_impl="mosaic"``)."""
+  level-0 backward everywhere (``backward_l0_impl="mosaic"``), and with
+  both Mosaic GPU level kernels at every level long enough for them
+  ("all_levels": ``mosaic_levels``)."""
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
+  every = backward == "all_levels"
+  if every:
+    monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", "mosaic")
+    monkeypatch.setitem(kernels.TUNING, "mosaic_levels", 20)
+    backward = "mosaic"
   monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", backward)
   x = jax.ShapeDtypeStruct((1, 65536, 8, d), dtype)
   valid = jax.ShapeDtypeStruct((1, 65536), jnp.bool_) if masked else None
@@ -775,15 +824,21 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   # float32 rows of 128 do not fit a Mosaic GPU pyramid pass.
   assert ("mosaic_gpu" in text) == (jnp.dtype(dtype).itemsize * d < 512)
   half = dtype != "float32"
-  assert ("hattn_fwd_l0_mosaic" in text) == (
-      half and not causal and (nr, d) in kernels.MOSAIC_L0_FASTER["forward"])
+  assert ("hattn_fwd_l0_mosaic" in text) == (half and (every or (
+      not causal and (nr, d) in kernels.MOSAIC_L0_FASTER["forward"])))
+  if every:  # Level l has 65,536 >> l rows; a window needs 64 + 2 nr.
+    for level in range(1, 12):
+      fits = 65536 >> level >= 64 + 2 * nr
+      for kind in ("fwd", "dq", "dkv"):
+        assert (f"hattn_{kind}_l{level}_mosaic" in text) == fits, (
+            kind, level)
   for kind in ("dq", "dkv"):
     assert (f"hattn_{kind}_l0_mosaic" in text) == (half and (
         backward == "mosaic" or (backward == "auto" and not causal and (
             nr, d) in kernels.MOSAIC_L0_FASTER["backward"])))
 
 
-def test_mosaic_forward_level0_rejects_what_it_cannot_run():
+def test_mosaic_forward_level_rejects_what_it_cannot_run():
   def inputs(n, dtype):
     x = jnp.zeros((1, n, 1, 16), dtype)
     return x, x, x, jnp.ones((1, n)), x[:, ::2], jnp.zeros((1, 1, n // 2))
@@ -795,7 +850,7 @@ def test_mosaic_forward_level0_rejects_what_it_cannot_run():
       (inputs(80, jnp.bfloat16), 16, "multiple of 64 and at least 96, "
        "got 80")):
     with pytest.raises(ValueError, match=match):
-      mosaic.forward_level0(*args, nr=nr, scale=1.0, interpret=True)
+      mosaic.forward_level(*args, nr=nr, scale=1.0, interpret=True)
 
 
 def test_pyramid_products_only_with_counts_the_dtype_holds(monkeypatch):

@@ -138,14 +138,19 @@ DEFAULT_TILE = 16
 # else "dot"; on an H200 the forward 4% faster at 1 x 65,536 tokens, 10%
 # causal with a mask, level at 64 x 1,024: docs/benchmarks.md).
 # ``forward_l0_impl``: the finest level's forward, "triton" (the level
-# kernel above), "mosaic" (``mosaic.forward_level0``, Hopper GPUs and
+# kernel above), "mosaic" (``mosaic.forward_level``, Hopper GPUs and
 # newer: no dropout, 16-bit inputs; elsewhere the Triton kernel) or "auto"
 # (the default: "mosaic" on such GPUs, not causal, at the block sizes and
 # head widths of ``MOSAIC_L0_FASTER["forward"]``; "triton" elsewhere).
 # ``backward_l0_impl``: the finest level's dq and dk, dv, "triton",
-# "mosaic" (``mosaic.dq_level0`` and ``dkv_level0``, where the forward's
+# "mosaic" (``mosaic.dq_level`` and ``dkv_level``, where the forward's
 # Mosaic GPU kernel would apply) or "auto" (the default, as the forward's
 # "auto" with ``MOSAIC_L0_FASTER["backward"]``).
+# ``mosaic_levels``: how many of the finest levels take the Mosaic GPU
+# kernels where those two choose them (1, the default: level 0 only; the
+# coarser levels' Mosaic GPU kernels, the same kernels with each key
+# weighted by its count, are not yet timed). Levels too short for their
+# tiles (``mosaic.level_unsupported``) keep the Triton kernels.
 # Every Mosaic GPU level-0 kernel zeroes nothing in its inputs: with a
 # mask, the rows of no real token of the arrays whose zero weights it
 # multiplies (v forward; q, k, dO backward) are zeroed in XLA first.
@@ -167,8 +172,8 @@ TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
-          "backward_l0_impl": "auto", "handover_dtype": "input",
-          "grid_order": "tiles"}
+          "backward_l0_impl": "auto", "mosaic_levels": 1,
+          "handover_dtype": "input", "grid_order": "tiles"}
 
 
 def _pow2(x: int) -> bool:
@@ -193,6 +198,7 @@ _TUNING_INTS = {
        for key in ("pyramid_warps", "dq_warps", "dkv_warps")},
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
+    "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
@@ -273,10 +279,10 @@ def coarsen_impl(interpret: bool = False) -> str:
 # (block size, head width of the kernels) where the Mosaic GPU level-0
 # kernels were measured faster than the Triton ones (H200, 65,536 tokens,
 # bfloat16, non-causal: docs/benchmarks.md). The forward
-# (``mosaic.forward_level0``), the level alone: 0.126 against 0.213 ms at
+# (``mosaic.forward_level``), the level alone: 0.126 against 0.213 ms at
 # blocks of 32, 0.182 against 0.342 at head_dim 128; at blocks of 16 and
 # head_dim 64 the two tie, at blocks of 64 the Triton kernel is faster
-# without a mask. The backward (``mosaic.dq_level0``, ``dkv_level0``), in
+# without a mask. The backward (``mosaic.dq_level``, ``dkv_level``), in
 # the whole attention at blocks of 16: forward+backward 1.220 against
 # 1.316 ms at head_dim 64 (1.334 against 1.431 with a mask), 2.387
 # against 2.449 at head_dim 128. ``"auto"`` takes them there only.
@@ -337,10 +343,12 @@ def _allowed(qi, kj, n, nr, level0, causal):
   else:
     half = nr // 2
     rq, rk = qi & (nr - 1), kj & (nr - 1)
-    # Neighbour blocks minus the quarter a finer level already covers.
-    ok = (bk == bq - 1) & ~((rq < half) & (rk >= half))
+    # Neighbour blocks minus the quarter a finer level already covers
+    # (written without a logical not, which Mosaic GPU does not lower on
+    # jax 0.11).
+    ok = (bk == bq - 1) & ((rq >= half) | (rk < half))
     if not causal:
-      ok = ok | ((bk == bq + 1) & ~((rq >= half) & (rk < half)))
+      ok = ok | ((bk == bq + 1) & ((rq < half) | (rk >= half)))
   if n is None:
     return ok
   return ok & (kj >= 0) & (kj < n) & (qi >= 0) & (qi < n)
@@ -1387,9 +1395,9 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   for first, count, t in reversed(
       _level_groups(n, levels, tile, nr, per_launch)):
     done = None
-    if first == 0 and count == 1 and not rate:
-      done = _forward_level0_mosaic(pyramid[0], parent, nr, scale, causal,
-                                    masked, interpret)
+    if count == 1 and not rate:
+      done = _forward_level_mosaic(pyramid[first], first, parent, nr, scale,
+                                   causal, masked, interpret)
     o, lse = done or _group_forward(
         pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
         out_dtype=q.dtype if first == 0 else handover,
@@ -1399,29 +1407,38 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   return o, (pyramid, o, lse, seeds)
 
 
-def _forward_level0_mosaic(level0, parent, nr, scale, causal, masked,
-                           interpret):
-  """Level 0's forward without dropout by
-  ``mosaic.forward_level0`` where ``level0_impl`` says so and it takes
+def _mosaic_level(level, parent, kind, interpret, nr, d, causal):
+  """Whether the Mosaic GPU kernels of ``kind`` ("forward" or "backward")
+  are this level's: where ``level0_impl`` says so, the level is one of the
+  ``TUNING["mosaic_levels"]`` finest and has a parent."""
+  return (parent is not None and level < TUNING.get("mosaic_levels", 1)
+          and level0_impl(kind, interpret, nr, d, causal) == "mosaic")
+
+
+def _forward_level_mosaic(arrays, level, parent, nr, scale, causal, masked,
+                          interpret):
+  """The forward of ``level`` (its (q, k, v, counts)) without dropout by
+  ``mosaic.forward_level`` where ``_mosaic_level`` says so and it takes
   these inputs: (o, lse), else None (the Triton kernel's turn).
 
-  With a mask, v's rows of no real token are zeroed first (one XLA pass
-  over v): the kernel selects away the logits of such rows, whatever q and
-  k hold there, but a zero weight times a NaN of v is NaN (``_zeroed``)."""
-  q, k, v, c = level0
-  if parent is None or level0_impl("forward", interpret, nr, q.shape[-1],
-                                   causal) != "mosaic":
+  At level 0 with a mask, v's rows of no real token are zeroed first (one
+  XLA pass over v): the kernel selects away the logits of such rows,
+  whatever q and k hold there, but a zero weight times a NaN of v is NaN
+  (``_zeroed``)."""
+  q, k, v, c = arrays
+  if not _mosaic_level(level, parent, "forward", interpret, nr, q.shape[-1],
+                       causal):
     return None
   from htransformer.attention import mosaic  # Only where it is chosen.
-  if mosaic.level0_unsupported(q, v, [k, parent[0]], nr,
-                               [mosaic.forward_level0_stages]):
+  if mosaic.level_unsupported(q, v, [k, parent[0]], nr,
+                               [mosaic.forward_level_stages]):
     return None
-  if masked:
+  if masked and level == 0:
     v = jnp.where(c[:, :, None, None] > 0, v, jnp.zeros_like(v))
-  return mosaic.forward_level0(
-      q, k, v, c, *parent, nr=nr, scale=scale, causal=causal,
+  return mosaic.forward_level(
+      q, k, v, c, *parent, nr=nr, scale=scale, causal=causal, level=level,
       interpret=interpret,
-      stages=mosaic.forward_level0_stages(nr, q.shape[-1], q.dtype))
+      stages=mosaic.forward_level_stages(nr, q.shape[-1], q.dtype))
 
 
 def _attention_fwd(q, k, v, c0, seeds, nr, causal, tile, interpret,
@@ -1465,9 +1482,10 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
     done = None
-    if first == 0 and count == 1 and not rate:
-      done = _backward_level0_mosaic(pyramid[0], stats[0], parent, nr,
-                                     scale, causal, masked, interpret)
+    if count == 1 and not rate:
+      done = _backward_level_mosaic(pyramid[first], stats[first], first,
+                                    parent, nr, scale, causal, masked,
+                                    interpret)
     parent = done or _group_backward(
         pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
         scale=scale, out_dtypes=dtypes, precision=precision,
@@ -1479,40 +1497,43 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _backward_level0_mosaic(level0, stats0, parent, nr, scale, causal,
-                            masked, interpret):
-  """Level 0's backward without dropout by ``mosaic.dq_level0``
-  and ``mosaic.dkv_level0`` where ``level0_impl`` says so and they take
-  these inputs: (dq, dk, dv), else None (the Triton kernels' turn).
+def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
+                           masked, interpret):
+  """The backward of ``level`` (its (q, k, v, counts) and (G, E, M))
+  without dropout by ``mosaic.dq_level`` and ``mosaic.dkv_level`` where
+  ``_mosaic_level`` says so and they take these inputs: (dq, dk, dv), else
+  None (the Triton kernels' turn).
 
-  With a mask, q, k and the cotangent are zeroed on rows of no real token
-  first (one XLA pass each): the kernels select such rows' logits away,
-  but their products would multiply zero weights by NaN there."""
-  q, k, v, c = level0
-  if parent is None or level0_impl("backward", interpret, nr, q.shape[-1],
-                                   causal) != "mosaic":
+  At level 0 with a mask, q, k and the cotangent are zeroed on rows of no
+  real token first (one XLA pass each): the kernels select such rows'
+  logits away, but their products would multiply zero weights by NaN
+  there."""
+  q, k, v, c = arrays
+  if not _mosaic_level(level, parent, "backward", interpret, nr,
+                       q.shape[-1], causal):
     return None
   from htransformer.attention import mosaic  # Only where it is chosen.
-  g, e, m = stats0
+  g, e, m = stats
   d = q.shape[-1]
-  if mosaic.level0_unsupported(q, v, [k, v, g, *parent], nr,
-                               [mosaic.dq_level0_stages,
-                                mosaic.dkv_level0_stages]):
+  if mosaic.level_unsupported(q, v, [k, v, g, *parent], nr,
+                               [mosaic.dq_level_stages,
+                                mosaic.dkv_level_stages]):
     return None
-  if masked:
+  if masked and level == 0:
     real = c[:, :, None, None] > 0
     q, k, g = (jnp.where(real, x, jnp.zeros_like(x)) for x in (q, k, g))
   # Each row's share of its parent: queries by their coarsening mode,
   # keys by the mean.
   share = lambda mode: jax.vmap(lambda x: _prolong_weight(x, mode))(c)
-  common = dict(nr=nr, scale=scale, causal=causal, interpret=interpret)
-  dq = mosaic.dq_level0(q, k, v, c, g, e, m, parent[0],
+  common = dict(nr=nr, scale=scale, causal=causal, level=level,
+                interpret=interpret)
+  dq = mosaic.dq_level(q, k, v, c, g, e, m, parent[0],
                         share(_query_mode(causal, masked)),
-                        stages=mosaic.dq_level0_stages(nr, d, q.dtype),
+                        stages=mosaic.dq_level_stages(nr, d, q.dtype),
                         **common)
-  dk, dv = mosaic.dkv_level0(q, k, v, c, g, e, m, parent[1], parent[2],
+  dk, dv = mosaic.dkv_level(q, k, v, c, g, e, m, parent[1], parent[2],
                              share("mean"),
-                             stages=mosaic.dkv_level0_stages(nr, d, q.dtype),
+                             stages=mosaic.dkv_level_stages(nr, d, q.dtype),
                              **common)
   return dq, dk, dv
 

@@ -12,14 +12,14 @@ simulated).
 
 ``coarsen`` is the pyramid of ``kernels.py`` (its three modes) in passes of
 up to two levels, the default on Hopper GPUs (``kernels.TUNING
-["coarsen_impl"]``). ``forward_level0`` is the finest level's forward,
+["coarsen_impl"]``). ``forward_level`` is the finest level's forward,
 causal or not, on contiguous tiles of 64 query rows (``kernels.TUNING
 ["forward_l0_impl"]``; by default on Hopper GPUs, not causal, at the block
 sizes and head widths where it was measured faster,
 ``kernels.MOSAIC_L0_FASTER``):
 ``scripts/profile_kernels.py --mosaic_forward`` times it against the
-Triton kernel (docs/benchmarks.md, sections "Mosaic GPU"). ``dq_level0``
-and ``dkv_level0`` are its backward on the same tiles and windows
+Triton kernel (docs/benchmarks.md, sections "Mosaic GPU"). ``dq_level``
+and ``dkv_level`` are its backward on the same tiles and windows
 (``TUNING["backward_l0_impl"]``, by default where they were measured
 faster;
 ``--mosaic_dq``). ``double`` (a 1 GiB array doubled through shared
@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # A masked logit, and the lse of a row that sees no key.
-from htransformer.attention.kernels import _NO_KEY
+from htransformer.attention.kernels import _NO_KEY, _allowed
 
 
 def interpret_params():
@@ -294,7 +294,7 @@ def _programs(steps, per_batch_head, most=264):
 _ROWS = 64  # rows of a level-0 tile (a tensor-core product's least)
 
 
-def _level0_smem(nr, d, dtype, stages, *, tile_blocks, parent_blocks,
+def _level_smem(nr, d, dtype, stages, *, tile_blocks, parent_blocks,
                  window_vectors, tile_vectors, out_blocks, out_vectors=0):
   """Shared memory of a level-0 program (bytes, at least what Mosaic GPU
   allocates): per stage ``tile_blocks`` [64, d] blocks, two [64 + 2 nr, d]
@@ -311,28 +311,28 @@ def _level0_smem(nr, d, dtype, stages, *, tile_blocks, parent_blocks,
           + out_vectors * up(4 * _ROWS))
 
 
-def forward_level0_smem(nr, d, dtype, stages):
-  """Shared memory of a ``forward_level0`` program (bytes): q, the
+def forward_level_smem(nr, d, dtype, stages):
+  """Shared memory of a ``forward_level`` program (bytes): q, the
   window's k, v and counts, the parents, counts and parent lse per stage;
   the output and its lse."""
-  return _level0_smem(nr, d, dtype, stages, tile_blocks=1, parent_blocks=1,
+  return _level_smem(nr, d, dtype, stages, tile_blocks=1, parent_blocks=1,
                       window_vectors=1, tile_vectors=2, out_blocks=1,
                       out_vectors=1)
 
 
-def dq_level0_smem(nr, d, dtype, stages):
-  """Shared memory of a ``dq_level0`` program (bytes): q, dO, the window's
+def dq_level_smem(nr, d, dtype, stages):
+  """Shared memory of a ``dq_level`` program (bytes): q, dO, the window's
   k, v and counts, the parents' dq, counts, E, M and weights per stage;
   the output."""
-  return _level0_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=1,
+  return _level_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=1,
                       window_vectors=1, tile_vectors=4, out_blocks=1)
 
 
-def dkv_level0_smem(nr, d, dtype, stages):
-  """Shared memory of a ``dkv_level0`` program (bytes): k, v, the
+def dkv_level_smem(nr, d, dtype, stages):
+  """Shared memory of a ``dkv_level`` program (bytes): k, v, the
   window's q, dO, counts, E and M, the parents' dk and dv, counts and
   weights per stage; the two outputs."""
-  return _level0_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=2,
+  return _level_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=2,
                       window_vectors=3, tile_vectors=2, out_blocks=2)
 
 
@@ -348,22 +348,22 @@ def _stages(smem):
   return 1 if smem(1) <= SMEM_BYTES else 0
 
 
-def forward_level0_stages(nr, d, dtype):
-  """``forward_level0``'s stages (``_stages``)."""
-  return _stages(lambda s: forward_level0_smem(nr, d, dtype, s))
+def forward_level_stages(nr, d, dtype):
+  """``forward_level``'s stages (``_stages``)."""
+  return _stages(lambda s: forward_level_smem(nr, d, dtype, s))
 
 
-def dq_level0_stages(nr, d, dtype):
-  """``dq_level0``'s stages (``_stages``)."""
-  return _stages(lambda s: dq_level0_smem(nr, d, dtype, s))
+def dq_level_stages(nr, d, dtype):
+  """``dq_level``'s stages (``_stages``)."""
+  return _stages(lambda s: dq_level_smem(nr, d, dtype, s))
 
 
-def dkv_level0_stages(nr, d, dtype):
-  """``dkv_level0``'s stages (``_stages``)."""
-  return _stages(lambda s: dkv_level0_smem(nr, d, dtype, s))
+def dkv_level_stages(nr, d, dtype):
+  """``dkv_level``'s stages (``_stages``)."""
+  return _stages(lambda s: dkv_level_smem(nr, d, dtype, s))
 
 
-def _level0_shape_problem(q, nr):
+def _level_shape_problem(q, nr):
   """What a level-0 kernel cannot tile in [B, n, H, D] inputs like ``q``
   (None if nothing): 16-bit inputs, blocks of 16, 32 or 64 rows, a length
   that is a multiple of 64 and holds a window."""
@@ -377,14 +377,14 @@ def _level0_shape_problem(q, nr):
   return None
 
 
-def level0_unsupported(q, v, others, nr, stages):
+def level_unsupported(q, v, others, nr, stages):
   """Why the level-0 kernels whose stage rules are ``stages`` (e.g.
-  ``[forward_level0_stages]``) cannot take these inputs (None if they
-  can): q as ``_level0_shape_problem`` wants it, ``others`` (k, the
+  ``[forward_level_stages]``) cannot take these inputs (None if they
+  can): q as ``_level_shape_problem`` wants it, ``others`` (k, the
   parent level's arrays, ...) of q's dtype, one head width (16 to 128)
   for q and v, and shared memory for at least one stage."""
   d = q.shape[-1]
-  problem = _level0_shape_problem(q, nr)
+  problem = _level_shape_problem(q, nr)
   if problem:
     return problem
   if any(x.dtype != q.dtype for x in others):
@@ -397,17 +397,20 @@ def level0_unsupported(q, v, others, nr, stages):
   return None
 
 
-class _Level0:
-  """The tiling of the level-0 kernels: tiles of ``_ROWS`` rows of the [B,
-  n, H, D] arrays (queries for the forward and dq, keys for dk, dv), each
-  with the window of ``_ROWS + 2 nr`` rows around it (the other side: keys
-  or queries), ``per`` consecutive tiles per program, ``stages`` of them in
-  flight (TMA copies into shared memory)."""
+class _Level:
+  """The tiling of the level kernels: tiles of ``_ROWS`` rows of a level's
+  [B, n, H, D] arrays (queries for the forward and dq, keys for dk, dv),
+  each with the window of ``_ROWS + 2 nr`` rows around it (the other side:
+  keys or queries), ``per`` consecutive tiles per program, ``stages`` of
+  them in flight (TMA copies into shared memory). ``level``: 0 for the
+  caller's arrays, l for the pyramid's level l (its rows weighted by their
+  real-token counts)."""
 
-  def __init__(self, name, q, nr, stages, programs, interpret):
+  def __init__(self, name, q, nr, stages, programs, interpret, level):
     b, n, h, _ = q.shape
     self.rows, self.win, self.nr, self.n = _ROWS, _ROWS + 2 * nr, nr, n
-    problem = _level0_shape_problem(q, nr)
+    self.level = level
+    problem = _level_shape_problem(q, nr)
     if problem:
       raise ValueError(f"{name} {problem}.")
     steps = n // self.rows
@@ -415,7 +418,6 @@ class _Level0:
     self.per = steps // programs
     self.stages = min(stages, self.per)
     self.grid = (programs, h, b)
-    self.shift = nr.bit_length() - 1
     self.interpret = interpret
 
   def window(self, i):
@@ -436,25 +438,20 @@ class _Level0:
 
   def band(self, i, counts, causal, tile_queries=True):
     """bool [rows, win]: the pairs of a tile row and a window row that
-    level 0 lets meet (``kernels._allowed``: blocks at most one apart;
-    causal, the key's block one before the query's, or the same block and
-    the key not after the query), from the offsets (tile and window start
-    at multiples of nr), where the window row has a real token (``counts``
-    [win]). ``tile_queries``: the tile's rows are the queries (else the
-    keys)."""
+    the level lets meet (``kernels._allowed``; level 0: blocks at most one
+    apart, causal the key's block one before the query's or the same block
+    and the key not after the query; coarser: the neighbour blocks minus
+    the quarters a finer level covers), from the offsets (tile and window
+    start at multiples of nr: row numbers from the tile's first row keep
+    the blocks' boundaries), where the window row has a real token
+    (``counts`` [win]). ``tile_queries``: the tile's rows are the queries
+    (else the keys)."""
     t, at = self.window(i)
     shape, wg = (self.rows, self.win), plgpu.Layout.WGMMA
     tile = _iota(shape, 0, wg, self.interpret)
     other = _iota(shape, 1, wg, self.interpret) + (at - t * self.rows)
-    # The window row's block minus the tile row's (offsets from the tile's
-    # first row: arithmetic shifts are floor division).
-    dist = (other >> self.shift) - (tile >> self.shift)
-    if not causal:
-      near = (dist >= -1) & (dist <= 1)
-    elif tile_queries:  # the window's keys: before, or not after in-block
-      near = (dist == -1) | ((dist == 0) & (other <= tile))
-    else:  # the window's queries: after, or not before in-block
-      near = (dist == 1) | ((dist == 0) & (other >= tile))
+    qi, kj = (tile, other) if tile_queries else (other, tile)
+    near = _allowed(qi, kj, None, self.nr, self.level == 0, causal)
     return near & (lax.broadcast_in_dim(counts, shape, [1]) > 0)
 
   def parent_rows(self, parents):
@@ -494,14 +491,15 @@ class _Level0:
                   interpret=self.interpret)(*args)
 
 
-def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
-                   stages=2, programs=None, interpret=False):
-  """Level 0 of the forward in Mosaic GPU: ``kernels._fwd_rows`` at level 0
-  (``causal`` or not; no dropout), with the counts c [B, n] (1 for a real
-  token, 0 else: level 0's, so a real key's weight is 1), the parent
-  level's normalised output ``po`` [B, n/2, H, D] and lse ``plse`` [B, H,
-  n/2]. Returns (o [B, n, H, D] in q's dtype, zero on rows that are not
-  real; lse [B, H, n]).
+def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
+                  level=0, stages=2, programs=None, interpret=False):
+  """A level of the forward in Mosaic GPU: ``kernels._fwd_rows`` (``causal``
+  or not; no dropout) of ``level`` (0: the caller's q, k, v; l >= 1: the
+  pyramid's level l), with the level's real-token counts c [B, n] (each
+  key's weight), the parent level's normalised output ``po`` [B, n/2, H,
+  D] and lse ``plse`` [B, H, n/2]. Returns (o [B, n, H, D] in q's dtype;
+  lse [B, H, n]); at level 0, o is zero on rows that are not real (a
+  coarse level keeps what those rows compute, as the Triton kernel).
 
   A program loops over tiles of 64 query rows (a tensor-core product's
   least), each with the window of 64 + 2 nr keys around it (TMA, ``stages``
@@ -513,7 +511,7 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
   jnp = jax.numpy
   f32 = jnp.float32
   b, n, h, d = q.shape
-  t0 = _Level0("forward_level0", q, nr, stages, programs, interpret)
+  t0 = _Level("forward_level", q, nr, stages, programs, interpret, level)
   rows, win, stages = t0.rows, t0.win, t0.stages
   plse2 = jnp.repeat(plse.astype(f32), 2, axis=-1)  # [B, H, n]
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
@@ -532,16 +530,21 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
         plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
     def step(i, slot):
-      ok = t0.band(i, _load(ck_s.at[slot], col, interpret), causal)
+      ck = _load(ck_s.at[slot], col, interpret)
+      ok = t0.band(i, ck, causal)
       real_q = _load(cq_s.at[slot], row, interpret) > 0
-      x = _matmul(q_s.at[slot], k_s.at[slot], True, interpret)
-      # A query row that is not real is a row of zeros (as ``_zeroed``
-      # makes it for the Triton kernels): its logits are 0.
-      x = jnp.where(ok, jnp.where(lax.broadcast_in_dim(real_q, x.shape, [0]),
-                                  x * scale, 0.0), _NO_KEY)
+      x = _matmul(q_s.at[slot], k_s.at[slot], True, interpret) * scale
+      if level == 0:
+        # A query row that is not real is a row of zeros (as ``_zeroed``
+        # makes it for the Triton kernels): its logits are 0. (A coarse
+        # level's such rows are zeros already.)
+        x = jnp.where(lax.broadcast_in_dim(real_q, x.shape, [0]), x, 0.0)
+      x = jnp.where(ok, x, _NO_KEY)
       m = jnp.max(x, axis=1)
       p = jnp.where(ok, jnp.exp(x - lax.broadcast_in_dim(m, x.shape, [0])),
                     0.0)
+      if level:  # Each key weighs its count (level 0's are 0/1: ``ok``).
+        p = p * lax.broadcast_in_dim(ck, p.shape, [1])
       z = jnp.sum(p, axis=1)
       y = _matmul(p.astype(v.dtype), v_s.at[slot], False, interpret)
       parent = t0.parent_rows(po_s.at[slot])
@@ -554,7 +557,7 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
            + parent * lax.broadcast_in_dim(w, y.shape, [0]))
       has = z > 0
       zs = jnp.where(has, z, 1.0)
-      keep = (real_q & has).astype(f32) / zs
+      keep = ((real_q & has) if level == 0 else has).astype(f32) / zs
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
       o_s[...] = (y * lax.broadcast_in_dim(keep, y.shape, [0])
                   ).astype(o_s.dtype)
@@ -579,24 +582,24 @@ def forward_level0(q, k, v, c, po, plse, *, nr, scale, causal=False,
              plgpu.SMEM((rows, d), q.dtype, transforms=tq),
              plgpu.SMEM((rows,), f32),
              plgpu.Barrier(num_arrivals=7, num_barriers=stages)]
-  return t0.call(body, "hattn_fwd_l0_mosaic", out_type, scratch,
+  return t0.call(body, f"hattn_fwd_l{level}_mosaic", out_type, scratch,
                  q, k, v, c.astype(f32), po, plse2)
 
 
-def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
-              stages=2, programs=None, interpret=False):
-  """Level 0's dq in Mosaic GPU: ``kernels._dq_rows`` at level 0
-  (``causal`` or not) without dropout, on the tiles and key windows of
-  ``forward_level0``.
+def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
+             level=0, stages=2, programs=None, interpret=False):
+  """A level's dq in Mosaic GPU: ``kernels._dq_rows`` (``causal`` or not)
+  without dropout, on the tiles and key windows of ``forward_level``
+  (``level`` as there).
 
   q, k, v [B, n, H, D] (16-bit; k zero on rows that are not real where a
-  mask may leave garbage there, as ``kernels._forward_level0_mosaic`` does
+  mask may leave garbage there, as ``kernels._forward_level_mosaic`` does
   for v), counts c [B, n], the output cotangent g [B, n, H, D], E = dO . O
   and M = lse [B, H, n] (``kernels._row_stats``), the parent level's dq
   ``pdq`` [B, n/2, H, D] and the prolongation weights ``w`` [B, n] (a
   row's share of its parent, ``kernels._prolong_weight`` of the queries'
-  mode). Returns dq [B, n, H, D] in q's dtype, zero on rows that are not
-  real.
+  mode). Returns dq [B, n, H, D] in q's dtype, at level 0 zero on rows
+  that are not real.
 
   Per tile: s = q k^T and dp = g v^T over the window (the band's keys
   kept), ds = p (dp - E), dq = scale ds k + w (R pdq) with R the 0/1
@@ -607,7 +610,7 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
   jnp = jax.numpy
   f32 = jnp.float32
   b, n, h, d = q.shape
-  t0 = _Level0("dq_level0", q, nr, stages, programs, interpret)
+  t0 = _Level("dq_level", q, nr, stages, programs, interpret, level)
   rows, win, stages = t0.rows, t0.win, t0.stages
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
@@ -625,11 +628,14 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
         plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
     def step(i, slot):
-      ok = t0.band(i, _load(ck_s.at[slot], col, interpret), causal)
+      ck = _load(ck_s.at[slot], col, interpret)
+      ok = t0.band(i, ck, causal)
       bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [0])
       s = _matmul(q_s.at[slot], k_s.at[slot], True, interpret) * scale
       mrow = _load(m_s.at[slot], row, interpret)
       p = jnp.where(ok, jnp.exp(jnp.minimum(s - bcast(mrow), 0.0)), 0.0)
+      if level:  # The keys' counts (level 0's: ``ok``).
+        p = p * lax.broadcast_in_dim(ck, p.shape, [1])
       dp = _matmul(g_s.at[slot], v_s.at[slot], True, interpret)
       erow = _load(e_s.at[slot], row, interpret)
       # Selected, not multiplied: dp may be NaN where v is garbage.
@@ -638,9 +644,11 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
       parent = t0.parent_rows(p_s.at[slot])
       wrow = lax.broadcast_in_dim(_load(w_s.at[slot], row, interpret),
                                   dq.shape, [0])
-      real_q = lax.broadcast_in_dim(_load(cq_s.at[slot], row, interpret),
-                                    dq.shape, [0]) > 0
-      dq = jnp.where(real_q, dq * scale + wrow * parent, 0.0)
+      dq = dq * scale + wrow * parent
+      if level == 0:
+        real_q = lax.broadcast_in_dim(_load(cq_s.at[slot], row, interpret),
+                                      dq.shape, [0]) > 0
+        dq = jnp.where(real_q, dq, 0.0)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
       o_s[...] = dq.astype(o_s.dtype)
       plgpu.commit_smem()
@@ -662,22 +670,23 @@ def dq_level0(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
              plgpu.SMEM((stages, rows), f32),
              plgpu.SMEM((rows, d), q.dtype, transforms=tq),
              plgpu.Barrier(num_arrivals=10, num_barriers=stages)]
-  return t0.call(body, "hattn_dq_l0_mosaic",
+  return t0.call(body, f"hattn_dq_l{level}_mosaic",
                  jax.ShapeDtypeStruct((b, n, h, d), q.dtype), scratch,
                  q, k, v, c.astype(f32), g, e, m, pdq, w.astype(f32))
 
 
-def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
-               causal=False, stages=2, programs=None, interpret=False):
-  """Level 0's dk, dv in Mosaic GPU: ``kernels._dkv_rows`` at level 0
-  (``causal`` or not) without dropout. A program's tile is 64 key rows,
-  its window the 64 + 2 nr query rows around them (as
-  ``forward_level0``'s keys).
+def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
+              causal=False, level=0, stages=2, programs=None,
+              interpret=False):
+  """A level's dk, dv in Mosaic GPU: ``kernels._dkv_rows`` (``causal`` or
+  not) without dropout (``level`` as ``forward_level``'s). A program's
+  tile is 64 key rows, its window the 64 + 2 nr query rows around them (as
+  ``forward_level``'s keys).
 
-  Inputs as ``dq_level0``'s (q and g zero on rows that are not real where
+  Inputs as ``dq_level``'s (q and g zero on rows that are not real where
   a mask may leave garbage there), with the parent level's dk, dv ``pdk``,
   ``pdv`` [B, n/2, H, D] in place of its dq. Returns (dk, dv) [B, n, H, D]
-  in k's and v's dtype, zero on rows that are not real.
+  in k's and v's dtype, at level 0 zero on rows that are not real.
 
   Per tile: s^T = k q^T and dp^T = v g^T over the window, p^T and ds^T as
   in the dq, dv = p^T g, dk = scale ds^T q, plus each parent's share (R
@@ -687,7 +696,7 @@ def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
   jnp = jax.numpy
   f32 = jnp.float32
   b, n, h, d = q.shape
-  t0 = _Level0("dkv_level0", q, nr, stages, programs, interpret)
+  t0 = _Level("dkv_level", q, nr, stages, programs, interpret, level)
   rows, win, stages = t0.rows, t0.win, t0.stages
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
@@ -714,6 +723,9 @@ def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
       st = _matmul(k_s.at[slot], q_s.at[slot], True, interpret) * scale
       mcol = _load(m_s.at[slot], col, interpret)
       p = jnp.where(ok, jnp.exp(jnp.minimum(st - bcast(mcol), 0.0)), 0.0)
+      ck = _load(ck_s.at[slot], row, interpret)
+      if level:  # The keys' counts (level 0's: ``_zeroed`` below).
+        p = p * lax.broadcast_in_dim(ck, p.shape, [0])
       dv = _matmul(p.astype(g.dtype), g_s.at[slot], False, interpret)
       dp = _matmul(v_s.at[slot], g_s.at[slot], True, interpret)
       ecol = _load(e_s.at[slot], col, interpret)
@@ -721,11 +733,11 @@ def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
       dk = _matmul(ds.astype(q.dtype), q_s.at[slot], False, interpret)
       wrow = lax.broadcast_in_dim(_load(w_s.at[slot], row, interpret),
                                   dk.shape, [0])
-      real_k = lax.broadcast_in_dim(_load(ck_s.at[slot], row, interpret),
-                                    dk.shape, [0]) > 0
-      dk = jnp.where(real_k, dk * scale + wrow * t0.parent_rows(
-          pk_s.at[slot]), 0.0)
-      dv = jnp.where(real_k, dv + wrow * t0.parent_rows(pv_s.at[slot]), 0.0)
+      dk = dk * scale + wrow * t0.parent_rows(pk_s.at[slot])
+      dv = dv + wrow * t0.parent_rows(pv_s.at[slot])
+      if level == 0:
+        real_k = lax.broadcast_in_dim(ck, dk.shape, [0]) > 0
+        dk, dv = (jnp.where(real_k, x, 0.0) for x in (dk, dv))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
       dk_s[...] = dk.astype(dk_s.dtype)
       dv_s[...] = dv.astype(dv_s.dtype)
@@ -748,7 +760,7 @@ def dkv_level0(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
              plgpu.Barrier(num_arrivals=11, num_barriers=stages)]
   out = [jax.ShapeDtypeStruct((b, n, h, d), k.dtype),
          jax.ShapeDtypeStruct((b, n, h, d), v.dtype)]
-  return t0.call(body, "hattn_dkv_l0_mosaic", out, scratch,
+  return t0.call(body, f"hattn_dkv_l{level}_mosaic", out, scratch,
                  q, k, v, c.astype(f32), g, e, m, pdk, pdv, w.astype(f32))
 
 
