@@ -151,9 +151,9 @@ DEFAULT_TILE = 16
 # coarser levels' Mosaic GPU kernels, the same kernels with each key
 # weighted by its count, are not yet timed). Levels too short for their
 # tiles (``mosaic.level_unsupported``) keep the Triton kernels.
-# Every Mosaic GPU level-0 kernel zeroes nothing in its inputs: with a
-# mask, the rows of no real token of the arrays whose zero weights it
-# multiplies (v forward; q, k, dO backward) are zeroed in XLA first.
+# Every Mosaic GPU level kernel zeroes nothing in its inputs: at level 0
+# with a mask, the rows of no real token of the arrays whose zero weights
+# it multiplies (v forward; q, k, dO backward) are zeroed in XLA first.
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -1431,7 +1431,7 @@ def _forward_level_mosaic(arrays, level, parent, nr, scale, causal, masked,
     return None
   from htransformer.attention import mosaic  # Only where it is chosen.
   if mosaic.level_unsupported(q, v, [k, parent[0]], nr,
-                               [mosaic.forward_level_stages]):
+                              [mosaic.forward_level_stages]):
     return None
   if masked and level == 0:
     v = jnp.where(c[:, :, None, None] > 0, v, jnp.zeros_like(v))
@@ -1516,8 +1516,8 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
   g, e, m = stats
   d = q.shape[-1]
   if mosaic.level_unsupported(q, v, [k, v, g, *parent], nr,
-                               [mosaic.dq_level_stages,
-                                mosaic.dkv_level_stages]):
+                              [mosaic.dq_level_stages,
+                               mosaic.dkv_level_stages]):
     return None
   if masked and level == 0:
     real = c[:, :, None, None] > 0
@@ -1528,13 +1528,13 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
   common = dict(nr=nr, scale=scale, causal=causal, level=level,
                 interpret=interpret)
   dq = mosaic.dq_level(q, k, v, c, g, e, m, parent[0],
-                        share(_query_mode(causal, masked)),
-                        stages=mosaic.dq_level_stages(nr, d, q.dtype),
-                        **common)
+                       share(_query_mode(causal, masked)),
+                       stages=mosaic.dq_level_stages(nr, d, q.dtype),
+                       **common)
   dk, dv = mosaic.dkv_level(q, k, v, c, g, e, m, parent[1], parent[2],
-                             share("mean"),
-                             stages=mosaic.dkv_level_stages(nr, d, q.dtype),
-                             **common)
+                            share("mean"),
+                            stages=mosaic.dkv_level_stages(nr, d, q.dtype),
+                            **common)
   return dq, dk, dv
 
 

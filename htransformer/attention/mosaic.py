@@ -1,4 +1,4 @@
-"""Mosaic GPU (Pallas) kernels: the groundwork of a port of ``kernels.py``.
+"""Mosaic GPU (Pallas) kernels: a partial port of ``kernels.py``.
 
 ``kernels.py`` is written for Pallas's Triton backend, which jax 0.11 marks
 as deprecated; its kernels are also latency-bound (51-62% of the copy rate
@@ -12,19 +12,17 @@ simulated).
 
 ``coarsen`` is the pyramid of ``kernels.py`` (its three modes) in passes of
 up to two levels, the default on Hopper GPUs (``kernels.TUNING
-["coarsen_impl"]``). ``forward_level`` is the finest level's forward,
-causal or not, on contiguous tiles of 64 query rows (``kernels.TUNING
-["forward_l0_impl"]``; by default on Hopper GPUs, not causal, at the block
-sizes and head widths where it was measured faster,
-``kernels.MOSAIC_L0_FASTER``):
-``scripts/profile_kernels.py --mosaic_forward`` times it against the
-Triton kernel (docs/benchmarks.md, sections "Mosaic GPU"). ``dq_level``
-and ``dkv_level`` are its backward on the same tiles and windows
-(``TUNING["backward_l0_impl"]``, by default where they were measured
-faster;
-``--mosaic_dq``). ``double`` (a 1 GiB array doubled through shared
-memory) is the copy ceiling of such kernels:
-``profiling.copy_kernel("mosaic")``.
+["coarsen_impl"]``). ``forward_level`` is a level's forward, causal or
+not, on contiguous tiles of 64 query rows, and ``dq_level`` and
+``dkv_level`` its backward on the same tiles and windows: by default on
+Hopper GPUs at level 0, not causal, at the block sizes and head widths
+where they were measured faster (``kernels.TUNING["forward_l0_impl"]``,
+``["backward_l0_impl"]``, ``kernels.MOSAIC_L0_FASTER``); at coarser levels
+with ``TUNING["mosaic_levels"]`` (not yet timed).
+``scripts/profile_kernels.py --mosaic_forward`` and ``--mosaic_dq`` time
+level 0's against the Triton kernels (docs/benchmarks.md, sections
+"Mosaic GPU"). ``double`` (a 1 GiB array doubled through shared memory) is
+the copy ceiling of such kernels: ``profiling.copy_kernel("mosaic")``.
 
 Every kernel here is checked on a CPU twice
 (``tests/test_kernels.py``): their values in interpret mode
@@ -289,14 +287,14 @@ def _programs(steps, per_batch_head, most=264):
   return p
 
 
-# ------------------------------------------------------------- level 0
+# ------------------------------------------------- the levels (0 and up)
 
-_ROWS = 64  # rows of a level-0 tile (a tensor-core product's least)
+_ROWS = 64  # rows of a level tile (a tensor-core product's least)
 
 
 def _level_smem(nr, d, dtype, stages, *, tile_blocks, parent_blocks,
-                 window_vectors, tile_vectors, out_blocks, out_vectors=0):
-  """Shared memory of a level-0 program (bytes, at least what Mosaic GPU
+                window_vectors, tile_vectors, out_blocks, out_vectors=0):
+  """Shared memory of a level program (bytes, at least what Mosaic GPU
   allocates): per stage ``tile_blocks`` [64, d] blocks, two [64 + 2 nr, d]
   blocks of the window, ``parent_blocks`` [32, d] blocks and the f32
   vectors of the window and of the tile; ``out_blocks`` [64, d] output
@@ -316,8 +314,8 @@ def forward_level_smem(nr, d, dtype, stages):
   window's k, v and counts, the parents, counts and parent lse per stage;
   the output and its lse."""
   return _level_smem(nr, d, dtype, stages, tile_blocks=1, parent_blocks=1,
-                      window_vectors=1, tile_vectors=2, out_blocks=1,
-                      out_vectors=1)
+                     window_vectors=1, tile_vectors=2, out_blocks=1,
+                     out_vectors=1)
 
 
 def dq_level_smem(nr, d, dtype, stages):
@@ -325,7 +323,7 @@ def dq_level_smem(nr, d, dtype, stages):
   k, v and counts, the parents' dq, counts, E, M and weights per stage;
   the output."""
   return _level_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=1,
-                      window_vectors=1, tile_vectors=4, out_blocks=1)
+                     window_vectors=1, tile_vectors=4, out_blocks=1)
 
 
 def dkv_level_smem(nr, d, dtype, stages):
@@ -333,11 +331,11 @@ def dkv_level_smem(nr, d, dtype, stages):
   window's q, dO, counts, E and M, the parents' dk and dv, counts and
   weights per stage; the two outputs."""
   return _level_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=2,
-                      window_vectors=3, tile_vectors=2, out_blocks=2)
+                     window_vectors=3, tile_vectors=2, out_blocks=2)
 
 
 def _stages(smem):
-  """Pipelining stages of a level-0 kernel whose shared memory at S stages
+  """Pipelining stages of a level kernel whose shared memory at S stages
   is ``smem(S)``: two where two programs still fit on an SM, else one (on
   an H200 at 65,536 tokens, the forward at blocks of 16 and 32 and
   head_dim 64 is 10-14% faster with two; at blocks of 64, and head_dim
@@ -364,7 +362,7 @@ def dkv_level_stages(nr, d, dtype):
 
 
 def _level_shape_problem(q, nr):
-  """What a level-0 kernel cannot tile in [B, n, H, D] inputs like ``q``
+  """What a level kernel cannot tile in [B, n, H, D] inputs like ``q``
   (None if nothing): 16-bit inputs, blocks of 16, 32 or 64 rows, a length
   that is a multiple of 64 and holds a window."""
   n, win = q.shape[1], _ROWS + 2 * nr
@@ -378,7 +376,7 @@ def _level_shape_problem(q, nr):
 
 
 def level_unsupported(q, v, others, nr, stages):
-  """Why the level-0 kernels whose stage rules are ``stages`` (e.g.
+  """Why the level kernels whose stage rules are ``stages`` (e.g.
   ``[forward_level_stages]``) cannot take these inputs (None if they
   can): q as ``_level_shape_problem`` wants it, ``others`` (k, the
   parent level's arrays, ...) of q's dtype, one head width (16 to 128)
@@ -724,7 +722,7 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
       mcol = _load(m_s.at[slot], col, interpret)
       p = jnp.where(ok, jnp.exp(jnp.minimum(st - bcast(mcol), 0.0)), 0.0)
       ck = _load(ck_s.at[slot], row, interpret)
-      if level:  # The keys' counts (level 0's: ``_zeroed`` below).
+      if level:  # The keys' counts (level 0 zeroes its own below).
         p = p * lax.broadcast_in_dim(ck, p.shape, [0])
       dv = _matmul(p.astype(g.dtype), g_s.at[slot], False, interpret)
       dp = _matmul(v_s.at[slot], g_s.at[slot], True, interpret)
