@@ -40,8 +40,9 @@ XLA fusions) per call: where the milliseconds go. Run it with
 
 ``--mosaic_forward`` only times the finest level's forward, the Triton
 kernel against the Mosaic GPU one (``mosaic.forward_level``), on the same
-inputs, and prints their largest differences; ``--mosaic_dq`` the same for
-its dq (``mosaic.dq_level``).
+inputs, and prints their largest differences; ``--mosaic_dq`` and
+``--mosaic_dkv`` the same for its dq and its dk, dv (``mosaic.dq_level``,
+``mosaic.dkv_level``).
 ``--ncu_target`` only runs the forward+backward at the first length twice
 (default settings: the kernels' tile unless ``--tiles`` names one; nothing
 timed), for Nsight Compute to read the
@@ -140,7 +141,7 @@ def _device_ms(fn, args):
                                   steps=20).get("device_ms_per_step")
 
 
-def _forward_case(rng, shape, c, nr, tile, scale):
+def _forward_case(rng, shape, c, nr, tile, scale, interpret):
   """The level-0 forward's inputs (a random parent level), the Triton
   kernel, the Mosaic GPU one (given ``stages``) and their differences."""
   from htransformer.attention import mosaic
@@ -153,7 +154,7 @@ def _forward_case(rng, shape, c, nr, tile, scale):
     return kernels._group_forward(
         [(q, k, v, c)], 0, 1, tile, (po, plse), nr=nr, causal=False,
         scale=scale, out_dtype=q.dtype, precision=lax.Precision.DEFAULT,
-        interpret=False, masked=True)
+        interpret=interpret, masked=True)
 
   def diffs(got, want):
     (o, lse), real = got, want[1] > 0.5 * kernels._NO_KEY
@@ -164,13 +165,15 @@ def _forward_case(rng, shape, c, nr, tile, scale):
 
   return ((q, k, v, c, po[:, ::2], plse), triton,
           lambda *a, stages: mosaic.forward_level(
-              *a, nr=nr, scale=scale, stages=stages), diffs)
+              *a, nr=nr, scale=scale, stages=stages, interpret=interpret),
+          diffs)
 
 
-def _dq_case(rng, shape, c, nr, tile, scale):
-  """The level-0 dq's inputs (random E and M, a random parent level, k
-  zero where the mask's padded end is, as the attention hands it over),
-  the Triton kernel, the Mosaic GPU one and their differences."""
+def _backward_case(rng, shape, c, nr, tile, scale, interpret, kind):
+  """The level-0 backward's inputs (random E and M, a random parent level,
+  k zero where the mask's padded end is, as the attention hands it over),
+  the Triton kernel, the Mosaic GPU one and their differences: dq
+  (``kind`` "dq") or dk, dv ("dkv")."""
   from htransformer.attention import mosaic
   batch, length = shape[:2]
   q, k, v, g = random_inputs(rng, shape)
@@ -183,53 +186,65 @@ def _dq_case(rng, shape, c, nr, tile, scale):
       (batch, 8, length)), jnp.float32), kernels._NO_ROW)
   total = jnp.repeat(c.reshape(batch, -1, 2).sum(-1), 2, axis=-1)
   w = jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
+  parents = (pdq,) if kind == "dq" else (pdk, pdv)
 
-  def triton(q, k, v, c, g, e, m, pdq):  # dk, dv unused: not run
-    return kernels._group_backward(
-        [(q, k, v, c)], [(g, e, m)], 0, 1, tile, (pdq, pdk, pdv), nr=nr,
+  def triton(q, k, v, c, g, e, m, *parents):
+    # The kernel whose outputs are not used is not run.
+    out = kernels._group_backward(
+        [(q, k, v, c)], [(g, e, m)], 0, 1, tile,
+        (pdq, pdk, pdv) if kind == "dq" else (pdq, *parents), nr=nr,
         causal=False, scale=scale, out_dtypes=(q.dtype,) * 3,
-        precision=lax.Precision.DEFAULT, interpret=False, masked=True)[0]
+        precision=lax.Precision.DEFAULT, interpret=interpret, masked=True)
+    return out[0] if kind == "dq" else out[1:]
 
   def diffs(got, want):
-    want = want.astype(jnp.float32)
-    return {"_max_diff": float(jnp.max(jnp.abs(
-        got.astype(jnp.float32) - want))),
-            "_max_abs": float(jnp.max(jnp.abs(want)))}
+    got, want = ((got,), (want,)) if kind == "dq" else (got, want)
+    return {"_max_diff": max(float(jnp.max(jnp.abs(
+        x.astype(jnp.float32) - y.astype(jnp.float32))))
+                             for x, y in zip(got, want)),
+            "_max_abs": max(float(jnp.max(jnp.abs(y.astype(jnp.float32))))
+                            for y in want)}
 
-  return ((q, k, v, c, g, e, m, pdq), triton,
-          lambda *a, stages: mosaic.dq_level(
-              *a, w, nr=nr, scale=scale, stages=stages), diffs)
+  fn = mosaic.dq_level if kind == "dq" else mosaic.dkv_level
+  return ((q, k, v, c, g, e, m, *parents), triton,
+          lambda *a, stages: fn(*a, w, nr=nr, scale=scale, stages=stages,
+                                interpret=interpret), diffs)
 
 
 # The level-0 comparisons: the Mosaic GPU kernel against the Triton one.
-_LEVEL0_CASES = {"fwd": _forward_case, "dq": _dq_case}
+_LEVEL0_CASES = {"fwd": _forward_case,
+                 "dq": functools.partial(_backward_case, kind="dq"),
+                 "dkv": functools.partial(_backward_case, kind="dkv")}
 
 
 def level0_rows(args, kind):
-  """The finest level's forward ("fwd") or dq ("dq"): the Triton kernel
-  (tiles of ``args.tiles[0]`` rows, else the default) against the Mosaic
-  GPU one (``mosaic.forward_level``, ``mosaic.dq_level``; each of
-  ``args.stages`` pipelining stages), device time on the same inputs (a
-  mask with a padded end), and their largest differences."""
+  """The finest level's forward ("fwd"), dq ("dq") or dk, dv ("dkv"): the
+  Triton kernel (tiles of ``args.tiles[0]`` rows, else the default)
+  against the Mosaic GPU one (``mosaic.forward_level``, ``dq_level``,
+  ``dkv_level``; each of ``args.stages`` pipelining stages), device time
+  on the same inputs (a mask with a padded end), and their largest
+  differences."""
   nr = args.block_size
   tile = (args.tiles or [kernels.default_tile(nr)])[0]
   scale = 1.0 / np.sqrt(args.head_dim)
+  # Interpret mode (a CPU check): the differences only.
+  device_ms = (lambda fn, inputs: None) if args.interpret else _device_ms
   rows = []
   for length in args.lengths:
     batch = max(1, args.tokens // length)
     c = jnp.ones((batch, length), jnp.float32).at[:, length - 37:].set(0.0)
     inputs, triton, mosaic_fn, diffs = _LEVEL0_CASES[kind](
         np.random.default_rng(0), (batch, length, 8, args.head_dim), c, nr,
-        tile, scale)
+        tile, scale, args.interpret)
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "block_size": nr, "tile": tile,
-           f"triton_{kind}_l0_device_ms": _device_ms(triton, inputs)}
+           f"triton_{kind}_l0_device_ms": device_ms(triton, inputs)}
     want = jax.jit(triton)(*inputs)
     for stages in args.stages:
       name = f"mosaic_{kind}_l0_stages{stages}"
       mos = functools.partial(mosaic_fn, stages=stages)
       try:
-        row[name + "_device_ms"] = _device_ms(mos, inputs)
+        row[name + "_device_ms"] = device_ms(mos, inputs)
         got = jax.jit(mos)(*inputs)
       except Exception as e:  # noqa: BLE001 (reported: a new kernel)
         row[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
@@ -261,8 +276,8 @@ def main():
                       help="levels per launch (TUNING['levels_per_launch'])")
   parser.add_argument("--stages", type=int, nargs="+", default=[1],
                       help="Triton pipelining stages (TUNING['num_stages']); "
-                      "with --mosaic_forward or --mosaic_dq, the Mosaic GPU "
-                      "kernel's")
+                      "with --mosaic_forward, --mosaic_dq or --mosaic_dkv, "
+                      "the Mosaic GPU kernel's")
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--block_size", type=int, default=16)
@@ -304,9 +319,19 @@ def main():
   parser.add_argument("--mosaic_dq", action="store_true",
                       help="the same for the finest level's dq "
                       "(mosaic.dq_level)")
+  parser.add_argument("--mosaic_dkv", action="store_true",
+                      help="the same for the finest level's dk, dv "
+                      "(mosaic.dkv_level)")
+  parser.add_argument("--interpret", action="store_true",
+                      help="with --mosaic_forward, --mosaic_dq or "
+                      "--mosaic_dkv: both kernels in interpret mode (a check "
+                      "of the comparison on a CPU; no device times)")
   args = parser.parse_args()
-  if args.mosaic_forward or args.mosaic_dq:
-    rows = level0_rows(args, "fwd" if args.mosaic_forward else "dq")
+  kinds = [kind for kind, on in (("fwd", args.mosaic_forward),
+                                 ("dq", args.mosaic_dq),
+                                 ("dkv", args.mosaic_dkv)) if on]
+  if kinds:
+    rows = [row for kind in kinds for row in level0_rows(args, kind)]
     if args.out:
       with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)

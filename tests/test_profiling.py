@@ -1,6 +1,9 @@
 """htransformer/profiling.py: the device-time summary of a profiler trace
 (what scripts/step_time.py and scripts/profile_kernels.py print)."""
 
+import json
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +127,33 @@ def test_copy_kernel_bad_arguments_are_named():
     mosaic.double(jnp.ones((100, 128), jnp.bfloat16), interpret=True)
   with pytest.raises(ValueError, match="multiple of 32"):
     profiling.copy_kernel("pallas", rows=40)
+
+
+def test_profile_kernels_compares_the_mosaic_level0_kernels(tmp_path,
+                                                            monkeypatch):
+  """``profile_kernels.py --mosaic_forward --mosaic_dq --mosaic_dkv
+  --interpret``: the Mosaic GPU level-0 kernels against the Triton ones on
+  the same inputs, both in interpret mode on this CPU (no device times),
+  one row per kernel and length with each stage count's largest
+  difference, within bfloat16 rounding of the outputs' size."""
+  script = load_script("profile_kernels")
+  out = tmp_path / "rows.json"
+  monkeypatch.setattr(sys, "argv", [
+      "profile_kernels.py", "--mosaic_forward", "--mosaic_dq", "--mosaic_dkv",
+      "--interpret", "--lengths", "256", "--tokens", "256", "--stages", "1",
+      "2", "--out", str(out)])
+  script.main()
+  rows = json.loads(out.read_text())
+  assert [sorted(k for k in row if k.startswith("triton_")) for row in rows] \
+      == [["triton_fwd_l0_device_ms"], ["triton_dq_l0_device_ms"],
+          ["triton_dkv_l0_device_ms"]]
+  for row, kind in zip(rows, ("fwd", "dq", "dkv")):
+    for stages in (1, 2):
+      name = f"mosaic_{kind}_l0_stages{stages}"
+      assert name not in row, row.get(name)  # a failure's message
+      if kind == "fwd":
+        assert row[name + "_max_diff_o"] <= 2**-6 * 4, row
+        assert row[name + "_max_diff_lse"] <= 1e-4, row
+      else:
+        assert 1 < row[name + "_max_abs"] < 1e3, row
+        assert row[name + "_max_diff"] <= 2**-7 * row[name + "_max_abs"], row
