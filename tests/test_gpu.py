@@ -333,10 +333,10 @@ def test_without_the_triton_backend_the_default_is_xla(monkeypatch):
                                 np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("nr", [16, 64])
-def test_mosaic_forward_level_matches_the_triton_kernel(nr):
+@pytest.mark.parametrize("nr,level", [(16, 0), (64, 0), (16, 1)])
+def test_mosaic_forward_level_matches_the_triton_kernel(nr, level):
   """``mosaic.forward_level`` compiled for this GPU (Hopper and newer)
-  against the Triton level-0 forward on the same inputs
+  against the Triton forward of that level on the same inputs
   (``tests.test_kernels.check_mosaic_forward_level``; interpret mode:
   tests/test_kernels.py)."""
   from htransformer.attention import kernels
@@ -344,16 +344,17 @@ def test_mosaic_forward_level_matches_the_triton_kernel(nr):
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
   check_mosaic_forward_level(nr, n=1024, heads=4, interpret=False,
-                              lse_atol=1e-4)
+                             lse_atol=1e-4, level=level)
 
 
-@pytest.mark.parametrize("nr", [16, 64])
-def test_mosaic_backward_level_matches_the_triton_kernels(nr):
+@pytest.mark.parametrize("nr,level", [(16, 0), (64, 0), (16, 1)])
+def test_mosaic_backward_level_matches_the_triton_kernels(nr, level):
   """``mosaic.dq_level`` and ``dkv_level`` compiled for this GPU
-  against the Triton level-0 backward kernels on the same inputs
+  against the Triton backward kernels of that level on the same inputs
   (``tests.test_kernels.check_mosaic_backward_level``)."""
   from htransformer.attention import kernels
   from tests.test_kernels import check_mosaic_backward_level
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
-  check_mosaic_backward_level(nr, n=1024, heads=4, interpret=False)
+  check_mosaic_backward_level(nr, n=1024, heads=4, interpret=False,
+                              level=level)
