@@ -462,6 +462,38 @@ class _Level:
     return _matmul(repeat.astype(parents.dtype), parents, False,
                    self.interpret)
 
+  @staticmethod
+  def copy_in(pairs, slot, bar):
+    """Starts the copies of a step: each (memory ref, staged buffer) pair
+    into the buffer's ``slot``, arriving on ``bar.at[slot]``."""
+    for src, dst in pairs:
+      plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
+
+  @staticmethod
+  def store(outs):
+    """Writes a step's results: each (value, output buffer, memory ref)
+    into its buffer, once the last step's stores have read them, then
+    copies the buffers to memory."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
+    for value, buf, _ in outs:
+      buf[...] = value.astype(buf.dtype)
+    plgpu.commit_smem()
+    for _, buf, dst in outs:
+      plgpu.copy_smem_to_gmem(buf, dst)
+
+  def scratch(self, staged, outs):
+    """The kernel's shared memory: ``staged`` buffers (shape, dtype,
+    transforms), each with one copy per step (``copy_in``) and a slot per
+    stage; ``outs`` output buffers (the same, one slot); the barrier of
+    each slot, waiting for as many copies as there are staged buffers."""
+    smem = lambda shape, dtype, transforms: plgpu.SMEM(
+        shape, dtype, transforms=transforms)
+    return ([smem((self.stages, *shape), dtype, t)
+             for shape, dtype, t in staged]
+            + [smem(*out) for out in outs]
+            + [plgpu.Barrier(num_arrivals=len(staged),
+                             num_barriers=self.stages)])
+
   def run(self, bar, issue, step):
     """The pipeline: ``issue(i, slot)`` starts step i's copies into
     ``slot`` (arriving on ``bar.at[slot]``); each step waits for its slot,
@@ -510,7 +542,7 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
   f32 = jnp.float32
   b, n, h, d = q.shape
   t0 = _Level("forward_level", q, nr, stages, programs, interpret, level)
-  rows, win, stages = t0.rows, t0.win, t0.stages
+  rows, win = t0.rows, t0.win
   plse2 = jnp.repeat(plse.astype(f32), 2, axis=-1)  # [B, H, n]
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
@@ -520,12 +552,10 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
 
     def issue(i, slot):
       own, keys, parents = t0.slices(i)
-      for src, dst in ((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
-                       (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
-                       (c_g.at[bi, own], cq_s),
-                       (po_g.at[bi, parents, hi], po_s),
-                       (pl_g.at[bi, hi, own], pl_s)):
-        plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
+      t0.copy_in(((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
+                  (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
+                  (c_g.at[bi, own], cq_s), (po_g.at[bi, parents, hi], po_s),
+                  (pl_g.at[bi, hi, own], pl_s)), slot, bar)
 
     def step(i, slot):
       ck = _load(ck_s.at[slot], col, interpret)
@@ -556,30 +586,22 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
       has = z > 0
       zs = jnp.where(has, z, 1.0)
       keep = ((real_q & has) if level == 0 else has).astype(f32) / zs
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
-      o_s[...] = (y * lax.broadcast_in_dim(keep, y.shape, [0])
-                  ).astype(o_s.dtype)
-      lse_s[...] = jnp.where(has, big + jnp.log(zs), _NO_KEY)
-      plgpu.commit_smem()
       own = t0.slices(i)[0]
-      plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, own, hi])
-      plgpu.copy_smem_to_gmem(lse_s, lse_g.at[bi, hi, own])
+      t0.store(((y * lax.broadcast_in_dim(keep, y.shape, [0]), o_s,
+                 o_g.at[bi, own, hi]),
+                (jnp.where(has, big + jnp.log(zs), _NO_KEY), lse_s,
+                 lse_g.at[bi, hi, own])))
 
     t0.run(bar, issue, step)
 
   out_type = [jax.ShapeDtypeStruct((b, n, h, d), q.dtype),
               jax.ShapeDtypeStruct((b, h, n), f32)]
   tq, t64 = _transforms(d, q.dtype), _transforms(d, q.dtype, most=64)
-  scratch = [plgpu.SMEM((stages, rows, d), q.dtype, transforms=tq),
-             plgpu.SMEM((stages, win, d), k.dtype, transforms=tq),
-             plgpu.SMEM((stages, win, d), v.dtype, transforms=t64),
-             plgpu.SMEM((stages, win), f32),
-             plgpu.SMEM((stages, rows), f32),
-             plgpu.SMEM((stages, rows // 2, d), po.dtype, transforms=t64),
-             plgpu.SMEM((stages, rows), f32),
-             plgpu.SMEM((rows, d), q.dtype, transforms=tq),
-             plgpu.SMEM((rows,), f32),
-             plgpu.Barrier(num_arrivals=7, num_barriers=stages)]
+  scratch = t0.scratch(
+      [((rows, d), q.dtype, tq), ((win, d), k.dtype, tq),
+       ((win, d), v.dtype, t64), ((win,), f32, ()), ((rows,), f32, ()),
+       ((rows // 2, d), po.dtype, t64), ((rows,), f32, ())],
+      [((rows, d), q.dtype, tq), ((rows,), f32, ())])
   return t0.call(body, f"hattn_fwd_l{level}_mosaic", out_type, scratch,
                  q, k, v, c.astype(f32), po, plse2)
 
@@ -609,7 +631,7 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
   f32 = jnp.float32
   b, n, h, d = q.shape
   t0 = _Level("dq_level", q, nr, stages, programs, interpret, level)
-  rows, win, stages = t0.rows, t0.win, t0.stages
+  rows, win = t0.rows, t0.win
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
   def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, p_g, w_g, o_g, q_s, k_s, v_s,
@@ -618,12 +640,12 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
 
     def issue(i, slot):
       own, keys, parents = t0.slices(i)
-      for src, dst in ((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
-                       (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
-                       (c_g.at[bi, own], cq_s), (g_g.at[bi, own, hi], g_s),
-                       (e_g.at[bi, hi, own], e_s), (m_g.at[bi, hi, own], m_s),
-                       (p_g.at[bi, parents, hi], p_s), (w_g.at[bi, own], w_s)):
-        plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
+      t0.copy_in(((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
+                  (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
+                  (c_g.at[bi, own], cq_s), (g_g.at[bi, own, hi], g_s),
+                  (e_g.at[bi, hi, own], e_s), (m_g.at[bi, hi, own], m_s),
+                  (p_g.at[bi, parents, hi], p_s), (w_g.at[bi, own], w_s)),
+                 slot, bar)
 
     def step(i, slot):
       ck = _load(ck_s.at[slot], col, interpret)
@@ -647,27 +669,18 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
         real_q = lax.broadcast_in_dim(_load(cq_s.at[slot], row, interpret),
                                       dq.shape, [0]) > 0
         dq = jnp.where(real_q, dq, 0.0)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
-      o_s[...] = dq.astype(o_s.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s, o_g.at[bi, t0.slices(i)[0], hi])
+      t0.store(((dq, o_s, o_g.at[bi, t0.slices(i)[0], hi]),))
 
     t0.run(bar, issue, step)
 
   # q too: a product's operands in shared memory share one swizzle.
   tq, t64 = _transforms(d, q.dtype), _transforms(d, q.dtype, most=64)
-  scratch = [plgpu.SMEM((stages, rows, d), q.dtype, transforms=t64),
-             plgpu.SMEM((stages, win, d), k.dtype, transforms=t64),
-             plgpu.SMEM((stages, win, d), v.dtype, transforms=tq),
-             plgpu.SMEM((stages, win), f32),
-             plgpu.SMEM((stages, rows), f32),
-             plgpu.SMEM((stages, rows, d), g.dtype, transforms=tq),
-             plgpu.SMEM((stages, rows), f32),
-             plgpu.SMEM((stages, rows), f32),
-             plgpu.SMEM((stages, rows // 2, d), pdq.dtype, transforms=t64),
-             plgpu.SMEM((stages, rows), f32),
-             plgpu.SMEM((rows, d), q.dtype, transforms=tq),
-             plgpu.Barrier(num_arrivals=10, num_barriers=stages)]
+  scratch = t0.scratch(
+      [((rows, d), q.dtype, t64), ((win, d), k.dtype, t64),
+       ((win, d), v.dtype, tq), ((win,), f32, ()), ((rows,), f32, ()),
+       ((rows, d), g.dtype, tq), ((rows,), f32, ()), ((rows,), f32, ()),
+       ((rows // 2, d), pdq.dtype, t64), ((rows,), f32, ())],
+      [((rows, d), q.dtype, tq)])
   return t0.call(body, f"hattn_dq_l{level}_mosaic",
                  jax.ShapeDtypeStruct((b, n, h, d), q.dtype), scratch,
                  q, k, v, c.astype(f32), g, e, m, pdq, w.astype(f32))
@@ -695,7 +708,7 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
   f32 = jnp.float32
   b, n, h, d = q.shape
   t0 = _Level("dkv_level", q, nr, stages, programs, interpret, level)
-  rows, win, stages = t0.rows, t0.win, t0.stages
+  rows, win = t0.rows, t0.win
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
   def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, pk_g, pv_g, w_g, dk_g, dv_g,
@@ -705,14 +718,13 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
 
     def issue(i, slot):
       own, qs, parents = t0.slices(i)
-      for src, dst in ((q_g.at[bi, qs, hi], q_s), (k_g.at[bi, own, hi], k_s),
-                       (v_g.at[bi, own, hi], v_s), (c_g.at[bi, qs], cq_s),
-                       (c_g.at[bi, own], ck_s), (g_g.at[bi, qs, hi], g_s),
-                       (e_g.at[bi, hi, qs], e_s), (m_g.at[bi, hi, qs], m_s),
-                       (pk_g.at[bi, parents, hi], pk_s),
-                       (pv_g.at[bi, parents, hi], pv_s),
-                       (w_g.at[bi, own], w_s)):
-        plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
+      t0.copy_in(((q_g.at[bi, qs, hi], q_s), (k_g.at[bi, own, hi], k_s),
+                  (v_g.at[bi, own, hi], v_s), (c_g.at[bi, qs], cq_s),
+                  (c_g.at[bi, own], ck_s), (g_g.at[bi, qs, hi], g_s),
+                  (e_g.at[bi, hi, qs], e_s), (m_g.at[bi, hi, qs], m_s),
+                  (pk_g.at[bi, parents, hi], pk_s),
+                  (pv_g.at[bi, parents, hi], pv_s), (w_g.at[bi, own], w_s)),
+                 slot, bar)
 
     def step(i, slot):
       ok = t0.band(i, _load(cq_s.at[slot], col, interpret), causal,
@@ -736,26 +748,20 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
       if level == 0:
         real_k = lax.broadcast_in_dim(ck, dk.shape, [0]) > 0
         dk, dv = (jnp.where(real_k, x, 0.0) for x in (dk, dv))
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
-      dk_s[...] = dk.astype(dk_s.dtype)
-      dv_s[...] = dv.astype(dv_s.dtype)
-      plgpu.commit_smem()
       own = t0.slices(i)[0]
-      plgpu.copy_smem_to_gmem(dk_s, dk_g.at[bi, own, hi])
-      plgpu.copy_smem_to_gmem(dv_s, dv_g.at[bi, own, hi])
+      t0.store(((dk, dk_s, dk_g.at[bi, own, hi]),
+                (dv, dv_s, dv_g.at[bi, own, hi])))
 
     t0.run(bar, issue, step)
 
   t64 = _transforms(d, q.dtype, most=64)
-  block = lambda r, dtype: plgpu.SMEM((stages, r, d), dtype, transforms=t64)
-  vec = lambda r: plgpu.SMEM((stages, r), f32)
-  scratch = [block(win, q.dtype), block(rows, k.dtype), block(rows, v.dtype),
-             vec(win), vec(rows), block(win, g.dtype), vec(win), vec(win),
-             block(rows // 2, pdk.dtype), block(rows // 2, pdv.dtype),
-             vec(rows),
-             plgpu.SMEM((rows, d), k.dtype, transforms=t64),
-             plgpu.SMEM((rows, d), v.dtype, transforms=t64),
-             plgpu.Barrier(num_arrivals=11, num_barriers=stages)]
+  block = lambda r, dtype: ((r, d), dtype, t64)
+  vec = lambda r: ((r,), f32, ())
+  scratch = t0.scratch(
+      [block(win, q.dtype), block(rows, k.dtype), block(rows, v.dtype),
+       vec(win), vec(rows), block(win, g.dtype), vec(win), vec(win),
+       block(rows // 2, pdk.dtype), block(rows // 2, pdv.dtype), vec(rows)],
+      [block(rows, k.dtype), block(rows, v.dtype)])
   out = [jax.ShapeDtypeStruct((b, n, h, d), k.dtype),
          jax.ShapeDtypeStruct((b, n, h, d), v.dtype)]
   return t0.call(body, f"hattn_dkv_l{level}_mosaic", out, scratch,
