@@ -35,6 +35,7 @@ runs Mosaic GPU's layout inference and shared-memory check).
 from __future__ import annotations
 
 import inspect
+import math
 
 import jax
 from jax import lax
@@ -292,46 +293,47 @@ def _programs(steps, per_batch_head, most=264):
 _ROWS = 64  # rows of a level tile (a tensor-core product's least)
 
 
-def _level_smem(nr, d, dtype, stages, *, tile_blocks, parent_blocks,
-                window_vectors, tile_vectors, out_blocks, out_vectors=0):
-  """Shared memory of a level program (bytes, at least what Mosaic GPU
-  allocates): per stage ``tile_blocks`` [64, d] blocks, two [64 + 2 nr, d]
-  blocks of the window, ``parent_blocks`` [32, d] blocks and the f32
-  vectors of the window and of the tile; ``out_blocks`` [64, d] output
-  blocks and ``out_vectors`` output vectors."""
-  item = jax.numpy.dtype(dtype).itemsize
-  win = _ROWS + 2 * nr
-  up = _aligned
-  per_stage = (tile_blocks * up(_ROWS * d * item) + 2 * up(win * d * item)
-               + parent_blocks * up(_ROWS // 2 * d * item)
-               + window_vectors * up(4 * win) + tile_vectors * up(4 * _ROWS))
-  return (stages * per_stage + out_blocks * up(_ROWS * d * item)
-          + out_vectors * up(4 * _ROWS))
+def _buffers(kind, nr, d, dtype):
+  """A level kernel's shared-memory buffers, (staged, outs), each a list of
+  (shape, dtype, transforms) (``_Level.scratch``): ``staged`` get a copy per
+  step and a slot per stage, ``outs`` one slot. "forward": q, the window's
+  k, v and counts, the tile's counts, the parents' output and the
+  parent lse; the output and its lse. "dq": q, the window's k, v and
+  counts, the tile's counts, dO, E, M, the parents' dq and the weights;
+  the output. "dkv": the window's q, the tile's k, v, the window's and the
+  tile's counts, the window's dO, E and M, the parents' dk and dv, the
+  weights; the two outputs. A product's operands in shared memory share
+  one swizzle: q, k and dO of the dq, and every block of the dk, dv, are
+  second operands both transposed and not, so they take the 64-byte
+  swizzle (steps of 32 rows) that the non-transposed use needs."""
+  f32, rows, win = jax.numpy.float32, _ROWS, _ROWS + 2 * nr
+  wide, narrow = _transforms(d, dtype), _transforms(d, dtype, most=64)
+  blk = lambda r, t: ((r, d), dtype, t)
+  vec = lambda r: ((r,), f32, ())
+  if kind == "forward":
+    return ([blk(rows, wide), blk(win, wide), blk(win, narrow), vec(win),
+             vec(rows), blk(rows // 2, narrow), vec(rows)],
+            [blk(rows, wide), vec(rows)])
+  if kind == "dq":
+    return ([blk(rows, narrow), blk(win, narrow), blk(win, wide), vec(win),
+             vec(rows), blk(rows, wide), vec(rows), vec(rows),
+             blk(rows // 2, narrow), vec(rows)],
+            [blk(rows, wide)])
+  return ([blk(win, narrow), blk(rows, narrow), blk(rows, narrow),
+           vec(win), vec(rows), blk(win, narrow), vec(win), vec(win),
+           blk(rows // 2, narrow), blk(rows // 2, narrow), vec(rows)],
+          [blk(rows, narrow), blk(rows, narrow)])
 
 
-def forward_level_smem(nr, d, dtype, stages):
-  """Shared memory of a ``forward_level`` program (bytes): q, the
-  window's k, v and counts, the parents, counts and parent lse per stage;
-  the output and its lse."""
-  return _level_smem(nr, d, dtype, stages, tile_blocks=1, parent_blocks=1,
-                     window_vectors=1, tile_vectors=2, out_blocks=1,
-                     out_vectors=1)
-
-
-def dq_level_smem(nr, d, dtype, stages):
-  """Shared memory of a ``dq_level`` program (bytes): q, dO, the window's
-  k, v and counts, the parents' dq, counts, E, M and weights per stage;
-  the output."""
-  return _level_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=1,
-                     window_vectors=1, tile_vectors=4, out_blocks=1)
-
-
-def dkv_level_smem(nr, d, dtype, stages):
-  """Shared memory of a ``dkv_level`` program (bytes): k, v, the
-  window's q, dO, counts, E and M, the parents' dk and dv, counts and
-  weights per stage; the two outputs."""
-  return _level_smem(nr, d, dtype, stages, tile_blocks=2, parent_blocks=2,
-                     window_vectors=3, tile_vectors=2, out_blocks=2)
+def level_smem(kind, nr, d, dtype, stages):
+  """Shared memory of a level program of ``kind`` ("forward", "dq",
+  "dkv") at ``stages`` (bytes, at least what Mosaic GPU allocates), from
+  its ``_buffers``."""
+  nbytes = lambda shape, dt, _: _aligned(
+      math.prod(shape) * jax.numpy.dtype(dt).itemsize)
+  staged, outs = _buffers(kind, nr, d, dtype)
+  return (stages * sum(nbytes(*x) for x in staged)
+          + sum(nbytes(*x) for x in outs))
 
 
 def _stages(smem):
@@ -348,17 +350,17 @@ def _stages(smem):
 
 def forward_level_stages(nr, d, dtype):
   """``forward_level``'s stages (``_stages``)."""
-  return _stages(lambda s: forward_level_smem(nr, d, dtype, s))
+  return _stages(lambda s: level_smem("forward", nr, d, dtype, s))
 
 
 def dq_level_stages(nr, d, dtype):
   """``dq_level``'s stages (``_stages``)."""
-  return _stages(lambda s: dq_level_smem(nr, d, dtype, s))
+  return _stages(lambda s: level_smem("dq", nr, d, dtype, s))
 
 
 def dkv_level_stages(nr, d, dtype):
   """``dkv_level``'s stages (``_stages``)."""
-  return _stages(lambda s: dkv_level_smem(nr, d, dtype, s))
+  return _stages(lambda s: level_smem("dkv", nr, d, dtype, s))
 
 
 def _level_shape_problem(q, nr):
@@ -542,7 +544,6 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
   f32 = jnp.float32
   b, n, h, d = q.shape
   t0 = _Level("forward_level", q, nr, stages, programs, interpret, level)
-  rows, win = t0.rows, t0.win
   plse2 = jnp.repeat(plse.astype(f32), 2, axis=-1)  # [B, H, n]
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
@@ -596,12 +597,7 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
 
   out_type = [jax.ShapeDtypeStruct((b, n, h, d), q.dtype),
               jax.ShapeDtypeStruct((b, h, n), f32)]
-  tq, t64 = _transforms(d, q.dtype), _transforms(d, q.dtype, most=64)
-  scratch = t0.scratch(
-      [((rows, d), q.dtype, tq), ((win, d), k.dtype, tq),
-       ((win, d), v.dtype, t64), ((win,), f32, ()), ((rows,), f32, ()),
-       ((rows // 2, d), po.dtype, t64), ((rows,), f32, ())],
-      [((rows, d), q.dtype, tq), ((rows,), f32, ())])
+  scratch = t0.scratch(*_buffers("forward", nr, d, q.dtype))
   return t0.call(body, f"hattn_fwd_l{level}_mosaic", out_type, scratch,
                  q, k, v, c.astype(f32), po, plse2)
 
@@ -673,14 +669,7 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
 
     t0.run(bar, issue, step)
 
-  # q too: a product's operands in shared memory share one swizzle.
-  tq, t64 = _transforms(d, q.dtype), _transforms(d, q.dtype, most=64)
-  scratch = t0.scratch(
-      [((rows, d), q.dtype, t64), ((win, d), k.dtype, t64),
-       ((win, d), v.dtype, tq), ((win,), f32, ()), ((rows,), f32, ()),
-       ((rows, d), g.dtype, tq), ((rows,), f32, ()), ((rows,), f32, ()),
-       ((rows // 2, d), pdq.dtype, t64), ((rows,), f32, ())],
-      [((rows, d), q.dtype, tq)])
+  scratch = t0.scratch(*_buffers("dq", nr, d, q.dtype))
   return t0.call(body, f"hattn_dq_l{level}_mosaic",
                  jax.ShapeDtypeStruct((b, n, h, d), q.dtype), scratch,
                  q, k, v, c.astype(f32), g, e, m, pdq, w.astype(f32))
@@ -754,14 +743,7 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
 
     t0.run(bar, issue, step)
 
-  t64 = _transforms(d, q.dtype, most=64)
-  block = lambda r, dtype: ((r, d), dtype, t64)
-  vec = lambda r: ((r,), f32, ())
-  scratch = t0.scratch(
-      [block(win, q.dtype), block(rows, k.dtype), block(rows, v.dtype),
-       vec(win), vec(rows), block(win, g.dtype), vec(win), vec(win),
-       block(rows // 2, pdk.dtype), block(rows // 2, pdv.dtype), vec(rows)],
-      [block(rows, k.dtype), block(rows, v.dtype)])
+  scratch = t0.scratch(*_buffers("dkv", nr, d, q.dtype))
   out = [jax.ShapeDtypeStruct((b, n, h, d), k.dtype),
          jax.ShapeDtypeStruct((b, n, h, d), v.dtype)]
   return t0.call(body, f"hattn_dkv_l{level}_mosaic", out, scratch,
