@@ -730,13 +730,15 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
     monkeypatch):
   """``forward_l0_impl`` and ``backward_l0_impl`` "auto" on a Hopper GPU
   (the device probe set; traced, not run): Mosaic GPU at the blocks and
-  head widths of ``MOSAIC_L0_FASTER``, non-causal and without dropout; the
-  Triton kernels elsewhere, and always in interpret mode or on other
-  devices."""
+  head widths of ``MOSAIC_L0_FASTER`` (causal: ``MOSAIC_L0_FASTER_CAUSAL``)
+  without dropout; the Triton kernels elsewhere, and always in interpret
+  mode or on other devices."""
   assert kernels.TUNING["forward_l0_impl"] == "auto"
   assert kernels.TUNING["backward_l0_impl"] == "auto"
   assert kernels.MOSAIC_L0_FASTER == {"forward": {(32, 64), (16, 128)},
                                       "backward": {(16, 64), (16, 128)}}
+  assert kernels.MOSAIC_L0_FASTER_CAUSAL == {"forward": set(),
+                                             "backward": {(16, 64)}}
 
   def triton_l0(nr, d, causal=False, rate=0.0, interpret=False):
     """How many Triton level-0 kernels (forward, dq, dk and dv) the
@@ -762,7 +764,8 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
   assert kernels.level0_impl("backward", block_size=16,
                              head_dim=64) == "mosaic"
   assert triton_l0(32, 64) == [0, 1, 1]
-  assert triton_l0(16, 64) == [1, 0, 0]
+  assert triton_l0(16, 64) == triton_l0(16, 64, causal=True) == [1, 0, 0]
+  assert triton_l0(32, 64, causal=True) == [1, 1, 1]
   # 100 is computed at width 128.
   assert triton_l0(16, 128) == triton_l0(16, 100) == [0, 0, 0]
   for case in (dict(nr=64, d=64), dict(nr=32, d=128),
@@ -824,8 +827,10 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   # float32 rows of 128 do not fit a Mosaic GPU pyramid pass.
   assert ("mosaic_gpu" in text) == (jnp.dtype(dtype).itemsize * d < 512)
   half = dtype != "float32"
-  assert ("hattn_fwd_l0_mosaic" in text) == (half and (every or (
-      not causal and (nr, d) in kernels.MOSAIC_L0_FASTER["forward"])))
+  faster = (kernels.MOSAIC_L0_FASTER_CAUSAL if causal
+            else kernels.MOSAIC_L0_FASTER)
+  assert ("hattn_fwd_l0_mosaic" in text) == (half and (
+      every or (nr, d) in faster["forward"]))
   if every:  # Level l has 65,536 >> l rows; a window needs 64 + 2 nr.
     for level in range(1, 12):
       fits = 65536 >> level >= 64 + 2 * nr
@@ -834,8 +839,8 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
             kind, level)
   for kind in ("dq", "dkv"):
     assert (f"hattn_{kind}_l0_mosaic" in text) == (half and (
-        backward == "mosaic" or (backward == "auto" and not causal and (
-            nr, d) in kernels.MOSAIC_L0_FASTER["backward"])))
+        backward == "mosaic" or (backward == "auto"
+                                 and (nr, d) in faster["backward"])))
 
 
 def test_mosaic_forward_level_rejects_what_it_cannot_run():

@@ -140,8 +140,9 @@ DEFAULT_TILE = 16
 # ``forward_l0_impl``: the finest level's forward, "triton" (the level
 # kernel above), "mosaic" (``mosaic.forward_level``, Hopper GPUs and
 # newer: no dropout, 16-bit inputs; elsewhere the Triton kernel) or "auto"
-# (the default: "mosaic" on such GPUs, not causal, at the block sizes and
-# head widths of ``MOSAIC_L0_FASTER["forward"]``; "triton" elsewhere).
+# (the default: "mosaic" on such GPUs at the block sizes and head widths
+# of ``MOSAIC_L0_FASTER["forward"]``, causal of
+# ``MOSAIC_L0_FASTER_CAUSAL["forward"]``; "triton" elsewhere).
 # ``backward_l0_impl``: the finest level's dq and dk, dv, "triton",
 # "mosaic" (``mosaic.dq_level`` and ``dkv_level``, where the forward's
 # Mosaic GPU kernel would apply) or "auto" (the default, as the forward's
@@ -149,7 +150,9 @@ DEFAULT_TILE = 16
 # ``mosaic_levels``: how many of the finest levels take the Mosaic GPU
 # kernels where those two choose them (1, the default: level 0 only; the
 # coarser levels' Mosaic GPU kernels, the same kernels with each key
-# weighted by its count, are not yet timed). Levels too short for their
+# weighted by its count, are slower than the Triton ones: forward+backward
+# 1.238 ms at 1, 1.279 at 4, 1.317 at 10 levels, H200, blocks of 16,
+# head_dim 64, 1 x 65,536 tokens; docs/benchmarks.md). Levels too short for their
 # tiles (``mosaic.level_unsupported``) keep the Triton kernels.
 # Every Mosaic GPU level kernel zeroes nothing in its inputs: at level 0
 # with a mask, the rows of no real token of the arrays whose zero weights
@@ -288,6 +291,11 @@ def coarsen_impl(interpret: bool = False) -> str:
 # against 2.449 at head_dim 128. ``"auto"`` takes them there only.
 MOSAIC_L0_FASTER = {"forward": frozenset({(32, 64), (16, 128)}),
                     "backward": frozenset({(16, 64), (16, 128)})}
+# The same, causal: the backward at blocks of 16 and head_dim 64 (the whole
+# attention's forward+backward 1.193 against 1.216 ms and 1.202 against
+# 1.220 in two runs); the forward loses there (0.442 against 0.389 ms).
+MOSAIC_L0_FASTER_CAUSAL = {"forward": frozenset(),
+                           "backward": frozenset({(16, 64)})}
 
 
 def level0_impl(kind: str, interpret: bool = False,
@@ -297,8 +305,8 @@ def level0_impl(kind: str, interpret: bool = False,
   ``TUNING["forward_l0_impl"]`` or ``["backward_l0_impl"]``, with "auto"
   resolved for this device (and interpret mode) and, where given, the
   block size, the kernels' head width and causality (without them "auto"
-  means Mosaic GPU at those of ``MOSAIC_L0_FASTER[kind]``, not causal: the
-  causal kernels are not yet timed)."""
+  means Mosaic GPU at those of ``MOSAIC_L0_FASTER[kind]``, or, causal,
+  ``MOSAIC_L0_FASTER_CAUSAL[kind]``)."""
   impl = TUNING.get(f"{kind}_l0_impl", "auto")
   if impl != "auto":
     return impl
@@ -306,8 +314,8 @@ def level0_impl(kind: str, interpret: bool = False,
     return "triton"
   if block_size is None or head_dim is None:
     return "mosaic"
-  return ("mosaic" if (block_size, head_dim) in MOSAIC_L0_FASTER[kind]
-          and not causal else "triton")
+  faster = MOSAIC_L0_FASTER_CAUSAL if causal else MOSAIC_L0_FASTER
+  return "mosaic" if (block_size, head_dim) in faster[kind] else "triton"
 
 
 def unsupported_reason(query, value, block_size: int) -> str | None:

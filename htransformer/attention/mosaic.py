@@ -15,13 +15,14 @@ up to two levels, the default on Hopper GPUs (``kernels.TUNING
 ["coarsen_impl"]``). ``forward_level`` is a level's forward, causal or
 not, on contiguous tiles of 64 query rows, and ``dq_level`` and
 ``dkv_level`` its backward on the same tiles and windows: by default on
-Hopper GPUs at level 0, not causal, at the block sizes and head widths
+Hopper GPUs at level 0, at the block sizes, head widths and causality
 where they were measured faster (``kernels.TUNING["forward_l0_impl"]``,
-``["backward_l0_impl"]``, ``kernels.MOSAIC_L0_FASTER``); at coarser levels
-with ``TUNING["mosaic_levels"]`` (not yet timed).
-``scripts/profile_kernels.py --mosaic_forward`` and ``--mosaic_dq`` time
-level 0's against the Triton kernels (docs/benchmarks.md, sections
-"Mosaic GPU"). ``double`` (a 1 GiB array doubled through shared memory) is
+``["backward_l0_impl"]``, ``kernels.MOSAIC_L0_FASTER`` and
+``MOSAIC_L0_FASTER_CAUSAL``); at coarser levels with
+``TUNING["mosaic_levels"]`` (timed slower than the Triton kernels there).
+``scripts/profile_kernels.py --mosaic_forward``, ``--mosaic_dq`` and
+``--mosaic_dkv`` time level 0's against the Triton kernels
+(docs/benchmarks.md, sections "Mosaic GPU"). ``double`` (a 1 GiB array doubled through shared memory) is
 the copy ceiling of such kernels: ``profiling.copy_kernel("mosaic")``.
 
 Every kernel here is checked on a CPU twice
