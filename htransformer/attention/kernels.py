@@ -152,8 +152,8 @@ DEFAULT_TILE = 16
 # coarser levels' Mosaic GPU kernels, the same kernels with each key
 # weighted by its count, are slower than the Triton ones: forward+backward
 # 1.238 ms at 1, 1.279 at 4, 1.317 at 10 levels, H200, blocks of 16,
-# head_dim 64, 1 x 65,536 tokens; docs/benchmarks.md). Levels too short for their
-# tiles (``mosaic.level_unsupported``) keep the Triton kernels.
+# head_dim 64, 1 x 65,536 tokens; docs/benchmarks.md). Levels too short
+# for their tiles (``mosaic.level_unsupported``) keep the Triton kernels.
 # Every Mosaic GPU level kernel zeroes nothing in its inputs: at level 0
 # with a mask, the rows of no real token of the arrays whose zero weights
 # it multiplies (v forward; q, k, dO backward) are zeroed in XLA first.

@@ -22,8 +22,9 @@ where they were measured faster (``kernels.TUNING["forward_l0_impl"]``,
 ``TUNING["mosaic_levels"]`` (timed slower than the Triton kernels there).
 ``scripts/profile_kernels.py --mosaic_forward``, ``--mosaic_dq`` and
 ``--mosaic_dkv`` time level 0's against the Triton kernels
-(docs/benchmarks.md, sections "Mosaic GPU"). ``double`` (a 1 GiB array doubled through shared memory) is
-the copy ceiling of such kernels: ``profiling.copy_kernel("mosaic")``.
+(docs/benchmarks.md, sections "Mosaic GPU"). ``double`` (a 1 GiB array
+doubled through shared memory) is the copy ceiling of such kernels:
+``profiling.copy_kernel("mosaic")``.
 
 Every kernel here is checked on a CPU twice
 (``tests/test_kernels.py``): their values in interpret mode
