@@ -228,11 +228,13 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
     dict(forward_l0_impl="mosaic"),
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic"),
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
-         mosaic_levels=20)],
+         mosaic_levels=20),
+    dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
+         mosaic_zero_rows="kernel")],
     ids=["pair_sums", "handover_f32", "pyramid_warps_as_levels",
          "backward_warps", "heads_first", "products_pyramid",
          "triton_level0", "mosaic_level0_forward",
-         "mosaic_level0_both", "mosaic_all_levels"])
+         "mosaic_level0_both", "mosaic_all_levels", "mosaic_zero_rows"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair
@@ -240,8 +242,8 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   rule, other warps for the backward kernels, heads first in a launch, the
   pyramid by the products kernel and the Triton level-0 kernels where
   Mosaic GPU is the default, the Mosaic GPU level-0 forward, and
-  backward, and both at every level long enough, wherever they apply), as
-  compiled for the GPU
+  backward, both at every level long enough, and both zeroing the
+  padding themselves, wherever they apply), as compiled for the GPU
   (interpret mode: tests/test_kernels.py)."""
   from htransformer.attention import kernels
   for key, value in tuning.items():
@@ -333,8 +335,11 @@ def test_without_the_triton_backend_the_default_is_xla(monkeypatch):
                                 np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("nr,level", [(16, 0), (64, 0), (16, 1)])
-def test_mosaic_forward_level_matches_the_triton_kernel(nr, level):
+@pytest.mark.parametrize("nr,level,zero_rows", [
+    (16, 0, False), (64, 0, False), (16, 1, False), (16, 0, True),
+    (32, 0, True)])
+def test_mosaic_forward_level_matches_the_triton_kernel(nr, level,
+                                                        zero_rows):
   """``mosaic.forward_level`` compiled for this GPU (Hopper and newer)
   against the Triton forward of that level on the same inputs
   (``tests.test_kernels.check_mosaic_forward_level``; interpret mode:
@@ -344,11 +349,14 @@ def test_mosaic_forward_level_matches_the_triton_kernel(nr, level):
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
   check_mosaic_forward_level(nr, n=1024, heads=4, interpret=False,
-                             lse_atol=1e-4, level=level)
+                             lse_atol=1e-4, level=level, zero_rows=zero_rows)
 
 
-@pytest.mark.parametrize("nr,level", [(16, 0), (64, 0), (16, 1)])
-def test_mosaic_backward_level_matches_the_triton_kernels(nr, level):
+@pytest.mark.parametrize("nr,level,zero_rows", [
+    (16, 0, False), (64, 0, False), (16, 1, False), (16, 0, True),
+    (32, 0, True)])
+def test_mosaic_backward_level_matches_the_triton_kernels(nr, level,
+                                                          zero_rows):
   """``mosaic.dq_level`` and ``dkv_level`` compiled for this GPU
   against the Triton backward kernels of that level on the same inputs
   (``tests.test_kernels.check_mosaic_backward_level``)."""
@@ -357,4 +365,4 @@ def test_mosaic_backward_level_matches_the_triton_kernels(nr, level):
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
   check_mosaic_backward_level(nr, n=1024, heads=4, interpret=False,
-                              level=level)
+                              level=level, zero_rows=zero_rows)

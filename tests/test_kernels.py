@@ -500,15 +500,26 @@ def _level_counts(key, b, n, level):
   return c.at[0, n - 100:].set(0.0).at[1, 64:128].set(0.0)
 
 
+def _garbage(c, arrays):
+  """``arrays`` with NaN in the rows of no real token (counts c), and inf
+  in a few of them: what a mask may leave there."""
+  padding = (c == 0)[:, :, None, None]
+  inf_rows = padding & (jnp.arange(c.shape[1]) % 7 == 0)[None, :, None, None]
+  return [jnp.where(inf_rows, jnp.inf, jnp.where(padding, jnp.nan, x))
+          .astype(x.dtype) for x in arrays]
+
+
 def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
-                               causal=False, level=0):
+                               causal=False, level=0, zero_rows=False):
   """``mosaic.forward_level`` against the Triton forward of ``level``,
   both in interpret mode or both compiled (tests/test_gpu.py), with a
   parent level: holes, a padded end, a parent row of no key, query rows
   that are not real (at level 0 zeroed queries, zero output; coarser, rows
   of zeros, as the pyramid makes them, and keys weighted by counts of 1
   or 2). The log-normaliser is compared where the Triton kernel computes
-  it (it skips tiles of padding only)."""
+  it (it skips tiles of padding only). ``zero_rows`` (level 0): the Mosaic
+  GPU kernel gets NaN and inf in q, k and v on those rows and zeroes v's
+  itself."""
   keys = jax.random.split(jax.random.key(nr + 10 * level), 6)
   b, d = 2, 64
   q, k, v = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
@@ -529,9 +540,10 @@ def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
         masked=True)
 
   args = (q, k, v, c, po, plse)
+  theirs = (*_garbage(c, (q, k, v)), *args[3:]) if zero_rows else args
   o, lse = jax.jit(lambda *a: mosaic.forward_level(
       *a, nr=nr, scale=0.125, causal=causal, level=level,
-      interpret=interpret))(*args)
+      zero_rows=zero_rows, interpret=interpret))(*theirs)
   want_o, want_lse = jax.jit(triton)(*args)
   o, want_o = np.asarray(o, np.float32), np.asarray(want_o, np.float32)
   real = np.asarray(c) > 0
@@ -548,13 +560,14 @@ def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
 
 
 def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
-                                causal=False, level=0):
+                                causal=False, level=0, zero_rows=False):
   """``mosaic.dq_level`` and ``mosaic.dkv_level`` against the Triton dq
   and dk, dv kernels of ``level``, both in interpret mode or both compiled
   (tests/test_gpu.py), with a parent level: holes, a padded end, rows of
   no real token (M = _NO_ROW, E = 0; zero gradients at level 0, the
   parent's share at coarser levels, whose keys weigh their counts of 1 or
-  2)."""
+  2). ``zero_rows`` (level 0): the Mosaic GPU kernels get NaN and inf in
+  q, k, v and dO on those rows and zero what they must themselves."""
   keys = jax.random.split(jax.random.key(nr + 1 + 10 * level), 8)
   b = 2
   q, k, v, g = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
@@ -586,11 +599,15 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
         interpret=interpret, masked=True)
 
   args = (q, k, v, c, g, e, m)
+  theirs = args
+  if zero_rows:
+    bad_q, bad_k, bad_v, bad_g = _garbage(c, (q, k, v, g))
+    theirs = (bad_q, bad_k, bad_v, c, bad_g, e, m)
   common = dict(nr=nr, scale=0.125, causal=causal, level=level,
-                interpret=interpret)
-  dq = jax.jit(lambda *a: mosaic.dq_level(*a, pdq, w_q, **common))(*args)
+                zero_rows=zero_rows, interpret=interpret)
+  dq = jax.jit(lambda *a: mosaic.dq_level(*a, pdq, w_q, **common))(*theirs)
   dk, dv = jax.jit(lambda *a: mosaic.dkv_level(
-      *a, pdk, pdv, w_k, **common))(*args)
+      *a, pdk, pdv, w_k, **common))(*theirs)
   want = jax.jit(triton)(*args, pdq, pdk, pdv)
   real = np.asarray(c) > 0
   for name, got, ref in zip(["dq", "dk", "dv"], (dq, dk, dv), want):
@@ -606,13 +623,16 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
                                err_msg=name)
 
 
-@pytest.mark.parametrize("nr,causal,level", [
-    (16, False, 0), (16, True, 0), (64, False, 0), (64, True, 0),
-    (16, False, 1), (32, True, 2)])
-def test_mosaic_backward_level_matches_the_triton_kernels(nr, causal, level):
+@pytest.mark.parametrize("nr,causal,level,zero_rows", [
+    (16, False, 0, False), (16, True, 0, False), (64, False, 0, False),
+    (64, True, 0, False), (16, False, 1, False), (32, True, 2, False),
+    (16, False, 0, True), (32, True, 0, True), (64, False, 0, True)])
+def test_mosaic_backward_level_matches_the_triton_kernels(nr, causal, level,
+                                                          zero_rows):
   """In interpret mode (``check_mosaic_backward_level``)."""
   check_mosaic_backward_level(nr, n=512, heads=2, interpret=True,
-                              causal=causal, level=level)
+                              causal=causal, level=level,
+                              zero_rows=zero_rows)
 
 
 @pytest.mark.parametrize("nr,d,level", [(16, 64, 0), (32, 128, 0),
@@ -636,19 +656,24 @@ def test_mosaic_level_kernels_lower_for_hopper(nr, d, level):
        mosaic.dkv_level_stages)):
     stages = stages(nr, d, jnp.bfloat16)
     assert stages in (1, 2)
+    # Level 0 with its rows of no real token zeroed in shared memory.
     lowered = jax.jit(lambda *a: fn(
-        *a, nr=nr, scale=0.125, level=level, stages=stages)).trace(
+        *a, nr=nr, scale=0.125, level=level, stages=stages,
+        zero_rows=level == 0)).trace(
             x, x, x, f32(1, 8192), *args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
-@pytest.mark.parametrize("nr,causal,level", [
-    (16, False, 0), (16, True, 0), (64, False, 0), (64, True, 0),
-    (16, False, 1), (32, True, 2)])
-def test_mosaic_forward_level_matches_the_triton_kernel(nr, causal, level):
+@pytest.mark.parametrize("nr,causal,level,zero_rows", [
+    (16, False, 0, False), (16, True, 0, False), (64, False, 0, False),
+    (64, True, 0, False), (16, False, 1, False), (32, True, 2, False),
+    (16, False, 0, True), (32, True, 0, True)])
+def test_mosaic_forward_level_matches_the_triton_kernel(nr, causal, level,
+                                                        zero_rows):
   """In interpret mode (``check_mosaic_forward_level``)."""
   check_mosaic_forward_level(nr, n=512, heads=2, interpret=True,
-                             lse_atol=1e-5, causal=causal, level=level)
+                             lse_atol=1e-5, causal=causal, level=level,
+                             zero_rows=zero_rows)
 
 
 def _pallas_call_names(fn, *args):
@@ -666,7 +691,8 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   padded end and NaN / inf in the padding give the Triton kernels' values
   and gradients on clean inputs (to bfloat16 rounding) and the float64
   reference's; the Mosaic GPU kernels replace the Triton ones at those
-  levels, causal or not."""
+  levels, causal or not, with the padding zeroed in XLA or in the kernels
+  (``mosaic_zero_rows``)."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   length, heads, d = 200, 2, 32
   q, k, v = make_qkv(61, 2, length, heads, d)
@@ -690,11 +716,16 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   results = {}
   # 256 rows of blocks of 16: levels 0 (256 rows) and 1 (128) hold a
   # Mosaic GPU window (96 rows, 64 per tile), level 2 (64) does not.
-  for fwd, bwd, levels in (("triton", "triton", 1), ("mosaic", "triton", 1),
-                           ("mosaic", "mosaic", 1), ("mosaic", "mosaic", 8)):
+  # Last: the padding's garbage zeroed in the kernels (mosaic_zero_rows).
+  settings = (("triton", "triton", 1), ("mosaic", "triton", 1),
+              ("mosaic", "mosaic", 1), ("mosaic", "mosaic", 8),
+              ("mosaic", "mosaic", 2))
+  for at, (fwd, bwd, levels) in enumerate(settings):
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", fwd)
     monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", bwd)
     monkeypatch.setitem(kernels.TUNING, "mosaic_levels", levels)
+    monkeypatch.setitem(kernels.TUNING, "mosaic_zero_rows",
+                        "kernel" if at == 4 else "xla")
     assert kernels.level0_impl("forward", interpret=True) == fwd
     assert kernels.level0_impl("backward", interpret=True) == bwd
     names = _pallas_call_names(jax.grad(lambda *a: loss(*a)[0],
@@ -713,8 +744,7 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   want = numpy_reference(*(np.asarray(x, np.float32) for x in clean),
                          mask, block_size=16, causal=causal)
   triton = results["triton", "triton", 1]
-  for impls in (("mosaic", "triton", 1), ("mosaic", "mosaic", 1),
-                ("mosaic", "mosaic", 8)):
+  for impls in settings[1:]:
     out = results[impls][0]
     assert (out[~mask] == 0).all()
     assert max_abs(out, want) <= 2e-2
@@ -799,13 +829,15 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   that needs more than a program may have (docs/benchmarks.md); the GPU
   tests' short sequences did not reach it. Also with the Mosaic GPU
   level-0 backward everywhere (``backward_l0_impl="mosaic"``), and with
-  both Mosaic GPU level kernels at every level long enough for them
-  ("all_levels": ``mosaic_levels``)."""
+  both Mosaic GPU level kernels at every level long enough for them,
+  zeroing the padding themselves ("all_levels": ``mosaic_levels``,
+  ``mosaic_zero_rows``)."""
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
   every = backward == "all_levels"
   if every:
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", "mosaic")
     monkeypatch.setitem(kernels.TUNING, "mosaic_levels", 20)
+    monkeypatch.setitem(kernels.TUNING, "mosaic_zero_rows", "kernel")
     backward = "mosaic"
   monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", backward)
   x = jax.ShapeDtypeStruct((1, 65536, 8, d), dtype)
@@ -1214,7 +1246,8 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("num_warps", 3), ("pyramid_warps", 64),
                      ("dq_warps", 0), ("dkv_warps", 48),
                      ("num_stages", 0), ("coarsen_rows", 48),
-                     ("levels_per_launch", "2"), ("coarsen_heads", 0)):
+                     ("levels_per_launch", "2"), ("coarsen_heads", 0),
+                     ("mosaic_zero_rows", "smem")):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

@@ -154,9 +154,11 @@ DEFAULT_TILE = 16
 # 1.238 ms at 1, 1.279 at 4, 1.317 at 10 levels, H200, blocks of 16,
 # head_dim 64, 1 x 65,536 tokens; docs/benchmarks.md). Levels too short
 # for their tiles (``mosaic.level_unsupported``) keep the Triton kernels.
-# Every Mosaic GPU level kernel zeroes nothing in its inputs: at level 0
-# with a mask, the rows of no real token of the arrays whose zero weights
-# it multiplies (v forward; q, k, dO backward) are zeroed in XLA first.
+# ``mosaic_zero_rows``: at level 0 with a mask, where the rows of no real
+# token of the arrays whose zero weights the Mosaic GPU level kernels
+# multiply (v forward; q, k, dO backward) are zeroed: "xla" (the default,
+# one XLA pass over each array first) or "kernel" (in shared memory, by
+# each program on its tiles: no pass over memory; not yet timed).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -176,6 +178,7 @@ TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
+          "mosaic_zero_rows": "xla",
           "handover_dtype": "input", "grid_order": "tiles"}
 
 
@@ -189,6 +192,7 @@ _TUNING_CHOICES = {
     "coarsen_impl": ("auto", "dot", "pallas", "xla", "mosaic"),
     "forward_l0_impl": ("auto", "triton", "mosaic"),
     "backward_l0_impl": ("auto", "triton", "mosaic"),
+    "mosaic_zero_rows": ("xla", "kernel"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
 }
@@ -1430,9 +1434,9 @@ def _forward_level_mosaic(arrays, level, parent, nr, scale, causal, masked,
   these inputs: (o, lse), else None (the Triton kernel's turn).
 
   At level 0 with a mask, v's rows of no real token are zeroed first (one
-  XLA pass over v): the kernel selects away the logits of such rows,
-  whatever q and k hold there, but a zero weight times a NaN of v is NaN
-  (``_zeroed``)."""
+  XLA pass over v, or in the kernel: ``TUNING["mosaic_zero_rows"]``): the
+  kernel selects away the logits of such rows, whatever q and k hold
+  there, but a zero weight times a NaN of v is NaN (``_zeroed``)."""
   q, k, v, c = arrays
   if not _mosaic_level(level, parent, "forward", interpret, nr, q.shape[-1],
                        causal):
@@ -1441,12 +1445,22 @@ def _forward_level_mosaic(arrays, level, parent, nr, scale, causal, masked,
   if mosaic.level_unsupported(q, v, [k, parent[0]], nr,
                               [mosaic.forward_level_stages]):
     return None
-  if masked and level == 0:
+  zero_rows = _mosaic_zero_rows(masked, level)
+  if zero_rows == "xla":
     v = jnp.where(c[:, :, None, None] > 0, v, jnp.zeros_like(v))
   return mosaic.forward_level(
       q, k, v, c, *parent, nr=nr, scale=scale, causal=causal, level=level,
-      interpret=interpret,
+      interpret=interpret, zero_rows=zero_rows == "kernel",
       stages=mosaic.forward_level_stages(nr, q.shape[-1], q.dtype))
+
+
+def _mosaic_zero_rows(masked, level):
+  """Where the Mosaic GPU kernels of ``level`` get rows of no real token
+  zeroed: None (no mask, or a coarse level, whose such rows are zeros
+  already), "xla" or "kernel" (``TUNING["mosaic_zero_rows"]``)."""
+  if not masked or level:
+    return None
+  return TUNING.get("mosaic_zero_rows", "xla")
 
 
 def _attention_fwd(q, k, v, c0, seeds, nr, causal, tile, interpret,
@@ -1513,9 +1527,9 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
   None (the Triton kernels' turn).
 
   At level 0 with a mask, q, k and the cotangent are zeroed on rows of no
-  real token first (one XLA pass each): the kernels select such rows'
-  logits away, but their products would multiply zero weights by NaN
-  there."""
+  real token first (one XLA pass each, or in the kernels:
+  ``TUNING["mosaic_zero_rows"]``): the kernels select such rows' logits
+  away, but their products would multiply zero weights by NaN there."""
   q, k, v, c = arrays
   if not _mosaic_level(level, parent, "backward", interpret, nr,
                        q.shape[-1], causal):
@@ -1527,14 +1541,15 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
                               [mosaic.dq_level_stages,
                                mosaic.dkv_level_stages]):
     return None
-  if masked and level == 0:
+  zero_rows = _mosaic_zero_rows(masked, level)
+  if zero_rows == "xla":
     real = c[:, :, None, None] > 0
     q, k, g = (jnp.where(real, x, jnp.zeros_like(x)) for x in (q, k, g))
   # Each row's share of its parent: queries by their coarsening mode,
   # keys by the mean.
   share = lambda mode: jax.vmap(lambda x: _prolong_weight(x, mode))(c)
   common = dict(nr=nr, scale=scale, causal=causal, level=level,
-                interpret=interpret)
+                zero_rows=zero_rows == "kernel", interpret=interpret)
   dq = mosaic.dq_level(q, k, v, c, g, e, m, parent[0],
                        share(_query_mode(causal, masked)),
                        stages=mosaic.dq_level_stages(nr, d, q.dtype),

@@ -485,6 +485,26 @@ class _Level:
     for _, buf, dst in outs:
       plgpu.copy_smem_to_gmem(buf, dst)
 
+  def zero_rows(self, pairs):
+    """Zeroes, in shared memory, the rows of each (block [R, D], counts [R])
+    pair whose count is 0 (no real token), where a mask may have left
+    NaN or inf that a zero weight would carry into a product. In pieces of
+    64 rows (the tensor-core layout's), the last ending at row R (it
+    overlaps the one before where R is not a multiple of 64; the shared
+    rows get the same value from both); then a fence makes the writes
+    visible to the tensor cores."""
+    jnp = jax.numpy
+    wg, row = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+    for block, counts in pairs:
+      r = block.shape[0]
+      for at in sorted({*range(0, r - _ROWS + 1, _ROWS), r - _ROWS}):
+        piece = block.at[pl.ds(at, _ROWS)]
+        real = _load(counts.at[pl.ds(at, _ROWS)], row, self.interpret) > 0
+        x = _load(piece, wg, self.interpret)
+        piece[...] = jnp.where(lax.broadcast_in_dim(real, x.shape, [0]), x,
+                               jnp.zeros_like(x))
+    plgpu.commit_smem()
+
   def scratch(self, staged, outs):
     """The kernel's shared memory: ``staged`` buffers (shape, dtype,
     transforms), each with one copy per step (``copy_in``) and a slot per
@@ -526,7 +546,8 @@ class _Level:
 
 
 def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
-                  level=0, stages=2, programs=None, interpret=False):
+                  level=0, stages=2, programs=None, zero_rows=False,
+                  interpret=False):
   """A level of the forward in Mosaic GPU: ``kernels._fwd_rows`` (``causal``
   or not; no dropout) of ``level`` (0: the caller's q, k, v; l >= 1: the
   pyramid's level l), with the level's real-token counts c [B, n] (each
@@ -534,6 +555,8 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
   D] and lse ``plse`` [B, H, n/2]. Returns (o [B, n, H, D] in q's dtype;
   lse [B, H, n]); at level 0, o is zero on rows that are not real (a
   coarse level keeps what those rows compute, as the Triton kernel).
+  ``zero_rows``: v's rows of no real token are zeroed in shared memory
+  (``_Level.zero_rows``; else v must hold zeros or finite values there).
 
   A program loops over tiles of 64 query rows (a tensor-core product's
   least), each with the window of 64 + 2 nr keys around it (TMA, ``stages``
@@ -561,6 +584,8 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
                   (pl_g.at[bi, hi, own], pl_s)), slot, bar)
 
     def step(i, slot):
+      if zero_rows:
+        t0.zero_rows([(v_s.at[slot], ck_s.at[slot])])
       ck = _load(ck_s.at[slot], col, interpret)
       ok = t0.band(i, ck, causal)
       real_q = _load(cq_s.at[slot], row, interpret) > 0
@@ -605,14 +630,15 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
 
 
 def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
-             level=0, stages=2, programs=None, interpret=False):
+             level=0, stages=2, programs=None, zero_rows=False,
+             interpret=False):
   """A level's dq in Mosaic GPU: ``kernels._dq_rows`` (``causal`` or not)
   without dropout, on the tiles and key windows of ``forward_level``
   (``level`` as there).
 
   q, k, v [B, n, H, D] (16-bit; k zero on rows that are not real where a
   mask may leave garbage there, as ``kernels._forward_level_mosaic`` does
-  for v), counts c [B, n], the output cotangent g [B, n, H, D], E = dO . O
+  for v, or ``zero_rows`` to zero them in shared memory), counts c [B, n], the output cotangent g [B, n, H, D], E = dO . O
   and M = lse [B, H, n] (``kernels._row_stats``), the parent level's dq
   ``pdq`` [B, n/2, H, D] and the prolongation weights ``w`` [B, n] (a
   row's share of its parent, ``kernels._prolong_weight`` of the queries'
@@ -646,6 +672,8 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
                  slot, bar)
 
     def step(i, slot):
+      if zero_rows:
+        t0.zero_rows([(k_s.at[slot], ck_s.at[slot])])
       ck = _load(ck_s.at[slot], col, interpret)
       ok = t0.band(i, ck, causal)
       bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [0])
@@ -679,14 +707,14 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
 
 def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
               causal=False, level=0, stages=2, programs=None,
-              interpret=False):
+              zero_rows=False, interpret=False):
   """A level's dk, dv in Mosaic GPU: ``kernels._dkv_rows`` (``causal`` or
   not) without dropout (``level`` as ``forward_level``'s). A program's
   tile is 64 key rows, its window the 64 + 2 nr query rows around them (as
   ``forward_level``'s keys).
 
   Inputs as ``dq_level``'s (q and g zero on rows that are not real where
-  a mask may leave garbage there), with the parent level's dk, dv ``pdk``,
+  a mask may leave garbage there, or ``zero_rows``), with the parent level's dk, dv ``pdk``,
   ``pdv`` [B, n/2, H, D] in place of its dq. Returns (dk, dv) [B, n, H, D]
   in k's and v's dtype, at level 0 zero on rows that are not real.
 
@@ -718,6 +746,9 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
                  slot, bar)
 
     def step(i, slot):
+      if zero_rows:
+        t0.zero_rows([(q_s.at[slot], cq_s.at[slot]),
+                      (g_s.at[slot], cq_s.at[slot])])
       ok = t0.band(i, _load(cq_s.at[slot], col, interpret), causal,
                    tile_queries=False)
       bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [1])
