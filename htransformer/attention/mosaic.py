@@ -491,8 +491,9 @@ class _Level:
     NaN or inf that a zero weight would carry into a product. In pieces of
     64 rows (the tensor-core layout's), the last ending at row R (it
     overlaps the one before where R is not a multiple of 64; the shared
-    rows get the same value from both); then a fence makes the writes
-    visible to the tensor cores."""
+    rows get the same value from both), each piece skipped where all its
+    rows are real; then a fence makes the writes visible to the tensor
+    cores."""
     jnp = jax.numpy
     wg, row = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
     for block, counts in pairs:
@@ -500,9 +501,13 @@ class _Level:
       for at in sorted({*range(0, r - _ROWS + 1, _ROWS), r - _ROWS}):
         piece = block.at[pl.ds(at, _ROWS)]
         real = _load(counts.at[pl.ds(at, _ROWS)], row, self.interpret) > 0
-        x = _load(piece, wg, self.interpret)
-        piece[...] = jnp.where(lax.broadcast_in_dim(real, x.shape, [0]), x,
-                               jnp.zeros_like(x))
+        some_pad = jnp.min(real.astype(jnp.int32)) == 0
+
+        @pl.when(some_pad)
+        def _(piece=piece, real=real):
+          x = _load(piece, wg, self.interpret)
+          piece[...] = jnp.where(lax.broadcast_in_dim(real, x.shape, [0]), x,
+                                 jnp.zeros_like(x))
     plgpu.commit_smem()
 
   def scratch(self, staged, outs):
