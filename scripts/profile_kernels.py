@@ -32,8 +32,9 @@ implementation, level-0 forward and backward (``--forward_l0_impl``,
 the kernels' choice; ``--mosaic_levels``: how many of the finest levels
 take the Mosaic GPU kernels where those choose them;
 ``--mosaic_zero_rows``: with ``--masked``, the padding zeroed for them in
-XLA or in the kernels) and ``--handover_dtype`` (what coarse levels hand to finer ones); the
-pyramid's heads and rows per program are the first values.
+XLA or in the kernels) and ``--handover_dtype`` (what coarse levels hand
+to finer ones); the pyramid's heads and rows per program are the first
+values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
 setting and prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,

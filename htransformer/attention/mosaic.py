@@ -643,8 +643,9 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
 
   q, k, v [B, n, H, D] (16-bit; k zero on rows that are not real where a
   mask may leave garbage there, as ``kernels._forward_level_mosaic`` does
-  for v, or ``zero_rows`` to zero them in shared memory), counts c [B, n], the output cotangent g [B, n, H, D], E = dO . O
-  and M = lse [B, H, n] (``kernels._row_stats``), the parent level's dq
+  for v, or ``zero_rows`` to zero them in shared memory), counts c [B, n],
+  the output cotangent g [B, n, H, D], E = dO . O and M = lse [B, H, n]
+  (``kernels._row_stats``), the parent level's dq
   ``pdq`` [B, n/2, H, D] and the prolongation weights ``w`` [B, n] (a
   row's share of its parent, ``kernels._prolong_weight`` of the queries'
   mode). Returns dq [B, n, H, D] in q's dtype, at level 0 zero on rows
@@ -719,9 +720,10 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
   ``forward_level``'s keys).
 
   Inputs as ``dq_level``'s (q and g zero on rows that are not real where
-  a mask may leave garbage there, or ``zero_rows``), with the parent level's dk, dv ``pdk``,
-  ``pdv`` [B, n/2, H, D] in place of its dq. Returns (dk, dv) [B, n, H, D]
-  in k's and v's dtype, at level 0 zero on rows that are not real.
+  a mask may leave garbage there, or ``zero_rows``), with the parent
+  level's dk, dv ``pdk``, ``pdv`` [B, n/2, H, D] in place of its dq.
+  Returns (dk, dv) [B, n, H, D] in k's and v's dtype, at level 0 zero on
+  rows that are not real.
 
   Per tile: s^T = k q^T and dp^T = v g^T over the window, p^T and ds^T as
   in the dq, dv = p^T g, dk = scale ds^T q, plus each parent's share (R
