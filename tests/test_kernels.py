@@ -43,11 +43,8 @@ SCHEDULES = {
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
                           coarsen_rows=16, coarsen_impl="pallas",
                           grid_order="heads")),
-    # The pyramid by Mosaic GPU passes (levels of 256 rows or more); the
-    # levels of 64 rows or fewer in launches of tiles of 32 (two levels
-    # per launch at blocks of 16).
-    "mosaic": (16, dict(levels_per_launch=1, coarsen_impl="mosaic",
-                        tail_rows=64, tail_tile=32)),
+    # The pyramid by Mosaic GPU passes (levels of 256 rows or more).
+    "mosaic": (16, dict(levels_per_launch=1, coarsen_impl="mosaic")),
     # Tiles of two blocks read in three pieces.
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),
@@ -319,18 +316,6 @@ def test_level_groups():
   assert kernels._level_groups(256, 4, 64, 16, 8) == [(0, 3, 64), (3, 1, 32)]
   assert kernels._level_groups(1024, 4, 64, 64, 3) == [
       (0, 1, 64), (1, 1, 64), (2, 1, 64), (3, 1, 64)]
-  # The tail (levels of at most tail_rows rows): tiles of tail_tile rows,
-  # as many levels per launch as they hold; the levels before it as set.
-  assert kernels._level_groups(65536, 12, 16, 16, 1, 1024, 64) == [
-      *((level, 1, 16) for level in range(6)), (6, 3, 64), (9, 3, 64)]
-  assert kernels._level_groups(65536, 12, 16, 16, 1, 4096, 128) == [
-      (0, 1, 16), (1, 1, 16), (2, 1, 16), (3, 1, 16), (4, 4, 128),
-      (8, 4, 128)]
-  assert kernels._level_groups(4096, 6, 64, 64, 1, 4096, 64) == [
-      (level, 1, 64) for level in range(6)]  # one block per tile: no room
-  # A tail tile under the tile: the tile (64 rows: levels 2 and 3).
-  assert kernels._level_groups(256, 4, 64, 16, 1, 64, 16) == [
-      (0, 1, 64), (1, 1, 64), (2, 2, 64)]
   for n0, levels, tile, nr, k in [(65536, 12, 64, 16, 3), (2048, 5, 128, 32, 4)]:
     groups = kernels._level_groups(n0, levels, tile, nr, k)
     assert [f for f, _, _ in groups] == list(
@@ -1266,8 +1251,7 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("dq_warps", 0), ("dkv_warps", 48),
                      ("num_stages", 0), ("coarsen_rows", 48),
                      ("levels_per_launch", "2"), ("coarsen_heads", 0),
-                     ("mosaic_zero_rows", "smem"), ("tail_rows", 1000),
-                     ("tail_tile", 8)):
+                     ("mosaic_zero_rows", "smem")):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

@@ -161,11 +161,6 @@ DEFAULT_TILE = 16
 # memory) or "xla" (one XLA pass over each array first; forward+backward
 # with a mask 1.344 against 1.276 ms for "kernel", causal 1.299 against
 # 1.230, H200, blocks of 16, head_dim 64, 1 x 65,536 tokens).
-# ``tail_rows``: levels of at most this many rows (0, the default: none)
-# run ``tail_tile`` rows per program and as many levels per launch as
-# such a tile holds (``_level_groups``): at 65,536 tokens and blocks of
-# 16, levels 4-11 (4,096 to 32 rows) each take a launch that does less
-# work than a launch costs (about 4 us each, docs/benchmarks.md).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -185,7 +180,7 @@ TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
-          "mosaic_zero_rows": "kernel", "tail_rows": 0, "tail_tile": 64,
+          "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles"}
 
 
@@ -213,9 +208,6 @@ _TUNING_INTS = {
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
-    "tail_rows": ("0 (off), or a power of two",
-                  lambda x: x == 0 or _pow2(x)),
-    "tail_tile": ("a power of two >= 16", lambda x: _pow2(x) and x >= 16),
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
@@ -531,8 +523,7 @@ def _dot(a, b, precision, trans_b=False):
 # ----------------------------------------------------- levels per launch
 
 
-def _level_groups(n0, levels, tile, nr, per_launch, tail_rows=0,
-                  tail_tile=64):
+def _level_groups(n0, levels, tile, nr, per_launch):
   """(first level, number of levels, tile rows at the first) per launch.
 
   A launch runs ``g`` consecutive levels ``l .. l+g-1`` in one program per
@@ -540,30 +531,18 @@ def _level_groups(n0, levels, tile, nr, per_launch, tail_rows=0,
   ``t >> j`` rows of its ancestors, so each program works coarse to fine on
   its own rows and hands each level's state to the next in registers, with
   no redundant work. Every level's tile must keep >= 16 rows (the smallest
-  product) and >= ``nr`` (one block), which bounds ``g``. Levels of at most
-  ``tail_rows`` rows (the tail, whose launches do less work than a launch
-  costs) take tiles of ``tail_tile`` rows and as many levels per launch as
-  those hold. Finest first.
+  product) and >= ``nr`` (one block), which bounds ``g``. Finest first.
   """
   out, level = [], 0
   while level < levels:
-    tail = (n0 >> level) <= tail_rows
-    t = min(max(tile, tail_tile) if tail else tile, n0 >> level)
-    most = levels if tail else per_launch
+    t = min(tile, n0 >> level)
     g = 1
-    while (g < most and level + g < levels
+    while (g < per_launch and level + g < levels
            and (t >> g) >= max(16, nr)):
       g += 1
     out.append((level, g, t))
     level += g
   return out
-
-
-def _launch_groups(n0, levels, tile, nr, per_launch):
-  """``_level_groups`` under ``TUNING``'s tail settings."""
-  return _level_groups(n0, levels, tile, nr, per_launch,
-                       TUNING.get("tail_rows", 0),
-                       TUNING.get("tail_tile", 64))
 
 
 def _unless_padding(c, compute, fills, at=None):
@@ -1428,7 +1407,7 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   handover = _handover_dtype(q.dtype)
   parent = None
   for first, count, t in reversed(
-      _launch_groups(n, levels, tile, nr, per_launch)):
+      _level_groups(n, levels, tile, nr, per_launch)):
     done = None
     if count == 1 and not rate:
       done = _forward_level_mosaic(pyramid[first], first, parent, nr, scale,
@@ -1523,7 +1502,7 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
   handover = _handover_dtype(q.dtype)
   parent = None
   for first, count, t in reversed(
-      _launch_groups(q.shape[1], levels, tile, nr, per_launch)):
+      _level_groups(q.shape[1], levels, tile, nr, per_launch)):
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
     done = None
