@@ -160,7 +160,8 @@ DEFAULT_TILE = 16
 # default: in shared memory, by each program on its tiles, no pass over
 # memory) or "xla" (one XLA pass over each array first; forward+backward
 # with a mask 1.344 against 1.276 ms for "kernel", causal 1.299 against
-# 1.230, H200, blocks of 16, head_dim 64, 1 x 65,536 tokens).
+# 1.230, head_dim 128 2.713 against 2.514; H200, blocks of 16, 1 x 65,536
+# tokens: docs/benchmarks.md).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
