@@ -230,11 +230,14 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
          mosaic_levels=20),
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
-         mosaic_zero_rows="xla")],
+         mosaic_zero_rows="xla"),
+    dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
+         mosaic_backward="fused")],
     ids=["pair_sums", "handover_f32", "pyramid_warps_as_levels",
          "backward_warps", "heads_first", "products_pyramid",
          "triton_level0", "mosaic_level0_forward",
-         "mosaic_level0_both", "mosaic_all_levels", "mosaic_zero_rows"])
+         "mosaic_level0_both", "mosaic_all_levels", "mosaic_zero_rows",
+         "mosaic_fused_backward"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair
@@ -242,9 +245,10 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   rule, other warps for the backward kernels, heads first in a launch, the
   pyramid by the products kernel and the Triton level-0 kernels where
   Mosaic GPU is the default, the Mosaic GPU level-0 forward, and
-  backward, both at every level long enough, and both with the padding
-  zeroed by XLA, wherever they apply), as compiled for the GPU (interpret
-  mode: tests/test_kernels.py)."""
+  backward, both at every level long enough, both with the padding
+  zeroed by XLA, and the level-0 dq, dk and dv in one kernel, wherever
+  they apply), as compiled for the GPU (interpret mode:
+  tests/test_kernels.py)."""
   from htransformer.attention import kernels
   for key, value in tuning.items():
     monkeypatch.setitem(kernels.TUNING, key, value)
@@ -352,17 +356,18 @@ def test_mosaic_forward_level_matches_the_triton_kernel(nr, level,
                              lse_atol=1e-4, level=level, zero_rows=zero_rows)
 
 
-@pytest.mark.parametrize("nr,level,zero_rows", [
-    (16, 0, False), (64, 0, False), (16, 1, False), (16, 0, True),
-    (32, 0, True)])
+@pytest.mark.parametrize("nr,level,zero_rows,fused", [
+    (16, 0, False, False), (64, 0, False, False), (16, 1, False, False),
+    (16, 0, True, False), (32, 0, True, False), (16, 0, True, True),
+    (32, 1, False, True)])
 def test_mosaic_backward_level_matches_the_triton_kernels(nr, level,
-                                                          zero_rows):
-  """``mosaic.dq_level`` and ``dkv_level`` compiled for this GPU
-  against the Triton backward kernels of that level on the same inputs
-  (``tests.test_kernels.check_mosaic_backward_level``)."""
+                                                          zero_rows, fused):
+  """``mosaic.dq_level`` and ``dkv_level`` (and ``fused``, ``dqkv_level``)
+  compiled for this GPU against the Triton backward kernels of that level
+  on the same inputs (``tests.test_kernels.check_mosaic_backward_level``)."""
   from htransformer.attention import kernels
   from tests.test_kernels import check_mosaic_backward_level
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
   check_mosaic_backward_level(nr, n=1024, heads=4, interpret=False,
-                              level=level, zero_rows=zero_rows)
+                              level=level, zero_rows=zero_rows, fused=fused)

@@ -562,14 +562,18 @@ def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
 
 
 def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
-                                causal=False, level=0, zero_rows=False):
+                                causal=False, level=0, zero_rows=False,
+                                fused=False):
   """``mosaic.dq_level`` and ``mosaic.dkv_level`` against the Triton dq
   and dk, dv kernels of ``level``, both in interpret mode or both compiled
   (tests/test_gpu.py), with a parent level: holes, a padded end, rows of
   no real token (M = _NO_ROW, E = 0; zero gradients at level 0, the
   parent's share at coarser levels, whose keys weigh their counts of 1 or
   2). ``zero_rows`` (level 0): the Mosaic GPU kernels get NaN and inf in
-  q, k, v and dO on those rows and zero what they must themselves."""
+  q, k, v and dO on those rows and zero what they must themselves.
+  ``fused``: ``mosaic.dqkv_level`` (dq, dk and dv in one kernel) in their
+  place, and it gives their values (exactly in interpret mode; compiled,
+  to a rounding of the bfloat16 outputs)."""
   keys = jax.random.split(jax.random.key(nr + 1 + 10 * level), 8)
   b = 2
   q, k, v, g = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
@@ -612,6 +616,15 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
   dq = jax.jit(lambda *a: mosaic.dq_level(*a, pdq, w_q, **common))(*theirs)
   dk, dv = jax.jit(lambda *a: mosaic.dkv_level(
       *a, pdk, pdv, w_k, **common))(*theirs)
+  if fused:
+    apart = (dq, dk, dv)
+    dq, dk, dv = jax.jit(lambda *a: mosaic.dqkv_level(
+        *a, pdq, pdk, pdv, w_q, w_k, **common))(*theirs)
+    for name, got, ref in zip(["dq", "dk", "dv"], (dq, dk, dv), apart):
+      got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+      np.testing.assert_allclose(
+          got, ref, rtol=0, atol=0 if interpret else
+          2**-8 * float(np.abs(ref).max()), err_msg=f"fused {name}")
   want = jax.jit(triton)(*args, pdq, pdk, pdv)
   real = np.asarray(c) > 0
   for name, got, ref in zip(["dq", "dk", "dv"], (dq, dk, dv), want):
@@ -627,16 +640,20 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
                                err_msg=name)
 
 
-@pytest.mark.parametrize("nr,causal,level,zero_rows", [
-    (16, False, 0, False), (16, True, 0, False), (64, False, 0, False),
-    (64, True, 0, False), (16, False, 1, False), (32, True, 2, False),
-    (16, False, 0, True), (32, True, 0, True), (64, False, 0, True)])
+@pytest.mark.parametrize("nr,causal,level,zero_rows,fused", [
+    (16, False, 0, False, False), (16, True, 0, False, False),
+    (64, False, 0, False, False), (64, True, 0, False, False),
+    (16, False, 1, False, False), (32, True, 2, False, False),
+    (16, False, 0, True, False), (32, True, 0, True, False),
+    (64, False, 0, True, False), (16, False, 0, True, True),
+    (16, True, 0, False, True), (32, False, 1, False, True),
+    (64, True, 0, True, True)])
 def test_mosaic_backward_level_matches_the_triton_kernels(nr, causal, level,
-                                                          zero_rows):
+                                                          zero_rows, fused):
   """In interpret mode (``check_mosaic_backward_level``)."""
   check_mosaic_backward_level(nr, n=512, heads=2, interpret=True,
                               causal=causal, level=level,
-                              zero_rows=zero_rows)
+                              zero_rows=zero_rows, fused=fused)
 
 
 @pytest.mark.parametrize("nr,d,level", [(16, 64, 0), (32, 128, 0),
@@ -657,8 +674,13 @@ def test_mosaic_level_kernels_lower_for_hopper(nr, d, level):
        mosaic.forward_level_stages),
       (mosaic.dq_level, (*stats, po, f32(1, 8192)), mosaic.dq_level_stages),
       (mosaic.dkv_level, (*stats, po, po, f32(1, 8192)),
-       mosaic.dkv_level_stages)):
+       mosaic.dkv_level_stages),
+      (mosaic.dqkv_level, (*stats, po, po, po, f32(1, 8192), f32(1, 8192)),
+       mosaic.dqkv_level_stages)):
     stages = stages(nr, d, jnp.bfloat16)
+    if fn is mosaic.dqkv_level and d == 128:  # one stage does not fit
+      assert stages == 0
+      continue
     assert stages in (1, 2)
     # Level 0 with its rows of no real token zeroed in shared memory.
     lowered = jax.jit(lambda *a: fn(
@@ -720,25 +742,39 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   results = {}
   # 256 rows of blocks of 16: levels 0 (256 rows) and 1 (128) hold a
   # Mosaic GPU window (96 rows, 64 per tile), level 2 (64) does not.
-  # Last: the padding's garbage zeroed in the kernels (mosaic_zero_rows).
+  # Last two: the padding's garbage zeroed in the kernels
+  # (mosaic_zero_rows), and then also dq, dk and dv in one kernel
+  # (mosaic_backward).
   settings = (("triton", "triton", 1), ("mosaic", "triton", 1),
               ("mosaic", "mosaic", 1), ("mosaic", "mosaic", 8),
-              ("mosaic", "mosaic", 2))
+              ("mosaic", "mosaic", 2), ("mosaic", "mosaic", 3))
   for at, (fwd, bwd, levels) in enumerate(settings):
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", fwd)
     monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", bwd)
     monkeypatch.setitem(kernels.TUNING, "mosaic_levels", levels)
     monkeypatch.setitem(kernels.TUNING, "mosaic_zero_rows",
-                        "kernel" if at == 4 else "xla")
+                        "kernel" if at >= 4 else "xla")
+    monkeypatch.setitem(kernels.TUNING, "mosaic_backward",
+                        "fused" if at == 5 else "split")
     assert kernels.level0_impl("forward", interpret=True) == fwd
     assert kernels.level0_impl("backward", interpret=True) == bwd
-    names = _pallas_call_names(jax.grad(lambda *a: loss(*a)[0],
-                                        argnums=(0, 1, 2)), *clean)
+    grad = jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2))
+    names = _pallas_call_names(grad, *clean)
     for level in (0, 1, 2):
       for kind, impl in (("fwd", fwd), ("dq", bwd), ("dkv", bwd)):
         count = sum(f"hattn_{kind}_l{level}" in name for name in names)
         triton = impl == "triton" or level >= min(levels, 2)
         assert count == (1 if triton else 0), (kind, impl, level)
+    # The Mosaic GPU backward kernels (not Pallas launches) by name.
+    mosaic_names = set(re.findall(r"hattn_\w+_mosaic",
+                                  str(jax.make_jaxpr(grad)(*clean))))
+    if bwd == "mosaic":
+      on = range(min(levels, 2))  # the Mosaic GPU levels
+      fused = {f"hattn_dqkv_l{level}_mosaic" for level in on}
+      split = {f"hattn_{kind}_l{level}_mosaic" for kind in ("dq", "dkv")
+               for level in on}
+      assert mosaic_names >= (fused if at == 5 else split), mosaic_names
+      assert not mosaic_names & (split if at == 5 else fused), mosaic_names
     # A new jit for each setting: TUNING is read when tracing.
     inputs = clean if fwd == "triton" else garbage
     (_, out), grads = jax.jit(jax.value_and_grad(
@@ -822,7 +858,9 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
     (64, 64, False, False, "bfloat16", "mosaic"),
     (64, 32, True, True, "bfloat16", "mosaic"),
     (64, 16, False, True, "bfloat16", "all_levels"),
-    (128, 32, True, False, "bfloat16", "all_levels")])
+    (128, 32, True, False, "bfloat16", "all_levels"),
+    (64, 16, False, True, "bfloat16", "fused"),
+    (128, 16, True, False, "bfloat16", "fused")])
 def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
     monkeypatch, d, nr, causal, masked, dtype, backward):
   """The forward and backward at 65,536 tokens, heads 8 (the benchmark's
@@ -835,9 +873,15 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   level-0 backward everywhere (``backward_l0_impl="mosaic"``), and with
   both Mosaic GPU level kernels at every level long enough for them,
   zeroing the padding themselves ("all_levels": ``mosaic_levels``,
-  ``mosaic_zero_rows``)."""
+  ``mosaic_zero_rows``), and with the level-0 dq, dk and dv in one Mosaic
+  GPU kernel ("fused": ``mosaic_backward``; at head_dim 128, where its
+  buffers do not fit, the two kernels)."""
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
   every = backward == "all_levels"
+  fused = backward == "fused" and d <= 64
+  if backward == "fused":
+    monkeypatch.setitem(kernels.TUNING, "mosaic_backward", "fused")
+    backward = "mosaic"
   if every:
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", "mosaic")
     monkeypatch.setitem(kernels.TUNING, "mosaic_levels", 20)
@@ -874,9 +918,10 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
         assert (f"hattn_{kind}_l{level}_mosaic" in text) == fits, (
             kind, level)
   for kind in ("dq", "dkv"):
-    assert (f"hattn_{kind}_l0_mosaic" in text) == (half and (
+    assert (f"hattn_{kind}_l0_mosaic" in text) == (not fused and half and (
         backward == "mosaic" or (backward == "auto"
                                  and (nr, d) in faster["backward"])))
+  assert ("hattn_dqkv_l0_mosaic" in text) == fused
 
 
 def test_mosaic_forward_level_rejects_what_it_cannot_run():
@@ -1251,7 +1296,8 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("dq_warps", 0), ("dkv_warps", 48),
                      ("num_stages", 0), ("coarsen_rows", 48),
                      ("levels_per_launch", "2"), ("coarsen_heads", 0),
-                     ("mosaic_zero_rows", "smem")):
+                     ("mosaic_zero_rows", "smem"),
+                     ("mosaic_backward", "one")):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

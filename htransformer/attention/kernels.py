@@ -162,6 +162,11 @@ DEFAULT_TILE = 16
 # with a mask 1.344 against 1.276 ms for "kernel", causal 1.299 against
 # 1.230, head_dim 128 2.713 against 2.514; H200, blocks of 16, 1 x 65,536
 # tokens: docs/benchmarks.md).
+# ``mosaic_backward``: where a level's backward runs on the Mosaic GPU
+# kernels, "split" (the default: ``mosaic.dq_level`` and ``dkv_level``,
+# two launches, each reading q, k, v and dO) or "fused"
+# (``mosaic.dqkv_level``: one launch, each array read once; where its
+# buffers fit one stage, head_dim 64 or less; not yet timed).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -181,7 +186,7 @@ TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
-          "mosaic_zero_rows": "kernel",
+          "mosaic_zero_rows": "kernel", "mosaic_backward": "split",
           "handover_dtype": "input", "grid_order": "tiles"}
 
 
@@ -196,6 +201,7 @@ _TUNING_CHOICES = {
     "forward_l0_impl": ("auto", "triton", "mosaic"),
     "backward_l0_impl": ("auto", "triton", "mosaic"),
     "mosaic_zero_rows": ("xla", "kernel"),
+    "mosaic_backward": ("split", "fused"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
 }
@@ -1525,7 +1531,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
                            masked, interpret):
   """The backward of ``level`` (its (q, k, v, counts) and (G, E, M))
-  without dropout by ``mosaic.dq_level`` and ``mosaic.dkv_level`` where
+  without dropout by ``mosaic.dq_level`` and ``mosaic.dkv_level`` (or
+  ``mosaic.dqkv_level``: ``TUNING["mosaic_backward"]``) where
   ``_mosaic_level`` says so and they take these inputs: (dq, dk, dv), else
   None (the Triton kernels' turn).
 
@@ -1553,6 +1560,11 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
   share = lambda mode: jax.vmap(lambda x: _prolong_weight(x, mode))(c)
   common = dict(nr=nr, scale=scale, causal=causal, level=level,
                 zero_rows=zero_rows == "kernel", interpret=interpret)
+  fused = mosaic.dqkv_level_stages(nr, d, q.dtype)
+  if TUNING.get("mosaic_backward", "split") == "fused" and fused:
+    return mosaic.dqkv_level(q, k, v, c, g, e, m, *parent,
+                             share(_query_mode(causal, masked)),
+                             share("mean"), stages=fused, **common)
   dq = mosaic.dq_level(q, k, v, c, g, e, m, parent[0],
                        share(_query_mode(causal, masked)),
                        stages=mosaic.dq_level_stages(nr, d, q.dtype),

@@ -304,7 +304,8 @@ def _buffers(kind, nr, d, dtype):
   counts, the tile's counts, dO, E, M, the parents' dq and the weights;
   the output. "dkv": the window's q, the tile's k, v, the window's and the
   tile's counts, the window's dO, E and M, the parents' dk and dv, the
-  weights; the two outputs. A product's operands in shared memory share
+  weights; the two outputs. "dqkv": the dk, dv's buffers, then the dq's
+  (the counts once), the dq output last. A product's operands in shared memory share
   one swizzle: q, k and dO of the dq, and every block of the dk, dv, are
   second operands both transposed and not, so they take the 64-byte
   swizzle (steps of 32 rows) that the non-transposed use needs."""
@@ -321,10 +322,18 @@ def _buffers(kind, nr, d, dtype):
              vec(rows), blk(rows, wide), vec(rows), vec(rows),
              blk(rows // 2, narrow), vec(rows)],
             [blk(rows, wide)])
-  return ([blk(win, narrow), blk(rows, narrow), blk(rows, narrow),
-           vec(win), vec(rows), blk(win, narrow), vec(win), vec(win),
-           blk(rows // 2, narrow), blk(rows // 2, narrow), vec(rows)],
-          [blk(rows, narrow), blk(rows, narrow)])
+  dkv = ([blk(win, narrow), blk(rows, narrow), blk(rows, narrow),
+          vec(win), vec(rows), blk(win, narrow), vec(win), vec(win),
+          blk(rows // 2, narrow), blk(rows // 2, narrow), vec(rows)],
+         [blk(rows, narrow), blk(rows, narrow)])
+  if kind == "dkv":
+    return dkv
+  # "dqkv": the dk, dv buffers, then the dq's that they lack (its q, k, v,
+  # dO, E, M, parents and weights; the counts are shared), dq last.
+  return (dkv[0] + [blk(rows, narrow), blk(win, narrow), blk(win, wide),
+                    blk(rows, wide), vec(rows), vec(rows),
+                    blk(rows // 2, narrow), vec(rows)],
+          dkv[1] + [blk(rows, wide)])
 
 
 def level_smem(kind, nr, d, dtype, stages):
@@ -363,6 +372,11 @@ def dq_level_stages(nr, d, dtype):
 def dkv_level_stages(nr, d, dtype):
   """``dkv_level``'s stages (``_stages``)."""
   return _stages(lambda s: level_smem("dkv", nr, d, dtype, s))
+
+
+def dqkv_level_stages(nr, d, dtype):
+  """``dqkv_level``'s stages (``_stages``)."""
+  return _stages(lambda s: level_smem("dqkv", nr, d, dtype, s))
 
 
 def _level_shape_problem(q, nr):
@@ -657,12 +671,9 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
   both transposed and not, so it takes the 64-byte swizzle (steps of 32
   keys) that the non-transposed use needs.
   """
-  jnp = jax.numpy
-  f32 = jnp.float32
+  f32 = jax.numpy.float32
   b, n, h, d = q.shape
   t0 = _Level("dq_level", q, nr, stages, programs, interpret, level)
-  rows, win = t0.rows, t0.win
-  row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
   def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, p_g, w_g, o_g, q_s, k_s, v_s,
            ck_s, cq_s, g_s, e_s, m_s, p_s, w_s, o_s, bar):
@@ -680,27 +691,9 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
     def step(i, slot):
       if zero_rows:
         t0.zero_rows([(k_s.at[slot], ck_s.at[slot])])
-      ck = _load(ck_s.at[slot], col, interpret)
-      ok = t0.band(i, ck, causal)
-      bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [0])
-      s = _matmul(q_s.at[slot], k_s.at[slot], True, interpret) * scale
-      mrow = _load(m_s.at[slot], row, interpret)
-      p = jnp.where(ok, jnp.exp(jnp.minimum(s - bcast(mrow), 0.0)), 0.0)
-      if level:  # The keys' counts (level 0's: ``ok``).
-        p = p * lax.broadcast_in_dim(ck, p.shape, [1])
-      dp = _matmul(g_s.at[slot], v_s.at[slot], True, interpret)
-      erow = _load(e_s.at[slot], row, interpret)
-      # Selected, not multiplied: dp may be NaN where v is garbage.
-      ds = jnp.where(ok, p * (dp - bcast(erow)), 0.0)
-      dq = _matmul(ds.astype(k.dtype), k_s.at[slot], False, interpret)
-      parent = t0.parent_rows(p_s.at[slot])
-      wrow = lax.broadcast_in_dim(_load(w_s.at[slot], row, interpret),
-                                  dq.shape, [0])
-      dq = dq * scale + wrow * parent
-      if level == 0:
-        real_q = lax.broadcast_in_dim(_load(cq_s.at[slot], row, interpret),
-                                      dq.shape, [0]) > 0
-        dq = jnp.where(real_q, dq, 0.0)
+      dq = _dq_tile(t0, i, [x.at[slot] for x in (
+          q_s, k_s, v_s, ck_s, cq_s, g_s, e_s, m_s, p_s, w_s)],
+                    scale=scale, causal=causal)
       t0.store(((dq, o_s, o_g.at[bi, t0.slices(i)[0], hi]),))
 
     t0.run(bar, issue, step)
@@ -730,12 +723,9 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
   repeats parent rows). Every operand in shared memory takes the 64-byte
   swizzle: q and g are second operands both transposed and not.
   """
-  jnp = jax.numpy
-  f32 = jnp.float32
+  f32 = jax.numpy.float32
   b, n, h, d = q.shape
   t0 = _Level("dkv_level", q, nr, stages, programs, interpret, level)
-  rows, win = t0.rows, t0.win
-  row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
   def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, pk_g, pv_g, w_g, dk_g, dv_g,
            q_s, k_s, v_s, cq_s, ck_s, g_s, e_s, m_s, pk_s, pv_s, w_s, dk_s,
@@ -756,27 +746,9 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
       if zero_rows:
         t0.zero_rows([(q_s.at[slot], cq_s.at[slot]),
                       (g_s.at[slot], cq_s.at[slot])])
-      ok = t0.band(i, _load(cq_s.at[slot], col, interpret), causal,
-                   tile_queries=False)
-      bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [1])
-      st = _matmul(k_s.at[slot], q_s.at[slot], True, interpret) * scale
-      mcol = _load(m_s.at[slot], col, interpret)
-      p = jnp.where(ok, jnp.exp(jnp.minimum(st - bcast(mcol), 0.0)), 0.0)
-      ck = _load(ck_s.at[slot], row, interpret)
-      if level:  # The keys' counts (level 0 zeroes its own below).
-        p = p * lax.broadcast_in_dim(ck, p.shape, [0])
-      dv = _matmul(p.astype(g.dtype), g_s.at[slot], False, interpret)
-      dp = _matmul(v_s.at[slot], g_s.at[slot], True, interpret)
-      ecol = _load(e_s.at[slot], col, interpret)
-      ds = jnp.where(ok, p * (dp - bcast(ecol)), 0.0)
-      dk = _matmul(ds.astype(q.dtype), q_s.at[slot], False, interpret)
-      wrow = lax.broadcast_in_dim(_load(w_s.at[slot], row, interpret),
-                                  dk.shape, [0])
-      dk = dk * scale + wrow * t0.parent_rows(pk_s.at[slot])
-      dv = dv + wrow * t0.parent_rows(pv_s.at[slot])
-      if level == 0:
-        real_k = lax.broadcast_in_dim(ck, dk.shape, [0]) > 0
-        dk, dv = (jnp.where(real_k, x, 0.0) for x in (dk, dv))
+      dk, dv = _dkv_tile(t0, i, [x.at[slot] for x in (
+          q_s, k_s, v_s, cq_s, ck_s, g_s, e_s, m_s, pk_s, pv_s, w_s)],
+                         scale=scale, causal=causal)
       own = t0.slices(i)[0]
       t0.store(((dk, dk_s, dk_g.at[bi, own, hi]),
                 (dv, dv_s, dv_g.at[bi, own, hi])))
@@ -788,6 +760,130 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
          jax.ShapeDtypeStruct((b, n, h, d), v.dtype)]
   return t0.call(body, f"hattn_dkv_l{level}_mosaic", out, scratch,
                  q, k, v, c.astype(f32), g, e, m, pdk, pdv, w.astype(f32))
+
+
+def _dq_tile(t0, i, refs, *, scale, causal):
+  """float32 dq [rows, D] of step ``i``'s tile of queries (``dq_level``)
+  from its shared-memory blocks: q, the window's k, v and counts, the
+  tile's counts, dO, E, M, the parents' dq and the weights."""
+  jnp = jax.numpy
+  q_s, k_s, v_s, ck_s, cq_s, g_s, e_s, m_s, p_s, w_s = refs
+  rows, win, level, interpret = t0.rows, t0.win, t0.level, t0.interpret
+  row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+  ck = _load(ck_s, col, interpret)
+  ok = t0.band(i, ck, causal)
+  bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [0])
+  s = _matmul(q_s, k_s, True, interpret) * scale
+  mrow = _load(m_s, row, interpret)
+  p = jnp.where(ok, jnp.exp(jnp.minimum(s - bcast(mrow), 0.0)), 0.0)
+  if level:  # The keys' counts (level 0's: ``ok``).
+    p = p * lax.broadcast_in_dim(ck, p.shape, [1])
+  dp = _matmul(g_s, v_s, True, interpret)
+  erow = _load(e_s, row, interpret)
+  # Selected, not multiplied: dp may be NaN where v is garbage.
+  ds = jnp.where(ok, p * (dp - bcast(erow)), 0.0)
+  dq = _matmul(ds.astype(k_s.dtype), k_s, False, interpret)
+  parent = t0.parent_rows(p_s)
+  wrow = lax.broadcast_in_dim(_load(w_s, row, interpret), dq.shape, [0])
+  dq = dq * scale + wrow * parent
+  if level == 0:
+    real_q = lax.broadcast_in_dim(_load(cq_s, row, interpret),
+                                  dq.shape, [0]) > 0
+    dq = jnp.where(real_q, dq, 0.0)
+  return dq
+
+
+def _dkv_tile(t0, i, refs, *, scale, causal):
+  """float32 (dk, dv) [rows, D] of step ``i``'s tile of keys
+  (``dkv_level``) from its shared-memory blocks: the window's q, the
+  tile's k, v, the window's and the tile's counts, the window's dO, E and
+  M, the parents' dk and dv, the weights."""
+  jnp = jax.numpy
+  q_s, k_s, v_s, cq_s, ck_s, g_s, e_s, m_s, pk_s, pv_s, w_s = refs
+  rows, win, level, interpret = t0.rows, t0.win, t0.level, t0.interpret
+  row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+  ok = t0.band(i, _load(cq_s, col, interpret), causal, tile_queries=False)
+  bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [1])
+  st = _matmul(k_s, q_s, True, interpret) * scale
+  mcol = _load(m_s, col, interpret)
+  p = jnp.where(ok, jnp.exp(jnp.minimum(st - bcast(mcol), 0.0)), 0.0)
+  ck = _load(ck_s, row, interpret)
+  if level:  # The keys' counts (level 0 zeroes its own below).
+    p = p * lax.broadcast_in_dim(ck, p.shape, [0])
+  dv = _matmul(p.astype(g_s.dtype), g_s, False, interpret)
+  dp = _matmul(v_s, g_s, True, interpret)
+  ecol = _load(e_s, col, interpret)
+  ds = jnp.where(ok, p * (dp - bcast(ecol)), 0.0)
+  dk = _matmul(ds.astype(q_s.dtype), q_s, False, interpret)
+  wrow = lax.broadcast_in_dim(_load(w_s, row, interpret), dk.shape, [0])
+  dk = dk * scale + wrow * t0.parent_rows(pk_s)
+  dv = dv + wrow * t0.parent_rows(pv_s)
+  if level == 0:
+    real_k = lax.broadcast_in_dim(ck, dk.shape, [0]) > 0
+    dk, dv = (jnp.where(real_k, x, 0.0) for x in (dk, dv))
+  return dk, dv
+
+
+def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
+               causal=False, level=0, stages=1, programs=None,
+               zero_rows=False, interpret=False):
+  """``dq_level`` and ``dkv_level`` in one kernel: (dq, dk, dv) as those
+  two give them (the same inputs; ``wq`` the queries' prolongation
+  weights, ``wk`` the keys'). A program's step takes one tile of 64 rows
+  as keys (the dk, dv of ``dkv_level``) and as queries (the dq of
+  ``dq_level``), each with its window: the same products, but q, k, v and
+  dO cross memory once instead of twice (the window and tile copies of
+  one array read it from memory once and from the L2 cache after).
+  At head_dim 64 its buffers (124 KiB at blocks of 16) fit one stage.
+  """
+  f32 = jax.numpy.float32
+  b, n, h, d = q.shape
+  t0 = _Level("dqkv_level", q, nr, stages, programs, interpret, level)
+
+  def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, pq_g, pk_g, pv_g, wq_g, wk_g,
+           dk_g, dv_g, dq_g, qw_s, k_s, v_s, cw_s, c_s, gw_s, ew_s, mw_s,
+           pk_s, pv_s, wk_s, q_s, kw_s, vw_s, g_s, e_s, m_s, pq_s, wq_s,
+           dk_s, dv_s, dq_s, bar):
+    bi, hi = lax.axis_index("b"), lax.axis_index("h")
+
+    def issue(i, slot):
+      own, win, parents = t0.slices(i)
+      t0.copy_in(((q_g.at[bi, win, hi], qw_s), (k_g.at[bi, own, hi], k_s),
+                  (v_g.at[bi, own, hi], v_s), (c_g.at[bi, win], cw_s),
+                  (c_g.at[bi, own], c_s), (g_g.at[bi, win, hi], gw_s),
+                  (e_g.at[bi, hi, win], ew_s), (m_g.at[bi, hi, win], mw_s),
+                  (pk_g.at[bi, parents, hi], pk_s),
+                  (pv_g.at[bi, parents, hi], pv_s), (wk_g.at[bi, own], wk_s),
+                  (q_g.at[bi, own, hi], q_s), (k_g.at[bi, win, hi], kw_s),
+                  (v_g.at[bi, win, hi], vw_s), (g_g.at[bi, own, hi], g_s),
+                  (e_g.at[bi, hi, own], e_s), (m_g.at[bi, hi, own], m_s),
+                  (pq_g.at[bi, parents, hi], pq_s), (wq_g.at[bi, own], wq_s)),
+                 slot, bar)
+
+    def step(i, slot):
+      at = lambda *refs: [x.at[slot] for x in refs]
+      if zero_rows:
+        t0.zero_rows([(x, cw_s.at[slot]) for x in at(qw_s, gw_s, kw_s)])
+      dk, dv = _dkv_tile(t0, i, at(qw_s, k_s, v_s, cw_s, c_s, gw_s, ew_s,
+                                   mw_s, pk_s, pv_s, wk_s),
+                         scale=scale, causal=causal)
+      dq = _dq_tile(t0, i, at(q_s, kw_s, vw_s, cw_s, c_s, g_s, e_s, m_s,
+                              pq_s, wq_s), scale=scale, causal=causal)
+      own = t0.slices(i)[0]
+      t0.store(((dk, dk_s, dk_g.at[bi, own, hi]),
+                (dv, dv_s, dv_g.at[bi, own, hi]),
+                (dq, dq_s, dq_g.at[bi, own, hi])))
+
+    t0.run(bar, issue, step)
+
+  scratch = t0.scratch(*_buffers("dqkv", nr, d, q.dtype))
+  out = [jax.ShapeDtypeStruct((b, n, h, d), k.dtype),
+         jax.ShapeDtypeStruct((b, n, h, d), v.dtype),
+         jax.ShapeDtypeStruct((b, n, h, d), q.dtype)]
+  dk, dv, dq = t0.call(body, f"hattn_dqkv_l{level}_mosaic", out, scratch,
+                       q, k, v, c.astype(f32), g, e, m, pdq, pdk, pdv,
+                       wq.astype(f32), wk.astype(f32))
+  return dq, dk, dv
 
 
 def _iota(shape, axis, layout, interpret):
