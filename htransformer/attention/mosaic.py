@@ -304,8 +304,8 @@ def _buffers(kind, nr, d, dtype):
   counts, the tile's counts, dO, E, M, the parents' dq and the weights;
   the output. "dkv": the window's q, the tile's k, v, the window's and the
   tile's counts, the window's dO, E and M, the parents' dk and dv, the
-  weights; the two outputs. "dqkv": the dk, dv's buffers, then the dq's
-  (the counts once), the dq output last. A product's operands in shared memory share
+  weights; the two outputs. "dqkv": the dk, dv's buffers, then the dq's.
+  A product's operands in shared memory share
   one swizzle: q, k and dO of the dq, and every block of the dk, dv, are
   second operands both transposed and not, so they take the 64-byte
   swizzle (steps of 32 rows) that the non-transposed use needs."""
@@ -328,12 +328,8 @@ def _buffers(kind, nr, d, dtype):
          [blk(rows, narrow), blk(rows, narrow)])
   if kind == "dkv":
     return dkv
-  # "dqkv": the dk, dv buffers, then the dq's that they lack (its q, k, v,
-  # dO, E, M, parents and weights; the counts are shared), dq last.
-  return (dkv[0] + [blk(rows, narrow), blk(win, narrow), blk(win, wide),
-                    blk(rows, wide), vec(rows), vec(rows),
-                    blk(rows // 2, narrow), vec(rows)],
-          dkv[1] + [blk(rows, wide)])
+  dq = _buffers("dq", nr, d, dtype)
+  return dkv[0] + dq[0], dkv[1] + dq[1]  # "dqkv": both
 
 
 def level_smem(kind, nr, d, dtype, stages):
@@ -675,25 +671,18 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
   b, n, h, d = q.shape
   t0 = _Level("dq_level", q, nr, stages, programs, interpret, level)
 
-  def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, p_g, w_g, o_g, q_s, k_s, v_s,
-           ck_s, cq_s, g_s, e_s, m_s, p_s, w_s, o_s, bar):
+  def body(*refs):
+    gmems, o_g, smems, (o_s, bar) = refs[:9], refs[9], refs[10:20], refs[20:]
     bi, hi = lax.axis_index("b"), lax.axis_index("h")
 
     def issue(i, slot):
-      own, keys, parents = t0.slices(i)
-      t0.copy_in(((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
-                  (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
-                  (c_g.at[bi, own], cq_s), (g_g.at[bi, own, hi], g_s),
-                  (e_g.at[bi, hi, own], e_s), (m_g.at[bi, hi, own], m_s),
-                  (p_g.at[bi, parents, hi], p_s), (w_g.at[bi, own], w_s)),
-                 slot, bar)
+      t0.copy_in(_dq_copies(t0, i, bi, hi, gmems, smems), slot, bar)
 
     def step(i, slot):
-      if zero_rows:
-        t0.zero_rows([(k_s.at[slot], ck_s.at[slot])])
-      dq = _dq_tile(t0, i, [x.at[slot] for x in (
-          q_s, k_s, v_s, ck_s, cq_s, g_s, e_s, m_s, p_s, w_s)],
-                    scale=scale, causal=causal)
+      here = [x.at[slot] for x in smems]
+      if zero_rows:  # the window's k, by the window's counts
+        t0.zero_rows([(here[1], here[3])])
+      dq = _dq_tile(t0, i, here, scale=scale, causal=causal)
       t0.store(((dq, o_s, o_g.at[bi, t0.slices(i)[0], hi]),))
 
     t0.run(bar, issue, step)
@@ -727,31 +716,22 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
   b, n, h, d = q.shape
   t0 = _Level("dkv_level", q, nr, stages, programs, interpret, level)
 
-  def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, pk_g, pv_g, w_g, dk_g, dv_g,
-           q_s, k_s, v_s, cq_s, ck_s, g_s, e_s, m_s, pk_s, pv_s, w_s, dk_s,
-           dv_s, bar):
+  def body(*refs):
+    gmems, outs, smems = refs[:10], refs[10:12], refs[12:23]
+    dk_s, dv_s, bar = refs[23:]
     bi, hi = lax.axis_index("b"), lax.axis_index("h")
 
     def issue(i, slot):
-      own, qs, parents = t0.slices(i)
-      t0.copy_in(((q_g.at[bi, qs, hi], q_s), (k_g.at[bi, own, hi], k_s),
-                  (v_g.at[bi, own, hi], v_s), (c_g.at[bi, qs], cq_s),
-                  (c_g.at[bi, own], ck_s), (g_g.at[bi, qs, hi], g_s),
-                  (e_g.at[bi, hi, qs], e_s), (m_g.at[bi, hi, qs], m_s),
-                  (pk_g.at[bi, parents, hi], pk_s),
-                  (pv_g.at[bi, parents, hi], pv_s), (w_g.at[bi, own], w_s)),
-                 slot, bar)
+      t0.copy_in(_dkv_copies(t0, i, bi, hi, gmems, smems), slot, bar)
 
     def step(i, slot):
-      if zero_rows:
-        t0.zero_rows([(q_s.at[slot], cq_s.at[slot]),
-                      (g_s.at[slot], cq_s.at[slot])])
-      dk, dv = _dkv_tile(t0, i, [x.at[slot] for x in (
-          q_s, k_s, v_s, cq_s, ck_s, g_s, e_s, m_s, pk_s, pv_s, w_s)],
-                         scale=scale, causal=causal)
+      here = [x.at[slot] for x in smems]
+      if zero_rows:  # the window's q and dO, by the window's counts
+        t0.zero_rows([(here[0], here[3]), (here[5], here[3])])
+      dk, dv = _dkv_tile(t0, i, here, scale=scale, causal=causal)
       own = t0.slices(i)[0]
-      t0.store(((dk, dk_s, dk_g.at[bi, own, hi]),
-                (dv, dv_s, dv_g.at[bi, own, hi])))
+      t0.store(((dk, dk_s, outs[0].at[bi, own, hi]),
+                (dv, dv_s, outs[1].at[bi, own, hi])))
 
     t0.run(bar, issue, step)
 
@@ -760,6 +740,30 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
          jax.ShapeDtypeStruct((b, n, h, d), v.dtype)]
   return t0.call(body, f"hattn_dkv_l{level}_mosaic", out, scratch,
                  q, k, v, c.astype(f32), g, e, m, pdk, pdv, w.astype(f32))
+
+
+def _dq_copies(t0, i, bi, hi, gmems, smems):
+  """(memory ref, shared-memory buffer) pairs of step ``i`` of the dq
+  (``_Level.copy_in``): from q, k, v, counts, dO, E, M, the parents' dq
+  and the weights in memory, the buffers ``_dq_tile`` reads."""
+  q, k, v, c, g, e, m, p, w = gmems
+  own, keys, parents = t0.slices(i)
+  return list(zip((q.at[bi, own, hi], k.at[bi, keys, hi],
+                   v.at[bi, keys, hi], c.at[bi, keys], c.at[bi, own],
+                   g.at[bi, own, hi], e.at[bi, hi, own], m.at[bi, hi, own],
+                   p.at[bi, parents, hi], w.at[bi, own]), smems))
+
+
+def _dkv_copies(t0, i, bi, hi, gmems, smems):
+  """The same for the dk, dv (``_dkv_tile``): from q, k, v, counts, dO,
+  E, M, the parents' dk and dv and the weights in memory."""
+  q, k, v, c, g, e, m, pk, pv, w = gmems
+  own, qs, parents = t0.slices(i)
+  return list(zip((q.at[bi, qs, hi], k.at[bi, own, hi], v.at[bi, own, hi],
+                   c.at[bi, qs], c.at[bi, own], g.at[bi, qs, hi],
+                   e.at[bi, hi, qs], m.at[bi, hi, qs],
+                   pk.at[bi, parents, hi], pv.at[bi, parents, hi],
+                   w.at[bi, own]), smems))
 
 
 def _dq_tile(t0, i, refs, *, scale, causal):
@@ -834,7 +838,7 @@ def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
   ``dq_level``), each with its window: the same products, but q, k, v and
   dO cross memory once instead of twice (the window and tile copies of
   one array read it from memory once and from the L2 cache after).
-  At head_dim 64 its buffers (124 KiB at blocks of 16) fit one stage,
+  At head_dim 64 its buffers (126 KiB at blocks of 16) fit one stage,
   which leaves one program per SM and no copy in flight while a step
   computes: on an H200 it took 0.514 ms at level 0 of 1 x 65,536 tokens,
   against 0.290 for the two kernels (docs/benchmarks.md). Not a default
@@ -844,39 +848,29 @@ def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
   b, n, h, d = q.shape
   t0 = _Level("dqkv_level", q, nr, stages, programs, interpret, level)
 
-  def body(q_g, k_g, v_g, c_g, g_g, e_g, m_g, pq_g, pk_g, pv_g, wq_g, wk_g,
-           dk_g, dv_g, dq_g, qw_s, k_s, v_s, cw_s, c_s, gw_s, ew_s, mw_s,
-           pk_s, pv_s, wk_s, q_s, kw_s, vw_s, g_s, e_s, m_s, pq_s, wq_s,
-           dk_s, dv_s, dq_s, bar):
+  def body(*refs):
+    (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pq_g, pk_g, pv_g, wq_g,
+     wk_g) = refs[:12]
+    outs, kv_smems, q_smems = refs[12:15], refs[15:26], refs[26:36]
+    out_smems, bar = refs[36:39], refs[39]
+    kv_gmems = (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pk_g, pv_g, wk_g)
+    q_gmems = (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pq_g, wq_g)
     bi, hi = lax.axis_index("b"), lax.axis_index("h")
 
     def issue(i, slot):
-      own, win, parents = t0.slices(i)
-      t0.copy_in(((q_g.at[bi, win, hi], qw_s), (k_g.at[bi, own, hi], k_s),
-                  (v_g.at[bi, own, hi], v_s), (c_g.at[bi, win], cw_s),
-                  (c_g.at[bi, own], c_s), (g_g.at[bi, win, hi], gw_s),
-                  (e_g.at[bi, hi, win], ew_s), (m_g.at[bi, hi, win], mw_s),
-                  (pk_g.at[bi, parents, hi], pk_s),
-                  (pv_g.at[bi, parents, hi], pv_s), (wk_g.at[bi, own], wk_s),
-                  (q_g.at[bi, own, hi], q_s), (k_g.at[bi, win, hi], kw_s),
-                  (v_g.at[bi, win, hi], vw_s), (g_g.at[bi, own, hi], g_s),
-                  (e_g.at[bi, hi, own], e_s), (m_g.at[bi, hi, own], m_s),
-                  (pq_g.at[bi, parents, hi], pq_s), (wq_g.at[bi, own], wq_s)),
-                 slot, bar)
+      t0.copy_in(_dkv_copies(t0, i, bi, hi, kv_gmems, kv_smems)
+                 + _dq_copies(t0, i, bi, hi, q_gmems, q_smems), slot, bar)
 
     def step(i, slot):
-      at = lambda *refs: [x.at[slot] for x in refs]
-      if zero_rows:
-        t0.zero_rows([(x, cw_s.at[slot]) for x in at(qw_s, gw_s, kw_s)])
-      dk, dv = _dkv_tile(t0, i, at(qw_s, k_s, v_s, cw_s, c_s, gw_s, ew_s,
-                                   mw_s, pk_s, pv_s, wk_s),
-                         scale=scale, causal=causal)
-      dq = _dq_tile(t0, i, at(q_s, kw_s, vw_s, cw_s, c_s, g_s, e_s, m_s,
-                              pq_s, wq_s), scale=scale, causal=causal)
+      kv = [x.at[slot] for x in kv_smems]
+      qs = [x.at[slot] for x in q_smems]
+      if zero_rows:  # as the two kernels do
+        t0.zero_rows([(kv[0], kv[3]), (kv[5], kv[3]), (qs[1], qs[3])])
+      dk, dv = _dkv_tile(t0, i, kv, scale=scale, causal=causal)
+      dq = _dq_tile(t0, i, qs, scale=scale, causal=causal)
       own = t0.slices(i)[0]
-      t0.store(((dk, dk_s, dk_g.at[bi, own, hi]),
-                (dv, dv_s, dv_g.at[bi, own, hi]),
-                (dq, dq_s, dq_g.at[bi, own, hi])))
+      t0.store(tuple((x, buf, out.at[bi, own, hi]) for x, buf, out in
+                     zip((dk, dv, dq), out_smems, outs)))
 
     t0.run(bar, issue, step)
 
