@@ -168,8 +168,8 @@ DEFAULT_TILE = 16
 # (``mosaic.dqkv_level``: one launch, each array read once; where its
 # buffers fit one stage, head_dim 64 or less; slower: 0.514 ms against
 # 0.182 + 0.108 at level 0, H200, blocks of 16, 1 x 65,536 tokens, as
-# its 124 KiB of shared memory leave one program per SM and no copy in
-# flight during a step: docs/benchmarks.md).
+# its buffers, over half an SM's shared memory, leave one program per SM
+# and no copy in flight during a step: docs/benchmarks.md).
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
