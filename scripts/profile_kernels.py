@@ -16,6 +16,7 @@ copy bandwidth and cuDNN, all in one process:
       [--forward_l0_impl auto triton mosaic]
       [--backward_l0_impl auto triton mosaic] [--mosaic_levels 1 2 3]
       [--mosaic_zero_rows xla kernel] [--mosaic_backward split fused]
+      [--mosaic_programs 0 396]
       [--handover_dtype input float32]
       [--masked] [--by_kernel]
 
@@ -33,7 +34,8 @@ the kernels' choice; ``--mosaic_levels``: how many of the finest levels
 take the Mosaic GPU kernels where those choose them;
 ``--mosaic_zero_rows``: with ``--masked``, the padding zeroed for them in
 XLA or in the kernels; ``--mosaic_backward``: their dq and dk, dv in two
-kernels or one) and ``--handover_dtype`` (what coarse levels hand to finer
+kernels or one; ``--mosaic_programs``: their programs in all, each taking
+every N-th tile, or 0, per batch row and head) and ``--handover_dtype`` (what coarse levels hand to finer
 ones); the pyramid's heads and rows per program are the first
 values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
@@ -309,6 +311,10 @@ def main():
                       choices=["split", "fused"],
                       help="the Mosaic GPU levels' dq and dk, dv in two "
                       "kernels or in one (TUNING)")
+  parser.add_argument("--mosaic_programs", type=int, nargs="+", default=[0],
+                      help="programs of the Mosaic GPU level kernels in "
+                      "all, each taking every N-th tile (TUNING; 0: per "
+                      "batch row and head, consecutive tiles)")
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
@@ -405,14 +411,14 @@ def main():
     print(json.dumps(row), flush=True)
     rows.append(row)
     for (tile, warps, pwarps, per_launch, stages, impl, l0_impl, l0_bwd,
-         mlevels, zero_rows, mbackward, handover, order) in (
+         mlevels, zero_rows, mbackward, mprograms, handover, order) in (
              itertools.product(
                  args.tiles, args.warps, args.pyramid_warps,
                  args.per_launch, args.stages, args.coarsen_impl,
                  args.forward_l0_impl, args.backward_l0_impl,
                  args.mosaic_levels, args.mosaic_zero_rows,
-                 args.mosaic_backward, args.handover_dtype,
-                 args.grid_order)):
+                 args.mosaic_backward, args.mosaic_programs,
+                 args.handover_dtype, args.grid_order)):
       kernels.TUNING.update(num_warps=warps or None,
                             dq_warps=args.dq_warps or None,
                             dkv_warps=args.dkv_warps or None,
@@ -423,6 +429,7 @@ def main():
                             backward_l0_impl=l0_bwd, mosaic_levels=mlevels,
                             mosaic_zero_rows=zero_rows,
                             mosaic_backward=mbackward,
+                            mosaic_programs=mprograms,
                             handover_dtype=handover, grid_order=order)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "warps": warps or "auto",
@@ -435,6 +442,7 @@ def main():
              "coarsen_impl": impl, "forward_l0_impl": l0_impl,
              "backward_l0_impl": l0_bwd, "mosaic_levels": mlevels,
              "mosaic_zero_rows": zero_rows, "mosaic_backward": mbackward,
+             "mosaic_programs": mprograms,
              "handover_dtype": handover, "grid_order": order,
              "fwd_ms": bench(attn, q, k, v, valid),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v, valid)}

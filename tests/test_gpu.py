@@ -232,12 +232,14 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
          mosaic_zero_rows="xla"),
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
-         mosaic_backward="fused")],
+         mosaic_backward="fused"),
+    dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
+         mosaic_programs=264)],
     ids=["pair_sums", "handover_f32", "pyramid_warps_as_levels",
          "backward_warps", "heads_first", "products_pyramid",
          "triton_level0", "mosaic_level0_forward",
          "mosaic_level0_both", "mosaic_all_levels", "mosaic_zero_rows",
-         "mosaic_fused_backward"])
+         "mosaic_fused_backward", "mosaic_programs"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair
@@ -246,8 +248,9 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   pyramid by the products kernel and the Triton level-0 kernels where
   Mosaic GPU is the default, the Mosaic GPU level-0 forward, and
   backward, both at every level long enough, both with the padding
-  zeroed by XLA, and the level-0 dq, dk and dv in one kernel, wherever
-  they apply), as compiled for the GPU (interpret mode:
+  zeroed by XLA, the level-0 dq, dk and dv in one kernel, and their
+  tiles spread over 264 programs in all, wherever they apply), as
+  compiled for the GPU (interpret mode:
   tests/test_kernels.py)."""
   from htransformer.attention import kernels
   for key, value in tuning.items():
@@ -339,11 +342,12 @@ def test_without_the_triton_backend_the_default_is_xla(monkeypatch):
                                 np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("nr,level,zero_rows", [
-    (16, 0, False), (64, 0, False), (16, 1, False), (16, 0, True),
-    (32, 0, True)])
+@pytest.mark.parametrize("nr,level,zero_rows,persistent", [
+    (16, 0, False, 0), (64, 0, False, 0), (16, 1, False, 0),
+    (16, 0, True, 0), (32, 0, True, 0), (16, 0, True, 132)])
 def test_mosaic_forward_level_matches_the_triton_kernel(nr, level,
-                                                        zero_rows):
+                                                        zero_rows,
+                                                        persistent):
   """``mosaic.forward_level`` compiled for this GPU (Hopper and newer)
   against the Triton forward of that level on the same inputs
   (``tests.test_kernels.check_mosaic_forward_level``; interpret mode:
@@ -353,15 +357,17 @@ def test_mosaic_forward_level_matches_the_triton_kernel(nr, level,
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
   check_mosaic_forward_level(nr, n=1024, heads=4, interpret=False,
-                             lse_atol=1e-4, level=level, zero_rows=zero_rows)
+                             lse_atol=1e-4, level=level, zero_rows=zero_rows,
+                             persistent=persistent)
 
 
-@pytest.mark.parametrize("nr,level,zero_rows,fused", [
-    (16, 0, False, False), (64, 0, False, False), (16, 1, False, False),
-    (16, 0, True, False), (32, 0, True, False), (16, 0, True, True),
-    (32, 1, False, True)])
-def test_mosaic_backward_level_matches_the_triton_kernels(nr, level,
-                                                          zero_rows, fused):
+@pytest.mark.parametrize("nr,level,zero_rows,fused,persistent", [
+    (16, 0, False, False, 0), (64, 0, False, False, 0),
+    (16, 1, False, False, 0), (16, 0, True, False, 0),
+    (32, 0, True, False, 0), (16, 0, True, True, 0),
+    (32, 1, False, True, 0), (16, 0, True, False, 100)])
+def test_mosaic_backward_level_matches_the_triton_kernels(
+    nr, level, zero_rows, fused, persistent):
   """``mosaic.dq_level`` and ``dkv_level`` (and ``fused``, ``dqkv_level``)
   compiled for this GPU against the Triton backward kernels of that level
   on the same inputs (``tests.test_kernels.check_mosaic_backward_level``)."""
@@ -370,4 +376,5 @@ def test_mosaic_backward_level_matches_the_triton_kernels(nr, level,
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
   check_mosaic_backward_level(nr, n=1024, heads=4, interpret=False,
-                              level=level, zero_rows=zero_rows, fused=fused)
+                              level=level, zero_rows=zero_rows, fused=fused,
+                              persistent=persistent)

@@ -510,7 +510,8 @@ def _garbage(c, arrays):
 
 
 def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
-                               causal=False, level=0, zero_rows=False):
+                               causal=False, level=0, zero_rows=False,
+                               persistent=0):
   """``mosaic.forward_level`` against the Triton forward of ``level``,
   both in interpret mode or both compiled (tests/test_gpu.py), with a
   parent level: holes, a padded end, a parent row of no key, query rows
@@ -519,7 +520,8 @@ def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
   or 2). The log-normaliser is compared where the Triton kernel computes
   it (it skips tiles of padding only). ``zero_rows`` (level 0): the Mosaic
   GPU kernel gets NaN and inf in q, k and v on those rows and zeroes v's
-  itself."""
+  itself. ``persistent``: that many programs in all (``mosaic._Level``;
+  0: the default spread)."""
   keys = jax.random.split(jax.random.key(nr + 10 * level), 6)
   b, d = 2, 64
   q, k, v = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
@@ -545,7 +547,8 @@ def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
   theirs = (*_garbage(c, (q, k, v)), *args[3:]) if zero_rows else args
   o, lse = jax.jit(lambda *a: mosaic.forward_level(
       *a, nr=nr, scale=0.125, causal=causal, level=level,
-      zero_rows=zero_rows, interpret=interpret))(*theirs)
+      zero_rows=zero_rows, interpret=interpret,
+      persistent=persistent))(*theirs)
   want_o, want_lse = jax.jit(triton)(*args)
   o, want_o = np.asarray(o, np.float32), np.asarray(want_o, np.float32)
   real = np.asarray(c) > 0
@@ -563,7 +566,7 @@ def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
 
 def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
                                 causal=False, level=0, zero_rows=False,
-                                fused=False):
+                                fused=False, persistent=0):
   """``mosaic.dq_level`` and ``mosaic.dkv_level`` against the Triton dq
   and dk, dv kernels of ``level``, both in interpret mode or both compiled
   (tests/test_gpu.py), with a parent level: holes, a padded end, rows of
@@ -573,7 +576,8 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
   q, k, v and dO on those rows and zero what they must themselves.
   ``fused``: ``mosaic.dqkv_level`` (dq, dk and dv in one kernel) in their
   place, and it gives their values (exactly in interpret mode; compiled,
-  to a rounding of the bfloat16 outputs)."""
+  to a rounding of the bfloat16 outputs). ``persistent``: as
+  ``check_mosaic_forward_level``'s."""
   keys = jax.random.split(jax.random.key(nr + 1 + 10 * level), 8)
   b = 2
   q, k, v, g = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
@@ -612,7 +616,8 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
     bad_q, bad_k, bad_v, bad_g = _garbage(c, (q, k, v, g))
     theirs = (bad_q, bad_k, bad_v, c, bad_g, e, m)
   common = dict(nr=nr, scale=0.125, causal=causal, level=level,
-                zero_rows=zero_rows, interpret=interpret)
+                zero_rows=zero_rows, interpret=interpret,
+                persistent=persistent)
   dq = jax.jit(lambda *a: mosaic.dq_level(*a, pdq, w_q, **common))(*theirs)
   dk, dv = jax.jit(lambda *a: mosaic.dkv_level(
       *a, pdk, pdv, w_k, **common))(*theirs)
@@ -640,20 +645,23 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
                                err_msg=name)
 
 
-@pytest.mark.parametrize("nr,causal,level,zero_rows,fused", [
-    (16, False, 0, False, False), (16, True, 0, False, False),
-    (64, False, 0, False, False), (64, True, 0, False, False),
-    (16, False, 1, False, False), (32, True, 2, False, False),
-    (16, False, 0, True, False), (32, True, 0, True, False),
-    (64, False, 0, True, False), (16, False, 0, True, True),
-    (16, True, 0, False, True), (32, False, 1, False, True),
-    (64, True, 0, True, True)])
-def test_mosaic_backward_level_matches_the_triton_kernels(nr, causal, level,
-                                                          zero_rows, fused):
+@pytest.mark.parametrize("nr,causal,level,zero_rows,fused,persistent", [
+    (16, False, 0, False, False, 0), (16, True, 0, False, False, 0),
+    (64, False, 0, False, False, 0), (64, True, 0, False, False, 0),
+    (16, False, 1, False, False, 0), (32, True, 2, False, False, 0),
+    (16, False, 0, True, False, 0), (32, True, 0, True, False, 0),
+    (64, False, 0, True, False, 0), (16, False, 0, True, True, 0),
+    (16, True, 0, False, True, 0), (32, False, 1, False, True, 0),
+    (64, True, 0, True, True, 0),
+    # 32 tiles (8 per (batch row, head)) over 7 programs of 5 steps.
+    (16, False, 0, True, False, 7), (32, True, 1, False, True, 7)])
+def test_mosaic_backward_level_matches_the_triton_kernels(
+    nr, causal, level, zero_rows, fused, persistent):
   """In interpret mode (``check_mosaic_backward_level``)."""
   check_mosaic_backward_level(nr, n=512, heads=2, interpret=True,
                               causal=causal, level=level,
-                              zero_rows=zero_rows, fused=fused)
+                              zero_rows=zero_rows, fused=fused,
+                              persistent=persistent)
 
 
 @pytest.mark.parametrize("nr,d,level", [(16, 64, 0), (32, 128, 0),
@@ -682,24 +690,28 @@ def test_mosaic_level_kernels_lower_for_hopper(nr, d, level):
       assert stages == 0
       continue
     assert stages in (1, 2)
-    # Level 0 with its rows of no real token zeroed in shared memory.
+    # Level 0 with its rows of no real token zeroed in shared memory, over
+    # 396 programs in all (``persistent``: 2,048 tiles, 6 steps each).
     lowered = jax.jit(lambda *a: fn(
         *a, nr=nr, scale=0.125, level=level, stages=stages,
-        zero_rows=level == 0)).trace(
+        zero_rows=level == 0, persistent=396 if level == 0 else 0)).trace(
             x, x, x, f32(1, 8192), *args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
-@pytest.mark.parametrize("nr,causal,level,zero_rows", [
-    (16, False, 0, False), (16, True, 0, False), (64, False, 0, False),
-    (64, True, 0, False), (16, False, 1, False), (32, True, 2, False),
-    (16, False, 0, True), (32, True, 0, True)])
-def test_mosaic_forward_level_matches_the_triton_kernel(nr, causal, level,
-                                                        zero_rows):
-  """In interpret mode (``check_mosaic_forward_level``)."""
+@pytest.mark.parametrize("nr,causal,level,zero_rows,persistent", [
+    (16, False, 0, False, 0), (16, True, 0, False, 0),
+    (64, False, 0, False, 0), (64, True, 0, False, 0),
+    (16, False, 1, False, 0), (32, True, 2, False, 0),
+    (16, False, 0, True, 0), (32, True, 0, True, 0),
+    (16, False, 0, True, 7), (64, True, 1, False, 5)])
+def test_mosaic_forward_level_matches_the_triton_kernel(
+    nr, causal, level, zero_rows, persistent):
+  """In interpret mode (``check_mosaic_forward_level``; ``persistent``:
+  32 tiles over 7 or 5 programs, the last steps repeating a tile)."""
   check_mosaic_forward_level(nr, n=512, heads=2, interpret=True,
                              lse_atol=1e-5, causal=causal, level=level,
-                             zero_rows=zero_rows)
+                             zero_rows=zero_rows, persistent=persistent)
 
 
 def _pallas_call_names(fn, *args):
@@ -743,7 +755,8 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   # 256 rows of blocks of 16: levels 0 (256 rows) and 1 (128) hold a
   # Mosaic GPU window (96 rows, 64 per tile), level 2 (64) does not.
   # Last two: the padding's garbage zeroed in the kernels
-  # (mosaic_zero_rows), and then also dq, dk and dv in one kernel
+  # (mosaic_zero_rows), with the tiles spread over 7 programs in all
+  # (mosaic_programs), and then with dq, dk and dv in one kernel
   # (mosaic_backward).
   settings = (("triton", "triton", 1), ("mosaic", "triton", 1),
               ("mosaic", "mosaic", 1), ("mosaic", "mosaic", 8),
@@ -756,6 +769,9 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
                         "kernel" if at >= 4 else "xla")
     monkeypatch.setitem(kernels.TUNING, "mosaic_backward",
                         "fused" if at == 5 else "split")
+    # Setting 4: 7 programs in all (16 tiles at level 0, 8 at level 1).
+    monkeypatch.setitem(kernels.TUNING, "mosaic_programs",
+                        7 if at == 4 else 0)
     assert kernels.level0_impl("forward", interpret=True) == fwd
     assert kernels.level0_impl("backward", interpret=True) == bwd
     grad = jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2))
@@ -1297,7 +1313,8 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("num_stages", 0), ("coarsen_rows", 48),
                      ("levels_per_launch", "2"), ("coarsen_heads", 0),
                      ("mosaic_zero_rows", "smem"),
-                     ("mosaic_backward", "one")):
+                     ("mosaic_backward", "one"),
+                     ("mosaic_programs", -1)):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

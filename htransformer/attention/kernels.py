@@ -170,6 +170,14 @@ DEFAULT_TILE = 16
 # 0.182 + 0.108 at level 0, H200, blocks of 16, 1 x 65,536 tokens, as
 # its buffers, over half an SM's shared memory, leave one program per SM
 # and no copy in flight during a step: docs/benchmarks.md).
+# ``mosaic_programs``: how the Mosaic GPU level kernels spread their tiles
+# over programs: 0 (the default) a power of two of programs per (batch
+# row, head), each taking consecutive tiles, at most 1,024 programs in all
+# (at 1 x 65,536 tokens and 8 heads, 1,024 programs of 8 tiles: 2.6
+# times the 396 that 132 SMs hold at three per SM, the room the dk, dv
+# kernel's shared memory leaves); N > 0, N programs in all, each taking
+# every N-th tile (``mosaic._Level``), so that N can be what the GPU
+# holds at once; not yet timed.
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -190,6 +198,7 @@ TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
           "mosaic_zero_rows": "kernel", "mosaic_backward": "split",
+          "mosaic_programs": 0,
           "handover_dtype": "input", "grid_order": "tiles"}
 
 
@@ -218,6 +227,7 @@ _TUNING_INTS = {
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
+    "mosaic_programs": ("an int >= 0", lambda x: x >= 0),
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
@@ -1463,7 +1473,8 @@ def _forward_level_mosaic(arrays, level, parent, nr, scale, causal, masked,
   return mosaic.forward_level(
       q, k, v, c, *parent, nr=nr, scale=scale, causal=causal, level=level,
       interpret=interpret, zero_rows=zero_rows == "kernel",
-      stages=mosaic.forward_level_stages(nr, q.shape[-1], q.dtype))
+      stages=mosaic.forward_level_stages(nr, q.shape[-1], q.dtype),
+      persistent=TUNING.get("mosaic_programs", 0))
 
 
 def _mosaic_zero_rows(masked, level):
@@ -1562,7 +1573,8 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
   # keys by the mean.
   share = lambda mode: jax.vmap(lambda x: _prolong_weight(x, mode))(c)
   common = dict(nr=nr, scale=scale, causal=causal, level=level,
-                zero_rows=zero_rows == "kernel", interpret=interpret)
+                zero_rows=zero_rows == "kernel", interpret=interpret,
+                persistent=TUNING.get("mosaic_programs", 0))
   fused = mosaic.dqkv_level_stages(nr, d, q.dtype)
   if TUNING.get("mosaic_backward", "split") == "fused" and fused:
     return mosaic.dqkv_level(q, k, v, c, g, e, m, *parent,

@@ -413,24 +413,50 @@ class _Level:
   """The tiling of the level kernels: tiles of ``_ROWS`` rows of a level's
   [B, n, H, D] arrays (queries for the forward and dq, keys for dk, dv),
   each with the window of ``_ROWS + 2 nr`` rows around it (the other side:
-  keys or queries), ``per`` consecutive tiles per program, ``stages`` of
-  them in flight (TMA copies into shared memory). ``level``: 0 for the
-  caller's arrays, l for the pyramid's level l (its rows weighted by their
-  real-token counts)."""
+  keys or queries), ``stages`` of them in flight (TMA copies into shared
+  memory). ``level``: 0 for the caller's arrays, l for the pyramid's level
+  l (its rows weighted by their real-token counts).
 
-  def __init__(self, name, q, nr, stages, programs, interpret, level):
+  A launch has ``programs`` programs per (batch row, head), each taking
+  ``per`` consecutive tiles of it (by default a power of two of them,
+  at most 1,024 programs in all); or, with ``persistent`` > 0, that many
+  programs in all, program p taking the tiles p, p + P, p + 2P, ... of
+  the list of every (tile, batch row, head), heads varying fastest (the
+  same rows of all heads side by side). Then every program takes the
+  same number of steps, however the tiles divide: a program whose last
+  step falls past the list repeats the last tile (the same values
+  written twice), so that the programs of a launch can be as many as
+  the GPU holds at once, in one wave."""
+
+  def __init__(self, name, q, nr, stages, programs, interpret, level,
+               persistent=0):
     b, n, h, _ = q.shape
     self.rows, self.win, self.nr, self.n = _ROWS, _ROWS + 2 * nr, nr, n
     self.level = level
     problem = _level_shape_problem(q, nr)
     if problem:
       raise ValueError(f"{name} {problem}.")
-    steps = n // self.rows
-    programs = programs or _programs(steps, b * h, most=1024)
-    self.per = steps // programs
+    self.steps, self.heads = n // self.rows, h
+    self.items = b * h * self.steps if persistent else None
+    if persistent:
+      self.programs = min(persistent, self.items)
+      self.per = -(-self.items // self.programs)
+      self.grid = (self.programs, 1, 1)
+    else:
+      programs = programs or _programs(self.steps, b * h, most=1024)
+      self.per = self.steps // programs
+      self.grid = (programs, h, b)
     self.stages = min(stages, self.per)
-    self.grid = (programs, h, b)
     self.interpret = interpret
+
+  def where(self, i):
+    """(batch row, head, tile index) of this program's step ``i``."""
+    p = lax.axis_index("p")
+    if self.items is None:
+      return lax.axis_index("b"), lax.axis_index("h"), p * self.per + i
+    item = jax.numpy.minimum(p + i * self.programs, self.items - 1)
+    rest = item // self.heads
+    return rest // self.steps, item % self.heads, rest % self.steps
 
   def window(self, i):
     """(tile index, first window row) of this program's step ``i``: the
@@ -438,7 +464,7 @@ class _Level:
     Mosaic GPU proves a TMA offset a multiple of the shared-memory
     tiling."""
     rows, nr = self.rows, self.nr
-    t = lax.axis_index("p") * self.per + i
+    t = self.where(i)[2]
     at = jax.numpy.clip(t * (rows // nr) - 1, 0, (self.n - self.win) // nr)
     return t, at * nr
 
@@ -562,7 +588,7 @@ class _Level:
 
 def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
                   level=0, stages=2, programs=None, zero_rows=False,
-                  interpret=False):
+                  interpret=False, persistent=0):
   """A level of the forward in Mosaic GPU: ``kernels._fwd_rows`` (``causal``
   or not; no dropout) of ``level`` (0: the caller's q, k, v; l >= 1: the
   pyramid's level l), with the level's real-token counts c [B, n] (each
@@ -583,15 +609,15 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
   jnp = jax.numpy
   f32 = jnp.float32
   b, n, h, d = q.shape
-  t0 = _Level("forward_level", q, nr, stages, programs, interpret, level)
+  t0 = _Level("forward_level", q, nr, stages, programs, interpret, level,
+              persistent)
   plse2 = jnp.repeat(plse.astype(f32), 2, axis=-1)  # [B, H, n]
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
   def body(q_g, k_g, v_g, c_g, po_g, pl_g, o_g, lse_g, q_s, k_s, v_s, ck_s,
            cq_s, po_s, pl_s, o_s, lse_s, bar):
-    bi, hi = lax.axis_index("b"), lax.axis_index("h")
-
     def issue(i, slot):
+      bi, hi, _ = t0.where(i)
       own, keys, parents = t0.slices(i)
       t0.copy_in(((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
                   (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
@@ -630,6 +656,7 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
       zs = jnp.where(has, z, 1.0)
       keep = ((real_q & has) if level == 0 else has).astype(f32) / zs
       own = t0.slices(i)[0]
+      bi, hi, _ = t0.where(i)
       t0.store(((y * lax.broadcast_in_dim(keep, y.shape, [0]), o_s,
                  o_g.at[bi, own, hi]),
                 (jnp.where(has, big + jnp.log(zs), _NO_KEY), lse_s,
@@ -646,7 +673,7 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
 
 def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
              level=0, stages=2, programs=None, zero_rows=False,
-             interpret=False):
+             interpret=False, persistent=0):
   """A level's dq in Mosaic GPU: ``kernels._dq_rows`` (``causal`` or not)
   without dropout, on the tiles and key windows of ``forward_level``
   (``level`` as there).
@@ -669,20 +696,21 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
   """
   f32 = jax.numpy.float32
   b, n, h, d = q.shape
-  t0 = _Level("dq_level", q, nr, stages, programs, interpret, level)
+  t0 = _Level("dq_level", q, nr, stages, programs, interpret, level,
+              persistent)
 
   def body(*refs):
     gmems, o_g, smems, (o_s, bar) = refs[:9], refs[9], refs[10:20], refs[20:]
-    bi, hi = lax.axis_index("b"), lax.axis_index("h")
 
     def issue(i, slot):
-      t0.copy_in(_dq_copies(t0, i, bi, hi, gmems, smems), slot, bar)
+      t0.copy_in(_dq_copies(t0, i, gmems, smems), slot, bar)
 
     def step(i, slot):
       here = [x.at[slot] for x in smems]
       if zero_rows:  # the window's k, by the window's counts
         t0.zero_rows([(here[1], here[3])])
       dq = _dq_tile(t0, i, here, scale=scale, causal=causal)
+      bi, hi, _ = t0.where(i)
       t0.store(((dq, o_s, o_g.at[bi, t0.slices(i)[0], hi]),))
 
     t0.run(bar, issue, step)
@@ -695,7 +723,7 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
 
 def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
               causal=False, level=0, stages=2, programs=None,
-              zero_rows=False, interpret=False):
+              zero_rows=False, interpret=False, persistent=0):
   """A level's dk, dv in Mosaic GPU: ``kernels._dkv_rows`` (``causal`` or
   not) without dropout (``level`` as ``forward_level``'s). A program's
   tile is 64 key rows, its window the 64 + 2 nr query rows around them (as
@@ -714,22 +742,22 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
   """
   f32 = jax.numpy.float32
   b, n, h, d = q.shape
-  t0 = _Level("dkv_level", q, nr, stages, programs, interpret, level)
+  t0 = _Level("dkv_level", q, nr, stages, programs, interpret, level,
+              persistent)
 
   def body(*refs):
     gmems, outs, smems = refs[:10], refs[10:12], refs[12:23]
     dk_s, dv_s, bar = refs[23:]
-    bi, hi = lax.axis_index("b"), lax.axis_index("h")
 
     def issue(i, slot):
-      t0.copy_in(_dkv_copies(t0, i, bi, hi, gmems, smems), slot, bar)
+      t0.copy_in(_dkv_copies(t0, i, gmems, smems), slot, bar)
 
     def step(i, slot):
       here = [x.at[slot] for x in smems]
       if zero_rows:  # the window's q and dO, by the window's counts
         t0.zero_rows([(here[0], here[3]), (here[5], here[3])])
       dk, dv = _dkv_tile(t0, i, here, scale=scale, causal=causal)
-      own = t0.slices(i)[0]
+      own, (bi, hi, _) = t0.slices(i)[0], t0.where(i)
       t0.store(((dk, dk_s, outs[0].at[bi, own, hi]),
                 (dv, dv_s, outs[1].at[bi, own, hi])))
 
@@ -742,11 +770,12 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
                  q, k, v, c.astype(f32), g, e, m, pdk, pdv, w.astype(f32))
 
 
-def _dq_copies(t0, i, bi, hi, gmems, smems):
+def _dq_copies(t0, i, gmems, smems):
   """(memory ref, shared-memory buffer) pairs of step ``i`` of the dq
   (``_Level.copy_in``): from q, k, v, counts, dO, E, M, the parents' dq
   and the weights in memory, the buffers ``_dq_tile`` reads."""
   q, k, v, c, g, e, m, p, w = gmems
+  bi, hi, _ = t0.where(i)
   own, keys, parents = t0.slices(i)
   return list(zip((q.at[bi, own, hi], k.at[bi, keys, hi],
                    v.at[bi, keys, hi], c.at[bi, keys], c.at[bi, own],
@@ -754,10 +783,11 @@ def _dq_copies(t0, i, bi, hi, gmems, smems):
                    p.at[bi, parents, hi], w.at[bi, own]), smems))
 
 
-def _dkv_copies(t0, i, bi, hi, gmems, smems):
+def _dkv_copies(t0, i, gmems, smems):
   """The same for the dk, dv (``_dkv_tile``): from q, k, v, counts, dO,
   E, M, the parents' dk and dv and the weights in memory."""
   q, k, v, c, g, e, m, pk, pv, w = gmems
+  bi, hi, _ = t0.where(i)
   own, qs, parents = t0.slices(i)
   return list(zip((q.at[bi, qs, hi], k.at[bi, own, hi], v.at[bi, own, hi],
                    c.at[bi, qs], c.at[bi, own], g.at[bi, qs, hi],
@@ -830,7 +860,7 @@ def _dkv_tile(t0, i, refs, *, scale, causal):
 
 def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
                causal=False, level=0, stages=1, programs=None,
-               zero_rows=False, interpret=False):
+               zero_rows=False, interpret=False, persistent=0):
   """``dq_level`` and ``dkv_level`` in one kernel: (dq, dk, dv) as those
   two give them (the same inputs; ``wq`` the queries' prolongation
   weights, ``wk`` the keys'). A program's step takes one tile of 64 rows
@@ -846,7 +876,8 @@ def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
   """
   f32 = jax.numpy.float32
   b, n, h, d = q.shape
-  t0 = _Level("dqkv_level", q, nr, stages, programs, interpret, level)
+  t0 = _Level("dqkv_level", q, nr, stages, programs, interpret, level,
+              persistent)
 
   def body(*refs):
     (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pq_g, pk_g, pv_g, wq_g,
@@ -855,11 +886,10 @@ def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
     out_smems, bar = refs[36:39], refs[39]
     kv_gmems = (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pk_g, pv_g, wk_g)
     q_gmems = (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pq_g, wq_g)
-    bi, hi = lax.axis_index("b"), lax.axis_index("h")
 
     def issue(i, slot):
-      t0.copy_in(_dkv_copies(t0, i, bi, hi, kv_gmems, kv_smems)
-                 + _dq_copies(t0, i, bi, hi, q_gmems, q_smems), slot, bar)
+      t0.copy_in(_dkv_copies(t0, i, kv_gmems, kv_smems)
+                 + _dq_copies(t0, i, q_gmems, q_smems), slot, bar)
 
     def step(i, slot):
       kv = [x.at[slot] for x in kv_smems]
@@ -868,7 +898,7 @@ def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
         t0.zero_rows([(kv[0], kv[3]), (kv[5], kv[3]), (qs[1], qs[3])])
       dk, dv = _dkv_tile(t0, i, kv, scale=scale, causal=causal)
       dq = _dq_tile(t0, i, qs, scale=scale, causal=causal)
-      own = t0.slices(i)[0]
+      own, (bi, hi, _) = t0.slices(i)[0], t0.where(i)
       t0.store(tuple((x, buf, out.at[bi, own, hi]) for x, buf, out in
                      zip((dk, dv, dq), out_smems, outs)))
 
