@@ -166,10 +166,10 @@ DEFAULT_TILE = 16
 # kernels, "split" (the default: ``mosaic.dq_level`` and ``dkv_level``,
 # two launches, each reading q, k, v and dO) or "fused"
 # (``mosaic.dqkv_level``: one launch, each array read once; where its
-# buffers fit one stage, head_dim 64 or less; slower: 0.514 ms against
-# 0.182 + 0.108 at level 0, H200, blocks of 16, 1 x 65,536 tokens, as
-# its buffers, over half an SM's shared memory, leave one program per SM
-# and no copy in flight during a step: docs/benchmarks.md).
+# buffers fit one stage; a first version that copied each tile apart from
+# its window was slower, 0.514 ms against 0.182 + 0.108 at level 0, H200,
+# blocks of 16, 1 x 65,536 tokens, its buffers leaving one program per
+# SM; the present one, two per SM, is not yet timed: docs/benchmarks.md).
 # ``mosaic_programs``: how the Mosaic GPU level kernels spread their tiles
 # over programs: 0 (the default) a power of two of programs per (batch
 # row, head), each taking consecutive tiles, at most 1,024 programs in all

@@ -304,7 +304,9 @@ def _buffers(kind, nr, d, dtype):
   counts, the tile's counts, dO, E, M, the parents' dq and the weights;
   the output. "dkv": the window's q, the tile's k, v, the window's and the
   tile's counts, the window's dO, E and M, the parents' dk and dv, the
-  weights; the two outputs. "dqkv": the dk, dv's buffers, then the dq's.
+  weights; the two outputs. "dqkv": the windows of q, k, v, dO, the
+  counts, E and M (the tile's rows are read from them), the parents' dk,
+  dv and dq, the keys' and the queries' weights; the three outputs.
   A product's operands in shared memory share
   one swizzle: q, k and dO of the dq, and every block of the dk, dv, are
   second operands both transposed and not, so they take the 64-byte
@@ -328,8 +330,12 @@ def _buffers(kind, nr, d, dtype):
          [blk(rows, narrow), blk(rows, narrow)])
   if kind == "dkv":
     return dkv
-  dq = _buffers("dq", nr, d, dtype)
-  return dkv[0] + dq[0], dkv[1] + dq[1]  # "dqkv": both
+  # "dqkv": the windows of q, k, v and dO (the tile's rows are in them),
+  # the window's counts, E and M, the parents' dk, dv and dq, the keys'
+  # and queries' weights; dk, dv and dq.
+  return ([blk(win, narrow)] * 4 + [vec(win)] * 3
+          + [blk(rows // 2, narrow)] * 3 + [vec(rows)] * 2,
+          [blk(rows, narrow)] * 3)
 
 
 def level_smem(kind, nr, d, dtype, stages):
@@ -463,10 +469,22 @@ class _Level:
     offset as a product (a clamped block index times nr), which is how
     Mosaic GPU proves a TMA offset a multiple of the shared-memory
     tiling."""
-    rows, nr = self.rows, self.nr
+    t, at = self._blocks(i)
+    return t, at * self.nr
+
+  def _blocks(self, i):
+    """(tile index, first window block) of step ``i``."""
+    per_tile = self.rows // self.nr
     t = self.where(i)[2]
-    at = jax.numpy.clip(t * (rows // nr) - 1, 0, (self.n - self.win) // nr)
-    return t, at * nr
+    return t, jax.numpy.clip(t * per_tile - 1, 0,
+                             (self.n - self.win) // self.nr)
+
+  def own_rows(self, i):
+    """The tile's rows within its window at step ``i``: a ``pl.ds`` of
+    ``rows`` from nr (0 for the first tile, 2 nr for the last), as a
+    product with nr (which Mosaic GPU needs to slice tiled buffers)."""
+    t, at = self._blocks(i)
+    return pl.ds((t * (self.rows // self.nr) - at) * self.nr, self.rows)
 
   def slices(self, i):
     """(tile rows, window rows, parent rows) of step ``i``."""
@@ -865,14 +883,14 @@ def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
   two give them (the same inputs; ``wq`` the queries' prolongation
   weights, ``wk`` the keys'). A program's step takes one tile of 64 rows
   as keys (the dk, dv of ``dkv_level``) and as queries (the dq of
-  ``dq_level``), each with its window: the same products, but q, k, v and
-  dO cross memory once instead of twice (the window and tile copies of
-  one array read it from memory once and from the L2 cache after).
-  At head_dim 64 its buffers (126 KiB at blocks of 16) fit one stage,
-  which leaves one program per SM and no copy in flight while a step
-  computes: on an H200 it took 0.514 ms at level 0 of 1 x 65,536 tokens,
-  against 0.290 for the two kernels (docs/benchmarks.md). Not a default
-  (``kernels.TUNING["mosaic_backward"]``).
+  ``dq_level``): the same products, on one copy of the window of q, k, v
+  and dO, the tile's rows read from it (``_Level.own_rows``), so those
+  arrays cross memory once instead of twice and the program's buffers
+  (89 KiB at head_dim 64, blocks of 16) leave room for two programs per
+  SM. A first version that copied the tiles apart (126 KiB, one program
+  per SM) took 0.514 ms at level 0 of 1 x 65,536 tokens on an H200,
+  against 0.290 for the two kernels (docs/benchmarks.md); this one is not
+  yet timed. Not a default (``kernels.TUNING["mosaic_backward"]``).
   """
   f32 = jax.numpy.float32
   b, n, h, d = q.shape
@@ -882,22 +900,31 @@ def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
   def body(*refs):
     (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pq_g, pk_g, pv_g, wq_g,
      wk_g) = refs[:12]
-    outs, kv_smems, q_smems = refs[12:15], refs[15:26], refs[26:36]
-    out_smems, bar = refs[36:39], refs[39]
-    kv_gmems = (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pk_g, pv_g, wk_g)
-    q_gmems = (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pq_g, wq_g)
+    outs, smems, out_smems, bar = (refs[12:15], refs[15:27], refs[27:30],
+                                   refs[30])
 
     def issue(i, slot):
-      t0.copy_in(_dkv_copies(t0, i, kv_gmems, kv_smems)
-                 + _dq_copies(t0, i, q_gmems, q_smems), slot, bar)
+      bi, hi, _ = t0.where(i)
+      own, win, parents = t0.slices(i)
+      t0.copy_in(list(zip(
+          (q_g.at[bi, win, hi], k_g.at[bi, win, hi], v_g.at[bi, win, hi],
+           g_g.at[bi, win, hi], c_g.at[bi, win], e_g.at[bi, hi, win],
+           m_g.at[bi, hi, win], pk_g.at[bi, parents, hi],
+           pv_g.at[bi, parents, hi], pq_g.at[bi, parents, hi],
+           wk_g.at[bi, own], wq_g.at[bi, own]), smems)), slot, bar)
 
     def step(i, slot):
-      kv = [x.at[slot] for x in kv_smems]
-      qs = [x.at[slot] for x in q_smems]
-      if zero_rows:  # as the two kernels do
-        t0.zero_rows([(kv[0], kv[3]), (kv[5], kv[3]), (qs[1], qs[3])])
-      dk, dv = _dkv_tile(t0, i, kv, scale=scale, causal=causal)
-      dq = _dq_tile(t0, i, qs, scale=scale, causal=causal)
+      qw, kw, vw, gw, cw, ew, mw, pk, pv, pq, wk, wq = (
+          x.at[slot] for x in smems)
+      if zero_rows:  # as the two kernels do (k for the dq's products)
+        t0.zero_rows([(qw, cw), (gw, cw), (kw, cw)])
+      tile = lambda x: x.at[t0.own_rows(i)]
+      dk, dv = _dkv_tile(t0, i, [qw, tile(kw), tile(vw), cw, tile(cw), gw,
+                                 ew, mw, pk, pv, wk],
+                         scale=scale, causal=causal)
+      dq = _dq_tile(t0, i, [tile(qw), kw, vw, cw, tile(cw), tile(gw),
+                            tile(ew), tile(mw), pq, wq],
+                    scale=scale, causal=causal)
       own, (bi, hi, _) = t0.slices(i)[0], t0.where(i)
       t0.store(tuple((x, buf, out.at[bi, own, hi]) for x, buf, out in
                      zip((dk, dv, dq), out_smems, outs)))
