@@ -20,6 +20,9 @@ where they were measured faster (``kernels.TUNING["forward_l0_impl"]``,
 ``["backward_l0_impl"]``, ``kernels.MOSAIC_L0_FASTER`` and
 ``MOSAIC_L0_FASTER_CAUSAL``); at coarser levels with
 ``TUNING["mosaic_levels"]`` (timed slower than the Triton kernels there).
+``dqkv_level`` is ``dq_level`` and ``dkv_level`` in one kernel
+(``TUNING["mosaic_backward"]``); ``TUNING["mosaic_programs"]`` spreads
+the level kernels' tiles over a fixed number of programs (``_Level``).
 ``scripts/profile_kernels.py --mosaic_forward``, ``--mosaic_dq`` and
 ``--mosaic_dkv`` time level 0's against the Triton kernels
 (docs/benchmarks.md, sections "Mosaic GPU"). ``double`` (a 1 GiB array
