@@ -430,7 +430,7 @@ class _Level:
   ``per`` consecutive tiles of it (by default a power of two of them,
   at most 1,024 programs in all); or, with ``persistent`` > 0, that many
   programs in all, program p taking the tiles p, p + P, p + 2P, ... of
-  the list of every (tile, batch row, head), heads varying fastest (the
+  the list of every (batch row, tile, head), heads varying fastest (the
   same rows of all heads side by side). Then every program takes the
   same number of steps, however the tiles divide: a program whose last
   step falls past the list repeats the last tile (the same values
