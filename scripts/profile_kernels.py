@@ -35,9 +35,9 @@ take the Mosaic GPU kernels where those choose them;
 ``--mosaic_zero_rows``: with ``--masked``, the padding zeroed for them in
 XLA or in the kernels; ``--mosaic_backward``: their dq and dk, dv in two
 kernels or one; ``--mosaic_programs``: their programs in all, each taking
-every N-th tile, or 0, per batch row and head) and ``--handover_dtype`` (what coarse levels hand to finer
-ones); the pyramid's heads and rows per program are the first
-values.
+every N-th tile, or 0, per batch row and head) and ``--handover_dtype``
+(what coarse levels hand to finer ones); the pyramid's heads and rows per
+program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
 setting and prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,

@@ -250,8 +250,7 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   backward, both at every level long enough, both with the padding
   zeroed by XLA, the level-0 dq, dk and dv in one kernel, and their
   tiles spread over 264 programs in all, wherever they apply), as
-  compiled for the GPU (interpret mode:
-  tests/test_kernels.py)."""
+  compiled for the GPU (interpret mode: tests/test_kernels.py)."""
   from htransformer.attention import kernels
   for key, value in tuning.items():
     monkeypatch.setitem(kernels.TUNING, key, value)
