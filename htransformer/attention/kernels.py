@@ -1575,8 +1575,9 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
   common = dict(nr=nr, scale=scale, causal=causal, level=level,
                 zero_rows=zero_rows == "kernel", interpret=interpret,
                 persistent=TUNING.get("mosaic_programs", 0))
-  fused = mosaic.dqkv_level_stages(nr, d, q.dtype)
-  if TUNING.get("mosaic_backward", "split") == "fused" and fused:
+  fused = (TUNING.get("mosaic_backward", "split") == "fused"
+           and mosaic.dqkv_level_stages(nr, d, q.dtype))
+  if fused:
     return mosaic.dqkv_level(q, k, v, c, g, e, m, *parent,
                              share(_query_mode(causal, masked)),
                              share("mean"), stages=fused, **common)

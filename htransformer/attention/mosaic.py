@@ -530,17 +530,20 @@ class _Level:
     for src, dst in pairs:
       plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
 
-  @staticmethod
-  def store(outs):
-    """Writes a step's results: each (value, output buffer, memory ref)
-    into its buffer, once the last step's stores have read them, then
-    copies the buffers to memory."""
+  def store(self, i, outs):
+    """Writes step ``i``'s results: each (value, output buffer, output in
+    memory) into its buffer, once the last step's stores have read them,
+    then copies the buffers to the tile's rows of the outputs ([B, n, H,
+    D] arrays, or [B, H, n] per-row values)."""
+    bi, hi, _ = self.where(i)
+    own = self.slices(i)[0]
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's
     for value, buf, _ in outs:
       buf[...] = value.astype(buf.dtype)
     plgpu.commit_smem()
-    for _, buf, dst in outs:
-      plgpu.copy_smem_to_gmem(buf, dst)
+    for _, buf, out in outs:
+      at = (bi, own, hi) if len(out.shape) == 4 else (bi, hi, own)
+      plgpu.copy_smem_to_gmem(buf, out.at[at])
 
   def zero_rows(self, pairs):
     """Zeroes, in shared memory, the rows of each (block [R, D], counts [R])
@@ -676,12 +679,9 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
       has = z > 0
       zs = jnp.where(has, z, 1.0)
       keep = ((real_q & has) if level == 0 else has).astype(f32) / zs
-      own = t0.slices(i)[0]
-      bi, hi, _ = t0.where(i)
-      t0.store(((y * lax.broadcast_in_dim(keep, y.shape, [0]), o_s,
-                 o_g.at[bi, own, hi]),
-                (jnp.where(has, big + jnp.log(zs), _NO_KEY), lse_s,
-                 lse_g.at[bi, hi, own])))
+      t0.store(i, ((y * lax.broadcast_in_dim(keep, y.shape, [0]), o_s, o_g),
+                   (jnp.where(has, big + jnp.log(zs), _NO_KEY), lse_s,
+                    lse_g)))
 
     t0.run(bar, issue, step)
 
@@ -731,8 +731,7 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
       if zero_rows:  # the window's k, by the window's counts
         t0.zero_rows([(here[1], here[3])])
       dq = _dq_tile(t0, i, here, scale=scale, causal=causal)
-      bi, hi, _ = t0.where(i)
-      t0.store(((dq, o_s, o_g.at[bi, t0.slices(i)[0], hi]),))
+      t0.store(i, ((dq, o_s, o_g),))
 
     t0.run(bar, issue, step)
 
@@ -778,9 +777,7 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
       if zero_rows:  # the window's q and dO, by the window's counts
         t0.zero_rows([(here[0], here[3]), (here[5], here[3])])
       dk, dv = _dkv_tile(t0, i, here, scale=scale, causal=causal)
-      own, (bi, hi, _) = t0.slices(i)[0], t0.where(i)
-      t0.store(((dk, dk_s, outs[0].at[bi, own, hi]),
-                (dv, dv_s, outs[1].at[bi, own, hi])))
+      t0.store(i, ((dk, dk_s, outs[0]), (dv, dv_s, outs[1])))
 
     t0.run(bar, issue, step)
 
@@ -928,9 +925,7 @@ def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
       dq = _dq_tile(t0, i, [tile(qw), kw, vw, cw, tile(cw), tile(gw),
                             tile(ew), tile(mw), pq, wq],
                     scale=scale, causal=causal)
-      own, (bi, hi, _) = t0.slices(i)[0], t0.where(i)
-      t0.store(tuple((x, buf, out.at[bi, own, hi]) for x, buf, out in
-                     zip((dk, dv, dq), out_smems, outs)))
+      t0.store(i, tuple(zip((dk, dv, dq), out_smems, outs)))
 
     t0.run(bar, issue, step)
 
