@@ -15,8 +15,7 @@ copy bandwidth and cuDNN, all in one process:
       [--coarsen_impl auto pallas dot xla mosaic]
       [--forward_l0_impl auto triton mosaic]
       [--backward_l0_impl auto triton mosaic] [--mosaic_levels 1 2 3]
-      [--mosaic_zero_rows xla kernel] [--mosaic_backward split fused]
-      [--mosaic_programs 0 396]
+      [--mosaic_zero_rows xla kernel]
       [--handover_dtype input float32]
       [--masked] [--by_kernel]
 
@@ -33,9 +32,7 @@ implementation, level-0 forward and backward (``--forward_l0_impl``,
 the kernels' choice; ``--mosaic_levels``: how many of the finest levels
 take the Mosaic GPU kernels where those choose them;
 ``--mosaic_zero_rows``: with ``--masked``, the padding zeroed for them in
-XLA or in the kernels; ``--mosaic_backward``: their dq and dk, dv in two
-kernels or one; ``--mosaic_programs``: their programs in all, each taking
-every N-th tile, or 0, per batch row and head) and ``--handover_dtype``
+XLA or in the kernels) and ``--handover_dtype``
 (what coarse levels hand to finer ones); the pyramid's heads and rows per
 program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
@@ -262,6 +259,20 @@ def level0_rows(args, kind):
   return rows
 
 
+# The TUNING keys the forward and forward+backward are timed over (every
+# combination, with the tiles), each with its argument; the printed row
+# names each by its key (``_ROW_NAMES`` where it differs).
+_SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
+          "levels_per_launch": "per_launch", "num_stages": "stages",
+          "coarsen_impl": "coarsen_impl",
+          "forward_l0_impl": "forward_l0_impl",
+          "backward_l0_impl": "backward_l0_impl",
+          "mosaic_levels": "mosaic_levels",
+          "mosaic_zero_rows": "mosaic_zero_rows",
+          "handover_dtype": "handover_dtype", "grid_order": "grid_order"}
+_ROW_NAMES = {"num_warps": "warps"}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
@@ -307,14 +318,6 @@ def main():
                       choices=["xla", "kernel"],
                       help="where the Mosaic GPU level-0 kernels get the "
                       "padding zeroed, with --masked (TUNING)")
-  parser.add_argument("--mosaic_backward", nargs="+", default=["split"],
-                      choices=["split", "fused"],
-                      help="the Mosaic GPU levels' dq and dk, dv in two "
-                      "kernels or in one (TUNING)")
-  parser.add_argument("--mosaic_programs", type=int, nargs="+", default=[0],
-                      help="programs of the Mosaic GPU level kernels in "
-                      "all, each taking every N-th tile (TUNING; 0: per "
-                      "batch row and head, consecutive tiles)")
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
@@ -368,7 +371,9 @@ def main():
               if kernels.mosaic_gpu() else {})}]
   print(json.dumps(rows[0]), flush=True)
   rng = np.random.default_rng(0)
-  default_pwarps = kernels.TUNING["pyramid_warps"]
+  # What an argument's 0 stands for: the key's default.
+  default = {"num_warps": None,
+             "pyramid_warps": kernels.TUNING["pyramid_warps"]}
   for length in args.lengths:
     batch = max(1, args.tokens // length)
     shape = (batch, length, 8, args.head_dim)
@@ -410,40 +415,20 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for (tile, warps, pwarps, per_launch, stages, impl, l0_impl, l0_bwd,
-         mlevels, zero_rows, mbackward, mprograms, handover, order) in (
-             itertools.product(
-                 args.tiles, args.warps, args.pyramid_warps,
-                 args.per_launch, args.stages, args.coarsen_impl,
-                 args.forward_l0_impl, args.backward_l0_impl,
-                 args.mosaic_levels, args.mosaic_zero_rows,
-                 args.mosaic_backward, args.mosaic_programs,
-                 args.handover_dtype, args.grid_order)):
-      kernels.TUNING.update(num_warps=warps or None,
-                            dq_warps=args.dq_warps or None,
-                            dkv_warps=args.dkv_warps or None,
-                            pyramid_warps=pwarps or default_pwarps,
-                            levels_per_launch=per_launch,
-                            num_stages=stages,
-                            coarsen_impl=impl, forward_l0_impl=l0_impl,
-                            backward_l0_impl=l0_bwd, mosaic_levels=mlevels,
-                            mosaic_zero_rows=zero_rows,
-                            mosaic_backward=mbackward,
-                            mosaic_programs=mprograms,
-                            handover_dtype=handover, grid_order=order)
+    for tile, *values in itertools.product(
+        args.tiles, *(getattr(args, arg) for arg in _SWEPT.values())):
+      tuning = {key: default[key] if key in default and not x else x
+                for key, x in zip(_SWEPT, values)}
+      kernels.TUNING.update(tuning, dq_warps=args.dq_warps or None,
+                            dkv_warps=args.dkv_warps or None)
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
-      row = {"length": length, "tile": tile, "warps": warps or "auto",
-             "pyramid_warps": pwarps or default_pwarps, "masked": args.masked,
+      row = {"length": length, "tile": tile, "masked": args.masked,
+             **{_ROW_NAMES.get(key, key): "auto" if x is None else x
+                for key, x in tuning.items()},
              "dq_warps": args.dq_warps or "auto",
              "dkv_warps": args.dkv_warps or "auto",
-             "levels_per_launch": per_launch, "num_stages": stages,
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
-             "coarsen_impl": impl, "forward_l0_impl": l0_impl,
-             "backward_l0_impl": l0_bwd, "mosaic_levels": mlevels,
-             "mosaic_zero_rows": zero_rows, "mosaic_backward": mbackward,
-             "mosaic_programs": mprograms,
-             "handover_dtype": handover, "grid_order": order,
              "fwd_ms": bench(attn, q, k, v, valid),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v, valid)}
       if args.by_kernel:

@@ -230,16 +230,11 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
          mosaic_levels=20),
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
-         mosaic_zero_rows="xla"),
-    dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
-         mosaic_backward="fused"),
-    dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
-         mosaic_programs=264)],
+         mosaic_zero_rows="xla")],
     ids=["pair_sums", "handover_f32", "pyramid_warps_as_levels",
          "backward_warps", "heads_first", "products_pyramid",
          "triton_level0", "mosaic_level0_forward",
-         "mosaic_level0_both", "mosaic_all_levels", "mosaic_zero_rows",
-         "mosaic_fused_backward", "mosaic_programs"])
+         "mosaic_level0_both", "mosaic_all_levels", "mosaic_zero_rows"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair
@@ -341,16 +336,13 @@ def test_without_the_triton_backend_the_default_is_xla(monkeypatch):
                                 np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("nr,level,zero_rows,persistent", [
-    (16, 0, False, 0), (64, 0, False, 0), (16, 1, False, 0),
-    (16, 0, True, 0), (32, 0, True, 0), (16, 0, True, 48)])
+@pytest.mark.parametrize("nr,level,zero_rows", [
+    (16, 0, False), (64, 0, False), (16, 1, False), (16, 0, True),
+    (32, 0, True)])
 def test_mosaic_forward_level_matches_the_triton_kernel(nr, level,
-                                                        zero_rows,
-                                                        persistent):
+                                                        zero_rows):
   """``mosaic.forward_level`` compiled for this GPU (Hopper and newer)
-  (``persistent``: its 128 tiles over 48 programs of 3 steps, the last
-  ones repeating a tile) against the Triton forward of that level on the
-  same inputs
+  against the Triton forward of that level on the same inputs
   (``tests.test_kernels.check_mosaic_forward_level``; interpret mode:
   tests/test_kernels.py)."""
   from htransformer.attention import kernels
@@ -358,24 +350,19 @@ def test_mosaic_forward_level_matches_the_triton_kernel(nr, level,
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
   check_mosaic_forward_level(nr, n=1024, heads=4, interpret=False,
-                             lse_atol=1e-4, level=level, zero_rows=zero_rows,
-                             persistent=persistent)
+                             lse_atol=1e-4, level=level, zero_rows=zero_rows)
 
 
-@pytest.mark.parametrize("nr,level,zero_rows,fused,persistent", [
-    (16, 0, False, False, 0), (64, 0, False, False, 0),
-    (16, 1, False, False, 0), (16, 0, True, False, 0),
-    (32, 0, True, False, 0), (16, 0, True, True, 0),
-    (32, 1, False, True, 0), (16, 0, True, False, 100)])
+@pytest.mark.parametrize("nr,level,zero_rows", [
+    (16, 0, False), (64, 0, False), (16, 1, False), (16, 0, True),
+    (32, 0, True)])
 def test_mosaic_backward_level_matches_the_triton_kernels(
-    nr, level, zero_rows, fused, persistent):
-  """``mosaic.dq_level`` and ``dkv_level`` (and ``fused``, ``dqkv_level``)
-  compiled for this GPU against the Triton backward kernels of that level
+    nr, level, zero_rows):
+  """``mosaic.dq_level`` and ``dkv_level`` compiled for this GPU against the Triton backward kernels of that level
   on the same inputs (``tests.test_kernels.check_mosaic_backward_level``)."""
   from htransformer.attention import kernels
   from tests.test_kernels import check_mosaic_backward_level
   if not kernels.mosaic_gpu():
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
   check_mosaic_backward_level(nr, n=1024, heads=4, interpret=False,
-                              level=level, zero_rows=zero_rows, fused=fused,
-                              persistent=persistent)
+                              level=level, zero_rows=zero_rows)

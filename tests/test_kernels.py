@@ -510,8 +510,7 @@ def _garbage(c, arrays):
 
 
 def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
-                               causal=False, level=0, zero_rows=False,
-                               persistent=0):
+                               causal=False, level=0, zero_rows=False):
   """``mosaic.forward_level`` against the Triton forward of ``level``,
   both in interpret mode or both compiled (tests/test_gpu.py), with a
   parent level: holes, a padded end, a parent row of no key, query rows
@@ -520,8 +519,7 @@ def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
   or 2). The log-normaliser is compared where the Triton kernel computes
   it (it skips tiles of padding only). ``zero_rows`` (level 0): the Mosaic
   GPU kernel gets NaN and inf in q, k and v on those rows and zeroes v's
-  itself. ``persistent``: that many programs in all (``mosaic._Level``;
-  0: the default spread)."""
+  itself."""
   keys = jax.random.split(jax.random.key(nr + 10 * level), 6)
   b, d = 2, 64
   q, k, v = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
@@ -547,8 +545,7 @@ def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
   theirs = (*_garbage(c, (q, k, v)), *args[3:]) if zero_rows else args
   o, lse = jax.jit(lambda *a: mosaic.forward_level(
       *a, nr=nr, scale=0.125, causal=causal, level=level,
-      zero_rows=zero_rows, interpret=interpret,
-      persistent=persistent))(*theirs)
+      zero_rows=zero_rows, interpret=interpret))(*theirs)
   want_o, want_lse = jax.jit(triton)(*args)
   o, want_o = np.asarray(o, np.float32), np.asarray(want_o, np.float32)
   real = np.asarray(c) > 0
@@ -565,19 +562,14 @@ def check_mosaic_forward_level(nr, n, heads, interpret, lse_atol,
 
 
 def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
-                                causal=False, level=0, zero_rows=False,
-                                fused=False, persistent=0):
+                                causal=False, level=0, zero_rows=False):
   """``mosaic.dq_level`` and ``mosaic.dkv_level`` against the Triton dq
   and dk, dv kernels of ``level``, both in interpret mode or both compiled
   (tests/test_gpu.py), with a parent level: holes, a padded end, rows of
   no real token (M = _NO_ROW, E = 0; zero gradients at level 0, the
   parent's share at coarser levels, whose keys weigh their counts of 1 or
   2). ``zero_rows`` (level 0): the Mosaic GPU kernels get NaN and inf in
-  q, k, v and dO on those rows and zero what they must themselves.
-  ``fused``: ``mosaic.dqkv_level`` (dq, dk and dv in one kernel) in their
-  place, and it gives their values (exactly in interpret mode; compiled,
-  to a rounding of the bfloat16 outputs). ``persistent``: as
-  ``check_mosaic_forward_level``'s."""
+  q, k, v and dO on those rows and zero what they must themselves."""
   keys = jax.random.split(jax.random.key(nr + 1 + 10 * level), 8)
   b = 2
   q, k, v, g = (jax.random.normal(x, (b, n, heads, d), jnp.bfloat16)
@@ -616,20 +608,10 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
     bad_q, bad_k, bad_v, bad_g = _garbage(c, (q, k, v, g))
     theirs = (bad_q, bad_k, bad_v, c, bad_g, e, m)
   common = dict(nr=nr, scale=0.125, causal=causal, level=level,
-                zero_rows=zero_rows, interpret=interpret,
-                persistent=persistent)
+                zero_rows=zero_rows, interpret=interpret)
   dq = jax.jit(lambda *a: mosaic.dq_level(*a, pdq, w_q, **common))(*theirs)
   dk, dv = jax.jit(lambda *a: mosaic.dkv_level(
       *a, pdk, pdv, w_k, **common))(*theirs)
-  if fused:
-    apart = (dq, dk, dv)
-    dq, dk, dv = jax.jit(lambda *a: mosaic.dqkv_level(
-        *a, pdq, pdk, pdv, w_q, w_k, **common))(*theirs)
-    for name, got, ref in zip(["dq", "dk", "dv"], (dq, dk, dv), apart):
-      got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
-      np.testing.assert_allclose(
-          got, ref, rtol=0, atol=0 if interpret else
-          2**-8 * float(np.abs(ref).max()), err_msg=f"fused {name}")
   want = jax.jit(triton)(*args, pdq, pdk, pdv)
   real = np.asarray(c) > 0
   for name, got, ref in zip(["dq", "dk", "dv"], (dq, dk, dv), want):
@@ -645,23 +627,16 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
                                err_msg=name)
 
 
-@pytest.mark.parametrize("nr,causal,level,zero_rows,fused,persistent", [
-    (16, False, 0, False, False, 0), (16, True, 0, False, False, 0),
-    (64, False, 0, False, False, 0), (64, True, 0, False, False, 0),
-    (16, False, 1, False, False, 0), (32, True, 2, False, False, 0),
-    (16, False, 0, True, False, 0), (32, True, 0, True, False, 0),
-    (64, False, 0, True, False, 0), (16, False, 0, True, True, 0),
-    (16, True, 0, False, True, 0), (32, False, 1, False, True, 0),
-    (64, True, 0, True, True, 0),
-    # 32 tiles (8 per (batch row, head)) over 7 programs of 5 steps.
-    (16, False, 0, True, False, 7), (32, True, 1, False, True, 7)])
+@pytest.mark.parametrize("nr,causal,level,zero_rows", [
+    (16, False, 0, False), (16, True, 0, False), (64, False, 0, False),
+    (64, True, 0, False), (16, False, 1, False), (32, True, 2, False),
+    (16, False, 0, True), (32, True, 0, True), (64, False, 0, True)])
 def test_mosaic_backward_level_matches_the_triton_kernels(
-    nr, causal, level, zero_rows, fused, persistent):
+    nr, causal, level, zero_rows):
   """In interpret mode (``check_mosaic_backward_level``)."""
   check_mosaic_backward_level(nr, n=512, heads=2, interpret=True,
                               causal=causal, level=level,
-                              zero_rows=zero_rows, fused=fused,
-                              persistent=persistent)
+                              zero_rows=zero_rows)
 
 
 @pytest.mark.parametrize("nr,d,level", [(16, 64, 0), (32, 128, 0),
@@ -682,36 +657,27 @@ def test_mosaic_level_kernels_lower_for_hopper(nr, d, level):
        mosaic.forward_level_stages),
       (mosaic.dq_level, (*stats, po, f32(1, 8192)), mosaic.dq_level_stages),
       (mosaic.dkv_level, (*stats, po, po, f32(1, 8192)),
-       mosaic.dkv_level_stages),
-      (mosaic.dqkv_level, (*stats, po, po, po, f32(1, 8192), f32(1, 8192)),
-       mosaic.dqkv_level_stages)):
+       mosaic.dkv_level_stages)):
     stages = stages(nr, d, jnp.bfloat16)
-    if fn is mosaic.dqkv_level and (nr, d) == (64, 128):
-      assert stages == 0  # one stage does not fit
-      continue
     assert stages in (1, 2)
-    # Level 0 with its rows of no real token zeroed in shared memory, over
-    # 396 programs in all (``persistent``: 2,048 tiles, 6 steps each).
+    # Level 0 with its rows of no real token zeroed in shared memory.
     lowered = jax.jit(lambda *a: fn(
         *a, nr=nr, scale=0.125, level=level, stages=stages,
-        zero_rows=level == 0, persistent=396 if level == 0 else 0)).trace(
+        zero_rows=level == 0)).trace(
             x, x, x, f32(1, 8192), *args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
-@pytest.mark.parametrize("nr,causal,level,zero_rows,persistent", [
-    (16, False, 0, False, 0), (16, True, 0, False, 0),
-    (64, False, 0, False, 0), (64, True, 0, False, 0),
-    (16, False, 1, False, 0), (32, True, 2, False, 0),
-    (16, False, 0, True, 0), (32, True, 0, True, 0),
-    (16, False, 0, True, 7), (64, True, 1, False, 5)])
+@pytest.mark.parametrize("nr,causal,level,zero_rows", [
+    (16, False, 0, False), (16, True, 0, False), (64, False, 0, False),
+    (64, True, 0, False), (16, False, 1, False), (32, True, 2, False),
+    (16, False, 0, True), (32, True, 0, True)])
 def test_mosaic_forward_level_matches_the_triton_kernel(
-    nr, causal, level, zero_rows, persistent):
-  """In interpret mode (``check_mosaic_forward_level``; ``persistent``:
-  32 tiles over 7 or 5 programs, the last steps repeating a tile)."""
+    nr, causal, level, zero_rows):
+  """In interpret mode (``check_mosaic_forward_level``)."""
   check_mosaic_forward_level(nr, n=512, heads=2, interpret=True,
                              lse_atol=1e-5, causal=causal, level=level,
-                             zero_rows=zero_rows, persistent=persistent)
+                             zero_rows=zero_rows)
 
 
 def _pallas_call_names(fn, *args):
@@ -754,24 +720,16 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   results = {}
   # 256 rows of blocks of 16: levels 0 (256 rows) and 1 (128) hold a
   # Mosaic GPU window (96 rows, 64 per tile), level 2 (64) does not.
-  # Last two: the padding's garbage zeroed in the kernels
-  # (mosaic_zero_rows), with the tiles spread over 7 programs in all
-  # (mosaic_programs), and then with dq, dk and dv in one kernel
-  # (mosaic_backward).
+  # Last: the padding's garbage zeroed in the kernels (mosaic_zero_rows).
   settings = (("triton", "triton", 1), ("mosaic", "triton", 1),
               ("mosaic", "mosaic", 1), ("mosaic", "mosaic", 8),
-              ("mosaic", "mosaic", 2), ("mosaic", "mosaic", 3))
+              ("mosaic", "mosaic", 2))
   for at, (fwd, bwd, levels) in enumerate(settings):
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", fwd)
     monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", bwd)
     monkeypatch.setitem(kernels.TUNING, "mosaic_levels", levels)
     monkeypatch.setitem(kernels.TUNING, "mosaic_zero_rows",
                         "kernel" if at >= 4 else "xla")
-    monkeypatch.setitem(kernels.TUNING, "mosaic_backward",
-                        "fused" if at == 5 else "split")
-    # Setting 4: 7 programs in all (16 tiles at level 0, 8 at level 1).
-    monkeypatch.setitem(kernels.TUNING, "mosaic_programs",
-                        7 if at == 4 else 0)
     assert kernels.level0_impl("forward", interpret=True) == fwd
     assert kernels.level0_impl("backward", interpret=True) == bwd
     grad = jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2))
@@ -786,11 +744,9 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
                                   str(jax.make_jaxpr(grad)(*clean))))
     if bwd == "mosaic":
       on = range(min(levels, 2))  # the Mosaic GPU levels
-      fused = {f"hattn_dqkv_l{level}_mosaic" for level in on}
-      split = {f"hattn_{kind}_l{level}_mosaic" for kind in ("dq", "dkv")
-               for level in on}
-      assert mosaic_names >= (fused if at == 5 else split), mosaic_names
-      assert not mosaic_names & (split if at == 5 else fused), mosaic_names
+      want = {f"hattn_{kind}_l{level}_mosaic" for kind in ("dq", "dkv")
+              for level in on}
+      assert mosaic_names >= want, mosaic_names
     # A new jit for each setting: TUNING is read when tracing.
     inputs = clean if fwd == "triton" else garbage
     (_, out), grads = jax.jit(jax.value_and_grad(
@@ -874,10 +830,7 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
     (64, 64, False, False, "bfloat16", "mosaic"),
     (64, 32, True, True, "bfloat16", "mosaic"),
     (64, 16, False, True, "bfloat16", "all_levels"),
-    (128, 32, True, False, "bfloat16", "all_levels"),
-    (64, 16, False, True, "bfloat16", "fused"),
-    (128, 16, True, False, "bfloat16", "fused"),
-    (128, 64, False, False, "bfloat16", "fused")])
+    (128, 32, True, False, "bfloat16", "all_levels")])
 def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
     monkeypatch, d, nr, causal, masked, dtype, backward):
   """The forward and backward at 65,536 tokens, heads 8 (the benchmark's
@@ -890,16 +843,9 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   level-0 backward everywhere (``backward_l0_impl="mosaic"``), and with
   both Mosaic GPU level kernels at every level long enough for them,
   zeroing the padding themselves ("all_levels": ``mosaic_levels``,
-  ``mosaic_zero_rows``), and with the level-0 dq, dk and dv in one Mosaic
-  GPU kernel ("fused": ``mosaic_backward``; where its buffers do not fit,
-  the two kernels)."""
+  ``mosaic_zero_rows``)."""
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
   every = backward == "all_levels"
-  fused = backward == "fused" and mosaic.dqkv_level_stages(
-      nr, d, jnp.dtype(dtype)) > 0
-  if backward == "fused":
-    monkeypatch.setitem(kernels.TUNING, "mosaic_backward", "fused")
-    backward = "mosaic"
   if every:
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", "mosaic")
     monkeypatch.setitem(kernels.TUNING, "mosaic_levels", 20)
@@ -936,10 +882,9 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
         assert (f"hattn_{kind}_l{level}_mosaic" in text) == fits, (
             kind, level)
   for kind in ("dq", "dkv"):
-    assert (f"hattn_{kind}_l0_mosaic" in text) == (not fused and half and (
+    assert (f"hattn_{kind}_l0_mosaic" in text) == (half and (
         backward == "mosaic" or (backward == "auto"
                                  and (nr, d) in faster["backward"])))
-  assert ("hattn_dqkv_l0_mosaic" in text) == fused
 
 
 def test_mosaic_forward_level_rejects_what_it_cannot_run():
@@ -1314,9 +1259,7 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("dq_warps", 0), ("dkv_warps", 48),
                      ("num_stages", 0), ("coarsen_rows", 48),
                      ("levels_per_launch", "2"), ("coarsen_heads", 0),
-                     ("mosaic_zero_rows", "smem"),
-                     ("mosaic_backward", "one"),
-                     ("mosaic_programs", -1)):
+                     ("mosaic_zero_rows", "smem")):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

@@ -162,22 +162,11 @@ DEFAULT_TILE = 16
 # with a mask 1.344 against 1.276 ms for "kernel", causal 1.299 against
 # 1.230, head_dim 128 2.713 against 2.514; H200, blocks of 16, 1 x 65,536
 # tokens: docs/benchmarks.md).
-# ``mosaic_backward``: where a level's backward runs on the Mosaic GPU
-# kernels, "split" (the default: ``mosaic.dq_level`` and ``dkv_level``,
-# two launches, each reading q, k, v and dO) or "fused"
-# (``mosaic.dqkv_level``: one launch, each array read once; where its
-# buffers fit one stage; a first version that copied each tile apart from
-# its window was slower, 0.514 ms against 0.182 + 0.108 at level 0, H200,
-# blocks of 16, 1 x 65,536 tokens, its buffers leaving one program per
-# SM; the present one, two per SM, is not yet timed: docs/benchmarks.md).
-# ``mosaic_programs``: how the Mosaic GPU level kernels spread their tiles
-# over programs: 0 (the default) a power of two of programs per (batch
-# row, head), each taking consecutive tiles, at most 1,024 programs in all
-# (at 1 x 65,536 tokens and 8 heads, 1,024 programs of 8 tiles: 2.6
-# times the 396 that 132 SMs hold at three per SM, the room the dk, dv
-# kernel's shared memory leaves); N > 0, N programs in all, each taking
-# every N-th tile (``mosaic._Level``), so that N can be what the GPU
-# holds at once; not yet timed.
+# The level kernels' dq, dk and dv in one Mosaic GPU kernel (each array
+# read once) was slower, 0.442 ms against 0.182 + 0.108 for the two; so
+# was spreading their tiles over one wave of programs (each taking every
+# N-th tile), dk, dv 0.219 and dq 0.133 ms at N = 396 (H200, blocks of
+# 16, 1 x 65,536 tokens: docs/benchmarks.md). Neither is kept.
 # ``handover_dtype``: what a coarse level hands to the next finer one (its
 # normalised output forward; its dq, dk, dv backward): "input" (the
 # inputs' dtype: half the bytes of float32 for 16-bit inputs, one more
@@ -197,8 +186,7 @@ TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
-          "mosaic_zero_rows": "kernel", "mosaic_backward": "split",
-          "mosaic_programs": 0,
+          "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles"}
 
 
@@ -213,7 +201,6 @@ _TUNING_CHOICES = {
     "forward_l0_impl": ("auto", "triton", "mosaic"),
     "backward_l0_impl": ("auto", "triton", "mosaic"),
     "mosaic_zero_rows": ("xla", "kernel"),
-    "mosaic_backward": ("split", "fused"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
 }
@@ -227,7 +214,6 @@ _TUNING_INTS = {
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
-    "mosaic_programs": ("an int >= 0", lambda x: x >= 0),
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
@@ -1473,8 +1459,7 @@ def _forward_level_mosaic(arrays, level, parent, nr, scale, causal, masked,
   return mosaic.forward_level(
       q, k, v, c, *parent, nr=nr, scale=scale, causal=causal, level=level,
       interpret=interpret, zero_rows=zero_rows == "kernel",
-      stages=mosaic.forward_level_stages(nr, q.shape[-1], q.dtype),
-      persistent=TUNING.get("mosaic_programs", 0))
+      stages=mosaic.forward_level_stages(nr, q.shape[-1], q.dtype))
 
 
 def _mosaic_zero_rows(masked, level):
@@ -1545,8 +1530,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
                            masked, interpret):
   """The backward of ``level`` (its (q, k, v, counts) and (G, E, M))
-  without dropout by ``mosaic.dq_level`` and ``mosaic.dkv_level`` (or
-  ``mosaic.dqkv_level``: ``TUNING["mosaic_backward"]``) where
+  without dropout by ``mosaic.dq_level`` and ``mosaic.dkv_level`` where
   ``_mosaic_level`` says so and they take these inputs: (dq, dk, dv), else
   None (the Triton kernels' turn).
 
@@ -1573,14 +1557,7 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
   # keys by the mean.
   share = lambda mode: jax.vmap(lambda x: _prolong_weight(x, mode))(c)
   common = dict(nr=nr, scale=scale, causal=causal, level=level,
-                zero_rows=zero_rows == "kernel", interpret=interpret,
-                persistent=TUNING.get("mosaic_programs", 0))
-  fused = (TUNING.get("mosaic_backward", "split") == "fused"
-           and mosaic.dqkv_level_stages(nr, d, q.dtype))
-  if fused:
-    return mosaic.dqkv_level(q, k, v, c, g, e, m, *parent,
-                             share(_query_mode(causal, masked)),
-                             share("mean"), stages=fused, **common)
+                zero_rows=zero_rows == "kernel", interpret=interpret)
   dq = mosaic.dq_level(q, k, v, c, g, e, m, parent[0],
                        share(_query_mode(causal, masked)),
                        stages=mosaic.dq_level_stages(nr, d, q.dtype),

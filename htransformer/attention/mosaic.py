@@ -20,9 +20,6 @@ where they were measured faster (``kernels.TUNING["forward_l0_impl"]``,
 ``["backward_l0_impl"]``, ``kernels.MOSAIC_L0_FASTER`` and
 ``MOSAIC_L0_FASTER_CAUSAL``); at coarser levels with
 ``TUNING["mosaic_levels"]`` (timed slower than the Triton kernels there).
-``dqkv_level`` is ``dq_level`` and ``dkv_level`` in one kernel
-(``TUNING["mosaic_backward"]``); ``TUNING["mosaic_programs"]`` spreads
-the level kernels' tiles over a fixed number of programs (``_Level``).
 ``scripts/profile_kernels.py --mosaic_forward``, ``--mosaic_dq`` and
 ``--mosaic_dkv`` time level 0's against the Triton kernels
 (docs/benchmarks.md, sections "Mosaic GPU"). ``double`` (a 1 GiB array
@@ -307,10 +304,7 @@ def _buffers(kind, nr, d, dtype):
   counts, the tile's counts, dO, E, M, the parents' dq and the weights;
   the output. "dkv": the window's q, the tile's k, v, the window's and the
   tile's counts, the window's dO, E and M, the parents' dk and dv, the
-  weights; the two outputs. "dqkv": the windows of q, k, v, dO, the
-  counts, E and M (the tile's rows are read from them), the parents' dk,
-  dv and dq, the keys' and the queries' weights; the three outputs.
-  A product's operands in shared memory share
+  weights; the two outputs. A product's operands in shared memory share
   one swizzle: q, k and dO of the dq, and every block of the dk, dv, are
   second operands both transposed and not, so they take the 64-byte
   swizzle (steps of 32 rows) that the non-transposed use needs."""
@@ -327,18 +321,10 @@ def _buffers(kind, nr, d, dtype):
              vec(rows), blk(rows, wide), vec(rows), vec(rows),
              blk(rows // 2, narrow), vec(rows)],
             [blk(rows, wide)])
-  dkv = ([blk(win, narrow), blk(rows, narrow), blk(rows, narrow),
-          vec(win), vec(rows), blk(win, narrow), vec(win), vec(win),
-          blk(rows // 2, narrow), blk(rows // 2, narrow), vec(rows)],
-         [blk(rows, narrow), blk(rows, narrow)])
-  if kind == "dkv":
-    return dkv
-  # "dqkv": the windows of q, k, v and dO (the tile's rows are in them),
-  # the window's counts, E and M, the parents' dk, dv and dq, the keys'
-  # and queries' weights; dk, dv and dq.
-  return ([blk(win, narrow)] * 4 + [vec(win)] * 3
-          + [blk(rows // 2, narrow)] * 3 + [vec(rows)] * 2,
-          [blk(rows, narrow)] * 3)
+  return ([blk(win, narrow), blk(rows, narrow), blk(rows, narrow),
+           vec(win), vec(rows), blk(win, narrow), vec(win), vec(win),
+           blk(rows // 2, narrow), blk(rows // 2, narrow), vec(rows)],
+          [blk(rows, narrow), blk(rows, narrow)])
 
 
 def level_smem(kind, nr, d, dtype, stages):
@@ -377,11 +363,6 @@ def dq_level_stages(nr, d, dtype):
 def dkv_level_stages(nr, d, dtype):
   """``dkv_level``'s stages (``_stages``)."""
   return _stages(lambda s: level_smem("dkv", nr, d, dtype, s))
-
-
-def dqkv_level_stages(nr, d, dtype):
-  """``dqkv_level``'s stages (``_stages``)."""
-  return _stages(lambda s: level_smem("dqkv", nr, d, dtype, s))
 
 
 def _level_shape_problem(q, nr):
@@ -428,44 +409,28 @@ class _Level:
 
   A launch has ``programs`` programs per (batch row, head), each taking
   ``per`` consecutive tiles of it (by default a power of two of them,
-  at most 1,024 programs in all); or, with ``persistent`` > 0, that many
-  programs in all, program p taking the tiles p, p + P, p + 2P, ... of
-  the list of every (batch row, tile, head), heads varying fastest (the
-  same rows of all heads side by side). Then every program takes the
-  same number of steps, however the tiles divide: a program whose last
-  step falls past the list repeats the last tile (the same values
-  written twice), so that the programs of a launch can be as many as
-  the GPU holds at once, in one wave."""
+  at most 1,024 programs in all; a fixed number of programs in all, each
+  taking every P-th tile of every head, was 20-25% slower on an H200:
+  docs/benchmarks.md)."""
 
-  def __init__(self, name, q, nr, stages, programs, interpret, level,
-               persistent=0):
+  def __init__(self, name, q, nr, stages, programs, interpret, level):
     b, n, h, _ = q.shape
     self.rows, self.win, self.nr, self.n = _ROWS, _ROWS + 2 * nr, nr, n
     self.level = level
     problem = _level_shape_problem(q, nr)
     if problem:
       raise ValueError(f"{name} {problem}.")
-    self.steps, self.heads = n // self.rows, h
-    self.items = b * h * self.steps if persistent else None
-    if persistent:
-      self.programs = min(persistent, self.items)
-      self.per = -(-self.items // self.programs)
-      self.grid = (self.programs, 1, 1)
-    else:
-      programs = programs or _programs(self.steps, b * h, most=1024)
-      self.per = self.steps // programs
-      self.grid = (programs, h, b)
+    self.steps = n // self.rows
+    programs = programs or _programs(self.steps, b * h, most=1024)
+    self.per = self.steps // programs
+    self.grid = (programs, h, b)
     self.stages = min(stages, self.per)
     self.interpret = interpret
 
   def where(self, i):
     """(batch row, head, tile index) of this program's step ``i``."""
-    p = lax.axis_index("p")
-    if self.items is None:
-      return lax.axis_index("b"), lax.axis_index("h"), p * self.per + i
-    item = jax.numpy.minimum(p + i * self.programs, self.items - 1)
-    rest = item // self.heads
-    return rest // self.steps, item % self.heads, rest % self.steps
+    return (lax.axis_index("b"), lax.axis_index("h"),
+            lax.axis_index("p") * self.per + i)
 
   def window(self, i):
     """(tile index, first window row) of this program's step ``i``: the
@@ -481,13 +446,6 @@ class _Level:
     t = self.where(i)[2]
     return t, jax.numpy.clip(t * per_tile - 1, 0,
                              (self.n - self.win) // self.nr)
-
-  def own_rows(self, i):
-    """The tile's rows within its window at step ``i``: a ``pl.ds`` of
-    ``rows`` from nr (0 for the first tile, 2 nr for the last), as a
-    product with nr (which Mosaic GPU needs to slice tiled buffers)."""
-    t, at = self._blocks(i)
-    return pl.ds((t * (self.rows // self.nr) - at) * self.nr, self.rows)
 
   def slices(self, i):
     """(tile rows, window rows, parent rows) of step ``i``."""
@@ -612,7 +570,7 @@ class _Level:
 
 def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
                   level=0, stages=2, programs=None, zero_rows=False,
-                  interpret=False, persistent=0):
+                  interpret=False):
   """A level of the forward in Mosaic GPU: ``kernels._fwd_rows`` (``causal``
   or not; no dropout) of ``level`` (0: the caller's q, k, v; l >= 1: the
   pyramid's level l), with the level's real-token counts c [B, n] (each
@@ -633,8 +591,7 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
   jnp = jax.numpy
   f32 = jnp.float32
   b, n, h, d = q.shape
-  t0 = _Level("forward_level", q, nr, stages, programs, interpret, level,
-              persistent)
+  t0 = _Level("forward_level", q, nr, stages, programs, interpret, level)
   plse2 = jnp.repeat(plse.astype(f32), 2, axis=-1)  # [B, H, n]
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
@@ -694,7 +651,7 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
 
 def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
              level=0, stages=2, programs=None, zero_rows=False,
-             interpret=False, persistent=0):
+             interpret=False):
   """A level's dq in Mosaic GPU: ``kernels._dq_rows`` (``causal`` or not)
   without dropout, on the tiles and key windows of ``forward_level``
   (``level`` as there).
@@ -717,8 +674,7 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
   """
   f32 = jax.numpy.float32
   b, n, h, d = q.shape
-  t0 = _Level("dq_level", q, nr, stages, programs, interpret, level,
-              persistent)
+  t0 = _Level("dq_level", q, nr, stages, programs, interpret, level)
 
   def body(*refs):
     gmems, o_g, smems, (o_s, bar) = refs[:9], refs[9], refs[10:20], refs[20:]
@@ -743,7 +699,7 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
 
 def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
               causal=False, level=0, stages=2, programs=None,
-              zero_rows=False, interpret=False, persistent=0):
+              zero_rows=False, interpret=False):
   """A level's dk, dv in Mosaic GPU: ``kernels._dkv_rows`` (``causal`` or
   not) without dropout (``level`` as ``forward_level``'s). A program's
   tile is 64 key rows, its window the 64 + 2 nr query rows around them (as
@@ -762,8 +718,7 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
   """
   f32 = jax.numpy.float32
   b, n, h, d = q.shape
-  t0 = _Level("dkv_level", q, nr, stages, programs, interpret, level,
-              persistent)
+  t0 = _Level("dkv_level", q, nr, stages, programs, interpret, level)
 
   def body(*refs):
     gmems, outs, smems = refs[:10], refs[10:12], refs[12:23]
@@ -874,69 +829,6 @@ def _dkv_tile(t0, i, refs, *, scale, causal):
     real_k = lax.broadcast_in_dim(ck, dk.shape, [0]) > 0
     dk, dv = (jnp.where(real_k, x, 0.0) for x in (dk, dv))
   return dk, dv
-
-
-def dqkv_level(q, k, v, c, g, e, m, pdq, pdk, pdv, wq, wk, *, nr, scale,
-               causal=False, level=0, stages=1, programs=None,
-               zero_rows=False, interpret=False, persistent=0):
-  """``dq_level`` and ``dkv_level`` in one kernel: (dq, dk, dv) as those
-  two give them (the same inputs; ``wq`` the queries' prolongation
-  weights, ``wk`` the keys'). A program's step takes one tile of 64 rows
-  as keys (the dk, dv of ``dkv_level``) and as queries (the dq of
-  ``dq_level``): the same products, on one copy of the window of q, k, v
-  and dO, the tile's rows read from it (``_Level.own_rows``), so those
-  arrays cross memory once instead of twice and the program's buffers
-  (89 KiB at head_dim 64, blocks of 16) leave room for two programs per
-  SM. A first version that copied the tiles apart (126 KiB, one program
-  per SM) took 0.514 ms at level 0 of 1 x 65,536 tokens on an H200,
-  against 0.290 for the two kernels (docs/benchmarks.md); this one is not
-  yet timed. Not a default (``kernels.TUNING["mosaic_backward"]``).
-  """
-  f32 = jax.numpy.float32
-  b, n, h, d = q.shape
-  t0 = _Level("dqkv_level", q, nr, stages, programs, interpret, level,
-              persistent)
-
-  def body(*refs):
-    (q_g, k_g, v_g, c_g, g_g, e_g, m_g, pq_g, pk_g, pv_g, wq_g,
-     wk_g) = refs[:12]
-    outs, smems, out_smems, bar = (refs[12:15], refs[15:27], refs[27:30],
-                                   refs[30])
-
-    def issue(i, slot):
-      bi, hi, _ = t0.where(i)
-      own, win, parents = t0.slices(i)
-      t0.copy_in(list(zip(
-          (q_g.at[bi, win, hi], k_g.at[bi, win, hi], v_g.at[bi, win, hi],
-           g_g.at[bi, win, hi], c_g.at[bi, win], e_g.at[bi, hi, win],
-           m_g.at[bi, hi, win], pk_g.at[bi, parents, hi],
-           pv_g.at[bi, parents, hi], pq_g.at[bi, parents, hi],
-           wk_g.at[bi, own], wq_g.at[bi, own]), smems)), slot, bar)
-
-    def step(i, slot):
-      qw, kw, vw, gw, cw, ew, mw, pk, pv, pq, wk, wq = (
-          x.at[slot] for x in smems)
-      if zero_rows:  # as the two kernels do (k for the dq's products)
-        t0.zero_rows([(qw, cw), (gw, cw), (kw, cw)])
-      tile = lambda x: x.at[t0.own_rows(i)]
-      dk, dv = _dkv_tile(t0, i, [qw, tile(kw), tile(vw), cw, tile(cw), gw,
-                                 ew, mw, pk, pv, wk],
-                         scale=scale, causal=causal)
-      dq = _dq_tile(t0, i, [tile(qw), kw, vw, cw, tile(cw), tile(gw),
-                            tile(ew), tile(mw), pq, wq],
-                    scale=scale, causal=causal)
-      t0.store(i, tuple(zip((dk, dv, dq), out_smems, outs)))
-
-    t0.run(bar, issue, step)
-
-  scratch = t0.scratch(*_buffers("dqkv", nr, d, q.dtype))
-  out = [jax.ShapeDtypeStruct((b, n, h, d), k.dtype),
-         jax.ShapeDtypeStruct((b, n, h, d), v.dtype),
-         jax.ShapeDtypeStruct((b, n, h, d), q.dtype)]
-  dk, dv, dq = t0.call(body, f"hattn_dqkv_l{level}_mosaic", out, scratch,
-                       q, k, v, c.astype(f32), g, e, m, pdq, pdk, pdv,
-                       wq.astype(f32), wk.astype(f32))
-  return dq, dk, dv
 
 
 def _iota(shape, axis, layout, interpret):
