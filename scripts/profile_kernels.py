@@ -273,7 +273,14 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
 _ROW_NAMES = {"num_warps": "warps"}
 
 
-def main():
+def zero_means():
+  """What a swept argument's 0 stands for: its key's default (the
+  warps keys; for the others 0 is a value or not one)."""
+  return {"num_warps": None,
+          "pyramid_warps": kernels.TUNING["pyramid_warps"]}
+
+
+def make_parser():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
   parser.add_argument("--tiles", type=int, nargs="+",
@@ -347,7 +354,11 @@ def main():
                       help="with --mosaic_forward, --mosaic_dq or "
                       "--mosaic_dkv: both kernels in interpret mode (a check "
                       "of the comparison on a CPU; no device times)")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = make_parser().parse_args()
   kinds = [kind for kind, on in (("fwd", args.mosaic_forward),
                                  ("dq", args.mosaic_dq),
                                  ("dkv", args.mosaic_dkv)) if on]
@@ -371,9 +382,7 @@ def main():
               if kernels.mosaic_gpu() else {})}]
   print(json.dumps(rows[0]), flush=True)
   rng = np.random.default_rng(0)
-  # What an argument's 0 stands for: the key's default.
-  default = {"num_warps": None,
-             "pyramid_warps": kernels.TUNING["pyramid_warps"]}
+  default = zero_means()
   for length in args.lengths:
     batch = max(1, args.tokens // length)
     shape = (batch, length, 8, args.head_dim)

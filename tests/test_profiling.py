@@ -157,3 +157,22 @@ def test_profile_kernels_compares_the_mosaic_level0_kernels(tmp_path,
       else:
         assert 1 < row[name + "_max_abs"] < 1e3, row
         assert row[name + "_max_diff"] <= 2**-7 * row[name + "_max_abs"], row
+
+
+def test_profile_kernels_sweeps_real_tuning_keys():
+  """Each TUNING key ``profile_kernels.py`` sweeps is one the kernels have,
+  its argument takes several values (``nargs="+"``) and defaults to the
+  key's value (0 standing for the default where the key's is None or
+  the pyramid's warps), so that a run without the argument times the
+  defaults."""
+  from htransformer.attention import kernels
+  script = load_script("profile_kernels")
+  args = script.make_parser().parse_args([])
+  default = script.zero_means()
+  for key, arg in script._SWEPT.items():
+    assert key in kernels.TUNING, key
+    values = getattr(args, arg)
+    assert isinstance(values, list) and len(values) == 1, (arg, values)
+    want = kernels.TUNING[key]
+    assert values[0] == want or (not values[0] and default[key] == want), (
+        key, values, want)

@@ -410,7 +410,7 @@ class _Level:
   A launch has ``programs`` programs per (batch row, head), each taking
   ``per`` consecutive tiles of it (by default a power of two of them,
   at most 1,024 programs in all; a fixed number of programs in all, each
-  taking every P-th tile of every head, was 20-25% slower on an H200:
+  taking every P-th tile of every head, was 19-24% slower on an H200:
   docs/benchmarks.md)."""
 
   def __init__(self, name, q, nr, stages, programs, interpret, level):
