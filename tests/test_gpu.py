@@ -242,10 +242,9 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   rule, other warps for the backward kernels, heads first in a launch, the
   pyramid by the products kernel and the Triton level-0 kernels where
   Mosaic GPU is the default, the Mosaic GPU level-0 forward, and
-  backward, both at every level long enough, both with the padding
-  zeroed by XLA, the level-0 dq, dk and dv in one kernel, and their
-  tiles spread over 264 programs in all, wherever they apply), as
-  compiled for the GPU (interpret mode: tests/test_kernels.py)."""
+  backward, both at every level long enough, and both with the padding
+  zeroed by XLA, wherever they apply), as compiled for the GPU (interpret
+  mode: tests/test_kernels.py)."""
   from htransformer.attention import kernels
   for key, value in tuning.items():
     monkeypatch.setitem(kernels.TUNING, key, value)
@@ -358,8 +357,9 @@ def test_mosaic_forward_level_matches_the_triton_kernel(nr, level,
     (32, 0, True)])
 def test_mosaic_backward_level_matches_the_triton_kernels(
     nr, level, zero_rows):
-  """``mosaic.dq_level`` and ``dkv_level`` compiled for this GPU against the Triton backward kernels of that level
-  on the same inputs (``tests.test_kernels.check_mosaic_backward_level``)."""
+  """``mosaic.dq_level`` and ``dkv_level`` compiled for this GPU against
+  the Triton backward kernels of that level on the same inputs
+  (``tests.test_kernels.check_mosaic_backward_level``)."""
   from htransformer.attention import kernels
   from tests.test_kernels import check_mosaic_backward_level
   if not kernels.mosaic_gpu():

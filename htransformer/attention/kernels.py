@@ -163,7 +163,7 @@ DEFAULT_TILE = 16
 # 1.230, head_dim 128 2.713 against 2.514; H200, blocks of 16, 1 x 65,536
 # tokens: docs/benchmarks.md).
 # The level kernels' dq, dk and dv in one Mosaic GPU kernel (each array
-# read once) was slower, 0.442 ms against 0.182 + 0.108 for the two; so
+# read once) was slower, 0.442 ms against 0.182 + 0.107 for the two; so
 # was spreading their tiles over one wave of programs (each taking every
 # N-th tile), dk, dv 0.219 and dq 0.133 ms at N = 396 (H200, blocks of
 # 16, 1 x 65,536 tokens: docs/benchmarks.md). Neither is kept.

@@ -420,11 +420,11 @@ class _Level:
     problem = _level_shape_problem(q, nr)
     if problem:
       raise ValueError(f"{name} {problem}.")
-    self.steps = n // self.rows
-    programs = programs or _programs(self.steps, b * h, most=1024)
-    self.per = self.steps // programs
-    self.grid = (programs, h, b)
+    steps = n // self.rows
+    programs = programs or _programs(steps, b * h, most=1024)
+    self.per = steps // programs
     self.stages = min(stages, self.per)
+    self.grid = (programs, h, b)
     self.interpret = interpret
 
   def where(self, i):
@@ -437,15 +437,10 @@ class _Level:
     offset as a product (a clamped block index times nr), which is how
     Mosaic GPU proves a TMA offset a multiple of the shared-memory
     tiling."""
-    t, at = self._blocks(i)
-    return t, at * self.nr
-
-  def _blocks(self, i):
-    """(tile index, first window block) of step ``i``."""
-    per_tile = self.rows // self.nr
+    rows, nr = self.rows, self.nr
     t = self.where(i)[2]
-    return t, jax.numpy.clip(t * per_tile - 1, 0,
-                             (self.n - self.win) // self.nr)
+    at = jax.numpy.clip(t * (rows // nr) - 1, 0, (self.n - self.win) // nr)
+    return t, at * nr
 
   def slices(self, i):
     """(tile rows, window rows, parent rows) of step ``i``."""
