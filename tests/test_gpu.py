@@ -222,7 +222,7 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
 
 @pytest.mark.parametrize("tuning", [
     dict(coarsen_impl="pallas"), dict(handover_dtype="float32"),
-    dict(pyramid_warps=None), dict(dq_warps=2, dkv_warps=4),
+    dict(pyramid_warps=2), dict(dq_warps=2, dkv_warps=4),
     dict(grid_order="heads"), dict(coarsen_impl="dot"),
     dict(forward_l0_impl="triton", backward_l0_impl="triton"),
     dict(forward_l0_impl="mosaic"),
@@ -231,15 +231,15 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
          mosaic_levels=20),
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
          mosaic_zero_rows="xla")],
-    ids=["pair_sums", "handover_f32", "pyramid_warps_as_levels",
+    ids=["pair_sums", "handover_f32", "pyramid_2_warps",
          "backward_warps", "heads_first", "products_pyramid",
          "triton_level0", "mosaic_level0_forward",
          "mosaic_level0_both", "mosaic_all_levels", "mosaic_zero_rows"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair
-  sums, float32 between levels, the pyramid's warps by the level kernels'
-  rule, other warps for the backward kernels, heads first in a launch, the
+  sums, float32 between levels, the pyramid and restriction on 2 warps,
+  other warps for the backward kernels, heads first in a launch, the
   pyramid by the products kernel and the Triton level-0 kernels where
   Mosaic GPU is the default, the Mosaic GPU level-0 forward, and
   backward, both at every level long enough, and both with the padding

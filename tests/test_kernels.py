@@ -1249,6 +1249,24 @@ def test_pieces_in_a_loop_are_the_unrolled_pieces(tile, after, level0,
   assert float(jnp.abs(unrolled).sum()) > 0
 
 
+def test_warps_by_kind_and_width(monkeypatch):
+  """Triton warps: the level kernels one per 16 rows of 64 elements, the
+  pyramid and restriction one per 64 (1 at head_dim 64, 2 at 128), unless
+  TUNING says otherwise."""
+  pytest.importorskip(kernels.TRITON_MODULE)
+  warps = lambda *a, **k: kernels._compiler_params(False, *a, **k).num_warps
+  assert warps(16, 64) == 1 and warps(64, 64) == 4 and warps(16, 128) == 2
+  assert warps(64, 64, kind="dq") == 4
+  assert warps(64, 64, kind="pyramid") == 1
+  assert warps(64, 128, kind="pyramid") == 2
+  assert warps(32, 64, kind="pyramid") == 1
+  monkeypatch.setitem(kernels.TUNING, "pyramid_warps", 4)
+  assert warps(64, 64, kind="pyramid") == 4
+  monkeypatch.setitem(kernels.TUNING, "num_warps", 2)
+  assert warps(64, 64) == 2 and warps(64, 64, kind="pyramid") == 4
+  assert kernels._compiler_params(True, 64, 64, kind="pyramid") is None
+
+
 def test_bad_tuning_is_named(monkeypatch):
   """A TUNING value the kernels cannot use (a typo in a choice's name, an
   odd warp count) stops the call with the key's name, before any kernel."""

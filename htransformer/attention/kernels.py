@@ -122,9 +122,9 @@ _NO_ROW = 1e30
 DEFAULT_TILE = 16
 # Launch settings (read when a function is traced; for tuning): Triton
 # warps per program (None: one per 16 rows of 64 elements, at most 4), the
-# pyramid and restriction kernels' (``pyramid_warps``; None: the same
-# rule), pipelining stages, and how many consecutive levels one launch
-# computes (see _level_groups).
+# pyramid and restriction kernels' (``pyramid_warps``; None: one per 64
+# rows of 64 elements, at most 4), pipelining stages, and how many
+# consecutive levels one launch computes (see _level_groups).
 # ``coarsen_heads``: heads per program of the pyramid kernel (1: one head's
 # [64, D] block; h: a [64, h*D] block, rows of h*D contiguous elements);
 # ``coarsen_rows``: its rows per program (at least 2**levels of the pass:
@@ -181,7 +181,7 @@ DEFAULT_TILE = 16
 # programs started together read whole rows of the [B, L, H, D] arrays;
 # on an H200 2% faster forward+backward at 1 x 65,536 tokens, 1.5% slower
 # at 64 x 1,024: docs/benchmarks.md).
-TUNING = {"num_warps": None, "pyramid_warps": 2, "dq_warps": None,
+TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
@@ -208,9 +208,11 @@ _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
                   "two up to 32",
                   lambda x: _pow2(x) and x <= 32),
+    "pyramid_warps": ("None (one per 64 rows of 64 elements), or a power of "
+                      "two up to 32", lambda x: _pow2(x) and x <= 32),
     **{key: ("None (as the level kernels), or a power of two up to 32",
              lambda x: _pow2(x) and x <= 32)
-       for key in ("pyramid_warps", "dq_warps", "dkv_warps")},
+       for key in ("dq_warps", "dkv_warps")},
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
@@ -847,16 +849,24 @@ def _compiler_params(interpret, rows, width=64, kind=None):
   # 4) at head_dim 64, and 16 rows on 2 warps at head_dim 128 (1.03 / 3.36
   # ms forward / forward+backward at 65,536 tokens against 1.76 / 4.26 on
   # one and 1.26 / 4.97 on 4), on an H200 (scripts/profile_kernels.py,
-  # docs/benchmarks.md). The pyramid and restriction kernels: 2 warps
-  # (faster than 4 and 8 at 65,536 tokens: 0.177 + 0.081 ms against 0.191
-  # + 0.104 and 0.241 + 0.132, same card and script). The dq and dk, dv
+  # docs/benchmarks.md). The pyramid and restriction kernels on 2 warps were
+  # faster than on 4 and 8 at 65,536 tokens and head_dim 64 (0.177 + 0.081
+  # ms against 0.191 + 0.104 and 0.241 + 0.132, same card and script), and
+  # the restriction on 1 faster still (below). The dq and dk, dv
   # kernels on more warps than that rule (fewer registers per thread: 134
   # instead of 255 for dk, dv level 0 on 2 warps) were no faster at
   # head_dim 64 (2 warps: 1.36 against 1.35 ms; dk, dv level 0 with a
   # mask 0.352 against 0.299) and slower at 128 (4 warps: 2.78 against
   # 2.56 ms; same card, docs/benchmarks.md).
-  warps = ((kind and TUNING.get(kind + "_warps")) or TUNING["num_warps"]
-           or max(1, min(4, rows * max(width, 64) // 1024)))
+  # By default (``pyramid_warps`` None) the pyramid and restriction kernels
+  # take a warp per 64 rows of 64 elements (1 at head_dim 64, 2 at 128): the
+  # restriction took 0.075 ms on one warp against 0.082 on two at head_dim
+  # 64 (twice), 0.155 on two against 0.170 on one at 128; the pyramid's
+  # products tie on one and two at 64 (same card and script).
+  warps = (kind and TUNING.get(kind + "_warps")) or (
+      kind == "pyramid" and max(1, min(4, rows * max(width, 64) // 4096)))
+  warps = warps or TUNING["num_warps"] or max(
+      1, min(4, rows * max(width, 64) // 1024))
   return plgpu.CompilerParams(num_warps=warps,
                               num_stages=TUNING["num_stages"])
 
@@ -1235,7 +1245,9 @@ def _coarsen(arrays, modes, c, count, interpret, base=0, impl=None):
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
-      compiler_params=_compiler_params(interpret, rows, kind="pyramid"),
+      compiler_params=_compiler_params(
+          interpret, rows, hp * max(x.shape[-1] for x in arrays),
+          kind="pyramid"),
       name="hattn_coarsen")(c, *flat)
   shaped = [o.reshape(o.shape[0], o.shape[1], h, -1) for o in outs]
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
@@ -1382,7 +1394,7 @@ def _restrict(g, e, mrow, c, count, interpret, from_output=False):
                         from_output=from_output),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, rows, kind="pyramid"),
+      compiler_params=_compiler_params(interpret, rows, dv, kind="pyramid"),
       name="hattn_restrict")(g, e, mrow, c)
   head = [(g, *outs[:2])] if from_output else []
   outs = outs[2:] if from_output else outs
