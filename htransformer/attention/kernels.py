@@ -849,24 +849,23 @@ def _compiler_params(interpret, rows, width=64, kind=None):
   # 4) at head_dim 64, and 16 rows on 2 warps at head_dim 128 (1.03 / 3.36
   # ms forward / forward+backward at 65,536 tokens against 1.76 / 4.26 on
   # one and 1.26 / 4.97 on 4), on an H200 (scripts/profile_kernels.py,
-  # docs/benchmarks.md). The pyramid and restriction kernels on 2 warps were
-  # faster than on 4 and 8 at 65,536 tokens and head_dim 64 (0.177 + 0.081
-  # ms against 0.191 + 0.104 and 0.241 + 0.132, same card and script), and
-  # the restriction on 1 faster still (below). The dq and dk, dv
-  # kernels on more warps than that rule (fewer registers per thread: 134
-  # instead of 255 for dk, dv level 0 on 2 warps) were no faster at
-  # head_dim 64 (2 warps: 1.36 against 1.35 ms; dk, dv level 0 with a
-  # mask 0.352 against 0.299) and slower at 128 (4 warps: 2.78 against
-  # 2.56 ms; same card, docs/benchmarks.md).
-  # By default (``pyramid_warps`` None) the pyramid and restriction kernels
-  # take a warp per 64 rows of 64 elements (1 at head_dim 64, 2 at 128): the
-  # restriction took 0.075 ms on one warp against 0.082 on two at head_dim
-  # 64 (twice), 0.155 on two against 0.170 on one at 128; the pyramid's
-  # products tie on one and two at 64 (same card and script).
-  warps = (kind and TUNING.get(kind + "_warps")) or (
-      kind == "pyramid" and max(1, min(4, rows * max(width, 64) // 4096)))
-  warps = warps or TUNING["num_warps"] or max(
-      1, min(4, rows * max(width, 64) // 1024))
+  # docs/benchmarks.md). The dq and dk, dv kernels on more warps than that
+  # rule (fewer registers per thread: 134 instead of 255 for dk, dv level
+  # 0 on 2 warps) were no faster at head_dim 64 (2 warps: 1.36 against
+  # 1.35 ms; dk, dv level 0 with a mask 0.352 against 0.299) and slower at
+  # 128 (4 warps: 2.78 against 2.56 ms; same card, docs/benchmarks.md).
+  # The pyramid and restriction kernels (``pyramid_warps`` None) take a
+  # warp per 64 rows of 64 elements, 1 at head_dim 64 and 2 at 128: on 2
+  # warps they were faster than on 4 and 8 at 65,536 tokens and head_dim 64
+  # (0.177 + 0.081 ms against 0.191 + 0.104 and 0.241 + 0.132), the
+  # restriction on 1 faster still (0.075 against 0.082 ms, twice; the
+  # pyramid's products tie), and on 2 at head_dim 128 faster than on 1
+  # (restriction 0.155 against 0.170 ms; same card and script).
+  pyramid = kind == "pyramid"
+  warps = ((kind and TUNING.get(kind + "_warps"))
+           or (not pyramid and TUNING["num_warps"])
+           or max(1, min(4, rows * max(width, 64)
+                         // (4096 if pyramid else 1024))))
   return plgpu.CompilerParams(num_warps=warps,
                               num_stages=TUNING["num_stages"])
 
