@@ -78,6 +78,9 @@ def device_profile(fn, steps: int, top: int = 25) -> dict:
   return summarize_trace(trace, steps, top)
 
 
+_STEP_GAP_US = 20.0
+
+
 def summarize_trace(trace, steps, top):
   """Device time by operation and by kernel name in a perfetto trace."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -109,6 +112,15 @@ def summarize_trace(trace, steps, top):
   busy = sum(v[0] for v in by_op.values())
   start = min(e["ts"] for e in kernels)
   end = max(e["ts"] + e["dur"] for e in kernels)
+  # Idle time between one kernel's end and the next one's start, where
+  # shorter than _STEP_GAP_US: launch gaps inside a step (a longer one is
+  # the host's time between steps).
+  ends = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+  reach, idle = ends[0][1], 0.0
+  for ts, te in ends[1:]:
+    if 0 < ts - reach < _STEP_GAP_US:
+      idle += ts - reach
+    reach = max(reach, te)
 
   def rows(table):
     return [{"op": k, "ms_per_step": round(v[0] / 1e3 / steps, 3),
@@ -119,4 +131,5 @@ def summarize_trace(trace, steps, top):
       "device_ms_per_step": round(busy / 1e3 / steps, 3),
       "wall_ms_per_step": round((end - start) / 1e3 / steps, 3),
       "kernels_per_step": round(len(kernels) / steps, 1),
+      "gap_ms_per_step": round(idle / 1e3 / steps, 3),
       "top": rows(by_op), "top_kernels": rows(by_kind)}

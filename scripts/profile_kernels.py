@@ -441,14 +441,15 @@ def main():
              "fwd_ms": bench(attn, q, k, v, valid),
              "fwd_bwd_ms": bench(fwd_bwd, q, k, v, valid)}
       if args.by_kernel:
-        f = jax.jit(attn)
-        row["fwd_by_kernel"] = profiling.device_profile(
-            lambda: jax.block_until_ready(f(q, k, v, valid)), steps=5,
-            top=40).get("top_kernels")
-        f = jax.jit(fwd_bwd)
-        row["fwd_bwd_by_kernel"] = profiling.device_profile(
-            lambda: jax.block_until_ready(f(q, k, v, valid)), steps=5,
-            top=40).get("top_kernels")
+        for name, fn in (("fwd", attn), ("fwd_bwd", fwd_bwd)):
+          f = jax.jit(fn)
+          prof = profiling.device_profile(
+              lambda: jax.block_until_ready(f(q, k, v, valid)), steps=5,
+              top=60)
+          # Kernel time, the idle time between launches, launches: per call.
+          for key in ("device_ms", "gap_ms", "kernels"):
+            row[f"{name}_{key}"] = prof.get(f"{key}_per_step")
+          row[f"{name}_by_kernel"] = prof.get("top_kernels")
       print(json.dumps(row), flush=True)
       rows.append(row)
   if args.out:

@@ -48,6 +48,8 @@ def test_summary_counts_stream_kernels_once_per_step():
   assert got["device_ms_per_step"] == pytest.approx(0.08)
   assert got["wall_ms_per_step"] == pytest.approx(0.15)
   assert got["kernels_per_step"] == 3
+  # Gaps of 10 us inside each step; the 100 us between steps is the host's.
+  assert got["gap_ms_per_step"] == pytest.approx(0.02)
   kinds = {r["op"]: r for r in got["top_kernels"]}
   assert kinds["hattn_fwd_l0"]["ms_per_step"] == pytest.approx(0.06)
   assert kinds["hattn_fwd_l0"]["share"] == pytest.approx(0.75)
