@@ -269,7 +269,8 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
           "backward_l0_impl": "backward_l0_impl",
           "mosaic_levels": "mosaic_levels",
           "mosaic_zero_rows": "mosaic_zero_rows",
-          "handover_dtype": "handover_dtype", "grid_order": "grid_order"}
+          "handover_dtype": "handover_dtype", "grid_order": "grid_order",
+          "tail_rows": "tail_rows"}
 _ROW_NAMES = {"num_warps": "warps"}
 
 
@@ -328,6 +329,10 @@ def make_parser():
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
+  parser.add_argument("--tail_rows", type=int, nargs="+",
+                      help="TUNING['tail_rows']: levels of at most this "
+                      "many rows in one launch per pass (0: none; default "
+                      "the kernels')")
   parser.add_argument("--grid_order", nargs="+", default=["tiles"],
                       choices=["tiles", "heads"],
                       help="kernels.TUNING['grid_order'] values to time")
@@ -373,6 +378,7 @@ def main():
     run_for_ncu(args, tiles[0])
     return
   args.tiles = args.tiles or [16, 32, 64]
+  args.tail_rows = args.tail_rows or [kernels.TUNING["tail_rows"]]
   rows = [{"device": jax.devices()[0].device_kind,
            "copy_gbps": round(copy_bandwidth_gbps(), 1),
            **({"copy_gbps_pallas": round(copy_bandwidth_gbps("pallas"), 1)}

@@ -1294,3 +1294,56 @@ def test_bad_tuning_is_named(monkeypatch):
       kernels.hierarchical_attention_pallas(
           q, k, v, None, block_size=16, causal=False, interpret=True,
           tile=tile)
+
+
+@pytest.mark.parametrize("causal,masked,merge_rows", [
+    (False, True, 64), (False, False, 2), (True, False, 64),
+    (True, False, 2)])
+def test_coarse_tail_in_one_launch(monkeypatch, causal, masked, merge_rows):
+  """``TUNING["tail_rows"]``: levels 2-4 of a 512-token sequence (128, 64
+  and 32 rows) in one launch per pass, merged into level 2: values and
+  gradients equal the dense reference's; causal without a mask (queries
+  by their first token, a weight of 0 or 1 down the chain) and not, with
+  padding and a hole; merge programs of 64 rows and of 2 (coarse rows
+  read one at a time and broadcast). Causal with a mask takes no tail."""
+  _use_schedule(monkeypatch, "tile16")
+  monkeypatch.setitem(kernels.TUNING, "tail_rows", 128)
+  monkeypatch.setattr(kernels, "_MERGE_ROWS", merge_rows)
+  assert kernels._tail_first(512, 5, causal, masked) == 2
+  assert kernels._tail_first(512, 5, True, True) == 5
+  assert kernels._tail_first(512, 3, causal, masked) == 3  # one level only
+  length, d, dv = 500, 16, 32
+  q, k, v = make_qkv(71, 2, length, 2, d, dv)
+  mask = None
+  if masked:
+    mask = make_mask(71, 2, length, "suffix")
+    mask[1, 40:47] = False
+  cot = np.random.default_rng(72).standard_normal(
+      (2, length, 2, dv)).astype(np.float32)
+
+  def f(impl):
+    def loss(q, k, v):
+      if impl == "ref":
+        out = dense_reference(q, k, v, mask, block_size=16, causal=causal,
+                              xp=jnp)
+      else:
+        out = hierarchical_attention(q, k, v, block_size=16, causal=causal,
+                                     mask=mask, implementation=impl)
+      return jnp.sum(out * cot), out
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+  (got, out), (want, ref) = f("pallas_interpret"), f("ref")
+  assert max_abs(out, ref) <= 1e-5
+  for name, g, w in zip("qkv", got, want):
+    g, w = np.asarray(g), np.asarray(w)
+    scale = max(1.0, float(np.abs(w).max()))
+    assert max_abs(g, w) <= 1e-4 * scale, name
+    if masked:
+      assert (g[~mask] == 0).all(), name
+  # The tail's launches are there (names of the kernels in the jaxpr).
+  text = str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(hierarchical_attention(
+      q, k, v, block_size=16, causal=causal, mask=mask,
+      implementation="pallas_interpret") * cot)))(q))
+  for name in ("fwd_tail_l2", "fwd_merge_l2", "bwd_tail_l2", "bwd_merge_l2"):
+    assert f"hattn_{name}" in text, name
+  assert "hattn_fwd_l3" not in text and "hattn_dq_l2" not in text

@@ -187,7 +187,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
           "mosaic_zero_rows": "kernel",
-          "handover_dtype": "input", "grid_order": "tiles"}
+          "handover_dtype": "input", "grid_order": "tiles", "tail_rows": 0}
 
 
 def _pow2(x: int) -> bool:
@@ -219,6 +219,8 @@ _TUNING_INTS = {
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
+    "tail_rows": ("0 (no tail), or a power of two",
+                  lambda x: x == 0 or _pow2(x)),
 }
 
 
@@ -693,6 +695,17 @@ def _normalised(m, z, y):
   return o, jnp.where(has, m + jnp.log(jnp.where(has, z, 1.0)), _NO_KEY)
 
 
+def _with_parent(m, z, y, po, plse):
+  """Running (max, normaliser, numerator) rows with a parent's normalised
+  output ``po`` and log-normaliser ``plse`` folded in (``y`` None: none
+  yet); a parent row that saw no key (``_NO_KEY``) adds nothing."""
+  big = jnp.maximum(m, plse)
+  a = jnp.exp(m - big)
+  b = jnp.where(plse > 0.5 * _NO_KEY, jnp.exp(plse - big), 0.0)
+  part = po * b[:, None]
+  return big, z * a + b, part if y is None else y * a[:, None] + part
+
+
 def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
               level, causal, scale, precision, drop, masked):
   """(normalised output f32, lse) of a level's rows [start, start + tile).
@@ -712,14 +725,8 @@ def _fwd_rows(q_ref, k_ref, v_ref, c_ref, parent, cq, start, *, nr, tile, n,
                   precision=precision, drop=drop, masked=masked)
 
   if parent is not None:
-    po = parent[0].astype(jnp.float32)
-    plse = parent[1]
-    big = jnp.maximum(m, plse)
-    a = jnp.exp(m - big)
-    b = jnp.where(plse > 0.5 * _NO_KEY, jnp.exp(plse - big), 0.0)
-    z = z * a + b
-    y = y * a[:, None] + po * b[:, None]
-    m = big
+    m, z, y = _with_parent(m, z, y, parent[0].astype(jnp.float32),
+                           parent[1])
   o, lse = _normalised(m, z, y)
   if level0:
     o = jnp.where(cq[:, None] > 0, o, 0.0)
@@ -1063,6 +1070,237 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
       compiler_params=_compiler_params(interpret, t, max(d, dv_dim), "dkv"),
       name=f"hattn_dkv_{suffix}")(*args)
   return dq, dk, dv
+
+
+# ------------------------------------------------- the coarse tail at once
+
+
+def _tail_first(n, levels, causal, masked):
+  """The first level of the coarse tail (``TUNING["tail_rows"]``), or
+  ``levels`` where there is none.
+
+  The tail is the levels of at most ``tail_rows`` rows (from level 1 on,
+  at least two of them). They run together: one launch for their forward
+  and one for their dq, dk and dv, each level on its own (no parent),
+  then one merge kernel per pass gives the tail's finest level what the
+  level-by-level chain gives it (``_merge_fwd_kernel``,
+  ``_merge_bwd_kernel``). The smallest levels' launches are a fraction of
+  a wave each and cost one program's latency; the tail pays it twice
+  per pass instead of once per level. Causal with a mask there is no
+  tail: queries are coarsened by their first real token, a chain of
+  selections the merge does not write as one weight.
+  """
+  rows = TUNING.get("tail_rows") or 0
+  if not rows or (causal and masked):
+    return levels
+  first = 1
+  while first < levels and (n >> first) > rows:
+    first += 1
+  return first if levels - first >= 2 else levels
+
+
+def _tail_levels(pyramid, first, tile):
+  """(rows, tile rows, level) of the tail's levels, finest first."""
+  return tuple((pyramid[j][0].shape[1], min(tile, pyramid[j][0].shape[1]), j)
+               for j in range(first, len(pyramid)))
+
+
+# What each part of a tail launch computes: its rows function, and the
+# fills of its outputs on tiles of padding only (``_unless_padding``).
+_TAIL_PARTS = {"fwd": (_fwd_rows, (0.0, _NO_KEY)), "dq": (_dq_rows, (0.0,)),
+               "dkv": (_dkv_rows, (0.0, 0.0))}
+
+
+def _tail_kernel(*refs, levels, parts, per_level, rate, **kw):
+  """Programs of several levels and parts in one launch.
+
+  The tile ids count the tiles of each part (``parts``: "fwd", or "dq"
+  and "dkv") at each level (``levels``: (n, t, level), finest first) in
+  turn; each program runs its level's rows function without a parent.
+  ``refs``: per level ``per_level`` inputs, then each part's outputs at
+  each level (f32: the merge rounds once)."""
+  refs, drop = _with_dropout(refs, rate)
+  count = len(levels)
+  ins = [refs[per_level * j:per_level * (j + 1)] for j in range(count)]
+  outs = list(refs[per_level * count:])
+  ti = _tile_id()
+  first_tile = 0
+  for part in parts:
+    rows_fn, fills = _TAIL_PARTS[part]
+    for j, (n, t, level) in enumerate(levels):
+      level_outs, outs = outs[:len(fills)], outs[len(fills):]
+
+      @pl.when((ti >= first_tile) & (ti < first_tile + n // t))
+      def _(rows_fn=rows_fn, fills=fills, level_refs=ins[j],
+            level_outs=level_outs, first_tile=first_tile, n=n, t=t,
+            level=level):
+        start = (ti - first_tile) * t
+        at = pl.ds(start, t)
+
+        def compute():
+          res = rows_fn(*level_refs, None, level_refs[3][at], start, tile=t,
+                        n=n, level=level, drop=drop, **kw)
+          for ref, x in zip(level_outs, res):
+            ref[at] = x.astype(ref.dtype)
+
+        _unless_padding(level_refs[3][at], compute,
+                        list(zip(level_outs, fills)), at=at)
+
+      first_tile += n // t
+
+
+def _tail_launch(parts, levels, level_args, level_specs, outs, *, b, h,
+                 width, kind, name, seeds, rate, interpret, **kw):
+  """One launch of ``_tail_kernel``; ``outs``: (spec, shape) of each
+  output, in the kernel's order."""
+  seed_specs, seed_args = _seed_inputs(seeds)
+  tiles = len(parts) * sum(n // t for n, t, _ in levels)
+  return pl.pallas_call(
+      functools.partial(_tail_kernel, levels=levels, parts=parts,
+                        per_level=len(level_specs[0]), rate=rate, **kw),
+      grid=_grid(tiles, h, b),
+      in_specs=seed_specs + [s for specs in level_specs for s in specs],
+      out_specs=[spec for spec, _ in outs],
+      out_shape=[shape for _, shape in outs], interpret=interpret,
+      compiler_params=_compiler_params(
+          interpret, max(t for _, t, _ in levels), width, kind),
+      name=name)(*seed_args, *level_args)
+
+
+def _ancestors(ref, start, tm, shift):
+  """Rows ``[start, start + tm)`` of a level from the level ``shift``
+  coarser (``ref``): each coarse row repeated for its 2**shift
+  descendants."""
+  rows = max(1, tm >> shift)
+  x = ref[pl.ds(start >> shift, rows)]
+  if rows == tm:
+    return x
+  y = jnp.broadcast_to(x[:, None], (rows, tm // rows) + x.shape[1:])
+  return y.reshape((tm,) + x.shape[1:])
+
+
+# Rows per program of the tail's merge kernels.
+_MERGE_ROWS = 64
+
+
+def _merge_fwd_kernel(*refs, count, tm):
+  """The tail's finest level's (o, lse): every tail level's own (o, lse)
+  at the rows' ancestors, merged by their log-normalisers (what the chain
+  of parents gives, without its roundings between levels)."""
+  ins, (o_ref, lse_ref) = refs[:2 * count], refs[2 * count:]
+  start = _tile_id() * tm
+  m = jnp.full((tm,), _NO_KEY, jnp.float32)
+  z, y = jnp.zeros((tm,), jnp.float32), None
+  for j in reversed(range(count)):  # Coarsest first, as the chain.
+    o = _ancestors(ins[2 * j], start, tm, j).astype(jnp.float32)
+    m, z, y = _with_parent(m, z, y, o, _ancestors(ins[2 * j + 1], start,
+                                                   tm, j))
+  o, lse = _normalised(m, z, y)
+  at = pl.ds(start, tm)
+  o_ref[at] = o.astype(o_ref.dtype)
+  lse_ref[at] = lse
+
+
+def _merge_bwd_kernel(*refs, count, tm, query_mode):
+  """The tail's finest level's dq, dk, dv: its own plus every coarser tail
+  level's own at the rows' ancestors, each times the product of the
+  coarsening weights down to the row (``_prolong_weight`` chained): the
+  rows' count over the ancestor's for means, for the first child at every
+  step 1 where the row is its ancestor's first."""
+  ins, outs = refs[:4 * count], refs[4 * count:]
+  start = _tile_id() * tm
+  at = pl.ds(start, tm)
+  c = ins[0][at]
+  total = [ins[1 + i][at].astype(jnp.float32) for i in range(3)]
+  for j in range(1, count):
+    cj = _ancestors(ins[4 * j], start, tm, j)
+    w_mean = jnp.where(cj > 0, c / jnp.where(cj > 0, cj, 1.0), 0.0)
+    if query_mode == "mean":
+      w_q = w_mean
+    else:  # "first"
+      w_q = (((start + _iota(tm)) & ((1 << j) - 1)) == 0).astype(jnp.float32)
+    for i, w in enumerate((w_q, w_mean, w_mean)):
+      x = _ancestors(ins[4 * j + 1 + i], start, tm, j).astype(jnp.float32)
+      total[i] = total[i] + w[:, None] * x
+  for ref, x in zip(outs, total):
+    ref[at] = x.astype(ref.dtype)
+
+
+def _merge_launch(kernel, levels, in_specs, outs, args, *, b, h, width,
+                  interpret, name, **kw):
+  n = levels[0][0]
+  tm = min(_MERGE_ROWS, n)
+  return pl.pallas_call(
+      functools.partial(kernel, count=len(levels), tm=tm, **kw),
+      grid=_grid(n // tm, h, b), in_specs=in_specs,
+      out_specs=[spec for spec, _ in outs],
+      out_shape=[shape for _, shape in outs], interpret=interpret,
+      compiler_params=_compiler_params(interpret, tm, width, "pyramid"),
+      name=name)(*args)
+
+
+def _tail_forward(pyramid, first, tile, *, out_dtype, seeds, rate,
+                  interpret, **kw):
+  """(o, lse) of level ``first`` from the tail ``first ..``: the forward
+  of every tail level in one launch, then the merge."""
+  q, _, v, _ = pyramid[first]
+  b, _, h, d = q.shape
+  dv = v.shape[-1]
+  levels = _tail_levels(pyramid, first, tile)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  own = _tail_launch(
+      ("fwd",), levels, [x for j in range(first, len(pyramid))
+                         for x in pyramid[j]],
+      [[_rows_spec(n, d), _rows_spec(n, d), _rows_spec(n, dv),
+        _counts_spec(n)] for n, _, _ in levels],
+      [x for n, _, _ in levels for x in ((_rows_spec(n, dv), f32(b, n, h, dv)),
+                                         (_vec_spec(n), f32(b, h, n)))],
+      b=b, h=h, width=max(d, dv), kind=None, name=f"hattn_fwd_tail_l{first}",
+      seeds=seeds, rate=rate, interpret=interpret, **kw)
+  n = levels[0][0]
+  return _merge_launch(
+      _merge_fwd_kernel, levels,
+      [s for m, _, _ in levels for s in (_rows_spec(m, dv), _vec_spec(m))],
+      [(_rows_spec(n, dv), jax.ShapeDtypeStruct((b, n, h, dv), out_dtype)),
+       (_vec_spec(n), f32(b, h, n))], own, b=b, h=h, width=dv,
+      interpret=interpret, name=f"hattn_fwd_merge_l{first}")
+
+
+def _tail_backward(pyramid, stats, first, tile, *, out_dtypes, seeds, rate,
+                   interpret, query_mode, **kw):
+  """dq, dk, dv of level ``first`` from the tail ``first ..``: every tail
+  level's own in one launch, then the merge."""
+  q, _, v, _ = pyramid[first]
+  b, _, h, d = q.shape
+  dv = v.shape[-1]
+  levels = _tail_levels(pyramid, first, tile)
+  count = len(levels)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  outs = ([(_rows_spec(n, d), f32(b, n, h, d)) for n, _, _ in levels]
+          + [x for n, _, _ in levels
+             for x in ((_rows_spec(n, d), f32(b, n, h, d)),
+                       (_rows_spec(n, dv), f32(b, n, h, dv)))])
+  own = _tail_launch(
+      ("dq", "dkv"), levels, [x for j in range(first, len(pyramid))
+                              for x in (*pyramid[j], *stats[j])],
+      [[_rows_spec(n, d), _rows_spec(n, d), _rows_spec(n, dv),
+        _counts_spec(n), _rows_spec(n, dv), _vec_spec(n), _vec_spec(n)]
+       for n, _, _ in levels], outs,
+      b=b, h=h, width=max(d, dv), kind="dkv",
+      name=f"hattn_bwd_tail_l{first}", seeds=seeds, rate=rate,
+      interpret=interpret, **kw)
+  dqs, dks, dvs = own[:count], own[count::2], own[count + 1::2]
+  n = levels[0][0]
+  return _merge_launch(
+      _merge_bwd_kernel, levels,
+      [s for m, _, _ in levels for s in (_counts_spec(m), _rows_spec(m, d),
+                                         _rows_spec(m, d), _rows_spec(m, dv))],
+      [(_rows_spec(n, w), jax.ShapeDtypeStruct((b, n, h, w), dt))
+       for w, dt in zip((d, d, dv), out_dtypes)],
+      [x for j in range(count) for x in (pyramid[first + j][3], dqs[j],
+                                         dks[j], dvs[j])],
+      b=b, h=h, width=max(d, dv), interpret=interpret,
+      name=f"hattn_bwd_merge_l{first}", query_mode=query_mode)
 
 
 # ------------------------------------------------------- pyramid and VJP
@@ -1423,8 +1661,14 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret, masked)
   handover = _handover_dtype(q.dtype)
   parent = None
+  tail = _tail_first(n, levels, causal, masked)
+  if tail < levels:
+    parent = _tail_forward(
+        pyramid, tail, tile, out_dtype=handover, seeds=seeds, rate=rate,
+        interpret=interpret, nr=nr, causal=causal, scale=scale,
+        precision=precision, masked=masked)
   for first, count, t in reversed(
-      _level_groups(n, levels, tile, nr, per_launch)):
+      _level_groups(n, tail, tile, nr, per_launch)):
     done = None
     if count == 1 and not rate:
       done = _forward_level_mosaic(pyramid[first], first, parent, nr, scale,
@@ -1518,8 +1762,15 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
 
   handover = _handover_dtype(q.dtype)
   parent = None
+  tail = _tail_first(q.shape[1], levels, causal, masked)
+  if tail < levels:
+    parent = _tail_backward(
+        pyramid, stats, tail, tile, out_dtypes=(handover,) * 3, seeds=seeds,
+        rate=rate, interpret=interpret,
+        query_mode=_query_mode(causal, masked), nr=nr, causal=causal,
+        scale=scale, precision=precision, masked=masked)
   for first, count, t in reversed(
-      _level_groups(q.shape[1], levels, tile, nr, per_launch)):
+      _level_groups(q.shape[1], tail, tile, nr, per_launch)):
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
     done = None
