@@ -1179,7 +1179,10 @@ def _ancestors(ref, start, tm, shift):
   return y.reshape((tm,) + x.shape[1:])
 
 
-# Rows per program of the tail's merge kernels.
+# Rows per program of the tail's merge kernels at head width 64 (fewer
+# when wider), on 4 warps (the level kernels' rule): on one warp the
+# backward's three [64, 64] float32 sums spilled (0.123 ms at 65,536
+# tokens on an H200, against 0.026 for the whole tail's dq, dk and dv).
 _MERGE_ROWS = 64
 
 
@@ -1229,13 +1232,14 @@ def _merge_bwd_kernel(*refs, count, tm, query_mode):
 def _merge_launch(kernel, levels, in_specs, outs, args, *, b, h, width,
                   interpret, name, **kw):
   n = levels[0][0]
-  tm = min(_MERGE_ROWS, n)
+  # 64 rows of 64 elements, 32 of 128 (4 warps either way).
+  tm = min(_MERGE_ROWS, n, max(1, _MERGE_ROWS * 64 // width))
   return pl.pallas_call(
       functools.partial(kernel, count=len(levels), tm=tm, **kw),
       grid=_grid(n // tm, h, b), in_specs=in_specs,
       out_specs=[spec for spec, _ in outs],
       out_shape=[shape for _, shape in outs], interpret=interpret,
-      compiler_params=_compiler_params(interpret, tm, width, "pyramid"),
+      compiler_params=_compiler_params(interpret, tm, width),
       name=name)(*args)
 
 
