@@ -16,7 +16,7 @@ copy bandwidth and cuDNN, all in one process:
       [--forward_l0_impl auto triton mosaic]
       [--backward_l0_impl auto triton mosaic] [--mosaic_levels 1 2 3]
       [--mosaic_zero_rows xla kernel]
-      [--handover_dtype input float32]
+      [--handover_dtype input float32] [--tail_rows 0 16384]
       [--masked] [--by_kernel]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
@@ -32,8 +32,9 @@ implementation, level-0 forward and backward (``--forward_l0_impl``,
 the kernels' choice; ``--mosaic_levels``: how many of the finest levels
 take the Mosaic GPU kernels where those choose them;
 ``--mosaic_zero_rows``: with ``--masked``, the padding zeroed for them in
-XLA or in the kernels) and ``--handover_dtype``
-(what coarse levels hand to finer ones); the pyramid's heads and rows per
+XLA or in the kernels), ``--handover_dtype``
+(what coarse levels hand to finer ones) and ``--tail_rows`` (the coarse
+levels run as one tail: ``kernels.TUNING``); the pyramid's heads and rows per
 program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
 setting and prints the device time of each
@@ -330,9 +331,10 @@ def make_parser():
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
   parser.add_argument("--tail_rows", type=int, nargs="+",
+                      default=[kernels.TUNING["tail_rows"]],
                       help="TUNING['tail_rows']: levels of at most this "
-                      "many rows in one launch per pass (0: none; default "
-                      "the kernels')")
+                      "many rows over the batch and heads in one launch per "
+                      "pass (0: none)")
   parser.add_argument("--grid_order", nargs="+", default=["tiles"],
                       choices=["tiles", "heads"],
                       help="kernels.TUNING['grid_order'] values to time")
@@ -378,7 +380,6 @@ def main():
     run_for_ncu(args, tiles[0])
     return
   args.tiles = args.tiles or [16, 32, 64]
-  args.tail_rows = args.tail_rows or [kernels.TUNING["tail_rows"]]
   rows = [{"device": jax.devices()[0].device_kind,
            "copy_gbps": round(copy_bandwidth_gbps(), 1),
            **({"copy_gbps_pallas": round(copy_bandwidth_gbps("pallas"), 1)}

@@ -35,15 +35,17 @@ def run_pallas(q, k, v, mask, *, causal, block_size=16):
 SCHEDULES = {
     # The default kernels: a tile of one block (coarse levels read only
     # the neighbour blocks), the pyramid by products over 32 rows.
+    # Level by level, every level its own launch (no tail).
     "tile16": (16, dict(levels_per_launch=1, coarsen_heads=1,
-                        coarsen_rows=32, coarsen_impl="dot")),
+                        coarsen_rows=32, coarsen_impl="dot", tail_rows=0)),
     # Tiles of 64 with up to three levels per launch (64, 32 and 16 rows
     # of one program), the pyramid by pair sums with two heads per program,
     # the programs of a launch ordered heads first.
     "3-levels": (64, dict(levels_per_launch=3, coarsen_heads=2,
                           coarsen_rows=16, coarsen_impl="pallas",
-                          grid_order="heads")),
-    # The pyramid by Mosaic GPU passes (levels of 256 rows or more).
+                          grid_order="heads", tail_rows=0)),
+    # The pyramid by Mosaic GPU passes (levels of 256 rows or more); the
+    # default coarse tail (every level from 1 on, at these sizes).
     "mosaic": (16, dict(levels_per_launch=1, coarsen_impl="mosaic")),
     # Tiles of two blocks read in three pieces.
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
@@ -696,8 +698,9 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   and gradients on clean inputs (to bfloat16 rounding) and the float64
   reference's; the Mosaic GPU kernels replace the Triton ones at those
   levels, causal or not, with the padding zeroed in XLA or in the kernels
-  (``mosaic_zero_rows``)."""
+  (``mosaic_zero_rows``); every level its own launch (no coarse tail)."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
+  monkeypatch.setitem(kernels.TUNING, "tail_rows", 0)
   length, heads, d = 200, 2, 32
   q, k, v = make_qkv(61, 2, length, heads, d)
   mask = np.random.default_rng(62).random((2, length)) < 0.8
@@ -846,7 +849,8 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   ``mosaic_zero_rows``)."""
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
   every = backward == "all_levels"
-  if every:
+  if every:  # Every level its own launch (no tail), each on Mosaic GPU.
+    monkeypatch.setitem(kernels.TUNING, "tail_rows", 0)
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", "mosaic")
     monkeypatch.setitem(kernels.TUNING, "mosaic_levels", 20)
     monkeypatch.setitem(kernels.TUNING, "mosaic_zero_rows", "kernel")
@@ -1301,17 +1305,20 @@ def test_bad_tuning_is_named(monkeypatch):
     (True, False, 2)])
 def test_coarse_tail_in_one_launch(monkeypatch, causal, masked, merge_rows):
   """``TUNING["tail_rows"]``: levels 2-4 of a 512-token sequence (128, 64
-  and 32 rows) in one launch per pass, merged into level 2: values and
+  and 32 rows per batch row and head) in one launch per pass, merged into
+  level 2: values and
   gradients equal the dense reference's; causal without a mask (queries
   by their first token, a weight of 0 or 1 down the chain) and not, with
   padding and a hole; merge programs of 64 rows and of 2 (coarse rows
   read one at a time and broadcast). Causal with a mask takes no tail."""
   _use_schedule(monkeypatch, "tile16")
-  monkeypatch.setitem(kernels.TUNING, "tail_rows", 128)
+  monkeypatch.setitem(kernels.TUNING, "tail_rows", 512)
   monkeypatch.setattr(kernels, "_MERGE_ROWS", merge_rows)
-  assert kernels._tail_first(512, 5, causal, masked) == 2
-  assert kernels._tail_first(512, 5, True, True) == 5
-  assert kernels._tail_first(512, 3, causal, masked) == 3  # one level only
+  # Rows over the batch (2) and heads (2): 512 from level 2 on.
+  assert kernels._tail_first(512, 5, causal, masked, 4) == 2
+  assert kernels._tail_first(512, 5, True, True, 4) == 5
+  assert kernels._tail_first(512, 3, causal, masked, 4) == 3  # one level
+  assert kernels._tail_first(512, 5, causal, masked, 1) == 1
   length, d, dv = 500, 16, 32
   q, k, v = make_qkv(71, 2, length, 2, d, dv)
   mask = None

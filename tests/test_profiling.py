@@ -88,10 +88,11 @@ def test_kernel_registers_captures_every_kernel_with_its_warps():
                registration.lowering.lower_jaxpr_to_triton_module)
   captured = script.capture_kernels(length=128, block_size=16, head_dim=64,
                                     causal=False, heads=2)
-  levels = 3  # 128 tokens in blocks of 16: levels 0-2
-  want = {"hattn_coarsen", "hattn_restrict"} | {
-      f"hattn_{kind}_l{level}" for kind in ("fwd", "dq", "dkv")
-      for level in range(levels)}
+  # 128 tokens in blocks of 16: levels 0-2; 1 and 2 as the coarse tail
+  # (kernels.TUNING["tail_rows"]: 128 rows over 2 heads at level 1).
+  want = {"hattn_coarsen", "hattn_restrict", "hattn_fwd_l0", "hattn_dq_l0",
+          "hattn_dkv_l0"} | {f"hattn_{kind}_l1" for kind in (
+              "fwd_tail", "fwd_merge", "bwd_tail", "bwd_merge")}
   assert set(captured) == want
   text, warps, stages = captured["hattn_dkv_l0"]
   assert "tt.func public @hattn_dkv_l0" in text and "tt.dot" in text

@@ -181,13 +181,20 @@ DEFAULT_TILE = 16
 # programs started together read whole rows of the [B, L, H, D] arrays;
 # on an H200 2% faster forward+backward at 1 x 65,536 tokens, 1.5% slower
 # at 64 x 1,024: docs/benchmarks.md).
+# ``tail_rows``: the coarse levels of at most this many rows over all
+# batch rows and heads run as one tail (``_tail_first``): one launch per
+# pass instead of one per level (0: none). At 16,384 (the levels of 2,048
+# rows per head and fewer at 1 x 65,536 tokens and 8 heads) the forward
+# +backward took 1.185 ms against 1.219 at blocks of 16, 1.597 against
+# 1.630 at blocks of 64 (H200, head_dim 64: docs/benchmarks.md).
 TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
           "mosaic_zero_rows": "kernel",
-          "handover_dtype": "input", "grid_order": "tiles", "tail_rows": 0}
+          "handover_dtype": "input", "grid_order": "tiles",
+          "tail_rows": 16384}
 
 
 def _pow2(x: int) -> bool:
@@ -219,7 +226,8 @@ _TUNING_INTS = {
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
-    "tail_rows": ("0 (no tail), or a power of two",
+    "tail_rows": ("0 (no tail), or a power of two (rows of a level over "
+                  "the batch and heads)",
                   lambda x: x == 0 or _pow2(x)),
 }
 
@@ -1075,12 +1083,13 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
 # ------------------------------------------------- the coarse tail at once
 
 
-def _tail_first(n, levels, causal, masked):
+def _tail_first(n, levels, causal, masked, batch_heads):
   """The first level of the coarse tail (``TUNING["tail_rows"]``), or
   ``levels`` where there is none.
 
-  The tail is the levels of at most ``tail_rows`` rows (from level 1 on,
-  at least two of them). They run together: one launch for their forward
+  The tail is the levels of at most ``tail_rows`` rows over all
+  ``batch_heads`` (batch rows times heads; from level 1 on, at least two
+  levels). They run together: one launch for their forward
   and one for their dq, dk and dv, each level on its own (no parent),
   then one merge kernel per pass gives the tail's finest level what the
   level-by-level chain gives it (``_merge_fwd_kernel``,
@@ -1094,7 +1103,7 @@ def _tail_first(n, levels, causal, masked):
   if not rows or (causal and masked):
     return levels
   first = 1
-  while first < levels and (n >> first) > rows:
+  while first < levels and batch_heads * (n >> first) > rows:
     first += 1
   return first if levels - first >= 2 else levels
 
@@ -1665,7 +1674,7 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret, masked)
   handover = _handover_dtype(q.dtype)
   parent = None
-  tail = _tail_first(n, levels, causal, masked)
+  tail = _tail_first(n, levels, causal, masked, q.shape[0] * q.shape[2])
   if tail < levels:
     parent = _tail_forward(
         pyramid, tail, tile, out_dtype=handover, seeds=seeds, rate=rate,
@@ -1766,7 +1775,8 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
 
   handover = _handover_dtype(q.dtype)
   parent = None
-  tail = _tail_first(q.shape[1], levels, causal, masked)
+  tail = _tail_first(q.shape[1], levels, causal, masked,
+                     q.shape[0] * q.shape[2])
   if tail < levels:
     parent = _tail_backward(
         pyramid, stats, tail, tile, out_dtypes=(handover,) * 3, seeds=seeds,
