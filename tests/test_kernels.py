@@ -125,9 +125,9 @@ def test_extreme_rows(tile32_passes, causal):
   assert max_abs(out, want) <= 1e-4
 
 
-def _grads(impl, q, k, v, mask, cot, causal):
+def _grads(impl, q, k, v, mask, cot, causal, with_output=False):
   """Gradients of sum(out * cot) for q, k, v: ``impl`` or the dense
-  reference ("ref")."""
+  reference ("ref"); with ``with_output``, (gradients, out)."""
   def f(q, k, v):
     if impl == "ref":
       out = dense_reference(q, k, v, mask, block_size=16, causal=causal,
@@ -135,8 +135,9 @@ def _grads(impl, q, k, v, mask, cot, causal):
     else:
       out = hierarchical_attention(q, k, v, block_size=16, causal=causal,
                                    mask=mask, implementation=impl)
-    return jnp.sum(out * cot)
-  return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    return jnp.sum(out * cot), out
+  got = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return got if with_output else got[0]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -1328,18 +1329,9 @@ def test_coarse_tail_in_one_launch(monkeypatch, causal, masked, merge_rows):
   cot = np.random.default_rng(72).standard_normal(
       (2, length, 2, dv)).astype(np.float32)
 
-  def f(impl):
-    def loss(q, k, v):
-      if impl == "ref":
-        out = dense_reference(q, k, v, mask, block_size=16, causal=causal,
-                              xp=jnp)
-      else:
-        out = hierarchical_attention(q, k, v, block_size=16, causal=causal,
-                                     mask=mask, implementation=impl)
-      return jnp.sum(out * cot), out
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-
-  (got, out), (want, ref) = f("pallas_interpret"), f("ref")
+  got, out = _grads("pallas_interpret", q, k, v, mask, cot, causal,
+                    with_output=True)
+  want, ref = _grads("ref", q, k, v, mask, cot, causal, with_output=True)
   assert max_abs(out, ref) <= 1e-5
   for name, g, w in zip("qkv", got, want):
     g, w = np.asarray(g), np.asarray(w)

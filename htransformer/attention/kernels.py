@@ -57,11 +57,15 @@ recomputed by every descendant tile; docs/benchmarks.md), so the default
 stays 1 (``scripts/profile_kernels.py --tiles 64 --per_launch 1 3`` to
 time it; a level's tile keeps at least 16 rows and one block, so tiles of
 16 always run one level per launch).
-The smallest levels' launches (one wave of programs each) were also run
-as one launch per pass, each level without its parent, with the partial
-outputs merged and the gradients prolonged in XLA: at best 3% faster at
-65,536 tokens, slower at 4,096 and with more levels in the launch
-(docs/benchmarks.md), so not kept.
+The coarse tail (``TUNING["tail_rows"]``, ``_tail_first``): the smallest
+levels' launches are a fraction of a wave each and cost one program's
+latency, so those levels run as one launch per pass, each level without
+its parent, and a merge kernel per pass then gives the tail's finest
+level what the chain gives it (outputs merged by their log-normalisers,
+gradients times the chained coarsening weights). At 1 x 65,536 tokens on
+an H200: forward+backward 1.185 against 1.219 ms at blocks of 16, 1.597
+against 1.630 at blocks of 64. (The same merge in XLA instead of kernels
+was at best 3% faster, and slower at 4,096 tokens: docs/benchmarks.md.)
 Nor were forward and backward schedules that computed levels 0 .. a of a
 tile of fine rows in one launch, their coarse queries, keys and cotangent
 statistics formed in the program from the fine rows (a neighbour block's
@@ -1240,6 +1244,8 @@ def _merge_bwd_kernel(*refs, count, tm, query_mode):
 
 def _merge_launch(kernel, levels, in_specs, outs, args, *, b, h, width,
                   interpret, name, **kw):
+  """One launch of a merge kernel over the tail's finest level's rows;
+  ``outs``: (spec, shape) of each output."""
   n = levels[0][0]
   # 64 rows of 64 elements, 32 of 128 (4 warps either way).
   tm = min(_MERGE_ROWS, n, max(1, _MERGE_ROWS * 64 // width))
