@@ -78,6 +78,8 @@ def device_profile(fn, steps: int, top: int = 25) -> dict:
   return summarize_trace(trace, steps, top)
 
 
+# Idle time between kernels longer than this (us) is the host's, between
+# steps, not a launch gap inside one.
 _STEP_GAP_US = 20.0
 
 
@@ -112,12 +114,11 @@ def summarize_trace(trace, steps, top):
   busy = sum(v[0] for v in by_op.values())
   start = min(e["ts"] for e in kernels)
   end = max(e["ts"] + e["dur"] for e in kernels)
-  # Idle time between one kernel's end and the next one's start, where
-  # shorter than _STEP_GAP_US: launch gaps inside a step (a longer one is
-  # the host's time between steps).
-  ends = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-  reach, idle = ends[0][1], 0.0
-  for ts, te in ends[1:]:
+  # Launch gaps inside a step: idle time between the kernels so far and
+  # the next one's start, where shorter than _STEP_GAP_US.
+  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+  reach, idle = spans[0][1], 0.0
+  for ts, te in spans[1:]:
     if 0 < ts - reach < _STEP_GAP_US:
       idle += ts - reach
     reach = max(reach, te)

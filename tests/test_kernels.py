@@ -1307,11 +1307,11 @@ def test_bad_tuning_is_named(monkeypatch):
 def test_coarse_tail_in_one_launch(monkeypatch, causal, masked, merge_rows):
   """``TUNING["tail_rows"]``: levels 2-4 of a 512-token sequence (128, 64
   and 32 rows per batch row and head) in one launch per pass, merged into
-  level 2: values and
-  gradients equal the dense reference's; causal without a mask (queries
-  by their first token, a weight of 0 or 1 down the chain) and not, with
-  padding and a hole; merge programs of 64 rows and of 2 (coarse rows
-  read one at a time and broadcast). Causal with a mask takes no tail."""
+  level 2: values and gradients equal the dense reference's; causal
+  without a mask (queries by their first token, a weight of 0 or 1 down
+  the chain) and not, with padding and a hole; merge programs of 64 rows
+  and of 2 (coarse rows read one at a time and broadcast). Causal with a
+  mask takes no tail."""
   _use_schedule(monkeypatch, "tile16")
   monkeypatch.setitem(kernels.TUNING, "tail_rows", 512)
   monkeypatch.setattr(kernels, "_MERGE_ROWS", merge_rows)

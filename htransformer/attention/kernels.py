@@ -500,11 +500,17 @@ def _zeroed(level, masked, c, *rows):
   return tuple(jnp.where(c[:, None] > 0, x, jnp.zeros_like(x)) for x in rows)
 
 
-def _repeat2(x):
-  """Each row twice: [m, ...] -> [2m, ...] (a coarse row to its children)."""
+def _repeat(x, times):
+  """Each row ``times`` times: [m, ...] -> [times m, ...] (a coarse row to
+  its descendants)."""
   m = x.shape[0]
-  y = jnp.broadcast_to(x[:, None], (m, 2) + x.shape[1:])
-  return y.reshape((2 * m,) + x.shape[1:])
+  y = jnp.broadcast_to(x[:, None], (m, times) + x.shape[1:])
+  return y.reshape((times * m,) + x.shape[1:])
+
+
+def _repeat2(x):
+  """Each row twice (a coarse row to its children)."""
+  return _repeat(x, 2)
 
 
 def _of_pairs(x, which):
@@ -661,7 +667,8 @@ def _fwd_kernel(*refs, group, has_parent, rate, **kw):
   """Forward of levels ``group`` (finest first: (n, t, level) each)."""
   refs, drop = _with_dropout(refs, rate)
   _run_levels(refs, _fwd_rows, group=group, per_level=4,
-              has_parent=has_parent, fills=(0.0, _NO_KEY), drop=drop, **kw)
+              has_parent=has_parent, fills=_PARTS["fwd"][1], drop=drop,
+              **kw)
 
 
 def _fold(q, qi, pieces, *, n, nr, level, causal, scale, precision, drop,
@@ -830,8 +837,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
   ns = [m for m, _, _ in group]
   in_specs, args = _seed_inputs(seeds)
   for j, m in enumerate(ns):
-    in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv),
-                 _counts_spec(m)]
+    in_specs += _level_specs(m, d, dv)
     args += list(pyramid[first + j])
   if parent is not None:
     in_specs += [_rows_spec(ns[-1] // 2, dv), _vec_spec(ns[-1] // 2)]
@@ -908,7 +914,8 @@ def _prolong_weight(c, mode):
 def _dq_kernel(*refs, group, has_parent, rate, **kw):
   refs, drop = _with_dropout(refs, rate)
   _run_levels(refs, _dq_rows, group=group, per_level=7,
-              has_parent=has_parent, fills=(0.0,), drop=drop, **kw)
+              has_parent=has_parent, fills=_PARTS["dq"][1], drop=drop,
+              **kw)
 
 
 def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
@@ -997,7 +1004,8 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
 def _dkv_kernel(*refs, group, has_parent, rate, **kw):
   refs, drop = _with_dropout(refs, rate)
   _run_levels(refs, _dkv_rows, group=group, per_level=7,
-              has_parent=has_parent, fills=(0.0, 0.0), drop=drop, **kw)
+              has_parent=has_parent, fills=_PARTS["dkv"][1], drop=drop,
+              **kw)
 
 
 def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
@@ -1027,6 +1035,23 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   return dk, dv
 
 
+# What each kind of level kernel computes: its rows function, and what
+# its outputs get on tiles of padding only (``_unless_padding``).
+_PARTS = {"fwd": (_fwd_rows, (0.0, _NO_KEY)), "dq": (_dq_rows, (0.0,)),
+          "dkv": (_dkv_rows, (0.0, 0.0))}
+
+
+def _level_specs(m, d, dv, stats=False):
+  """A level kernel's specs of one level's inputs (all ``m`` rows of a
+  batch element and head): q, k, v, counts and, with ``stats``, the
+  backward's G, E, M."""
+  specs = [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv),
+           _counts_spec(m)]
+  if stats:
+    specs += [_rows_spec(m, dv), _vec_spec(m), _vec_spec(m)]
+  return specs
+
+
 def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
                     scale, out_dtypes, precision, interpret, seeds=None,
                     rate=0.0, masked=False):
@@ -1051,9 +1076,7 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   level_args = seed_args + level_args
   in_specs = list(seed_specs)
   for m in ns:
-    in_specs += [_rows_spec(m, d), _rows_spec(m, d), _rows_spec(m, dv_dim),
-                 _counts_spec(m), _rows_spec(m, dv_dim), _vec_spec(m),
-                 _vec_spec(m)]
+    in_specs += _level_specs(m, d, dv_dim, stats=True)
   args, parent_specs = list(level_args), []
   if parent is not None:
     args.append(parent[0])
@@ -1118,10 +1141,6 @@ def _tail_levels(pyramid, first, tile):
                for j in range(first, len(pyramid)))
 
 
-# What each part of a tail launch computes: its rows function, and the
-# fills of its outputs on tiles of padding only (``_unless_padding``).
-_TAIL_PARTS = {"fwd": (_fwd_rows, (0.0, _NO_KEY)), "dq": (_dq_rows, (0.0,)),
-               "dkv": (_dkv_rows, (0.0, 0.0))}
 
 
 def _tail_kernel(*refs, levels, parts, per_level, rate, **kw):
@@ -1139,7 +1158,7 @@ def _tail_kernel(*refs, levels, parts, per_level, rate, **kw):
   ti = _tile_id()
   first_tile = 0
   for part in parts:
-    rows_fn, fills = _TAIL_PARTS[part]
+    rows_fn, fills = _PARTS[part]
     for j, (n, t, level) in enumerate(levels):
       level_outs, outs = outs[:len(fills)], outs[len(fills):]
 
@@ -1186,10 +1205,12 @@ def _ancestors(ref, start, tm, shift):
   descendants."""
   rows = max(1, tm >> shift)
   x = ref[pl.ds(start >> shift, rows)]
-  if rows == tm:
-    return x
-  y = jnp.broadcast_to(x[:, None], (rows, tm // rows) + x.shape[1:])
-  return y.reshape((tm,) + x.shape[1:])
+  return x if rows == tm else _repeat(x, tm // rows)
+
+
+def _f32(*shape):
+  """A float32 output of ``shape`` (the tail's own results)."""
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 # Rows per program of the tail's merge kernels at head width 64 (fewer
@@ -1266,14 +1287,12 @@ def _tail_forward(pyramid, first, tile, *, out_dtype, seeds, rate,
   b, _, h, d = q.shape
   dv = v.shape[-1]
   levels = _tail_levels(pyramid, first, tile)
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   own = _tail_launch(
       ("fwd",), levels, [x for j in range(first, len(pyramid))
                          for x in pyramid[j]],
-      [[_rows_spec(n, d), _rows_spec(n, d), _rows_spec(n, dv),
-        _counts_spec(n)] for n, _, _ in levels],
-      [x for n, _, _ in levels for x in ((_rows_spec(n, dv), f32(b, n, h, dv)),
-                                         (_vec_spec(n), f32(b, h, n)))],
+      [_level_specs(n, d, dv) for n, _, _ in levels],
+      [x for n, _, _ in levels for x in ((_rows_spec(n, dv), _f32(b, n, h, dv)),
+                                         (_vec_spec(n), _f32(b, h, n)))],
       b=b, h=h, width=max(d, dv), kind=None, name=f"hattn_fwd_tail_l{first}",
       seeds=seeds, rate=rate, interpret=interpret, **kw)
   n = levels[0][0]
@@ -1281,7 +1300,7 @@ def _tail_forward(pyramid, first, tile, *, out_dtype, seeds, rate,
       _merge_fwd_kernel, levels,
       [s for m, _, _ in levels for s in (_rows_spec(m, dv), _vec_spec(m))],
       [(_rows_spec(n, dv), jax.ShapeDtypeStruct((b, n, h, dv), out_dtype)),
-       (_vec_spec(n), f32(b, h, n))], own, b=b, h=h, width=dv,
+       (_vec_spec(n), _f32(b, h, n))], own, b=b, h=h, width=dv,
       interpret=interpret, name=f"hattn_fwd_merge_l{first}")
 
 
@@ -1294,17 +1313,14 @@ def _tail_backward(pyramid, stats, first, tile, *, out_dtypes, seeds, rate,
   dv = v.shape[-1]
   levels = _tail_levels(pyramid, first, tile)
   count = len(levels)
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  outs = ([(_rows_spec(n, d), f32(b, n, h, d)) for n, _, _ in levels]
+  outs = ([(_rows_spec(n, d), _f32(b, n, h, d)) for n, _, _ in levels]
           + [x for n, _, _ in levels
-             for x in ((_rows_spec(n, d), f32(b, n, h, d)),
-                       (_rows_spec(n, dv), f32(b, n, h, dv)))])
+             for x in ((_rows_spec(n, d), _f32(b, n, h, d)),
+                       (_rows_spec(n, dv), _f32(b, n, h, dv)))])
   own = _tail_launch(
       ("dq", "dkv"), levels, [x for j in range(first, len(pyramid))
                               for x in (*pyramid[j], *stats[j])],
-      [[_rows_spec(n, d), _rows_spec(n, d), _rows_spec(n, dv),
-        _counts_spec(n), _rows_spec(n, dv), _vec_spec(n), _vec_spec(n)]
-       for n, _, _ in levels], outs,
+      [_level_specs(n, d, dv, stats=True) for n, _, _ in levels], outs,
       b=b, h=h, width=max(d, dv), kind="dkv",
       name=f"hattn_bwd_tail_l{first}", seeds=seeds, rate=rate,
       interpret=interpret, **kw)
