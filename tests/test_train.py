@@ -118,7 +118,8 @@ def test_train_step_reduces_loss(tiny_data):
     losses.append(float(sums["loss"] / sums["count"]))
   assert int(state["step"]) == 30
   assert losses[-1] < 0.5 * losses[0], losses
-  ev = eval_fn(state["params"], {**batch, "weights": np.ones(16, np.float32)})
+  ev = jax.jit(eval_fn)(state["params"],
+                       {**batch, "weights": np.ones(16, np.float32)})
   assert float(ev["count"]) == 16
 
 
@@ -139,8 +140,9 @@ def test_model_is_padding_invariant(tiny_data):
   task = tasks.get_task(c)
   model = train.build_model(c, task)
   tokens = np.array([[12, 3, 4, 16, 5, 16, 0, 0, 0, 0]], np.int32)
-  a = model(jnp.asarray(tokens[:, :6]))
-  b = model(jnp.asarray(tokens))
+  call = nnx.jit(lambda model, x: model(x))
+  a = call(model, jnp.asarray(tokens[:, :6]))
+  b = call(model, jnp.asarray(tokens))
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -164,10 +166,11 @@ def test_encoder_pads_rows_to_the_attention_length(attention, pool, learned):
   tokens = np.random.default_rng(0).integers(1, 20, (2, 125)).astype(
       np.int32)
   tokens[1, 90:] = 0  # a padded example too
-  want = np.asarray(plain(jnp.asarray(tokens)))
-  np.testing.assert_allclose(np.asarray(padded(jnp.asarray(tokens))), want,
-                             rtol=1e-5, atol=1e-5)
-  x, mask = padded.encoder(jnp.asarray(tokens))
+  call = nnx.jit(lambda model, x: model(x))
+  want = np.asarray(call(plain, jnp.asarray(tokens)))
+  np.testing.assert_allclose(np.asarray(call(padded, jnp.asarray(tokens))),
+                             want, rtol=1e-5, atol=1e-5)
+  x, mask = call(padded.encoder, jnp.asarray(tokens))
   assert x.shape == (2, rows, 16) and mask.shape == (2, rows)
 
 
@@ -558,8 +561,9 @@ def test_train_step_with_attention_dropout(tiny_data):
     assert model.encoder.blocks[0].attn.dropout_rate == rate
     tokens = jnp.asarray(np.stack(
         [task.sources["train"][i]["inputs"] for i in range(4)]))
-    out = [model(tokens, deterministic=False, rngs=nnx.Rngs(dropout=s))
-           for s in (0, 1)]
+    call = nnx.jit(lambda model, tokens, rngs: model(
+        tokens, deterministic=False, rngs=rngs))
+    out = [call(model, tokens, nnx.Rngs(dropout=s)) for s in (0, 1)]
     diffs[rate] = float(jnp.abs(out[0] - out[1]).max())
   assert diffs[0.0] == 0.0 and diffs[0.5] > 1e-4
 

@@ -26,6 +26,7 @@ Algorithm (linear in length):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -168,6 +169,10 @@ def _level(q, k, v, c, structure, neighbours, scale, compute_dtype,
   return y, z, m
 
 
+# Jitted, so that a call outside jit (eager) compiles once per shape rather
+# than once per operation; inside a caller's jit it is inlined.
+@functools.partial(jax.jit,
+                   static_argnames=("block_size", "causal", "dropout_rate"))
 def hierarchical_attention_xla(query, key, value, valid, *, block_size,
                                causal, dropout_rate=0.0, dropout_seeds=None):
   """Core on validated inputs.
