@@ -630,7 +630,6 @@ def check_mosaic_backward_level(nr, n, heads, interpret, d=64,
                                err_msg=name)
 
 
-# Every pair of values of two parameters at least once.
 @pytest.mark.parametrize("nr,causal,level,zero_rows", [
     (16, True, 0, False), (64, True, 0, False), (16, False, 1, False),
     (32, True, 2, False), (16, False, 0, True), (32, True, 0, True),
