@@ -22,7 +22,7 @@ run: $(STAMP)
 # Two worker processes (work stealing: the long end-to-end tests do not
 # wait at the end of one queue) sharing one XLA compilation cache, and
 # XLA's CPU code built without LLVM optimisation except where a test runs
-# many steps (tests/conftest.py): 11-14 minutes on 2 cores.
+# many steps (tests/conftest.py): about 12 minutes on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
