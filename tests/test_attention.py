@@ -466,6 +466,29 @@ def test_eager_and_explicit_xla_implementation():
                                run_h(q, k, v, block_size=2, causal=True), atol=1e-6)
 
 
+def test_eager_call_compiles_once_per_shape():
+    """Outside jit the plain path is one compiled function: a handful of
+    compilations at a new shape (not one per operation), none again."""
+    q, k, v = make_qkv(5, 3, 37, 3, 5, 6)  # a shape no other test uses
+    compiled, listening = [], [True]
+
+    def listen(event, duration, **kwargs):
+        if listening[0] and event.endswith("backend_compile_duration"):
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        calls = []
+        for _ in range(2):
+            hierarchical_attention(q, k, v, block_size=4, causal=True,
+                                   implementation="xla")
+            calls.append(len(compiled))
+    finally:
+        listening[0] = False
+    assert calls[0] <= 8, calls  # op by op it is over 200
+    assert calls[1] == calls[0], calls
+
+
 # ----------------------------------------------------------------------------
 # 2. Nr >= Lp / 2 is full attention.
 # ----------------------------------------------------------------------------
