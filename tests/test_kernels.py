@@ -692,10 +692,11 @@ def _pallas_call_names(fn, *args):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
-  """The Mosaic GPU level kernels in the whole attention (interpret
-  mode), as the defaults pick them on Hopper GPUs at level 0 (the
-  backward alone at blocks of 16, the forward alone at blocks of 32) and
-  both at every level long enough (``mosaic_levels``): bfloat16 inputs
+  """The Mosaic GPU level kernels in the whole attention at blocks of 16
+  (interpret mode), in the combinations the defaults pick on Hopper GPUs
+  at level 0 (the backward alone, as at blocks of 16; the forward alone,
+  as at blocks of 32) and both at every level long enough
+  (``mosaic_levels``): bfloat16 inputs
   with holes, a padded end and NaN / inf in the padding give the Triton
   kernels' values and gradients on clean inputs (to bfloat16 rounding)
   and the float64 reference's; the Mosaic GPU kernels replace the Triton
@@ -727,8 +728,10 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   # 256 rows of blocks of 16: levels 0 (256 rows) and 1 (128) hold a
   # Mosaic GPU window (96 rows, 64 per tile), level 2 (64) does not.
   # (forward, backward, Mosaic GPU levels, where the padding is zeroed)
-  settings = (("triton", "triton", 1, "xla"), ("triton", "mosaic", 1, "kernel"),
-              ("mosaic", "triton", 1, "kernel"), ("mosaic", "mosaic", 8, "xla"))
+  settings = (("triton", "triton", 1, "xla"),
+              ("triton", "mosaic", 1, "kernel"),
+              ("mosaic", "triton", 1, "kernel"),
+              ("mosaic", "mosaic", 8, "xla"))
   for fwd, bwd, levels, zero_rows in settings:
     monkeypatch.setitem(kernels.TUNING, "forward_l0_impl", fwd)
     monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", bwd)
