@@ -696,13 +696,12 @@ def test_attention_with_the_mosaic_level_kernels(monkeypatch, causal):
   (interpret mode), in the combinations the defaults pick on Hopper GPUs
   at level 0 (the backward alone, as at blocks of 16; the forward alone,
   as at blocks of 32) and both at every level long enough
-  (``mosaic_levels``): bfloat16 inputs
-  with holes, a padded end and NaN / inf in the padding give the Triton
-  kernels' values and gradients on clean inputs (to bfloat16 rounding)
-  and the float64 reference's; the Mosaic GPU kernels replace the Triton
-  ones at those levels, causal or not, with the padding zeroed in the
-  kernels or in XLA (``mosaic_zero_rows``); every level its own launch
-  (no coarse tail)."""
+  (``mosaic_levels``): bfloat16 inputs with holes, a padded end and NaN /
+  inf in the padding give the Triton kernels' values and gradients on
+  clean inputs (to bfloat16 rounding) and the float64 reference's; the
+  Mosaic GPU kernels replace the Triton ones at those levels, causal or
+  not, with the padding zeroed in the kernels or in XLA
+  (``mosaic_zero_rows``); every level its own launch (no coarse tail)."""
   monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
   monkeypatch.setitem(kernels.TUNING, "tail_rows", 0)
   length, heads, d = 200, 2, 32

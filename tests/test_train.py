@@ -99,6 +99,11 @@ def test_variants_combine():
       listops_config.get_config("long,full"))
 
 
+# A module called under jit: one compilation per shape, not one per
+# operation.
+_call = nnx.jit(lambda model, x: model(x))
+
+
 def test_train_step_reduces_loss(tiny_data):
   c = tiny_config(tiny_data)
   task = tasks.get_task(c)
@@ -140,9 +145,8 @@ def test_model_is_padding_invariant(tiny_data):
   task = tasks.get_task(c)
   model = train.build_model(c, task)
   tokens = np.array([[12, 3, 4, 16, 5, 16, 0, 0, 0, 0]], np.int32)
-  call = nnx.jit(lambda model, x: model(x))
-  a = call(model, jnp.asarray(tokens[:, :6]))
-  b = call(model, jnp.asarray(tokens))
+  a = _call(model, jnp.asarray(tokens[:, :6]))
+  b = _call(model, jnp.asarray(tokens))
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -166,11 +170,10 @@ def test_encoder_pads_rows_to_the_attention_length(attention, pool, learned):
   tokens = np.random.default_rng(0).integers(1, 20, (2, 125)).astype(
       np.int32)
   tokens[1, 90:] = 0  # a padded example too
-  call = nnx.jit(lambda model, x: model(x))
-  want = np.asarray(call(plain, jnp.asarray(tokens)))
-  np.testing.assert_allclose(np.asarray(call(padded, jnp.asarray(tokens))),
+  want = np.asarray(_call(plain, jnp.asarray(tokens)))
+  np.testing.assert_allclose(np.asarray(_call(padded, jnp.asarray(tokens))),
                              want, rtol=1e-5, atol=1e-5)
-  x, mask = call(padded.encoder, jnp.asarray(tokens))
+  x, mask = _call(padded.encoder, jnp.asarray(tokens))
   assert x.shape == (2, rows, 16) and mask.shape == (2, rows)
 
 
@@ -553,6 +556,8 @@ def test_train_step_with_attention_dropout(tiny_data):
   training mode another dropout key changes the logits only when it is on
   (the other dropout off)."""
   diffs = {}
+  call = nnx.jit(lambda model, tokens, rngs: model(
+      tokens, deterministic=False, rngs=rngs))
   for rate in (0.0, 0.5):
     c = tiny_config(tiny_data, **{"model.attention_dropout_rate": rate,
                                   "model.dropout_rate": 0.0})
@@ -561,8 +566,6 @@ def test_train_step_with_attention_dropout(tiny_data):
     assert model.encoder.blocks[0].attn.dropout_rate == rate
     tokens = jnp.asarray(np.stack(
         [task.sources["train"][i]["inputs"] for i in range(4)]))
-    call = nnx.jit(lambda model, tokens, rngs: model(
-        tokens, deterministic=False, rngs=rngs))
     out = [call(model, tokens, nnx.Rngs(dropout=s)) for s in (0, 1)]
     diffs[rate] = float(jnp.abs(out[0] - out[1]).max())
   assert diffs[0.0] == 0.0 and diffs[0.5] > 1e-4

@@ -508,9 +508,10 @@ def _repeat(x, times):
   return y.reshape((times * m,) + x.shape[1:])
 
 
-def _repeat2(x):
-  """Each row twice (a coarse row to its children)."""
-  return _repeat(x, 2)
+def _f32(*shape):
+  """A float32 output of ``shape`` (log-normalisers, statistics, the
+  tail's partial results)."""
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _of_pairs(x, which):
@@ -539,7 +540,7 @@ def _first_real_of_pairs(x, c):
 def _pair_sum(x):
   """Sum of each row with its sibling, repeated for both: [2m] -> [2m]."""
   m = x.shape[0] // 2
-  return _repeat2(x.reshape(m, 2).sum(axis=1))
+  return _repeat(x.reshape(m, 2).sum(axis=1), 2)
 
 
 def _dot(a, b, precision, trans_b=False):
@@ -625,12 +626,12 @@ def _run_levels(refs, rows, *, group, per_level, has_parent, fills, **kw):
   def compute():
     # The parent level's results, each coarse row repeated for its two
     # children (``rows`` takes them at its own rows).
-    state = (tuple(_repeat2(r[pl.ds(ti * (tc // 2), tc // 2)])
+    state = (tuple(_repeat(r[pl.ds(ti * (tc // 2), tc // 2)], 2)
                    for r in parent_refs) if has_parent else None)
     for level_refs, (n, t, level) in reversed(list(zip(levels, group))):
       start = ti * t
       if state is not None and state[0].shape[0] != t:
-        state = tuple(_repeat2(x) for x in state)
+        state = tuple(_repeat(x, 2) for x in state)
       state = rows(*level_refs, state, level_refs[3][pl.ds(start, t)],
                    start, tile=t, n=n, level=level, **kw)
     for ref, value in zip(out_refs, state):
@@ -852,7 +853,7 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
       in_specs=in_specs,
       out_specs=[_rows_spec(n, dv), _vec_spec(n)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
-                 jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
+                 _f32(b, h, n)],
       interpret=interpret,
       compiler_params=_compiler_params(interpret, t, max(d, dv)),
       name=f"hattn_fwd_l{first}" + (
@@ -904,7 +905,7 @@ def _prolong_weight(c, mode):
   if mode == "first":  # The parent is the first child.
     return (_iota(c.shape[0]) % 2 == 0).astype(jnp.float32)
   if mode == "first_real":  # The first child with a real token.
-    first_real = (_repeat2(_first_of_pairs(c)) > 0).astype(jnp.float32)
+    first_real = (_repeat(_first_of_pairs(c), 2) > 0).astype(jnp.float32)
     return jnp.where(_iota(c.shape[0]) % 2 == 0, first_real,
                      1.0 - first_real)
   total = _pair_sum(c)
@@ -1141,8 +1142,6 @@ def _tail_levels(pyramid, first, tile):
                for j in range(first, len(pyramid)))
 
 
-
-
 def _tail_kernel(*refs, levels, parts, per_level, rate, **kw):
   """Programs of several levels and parts in one launch.
 
@@ -1206,11 +1205,6 @@ def _ancestors(ref, start, tm, shift):
   rows = max(1, tm >> shift)
   x = ref[pl.ds(start >> shift, rows)]
   return x if rows == tm else _repeat(x, tm // rows)
-
-
-def _f32(*shape):
-  """A float32 output of ``shape`` (the tail's own results)."""
-  return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 # Rows per program of the tail's merge kernels at head width 64 (fewer
@@ -1291,8 +1285,9 @@ def _tail_forward(pyramid, first, tile, *, out_dtype, seeds, rate,
       ("fwd",), levels, [x for j in range(first, len(pyramid))
                          for x in pyramid[j]],
       [_level_specs(n, d, dv) for n, _, _ in levels],
-      [x for n, _, _ in levels for x in ((_rows_spec(n, dv), _f32(b, n, h, dv)),
-                                         (_vec_spec(n), _f32(b, h, n)))],
+      [x for n, _, _ in levels
+       for x in ((_rows_spec(n, dv), _f32(b, n, h, dv)),
+                 (_vec_spec(n), _f32(b, h, n)))],
       b=b, h=h, width=max(d, dv), kind=None, name=f"hattn_fwd_tail_l{first}",
       seeds=seeds, rate=rate, interpret=interpret, **kw)
   n = levels[0][0]
@@ -1660,7 +1655,7 @@ def _restrict(g, e, mrow, c, count, interpret, from_output=False):
       out_specs.append(rows_spec(r))
       out_shape.append(jax.ShapeDtypeStruct((b, m, h, dv), g.dtype))
     out_specs += [vec_spec(r)] * 2  # E, M
-    out_shape += [jax.ShapeDtypeStruct((b, h, m), jnp.float32)] * 2
+    out_shape += [_f32(b, h, m)] * 2
   outs = pl.pallas_call(
       functools.partial(_restrict_kernel, count=count,
                         from_output=from_output),
