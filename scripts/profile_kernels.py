@@ -271,7 +271,7 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
           "mosaic_levels": "mosaic_levels",
           "mosaic_zero_rows": "mosaic_zero_rows",
           "handover_dtype": "handover_dtype", "grid_order": "grid_order",
-          "tail_rows": "tail_rows"}
+          "tail_rows": "tail_rows", "sweep_blocks": "sweep_blocks"}
 _ROW_NAMES = {"num_warps": "warps"}
 
 
@@ -318,7 +318,7 @@ def make_parser():
                       choices=["auto", "triton", "mosaic"],
                       help="level-0 forward implementation (TUNING)")
   parser.add_argument("--backward_l0_impl", nargs="+", default=["auto"],
-                      choices=["auto", "triton", "mosaic"],
+                      choices=["auto", "triton", "mosaic", "sweep"],
                       help="level-0 backward implementation (TUNING)")
   parser.add_argument("--mosaic_levels", type=int, nargs="+", default=[1],
                       help="finest levels on the Mosaic GPU level kernels "
@@ -335,6 +335,10 @@ def make_parser():
                       help="TUNING['tail_rows']: levels of at most this "
                       "many rows over the batch and heads in one launch per "
                       "pass (0: none)")
+  parser.add_argument("--sweep_blocks", type=int, nargs="+",
+                      default=[kernels.TUNING["sweep_blocks"]],
+                      help="TUNING['sweep_blocks']: key blocks per program "
+                      "of the level-0 sweep (--backward_l0_impl sweep)")
   parser.add_argument("--grid_order", nargs="+", default=["tiles"],
                       choices=["tiles", "heads"],
                       help="kernels.TUNING['grid_order'] values to time")

@@ -198,7 +198,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "backward_l0_impl": "auto", "mosaic_levels": 1,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
-          "tail_rows": 16384}
+          "tail_rows": 16384, "sweep_blocks": 8}
 
 
 def _pow2(x: int) -> bool:
@@ -210,7 +210,7 @@ def _pow2(x: int) -> bool:
 _TUNING_CHOICES = {
     "coarsen_impl": ("auto", "dot", "pallas", "xla", "mosaic"),
     "forward_l0_impl": ("auto", "triton", "mosaic"),
-    "backward_l0_impl": ("auto", "triton", "mosaic"),
+    "backward_l0_impl": ("auto", "triton", "mosaic", "sweep"),
     "mosaic_zero_rows": ("xla", "kernel"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
@@ -228,6 +228,8 @@ _TUNING_INTS = {
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
+    "sweep_blocks": ("a power of two (key blocks per program of the "
+                     "level-0 sweep)", _pow2),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
     "tail_rows": ("0 (no tail), or a power of two (rows of a level over "
@@ -920,11 +922,12 @@ def _dq_kernel(*refs, group, has_parent, rate, **kw):
 
 
 def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
-             precision, drop, masked):
-  """dq (f32, scaled) of query rows ``q`` (row numbers ``qi``; G, E, M of
-  the module doc: ``g``, ``e``, ``mrow``) over key pieces ``((k, v,
-  counts), key row numbers, rel)`` (as in ``_fold``). A logit's gradient
-  is ``p (D dp - E)`` (D: the dropout multipliers, 1 without)."""
+             precision, drop, masked, scaled=True):
+  """dq (f32, times the softmax scale unless not ``scaled``) of query rows
+  ``q`` (row numbers ``qi``; G, E, M of the module doc: ``g``, ``e``,
+  ``mrow``) over key pieces ``((k, v, counts), key row numbers, rel)`` (as
+  in ``_fold``). A logit's gradient is ``p (D dp - E)`` (D: the dropout
+  multipliers, 1 without)."""
   def body(dq, kvc, kj, rel):
     k, v, c = kvc
     ok = _piece_allowed(qi, kj, rel, n=n, nr=nr, level0=level == 0,
@@ -944,7 +947,8 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
     part = _dot(ds.astype(k.dtype), k, precision)
     return part if dq is None else dq + part
 
-  return _over_pieces(pieces, body, loop=False) * scale
+  dq = _over_pieces(pieces, body, loop=False)
+  return dq * scale if scaled else dq
 
 
 def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
@@ -1106,6 +1110,162 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
       compiler_params=_compiler_params(interpret, t, max(d, dv_dim), "dkv"),
       name=f"hattn_dkv_{suffix}")(*args)
   return dq, dk, dv
+
+
+# ----------------------------------------- level 0's backward in one sweep
+
+
+def _sweep_pair(k, v, ck, kj, queries, rel, *, nr, causal, scale,
+                precision, drop):
+  """Level 0's key block ``k``, ``v`` (counts ``ck``, row numbers ``kj``)
+  against one query block ``queries`` = ((q, G, E, M), row numbers) at
+  ``rel`` (``_piece_allowed``): the logits' gradient ds [keys, queries]
+  (unscaled) and the block's parts of dk (unscaled) and dv."""
+  (q, g, e, mrow), qi = queries
+  ok = _piece_allowed(kj, qi, rel, n=None, nr=nr, level0=True,
+                      causal=causal, own_queries=False)
+  ok = ok & (ck[:, None] > 0)
+  st = _dot(k, q, precision, trans_b=True) * scale
+  p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
+                0.0) * ck[:, None]
+  keep = _dropout(drop, 0, qi[None, :], kj[:, None])
+  part_v = _dot((p if keep is None else p * keep).astype(g.dtype), g,
+                precision)
+  dp = _dot(v, g, precision, trans_b=True)
+  ds = p * ((dp if keep is None else keep * dp) - e[None, :])
+  return ds, _dot(ds.astype(q.dtype), q, precision), part_v
+
+
+def _dot_t(a, b, precision):
+  """``a.T @ b`` in float32 (dq from a ds of [keys, queries])."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                         precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def _sweep_kernel(*refs, n, nr, run, causal, scale, precision, rate, masked,
+                  has_parent, query_mode):
+  """dq, dk, dv of level 0 for the key blocks ``[j0, j0 + run)`` of one
+  (batch row, head), in one pass over them (``_sweep_backward``)."""
+  refs, drop = _with_dropout(refs, rate)
+  q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref = refs[:7]
+  parents = refs[7:10] if has_parent else None
+  dq_ref, dk_ref, dv_ref = refs[-3:]
+  j0 = _tile_id() * run
+  # Query blocks a key block meets, as offsets from it; the first is done
+  # after that key block, the last starts there.
+  offs = (0, 1) if causal else (-1, 0, 1)
+
+  def queries(i):
+    """Query block ``i`` (possibly outside the level, then clamped and
+    masked): ((q, G, E, M), row numbers), whether it is inside."""
+    pos = i * nr
+    at = jnp.clip(pos, 0, n - nr)
+    q, g, e, mrow, cq = (r[pl.ds(at, nr)]
+                         for r in (q_ref, g_ref, e_ref, m_ref, c_ref))
+    q, g = _zeroed(0, masked, cq, q, g)
+    return ((q, g, e, mrow), pos + _iota(nr)), (pos >= 0) & (pos < n)
+
+  def finish(ref, parent, share, start, x):
+    """A block's gradient: plus its parent's prolonged, zero where no real
+    token, written at rows ``start``."""
+    c = c_ref[pl.ds(start, nr)]
+    if parent is not None:
+      x = x + _prolong_weight(c, share)[:, None] * _repeat(
+          parent[pl.ds(start // 2, nr // 2)], 2).astype(jnp.float32)
+    ref[pl.ds(start, nr)] = jnp.where(c[:, None] > 0, x, 0.0).astype(
+        ref.dtype)
+
+  def step(j, carry):
+    """Key block ``j``: its dk, dv written; ``carry`` the dq sums of the
+    query blocks ``j + offs[:-1]`` (None: not this program's), returned
+    for those of ``j + 1``."""
+    start = j * nr
+    k, v, ck = (r[pl.ds(start, nr)] for r in (k_ref, v_ref, c_ref))
+    k, v = _zeroed(0, masked, ck, k, v)
+    kj = start + _iota(nr)
+    dk = dv = None
+    dqs = []
+    for o, dq in zip(offs, tuple(carry) + (None,)):
+      rows, inside = queries(j + o)
+      ds, part_k, part_v = _sweep_pair(
+          k, v, ck, kj, rows, (o * nr, inside), nr=nr, causal=causal,
+          scale=scale, precision=precision, drop=drop)
+      dk = part_k if dk is None else dk + part_k
+      dv = part_v if dv is None else dv + part_v
+      if o == offs[0] and dq is None and o < 0:
+        continue  # The previous program's query block.
+      part_q = _dot_t(ds.astype(k.dtype), k, precision)
+      dq = part_q if dq is None else dq + part_q
+      if o == offs[0]:  # Its last key block: done.
+        finish(dq_ref, parents and parents[0], query_mode, start + o * nr,
+               dq * scale)
+      else:
+        dqs.append(dq)
+    finish(dk_ref, parents and parents[1], "mean", start, dk * scale)
+    finish(dv_ref, parents and parents[2], "mean", start, dv)
+    return tuple(dqs)
+
+  def halo(j, piece):
+    """dq (unscaled) of query block ``j`` from the key block at ``piece``
+    (0: before it, -1: after it), which another program owns."""
+    start = j * nr
+    (q, g, e, mrow), _ = queries(j)[0]
+    read, pieces = _neighbours((k_ref, v_ref, c_ref), start, nr, nr, n,
+                               not causal, True)
+    return _dq_fold(q, g, e, mrow, start + _iota(nr), (read, [pieces[piece]]),
+                    n=n, nr=nr, level=0, causal=causal, scale=scale,
+                    precision=precision, drop=drop, masked=masked,
+                    scaled=False)
+
+  carry = (None, halo(j0, 0)) if not causal else (halo(j0, 0),)
+  carry = step(j0, carry)
+  carry = lax.fori_loop(j0 + 1, j0 + run, step, carry)
+  if not causal:  # The last block's queries against the next program's keys.
+    last = j0 + run - 1
+    finish(dq_ref, parents and parents[0], query_mode, last * nr,
+           (carry[0] + halo(last, -1)) * scale)
+
+
+def _sweep_backward(arrays, stats, parent, *, nr, causal, scale, out_dtypes,
+                    precision, interpret, seeds=None, rate=0.0,
+                    masked=False):
+  """Level 0's dq, dk, dv in one launch (``TUNING["backward_l0_impl"] =
+  "sweep"``): each program walks ``TUNING["sweep_blocks"]`` consecutive
+  key blocks of one (batch row, head) and, for each, the query blocks it
+  meets (itself and a neighbour on each side; causal, itself and the one
+  after), forming every pair's logits once: the pair's ds gives dk and dv
+  of the key block and a part of the query block's dq, which the program
+  keeps in registers until the query block's last key block has passed.
+  Five products per pair instead of the two kernels' seven, and q, k, v
+  and dO's statistics read by one program. Only the first query block's
+  key block before it (and, not causal, the last's after it) belong to
+  neighbouring programs: those pairs are formed again for dq alone."""
+  q, k, v, c = arrays
+  b, n, h, d = q.shape
+  dv_dim = v.shape[-1]
+  blocks = n // nr
+  run = min(blocks, TUNING.get("sweep_blocks", 8))
+  in_specs, args = _seed_inputs(seeds)
+  in_specs += _level_specs(n, d, dv_dim, stats=True)
+  args += [*arrays, *stats]
+  if parent is not None:
+    in_specs += [_rows_spec(n // 2, d), _rows_spec(n // 2, d),
+                 _rows_spec(n // 2, dv_dim)]
+    args += list(parent)
+  kernel = functools.partial(
+      _sweep_kernel, n=n, nr=nr, run=run, causal=causal, scale=scale,
+      precision=precision, rate=rate, masked=masked,
+      has_parent=parent is not None, query_mode=_query_mode(causal, masked))
+  return pl.pallas_call(
+      kernel, grid=_grid(blocks // run, h, b), in_specs=in_specs,
+      out_specs=[_rows_spec(n, d), _rows_spec(n, d), _rows_spec(n, dv_dim)],
+      out_shape=[jax.ShapeDtypeStruct((b, n, h, w), t)
+                 for w, t in zip((d, d, dv_dim), out_dtypes)],
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, nr, max(d, dv_dim),
+                                       "dkv"),
+      name="hattn_dqkv_l0")(*args)
 
 
 # ------------------------------------------------- the coarse tail at once
@@ -1805,7 +1965,13 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
     done = None
-    if count == 1 and not rate:
+    if first == 0 and count == 1 and level0_impl(
+        "backward", interpret, nr, q.shape[-1], causal) == "sweep":
+      done = _sweep_backward(
+          pyramid[0], stats[0], parent, nr=nr, causal=causal, scale=scale,
+          out_dtypes=dtypes, precision=precision, interpret=interpret,
+          seeds=seeds, rate=rate, masked=masked)
+    elif count == 1 and not rate:
       done = _backward_level_mosaic(pyramid[first], stats[first], first,
                                     parent, nr, scale, causal, masked,
                                     interpret)
