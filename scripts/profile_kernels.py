@@ -14,7 +14,8 @@ copy bandwidth and cuDNN, all in one process:
       [--causal] [--coarsen_heads 1 2 4 8] [--coarsen_rows 64 128 256]
       [--coarsen_impl auto pallas dot xla mosaic]
       [--forward_l0_impl auto triton mosaic]
-      [--backward_l0_impl auto triton mosaic] [--mosaic_levels 1 2 3]
+      [--backward_l0_impl auto triton mosaic sweep] [--sweep_blocks 8 16]
+      [--mosaic_levels 1 2 3]
       [--mosaic_zero_rows xla kernel]
       [--handover_dtype input float32] [--tail_rows 0 16384]
       [--masked] [--by_kernel]
@@ -28,8 +29,9 @@ the kernels' choice). The forward and forward+backward are timed for every
 combination of tile, warps, warps of the pyramid and restriction kernels
 (``--pyramid_warps``), levels per launch, pipelining stages, pyramid
 implementation, level-0 forward and backward (``--forward_l0_impl``,
-``--backward_l0_impl``: the Triton kernels, Mosaic GPU's or, by default,
-the kernels' choice; ``--mosaic_levels``: how many of the finest levels
+``--backward_l0_impl``: the Triton kernels, Mosaic GPU's, the Triton
+sweep (``--sweep_blocks`` key blocks per program) or, by default, the
+kernels' choice; ``--mosaic_levels``: how many of the finest levels
 take the Mosaic GPU kernels where those choose them;
 ``--mosaic_zero_rows``: with ``--masked``, the padding zeroed for them in
 XLA or in the kernels), ``--handover_dtype``

@@ -8,6 +8,7 @@ per level, several coarsening passes, and extreme rows. Sizes are small:
 interpret mode is slow.
 """
 
+import functools
 import itertools
 import re
 import sys
@@ -778,18 +779,20 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
   """``forward_l0_impl`` and ``backward_l0_impl`` "auto" on a Hopper GPU
   (the device probe set; traced, not run): Mosaic GPU at the blocks and
   head widths of ``MOSAIC_L0_FASTER`` (causal: ``MOSAIC_L0_FASTER_CAUSAL``)
-  without dropout; the Triton kernels elsewhere, and always in interpret
-  mode or on other devices."""
+  without dropout, the backward's sweep at ``SWEEP_L0_FASTER`` (not
+  causal); the Triton kernels elsewhere, and always in interpret mode or
+  on other devices."""
   assert kernels.TUNING["forward_l0_impl"] == "auto"
   assert kernels.TUNING["backward_l0_impl"] == "auto"
   assert kernels.MOSAIC_L0_FASTER == {"forward": {(32, 64), (16, 128)},
                                       "backward": {(16, 64), (16, 128)}}
   assert kernels.MOSAIC_L0_FASTER_CAUSAL == {"forward": set(),
                                              "backward": {(16, 64)}}
+  assert kernels.SWEEP_L0_FASTER == {(32, 64), (64, 64)}
 
   def triton_l0(nr, d, causal=False, rate=0.0, interpret=False):
-    """How many Triton level-0 kernels (forward, dq, dk and dv) the
-    attention's gradient launches."""
+    """How many Triton level-0 kernels (forward, dq, dk and dv, the
+    sweep's dq, dk and dv) the attention's gradient launches."""
     x = jnp.zeros((1, 1024, 2, d), jnp.bfloat16)
     seeds = jnp.zeros((1, 2), jnp.uint32)
     names = _pallas_call_names(jax.grad(
@@ -798,28 +801,34 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
             dropout_seeds=seeds, interpret=interpret).astype(jnp.float32))),
         x)
     return [sum(f"hattn_{kind}_l0" in name for name in names)
-            for kind in ("fwd", "dq", "dkv")]
+            for kind in ("fwd", "dq", "dkv", "dqkv")]
 
   for nr, d in ((32, 64), (16, 128), (16, 64)):  # Not a Hopper GPU.
-    assert triton_l0(nr, d) == [1, 1, 1]
+    assert triton_l0(nr, d) == [1, 1, 1, 0]
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
   for kind in ("forward", "backward"):
     assert kernels.level0_impl(kind, interpret=True) == "triton"
-    assert kernels.level0_impl(kind, block_size=64, head_dim=64) == "triton"
+  assert kernels.level0_impl("forward", block_size=64,
+                             head_dim=64) == "triton"
+  assert kernels.level0_impl("backward", block_size=64,
+                             head_dim=64) == "sweep"
+  assert kernels.level0_impl("backward", block_size=64, head_dim=64,
+                             causal=True) == "triton"
   assert kernels.level0_impl("forward", block_size=16,
                              head_dim=64) == "triton"
   assert kernels.level0_impl("backward", block_size=16,
                              head_dim=64) == "mosaic"
-  assert triton_l0(32, 64) == [0, 1, 1]
-  assert triton_l0(16, 64) == triton_l0(16, 64, causal=True) == [1, 0, 0]
-  assert triton_l0(32, 64, causal=True) == [1, 1, 1]
+  assert triton_l0(32, 64) == [0, 0, 0, 1]
+  assert triton_l0(64, 64) == triton_l0(64, 64, rate=0.1) == [1, 0, 0, 1]
+  assert triton_l0(16, 64) == triton_l0(16, 64, causal=True) == [1, 0, 0, 0]
   # 100 is computed at width 128.
-  assert triton_l0(16, 128) == triton_l0(16, 100) == [0, 0, 0]
-  for case in (dict(nr=64, d=64), dict(nr=32, d=128),
+  assert triton_l0(16, 128) == triton_l0(16, 100) == [0, 0, 0, 0]
+  for case in (dict(nr=32, d=64, causal=True), dict(nr=32, d=128),
                dict(nr=16, d=128, causal=True),
                dict(nr=16, d=128, rate=0.1),
-               dict(nr=16, d=128, interpret=True)):
-    assert triton_l0(**case) == [1, 1, 1], case
+               dict(nr=16, d=128, interpret=True),
+               dict(nr=64, d=64, interpret=True)):
+    assert triton_l0(**case) == [1, 1, 1, 0], case
 
 
 @pytest.mark.parametrize("d,nr,causal,masked,dtype,backward", [
@@ -844,7 +853,8 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   lowering. At head_dim 128 the pyramid's old estimate let through a pass
   that needs more than a program may have (docs/benchmarks.md); the GPU
   tests' short sequences did not reach it. Also with the Mosaic GPU
-  level-0 backward everywhere (``backward_l0_impl="mosaic"``), and with
+  level-0 backward everywhere (``backward_l0_impl="mosaic"``; "auto"
+  takes the sweep at blocks of 32 and 64, head_dim 64), and with
   both Mosaic GPU level kernels at every level long enough for them,
   zeroing the padding themselves ("all_levels": ``mosaic_levels``,
   ``mosaic_zero_rows``)."""
@@ -890,6 +900,8 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
     assert (f"hattn_{kind}_l0_mosaic" in text) == (half and (
         backward == "mosaic" or (backward == "auto"
                                  and (nr, d) in faster["backward"])))
+  assert ("hattn_dqkv_l0" in text) == (backward == "auto" and not causal
+                                      and (nr, d) in kernels.SWEEP_L0_FASTER)
 
 
 def test_mosaic_forward_level_rejects_what_it_cannot_run():
@@ -1111,6 +1123,62 @@ def test_dropout_values_and_gradients(small_passes, causal):
     scale = max(1.0, float(np.abs(w).max()))
     assert max_abs(g, w) <= 1e-4 * scale, name
     assert (g[~mask] == 0).all(), name
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_level0_backward_in_one_sweep(monkeypatch, causal):
+  """``backward_l0_impl="sweep"`` (one kernel for level 0's dq, dk and dv,
+  each program walking ``sweep_blocks`` key blocks): gradients equal the
+  dense reference's with holes and NaN / inf in the padding (programs of
+  4 key blocks, 4 per head: the pairs at a program's edges are formed by
+  both neighbours), with attention dropout (a sweep longer than the level:
+  one program per head), and for a sequence of one block (one level, no
+  parent)."""
+  monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", "sweep")
+  monkeypatch.setitem(kernels.TUNING, "sweep_blocks", 4)
+  q, k, v = make_qkv(81, 1, 250, 2, 16, 16)
+  mask = np.random.default_rng(82).random((1, 250)) < 0.8
+  mask[0, 96:112] = False  # a whole block of padding
+  cot = np.random.default_rng(83).standard_normal(
+      (1, 250, 2, 16)).astype(np.float32)
+  want = [np.asarray(w) for w in _grads("ref", q, k, v, mask, cot, causal)]
+  grad = lambda *a: _grads("pallas_interpret", *a, mask, cot, causal)
+  names = _pallas_call_names(grad, q, k, v)
+  assert sum("hattn_dqkv_l0" in name for name in names) == 1
+  assert not any(re.search(r"hattn_dk?q?_l0", name) for name in names)
+  q, k, v = (x.copy() for x in (q, k, v))
+  for x in (q, k, v):
+    x[~mask] = np.nan
+  q[0, np.flatnonzero(~mask[0])[:3]] = np.inf
+  for name, g, w in zip("qkv", grad(q, k, v), want):
+    g = np.asarray(g)
+    assert np.isfinite(g).all(), name
+    scale = max(1.0, float(np.abs(w[mask]).max()))
+    assert max_abs(g[mask], w[mask]) <= 1e-4 * scale, name
+    assert (g[~mask] == 0).all(), name
+
+  monkeypatch.setitem(kernels.TUNING, "sweep_blocks", 64)
+  rng = jax.random.PRNGKey(84)
+  for length in (100, 16):
+    q, k, v = make_qkv(85, 2, length, 1, 16, 16)
+    cot = np.random.default_rng(86).standard_normal(
+        (2, length, 1, 16)).astype(np.float32)
+
+    def loss(q, k, v, impl):
+      kw = dict(block_size=16, causal=causal, mask=None)
+      if impl == "ref":
+        out = dense_reference(q, k, v, xp=jnp, dropout=(0.3, rng), **kw)
+      else:
+        out = hierarchical_attention(q, k, v, implementation=impl,
+                                     dropout_rate=0.3, dropout_rng=rng, **kw)
+      return jnp.sum(out * cot)
+
+    got, want = (jax.jit(jax.grad(functools.partial(loss, impl=impl),
+                                  argnums=(0, 1, 2)))(q, k, v)
+                 for impl in ("pallas_interpret", "ref"))
+    for name, g, w in zip("qkv", got, want):
+      assert max_abs(g, w) <= 1e-4 * max(1.0, float(np.abs(w).max())), (
+          name, length)
 
 
 def _inputs_with_holes(seed, length, heads, mask_kind):

@@ -29,8 +29,13 @@ the fine rows ``i`` of its group) has gradient
 (dO_i . O_i)``. ``(M, G, E)`` are restricted fine to coarse once; then each
 level runs one kernel for dq (per query tile) and one for dk, dv (per key
 tile), each adding the parent level's gradient (the backward of the mean or
-first-token coarsening) to its own, coarse to fine. (One kernel per tile
-for all three, reading the tile's own rows once, was no faster on an H200,
+first-token coarsening) to its own, coarse to fine. At level 0, one kernel
+can do both (``_sweep_backward``; the default on Hopper GPUs at blocks of
+32 and 64, head_dim 64, not causal): a program walks consecutive key
+blocks and forms each pair of blocks once, keeping the query blocks' dq
+sums in registers until their last key block has passed. (Other single
+kernels were slower: one per tile for all three, reading the tile's own
+rows once, was no faster on an H200,
 nor, at tiles of one block, one pass over the neighbour pieces computing
 all three from each piece's rows, loaded once: 1.91 against 1.68 ms
 forward+backward at 65,536 tokens, docs/benchmarks.md.) Nothing is bigger
@@ -149,8 +154,14 @@ DEFAULT_TILE = 16
 # ``MOSAIC_L0_FASTER_CAUSAL["forward"]``; "triton" elsewhere).
 # ``backward_l0_impl``: the finest level's dq and dk, dv, "triton",
 # "mosaic" (``mosaic.dq_level`` and ``dkv_level``, where the forward's
-# Mosaic GPU kernel would apply) or "auto" (the default, as the forward's
-# "auto" with ``MOSAIC_L0_FASTER["backward"]``).
+# Mosaic GPU kernel would apply), "sweep" (one Triton kernel whose
+# programs each walk ``sweep_blocks`` consecutive key blocks and form
+# each pair of blocks once: ``_sweep_backward``) or "auto" (the default,
+# as the forward's "auto" with ``MOSAIC_L0_FASTER["backward"]``, and
+# "sweep" at ``SWEEP_L0_FASTER``). ``sweep_blocks``: key blocks per
+# program of the sweep (16, the default: 1.540 ms forward+backward
+# against 1.560 for 8 and 1.596 for 4 at blocks of 64; H200, 1 x 65,536
+# tokens, docs/benchmarks.md).
 # ``mosaic_levels``: how many of the finest levels take the Mosaic GPU
 # kernels where those two choose them (1, the default: level 0 only; the
 # coarser levels' Mosaic GPU kernels, the same kernels with each key
@@ -198,7 +209,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "backward_l0_impl": "auto", "mosaic_levels": 1,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
-          "tail_rows": 16384, "sweep_blocks": 8}
+          "tail_rows": 16384, "sweep_blocks": 16}
 
 
 def _pow2(x: int) -> bool:
@@ -326,6 +337,13 @@ MOSAIC_L0_FASTER = {"forward": frozenset({(32, 64), (16, 128)}),
 # 1.220 in two runs); the forward loses there (0.442 against 0.389 ms).
 MOSAIC_L0_FASTER_CAUSAL = {"forward": frozenset(),
                            "backward": frozenset({(16, 64)})}
+# (block size, head width) where the level-0 backward in one sweep
+# (``_sweep_backward``) was measured faster than the Triton dq and dk, dv
+# kernels, non-causal (H200, bfloat16, 1 x 65,536 tokens: forward+backward
+# 1.540 against 1.609 ms at blocks of 64, 1.507 against 1.567 at blocks
+# of 32; docs/benchmarks.md). ``"auto"`` takes it there on the GPUs that
+# take the Mosaic GPU kernels (where it was timed).
+SWEEP_L0_FASTER = frozenset({(32, 64), (64, 64)})
 
 
 def level0_impl(kind: str, interpret: bool = False,
@@ -335,8 +353,10 @@ def level0_impl(kind: str, interpret: bool = False,
   ``TUNING["forward_l0_impl"]`` or ``["backward_l0_impl"]``, with "auto"
   resolved for this device (and interpret mode) and, where given, the
   block size, the kernels' head width and causality (without them "auto"
-  means Mosaic GPU at those of ``MOSAIC_L0_FASTER[kind]``, or, causal,
-  ``MOSAIC_L0_FASTER_CAUSAL[kind]``)."""
+  means Mosaic GPU; with them, Mosaic GPU at those of
+  ``MOSAIC_L0_FASTER[kind]``, or, causal, ``MOSAIC_L0_FASTER_CAUSAL[kind]``,
+  the backward's sweep at those of ``SWEEP_L0_FASTER`` (not causal), the
+  Triton kernels elsewhere)."""
   impl = TUNING.get(f"{kind}_l0_impl", "auto")
   if impl != "auto":
     return impl
@@ -345,7 +365,12 @@ def level0_impl(kind: str, interpret: bool = False,
   if block_size is None or head_dim is None:
     return "mosaic"
   faster = MOSAIC_L0_FASTER_CAUSAL if causal else MOSAIC_L0_FASTER
-  return "mosaic" if (block_size, head_dim) in faster[kind] else "triton"
+  if (block_size, head_dim) in faster[kind]:
+    return "mosaic"
+  if (kind == "backward" and not causal
+      and (block_size, head_dim) in SWEEP_L0_FASTER):
+    return "sweep"
+  return "triton"
 
 
 def unsupported_reason(query, value, block_size: int) -> str | None:
