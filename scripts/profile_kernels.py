@@ -15,6 +15,7 @@ copy bandwidth and cuDNN, all in one process:
       [--coarsen_impl auto pallas dot xla mosaic]
       [--forward_l0_impl auto triton mosaic]
       [--backward_l0_impl auto triton mosaic sweep] [--sweep_blocks 8 16]
+      [--sweep_levels 0 1 2]
       [--mosaic_levels 1 2 3]
       [--mosaic_zero_rows xla kernel]
       [--handover_dtype input float32] [--tail_rows 0 16384]
@@ -30,8 +31,9 @@ combination of tile, warps, warps of the pyramid and restriction kernels
 (``--pyramid_warps``), levels per launch, pipelining stages, pyramid
 implementation, level-0 forward and backward (``--forward_l0_impl``,
 ``--backward_l0_impl``: the Triton kernels, Mosaic GPU's, the Triton
-sweep (``--sweep_blocks`` key blocks per program) or, by default, the
-kernels' choice; ``--mosaic_levels``: how many of the finest levels
+sweep (``--sweep_blocks`` key blocks per program; ``--sweep_levels``:
+the coarse levels that take it too) or, by default, the kernels' choice;
+``--mosaic_levels``: how many of the finest levels
 take the Mosaic GPU kernels where those choose them;
 ``--mosaic_zero_rows``: with ``--masked``, the padding zeroed for them in
 XLA or in the kernels), ``--handover_dtype``
@@ -273,7 +275,8 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
           "mosaic_levels": "mosaic_levels",
           "mosaic_zero_rows": "mosaic_zero_rows",
           "handover_dtype": "handover_dtype", "grid_order": "grid_order",
-          "tail_rows": "tail_rows", "sweep_blocks": "sweep_blocks"}
+          "tail_rows": "tail_rows", "sweep_blocks": "sweep_blocks",
+          "sweep_levels": "sweep_levels"}
 _ROW_NAMES = {"num_warps": "warps"}
 
 
@@ -340,7 +343,12 @@ def make_parser():
   parser.add_argument("--sweep_blocks", type=int, nargs="+",
                       default=[kernels.TUNING["sweep_blocks"]],
                       help="TUNING['sweep_blocks']: key blocks per program "
-                      "of the level-0 sweep (--backward_l0_impl sweep)")
+                      "of the backward's sweep (--backward_l0_impl sweep, "
+                      "--sweep_levels)")
+  parser.add_argument("--sweep_levels", type=int, nargs="+",
+                      default=[kernels.TUNING["sweep_levels"]],
+                      help="TUNING['sweep_levels']: coarse levels 1 .. this "
+                      "one take the backward's sweep (0: none)")
   parser.add_argument("--grid_order", nargs="+", default=["tiles"],
                       choices=["tiles", "heads"],
                       help="kernels.TUNING['grid_order'] values to time")

@@ -1126,15 +1126,18 @@ def test_dropout_values_and_gradients(small_passes, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_level0_backward_in_one_sweep(monkeypatch, causal):
-  """``backward_l0_impl="sweep"`` (one kernel for level 0's dq, dk and dv,
-  each program walking ``sweep_blocks`` key blocks): gradients equal the
-  dense reference's with holes and NaN / inf in the padding (programs of
-  4 key blocks, 4 per head: the pairs at a program's edges are formed by
-  both neighbours), with attention dropout (a sweep longer than the level:
-  one program per head), and for a sequence of one block (one level, no
+def test_backward_in_one_sweep(monkeypatch, causal):
+  """``backward_l0_impl="sweep"`` and ``sweep_levels`` (one kernel for a
+  level's dq, dk and dv, each program walking ``sweep_blocks`` key
+  blocks), at every level: gradients equal the dense reference's with
+  holes and NaN / inf in the padding (programs of 4 key blocks, 4 per
+  head at level 0: the pairs at a program's edges are formed by both
+  neighbours), with attention dropout (a sweep longer than the level: one
+  program per head), and for a sequence of one block (one level, no
   parent)."""
   monkeypatch.setitem(kernels.TUNING, "backward_l0_impl", "sweep")
+  monkeypatch.setitem(kernels.TUNING, "sweep_levels", 20)
+  monkeypatch.setitem(kernels.TUNING, "tail_rows", 0)
   monkeypatch.setitem(kernels.TUNING, "sweep_blocks", 4)
   q, k, v = make_qkv(81, 1, 250, 2, 16, 16)
   mask = np.random.default_rng(82).random((1, 250)) < 0.8
@@ -1144,8 +1147,9 @@ def test_level0_backward_in_one_sweep(monkeypatch, causal):
   want = [np.asarray(w) for w in _grads("ref", q, k, v, mask, cot, causal)]
   grad = lambda *a: _grads("pallas_interpret", *a, mask, cot, causal)
   names = _pallas_call_names(grad, q, k, v)
-  assert sum("hattn_dqkv_l0" in name for name in names) == 1
-  assert not any(re.search(r"hattn_dk?q?_l0", name) for name in names)
+  for level in range(4):  # 256 rows: 16 blocks, 8, 4, 2
+    assert sum(f"hattn_dqkv_l{level}" in name for name in names) == 1
+  assert not any(re.search(r"hattn_dk?q?_l", name) for name in names)
   q, k, v = (x.copy() for x in (q, k, v))
   for x in (q, k, v):
     x[~mask] = np.nan

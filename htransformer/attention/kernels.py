@@ -33,7 +33,8 @@ first-token coarsening) to its own, coarse to fine. At level 0, one kernel
 can do both (``_sweep_backward``; the default on Hopper GPUs at blocks of
 32 and 64, head_dim 64, not causal): a program walks consecutive key
 blocks and forms each pair of blocks once, keeping the query blocks' dq
-sums in registers until their last key block has passed. (Other single
+sums in registers until their last key block has passed; coarse levels
+can take it too, ``TUNING["sweep_levels"]``. (Other single
 kernels were slower: one per tile for all three, reading the tile's own
 rows once, was no faster on an H200,
 nor, at tiles of one block, one pass over the neighbour pieces computing
@@ -161,7 +162,9 @@ DEFAULT_TILE = 16
 # "sweep" at ``SWEEP_L0_FASTER``). ``sweep_blocks``: key blocks per
 # program of the sweep (16, the default: 1.540 ms forward+backward
 # against 1.560 for 8 and 1.596 for 4 at blocks of 64; H200, 1 x 65,536
-# tokens, docs/benchmarks.md).
+# tokens, docs/benchmarks.md). ``sweep_levels``: levels 1 .. this one
+# (not in the coarse tail) take the sweep too (0, the default: none; not
+# yet timed on a GPU).
 # ``mosaic_levels``: how many of the finest levels take the Mosaic GPU
 # kernels where those two choose them (1, the default: level 0 only; the
 # coarser levels' Mosaic GPU kernels, the same kernels with each key
@@ -209,7 +212,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "backward_l0_impl": "auto", "mosaic_levels": 1,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
-          "tail_rows": 16384, "sweep_blocks": 16}
+          "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": 0}
 
 
 def _pow2(x: int) -> bool:
@@ -240,7 +243,9 @@ _TUNING_INTS = {
     "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
     "sweep_blocks": ("a power of two (key blocks per program of the "
-                     "level-0 sweep)", _pow2),
+                     "backward's sweep)", _pow2),
+    "sweep_levels": ("an int >= 0 (coarse levels whose backward is the "
+                     "sweep)", lambda x: x >= 0),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
     "tail_rows": ("0 (no tail), or a power of two (rows of a level over "
@@ -1137,23 +1142,23 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   return dq, dk, dv
 
 
-# ----------------------------------------- level 0's backward in one sweep
+# ------------------------------------------- a level's backward in one sweep
 
 
-def _sweep_pair(k, v, ck, kj, queries, rel, *, nr, causal, scale,
+def _sweep_pair(k, v, ck, kj, queries, rel, *, level, nr, causal, scale,
                 precision, drop):
-  """Level 0's key block ``k``, ``v`` (counts ``ck``, row numbers ``kj``)
+  """A level's key block ``k``, ``v`` (counts ``ck``, row numbers ``kj``)
   against one query block ``queries`` = ((q, G, E, M), row numbers) at
   ``rel`` (``_piece_allowed``): the logits' gradient ds [keys, queries]
   (unscaled) and the block's parts of dk (unscaled) and dv."""
   (q, g, e, mrow), qi = queries
-  ok = _piece_allowed(kj, qi, rel, n=None, nr=nr, level0=True,
+  ok = _piece_allowed(kj, qi, rel, n=None, nr=nr, level0=level == 0,
                       causal=causal, own_queries=False)
   ok = ok & (ck[:, None] > 0)
   st = _dot(k, q, precision, trans_b=True) * scale
   p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
                 0.0) * ck[:, None]
-  keep = _dropout(drop, 0, qi[None, :], kj[:, None])
+  keep = _dropout(drop, level, qi[None, :], kj[:, None])
   part_v = _dot((p if keep is None else p * keep).astype(g.dtype), g,
                 precision)
   dp = _dot(v, g, precision, trans_b=True)
@@ -1168,18 +1173,33 @@ def _dot_t(a, b, precision):
                          preferred_element_type=jnp.float32)
 
 
-def _sweep_kernel(*refs, n, nr, run, causal, scale, precision, rate, masked,
-                  has_parent, query_mode):
-  """dq, dk, dv of level 0 for the key blocks ``[j0, j0 + run)`` of one
-  (batch row, head), in one pass over them (``_sweep_backward``)."""
+def _sweep_offsets(level, causal):
+  """The query blocks a level's key block meets, as offsets from it: its
+  own (level 0 only), the one after it and, not causal, the one before.
+  Ascending: for the query block at the first, this key block is its last
+  (the sweep then writes its dq)."""
+  own = (0,) if level == 0 else ()
+  return ((-1,) if not causal else ()) + own + (1,)
+
+
+# A query block's dq sum the sweep starts at this key block.
+_NEW = object()
+
+
+def _sweep_kernel(*refs, n, nr, level, run, causal, scale, precision, rate,
+                  masked, has_parent, query_mode):
+  """dq, dk, dv of ``level`` for the key blocks ``[j0, j0 + run)`` of one
+  (batch row, head) and the query blocks of the same rows, in one pass
+  over the key blocks (``_sweep_backward``)."""
   refs, drop = _with_dropout(refs, rate)
   q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref = refs[:7]
   parents = refs[7:10] if has_parent else None
   dq_ref, dk_ref, dv_ref = refs[-3:]
   j0 = _tile_id() * run
-  # Query blocks a key block meets, as offsets from it; the first is done
-  # after that key block, the last starts there.
-  offs = (0, 1) if causal else (-1, 0, 1)
+  offs = _sweep_offsets(level, causal)
+  # Open dq sums: query blocks j + o, o in [lo, hi), whose first key block
+  # came before key block j and whose last comes at or after it.
+  lo, hi = offs[0], offs[-1]
 
   def queries(i):
     """Query block ``i`` (possibly outside the level, then clamped and
@@ -1188,89 +1208,104 @@ def _sweep_kernel(*refs, n, nr, run, causal, scale, precision, rate, masked,
     at = jnp.clip(pos, 0, n - nr)
     q, g, e, mrow, cq = (r[pl.ds(at, nr)]
                          for r in (q_ref, g_ref, e_ref, m_ref, c_ref))
-    q, g = _zeroed(0, masked, cq, q, g)
+    q, g = _zeroed(level, masked, cq, q, g)
     return ((q, g, e, mrow), pos + _iota(nr)), (pos >= 0) & (pos < n)
 
   def finish(ref, parent, share, start, x):
-    """A block's gradient: plus its parent's prolonged, zero where no real
-    token, written at rows ``start``."""
+    """A block's gradient: plus its parent's prolonged (and at level 0
+    zero where no real token), written at rows ``start``."""
     c = c_ref[pl.ds(start, nr)]
     if parent is not None:
       x = x + _prolong_weight(c, share)[:, None] * _repeat(
           parent[pl.ds(start // 2, nr // 2)], 2).astype(jnp.float32)
-    ref[pl.ds(start, nr)] = jnp.where(c[:, None] > 0, x, 0.0).astype(
-        ref.dtype)
+    if level == 0:
+      x = jnp.where(c[:, None] > 0, x, 0.0)
+    ref[pl.ds(start, nr)] = x.astype(ref.dtype)
+
+  def finish_dq(i, dq):
+    finish(dq_ref, parents and parents[0], query_mode, i * nr, dq * scale)
 
   def step(j, carry):
-    """Key block ``j``: its dk, dv written; ``carry`` the dq sums of the
-    query blocks ``j + offs[:-1]`` (None: not this program's), returned
-    for those of ``j + 1``."""
+    """Key block ``j``: its dk, dv written; ``carry`` the open dq sums
+    (None: a query block before this program's), returned for key block
+    ``j + 1``."""
     start = j * nr
     k, v, ck = (r[pl.ds(start, nr)] for r in (k_ref, v_ref, c_ref))
-    k, v = _zeroed(0, masked, ck, k, v)
+    k, v = _zeroed(level, masked, ck, k, v)
     kj = start + _iota(nr)
     dk = dv = None
-    dqs = []
-    for o, dq in zip(offs, tuple(carry) + (None,)):
+    sums = dict(zip(range(lo, hi), carry))
+    for o in offs:
       rows, inside = queries(j + o)
       ds, part_k, part_v = _sweep_pair(
-          k, v, ck, kj, rows, (o * nr, inside), nr=nr, causal=causal,
-          scale=scale, precision=precision, drop=drop)
+          k, v, ck, kj, rows, (o * nr, inside), level=level, nr=nr,
+          causal=causal, scale=scale, precision=precision, drop=drop)
       dk = part_k if dk is None else dk + part_k
       dv = part_v if dv is None else dv + part_v
-      if o == offs[0] and dq is None and o < 0:
+      prior = sums.get(o, _NEW)
+      if prior is None:
         continue  # The previous program's query block.
       part_q = _dot_t(ds.astype(k.dtype), k, precision)
-      dq = part_q if dq is None else dq + part_q
-      if o == offs[0]:  # Its last key block: done.
-        finish(dq_ref, parents and parents[0], query_mode, start + o * nr,
-               dq * scale)
-      else:
-        dqs.append(dq)
+      dq = part_q if prior is _NEW else prior + part_q
+      if o != lo:
+        sums[o] = dq
+      elif lo > 0:  # Causal, coarse: the last key block's is the next
+        # program's query block.
+        pl.when(j + lo < j0 + run)(lambda: finish_dq(j + lo, dq))
+      else:  # Its last key block: done.
+        finish_dq(j + lo, dq)
     finish(dk_ref, parents and parents[1], "mean", start, dk * scale)
     finish(dv_ref, parents and parents[2], "mean", start, dv)
-    return tuple(dqs)
+    return tuple(sums[o + 1] for o in range(lo, hi))
 
-  def halo(j, piece):
-    """dq (unscaled) of query block ``j`` from the key block at ``piece``
-    (0: before it, -1: after it), which another program owns."""
-    start = j * nr
-    (q, g, e, mrow), _ = queries(j)[0]
+  def halo(i, piece):
+    """dq (unscaled) of query block ``i`` from the key block at ``piece``
+    (0: the block before it, -1: the block after it), another program's."""
+    start = i * nr
+    (q, g, e, mrow), _ = queries(i)[0]
     read, pieces = _neighbours((k_ref, v_ref, c_ref), start, nr, nr, n,
-                               not causal, True)
+                               not causal, level == 0)
     return _dq_fold(q, g, e, mrow, start + _iota(nr), (read, [pieces[piece]]),
-                    n=n, nr=nr, level=0, causal=causal, scale=scale,
+                    n=n, nr=nr, level=level, causal=causal, scale=scale,
                     precision=precision, drop=drop, masked=masked,
                     scaled=False)
 
-  carry = (None, halo(j0, 0)) if not causal else (halo(j0, 0),)
+  # This program's query blocks that meet the key block before j0 (hi <=
+  # 1: only j0): open, or (causal, coarse) done with it alone.
+  if lo > 0:
+    finish_dq(j0, halo(j0, 0))
+  carry = tuple(None if o < 0 else halo(j0, 0) for o in range(lo, hi))
   carry = step(j0, carry)
   carry = lax.fori_loop(j0 + 1, j0 + run, step, carry)
-  if not causal:  # The last block's queries against the next program's keys.
-    last = j0 + run - 1
-    finish(dq_ref, parents and parents[0], query_mode, last * nr,
-           (carry[0] + halo(last, -1)) * scale)
+  # The query blocks still open are this program's last (offset -1 from
+  # the key block after the run): add the next program's key block.
+  for o, dq in zip(range(lo, hi), carry):
+    if o < 0:
+      last = j0 + run + o
+      finish_dq(last, dq + halo(last, -1))
 
 
-def _sweep_backward(arrays, stats, parent, *, nr, causal, scale, out_dtypes,
-                    precision, interpret, seeds=None, rate=0.0,
+def _sweep_backward(arrays, stats, parent, *, level, nr, causal, scale,
+                    out_dtypes, precision, interpret, seeds=None, rate=0.0,
                     masked=False):
-  """Level 0's dq, dk, dv in one launch (``TUNING["backward_l0_impl"] =
-  "sweep"``): each program walks ``TUNING["sweep_blocks"]`` consecutive
-  key blocks of one (batch row, head) and, for each, the query blocks it
-  meets (itself and a neighbour on each side; causal, itself and the one
-  after), forming every pair's logits once: the pair's ds gives dk and dv
-  of the key block and a part of the query block's dq, which the program
-  keeps in registers until the query block's last key block has passed.
-  Five products per pair instead of the two kernels' seven, and q, k, v
-  and dO's statistics read by one program. Only the first query block's
-  key block before it (and, not causal, the last's after it) belong to
-  neighbouring programs: those pairs are formed again for dq alone."""
+  """A level's dq, dk, dv in one launch (level 0: ``TUNING
+  ["backward_l0_impl"] = "sweep"``; coarser levels: ``["sweep_levels"]``):
+  each program walks ``TUNING["sweep_blocks"]`` consecutive key blocks of
+  one (batch row, head) and, for each, the query blocks it meets
+  (``_sweep_offsets``: at level 0 itself and a neighbour on each side),
+  forming every pair's logits once: the pair's ds gives dk and dv of the
+  key block and a part of the query block's dq, which the program keeps
+  in registers until the query block's last key block has passed. Five
+  products per pair instead of the two kernels' seven, and q, k, v and
+  dO's statistics read by one program. Only the pairs of the first query
+  block with the key block before it (and, not causal, of the last with
+  the key block after it) belong to neighbouring programs: those are
+  formed again for dq alone."""
   q, k, v, c = arrays
   b, n, h, d = q.shape
   dv_dim = v.shape[-1]
   blocks = n // nr
-  run = min(blocks, TUNING.get("sweep_blocks", 8))
+  run = min(blocks, TUNING.get("sweep_blocks", 16))
   in_specs, args = _seed_inputs(seeds)
   in_specs += _level_specs(n, d, dv_dim, stats=True)
   args += [*arrays, *stats]
@@ -1279,8 +1314,8 @@ def _sweep_backward(arrays, stats, parent, *, nr, causal, scale, out_dtypes,
                  _rows_spec(n // 2, dv_dim)]
     args += list(parent)
   kernel = functools.partial(
-      _sweep_kernel, n=n, nr=nr, run=run, causal=causal, scale=scale,
-      precision=precision, rate=rate, masked=masked,
+      _sweep_kernel, n=n, nr=nr, level=level, run=run, causal=causal,
+      scale=scale, precision=precision, rate=rate, masked=masked,
       has_parent=parent is not None, query_mode=_query_mode(causal, masked))
   return pl.pallas_call(
       kernel, grid=_grid(blocks // run, h, b), in_specs=in_specs,
@@ -1290,7 +1325,7 @@ def _sweep_backward(arrays, stats, parent, *, nr, causal, scale, out_dtypes,
       interpret=interpret,
       compiler_params=_compiler_params(interpret, nr, max(d, dv_dim),
                                        "dkv"),
-      name="hattn_dqkv_l0")(*args)
+      name=f"hattn_dqkv_l{level}")(*args)
 
 
 # ------------------------------------------------- the coarse tail at once
@@ -1990,12 +2025,13 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
     done = None
-    if first == 0 and count == 1 and level0_impl(
-        "backward", interpret, nr, q.shape[-1], causal) == "sweep":
+    if count == 1 and _sweep_level(first, interpret, nr, q.shape[-1],
+                                   causal):
       done = _sweep_backward(
-          pyramid[0], stats[0], parent, nr=nr, causal=causal, scale=scale,
-          out_dtypes=dtypes, precision=precision, interpret=interpret,
-          seeds=seeds, rate=rate, masked=masked)
+          pyramid[first], stats[first], parent, level=first, nr=nr,
+          causal=causal, scale=scale, out_dtypes=dtypes,
+          precision=precision, interpret=interpret, seeds=seeds, rate=rate,
+          masked=masked)
     elif count == 1 and not rate:
       done = _backward_level_mosaic(pyramid[first], stats[first], first,
                                     parent, nr, scale, causal, masked,
@@ -2009,6 +2045,15 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _sweep_level(level, interpret, nr, d, causal):
+  """Whether ``level``'s backward is the sweep (``_sweep_backward``): at
+  level 0 where ``level0_impl`` says so, at levels 1 ..
+  ``TUNING["sweep_levels"]`` always."""
+  if level == 0:
+    return level0_impl("backward", interpret, nr, d, causal) == "sweep"
+  return level <= TUNING.get("sweep_levels", 0)
 
 
 def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
