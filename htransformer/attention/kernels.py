@@ -981,6 +981,25 @@ def _dq_fold(q, g, e, mrow, qi, pieces, *, n, nr, level, causal, scale,
   return dq * scale if scaled else dq
 
 
+def _key_pair(k, v, ck, kj, queries, rel, *, n, level, nr, causal, scale,
+              precision, drop):
+  """A level's key rows ``k``, ``v`` (counts ``ck``, row numbers ``kj``)
+  against query rows ``queries`` = ((q, G, E, M), row numbers) at ``rel``
+  (``_piece_allowed``), [keys, queries] each: the weights dv takes
+  (thinned by dropout) and the logits' gradient ds (unscaled)."""
+  (q, g, e, mrow), qi = queries
+  ok = _piece_allowed(kj, qi, rel, n=n, nr=nr, level0=level == 0,
+                      causal=causal, own_queries=False)
+  ok = ok & (ck[:, None] > 0)
+  st = _dot(k, q, precision, trans_b=True) * scale
+  p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
+                0.0) * ck[:, None]
+  keep = _dropout(drop, level, qi[None, :], kj[:, None])
+  dp = _dot(v, g, precision, trans_b=True)
+  ds = p * ((dp if keep is None else keep * dp) - e[None, :])
+  return (p if keep is None else p * keep), ds
+
+
 def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
               precision, drop, masked):
   """(dk, dv) (f32) of key rows ``k``, ``v`` (counts ``ck``, row numbers
@@ -992,17 +1011,10 @@ def _dkv_fold(k, v, ck, kj, pieces, *, n, nr, level, causal, scale,
     q, g, e, mrow, *counts = rows
     if counts:
       q, g = _zeroed(level, masked, counts[0], q, g)
-    ok = _piece_allowed(kj, qi, rel, n=n, nr=nr, level0=level == 0,
-                        causal=causal, own_queries=False)
-    ok = ok & (ck[:, None] > 0)
-    st = _dot(k, q, precision, trans_b=True) * scale
-    p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
-                  0.0) * ck[:, None]
-    keep = _dropout(drop, level, qi[None, :], kj[:, None])
-    part_v = _dot((p if keep is None else p * keep).astype(g.dtype), g,
-                  precision)
-    dp = _dot(v, g, precision, trans_b=True)
-    ds = p * ((dp if keep is None else keep * dp) - e[None, :])
+    p, ds = _key_pair(k, v, ck, kj, ((q, g, e, mrow), qi), rel, n=n,
+                      level=level, nr=nr, causal=causal, scale=scale,
+                      precision=precision, drop=drop)
+    part_v = _dot(p.astype(g.dtype), g, precision)
     part_k = _dot(ds.astype(q.dtype), q, precision)
     if carry is None:
       return part_k, part_v
@@ -1145,27 +1157,6 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
 # ------------------------------------------- a level's backward in one sweep
 
 
-def _sweep_pair(k, v, ck, kj, queries, rel, *, level, nr, causal, scale,
-                precision, drop):
-  """A level's key block ``k``, ``v`` (counts ``ck``, row numbers ``kj``)
-  against one query block ``queries`` = ((q, G, E, M), row numbers) at
-  ``rel`` (``_piece_allowed``): the logits' gradient ds [keys, queries]
-  (unscaled) and the block's parts of dk (unscaled) and dv."""
-  (q, g, e, mrow), qi = queries
-  ok = _piece_allowed(kj, qi, rel, n=None, nr=nr, level0=level == 0,
-                      causal=causal, own_queries=False)
-  ok = ok & (ck[:, None] > 0)
-  st = _dot(k, q, precision, trans_b=True) * scale
-  p = jnp.where(ok, jnp.exp(jnp.minimum(st - mrow[None, :], 0.0)),
-                0.0) * ck[:, None]
-  keep = _dropout(drop, level, qi[None, :], kj[:, None])
-  part_v = _dot((p if keep is None else p * keep).astype(g.dtype), g,
-                precision)
-  dp = _dot(v, g, precision, trans_b=True)
-  ds = p * ((dp if keep is None else keep * dp) - e[None, :])
-  return ds, _dot(ds.astype(q.dtype), q, precision), part_v
-
-
 def _dot_t(a, b, precision):
   """``a.T @ b`` in float32 (dq from a ds of [keys, queries])."""
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
@@ -1235,28 +1226,39 @@ def _sweep_kernel(*refs, n, nr, level, run, causal, scale, precision, rate,
     kj = start + _iota(nr)
     dk = dv = None
     sums = dict(zip(range(lo, hi), carry))
+    add = lambda acc, part: part if acc is None else acc + part
     for o in offs:
       rows, inside = queries(j + o)
-      ds, part_k, part_v = _sweep_pair(
-          k, v, ck, kj, rows, (o * nr, inside), level=level, nr=nr,
+      p, ds = _key_pair(
+          k, v, ck, kj, rows, (o * nr, inside), n=n, level=level, nr=nr,
           causal=causal, scale=scale, precision=precision, drop=drop)
-      dk = part_k if dk is None else dk + part_k
-      dv = part_v if dv is None else dv + part_v
-      prior = sums.get(o, _NEW)
-      if prior is None:
-        continue  # The previous program's query block.
-      part_q = _dot_t(ds.astype(k.dtype), k, precision)
-      dq = part_q if prior is _NEW else prior + part_q
-      if o != lo:
-        sums[o] = dq
-      elif lo > 0:  # Causal, coarse: the last key block's is the next
-        # program's query block.
-        pl.when(j + lo < j0 + run)(lambda: finish_dq(j + lo, dq))
-      else:  # Its last key block: done.
-        finish_dq(j + lo, dq)
-    finish(dk_ref, parents and parents[1], "mean", start, dk * scale)
-    finish(dv_ref, parents and parents[2], "mean", start, dv)
+      (q, g, _, _), _ = rows
+      # dv and dk written as soon as their last part is in (fewer
+      # registers live for the rest of the step).
+      dv = add(dv, _dot(p.astype(g.dtype), g, precision))
+      if o == hi:
+        finish(dv_ref, parents and parents[2], "mean", start, dv)
+      dk = add(dk, _dot(ds.astype(q.dtype), q, precision))
+      if o == hi:
+        finish(dk_ref, parents and parents[1], "mean", start, dk * scale)
+      add_dq(j, o, ds, k, sums)
     return tuple(sums[o + 1] for o in range(lo, hi))
+
+  def add_dq(j, o, ds, k, sums):
+    """Adds the pair's part to query block ``j + o``'s dq sum (in
+    ``sums``), or writes the sum where this is its last key block."""
+    prior = sums.get(o, _NEW)
+    if prior is None:
+      return  # The previous program's query block.
+    part_q = _dot_t(ds.astype(k.dtype), k, precision)
+    dq = part_q if prior is _NEW else prior + part_q
+    if o != lo:
+      sums[o] = dq
+    elif lo > 0:  # Causal, coarse: the last key block's is the next
+      # program's query block.
+      pl.when(j + lo < j0 + run)(lambda: finish_dq(j + lo, dq))
+    else:  # Its last key block: done.
+      finish_dq(j + lo, dq)
 
   def halo(i, piece):
     """dq (unscaled) of query block ``i`` from the key block at ``piece``
