@@ -46,6 +46,18 @@ kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
 XLA fusions) per call: where the milliseconds go. Run it with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so that the kernels show.
 
+``--compile_only`` compiles every setting and times nothing: with JAX's
+persistent compilation cache on, several such processes side by side
+(each its own settings) compile faster than one timing run, which then
+finds them compiled (the same flags and inputs):
+
+  export JAX_COMPILATION_CACHE_DIR=/tmp/jcc \
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+      XLA_FLAGS=--xla_gpu_enable_command_buffer=
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python scripts/profile_kernels.py \
+      --compile_only SETTINGS &   # one per group of settings, then wait
+  python scripts/profile_kernels.py SETTINGS
+
 ``--mosaic_forward`` only times the finest level's forward, the Triton
 kernel against the Mosaic GPU one (``mosaic.forward_level``), on the same
 inputs, and prints their largest differences; ``--mosaic_dq`` and
@@ -371,11 +383,51 @@ def make_parser():
   parser.add_argument("--mosaic_dkv", action="store_true",
                       help="the same for the finest level's dk, dv "
                       "(mosaic.dkv_level)")
+  parser.add_argument("--compile_only", action="store_true",
+                      help="only compile every setting's forward and "
+                      "forward+backward (to fill JAX's persistent "
+                      "compilation cache before a timing run)")
   parser.add_argument("--interpret", action="store_true",
                       help="with --mosaic_forward, --mosaic_dq or "
                       "--mosaic_dkv: both kernels in interpret mode (a check "
                       "of the comparison on a CPU; no device times)")
   return parser
+
+
+def settings(args, default):
+  """(tile, the swept TUNING values) of every combination to time, each
+  set in ``kernels.TUNING`` as it is yielded; ``default``: ``zero_means()``
+  before any was set."""
+  for tile, *values in itertools.product(
+      args.tiles, *(getattr(args, arg) for arg in _SWEPT.values())):
+    tuning = {key: default[key] if key in default and not x else x
+              for key, x in zip(_SWEPT, values)}
+    kernels.TUNING.update(tuning, dq_warps=args.dq_warps or None,
+                          dkv_warps=args.dkv_warps or None)
+    yield tile, tuning
+
+
+def compile_settings(args, default):
+  """``--compile_only``: compiles the forward and forward+backward of
+  every setting (no run, no timing), one JSON line each with the seconds
+  it took; with JAX's persistent compilation cache on
+  (``JAX_COMPILATION_CACHE_DIR``), a later timing run of the same
+  settings finds them compiled. Several such processes side by side fill
+  the cache faster than one (they allocate no arrays beyond the inputs)."""
+  rng = np.random.default_rng(0)  # The timing run's inputs.
+  for length in args.lengths:
+    batch = max(1, args.tokens // length)
+    shape = (batch, length, 8, args.head_dim)
+    q, k, v, ct = random_inputs(rng, shape)
+    valid = jnp.ones((batch, length), jnp.bool_) if args.masked else None
+    for tile, tuning in settings(args, default):
+      row = {"length": length, "tile": tile, **tuning}
+      for name, fn in zip(("fwd", "fwd_bwd"), fwd_bwd_fn(
+          args.causal, tile, ct, args.block_size)):
+        start = time.perf_counter()
+        jax.jit(fn).lower(q, k, v, valid).compile()
+        row[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
+      print(json.dumps(row), flush=True)
 
 
 def main():
@@ -394,6 +446,10 @@ def main():
     run_for_ncu(args, tiles[0])
     return
   args.tiles = args.tiles or [16, 32, 64]
+  default = zero_means()
+  if args.compile_only:
+    compile_settings(args, default)
+    return
   rows = [{"device": jax.devices()[0].device_kind,
            "copy_gbps": round(copy_bandwidth_gbps(), 1),
            **({"copy_gbps_pallas": round(copy_bandwidth_gbps("pallas"), 1)}
@@ -403,7 +459,6 @@ def main():
               if kernels.mosaic_gpu() else {})}]
   print(json.dumps(rows[0]), flush=True)
   rng = np.random.default_rng(0)
-  default = zero_means()
   for length in args.lengths:
     batch = max(1, args.tokens // length)
     shape = (batch, length, 8, args.head_dim)
@@ -445,12 +500,7 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
-    for tile, *values in itertools.product(
-        args.tiles, *(getattr(args, arg) for arg in _SWEPT.values())):
-      tuning = {key: default[key] if key in default and not x else x
-                for key, x in zip(_SWEPT, values)}
-      kernels.TUNING.update(tuning, dq_warps=args.dq_warps or None,
-                            dkv_warps=args.dkv_warps or None)
+    for tile, tuning in settings(args, default):
       attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
       row = {"length": length, "tile": tile, "masked": args.masked,
              **{_ROW_NAMES.get(key, key): "auto" if x is None else x

@@ -179,3 +179,28 @@ def test_profile_kernels_sweeps_real_tuning_keys():
     want = kernels.TUNING[key]
     assert values[0] == want or (not values[0] and default[key] == want), (
         key, values, want)
+
+
+def test_profile_kernels_settings_set_tuning_in_order(monkeypatch):
+  """``profile_kernels.settings`` yields every combination of tiles and
+  swept values (the timing and ``--compile_only`` runs share it), each set
+  in ``kernels.TUNING`` as it is yielded, and a swept 0 stays the key's
+  default when a later pass (the next length) starts after another value
+  was set."""
+  from htransformer.attention import kernels
+  for key in ("pyramid_warps", "sweep_blocks", "num_warps", "dq_warps",
+              "dkv_warps"):
+    monkeypatch.setitem(kernels.TUNING, key, kernels.TUNING[key])
+  script = load_script("profile_kernels")
+  args = script.make_parser().parse_args(
+      ["--tiles", "16", "64", "--pyramid_warps", "0", "2",
+       "--sweep_blocks", "8"])
+  default = script.zero_means()
+  for _ in range(2):  # two lengths
+    seen = []
+    for tile, tuning in script.settings(args, default):
+      assert kernels.TUNING["pyramid_warps"] == tuning["pyramid_warps"]
+      assert kernels.TUNING["sweep_blocks"] == 8
+      seen.append((tile, tuning["pyramid_warps"]))
+    assert seen == [(16, default["pyramid_warps"]), (16, 2),
+                    (64, default["pyramid_warps"]), (64, 2)]
