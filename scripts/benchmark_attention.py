@@ -295,7 +295,8 @@ def environment_info(measure_copy: bool = False) -> dict:
       # What builds the fused kernels' pyramid on this device.
       "coarsen_impl": kernels.coarsen_impl(),
       # And the finest level's forward and backward ("mosaic": Mosaic GPU
-      # at the block sizes and head widths of kernels.MOSAIC_L0_FASTER).
+      # at the block sizes and head widths of kernels.MOSAIC_L0_FASTER; an
+      # "auto" backward takes the sweep at kernels.SWEEP_L0_FASTER).
       "forward_l0_impl": kernels.level0_impl("forward"),
       "backward_l0_impl": kernels.level0_impl("backward"),
       "device_kind": device.device_kind,
