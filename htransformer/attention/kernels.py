@@ -345,8 +345,9 @@ MOSAIC_L0_FASTER_CAUSAL = {"forward": frozenset(),
 # (block size, head width) where the level-0 backward in one sweep
 # (``_sweep_backward``) was measured faster than the Triton dq and dk, dv
 # kernels, non-causal (H200, bfloat16, 1 x 65,536 tokens: forward+backward
-# 1.540 against 1.609 ms at blocks of 64, 1.507 against 1.567 at blocks
-# of 32; docs/benchmarks.md). ``"auto"`` takes it there on the GPUs that
+# 1.560 against 1.604 ms at blocks of 64 in one process, 1.540 at 16
+# blocks per program in another; 1.507 against 1.567 at blocks of 32;
+# docs/benchmarks.md). ``"auto"`` takes it there on the GPUs that
 # take the Mosaic GPU kernels (where it was timed).
 SWEEP_L0_FASTER = frozenset({(32, 64), (64, 64)})
 
