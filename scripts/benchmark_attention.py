@@ -786,18 +786,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def apply_tuning(items: list[str]) -> dict:
   """Sets ``kernels.TUNING`` from KEY=VALUE strings; returns what it set."""
   from htransformer.attention import kernels  # pylint: disable=g-import-not-at-top
-  values = {}
-  for item in items:
-    key, sep, text = item.partition("=")
-    if not sep or key not in kernels.TUNING:
-      raise ValueError(f"--tuning {item!r}: expected KEY=VALUE with KEY one "
-                       f"of {sorted(kernels.TUNING)}")
-    values[key] = (int(text) if re.fullmatch(r"-?\d+", text) else
-                   None if text == "None" else text)
   try:
-    kernels.check_tuning(values)
+    values = kernels.parse_tuning(items)
   except ValueError as e:
-    raise ValueError(f"--tuning: {e}") from None
+    raise ValueError(f"--tuning {e}") from None
   kernels.TUNING.update(values)
   return values
 

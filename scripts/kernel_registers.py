@@ -16,7 +16,8 @@ effect on registers on a CPU, before a GPU call times it:
   pip install triton   # not in requirements.txt: a developer's tool
   python scripts/kernel_registers.py [--length 2048] [--block_size 16]
       [--head_dim 64] [--causal] [--masked]
-      [--kernels 'hattn_(fwd|dq|dkv)_l[01]$'] [--warps 2]
+      [--kernels 'hattn_(fwd|dq|dkv|dqkv)_l[01]$'] [--warps 2]
+      [--tuning backward_l0_impl=sweep sweep_levels=1]
 
 It prints one JSON line per kernel: its name, warps, registers per
 thread, spill bytes and the programs an SM can hold by registers.
@@ -154,11 +155,18 @@ def main():
   parser.add_argument("--causal", action="store_true")
   parser.add_argument("--masked", action="store_true",
                       help="the kernels of a call with a mask (padding)")
-  parser.add_argument("--kernels", default=r"hattn_(fwd|dq|dkv)_l[01]$",
+  parser.add_argument("--kernels", default=r"hattn_(fwd|dq|dkv|dqkv)_l[01]$",
                       help="regex of the kernel names to compile")
   parser.add_argument("--warps", type=int, default=0,
                       help="compile with this many warps (0: the kernels')")
+  parser.add_argument("--tuning", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="kernels.TUNING settings to trace with (e.g. "
+                      "backward_l0_impl=sweep sweep_levels=1)")
   args = parser.parse_args()
+  try:
+    kernels.TUNING.update(kernels.parse_tuning(args.tuning))
+  except ValueError as e:
+    parser.error(f"--tuning {e}")
   # Triton's default, set so that it does not warn.
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
   try:

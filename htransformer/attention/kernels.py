@@ -112,6 +112,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -272,6 +273,22 @@ def check_tuning(tuning=None) -> None:
     else:
       raise ValueError(f"unknown TUNING key {key!r}; the keys are "
                        f"{sorted({**_TUNING_CHOICES, **_TUNING_INTS})}.")
+
+
+def parse_tuning(items) -> dict:
+  """TUNING values from ``KEY=VALUE`` strings (a command line's): ints as
+  ints, ``None`` as None, anything else as a string; checked by
+  ``check_tuning``. Raises ValueError naming the first bad item."""
+  values = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or key not in TUNING:
+      raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of "
+                       f"{sorted(TUNING)}")
+    values[key] = (int(text) if re.fullmatch(r"-?\d+", text) else
+                   None if text == "None" else text)
+  check_tuning(values)
+  return values
 
 
 def default_tile(block_size: int) -> int:
