@@ -164,8 +164,8 @@ DEFAULT_TILE = 16
 # program of the sweep (16, the default: 1.540 ms forward+backward
 # against 1.560 for 8 and 1.596 for 4 at blocks of 64; H200, 1 x 65,536
 # tokens, docs/benchmarks.md). ``sweep_levels``: levels 1 .. this one
-# (not in the coarse tail) take the sweep too (0, the default: none; not
-# yet timed on a GPU).
+# (those not in the coarse tail, at one level per launch) take the sweep
+# too (0, the default: none; not yet timed on a GPU).
 # ``mosaic_levels``: how many of the finest levels take the Mosaic GPU
 # kernels where those two choose them (1, the default: level 0 only; the
 # coarser levels' Mosaic GPU kernels, the same kernels with each key
