@@ -962,6 +962,21 @@ def _prolong_weight(c, mode):
   return jnp.where(total > 0, c / jnp.where(total > 0, total, 1.0), 0.0)
 
 
+def _with_parent_grads(grads, c, share, parent, level):
+  """A level's gradient rows ``grads`` (float32 [rows, width] each) plus
+  the parent level's ``parent`` (as many, one row per row here; or None),
+  weighted by each row's share of its parent (``_prolong_weight`` of the
+  counts ``c`` by the coarsening mode ``share``); at level 0 zero on rows
+  of no real token."""
+  if parent is not None:
+    w = _prolong_weight(c, share)[:, None]
+    grads = tuple(x + w * p.astype(jnp.float32)
+                  for x, p in zip(grads, parent))
+  if level == 0:
+    grads = tuple(jnp.where(c[:, None] > 0, x, 0.0) for x in grads)
+  return grads
+
+
 def _dq_kernel(*refs, group, has_parent, rate, **kw):
   refs, drop = _with_dropout(refs, rate)
   _run_levels(refs, _dq_rows, group=group, per_level=7,
@@ -1058,12 +1073,8 @@ def _dq_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, cq,
       (k_ref, v_ref, c_ref), start, tile, nr, n, not causal, level0),
                  n=n, nr=nr, level=level, causal=causal, scale=scale,
                  precision=precision, drop=drop, masked=masked)
-  if parent is not None:
-    w = _prolong_weight(cq, _query_mode(causal, masked))
-    dq = dq + w[:, None] * parent[0].astype(jnp.float32)
-  if level0:
-    dq = jnp.where(cq[:, None] > 0, dq, 0.0)
-  return (dq,)
+  return _with_parent_grads((dq,), cq, _query_mode(causal, masked), parent,
+                            level)
 
 
 def _dkv_kernel(*refs, group, has_parent, rate, **kw):
@@ -1090,14 +1101,7 @@ def _dkv_rows(q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref, parent, ck,
   dk, dv = _dkv_fold(k, v, ck, kj, pieces, n=n, nr=nr, level=level,
                      causal=causal, scale=scale, precision=precision,
                      drop=drop, masked=masked)
-  if parent is not None:
-    w = _prolong_weight(ck, "mean")
-    dk = dk + w[:, None] * parent[0].astype(jnp.float32)
-    dv = dv + w[:, None] * parent[1].astype(jnp.float32)
-  if level0:
-    dk = jnp.where(ck[:, None] > 0, dk, 0.0)
-    dv = jnp.where(ck[:, None] > 0, dv, 0.0)
-  return dk, dv
+  return _with_parent_grads((dk, dv), ck, "mean", parent, level)
 
 
 # What each kind of level kernel computes: its rows function, and what
@@ -1202,7 +1206,8 @@ def _sweep_kernel(*refs, n, nr, level, run, causal, scale, precision, rate,
   over the key blocks (``_sweep_backward``)."""
   refs, drop = _with_dropout(refs, rate)
   q_ref, k_ref, v_ref, c_ref, g_ref, e_ref, m_ref = refs[:7]
-  parents = refs[7:10] if has_parent else None
+  # The parent level's dq, dk, dv (or None each).
+  pdq, pdk, pdv = refs[7:10] if has_parent else (None,) * 3
   dq_ref, dk_ref, dv_ref = refs[-3:]
   j0 = _tile_id() * run
   offs = _sweep_offsets(level, causal)
@@ -1210,29 +1215,29 @@ def _sweep_kernel(*refs, n, nr, level, run, causal, scale, precision, rate,
   # came before key block j and whose last comes at or after it.
   lo, hi = offs[0], offs[-1]
 
-  def queries(i):
-    """Query block ``i`` (possibly outside the level, then clamped and
-    masked): ((q, G, E, M), row numbers), whether it is inside."""
-    pos = i * nr
-    at = jnp.clip(pos, 0, n - nr)
-    q, g, e, mrow, cq = (r[pl.ds(at, nr)]
-                         for r in (q_ref, g_ref, e_ref, m_ref, c_ref))
+  def queries(j, o):
+    """Query block ``j + o`` (possibly outside the level, then clamped and
+    masked: ``_neighbours``): ((q, G, E, M), row numbers) and its ``rel``
+    to key block ``j``."""
+    read = _neighbours((q_ref, g_ref, e_ref, m_ref, c_ref), j * nr, nr, nr,
+                       n, True, True)[0]
+    (q, g, e, mrow, cq), qi, rel = read(o * nr, nr)
     q, g = _zeroed(level, masked, cq, q, g)
-    return ((q, g, e, mrow), pos + _iota(nr)), (pos >= 0) & (pos < n)
+    return ((q, g, e, mrow), qi), rel
 
   def finish(ref, parent, share, start, x):
-    """A block's gradient: plus its parent's prolonged (and at level 0
-    zero where no real token), written at rows ``start``."""
+    """A block's gradient, plus its parent's prolonged, written at rows
+    ``start``. (The counts are read again: keeping the key block's in
+    registers until its dk and dv are written spilled more, 552 against
+    488 bytes at blocks of 64 by ``scripts/kernel_registers.py``.)"""
     c = c_ref[pl.ds(start, nr)]
     if parent is not None:
-      x = x + _prolong_weight(c, share)[:, None] * _repeat(
-          parent[pl.ds(start // 2, nr // 2)], 2).astype(jnp.float32)
-    if level == 0:
-      x = jnp.where(c[:, None] > 0, x, 0.0)
+      parent = (_repeat(parent[pl.ds(start // 2, nr // 2)], 2),)
+    x, = _with_parent_grads((x,), c, share, parent, level)
     ref[pl.ds(start, nr)] = x.astype(ref.dtype)
 
   def finish_dq(i, dq):
-    finish(dq_ref, parents and parents[0], query_mode, i * nr, dq * scale)
+    finish(dq_ref, pdq, query_mode, i * nr, dq * scale)
 
   def step(j, carry):
     """Key block ``j``: its dk, dv written; ``carry`` the open dq sums
@@ -1246,19 +1251,19 @@ def _sweep_kernel(*refs, n, nr, level, run, causal, scale, precision, rate,
     sums = dict(zip(range(lo, hi), carry))
     add = lambda acc, part: part if acc is None else acc + part
     for o in offs:
-      rows, inside = queries(j + o)
+      rows, rel = queries(j, o)
       p, ds = _key_pair(
-          k, v, ck, kj, rows, (o * nr, inside), n=n, level=level, nr=nr,
+          k, v, ck, kj, rows, rel, n=n, level=level, nr=nr,
           causal=causal, scale=scale, precision=precision, drop=drop)
       (q, g, _, _), _ = rows
       # dv and dk written as soon as their last part is in (fewer
       # registers live for the rest of the step).
       dv = add(dv, _dot(p.astype(g.dtype), g, precision))
       if o == hi:
-        finish(dv_ref, parents and parents[2], "mean", start, dv)
+        finish(dv_ref, pdv, "mean", start, dv)
       dk = add(dk, _dot(ds.astype(q.dtype), q, precision))
       if o == hi:
-        finish(dk_ref, parents and parents[1], "mean", start, dk * scale)
+        finish(dk_ref, pdk, "mean", start, dk * scale)
       add_dq(j, o, ds, k, sums)
     return tuple(sums[o + 1] for o in range(lo, hi))
 
@@ -1282,7 +1287,7 @@ def _sweep_kernel(*refs, n, nr, level, run, causal, scale, precision, rate,
     """dq (unscaled) of query block ``i`` from the key block at ``piece``
     (0: the block before it, -1: the block after it), another program's."""
     start = i * nr
-    (q, g, e, mrow), _ = queries(i)[0]
+    (q, g, e, mrow), _ = queries(i, 0)[0]
     read, pieces = _neighbours((k_ref, v_ref, c_ref), start, nr, nr, n,
                                not causal, level == 0)
     return _dq_fold(q, g, e, mrow, start + _iota(nr), (read, [pieces[piece]]),
