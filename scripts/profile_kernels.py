@@ -119,14 +119,15 @@ def copy_bandwidth_gbps(kind="xla"):
   return nbytes / (bench(fn, x) * 1e-3) / 1e9
 
 
-def fwd_bwd_fn(causal, tile, cotangent, block_size=16):
+def fwd_bwd_fn(causal, tile, cotangent, block_size=16, interpret=False):
   """(forward, forward+backward) of the kernels (current TUNING), each a
   function of (q, k, v, valid): ``valid`` the mask or None, an argument
   (not a constant the compiler could fold away with the selects it
   costs)."""
   def attn(q, k, v, valid=None):
     return kernels.hierarchical_attention_pallas(
-        q, k, v, valid, block_size=block_size, causal=causal, tile=tile)
+        q, k, v, valid, block_size=block_size, causal=causal, tile=tile,
+        interpret=interpret)
 
   def fwd_bwd(q, k, v, valid=None):
     loss = lambda *a: jnp.sum(attn(*a, valid).astype(jnp.float32) *
@@ -388,9 +389,11 @@ def make_parser():
                       "forward+backward (to fill JAX's persistent "
                       "compilation cache before a timing run)")
   parser.add_argument("--interpret", action="store_true",
-                      help="with --mosaic_forward, --mosaic_dq or "
-                      "--mosaic_dkv: both kernels in interpret mode (a check "
-                      "of the comparison on a CPU; no device times)")
+                      help="every kernel in interpret mode: a check of the "
+                      "script on a CPU, no meaningful times (each measured "
+                      "once; no copy ceiling or cuDNN row). With "
+                      "--mosaic_forward, --mosaic_dq or --mosaic_dkv: both "
+                      "kernels of the comparison")
   return parser
 
 
@@ -423,7 +426,7 @@ def compile_settings(args, default):
     for tile, tuning in settings(args, default):
       row = {"length": length, "tile": tile, **tuning}
       for name, fn in zip(("fwd", "fwd_bwd"), fwd_bwd_fn(
-          args.causal, tile, ct, args.block_size)):
+          args.causal, tile, ct, args.block_size, args.interpret)):
         start = time.perf_counter()
         jax.jit(fn).lower(q, k, v, valid).compile()
         row[f"{name}_compile_s"] = round(time.perf_counter() - start, 1)
@@ -450,13 +453,18 @@ def main():
   if args.compile_only:
     compile_settings(args, default)
     return
-  rows = [{"device": jax.devices()[0].device_kind,
-           "copy_gbps": round(copy_bandwidth_gbps(), 1),
-           **({"copy_gbps_pallas": round(copy_bandwidth_gbps("pallas"), 1)}
-              if jax.default_backend() == "gpu" else {}),
-           # Mosaic GPU compiles for Hopper GPUs and newer.
-           **({"copy_gbps_mosaic": round(copy_bandwidth_gbps("mosaic"), 1)}
-              if kernels.mosaic_gpu() else {})}]
+  timed = bench
+  rows = [{"device": jax.devices()[0].device_kind}]
+  if args.interpret:  # A check of this script: one call each.
+    timed = functools.partial(bench, min_s=0.0, repeats=1)
+  else:
+    rows[0].update(
+        copy_gbps=round(copy_bandwidth_gbps(), 1),
+        **({"copy_gbps_pallas": round(copy_bandwidth_gbps("pallas"), 1)}
+           if jax.default_backend() == "gpu" else {}),
+        # Mosaic GPU compiles for Hopper GPUs and newer.
+        **({"copy_gbps_mosaic": round(copy_bandwidth_gbps("mosaic"), 1)}
+           if kernels.mosaic_gpu() else {}))
   print(json.dumps(rows[0]), flush=True)
   rng = np.random.default_rng(0)
   for length in args.lengths:
@@ -467,15 +475,16 @@ def main():
     valid = jnp.ones((batch, length), jnp.bool_) if args.masked else None
     levels = int(np.log2(length // args.block_size))
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
-           "block_size": args.block_size,
-           "cudnn_fwd_ms": bench(lambda q, k, v: full_attention(
-               q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)}
+           "block_size": args.block_size}
+    if not args.interpret:
+      row["cudnn_fwd_ms"] = bench(lambda q, k, v: full_attention(
+          q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)
     # The XLA pyramid has no heads or rows per program.
-    settings = [(impl, heads, crows) for impl in args.coarsen_impl
+    pyramids = [(impl, heads, crows) for impl in args.coarsen_impl
                 for heads, crows in ([(0, 0)] if impl == "xla" else
                                      itertools.product(args.coarsen_heads,
                                                        args.coarsen_rows))]
-    for impl, heads, crows in settings:
+    for impl, heads, crows in pyramids:
       kernels.TUNING.update(coarsen_impl=impl, coarsen_heads=heads or 1,
                             coarsen_rows=crows)
       name = ("pyramid_ms_xla" if impl == "xla" else
@@ -483,8 +492,8 @@ def main():
       # A new function per setting: jit caches by function, and TUNING is
       # read only when tracing.
       pyramid = lambda q, k, v: kernels._pyramid(
-          q, k, v, c0, levels, args.causal, False, args.masked)
-      row[name] = bench(pyramid, q, k, v)
+          q, k, v, c0, levels, args.causal, args.interpret, args.masked)
+      row[name] = timed(pyramid, q, k, v)
       device = name.replace("_ms", "_device_ms")
       if args.by_kernel:  # The wall time above includes the host's work
         f = jax.jit(pyramid)  # for ~40 outputs; the device's alone:
@@ -501,7 +510,8 @@ def main():
     print(json.dumps(row), flush=True)
     rows.append(row)
     for tile, tuning in settings(args, default):
-      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size)
+      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size,
+                                 args.interpret)
       row = {"length": length, "tile": tile, "masked": args.masked,
              **{_ROW_NAMES.get(key, key): "auto" if x is None else x
                 for key, x in tuning.items()},
@@ -509,8 +519,8 @@ def main():
              "dkv_warps": args.dkv_warps or "auto",
              "coarsen_heads": args.coarsen_heads[0],
              "coarsen_rows": args.coarsen_rows[0] or 64,
-             "fwd_ms": bench(attn, q, k, v, valid),
-             "fwd_bwd_ms": bench(fwd_bwd, q, k, v, valid)}
+             "fwd_ms": timed(attn, q, k, v, valid),
+             "fwd_bwd_ms": timed(fwd_bwd, q, k, v, valid)}
       if args.by_kernel:
         for name, fn in (("fwd", attn), ("fwd_bwd", fwd_bwd)):
           f = jax.jit(fn)

@@ -204,3 +204,30 @@ def test_profile_kernels_settings_set_tuning_in_order(monkeypatch):
       seen.append((tile, tuning["pyramid_warps"]))
     assert seen == [(16, default["pyramid_warps"]), (16, 2),
                     (64, default["pyramid_warps"]), (64, 2)]
+
+
+def test_profile_kernels_times_every_setting_in_interpret_mode(
+    tmp_path, monkeypatch):
+  """The timing run itself (``--interpret`` on this CPU): the pyramid
+  row and one row per backward implementation swept, each with its
+  TUNING values and a forward and forward+backward time."""
+  from htransformer.attention import kernels
+  for key in ("backward_l0_impl", "sweep_blocks"):
+    monkeypatch.setitem(kernels.TUNING, key, kernels.TUNING[key])
+  script = load_script("profile_kernels")
+  out = tmp_path / "rows.json"
+  monkeypatch.setattr(sys, "argv", [
+      "profile_kernels.py", "--interpret", "--lengths", "64", "--tokens",
+      "64", "--block_size", "16", "--tiles", "16", "--coarsen_impl", "dot",
+      "--backward_l0_impl", "triton", "sweep", "--sweep_blocks", "2",
+      "--out", str(out)])
+  script.main()
+  rows = json.loads(out.read_text())
+  assert [sorted(row) for row in rows[:2]] == [
+      ["device"], ["batch", "block_size", "head_dim", "length",
+                   "pyramid_ms_dot_heads1_rows64"]]
+  timed = rows[2:]
+  assert [(row["tile"], row["backward_l0_impl"], row["sweep_blocks"])
+          for row in timed] == [(16, "triton", 2), (16, "sweep", 2)]
+  for row in timed:
+    assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
