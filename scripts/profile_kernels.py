@@ -300,6 +300,11 @@ def zero_means():
           "pyramid_warps": kernels.TUNING["pyramid_warps"]}
 
 
+def _int_or_auto(text):
+  """An int, or None for "auto" (the kernels choose)."""
+  return None if text == "auto" else int(text)
+
+
 def make_parser():
   parser = argparse.ArgumentParser()
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
@@ -358,10 +363,11 @@ def make_parser():
                       help="TUNING['sweep_blocks']: key blocks per program "
                       "of the backward's sweep (--backward_l0_impl sweep, "
                       "--sweep_levels)")
-  parser.add_argument("--sweep_levels", type=int, nargs="+",
+  parser.add_argument("--sweep_levels", type=_int_or_auto, nargs="+",
                       default=[kernels.TUNING["sweep_levels"]],
                       help="TUNING['sweep_levels']: coarse levels 1 .. this "
-                      "one take the backward's sweep (0: none)")
+                      "one take the backward's sweep (0: none; auto, the "
+                      "default: kernels.sweep_levels)")
   parser.add_argument("--grid_order", nargs="+", default=["tiles"],
                       choices=["tiles", "heads"],
                       help="kernels.TUNING['grid_order'] values to time")

@@ -837,6 +837,29 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
     assert triton_l0(**case) == [1, 1, 1, 0], case
 
 
+def test_auto_takes_the_coarse_sweep_where_it_is_faster(monkeypatch):
+  """``sweep_levels`` None (the default) on a Hopper GPU: level 1's
+  backward is the sweep at the blocks and head widths of
+  ``SWEEP_COARSE_FASTER``, not causal, unless ``mosaic_levels`` gives
+  level 1 to Mosaic GPU; no level elsewhere, in interpret mode or on
+  other devices; a set value always holds. Launched at 65,536 tokens:
+  ``test_default_kernels_lower_for_hopper_at_the_benchmark_length``."""
+  assert kernels.TUNING["sweep_levels"] is None
+  assert kernels.SWEEP_COARSE_FASTER == {(16, 64), (64, 64)}
+  monkeypatch.setattr(kernels, "mosaic_gpu", lambda: False)
+  assert kernels.sweep_levels(False, 64, 64) == 0
+  monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
+  assert [kernels.sweep_levels(False, nr, d) for nr, d in (
+      (16, 64), (32, 64), (64, 64), (16, 128), (64, 128))] == [
+          1, 0, 1, 0, 0]
+  assert kernels.sweep_levels(False, 64, 64, causal=True) == 0
+  assert kernels.sweep_levels(True, 64, 64) == 0
+  monkeypatch.setitem(kernels.TUNING, "mosaic_levels", 2)
+  assert kernels.sweep_levels(False, 64, 64) == 0
+  monkeypatch.setitem(kernels.TUNING, "sweep_levels", 3)
+  assert kernels.sweep_levels(True, 32, 128, causal=True) == 3
+
+
 @pytest.mark.parametrize("d,nr,causal,masked,dtype,backward", [
     (64, 16, False, False, "bfloat16", "auto"),
     (64, 16, False, True, "bfloat16", "triton"),
@@ -860,7 +883,8 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
   that needs more than a program may have (docs/benchmarks.md); the GPU
   tests' short sequences did not reach it. Also with the Mosaic GPU
   level-0 backward everywhere (``backward_l0_impl="mosaic"``; "auto"
-  takes the sweep at blocks of 32 and 64, head_dim 64), and with
+  takes the sweep at blocks of 32 and 64, head_dim 64, and level 1's at
+  blocks of 16 and 64), and with
   both Mosaic GPU level kernels at every level long enough for them,
   zeroing the padding themselves ("all_levels": ``mosaic_levels``,
   ``mosaic_zero_rows``)."""
@@ -908,6 +932,11 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
                                  and (nr, d) in faster["backward"])))
   assert ("hattn_dqkv_l0" in text) == (backward == "auto" and not causal
                                       and (nr, d) in kernels.SWEEP_L0_FASTER)
+  # Level 1's sweep by default (kernels.sweep_levels), whatever level 0's.
+  assert ("hattn_dqkv_l1" in text) == (
+      not (every or causal) and (nr, d) in kernels.SWEEP_COARSE_FASTER)
+  assert ("hattn_dq_l1" in text) == ("hattn_dqkv_l1" not in text)
+  assert "hattn_dqkv_l2" not in text
 
 
 def test_mosaic_forward_level_rejects_what_it_cannot_run():
@@ -1342,7 +1371,8 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("dq_warps", 0), ("dkv_warps", 48),
                      ("num_stages", 0), ("coarsen_rows", 48),
                      ("levels_per_launch", "2"), ("coarsen_heads", 0),
-                     ("mosaic_zero_rows", "smem")):
+                     ("mosaic_zero_rows", "smem"), ("sweep_levels", -1),
+                     ("sweep_levels", "auto"), ("sweep_blocks", None)):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

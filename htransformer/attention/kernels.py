@@ -34,7 +34,8 @@ can do both (``_sweep_backward``; the default on Hopper GPUs at blocks of
 32 and 64, head_dim 64, not causal): a program walks consecutive key
 blocks and forms each pair of blocks once, keeping the query blocks' dq
 sums in registers until their last key block has passed; coarse levels
-can take it too, ``TUNING["sweep_levels"]``. (Other single
+can take it too (``sweep_levels``: level 1 by default at blocks of 16 and
+64, head_dim 64, not causal, on the same GPUs). (Other single
 kernels were slower: one per tile for all three, reading the tile's own
 rows once, was no faster on an H200,
 nor, at tiles of one block, one pass over the neighbour pieces computing
@@ -165,7 +166,8 @@ DEFAULT_TILE = 16
 # against 1.560 for 8 and 1.596 for 4 at blocks of 64; H200, 1 x 65,536
 # tokens, docs/benchmarks.md). ``sweep_levels``: levels 1 .. this one
 # (those not in the coarse tail, at one level per launch) take the sweep
-# too (0, the default: none; not yet timed on a GPU).
+# too (0: none), or None (the default: ``sweep_levels()``, level 1 at
+# ``SWEEP_COARSE_FASTER``, none elsewhere).
 # ``mosaic_levels``: how many of the finest levels take the Mosaic GPU
 # kernels where those two choose them (1, the default: level 0 only; the
 # coarser levels' Mosaic GPU kernels, the same kernels with each key
@@ -213,7 +215,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "backward_l0_impl": "auto", "mosaic_levels": 1,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
-          "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": 0}
+          "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None}
 
 
 def _pow2(x: int) -> bool:
@@ -245,14 +247,21 @@ _TUNING_INTS = {
     "coarsen_heads": ("an int >= 1", lambda x: x >= 1),
     "sweep_blocks": ("a power of two (key blocks per program of the "
                      "backward's sweep)", _pow2),
-    "sweep_levels": ("an int >= 0 (coarse levels whose backward is the "
-                     "sweep)", lambda x: x >= 0),
+    "sweep_levels": ("None (by the device and sizes), or an int >= 0 "
+                     "(coarse levels whose backward is the sweep)",
+                     lambda x: x >= 0),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
     "tail_rows": ("0 (no tail), or a power of two (rows of a level over "
                   "the batch and heads)",
                   lambda x: x == 0 or _pow2(x)),
 }
+
+
+# The int keys that may also be None (a default that depends on the device
+# and sizes).
+_TUNING_NONE = ("num_warps", "pyramid_warps", "dq_warps", "dkv_warps",
+                "sweep_levels")
 
 
 def check_tuning(tuning=None) -> None:
@@ -266,7 +275,7 @@ def check_tuning(tuning=None) -> None:
                          f"{_TUNING_CHOICES[key]}, got {value!r}.")
     elif key in _TUNING_INTS:
       what, ok = _TUNING_INTS[key]
-      if not ((value is None and key.endswith("warps")) or (
+      if not ((value is None and key in _TUNING_NONE) or (
           isinstance(value, int) and not isinstance(value, bool)
           and ok(value))):
         raise ValueError(f"TUNING[{key!r}] must be {what}, got {value!r}.")
@@ -367,6 +376,30 @@ MOSAIC_L0_FASTER_CAUSAL = {"forward": frozenset(),
 # docs/benchmarks.md). ``"auto"`` takes it there on the GPUs that
 # take the Mosaic GPU kernels (where it was timed).
 SWEEP_L0_FASTER = frozenset({(32, 64), (64, 64)})
+# (block size, head width) where level 1's backward in the sweep was
+# measured faster than its Triton dq and dk, dv kernels, non-causal (H200,
+# bfloat16, 1 x 65,536 tokens, the whole forward+backward in one process:
+# blocks of 64, 1.546 against 1.568 ms, level 1's kernels 0.186 against
+# 0.088 + 0.130; blocks of 16, 1.199 against 1.233, 0.138 against 0.070 +
+# 0.106; level 2 too was slower at blocks of 64, 1.572 ms, its sweep 0.139
+# against 0.048 + 0.068: docs/benchmarks.md). ``sweep_levels()`` takes it
+# there on the GPUs that take the Mosaic GPU kernels.
+SWEEP_COARSE_FASTER = frozenset({(16, 64), (64, 64)})
+
+
+def sweep_levels(interpret: bool = False, block_size: int | None = None,
+                 head_dim: int | None = None, causal: bool = False) -> int:
+  """The coarse levels (1 .. this one) whose backward is the sweep:
+  ``TUNING["sweep_levels"]``, or where that is None, 1 on the GPUs that
+  take the Mosaic GPU kernels at the block sizes and head widths of
+  ``SWEEP_COARSE_FASTER`` (not causal) unless ``TUNING["mosaic_levels"]``
+  asks for Mosaic GPU kernels at level 1; 0 elsewhere."""
+  levels = TUNING.get("sweep_levels")
+  if levels is not None:
+    return levels
+  return int(not (interpret or causal) and mosaic_gpu()
+             and TUNING.get("mosaic_levels", 1) <= 1
+             and (block_size, head_dim) in SWEEP_COARSE_FASTER)
 
 
 def level0_impl(kind: str, interpret: bool = False,
@@ -2074,11 +2107,10 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _sweep_level(level, interpret, nr, d, causal):
   """Whether ``level``'s backward is the sweep (``_sweep_backward``): at
-  level 0 where ``level0_impl`` says so, at levels 1 ..
-  ``TUNING["sweep_levels"]`` always."""
+  level 0 where ``level0_impl`` says so, at levels 1 .. ``sweep_levels``."""
   if level == 0:
     return level0_impl("backward", interpret, nr, d, causal) == "sweep"
-  return level <= TUNING.get("sweep_levels", 0)
+  return level <= sweep_levels(interpret, nr, d, causal)
 
 
 def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
