@@ -13,6 +13,10 @@ bfloat16 array doubled by XLA, a Pallas (Triton) kernel or a Mosaic GPU
 kernel (on an H200 the Triton kernel moves about 20% more bytes per second
 than XLA's, the Mosaic GPU one a little more again: 3,970 and 4,020
 against 3,300 GB/s, docs/benchmarks.md).
+
+``calls_per_run(call, min_s)`` is how many back-to-back calls a timed run
+of the benchmark scripts issues, so that the host's dispatch latency does
+not count.
 """
 
 import collections
@@ -22,6 +26,7 @@ import json
 import os
 import re
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +66,24 @@ def copy_kernel(kind: str = "xla", rows: int = 2**19, interpret=False):
         out_specs=spec, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         interpret=interpret, name="copy_ceiling")(x)
   return fn, x, 2 * x.nbytes
+
+
+def calls_per_run(call, min_s: float, most: int = 200,
+                  tries: int = 3) -> int:
+  """Calls of ``call`` (which returns arrays) that back to back take about
+  ``min_s`` seconds (1 to ``most``), from the fastest of ``tries`` single
+  calls: one call that waits on the host (a slow dispatch after the
+  warm-up) would otherwise set too few, and runs of too few calls time
+  the host's latency instead of the device's work (on an H200, one
+  benchmark method's median was 1.56 ms per call in runs of 3 calls, set
+  by one slow call, and 1.21 in runs of 13 in another process:
+  docs/benchmarks.md)."""
+  fastest = float("inf")
+  for _ in range(tries):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    fastest = min(fastest, time.perf_counter() - start)
+  return int(min(most, max(1, min_s // max(fastest, 1e-6))))
 
 
 def device_profile(fn, steps: int, top: int = 25) -> dict:

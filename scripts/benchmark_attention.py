@@ -195,10 +195,7 @@ def run_phase(fn, args, warmup: int, repeats: int) -> dict:
   peak = compiled_peak_bytes(compiled)
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(compiled(*args))
-  single = time.perf_counter() - start
-  calls = int(min(200, max(1, MIN_RUN_S // max(single, 1e-6))))
+  calls = profiling.calls_per_run(lambda: compiled(*args), MIN_RUN_S)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()

@@ -99,10 +99,7 @@ def bench(fn, *args, min_s=0.05, repeats=7):
   """Median ms per call of back-to-back calls of jitted ``fn``."""
   f = jax.jit(fn)
   jax.block_until_ready(f(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(f(*args))
-  calls = int(min(500, max(1, min_s // max(time.perf_counter() - start,
-                                           1e-6))))
+  calls = profiling.calls_per_run(lambda: f(*args), min_s, most=500)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()

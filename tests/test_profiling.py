@@ -212,8 +212,8 @@ def test_profile_kernels_times_every_setting_in_interpret_mode(
   row and one row per backward implementation swept, each with its
   TUNING values and a forward and forward+backward time."""
   from htransformer.attention import kernels
-  for key in ("backward_l0_impl", "sweep_blocks"):
-    monkeypatch.setitem(kernels.TUNING, key, kernels.TUNING[key])
+  for key, value in list(kernels.TUNING.items()):  # The run sets them all.
+    monkeypatch.setitem(kernels.TUNING, key, value)
   script = load_script("profile_kernels")
   out = tmp_path / "rows.json"
   monkeypatch.setattr(sys, "argv", [
@@ -231,3 +231,23 @@ def test_profile_kernels_times_every_setting_in_interpret_mode(
           for row in timed] == [(16, "triton", 2), (16, "sweep", 2)]
   for row in timed:
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
+
+
+def test_calls_per_run_is_not_set_by_one_slow_call():
+  """The benchmark scripts' calls per timed run: a first call that waits
+  40 ms (a slow dispatch) and later ones of about 1 ms give runs of many
+  calls for 20 ms, not the one call that first call alone would give; a
+  call slower than the run's length is run once, and ``most`` caps it."""
+  import time
+  waits = iter([0.04] + [0.001] * 1000)
+
+  def call():
+    time.sleep(next(waits))
+    return jnp.zeros(())
+
+  calls = profiling.calls_per_run(call, min_s=0.02)
+  assert 8 <= calls <= 20, calls  # about 1 ms each
+  assert profiling.calls_per_run(lambda: (time.sleep(0.03), jnp.zeros(()))[1],
+                                 min_s=0.02) == 1
+  assert profiling.calls_per_run(lambda: jnp.zeros(()), min_s=10.0,
+                                 most=64) == 64
