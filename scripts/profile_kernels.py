@@ -15,7 +15,7 @@ copy bandwidth and cuDNN, all in one process:
       [--coarsen_impl auto pallas dot xla mosaic]
       [--forward_l0_impl auto triton mosaic]
       [--backward_l0_impl auto triton mosaic sweep] [--sweep_blocks 8 16]
-      [--sweep_levels 0 1 2]
+      [--sweep_levels 0 1 2] [--sweep_programs 0 256 512]
       [--mosaic_levels 1 2 3]
       [--mosaic_zero_rows xla kernel]
       [--handover_dtype input float32] [--tail_rows 0 16384]
@@ -32,7 +32,9 @@ combination of tile, warps, warps of the pyramid and restriction kernels
 implementation, level-0 forward and backward (``--forward_l0_impl``,
 ``--backward_l0_impl``: the Triton kernels, Mosaic GPU's, the Triton
 sweep (``--sweep_blocks`` key blocks per program; ``--sweep_levels``:
-the coarse levels that take it too) or, by default, the kernels' choice;
+the coarse levels that take it too; ``--sweep_programs``: the fewest
+programs of a sweep's launch, its runs shortened to reach it) or, by
+default, the kernels' choice;
 ``--mosaic_levels``: how many of the finest levels
 take the Mosaic GPU kernels where those choose them;
 ``--mosaic_zero_rows``: with ``--masked``, the padding zeroed for them in
@@ -286,7 +288,7 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
           "mosaic_zero_rows": "mosaic_zero_rows",
           "handover_dtype": "handover_dtype", "grid_order": "grid_order",
           "tail_rows": "tail_rows", "sweep_blocks": "sweep_blocks",
-          "sweep_levels": "sweep_levels"}
+          "sweep_levels": "sweep_levels", "sweep_programs": "sweep_programs"}
 _ROW_NAMES = {"num_warps": "warps"}
 
 
@@ -365,6 +367,11 @@ def make_parser():
                       help="TUNING['sweep_levels']: coarse levels 1 .. this "
                       "one take the backward's sweep (0: none; auto, the "
                       "default: kernels.sweep_levels)")
+  parser.add_argument("--sweep_programs", type=int, nargs="+",
+                      default=[kernels.TUNING["sweep_programs"]],
+                      help="TUNING['sweep_programs']: a sweep's runs are "
+                      "halved until its launch has this many programs "
+                      "(0: off)")
   parser.add_argument("--grid_order", nargs="+", default=["tiles"],
                       choices=["tiles", "heads"],
                       help="kernels.TUNING['grid_order'] values to time")

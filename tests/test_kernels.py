@@ -57,6 +57,13 @@ SCHEDULES = {
     "sweep": (16, dict(levels_per_launch=1, coarsen_impl="dot", tail_rows=0,
                        backward_l0_impl="sweep", sweep_levels=20,
                        sweep_blocks=4)),
+    # The same with at least 16 programs per launch (``sweep_programs``):
+    # at 256 rows and 2 heads, runs of 2 key blocks at level 0 and of 1
+    # from level 1 on.
+    "sweep-short-runs": (16, dict(levels_per_launch=1, coarsen_impl="dot",
+                                  tail_rows=0, backward_l0_impl="sweep",
+                                  sweep_levels=20, sweep_blocks=4,
+                                  sweep_programs=16)),
 }
 
 
@@ -166,12 +173,14 @@ def test_gradients_match_autodiff_of_reference(small_passes, causal):
     assert (g[~mask] == 0).all(), name
 
 
-@pytest.mark.parametrize("schedule", ["tile16", "3-levels", "sweep"])
+@pytest.mark.parametrize("schedule", ["tile16", "3-levels", "sweep",
+                                      "sweep-short-runs"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_gradients_ignore_garbage_in_padding(monkeypatch, schedule, causal):
   """Gradients with holes and NaN / inf in the padding's q, k, v and
   output cotangent equal the reference's on clean inputs (the default
-  kernels, three levels per launch, and the backward in one sweep)."""
+  kernels, three levels per launch, and the backward in one sweep, also
+  in runs of 2 and 1 key blocks)."""
   _use_schedule(monkeypatch, schedule)
   q, k, v = make_qkv(41, 1, 160, 2, 16, 16)
   mask = np.random.default_rng(42).random((1, 160)) < 0.7
@@ -1158,6 +1167,22 @@ def test_dropout_values_and_gradients(small_passes, causal):
     scale = max(1.0, float(np.abs(w).max()))
     assert max_abs(g, w) <= 1e-4 * scale, name
     assert (g[~mask] == 0).all(), name
+
+
+def test_sweep_runs_shorten_to_launch_enough_programs(monkeypatch):
+  """``_sweep_run``: ``sweep_blocks`` key blocks per program, at most the
+  level's, halved while the launch has fewer than ``sweep_programs``
+  programs (blocks / run x batch rows x heads), down to one block."""
+  monkeypatch.setitem(kernels.TUNING, "sweep_blocks", 16)
+  assert kernels.TUNING["sweep_programs"] == 0  # off by default
+  assert [kernels._sweep_run(blocks, 8) for blocks in (1024, 256, 8)] == [
+      16, 16, 8]
+  monkeypatch.setitem(kernels.TUNING, "sweep_programs", 256)
+  # 1 x 65,536 tokens, heads 8, blocks of 64: levels 0-3.
+  assert [kernels._sweep_run(1024 >> level, 8) for level in range(4)] == [
+      16, 16, 8, 4]
+  assert kernels._sweep_run(16, 2) == 1  # 32 programs at most
+  assert kernels._sweep_run(16, 64) == 4
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

@@ -167,7 +167,12 @@ DEFAULT_TILE = 16
 # tokens, docs/benchmarks.md). ``sweep_levels``: levels 1 .. this one
 # (those not in the coarse tail, at one level per launch) take the sweep
 # too (0: none), or None (the default: ``sweep_levels()``, level 1 at
-# ``SWEEP_COARSE_FASTER``, none elsewhere).
+# ``SWEEP_COARSE_FASTER``, none elsewhere). ``sweep_programs``: where a
+# level's sweep would launch fewer programs than this, its runs are
+# halved until it does not (down to one key block); 0, the default: off.
+# (Level 2's sweep at blocks of 64 and 1 x 65,536 tokens, 128 programs
+# for the H200's 132 SMs, was slower than the Triton kernels; not yet
+# timed with shorter runs.)
 # ``mosaic_levels``: how many of the finest levels take the Mosaic GPU
 # kernels where those two choose them (1, the default: level 0 only; the
 # coarser levels' Mosaic GPU kernels, the same kernels with each key
@@ -215,7 +220,8 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "backward_l0_impl": "auto", "mosaic_levels": 1,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
-          "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None}
+          "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None,
+          "sweep_programs": 0}
 
 
 def _pow2(x: int) -> bool:
@@ -250,6 +256,8 @@ _TUNING_INTS = {
     "sweep_levels": ("None (by the device and sizes), or an int >= 0 "
                      "(coarse levels whose backward is the sweep)",
                      lambda x: x >= 0),
+    "sweep_programs": ("an int >= 0 (fewest programs of a sweep's launch; "
+                       "0: any)", lambda x: x >= 0),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
     "tail_rows": ("0 (no tail), or a power of two (rows of a level over "
@@ -1343,13 +1351,25 @@ def _sweep_kernel(*refs, n, nr, level, run, causal, scale, precision, rate,
       finish_dq(last, dq + halo(last, -1))
 
 
+def _sweep_run(blocks, batch_heads):
+  """Key blocks per program of a sweep over ``blocks`` key blocks of each
+  of ``batch_heads`` (batch row, head) pairs: ``TUNING["sweep_blocks"]``
+  (at most ``blocks``), halved while the launch would have fewer than
+  ``TUNING["sweep_programs"]`` programs, down to 1."""
+  run = min(blocks, TUNING.get("sweep_blocks", 16))
+  while run > 1 and blocks // run * batch_heads < TUNING.get(
+      "sweep_programs", 0):
+    run //= 2
+  return run
+
+
 def _sweep_backward(arrays, stats, parent, *, level, nr, causal, scale,
                     out_dtypes, precision, interpret, seeds=None, rate=0.0,
                     masked=False):
   """A level's dq, dk, dv in one launch (level 0: ``TUNING
   ["backward_l0_impl"] = "sweep"``; coarser levels: ``["sweep_levels"]``):
-  each program walks ``TUNING["sweep_blocks"]`` consecutive key blocks of
-  one (batch row, head) and, for each, the query blocks it meets
+  each program walks ``_sweep_run`` consecutive key blocks of one (batch
+  row, head) and, for each, the query blocks it meets
   (``_sweep_offsets``: at level 0 itself and a neighbour on each side),
   forming every pair's logits once: the pair's ds gives dk and dv of the
   key block and a part of the query block's dq, which the program keeps
@@ -1363,7 +1383,7 @@ def _sweep_backward(arrays, stats, parent, *, level, nr, causal, scale,
   b, n, h, d = q.shape
   dv_dim = v.shape[-1]
   blocks = n // nr
-  run = min(blocks, TUNING.get("sweep_blocks", 16))
+  run = _sweep_run(blocks, b * h)
   in_specs, args = _seed_inputs(seeds)
   in_specs += _level_specs(n, d, dv_dim, stats=True)
   args += [*arrays, *stats]
