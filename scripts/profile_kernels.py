@@ -352,26 +352,19 @@ def make_parser():
   parser.add_argument("--handover_dtype", nargs="+", default=["input"],
                       choices=["float32", "input"],
                       help="level-to-level hand-over dtype (TUNING)")
-  parser.add_argument("--tail_rows", type=int, nargs="+",
-                      default=[kernels.TUNING["tail_rows"]],
-                      help="TUNING['tail_rows']: levels of at most this "
-                      "many rows over the batch and heads in one launch per "
-                      "pass (0: none)")
-  parser.add_argument("--sweep_blocks", type=int, nargs="+",
-                      default=[kernels.TUNING["sweep_blocks"]],
-                      help="TUNING['sweep_blocks']: key blocks per program "
-                      "of the backward's sweep (--backward_l0_impl sweep, "
-                      "--sweep_levels)")
-  parser.add_argument("--sweep_levels", type=_int_or_auto, nargs="+",
-                      default=[kernels.TUNING["sweep_levels"]],
-                      help="TUNING['sweep_levels']: coarse levels 1 .. this "
-                      "one take the backward's sweep (0: none; auto, the "
-                      "default: kernels.sweep_levels)")
-  parser.add_argument("--sweep_programs", type=int, nargs="+",
-                      default=[kernels.TUNING["sweep_programs"]],
-                      help="TUNING['sweep_programs']: a sweep's runs are "
-                      "halved until its launch has this many programs "
-                      "(0: off)")
+  for key, what, kind in (
+      ("tail_rows", "levels of at most this many rows over the batch and "
+       "heads in one launch per pass (0: none)", int),
+      ("sweep_blocks", "key blocks per program of the backward's sweep "
+       "(--backward_l0_impl sweep, --sweep_levels)", int),
+      ("sweep_levels", "coarse levels 1 .. this one take the backward's "
+       "sweep (0: none; auto, the default: kernels.sweep_levels)",
+       _int_or_auto),
+      ("sweep_programs", "a sweep's runs are halved until its launch has "
+       "this many programs (0: off)", int)):
+    parser.add_argument(f"--{key}", type=kind, nargs="+",
+                        default=[kernels.TUNING[key]],
+                        help=f"TUNING[{key!r}]: {what}")
   parser.add_argument("--grid_order", nargs="+", default=["tiles"],
                       choices=["tiles", "heads"],
                       help="kernels.TUNING['grid_order'] values to time")
