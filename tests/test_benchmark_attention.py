@@ -67,6 +67,8 @@ def test_a_merge_with_other_settings_is_refused(tmp_path):
     ("coarsen_impl=xl", "TUNING['coarsen_impl'] must be one of"),
     ("num_warps=3", "TUNING['num_warps'] must be"),
     ("coarsen_rows=48", "TUNING['coarsen_rows'] must be"),
+    ("sweep_levels=all", "TUNING['sweep_levels'] must be None"),
+    ("tail_rows=auto", "TUNING['tail_rows'] must be 0"),
     ("tile_rowz=64", "expected KEY=VALUE with KEY one of"),
     ("num_warps", "expected KEY=VALUE"),
 ])
@@ -83,9 +85,10 @@ def test_tuning_flags_set_the_kernels_settings(monkeypatch):
   monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
   args = bench.parse_args(["--smoke", "--methods", "hierarchical_16_pallas",
                            "--tuning", "coarsen_impl=pallas",
-                           "coarsen_rows=32", "num_warps=None"])
+                           "coarsen_rows=32", "num_warps=None",
+                           "sweep_levels=auto"])
   assert args.tuning_values == {"coarsen_impl": "pallas", "coarsen_rows": 32,
-                                "num_warps": None}
+                                "num_warps": None, "sweep_levels": None}
   assert kernels.TUNING["coarsen_impl"] == "pallas"
   assert kernels.TUNING["coarsen_rows"] == 32
 

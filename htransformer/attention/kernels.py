@@ -294,8 +294,9 @@ def check_tuning(tuning=None) -> None:
 
 def parse_tuning(items) -> dict:
   """TUNING values from ``KEY=VALUE`` strings (a command line's): ints as
-  ints, ``None`` as None, anything else as a string; checked by
-  ``check_tuning``. Raises ValueError naming the first bad item."""
+  ints, ``None`` as None (also ``auto`` for the int keys that may be
+  None), anything else as a string; checked by ``check_tuning``. Raises
+  ValueError naming the first bad item."""
   values = {}
   for item in items:
     key, sep, text = item.partition("=")
@@ -303,7 +304,8 @@ def parse_tuning(items) -> dict:
       raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of "
                        f"{sorted(TUNING)}")
     values[key] = (int(text) if re.fullmatch(r"-?\d+", text) else
-                   None if text == "None" else text)
+                   None if text == "None" or (
+                       text == "auto" and key in _TUNING_NONE) else text)
   check_tuning(values)
   return values
 
