@@ -188,9 +188,8 @@ def test_profile_kernels_settings_set_tuning_in_order(monkeypatch):
   default when a later pass (the next length) starts after another value
   was set."""
   from htransformer.attention import kernels
-  for key in ("pyramid_warps", "sweep_blocks", "num_warps", "dq_warps",
-              "dkv_warps"):
-    monkeypatch.setitem(kernels.TUNING, key, kernels.TUNING[key])
+  # The settings set every swept key: a copy, put back after the test.
+  monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
   script = load_script("profile_kernels")
   args = script.make_parser().parse_args(
       ["--tiles", "16", "64", "--pyramid_warps", "0", "2",
@@ -212,8 +211,8 @@ def test_profile_kernels_times_every_setting_in_interpret_mode(
   row and one row per backward implementation swept, each with its
   TUNING values and a forward and forward+backward time."""
   from htransformer.attention import kernels
-  for key, value in list(kernels.TUNING.items()):  # The run sets them all.
-    monkeypatch.setitem(kernels.TUNING, key, value)
+  # The run sets every swept key: a copy, put back after the test.
+  monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
   script = load_script("profile_kernels")
   out = tmp_path / "rows.json"
   monkeypatch.setattr(sys, "argv", [
