@@ -456,11 +456,11 @@ def main():
   if args.compile_only:
     compile_settings(args, default)
     return
-  timed = bench
+  # --interpret, a check of this script: one call each.
+  timed = (functools.partial(bench, min_s=0.0, repeats=1) if args.interpret
+           else bench)
   rows = [{"device": jax.devices()[0].device_kind}]
-  if args.interpret:  # A check of this script: one call each.
-    timed = functools.partial(bench, min_s=0.0, repeats=1)
-  else:
+  if not args.interpret:
     rows[0].update(
         copy_gbps=round(copy_bandwidth_gbps(), 1),
         **({"copy_gbps_pallas": round(copy_bandwidth_gbps("pallas"), 1)}
