@@ -231,7 +231,7 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
          mosaic_levels=20, tail_rows=0),
     dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
          mosaic_zero_rows="xla"), dict(tail_rows=0),
-    dict(backward_l0_impl="sweep", sweep_blocks=4),
+    dict(backward_l0_impl="sweep", sweep_blocks=4, sweep_programs=0),
     dict(backward_l0_impl="sweep", sweep_levels=20, tail_rows=0)],
     ids=["pair_sums", "handover_f32", "pyramid_2_warps",
          "backward_warps", "heads_first", "products_pyramid",
@@ -248,7 +248,8 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   backward, both at every level long enough, and both with the padding
   zeroed by XLA, wherever they apply; every level its own launch, no
   coarse tail; level 0's backward in one sweep of 4 key blocks per
-  program, and every level's), as compiled for the GPU (interpret mode:
+  program, and every level's in runs as short as it takes to launch 256
+  programs, the default), as compiled for the GPU (interpret mode:
   tests/test_kernels.py)."""
   from htransformer.attention import kernels
   for key, value in tuning.items():

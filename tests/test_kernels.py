@@ -52,11 +52,12 @@ SCHEDULES = {
     "tile32": (32, dict(levels_per_launch=1, coarsen_heads=1,
                         coarsen_rows=32, coarsen_impl="dot")),
     # Every level's backward in one sweep (``_sweep_backward``), programs
-    # of 4 key blocks: several per head at the finer levels, so that the
-    # pairs at a program's edges are formed by both neighbours.
+    # of 4 key blocks however few programs a launch has: several per head
+    # at the finer levels, so that the pairs at a program's edges are
+    # formed by both neighbours.
     "sweep": (16, dict(levels_per_launch=1, coarsen_impl="dot", tail_rows=0,
                        backward_l0_impl="sweep", sweep_levels=20,
-                       sweep_blocks=4)),
+                       sweep_blocks=4, sweep_programs=0)),
     # The same with at least 16 programs per launch (``sweep_programs``):
     # at 256 rows and 2 heads, runs of 2 key blocks at level 0 and of 1
     # from level 1 on.
@@ -847,20 +848,22 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
 
 
 def test_auto_takes_the_coarse_sweep_where_it_is_faster(monkeypatch):
-  """``sweep_levels`` None (the default) on a Hopper GPU: level 1's
-  backward is the sweep at the blocks and head widths of
-  ``SWEEP_COARSE_FASTER``, not causal, unless ``mosaic_levels`` gives
-  level 1 to Mosaic GPU; no level elsewhere, in interpret mode or on
-  other devices; a set value always holds. Launched at 65,536 tokens:
+  """``sweep_levels`` None (the default) on a Hopper GPU: the coarse
+  levels of ``SWEEP_COARSE_LEVELS`` take the sweep (level 1 at blocks of
+  16, head_dim 64 and 128; levels 1 and 2 at blocks of 64, head_dim 64),
+  not causal, unless ``mosaic_levels`` gives level 1 to Mosaic GPU; no
+  level elsewhere, in interpret mode or on other devices; a set value
+  always holds. Launched at 65,536 tokens:
   ``test_default_kernels_lower_for_hopper_at_the_benchmark_length``."""
   assert kernels.TUNING["sweep_levels"] is None
-  assert kernels.SWEEP_COARSE_FASTER == {(16, 64), (64, 64)}
+  assert dict(kernels.SWEEP_COARSE_LEVELS) == {
+      (16, 64): 1, (64, 64): 2, (16, 128): 1}
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: False)
   assert kernels.sweep_levels(False, 64, 64) == 0
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
   assert [kernels.sweep_levels(False, nr, d) for nr, d in (
       (16, 64), (32, 64), (64, 64), (16, 128), (64, 128))] == [
-          1, 0, 1, 0, 0]
+          1, 0, 2, 1, 0]
   assert kernels.sweep_levels(False, 64, 64, causal=True) == 0
   assert kernels.sweep_levels(True, 64, 64) == 0
   monkeypatch.setitem(kernels.TUNING, "mosaic_levels", 2)
@@ -941,11 +944,13 @@ def test_default_kernels_lower_for_hopper_at_the_benchmark_length(
                                  and (nr, d) in faster["backward"])))
   assert ("hattn_dqkv_l0" in text) == (backward == "auto" and not causal
                                       and (nr, d) in kernels.SWEEP_L0_FASTER)
-  # Level 1's sweep by default (kernels.sweep_levels), whatever level 0's.
-  assert ("hattn_dqkv_l1" in text) == (
-      not (every or causal) and (nr, d) in kernels.SWEEP_COARSE_FASTER)
-  assert ("hattn_dq_l1" in text) == ("hattn_dqkv_l1" not in text)
-  assert "hattn_dqkv_l2" not in text
+  # The coarse levels' sweep by default (kernels.sweep_levels), whatever
+  # level 0's.
+  swept = 0 if every or causal else kernels.SWEEP_COARSE_LEVELS.get(
+      (nr, d), 0)
+  for level in (1, 2, 3):
+    assert (f"hattn_dqkv_l{level}" in text) == (level <= swept), level
+    assert (f"hattn_dq_l{level}" in text) == (level > swept), level
 
 
 def test_mosaic_forward_level_rejects_what_it_cannot_run():
@@ -1174,7 +1179,7 @@ def test_sweep_runs_shorten_to_launch_enough_programs(monkeypatch):
   level's, halved while the launch has fewer than ``sweep_programs``
   programs (blocks / run x batch rows x heads), down to one block."""
   monkeypatch.setitem(kernels.TUNING, "sweep_blocks", 16)
-  assert kernels.TUNING["sweep_programs"] == 0  # off by default
+  monkeypatch.setitem(kernels.TUNING, "sweep_programs", 0)  # never shorter
   assert [kernels._sweep_run(blocks, 8) for blocks in (1024, 256, 8)] == [
       16, 16, 8]
   monkeypatch.setitem(kernels.TUNING, "sweep_programs", 256)

@@ -34,8 +34,9 @@ can do both (``_sweep_backward``; the default on Hopper GPUs at blocks of
 32 and 64, head_dim 64, not causal): a program walks consecutive key
 blocks and forms each pair of blocks once, keeping the query blocks' dq
 sums in registers until their last key block has passed; coarse levels
-can take it too (``sweep_levels``: level 1 by default at blocks of 16 and
-64, head_dim 64, not causal, on the same GPUs). (Other single
+can take it too (``sweep_levels``: by default level 1 at blocks of 16,
+head_dim 64 and 128, and levels 1 and 2 at blocks of 64, head_dim 64, not
+causal, on the same GPUs). (Other single
 kernels were slower: one per tile for all three, reading the tile's own
 rows once, was no faster on an H200,
 nor, at tiles of one block, one pass over the neighbour pieces computing
@@ -114,6 +115,7 @@ import functools
 import importlib
 import math
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -166,13 +168,15 @@ DEFAULT_TILE = 16
 # against 1.560 for 8 and 1.596 for 4 at blocks of 64; H200, 1 x 65,536
 # tokens, docs/benchmarks.md). ``sweep_levels``: levels 1 .. this one
 # (those not in the coarse tail, at one level per launch) take the sweep
-# too (0: none), or None (the default: ``sweep_levels()``, level 1 at
-# ``SWEEP_COARSE_FASTER``, none elsewhere). ``sweep_programs``: where a
-# level's sweep would launch fewer programs than this, its runs are
-# halved until it does not (down to one key block); 0, the default: off.
-# (Level 2's sweep at blocks of 64 and 1 x 65,536 tokens, 128 programs
-# for the H200's 132 SMs, was slower than the Triton kernels; not yet
-# timed with shorter runs.)
+# too (0: none), or None (the default: ``sweep_levels()``, by
+# ``SWEEP_COARSE_LEVELS``: level 1 at blocks of 16, levels 1 and 2 at
+# blocks of 64; none elsewhere). ``sweep_programs``: where a level's
+# sweep would launch fewer programs than this, its runs are halved until
+# it does not (down to one key block; 0: never). 256, the default: level 2
+# at blocks of 64 and 1 x 65,536 tokens, heads 8, then runs 8 key blocks
+# per program, 256 programs for the H200's 132 SMs, and took 0.095 ms
+# against 0.139 in runs of 16 (128 programs); the levels before it
+# launch 256 programs or more there (docs/benchmarks.md).
 # ``mosaic_levels``: how many of the finest levels take the Mosaic GPU
 # kernels where those two choose them (1, the default: level 0 only; the
 # coarser levels' Mosaic GPU kernels, the same kernels with each key
@@ -221,7 +225,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
           "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None,
-          "sweep_programs": 0}
+          "sweep_programs": 256}
 
 
 def _pow2(x: int) -> bool:
@@ -386,30 +390,37 @@ MOSAIC_L0_FASTER_CAUSAL = {"forward": frozenset(),
 # docs/benchmarks.md). ``"auto"`` takes it there on the GPUs that
 # take the Mosaic GPU kernels (where it was timed).
 SWEEP_L0_FASTER = frozenset({(32, 64), (64, 64)})
-# (block size, head width) where level 1's backward in the sweep was
-# measured faster than its Triton dq and dk, dv kernels, non-causal (H200,
-# bfloat16, 1 x 65,536 tokens, the whole forward+backward in one process:
-# blocks of 64, 1.546 against 1.568 ms, level 1's kernels 0.186 against
-# 0.088 + 0.130; blocks of 16, 1.199 against 1.233, 0.138 against 0.070 +
-# 0.106; level 2 too was slower at blocks of 64, 1.572 ms, its sweep 0.139
-# against 0.048 + 0.068: docs/benchmarks.md). ``sweep_levels()`` takes it
-# there on the GPUs that take the Mosaic GPU kernels.
-SWEEP_COARSE_FASTER = frozenset({(16, 64), (64, 64)})
+# (block size, head width) -> the coarsest level (1 .. this one) whose
+# backward in the sweep was measured faster than its Triton dq and dk, dv
+# kernels, non-causal (H200, bfloat16, 1 x 65,536 tokens, heads 8;
+# docs/benchmarks.md). Level 1: blocks of 64, 1.546 against 1.568 ms
+# forward+backward in one process, its kernels 0.186 against 0.088 +
+# 0.130; blocks of 16, 1.199 against 1.233, 0.138 against 0.070 + 0.106;
+# blocks of 16 at head_dim 128, 2.332 against 2.396 (two processes), 0.281
+# against 0.132 + 0.205. Level 2: at blocks of 64 in runs of 8 key blocks
+# (256 programs, ``sweep_programs``) 0.095 against 0.048 + 0.067, 1.505
+# against 1.517 ms (in runs of 16, 128 programs, it was slower: 0.139);
+# at blocks of 16 slower, 0.103 against 0.037 + 0.057 (level 3: 0.095
+# against 0.021 + 0.029). ``sweep_levels()`` takes these on the GPUs that
+# take the Mosaic GPU kernels.
+SWEEP_COARSE_LEVELS = types.MappingProxyType(
+    {(16, 64): 1, (64, 64): 2, (16, 128): 1})
 
 
 def sweep_levels(interpret: bool = False, block_size: int | None = None,
                  head_dim: int | None = None, causal: bool = False) -> int:
   """The coarse levels (1 .. this one) whose backward is the sweep:
-  ``TUNING["sweep_levels"]``, or where that is None, 1 on the GPUs that
-  take the Mosaic GPU kernels at the block sizes and head widths of
-  ``SWEEP_COARSE_FASTER`` (not causal) unless ``TUNING["mosaic_levels"]``
-  asks for Mosaic GPU kernels at level 1; 0 elsewhere."""
+  ``TUNING["sweep_levels"]``, or where that is None, on the GPUs that take
+  the Mosaic GPU kernels, ``SWEEP_COARSE_LEVELS``'s for the block size and
+  head width (not causal) unless ``TUNING["mosaic_levels"]`` asks for
+  Mosaic GPU kernels at level 1; 0 elsewhere."""
   levels = TUNING.get("sweep_levels")
   if levels is not None:
     return levels
-  return int(not (interpret or causal) and mosaic_gpu()
-             and TUNING.get("mosaic_levels", 1) <= 1
-             and (block_size, head_dim) in SWEEP_COARSE_FASTER)
+  if interpret or causal or not mosaic_gpu() or TUNING.get(
+      "mosaic_levels", 1) > 1:
+    return 0
+  return SWEEP_COARSE_LEVELS.get((block_size, head_dim), 0)
 
 
 def level0_impl(kind: str, interpret: bool = False,
