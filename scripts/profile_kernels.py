@@ -48,10 +48,20 @@ kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
 XLA fusions) per call: where the milliseconds go. Run it with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so that the kernels show.
 
+``--jobs N`` runs the settings in N worker processes that compile side by
+side and then time one at a time (the others idle), each setting's row
+printed as it is timed and ``--out`` holding them in the serial order.
+JAX's persistent compilation cache keeps only XLA's part of a compile,
+not the kernels' tracing and lowering in Python (the forward alone at
+blocks of 16 and 65,536 tokens: about 8 s on one core): on an H200 host,
+one setting's forward and forward+backward took 45-90 s to compile, and
+one-setting timing runs after a ``--compile_only`` warm-up still took
+58-87 s each (docs/benchmarks.md).
+
 ``--compile_only`` compiles every setting and times nothing: with JAX's
 persistent compilation cache on, several such processes side by side
-(each its own settings) compile faster than one timing run, which then
-finds them compiled (the same flags and inputs):
+(each its own settings) fill the cache for XLA's part of a timing run,
+which then finds it compiled (the same flags and inputs):
 
   export JAX_COMPILATION_CACHE_DIR=/tmp/jcc \
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
@@ -78,11 +88,15 @@ bandwidth, stall reasons):
 """
 
 import argparse
+import fcntl
 import functools
 import itertools
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -391,6 +405,13 @@ def make_parser():
                       help="only compile every setting's forward and "
                       "forward+backward (to fill JAX's persistent "
                       "compilation cache before a timing run)")
+  parser.add_argument("--jobs", type=int, default=1,
+                      help="worker processes that compile the settings "
+                      "side by side, then time them one at a time (the "
+                      "lowering of the kernels, which JAX's persistent "
+                      "cache does not keep, is most of a setting's cost)")
+  parser.add_argument("--_worker", help=argparse.SUPPRESS)
+  parser.add_argument("--_sync", help=argparse.SUPPRESS)
   parser.add_argument("--interpret", action="store_true",
                       help="every kernel in interpret mode: a check of the "
                       "script on a CPU, no meaningful times (each measured "
@@ -436,6 +457,138 @@ def compile_settings(args, default):
       print(json.dumps(row), flush=True)
 
 
+def _named(tuning):
+  """A setting's TUNING values as its row names them."""
+  return {_ROW_NAMES.get(key, key): "auto" if x is None else x
+          for key, x in tuning.items()}
+
+
+def setting_row(args, length, tile, tuning, fns, inputs, timed):
+  """One setting's row: its TUNING values, the wall time per call of the
+  forward and forward+backward (``fns``, on ``inputs`` (q, k, v,
+  valid)), and with ``--by_kernel`` the device time of each kernel kind."""
+  attn, fwd_bwd = fns
+  row = {"length": length, "tile": tile, "masked": args.masked,
+         **_named(tuning), "dq_warps": args.dq_warps or "auto",
+         "dkv_warps": args.dkv_warps or "auto",
+         "coarsen_heads": args.coarsen_heads[0],
+         "coarsen_rows": args.coarsen_rows[0] or 64,
+         "fwd_ms": timed(attn, *inputs),
+         "fwd_bwd_ms": timed(fwd_bwd, *inputs)}
+  if args.by_kernel:
+    for name, fn in (("fwd", attn), ("fwd_bwd", fwd_bwd)):
+      f = jax.jit(fn)
+      prof = profiling.device_profile(
+          lambda: jax.block_until_ready(f(*inputs)), steps=5, top=60)
+      # Kernel time, the idle time between launches, launches: per call.
+      for key in ("device_ms", "gap_ms", "kernels"):
+        row[f"{name}_{key}"] = prof.get(f"{key}_per_step")
+      row[f"{name}_by_kernel"] = prof.get("top_kernels")
+  return row
+
+
+def run_workers(args):
+  """``--jobs N``: the settings' rows from N worker processes (this
+  script with ``--_worker``), which compile their settings side by side
+  and then, once all have compiled, time them one process at a time (a
+  lock): N settings cost about one setting's compile plus N timings. The
+  rows in the order of a serial run."""
+  with tempfile.TemporaryDirectory() as sync:
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    workers = [subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *sys.argv[1:],
+         "--_worker", f"{i}/{args.jobs}/{os.getpid()}", "--_sync", sync],
+        env=env)
+               for i in range(args.jobs)]
+    # A worker that dies before it is ready must not hold the others at
+    # the barrier: its mark is set for it.
+    while any(w.poll() is None for w in workers):
+      for i, w in enumerate(workers):
+        if w.poll() is not None:
+          _mark_ready(sync, i)
+      time.sleep(0.5)
+    failed = [i for i, w in enumerate(workers) if w.returncode]
+    rows = []
+    for name in sorted(os.listdir(sync)):
+      if name.startswith("rows."):
+        with open(os.path.join(sync, name)) as f:
+          rows += [json.loads(line) for line in f]
+  if failed:
+    print(f"profile_kernels.py: workers {failed} of --jobs {args.jobs} "
+          "failed (their output is above)", file=sys.stderr)
+  return [row for _, row in sorted((row.pop("_index"), row) for row in rows)]
+
+
+def _mark_ready(sync, worker):
+  open(os.path.join(sync, f"ready.{worker}"), "a").close()
+
+
+def _all_ready(sync, jobs):
+  return sum(name.startswith("ready.") for name in os.listdir(sync)) >= jobs
+
+
+def _end_with(parent):
+  """This process ends when ``parent`` does (Linux: the kernel signals it;
+  a worker must not hold the GPU, or wait, after a run was stopped)."""
+  try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+  if os.getppid() != parent:  # It ended before the line above.
+    sys.exit("profile_kernels.py: the run that started this worker ended")
+
+
+def worker(args, default, timed):
+  """One ``--jobs`` worker (``--_worker I/N``): compiles (and runs once)
+  the forward and forward+backward of every N-th setting from the I-th,
+  marks itself ready, waits for the other workers, then times each
+  setting holding the lock, printing its row and writing it for the
+  parent. A setting that fails to compile gets a row saying so."""
+  index, jobs, parent = map(int, args._worker.split("/"))
+  _end_with(parent)
+  rng = np.random.default_rng(0)  # The serial run's inputs, by length.
+  mine = []
+  position = 0
+  try:
+    for length in args.lengths:
+      batch = max(1, args.tokens // length)
+      inputs = random_inputs(rng, (batch, length, 8, args.head_dim))
+      valid = jnp.ones((batch, length), jnp.bool_) if args.masked else None
+      for tile, tuning in settings(args, default):
+        position += 1
+        if (position - 1) % jobs != index:
+          continue
+        # Compiled here, found compiled (jit caches by function) when
+        # timed.
+        fns = fwd_bwd_fn(args.causal, tile, inputs[3], args.block_size,
+                         args.interpret)
+        try:
+          for fn in fns:
+            jax.block_until_ready(jax.jit(fn)(*inputs[:3], valid))
+        except Exception as e:  # noqa: BLE001 (reported in its row)
+          fns = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        mine.append((position - 1, length, tile, tuning, fns,
+                     (*inputs[:3], valid)))
+  finally:
+    _mark_ready(args._sync, index)
+  while not _all_ready(args._sync, jobs):
+    time.sleep(0.2)
+  for position, length, tile, tuning, fns, inputs in mine:
+    with open(os.path.join(args._sync, "gpu.lock"), "a") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if isinstance(fns, str):
+        row = {"length": length, "tile": tile, **_named(tuning),
+               "failed": fns}
+      else:
+        row = setting_row(args, length, tile, tuning, fns, inputs, timed)
+      print(json.dumps(row), flush=True)
+      with open(os.path.join(args._sync, f"rows.{index}"), "a") as f:
+        f.write(json.dumps({**row, "_index": position}) + "\n")
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def main():
   args = make_parser().parse_args()
   kinds = [kind for kind, on in (("fwd", args.mosaic_forward),
@@ -459,6 +612,11 @@ def main():
   # --interpret, a check of this script: one call each.
   timed = (functools.partial(bench, min_s=0.0, repeats=1) if args.interpret
            else bench)
+  if args._worker:
+    worker(args, default, timed)
+    return
+  if args.jobs > 1:  # Before any device is used: the workers' memory.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   rows = [{"device": jax.devices()[0].device_kind}]
   if not args.interpret:
     rows[0].update(
@@ -512,30 +670,18 @@ def main():
                           coarsen_rows=args.coarsen_rows[0])
     print(json.dumps(row), flush=True)
     rows.append(row)
+    if args.jobs > 1:
+      continue  # The settings' rows come from the workers, below.
     for tile, tuning in settings(args, default):
-      attn, fwd_bwd = fwd_bwd_fn(args.causal, tile, ct, args.block_size,
-                                 args.interpret)
-      row = {"length": length, "tile": tile, "masked": args.masked,
-             **{_ROW_NAMES.get(key, key): "auto" if x is None else x
-                for key, x in tuning.items()},
-             "dq_warps": args.dq_warps or "auto",
-             "dkv_warps": args.dkv_warps or "auto",
-             "coarsen_heads": args.coarsen_heads[0],
-             "coarsen_rows": args.coarsen_rows[0] or 64,
-             "fwd_ms": timed(attn, q, k, v, valid),
-             "fwd_bwd_ms": timed(fwd_bwd, q, k, v, valid)}
-      if args.by_kernel:
-        for name, fn in (("fwd", attn), ("fwd_bwd", fwd_bwd)):
-          f = jax.jit(fn)
-          prof = profiling.device_profile(
-              lambda: jax.block_until_ready(f(q, k, v, valid)), steps=5,
-              top=60)
-          # Kernel time, the idle time between launches, launches: per call.
-          for key in ("device_ms", "gap_ms", "kernels"):
-            row[f"{name}_{key}"] = prof.get(f"{key}_per_step")
-          row[f"{name}_by_kernel"] = prof.get("top_kernels")
+      fns = fwd_bwd_fn(args.causal, tile, ct, args.block_size,
+                       args.interpret)
+      row = setting_row(args, length, tile, tuning, fns, (q, k, v, valid),
+                        timed)
       print(json.dumps(row), flush=True)
       rows.append(row)
+  if args.jobs > 1:
+    del q, k, v, ct, valid  # The workers' memory.
+    rows += run_workers(args)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=1)

@@ -2,6 +2,7 @@
 (what scripts/step_time.py and scripts/profile_kernels.py print)."""
 
 import json
+import os
 import sys
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 
 from htransformer import profiling
 from htransformer.attention import mosaic
-from tests.scripts_helper import load_script
+from tests.scripts_helper import ROOT, child_env, load_script
 
 
 def _meta(kind, pid, name, tid=None):
@@ -230,6 +231,37 @@ def test_profile_kernels_times_every_setting_in_interpret_mode(
           for row in timed] == [(16, "triton", 2), (16, "sweep", 2)]
   for row in timed:
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
+
+
+def test_profile_kernels_workers_time_every_setting_once(tmp_path):
+  """``--jobs 2``: two worker processes (this script again) compile three
+  settings side by side and time them one at a time; ``--out`` has each
+  setting's row once, in the serial run's order, after the parent's own
+  rows, and every worker's rows were printed as timed."""
+  import subprocess
+  out = tmp_path / "rows.json"
+  done = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "profile_kernels.py"),
+       "--interpret", "--jobs", "2", "--lengths", "64", "--tokens", "64",
+       "--block_size", "16", "--tiles", "16", "--coarsen_impl", "dot",
+       "--backward_l0_impl", "triton", "sweep", "--sweep_blocks", "2", "4",
+       "--out", str(out)],
+      env=child_env(), cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert [sorted(row) for row in rows[:2]] == [
+      ["device"], ["batch", "block_size", "head_dim", "length",
+                   "pyramid_ms_dot_heads1_rows64"]]
+  want = [("triton", 2), ("triton", 4), ("sweep", 2), ("sweep", 4)]
+  assert [(row["backward_l0_impl"], row["sweep_blocks"])
+          for row in rows[2:]] == want
+  for row in rows[2:]:
+    assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
+  printed = [json.loads(line) for line in done.stdout.splitlines()
+             if line.startswith("{") and '"fwd_ms"' in line]
+  assert sorted((row["backward_l0_impl"], row["sweep_blocks"])
+                for row in printed) == sorted(want)
 
 
 def test_calls_per_run_is_not_set_by_one_slow_call():
