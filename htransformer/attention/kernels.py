@@ -169,8 +169,8 @@ DEFAULT_TILE = 16
 # tokens, docs/benchmarks.md). ``sweep_levels``: levels 1 .. this one
 # (those not in the coarse tail, at one level per launch) take the sweep
 # too (0: none), or None (the default: ``sweep_levels()``, by
-# ``SWEEP_COARSE_LEVELS``: level 1 at blocks of 16, levels 1 and 2 at
-# blocks of 64; none elsewhere). ``sweep_programs``: where a level's
+# ``SWEEP_COARSE_LEVELS``: level 1 at blocks of 16 with head_dim 64 and
+# 128, levels 1 and 2 at blocks of 64 with head_dim 64; none elsewhere). ``sweep_programs``: where a level's
 # sweep would launch fewer programs than this, its runs are halved until
 # it does not (down to one key block; 0: never). 256, the default: level 2
 # at blocks of 64 and 1 x 65,536 tokens, heads 8, then runs 8 key blocks
