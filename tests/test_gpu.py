@@ -5,6 +5,7 @@ Skipped unless the suite runs on a GPU, which it does only when asked
 ``HTRANSFORMER_TEST_ACCELERATOR=1 pytest tests/test_gpu.py``.
 """
 
+import functools
 import os
 import sys
 
@@ -282,10 +283,10 @@ def test_pallas_tiles_smaller_than_a_block_match_xla(monkeypatch, causal,
   _check_pallas_against_xla(KERNEL_CASES[4], causal, "float32", dropout=0.2)
 
 
-def _check_pallas_against_xla(case, causal, dtype, dropout=0.0):
-  """The kernels against the plain path (float32 at full precision): the
-  output and its gradients."""
-  batch, length, heads, d, dv, block_size, holes = case
+def _case_inputs(case, causal):
+  """q, k, v, an output cotangent (float32) and the mask (None without
+  holes) of a ``KERNEL_CASES`` case."""
+  batch, length, heads, d, dv, _, holes = case
   keys = jax.random.split(jax.random.key(length + causal), 5)
   q, k = (jax.random.normal(x, (batch, length, heads, d)) for x in keys[:2])
   v = jax.random.normal(keys[2], (batch, length, heads, dv))
@@ -294,30 +295,49 @@ def _check_pallas_against_xla(case, causal, dtype, dropout=0.0):
   if holes:
     mask = jax.random.bernoulli(keys[3], 0.9, (batch, length))
     mask = mask.at[:, -50:].set(False)
+  return q, k, v, cotangent, mask
 
-  def loss(implementation, q, k, v):
-    out = hierarchical_attention(q, k, v, block_size=block_size,
+
+def _value_and_grads(case, causal, dropout, implementation, dtype):
+  """The output and the gradients of ``sum(out * cotangent)`` for q, k and
+  v, as float32 numpy arrays."""
+  q, k, v, cotangent, mask = _case_inputs(case, causal)
+
+  def loss(q, k, v):
+    out = hierarchical_attention(q, k, v, block_size=case[5],
                                  causal=causal, mask=mask,
                                  implementation=implementation,
                                  dropout_rate=dropout,
                                  dropout_rng=jax.random.key(7))
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
-  grad = lambda impl: jax.jit(jax.value_and_grad(
-      lambda *a: loss(impl, *a), argnums=(0, 1, 2), has_aux=True))
+  (_, out), grads = jax.jit(jax.value_and_grad(
+      loss, argnums=(0, 1, 2), has_aux=True))(
+          *(x.astype(dtype) for x in (q, k, v)))
+  return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(case, causal, dropout):
+  """The plain path's output and gradients in float32 at full precision,
+  once per case in a test process (the alternatives of TUNING share
+  them)."""
   with jax.default_matmul_precision("highest"):
-    (_, ref), ref_grads = grad("xla")(q, k, v)
-  args = [x.astype(dtype) for x in (q, k, v)]
-  (_, out), grads = grad("pallas")(*args)
+    return _value_and_grads(case, causal, dropout, "xla", "float32")
+
+
+def _check_pallas_against_xla(case, causal, dtype, dropout=0.0):
+  """The kernels against the plain path (float32 at full precision): the
+  output and its gradients."""
+  got = _value_and_grads(case, causal, dropout, "pallas", dtype)
   tol = 2e-5 if dtype == "float32" else 2e-2
-  for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads),
-                        (ref, *ref_grads)):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got,
+                        _reference(case, causal, dropout)):
     assert np.isfinite(a).all(), name
     err = np.linalg.norm(a - b) / np.linalg.norm(b)
     assert err < tol, (name, err)
-  if holes:
-    assert (np.asarray(out, np.float32)[:, -50:] == 0).all()
+  if case[6]:  # holes: the padded end is zero
+    assert (got[0][:, -50:] == 0).all()
 
 
 def test_pallas_is_the_default_on_gpu_for_bfloat16():
