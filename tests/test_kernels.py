@@ -421,18 +421,21 @@ def test_causal_pyramid_without_a_mask_takes_first_tokens(monkeypatch, impl,
     np.testing.assert_array_equal(real[level][0], want)
 
 
+@pytest.mark.parametrize("passes", [2, 3], ids=["pass2", "pass3"])
 @pytest.mark.parametrize("causal,masked", [(False, True), (True, True),
                                            (True, False)],
                          ids=["mean", "first_real", "first"])
-def test_mosaic_pyramid_matches_xla(monkeypatch, causal, masked):
+def test_mosaic_pyramid_matches_xla(monkeypatch, causal, masked, passes):
   """The pyramid in Mosaic GPU passes (``coarsen_impl="mosaic"``, interpret
-  mode): passes of two levels chained (1024 rows: levels 0-2, 2-4), the
-  levels too short for a pass by the "dot" kernel, q and k of another
-  width than v, holes and padding whose rows hold NaN and inf. The levels
-  of XLA's reductions: exactly those of the first pass and every selected
-  query; a mean from a later pass starts from the last pass's rounded
-  means (XLA's from float32 sums over the 6 levels of its pass), one
-  rounding of bfloat16 apart."""
+  mode): passes of two levels chained (1024 rows: levels 0-2, 2-4), or of
+  three (``pyramid_pass``: levels 0-3, then 3-5 in two), the levels too
+  short for a pass by the "dot" kernel, q and k of another width than v,
+  holes and padding whose rows hold NaN and inf. The levels of XLA's
+  reductions: exactly those of the first pass and every selected query; a
+  mean from a later pass starts from the last pass's rounded means (XLA's
+  from float32 sums over the 6 levels of its pass), one rounding of
+  bfloat16 apart."""
+  monkeypatch.setitem(kernels.TUNING, "pyramid_pass", passes)
   rng = np.random.default_rng(3)
   b, n, h, d, dv, levels = 2, 1024, 2, 16, 64, 6
   c = np.ones((b, n), np.float32)
@@ -456,7 +459,7 @@ def test_mosaic_pyramid_matches_xla(monkeypatch, causal, masked):
       a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
       assert np.isfinite(a).all(), (level, name)
       assert (a[np.asarray(got["xla"][level][3]) == 0] == 0).all()
-      if level <= 2 or name == "c" or (name == "q" and causal):
+      if level <= passes or name == "c" or (name == "q" and causal):
         np.testing.assert_array_equal(a, e, err_msg=f"level {level} {name}")
       else:
         np.testing.assert_allclose(a, e, rtol=2**-7, atol=2**-8,
@@ -498,6 +501,37 @@ def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(monkeypatch, width,
                                    jnp.ones(c.shape))
   names = {e.primitive.name for e in jaxpr_equations(pyramid.jaxpr)}
   assert ("pallas_call" in names) == (not fits), names
+
+
+@pytest.mark.parametrize("width,dtype", [(16, "bfloat16"), (64, "bfloat16"),
+                                         (128, "bfloat16")])
+def test_mosaic_pyramid_passes_of_three_levels_where_they_fit(monkeypatch,
+                                                              width, dtype):
+  """``pyramid_pass=3``: a pass of three levels reads 8 blocks a step, so
+  by ``coarsen_smem`` 16-bit rows of 64 fit in shared memory with one
+  output slot, rows of 16 with two, rows of 128 not at all: their passes
+  stay at two levels. The chosen pass lowers for Hopper from this CPU
+  (Mosaic GPU checks its shared memory there)."""
+  x = jax.ShapeDtypeStruct((1, 16384, 8, width), dtype)
+  c = jax.ShapeDtypeStruct((1, 16384), jnp.float32)
+  modes = ["mean", "mean", "mean"]
+  fits = [s for s in (2, 1) if mosaic.coarsen_smem(
+      [x] * 3, modes, 3, out_slots=s) <= mosaic.SMEM_BYTES]
+  assert fits == {16: [2, 1], 64: [1], 128: []}[width]
+  lower = lambda slots: jax.jit(lambda a, b, e, c: mosaic.coarsen(
+      [a, b, e], modes, c, 3, out_slots=slots)).trace(x, x, x, c).lower(
+          lowering_platforms=("cuda",))
+  if fits:
+    assert "mosaic_gpu" in lower(fits[0]).as_text()
+  arrays = [jnp.zeros(x.shape, dtype)] * 3
+  assert kernels._mosaic_pass(arrays, modes, 6)[0] == 2  # the default
+  monkeypatch.setitem(kernels.TUNING, "pyramid_pass", 3)
+  step, launches = kernels._mosaic_pass(arrays, modes, 6)
+  assert (step, launches) == ((3, [([0, 1, 2], fits[0])]) if fits else
+                              (2, [([0, 1, 2], 1)]))
+  assert kernels._mosaic_pass(arrays, modes, 1)[0] == 1  # the last level
+  # 256 rows: a pass of three levels needs 512.
+  assert kernels._mosaic_pass([a[:, :256] for a in arrays], modes, 6)[0] == 2
 
 
 def test_mosaic_coarsen_rejects_what_it_cannot_tile():
@@ -1402,7 +1436,8 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("num_stages", 0), ("coarsen_rows", 48),
                      ("levels_per_launch", "2"), ("coarsen_heads", 0),
                      ("mosaic_zero_rows", "smem"), ("sweep_levels", -1),
-                     ("sweep_levels", "auto"), ("sweep_blocks", None)):
+                     ("sweep_levels", "auto"), ("sweep_blocks", None),
+                     ("pyramid_pass", 4)):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

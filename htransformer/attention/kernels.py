@@ -151,6 +151,10 @@ DEFAULT_TILE = 16
 # the "dot" kernel) or "auto" (the default: "mosaic" where it compiles,
 # else "dot"; on an H200 the forward 4% faster at 1 x 65,536 tokens, 10%
 # causal with a mask, level at 64 x 1,024: docs/benchmarks.md).
+# ``pyramid_pass``: levels per Mosaic GPU pass, 2 (the default) or 3
+# where the length and shared memory allow (16-bit rows of 64: one output
+# slot; each pass then reads the level it starts from once for three
+# levels, about 14% less read at 1 x 65,536 tokens; not yet timed).
 # ``forward_l0_impl``: the finest level's forward, "triton" (the level
 # kernel above), "mosaic" (``mosaic.forward_level``, Hopper GPUs and
 # newer: no dropout, 16-bit inputs; elsewhere the Triton kernel) or "auto"
@@ -170,9 +174,10 @@ DEFAULT_TILE = 16
 # (those not in the coarse tail, at one level per launch) take the sweep
 # too (0: none), or None (the default: ``sweep_levels()``, by
 # ``SWEEP_COARSE_LEVELS``: level 1 at blocks of 16 with head_dim 64 and
-# 128, levels 1 and 2 at blocks of 64 with head_dim 64; none elsewhere). ``sweep_programs``: where a level's
-# sweep would launch fewer programs than this, its runs are halved until
-# it does not (down to one key block; 0: never). 256, the default: level 2
+# 128, levels 1 and 2 at blocks of 64 with head_dim 64; none elsewhere).
+# ``sweep_programs``: where a level's sweep would launch fewer programs
+# than this, its runs are halved until it does not (down to one key
+# block; 0: never). 256, the default: level 2
 # at blocks of 64 and 1 x 65,536 tokens, heads 8, then runs 8 key blocks
 # per program, 256 programs for the H200's 132 SMs, and took 0.095 ms
 # against 0.139 in runs of 16 (128 programs); the levels before it
@@ -225,7 +230,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
           "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None,
-          "sweep_programs": 256}
+          "sweep_programs": 256, "pyramid_pass": 2}
 
 
 def _pow2(x: int) -> bool:
@@ -262,6 +267,8 @@ _TUNING_INTS = {
                      lambda x: x >= 0),
     "sweep_programs": ("an int >= 0 (fewest programs of a sweep's launch; "
                        "0: any)", lambda x: x >= 0),
+    "pyramid_pass": ("2 (the default) or 3 (levels per Mosaic GPU pyramid "
+                     "pass)", lambda x: x in (2, 3)),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
     "tail_rows": ("0 (no tail), or a power of two (rows of a level over "
@@ -1831,34 +1838,49 @@ def _coarsen(arrays, modes, c, count, interpret, base=0, impl=None):
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
 
 
-# Levels per Mosaic GPU pass, and its rows per block: a pass reads blocks
-# of [64, D] rows 4 apart (``mosaic.coarsen``).
+# Levels per Mosaic GPU pass (unless ``TUNING["pyramid_pass"]`` asks for
+# more), and its rows per block: a pass reads blocks of [64, D] rows 2**levels
+# apart (``mosaic.coarsen``).
 _MOSAIC_PASS, _MOSAIC_ROWS = 2, 64
 
 
-def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
-  """``_coarsen`` in Mosaic GPU passes of up to two levels, each from the
-  last; what no pass fits (fewer than 4 x 64 rows, or blocks too large
-  for shared memory: float32 rows of 128) by the "dot" kernel."""
+def _mosaic_pass(arrays, modes, left):
+  """(levels, output slots per width) of the next Mosaic GPU pyramid pass
+  over ``arrays`` with ``left`` levels to make: ``TUNING["pyramid_pass"]``
+  levels where the length and shared memory allow them, else two, each
+  width (q and k may differ from v) with two output slots where they fit,
+  else one; None where no such pass fits (the "dot" kernel's turn)."""
   from htransformer.attention import mosaic  # Only where it is chosen.
-  levels = [[] for _ in arrays]
-  while len(levels[0]) < count:
-    step = min(_MOSAIC_PASS, count - len(levels[0]))
-    n = arrays[0].shape[1]
-    # One launch per width (q and k may differ from v), two output slots
-    # where they fit.
-    widths = [[i for i, x in enumerate(arrays) if x.shape[-1] == w]
-              for w in sorted({x.shape[-1] for x in arrays})]
+  n = arrays[0].shape[1]
+  widths = [[i for i, x in enumerate(arrays) if x.shape[-1] == w]
+            for w in sorted({x.shape[-1] for x in arrays})]
+  most = TUNING.get("pyramid_pass", _MOSAIC_PASS)
+  for step in dict.fromkeys((min(most, left), min(_MOSAIC_PASS, left))):
     slots = [next((s for s in (2, 1) if mosaic.coarsen_smem(
         [arrays[i] for i in ids], [modes[i] for i in ids], step,
         rows=_MOSAIC_ROWS, out_slots=s) <= mosaic.SMEM_BYTES), 0)
              for ids in widths]
-    if n % (_MOSAIC_ROWS << step) or not all(slots):
+    if not n % (_MOSAIC_ROWS << step) and all(slots):
+      return step, list(zip(widths, slots))
+  return None
+
+
+def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
+  """``_coarsen`` in Mosaic GPU passes (``_mosaic_pass``: two levels, or
+  ``TUNING["pyramid_pass"]``), each from the last; what no pass fits
+  (fewer than 4 x 64 rows, or blocks too large for shared memory: float32
+  rows of 128) by the "dot" kernel."""
+  from htransformer.attention import mosaic  # Only where it is chosen.
+  levels = [[] for _ in arrays]
+  while len(levels[0]) < count:
+    chosen = _mosaic_pass(arrays, modes, count - len(levels[0]))
+    if chosen is None:
       rest = _coarsen(arrays, modes, c, count - len(levels[0]), interpret,
                       base, impl="dot")
       return [done + more for done, more in zip(levels, rest)]
+    step, launches = chosen
     new = [None] * len(arrays)
-    for ids, out_slots in zip(widths, slots):
+    for ids, out_slots in launches:  # One launch per width.
       out = mosaic.coarsen([arrays[i] for i in ids], [modes[i] for i in ids],
                            c, step, rows=_MOSAIC_ROWS, out_slots=out_slots,
                            interpret=interpret)
