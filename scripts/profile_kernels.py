@@ -16,6 +16,7 @@ copy bandwidth and cuDNN, all in one process:
       [--forward_l0_impl auto triton mosaic]
       [--backward_l0_impl auto triton mosaic sweep] [--sweep_blocks 8 16]
       [--sweep_levels 0 1 2] [--sweep_programs 0 256 512] [--pyramid_pass 2 3]
+      [--pyramid_stages 2 3]
       [--mosaic_levels 1 2 3]
       [--mosaic_zero_rows xla kernel]
       [--handover_dtype input float32] [--tail_rows 0 16384]
@@ -40,8 +41,9 @@ take the Mosaic GPU kernels where those choose them;
 ``--mosaic_zero_rows``: with ``--masked``, the padding zeroed for them in
 XLA or in the kernels), ``--handover_dtype``
 (what coarse levels hand to finer ones), ``--tail_rows`` (the coarse
-levels run as one tail) and ``--pyramid_pass`` (levels per Mosaic GPU
-pyramid pass: ``kernels.TUNING``); the pyramid's heads and rows per
+levels run as one tail), ``--pyramid_pass`` (levels per Mosaic GPU
+pyramid pass) and ``--pyramid_stages`` (the steps such a pass loads
+ahead: ``kernels.TUNING``); the pyramid's heads and rows per
 program are the first values.
 ``--by_kernel`` also traces the forward and the forward+backward of each
 setting and prints the device time of each
@@ -304,7 +306,7 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
           "handover_dtype": "handover_dtype", "grid_order": "grid_order",
           "tail_rows": "tail_rows", "sweep_blocks": "sweep_blocks",
           "sweep_levels": "sweep_levels", "sweep_programs": "sweep_programs",
-          "pyramid_pass": "pyramid_pass"}
+          "pyramid_pass": "pyramid_pass", "pyramid_stages": "pyramid_stages"}
 _ROW_NAMES = {"num_warps": "warps"}
 
 
@@ -379,7 +381,8 @@ def make_parser():
       ("sweep_programs", "a sweep's runs are halved until its launch has "
        "this many programs (0: off)", int),
       ("pyramid_pass", "levels per Mosaic GPU pyramid pass (2, or 3 where "
-       "they fit)", int)):
+       "they fit)", int),
+      ("pyramid_stages", "steps a Mosaic GPU pyramid pass loads ahead", int)):
     parser.add_argument(f"--{key}", type=kind, nargs="+",
                         default=[kernels.TUNING[key]],
                         help=f"TUNING[{key!r}]: {what}")

@@ -532,6 +532,19 @@ def test_mosaic_pyramid_passes_of_three_levels_where_they_fit(monkeypatch,
   assert kernels._mosaic_pass(arrays, modes, 1)[0] == 1  # the last level
   # 256 rows: a pass of three levels needs 512.
   assert kernels._mosaic_pass([a[:, :256] for a in arrays], modes, 6)[0] == 2
+  # Steps loaded ahead (``pyramid_stages``): what is chosen lowers; at 3
+  # or more, rows of 128 fit no pass (the "dot" kernel's turn).
+  for stages in (1, 3, 4):
+    monkeypatch.setitem(kernels.TUNING, "pyramid_stages", stages)
+    chosen = kernels._mosaic_pass(arrays, modes, 6)
+    assert (chosen is None) == (width == 128 and stages >= 3), stages
+    if chosen:
+      [(_, slots)] = chosen[1]
+      text = jax.jit(lambda a, b, e, c: mosaic.coarsen(
+          [a, b, e], modes, c, chosen[0], out_slots=slots,
+          stages=stages)).trace(x, x, x, c).lower(
+              lowering_platforms=("cuda",)).as_text()
+      assert "mosaic_gpu" in text, stages
 
 
 def test_mosaic_coarsen_rejects_what_it_cannot_tile():
@@ -1437,7 +1450,7 @@ def test_bad_tuning_is_named(monkeypatch):
                      ("levels_per_launch", "2"), ("coarsen_heads", 0),
                      ("mosaic_zero_rows", "smem"), ("sweep_levels", -1),
                      ("sweep_levels", "auto"), ("sweep_blocks", None),
-                     ("pyramid_pass", 4)):
+                     ("pyramid_pass", 4), ("pyramid_stages", 0)):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):

@@ -155,6 +155,10 @@ DEFAULT_TILE = 16
 # where the length and shared memory allow (16-bit rows of 64: one output
 # slot; each pass then reads the level it starts from once for three
 # levels, about 14% less read at 1 x 65,536 tokens; not yet timed).
+# ``pyramid_stages``: how many steps a pass loads ahead (2, the default;
+# each stage holds a step's input blocks in shared memory, so where more
+# do not fit with one output slot, the pass takes fewer levels or the
+# "dot" kernel; not yet timed).
 # ``forward_l0_impl``: the finest level's forward, "triton" (the level
 # kernel above), "mosaic" (``mosaic.forward_level``, Hopper GPUs and
 # newer: no dropout, 16-bit inputs; elsewhere the Triton kernel) or "auto"
@@ -230,7 +234,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
           "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None,
-          "sweep_programs": 256, "pyramid_pass": 2}
+          "sweep_programs": 256, "pyramid_pass": 2, "pyramid_stages": 2}
 
 
 def _pow2(x: int) -> bool:
@@ -269,6 +273,8 @@ _TUNING_INTS = {
                        "0: any)", lambda x: x >= 0),
     "pyramid_pass": ("2 (the default) or 3 (levels per Mosaic GPU pyramid "
                      "pass)", lambda x: x in (2, 3)),
+    "pyramid_stages": ("1 to 4 (steps a Mosaic GPU pyramid pass loads "
+                       "ahead)", lambda x: 1 <= x <= 4),
     "coarsen_rows": ("0 (the default), or a power of two",
                      lambda x: x == 0 or _pow2(x)),
     "tail_rows": ("0 (no tail), or a power of two (rows of a level over "
@@ -1848,18 +1854,20 @@ def _mosaic_pass(arrays, modes, left):
   """(levels, output slots per width) of the next Mosaic GPU pyramid pass
   over ``arrays`` with ``left`` levels to make: ``TUNING["pyramid_pass"]``
   levels where the length and shared memory allow them, else two, each
-  width (q and k may differ from v) with two output slots where they fit,
-  else one; None where no such pass fits (the "dot" kernel's turn)."""
+  width (q and k may differ from v) with two output slots where they fit
+  beside ``TUNING["pyramid_stages"]`` steps of input blocks, else one;
+  None where no such pass fits (the "dot" kernel's turn)."""
   from htransformer.attention import mosaic  # Only where it is chosen.
   n = arrays[0].shape[1]
   widths = [[i for i, x in enumerate(arrays) if x.shape[-1] == w]
             for w in sorted({x.shape[-1] for x in arrays})]
   most = TUNING.get("pyramid_pass", _MOSAIC_PASS)
+  stages = TUNING.get("pyramid_stages", 2)
   for step in dict.fromkeys((min(most, left), min(_MOSAIC_PASS, left))):
     slots = [next((s for s in (2, 1) if mosaic.coarsen_smem(
         [arrays[i] for i in ids], [modes[i] for i in ids], step,
-        rows=_MOSAIC_ROWS, out_slots=s) <= mosaic.SMEM_BYTES), 0)
-             for ids in widths]
+        rows=_MOSAIC_ROWS, stages=stages, out_slots=s)
+                   <= mosaic.SMEM_BYTES), 0) for ids in widths]
     if not n % (_MOSAIC_ROWS << step) and all(slots):
       return step, list(zip(widths, slots))
   return None
@@ -1883,6 +1891,7 @@ def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
     for ids, out_slots in launches:  # One launch per width.
       out = mosaic.coarsen([arrays[i] for i in ids], [modes[i] for i in ids],
                            c, step, rows=_MOSAIC_ROWS, out_slots=out_slots,
+                           stages=TUNING.get("pyramid_stages", 2),
                            interpret=interpret)
       for i, more in zip(ids, out):
         new[i] = more
