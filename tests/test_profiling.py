@@ -235,16 +235,18 @@ def test_profile_kernels_times_every_setting_in_interpret_mode(
 
 def test_profile_kernels_workers_time_every_setting_once(tmp_path):
   """``--jobs 2``: two worker processes (this script again) compile three
-  settings side by side and time them one at a time; ``--out`` has each
-  setting's row once, in the serial run's order, after the parent's own
-  rows, and every worker's rows were printed as timed."""
+  settings side by side (two and one) and time them one at a time;
+  ``--out`` has each setting's row once, in the serial run's order, after
+  the parent's own rows, and every worker's rows were printed as
+  timed."""
   import subprocess
   out = tmp_path / "rows.json"
   done = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "profile_kernels.py"),
        "--interpret", "--jobs", "2", "--lengths", "64", "--tokens", "64",
        "--block_size", "16", "--tiles", "16", "--coarsen_impl", "dot",
-       "--backward_l0_impl", "triton", "sweep", "--sweep_blocks", "2", "4",
+       "--backward_l0_impl", "auto", "triton", "sweep", "--sweep_blocks",
+       "2",
        "--out", str(out)],
       env=child_env(), cwd=ROOT, capture_output=True, text=True,
       timeout=600)
@@ -253,15 +255,13 @@ def test_profile_kernels_workers_time_every_setting_once(tmp_path):
   assert [sorted(row) for row in rows[:2]] == [
       ["device"], ["batch", "block_size", "head_dim", "length",
                    "pyramid_ms_dot_heads1_rows64"]]
-  want = [("triton", 2), ("triton", 4), ("sweep", 2), ("sweep", 4)]
-  assert [(row["backward_l0_impl"], row["sweep_blocks"])
-          for row in rows[2:]] == want
+  want = ["auto", "triton", "sweep"]
+  assert [row["backward_l0_impl"] for row in rows[2:]] == want
   for row in rows[2:]:
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
   printed = [json.loads(line) for line in done.stdout.splitlines()
              if line.startswith("{") and '"fwd_ms"' in line]
-  assert sorted((row["backward_l0_impl"], row["sweep_blocks"])
-                for row in printed) == sorted(want)
+  assert sorted(row["backward_l0_impl"] for row in printed) == sorted(want)
 
 
 def test_calls_per_run_is_not_set_by_one_slow_call():
