@@ -17,14 +17,24 @@ against 3,300 GB/s, docs/benchmarks.md).
 ``calls_per_run(call, min_s)`` is how many back-to-back calls a timed run
 of the benchmark scripts issues, so that the host's dispatch latency does
 not count.
+
+``Turns`` lets the scripts' worker processes compile side by side and then
+time one at a time (``--jobs``): most of a measurement's cost is compiling
+(the kernels' lowering in Python, which JAX's persistent cache does not
+keep), a cost the host's cores can share, while timings must have the
+device alone.
 """
 
 import collections
+import contextlib
+import fcntl
 import glob
 import gzip
 import json
 import os
 import re
+import signal
+import sys
 import tempfile
 import time
 
@@ -157,3 +167,47 @@ def summarize_trace(trace, steps, top):
       "kernels_per_step": round(len(kernels) / steps, 1),
       "gap_ms_per_step": round(idle / 1e3 / steps, 3),
       "top": rows(by_op), "top_kernels": rows(by_kind)}
+
+
+class Turns:
+  """Worker ``index`` of ``jobs`` processes sharing the folder ``sync``:
+  each compiles its work, calls ``ready()``, then times its work inside
+  ``turn()``, which lets it in once every worker is ready and only while
+  no other worker is timing (a file lock). The process that starts the
+  workers calls ``Turns.mark_ready(sync, i)`` for any worker that ended
+  before it was ready, so that the others are not held waiting."""
+
+  def __init__(self, sync: str, index: int, jobs: int):
+    self.sync, self.index, self.jobs = sync, index, jobs
+
+  @staticmethod
+  def mark_ready(sync: str, index: int) -> None:
+    open(os.path.join(sync, f"ready.{index}"), "a").close()
+
+  def ready(self) -> None:
+    self.mark_ready(self.sync, self.index)
+
+  @contextlib.contextmanager
+  def turn(self):
+    while sum(name.startswith("ready.")
+              for name in os.listdir(self.sync)) < self.jobs:
+      time.sleep(0.2)
+    with open(os.path.join(self.sync, "turn.lock"), "a") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def end_with_parent(parent: int) -> None:
+  """This process ends when ``parent`` does (Linux: the kernel signals it),
+  so that a worker of a stopped run neither holds the device nor waits
+  for its turn; it ends now if ``parent`` already has."""
+  try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # DEATHSIG
+  except (OSError, AttributeError):
+    pass
+  if os.getppid() != parent:
+    sys.exit("the run that started this worker has ended")

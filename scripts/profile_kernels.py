@@ -91,12 +91,10 @@ bandwidth, stall reasons):
 """
 
 import argparse
-import fcntl
 import functools
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -512,7 +510,7 @@ def run_workers(args):
     while any(w.poll() is None for w in workers):
       for i, w in enumerate(workers):
         if w.poll() is not None:
-          _mark_ready(sync, i)
+          profiling.Turns.mark_ready(sync, i)
       time.sleep(0.5)
     failed = [i for i, w in enumerate(workers) if w.returncode]
     rows = []
@@ -526,35 +524,16 @@ def run_workers(args):
   return [row for _, row in sorted((row.pop("_index"), row) for row in rows)]
 
 
-def _mark_ready(sync, worker):
-  open(os.path.join(sync, f"ready.{worker}"), "a").close()
-
-
-def _all_ready(sync, jobs):
-  return sum(name.startswith("ready.") for name in os.listdir(sync)) >= jobs
-
-
-def _end_with(parent):
-  """This process ends when ``parent`` does (Linux: the kernel signals it;
-  a worker must not hold the GPU, or wait, after a run was stopped)."""
-  try:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
-  if os.getppid() != parent:  # It ended before the line above.
-    sys.exit("profile_kernels.py: the run that started this worker ended")
-
-
 def worker(args, default, timed):
   """One ``--jobs`` worker (``--_worker I/N``): compiles (and runs once)
   the forward and forward+backward of every N-th setting from the I-th,
-  marks itself ready, waits for the other workers, then times each
-  setting holding the lock, printing its row and writing it for the
-  parent. A setting that fails to compile gets a row saying so."""
+  marks itself ready, then times each setting in its turn
+  (``profiling.Turns``: once all workers are ready, one at a time),
+  printing its row and writing it for the parent. A setting that fails
+  to compile gets a row saying so."""
   index, jobs, parent = map(int, args._worker.split("/"))
-  _end_with(parent)
+  profiling.end_with_parent(parent)
+  turns = profiling.Turns(args._sync, index, jobs)
   rng = np.random.default_rng(0)  # The serial run's inputs, by length.
   mine = []
   position = 0
@@ -579,12 +558,9 @@ def worker(args, default, timed):
         mine.append((position - 1, length, tile, tuning, fns,
                      (*inputs[:3], valid)))
   finally:
-    _mark_ready(args._sync, index)
-  while not _all_ready(args._sync, jobs):
-    time.sleep(0.2)
+    turns.ready()
   for position, length, tile, tuning, fns, inputs in mine:
-    with open(os.path.join(args._sync, "gpu.lock"), "a") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
+    with turns.turn():
       if isinstance(fns, str):
         row = {"length": length, "tile": tile, **_named(tuning),
                "failed": fns}
@@ -593,7 +569,6 @@ def worker(args, default, timed):
       print(json.dumps(row), flush=True)
       with open(os.path.join(args._sync, f"rows.{index}"), "a") as f:
         f.write(json.dumps({**row, "_index": position}) + "\n")
-      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def main():

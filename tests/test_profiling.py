@@ -264,6 +264,35 @@ def test_profile_kernels_workers_time_every_setting_once(tmp_path):
   assert sorted(row["backward_l0_impl"] for row in printed) == sorted(want)
 
 
+def test_turns_wait_for_every_worker_and_time_one_at_a_time(tmp_path):
+  """``profiling.Turns``: three processes, the last ready 1 s after the
+  others, each holding its turn 0.3 s: no turn starts before every worker
+  is ready, and no two turns overlap."""
+  import subprocess
+  code = """if True:
+    import sys, time
+    from htransformer import profiling
+    index = int(sys.argv[1])
+    turns = profiling.Turns(sys.argv[2], index, 3)
+    time.sleep(1.0 if index == 2 else 0.0)
+    ready = time.time()
+    turns.ready()
+    with turns.turn():
+      start = time.time()
+      time.sleep(0.3)
+      print(ready, start, time.time())
+  """
+  workers = [subprocess.Popen(
+      [sys.executable, "-c", code, str(i), str(tmp_path)], env=child_env(),
+      cwd=ROOT, stdout=subprocess.PIPE, text=True) for i in range(3)]
+  spans = [tuple(map(float, w.communicate(timeout=120)[0].split()))
+           for w in workers]
+  last_ready = max(ready for ready, _, _ in spans)
+  assert all(start >= last_ready for _, start, _ in spans), spans
+  turns = sorted((start, end) for _, start, end in spans)
+  assert all(a[1] <= b[0] for a, b in zip(turns, turns[1:])), turns
+
+
 def test_calls_per_run_is_not_set_by_one_slow_call():
   """The benchmark scripts' calls per timed run: a first call that waits
   40 ms (a slow dispatch) and later ones of about 1 ms give runs of many
