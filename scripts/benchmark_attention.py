@@ -34,6 +34,11 @@ Usage, from the repository root:
   python scripts/benchmark_attention.py --lengths 1024 65536 --repeats 5 \
       --no-isolate --methods hierarchical_16_pallas full_cudnn --head_dim 64
   python scripts/benchmark_attention.py --smoke        # tiny, on a CPU
+
+Most of a measurement's time is compiling. ``--jobs N`` measures N
+(method, length) pairs at a time, each in a process of its own: they
+compile side by side on the host's cores, then take turns on the device
+(``profiling.Turns``), one timing at a time.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 
@@ -187,12 +193,19 @@ def error_status(exc: Exception) -> str:
 MIN_RUN_S = 0.02
 
 
-def run_phase(fn, args, warmup: int, repeats: int) -> dict:
-  """Compiles ``fn``, warms it up and times ``repeats`` runs of it."""
+def compile_phase(fn, args) -> dict:
+  """``fn`` compiled for ``args``: {"compiled", "compile_s",
+  "compiled_peak_gib"}."""
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
   peak = compiled_peak_bytes(compiled)
+  return {"compiled": compiled,
+          "compile_s": round(time.perf_counter() - start, 3),
+          "compiled_peak_gib": None if peak is None else peak / GIB}
+
+
+def time_phase(compiled, args, warmup: int, repeats: int) -> dict:
+  """Warms ``compiled`` up and times ``repeats`` runs of it."""
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
   calls = profiling.calls_per_run(lambda: compiled(*args), MIN_RUN_S)
@@ -208,19 +221,31 @@ def run_phase(fn, args, warmup: int, repeats: int) -> dict:
       "status": "ok",
       "median_ms": float(np.median(times)),
       "times_ms": [round(t, 4) for t in times],
-      "compiled_peak_gib": None if peak is None else peak / GIB,
-      "compile_s": round(compile_s, 3),
       "calls_per_run": calls,
   }
 
 
+def run_phase(fn, args, warmup: int, repeats: int) -> dict:
+  """Compiles ``fn``, warms it up and times ``repeats`` runs of it."""
+  prepared = compile_phase(fn, args)
+  compiled = prepared.pop("compiled")
+  return {**time_phase(compiled, args, warmup, repeats), **prepared}
+
+
+def _failure(exc: Exception) -> dict:
+  first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+  return {"status": error_status(exc), "error": first_line[:300]}
+
+
 def measure(method: str, length: int, cfg: argparse.Namespace,
-            isolated: bool) -> dict:
+            isolated: bool, turns: profiling.Turns | None = None) -> dict:
   """Times forward and forward+backward of one method at one length.
 
   With ``isolated`` (a process of its own) the allocator's high-water mark is
   also read after each phase; the forward runs first, so the fwd+bwd peak is
-  the larger of the two, which is the backward's in practice.
+  the larger of the two, which is the backward's in practice. With
+  ``turns`` (a ``--jobs`` worker) both phases are compiled first, and timed
+  in this worker's turn.
   """
   batch = batch_for(length, cfg.tokens)
   shape = (batch, length, cfg.heads, cfg.head_dim)
@@ -235,12 +260,20 @@ def measure(method: str, length: int, cfg: argparse.Namespace,
 
   baseline = device_bytes("bytes_in_use") if isolated else None
 
-  def timed(fn, args) -> dict:
+  def compiled(fn, args) -> dict:
     try:
-      entry = run_phase(fn, args, cfg.warmup, cfg.repeats)
-    except Exception as exc:
-      first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-      return {"status": error_status(exc), "error": first_line[:300]}
+      return compile_phase(fn, args)
+    except Exception as exc:  # noqa: BLE001 (reported in the results)
+      return _failure(exc)
+
+  def timed(prepared, args) -> dict:
+    if "status" in prepared:  # it did not compile
+      return prepared
+    try:
+      entry = {**time_phase(prepared.pop("compiled"), args, cfg.warmup,
+                            cfg.repeats), **prepared}
+    except Exception as exc:  # noqa: BLE001 (reported in the results)
+      return _failure(exc)
     peak = device_bytes("peak_bytes_in_use") if isolated else None
     if peak is not None and baseline is not None:
       entry["measured_peak_gib"] = (peak - baseline) / GIB
@@ -248,13 +281,30 @@ def measure(method: str, length: int, cfg: argparse.Namespace,
 
   # A fresh draw per (method, length), reproducible from --seed.
   rng = np.random.default_rng([cfg.seed, length, zlib.crc32(method.encode())])
-  q, k, v = (random_normal(rng, shape, dtype) for _ in range(3))
+  q, k, v, cotangent = (random_normal(rng, shape, dtype) for _ in range(4))
+  phases = {"fwd": (attention, (q, k, v)),
+            "fwd_bwd": (fwd_bwd, (q, k, v, cotangent))}
   result = {"method": method, "length": length, "batch": batch}
-  result["fwd"] = timed(attention, (q, k, v))
-  if result["fwd"]["status"] == "ok":
-    cotangent = random_normal(rng, shape, dtype)
-    result["fwd_bwd"] = timed(fwd_bwd, (q, k, v, cotangent))
-  else:  # would fail the same way
+  if turns is None:  # each phase compiled, then timed
+    for phase, (fn, args) in phases.items():
+      result[phase] = timed(compiled(fn, args), args)
+      if result[phase]["status"] != "ok":
+        break
+  else:
+    prepared = {}
+    try:
+      for phase, (fn, args) in phases.items():
+        prepared[phase] = compiled(fn, args)
+        if "status" in prepared[phase]:
+          break
+    finally:
+      turns.ready()
+    with turns.turn():
+      for phase, entry in prepared.items():
+        result[phase] = timed(entry, phases[phase][1])
+        if result[phase]["status"] != "ok":
+          break
+  if "fwd_bwd" not in result:  # would fail the same way
     result["fwd_bwd"] = {"status": result["fwd"]["status"],
                          "error": "not run: the forward failed"}
   failed = [result[p]["status"] for p in PHASES if result[p]["status"] != "ok"]
@@ -320,34 +370,87 @@ def config_flags(cfg: argparse.Namespace) -> list[str]:
   return flags + (["--causal"] if cfg.causal else [])
 
 
+def _child_command(extra_flags: list[str], cfg) -> list[str]:
+  return [sys.executable, os.path.abspath(__file__), *extra_flags,
+          *config_flags(cfg)]
+
+
+def _child_result(returncode: int, stdout: str, stderr: str) -> dict:
+  """A child's JSON result line, or what its failure says."""
+  for line in stdout.splitlines():
+    if line.startswith(RESULT_MARKER):
+      return json.loads(line[len(RESULT_MARKER):])
+  tail = (stderr.strip().splitlines() or ["(no output)"])[-20:]
+  print("  child process failed (exit code %d):\n    %s"
+        % (returncode, "\n    ".join(tail)), file=sys.stderr)
+  status = "OOM" if "RESOURCE_EXHAUSTED" in stderr else "error"
+  return {"status": status,
+          "error": f"exit code {returncode}: {tail[-1][:300]}"}
+
+
 def run_child(extra_flags: list[str], cfg: argparse.Namespace) -> dict:
   """Runs this script with ``extra_flags``; returns its JSON result line."""
-  command = [sys.executable, os.path.abspath(__file__), *extra_flags,
-             *config_flags(cfg)]
   try:
-    proc = subprocess.run(command, capture_output=True, text=True,
+    proc = subprocess.run(_child_command(extra_flags, cfg),
+                          capture_output=True, text=True,
                           timeout=cfg.timeout_s, check=False)
   except subprocess.TimeoutExpired:
     return {"status": "timeout",
             "error": f"no result within --timeout_s={cfg.timeout_s}"}
-  for line in proc.stdout.splitlines():
-    if line.startswith(RESULT_MARKER):
-      return json.loads(line[len(RESULT_MARKER):])
-  tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-20:]
-  print("  child process failed (exit code %d):\n    %s"
-        % (proc.returncode, "\n    ".join(tail)), file=sys.stderr)
-  status = "OOM" if "RESOURCE_EXHAUSTED" in proc.stderr else "error"
-  return {"status": status,
-          "error": f"exit code {proc.returncode}: {tail[-1][:300]}"}
+  return _child_result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def measure_isolated(method: str, length: int, cfg) -> dict:
-  result = run_child(["--single", method, str(length)], cfg)
-  if "method" not in result:  # the child died before reporting
+def _full_result(method: str, length: int, result: dict, cfg) -> dict:
+  """A child's result; where it died before reporting, one that says so."""
+  if "method" not in result:
     result = {"method": method, "length": length,
               "batch": batch_for(length, cfg.tokens), **result,
               **{p: {"status": result["status"]} for p in PHASES}}
   return result
+
+
+def measure_isolated(method: str, length: int, cfg) -> dict:
+  result = run_child(["--single", method, str(length)], cfg)
+  return _full_result(method, length, result, cfg)
+
+
+def measure_in_turns(todo: list[tuple[str, int]], cfg) -> list[dict]:
+  """``--jobs N``: the (method, length) pairs of ``todo``, each in a
+  process of its own as with ``--isolate``, N at a time: the N compile
+  side by side, then time one at a time (``profiling.Turns``), so that a
+  batch costs about one compile and N timings. The results in ``todo``'s
+  order."""
+  with tempfile.TemporaryDirectory() as sync:
+    logs = [(open(os.path.join(sync, f"out.{i}"), "w+"),
+             open(os.path.join(sync, f"err.{i}"), "w+"))
+            for i in range(len(todo))]
+    procs = [subprocess.Popen(
+        _child_command(["--single", method, str(length), "--_turns",
+                        f"{sync}/{i}/{len(todo)}/{os.getpid()}"], cfg),
+        stdout=out, stderr=err, text=True)
+             for i, ((method, length), (out, err)) in enumerate(
+                 zip(todo, logs))]
+    deadline = time.monotonic() + cfg.timeout_s
+    while any(p.poll() is None for p in procs):
+      for i, p in enumerate(procs):
+        if p.poll() is not None:  # done, or died before it was ready
+          profiling.Turns.mark_ready(sync, i)
+      if time.monotonic() > deadline:
+        for p in procs:
+          p.kill()
+      time.sleep(0.2)
+    results = []
+    for (method, length), proc, (out, err) in zip(todo, procs, logs):
+      out.seek(0)
+      err.seek(0)
+      result = (_child_result(proc.returncode, out.read(), err.read())
+                if proc.returncode != -9 else
+                {"status": "timeout",
+                 "error": f"no result within --timeout_s={cfg.timeout_s}"})
+      out.close()
+      err.close()
+      results.append(_full_result(method, length, result, cfg))
+  return results
 
 
 def skip_reason(method: str, length: int, cfg) -> str | None:
@@ -749,8 +852,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="launch settings of the fused kernels to use "
                       "instead of the defaults (keys of htransformer/"
                       "attention/kernels.py TUNING, e.g. num_warps=4)")
+  parser.add_argument("--jobs", type=int, default=1,
+                      help="measure this many (method, length) pairs at a "
+                      "time, each in a process of its own (as --isolate): "
+                      "they compile side by side, then time one at a time "
+                      "(default 1)")
   parser.add_argument("--single", nargs=2, metavar=("METHOD", "LENGTH"),
                       help=argparse.SUPPRESS)  # internal: one measurement
+  parser.add_argument("--_turns", help=argparse.SUPPRESS)  # a --jobs worker
   parser.add_argument("--probe", action="store_true",
                       help=argparse.SUPPRESS)  # internal: environment only
   args = parser.parse_args(argv)
@@ -765,6 +874,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   if not args.smoke:
     args.out_json = args.out_json or DEFAULT_OUT_JSON
     args.out_md = args.out_md or DEFAULT_OUT_MD
+  if args.jobs < 1:
+    parser.error(f"--jobs must be at least 1, got {args.jobs}")
+  if args.jobs > 1 and args.isolate is False:
+    parser.error("--jobs runs each measurement in a process of its own: "
+                 "drop --no-isolate")
   args.lengths = sorted(set(args.lengths))
   args.methods = list(dict.fromkeys(args.methods))
   try:
@@ -799,7 +913,12 @@ def main() -> None:
     return
   if args.single:
     method, length = check_method(args.single[0]), int(args.single[1])
-    result = measure(method, length, args, isolated=True)
+    turns = None
+    if args._turns:  # a --jobs worker: SYNC/INDEX/JOBS/PARENT
+      sync, index, jobs, parent = args._turns.rsplit("/", 3)
+      profiling.end_with_parent(int(parent))
+      turns = profiling.Turns(sync, int(index), int(jobs))
+    result = measure(method, length, args, isolated=True, turns=turns)
     print(RESULT_MARKER + json.dumps(result), flush=True)
     return
 
@@ -813,6 +932,7 @@ def main() -> None:
       sys.exit(f"could not start JAX in a child process: {env}")
   isolate = (env["platform"] == "gpu") if args.isolate is None else (
       args.isolate)
+  isolate = isolate or args.jobs > 1
   env["date"] = datetime.datetime.now().astimezone().isoformat(
       timespec="seconds")
   env["commands"] = ["python " + shlex.join(sys.argv)]
@@ -836,15 +956,25 @@ def main() -> None:
         flush=True)
 
   results = []
-  for length in args.lengths:
-    for method in args.methods:
-      reason = skip_reason(method, length, args)
-      if reason:
-        res = skipped_result(method, length, reason, args)
-      elif isolate:
-        res = measure_isolated(method, length, args)
-      else:
-        res = measure(method, length, args, isolated=False)
+  order = [(method, length) for length in args.lengths
+           for method in args.methods]
+  while order:
+    method, length = order[0]
+    reason = skip_reason(method, length, args)
+    if reason:
+      done = [skipped_result(method, length, reason, args)]
+    elif args.jobs > 1:  # the next pairs up to a skipped one, in turns
+      batch = []
+      while (order[len(batch):] and len(batch) < args.jobs
+             and not skip_reason(*order[len(batch)], args)):
+        batch.append(order[len(batch)])
+      done = measure_in_turns(batch, args)
+    elif isolate:
+      done = [measure_isolated(method, length, args)]
+    else:
+      done = [measure(method, length, args, isolated=False)]
+    del order[:len(done)]
+    for res in done:
       results.append(res)
       report = build_report(config, env, results, previous)  # estimates too
       print(progress_line(res), flush=True)

@@ -53,6 +53,32 @@ def test_smoke_run_writes_results_and_only_its_section(tmp_path):
     assert f"\n| {length} | {1024 // length} |" in text
 
 
+def test_jobs_measure_each_pair_once_in_a_process_of_its_own(tmp_path):
+  """``--jobs 3`` over 2 lengths x 2 methods and a skipped pair: batches of
+  worker processes (3 and 1; the skipped pair not measured) that compile
+  side by side and time in turns; every pair's result once, ok, in the
+  serial run's order, the run recorded as isolated."""
+  out_json = str(tmp_path / "b.json")
+  proc = _run("--jobs", "3", "--lengths", "256", "512", "--methods",
+              "hierarchical_16", "full_xla", "--skip_xla_dense_above", "256",
+              "--out_json", out_json, "--out_md", str(tmp_path / "b.md"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(out_json) as f:
+    report = json.load(f)
+  assert report["config"]["isolate"] is True
+  results = report["results"]
+  assert [(r["method"], r["length"]) for r in results] == [
+      ("hierarchical_16", 256), ("full_xla", 256), ("hierarchical_16", 512),
+      ("full_xla", 512)]
+  for res in results[:3]:
+    for phase in ("fwd", "fwd_bwd"):
+      assert res[phase]["status"] == "ok" and res[phase]["median_ms"] > 0
+      assert res[phase]["compile_s"] > 0
+  assert results[3]["status"] == "skipped"
+  proc = _run("--jobs", "2", "--no-isolate", "--lengths", "256")
+  assert proc.returncode != 0 and "drop --no-isolate" in proc.stderr
+
+
 def test_a_merge_with_other_settings_is_refused(tmp_path):
   out_json = str(tmp_path / "b.json")
   flags = ["--methods", "full_xla", "--out_json", out_json, "--out_md",
