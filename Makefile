@@ -29,8 +29,9 @@ test: $(STAMP)
 # On a GPU host with a CUDA jax (requirements.txt, first lines): the checks
 # of tests/test_gpu.py on the GPU (the suite itself runs on the CPU). Most
 # of their time is compiling, on the host's cores: GPU_WORKERS processes
-# share the GPU (16 on a 16-core H200 host: about 7 minutes, measured
-# with the same pytest command).
+# share the GPU (16 on a 16-core H200 host: over 9 minutes for the 112
+# tests of 2026-12-04, 105 of them done in 560 s, with the same pytest
+# command; the TUNING alternatives are most of it).
 # Stops first when .venv's jax sees no GPU (its checks would all skip).
 GPU_WORKERS ?= 4
 test-gpu: $(STAMP)
