@@ -31,7 +31,8 @@ test: $(STAMP)
 # of their time is compiling, on the host's cores: GPU_WORKERS processes
 # share the GPU (16 on a 16-core H200 host: over 9 minutes for the 112
 # tests of 2026-12-04, 105 of them done in 560 s, with the same pytest
-# command; the TUNING alternatives are most of it).
+# command; on 2026-12-03 the TUNING alternatives alone took 283 s of a
+# whole run's 487).
 # Stops first when .venv's jax sees no GPU (its checks would all skip).
 GPU_WORKERS ?= 4
 test-gpu: $(STAMP)
