@@ -419,7 +419,11 @@ def measure_in_turns(todo: list[tuple[str, int]], cfg) -> list[dict]:
   process of its own as with ``--isolate``, N at a time: the N compile
   side by side, then time one at a time (``profiling.Turns``), so that a
   batch costs about one compile and N timings. The results in ``todo``'s
-  order."""
+  order. The workers allocate device memory as they need it
+  (``XLA_PYTHON_CLIENT_PREALLOCATE=false``): N processes that each took
+  ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of the card up front would not fit.
+  """
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   with tempfile.TemporaryDirectory() as sync:
     logs = [(open(os.path.join(sync, f"out.{i}"), "w+"),
              open(os.path.join(sync, f"err.{i}"), "w+"))
@@ -427,7 +431,7 @@ def measure_in_turns(todo: list[tuple[str, int]], cfg) -> list[dict]:
     procs = [subprocess.Popen(
         _child_command(["--single", method, str(length), "--_turns",
                         f"{sync}/{i}/{len(todo)}/{os.getpid()}"], cfg),
-        stdout=out, stderr=err, text=True)
+        stdout=out, stderr=err, text=True, env=env)
              for i, ((method, length), (out, err)) in enumerate(
                  zip(todo, logs))]
     deadline = time.monotonic() + cfg.timeout_s
