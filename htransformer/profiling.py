@@ -173,19 +173,55 @@ class Turns:
   """Worker ``index`` of ``jobs`` processes sharing the folder ``sync``:
   each compiles its work, calls ``ready()``, then times its work inside
   ``turn()``, which lets it in once every worker is ready and only while
-  no other worker is timing (a file lock). The process that starts the
-  workers calls ``Turns.mark_ready(sync, i)`` for any worker that ended
-  before it was ready, so that the others are not held waiting."""
+  no other worker is timing (a file lock).
+
+  The process that starts the workers passes each its ``argument(sync,
+  index, jobs)`` (which the worker turns back into its ``Turns`` with
+  ``of_worker``, ending with its parent) and waits for them with
+  ``wait_for``, which marks ready any worker that ended before it was, so
+  that the others are not held waiting."""
 
   def __init__(self, sync: str, index: int, jobs: int):
     self.sync, self.index, self.jobs = sync, index, jobs
 
   @staticmethod
-  def mark_ready(sync: str, index: int) -> None:
+  def argument(sync: str, index: int, jobs: int) -> str:
+    """What worker ``index`` is told: the folder, its place, and this
+    (its parent) process."""
+    return f"{sync}/{index}/{jobs}/{os.getpid()}"
+
+  @classmethod
+  def of_worker(cls, argument: str) -> "Turns":
+    """The worker's ``Turns`` from its ``argument``; from here on the
+    worker ends when its parent does (``end_with_parent``)."""
+    sync, index, jobs, parent = argument.rsplit("/", 3)
+    end_with_parent(int(parent))
+    return cls(sync, int(index), int(jobs))
+
+  @staticmethod
+  def _mark_ready(sync: str, index: int) -> None:
     open(os.path.join(sync, f"ready.{index}"), "a").close()
 
+  @classmethod
+  def wait_for(cls, workers, sync: str, timeout_s: float | None = None):
+    """Waits until the processes ``workers`` (``subprocess.Popen``, the
+    i-th worker i) have ended, killing them all past ``timeout_s``;
+    returns whether it did."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    killed = False
+    while any(w.poll() is None for w in workers):
+      for i, w in enumerate(workers):
+        if w.poll() is not None:  # done, or died before it was ready
+          cls._mark_ready(sync, i)
+      if deadline is not None and time.monotonic() > deadline:
+        for w in workers:
+          w.kill()
+        killed = True
+      time.sleep(0.2)
+    return killed
+
   def ready(self) -> None:
-    self.mark_ready(self.sync, self.index)
+    self._mark_ready(self.sync, self.index)
 
   @contextlib.contextmanager
   def turn(self):

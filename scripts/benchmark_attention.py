@@ -430,25 +430,17 @@ def measure_in_turns(todo: list[tuple[str, int]], cfg) -> list[dict]:
             for i in range(len(todo))]
     procs = [subprocess.Popen(
         _child_command(["--single", method, str(length), "--_turns",
-                        f"{sync}/{i}/{len(todo)}/{os.getpid()}"], cfg),
+                        profiling.Turns.argument(sync, i, len(todo))], cfg),
         stdout=out, stderr=err, text=True, env=env)
              for i, ((method, length), (out, err)) in enumerate(
                  zip(todo, logs))]
-    deadline = time.monotonic() + cfg.timeout_s
-    while any(p.poll() is None for p in procs):
-      for i, p in enumerate(procs):
-        if p.poll() is not None:  # done, or died before it was ready
-          profiling.Turns.mark_ready(sync, i)
-      if time.monotonic() > deadline:
-        for p in procs:
-          p.kill()
-      time.sleep(0.2)
+    killed = profiling.Turns.wait_for(procs, sync, cfg.timeout_s)
     results = []
     for (method, length), proc, (out, err) in zip(todo, procs, logs):
       out.seek(0)
       err.seek(0)
       result = (_child_result(proc.returncode, out.read(), err.read())
-                if proc.returncode != -9 else
+                if not (killed and proc.returncode == -9) else
                 {"status": "timeout",
                  "error": f"no result within --timeout_s={cfg.timeout_s}"})
       out.close()
@@ -917,11 +909,7 @@ def main() -> None:
     return
   if args.single:
     method, length = check_method(args.single[0]), int(args.single[1])
-    turns = None
-    if args._turns:  # a --jobs worker: SYNC/INDEX/JOBS/PARENT
-      sync, index, jobs, parent = args._turns.rsplit("/", 3)
-      profiling.end_with_parent(int(parent))
-      turns = profiling.Turns(sync, int(index), int(jobs))
+    turns = args._turns and profiling.Turns.of_worker(args._turns)
     result = measure(method, length, args, isolated=True, turns=turns)
     print(RESULT_MARKER + json.dumps(result), flush=True)
     return

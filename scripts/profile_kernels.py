@@ -416,7 +416,6 @@ def make_parser():
                       "lowering of the kernels, which JAX's persistent "
                       "cache does not keep, is most of a setting's cost)")
   parser.add_argument("--_worker", help=argparse.SUPPRESS)
-  parser.add_argument("--_sync", help=argparse.SUPPRESS)
   parser.add_argument("--interpret", action="store_true",
                       help="every kernel in interpret mode: a check of the "
                       "script on a CPU, no meaningful times (each measured "
@@ -502,16 +501,9 @@ def run_workers(args):
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     workers = [subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), *sys.argv[1:],
-         "--_worker", f"{i}/{args.jobs}/{os.getpid()}", "--_sync", sync],
-        env=env)
-               for i in range(args.jobs)]
-    # A worker that dies before it is ready must not hold the others at
-    # the barrier: its mark is set for it.
-    while any(w.poll() is None for w in workers):
-      for i, w in enumerate(workers):
-        if w.poll() is not None:
-          profiling.Turns.mark_ready(sync, i)
-      time.sleep(0.5)
+         "--_worker", profiling.Turns.argument(sync, i, args.jobs)],
+        env=env) for i in range(args.jobs)]
+    profiling.Turns.wait_for(workers, sync)
     failed = [i for i, w in enumerate(workers) if w.returncode]
     rows = []
     for name in sorted(os.listdir(sync)):
@@ -525,15 +517,15 @@ def run_workers(args):
 
 
 def worker(args, default, timed):
-  """One ``--jobs`` worker (``--_worker I/N``): compiles (and runs once)
-  the forward and forward+backward of every N-th setting from the I-th,
+  """One ``--jobs`` worker (``--_worker``: ``profiling.Turns.argument``,
+  worker I of N): compiles (and runs once) the forward and
+  forward+backward of every N-th setting from the I-th,
   marks itself ready, then times each setting in its turn
   (``profiling.Turns``: once all workers are ready, one at a time),
   printing its row and writing it for the parent. A setting that fails
   to compile gets a row saying so."""
-  index, jobs, parent = map(int, args._worker.split("/"))
-  profiling.end_with_parent(parent)
-  turns = profiling.Turns(args._sync, index, jobs)
+  turns = profiling.Turns.of_worker(args._worker)
+  index, jobs = turns.index, turns.jobs
   rng = np.random.default_rng(0)  # The serial run's inputs, by length.
   mine = []
   position = 0
@@ -567,7 +559,7 @@ def worker(args, default, timed):
       else:
         row = setting_row(args, length, tile, tuning, fns, inputs, timed)
       print(json.dumps(row), flush=True)
-      with open(os.path.join(args._sync, f"rows.{index}"), "a") as f:
+      with open(os.path.join(turns.sync, f"rows.{index}"), "a") as f:
         f.write(json.dumps({**row, "_index": position}) + "\n")
 
 

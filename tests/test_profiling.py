@@ -265,16 +265,20 @@ def test_profile_kernels_workers_time_every_setting_once(tmp_path):
 
 
 def test_turns_wait_for_every_worker_and_time_one_at_a_time(tmp_path):
-  """``profiling.Turns``: three processes, the last ready 1 s after the
-  others, each holding its turn 0.3 s: no turn starts before every worker
-  is ready, and no two turns overlap."""
+  """``profiling.Turns``: four workers started as the scripts start them
+  (``Turns.argument``, ``Turns.of_worker``, ``Turns.wait_for``), the
+  third ready 1 s after the others, the fourth dead before it is ready,
+  each live one holding its turn 0.3 s: no turn starts before every live
+  worker is ready, no two turns overlap, and the dead worker holds no one
+  up."""
   import subprocess
   code = """if True:
     import sys, time
     from htransformer import profiling
-    index = int(sys.argv[1])
-    turns = profiling.Turns(sys.argv[2], index, 3)
-    time.sleep(1.0 if index == 2 else 0.0)
+    turns = profiling.Turns.of_worker(sys.argv[1])
+    if turns.index == 3:
+      sys.exit(1)
+    time.sleep(1.0 if turns.index == 2 else 0.0)
     ready = time.time()
     turns.ready()
     with turns.turn():
@@ -283,10 +287,12 @@ def test_turns_wait_for_every_worker_and_time_one_at_a_time(tmp_path):
       print(ready, start, time.time())
   """
   workers = [subprocess.Popen(
-      [sys.executable, "-c", code, str(i), str(tmp_path)], env=child_env(),
-      cwd=ROOT, stdout=subprocess.PIPE, text=True) for i in range(3)]
-  spans = [tuple(map(float, w.communicate(timeout=120)[0].split()))
-           for w in workers]
+      [sys.executable, "-c", code,
+       profiling.Turns.argument(str(tmp_path), i, 4)], env=child_env(),
+      cwd=ROOT, stdout=subprocess.PIPE, text=True) for i in range(4)]
+  assert not profiling.Turns.wait_for(workers, str(tmp_path), timeout_s=120)
+  assert [w.returncode for w in workers] == [0, 0, 0, 1]
+  spans = [tuple(map(float, w.stdout.read().split())) for w in workers[:3]]
   last_ready = max(ready for ready, _, _ in spans)
   assert all(start >= last_ready for _, start, _ in spans), spans
   turns = sorted((start, end) for _, start, end in spans)
