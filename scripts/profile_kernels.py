@@ -564,7 +564,10 @@ def worker(args, default, timed):
 
 
 def main():
-  args = make_parser().parse_args()
+  parser = make_parser()
+  args = parser.parse_args()
+  if args.jobs < 1:
+    parser.error(f"--jobs must be at least 1, got {args.jobs}")
   kinds = [kind for kind, on in (("fwd", args.mosaic_forward),
                                  ("dq", args.mosaic_dq),
                                  ("dkv", args.mosaic_dkv)) if on]

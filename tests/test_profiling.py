@@ -262,6 +262,12 @@ def test_profile_kernels_workers_time_every_setting_once(tmp_path):
   printed = [json.loads(line) for line in done.stdout.splitlines()
              if line.startswith("{") and '"fwd_ms"' in line]
   assert sorted(row["backward_l0_impl"] for row in printed) == sorted(want)
+  done = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "profile_kernels.py"),
+       "--interpret", "--jobs", "0"], env=child_env(), cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert "--jobs must be at least 1, got 0" in done.stderr
 
 
 def test_turns_wait_for_every_worker_and_time_one_at_a_time(tmp_path):
