@@ -325,6 +325,53 @@ def test_a_jax_without_the_triton_backend(monkeypatch):
   assert max_abs(out, want) <= 2e-5
 
 
+def test_layers_of_one_shape_trace_the_kernels_once(monkeypatch):
+  """``hierarchical_attention_pallas`` is one jitted function per setting:
+  a model's layers of one shape share one trace (and one lowering), under
+  a gradient too, and eager calls of that shape reuse it; a changed TUNING
+  value, or a function of the module replaced, traces anew and computes
+  by the new setting."""
+  traced = []
+  body = kernels._pallas_attention
+
+  def counting(*args, **settings):
+    traced.append(args[0].shape)
+    return body(*args, **settings)
+
+  monkeypatch.setattr(kernels, "_pallas_attention", counting)
+  q, k, v = (jnp.asarray(x) for x in make_qkv(13, 1, 64, 2, 16, 16))
+  attend = functools.partial(kernels.hierarchical_attention_pallas,
+                             valid=None, block_size=16, causal=True,
+                             interpret=True)
+
+  def model(q, k, v):
+    h = q
+    for _ in range(3):
+      h = h + attend(h, k, v)
+    return jnp.sum(h * h)
+
+  grads = jax.jit(jax.grad(model, argnums=(0, 1, 2)))(q, k, v)
+  assert len(traced) == 1
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+  out = attend(q, k, v)
+  assert max_abs(attend(q, k, v), out) == 0
+  assert len(traced) == 1
+  want = numpy_reference(*(np.asarray(x) for x in (q, k, v)), None,
+                         block_size=16, causal=True)
+  assert max_abs(out, want) <= 2e-5
+  # Another setting: traced again, and the call runs it. A forward and a
+  # backward of every level on its own (no tail) equal the defaults'.
+  monkeypatch.setitem(kernels.TUNING, "tail_rows", 0)
+  assert max_abs(attend(q, k, v), want) <= 2e-5
+  assert len(traced) == 2
+  # A function replaced: traced again, with it.
+  monkeypatch.setattr(kernels, "unsupported_reason",
+                      lambda *args: "replaced")
+  with pytest.raises(ValueError, match="cannot run these inputs: replaced"):
+    attend(q, k, v)
+  assert len(traced) == 3
+
+
 def test_level_groups():
   # 4096 tokens, block 16: 8 levels (4096 .. 32 rows); tiles of 64.
   groups = kernels._level_groups(4096, 8, 64, 16, 3)

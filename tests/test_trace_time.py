@@ -1,0 +1,41 @@
+"""scripts/trace_time.py: a stack of layers of one shape lowers the kernels
+once; with --per_call, once per layer (a real run, lowered for a GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.scripts_helper import ROOT
+
+
+def _rows(*flags):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "trace_time.py"),
+       "--as_hopper", "--length", "256", "--tokens", "512", "--heads", "2",
+       "--head_dim", "16", *flags],
+      capture_output=True, text=True, timeout=600, check=False)
+  if "No supported GPU devices found" in proc.stderr:
+    pytest.skip("this jax lowers the Triton kernels only with a GPU")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_layers_of_one_shape_lower_the_kernels_once():
+  one, three = _rows("--layers", "1", "3")
+  assert (one["layers"], three["layers"]) == (1, 3)
+  assert one["batch"] == 2 and one["kernel_calls"] > 0
+  assert three["kernel_calls"] == one["kernel_calls"]
+  one, three = _rows("--layers", "1", "3", "--per_call")
+  assert three["kernel_calls"] == 3 * one["kernel_calls"]
+
+
+def test_layers_below_one_are_an_error():
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "trace_time.py"),
+       "--layers", "0"], capture_output=True, text=True, timeout=600,
+      check=False)
+  assert proc.returncode == 2
+  assert "--layers must be at least 1, got [0]" in proc.stderr
