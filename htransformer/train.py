@@ -487,8 +487,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return _train_and_evaluate(config, workdir)
 
 
+def use_compilation_cache(config) -> str | None:
+  """Turns on JAX's persistent compilation cache in CACHE/jax (CACHE:
+  ``config.cache_dir``, else $HTRANSFORMER_CACHE or ~/.cache/htransformer,
+  where generated data goes too), so that a relaunch (a resumed run, a
+  sweep's next trial of the same shapes) finds its steps compiled: on a
+  GPU the fused kernels' compile is most of a launch's first minute.
+  Left as it is where a cache is set already ($JAX_COMPILATION_CACHE_DIR)
+  or caching is off ($JAX_ENABLE_COMPILATION_CACHE=false). Returns the
+  cache folder in use, or None."""
+  if not jax.config.jax_enable_compilation_cache:
+    return None
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update(
+        "jax_compilation_cache_dir",
+        os.path.join(config.cache_dir or tasks.default_cache_dir(), "jax"))
+  return jax.config.jax_compilation_cache_dir
+
+
 def _train_and_evaluate(config, workdir: str) -> dict:
   """train_and_evaluate in a workdir made and held."""
+  cache = use_compilation_cache(config)
+  logging.info("Compilation cache: %s", cache)
   task = tasks.get_task(config, workdir)
   logging.info("Task %s: data from %s; %s", task.name, task.data_dir,
                {k: len(v) for k, v in task.sources.items()})

@@ -398,6 +398,39 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data,
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+def test_compiled_steps_are_kept_in_the_cache(tiny_data, tmp_path):
+  """With no compilation cache set, training keeps its compiled steps in
+  CACHE/jax (here ``config.cache_dir``), and a second run of the same
+  shapes finds them there (no new entries); a cache set already
+  ($JAX_COMPILATION_CACHE_DIR, as this suite's) is left as it is."""
+  assert train.use_compilation_cache(tiny_config(tiny_data)) == (
+      os.environ["JAX_COMPILATION_CACHE_DIR"])
+  cache = tmp_path / "cache"
+  env = child_env(JAX_PLATFORMS="cpu",
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_DEBUG_LOG_MODULES="jax._src.compiler")
+  del env["JAX_COMPILATION_CACHE_DIR"]
+  args = ["--config=configs/listops.py:quick", f"--config.data_dir={tiny_data}",
+          f"--config.cache_dir={cache}", "--config.max_length=40",
+          "--config.model.num_layers=1", "--config.model.emb_dim=32",
+          "--config.model.qkv_dim=32", "--config.model.mlp_dim=32",
+          "--config.model.block_size=4", "--config.batch_size=8",
+          "--config.eval_batch_size=16", "--config.num_train_steps=4",
+          "--config.eval_every=4"]
+  entries, hits = [], []
+  for run in ("first", "second"):
+    proc = subprocess.run(
+        [sys.executable, "-m", "htransformer.main", *args,
+         f"--workdir={tmp_path / run}"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries.append(sorted(os.listdir(cache / "jax")))
+    hits.append(re.findall(r"Persistent compilation cache hit for '(\w+)'",
+                           proc.stderr))
+  assert entries[0] and entries[1] == entries[0]
+  assert {"jit_train_step", "jit_eval_step"} <= set(hits[1]) - set(hits[0])
+
+
 def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
   """SIGKILL mid-run, or SIGTERM (saves the step reached), relaunch: same
   final parameters as an unbroken run."""
