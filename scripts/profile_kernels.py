@@ -20,7 +20,7 @@ copy bandwidth and cuDNN, all in one process:
       [--mosaic_levels 1 2 3]
       [--mosaic_zero_rows xla kernel]
       [--handover_dtype input float32] [--tail_rows 0 16384]
-      [--masked] [--by_kernel]
+      [--masked] [--by_kernel] [--only_settings]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
 of every level) with that many heads and rows per program (``TUNING``),
@@ -45,6 +45,8 @@ levels run as one tail), ``--pyramid_pass`` (levels per Mosaic GPU
 pyramid pass) and ``--pyramid_stages`` (the steps such a pass loads
 ahead: ``kernels.TUNING``); the pyramid's heads and rows per
 program are the first values.
+``--only_settings`` leaves out the copy ceiling, cuDNN and pyramid rows
+(they do not change from one comparison of TUNING values to the next).
 ``--by_kernel`` also traces the forward and the forward+backward of each
 setting and prints the device time of each
 kernel kind (``hattn_coarsen``, ``hattn_fwd_l0``, ``hattn_dq_l3``, ...,
@@ -406,6 +408,10 @@ def make_parser():
   parser.add_argument("--mosaic_dkv", action="store_true",
                       help="the same for the finest level's dk, dv "
                       "(mosaic.dkv_level)")
+  parser.add_argument("--only_settings", action="store_true",
+                      help="time the settings alone: no copy ceiling, "
+                      "cuDNN or pyramid rows (for comparing TUNING values, "
+                      "where those rows repeat from run to run)")
   parser.add_argument("--compile_only", action="store_true",
                       help="only compile every setting's forward and "
                       "forward+backward (to fill JAX's persistent "
@@ -595,7 +601,8 @@ def main():
   if args.jobs > 1:  # Before any device is used: the workers' memory.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   rows = [{"device": jax.devices()[0].device_kind}]
-  if not args.interpret:
+  references = not (args.interpret or args.only_settings)
+  if references:
     rows[0].update(
         copy_gbps=round(copy_bandwidth_gbps(), 1),
         **({"copy_gbps_pallas": round(copy_bandwidth_gbps("pallas"), 1)}
@@ -614,14 +621,15 @@ def main():
     levels = int(np.log2(length // args.block_size))
     row = {"length": length, "batch": batch, "head_dim": args.head_dim,
            "block_size": args.block_size}
-    if not args.interpret:
+    if references:
       row["cudnn_fwd_ms"] = bench(lambda q, k, v: full_attention(
           q, k, v, causal=args.causal, implementation="cudnn"), q, k, v)
     # The XLA pyramid has no heads or rows per program.
-    pyramids = [(impl, heads, crows) for impl in args.coarsen_impl
-                for heads, crows in ([(0, 0)] if impl == "xla" else
-                                     itertools.product(args.coarsen_heads,
-                                                       args.coarsen_rows))]
+    pyramids = [] if args.only_settings else [
+        (impl, heads, crows) for impl in args.coarsen_impl
+        for heads, crows in ([(0, 0)] if impl == "xla" else
+                             itertools.product(args.coarsen_heads,
+                                               args.coarsen_rows))]
     for impl, heads, crows in pyramids:
       kernels.TUNING.update(coarsen_impl=impl, coarsen_heads=heads or 1,
                             coarsen_rows=crows)

@@ -233,6 +233,27 @@ def test_profile_kernels_times_every_setting_in_interpret_mode(
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
 
 
+def test_profile_kernels_only_settings(tmp_path, monkeypatch):
+  """``--only_settings``: no pyramid row (nor copy ceiling or cuDNN), the
+  settings' rows as without it."""
+  from htransformer.attention import kernels
+  monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
+  script = load_script("profile_kernels")
+  out = tmp_path / "rows.json"
+  monkeypatch.setattr(sys, "argv", [
+      "profile_kernels.py", "--interpret", "--only_settings", "--lengths",
+      "64", "--tokens", "64", "--block_size", "16", "--tiles", "16",
+      "--coarsen_impl", "dot", "--backward_l0_impl", "triton", "--out",
+      str(out)])
+  script.main()
+  rows = json.loads(out.read_text())
+  assert [sorted(row) for row in rows[:2]] == [
+      ["device"], ["batch", "block_size", "head_dim", "length"]]
+  assert [(row["tile"], row["backward_l0_impl"]) for row in rows[2:]] == [
+      (16, "triton")]
+  assert rows[2]["fwd_ms"] > 0 and rows[2]["fwd_bwd_ms"] > 0
+
+
 def test_profile_kernels_workers_time_every_setting_once(tmp_path):
   """``--jobs 2``: two worker processes (this script again) compile three
   settings side by side (two and one) and time them one at a time;
