@@ -491,8 +491,9 @@ def use_compilation_cache(config) -> str | None:
   """Turns on JAX's persistent compilation cache in CACHE/jax (CACHE:
   ``config.cache_dir``, else $HTRANSFORMER_CACHE or ~/.cache/htransformer,
   where generated data goes too), so that a relaunch (a resumed run, a
-  sweep's next trial of the same shapes) finds its steps compiled: on a
-  GPU the fused kernels' compile is most of a launch's first minute.
+  sweep's next trial of the same shapes) finds its steps compiled (the
+  fused kernels' forward and backward at 65,536 tokens took 45-90 s to
+  compile on an H200 host: docs/benchmarks.md).
   Left as it is where a cache is set already ($JAX_COMPILATION_CACHE_DIR)
   or caching is off ($JAX_ENABLE_COMPILATION_CACHE=false). Returns the
   cache folder in use, or None."""
