@@ -5,7 +5,9 @@ of a stack of ``--layers`` attention layers (each ``h + attention(h, k,
 v)``, ``implementation="pallas"``'s kernels) under ``jax.jit``, and
 reports the seconds to trace it, to lower it for a CUDA GPU and, on a
 GPU, to compile it, with the number of kernel launches in the lowered
-module. The kernels are one jitted function per setting
+module and of the XLA operations between them (``ops_outside_kernels``:
+each fusion of those is a launch too; ``--forward``: the stack's forward
+alone, no gradient). The kernels are one jitted function per setting
 (``kernels.hierarchical_attention_pallas``), so layers of one shape share
 one trace and one lowering: the time should barely grow with the layers.
 
@@ -28,6 +30,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -39,9 +42,10 @@ import jax.numpy as jnp  # noqa: E402
 from htransformer.attention import kernels  # noqa: E402
 
 
-def stack_grad(layers, block_size, causal, per_call=False):
+def stack_grad(layers, block_size, causal, per_call=False, forward=False):
   """The gradient (q, k, v) of a stack of ``layers`` attention layers;
-  ``per_call``: each layer's kernels a jitted function of their own."""
+  ``per_call``: each layer's kernels a jitted function of their own;
+  ``forward``: the stack's output instead (no gradient)."""
 
   def attend(h, k, v):
     if per_call:
@@ -51,20 +55,38 @@ def stack_grad(layers, block_size, causal, per_call=False):
     return kernels.hierarchical_attention_pallas(
         h, k, v, None, block_size=block_size, causal=causal)
 
-  def loss(q, k, v):
+  def stack(q, k, v):
     h = q
     for _ in range(layers):
       h = h + attend(h, k, v)
-    return jnp.sum(h.astype(jnp.float32))
+    return h
 
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  if forward:
+    return jax.jit(stack)
+  return jax.jit(jax.grad(lambda q, k, v: jnp.sum(
+      stack(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+
+
+# StableHLO operations that launch nothing of their own: the kernels'
+# calls, views (a reshape of a contiguous array) and constants.
+_NO_LAUNCH = {"custom_call", "reshape", "constant"}
+
+
+def ops_outside_kernels(text):
+  """How many StableHLO operations the lowered module ``text`` holds
+  besides ``_NO_LAUNCH``: the XLA work between the kernels, whose fusions
+  are launches of their own (the loss's sum and its gradient among them;
+  a function's operations counted once however often it is called)."""
+  ops = re.findall(r"= stablehlo\.([a-z_]+)", text)
+  return sum(op not in _NO_LAUNCH for op in ops)
 
 
 def measure(args, layers):
   batch = max(1, args.tokens // args.length)
   x = jax.ShapeDtypeStruct((batch, args.length, args.heads, args.head_dim),
                            jnp.dtype(args.dtype))
-  fn = stack_grad(layers, args.block_size, args.causal, args.per_call)
+  fn = stack_grad(layers, args.block_size, args.causal, args.per_call,
+                  args.forward)
   kernels._jitted.cache_clear()  # From cold: no trace of an earlier row.
   start = time.perf_counter()
   traced = fn.trace(x, x, x)
@@ -74,7 +96,8 @@ def measure(args, layers):
   row = {"layers": layers, "batch": batch, "length": args.length,
          "trace_s": round(lowering - start, 2),
          "lower_s": round(done - lowering, 2),
-         "kernel_calls": lowered.as_text().count("stablehlo.custom_call")}
+         "kernel_calls": lowered.as_text().count("stablehlo.custom_call"),
+         "ops_outside_kernels": ops_outside_kernels(lowered.as_text())}
   if jax.default_backend() == "gpu":
     lowered.compile()
     row["compile_s"] = round(time.perf_counter() - done, 2)
@@ -95,6 +118,8 @@ def main():
   parser.add_argument("--as_hopper", action="store_true",
                       help="on a host without a GPU, lower as for a Hopper "
                       "GPU")
+  parser.add_argument("--forward", action="store_true",
+                      help="the forward alone (no gradient)")
   parser.add_argument("--per_call", action="store_true",
                       help="trace the kernels anew at every call")
   args = parser.parse_args()

@@ -1561,3 +1561,81 @@ def test_coarse_tail_in_one_launch(monkeypatch, causal, masked, merge_rows):
   for name in ("fwd_tail_l2", "fwd_merge_l2", "bwd_tail_l2", "bwd_merge_l2"):
     assert f"hattn_{name}" in text, name
   assert "hattn_fwd_l3" not in text and "hattn_dq_l2" not in text
+
+
+@pytest.mark.parametrize("schedule", ["tile16", "3-levels", "mosaic",
+                                      "sweep"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_counts_known_when_tracing(monkeypatch, schedule, causal):
+  """Without a mask, at a length that needs no padding, every level's
+  counts are known when tracing (``kernels.Uniform``): no count array is
+  made and the kernels read none (the pyramid by products, pair sums and
+  Mosaic GPU passes; the level kernels, the backward's sweep, the coarse
+  tail and its merges, the restriction). Values and gradients equal those
+  of the same counts as arrays (to float32 rounding), and the dense
+  reference's."""
+  _use_schedule(monkeypatch, schedule)
+  length, d, dv = 512, 16, 32
+  q, k, v = make_qkv(81, 2, length, 2, d, dv)
+  cot = jnp.asarray(np.random.default_rng(82).standard_normal(
+      (2, length, 2, dv)), jnp.float32)
+  per_launch = kernels.TUNING["levels_per_launch"]
+
+  def grads(c0):
+    def f(q, k, v):
+      out = kernels._attention(
+          q, k, v, c0, None, 16, causal, kernels.DEFAULT_TILE, True,
+          jax.lax.Precision.HIGHEST, per_launch, 0.25, 0.0, False)
+      return jnp.sum(out * cot), out
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+  uniform = kernels.Uniform(1.0, (2, length))
+  (got, out), (arrays, out_arrays) = grads(uniform), grads(
+      jnp.ones((2, length), jnp.float32))
+  # Equal up to float32 rounding (XLA may order a product by a constant
+  # count differently).
+  np.testing.assert_allclose(out, out_arrays, rtol=1e-6, atol=1e-7)
+  for name, g, w in zip("qkv", got, arrays):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=name)
+  want, ref = _grads("ref", q, k, v, None, cot, causal, with_output=True)
+  assert max_abs(out, ref) <= 2e-5
+  for name, g, w in zip("qkv", got, want):
+    scale = max(1.0, float(np.abs(np.asarray(w)).max()))
+    assert max_abs(np.asarray(g), np.asarray(w)) <= 1e-4 * scale, name
+  # The public call takes them where it can (no mask, no padding): no
+  # operation outside the kernels reduces or broadcasts.
+  def outside(length):
+    jaxpr = jax.make_jaxpr(lambda q: hierarchical_attention(
+        q[:, :length], k[:, :length], v[:, :length], block_size=16,
+        causal=causal, implementation="pallas_interpret"))(q)
+    return {e.primitive.name for e in jaxpr_equations(jaxpr.jaxpr)}
+  assert not {"reduce_sum", "broadcast_in_dim"} & outside(length)
+  assert "reduce_sum" in outside(500)  # counts of levels with padding
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+def test_forward_without_a_mask_launches_only_kernels(monkeypatch, masked):
+  """Lowered for a Hopper GPU from this CPU, the forward at 1 x 4,096
+  tokens with no mask is the kernels alone: the pyramid's Mosaic GPU
+  passes and the level kernels, with no XLA operation between them (each
+  would be a launch of its own: the counts of every level were about 17
+  at 65,536 tokens). With a mask the counts are arrays, reductions of it
+  (the check sees them)."""
+  monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
+  x = jax.ShapeDtypeStruct((1, 4096, 2, 64), jnp.bfloat16)
+  valid = jax.ShapeDtypeStruct((1, 4096), jnp.bool_) if masked else None
+  try:
+    text = jax.jit(lambda q, k, v, m: kernels.hierarchical_attention_pallas(
+        q, k, v, m, block_size=16, causal=False)).trace(
+            x, x, x, valid).lower(lowering_platforms=("cuda",)).as_text()
+  except RuntimeError as e:  # jax 0.11 without a GPU (0.10 lowers here)
+    if "No supported GPU devices found" not in str(e):
+      raise
+    pytest.skip("this jax lowers the Triton kernels only with a GPU")
+  ops = set(re.findall(r"= (stablehlo\.[a-z_]+)", text))
+  assert "stablehlo.custom_call" in text and "mosaic_gpu" in text
+  if masked:
+    assert "stablehlo.reduce" in ops
+  else:
+    assert ops == {"stablehlo.reshape", "stablehlo.custom_call"}, ops
+

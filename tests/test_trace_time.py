@@ -1,5 +1,6 @@
 """scripts/trace_time.py: a stack of layers of one shape lowers the kernels
-once; with --per_call, once per layer (a real run, lowered for a GPU)."""
+once; with --per_call, once per layer; --forward counts the XLA work
+between the kernels (real runs, lowered for a GPU)."""
 
 import json
 import os
@@ -30,6 +31,18 @@ def test_layers_of_one_shape_lower_the_kernels_once():
   assert three["kernel_calls"] == one["kernel_calls"]
   one, three = _rows("--layers", "1", "3", "--per_call")
   assert three["kernel_calls"] == 3 * one["kernel_calls"]
+
+
+def test_forward_ops_between_the_kernels():
+  """--forward: at a length with no padding and no mask, the forward of
+  three layers holds the kernels and the layers' three additions, nothing
+  else; the gradient does more XLA work (the loss's sum, its gradient)."""
+  forward, = _rows("--layers", "3", "--forward")
+  assert forward["kernel_calls"] > 0
+  assert forward["ops_outside_kernels"] == 3
+  grad, = _rows("--layers", "3")
+  assert grad["ops_outside_kernels"] > 3
+  assert grad["kernel_calls"] > forward["kernel_calls"]
 
 
 def test_layers_below_one_are_an_error():

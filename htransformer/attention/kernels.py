@@ -53,6 +53,10 @@ that dO is read once.
 The pyramid forms each level's sums as one product of a weight matrix with
 the program's rows (tensor cores; 0.19 against 0.29 ms for pair sums in
 registers at 65,536 tokens on an H200, docs/benchmarks.md).
+Without a mask, at a length that needs no padding, every level's counts
+are known when tracing (``Uniform``): no count array is made, the kernels
+read them as constants, and no XLA operation runs between the forward's
+kernels (each was a small launch of its own).
 
 Levels per launch (``TUNING["levels_per_launch"]``, default 1): with ``g >
 1`` one launch computes ``g`` consecutive levels, each program the rows of
@@ -632,6 +636,91 @@ def _f32(*shape):
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
+class Uniform:
+  """The real-token counts [B, n] of a level where every row stands for
+  ``value`` real tokens: a call without a mask whose length needs no
+  padding (``value`` = 2**level). Known when tracing, so no array is made:
+  the kernels get a stand-in for its ref (``_ConstRef``, by
+  ``_pallas_call``) and use the value as a constant. As arrays, the
+  counts of every level were one small XLA launch each (about 17 in the
+  forward at 1 x 65,536 tokens, 0.013 ms on an H200: docs/benchmarks.md).
+  A pytree without leaves, so that it passes through ``custom_vjp``."""
+
+  def __init__(self, value, shape):
+    self.value, self.shape = float(value), tuple(shape)
+    self.dtype = jnp.dtype(jnp.float32)
+
+  def coarser(self, levels=1):
+    """The counts ``levels`` levels up (rows of 2**levels groups)."""
+    b, n = self.shape
+    return Uniform(self.value * 2**levels, (b, n >> levels))
+
+  def array(self):
+    return jnp.full(self.shape, self.value, self.dtype)
+
+  def __eq__(self, other):
+    return (isinstance(other, Uniform) and
+            (self.value, self.shape) == (other.value, other.shape))
+
+  def __hash__(self):
+    return hash((self.value, self.shape))
+
+  def __repr__(self):
+    return f"Uniform({self.value}, {self.shape})"
+
+
+jax.tree_util.register_static(Uniform)
+
+
+def _array(c):
+  """Counts as an array (XLA's paths and the Mosaic GPU level kernels)."""
+  return c.array() if isinstance(c, Uniform) else c
+
+
+class _ConstRef:
+  """What a kernel reads in place of the ref of ``Uniform`` counts (one
+  [rows] block): every read is ``value``."""
+
+  def __init__(self, value, shape):
+    self.value, self.shape = value, shape
+    self.dtype = jnp.dtype(jnp.float32)
+
+  def __getitem__(self, idx):
+    if idx is Ellipsis:
+      shape = self.shape
+    elif isinstance(idx, pl.Slice) and idx.stride == 1:
+      shape = (idx.size,)
+    else:
+      raise TypeError(f"counts known when tracing are read whole or by "
+                      f"pl.ds, got {idx!r}")
+    return jnp.full(shape, self.value, self.dtype)
+
+
+def _pallas_call(kernel, args, in_specs, **kw):
+  """``pl.pallas_call(kernel, in_specs=in_specs, **kw)(*args)``, where
+  ``Uniform`` counts among ``args`` are not inputs of the launch: the
+  kernel gets a ``_ConstRef`` of the block its spec names in their place
+  (a spec of (None, rows): a [rows] block)."""
+  const = {i: _ConstRef(a.value, tuple(s for s in spec.block_shape
+                                        if s is not None))
+           for i, (a, spec) in enumerate(zip(args, in_specs))
+           if isinstance(a, Uniform)}
+  if not const:
+    return pl.pallas_call(kernel, in_specs=in_specs, **kw)(*args)
+  inputs = len(args) - len(const)
+
+  def with_consts(*refs):
+    given = iter(refs[:inputs])
+    full = [const[i] if i in const else next(given)
+            for i in range(len(args))]
+    return kernel(*full, *refs[inputs:])
+
+  return pl.pallas_call(
+      with_consts, in_specs=[s for i, s in enumerate(in_specs)
+                             if i not in const], **kw)(
+          *[a for i, a in enumerate(args) if i not in const])
+
+
 def _of_pairs(x, which):
   """Row ``which`` (0 or 1) of each pair: [2m, ...] -> [m, ...] (a select
   written as a weighted pair sum, which the kernels lower)."""
@@ -965,18 +1054,16 @@ def _group_forward(pyramid, first, count, t, parent, *, nr, causal, scale,
       _fwd_kernel, group=group, nr=nr, causal=causal,
       has_parent=parent is not None, scale=scale, precision=precision,
       rate=rate, masked=masked)
-  return pl.pallas_call(
-      kernel,
+  return _pallas_call(
+      kernel, args, in_specs,
       grid=_grid(n // t, h, b),
-      in_specs=in_specs,
       out_specs=[_rows_spec(n, dv), _vec_spec(n)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, dv), out_dtype),
                  _f32(b, h, n)],
       interpret=interpret,
       compiler_params=_compiler_params(interpret, t, max(d, dv)),
       name=f"hattn_fwd_l{first}" + (
-          f"_{count}" if count > 1 else ""),
-  )(*args)
+          f"_{count}" if count > 1 else ""))
 
 
 def _compiler_params(interpret, rows, width=64, kind=None):
@@ -1218,29 +1305,29 @@ def _group_backward(pyramid, stats, first, count, t, parent, *, nr, causal,
   if parent is not None:
     args.append(parent[0])
     parent_specs = [_rows_spec(ns[-1] // 2, d)]
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, **common), grid=grid,
-      in_specs=in_specs + parent_specs,
+  dq = _pallas_call(
+      functools.partial(_dq_kernel, **common), args,
+      in_specs + parent_specs, grid=grid,
       out_specs=_rows_spec(n, d),
       out_shape=jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[0]),
       interpret=interpret,
       compiler_params=_compiler_params(interpret, t, max(d, dv_dim), "dq"),
-      name=f"hattn_dq_{suffix}")(*args)
+      name=f"hattn_dq_{suffix}")
 
   args, parent_specs = list(level_args), []
   if parent is not None:
     args += [parent[1], parent[2]]
     parent_specs = [_rows_spec(ns[-1] // 2, d),
                     _rows_spec(ns[-1] // 2, dv_dim)]
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, **common), grid=grid,
-      in_specs=in_specs + parent_specs,
+  dk, dv = _pallas_call(
+      functools.partial(_dkv_kernel, **common), args,
+      in_specs + parent_specs, grid=grid,
       out_specs=[_rows_spec(n, d), _rows_spec(n, dv_dim)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, d), out_dtypes[1]),
                  jax.ShapeDtypeStruct((b, n, h, dv_dim), out_dtypes[2])],
       interpret=interpret,
       compiler_params=_compiler_params(interpret, t, max(d, dv_dim), "dkv"),
-      name=f"hattn_dkv_{suffix}")(*args)
+      name=f"hattn_dkv_{suffix}")
   return dq, dk, dv
 
 
@@ -1422,15 +1509,15 @@ def _sweep_backward(arrays, stats, parent, *, level, nr, causal, scale,
       _sweep_kernel, n=n, nr=nr, level=level, run=run, causal=causal,
       scale=scale, precision=precision, rate=rate, masked=masked,
       has_parent=parent is not None, query_mode=_query_mode(causal, masked))
-  return pl.pallas_call(
-      kernel, grid=_grid(blocks // run, h, b), in_specs=in_specs,
+  return _pallas_call(
+      kernel, args, in_specs, grid=_grid(blocks // run, h, b),
       out_specs=[_rows_spec(n, d), _rows_spec(n, d), _rows_spec(n, dv_dim)],
       out_shape=[jax.ShapeDtypeStruct((b, n, h, w), t)
                  for w, t in zip((d, d, dv_dim), out_dtypes)],
       interpret=interpret,
       compiler_params=_compiler_params(interpret, nr, max(d, dv_dim),
                                        "dkv"),
-      name=f"hattn_dqkv_l{level}")(*args)
+      name=f"hattn_dqkv_l{level}")
 
 
 # ------------------------------------------------- the coarse tail at once
@@ -1511,16 +1598,17 @@ def _tail_launch(parts, levels, level_args, level_specs, outs, *, b, h,
   output, in the kernel's order."""
   seed_specs, seed_args = _seed_inputs(seeds)
   tiles = len(parts) * sum(n // t for n, t, _ in levels)
-  return pl.pallas_call(
+  return _pallas_call(
       functools.partial(_tail_kernel, levels=levels, parts=parts,
                         per_level=len(level_specs[0]), rate=rate, **kw),
+      [*seed_args, *level_args],
+      seed_specs + [s for specs in level_specs for s in specs],
       grid=_grid(tiles, h, b),
-      in_specs=seed_specs + [s for specs in level_specs for s in specs],
       out_specs=[spec for spec, _ in outs],
       out_shape=[shape for _, shape in outs], interpret=interpret,
       compiler_params=_compiler_params(
           interpret, max(t for _, t, _ in levels), width, kind),
-      name=name)(*seed_args, *level_args)
+      name=name)
 
 
 def _ancestors(ref, start, tm, shift):
@@ -1589,13 +1677,13 @@ def _merge_launch(kernel, levels, in_specs, outs, args, *, b, h, width,
   n = levels[0][0]
   # 64 rows of 64 elements, 32 of 128 (4 warps either way).
   tm = min(_MERGE_ROWS, n, max(1, _MERGE_ROWS * 64 // width))
-  return pl.pallas_call(
-      functools.partial(kernel, count=len(levels), tm=tm, **kw),
-      grid=_grid(n // tm, h, b), in_specs=in_specs,
+  return _pallas_call(
+      functools.partial(kernel, count=len(levels), tm=tm, **kw), args,
+      in_specs, grid=_grid(n // tm, h, b),
       out_specs=[spec for spec, _ in outs],
       out_shape=[shape for _, shape in outs], interpret=interpret,
       compiler_params=_compiler_params(interpret, tm, width),
-      name=name)(*args)
+      name=name)
 
 
 def _tail_forward(pyramid, first, tile, *, out_dtype, seeds, rate,
@@ -1807,7 +1895,7 @@ def _coarsen(arrays, modes, c, count, interpret, base=0, impl=None):
   """
   impl = impl or coarsen_impl(interpret)
   if impl == "xla":
-    return _coarsen_xla(arrays, modes, c, count)
+    return _coarsen_xla(arrays, modes, _array(c), count)
   if impl == "mosaic":
     return _coarsen_mosaic(arrays, modes, c, count, interpret, base)
   b, n, h = arrays[0].shape[:3]
@@ -1834,13 +1922,13 @@ def _coarsen(arrays, modes, c, count, interpret, base=0, impl=None):
                                     _ids(lambda i, j, k: (k, i, j))))
       out_shape.append(jax.ShapeDtypeStruct(
           (b, n >> level, h * x.shape[-1]), x.dtype))
-  outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+  outs = _pallas_call(
+      kernel, [c, *flat], in_specs, grid=grid, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
       compiler_params=_compiler_params(
           interpret, rows, hp * max(x.shape[-1] for x in arrays),
           kind="pyramid"),
-      name="hattn_coarsen")(c, *flat)
+      name="hattn_coarsen")
   shaped = [o.reshape(o.shape[0], o.shape[1], h, -1) for o in outs]
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
 
@@ -1891,7 +1979,7 @@ def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
     new = [None] * len(arrays)
     for ids, out_slots in launches:  # One launch per width.
       out = mosaic.coarsen([arrays[i] for i in ids], [modes[i] for i in ids],
-                           c, step, rows=_MOSAIC_ROWS, out_slots=out_slots,
+                           c.value if isinstance(c, Uniform) else c, step, rows=_MOSAIC_ROWS, out_slots=out_slots,
                            stages=TUNING.get("pyramid_stages", 2),
                            interpret=interpret)
       for i, more in zip(ids, out):
@@ -1899,13 +1987,16 @@ def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
     for done, more in zip(levels, new):
       done += more
     arrays = [more[-1] for more in new]
-    c = c.reshape(c.shape[0], -1, 2**step).sum(axis=-1)
+    c = (c.coarser(step) if isinstance(c, Uniform) else
+         c.reshape(c.shape[0], -1, 2**step).sum(axis=-1))
     base += step
   return levels
 
 
 def _level_counts(c0, levels):
   """Real-token counts [B, n >> l] of levels l = 0 .. levels-1."""
+  if isinstance(c0, Uniform):
+    return [c0.coarser(level) for level in range(levels)]
   counts = [c0]
   for _ in range(1, levels):
     counts.append(counts[-1].reshape(c0.shape[0], -1, 2).sum(axis=-1))
@@ -1999,13 +2090,13 @@ def _restrict(g, e, mrow, c, count, interpret, from_output=False):
       out_shape.append(jax.ShapeDtypeStruct((b, m, h, dv), g.dtype))
     out_specs += [vec_spec(r)] * 2  # E, M
     out_shape += [_f32(b, h, m)] * 2
-  outs = pl.pallas_call(
+  outs = _pallas_call(
       functools.partial(_restrict_kernel, count=count,
-                        from_output=from_output),
-      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                        from_output=from_output), [g, e, mrow, c], in_specs,
+      grid=grid, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
       compiler_params=_compiler_params(interpret, rows, dv, kind="pyramid"),
-      name="hattn_restrict")(g, e, mrow, c)
+      name="hattn_restrict")
   head = [(g, *outs[:2])] if from_output else []
   outs = outs[2:] if from_output else outs
   return head + [tuple(outs[3 * j:3 * j + 3]) for j in range(count)]
@@ -2081,6 +2172,7 @@ def _forward_level_mosaic(arrays, level, parent, nr, scale, causal, masked,
   if mosaic.level_unsupported(q, v, [k, parent[0]], nr,
                               [mosaic.forward_level_stages]):
     return None
+  c = _array(c)
   zero_rows = _mosaic_zero_rows(masked, level)
   if zero_rows == "xla":
     v = jnp.where(c[:, :, None, None] > 0, v, jnp.zeros_like(v))
@@ -2109,7 +2201,7 @@ def _attention_fwd(q, k, v, c0, seeds, nr, causal, tile, interpret,
 def _row_stats(d_o, o, lse, c0):
   """Level 0's E = dO . O and M = lse [B, H, n] in XLA (0 and _NO_ROW on
   padding)."""
-  vrow = (c0 > 0)[:, None, :]  # [B, 1, n] against [B, H, n]
+  vrow = (_array(c0) > 0)[:, None, :]  # [B, 1, n] against [B, H, n]
   e = jnp.sum(d_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
   return (jnp.where(vrow, jnp.transpose(e, (0, 2, 1)), 0.0),
           jnp.where(vrow, lse, _NO_ROW))
@@ -2164,7 +2256,8 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
         scale=scale, out_dtypes=dtypes, precision=precision,
         interpret=interpret, seeds=seeds, rate=rate, masked=masked)
   dq, dk, dv = parent
-  return dq, dk, dv, jnp.zeros_like(c0), None
+  return dq, dk, dv, None if isinstance(c0, Uniform) else jnp.zeros_like(
+      c0), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -2200,6 +2293,7 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
                               [mosaic.dq_level_stages,
                                mosaic.dkv_level_stages]):
     return None
+  c = _array(c)
   zero_rows = _mosaic_zero_rows(masked, level)
   if zero_rows == "xla":
     real = c[:, :, None, None] > 0
@@ -2317,9 +2411,12 @@ def _pallas_attention(query, key, value, valid, dropout_seeds, *,
   query, key, value = (x.astype(dtype) for x in (query, key, value))
   lp = hierarchical.padded_length(length, block_size)
   masked = valid is not None
-  if valid is None:
-    valid = jnp.ones((batch, length), jnp.bool_)
-  c0 = jnp.pad(valid.astype(jnp.float32), ((0, 0), (0, lp - length)))
+  if masked or lp != length:
+    if valid is None:
+      valid = jnp.ones((batch, length), jnp.bool_)
+    c0 = jnp.pad(valid.astype(jnp.float32), ((0, 0), (0, lp - length)))
+  else:  # Every count known: none is an array (``Uniform``).
+    c0 = Uniform(1.0, (batch, lp))
   d, dv = query.shape[-1], value.shape[-1]
   scale = 1.0 / math.sqrt(d)
   wq, wv = kernel_head_dim(d), kernel_head_dim(dv)

@@ -180,7 +180,9 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
   """Levels 1 .. ``levels`` of each [B, n, H, D] array of ``arrays``, by
   its mode (``kernels._coarsen``: "mean", the mean of a pair's real rows;
   "first", the pair's first row; "first_real", its first real row), from
-  the counts c [B, n] of real tokens; rows of none are zeros. One launch.
+  the counts c [B, n] of real tokens; rows of none are zeros. ``c`` may
+  be a number instead: every row's count (no mask and no padding; no
+  counts are then read, ``kernels.Uniform``). One launch.
 
   Each array is read as [B, n / T, T, H, D] (T = 2**levels): a pipeline
   step loads, for one head, the T strided [rows, D] blocks of ``rows``
@@ -204,7 +206,9 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
   programs = programs or _programs(steps, b * h)
   per = steps // programs
   views = [x.reshape(b, groups, t, h, d) for x in arrays]
-  cv = jnp.swapaxes(c.astype(jnp.float32).reshape(b, groups, t), 1, 2)
+  uniform = isinstance(c, (int, float))
+  cv = [] if uniform else [
+      jnp.swapaxes(c.astype(jnp.float32).reshape(b, groups, t), 1, 2)]
   out_type = [jax.ShapeDtypeStruct((b, groups, t >> l, h, d), x.dtype)
               for x in arrays for l in range(1, levels + 1)]
   dtype = arrays[0].dtype
@@ -215,12 +219,17 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
 
   def compute(mode, x_refs, c_refs, o_refs):
     level = []  # (values or float32 sums, counts) of the level below
-    for x_ref, c_ref in zip(x_refs, c_refs):
-      cs = _load(c_ref, row, interpret)
+    for i, x_ref in enumerate(x_refs):
       xs = _load(x_ref, wg, interpret).astype(jnp.float32)
+      if uniform:  # Every row real, each of c tokens: no select.
+        level.append((xs * float(c) if mode == "mean" else xs, float(c)))
+        continue
+      cs = _load(c_refs[i], row, interpret)
       cb = lax.broadcast_in_dim(cs, xs.shape, [0])
       level.append((jnp.where(cb > 0, xs * cb if mode == "mean" else xs,
                               0.0), cs))
+    if uniform and mode == "first_real":  # The first row is real.
+      mode = "first_all"
     if mode == "first":  # Only the even rows were read: level 1 is them.
       level = [(x, cs) for x, cs in level for _ in range(2)]
     at = 0
@@ -228,15 +237,17 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
       level = [_combine(mode, level[2 * i], level[2 * i + 1])
                for i in range(len(level) // 2)]
       for x, cs in level:
-        if mode == "mean":
+        if mode == "mean" and uniform:
+          x = x * (1.0 / cs)
+        elif mode == "mean":
           x = x * lax.broadcast_in_dim(1.0 / jnp.maximum(cs, 1.0), x.shape,
                                        [0])
         o_refs[at][...] = x.astype(dtype)
         at += 1
 
   def body(*refs):
-    x_gmems, c_gmem = refs[:len(arrays)], refs[len(arrays)]
-    o_gmems, out_smem = refs[len(arrays) + 1:-1], refs[-1]
+    x_gmems, c_gmem = refs[:len(arrays)], refs[len(arrays)] if cv else None
+    o_gmems, out_smem = refs[len(arrays) + len(cv):-1], refs[-1]
     bi, hi = lax.axis_index("b"), lax.axis_index("h")
     first = lax.axis_index("p") * per
     span = pl.ds(first * rows, per * rows)
@@ -262,9 +273,10 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
             at += 1
 
       ins = [x_gmem.at[bi, span, s, hi] for s in read]
-      ins += [c_gmem.at[bi, s, span] for s in read]
+      ins += [c_gmem.at[bi, s, span] for s in read] if cv else []
       plgpu.emit_pipeline(
-          step, grid=(per,), in_specs=[block] * len(read) + [vec] * len(read),
+          step, grid=(per,),
+          in_specs=[block] * len(read) + [vec] * (len(read) if cv else 0),
           max_concurrent_steps=stages)(*ins)
       # The next array's steps count their slots from 0 again.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -275,7 +287,7 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
                 scratch=[plgpu.SMEM((out_slots, t - 1, rows, d), dtype,
                                     transforms=tf)],
                 grid=(programs, h, b), grid_names=("p", "h", "b"),
-                interpret=interpret)(*views, cv)
+                interpret=interpret)(*views, *cv)
   shaped = [o.reshape(b, n >> (1 + j % levels), h, d)
             for j, o in enumerate(outs)]
   return [shaped[a * levels:(a + 1) * levels] for a in range(len(arrays))]
