@@ -306,7 +306,8 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
           "handover_dtype": "handover_dtype", "grid_order": "grid_order",
           "tail_rows": "tail_rows", "sweep_blocks": "sweep_blocks",
           "sweep_levels": "sweep_levels", "sweep_programs": "sweep_programs",
-          "pyramid_pass": "pyramid_pass", "pyramid_stages": "pyramid_stages"}
+          "pyramid_pass": "pyramid_pass", "pyramid_stages": "pyramid_stages",
+          "coarse_tile": "coarse_tile"}
 _ROW_NAMES = {"num_warps": "warps"}
 
 
@@ -382,7 +383,9 @@ def make_parser():
        "this many programs (0: off)", int),
       ("pyramid_pass", "levels per Mosaic GPU pyramid pass (2, or 3 where "
        "they fit)", int),
-      ("pyramid_stages", "steps a Mosaic GPU pyramid pass loads ahead", int)):
+      ("pyramid_stages", "steps a Mosaic GPU pyramid pass loads ahead", int),
+      ("coarse_tile", "query rows per program from level 1 on (0: as "
+       "level 0)", int)):
     parser.add_argument(f"--{key}", type=kind, nargs="+",
                         default=[kernels.TUNING[key]],
                         help=f"TUNING[{key!r}]: {what}")

@@ -1639,3 +1639,55 @@ def test_forward_without_a_mask_launches_only_kernels(monkeypatch, masked):
   else:
     assert ops == {"stablehlo.reshape", "stablehlo.custom_call"}, ops
 
+
+def _launch_grids(fn, *args):
+  """{kernel name: grid} of the ``pallas_call``s in ``fn``'s jaxpr."""
+  grids = {}
+  for e in jaxpr_equations(jax.make_jaxpr(fn)(*args).jaxpr):
+    if e.primitive.name == "pallas_call":
+      name = e.params.get("name") or getattr(
+          e.params.get("name_and_src_info"), "name", "")
+      grids[str(name)] = tuple(e.params["grid_mapping"].grid)
+  return grids
+
+
+@pytest.mark.parametrize("tail_rows", [0, 16384], ids=["levels", "tail"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_coarse_levels_on_larger_tiles(monkeypatch, causal, tail_rows):
+  """``TUNING["coarse_tile"]``: programs of 64 query rows from level 1 on
+  (the coarse tail's too), of one block at level 0: launches of fewer
+  programs, and values and gradients (holes, a block of padding, NaN
+  there) equal the dense reference's."""
+  _use_schedule(monkeypatch, "tile16")
+  monkeypatch.setitem(kernels.TUNING, "tail_rows", tail_rows)
+  monkeypatch.setitem(kernels.TUNING, "coarse_tile", 64)
+  assert kernels._level_groups(512, 5, 16, 16, 1) == [
+      (0, 1, 16), (1, 1, 64), (2, 1, 64), (3, 1, 64), (4, 1, 32)]
+  length, d, dv = 480, 16, 16
+  q, k, v = make_qkv(91, 1, length, 2, d, dv)
+  mask = np.random.default_rng(92).random((1, length)) < 0.8
+  mask[0, 128:144] = False
+  cot = np.random.default_rng(93).standard_normal(
+      (1, length, 2, dv)).astype(np.float32)
+  want, ref = _grads("ref", q, k, v, mask, cot, causal, with_output=True)
+  q, k, v = (x.copy() for x in (q, k, v))
+  for x in (q, k, v):
+    x[~mask] = np.nan
+  got, out = _grads("pallas_interpret", q, k, v, mask, cot, causal,
+                    with_output=True)
+  assert max_abs(np.asarray(out)[mask], np.asarray(ref)[mask]) <= 2e-5
+  for name, g, w in zip("qkv", got, want):
+    g, w = np.asarray(g), np.asarray(w)
+    scale = max(1.0, float(np.abs(w[mask]).max()))
+    assert max_abs(g[mask], w[mask]) <= 1e-4 * scale, name
+    assert (g[~mask] == 0).all(), name
+  grids = _launch_grids(lambda q: hierarchical_attention(
+      q, k, v, block_size=16, causal=causal, mask=mask,
+      implementation="pallas_interpret"), q)
+  assert grids["hattn_fwd_l0"] == (32, 2, 1)  # 512 rows in tiles of 16
+  if tail_rows and not causal:  # (causal with a mask takes no tail)
+    # Levels 1-4 (256 .. 32 rows) in tiles of 64 at most.
+    assert grids["hattn_fwd_tail_l1"] == (4 + 2 + 1 + 1, 2, 1)
+  else:
+    assert grids["hattn_fwd_l1"] == (4, 2, 1)
+    assert grids["hattn_fwd_l3"] == (1, 2, 1)

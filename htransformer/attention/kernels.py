@@ -231,6 +231,14 @@ DEFAULT_TILE = 16
 # rows per head and fewer at 1 x 65,536 tokens and 8 heads) the forward
 # +backward took 1.185 ms against 1.219 at blocks of 16, 1.597 against
 # 1.630 at blocks of 64 (H200, head_dim 64: docs/benchmarks.md).
+# ``coarse_tile``: query rows per program of the level kernels from level
+# 1 on, the coarse tail's included (0, the default: the finest level's
+# tile). At blocks of 16 the coarse levels' dq and dk, dv kernels, on
+# tiles of one block, move their bytes at about 47-56% of the copy rate
+# where level 0's move them at about 72% (levels 2-4: 0.172 ms of the
+# backward's 0.718 at 1 x 65,536 tokens on an H200, by the bytes each
+# kernel must read and write); larger tiles give each program more rows
+# in flight. Not yet timed.
 TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
@@ -239,7 +247,8 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
           "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None,
-          "sweep_programs": 256, "pyramid_pass": 2, "pyramid_stages": 2}
+          "sweep_programs": 256, "pyramid_pass": 2, "pyramid_stages": 2,
+          "coarse_tile": 0}
 
 
 def _pow2(x: int) -> bool:
@@ -285,6 +294,9 @@ _TUNING_INTS = {
     "tail_rows": ("0 (no tail), or a power of two (rows of a level over "
                   "the batch and heads)",
                   lambda x: x == 0 or _pow2(x)),
+    "coarse_tile": ("0 (as level 0), or a power of two >= 16 (query rows "
+                    "per program from level 1 on)",
+                    lambda x: x == 0 or (_pow2(x) and x >= 16)),
 }
 
 
@@ -759,6 +771,13 @@ def _dot(a, b, precision, trans_b=False):
 # ----------------------------------------------------- levels per launch
 
 
+def _tile_at(level, tile):
+  """Query rows per program of a launch that starts at ``level``:
+  ``tile`` at level 0, ``TUNING["coarse_tile"]`` (where set) from level 1
+  on."""
+  return tile if level == 0 else (TUNING.get("coarse_tile") or tile)
+
+
 def _level_groups(n0, levels, tile, nr, per_launch):
   """(first level, number of levels, tile rows at the first) per launch.
 
@@ -771,7 +790,7 @@ def _level_groups(n0, levels, tile, nr, per_launch):
   """
   out, level = [], 0
   while level < levels:
-    t = min(tile, n0 >> level)
+    t = min(_tile_at(level, tile), n0 >> level)
     g = 1
     while (g < per_launch and level + g < levels
            and (t >> g) >= max(16, nr)):
@@ -1550,7 +1569,8 @@ def _tail_first(n, levels, causal, masked, batch_heads):
 
 def _tail_levels(pyramid, first, tile):
   """(rows, tile rows, level) of the tail's levels, finest first."""
-  return tuple((pyramid[j][0].shape[1], min(tile, pyramid[j][0].shape[1]), j)
+  return tuple((pyramid[j][0].shape[1],
+                min(_tile_at(j, tile), pyramid[j][0].shape[1]), j)
                for j in range(first, len(pyramid)))
 
 
