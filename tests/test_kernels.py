@@ -594,6 +594,23 @@ def test_mosaic_pyramid_passes_of_three_levels_where_they_fit(monkeypatch,
       assert "mosaic_gpu" in text, stages
 
 
+def test_mosaic_coarsen_takes_a_number_for_the_counts():
+  """``mosaic.coarsen`` with one number for every row's count (no mask,
+  no padding: no counts loaded) gives what the same counts as an array
+  give, in every mode (interpret mode)."""
+  rng = np.random.default_rng(5)
+  arrays = [jnp.asarray(rng.standard_normal((1, 512, 2, 16)), jnp.bfloat16)
+            for _ in range(3)]
+  modes = ["mean", "first", "first_real"]
+  for count in (1.0, 4.0):
+    got = mosaic.coarsen(arrays, modes, count, 2, interpret=True)
+    want = mosaic.coarsen(arrays, modes, jnp.full((1, 512), count), 2,
+                          interpret=True)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                    np.asarray(e, np.float32))
+
+
 def test_mosaic_coarsen_rejects_what_it_cannot_tile():
   x = jnp.zeros((1, 384, 1, 16), jnp.bfloat16)
   with pytest.raises(ValueError, match="multiple of 256, got 384"):

@@ -140,11 +140,12 @@ def _loaded_rows(mode, t):
 
 def _combine(mode, a, b):
   """One level up from a pair of (values or float32 sums [rows, D], real
-  counts [rows]): ``kernels._coarsen_kernel``'s modes."""
+  counts [rows], or one number for all rows: every row real):
+  ``kernels._coarsen_kernel``'s modes."""
   (xa, ca), (xb, cb) = a, b
   if mode == "mean":
     return xa + xb, ca + cb
-  if mode == "first_real":
+  if mode == "first_real" and not isinstance(ca, float):
     first = lax.broadcast_in_dim(ca, xa.shape, [0]) > 0
     return jax.numpy.where(first, xa, xb), ca + cb
   return xa, ca  # "first"
@@ -228,8 +229,6 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
       cb = lax.broadcast_in_dim(cs, xs.shape, [0])
       level.append((jnp.where(cb > 0, xs * cb if mode == "mean" else xs,
                               0.0), cs))
-    if uniform and mode == "first_real":  # The first row is real.
-      mode = "first_all"
     if mode == "first":  # Only the even rows were read: level 1 is them.
       level = [(x, cs) for x, cs in level for _ in range(2)]
     at = 0
