@@ -396,3 +396,18 @@ def test_mosaic_backward_level_matches_the_triton_kernels(
     pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
   check_mosaic_backward_level(nr, n=1024, heads=4, interpret=False,
                               level=level, zero_rows=zero_rows)
+
+
+@pytest.mark.parametrize("level,causal", [(0, False), (0, True), (1, True)],
+                         ids=["l0-bidir", "l0-causal", "l1-causal"])
+def test_mosaic_level_kernels_take_numbers_for_counts_and_weights(level,
+                                                                  causal):
+  """The Mosaic GPU level kernels compiled for this GPU with the counts
+  and the prolongation weights as numbers (no mask, no padding) against
+  the same as arrays (``tests.test_kernels.check_mosaic_level_numbers``)."""
+  from htransformer.attention import kernels
+  from tests.test_kernels import check_mosaic_level_numbers
+  if not kernels.mosaic_gpu():
+    pytest.skip("Mosaic GPU kernels need compute capability 9.0 or newer")
+  check_mosaic_level_numbers(level, causal, interpret=False, n=1024,
+                             heads=4, d=64)

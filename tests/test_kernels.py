@@ -799,6 +799,97 @@ def test_mosaic_level_kernels_lower_for_hopper(nr, d, level):
     assert "mosaic_gpu" in lowered.as_text()
 
 
+def check_mosaic_level_numbers(level, causal, interpret, n=256, heads=2,
+                               d=32):
+  """The Mosaic GPU level kernels (forward, dq, and dk, dv) given the
+  counts as a number (2**level: every row real) and the prolongation
+  weights as one (1/2: keys, and queries by the mean) or "first" (causal
+  queries: 1 on each pair's first row) against the same counts and
+  weights as arrays: equal in interpret mode, to bfloat16 rounding
+  compiled (tests/test_gpu.py)."""
+  b = 2
+  keys = jax.random.split(jax.random.key(70 + level), 10)
+  full = lambda key, rows: jax.random.normal(key, (b, rows, heads, d),
+                                             jnp.bfloat16)
+  q, k, v, g = (full(x, n) for x in keys[:4])
+  po, pdq, pdk, pdv = (full(x, n // 2) for x in keys[4:8])
+  plse = 3 * jax.random.normal(keys[8], (b, heads, n // 2), jnp.float32)
+  e, m = (2 * jax.random.normal(x, (b, heads, n)) for x in jax.random.split(
+      keys[9]))
+  count = float(2**level)
+  w_q = "first" if causal else 0.5
+  common = dict(nr=16, scale=0.125, causal=causal, level=level,
+                interpret=interpret)
+
+  def kernels_of(c, wq, wk):
+    return (*mosaic.forward_level(q, k, v, c, po, plse, **common),
+            mosaic.dq_level(q, k, v, c, g, e, m, pdq, wq, **common),
+            *mosaic.dkv_level(q, k, v, c, g, e, m, pdk, pdv, wk, **common))
+
+  got = jax.jit(lambda: kernels_of(count, w_q, 0.5))()
+  want = jax.jit(lambda: kernels_of(jnp.full((b, n), count),
+                                    _weights_array(w_q, b, n),
+                                    _weights_array(0.5, b, n)))()
+  for name, x, y in zip(["o", "lse", "dq", "dk", "dv"], got, want):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    scale = float(np.abs(y).max())
+    assert np.isfinite(x).all() and scale > 0.1, name
+    rtol = 1e-6 if interpret else 2**-7
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale,
+                               err_msg=name)
+
+
+def _weights_array(w, b, n):
+  """Prolongation weights [b, n] as ``mosaic.dq_level`` takes them as a
+  number or "first"."""
+  if w == "first":
+    return jnp.broadcast_to((jnp.arange(n) % 2 == 0).astype(jnp.float32),
+                            (b, n))
+  return jnp.full((b, n), w, jnp.float32)
+
+
+@pytest.mark.parametrize("level,causal", [(0, False), (0, True), (1, True)],
+                         ids=["l0-bidir", "l0-causal", "l1-causal"])
+def test_mosaic_level_kernels_take_numbers_for_counts_and_weights(level,
+                                                                  causal):
+  """Where every row is real (no mask, no padding: ``kernels.Uniform``),
+  the Mosaic GPU level kernels take the counts and the prolongation
+  weights as numbers: the values equal those of the same as arrays
+  (``check_mosaic_level_numbers``, interpret mode), and lowered for a
+  Hopper GPU each kernel reads one array fewer (the forward: the counts)
+  or two (dq, and dk, dv: the weights too). Counts of 0, or zeroing rows
+  of no real token by counts that are a number, are errors."""
+  check_mosaic_level_numbers(level, causal, interpret=True)
+  b, n = 1, 4096
+  x = jax.ShapeDtypeStruct((b, n, 4, 64), jnp.bfloat16)
+  half = jax.ShapeDtypeStruct((b, n // 2, 4, 64), jnp.bfloat16)
+  rows = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  stats = (x, rows(b, 4, n), rows(b, 4, n))  # dO, E, M
+  common = dict(nr=16, scale=0.125, causal=causal, level=level)
+
+  def operands(c, wq, wk):
+    text = jax.jit(lambda q, k, v, g, e, m, po, plse: (
+        *mosaic.forward_level(q, k, v, c, po, plse, **common),
+        mosaic.dq_level(q, k, v, c, g, e, m, po, wq, **common),
+        *mosaic.dkv_level(q, k, v, c, g, e, m, po, po, wk, **common))).trace(
+            x, x, x, *stats, half, rows(b, 4, n // 2)).lower(
+                lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)", text)
+    return [len(x.split(",")) for x in calls]
+
+  w_q = "first" if causal else 0.5
+  assert operands(float(2**level), w_q, 0.5) == [5, 7, 8]
+  assert operands(jnp.ones((b, n)), _weights_array(w_q, b, n),
+                  _weights_array(0.5, b, n)) == [6, 9, 10]
+  q = jnp.zeros((1, 256, 2, 32), jnp.bfloat16)
+  with pytest.raises(ValueError, match="positive number"):
+    mosaic.forward_level(q, q, q, 0.0, q[:, :128], jnp.zeros((1, 2, 128)),
+                         interpret=True, **common)
+  with pytest.raises(ValueError, match="give the counts as an array"):
+    mosaic.dq_level(q, q, q, 1.0, q, *jnp.zeros((2, 1, 2, 256)), q[:, :128],
+                    0.5, interpret=True, zero_rows=True, **common)
+
+
 @pytest.mark.parametrize("nr,causal,level,zero_rows", [
     (16, True, 0, False), (64, False, 0, False), (64, True, 0, False),
     (16, False, 1, False), (32, True, 2, False), (16, False, 0, True),
@@ -1628,6 +1719,50 @@ def test_counts_known_when_tracing(monkeypatch, schedule, causal):
     return {e.primitive.name for e in jaxpr_equations(jaxpr.jaxpr)}
   assert not {"reduce_sum", "broadcast_in_dim"} & outside(length)
   assert "reduce_sum" in outside(500)  # counts of levels with padding
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_counts_known_when_tracing_in_the_mosaic_level_kernels(monkeypatch,
+                                                               causal):
+  """The Mosaic GPU level kernels (forward and backward, levels 0 and 1)
+  take ``kernels.Uniform`` counts as numbers, and the backward's
+  prolongation weights too: values and gradients equal those of the same
+  counts as arrays (bfloat16 inputs, interpret mode) and the dense
+  reference's to bfloat16 rounding."""
+  monkeypatch.setattr(kernels, "_CHUNK_LEVELS", 2)
+  for key, value in dict(forward_l0_impl="mosaic", backward_l0_impl="mosaic",
+                         mosaic_levels=2, tail_rows=0).items():
+    monkeypatch.setitem(kernels.TUNING, key, value)
+  length, heads, d = 256, 2, 32
+  q, k, v = (jnp.asarray(x, jnp.bfloat16)
+             for x in make_qkv(91, 2, length, heads, d))
+  cot = jnp.asarray(np.random.default_rng(92).standard_normal(
+      (2, length, heads, d)), jnp.float32)
+
+  def grads(c0):
+    def f(q, k, v):
+      out = kernels._attention(
+          q, k, v, c0, None, 16, causal, kernels.DEFAULT_TILE, True,
+          jax.lax.Precision.DEFAULT, 1, d**-0.5, 0.0, False)
+      return jnp.sum(out.astype(jnp.float32) * cot), out
+    fn = jax.grad(f, argnums=(0, 1, 2), has_aux=True)
+    names = set(re.findall(r"hattn_\w+_mosaic", str(jax.make_jaxpr(fn)(
+        q, k, v))))
+    assert names == {f"hattn_{kind}_l{level}_mosaic"
+                     for kind in ("fwd", "dq", "dkv") for level in (0, 1)}
+    grads, out = jax.jit(fn)(q, k, v)
+    return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+  got = grads(kernels.Uniform(1.0, (2, length)))
+  arrays = grads(jnp.ones((2, length), jnp.float32))
+  for name, x, y in zip(["out", "dq", "dk", "dv"], got, arrays):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6, err_msg=name)
+  want = _grads("ref", *(np.asarray(x, np.float32) for x in (q, k, v)), None,
+                cot, causal, with_output=True)
+  want = [np.asarray(x, np.float32) for x in (want[1], *want[0])]
+  for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
+    scale = max(1.0, float(np.abs(y).max()))
+    assert max_abs(x, y) <= 2e-2 * scale, name
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])

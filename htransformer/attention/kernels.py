@@ -55,8 +55,9 @@ the program's rows (tensor cores; 0.19 against 0.29 ms for pair sums in
 registers at 65,536 tokens on an H200, docs/benchmarks.md).
 Without a mask, at a length that needs no padding, every level's counts
 are known when tracing (``Uniform``): no count array is made, the kernels
-read them as constants, and no XLA operation runs between the forward's
-kernels (each was a small launch of its own).
+read them as constants (the Mosaic GPU level kernels the backward's
+prolongation weights too), and no XLA operation runs between the
+kernels, forward or backward (each was a small launch of its own).
 
 Levels per launch (``TUNING["levels_per_launch"]``, default 1): with ``g >
 1`` one launch computes ``g`` consecutive levels, each program the rows of
@@ -652,8 +653,9 @@ class Uniform:
   """The real-token counts [B, n] of a level where every row stands for
   ``value`` real tokens: a call without a mask whose length needs no
   padding (``value`` = 2**level). Known when tracing, so no array is made:
-  the kernels get a stand-in for its ref (``_ConstRef``, by
-  ``_pallas_call``) and use the value as a constant. As arrays, the
+  the Triton kernels get a stand-in for its ref (``_ConstRef``, by
+  ``_pallas_call``) and use the value as a constant; the Mosaic GPU
+  kernels take the value (``_mosaic_counts``). As arrays, the
   counts of every level were one small XLA launch each (about 17 in the
   forward at 1 x 65,536 tokens, 0.013 ms on an H200: docs/benchmarks.md).
   A pytree without leaves, so that it passes through ``custom_vjp``."""
@@ -685,8 +687,14 @@ jax.tree_util.register_static(Uniform)
 
 
 def _array(c):
-  """Counts as an array (XLA's paths and the Mosaic GPU level kernels)."""
+  """Counts as an array (XLA's paths)."""
   return c.array() if isinstance(c, Uniform) else c
+
+
+def _mosaic_counts(c):
+  """Counts as the Mosaic GPU kernels take them: an array, or a number
+  where they are ``Uniform``."""
+  return c.value if isinstance(c, Uniform) else c
 
 
 class _ConstRef:
@@ -1999,7 +2007,8 @@ def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
     new = [None] * len(arrays)
     for ids, out_slots in launches:  # One launch per width.
       out = mosaic.coarsen([arrays[i] for i in ids], [modes[i] for i in ids],
-                           c.value if isinstance(c, Uniform) else c, step, rows=_MOSAIC_ROWS, out_slots=out_slots,
+                           _mosaic_counts(c), step, rows=_MOSAIC_ROWS,
+                           out_slots=out_slots,
                            stages=TUNING.get("pyramid_stages", 2),
                            interpret=interpret)
       for i, more in zip(ids, out):
@@ -2192,10 +2201,10 @@ def _forward_level_mosaic(arrays, level, parent, nr, scale, causal, masked,
   if mosaic.level_unsupported(q, v, [k, parent[0]], nr,
                               [mosaic.forward_level_stages]):
     return None
-  c = _array(c)
   zero_rows = _mosaic_zero_rows(masked, level)
   if zero_rows == "xla":
-    v = jnp.where(c[:, :, None, None] > 0, v, jnp.zeros_like(v))
+    v = jnp.where(_array(c)[:, :, None, None] > 0, v, jnp.zeros_like(v))
+  c = _mosaic_counts(c)
   return mosaic.forward_level(
       q, k, v, c, *parent, nr=nr, scale=scale, causal=causal, level=level,
       interpret=interpret, zero_rows=zero_rows == "kernel",
@@ -2313,21 +2322,27 @@ def _backward_level_mosaic(arrays, stats, level, parent, nr, scale, causal,
                               [mosaic.dq_level_stages,
                                mosaic.dkv_level_stages]):
     return None
-  c = _array(c)
   zero_rows = _mosaic_zero_rows(masked, level)
   if zero_rows == "xla":
-    real = c[:, :, None, None] > 0
+    real = _array(c)[:, :, None, None] > 0
     q, k, g = (jnp.where(real, x, jnp.zeros_like(x)) for x in (q, k, g))
-  # Each row's share of its parent: queries by their coarsening mode,
-  # keys by the mean.
-  share = lambda mode: jax.vmap(lambda x: _prolong_weight(x, mode))(c)
+
+  def share(mode):
+    """Each row's share of its parent: queries by their coarsening mode,
+    keys by the mean; known when tracing where the counts are (every row
+    real: a pair's first row, or half of each)."""
+    if isinstance(c, Uniform):
+      return 0.5 if mode == "mean" else "first"
+    return jax.vmap(lambda x: _prolong_weight(x, mode))(c)
+
+  counts = _mosaic_counts(c)
   common = dict(nr=nr, scale=scale, causal=causal, level=level,
                 zero_rows=zero_rows == "kernel", interpret=interpret)
-  dq = mosaic.dq_level(q, k, v, c, g, e, m, parent[0],
+  dq = mosaic.dq_level(q, k, v, counts, g, e, m, parent[0],
                        share(_query_mode(causal, masked)),
                        stages=mosaic.dq_level_stages(nr, d, q.dtype),
                        **common)
-  dk, dv = mosaic.dkv_level(q, k, v, c, g, e, m, parent[1], parent[2],
+  dk, dv = mosaic.dkv_level(q, k, v, counts, g, e, m, parent[1], parent[2],
                             share("mean"),
                             stages=mosaic.dkv_level_stages(nr, d, q.dtype),
                             **common)

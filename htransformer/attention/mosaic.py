@@ -306,36 +306,69 @@ def _programs(steps, per_batch_head, most=264):
 _ROWS = 64  # rows of a level tile (a tensor-core product's least)
 
 
-def _buffers(kind, nr, d, dtype):
+def _buffers(kind, nr, d, dtype, counts=True, weights=True):
   """A level kernel's shared-memory buffers, (staged, outs), each a list of
   (shape, dtype, transforms) (``_Level.scratch``): ``staged`` get a copy per
-  step and a slot per stage, ``outs`` one slot. "forward": q, the window's
-  k, v and counts, the tile's counts, the parents' output and the
-  parent lse; the output and its lse. "dq": q, the window's k, v and
-  counts, the tile's counts, dO, E, M, the parents' dq and the weights;
-  the output. "dkv": the window's q, the tile's k, v, the window's and the
-  tile's counts, the window's dO, E and M, the parents' dk and dv, the
-  weights; the two outputs. A product's operands in shared memory share
-  one swizzle: q, k and dO of the dq, and every block of the dk, dv, are
-  second operands both transposed and not, so they take the 64-byte
-  swizzle (steps of 32 rows) that the non-transposed use needs."""
+  step and a slot per stage, ``outs`` one slot; ``counts`` or ``weights``
+  False, those buffers None (a kernel that takes them as numbers reads
+  none). "forward": q, the window's k, v and counts, the tile's counts, the
+  parents' output and the parent lse; the output and its lse. "dq": q, the
+  window's k, v and counts, the tile's counts, dO, E, M, the parents' dq and
+  the weights; the output. "dkv": the window's q, the tile's k, v, the
+  window's and the tile's counts, the window's dO, E and M, the parents' dk
+  and dv, the weights; the two outputs. A product's operands in shared
+  memory share one swizzle: q, k and dO of the dq, and every block of the
+  dk, dv, are second operands both transposed and not, so they take the
+  64-byte swizzle (steps of 32 rows) that the non-transposed use needs."""
   f32, rows, win = jax.numpy.float32, _ROWS, _ROWS + 2 * nr
   wide, narrow = _transforms(d, dtype), _transforms(d, dtype, most=64)
   blk = lambda r, t: ((r, d), dtype, t)
   vec = lambda r: ((r,), f32, ())
+  cnt = lambda r: vec(r) if counts else None
+  wts = lambda r: vec(r) if weights else None
   if kind == "forward":
-    return ([blk(rows, wide), blk(win, wide), blk(win, narrow), vec(win),
-             vec(rows), blk(rows // 2, narrow), vec(rows)],
+    return ([blk(rows, wide), blk(win, wide), blk(win, narrow), cnt(win),
+             cnt(rows), blk(rows // 2, narrow), vec(rows)],
             [blk(rows, wide), vec(rows)])
   if kind == "dq":
-    return ([blk(rows, narrow), blk(win, narrow), blk(win, wide), vec(win),
-             vec(rows), blk(rows, wide), vec(rows), vec(rows),
-             blk(rows // 2, narrow), vec(rows)],
+    return ([blk(rows, narrow), blk(win, narrow), blk(win, wide), cnt(win),
+             cnt(rows), blk(rows, wide), vec(rows), vec(rows),
+             blk(rows // 2, narrow), wts(rows)],
             [blk(rows, wide)])
   return ([blk(win, narrow), blk(rows, narrow), blk(rows, narrow),
-           vec(win), vec(rows), blk(win, narrow), vec(win), vec(win),
-           blk(rows // 2, narrow), blk(rows // 2, narrow), vec(rows)],
+           cnt(win), cnt(rows), blk(win, narrow), vec(win), vec(win),
+           blk(rows // 2, narrow), blk(rows // 2, narrow), wts(rows)],
           [blk(rows, narrow), blk(rows, narrow)])
+
+
+def _number(x):
+  """A level kernel's counts or weights given as one value for every row
+  (a number; the weights also "first"): that value; None for an array."""
+  return x if isinstance(x, (int, float, str)) else None
+
+
+def _fill(refs, like):
+  """A kernel's ``refs`` laid out as ``like`` (its possible inputs or
+  buffers): each in the place of an entry that is not None, None in the
+  others (those taken as numbers)."""
+  refs = iter(refs)
+  return [None if x is None else next(refs) for x in like]
+
+
+def _counts(c, zero_rows, name):
+  """A level kernel's counts as a number (every row real, each of that
+  many tokens: positive), or None for an array [B, n]; ``zero_rows``
+  needs the array (it finds rows of no real token by their counts)."""
+  count = _number(c)
+  if count is None:
+    return None
+  if isinstance(count, str) or not count > 0:
+    raise ValueError(f"{name} takes the counts as an array or a positive "
+                     f"number, got {count!r}.")
+  if zero_rows:
+    raise ValueError(f"{name} zeroes the rows of no real token by their "
+                     "counts: with zero_rows, give the counts as an array.")
+  return float(count)
 
 
 def level_smem(kind, nr, d, dtype, stages):
@@ -467,14 +500,16 @@ class _Level:
     the quarters a finer level covers), from the offsets (tile and window
     start at multiples of nr: row numbers from the tile's first row keep
     the blocks' boundaries), where the window row has a real token
-    (``counts`` [win]). ``tile_queries``: the tile's rows are the queries
-    (else the keys)."""
+    (``counts`` [win]; None: every row has). ``tile_queries``: the tile's
+    rows are the queries (else the keys)."""
     t, at = self.window(i)
     shape, wg = (self.rows, self.win), plgpu.Layout.WGMMA
     tile = _iota(shape, 0, wg, self.interpret)
     other = _iota(shape, 1, wg, self.interpret) + (at - t * self.rows)
     qi, kj = (tile, other) if tile_queries else (other, tile)
     near = _allowed(qi, kj, None, self.nr, self.level == 0, causal)
+    if counts is None:
+      return near
     return near & (lax.broadcast_in_dim(counts, shape, [1]) > 0)
 
   def parent_rows(self, parents):
@@ -487,12 +522,30 @@ class _Level:
     return _matmul(repeat.astype(parents.dtype), parents, False,
                    self.interpret)
 
+  def weights(self, w_s, weight, shape):
+    """Each tile row's share of its parent, for products with [rows, D]
+    arrays of ``shape``: float32 ``shape`` from the weights ``w_s`` [rows]
+    in shared memory, or from ``weight`` where they are None: a number
+    (every row's) or "first" (1 on each pair's first row, 0 on the
+    second; a tile starts at an even row)."""
+    wg = plgpu.Layout.WGMMA
+    if w_s is not None:
+      return lax.broadcast_in_dim(
+          _load(w_s, wg.reduce(1), self.interpret), shape, [0])
+    if weight == "first":
+      r = _iota(shape, 0, wg, self.interpret)
+      return ((r >> 1) * 2 == r).astype(jax.numpy.float32)
+    return weight
+
   @staticmethod
-  def copy_in(pairs, slot, bar):
-    """Starts the copies of a step: each (memory ref, staged buffer) pair
-    into the buffer's ``slot``, arriving on ``bar.at[slot]``."""
-    for src, dst in pairs:
-      plgpu.copy_gmem_to_smem(src, dst.at[slot], bar.at[slot])
+  def copy_in(copies, slot, bar):
+    """Starts the copies of a step: each (memory ref, index, staged
+    buffer) of ``copies`` (``ref.at[index]``) into the buffer's ``slot``,
+    arriving on ``bar.at[slot]``; those of a ref that is None (taken as a
+    number) skipped."""
+    for src, at, dst in copies:
+      if src is not None:
+        plgpu.copy_gmem_to_smem(src.at[at], dst.at[slot], bar.at[slot])
 
   def store(self, i, outs):
     """Writes step ``i``'s results: each (value, output buffer, output in
@@ -536,11 +589,13 @@ class _Level:
 
   def scratch(self, staged, outs):
     """The kernel's shared memory: ``staged`` buffers (shape, dtype,
-    transforms), each with one copy per step (``copy_in``) and a slot per
-    stage; ``outs`` output buffers (the same, one slot); the barrier of
-    each slot, waiting for as many copies as there are staged buffers."""
+    transforms; None: none), each with one copy per step (``copy_in``) and
+    a slot per stage; ``outs`` output buffers (the same, one slot); the
+    barrier of each slot, waiting for as many copies as there are staged
+    buffers."""
     smem = lambda shape, dtype, transforms: plgpu.SMEM(
         shape, dtype, transforms=transforms)
+    staged = [x for x in staged if x is not None]
     return ([smem((self.stages, *shape), dtype, t)
              for shape, dtype, t in staged]
             + [smem(*out) for out in outs]
@@ -580,12 +635,14 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
   """A level of the forward in Mosaic GPU: ``kernels._fwd_rows`` (``causal``
   or not; no dropout) of ``level`` (0: the caller's q, k, v; l >= 1: the
   pyramid's level l), with the level's real-token counts c [B, n] (each
-  key's weight), the parent level's normalised output ``po`` [B, n/2, H,
-  D] and lse ``plse`` [B, H, n/2]. Returns (o [B, n, H, D] in q's dtype;
-  lse [B, H, n]); at level 0, o is zero on rows that are not real (a
-  coarse level keeps what those rows compute, as the Triton kernel).
-  ``zero_rows``: v's rows of no real token are zeroed in shared memory
-  (``_Level.zero_rows``; else v must hold zeros or finite values there).
+  key's weight; or a number, every row's count, where every row is real: no
+  counts are read, ``kernels.Uniform``), the parent level's normalised
+  output ``po`` [B, n/2, H, D] and lse ``plse`` [B, H, n/2]. Returns (o [B,
+  n, H, D] in q's dtype; lse [B, H, n]); at level 0, o is zero on rows that
+  are not real (a coarse level keeps what those rows compute, as the Triton
+  kernel). ``zero_rows``: v's rows of no real token are zeroed in shared
+  memory (``_Level.zero_rows``; else v must hold zeros or finite values
+  there).
 
   A program loops over tiles of 64 query rows (a tensor-core product's
   least), each with the window of 64 + 2 nr keys around it (TMA, ``stages``
@@ -598,37 +655,47 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
   f32 = jnp.float32
   b, n, h, d = q.shape
   t0 = _Level("forward_level", q, nr, stages, programs, interpret, level)
+  count = _counts(c, zero_rows, "forward_level")
   plse2 = jnp.repeat(plse.astype(f32), 2, axis=-1)  # [B, H, n]
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+  ins = [q, k, v, None if count else c.astype(f32), po, plse2]
+  present = [x for x in ins if x is not None]
+  staged, outs = _buffers("forward", nr, d, q.dtype, counts=not count)
 
-  def body(q_g, k_g, v_g, c_g, po_g, pl_g, o_g, lse_g, q_s, k_s, v_s, ck_s,
-           cq_s, po_s, pl_s, o_s, lse_s, bar):
+  def body(*refs):
+    q_g, k_g, v_g, c_g, po_g, pl_g = _fill(refs[:len(present)], ins)
+    o_g, lse_g = refs[len(present):len(present) + 2]
+    q_s, k_s, v_s, ck_s, cq_s, po_s, pl_s = _fill(
+        refs[len(present) + 2:-3], staged)
+    o_s, lse_s, bar = refs[-3:]
+
     def issue(i, slot):
       bi, hi, _ = t0.where(i)
       own, keys, parents = t0.slices(i)
-      t0.copy_in(((q_g.at[bi, own, hi], q_s), (k_g.at[bi, keys, hi], k_s),
-                  (v_g.at[bi, keys, hi], v_s), (c_g.at[bi, keys], ck_s),
-                  (c_g.at[bi, own], cq_s), (po_g.at[bi, parents, hi], po_s),
-                  (pl_g.at[bi, hi, own], pl_s)), slot, bar)
+      t0.copy_in(((q_g, (bi, own, hi), q_s), (k_g, (bi, keys, hi), k_s),
+                  (v_g, (bi, keys, hi), v_s), (c_g, (bi, keys), ck_s),
+                  (c_g, (bi, own), cq_s), (po_g, (bi, parents, hi), po_s),
+                  (pl_g, (bi, hi, own), pl_s)), slot, bar)
 
     def step(i, slot):
       if zero_rows:
         t0.zero_rows([(v_s.at[slot], ck_s.at[slot])])
-      ck = _load(ck_s.at[slot], col, interpret)
+      ck = None if count else _load(ck_s.at[slot], col, interpret)
       ok = t0.band(i, ck, causal)
-      real_q = _load(cq_s.at[slot], row, interpret) > 0
       x = _matmul(q_s.at[slot], k_s.at[slot], True, interpret) * scale
-      if level == 0:
+      real_q = None  # Every row real where the counts are a number.
+      if level == 0 and not count:
         # A query row that is not real is a row of zeros (as ``_zeroed``
         # makes it for the Triton kernels): its logits are 0. (A coarse
         # level's such rows are zeros already.)
+        real_q = _load(cq_s.at[slot], row, interpret) > 0
         x = jnp.where(lax.broadcast_in_dim(real_q, x.shape, [0]), x, 0.0)
       x = jnp.where(ok, x, _NO_KEY)
       m = jnp.max(x, axis=1)
       p = jnp.where(ok, jnp.exp(x - lax.broadcast_in_dim(m, x.shape, [0])),
                     0.0)
       if level:  # Each key weighs its count (level 0's are 0/1: ``ok``).
-        p = p * lax.broadcast_in_dim(ck, p.shape, [1])
+        p = p * (count or lax.broadcast_in_dim(ck, p.shape, [1]))
       z = jnp.sum(p, axis=1)
       y = _matmul(p.astype(v.dtype), v_s.at[slot], False, interpret)
       parent = t0.parent_rows(po_s.at[slot])
@@ -641,7 +708,7 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
            + parent * lax.broadcast_in_dim(w, y.shape, [0]))
       has = z > 0
       zs = jnp.where(has, z, 1.0)
-      keep = ((real_q & has) if level == 0 else has).astype(f32) / zs
+      keep = (has if real_q is None else real_q & has).astype(f32) / zs
       t0.store(i, ((y * lax.broadcast_in_dim(keep, y.shape, [0]), o_s, o_g),
                    (jnp.where(has, big + jnp.log(zs), _NO_KEY), lse_s,
                     lse_g)))
@@ -650,9 +717,8 @@ def forward_level(q, k, v, c, po, plse, *, nr, scale, causal=False,
 
   out_type = [jax.ShapeDtypeStruct((b, n, h, d), q.dtype),
               jax.ShapeDtypeStruct((b, h, n), f32)]
-  scratch = t0.scratch(*_buffers("forward", nr, d, q.dtype))
-  return t0.call(body, f"hattn_fwd_l{level}_mosaic", out_type, scratch,
-                 q, k, v, c.astype(f32), po, plse2)
+  return t0.call(body, f"hattn_fwd_l{level}_mosaic", out_type,
+                 t0.scratch(staged, outs), *present)
 
 
 def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
@@ -664,13 +730,14 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
 
   q, k, v [B, n, H, D] (16-bit; k zero on rows that are not real where a
   mask may leave garbage there, as ``kernels._forward_level_mosaic`` does
-  for v, or ``zero_rows`` to zero them in shared memory), counts c [B, n],
-  the output cotangent g [B, n, H, D], E = dO . O and M = lse [B, H, n]
-  (``kernels._row_stats``), the parent level's dq
-  ``pdq`` [B, n/2, H, D] and the prolongation weights ``w`` [B, n] (a
-  row's share of its parent, ``kernels._prolong_weight`` of the queries'
-  mode). Returns dq [B, n, H, D] in q's dtype, at level 0 zero on rows
-  that are not real.
+  for v, or ``zero_rows`` to zero them in shared memory), counts c [B, n]
+  (or a number, as ``forward_level``'s), the output cotangent g [B, n, H,
+  D], E = dO . O and M = lse [B, H, n] (``kernels._row_stats``), the
+  parent level's dq ``pdq`` [B, n/2, H, D] and the prolongation weights
+  ``w`` [B, n] (a row's share of its parent, ``kernels._prolong_weight``
+  of the queries' mode; or a number, every row's, or "first": 1 on each
+  pair's first row, 0 on the second, ``_Level.weights``). Returns dq [B,
+  n, H, D] in q's dtype, at level 0 zero on rows that are not real.
 
   Per tile: s = q k^T and dp = g v^T over the window (the band's keys
   kept), ds = p (dp - E), dq = scale ds k + w (R pdq) with R the 0/1
@@ -681,26 +748,35 @@ def dq_level(q, k, v, c, g, e, m, pdq, w, *, nr, scale, causal=False,
   f32 = jax.numpy.float32
   b, n, h, d = q.shape
   t0 = _Level("dq_level", q, nr, stages, programs, interpret, level)
+  count = _counts(c, zero_rows, "dq_level")
+  weight = _number(w)
+  ins = [q, k, v, None if count else c.astype(f32), g, e, m, pdq,
+         None if weight is not None else w.astype(f32)]
+  present = [x for x in ins if x is not None]
+  staged, outs = _buffers("dq", nr, d, q.dtype, counts=not count,
+                          weights=weight is None)
 
   def body(*refs):
-    gmems, o_g, smems, (o_s, bar) = refs[:9], refs[9], refs[10:20], refs[20:]
+    gmems = _fill(refs[:len(present)], ins)
+    o_g, (o_s, bar) = refs[len(present)], refs[-2:]
+    smems = _fill(refs[len(present) + 1:-2], staged)
 
     def issue(i, slot):
       t0.copy_in(_dq_copies(t0, i, gmems, smems), slot, bar)
 
     def step(i, slot):
-      here = [x.at[slot] for x in smems]
+      here = [None if x is None else x.at[slot] for x in smems]
       if zero_rows:  # the window's k, by the window's counts
         t0.zero_rows([(here[1], here[3])])
-      dq = _dq_tile(t0, i, here, scale=scale, causal=causal)
+      dq = _dq_tile(t0, i, here, scale=scale, causal=causal, count=count,
+                    weight=weight)
       t0.store(i, ((dq, o_s, o_g),))
 
     t0.run(bar, issue, step)
 
-  scratch = t0.scratch(*_buffers("dq", nr, d, q.dtype))
   return t0.call(body, f"hattn_dq_l{level}_mosaic",
-                 jax.ShapeDtypeStruct((b, n, h, d), q.dtype), scratch,
-                 q, k, v, c.astype(f32), g, e, m, pdq, w.astype(f32))
+                 jax.ShapeDtypeStruct((b, n, h, d), q.dtype),
+                 t0.scratch(staged, outs), *present)
 
 
 def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
@@ -725,41 +801,50 @@ def dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, *, nr, scale,
   f32 = jax.numpy.float32
   b, n, h, d = q.shape
   t0 = _Level("dkv_level", q, nr, stages, programs, interpret, level)
+  count = _counts(c, zero_rows, "dkv_level")
+  weight = _number(w)
+  ins = [q, k, v, None if count else c.astype(f32), g, e, m, pdk, pdv,
+         None if weight is not None else w.astype(f32)]
+  present = [x for x in ins if x is not None]
+  staged, outs = _buffers("dkv", nr, d, q.dtype, counts=not count,
+                          weights=weight is None)
 
   def body(*refs):
-    gmems, outs, smems = refs[:10], refs[10:12], refs[12:23]
-    dk_s, dv_s, bar = refs[23:]
+    gmems = _fill(refs[:len(present)], ins)
+    out_g = refs[len(present):len(present) + 2]
+    smems = _fill(refs[len(present) + 2:-3], staged)
+    dk_s, dv_s, bar = refs[-3:]
 
     def issue(i, slot):
       t0.copy_in(_dkv_copies(t0, i, gmems, smems), slot, bar)
 
     def step(i, slot):
-      here = [x.at[slot] for x in smems]
+      here = [None if x is None else x.at[slot] for x in smems]
       if zero_rows:  # the window's q and dO, by the window's counts
         t0.zero_rows([(here[0], here[3]), (here[5], here[3])])
-      dk, dv = _dkv_tile(t0, i, here, scale=scale, causal=causal)
-      t0.store(i, ((dk, dk_s, outs[0]), (dv, dv_s, outs[1])))
+      dk, dv = _dkv_tile(t0, i, here, scale=scale, causal=causal,
+                         count=count, weight=weight)
+      t0.store(i, ((dk, dk_s, out_g[0]), (dv, dv_s, out_g[1])))
 
     t0.run(bar, issue, step)
 
-  scratch = t0.scratch(*_buffers("dkv", nr, d, q.dtype))
   out = [jax.ShapeDtypeStruct((b, n, h, d), k.dtype),
          jax.ShapeDtypeStruct((b, n, h, d), v.dtype)]
-  return t0.call(body, f"hattn_dkv_l{level}_mosaic", out, scratch,
-                 q, k, v, c.astype(f32), g, e, m, pdk, pdv, w.astype(f32))
+  return t0.call(body, f"hattn_dkv_l{level}_mosaic", out,
+                 t0.scratch(staged, outs), *present)
 
 
 def _dq_copies(t0, i, gmems, smems):
-  """(memory ref, shared-memory buffer) pairs of step ``i`` of the dq
+  """(memory ref, index, shared-memory buffer) of step ``i`` of the dq
   (``_Level.copy_in``): from q, k, v, counts, dO, E, M, the parents' dq
   and the weights in memory, the buffers ``_dq_tile`` reads."""
   q, k, v, c, g, e, m, p, w = gmems
   bi, hi, _ = t0.where(i)
   own, keys, parents = t0.slices(i)
-  return list(zip((q.at[bi, own, hi], k.at[bi, keys, hi],
-                   v.at[bi, keys, hi], c.at[bi, keys], c.at[bi, own],
-                   g.at[bi, own, hi], e.at[bi, hi, own], m.at[bi, hi, own],
-                   p.at[bi, parents, hi], w.at[bi, own]), smems))
+  return list(zip((q, k, v, c, c, g, e, m, p, w),
+                  ((bi, own, hi), (bi, keys, hi), (bi, keys, hi),
+                   (bi, keys), (bi, own), (bi, own, hi), (bi, hi, own),
+                   (bi, hi, own), (bi, parents, hi), (bi, own)), smems))
 
 
 def _dkv_copies(t0, i, gmems, smems):
@@ -768,70 +853,72 @@ def _dkv_copies(t0, i, gmems, smems):
   q, k, v, c, g, e, m, pk, pv, w = gmems
   bi, hi, _ = t0.where(i)
   own, qs, parents = t0.slices(i)
-  return list(zip((q.at[bi, qs, hi], k.at[bi, own, hi], v.at[bi, own, hi],
-                   c.at[bi, qs], c.at[bi, own], g.at[bi, qs, hi],
-                   e.at[bi, hi, qs], m.at[bi, hi, qs],
-                   pk.at[bi, parents, hi], pv.at[bi, parents, hi],
-                   w.at[bi, own]), smems))
+  return list(zip((q, k, v, c, c, g, e, m, pk, pv, w),
+                  ((bi, qs, hi), (bi, own, hi), (bi, own, hi), (bi, qs),
+                   (bi, own), (bi, qs, hi), (bi, hi, qs), (bi, hi, qs),
+                   (bi, parents, hi), (bi, parents, hi), (bi, own)), smems))
 
 
-def _dq_tile(t0, i, refs, *, scale, causal):
+def _dq_tile(t0, i, refs, *, scale, causal, count=None, weight=None):
   """float32 dq [rows, D] of step ``i``'s tile of queries (``dq_level``)
   from its shared-memory blocks: q, the window's k, v and counts, the
-  tile's counts, dO, E, M, the parents' dq and the weights."""
+  tile's counts, dO, E, M, the parents' dq and the weights (the counts
+  None where they are ``count``, the weights where they are ``weight``:
+  ``dq_level``'s numbers)."""
   jnp = jax.numpy
   q_s, k_s, v_s, ck_s, cq_s, g_s, e_s, m_s, p_s, w_s = refs
   rows, win, level, interpret = t0.rows, t0.win, t0.level, t0.interpret
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-  ck = _load(ck_s, col, interpret)
+  ck = None if count else _load(ck_s, col, interpret)
   ok = t0.band(i, ck, causal)
   bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [0])
   s = _matmul(q_s, k_s, True, interpret) * scale
   mrow = _load(m_s, row, interpret)
   p = jnp.where(ok, jnp.exp(jnp.minimum(s - bcast(mrow), 0.0)), 0.0)
   if level:  # The keys' counts (level 0's: ``ok``).
-    p = p * lax.broadcast_in_dim(ck, p.shape, [1])
+    p = p * (count or lax.broadcast_in_dim(ck, p.shape, [1]))
   dp = _matmul(g_s, v_s, True, interpret)
   erow = _load(e_s, row, interpret)
   # Selected, not multiplied: dp may be NaN where v is garbage.
   ds = jnp.where(ok, p * (dp - bcast(erow)), 0.0)
   dq = _matmul(ds.astype(k_s.dtype), k_s, False, interpret)
   parent = t0.parent_rows(p_s)
-  wrow = lax.broadcast_in_dim(_load(w_s, row, interpret), dq.shape, [0])
-  dq = dq * scale + wrow * parent
-  if level == 0:
+  dq = dq * scale + t0.weights(w_s, weight, dq.shape) * parent
+  if level == 0 and not count:
     real_q = lax.broadcast_in_dim(_load(cq_s, row, interpret),
                                   dq.shape, [0]) > 0
     dq = jnp.where(real_q, dq, 0.0)
   return dq
 
 
-def _dkv_tile(t0, i, refs, *, scale, causal):
+def _dkv_tile(t0, i, refs, *, scale, causal, count=None, weight=None):
   """float32 (dk, dv) [rows, D] of step ``i``'s tile of keys
   (``dkv_level``) from its shared-memory blocks: the window's q, the
   tile's k, v, the window's and the tile's counts, the window's dO, E and
-  M, the parents' dk and dv, the weights."""
+  M, the parents' dk and dv, the weights (None where they are numbers, as
+  ``_dq_tile``'s)."""
   jnp = jax.numpy
   q_s, k_s, v_s, cq_s, ck_s, g_s, e_s, m_s, pk_s, pv_s, w_s = refs
   rows, win, level, interpret = t0.rows, t0.win, t0.level, t0.interpret
   row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-  ok = t0.band(i, _load(cq_s, col, interpret), causal, tile_queries=False)
+  ok = t0.band(i, None if count else _load(cq_s, col, interpret), causal,
+               tile_queries=False)
   bcast = lambda x: lax.broadcast_in_dim(x, (rows, win), [1])
   st = _matmul(k_s, q_s, True, interpret) * scale
   mcol = _load(m_s, col, interpret)
   p = jnp.where(ok, jnp.exp(jnp.minimum(st - bcast(mcol), 0.0)), 0.0)
-  ck = _load(ck_s, row, interpret)
+  ck = None if count else _load(ck_s, row, interpret)
   if level:  # The keys' counts (level 0 zeroes its own below).
-    p = p * lax.broadcast_in_dim(ck, p.shape, [0])
+    p = p * (count or lax.broadcast_in_dim(ck, p.shape, [0]))
   dv = _matmul(p.astype(g_s.dtype), g_s, False, interpret)
   dp = _matmul(v_s, g_s, True, interpret)
   ecol = _load(e_s, col, interpret)
   ds = jnp.where(ok, p * (dp - bcast(ecol)), 0.0)
   dk = _matmul(ds.astype(q_s.dtype), q_s, False, interpret)
-  wrow = lax.broadcast_in_dim(_load(w_s, row, interpret), dk.shape, [0])
+  wrow = t0.weights(w_s, weight, dk.shape)
   dk = dk * scale + wrow * t0.parent_rows(pk_s)
   dv = dv + wrow * t0.parent_rows(pv_s)
-  if level == 0:
+  if level == 0 and not count:
     real_k = lax.broadcast_in_dim(ck, dk.shape, [0]) > 0
     dk, dv = (jnp.where(real_k, x, 0.0) for x in (dk, dv))
   return dk, dv
