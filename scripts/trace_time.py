@@ -6,8 +6,8 @@ v)``, ``implementation="pallas"``'s kernels) under ``jax.jit``, and
 reports the seconds to trace it, to lower it for a CUDA GPU and, on a
 GPU, to compile it, with the number of kernel launches in the lowered
 module and of the XLA operations between them (``ops_outside_kernels``:
-each fusion of those is a launch too; ``--forward``: the stack's forward
-alone, no gradient). The kernels are one jitted function per setting
+each fusion of those is a launch too; ``--show_ops``: them by name;
+``--forward``: the stack's forward alone, no gradient). The kernels are one jitted function per setting
 (``kernels.hierarchical_attention_pallas``), so layers of one shape share
 one trace and one lowering: the time should barely grow with the layers.
 
@@ -27,6 +27,7 @@ kernels' jitted functions dropped first).
 """
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -73,12 +74,13 @@ _NO_LAUNCH = {"custom_call", "reshape", "constant"}
 
 
 def ops_outside_kernels(text):
-  """How many StableHLO operations the lowered module ``text`` holds
-  besides ``_NO_LAUNCH``: the XLA work between the kernels, whose fusions
+  """The StableHLO operations the lowered module ``text`` holds besides
+  ``_NO_LAUNCH``, by name: the XLA work between the kernels, whose fusions
   are launches of their own (the loss's sum and its gradient among them;
   a function's operations counted once however often it is called)."""
   ops = re.findall(r"= stablehlo\.([a-z_]+)", text)
-  return sum(op not in _NO_LAUNCH for op in ops)
+  return dict(sorted(collections.Counter(
+      op for op in ops if op not in _NO_LAUNCH).items()))
 
 
 def measure(args, layers):
@@ -93,11 +95,14 @@ def measure(args, layers):
   lowering = time.perf_counter()
   lowered = traced.lower(lowering_platforms=("cuda",))
   done = time.perf_counter()
+  outside = ops_outside_kernels(lowered.as_text())
   row = {"layers": layers, "batch": batch, "length": args.length,
          "trace_s": round(lowering - start, 2),
          "lower_s": round(done - lowering, 2),
          "kernel_calls": lowered.as_text().count("stablehlo.custom_call"),
-         "ops_outside_kernels": ops_outside_kernels(lowered.as_text())}
+         "ops_outside_kernels": sum(outside.values())}
+  if args.show_ops:
+    row["ops"] = outside
   if jax.default_backend() == "gpu":
     lowered.compile()
     row["compile_s"] = round(time.perf_counter() - done, 2)
@@ -120,6 +125,9 @@ def main():
                       "GPU")
   parser.add_argument("--forward", action="store_true",
                       help="the forward alone (no gradient)")
+  parser.add_argument("--show_ops", action="store_true",
+                      help="also list the operations outside the kernels "
+                      "by name (field ops)")
   parser.add_argument("--per_call", action="store_true",
                       help="trace the kernels anew at every call")
   args = parser.parse_args()

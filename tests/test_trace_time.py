@@ -53,9 +53,10 @@ def test_gradient_ops_between_the_kernels():
   by Mosaic GPU kernels on Hopper, which take the counts and the
   prolongation weights as numbers: they were 21 more operations)."""
   for head_dim in ("16", "64"):
-    row, = _rows("--layers", "1", "--head_dim", head_dim)
+    row, = _rows("--layers", "1", "--head_dim", head_dim, "--show_ops")
     assert row["kernel_calls"] > 0
     assert row["ops_outside_kernels"] == 3, head_dim
+    assert row["ops"] == {"add": 1, "broadcast_in_dim": 1, "convert": 1}
 
 def test_layers_below_one_are_an_error():
   proc = subprocess.run(
