@@ -524,7 +524,8 @@ def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(monkeypatch, width,
   128 do not fit (Mosaic GPU says so when lowering), and the pyramid
   takes the products kernel (a ``pallas_call``) for them instead. Rows of
   256 bytes (128 bfloat16, 64 float32) take one output slot: two need
-  233,488 bytes (the GPU refused them at 65,536 tokens)."""
+  233,488 bytes (the GPU refused them at 65,536 tokens); two where the
+  counts are a number (no mask, no padding: no count vectors loaded)."""
   # Enough steps per program for the pipeline's two stages.
   x = jax.ShapeDtypeStruct((1, 16384, 8, width), dtype)
   c = jax.ShapeDtypeStruct((1, 16384), jnp.float32)
@@ -548,6 +549,20 @@ def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(monkeypatch, width,
                                    jnp.ones(c.shape))
   names = {e.primitive.name for e in jaxpr_equations(pyramid.jaxpr)}
   assert ("pallas_call" in names) == (not fits), names
+  # Counts taken as a number (``kernels.Uniform``) load no count vectors:
+  # rows of 256 bytes then take two output slots, which lower.
+  uniform = [s for s in (2, 1) if mosaic.coarsen_smem(
+      [x] * 3, modes, 2, out_slots=s, counts=False) <= mosaic.SMEM_BYTES]
+  assert uniform == {512: [], 256: [2, 1]}.get(row_bytes, [2, 1])
+  if uniform:
+    text = jax.jit(lambda a, b, e: mosaic.coarsen(
+        [a, b, e], modes, 1.0, 2, out_slots=uniform[0])).trace(
+            x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    arrays = [jnp.zeros(x.shape, dtype)] * 3
+    for counts in (True, False):
+      [(_, slots)] = kernels._mosaic_pass(arrays, modes, 6, counts)[1]
+      assert slots == (fits if counts else uniform)[0]
 
 
 @pytest.mark.parametrize("width,dtype", [(16, "bfloat16"), (64, "bfloat16"),

@@ -1967,12 +1967,14 @@ def _coarsen(arrays, modes, c, count, interpret, base=0, impl=None):
 _MOSAIC_PASS, _MOSAIC_ROWS = 2, 64
 
 
-def _mosaic_pass(arrays, modes, left):
+def _mosaic_pass(arrays, modes, left, counts=True):
   """(levels, output slots per width) of the next Mosaic GPU pyramid pass
   over ``arrays`` with ``left`` levels to make: ``TUNING["pyramid_pass"]``
   levels where the length and shared memory allow them, else two, each
   width (q and k may differ from v) with two output slots where they fit
-  beside ``TUNING["pyramid_stages"]`` steps of input blocks, else one;
+  beside ``TUNING["pyramid_stages"]`` steps of input blocks (and their
+  counts, unless ``counts`` is False: ``Uniform`` counts, which the pass
+  takes as a number: 16-bit rows of 128 then take two slots), else one;
   None where no such pass fits (the "dot" kernel's turn)."""
   from htransformer.attention import mosaic  # Only where it is chosen.
   n = arrays[0].shape[1]
@@ -1983,7 +1985,7 @@ def _mosaic_pass(arrays, modes, left):
   for step in dict.fromkeys((min(most, left), min(_MOSAIC_PASS, left))):
     slots = [next((s for s in (2, 1) if mosaic.coarsen_smem(
         [arrays[i] for i in ids], [modes[i] for i in ids], step,
-        rows=_MOSAIC_ROWS, stages=stages, out_slots=s)
+        rows=_MOSAIC_ROWS, stages=stages, out_slots=s, counts=counts)
                    <= mosaic.SMEM_BYTES), 0) for ids in widths]
     if not n % (_MOSAIC_ROWS << step) and all(slots):
       return step, list(zip(widths, slots))
@@ -1998,7 +2000,8 @@ def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
   from htransformer.attention import mosaic  # Only where it is chosen.
   levels = [[] for _ in arrays]
   while len(levels[0]) < count:
-    chosen = _mosaic_pass(arrays, modes, count - len(levels[0]))
+    chosen = _mosaic_pass(arrays, modes, count - len(levels[0]),
+                          counts=not isinstance(c, Uniform))
     if chosen is None:
       rest = _coarsen(arrays, modes, c, count - len(levels[0]), interpret,
                       base, impl="dot")

@@ -155,15 +155,17 @@ def _combine(mode, a, b):
 SMEM_BYTES = 227 * 1024 - 1024
 
 
-def coarsen_smem(arrays, modes, levels, *, rows=64, stages=2, out_slots=2):
+def coarsen_smem(arrays, modes, levels, *, rows=64, stages=2, out_slots=2,
+                 counts=True):
   """Shared memory of a ``coarsen`` launch (bytes, at least what Mosaic
   GPU allocates): the largest array's pipeline buffers (``stages`` steps
-  of its blocks and counts) and the output slots."""
+  of its blocks and, unless ``counts`` is False, as where ``coarsen``
+  takes them as a number, their counts) and the output slots."""
   t = 2**levels
   block = lambda x: _aligned(
       rows * x.shape[-1] * jax.numpy.dtype(x.dtype).itemsize)
-  pipeline = max(stages * len(_loaded_rows(m, t))
-                 * (block(x) + _aligned(4 * rows))
+  count = _aligned(4 * rows) if counts else 0
+  pipeline = max(stages * len(_loaded_rows(m, t)) * (block(x) + count)
                  for x, m in zip(arrays, modes))
   return pipeline + out_slots * (t - 1) * max(block(x) for x in arrays)
 
