@@ -7,9 +7,10 @@ reports the seconds to trace it, to lower it for a CUDA GPU and, on a
 GPU, to compile it, with the number of kernel launches in the lowered
 module and of the XLA operations between them (``ops_outside_kernels``:
 each fusion of those is a launch too; ``--show_ops``: them by name;
-``--forward``: the stack's forward alone, no gradient). The kernels are one jitted function per setting
-(``kernels.hierarchical_attention_pallas``), so layers of one shape share
-one trace and one lowering: the time should barely grow with the layers.
+``--forward``: the stack's forward alone, no gradient). The kernels are
+one jitted function per setting (``kernels.hierarchical_attention_pallas``),
+so layers of one shape share one trace and one lowering: the time should
+barely grow with the layers.
 
 Lowering for a GPU needs no GPU with jax 0.10 (this project's CPU
 environment); jax 0.11 lowers the Triton kernels only where it sees one.
@@ -95,11 +96,12 @@ def measure(args, layers):
   lowering = time.perf_counter()
   lowered = traced.lower(lowering_platforms=("cuda",))
   done = time.perf_counter()
-  outside = ops_outside_kernels(lowered.as_text())
+  text = lowered.as_text()
+  outside = ops_outside_kernels(text)
   row = {"layers": layers, "batch": batch, "length": args.length,
          "trace_s": round(lowering - start, 2),
          "lower_s": round(done - lowering, 2),
-         "kernel_calls": lowered.as_text().count("stablehlo.custom_call"),
+         "kernel_calls": text.count("stablehlo.custom_call"),
          "ops_outside_kernels": sum(outside.values())}
   if args.show_ops:
     row["ops"] = outside

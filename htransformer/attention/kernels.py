@@ -691,6 +691,14 @@ def _array(c):
   return c.array() if isinstance(c, Uniform) else c
 
 
+def _coarser_counts(c, levels=1):
+  """The counts ``levels`` levels above ``c`` (each row the sum of its
+  2**levels children): ``Uniform``'s own, or an array's pair sums."""
+  if isinstance(c, Uniform):
+    return c.coarser(levels)
+  return c.reshape(c.shape[0], -1, 2**levels).sum(axis=-1)
+
+
 def _mosaic_counts(c):
   """Counts as the Mosaic GPU kernels take them: an array, or a number
   where they are ``Uniform``."""
@@ -2019,19 +2027,16 @@ def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
     for done, more in zip(levels, new):
       done += more
     arrays = [more[-1] for more in new]
-    c = (c.coarser(step) if isinstance(c, Uniform) else
-         c.reshape(c.shape[0], -1, 2**step).sum(axis=-1))
+    c = _coarser_counts(c, step)
     base += step
   return levels
 
 
 def _level_counts(c0, levels):
   """Real-token counts [B, n >> l] of levels l = 0 .. levels-1."""
-  if isinstance(c0, Uniform):
-    return [c0.coarser(level) for level in range(levels)]
   counts = [c0]
   for _ in range(1, levels):
-    counts.append(counts[-1].reshape(c0.shape[0], -1, 2).sum(axis=-1))
+    counts.append(_coarser_counts(counts[-1]))
   return counts
 
 

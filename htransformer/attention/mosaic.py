@@ -209,7 +209,8 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
   programs = programs or _programs(steps, b * h)
   per = steps // programs
   views = [x.reshape(b, groups, t, h, d) for x in arrays]
-  uniform = isinstance(c, (int, float))
+  count = _counts(c, False, "mosaic.coarsen")
+  uniform = count is not None
   cv = [] if uniform else [
       jnp.swapaxes(c.astype(jnp.float32).reshape(b, groups, t), 1, 2)]
   out_type = [jax.ShapeDtypeStruct((b, groups, t >> l, h, d), x.dtype)
@@ -225,7 +226,7 @@ def coarsen(arrays, modes, c, levels, *, rows=64, stages=2, programs=None,
     for i, x_ref in enumerate(x_refs):
       xs = _load(x_ref, wg, interpret).astype(jnp.float32)
       if uniform:  # Every row real, each of c tokens: no select.
-        level.append((xs * float(c) if mode == "mean" else xs, float(c)))
+        level.append((xs * count if mode == "mean" else xs, count))
         continue
       cs = _load(c_refs[i], row, interpret)
       cb = lax.broadcast_in_dim(cs, xs.shape, [0])
@@ -358,9 +359,10 @@ def _fill(refs, like):
 
 
 def _counts(c, zero_rows, name):
-  """A level kernel's counts as a number (every row real, each of that
-  many tokens: positive), or None for an array [B, n]; ``zero_rows``
-  needs the array (it finds rows of no real token by their counts)."""
+  """A kernel's counts (``coarsen``'s, a level kernel's) as a number
+  (every row real, each of that many tokens: positive), or None for an
+  array [B, n]; ``zero_rows`` needs the array (it finds rows of no real
+  token by their counts)."""
   count = _number(c)
   if count is None:
     return None
