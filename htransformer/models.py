@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from htransformer.attention import cudnn_padded_length
+from htransformer.attention.api import check_settings as check_attention_settings
 from htransformer.attention import dropout as dropout_lib
 from htransformer.attention import full_attention
 from htransformer.attention import hierarchical_attention
@@ -82,7 +83,12 @@ class MultiHeadAttention(nnx.Module):
     dtype: computation dtype (parameters stay float32).
     dropout_rate: attention dropout on the attention weights (the
       attention functions' ``dropout_rate``), in training only; it draws
-      from the ``dropout`` stream of the ``rngs`` given at call time.
+      from the ``rngs`` given at call time.
+    deterministic: no dropout in calls that do not say (as ``nnx.Dropout``'s
+      argument: ``.train()`` sets it False and ``.eval()`` True).
+
+  The settings are checked here, not at the first call (which may be
+  inside a jitted step).
   """
 
   def __init__(self, num_heads: int, in_features: int, *,
@@ -91,10 +97,20 @@ class MultiHeadAttention(nnx.Module):
                attention: str = "hierarchical", block_size: int = 16,
                causal: bool = False, implementation: str | None = None,
                dtype: Any = None, dropout_rate: float = 0.0,
-               rngs: nnx.Rngs):
+               deterministic: bool = True, rngs: nnx.Rngs):
     if attention not in ATTENTION_KINDS:
       raise ValueError(
           f"attention must be one of {ATTENTION_KINDS}, got {attention!r}.")
+    for name, n in (("num_heads", num_heads), ("in_features", in_features),
+                    ("qkv_features", qkv_features),
+                    ("out_features", out_features)):
+      if n is not None and (isinstance(n, (bool, np.bool_))
+                            or not isinstance(n, (int, np.integer))
+                            or n < 1):
+        raise ValueError(f"{name} must be a positive integer, got {n!r}.")
+    checked, causal = check_attention_settings(
+        attention, block_size=block_size, causal=causal,
+        implementation=implementation)
     qkv_features = qkv_features or in_features
     out_features = out_features or in_features
     if qkv_features % num_heads:
@@ -105,11 +121,12 @@ class MultiHeadAttention(nnx.Module):
     self.in_features = in_features
     self.head_dim = qkv_features // num_heads
     self.attention = attention
-    self.block_size = block_size
+    self.block_size = block_size if checked is None else checked
     self.causal = causal
     self.implementation = implementation
     self.dtype = _dtype(dtype)
     self.dropout_rate = dropout_lib.check_rate(dropout_rate)
+    self.deterministic = bool(deterministic)
     init = nnx.initializers.xavier_uniform()
     make = lambda i, o: nnx.Linear(i, o, use_bias=False,
                                    kernel_init=_sharded(init, SPLIT_OUT),
@@ -121,11 +138,15 @@ class MultiHeadAttention(nnx.Module):
                           kernel_init=_sharded(init, SPLIT_IN),
                           dtype=self.dtype, rngs=rngs)
 
-  def __call__(self, x, mask=None, *, deterministic=True, rngs=None):
+  def __call__(self, x, mask=None, *, deterministic=None, rngs=None):
     """x: [batch, length, in_features]; mask: bool [batch, length].
 
-    With ``dropout_rate > 0`` and ``deterministic=False``, ``rngs`` (an
-    ``nnx.Rngs`` with a ``dropout`` stream) draws the dropout key."""
+    ``deterministic``: None takes the layer's (``.train()`` / ``.eval()``).
+    With ``dropout_rate > 0`` and dropout on, ``rngs`` gives the dropout
+    key: an ``nnx.Rngs`` (its ``dropout`` stream), an ``nnx.RngStream``
+    or a JAX PRNG key."""
+    if deterministic is None:
+      deterministic = self.deterministic
     if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.in_features:
       raise ValueError(
           f"MultiHeadAttention expects x of shape [batch, length, "
@@ -135,12 +156,8 @@ class MultiHeadAttention(nnx.Module):
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
     drop = dict(dropout_rate=0.0, dropout_rng=None)
     if self.dropout_rate and not deterministic:
-      if rngs is None:
-        raise ValueError(
-            "MultiHeadAttention with dropout_rate > 0 needs rngs (with a "
-            "'dropout' stream) when deterministic=False.")
       drop = dict(dropout_rate=self.dropout_rate,
-                  dropout_rng=rngs.dropout())
+                  dropout_rng=_dropout_key(rngs))
     if self.attention == "hierarchical":
       y = hierarchical_attention(q, k, v, block_size=self.block_size,
                                  causal=self.causal, mask=mask,
@@ -149,6 +166,21 @@ class MultiHeadAttention(nnx.Module):
       y = full_attention(q, k, v, causal=self.causal, mask=mask,
                          implementation=self.implementation, **drop)
     return self.out(y.reshape(b, l, -1))
+
+
+def _dropout_key(rngs):
+  """The dropout key from an ``nnx.Rngs``, ``nnx.RngStream`` or a key."""
+  if isinstance(rngs, nnx.Rngs):
+    return rngs.dropout()
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  if isinstance(rngs, jax.Array):
+    return rngs  # The attention function checks that it is one key.
+  raise ValueError(
+      "MultiHeadAttention with dropout_rate > 0 and dropout on "
+      "(deterministic=False, or .train()) needs rngs: an nnx.Rngs (its "
+      "'dropout' stream), an nnx.RngStream or a JAX PRNG key; got "
+      f"{type(rngs).__name__}.")
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:

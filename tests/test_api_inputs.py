@@ -91,6 +91,30 @@ def test_mixed_dtypes(dtypes):
   assert _hier(*mixed, mask=mask).dtype == out.dtype
 
 
+def test_mixed_dtypes_keys_out_of_the_query_range():
+  """Keys float16 cannot hold: each path computes in the promoted dtype (a
+  float16 copy of the keys would be inf, the logits inf - inf = NaN)."""
+  q = jnp.full((1, 16, 1, 4), 1e-4, jnp.float16)
+  v = jnp.asarray(make_qkv(5, 1, 16, 1, 4)[2], jnp.float16)
+  k = jnp.full((1, 16, 1, 4), 1e5, jnp.float32)
+  want = full_attention(q, k, v)
+  assert np.isfinite(np.asarray(want, np.float32)).all()
+  for impl, block_size in (("xla", 4), ("pallas_interpret", 16)):
+    out = hierarchical_attention(q, k, v, block_size=block_size,
+                                 implementation=impl)
+    assert out.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(out, np.float32),
+                               np.asarray(want, np.float32), atol=2e-3,
+                               err_msg=impl)
+
+
+@pytest.mark.parametrize("name", ["full", "hierarchical"])
+def test_inputs_that_are_not_arrays_are_named(name):
+  q, k, v = make_qkv(0, 1, 8, 1, 4)
+  with pytest.raises(TypeError, match="query must be an array .* got list"):
+    FUNCTIONS[name](q.tolist(), k, v)
+
+
 # ----------------------------------------------------------------------------
 # 3. Integer-like block sizes.
 # ----------------------------------------------------------------------------

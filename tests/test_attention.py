@@ -1121,7 +1121,8 @@ def test_full_attention_dropout(causal, monkeypatch):
 
 def test_dropout_errors():
     q, k, v = make_qkv(53, 1, 16, 1, 4)
-    for rate in (-0.1, 1.0, "a"):
+    # Strings and bools are not rates, even where float() would take them.
+    for rate in (-0.1, 1.0, "a", "0.5", True, False, np.bool_(False)):
         with pytest.raises(ValueError, match="dropout_rate"):
             hierarchical_attention(q, k, v, block_size=4, dropout_rate=rate,
                                    dropout_rng=jax.random.PRNGKey(0))

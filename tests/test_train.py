@@ -549,10 +549,37 @@ def test_attention_layer_passes_implementation():
                                    rngs=nnx.Rngs(0))
   # block_size 16 >= padded length / 2: hierarchical equals full attention.
   np.testing.assert_allclose(full(x), hier(x), atol=1e-5)
-  bad = models.MultiHeadAttention(2, 16, attention="hierarchical",
-                                  implementation="cudnn", rngs=nnx.Rngs(0))
+  # Refused when the layer is built, not at its first (perhaps jitted) call.
   with pytest.raises(ValueError, match="implementation"):
-    bad(x)
+    models.MultiHeadAttention(2, 16, attention="hierarchical",
+                              implementation="cudnn", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="implementation"):
+    models.MultiHeadAttention(2, 16, attention="full",
+                              implementation="pallas", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(num_heads=0), ValueError, "num_heads must be a positive integer"),
+    (dict(num_heads=-2), ValueError, "num_heads must be a positive integer"),
+    (dict(num_heads=2.0), ValueError, "num_heads must be a positive integer"),
+    (dict(num_heads=True), ValueError, "num_heads must be a positive integer"),
+    (dict(in_features=0), ValueError, "in_features must be a positive"),
+    (dict(qkv_features=-4), ValueError, "qkv_features must be a positive"),
+    (dict(block_size=3), ValueError, "block_size must be an even integer"),
+    (dict(block_size="4"), ValueError, "block_size must be an even integer"),
+    (dict(causal="yes"), TypeError, "causal must be a bool"),
+    (dict(implementation="bogus"), ValueError, "implementation must be one"),
+    (dict(dropout_rate="0.1"), ValueError, "dropout_rate"),
+])
+def test_attention_layer_settings_are_checked_when_built(kwargs, error,
+                                                         match):
+  args = dict(num_heads=2, in_features=16) | kwargs
+  with pytest.raises(error, match=match):
+    models.MultiHeadAttention(args.pop("num_heads"), args.pop("in_features"),
+                              **args, rngs=nnx.Rngs(0))
+  # Full attention takes no block size: an odd one is not its business.
+  models.MultiHeadAttention(2, 16, attention="full", block_size=3,
+                            rngs=nnx.Rngs(0))
 
 
 def test_attention_layer_dropout():
@@ -580,6 +607,21 @@ def test_attention_layer_dropout():
     y = fn(q, k, v, implementation="xla", dropout_rate=0.3, dropout_rng=key,
            **kw)
     np.testing.assert_allclose(a, drop.out(y.reshape(2, 10, 16)), atol=1e-6)
+    # The same key given as a stream or as the key itself.
+    np.testing.assert_array_equal(
+        a, drop(x, deterministic=False, rngs=nnx.Rngs(dropout=1)["dropout"]))
+    np.testing.assert_array_equal(a, drop(x, deterministic=False, rngs=key))
+    with pytest.raises(ValueError, match="needs rngs: an nnx.Rngs"):
+      drop(x, deterministic=False, rngs=1)
+    # nnx's modes: .train() turns dropout on where a call does not say,
+    # .eval() off; a call's own deterministic wins.
+    drop.train()
+    np.testing.assert_array_equal(a, drop(x, rngs=nnx.Rngs(dropout=1)))
+    with pytest.raises(ValueError, match="needs rngs"):
+      drop(x)
+    np.testing.assert_array_equal(plain(x), drop(x, deterministic=True))
+    drop.eval()
+    np.testing.assert_array_equal(plain(x), drop(x))
   with pytest.raises(ValueError, match="dropout_rate"):
     make(1.5, "full")
 

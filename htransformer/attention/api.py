@@ -43,6 +43,10 @@ def _backend() -> str:
 def _check_inputs(query, key, value, mask):
   """Validates shapes and the mask; returns the bool mask [B, L] (or None)."""
   for name, x in (("query", query), ("key", key), ("value", value)):
+    if not hasattr(x, "dtype"):
+      raise TypeError(
+          f"{name} must be an array (JAX or numpy) [batch, length, heads, "
+          f"head_dim], got {type(x).__name__}.")
     if getattr(x, "ndim", None) != 4:
       raise ValueError(
           f"{name} must have rank 4 [batch, length, heads, head_dim], got "
@@ -141,6 +145,31 @@ def _check_block_size(block_size) -> int:
   return size
 
 
+def _check_implementation(implementation, allowed):
+  if implementation not in allowed:
+    raise ValueError(
+        f"implementation must be one of {allowed} or None, got "
+        f"{implementation!r}.")
+
+
+def check_settings(attention: str, *, block_size=16, causal=False,
+                   implementation=None) -> tuple[int | None, bool]:
+  """An attention layer's settings checked before its first call.
+
+  ``attention``: "hierarchical" (block_size, causal, implementation as
+  ``hierarchical_attention`` takes them) or "full" (``full_attention``'s;
+  block_size unused). Returns (block_size as an int, or None for "full";
+  causal as a bool); raises the errors the call would raise."""
+  causal = _check_causal(causal)
+  if attention == "full":
+    if implementation is not None:
+      _check_implementation(implementation, FULL_IMPLEMENTATIONS)
+    return None, causal
+  if implementation is not None:
+    _check_implementation(implementation, HIERARCHICAL_IMPLEMENTATIONS)
+  return _check_block_size(block_size), causal
+
+
 def _check_causal(causal) -> bool:
   if not isinstance(causal, (bool, np.bool_)):
     raise TypeError(
@@ -237,10 +266,7 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
   rate, seeds = _dropout_seeds(dropout_rate, dropout_rng, query)
   if implementation is None:
     implementation = _default_hierarchical(query, value, block_size, key)
-  if implementation not in HIERARCHICAL_IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {HIERARCHICAL_IMPLEMENTATIONS} or "
-        f"None, got {implementation!r}.")
+  _check_implementation(implementation, HIERARCHICAL_IMPLEMENTATIONS)
   if implementation == "pallas" and (missing := kernels.triton_missing()):
     raise ValueError(
         f"implementation='pallas' cannot run: {missing}. Use 'xla' (or "
@@ -402,10 +428,7 @@ def full_attention(query, key, value, *, causal: bool = False, mask=None,
   if implementation is None:
     implementation = ("cudnn" if _cudnn_supported(query, value) and not rate
                       else "xla")
-  if implementation not in FULL_IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {FULL_IMPLEMENTATIONS} or None, got "
-        f"{implementation!r}.")
+  _check_implementation(implementation, FULL_IMPLEMENTATIONS)
   if implementation == "cudnn" and rate:
     raise ValueError(
         "implementation='cudnn' has no attention dropout; use "

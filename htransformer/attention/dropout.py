@@ -49,6 +49,8 @@ def mix(x, xp=jnp):
 def check_rate(rate) -> float:
   """``rate`` as a float in [0, 1), or a clear error."""
   try:
+    if isinstance(rate, (bool, np.bool_, str, bytes)):
+      raise TypeError
     value = float(rate)
   except (TypeError, ValueError):
     raise ValueError(

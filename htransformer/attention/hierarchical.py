@@ -192,7 +192,10 @@ def hierarchical_attention_xla(query, key, value, valid, *, block_size,
   """
   batch, length, heads, dim = query.shape
   out_dtype = query.dtype
-  compute_dtype = jnp.promote_types(query.dtype, value.dtype)
+  # All three: a key of a wider dtype than q and v (float32 keys of
+  # magnitudes float16 cannot hold) is not rounded into inf.
+  compute_dtype = jnp.promote_types(
+      jnp.promote_types(query.dtype, key.dtype), value.dtype)
   # float32 accumulation at least (bfloat16 inputs), float64 for float64.
   acc_dtype = jnp.promote_types(compute_dtype, jnp.float32)
   scale = 1.0 / math.sqrt(dim)

@@ -481,14 +481,15 @@ def level0_impl(kind: str, interpret: bool = False,
   return "triton"
 
 
-def unsupported_reason(query, value, block_size: int) -> str | None:
+def unsupported_reason(query, value, block_size: int,
+                       key=None) -> str | None:
   """Why the kernels cannot run these inputs (None if they can)."""
   d, dv = query.shape[-1], value.shape[-1]
   if not (_pow2(block_size) and block_size >= 16):
     return f"block_size must be a power of two >= 16, got {block_size}"
   if min(d, dv) < 1:
     return f"head dims must be >= 1, got {d} and {dv}"
-  for x in (query, value):
+  for x in (query, value) if key is None else (query, key, value):
     if jnp.dtype(x.dtype).itemsize > 4:
       return f"inputs must be 16- or 32-bit floats, got {x.dtype}"
   return None
@@ -2438,7 +2439,7 @@ def _jitted(state, **settings):
 def _pallas_attention(query, key, value, valid, dropout_seeds, *,
                       block_size, causal, interpret, tile, dropout_rate):
   """``hierarchical_attention_pallas``'s body (traced by ``_jitted``)."""
-  reason = unsupported_reason(query, value, block_size)
+  reason = unsupported_reason(query, value, block_size, key)
   if reason:
     mode = "pallas_interpret" if interpret else "pallas"
     raise ValueError(f"implementation={mode!r} cannot run these inputs: "
