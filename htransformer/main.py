@@ -43,13 +43,27 @@ def main(argv):
   # A workdir this launch creates goes again if the run is refused before
   # writing anything into it.
   created = not os.path.exists(os.path.abspath(FLAGS.workdir))
+
+  def fail(message: str, code: int):
+    print(message, file=sys.stderr)
+    if created:
+      try:
+        os.rmdir(FLAGS.workdir)  # only if still empty
+      except OSError:
+        pass
+    sys.exit(code)
+
   try:
     config_utils.make_workdir(FLAGS.workdir)
   except ValueError as e:
     print(f"Error: --workdir {FLAGS.workdir}: {e}.", file=sys.stderr)
     sys.exit(2)
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                         FLAGS.process_id)
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id)
+  except (ValueError, RuntimeError) as e:
+    fail(f"Error: multi-process setup (--coordinator_address, "
+         f"--num_processes, --process_id): {str(e).splitlines()[0]}", 2)
   # Imported after distributed initialisation.
   from htransformer import train  # pylint: disable=g-import-not-at-top
   logging.info("Config:\n%s", FLAGS.config)
@@ -60,13 +74,14 @@ def main(argv):
     sys.exit(128 + e.signum)
   except (train.NonFiniteLossError, FileNotFoundError, ImportError,
           ValueError) as e:
-    print(f"Error: {e}", file=sys.stderr)
-    if created:
-      try:
-        os.rmdir(FLAGS.workdir)  # only if still empty
-      except OSError:
-        pass
-    sys.exit(1)
+    fail(f"Error: {e}", 1)
+  except KeyboardInterrupt:
+    # Before training (reading or generating data, compiling: generated
+    # data enters the cache only once complete), or a second Ctrl-C during
+    # it: the last checkpoint, if any, stands.
+    fail(f"Interrupted. Run the same command again to resume from the last "
+         f"checkpoint in {FLAGS.workdir} (or to start, if there is none).",
+         130)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,32 @@ def check_splits(task: Task) -> Task:
   return task
 
 
+def check_data_config(config) -> None:
+  """Raises ValueError naming a ``config.data`` setting the data generator
+  cannot use (ListOps, Pathfinder, Path-X without a data_dir), before any
+  data is generated: a split the run would find empty only after minutes
+  of generation, lengths no tree can have."""
+  # pylint: disable=g-import-not-at-top
+  if config.get("data_dir") or config.task not in ("listops", "pathfinder",
+                                                   "pathx"):
+    return
+  d = config.data
+  try:
+    if config.task == "listops":
+      from htransformer.data import listops
+      listops.check_settings(d.num_train, d.num_val, d.num_test,
+                             d.min_length, d.max_length, nonempty=True)
+    else:
+      from htransformer import lra
+      from htransformer.data import pathfinder
+      pathfinder.check_settings(lra.RESOLUTION[config.task],
+                                d.get("num_images", 200000),
+                                d.get("contour_length", 14), nonempty=True)
+  except ValueError as e:
+    raise ValueError(f"config.data (generated {config.task} data): {e}"
+                     ) from None
+
+
 def get_task(config, workdir: str | None = None) -> Task:
   """Builds the task named by ``config.task`` (reading or generating data).
 

@@ -36,6 +36,7 @@ from htransformer import metrics as metrics_lib
 from htransformer import models
 from htransformer import optim
 from htransformer import tasks
+from htransformer.attention import api as attention_api
 
 try:
   import fcntl  # POSIX: the workdir's lock (_only_run_in)
@@ -299,6 +300,19 @@ def _check_model_and_optimizer(config):
     if name in m and m[name] not in allowed:
       raise ValueError(f"model.{name} must be one of {allowed}, got "
                        f"{m[name]!r}.")
+  implementation = m.get("implementation") or None
+  if implementation is not None:
+    try:
+      attention_api.check_settings(m.attention, block_size=m.block_size,
+                                   implementation=implementation)
+    except ValueError as e:
+      raise ValueError(f"model.{e}") from None
+    where = {"pallas": "gpu", "cudnn": "gpu"}.get(implementation)
+    if where and jax.default_backend() != where:
+      raise ValueError(
+          f"model.implementation {implementation!r} runs on a GPU; this "
+          f"process runs on {jax.default_backend()!r}. Leave it empty (the "
+          "best available) or use 'xla'.")
   for name in ("dropout_rate", "attention_dropout_rate"):
     if name in m and not 0.0 <= m[name] < 1.0:
       raise ValueError(f"model.{name} must be in [0, 1), got {m[name]}.")
@@ -349,6 +363,7 @@ def check_config(config):
           f"mesh.model {model}).")
   if config.max_length < 1:
     raise ValueError(f"max_length must be positive, got {config.max_length}.")
+  tasks.check_data_config(config)
 
 
 def _logged_rates(workdir: str, last_step: int) -> list[float]:
@@ -385,26 +400,61 @@ def _flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+# Fields a resumed run may change without changing what it trains.
+RESUME_FREE_FIELDS = ("num_train_steps", "log_every", "eval_every",
+                      "checkpoint_every", "dry_run", "cache_dir")
+
+
+def _changed_fields(config, path: str) -> list[str]:
+  """"field old -> new" for each field of ``config`` that differs from the
+  config file at ``path``; OSError or ValueError if it cannot be read."""
+  with open(path) as f:
+    old = _flat(json.load(f))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
+  return [f"{k} {show(old, k)} -> {show(new, k)}"
+          for k in sorted(old.keys() | new.keys())
+          if show(old, k) != show(new, k)]
+
+
 def _config_differences(config, workdir: str) -> str:
   """Which fields of ``config`` differ from WORKDIR/config.json."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return f"There is no {path} to compare with."
   try:
-    with open(path) as f:
-      old = _flat(json.load(f))
+    diffs = _changed_fields(config, path)
   except (OSError, ValueError) as e:
     return f"{path} could not be read ({e})."
-  new = _flat(json.loads(config.to_json_best_effort()))
-  show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
-  diffs = [f"{k} {show(old, k)} -> {show(new, k)}"
-           for k in sorted(old.keys() | new.keys())
-           if show(old, k) != show(new, k)]
   if not diffs:
     return (f"{path} holds the same values as this config, so it is not the "
             "config of that checkpoint.")
   return (f"Fields that differ from {path} (its value -> this config's): "
           + ", ".join(diffs) + ".")
+
+
+def _keep_changed_config(config, workdir: str, step: int):
+  """A run resumed with other settings than WORKDIR/config.json's (other
+  than RESUME_FREE_FIELDS): says which on the console and keeps the old
+  file as WORKDIR/config.step{step}.json, the config of the steps up to
+  ``step``, before config.json takes this one."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    diffs = [d for d in _changed_fields(config, path)
+             if d.split(" ", 1)[0] not in RESUME_FREE_FIELDS]
+  except (OSError, ValueError):
+    return  # No config of the run to compare with (written by process 0).
+  if not diffs:
+    return
+  kept = os.path.join(workdir, f"config.step{step}.json")
+  with open(path) as f:
+    _write_whole(kept, f.read())
+  message = (f"Warning: resuming from step {step} with settings that differ "
+             f"from the run's config (its value -> this one's): "
+             f"{', '.join(diffs)}. The steps up to {step} ran with {kept}; "
+             f"config.json now holds this config.")
+  logging.warning(message)
+  print(message, flush=True)
 
 
 def _restore(ckpt, state, config, workdir: str):
@@ -547,7 +597,12 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   if restored is not None:
     logging.info("Resuming from step %d.", int(state["step"]))
     if jax.process_index() == 0:
-      print(f"Resuming from step {int(state['step'])}", flush=True)
+      step = int(state["step"])
+      print(f"Resuming from step {step}" if step < config.num_train_steps
+            else f"The run in {workdir} has trained its {step} steps: "
+            "evaluating its parameters again (raise num_train_steps to "
+            "train on).", flush=True)
+      _keep_changed_config(config, workdir, int(state["step"]))
   _write_config(config, workdir)
   # The validation metric that picks the best parameters.
   metric, higher = (("eval_perplexity", False) if task.kind == "lm" else

@@ -112,3 +112,90 @@ def test_config_file_that_raises_is_one_line(tmp_path):
   r = run_main([f"--config={CONFIG}:nope", f"--workdir={tmp_path / 'w'}"],
                cwd=tmp_path)
   assert_clear_error(r, "Unknown variant(s) ['nope']", "'long_full'")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.data.num_val=0", ["config.data (generated listops data)",
+                                 "must be >= 1", "'val': 0"]),
+    ("--config.data.max_length=5", ["min_length + 1 < max_length"]),
+    ("--config.model.implementation=triton",
+     ["model.implementation must be one of", "'triton'"]),
+    ("--config.model.implementation=pallas", ["runs on a GPU", "'cpu'"]),
+])
+def test_settings_refused_before_any_data_is_made(tmp_path, override,
+                                                  expected):
+  """Refused by the dry run too, and before generating anything: a real
+  run would have found them out only after minutes of generation."""
+  for dry in ("True", "False"):
+    r = run_main([f"--config={CONFIG}:quick", override,
+                  f"--config.dry_run={dry}",
+                  f"--config.cache_dir={tmp_path / 'cache'}",
+                  f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
+    assert_clear_error(r, *expected)
+    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "cache").exists() or not [
+        n for n in os.listdir(tmp_path / "cache") if "listops" in n]
+
+
+def test_bad_multi_process_flags_are_one_line(tmp_path):
+  r = run_main([f"--config={CONFIG}:quick", "--config.dry_run=True",
+                "--num_processes=2", "--process_id=0",
+                f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
+  assert_clear_error(r, "multi-process setup", "coordinator_address")
+  assert not (tmp_path / "w").exists()
+
+
+def test_interrupted_while_generating_data(tmp_path):
+  """Ctrl-C (SIGINT to the whole process group, workers included) while
+  the data is generated: one line, exit 130, no traceback from the run or
+  its workers, no workdir left, nothing in the cache that looks finished."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "htransformer.main", f"--config={CONFIG}:quick",
+       "--config.data.num_train=400000", "--config.data.seed=5",
+       f"--config.cache_dir={tmp_path / 'cache'}",
+       f"--workdir={tmp_path / 'w'}"],
+      cwd=tmp_path, env=child_env(JAX_PLATFORMS="cpu"),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith("No data_dir given"):
+        break
+    time.sleep(5)  # the generator's worker processes have started
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+  assert err.strip().splitlines()[-1].startswith("Interrupted."), err[-3000:]
+  assert not (tmp_path / "w").exists()
+  assert not [n for n in os.listdir(tmp_path / "cache")
+              if n.startswith("listops") and not n.endswith(".lock")]
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    ("listops", ["--min_length=50", "--max_length=40"],
+     "min_length + 1 < max_length"),
+    ("listops", ["--num_train=-1"], "must be >= 0"),
+    ("listops", ["--num_train=1", "--output_dir=FILE"], "is a file"),
+    ("pathfinder", ["--num_images=0"], "num_images must be >= 1"),
+    ("pathfinder", ["--num_images=1", "--output_dir=FILE/sub"],
+     "lies under"),
+])
+def test_data_generators_answer_bad_arguments_in_one_line(tmp_path, module,
+                                                          args, expected):
+  (tmp_path / "FILE").write_text("not a folder")
+  args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+  if not any(a.startswith("--output_dir") for a in args):
+    args.append(f"--output_dir={tmp_path / 'out'}")
+  r = subprocess.run(
+      [sys.executable, "-m", f"htransformer.data.{module}", *args],
+      cwd=tmp_path, env=child_env(JAX_PLATFORMS="cpu"), capture_output=True,
+      text=True, timeout=300)
+  assert_clear_error(r, expected)
+  assert not (tmp_path / "out").exists()

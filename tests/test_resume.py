@@ -180,6 +180,47 @@ def finished_run(tiny_data, tmp_path_factory):
   return workdir
 
 
+def test_resumed_with_other_settings_says_so_and_keeps_the_old_config(
+    tiny_data, finished_run, tmp_path, capsys):
+  """Longer, with other log and evaluation steps: quiet. Another learning
+  rate: a warning naming it, and the config of the steps before kept as
+  config.step{N}.json."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  original = json.load(open(workdir / "config.json"))
+  train.train_and_evaluate(
+      tiny_config(tiny_data, **RUN | {"num_train_steps": 10, "log_every": 5,
+                                      "eval_every": 5}), str(workdir))
+  out = capsys.readouterr().out
+  assert "Resuming from step 8" in out and "Warning" not in out
+  assert sorted(p.name for p in workdir.glob("config*.json")) == [
+      "config.json"]
+  lr = original["optimizer"]["learning_rate"]
+  train.train_and_evaluate(
+      tiny_config(tiny_data, **RUN | {"num_train_steps": 12,
+                                      "optimizer.learning_rate": lr / 2}),
+      str(workdir))
+  out = capsys.readouterr().out
+  assert (f"Warning: resuming from step 10 with settings that differ from "
+          f"the run's config (its value -> this one's): "
+          f"optimizer.learning_rate {json.dumps(lr)} -> "
+          f"{json.dumps(lr / 2)}. The steps up to 10 ran with "
+          f"{workdir / 'config.step10.json'}") in out, out
+  kept = json.load(open(workdir / "config.step10.json"))
+  assert kept["optimizer"]["learning_rate"] == lr
+  assert kept["num_train_steps"] == 10
+  now = json.load(open(workdir / "config.json"))
+  assert now["optimizer"]["learning_rate"] == lr / 2
+  # A finished run relaunched as it was: it says so and only evaluates.
+  train.train_and_evaluate(
+      tiny_config(tiny_data, **RUN | {"num_train_steps": 12,
+                                      "optimizer.learning_rate": lr / 2}),
+      str(workdir))
+  out = capsys.readouterr().out
+  assert "has trained its 12 steps: evaluating its parameters again" in out
+  assert "Warning" not in out
+
+
 def _damage_arrays(step_dir):
   for root, _, files in os.walk(step_dir / "state"):
     if "/d" in root[len(str(step_dir)):]:

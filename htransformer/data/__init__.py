@@ -24,3 +24,41 @@ def check_seed(value, name: str) -> int:
     raise ValueError(f"{name} must be a non-negative integer, got "
                      f"{value!r}.")
   return int(value)
+
+
+def ignore_interrupts() -> None:
+  """Initializer of the data worker processes: Ctrl-C goes to the parent
+  alone, which stops the pool, instead of every worker printing its own
+  traceback."""
+  import signal  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def check_output_dir(path: str, flag: str = "--output_dir") -> None:
+  """ValueError naming ``flag`` if ``path`` exists and is not a folder."""
+  import os  # pylint: disable=g-import-not-at-top
+  if not path:
+    raise ValueError(f"{flag} must name a folder.")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{flag} {path} is a file, not a folder.")
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{flag} {path} lies under {parent}, a file.")
+
+
+def run_cli(main, argv) -> None:
+  """Runs a data generator's ``main(argv)``, answering bad arguments and
+  unwritable folders with one line (``Error: ...``, exit 1) and Ctrl-C
+  with another (exit 130), not a traceback."""
+  import sys  # pylint: disable=g-import-not-at-top
+  try:
+    main(argv)
+  except (ValueError, OSError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    print("Interrupted before the data was complete: run the command "
+          "again (it starts over).", file=sys.stderr)
+    sys.exit(130)

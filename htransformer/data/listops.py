@@ -296,7 +296,8 @@ def _iter_chunks(seed, min_length, max_length, workers) -> Iterator[list]:
   # the chunks still queued, and Pool.terminate() with many tasks in flight
   # can deadlock (seen with 64 workers: the data was never written).
   executor = concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context("spawn"))
+      workers, mp_context=multiprocessing.get_context("spawn"),
+      initializer=data_lib.ignore_interrupts)
   try:
     pending = collections.deque()
     chunk = 0
@@ -310,6 +311,24 @@ def _iter_chunks(seed, min_length, max_length, workers) -> Iterator[list]:
     executor.shutdown(wait=True, cancel_futures=True)
 
 
+def check_settings(num_train, num_val, num_test, min_length, max_length, *,
+                   nonempty: bool = False) -> dict:
+  """The split sizes {split: n} if the generator can make them; else
+  ValueError naming the setting. ``nonempty``: every split needs an example
+  (a training run reads all three)."""
+  sizes = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
+  least = 1 if nonempty else 0
+  if any(n < least for n in sizes.values()):
+    raise ValueError(f"Split sizes (num_train, num_val, num_test) must be >= "
+                     f"{least}, got {sizes}.")
+  if min_length < 0 or max_length <= min_length + 1:
+    raise ValueError(
+        f"Need 0 <= min_length and min_length + 1 < max_length (lengths are "
+        f"kept if min_length < length < max_length); got min_length="
+        f"{min_length}, max_length={max_length}.")
+  return sizes
+
+
 def generate(output_dir: str, num_train: int, num_val: int, num_test: int,
              seed: int = 0, min_length: int = 500, max_length: int = 2000,
              workers: int | None = None) -> None:
@@ -318,14 +337,9 @@ def generate(output_dir: str, num_train: int, num_val: int, num_test: int,
   Deterministic in (seed, num_*, min_length, max_length); independent of
   `workers` (default: the number of usable CPUs).
   """
-  sizes = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
-  if any(n < 0 for n in sizes.values()):
-    raise ValueError(f"Split sizes must be >= 0, got {sizes}.")
-  if min_length < 0 or max_length <= min_length + 1:
-    raise ValueError(
-        f"Need 0 <= min_length and min_length + 1 < max_length (lengths are "
-        f"kept if min_length < length < max_length); got min_length="
-        f"{min_length}, max_length={max_length}.")
+  sizes = check_settings(num_train, num_val, num_test, min_length,
+                         max_length)
+  data_lib.check_output_dir(output_dir)
   workers = _default_workers() if not workers else int(workers)
   total = sum(sizes.values())
   os.makedirs(output_dir, exist_ok=True)
@@ -628,4 +642,4 @@ def _main(argv):
 if __name__ == "__main__":
   from absl import app
   _FLAGS = _define_flags()
-  app.run(_main)
+  app.run(lambda argv: data_lib.run_cli(_main, argv))

@@ -434,6 +434,24 @@ def _default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def check_settings(resolution: int, num_images: int, contour_length: int, *,
+                   nonempty: bool = False) -> None:
+  """ValueError naming the setting the generator cannot take.
+  ``nonempty``: enough images that train, val and test each get one (a
+  training run reads all three; ``split_indices``)."""
+  if resolution not in PARAMS:
+    raise ValueError(f"resolution must be one of {RESOLUTIONS}, got "
+                     f"{resolution}.")
+  least = len(SPLITS) if nonempty else 1
+  if num_images < least:
+    raise ValueError(
+        f"num_images must be >= {least}"
+        f"{' (one image per split at least)' if nonempty else ''}, got "
+        f"{num_images}.")
+  if contour_length < 2:
+    raise ValueError(f"contour_length must be >= 2, got {contour_length}.")
+
+
 def generate(output_dir: str, resolution: int, num_images: int, seed: int = 0,
              contour_length: int = 14, workers: int | None = None) -> str:
   """Writes the release layout under output_dir; returns the image folder.
@@ -442,13 +460,8 @@ def generate(output_dir: str, resolution: int, num_images: int, seed: int = 0,
   Deterministic in (seed, resolution, num_images, contour_length);
   independent of `workers` (default: the number of usable CPUs).
   """
-  if resolution not in PARAMS:
-    raise ValueError(f"resolution must be one of {RESOLUTIONS}, got "
-                     f"{resolution}.")
-  if num_images < 1:
-    raise ValueError(f"num_images must be >= 1, got {num_images}.")
-  if contour_length < 2:
-    raise ValueError(f"contour_length must be >= 2, got {contour_length}.")
+  check_settings(resolution, num_images, contour_length)
+  data_lib.check_output_dir(output_dir)
   workers = _default_workers() if not workers else int(workers)
   root = os.path.join(output_dir, release_subdir(resolution, contour_length))
   num_batches = -(-num_images // IMAGES_PER_BATCH)
@@ -469,7 +482,7 @@ def generate(output_dir: str, resolution: int, num_images: int, seed: int = 0,
       lines.update(r)
   else:
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=data_lib.ignore_interrupts) as pool:
       done = 0
       last = start
       for r in pool.imap_unordered(_generate_range, jobs):
@@ -706,7 +719,7 @@ def decode_all(paths, resolution: int, workers: int | None = None
   ranges = [(i, min(i + chunk, len(paths)))
             for i in range(0, len(paths), chunk)]
   ctx = multiprocessing.get_context("spawn")
-  with ctx.Pool(workers) as pool:
+  with ctx.Pool(workers, initializer=data_lib.ignore_interrupts) as pool:
     for (a, b), pixels in zip(ranges, pool.imap(
         _decode_range, [(paths[a:b], resolution) for a, b in ranges])):
       out[a:b] = pixels
@@ -828,4 +841,4 @@ def _main(argv):
 if __name__ == "__main__":
   from absl import app
   _FLAGS = _define_flags()
-  app.run(_main)
+  app.run(lambda argv: data_lib.run_cli(_main, argv))
