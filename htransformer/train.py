@@ -583,12 +583,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir)
   train_iter = input_pipeline.train_iterator(
       task.sources["train"], config.batch_size, config.data_seed)
-  best = None
+  best = window = None
   try:
     restored = _restore(ckpt, state, config, workdir)
     if restored is not None:
       state, data_state = restored
       best = data_state.pop("best_eval", None)  # absent in older ones
+      window = data_state.pop("log_window", None)
       train_iter.set_state(data_state)
     saved = ckpt.best_info()
   except ValueError:
@@ -624,10 +625,20 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   progress = metrics_lib.Progress(total_steps, step)
   last_saved = last_logged = step
   sums = None
+  if window and window["start"] < step:
+    # Stopped between two log steps: the next row averages over the steps
+    # since the last one, those before the stop included, as an unbroken
+    # run's does.
+    last_logged = window["start"]
+    sums = {k: np.float32(v) for k, v in window["sums"].items()}
   rates = []  # steps/s per log interval of this segment
 
-  def save(step):
-    ckpt.save(step, state, {**train_iter.get_state(), "best_eval": best})
+  def save(step, sums=None):
+    window = {} if sums is None else {"log_window": {
+        "start": last_logged,
+        "sums": {k: float(v) for k, v in jax.device_get(sums).items()}}}
+    ckpt.save(step, state, {**train_iter.get_state(), "best_eval": best,
+                            **window})
 
   # SIGTERM / SIGINT: finish the step, save it, stop (TrainingStopped).
   stop, stopped = _StopSignals(), False
@@ -698,7 +709,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         stopped = True
         break
   if last_saved != step:
-    save(step)
+    save(step, sums)
   ckpt.wait()
   if stopped:
     # Also at the last step (the signal came during its evaluation, say):

@@ -31,6 +31,7 @@ import pytest
 
 from htransformer import checkpoint as ckpt_lib
 from htransformer import config_utils
+from htransformer import input_pipeline
 from htransformer import metrics as metrics_lib
 from htransformer import optim
 from htransformer import tasks
@@ -178,6 +179,51 @@ def finished_run(tiny_data, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("finished") / "run"
   train.train_and_evaluate(tiny_config(tiny_data, **RUN), str(workdir))
   return workdir
+
+
+def test_stop_between_log_steps_keeps_the_rows_of_an_unbroken_run(
+    tiny_data, finished_run, tmp_path, monkeypatch):
+  """SIGTERM during step 3 (logs at 2 and 4): the run stops at 3, and once
+  resumed its row of step 4 averages over steps 3 and 4, as the unbroken
+  run's does (the stop's checkpoint holds step 3's sums), not over step 4
+  alone."""
+  train_iterator = input_pipeline.train_iterator
+
+  class SignalAtThirdBatch:
+
+    def __init__(self, it):
+      self.it, self.batches = it, 0
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      self.batches += 1
+      if self.batches == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return next(self.it)
+
+    def get_state(self):
+      return self.it.get_state()
+
+    def set_state(self, state):
+      self.it.set_state(state)
+
+  monkeypatch.setattr(input_pipeline, "train_iterator",
+                      lambda *a, **k: SignalAtThirdBatch(
+                          train_iterator(*a, **k)))
+  workdir = str(tmp_path)
+  c = tiny_config(tiny_data, **RUN)
+  with pytest.raises(train.TrainingStopped, match="at step 3 of 8"):
+    train.train_and_evaluate(c, workdir)
+  monkeypatch.setattr(input_pipeline, "train_iterator", train_iterator)
+  train.train_and_evaluate(c, workdir)
+  train_rows = lambda w: [
+      (r["step"], r["train_loss"], r["train_accuracy"], r["grad_norm"])
+      for r in metrics_lib.read_metrics(str(w)) if "train_loss" in r]
+  want = train_rows(finished_run)
+  assert [r[0] for r in train_rows(workdir)] == [2, 4, 6, 8]
+  np.testing.assert_allclose(train_rows(workdir), want, rtol=1e-6)
 
 
 def test_resumed_with_other_settings_says_so_and_keeps_the_old_config(

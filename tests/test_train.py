@@ -510,6 +510,14 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert results["steps_per_sec_intervals"] == 8, w
     assert results["steps_per_sec"] == pytest.approx(
         np.median(list(rates.values())))
+  # The same rows as the unbroken run's: the row after a stop between two
+  # log steps averages over the steps before the stop too (the checkpoint
+  # of the stop holds their sums).
+  train_rows = lambda w: {
+      r["step"]: (r["train_loss"], r["train_accuracy"], r["grad_norm"])
+      for r in metrics_lib.read_metrics(str(w)) if "train_loss" in r}
+  assert train_rows(stopped) == train_rows(straight), stopped_at
+  assert train_rows(broken) == train_rows(straight)
 
 
 def test_quick_job_end_to_end(tmp_path):
