@@ -26,6 +26,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from htransformer import config_utils
 
@@ -124,18 +125,8 @@ class Checkpointer:
     """How the checkpoint of ``step`` differs from ``abstract_state``
     (arrays only in one of them or of another shape; empty if it fits),
     read from the checkpoint's metadata without restoring anything."""
-    handler = ocp.StandardCheckpointHandler()
-    try:
-      with self._reading(self.latest, step):
-        stored = handler.metadata(self.latest.directory / str(step) / "state")
-    finally:
-      handler.close()
-    have, want = _shapes(stored), _shapes(abstract_state)
-    show = lambda shapes, path: str(shapes.get(path, "absent"))
-    return [f"{p}: checkpoint {show(have, p)}, this config {show(want, p)}"
-            for p in sorted(have.keys() | want.keys(),
-                            key=lambda p: (not p.startswith("params"), p))
-            if have.get(p) != want.get(p)]
+    with self._reading(self.latest, step):
+      return _mismatch(self.latest.directory / str(step), abstract_state)
 
   @contextlib.contextmanager
   def _writing(self, manager):
@@ -224,6 +215,28 @@ def _shapes(tree) -> dict:
           k, "name", k)))) for k in path)
       out[name.removesuffix("/value")] = tuple(x.shape)
   return out
+
+
+def _mismatch(step_dir, abstract_state) -> list[str]:
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    stored = handler.metadata(epath.Path(step_dir) / "state")
+  finally:
+    handler.close()
+  have, want = _shapes(stored), _shapes(abstract_state)
+  show = lambda shapes, path: str(shapes.get(path, "absent"))
+  return [f"{p}: checkpoint {show(have, p)}, this config {show(want, p)}"
+          for p in sorted(have.keys() | want.keys(),
+                          key=lambda p: (not p.startswith("params"), p))
+          if have.get(p) != want.get(p)]
+
+
+def mismatch(workdir: str, step: int, abstract_state) -> list[str]:
+  """``Checkpointer.mismatch`` of WORKDIR's checkpoint of ``step``, creating
+  nothing (a dry run's check); CheckpointError if it cannot be read."""
+  folder = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  with _reading(folder, step, f"Delete {folder}, or use a new --workdir"):
+    return _mismatch(folder, abstract_state)
 
 
 def latest_step(workdir: str):

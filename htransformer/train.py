@@ -457,6 +457,18 @@ def _keep_changed_config(config, workdir: str, step: int):
   print(message, flush=True)
 
 
+def _refuse_unfit(mismatch: list[str], step: int, config, workdir: str):
+  """ValueError if the checkpoint of ``step`` does not fit ``config``
+  (``mismatch``: ``Checkpointer.mismatch``'s list)."""
+  if mismatch:
+    more = f"; and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
+    raise ValueError(
+        f"{workdir} holds a run whose checkpoint (step {step}) does not fit "
+        f"this config ({mismatch[0]}{more}). "
+        f"{_config_differences(config, workdir)} Use a new --workdir or the "
+        "run's config.")
+
+
 def _restore(ckpt, state, config, workdir: str):
   """(state, data_state) of the latest checkpoint in ``workdir``, or None
   if there is none. A checkpoint this config cannot continue (other
@@ -466,14 +478,7 @@ def _restore(ckpt, state, config, workdir: str):
   if step is None:
     return None
   target = ckpt_lib.abstract(state)
-  mismatch = ckpt.mismatch(step, target)
-  if mismatch:
-    more = f"; and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
-    raise ValueError(
-        f"{workdir} holds a run whose checkpoint (step {step}) does not fit "
-        f"this config ({mismatch[0]}{more}). "
-        f"{_config_differences(config, workdir)} Use a new --workdir or the "
-        "run's config.")
+  _refuse_unfit(ckpt.mismatch(step, target), step, config, workdir)
   if config.num_train_steps < step:
     raise ValueError(
         f"num_train_steps ({config.num_train_steps}) is below the step of "
@@ -570,9 +575,18 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     print(overview)
     print(f"Total parameters: {total:,}", flush=True)
   if config.dry_run:
-    # A workdir that holds a run keeps that run's config.json.
-    if ckpt_lib.latest_step(workdir) is None:
+    # A workdir that holds a run keeps that run's config.json, and this
+    # config must fit its checkpoint, as the real run would check.
+    step = ckpt_lib.latest_step(workdir)
+    if step is None:
       _write_config(config, workdir)
+    else:
+      tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
+      _refuse_unfit(ckpt_lib.mismatch(workdir, step,
+                                      abstract_state(params, tx)),
+                    step, config, workdir)
+      print(f"{workdir} holds a run at step {step}: this config fits its "
+            "checkpoint.", flush=True)
     return {"total_parameters": total}
 
   total_steps = config.num_train_steps

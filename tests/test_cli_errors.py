@@ -95,6 +95,21 @@ def test_relaunch_with_other_shapes_keeps_the_run(tiny_data, tmp_path):
   assert_clear_error(r, "does not fit this config", "model.emb_dim 32 -> 64",
                      "Use a new --workdir or the run's config.")
   assert (workdir / "config.json").read_bytes() == config_json
+  # A dry run says the same (it would have reported success), and one of
+  # the run's own shapes says that it fits.
+  r = run_main([f"--config={CONFIG}:quick", f"--workdir={workdir}",
+                f"--config.data_dir={tiny_data}", "--config.max_length=40",
+                "--config.dry_run=True"], cwd=tmp_path)
+  assert_clear_error(r, "does not fit this config", "model.emb_dim 32 -> 64")
+  fits = ["--config.model.num_layers=1", "--config.model.emb_dim=32",
+          "--config.model.qkv_dim=32", "--config.model.mlp_dim=32",
+          "--config.model.num_heads=2", "--config.model.block_size=4"]
+  r = run_main([f"--config={CONFIG}:quick", f"--workdir={workdir}",
+                f"--config.data_dir={tiny_data}", "--config.max_length=40",
+                "--config.dry_run=True", *fits], cwd=tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "holds a run at step 4: this config fits its checkpoint" in r.stdout
+  assert (workdir / "config.json").read_bytes() == config_json
 
 
 @pytest.mark.parametrize("override, expected", [
