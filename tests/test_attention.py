@@ -869,6 +869,29 @@ def test_bfloat16_inputs(causal):
     assert (out[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_bfloat16_inputs_accumulate_in_float32(causal):
+    """The contract's float32 accumulation with bfloat16 inputs, where the
+    error test above cannot tell (bfloat16 sums are within its tolerance
+    at these lengths): every product, sum, max, exp and division of the
+    plain path, forward and backward, yields float32."""
+    q = jnp.ones((1, 64, 2, 8), jnp.bfloat16)
+    mask = jnp.ones((1, 64), bool)
+    f = lambda q, k, v: hierarchical_attention(
+        q, k, v, block_size=4, causal=causal, mask=mask,
+        implementation="xla").astype(jnp.float32).sum()
+    accumulating = ("dot_general", "reduce_sum", "reduce_max", "exp", "div",
+                    "cumsum")
+    for fn in (f, jax.grad(f, argnums=(0, 1, 2))):
+        eqns = [e for e in jaxpr_equations(jax.make_jaxpr(fn)(q, q, q).jaxpr)
+                if e.primitive.name in accumulating]
+        assert {e.primitive.name for e in eqns} >= {"dot_general",
+                                                    "reduce_sum", "exp"}
+        narrow = [f"{e.primitive.name} -> {e.outvars[0].aval.dtype}"
+                  for e in eqns if e.outvars[0].aval.dtype != jnp.float32]
+        assert not narrow, narrow
+
+
 # ----------------------------------------------------------------------------
 # 9. Transformations: jit, vmap (grad: see the gradient tests, all under jit).
 # ----------------------------------------------------------------------------
