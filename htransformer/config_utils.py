@@ -87,14 +87,15 @@ def field_problem(config, key: str, source: str = "") -> str | None:
   return None
 
 
-def override_problem(config, key: str, text: str) -> str | None:
-  """Why ``--config.KEY=TEXT`` would be refused (an unknown field, a group
-  of fields, or a value the field's type does not read), or None."""
+def _read_override(config, key: str, text: str):
+  """(value, None) of ``--config.KEY=TEXT`` as main.py reads it, or (None,
+  why it would be refused: an unknown field, a group of fields, or a value
+  the field's type does not read)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   problem = field_problem(config, key)
   if problem:
-    return problem
+    return None, problem
   *path, last = key.split(".")
   node = config
   for name in path:
@@ -102,19 +103,39 @@ def override_problem(config, key: str, text: str) -> str | None:
   kind = node.get_type(last) if hasattr(node, "get_type") else type(
       node[last])
   if isinstance(kind, type) and issubclass(kind, ml_collections.ConfigDict):
-    return (f"{key} is a group of fields ({', '.join(sorted(node[last]))}), "
-            "not a value: set one of them.")
+    return None, (f"{key} is a group of fields "
+                  f"({', '.join(sorted(node[last]))}), not a value: set one "
+                  "of them.")
   parser, what = {bool: (flags.BooleanParser(), "true or false"),
                   int: (flags.IntegerParser(), "an integer"),
                   float: (flags.FloatParser(), "a number")}.get(
                       kind, (None, ""))
-  if parser is not None:
-    try:
-      parser.parse(text)
-    except ValueError:
-      return (f"{key}={text}: {key} takes {what} (the config has "
-              f"{node[last]!r}).")
-  return None
+  if parser is None:
+    return text, None
+  try:
+    return parser.parse(text), None
+  except ValueError:
+    return None, (f"{key}={text}: {key} takes {what} (the config has "
+                  f"{node[last]!r}).")
+
+
+def override_problem(config, key: str, text: str) -> str | None:
+  """Why ``--config.KEY=TEXT`` would be refused (an unknown field, a group
+  of fields, or a value the field's type does not read), or None."""
+  return _read_override(config, key, text)[1]
+
+
+def with_overrides(config, overrides):
+  """``config`` with each ``(key, text)`` of ``overrides`` set as
+  ``--config.KEY=TEXT`` would set it; ValueError naming the first one
+  main.py would refuse."""
+  config = config.copy_and_resolve_references()
+  for key, text in overrides:
+    value, problem = _read_override(config, key, text)
+    if problem:
+      raise ValueError(problem)
+    set_fields(config, **{key: value})
+  return config
 
 
 def parse_variants(arg: str, allowed, config_file: str) -> set:

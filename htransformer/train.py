@@ -307,12 +307,6 @@ def _check_model_and_optimizer(config):
                                    implementation=implementation)
     except ValueError as e:
       raise ValueError(f"model.{e}") from None
-    where = {"pallas": "gpu", "cudnn": "gpu"}.get(implementation)
-    if where and jax.default_backend() != where:
-      raise ValueError(
-          f"model.implementation {implementation!r} runs on a GPU; this "
-          f"process runs on {jax.default_backend()!r}. Leave it empty (the "
-          "best available) or use 'xla'.")
   for name in ("dropout_rate", "attention_dropout_rate"):
     if name in m and not 0.0 <= m[name] < 1.0:
       raise ValueError(f"model.{name} must be in [0, 1), got {m[name]}.")
@@ -331,15 +325,35 @@ def _check_model_and_optimizer(config):
       raise ValueError(f"optimizer.{name} must be >= 0, got {opt[name]}.")
 
 
-def check_config(config):
-  """Raises ValueError naming the first setting of ``config`` this run cannot
-  use (counts below 1, a model or optimizer field out of range, a mesh that
-  does not fit the devices, batches the data axis does not divide)."""
+def check_settings(config):
+  """Raises ValueError naming the first setting of ``config`` no run can use
+  on any machine (counts below 1, a model or optimizer field out of range,
+  generated-data sizes the generator cannot make): what a sweep checks for
+  each of its runs before starting any. The model's implementation is
+  checked for its name here, for the machine in ``check_config``."""
   for name in ("batch_size", "eval_batch_size", "num_train_steps",
                "log_every", "eval_every", "checkpoint_every"):
     if config[name] < 1:
       raise ValueError(f"{name} must be >= 1, got {config[name]}.")
   _check_model_and_optimizer(config)
+  if config.max_length < 1:
+    raise ValueError(f"max_length must be positive, got {config.max_length}.")
+  tasks.check_data_config(config)
+
+
+def check_config(config):
+  """Raises ValueError naming the first setting of ``config`` this run cannot
+  use here: ``check_settings``'s, an implementation this machine lacks, a
+  mesh that does not fit the devices, batches the data axis does not
+  divide."""
+  check_settings(config)
+  implementation = config.model.get("implementation") or None
+  where = {"pallas": "gpu", "cudnn": "gpu"}.get(implementation)
+  if where and jax.default_backend() != where:
+    raise ValueError(
+        f"model.implementation {implementation!r} runs on a GPU; this "
+        f"process runs on {jax.default_backend()!r}. Leave it empty (the "
+        "best available) or use 'xla'.")
   model = config.mesh.model
   if model < 1 or jax.device_count() % model:
     raise ValueError(f"mesh.model ({model}) must be >= 1 and divide the "
@@ -361,9 +375,6 @@ def check_config(config):
           f"{name} {config[name]} must be divisible by the size of the "
           f"mesh's data axis ({data} = {jax.device_count()} devices / "
           f"mesh.model {model}).")
-  if config.max_length < 1:
-    raise ValueError(f"max_length must be positive, got {config.max_length}.")
-  tasks.check_data_config(config)
 
 
 def _logged_rates(workdir: str, last_step: int) -> list[float]:
@@ -405,6 +416,19 @@ RESUME_FREE_FIELDS = ("num_train_steps", "log_every", "eval_every",
                       "checkpoint_every", "dry_run", "cache_dir")
 
 
+def config_changes(config, workdir: str,
+                   free=RESUME_FREE_FIELDS) -> list[str] | None:
+  """"field old -> new" for the fields of ``config`` that differ from
+  WORKDIR/config.json, those in ``free`` left out; None where the workdir
+  has no readable config.json."""
+  try:
+    return [d for d in _changed_fields(config,
+                                       os.path.join(workdir, "config.json"))
+            if d.split(" ", 1)[0] not in free]
+  except (OSError, ValueError):
+    return None
+
+
 def _changed_fields(config, path: str) -> list[str]:
   """"field old -> new" for each field of ``config`` that differs from the
   config file at ``path``; OSError or ValueError if it cannot be read."""
@@ -439,12 +463,8 @@ def _keep_changed_config(config, workdir: str, step: int):
   file as WORKDIR/config.step{step}.json, the config of the steps up to
   ``step``, before config.json takes this one."""
   path = os.path.join(workdir, "config.json")
-  try:
-    diffs = [d for d in _changed_fields(config, path)
-             if d.split(" ", 1)[0] not in RESUME_FREE_FIELDS]
-  except (OSError, ValueError):
-    return  # No config of the run to compare with (written by process 0).
-  if not diffs:
+  diffs = config_changes(config, workdir)
+  if not diffs:  # None: no config of the run (written by process 0)
     return
   kept = os.path.join(workdir, f"config.step{step}.json")
   with open(path) as f:

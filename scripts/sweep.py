@@ -35,7 +35,11 @@ language models, the best being the lowest), printed (to stderr with
 Before anything runs, every swept value and ``--set`` override is checked
 against the config: an unknown field, a group of fields or a value of the
 wrong type (``model.block_size=abc``) is refused, and so is a grid with two
-points of the same name (``8,08``: one workdir for two runs).
+points of the same name (``8,08``: one workdir for two runs); then each
+run's whole config is checked as training would check it (a block size of
+7, an unknown attention, a batch of 0), so no run fails after others have
+trained. With ``local``, a run that finished earlier with the same settings
+is not launched again. The table names the best run.
 """
 
 from __future__ import annotations
@@ -123,6 +127,35 @@ def check_overrides(config, overrides):
       raise ValueError(problem)
 
 
+def run_configs(config_spec: str, points, sets) -> list:
+  """Each point's whole config (``--set`` overrides and the point's values
+  applied as main.py applies them), checked as training checks it:
+  ValueError naming the first run and setting no run could use."""
+  from htransformer import train  # pylint: disable=g-import-not-at-top
+  base = config_utils.load_config(config_spec)
+  configs = []
+  for point in points:
+    overrides = [tuple(s.split("=", 1)) for s in sets] + [
+        (k, format_value(v)) for k, v in point.items()]
+    config = config_utils.with_overrides(base, overrides)
+    try:
+      train.check_settings(config)
+    except ValueError as e:
+      raise ValueError(f"run {run_name(point)}: {e}") from None
+    configs.append(config)
+  return configs
+
+
+def finished_earlier(config, workdir: str) -> bool:
+  """``workdir`` holds a run that finished (results.json) with these
+  settings (how often it logged, evaluated or checkpointed aside)."""
+  from htransformer import train  # pylint: disable=g-import-not-at-top
+  if "test_loss" not in (metrics_lib.read_record(workdir) or {}):
+    return False
+  free = tuple(f for f in train.RESUME_FREE_FIELDS if f != "num_train_steps")
+  return train.config_changes(config, workdir, free) == []
+
+
 def check_names(names):
   """Raises ValueError if two points of the grid share a run directory."""
   seen = set()
@@ -190,9 +223,11 @@ def _cell(v, fmt="{:.4f}"):
   return "-" if v is None or isinstance(v, str) else fmt.format(v)
 
 
-def table(names: list[str], sweep_dir: str) -> str:
-  """The markdown table of the runs ``names``: accuracy, or perplexity
-  when the runs are language models."""
+def table(names: list[str], sweep_dir: str, failed=()) -> str:
+  """The markdown table of the runs ``names`` (``failed``: those whose
+  process failed in this launch), accuracy or, when the runs are language
+  models, perplexity, then a line naming the best run by its best
+  evaluation."""
   dirs = [os.path.join(sweep_dir, name) for name in names]
   summaries = [summarize(d) for d in dirs]
   metric = ("perplexity" if any(s["metric"] == "perplexity"
@@ -204,10 +239,18 @@ def table(names: list[str], sweep_dir: str) -> str:
   for name, s in zip(names, summaries):
     best = (f"{s['best_eval']:.4f} ({s['best_eval_step']})"
             if s["best_eval"] is not None else "-")
-    label = name if s["has_metrics"] else f"{name} (no metrics)"
+    label = (f"{name} (failed)" if name in failed else
+             name if s["has_metrics"] else f"{name} (no metrics)")
     lines.append(f"| {label} | {best} | {_cell(s['test'])} | "
                  f"{_cell(s['test_best_eval'])} | "
                  f"{_cell(s['steps_per_sec'], '{:.2f}')} |")
+  sign = 1 if metric == "accuracy" else -1
+  ranked = [(sign * s["best_eval"], name, s) for name, s in
+            zip(names, summaries) if s["best_eval"] is not None]
+  if ranked:
+    _, name, s = max(ranked, key=lambda r: r[0])
+    lines += ["", f"Best: {name} (eval {metric} {s['best_eval']:.4f} at step "
+              f"{s['best_eval_step']}; {os.path.join(sweep_dir, name)})."]
   return "\n".join(lines)
 
 
@@ -256,7 +299,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
   args = parse_args(argv)
   sweep_dir = os.path.abspath(args.workdir)
-  names, commands = None, []
+  names, commands, done = None, [], []
   try:
     if args.sweep:
       axes = parse_sweep(args.sweep)
@@ -277,9 +320,13 @@ def main(argv=None) -> int:
       names = [run_name(p) for p in points]
       check_names(names)
       if args.config:
+        configs = run_configs(args.config, points, sets)
         commands = [run_command(args.python, _absolute_config(args.config),
                                 os.path.join(sweep_dir, n), p, sets)
                     for n, p in zip(names, points)]
+        if args.launch == "local":
+          done = [finished_earlier(c, os.path.join(sweep_dir, n))
+                  for n, c in zip(names, configs)]
     if args.launch == "collect":
       if not os.path.isdir(sweep_dir):
         raise ValueError(f"--workdir {args.workdir}: no such folder, so no "
@@ -299,22 +346,32 @@ def main(argv=None) -> int:
       print(shlex.join(cmd))
   elif args.launch == "local":
     env = launch.env_with_path(ROOT)
+    todo = []
+    for n, c, finished in zip(names, commands, done):
+      if finished:
+        print(f"[{n}] finished earlier with these settings: "
+              f"{os.path.join(sweep_dir, n)}", flush=True)
+      else:
+        todo.append((n, c))
     if args.gpus:
       failed = launch.run_on_gpus(
-          [(n, c, os.path.join(sweep_dir, n, "log.txt"))
-           for n, c in zip(names, commands)], args.gpus, env, cwd=ROOT)
+          [(n, c, os.path.join(sweep_dir, n, "log.txt")) for n, c in todo],
+          args.gpus, env, cwd=ROOT)
     else:
-      failed = launch.run_in_turn(list(zip(names, commands)), env, cwd=ROOT)
+      failed = launch.run_in_turn(todo, env, cwd=ROOT)
 
   if names is None:
     names = run_dirs(sweep_dir)
-  md = table(names, sweep_dir)
-  with open(os.path.join(sweep_dir, "sweep.md"), "w") as f:
+  md = table(names, sweep_dir, failed)
+  md_path = os.path.join(sweep_dir, "sweep.md")
+  with open(md_path, "w") as f:
     if args.sweep:
-      f.write(f"Sweep `{args.sweep}` of `{args.config}`\n\n")
+      f.write(f"Sweep `{args.sweep}` of `{args.config}`"
+              + "".join(f", `--set {s}`" for s in args.set) + "\n\n")
     f.write(md + "\n")
-  print(md, file=sys.stderr if args.launch == "print" else sys.stdout,
-        flush=True)
+  out = sys.stderr if args.launch == "print" else sys.stdout
+  print(md, file=out, flush=True)
+  print(f"Table written to {md_path}.", file=out, flush=True)
   if failed:
     print(f"{len(failed)} run(s) failed: {', '.join(failed)}",
           file=sys.stderr)

@@ -96,11 +96,14 @@ def test_collect(tmp_path):
   r = run_sweep(f"--workdir={tmp_path}", "--launch=collect")
   assert r.returncode == 0, r.stderr
   table = open(tmp_path / "sweep.md").read()
-  assert table.strip() == r.stdout.strip()
+  assert r.stdout.strip() == (
+      table.strip() + f"\nTable written to {tmp_path / 'sweep.md'}.")
   rows = [l for l in table.splitlines() if l.startswith("| a=")]
   assert rows == [
       "| a=1 | 0.5000 (200) | 0.4500 | 0.4800 | 6.00 |",
       "| a=2 | 0.2500 (10) | 0.2000 | 0.2100 | 12.50 |"]
+  assert table.strip().splitlines()[-1] == (
+      f"Best: a=1 (eval accuracy 0.5000 at step 200; {tmp_path / 'a=1'}).")
   # With the sweep, missing runs are listed too.
   r = run_sweep(f"--workdir={tmp_path}", "--launch=collect", "--sweep=a=1,3")
   assert r.returncode == 0, r.stderr
@@ -161,6 +164,22 @@ def test_local_run(tmp_path):
   line = [l for l in r.stdout.splitlines()
           if l.startswith("| model.block_size=4 |")]
   assert len(line) == 1 and " - " not in line[0], r.stdout[-2000:]
+  assert "Best: model.block_size=4 (eval accuracy" in r.stdout
+  # Launched again: the finished run is not run again; with more steps it
+  # resumes and trains on.
+  again = lambda *more: run_sweep(
+      "--config=configs/listops.py:quick", "--sweep=model.block_size=4",
+      f"--workdir={tmp_path / 'sw'}", "--launch=local",
+      *[f"--set={o}" for o in overrides + list(more)], timeout=300)
+  r = again()
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  assert "[model.block_size=4] finished earlier with these settings" in (
+      r.stdout)
+  assert "Resuming" not in r.stdout + r.stderr
+  r = again("num_train_steps=6")
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  assert "finished earlier" not in r.stdout
+  assert json.load(open(run / "results.json"))["num_train_steps"] == 6
 
 
 def test_collect_reads_runs_cut_short(tmp_path):
@@ -209,6 +228,18 @@ def test_language_model_runs_are_tabled_by_perplexity(tmp_path):
     (["--sweep=seed=1", "--set=model=2"], "model is a group of fields"),
     (["--sweep=model.block_size=8,08"],
      "both run 'model.block_size=8' (one workdir)"),
+    # Values of the right type that training refuses: refused before the
+    # first run trains, not when the run holding them starts.
+    (["--sweep=model.block_size=8,7"], "run model.block_size=7: "
+     "model.block_size must be an even integer >= 2, got 7"),
+    (["--sweep=model.attention=full,fulll"],
+     "run model.attention=fulll: model.attention must be one of"),
+    (["--sweep=seed=1", "--set=batch_size=0"],
+     "run seed=1: batch_size must be >= 1"),
+    (["--sweep=optimizer.learning_rate=0.1,nan"],
+     "optimizer.learning_rate must be a positive number"),
+    (["--sweep=seed=1", "--set=data.num_val=0"],
+     "config.data (generated listops data)"),
 ])
 def test_bad_values_are_refused_before_any_run(tmp_path, args, message):
   """Each run would fail on its own (or two would share a workdir): the
