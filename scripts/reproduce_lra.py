@@ -7,6 +7,9 @@ r"""Runs the Long Range Arena tasks and prints the paper's table beside ours.
       [--data_dir=text=PATH/aclImdb ...] [--set k=v ...]
       [--results_md=docs/results.md] [--gpus=0,1,2,3]
 
+Defaults: every task, both models, ``runs/lra``, the full configs (hours
+on GPUs), the table printed only.
+
 For each chosen task and model it runs (one after another)
 ``python -m htransformer.main --config=configs/<task>.py --workdir=
 WORKDIR_ROOT/<task>-<model> --config.model.attention=<model>`` (``full`` is
@@ -20,9 +23,15 @@ and the paper's rows, test accuracy (%) of the final parameters, with the
 average over the five tasks without Path-X. Tasks trained on generated data
 (ListOps, Pathfinder and Path-X without a data_dir) are marked "gen.",
 tasks not run "not run", unfinished runs "unfinished". ``--collect_only``
-skips training. The table is printed and written to ``--results_md`` as
-the section "## LRA reproduction table" (replacing that section if present,
-keeping every other section of the file); ``--results_md=`` writes nothing.
+skips training. The table is printed, and with ``--results_md=FILE``
+(``docs/results.md`` for the repository's table) also written to FILE as
+the section "## LRA reproduction table" (replacing that section if
+present, keeping every other section of the file); a table without one
+finished run is not written there. A run that finished earlier with other
+settings than this launch asks for (another ``--set`` value or data_dir)
+is refused, naming them, before anything runs; with a higher
+``num_train_steps`` it resumes and trains on. Runs that fail are marked
+"failed".
 
 ``--gpus=0,1,2,3`` (or a count) runs the tasks concurrently, one per GPU
 (each sees only its GPU; its console goes to the workdir's ``log.txt``).
@@ -48,7 +57,8 @@ The table itself was written from the runs' records in docs/runs/lra/
 (their commands and cards: docs/runs/lra/README.md):
 
   python scripts/reproduce_lra.py --collect_only --workdir_root=docs/runs/lra \
-      --task_variant=pathfinder=learned_pos --task_variant=listops=long
+      --task_variant=pathfinder=learned_pos --task_variant=listops=long \
+      --results_md=docs/results.md
 
 ``--set`` overrides and ``--data_dir`` folders are checked before anything
 runs: a field the task's config lacks, a value of the wrong type, or a
@@ -93,7 +103,7 @@ PAPER = [
     ("Performer (LRA paper)",
      (18.01, 65.40, 53.82, 42.77, 77.05, None), 51.41),
 ]
-OUR_ROWS = {"hierarchical": "H-Transformer-1D, block 16 (ours)",
+OUR_ROWS = {"hierarchical": "H-Transformer-1D{block} (ours)",
             "full": "Transformer, full attention (ours)"}
 
 
@@ -179,6 +189,9 @@ def collect(workdir: str, task: str, variant: str = "",
     generated = task in GENERATED_TASKS and not cfg.get("data_dir")
   out = {"status": "finished", "accuracy": 100.0 * r["test_accuracy"],
          "generated": generated}
+  block = (cfg.get("model") or {}).get("block_size")
+  if block is not None:
+    out["block_size"] = block
   if (generated and task in ("pathfinder", "pathx")
       and isinstance(r.get("data"), dict)):
     # Version-1 images (no version in the record) mostly hid their labels.
@@ -198,6 +211,41 @@ def collect(workdir: str, task: str, variant: str = "",
   if steps is not None and full is not None and int(steps) < full:
     out["steps"] = (int(steps), full)
   return out
+
+
+def other_settings(workdir: str, task: str, model: str, variant: str,
+                   data_dir: str, sets) -> list[str] | None:
+  """How the finished run in ``workdir`` differs from what this launch
+  would run there, in the settings the launch gives (the attention, the
+  data_dir, ``--set`` overrides): "field run's -> this launch's" for each;
+  [] where only ``num_train_steps`` is higher (the run resumes and trains
+  on); None where nothing differs."""
+  import json  # pylint: disable=g-import-not-at-top
+  config = task_config(task, variant)
+  old = metrics_lib.read_record(workdir, "config.json")
+  if config is None or old is None:
+    return None
+  overrides = [("model.attention", model)] + (
+      [("data_dir", data_dir)] if data_dir else []) + [
+          tuple(s.split("=", 1)) for s in sets]
+  new = config_utils.with_overrides(config, overrides)
+  flat = lambda c, key: functools.reduce(
+      lambda node, name: node.get(name) if isinstance(node, dict) else None,
+      key.split("."), c)
+  new = json.loads(new.to_json_best_effort())
+  diffs, more_steps = [], False
+  for key, _ in overrides:
+    key = key.strip()
+    was, now = flat(old, key), flat(new, key)
+    if was is None or was == now:
+      continue
+    if key == "num_train_steps" and now > was:
+      more_steps = True
+    else:
+      diffs.append(f"{key} {json.dumps(was)} -> {json.dumps(now)}")
+  if diffs:
+    return diffs
+  return [] if more_steps else None
 
 
 def _cell(entry: dict | None) -> str:
@@ -232,7 +280,12 @@ def table(entries: dict) -> str:
       avg = f"{sum(done) / len(done):.2f}"
     else:
       avg = f"— ({len(done)}/{len(AVG_TASKS)} tasks)"
-    lines.append(f"| {OUR_ROWS[model]} | "
+    # The block size where every finished run used the same one.
+    blocks = {e["block_size"] for e in row
+              if e and e["status"] == "finished" and "block_size" in e}
+    label = OUR_ROWS[model].format(
+        block=f", block {blocks.pop()}" if len(blocks) == 1 else "")
+    lines.append(f"| {label} | "
                  + " | ".join(_cell(e) for e in row) + f" | {avg} |")
   for name, accs, avg in PAPER:
     cells = ["fail" if a is None else f"{a:.2f}" for a in accs]
@@ -312,12 +365,19 @@ def _task_items(items, flag: str, what: str) -> dict:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--tasks", default=",".join(TASKS))
-  p.add_argument("--models", default=",".join(MODELS))
-  p.add_argument("--workdir_root", default="runs/lra")
-  p.add_argument("--collect_only", action="store_true")
-  p.add_argument("--variant", default="", choices=["", "quick"])
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--tasks", default=",".join(TASKS),
+                 help="comma-separated tasks")
+  p.add_argument("--models", default=",".join(MODELS),
+                 help="comma-separated models")
+  p.add_argument("--workdir_root", default="runs/lra",
+                 help="one workdir per task and model below it")
+  p.add_argument("--collect_only", action="store_true",
+                 help="train nothing: table the finished runs")
+  p.add_argument("--variant", default="", choices=["", "quick"],
+                 help="quick: the CPU-sized :quick configs")
   p.add_argument("--task_variant", action="append", default=[],
                  metavar="TASK=VARIANT",
                  help="a variant of one task's config (repeatable).")
@@ -325,9 +385,10 @@ def parse_args(argv):
                  metavar="TASK=PATH", help="data_dir of a task (repeatable).")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="a config override for every run (repeatable).")
-  p.add_argument("--results_md", default=os.path.join("docs", "results.md"),
-                 help="markdown file for the table, relative to the "
-                 "repository root unless absolute; empty: none.")
+  p.add_argument("--results_md", default="",
+                 help="markdown file the table is also written to (its own "
+                 "section), relative to the repository root unless "
+                 "absolute, e.g. docs/results.md; default: printed only.")
   p.add_argument("--python", default=sys.executable)
   p.add_argument("--gpus", default="",
                  help="run one task per GPU at a time, e.g. 0,1,2,3 or 4 "
@@ -378,20 +439,36 @@ def main(argv=None) -> int:
         raise SystemExit(f"--data_dir {task}={data_dirs[task]}: no such "
                          "folder.")
   root = os.path.abspath(args.workdir_root)
+  if args.collect_only and not os.path.isdir(root):
+    raise SystemExit(f"--workdir_root {args.workdir_root}: no such folder, "
+                     "so no runs to collect.")
   failed = []
   if not args.collect_only:
     env = launch.env_with_path(ROOT)
-    jobs = []
+    jobs, refused = [], []
     for task in tasks:
       for model in models:
         workdir = workdir_for(root, task, model, variants[task])
         if collect(workdir, task, variants[task])["status"] == "finished":
-          print(f"[{task} {model}] finished earlier: {workdir}", flush=True)
-          continue
+          other = other_settings(workdir, task, model, variants[task],
+                                 data_dirs.get(task, ""), args.set)
+          if other is None:
+            print(f"[{task} {model}] finished earlier: {workdir}",
+                  flush=True)
+            continue
+          if other:
+            refused.append(f"{workdir} ({', '.join(other)})")
+            continue
         cmd = run_command(args.python, task, model, workdir, variants[task],
                           data_dirs.get(task, ""), args.set)
         jobs.append((f"{task}-{model}", cmd,
                      os.path.join(workdir, "log.txt")))
+    if refused:
+      raise SystemExit(
+          "These runs finished earlier with other settings than this launch "
+          "asks for (the run's -> this launch's): " + "; ".join(refused)
+          + ". Use another --workdir_root, or move those folders away to "
+          "run them again.")
     show = lambda name, cmd: print(
         f"[{name}] " + " ".join(map(shlex.quote, cmd)), flush=True)
     if args.gpus:
@@ -406,12 +483,21 @@ def main(argv=None) -> int:
   entries = {(t, m): collect(workdir_for(root, t, m, variants[t]), t,
                              variants[t], recipes.get(t, ""))
              for t in TASKS for m in MODELS}
+  for name in failed:
+    task, model = name.split("-", 1)
+    if entries[(task, model)]["status"] != "finished":
+      entries[(task, model)] = {"status": "failed"}
   text = section(entries, args.workdir_root, args.variant)
   print(text)
   if args.results_md:
     results_md = os.path.join(ROOT, args.results_md)  # absolute: as given
-    write_section(results_md, text)
-    print(f"Wrote the table to {results_md}.", file=sys.stderr)
+    if not any(e["status"] == "finished" for e in entries.values()):
+      print(f"Not written to {results_md}: no run under {root} has "
+            "finished, and the table would replace its section with "
+            "\"not run\".", file=sys.stderr)
+    else:
+      write_section(results_md, text)
+      print(f"Wrote the table to {results_md}.", file=sys.stderr)
   if failed:
     print(f"Failed runs: {', '.join(failed)}", file=sys.stderr)
   return 1 if failed else 0

@@ -44,7 +44,7 @@ def test_table_from_finished_workdirs(tmp_path):
   entries = {(t, m): rl.collect(rl.workdir_for(root, t, m), t)
              for t in rl.TASKS for m in rl.MODELS}
   text = rl.table(entries)
-  ours = _row(text, "H-Transformer-1D, block 16 (ours)")
+  ours = _row(text, "H-Transformer-1D (ours)")  # no block size recorded
   cells = [c.strip() for c in ours.strip("|").split("|")]
   assert cells[1:] == ["40.00 (gen.)", "70.00", "60.00", "45.00",
                        "65.00 (gen.)", "50.00 (gen.)", "56.00"]
@@ -89,6 +89,73 @@ def test_collect_only_writes_own_section(tmp_path, capsys):
                                       + rl.SECTION)
 
 
+def test_the_results_file_is_written_only_when_asked_and_not_emptied(
+    tmp_path, capsys):
+  """The default prints the table only; a results file is not replaced by
+  a table of no finished run (a typo in --workdir_root, a fresh clone);
+  collecting from a folder that is not there is an error."""
+  md = tmp_path / "results.md"
+  md.write_text(f"# Results\n\n{rl.SECTION}\n\nthe published table\n")
+  root = tmp_path / "runs"
+  _fake_run(str(root), "listops", "full", 0.1, finished=False)
+  assert rl.main(["--collect_only", f"--workdir_root={root}"]) == 0
+  assert rl.parse_args([]).results_md == ""
+  assert rl.main(["--collect_only", f"--workdir_root={root}",
+                  f"--results_md={md}"]) == 0
+  err = capsys.readouterr().err
+  assert f"Not written to {md}: no run under {root} has finished" in err
+  assert "the published table" in md.read_text()
+  with pytest.raises(SystemExit, match="no such folder, so no runs"):
+    rl.main(["--collect_only", f"--workdir_root={tmp_path / 'typo'}",
+             f"--results_md={md}"])
+  assert "the published table" in md.read_text()
+
+
+def test_block_size_in_the_row_label(tmp_path):
+  root = str(tmp_path / "runs")
+  for task, block in (("listops", 8), ("text", 8), ("image", 16)):
+    _fake_run(root, task, "hierarchical", 0.5)
+    cfg = os.path.join(root, f"{task}-hierarchical", "config.json")
+    json.dump({"task": task, "model": {"block_size": block}}, open(cfg, "w"))
+  entries = lambda tasks: {
+      (t, "hierarchical"): rl.collect(rl.workdir_for(root, t, "hierarchical"),
+                                      t) for t in tasks}
+  assert "| H-Transformer-1D, block 8 (ours) |" in rl.table(
+      entries(["listops", "text"]))
+  assert "| H-Transformer-1D (ours) |" in rl.table(
+      entries(["listops", "image"]))
+
+
+def test_finished_runs_with_other_settings_are_refused(tmp_path, capsys):
+  """A finished run relaunched with another --set value would be skipped
+  as finished and tabled as if it had those settings: refused, naming
+  them; a higher num_train_steps resumes it."""
+  trainer = tmp_path / "trainer"
+  trainer.write_text(FAKE_TRAINER.format(python=rl.sys.executable))
+  trainer.chmod(0o755)
+  root = tmp_path / "runs"
+  workdir = root / "listops-hierarchical"
+  workdir.mkdir(parents=True)
+  json.dump({"task": "listops", "model": {"attention": "hierarchical"},
+             "num_train_steps": 20, "optimizer": {"learning_rate": 0.05}},
+            open(workdir / "config.json", "w"))
+  (workdir / "metrics.jsonl").write_text('{"step": 20}\n')
+  json.dump({"test_accuracy": 0.3, "test_loss": 1.0},
+            open(workdir / "results.json", "w"))
+  argv = ["--tasks=listops", "--models=hierarchical", f"--workdir_root={root}",
+          f"--python={trainer}"]
+  assert rl.main(argv + ["--set=num_train_steps=20"]) == 0
+  assert "finished earlier" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:
+    rl.main(argv + ["--set=num_train_steps=20",
+                    "--set=optimizer.learning_rate=0.5"])
+  assert (f"{workdir} (optimizer.learning_rate 0.05 -> 0.5)"
+          in str(e.value)), str(e.value)
+  assert rl.main(argv + ["--set=num_train_steps=40"]) == 0
+  out = capsys.readouterr().out
+  assert "finished earlier" not in out and "num_train_steps=40" in out
+
+
 def test_data_record_and_shortened_schedules(tmp_path):
   """results.json's data record overrides the data_dir guess; a run with
   fewer steps than its config is marked with both step counts."""
@@ -112,7 +179,7 @@ def test_data_record_and_shortened_schedules(tmp_path):
   assert entries[("pathfinder", "hierarchical")]["steps"] == (6260, full)
   assert "steps" not in entries[("pathfinder", "full")]
   text = rl.table(entries)
-  ours = [c.strip() for c in _row(text, "H-Transformer-1D, block 16 (ours)")
+  ours = [c.strip() for c in _row(text, "H-Transformer-1D (ours)")
           .strip("|").split("|")]
   assert ours[5] == "50.00 (gen., 6,260 of 62,600 steps)"
   assert ours[1] == "40.00 (gen.)"  # Old results.json: guessed from data_dir.
@@ -182,10 +249,13 @@ def test_runs_the_chosen_tasks(tmp_path, capsys, gpus):
   assert rl.main(argv) == 1  # pathfinder-full failed
   out = capsys.readouterr()
   assert "Failed runs: pathfinder-full" in out.err
-  ours = [c.strip() for c in _row(out.out, "H-Transformer-1D, block 16 (ours)")
+  ours = [c.strip() for c in _row(out.out, "H-Transformer-1D (ours)")
           .strip("|").split("|")]
   assert ours[1] == "50.00 (gen.)" and ours[5] == "50.00 (gen.)"
   assert "unfinished" not in ours[5]
+  full = [c.strip() for c in _row(out.out, "Transformer, full attention")
+          .strip("|").split("|")]
+  assert full[5] == "failed" and full[2] == "not run"
   if gpus:
     seen = {(root / f"{t}-{m}" / "log.txt").read_text().split()[0]
             for t in ("listops", "pathfinder") for m in rl.MODELS}
@@ -212,13 +282,13 @@ def test_task_variant_runs_and_cells(tmp_path, capsys):
   for model in rl.MODELS:
     assert (root / f"pathfinder-{model}-learned_pos" / "results.json").exists()
   assert not (root / "pathfinder-hierarchical").exists()
-  ours = [c.strip() for c in _row(out, "H-Transformer-1D, block 16 (ours)")
+  ours = [c.strip() for c in _row(out, "H-Transformer-1D (ours)")
           .strip("|").split("|")]
   assert ours[5] == "50.00 (gen., :learned_pos)"
   # Without the flag the same root has no Pathfinder run (other workdirs).
   rl.main(["--collect_only", f"--workdir_root={root}", "--results_md="])
   out = capsys.readouterr().out
-  assert _row(out, "H-Transformer-1D, block 16 (ours)").split("|")[5].strip(
+  assert _row(out, "H-Transformer-1D (ours)").split("|")[5].strip(
       ) == "not run"
   # A Path-X run on 40,000 generated images where the config has 200,000.
   _fake_run(str(root), "pathx", "hierarchical", 0.49)
