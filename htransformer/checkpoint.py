@@ -217,10 +217,10 @@ def _shapes(tree) -> dict:
   return out
 
 
-def _mismatch(step_dir, abstract_state) -> list[str]:
+def _mismatch(step_dir, abstract_state, item: str = "state") -> list[str]:
   handler = ocp.StandardCheckpointHandler()
   try:
-    stored = handler.metadata(epath.Path(step_dir) / "state")
+    stored = handler.metadata(epath.Path(step_dir) / item)
   finally:
     handler.close()
   have, want = _shapes(stored), _shapes(abstract_state)
@@ -289,6 +289,17 @@ def restore_params(workdir: str, abstract_state, best: bool = False):
     remedy = "Copy the run's folder again in full" + (
         f", or delete {step_folder} to read step {before}"
         if before is not None else "")
+    with _reading(step_folder, step, remedy):
+      item, target = (("params", abstract_state["params"]) if best else
+                      ("state", abstract_state))
+      mismatch = _mismatch(step_folder, target, item)
+    if mismatch:
+      more = f"; and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
+      raise ValueError(
+          f"The model that {os.path.join(workdir, 'config.json')} describes "
+          f"does not fit the checkpoint of step {step} in {folder} "
+          f"({mismatch[0]}{more}): the config is not the run's (was it "
+          "edited?). The checkpoint is as the run left it.")
     with _reading(step_folder, step, remedy):
       if best:
         return step, mngr.restore(step, args=ocp.args.Composite(

@@ -379,3 +379,24 @@ def test_sampling_is_deterministic_for_a_seed(lm_run):
       timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.strip() == tok.decode(prompt + a).strip()
+
+
+@pytest.mark.parametrize("best", [False, True], ids=["latest", "best"])
+def test_sampling_with_an_edited_config_blames_the_config(lm_run, tmp_path,
+                                                          best):
+  """config.json edited after the run (another width): the error says the
+  config does not fit the checkpoint, not that the checkpoint is damaged
+  (whose advice would be to delete it)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = lm_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  cfg = json.load(open(copy / "config.json"))
+  cfg["model"]["emb_dim"] //= 2
+  json.dump(cfg, open(copy / "config.json", "w"))
+  with pytest.raises(ValueError) as e:
+    sample.load_run(str(copy), best=best)
+  message = str(e.value)
+  assert "config.json describes does not fit the checkpoint" in message
+  assert ": checkpoint (" in message and "was it edited?" in message
+  assert "delete" not in message.lower()
