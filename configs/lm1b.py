@@ -46,6 +46,10 @@ Variants (``--config=configs/lm1b.py:VARIANT``):
             perplexity 8.705 hierarchical, 12.300 full (cuDNN), and
             2.27M vs 2.09M training tokens/s.
 
+  full      joins any of the above with commas: the same with full
+            (causal softmax) attention, e.g. ``:quick,full`` or
+            ``:text4096,full``.
+
 Any variant can be changed from the command line, e.g. full attention:
 ``--config.model.attention=full``; local text instead of lm1b:
 ``--config.data.source=text --config.data.text_files='corpus/*.txt'``.
@@ -91,14 +95,18 @@ import ml_collections
 
 from htransformer import config_utils
 
-VARIANTS = ("base", "large", "quick", "text4096")
+SIZES = ("base", "large", "quick", "text4096")
+VARIANTS = SIZES + ("full",)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variant = arg or "base"
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r} of configs/lm1b.py: use "
-                     f"one of {VARIANTS} ('' is base).")
+  variants = config_utils.parse_variants(arg, VARIANTS, "configs/lm1b.py")
+  sizes = sorted(variants & set(SIZES))
+  if len(sizes) > 1:
+    raise ValueError(f"Variants {sizes} of configs/lm1b.py are different "
+                     f"models and data: use one of {SIZES} ('' is base), "
+                     "with 'full' if wanted.")
+  variant = sizes[0] if sizes else "base"
   c = config_utils.experiment_config(
       "lm",
       # data_dir: tfds data_dir holding lm1b (empty: tfds's default);
@@ -154,4 +162,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.log_every = 25
     c.eval_every = 100
     c.checkpoint_every = 200
+  if "full" in variants:
+    c.model.attention = "full"
   return c

@@ -18,9 +18,10 @@ running the model on the unpadded context at every step
 their last ``max_length`` tokens. Sampling: logits / temperature, the
 ``top_k`` largest kept (0: all), a draw with the key
 ``fold_in(key(seed), step)``; temperature 0 is greedy. Generation stops at
-eos (unless --nostop_at_eos) or after ``max_new_tokens``. A negative or
-non-finite temperature, a negative ``top_k`` or ``max_new_tokens``, an empty
-prompt and token ids outside the vocabulary are errors.
+eos (unless --nostop_at_eos) or after ``max_new_tokens``. An empty prompt
+samples from eos alone (text as a document would start). A negative or
+non-finite temperature, a negative ``top_k`` or ``max_new_tokens`` and
+token ids outside the vocabulary are errors.
 """
 
 from __future__ import annotations

@@ -362,6 +362,9 @@ def main(argv=None) -> int:
 
   if names is None:
     names = run_dirs(sweep_dir)
+    if not names:
+      print(f"No runs under {sweep_dir} (no folder with a metrics.jsonl).",
+            file=sys.stderr)
   md = table(names, sweep_dir, failed)
   md_path = os.path.join(sweep_dir, "sweep.md")
   with open(md_path, "w") as f:

@@ -235,3 +235,18 @@ def test_plot_benchmark_bad_json(tmp_path):
     _assert_one_line_error(
         _run(["scripts/plot_benchmark.py", f"--json={tmp_path / name}",
               f"--out={tmp_path / 'x.png'}"]), expected)
+
+
+def test_lm1b_variants_join_with_full():
+  from configs import lm1b  # pylint: disable=g-import-not-at-top
+  for arg in ("full", "quick,full", "full,text4096"):
+    c = lm1b.get_config(arg)
+    assert c.model.attention == "full"
+    size = arg.replace("full", "").strip(",") or "base"
+    want = lm1b.get_config("" if size == "base" else size)
+    want.model.attention = "full"
+    assert c.to_dict() == want.to_dict(), arg
+  with pytest.raises(ValueError, match="are different models and data"):
+    lm1b.get_config("quick,large")
+  with pytest.raises(ValueError, match=r"Unknown variant\(s\) \['nope'\]"):
+    lm1b.get_config("quick,nope")

@@ -229,8 +229,9 @@ def _all_config_variants():
   import importlib  # pylint: disable=g-import-not-at-top
   import itertools  # pylint: disable=g-import-not-at-top
   out = [("listops", v) for v in ("", "full", "long", "long_full", "quick")]
-  out += [("lm1b", v) for v in ("",) + importlib.import_module(
-      "configs.lm1b").VARIANTS]
+  lm1b = importlib.import_module("configs.lm1b")
+  out += [("lm1b", v) for size in ("",) + lm1b.SIZES
+          for v in (size, ",".join(filter(None, (size, "full"))))]
   for name in sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
                      if f.endswith(".py")):
     if name in ("listops", "lm1b"):
