@@ -205,6 +205,16 @@ def _write_cifar(root, n_per_batch=10):
   return out
 
 
+def test_gray_as_tensorflow_makes_it():
+  """Values of tf.image.rgb_to_grayscale (float32, x/255, the weights,
+  times 255.5, truncated): where rounding would give another level."""
+  rgb = np.array([[0, 1, 0], [0, 0, 5], [3, 0, 0], [1, 1, 1], [100, 100, 100],
+                  [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]],
+                 np.uint8)
+  np.testing.assert_array_equal(image.to_gray(rgb),
+                                [0, 0, 0, 1, 100, 255, 76, 149, 29])
+
+
 def test_image_local_cifar(tmp_path):
   raw = _write_cifar(str(tmp_path))
   srcs = image.load_sources(str(tmp_path))
@@ -213,8 +223,10 @@ def test_image_local_cifar(tmp_path):
   data = np.concatenate([raw[f"data_batch_{i}"][0] for i in range(1, 6)])
   labels = sum((raw[f"data_batch_{i}"][1] for i in range(1, 6)), [])
   rgb = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.float64)
-  gray = np.round(rgb[..., 0] * 0.2989 + rgb[..., 1] * 0.5870
-                  + rgb[..., 2] * 0.1140).reshape(-1, 1024)
+  # tf.image.rgb_to_grayscale's result: times 255.5 and truncated, not
+  # rounded (float64 here; the reader's float32 agrees on these pixels).
+  gray = np.floor((rgb[..., 0] * 0.2989 + rgb[..., 1] * 0.5870
+                   + rgb[..., 2] * 0.1140) / 255 * 255.5).reshape(-1, 1024)
   for split, offset in (("train", 0), ("val", 45)):
     for i in range(len(srcs[split])):
       item = srcs[split][i]

@@ -11,8 +11,10 @@ Sources (one of):
   folder or its parent. The 50,000 training images (batches 1-5 in order)
   are split the same way: the first 90% train, the rest val.
 
-Gray: ``round(0.2989 R + 0.5870 G + 0.1140 B)`` (the weights of
-``tf.image.rgb_to_grayscale``), row-major, 1024 tokens.
+Gray: as LRA's pipeline makes it with ``tf.image.rgb_to_grayscale``
+(0.2989 R + 0.5870 G + 0.1140 B on pixels scaled to [0, 1] in float32,
+then times 255.5 and truncated: ``png.rgb_to_gray``), row-major, 1024
+tokens.
 
 Tokens: pixel value + 1 (1..256), so that id 0 stays padding and black
 pixels are never masked out of attention (the original code treated pixel
@@ -29,6 +31,7 @@ import numpy as np
 
 from htransformer import data as data_lib
 from htransformer.data import byte_source
+from htransformer.data import png
 
 VOCAB_SIZE = 257
 NUM_CLASSES = 10
@@ -36,14 +39,12 @@ PIXEL_OFFSET = 1
 SPLITS = ("train", "val", "test")
 TFDS_NAME = "cifar10"
 TFDS_SPLITS = {"train": "train[:90%]", "val": "train[90%:]", "test": "test"}
-_GRAY = np.array([0.2989, 0.5870, 0.1140], np.float64)
 _LOCAL = "cifar-10-batches-py"
 
 
 def to_gray(images: np.ndarray) -> np.ndarray:
-  """uint8 [..., 32, 32, 3] -> uint8 [..., 32, 32]."""
-  gray = np.asarray(images, np.float64) @ _GRAY
-  return np.clip(np.round(gray), 0, 255).astype(np.uint8)
+  """uint8 [..., 32, 32, 3] -> uint8 [..., 32, 32] (``png.rgb_to_gray``)."""
+  return png.rgb_to_gray(images)
 
 
 class ImageSource:

@@ -4,8 +4,8 @@
 row), which is what the Pathfinder generator needs. `decode` reads 8-bit
 non-interlaced PNGs of colour type 0 (gray), 2 (RGB), 4 (gray + alpha) or 6
 (RGBA) with any of the five row filters, which covers the images of the LRA
-Pathfinder release; colour images are reduced to gray with the ITU-R 601
-weights (as `tf.image.rgb_to_grayscale`). No third-party imaging library is
+Pathfinder release; colour images are reduced to gray as
+`tf.image.rgb_to_grayscale` does (`rgb_to_gray`). No third-party imaging library is
 needed; where Pillow is installed it undoes the row filters (same pixels,
 much faster for the Average and Paeth filters, which run pixel by pixel
 here).
@@ -162,6 +162,13 @@ def decode(data: bytes) -> np.ndarray:
     img = _unfilter(raw, h, w * ch, ch).reshape(h, w, ch)
   if ch in (1, 2):
     return np.ascontiguousarray(img[..., 0])
-  rgb = img[..., :3].astype(np.float32)
-  gray = rgb @ np.array([0.2989, 0.5870, 0.1140], np.float32)
-  return np.clip(np.round(gray), 0, 255).astype(np.uint8)
+  return rgb_to_gray(img[..., :3])
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] -> uint8 [...], as ``tf.image.rgb_to_grayscale``
+  computes it (LRA's Image pipeline): in float32, pixels times 1/255, the
+  ITU-R 601 weights, then times 255.5 and truncated."""
+  flt = np.asarray(rgb, np.uint8).astype(np.float32) * np.float32(1 / 255)
+  gray = flt @ np.array([0.2989, 0.5870, 0.1140], np.float32)
+  return (gray * np.float32(255.5)).astype(np.uint8)
