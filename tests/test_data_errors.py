@@ -111,6 +111,26 @@ def test_listops_label_forms(tmp_path):
       listops.read_split(path)
 
 
+def test_listops_tokens_outside_the_vocabulary_are_reported(tmp_path,
+                                                            caplog):
+  """A copy written by a CSV tool (quoted sources): the quotes would be
+  read as <unk> tokens in silence."""
+  path = str(tmp_path / "basic_train.tsv")
+  with open(path, "w") as f:
+    f.write('Source\tTarget\n[SM 3 ]\t3\n"( [MAX 2 9 ] )"\t9\n')
+  with caplog.at_level("WARNING"):
+    source = listops.ListOpsSource(path, 20)
+  assert source[1]["inputs"][:6].tolist() == [1, 12, 4, 11, 16, 1]
+  assert ("1 of 2 examples hold tokens outside the ListOps vocabulary, read "
+          "as <unk> (the first: example 1)") in caplog.text
+  caplog.clear()
+  with open(path, "w") as f:
+    f.write("Source\tTarget\n( [MAX 2 9 ] )\t9\n")
+  with caplog.at_level("WARNING"):
+    listops.ListOpsSource(path, 20)
+  assert "outside the ListOps vocabulary" not in caplog.text
+
+
 # --- Retrieval. ---
 
 

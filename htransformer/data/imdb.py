@@ -85,7 +85,7 @@ def read_local_split(folder: str, split: str) -> tuple[list[bytes], np.ndarray]:
   texts, labels = [], []
   for label, cls in enumerate(_CLASSES):
     d = os.path.join(folder, split, cls)
-    names = [n for n in sorted(os.listdir(d)) if n.endswith(".txt")]
+    names = [n for n in sorted(os.listdir(d)) if n.lower().endswith(".txt")]
     if not names:  # One class only: a model would learn nothing.
       raise FileNotFoundError(
           f"No reviews (*.txt) in {d}: every class folder of "

@@ -574,6 +574,17 @@ class ListOpsSource:
                     if seqs else np.zeros(0, np.uint8))
     del seqs
     self.labels = labels
+    unknown = np.flatnonzero(self._tokens == UNK_ID)
+    if unknown.size:
+      # LRA's files hold only the ListOps symbols: quotes, say, come from a
+      # copy written by a CSV tool.
+      rows = np.unique(np.searchsorted(self._offsets, unknown,
+                                       side="right") - 1)
+      logging.warning(
+          "ListOps %s: %d of %d examples hold tokens outside the ListOps "
+          "vocabulary, read as <unk> (the first: example %d). LRA's files "
+          "hold none: quotes or other marks in the file?", path, rows.size,
+          len(labels), int(rows[0]))
 
   @property
   def max_length(self) -> int:

@@ -578,7 +578,7 @@ def read_metadata(folder: str) -> tuple[list[str], np.ndarray, int]:
   whose file is missing or empty.
   """
   meta_dir = os.path.join(folder, "metadata")
-  names = [n for n in os.listdir(meta_dir) if n.endswith(".npy")]
+  names = [n for n in os.listdir(meta_dir) if n.lower().endswith(".npy")]
   names.sort(key=lambda n: (int(n[:-4]) if n[:-4].isdigit() else 10**12, n))
   paths, labels, skipped = [], [], 0
   for n in names:
