@@ -4,12 +4,17 @@
 For each method and sequence length this measures the forward and the
 forward+backward wall time (median of ``--repeats`` runs after compiling and
 warming up) and the peak device memory, at a fixed number of tokens per
-batch (``batch = max(1, tokens // length)``), then writes:
+batch (``batch = max(1, tokens // length)``), prints a markdown table, and
+writes where asked:
 
   * the raw results as JSON (``--out_json``), from which
     ``scripts/plot_benchmark.py`` draws a log-log plot;
   * a markdown section in ``--out_md`` (a section with the same heading is
-    replaced, other sections are kept).
+    replaced, other sections are kept; the repository's record is
+    ``docs/benchmarks.md`` with ``docs/benchmark_attention.json``).
+
+Methods that need a GPU (``full_cudnn``, ``*_pallas``) are skipped, and
+said so, on other devices.
 
 Peak memory comes in two flavours:
 
@@ -30,9 +35,10 @@ Usage, from the repository root:
   python scripts/benchmark_attention.py                # the plain paths
   python scripts/benchmark_attention.py --causal
   # the fused kernels against cuDNN ("Where things stand" in
-  # docs/benchmarks.md):
+  # docs/benchmarks.md), recorded there:
   python scripts/benchmark_attention.py --lengths 1024 65536 --repeats 5 \
-      --no-isolate --methods hierarchical_16_pallas full_cudnn --head_dim 64
+      --no-isolate --methods hierarchical_16_pallas full_cudnn --head_dim 64 \
+      --out_json docs/benchmark_attention.json --out_md docs/benchmarks.md
   python scripts/benchmark_attention.py --smoke        # tiny, on a CPU
 
 Most of a measurement's time is compiling. ``--jobs N`` measures N
@@ -77,8 +83,7 @@ from htransformer.attention import kernels
 DEFAULT_METHODS = ("hierarchical_16", "hierarchical_64", "full_cudnn",
                    "full_xla")
 DEFAULT_LENGTHS = tuple(1024 * 4**k for k in range(6))  # 1K ... 1M
-DEFAULT_OUT_JSON = "docs/benchmark_attention.json"
-DEFAULT_OUT_MD = "docs/benchmarks.md"
+DTYPES = ("bfloat16", "float16", "float32")
 
 # Settings of --smoke: a check of the script that runs in a minute or two on
 # a CPU (mostly compiling), plain-XLA methods only.
@@ -100,13 +105,33 @@ PHASES = ("fwd", "fwd_bwd")
 
 
 def check_method(name: str) -> str:
-  if name in ("full_cudnn", "full_xla") or re.fullmatch(
-      r"hierarchical_\d+(_pallas)?", name):
+  if name in ("full_cudnn", "full_xla"):
     return name
+  m = re.fullmatch(r"hierarchical_(\d+)(_pallas)?", name)
+  if m:
+    block = int(m.group(1))
+    if m.group(2) and (block < 16 or block & (block - 1)):
+      raise argparse.ArgumentTypeError(
+          f"{name}: the fused kernels take block sizes that are powers of "
+          "two >= 16")
+    if block >= 2 and block % 2 == 0:
+      return name
+    raise argparse.ArgumentTypeError(
+        f"{name}: the block size must be an even integer >= 2")
   raise argparse.ArgumentTypeError(
       f"unknown method {name!r}: use full_cudnn, full_xla, "
       "hierarchical_<block_size> (plain XLA) or "
       "hierarchical_<block_size>_pallas (fused kernels)")
+
+
+# Methods that need a GPU, and why.
+GPU_ONLY = {"full_cudnn": "cuDNN", "_pallas": "the fused kernels"}
+
+
+def needs_gpu(method: str) -> str | None:
+  return next((why for key, why in GPU_ONLY.items()
+               if method == key or (key.startswith("_")
+                                    and method.endswith(key))), None)
 
 
 def _hier_parts(name: str) -> tuple[int, str]:
@@ -450,6 +475,8 @@ def measure_in_turns(todo: list[tuple[str, int]], cfg) -> list[dict]:
 
 
 def skip_reason(method: str, length: int, cfg) -> str | None:
+  if needs_gpu(method) and getattr(cfg, "platform", "gpu") != "gpu":
+    return "needs_gpu"
   if method == "full_xla" and length > cfg.skip_xla_dense_above:
     return "dense_logits"
   if method.startswith("full_") and length > cfg.full_max_length:
@@ -546,6 +573,8 @@ def format_ms(ms: float) -> str:
 
 
 def skip_note(res: dict, phase: str) -> str:
+  if res["skip"] == "needs_gpu":
+    return f"skipped (needs a GPU: {needs_gpu(res['method'])})"
   if res["skip"] == "quadratic":
     estimate = res[phase].get("estimated_ms")
     if estimate is None:
@@ -800,9 +829,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--lengths", type=int, nargs="+",
                       help=f"sequence lengths (default {DEFAULT_LENGTHS})")
   parser.add_argument("--methods", type=check_method, nargs="+",
-                      help=f"methods (default {DEFAULT_METHODS}): full_cudnn,"
-                      " full_xla, hierarchical_<block_size> (plain XLA) or "
-                      "hierarchical_<block_size>_pallas (fused kernels)")
+                      help=f"methods (default {DEFAULT_METHODS}): full_cudnn "
+                      "(GPU), full_xla, hierarchical_<block_size> (plain "
+                      "XLA) or hierarchical_<block_size>_pallas (fused "
+                      "kernels, GPU); GPU methods are skipped elsewhere")
   parser.add_argument("--dropout_rate", type=float, default=0.0,
                       help="attention dropout of the hierarchical and XLA "
                       "methods (cuDNN's has none and runs without)")
@@ -817,14 +847,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--heads", type=int, help="heads (default 8)")
   parser.add_argument("--head_dim", type=int, default=64,
                       help="head dim (default 64)")
-  parser.add_argument("--dtype", default="bfloat16",
+  parser.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                       help="input dtype (default bfloat16)")
   parser.add_argument("--seed", type=int, default=0,
                       help="seed of the random inputs (default 0)")
-  parser.add_argument("--out_json", help=f"raw results (default "
-                      f"{DEFAULT_OUT_JSON}; none with --smoke)")
-  parser.add_argument("--out_md", help=f"markdown file whose section to "
-                      f"write (default {DEFAULT_OUT_MD}; none with --smoke)")
+  parser.add_argument("--out_json", help="file for the raw results "
+                      "(default: none; the repository's record is "
+                      "docs/benchmark_attention.json)")
+  parser.add_argument("--out_md", help="markdown file whose section to write "
+                      "(default: none, the table is printed; the "
+                      "repository's record is docs/benchmarks.md)")
   parser.add_argument("--merge", action="store_true",
                       help="keep the results in --out_json that this run does"
                       " not redo (to split a benchmark over several runs)")
@@ -867,11 +899,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   for key, value in defaults.items():
     if getattr(args, key) is None:
       setattr(args, key, list(value) if isinstance(value, tuple) else value)
-  if not args.smoke:
-    args.out_json = args.out_json or DEFAULT_OUT_JSON
-    args.out_md = args.out_md or DEFAULT_OUT_MD
-  if args.jobs < 1:
-    parser.error(f"--jobs must be at least 1, got {args.jobs}")
+  for name, least in (("lengths", 1), ("repeats", 1), ("warmup", 0),
+                      ("tokens", 1), ("heads", 1), ("head_dim", 1),
+                      ("jobs", 1)):
+    values = getattr(args, name)
+    for v in values if isinstance(values, list) else [values]:
+      if v < least:
+        parser.error(f"--{name} must be at least {least}, got {v}")
+  if not 0 <= args.dropout_rate < 1:
+    parser.error(f"--dropout_rate must be in [0, 1), got {args.dropout_rate}")
+  if args.timeout_s <= 0:
+    parser.error(f"--timeout_s must be positive, got {args.timeout_s}")
   if args.jobs > 1 and args.isolate is False:
     parser.error("--jobs runs each measurement in a process of its own: "
                  "drop --no-isolate")
@@ -938,6 +976,7 @@ def main() -> None:
   previous = (load_previous(args.out_json, config, env) if args.merge
               else None)
 
+  args.platform = env["platform"]  # methods that need a GPU skip elsewhere
   print(f"device: {env['device_kind']} ({env['platform']}) · jax "
         f"{env['jax_version']} · python {env['python_version']} · "
         f"{env['date']}")
@@ -983,6 +1022,11 @@ def main() -> None:
   if args.out_json:
     print(f"plot: python scripts/plot_benchmark.py --json {args.out_json} "
           f"--out {os.path.splitext(args.out_json)[0]}.png")
+  failed = sorted({f"{r['method']} at {r['length']}" for r in results
+                   if any(r[p]["status"] == "error" for p in PHASES)})
+  if failed:
+    sys.exit(f"{len(failed)} measurement(s) failed: {', '.join(failed)} "
+             "(the error is in its line above).")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import matplotlib
@@ -27,7 +28,8 @@ PHASE_NAMES = {"fwd": "forward", "fwd_bwd": "forward+backward"}
 
 def method_label(name: str) -> str:
   if name.startswith("hierarchical_"):
-    return f"hierarchical, block {name.split('_')[1]}"
+    kind = ", fused kernels" if name.endswith("_pallas") else ", XLA"
+    return f"hierarchical, block {name.split('_')[1]}{kind}"
   return LABELS.get(name, name)
 
 
@@ -63,6 +65,7 @@ def plot(report: dict, phase: str, out: str) -> None:
   ax.xaxis.set_major_formatter(ticker.FuncFormatter(format_length))
   ax.xaxis.set_minor_locator(ticker.NullLocator())
   ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+  ax.yaxis.set_minor_formatter(ticker.NullFormatter())
   ax.set_xlabel(f"sequence length (batch = max(1, {cfg['tokens']:,} // "
                 "length))")
   ax.set_ylabel(f"{PHASE_NAMES[phase]} time (ms, median)")
@@ -80,10 +83,12 @@ def plot(report: dict, phase: str, out: str) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--json", default="docs/benchmark_attention.json",
-                      help="results of scripts/benchmark_attention.py")
-  parser.add_argument("--out", default="docs/benchmark_attention.png",
-                      help="image to write")
+  parser.add_argument("--json", required=True,
+                      help="results of scripts/benchmark_attention.py "
+                      "(--out_json), e.g. docs/benchmark_attention.json")
+  parser.add_argument("--out",
+                      help="image to write (default: the JSON's name with "
+                      ".png)")
   parser.add_argument("--phase", choices=sorted(PHASE_NAMES),
                       default="fwd_bwd", help="which time to plot")
   args = parser.parse_args()
@@ -98,8 +103,16 @@ def main() -> None:
   if not isinstance(report, dict) or not all(k in report for k in keys):
     sys.exit(f"Error: --json {args.json} is not a report of "
              f"scripts/benchmark_attention.py (it has {', '.join(keys)}).")
-  plot(report, args.phase, args.out)
-  print(f"wrote {args.out}")
+  out = args.out or os.path.splitext(args.json)[0] + ".png"
+  if not any(r.get(args.phase, {}).get("median_ms") is not None
+             for r in report["results"]):
+    sys.exit(f"Error: --json {args.json} holds no measured {args.phase} "
+             "time to plot (every row skipped or failed).")
+  folder = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(folder):
+    sys.exit(f"Error: --out {out}: no folder {folder}.")
+  plot(report, args.phase, out)
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -324,8 +324,13 @@ def _int_or_auto(text):
 
 
 def make_parser():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
+  parser = argparse.ArgumentParser(
+      description="Where the fused attention's time goes, on a GPU (on "
+      "other devices only --interpret, a check of the script, runs). See "
+      "the module docstring for the settings.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536],
+                      help="sequence lengths (batch x length = --tokens)")
   parser.add_argument("--tiles", type=int, nargs="+",
                       help="query rows per program (default 16 32 64; "
                       "--ncu_target: the kernels' default for --block_size)")
@@ -577,6 +582,12 @@ def main():
   args = parser.parse_args()
   if args.jobs < 1:
     parser.error(f"--jobs must be at least 1, got {args.jobs}")
+  if any(n < 16 for n in args.lengths):
+    parser.error(f"--lengths must be at least 16, got {args.lengths}")
+  if not args.interpret and jax.default_backend() != "gpu":
+    parser.error(f"times the fused kernels on a GPU; this process runs on "
+                 f"{jax.default_backend()!r}. Use --interpret for a check "
+                 "of the script on any device.")
   kinds = [kind for kind, on in (("fwd", args.mosaic_forward),
                                  ("dq", args.mosaic_dq),
                                  ("dkv", args.mosaic_dkv)) if on]

@@ -52,7 +52,8 @@ from htransformer import train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                 lock_config=True)
-flags.DEFINE_integer("steps", 50, "Timed steps per measurement.")
+flags.DEFINE_integer("steps", 50, "Timed steps per measurement.",
+                     lower_bound=1)
 flags.DEFINE_string("out", "", "Append the JSON line to this file.")
 flags.DEFINE_integer("profile", 0, "Trace this many device steps and print "
                      "the operations that take the device time.")

@@ -112,15 +112,23 @@ def measure(args, layers):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--layers", type=int, nargs="+", default=[1, 4])
-  parser.add_argument("--length", type=int, default=2048)
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--layers", type=int, nargs="+", default=[1, 4],
+                      help="attention layers of the traced gradient, one "
+                      "row each")
+  parser.add_argument("--length", type=int, default=2048,
+                      help="sequence length")
   parser.add_argument("--tokens", type=int, default=65536,
                       help="tokens per batch: batch = tokens // length")
-  parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--head_dim", type=int, default=64)
-  parser.add_argument("--block_size", type=int, default=16)
-  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--heads", type=int, default=8, help="heads")
+  parser.add_argument("--head_dim", type=int, default=64, help="head dim")
+  parser.add_argument("--block_size", type=int, default=16,
+                      help="block size (a power of two >= 16: the kernels')")
+  parser.add_argument("--dtype", default="bfloat16",
+                      choices=("bfloat16", "float16", "float32"),
+                      help="input dtype")
   parser.add_argument("--causal", action="store_true")
   parser.add_argument("--as_hopper", action="store_true",
                       help="on a host without a GPU, lower as for a Hopper "
@@ -135,6 +143,15 @@ def main():
   args = parser.parse_args()
   if any(n < 1 for n in args.layers):
     parser.error(f"--layers must be at least 1, got {args.layers}")
+  for name in ("length", "heads", "head_dim"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+  if args.tokens < args.length:
+    parser.error(f"--tokens ({args.tokens}) must be at least --length "
+                 f"({args.length}): batch = tokens // length")
+  if args.block_size < 16 or args.block_size & (args.block_size - 1):
+    parser.error(f"--block_size must be a power of two >= 16 (the fused "
+                 f"kernels'), got {args.block_size}")
   if args.as_hopper:
     kernels.mosaic_gpu = lambda: True
   for layers in args.layers:

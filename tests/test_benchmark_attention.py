@@ -53,6 +53,39 @@ def test_smoke_run_writes_results_and_only_its_section(tmp_path):
     assert f"\n| {length} | {1024 // length} |" in text
 
 
+def test_cpu_run_writes_nothing_unasked_and_skips_gpu_methods(tmp_path):
+  """Without --out_json / --out_md nothing is written (the repository's
+  records stay as they are); cuDNN and the fused kernels, which need a GPU,
+  are skipped with the reason rather than failing every row."""
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "benchmark_attention.py"),
+       "--lengths", "256", "--tokens", "512", "--heads", "2", "--repeats", "1",
+       "--warmup", "0", "--no-isolate", "--methods", "hierarchical_16",
+       "full_cudnn", "hierarchical_16_pallas"],
+      capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "wrote" not in proc.stdout and not os.listdir(tmp_path)
+  assert "skipped (needs a GPU: cuDNN)" in proc.stdout, proc.stdout[-2000:]
+  assert "skipped (needs a GPU: the fused kernels)" in proc.stdout
+  assert "error" not in proc.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lengths", "0"], "--lengths must be at least 1, got 0"),
+    (["--lengths", "-256"], "--lengths must be at least 1, got -256"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--dtype", "bogus"], "invalid choice: 'bogus'"),
+    (["--methods", "hierarchical_3"], "must be an even integer >= 2"),
+    (["--methods", "hierarchical_24_pallas"], "powers of two >= 16"),
+])
+def test_bad_flags_are_usage_errors(flags, message):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "benchmark_attention.py"),
+       *flags], capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_jobs_measure_each_pair_once_in_a_process_of_its_own(tmp_path):
   """``--jobs 3`` over 2 lengths x 2 methods and a skipped pair: batches of
   worker processes (3 and 1; the skipped pair not measured) that compile

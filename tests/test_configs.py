@@ -235,6 +235,21 @@ def test_plot_benchmark_bad_json(tmp_path):
     _assert_one_line_error(
         _run(["scripts/plot_benchmark.py", f"--json={tmp_path / name}",
               f"--out={tmp_path / 'x.png'}"]), expected)
+  # A report with nothing measured (every row skipped), and an image in a
+  # folder that is not there.
+  report = {"config": {"methods": ["full_cudnn"], "lengths": [256]},
+            "environment": {}, "results": [
+                {"method": "full_cudnn", "length": 256,
+                 "fwd_bwd": {"status": "skipped"}}]}
+  (tmp_path / "empty.json").write_text(json.dumps(report))
+  _assert_one_line_error(
+      _run(["scripts/plot_benchmark.py", f"--json={tmp_path / 'empty.json'}"]),
+      "holds no measured fwd_bwd time to plot")
+  report["results"][0]["fwd_bwd"] = {"status": "ok", "median_ms": 1.0}
+  (tmp_path / "one.json").write_text(json.dumps(report))
+  _assert_one_line_error(
+      _run(["scripts/plot_benchmark.py", f"--json={tmp_path / 'one.json'}",
+            f"--out={tmp_path / 'no' / 'x.png'}"]), "no folder")
 
 
 def test_lm1b_variants_join_with_full():
@@ -250,3 +265,18 @@ def test_lm1b_variants_join_with_full():
     lm1b.get_config("quick,large")
   with pytest.raises(ValueError, match=r"Unknown variant\(s\) \['nope'\]"):
     lm1b.get_config("quick,nope")
+
+
+@pytest.mark.parametrize("script, flags, expected", [
+    ("profile_kernels.py", ["--lengths", "4096"],
+     "times the fused kernels on a GPU; this process runs on 'cpu'"),
+    ("trace_time.py", ["--length", "0"], "--length must be at least 1"),
+    ("trace_time.py", ["--block_size", "24"], "a power of two >= 16"),
+])
+def test_timing_scripts_refuse_what_they_cannot_do_in_one_line(
+    script, flags, expected):
+  r = subprocess.run([sys.executable, os.path.join("scripts", script),
+                      *flags], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300, env=child_env(JAX_PLATFORMS="cpu"))
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert expected in r.stderr and "Traceback" not in r.stderr, r.stderr
