@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import shlex
 import sys
@@ -438,6 +439,21 @@ def main(argv=None) -> int:
       if task in data_dirs and not os.path.isdir(data_dirs[task]):
         raise SystemExit(f"--data_dir {task}={data_dirs[task]}: no such "
                          "folder.")
+    # Data that cannot be there, found now rather than when the task's turn
+    # comes after hours of the others.
+    if "retrieval" in tasks and "retrieval" not in data_dirs:
+      raise SystemExit("Retrieval reads the LRA release's files only: give "
+                       "--data_dir retrieval=PATH (its tsv_data/), or leave "
+                       "it out of --tasks.")
+    from_tfds = [t for t in ("text", "image") if t in tasks
+                 and t not in data_dirs]
+    if from_tfds and importlib.util.find_spec("tensorflow_datasets") is None:
+      raise SystemExit(
+          f"{', '.join(from_tfds)} without --data_dir read a prepared "
+          "tensorflow_datasets copy, and tensorflow_datasets is not "
+          "installed: give --data_dir TASK=PATH (aclImdb/, "
+          "cifar-10-batches-py/), install and prepare it, or leave them "
+          "out of --tasks.")
   root = os.path.abspath(args.workdir_root)
   if args.collect_only and not os.path.isdir(root):
     raise SystemExit(f"--workdir_root {args.workdir_root}: no such folder, "

@@ -351,6 +351,8 @@ def test_runs_cut_short_are_unfinished_not_a_crash(tmp_path, capsys):
     (["--set=model.attention=full"], "leave model.attention out"),
     (["--tasks=text", "--data_dir=text=/no/such/aclImdb"],
      "--data_dir text=/no/such/aclImdb: no such folder"),
+    (["--tasks=listops,retrieval"],
+     "Retrieval reads the LRA release's files only"),
 ])
 def test_bad_overrides_and_data_dirs_stop_before_any_run(tmp_path, flags,
                                                           message):
