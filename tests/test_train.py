@@ -254,7 +254,8 @@ def test_every_config_variant_passes_the_checks():
 def test_relaunch_that_does_not_fit_the_checkpoint_is_refused(tiny_data,
                                                               tmp_path):
   """Other shapes, or fewer steps than the checkpoint's: a clear error that
-  leaves the run's files alone; a dry run keeps the run's config.json."""
+  leaves the run's files alone; a dry run refuses the same and keeps the
+  run's config.json."""
   w = str(tmp_path)
   train.train_and_evaluate(tiny_config(tiny_data, num_train_steps=4), w)
   files = ("config.json", "metrics.jsonl", "results.json")
@@ -272,9 +273,11 @@ def test_relaunch_that_does_not_fit_the_checkpoint_is_refused(tiny_data,
   with pytest.raises(ValueError, match=r"num_train_steps \(2\) is below the "
                      r"step of the checkpoint in .* \(4\)"):
     train.train_and_evaluate(tiny_config(tiny_data, num_train_steps=2), w)
+  # A dry run says the same (it checks the checkpoint as the run would).
   dry = tiny_config(tiny_data, dry_run=True, **{"model.emb_dim": 64,
                                                 "model.qkv_dim": 64})
-  train.train_and_evaluate(dry, w)
+  with pytest.raises(ValueError, match=r"checkpoint \(step 4\) does not fit"):
+    train.train_and_evaluate(dry, w)
   assert {f: (tmp_path / f).read_bytes() for f in files} == before
   # Without the run's config.json the error still explains itself.
   os.remove(tmp_path / "config.json")
