@@ -23,6 +23,8 @@ masked), so ``max_length`` must be the number of pixels.
 
 from __future__ import annotations
 
+from htransformer import data as data_lib
+
 TASKS = ("text", "retrieval", "image", "pathfinder", "pathx")
 RESOLUTION = {"pathfinder": 32, "pathx": 128}
 
@@ -85,7 +87,7 @@ def build(config, cache_dir: str) -> dict:
     seed = _field(config, "seed", 0)
     num_images = _field(config, "num_images", 200000)
     contour_length = _field(config, "contour_length", 14)
-    if not data_dir:
+    if not data_dir and data_lib.first_process():
       print(f"No data_dir given: using generated {name} data ({num_images} "
             f"images of {res} px, seed {seed}) from the cache in {cache_dir} "
             "(generated there on first use).", flush=True)

@@ -133,7 +133,7 @@ def _build_task(config, workdir: str | None) -> Task:
     if config.get("dry_run"):  # The model's shape needs no data.
       return Task("listops", {}, listops.VOCAB_SIZE, listops.NUM_CLASSES,
                   config.max_length, "")
-    if not config.data_dir:
+    if not config.data_dir and data_lib.first_process():
       print(f"No data_dir given: using generated ListOps data (seed {d.seed}, "
             f"{d.num_train}/{d.num_val}/{d.num_test}) from the cache in "
             f"{config.cache_dir or default_cache_dir()} (generated there on "

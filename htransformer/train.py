@@ -244,6 +244,18 @@ class Trainer:
         train_step, out_shardings=(self.state_sharding, self.replicated),
         donate_argnums=0)
     self.eval_step = jax.jit(eval_step, out_shardings=self.replicated)
+    # Evaluation batches are padded with weight-0 rows, so eval_batch_size
+    # need not divide by the data axis: it is rounded up to a multiple.
+    data = self.mesh.shape["data"]
+    self.eval_batch_size = -(-config.eval_batch_size // data) * data
+
+  def describe(self) -> dict:
+    """The devices and mesh the run trains on (console and results.json)."""
+    return {"devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind,
+            "processes": jax.process_count(),
+            "mesh": dict(self.mesh.shape),
+            "eval_batch_size": self.eval_batch_size}
 
   def initial_state(self, params):
     """Step 0 (given the parameters), placed on the mesh."""
@@ -258,7 +270,7 @@ class Trainer:
   def evaluate(self, params, split: str) -> dict:
     totals = None
     for local in input_pipeline.eval_batches(self.task.sources[split],
-                                             self.config.eval_batch_size):
+                                             self.eval_batch_size):
       sums = self.eval_step(params, self.global_batch(local))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals,
                                                         sums)
@@ -369,12 +381,11 @@ def check_config(config):
       raise ValueError(f"model.{name} ({config.model[name]}) must be "
                        f"divisible by mesh.model ({model}).")
   data = jax.device_count() // model
-  for name in ("batch_size", "eval_batch_size"):
-    if config[name] % data:
-      raise ValueError(
-          f"{name} {config[name]} must be divisible by the size of the "
-          f"mesh's data axis ({data} = {jax.device_count()} devices / "
-          f"mesh.model {model}).")
+  if config.batch_size % data:
+    raise ValueError(
+        f"batch_size {config.batch_size} must be divisible by the size of "
+        f"the mesh's data axis ({data} = {jax.device_count()} devices / "
+        f"mesh.model {model}).")
 
 
 def _logged_rates(workdir: str, last_step: int) -> list[float]:
@@ -413,7 +424,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 # Fields a resumed run may change without changing what it trains.
 RESUME_FREE_FIELDS = ("num_train_steps", "log_every", "eval_every",
-                      "checkpoint_every", "dry_run", "cache_dir")
+                      "checkpoint_every", "dry_run", "cache_dir",
+                      "mesh.model", "eval_batch_size")
 
 
 def config_changes(config, workdir: str,
@@ -473,7 +485,7 @@ def _keep_changed_config(config, workdir: str, step: int):
              f"from the run's config (its value -> this one's): "
              f"{', '.join(diffs)}. The steps up to {step} ran with {kept}; "
              f"config.json now holds this config.")
-  logging.warning(message)
+  logging.info(message)
   print(message, flush=True)
 
 
@@ -613,6 +625,16 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
   trainer = Trainer(config, task, graphdef, params, tx)
   state = trainer.initial_state(params)
+
+  if jax.process_index() == 0:
+    d = trainer.describe()
+    print(f"Devices: {d['devices']} x {d['device_kind']} in "
+          f"{d['processes']} process(es); mesh data {d['mesh']['data']} x "
+          f"model {d['mesh']['model']}"
+          + (f"; evaluation batches of {d['eval_batch_size']} (eval_batch_size "
+             f"{config.eval_batch_size} rounded up to a multiple of the data "
+             "axis)" if d["eval_batch_size"] != config.eval_batch_size
+             else ""), flush=True)
 
   ckpt = ckpt_lib.Checkpointer(workdir)
   train_iter = input_pipeline.train_iterator(
@@ -770,6 +792,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   writer.close()
   ckpt.close()
   results["total_parameters"] = total
+  results.update(trainer.describe())
   results["data"] = tasks.data_origin(task.data_dir)
   results["num_train_steps"] = int(config.num_train_steps)
   rates = _logged_rates(workdir, step) or rates
@@ -788,6 +811,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                  json.dumps(results, indent=2, sort_keys=True))
     print("Final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                 f"{k} {v}" for k, v in results.items()
-                                if k != "data"),
+                                if k not in ("data", "mesh", "device_kind")),
           flush=True)
   return results

@@ -67,6 +67,15 @@ def steps_worker(data_dir, models, out):
     saved[f"{model}/losses"] = np.array(losses)
     saved[f"{model}/eval_loss"] = np.array(
         trainer.evaluate(state["params"], "val")["val_loss"])
+    # An eval batch the data axis does not divide: rounded up, the same
+    # loss (each example counted once).
+    odd = tiny_config(data_dir, **{"mesh.model": model,
+                                   "eval_batch_size": 6})
+    train.check_config(odd)
+    odd = train.Trainer(odd, task, graphdef, params, tx)
+    saved[f"{model}/eval_loss_odd"] = np.array(
+        odd.evaluate(state["params"], "val")["val_loss"])
+    info[f"{model}/odd_eval_batch"] = odd.eval_batch_size
     for path, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
       saved[f"{model}/params{jax.tree_util.keystr(path)}"] = np.asarray(x)
     attn = state["params"]["encoder"]["blocks"][0]["attn"]
@@ -239,6 +248,10 @@ def test_meshes_match_one_device(tiny_data, tmp_path):
       "mu_fc2": "P('model', None)",
       "ln": "P()",
       "query_shard": [32, 16]}  # emb 32 x qkv 32, split over 2.
+  assert info["1/odd_eval_batch"] == 8 and info["2/odd_eval_batch"] == 6
+  for model in ("1", "2"):
+    np.testing.assert_allclose(four[f"{model}/eval_loss_odd"],
+                               four[f"{model}/eval_loss"], rtol=1e-6)
   errors = info["errors"]
   assert "num_heads (2) must be divisible by mesh.model (4)" in errors["heads"]
   assert "mlp_dim (33) must be divisible by mesh.model (2)" in errors["mlp"]

@@ -538,7 +538,11 @@ def test_quick_job_end_to_end(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "generated ListOps data" in r.stdout
   assert "steps/s" in r.stdout and "ETA" in r.stdout
+  assert "Devices: 1 x cpu in 1 process(es); mesh data 1 x model 1" in (
+      r.stdout)
   results = json.load(open(tmp_path / "run" / "results.json"))
+  assert (results["devices"], results["processes"], results["mesh"]) == (
+      1, 1, {"data": 1, "model": 1})
   rows = metrics_lib.read_metrics(str(tmp_path / "run"))
   best_eval = max(r["eval_accuracy"] for r in rows if "eval_accuracy" in r)
   assert best_eval > 0.25, best_eval  # Majority class is ~17%.

@@ -62,3 +62,10 @@ def run_cli(main, argv) -> None:
     print("Interrupted before the data was complete: run the command "
           "again (it starts over).", file=sys.stderr)
     sys.exit(130)
+
+
+def first_process() -> bool:
+  """Whether this is process 0 of the run, the one that says what the data
+  is (once, not once per process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
