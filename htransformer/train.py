@@ -459,7 +459,9 @@ def _config_differences(config, workdir: str) -> str:
   if not os.path.exists(path):
     return f"There is no {path} to compare with."
   try:
-    diffs = _changed_fields(config, path)
+    # A dry run's own flag is no difference of the run.
+    diffs = [d for d in _changed_fields(config, path)
+             if not d.startswith("dry_run ")]
   except (OSError, ValueError) as e:
     return f"{path} could not be read ({e})."
   if not diffs:
@@ -677,7 +679,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   writer = metrics_lib.MetricWriter(workdir)
   step = start = int(state["step"])
   # metrics.jsonl reads as one run: the rows this segment writes again go.
-  writer.rewind(step, redo_final=step >= total_steps)
+  # A finished run's test rows at its last step go too: relaunched there it
+  # writes them again; trained on, they are no longer the final ones.
+  writer.rewind(step, redo_final=True)
   progress = metrics_lib.Progress(total_steps, step)
   last_saved = last_logged = step
   sums = None

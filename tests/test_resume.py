@@ -265,6 +265,11 @@ def test_resumed_with_other_settings_says_so_and_keeps_the_old_config(
   out = capsys.readouterr().out
   assert "has trained its 12 steps: evaluating its parameters again" in out
   assert "Warning" not in out
+  # Trained on twice past its end, evaluated once more: one final test row,
+  # at the last step (the earlier ends' rows went when they were trained
+  # past).
+  rows = metrics_lib.read_metrics(str(workdir))
+  assert [r["step"] for r in rows if "test_loss" in r] == [12]
 
 
 def _damage_arrays(step_dir):
