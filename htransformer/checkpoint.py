@@ -231,6 +231,12 @@ def _mismatch(step_dir, abstract_state, item: str = "state") -> list[str]:
           if have.get(p) != want.get(p)]
 
 
+def first_mismatch(mismatch: list[str]) -> str:
+  """The first of ``mismatch``'s lines and how many more there are."""
+  more = f"; and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
+  return mismatch[0] + more
+
+
 def mismatch(workdir: str, step: int, abstract_state) -> list[str]:
   """``Checkpointer.mismatch`` of WORKDIR's checkpoint of ``step``, creating
   nothing (a dry run's check); CheckpointError if it cannot be read."""
@@ -294,11 +300,10 @@ def restore_params(workdir: str, abstract_state, best: bool = False):
                       ("state", abstract_state))
       mismatch = _mismatch(step_folder, target, item)
     if mismatch:
-      more = f"; and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
       raise ValueError(
           f"The model that {os.path.join(workdir, 'config.json')} describes "
           f"does not fit the checkpoint of step {step} in {folder} "
-          f"({mismatch[0]}{more}): the config is not the run's (was it "
+          f"({first_mismatch(mismatch)}): the config is not the run's (was it "
           "edited?). The checkpoint is as the run left it.")
     with _reading(step_folder, step, remedy):
       if best:

@@ -495,10 +495,9 @@ def _refuse_unfit(mismatch: list[str], step: int, config, workdir: str):
   """ValueError if the checkpoint of ``step`` does not fit ``config``
   (``mismatch``: ``Checkpointer.mismatch``'s list)."""
   if mismatch:
-    more = f"; and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
     raise ValueError(
         f"{workdir} holds a run whose checkpoint (step {step}) does not fit "
-        f"this config ({mismatch[0]}{more}). "
+        f"this config ({ckpt_lib.first_mismatch(mismatch)}). "
         f"{_config_differences(config, workdir)} Use a new --workdir or the "
         "run's config.")
 
