@@ -157,10 +157,12 @@ DEFAULT_TILE = 16
 # the "dot" kernel) or "auto" (the default: "mosaic" where it compiles,
 # else "dot"; on an H200 the forward 4% faster at 1 x 65,536 tokens, 10%
 # causal with a mask, level at 64 x 1,024: docs/benchmarks.md).
-# ``pyramid_pass``: levels per Mosaic GPU pass, 2 (the default) or 3
-# where the length and shared memory allow (16-bit rows of 64: one output
-# slot; each pass then reads the level it starts from once for three
-# levels, about 14% less read at 1 x 65,536 tokens; not yet timed).
+# ``pyramid_pass``: levels per Mosaic GPU pass, 3 (the default, where the
+# length and shared memory allow: 16-bit rows of 64 with one output slot;
+# each pass then reads the level it starts from once for three levels,
+# about 14% less read at 1 x 65,536 tokens) or 2. On an H200 at blocks of
+# 16, 1 x 65,536 tokens, the forward took 0.383 ms against 0.392 with
+# passes of two, forward+backward 1.063 against 1.070 (docs/benchmarks.md).
 # ``pyramid_stages``: how many steps a pass loads ahead (2, the default;
 # each stage holds a step's input blocks in shared memory, so where more
 # do not fit with one output slot, the pass takes fewer levels or the
@@ -248,7 +250,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "mosaic_zero_rows": "kernel",
           "handover_dtype": "input", "grid_order": "tiles",
           "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None,
-          "sweep_programs": 256, "pyramid_pass": 2, "pyramid_stages": 2,
+          "sweep_programs": 256, "pyramid_pass": 3, "pyramid_stages": 2,
           "coarse_tile": 0}
 
 
@@ -286,7 +288,7 @@ _TUNING_INTS = {
                      lambda x: x >= 0),
     "sweep_programs": ("an int >= 0 (fewest programs of a sweep's launch; "
                        "0: any)", lambda x: x >= 0),
-    "pyramid_pass": ("2 (the default) or 3 (levels per Mosaic GPU pyramid "
+    "pyramid_pass": ("3 (the default) or 2 (levels per Mosaic GPU pyramid "
                      "pass)", lambda x: x in (2, 3)),
     "pyramid_stages": ("1 to 4 (steps a Mosaic GPU pyramid pass loads "
                        "ahead)", lambda x: 1 <= x <= 4),
@@ -1970,8 +1972,8 @@ def _coarsen(arrays, modes, c, count, interpret, base=0, impl=None):
   return [shaped[t * count:(t + 1) * count] for t in range(len(arrays))]
 
 
-# Levels per Mosaic GPU pass (unless ``TUNING["pyramid_pass"]`` asks for
-# more), and its rows per block: a pass reads blocks of [64, D] rows 2**levels
+# Levels per Mosaic GPU pass where ``TUNING["pyramid_pass"]``'s do not fit,
+# and its rows per block: a pass reads blocks of [64, D] rows 2**levels
 # apart (``mosaic.coarsen``).
 _MOSAIC_PASS, _MOSAIC_ROWS = 2, 64
 
