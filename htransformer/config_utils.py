@@ -289,3 +289,14 @@ def parse_config_flags(argv):
                f"Could not load the config: {_one_line(e)}")
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{"a.b.c": leaf} for a nested dict (a config as JSON)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out

@@ -36,6 +36,16 @@ def _field(config, name, default=None):
   return default
 
 
+def generated_pathfinder(config) -> dict:
+  """The settings of generated Pathfinder or Path-X data (no data_dir):
+  {resolution, num_images, contour_length, seed}, by ``config.data`` or
+  the generator's defaults."""
+  return dict(resolution=RESOLUTION[config.task],
+              num_images=_field(config, "num_images", 200000),
+              contour_length=_field(config, "contour_length", 14),
+              seed=_field(config, "seed", 0))
+
+
 def build(config, cache_dir: str) -> dict:
   """{name, sources, vocab_size, num_classes, max_length, data_dir, kind,
   black_pixel_token}.
@@ -83,17 +93,13 @@ def build(config, cache_dir: str) -> dict:
         data_dir or None, tfds_data_dir=_field(config, "tfds_data_dir") or None)
     where = data_dir or "tfds:cifar10"
   else:  # pathfinder, pathx
-    res = RESOLUTION[name]
-    seed = _field(config, "seed", 0)
-    num_images = _field(config, "num_images", 200000)
-    contour_length = _field(config, "contour_length", 14)
+    gen = generated_pathfinder(config)
     if not data_dir and data_lib.first_process():
-      print(f"No data_dir given: using generated {name} data ({num_images} "
-            f"images of {res} px, seed {seed}) from the cache in {cache_dir} "
-            "(generated there on first use).", flush=True)
-    where = pathfinder.find_data_dir(
-        data_dir or None, cache_dir, resolution=res, num_images=num_images,
-        seed=seed, contour_length=contour_length)
-    sources = pathfinder.load_sources(where, res,
+      print(f"No data_dir given: using generated {name} data "
+            f"({gen['num_images']} images of {gen['resolution']} px, seed "
+            f"{gen['seed']}) from the cache in {cache_dir} (generated there "
+            "on first use).", flush=True)
+    where = pathfinder.find_data_dir(data_dir or None, cache_dir, **gen)
+    sources = pathfinder.load_sources(where, gen["resolution"],
                                       _field(config, "split_seed", 0))
   return dict(task, sources=sources, data_dir=where)

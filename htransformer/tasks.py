@@ -107,9 +107,9 @@ def check_data_config(config) -> None:
     else:
       from htransformer import lra
       from htransformer.data import pathfinder
-      pathfinder.check_settings(lra.RESOLUTION[config.task],
-                                d.get("num_images", 200000),
-                                d.get("contour_length", 14), nonempty=True)
+      gen = lra.generated_pathfinder(config)
+      pathfinder.check_settings(gen["resolution"], gen["num_images"],
+                                gen["contour_length"], nonempty=True)
   except ValueError as e:
     raise ValueError(f"config.data (generated {config.task} data): {e}"
                      ) from None

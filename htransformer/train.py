@@ -412,16 +412,6 @@ def _write_config(config, workdir: str):
                  config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 # Fields a resumed run may change without changing what it trains.
 RESUME_FREE_FIELDS = ("num_train_steps", "log_every", "eval_every",
                       "checkpoint_every", "dry_run", "cache_dir",
@@ -445,8 +435,8 @@ def _changed_fields(config, path: str) -> list[str]:
   """"field old -> new" for each field of ``config`` that differs from the
   config file at ``path``; OSError or ValueError if it cannot be read."""
   with open(path) as f:
-    old = _flat(json.load(f))
-  new = _flat(json.loads(config.to_json_best_effort()))
+    old = config_utils.flatten(json.load(f))
+  new = config_utils.flatten(json.loads(config.to_json_best_effort()))
   show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
   return [f"{k} {show(old, k)} -> {show(new, k)}"
           for k in sorted(old.keys() | new.keys())

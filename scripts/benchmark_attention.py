@@ -11,7 +11,9 @@ writes where asked:
     ``scripts/plot_benchmark.py`` draws a log-log plot;
   * a markdown section in ``--out_md`` (a section with the same heading is
     replaced, other sections are kept; the repository's record is
-    ``docs/benchmarks.md`` with ``docs/benchmark_attention.json``).
+    ``docs/benchmarks.md`` with ``docs/benchmark_attention.json`` for the
+    plain-XLA methods and ``docs/benchmark_kernels.json`` for the fused
+    kernels).
 
 Methods that need a GPU (``full_cudnn``, ``*_pallas``) are skipped, and
 said so, on other devices.
@@ -852,8 +854,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--seed", type=int, default=0,
                       help="seed of the random inputs (default 0)")
   parser.add_argument("--out_json", help="file for the raw results "
-                      "(default: none; the repository's record is "
-                      "docs/benchmark_attention.json)")
+                      "(default: none; the repository's records are "
+                      "docs/benchmark_attention.json, plain XLA, and "
+                      "docs/benchmark_kernels.json, fused kernels)")
   parser.add_argument("--out_md", help="markdown file whose section to write "
                       "(default: none, the table is printed; the "
                       "repository's record is docs/benchmarks.md)")

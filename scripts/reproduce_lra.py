@@ -230,14 +230,12 @@ def other_settings(workdir: str, task: str, model: str, variant: str,
       [("data_dir", data_dir)] if data_dir else []) + [
           tuple(s.split("=", 1)) for s in sets]
   new = config_utils.with_overrides(config, overrides)
-  flat = lambda c, key: functools.reduce(
-      lambda node, name: node.get(name) if isinstance(node, dict) else None,
-      key.split("."), c)
-  new = json.loads(new.to_json_best_effort())
+  old = config_utils.flatten(old)
+  new = config_utils.flatten(json.loads(new.to_json_best_effort()))
   diffs, more_steps = [], False
   for key, _ in overrides:
     key = key.strip()
-    was, now = flat(old, key), flat(new, key)
+    was, now = old.get(key), new.get(key)
     if was is None or was == now:
       continue
     if key == "num_train_steps" and now > was:
