@@ -51,8 +51,10 @@ Variants (``--config=configs/lm1b.py:VARIANT``):
             ``:text4096,full``.
 
 Any variant can be changed from the command line, e.g. full attention:
-``--config.model.attention=full``; local text instead of lm1b:
-``--config.data.source=text --config.data.text_files='corpus/*.txt'``.
+``--config.model.attention=full``; local text instead of lm1b (evaluated on
+stream-packed rows, not one sentence per row):
+``--config.data.source=text --config.data.eval_packing=stream
+--config.data.text_files='corpus/*.txt'``.
 
 Data (``config.data``):
   source        "lm1b" (tfds data_source; needs tensorflow_datasets and the

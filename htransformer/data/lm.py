@@ -38,7 +38,8 @@ def build(config, workdir: str | None, cache_dir: str):
     # Before anything is read or a tokenizer trained (and saved).
     if d.eval_packing == "sentence":
       raise ValueError("eval_packing='sentence' is for lm1b; local text is "
-                       "evaluated on stream-packed rows.")
+                       "evaluated on stream-packed rows: set "
+                       "--config.data.eval_packing=stream.")
     from htransformer.data import text  # pylint: disable=g-import-not-at-top
     files = text.find_files(d.text_files)
     docs = text.split_documents(files, d.split_by, d.val_fraction,

@@ -36,7 +36,8 @@ def import_tfds():
         "tensorflow-datasets`) and the lm1b dataset prepared as ArrayRecord "
         "(`python scripts/prepare_lm1b.py`, which needs TensorFlow and the "
         "internet once). Without them, train on local text files: "
-        "--config.data.source=text --config.data.text_files='PATH/*.txt'."
+        "--config.data.source=text --config.data.eval_packing=stream "
+        "--config.data.text_files='PATH/*.txt'."
     ) from e
   return tfds
 
