@@ -231,6 +231,39 @@ def test_lm1b_missing_data_dir_is_named(tmp_path):
     lm1b.load_sentences(missing, num_val=10)
 
 
+def test_lm1b_unprepared_data_dir_is_one_clear_line(tmp_path):
+  """A folder without lm1b (the lm1b/ folder itself passed, say), and one
+  with lm1b prepared as TFRecord: one line naming the folder searched and
+  how to prepare it (was tfds's message over several lines, which for an
+  empty folder said the dataset was already prepared there as TFRecord)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from tensorflow_datasets.core import splits as splits_lib  # pylint: disable=g-import-not-at-top
+  from htransformer.data import lm1b  # pylint: disable=g-import-not-at-top
+  empty = tmp_path / "lm1b"
+  empty.mkdir()
+  tfrecord = tmp_path / "tfrecord"
+  builder = tfds.builder("lm1b", data_dir=str(tfrecord),
+                         file_format="tfrecord")
+  os.makedirs(builder.data_dir)
+  builder.info.set_splits(splits_lib.SplitDict([
+      splits_lib.SplitInfo(name=s, shard_lengths=[2], num_bytes=10,
+                           filename_template=None)
+      for s in ("train", "test")]))
+  builder.info.write_to_directory(builder.data_dir)
+  for folder, problem in ((empty, "it is not prepared there"),
+                          (tfrecord, "holds it, but opening it failed")):
+    with pytest.raises(FileNotFoundError) as e:
+      lm1b.load_sentences(str(folder), num_val=10)
+    message = str(e.value)
+    assert "\n" not in message, message
+    for part in (problem, f"config.data_dir={folder}",
+                 "--file_format=array_record",
+                 "scripts/prepare_lm1b.py --data_dir=DIR"):
+      assert part in message, (part, message)
+    if folder == empty:
+      assert "already prepared" not in message, message
+
+
 # ------------------------------------------------------------------- model
 
 

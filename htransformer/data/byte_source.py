@@ -141,7 +141,9 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, *,
   except Exception as e:  # pylint: disable=broad-except
     root, folder = _tfds_folders(tfds, name, data_dir)
     if os.path.isfile(os.path.join(folder, "dataset_info.json")):
-      problem = f"{folder} holds it, but opening it failed: {e}"
+      # tfds's message spans lines (a list of possible causes).
+      detail = " ".join(str(e).split()).rstrip(".")
+      problem = f"{folder} holds it, but opening it failed: {detail}"
     else:
       problem = f"it is not prepared there (no dataset_info.json in {folder})"
     where = (f"{field}={data_dir}" if data_dir else

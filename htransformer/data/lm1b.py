@@ -92,20 +92,14 @@ def load_sentences(data_dir: str | None, num_val: int) -> dict:
         data_dir, "lm1b", "a folder made by `python scripts/prepare_lm1b.py "
         "--data_dir=DIR`, passed as --config.data_dir=DIR (or leave it "
         "empty for tfds's default folder)")
-  tfds = import_tfds()
-  # download=False: never start a download (which needs TensorFlow).
-  kwargs = {"download": False}
-  if data_dir:
-    kwargs["data_dir"] = data_dir
-  try:
-    train = tfds.data_source("lm1b", split="train", **kwargs)
-    test = tfds.data_source("lm1b", split="test", **kwargs)
-  except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
-        f"Could not open tfds lm1b (data_dir={data_dir or 'tfds default'}) "
-        f"as a data source: {e}. Prepare it with `python "
-        "scripts/prepare_lm1b.py --data_dir=DIR` (ArrayRecord format) and "
-        "pass --config.data_dir=DIR.") from e
+  import_tfds()
+  # Never starts a download (which needs TensorFlow); a folder without the
+  # prepared dataset is named, with how to prepare it.
+  local = "(`python scripts/prepare_lm1b.py --data_dir=DIR` does that.)"
+  train = byte_source.tfds_source("lm1b", "train", data_dir,
+                                  field="config.data_dir", local=local)
+  test = byte_source.tfds_source("lm1b", "test", data_dir,
+                                 field="config.data_dir", local=local)
   n = len(train)
   num_val = min(num_val, n // 10)
   return {"train": Sentences(train, 0, n - num_val),
