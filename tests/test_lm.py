@@ -106,6 +106,22 @@ def test_sentencepiece_trained_saved_and_reloaded(tmp_path):
   assert open(other.path, "rb").read() == path.read_bytes()
 
 
+def test_sentencepiece_trains_on_lines_longer_than_it_takes(tmp_path):
+  """Documents of one line each, over SentencePiece's 64 KiB per sentence
+  (lines it skips): trained on, cut at spaces (was SentencePiece's
+  RuntimeError "!sentences_.empty()", a traceback, once every line was
+  that long)."""
+  rng = np.random.default_rng(0)
+  texts = [english_like(rng, 2000) for _ in range(2)]
+  assert all(len(t.encode()) > 1 << 16 and "\n" not in t for t in texts)
+  tok = tokenizer_lib.train_sentencepiece(texts, str(tmp_path / "m.model"),
+                                          200)
+  s = "The government said the market would grow."
+  ids = tok.encode(s)
+  assert tokenizer_lib.UNK_ID not in ids and tok.decode(ids) == s
+  assert len(ids) < len(s) / 2  # Pieces longer than characters.
+
+
 # ------------------------------------------------------------------ packing
 
 

@@ -28,6 +28,8 @@ EOS_ID = 1
 UNK_ID = 2  # SentencePiece only.
 TOKENIZER_FILE = "tokenizer.model"
 VOCABS = ("byte", "sentencepiece")
+# SentencePiece skips training sentences longer than this many bytes.
+_MAX_SENTENCE_BYTES = 1 << 16
 
 
 class ByteTokenizer:
@@ -85,22 +87,36 @@ class SentencePieceTokenizer:
     return self.sp.decode([int(i) for i in ids if int(i) > EOS_ID])
 
 
+def _pieces(line: str) -> list[str]:
+  """[line] (none if empty), or for a line longer than SentencePiece takes,
+  pieces of at most a quarter as many characters (so they fit in UTF-8),
+  each cut after its last space if it has one."""
+  if len(line.encode("utf-8")) <= _MAX_SENTENCE_BYTES:
+    return [line] if line else []
+  size, out = _MAX_SENTENCE_BYTES // 4, []
+  while len(line) > size:
+    cut = line.rfind(" ", 0, size) + 1 or size
+    out.append(line[:cut].strip())
+    line = line[cut:].strip()
+  return out + ([line] if line else [])
+
+
 def train_sentencepiece(texts: Iterable[str], model_path: str,
                         vocab_size: int, max_chars: int = 10_000_000,
                         seed: int = 0) -> SentencePieceTokenizer:
   """Trains a unigram model on the first ``max_chars`` characters of texts.
 
-  Each text is split into lines (SentencePiece's "sentences"); lines are
-  taken in order until ``max_chars`` characters. Training is single-threaded
-  with a fixed seed, so the same text gives the same model.
+  Each text is split into lines (SentencePiece's "sentences"; a line too
+  long for SentencePiece, which would skip it, is cut at spaces into
+  pieces that fit); lines are taken in order until ``max_chars``
+  characters. Training is single-threaded with a fixed seed, so the same
+  text gives the same model.
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   lines, total = [], 0
   for text in texts:
-    for line in text.splitlines():
-      line = line.strip()
-      if not line:
-        continue
+    for line in (p for raw in text.splitlines()
+                 for p in _pieces(raw.strip())):
       lines.append(line[: max_chars - total])
       total += len(lines[-1])
       if total >= max_chars:
@@ -116,7 +132,7 @@ def train_sentencepiece(texts: Iterable[str], model_path: str,
       model_type="unigram", vocab_size=vocab_size, character_coverage=1.0,
       pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
       input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
-      hard_vocab_limit=False, max_sentence_length=1 << 16,
+      hard_vocab_limit=False, max_sentence_length=_MAX_SENTENCE_BYTES,
       minloglevel=2)
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
   tmp = model_path + f".tmp{os.getpid()}"
