@@ -16,6 +16,7 @@ import sentencepiece as spm
 
 from configs import lm1b as lm_config
 from htransformer import input_pipeline
+from htransformer import tasks
 from htransformer.data import cache
 from htransformer.data import image
 from htransformer.data import imdb
@@ -131,6 +132,32 @@ def test_sentence_packing_of_local_text_is_refused_before_training(tmp_path):
   with pytest.raises(ValueError, match="eval_packing='sentence' is for lm1b"):
     lm.build(c, str(workdir), str(tmp_path / "cache"))
   assert not (workdir / tokenizer_lib.TOKENIZER_FILE).exists()
+
+
+def test_sentencepiece_vocabulary_too_small_is_named(tmp_path):
+  """A vocab_size below the text's distinct characters, or one without
+  room for pad, eos and unk: a ValueError naming config.data.vocab_size,
+  also in a dry run, and no tokenizer saved (were SentencePiece's
+  RuntimeError and, in a dry run of 0, a ZeroDivisionError: tracebacks)."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(3):
+    (corpus / f"{i}.txt").write_text("\n".join(LINES) + "\n")
+  c = lm_config.get_config("quick")
+  c.data.update(text_files=str(corpus / "*.txt"), vocab="sentencepiece",
+                vocab_size=10, spm_train_chars=10_000)
+  workdir = tmp_path / "w"
+  with pytest.raises(ValueError, match=r"^SentencePiece could not train a "
+                     r"vocabulary of 10 \(config.data.vocab_size\) on this "
+                     r"text: Vocabulary size is smaller than required_chars"):
+    lm.build(c, str(workdir), str(tmp_path / "cache"))
+  assert not (workdir / tokenizer_lib.TOKENIZER_FILE).exists()
+  c.data.vocab_size = 0
+  for dry_run in (False, True):
+    c.dry_run = dry_run
+    with pytest.raises(ValueError,
+                       match="config.data.vocab_size must be at least 4"):
+      tasks.get_task(c, str(workdir))
 
 
 def _local_text_flags(text):

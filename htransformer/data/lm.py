@@ -17,8 +17,13 @@ EVAL_PACKING = ("stream", "sentence")
 
 
 def vocab_size_from_config(data_config) -> int:
+  """The vocabulary size the config asks for; a ValueError if a
+  SentencePiece vocabulary would not hold pad, eos, unk and one piece."""
   if data_config.vocab == "byte":
     return tokenizer_lib.ByteTokenizer.vocab_size
+  if data_config.vocab_size < 4:
+    raise ValueError(f"config.data.vocab_size must be at least 4 (pad, eos, "
+                     f"unk and a piece), got {data_config.vocab_size}.")
   return data_config.vocab_size
 
 
@@ -32,6 +37,7 @@ def build(config, workdir: str | None, cache_dir: str):
   if d.eval_packing not in EVAL_PACKING:
     raise ValueError(f"config.data.eval_packing must be one of "
                      f"{EVAL_PACKING}, got {d.eval_packing!r}.")
+  vocab_size_from_config(d)
   max_val = d.max_eval_rows or None
   max_test = d.max_test_rows or None
   if d.source == "text":

@@ -127,13 +127,22 @@ def train_sentencepiece(texts: Iterable[str], model_path: str,
     raise ValueError("No text to train the SentencePiece model on.")
   spm.set_random_generator_seed(seed)
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=model,
-      model_type="unigram", vocab_size=vocab_size, character_coverage=1.0,
-      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-      input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
-      hard_vocab_limit=False, max_sentence_length=_MAX_SENTENCE_BYTES,
-      minloglevel=2)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model,
+        model_type="unigram", vocab_size=vocab_size, character_coverage=1.0,
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
+        hard_vocab_limit=False, max_sentence_length=_MAX_SENTENCE_BYTES,
+        minloglevel=2)
+  except RuntimeError as e:
+    # E.g. "INTERNAL: src/trainer_interface.cc(638) [<condition>] Vocabulary
+    # size is smaller than required_chars. 20 vs 64. ...": the text after
+    # the condition says what is wrong.
+    reason = str(e).rsplit("] ", 1)[-1].strip() or str(e).strip()
+    raise ValueError(
+        f"SentencePiece could not train a vocabulary of {vocab_size} "
+        f"(config.data.vocab_size) on this text: {reason}") from None
   os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
   tmp = model_path + f".tmp{os.getpid()}"
   with open(tmp, "wb") as f:
