@@ -11,8 +11,10 @@ with neither TensorFlow nor the internet (tensorflow-datasets is still
 needed); copy DATA_DIR/lm1b to the training hosts and pass
 ``--config.data_dir=DATA_DIR`` to ``configs/lm1b.py``.
 
-Without tensorflow-datasets, without the internet, or with a DATA_DIR that
-is not a folder, it stops with one line that says which.
+Without tensorflow-datasets or TensorFlow (checked before the download:
+tfds's lm1b builder reads the downloaded archive with TensorFlow), without
+the internet, or with a DATA_DIR that is not a folder, it stops with one
+line that says which.
 """
 
 import argparse
@@ -32,6 +34,12 @@ def main():
   except ImportError as e:
     sys.exit(f"Error: preparing lm1b needs tensorflow-datasets ({e}): "
              "pip install tensorflow-cpu tensorflow-datasets")
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    sys.exit(f"Error: preparing lm1b needs TensorFlow ({e}), which tfds's "
+             "lm1b builder reads the downloaded archive with; nothing was "
+             "downloaded: pip install tensorflow-cpu")
   try:
     builder = tfds.builder("lm1b", data_dir=args.data_dir,
                            file_format="array_record")

@@ -147,22 +147,31 @@ def test_step_time_bad_input_is_one_line():
         *expected)
 
 
-@pytest.mark.parametrize("stub, expected", [
-    ('raise ImportError("No module named \'tensorflow\'")',
+_OFFLINE_TFDS = (
+    "class _Builder:\n"
+    "  def download_and_prepare(self):\n"
+    "    raise ConnectionError(\"Failed to resolve 'www.statmt.org'\")\n"
+    "def builder(*args, **kwargs):\n"
+    "  return _Builder()\n")
+
+
+@pytest.mark.parametrize("stub, tf_stub, expected", [
+    ('raise ImportError("No module named \'tensorflow\'")', "",
      "needs tensorflow-datasets"),
-    ("class _Builder:\n"
-     "  def download_and_prepare(self):\n"
-     "    raise ConnectionError(\"Failed to resolve 'www.statmt.org'\")\n"
-     "def builder(*args, **kwargs):\n"
-     "  return _Builder()\n",
-     "Failed to resolve 'www.statmt.org'"),
+    (_OFFLINE_TFDS, "", "Failed to resolve 'www.statmt.org'"),
+    # Was found missing only after the download (1.8 GB), by the builder.
+    (_OFFLINE_TFDS, 'raise ImportError("No module named \'tensorflow\'")',
+     "needs TensorFlow (No module named 'tensorflow')"),
 ])
-def test_prepare_lm1b_without_tfds_or_internet(tmp_path, stub, expected):
-  """A stand-in tensorflow_datasets: one that does not import, one whose
-  download fails as it does offline."""
-  package = tmp_path / "stub" / "tensorflow_datasets"
-  package.mkdir(parents=True)
-  (package / "__init__.py").write_text(stub)
+def test_prepare_lm1b_without_tfds_tensorflow_or_internet(tmp_path, stub,
+                                                          tf_stub, expected):
+  """Stand-ins for tensorflow_datasets (one that does not import, one whose
+  download fails as it does offline) and TensorFlow (one that does not
+  import)."""
+  for name, text in (("tensorflow_datasets", stub), ("tensorflow", tf_stub)):
+    package = tmp_path / "stub" / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(text)
   env = child_env()
   r = subprocess.run(
       [sys.executable, "scripts/prepare_lm1b.py",
