@@ -67,10 +67,10 @@ Data (``config.data``):
                 htransformer.sample; ``spm_model`` reuses an existing model
                 instead) or "byte" (UTF-8 bytes, 258 ids). Both: pad 0,
                 eos 1 (SentencePiece: unk 2).
-  Packing: STREAM-STYLE for training, the same for both attentions: every
-    document (lm1b: sentence) is followed by eos and all are concatenated;
-    rows are consecutive windows of ``max_length`` tokens and every token is
-    predicted once. Text earlier in a row is allowed as context across
+  Packing: STREAM-STYLE for training (``packing="stream"``, the only
+    value), the same for both attentions: every document (lm1b: sentence)
+    is followed by eos and all are concatenated; rows are consecutive
+    windows of ``max_length`` tokens and every token is predicted once. Text earlier in a row is allowed as context across
     document boundaries (hierarchical attention's coarse levels average
     across them anyway). Evaluation: per-token loss and perplexity
     (exp(mean token loss)) on held-out rows: lm1b one sentence per row

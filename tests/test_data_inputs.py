@@ -134,6 +134,18 @@ def test_sentence_packing_of_local_text_is_refused_before_training(tmp_path):
   assert not (workdir / tokenizer_lib.TOKENIZER_FILE).exists()
 
 
+def test_training_packing_other_than_stream_is_refused(tmp_path):
+  """config.data.packing was never read: "sentence" trained on stream-packed
+  rows all the same, and config.json said otherwise."""
+  (tmp_path / "a.txt").write_text("\n".join(LINES) + "\n")
+  c = lm_config.get_config("quick")
+  c.data.update(text_files=str(tmp_path / "*.txt"), packing="sentence")
+  c.max_length = 16
+  with pytest.raises(ValueError, match=r"config.data.packing must be one of "
+                     r"\('stream',\) .*got 'sentence'"):
+    lm.build(c, str(tmp_path / "w"), str(tmp_path / "cache"))
+
+
 def test_sentencepiece_vocabulary_too_small_is_named(tmp_path):
   """A vocab_size below the text's distinct characters, or one without
   room for pad, eos and unk: a ValueError naming config.data.vocab_size,

@@ -13,6 +13,7 @@ from htransformer.data import packing
 from htransformer.data import tokenizer as tokenizer_lib
 
 SOURCES = ("lm1b", "text")
+PACKING = ("stream",)  # Training rows.
 EVAL_PACKING = ("stream", "sentence")
 
 
@@ -34,6 +35,10 @@ def build(config, workdir: str | None, cache_dir: str):
   if d.source not in SOURCES:
     raise ValueError(f"config.data.source must be one of {SOURCES}, got "
                      f"{d.source!r}.")
+  if d.packing not in PACKING:
+    raise ValueError(f"config.data.packing must be one of {PACKING} "
+                     f"(training rows are stream-packed), got "
+                     f"{d.packing!r}.")
   if d.eval_packing not in EVAL_PACKING:
     raise ValueError(f"config.data.eval_packing must be one of "
                      f"{EVAL_PACKING}, got {d.eval_packing!r}.")
