@@ -10,6 +10,9 @@ metrics.jsonl the earlier rows of those steps are dropped first
 resumed run's events go to a new file beside the old one, and TensorBoard
 may show those steps twice: the same values (the steps are recomputed
 exactly), except ``steps_per_sec``. metrics.jsonl is the record.
+
+NaN and infinities go into JSON (metrics.jsonl, results.json) as the
+strings "nan", "inf" and "-inf" (``json_safe``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,17 @@ import time
 
 import jax
 from absl import logging
+
+
+def json_safe(value):
+  """``value`` (a number, or a dict of them, nested) with each NaN or
+  infinity as the string "nan", "inf" or "-inf": JSON has no such numbers
+  (``json.dumps`` would write a bare ``NaN``, which strict readers refuse)."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
 
 
 def _tensorboard_writer(logdir):
@@ -47,8 +61,7 @@ class MetricWriter:
       return
     row = {"step": int(step)}
     for k, v in scalars.items():
-      v = float(v)
-      row[k] = v if math.isfinite(v) else str(v)
+      row[k] = json_safe(float(v))
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:

@@ -801,7 +801,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                                    config.batch_size * config.max_length)
   if jax.process_index() == 0:
     _write_whole(os.path.join(workdir, "results.json"),
-                 json.dumps(results, indent=2, sort_keys=True))
+                 json.dumps(metrics_lib.json_safe(results), indent=2,
+                            sort_keys=True))
     print("Final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                 f"{k} {v}" for k, v in results.items()
                                 if k not in ("data", "mesh", "device_kind")),

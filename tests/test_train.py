@@ -402,6 +402,27 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data,
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+def test_nonfinite_evaluation_is_written_as_valid_json(tiny_data, tmp_path):
+  """A last step that ruins the parameters (its own loss, computed before
+  the update, still finite) leaves NaN evaluation losses: metrics.jsonl and
+  results.json hold them as "nan", which strict JSON readers take, never a
+  bare NaN."""
+  c = tiny_config(tiny_data, num_train_steps=2, log_every=1, eval_every=2,
+                  checkpoint_every=2, **{"optimizer.warmup_steps": 1,
+                                         "optimizer.learning_rate": 1e30})
+  results = train.train_and_evaluate(c, str(tmp_path))
+  assert np.isnan(results["test_loss"])
+
+  def bare(constant):
+    raise ValueError(f"bare {constant} in JSON")
+
+  strict = lambda text: json.loads(text, parse_constant=bare)
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [strict(line) for line in f]
+  assert [r["test_loss"] for r in rows if "test_loss" in r] == ["nan"]
+  assert strict((tmp_path / "results.json").read_text())["test_loss"] == "nan"
+
+
 def test_compiled_steps_are_kept_in_the_cache(tiny_data, tmp_path):
   """With no compilation cache set, training keeps its compiled steps in
   CACHE/jax (here ``config.cache_dir``), and a second run of the same
