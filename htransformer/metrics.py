@@ -142,25 +142,29 @@ class Progress:
   steps/s counts the steps since the previous line, or since ``restart``
   if that came later: the loop restarts the clock after a segment's first
   step (which compiled the step function) and after each evaluation, so
-  neither slows the rate. A line with no step since the restart (the first
-  step was the one logged) counts the time since the previous line.
+  neither slows the rate. A line with no step since the restart (the
+  segment's first step logged alone) has no rate: it would time the
+  compilation. It shows "? steps/s" and "ETA ?".
   """
 
   def __init__(self, total_steps: int, start_step: int):
     self.total = total_steps
-    self._clock = self._line = (start_step, time.time())
+    self._clock = (start_step, time.time())
 
   def restart(self, step: int):
     """Times the next rate from ``step``, now."""
     self._clock = (step, time.time())
 
-  def report(self, step: int, scalars: dict) -> float:
+  def report(self, step: int, scalars: dict) -> float | None:
+    """Prints the line of ``step`` (process 0); returns its steps/s, None
+    where no step was timed since the restart."""
     now = time.time()
-    start, since = self._clock if step > self._clock[0] else self._line
-    rate = (step - start) / max(now - since, 1e-9)
-    self._clock = self._line = (step, now)
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
-    parts = [f"step {step}/{self.total}", f"{rate:.2f} steps/s",
+    start, since = self._clock
+    rate = (step - start) / max(now - since, 1e-9) if step > start else None
+    self._clock = (step, now)
+    eta = (self.total - step) / rate if rate is not None else float("inf")
+    parts = [f"step {step}/{self.total}",
+             "? steps/s" if rate is None else f"{rate:.2f} steps/s",
              f"ETA {_fmt_time(eta)}"]
     parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
     if jax.process_index() == 0:

@@ -726,8 +726,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
                    "grad_norm": sums["grad_norm"] / (step - last_logged),
                    "learning_rate": float(schedule(step - 1))}
         rate = progress.report(step, scalars)
-        scalars["steps_per_sec"] = rate
-        rates.append(rate)
+        if rate is not None:  # None: the segment's first step alone
+          scalars["steps_per_sec"] = rate
+          rates.append(rate)
         writer.write(step, scalars)
         sums = None
         last_logged = step
@@ -791,9 +792,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   rates = _logged_rates(workdir, step) or rates
   if rates:
     # The median over the log intervals of every segment of the run (a
-    # resumed run's earlier ones too). Compilation is outside them (the
-    # clock starts after each segment's first step) unless that step was
-    # logged itself; those few barely move the median.
+    # resumed run's earlier ones too). Compilation is outside them: the
+    # clock starts after each segment's first step, and a row of that step
+    # alone has no rate.
     results["steps_per_sec"] = float(np.median(rates))
     results["steps_per_sec_intervals"] = len(rates)
     if task.kind == "lm":

@@ -562,9 +562,9 @@ def test_progress_rate_times_no_compilation(tiny_data, tmp_path,
 
   class Timed(metrics_lib.Progress):
     def report(self, step, scalars):
-      since = (self._clock if step > self._clock[0] else self._line)[1]  # pylint: disable=protected-access
+      since = self._clock[1]  # pylint: disable=protected-access
       rate = super().report(step, scalars)
-      intervals.append((step, since, self._line[1]))  # pylint: disable=protected-access
+      intervals.append((step, since, self._clock[1]))  # pylint: disable=protected-access
       return rate
 
   monkeypatch.setattr(metrics_lib, "Progress", Timed)

@@ -331,6 +331,23 @@ def test_progress_rate_leaves_out_compilation(tiny_data, tmp_path, capsys):
   assert first and f"{rates[0]:.2f} steps/s" in first[0], first
 
 
+def test_first_step_logged_alone_has_no_rate(tiny_data, tmp_path, capsys):
+  """A line of a segment's first step alone (log_every 1 here; also a run
+  resumed one step before a log step) could only time that step's
+  compilation: it shows no rate and no ETA, and its row has no steps/s,
+  rather than a rate many times too slow."""
+  c = tiny_config(tiny_data, num_train_steps=3, log_every=1, eval_every=3,
+                  checkpoint_every=3)
+  results = train.train_and_evaluate(c, str(tmp_path))
+  rows = [r for r in metrics_lib.read_metrics(str(tmp_path))
+          if "train_loss" in r]
+  assert [r["step"] for r in rows if "steps_per_sec" in r] == [2, 3]
+  assert results["steps_per_sec_intervals"] == 2
+  out = capsys.readouterr().out.splitlines()
+  first = [l for l in out if l.startswith("step 1/3 |")]
+  assert first and first[0].startswith("step 1/3 | ? steps/s | ETA ? |"), out
+
+
 def test_dry_run_prints_parameter_count(tiny_data, tmp_path):
   r = run_main(["--config=configs/listops.py:quick",
                 f"--workdir={tmp_path}", f"--config.data_dir={tiny_data}",
@@ -532,7 +549,12 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert [r["step"] for r in rows if "test_loss" in r] == [40], w
     rates = {r["step"]: r["steps_per_sec"] for r in rows
              if "steps_per_sec" in r}
-    assert results["steps_per_sec_intervals"] == 8, w
+    # A relaunch's first step logged alone (stopped one step before a log
+    # step) has no rate.
+    alone = w == stopped and stopped_at % 5 == 4
+    assert sorted(rates) == [s for s in range(5, 41, 5)
+                             if not (alone and s == stopped_at + 1)], w
+    assert results["steps_per_sec_intervals"] == len(rates), w
     assert results["steps_per_sec"] == pytest.approx(
         np.median(list(rates.values())))
   # The same rows as the unbroken run's: the row after a stop between two
