@@ -173,7 +173,14 @@ class Checkpointer:
     return r.state, r.data
 
   def save_best(self, step: int, params, info: dict):
+    """Saves the best-on-validation parameters of ``step``. Those of the
+    same step saved before are replaced: a run killed after them and
+    resumed from an earlier checkpoint evaluates that step again, and the
+    evaluation may come out better (other float rounding: another mesh or
+    eval_batch_size, a GPU's nondeterminism)."""
     with self._writing(self.best):
+      if step in self.best.all_steps():
+        self.best.delete(step)
       self.best.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(params),
           info=ocp.args.JsonSave(info)), force=True)

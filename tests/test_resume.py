@@ -272,6 +272,40 @@ def test_resumed_with_other_settings_says_so_and_keeps_the_old_config(
   assert [r["step"] for r in rows if "test_loss" in r] == [12]
 
 
+def test_better_evaluation_of_the_best_step_replaces_it(tiny_data,
+                                                        finished_run,
+                                                        tmp_path):
+  """A run killed after saving a step's best parameters, before that
+  step's checkpoint, evaluates the step again once resumed. Where the new
+  evaluation comes out better than the saved one (other float rounding:
+  another mesh or eval_batch_size), its parameters replace those of the
+  same step in best/, instead of the run failing with "Checkpoint for step
+  N already exists" at every relaunch."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  step = int(os.listdir(workdir / "best")[0])
+  for s in os.listdir(workdir / "checkpoints"):
+    if int(s) >= step:
+      shutil.rmtree(workdir / "checkpoints" / s)
+  # The killed run's evaluation of that step came out lower (by less than
+  # one example of the 64).
+  info = workdir / "best" / str(step) / "info" / "metadata"
+  saved = json.loads(info.read_text())
+  info.write_text(json.dumps(
+      {**saved, "eval_accuracy": saved["eval_accuracy"] - 0.01}))
+  results = train.train_and_evaluate(tiny_config(tiny_data, **RUN),
+                                     str(workdir))
+  assert os.listdir(workdir / "best") == [str(step)]
+  assert results["best_eval_step"] == step
+  assert results["best_eval_accuracy"] == saved["eval_accuracy"]
+  abstract_state = _abstract_state(workdir)
+  _, want = ckpt_lib.restore_params(str(finished_run), abstract_state,
+                                    best=True)
+  _, got = ckpt_lib.restore_params(str(workdir), abstract_state, best=True)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(x, y)
+
+
 def _damage_arrays(step_dir):
   for root, _, files in os.walk(step_dir / "state"):
     if "/d" in root[len(str(step_dir)):]:
