@@ -91,15 +91,20 @@ class Checkpointer:
     # disk) raises there; made in orbax's background threads, the failure
     # left threads waiting that held the process for 5 minutes at exit.
     async_options = ocp.AsyncOptions(create_directories_asynchronously=False)
+    # A save that a kill cut short leaves its step's temporary folder
+    # (STEP.orbax-checkpoint-tmp, arrays written in part); orbax replaces
+    # it only if that step is saved again, so those of steps the run does
+    # not save again (a stop's step, one of another checkpoint_every) are
+    # removed when the run starts. The workdir's lock keeps another run out.
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save, async_options=async_options)
     self.latest = ocp.CheckpointManager(
         folders[0], options=opts, item_names=("state", "data"))
     self.best = ocp.CheckpointManager(
         folders[1],
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True,
+            max_to_keep=1, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
             async_options=async_options),
         item_names=("params", "info"))

@@ -466,6 +466,48 @@ def test_unwritable_checkpoint_folder_is_a_clear_error(tiny_data, tmp_path):
   assert time.time() - start < 150
 
 
+_KILLED_IN_SAVES = """
+import os, signal, sys
+import jax.numpy as jnp
+from htransformer import checkpoint as ckpt_lib
+ckpt = ckpt_lib.Checkpointer(sys.argv[1])
+state = {"step": jnp.zeros((), jnp.int32), "w": jnp.ones((1024, 1024))}
+ckpt.save(1, state, {"next_index": 1})
+ckpt.save_best(1, state, {"eval_accuracy": 0.5, "step": 1})
+ckpt.wait()
+# A stop's checkpoint of step 3 and a better evaluation, both begun (their
+# writing in the background) when the kill comes.
+ckpt.save(3, state, {"next_index": 3})
+ckpt.save_best(3, state, {"eval_accuracy": 0.75, "step": 3})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_saves_cut_short_by_a_kill_leave_nothing_behind(tmp_path):
+  """The temporary folders of saves a SIGKILL cut short (arrays written in
+  part) go when the relaunch starts, also those of steps it does not save
+  again."""
+  workdir = tmp_path / "run"
+  r = subprocess.run([sys.executable, "-c", _KILLED_IN_SAVES, str(workdir)],
+                     cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=200)
+  assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+  tmp = "3.orbax-checkpoint-tmp"
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1", tmp]
+  assert tmp in os.listdir(workdir / "best")
+  ckpt = ckpt_lib.Checkpointer(str(workdir))
+  try:
+    assert ckpt.latest_step() == 1
+    state = {"step": np.int32(0), "w": np.zeros((1024, 1024), np.float32)}
+    ckpt.save(2, state, {"next_index": 2})
+    ckpt.save_best(2, state, {"eval_accuracy": 0.625, "step": 2})
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+  assert os.listdir(workdir / "best") == ["2"]
+
+
 def test_second_run_in_a_workdir_is_refused(tiny_data, tmp_path):
   """A launch into a workdir where a run still trains is refused (both
   would write the same checkpoints and metrics.jsonl: rows twice, orbax
