@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -60,11 +61,33 @@ def _step_before(manager, step: int):
   return max((s for s in manager.all_steps() if s < step), default=None)
 
 
+def _without_closed_loop_errors(hook):
+  """``hook`` (a ``sys.unraisablehook``) less the "Event loop is closed"
+  errors of a failed restore: TensorStore's reads still under way complete
+  into orbax's event loop, closed by then, and each printed a traceback
+  (dozens, around and after the one-line error)."""
+  if getattr(hook, "drops_closed_loop", False):
+    return hook
+
+  def without(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and
+            str(e) == "Event loop is closed"):
+      hook(unraisable)
+
+  without.drops_closed_loop = True
+  return without
+
+
 @contextlib.contextmanager
 def _reading(folder, step: int, remedy: str):
   """Turns a failure to read the checkpoint of ``step`` in ``folder`` into a
   CheckpointError that names the folder, the cause and ``remedy``. Errors of
-  the device (out of memory) are not the checkpoint's and pass."""
+  the device (out of memory) are not the checkpoint's and pass. While it
+  reads, and for the rest of the process after a failure (the reads under
+  way end after it), ``_without_closed_loop_errors``."""
+  previous = sys.unraisablehook
+  sys.unraisablehook = _without_closed_loop_errors(previous)
   try:
     yield
   except jax.errors.JaxRuntimeError:
@@ -73,6 +96,7 @@ def _reading(folder, step: int, remedy: str):
     raise CheckpointError(
         f"The checkpoint of step {step} in {folder} cannot be read "
         f"({_cause(e)}). {remedy}.") from e
+  sys.unraisablehook = previous
 
 
 class Checkpointer:

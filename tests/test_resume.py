@@ -369,6 +369,32 @@ def test_unreadable_checkpoint_is_a_clear_error(tiny_data, finished_run,
     assert os.listdir(workdir / "best") == [str(results["best_eval_step"])]
 
 
+def test_unreadable_checkpoint_prints_no_traceback(tiny_data, finished_run,
+                                                   tmp_path):
+  """From the command line, a checkpoint that fails while its arrays are
+  read prints its one-line error and nothing else: the reads still under
+  way, ending after it, printed "Event loop is closed" tracebacks."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  os.remove(workdir / "checkpoints" / "8" / "state" / "manifest.ocdbt")
+  args = ["--config=configs/listops.py:quick", f"--workdir={workdir}",
+          f"--config.data_dir={tiny_data}", "--config.max_length=40",
+          "--config.model.num_layers=1", "--config.model.emb_dim=32",
+          "--config.model.qkv_dim=32", "--config.model.mlp_dim=32",
+          "--config.model.num_heads=2", "--config.model.block_size=4",
+          "--config.batch_size=8", "--config.eval_batch_size=16",
+          "--config.optimizer.warmup_steps=4",
+          *[f"--config.{k}={v}" for k, v in RUN.items()]]
+  r = subprocess.run([sys.executable, "-m", "htransformer.main", *args],
+                     cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=200)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert r.stderr.splitlines() == [
+      l for l in r.stderr.splitlines() if l.startswith(
+          f"Error: The checkpoint of step 8 in {workdir / 'checkpoints'}"
+          "/8 cannot be read (")], r.stderr[-3000:]
+
+
 def _abstract_state(workdir):
   """The training state's structure for the run in ``workdir``, built as
   the readers of finished runs (sampling, inspect_classifier) build it."""
