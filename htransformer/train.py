@@ -492,6 +492,15 @@ def _refuse_unfit(mismatch: list[str], step: int, config, workdir: str):
         "run's config.")
 
 
+def _refuse_past(step: int, config, workdir: str):
+  """ValueError if the checkpoint of ``step`` is past ``num_train_steps``."""
+  if config.num_train_steps < step:
+    raise ValueError(
+        f"num_train_steps ({config.num_train_steps}) is below the step of "
+        f"the checkpoint in {workdir} ({step}). Use num_train_steps >= "
+        f"{step} ({step} only evaluates) or a new --workdir.")
+
+
 def _restore(ckpt, state, config, workdir: str):
   """(state, data_state) of the latest checkpoint in ``workdir``, or None
   if there is none. A checkpoint this config cannot continue (other
@@ -502,11 +511,7 @@ def _restore(ckpt, state, config, workdir: str):
     return None
   target = ckpt_lib.abstract(state)
   _refuse_unfit(ckpt.mismatch(step, target), step, config, workdir)
-  if config.num_train_steps < step:
-    raise ValueError(
-        f"num_train_steps ({config.num_train_steps}) is below the step of "
-        f"the checkpoint in {workdir} ({step}). Use num_train_steps >= "
-        f"{step} ({step} only evaluates) or a new --workdir.")
+  _refuse_past(step, config, workdir)
   return ckpt.restore(target)
 
 
@@ -608,6 +613,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       _refuse_unfit(ckpt_lib.mismatch(workdir, step,
                                       abstract_state(params, tx)),
                     step, config, workdir)
+      _refuse_past(step, config, workdir)
       print(f"{workdir} holds a run at step {step}: this config fits its "
             "checkpoint.", flush=True)
     return {"total_parameters": total}

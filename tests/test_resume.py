@@ -272,6 +272,23 @@ def test_resumed_with_other_settings_says_so_and_keeps_the_old_config(
   assert [r["step"] for r in rows if "test_loss" in r] == [12]
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_fewer_steps_than_the_checkpoint_are_refused(tiny_data, finished_run,
+                                                     dry_run):
+  """num_train_steps below the step of the run's checkpoint: refused, by
+  the dry run as by the run (not "this config fits its checkpoint"), with
+  the run's files left alone."""
+  files = ("config.json", "metrics.jsonl", "results.json")
+  before = {f: (finished_run / f).read_bytes() for f in files}
+  c = tiny_config(tiny_data, **RUN | {"num_train_steps": 6,
+                                      "dry_run": dry_run})
+  with pytest.raises(ValueError, match=(
+      r"num_train_steps \(6\) is below the step of the checkpoint in .* "
+      r"\(8\)\. Use num_train_steps >= 8")):
+    train.train_and_evaluate(c, str(finished_run))
+  assert {f: (finished_run / f).read_bytes() for f in files} == before
+
+
 def test_better_evaluation_of_the_best_step_replaces_it(tiny_data,
                                                         finished_run,
                                                         tmp_path):
