@@ -70,9 +70,9 @@ Data (``config.data``):
   Packing: STREAM-STYLE for training (``packing="stream"``, the only
     value), the same for both attentions: every document (lm1b: sentence)
     is followed by eos and all are concatenated; rows are consecutive
-    windows of ``max_length`` tokens and every token is predicted once. Text earlier in a row is allowed as context across
-    document boundaries (hierarchical attention's coarse levels average
-    across them anyway). Evaluation: per-token loss and perplexity
+    windows of ``max_length`` tokens and every token is predicted once.
+    Text earlier in a row is allowed as context across document boundaries
+    (hierarchical attention's coarse levels average across them anyway). Evaluation: per-token loss and perplexity
     (exp(mean token loss)) on held-out rows: lm1b one sentence per row
     (``eval_packing="sentence"``, [eos] + sentence, predicting the sentence
     and its eos), local text stream-packed held-out documents.
