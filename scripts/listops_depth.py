@@ -42,7 +42,9 @@ def _define_flags():
 
 
 def parse(source: str):
-  """An LRA ListOps string -> a tree: a digit (int) or (operator, [args])."""
+  """An LRA ListOps string -> a tree: a digit (int) or (operator, [args]).
+  ValueError if it is not one expression of operators, digits and ``]``
+  (every operator closed, with at least one argument)."""
   stack = [("", [])]
   for token in source.split():
     if token in ("(", ")"):
@@ -50,10 +52,16 @@ def parse(source: str):
     if token in _APPLY:
       stack.append((token, []))
     elif token == listops.END_TOKEN:
+      if len(stack) == 1 or not stack[-1][1]:
+        raise ValueError(f"Not one ListOps expression (a ']' closes no "
+                         f"operator with arguments): {source[:80]!r}")
       node = stack.pop()
       stack[-1][1].append(node)
-    else:
+    elif token in listops.DIGITS:
       stack[-1][1].append(int(token))
+    else:
+      raise ValueError(f"Not a ListOps token: {token[:20]!r} in "
+                       f"{source[:80]!r}")
   if len(stack) != 1 or len(stack[0][1]) != 1:
     raise ValueError(f"Not one ListOps expression: {source[:80]!r}")
   return stack[0][1][0]
@@ -89,23 +97,54 @@ def most_frequent_values(trees) -> dict:
 
 
 def _read(folder, split, limit=None):
-  """Trees and labels of a split, read by the training job's reader."""
-  seqs, labels = listops.read_split(
-      os.path.join(folder, listops.split_filename(split)))
+  """Trees and labels of a split, read by the training job's reader;
+  ValueError naming the file and example if one is not an expression, or
+  if the split has none."""
+  path = os.path.join(folder, listops.split_filename(split))
+  seqs, labels = listops.read_split(path)
   seqs, labels = seqs[:limit], labels[:limit]
-  return [parse(listops.decode(ids)) for ids in seqs], labels
+  if not seqs:
+    raise ValueError(f"{path}: no examples.")
+  trees = []
+  for i, ids in enumerate(seqs):
+    try:
+      trees.append(parse(listops.decode(ids)))
+    except ValueError as e:
+      raise ValueError(f"{path}: example {i + 1}: {e}") from None
+  return trees, labels
+
+
+def _operators(tree) -> set:
+  """The operators in a tree."""
+  if isinstance(tree, int):
+    return set()
+  return {tree[0]}.union(*(_operators(a) for a in tree[1]))
 
 
 def depth_accuracies(folder: str, max_depth: int = 6, train: int = 20000,
                      splits=("val", "test")) -> dict:
   """{split: [accuracy at depth 0..max_depth]} plus the guesses and the
-  majority class's share of the training labels read."""
+  majority class's share of the training labels read. ValueError for
+  max_depth < 0, train < 1, an operator of a split that the first
+  ``train`` training expressions lack (it has no guess), or data that is
+  not ListOps expressions."""
+  if max_depth < 0:
+    raise ValueError(f"--max_depth must be >= 0, got {max_depth}.")
+  if train < 1:
+    raise ValueError(f"--train must be >= 1 (the training expressions that "
+                     f"set the guesses), got {train}.")
   train_trees, train_labels = _read(folder, "train", train)
   guess = most_frequent_values(train_trees)
   out = {"guess": guess, "majority_class": round(float(
       np.bincount(train_labels).max() / len(train_labels)), 4)}
   for split in splits:
     trees, labels = _read(folder, split)
+    unguessed = sorted(set().union(*map(_operators, trees)) - set(guess))
+    if unguessed:
+      raise ValueError(
+          f"The {split} split has operators {unguessed} that the first "
+          f"{train} training expressions lack, so they have no most "
+          f"frequent value: raise --train.")
     out[split] = [round(float(np.mean(
         [evaluate(t, k, guess) == y for t, y in zip(trees, labels)])), 4)
                   for k in range(max_depth + 1)]
@@ -122,13 +161,13 @@ def operator_depth(tree) -> int:
 
 
 def main(argv):
-  if len(argv) != 2:
+  if len(argv) != 2 or not argv[1]:
     raise app.UsageError("Usage: listops_depth.py DATA_DIR [flags]")
   try:
     folder = listops.find_data_dir(argv[1], None)
-  except FileNotFoundError as e:
-    raise SystemExit(str(e)) from None
-  r = depth_accuracies(folder, FLAGS.max_depth, FLAGS.train)
+    r = depth_accuracies(folder, FLAGS.max_depth, FLAGS.train)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"Error: {e}") from None
   print(f"{folder}: most frequent value per operator {r['guess']}; "
         f"majority class {r['majority_class']}")
   print(f"operators nested per expression (min, max): val "

@@ -506,6 +506,56 @@ def test_depth_script_places_accuracy_on_the_tree(gen_dirs):
     module.parse("( [MAX 2 ) 9")
 
 
+def _write_splits(folder, **splits):
+  """basic_{split}.tsv files holding the given (source, label) rows."""
+  os.makedirs(folder, exist_ok=True)
+  for split, rows in splits.items():
+    with open(split_path(folder, split), "w") as f:
+      f.write("Source\tTarget\n")
+      f.writelines(f"{src}\t{label}\n" for src, label in rows)
+
+
+def test_depth_script_bad_input_is_one_line(tmp_path):
+  """scripts/listops_depth.py: flags out of range, rows that are not ListOps
+  expressions, an empty split and an operator the training expressions
+  read lack each end in one line naming the problem (they were
+  tracebacks, an empty table, or --train=-5 silently reading all but the
+  last 5 training expressions)."""
+  good = [("( ( ( [MAX 2 ) 9 ) ] )", 9), ("( ( ( [MIN 2 ) 9 ) ] )", 2)]
+  _write_splits(tmp_path / "ok", train=good, val=good, test=good)
+  bad = {"token": [("( ( ( [MAX 2 ) x ) ] )", 2)],
+         "unclosed": [("( ( [MAX 2 ) 9 )", 9)],
+         "extra_end": [("( ( ( [MAX 2 ) 9 ) ] ) ]", 9)],
+         "no_args": [("( [MAX ] )", 0)],
+         "empty": [],
+         "unguessed": [("( ( ( [SM 2 ) 9 ) ] )", 1)]}
+  for name, rows in bad.items():
+    _write_splits(tmp_path / name, train=good, val=good, test=rows)
+  cases = [(["ok", "--train=0"], "--train must be >= 1"),
+           (["ok", "--train=-5"], "--train must be >= 1"),
+           (["ok", "--max_depth=-1"], "--max_depth must be >= 0"),
+           (["token"], "example 1: Not a ListOps token: '<unk>'"),
+           (["unclosed"], "example 1: Not one ListOps expression"),
+           (["extra_end"], "a ']' closes no operator"),
+           (["no_args"], "a ']' closes no operator"),
+           (["empty"], "basic_test.tsv: no examples"),
+           (["unguessed"], "operators ['[SM'] that the first 20000")]
+  procs = [(subprocess.Popen(
+      [sys.executable, "scripts/listops_depth.py", str(tmp_path / args[0]),
+       *args[1:]], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True), expected)
+           for args, expected in cases]
+  for proc, expected in procs:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, None), (proc.args, out)
+    assert "Traceback" not in err, (proc.args, err[-3000:])
+    errors = [l for l in err.splitlines() if l.startswith("Error: ")]
+    assert len(errors) == 1 and expected in errors[0], (proc.args, err)
+  r = load_script("listops_depth").depth_accuracies(
+      str(tmp_path / "ok"), max_depth=1, train=2)
+  assert r["val"] == [1.0, 1.0] and r["guess"] == {"[MAX": 9, "[MIN": 2}
+
+
 def test_many_workers_finish_and_match_one(tmp_path):
   """More worker processes than cores, and chunks still queued when the
   last example is written: the generator must stop them and finish (a
