@@ -50,7 +50,17 @@ def _define_flags():
 
 def summarize(folder: str, resolution: int, num: int, seed: int = 0,
               threshold: int = pathfinder.LIT_THRESHOLD) -> dict:
-  """The statistics above for ``num`` random images of an image folder."""
+  """The statistics above for ``num`` random images of an image folder.
+  ValueError for a setting out of range (num < 1, seed < 0, a threshold
+  outside 0-254, which leaves every pixel lit or none), or an image or
+  metadata file that cannot be read."""
+  if num < 1:
+    raise ValueError(f"--num must be >= 1, got {num}.")
+  if seed < 0:
+    raise ValueError(f"--seed must be >= 0, got {seed}.")
+  if not 0 <= threshold <= 254:
+    raise ValueError(f"--threshold must be in 0..254 (pixels are 0-255), "
+                     f"got {threshold}.")
   paths, labels, skipped = pathfinder.read_metadata(folder)
   if not paths:
     raise SystemExit(f"{folder}: no readable images.")
@@ -110,7 +120,7 @@ def threshold_accuracy(values0, values1) -> float | None:
 
 
 def main(argv):
-  if len(argv) != 2:
+  if len(argv) != 2 or not argv[1]:
     raise app.UsageError("Usage: check_pathfinder.py DATA_DIR [flags]")
   try:
     folder = pathfinder.find_data_dir(
@@ -124,8 +134,11 @@ def main(argv):
         f"Error: {message} Make one with `python -m "
         f"htransformer.data.pathfinder --output_dir={argv[1]} ...`, or point "
         "at the LRA release.") from None
-  s = summarize(folder, FLAGS.resolution, FLAGS.num, FLAGS.seed,
-                FLAGS.threshold)
+  try:
+    s = summarize(folder, FLAGS.resolution, FLAGS.num, FLAGS.seed,
+                  FLAGS.threshold)
+  except ValueError as e:
+    raise SystemExit(f"Error: {e}") from None
   print(f"{s['folder']}: {s['images']} images ({s['skipped']} skipped), "
         f"{s['checked']} checked, label 1 in {s['label1_fraction']}")
   print(f"pixels > {FLAGS.threshold}: {s['lit_fraction']} of the image; "

@@ -193,6 +193,45 @@ def test_check_script_reads_a_folder(gen):
   assert module.threshold_accuracy([1, 3], [2, 4]) == 0.75
 
 
+def _one_line_errors(cases, script):
+  """Runs scripts/<script>.py with each case's arguments side by side; each
+  must fail with one 'Error: ' line holding the case's text."""
+  procs = [(subprocess.Popen(
+      [sys.executable, f"scripts/{script}.py", *args], cwd=ROOT,
+      env=child_env(JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True), expected)
+           for args, expected in cases]
+  for proc, expected in procs:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode not in (0, None), (proc.args, out[-2000:])
+    assert "Traceback" not in err, (proc.args, err[-3000:])
+    errors = [l for l in err.splitlines() if l.startswith("Error: ")]
+    assert len(errors) == 1 and expected in errors[0], (proc.args, err)
+
+
+def test_check_script_bad_input_is_one_line(gen, tmp_path):
+  """scripts/check_pathfinder.py: settings out of range and images it
+  cannot read end in one line naming the problem (they were tracebacks,
+  or, for --num=0 and a threshold no pixel passes, a summary of nulls;
+  --num=-5 silently checked all but 5 images)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  broken = str(tmp_path / "broken")
+  shutil.copytree(gen["w1"], broken)
+  paths, _, _ = pf.read_metadata(broken)
+  with open(paths[0], "wb") as f:
+    f.write(b"not a png")
+  folder = gen["w1"]
+  _one_line_errors([
+      ([folder, "--num=0"], "--num must be >= 1, got 0"),
+      ([folder, "--num=-5"], "--num must be >= 1, got -5"),
+      ([folder, "--seed=-1"], "--seed must be >= 0"),
+      ([folder, "--threshold=255"], "--threshold must be in 0..254"),
+      ([folder, "--threshold=-1"], "--threshold must be in 0..254"),
+      ([folder, "--resolution=128"], "image is (32, 32), expected 128x128"),
+      ([broken, f"--num={N}"], "not a readable PNG image"),
+  ], "check_pathfinder")
+
+
 def test_pathx_resolution(tmp_path):
   d = pf.generate(str(tmp_path), 128, 3, seed=0, workers=1)
   assert d.endswith(os.path.join("pathfinder128", "curv_contour_length_14"))
