@@ -63,6 +63,24 @@ def _define_flags():
                        "redrawn at 255, other lit pixels at this value.")
 
 
+def check_settings(*, epochs: int, batch_size: int, learning_rate: float,
+                   width: int, depth: int, seed: int,
+                   marker_contrast: int = 0) -> None:
+  """ValueError naming the first flag the training cannot use: settled
+  before any image is read."""
+  for name, value in (("epochs", epochs), ("batch_size", batch_size),
+                      ("width", width), ("depth", depth)):
+    if value < 1:
+      raise ValueError(f"--{name} must be >= 1, got {value}.")
+  if not learning_rate > 0:
+    raise ValueError(f"--learning_rate must be > 0, got {learning_rate}.")
+  if seed < 0:
+    raise ValueError(f"--seed must be >= 0, got {seed}.")
+  if marker_contrast and not 0 < marker_contrast < 255:
+    raise ValueError(f"--marker_contrast must be in 1..254, got "
+                     f"{marker_contrast}.")
+
+
 class ConvNet(nnx.Module):
   """3x3 convolutions + ReLU (stride 2 at every second one), mean pool,
   linear head: [B, R, R] pixels in [0, 1] -> [B, 2] logits."""
@@ -173,18 +191,27 @@ def train(data, *, epochs: int, batch_size: int, learning_rate: float,
 
 
 def main(argv):
-  if len(argv) != 2:
+  if len(argv) != 2 or not argv[1]:
     raise app.UsageError("usage: pathfinder_cnn.py DATA_DIR [--flags]")
   try:
+    check_settings(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+                   learning_rate=FLAGS.learning_rate, width=FLAGS.width,
+                   depth=FLAGS.depth, seed=FLAGS.seed,
+                   marker_contrast=FLAGS.marker_contrast)
     folder = pathfinder.find_data_dir(argv[1], None, FLAGS.resolution,
                                       contour_length=FLAGS.contour_length)
     data = split_arrays(folder, FLAGS.resolution)
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(str(e)) from None
+  except FileNotFoundError as e:
+    # The trainer's advice (an empty data_dir generates) is not this
+    # script's: it reads a folder, which the generator can make.
+    message = str(e).split(" Leave data_dir empty")[0]
+    raise SystemExit(
+        f"Error: {message} Make one with `python -m "
+        f"htransformer.data.pathfinder --output_dir={argv[1]} ...`, or point "
+        "at the LRA release.") from None
+  except ValueError as e:
+    raise SystemExit(f"Error: {e}") from None
   if FLAGS.marker_contrast:
-    if not 0 < FLAGS.marker_contrast < 255:
-      raise SystemExit(f"--marker_contrast must be in 1..254, got "
-                       f"{FLAGS.marker_contrast}")
     data = {split: (emphasise_markers(x, FLAGS.marker_contrast), y)
             for split, (x, y) in data.items()}
   print(json.dumps({"folder": folder, "device": jax.devices()[0].device_kind,
@@ -196,7 +223,7 @@ def main(argv):
           depth=FLAGS.depth, seed=FLAGS.seed,
           log=lambda s: print(s, flush=True))
   except ValueError as e:  # Too few images for one batch.
-    raise SystemExit(str(e)) from None
+    raise SystemExit(f"Error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -232,6 +232,23 @@ def test_check_script_bad_input_is_one_line(gen, tmp_path):
   ], "check_pathfinder")
 
 
+def test_cnn_script_bad_flags_are_one_line(gen, tmp_path):
+  """scripts/pathfinder_cnn.py: flags the training cannot use are refused
+  before any image is read (--batch_size=0 and --width=0 were tracebacks,
+  --depth=0 silently trained a linear model on the mean pixel, a negative
+  learning rate trained uphill), and a folder without images is not met
+  with the trainer's advice to leave data_dir empty, which this script
+  cannot follow."""
+  folder = gen["w1"]
+  _one_line_errors([
+      ([folder, "--epochs=0"], "--epochs must be >= 1, got 0"),
+      ([folder, "--batch_size=0"], "--batch_size must be >= 1, got 0"),
+      ([folder, "--depth=0"], "--depth must be >= 1, got 0"),
+      ([folder, "--learning_rate=-0.001"], "--learning_rate must be > 0"),
+      ([str(tmp_path)], "Make one with `python -m htransformer.data."),
+  ], "pathfinder_cnn")
+
+
 def test_pathx_resolution(tmp_path):
   d = pf.generate(str(tmp_path), 128, 3, seed=0, workers=1)
   assert d.endswith(os.path.join("pathfinder128", "curv_contour_length_14"))
