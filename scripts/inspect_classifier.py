@@ -5,10 +5,12 @@ r"""Does a trained classifier still look at its input? A collapse check.
       [--split=test] [--num_examples=64]
 
 Reads the run's ``config.json`` and its latest checkpoint, takes the first
-``num_examples`` of a split (``--data_dir`` replaces the config's, e.g. when
-the run was made on another machine), and prints, for the parameters at
-initialisation and for the checkpoint, one JSON line each:
+``num_examples`` of a split (all of it if it has fewer; ``--data_dir``
+replaces the config's, e.g. when the run was made on another machine), and
+prints, for the parameters at initialisation and for the checkpoint, one
+JSON line each:
 
+  examples          how many examples were read
   head_units_on     units of the head's first layer above zero on at least
                     one example (of head_units); 0 with a ReLU head means
                     no gradient reaches the encoder any more
@@ -63,6 +65,7 @@ def report(model, inputs, targets) -> dict:
   pre = np.asarray(model.head1(features))
   logits = np.asarray(model.head(features))
   return {
+      "examples": int(len(targets)),
       "head_units_on": int((pre > 0).any(axis=0).sum()),
       "head_units": int(pre.shape[1]),
       "max_pre_activation": float(pre.max()),
@@ -109,6 +112,9 @@ def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
     raise ValueError(f"num_examples must be at least 2 (spreads across "
                      f"examples), got {num_examples}.")
   config = config_utils.read_run_config(workdir)
+  if config.get("task") == "lm":  # Said before its data is read.
+    raise ValueError("inspect_classifier reads classifiers; "
+                     f"{workdir} trained a language model.")
   # Before any data is read (or generated): a workdir with no checkpoint
   # (a dry run's, or a run stopped before its first) has nothing to show.
   if ckpt_lib.latest_step(workdir) is None:
@@ -120,12 +126,14 @@ def inspect(workdir: str, data_dir: str | None = None, split: str = "test",
   if "head_activation" not in config.model:  # runs from before the field
     config.model.head_activation = "relu"
   task = tasks.get_task(config, workdir)
-  if task.kind == "lm":
-    raise ValueError("inspect_classifier reads classifiers; "
-                     f"{workdir} trained a language model.")
   if split not in task.sources:
     raise ValueError(f"split must be one of {sorted(task.sources)}, got "
                      f"{split!r}.")
+  # One batch of what the split holds, not num_examples rows of padding.
+  num_examples = min(num_examples, len(task.sources[split]))
+  if num_examples < 2:
+    raise ValueError(f"The {split} split holds {num_examples} example(s); "
+                     "the spreads across examples need at least 2.")
   model = train.build_model(config, task, config.seed)
   graphdef, params = nnx.split(model, nnx.Param)
   tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)

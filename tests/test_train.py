@@ -760,7 +760,10 @@ def test_inspect_classifier_reports_a_dead_head(tiny_data, tmp_path,
   """scripts/inspect_classifier.py on a real run: the checkpoint's step and
   statistics (also from a relative workdir); a head pushed below zero reads
   as 0 units on and one answer for every input; a folder that is no workdir
-  is a clear error."""
+  is a clear error. More examples than the split holds read the split
+  (they were a batch of that many rows of padding: 10**9 ran out of
+  memory), and a language model's run is named as one before its data is
+  looked for (lm1b's missing data was the error before)."""
   from tests.scripts_helper import load_script  # pylint: disable=g-import-not-at-top
   inspect = load_script("inspect_classifier")
   c = tiny_config(tiny_data, **{"model.head_activation": "relu"})
@@ -789,3 +792,10 @@ def test_inspect_classifier_reports_a_dead_head(tiny_data, tmp_path,
     inspect.inspect(str(tmp_path / "run"), num_examples=0)
   with pytest.raises(ValueError, match="split must be one of"):
     inspect.inspect(str(tmp_path / "run"), split="dev")
+  assert out["trained"]["examples"] == 16
+  whole = inspect.inspect(str(tmp_path / "run"), num_examples=10**9)
+  assert whole["trained"]["examples"] == 64  # tiny_data's test split
+  lm = config_utils.load_config(os.path.join(ROOT, "configs", "lm1b.py"))
+  (tmp_path / "run" / "config.json").write_text(lm.to_json())
+  with pytest.raises(ValueError, match="trained a language model"):
+    inspect.inspect(str(tmp_path / "run"))
