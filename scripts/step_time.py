@@ -25,8 +25,9 @@ buffers on (the default) a step shows as one ``command_buffer`` entry: set
 
 Prints one JSON line per config (and appends it to --out if given). A
 config that cannot be read (no such file, an unknown variant or field, a
-value of the wrong type) or a job that cannot be built (its data missing,
-say) is one line, "Error: ...".
+value of the wrong type), a job that cannot be built (its data missing,
+say) or an --out in a folder that is not there is one line, "Error: ...",
+before anything is measured.
 """
 
 import json
@@ -56,10 +57,13 @@ flags.DEFINE_integer("steps", 50, "Timed steps per measurement.",
                      lower_bound=1)
 flags.DEFINE_string("out", "", "Append the JSON line to this file.")
 flags.DEFINE_integer("profile", 0, "Trace this many device steps and print "
-                     "the operations that take the device time.")
-flags.DEFINE_integer("top", 25, "Operations listed by --profile.")
+                     "the operations that take the device time.",
+                     lower_bound=0)
+flags.DEFINE_integer("top", 25, "Operations listed by --profile.",
+                     lower_bound=1)
 flags.DEFINE_integer("levels_per_launch", 0, "Fused kernels: levels per "
-                     "launch (kernels.TUNING); 0 keeps the default.")
+                     "launch (kernels.TUNING); 0 keeps the default.",
+                     lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -74,6 +78,13 @@ def main(argv):
   del argv
   config = FLAGS.config
   steps = FLAGS.steps
+  if FLAGS.out:  # Said before the measurement, not after it.
+    folder = os.path.dirname(os.path.abspath(FLAGS.out))
+    problem = ("a folder, not a file" if os.path.isdir(FLAGS.out) else
+               None if os.path.isdir(folder) else f"no folder {folder}")
+    if problem:
+      print(f"Error: --out {FLAGS.out}: {problem}.", file=sys.stderr)
+      return 1
   if FLAGS.levels_per_launch:
     from htransformer.attention import kernels  # pylint: disable=g-import-not-at-top
     kernels.TUNING["levels_per_launch"] = FLAGS.levels_per_launch

@@ -130,6 +130,13 @@ STEP_TIME_CASES = [
     (["--config=configs/listops.py:quick", "--config.data_dir=/no/such"],
      ["ListOps data_dir does not exist: /no/such"]),
     (["--config=configs/retrieval.py:quick"], ["needs config.data_dir"]),
+    # Found only after the measurement, as a traceback, before.
+    (["--config=configs/listops.py:quick", "--config.data_dir=/no/such",
+      "--out=/no/such/x.jsonl"], ["--out /no/such/x.jsonl: no folder"]),
+    # Ran, and reported a profile of no steps.
+    (["--config=configs/listops.py:quick", "--config.data_dir=/no/such",
+      "--profile=-1"],
+     ["--profile=-1: -1 is not a non-negative integer"]),
 ]
 
 
