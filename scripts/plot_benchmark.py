@@ -42,6 +42,16 @@ def format_length(length: float, _=None) -> str:
   return str(length)
 
 
+def title(cfg: dict, env: dict, phase: str) -> str:
+  """The plot's title: what was timed, where, with which settings."""
+  causal = "causal" if cfg["causal"] else "non-causal"
+  dropout = (f", attention dropout {cfg['dropout_rate']} (not cuDNN)"
+             if cfg.get("dropout_rate") else "")
+  return (f"Attention {PHASE_NAMES[phase]} time on {env['device_kind']}\n"
+          f"{cfg['dtype']}, heads {cfg['heads']}, head_dim "
+          f"{cfg['head_dim']}, {causal}{dropout}, jax {env['jax_version']}")
+
+
 def plot(report: dict, phase: str, out: str) -> None:
   cfg, env = report["config"], report["environment"]
   fig, ax = plt.subplots(figsize=(7, 5))
@@ -69,11 +79,7 @@ def plot(report: dict, phase: str, out: str) -> None:
   ax.set_xlabel(f"sequence length (batch = max(1, {cfg['tokens']:,} // "
                 "length))")
   ax.set_ylabel(f"{PHASE_NAMES[phase]} time (ms, median)")
-  causal = "causal" if cfg["causal"] else "non-causal"
-  ax.set_title(f"Attention {PHASE_NAMES[phase]} time on {env['device_kind']}\n"
-               f"{cfg['dtype']}, heads {cfg['heads']}, head_dim "
-               f"{cfg['head_dim']}, {causal}, jax {env['jax_version']}",
-               fontsize=10)
+  ax.set_title(title(cfg, env, phase), fontsize=10)
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()

@@ -268,6 +268,21 @@ def test_plot_benchmark_bad_json(tmp_path):
             f"--out={tmp_path / 'no' / 'x.png'}"]), "no folder")
 
 
+def test_plot_benchmark_title_names_attention_dropout():
+  """A report measured with attention dropout says so in the plot's title,
+  as benchmark_attention.py's markdown heading does (the title read as a
+  run without it)."""
+  title = load_script("plot_benchmark").title
+  cfg = {"dtype": "bfloat16", "heads": 8, "head_dim": 64, "causal": False}
+  env = {"device_kind": "NVIDIA H200", "jax_version": "0.11.2"}
+  assert title(cfg, env, "fwd_bwd") == (
+      "Attention forward+backward time on NVIDIA H200\n"
+      "bfloat16, heads 8, head_dim 64, non-causal, jax 0.11.2")
+  assert "dropout" not in title({**cfg, "dropout_rate": 0.0}, env, "fwd")
+  assert ("non-causal, attention dropout 0.1 (not cuDNN), jax" in
+          title({**cfg, "dropout_rate": 0.1}, env, "fwd"))
+
+
 def test_lm1b_variants_join_with_full():
   from configs import lm1b  # pylint: disable=g-import-not-at-top
   for arg in ("full", "quick,full", "full,text4096"):
