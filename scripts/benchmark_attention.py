@@ -40,7 +40,7 @@ Usage, from the repository root:
   # docs/benchmarks.md), recorded there:
   python scripts/benchmark_attention.py --lengths 1024 65536 --repeats 5 \
       --no-isolate --methods hierarchical_16_pallas full_cudnn --head_dim 64 \
-      --out_json docs/benchmark_attention.json --out_md docs/benchmarks.md
+      --out_json docs/benchmark_kernels.json --out_md docs/benchmarks.md
   python scripts/benchmark_attention.py --smoke        # tiny, on a CPU
 
 Most of a measurement's time is compiling. ``--jobs N`` measures N
