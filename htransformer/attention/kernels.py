@@ -241,7 +241,8 @@ DEFAULT_TILE = 16
 # where level 0's move them at about 72% (levels 2-4: 0.172 ms of the
 # backward's 0.718 at 1 x 65,536 tokens on an H200, by the bytes each
 # kernel must read and write); larger tiles give each program more rows
-# in flight. Not yet timed.
+# in flight, but at 32 every coarse level was slower: forward+backward
+# 1.144 against 1.070 ms (H200, 1 x 65,536 tokens: docs/benchmarks.md).
 TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
