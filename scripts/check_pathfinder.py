@@ -127,13 +127,7 @@ def main(argv):
         argv[1], None, resolution=FLAGS.resolution,
         contour_length=FLAGS.contour_length)
   except FileNotFoundError as e:
-    # The trainer's advice (an empty data_dir generates) is not this
-    # script's: it reads a folder, which the generator can make.
-    message = str(e).split(" Leave data_dir empty")[0]
-    raise SystemExit(
-        f"Error: {message} Make one with `python -m "
-        f"htransformer.data.pathfinder --output_dir={argv[1]} ...`, or point "
-        "at the LRA release.") from None
+    raise SystemExit(pathfinder.folder_error(e, argv[1])) from None
   try:
     s = summarize(folder, FLAGS.resolution, FLAGS.num, FLAGS.seed,
                   FLAGS.threshold)

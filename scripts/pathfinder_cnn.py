@@ -202,13 +202,7 @@ def main(argv):
                                       contour_length=FLAGS.contour_length)
     data = split_arrays(folder, FLAGS.resolution)
   except FileNotFoundError as e:
-    # The trainer's advice (an empty data_dir generates) is not this
-    # script's: it reads a folder, which the generator can make.
-    message = str(e).split(" Leave data_dir empty")[0]
-    raise SystemExit(
-        f"Error: {message} Make one with `python -m "
-        f"htransformer.data.pathfinder --output_dir={argv[1]} ...`, or point "
-        "at the LRA release.") from None
+    raise SystemExit(pathfinder.folder_error(e, argv[1])) from None
   except ValueError as e:
     raise SystemExit(f"Error: {e}") from None
   if FLAGS.marker_contrast:

@@ -533,6 +533,17 @@ def _candidates(data_dir, resolution, contour_length):
           os.path.join(data_dir, "lra_release", sub)]
 
 
+def folder_error(error: FileNotFoundError, data_dir: str) -> str:
+  """The one-line error of a script that reads a Pathfinder folder
+  (``scripts/check_pathfinder.py``, ``pathfinder_cnn.py``) for
+  ``find_data_dir``'s ``error``: the trainer's advice (an empty data_dir
+  generates) replaced by how to make the folder."""
+  message = str(error).split(" Leave data_dir empty")[0]
+  return (f"Error: {message} Make one with `python -m "
+          f"htransformer.data.pathfinder --output_dir={data_dir} ...`, or "
+          "point at the LRA release.")
+
+
 def find_data_dir(data_dir: str | None, cache_dir: str | None,
                   resolution: int = 32, num_images: int = 200000,
                   seed: int = 0, contour_length: int = 14,
