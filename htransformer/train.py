@@ -695,6 +695,21 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     ckpt.save(step, state, {**train_iter.get_state(), "best_eval": best,
                             **window})
 
+  def diverged(problem: str) -> NonFiniteLossError:
+    """The error that stops a run on ``problem`` (a NaN or inf), raised once
+    the checkpoint being written is on disk, so that it names the step a
+    relaunch resumes from; nothing is left running in the background."""
+    ckpt.wait()
+    last = ckpt.latest_step()
+    writer.close()
+    ckpt.close()
+    return NonFiniteLossError(
+        f"{problem}. Stopping; "
+        + (f"the last good checkpoint is step {last} in {workdir}, which a "
+           "relaunch resumes from. " if last is not None else
+           f"no checkpoint was saved yet in {workdir}. ")
+        + "Lower optimizer.learning_rate or set optimizer.grad_clip.")
+
   # SIGTERM / SIGINT: finish the step, save it, stop (TrainingStopped).
   stop, stopped = _StopSignals(), False
   with stop.installed():
@@ -718,14 +733,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       if log_now or ckpt_now:
         sums = jax.device_get(sums)
         if sums["nonfinite"] > 0:
-          last = ckpt.latest_step()
-          raise NonFiniteLossError(
+          raise diverged(
               f"Training loss became NaN or inf between steps {step - 1} and "
-              f"{step} (or earlier since the last log). Stopping; "
-              + (f"the last good checkpoint is step {last} in {workdir}. "
-                 if last is not None else
-                 f"no checkpoint was saved yet in {workdir}. ")
-              + "Lower optimizer.learning_rate or set optimizer.grad_clip.")
+              f"{step} (or earlier since the last log)")
         n = sums["count"]
         scalars = {"train_loss": sums["loss"] / n,
                    "train_accuracy": sums["correct"] / n,

@@ -713,6 +713,56 @@ def test_divergence_before_the_first_checkpoint_says_so(tiny_data, tmp_path):
   assert "None" not in str(e.value)
 
 
+# htransformer.main (its arguments after the script's) whose checkpoints
+# take 2 s longer to finish in the background.
+_SLOW_SAVES = """
+import sys, time
+import orbax.checkpoint as ocp
+from absl import app
+from htransformer import config_utils, main
+finalize = ocp.CheckpointManager._finalize
+def slow(*args, **kwargs):
+  time.sleep(2)
+  return finalize(*args, **kwargs)
+ocp.CheckpointManager._finalize = slow
+sys.argv = ["htransformer.main", *sys.argv[1:]]
+app.run(main.main, flags_parser=config_utils.parse_config_flags)
+"""
+
+
+def _tiny_args(tiny_data, workdir, **fields):
+  """Command-line arguments of ``tiny_config``'s run in ``workdir``, with
+  ``fields`` set."""
+  fields = {"data_dir": tiny_data, "max_length": 40,
+            "model.num_layers": 1, "model.emb_dim": 32, "model.qkv_dim": 32,
+            "model.mlp_dim": 32, "model.num_heads": 2, "model.block_size": 4,
+            "batch_size": 8, "eval_batch_size": 16,
+            "optimizer.warmup_steps": 4, **fields}
+  return ["--config=configs/listops.py:quick", f"--workdir={workdir}",
+          *[f"--config.{k}={v}" for k, v in fields.items()]]
+
+
+def test_divergence_waits_for_the_checkpoint_being_written(tiny_data,
+                                                            tmp_path):
+  """A loss that turns NaN while the checkpoint before it is still being
+  written: the error comes once it is on disk, names it, and is the one
+  line printed (no traceback of a save cut short at exit)."""
+  workdir = tmp_path / "run"
+  args = _tiny_args(tiny_data, workdir, **{
+      **RUN, "log_every": 1, "checkpoint_every": 2,
+      "optimizer.warmup_steps": 1, "optimizer.learning_rate": 1e30})
+  r = subprocess.run([sys.executable, "-c", _SLOW_SAVES, *args],
+                     cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=200)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert r.stderr.splitlines() == [
+      "Error: Training loss became NaN or inf between steps 2 and 3 (or "
+      "earlier since the last log). Stopping; the last good checkpoint is "
+      f"step 2 in {workdir}, which a relaunch resumes from. Lower "
+      "optimizer.learning_rate or set optimizer.grad_clip."], r.stderr[-3000:]
+  assert os.listdir(workdir / "checkpoints") == ["2"]
+
+
 def test_sigterm_during_the_last_evaluation_stops_before_the_test(
     tiny_data, tmp_path, monkeypatch):
   """SIGTERM (``timeout``, a scheduler) while the last step evaluates: the
