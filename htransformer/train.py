@@ -45,7 +45,7 @@ except ImportError:  # e.g. Windows: runs go unlocked
 
 
 class NonFiniteLossError(RuntimeError):
-  """Raised when the training loss becomes NaN or inf."""
+  """Raised when the training or validation loss becomes NaN or inf."""
 
 
 class TrainingStopped(RuntimeError):
@@ -754,6 +754,12 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       if eval_now:
         ev = trainer.evaluate(state["params"], "val")
         ev = {"eval" + k[len("val"):]: v for k, v in ev.items()}
+        if not np.isfinite(ev["eval_loss"]):
+          # Parameters that are no longer of any use: they become neither
+          # the best nor a checkpoint, at the last step too.
+          writer.write(step, ev)
+          raise diverged(f"Validation loss became {ev['eval_loss']} at step "
+                         f"{step}")
         if better(ev[metric], best[metric]):
           best = {metric: ev[metric], "step": step}
         if better(ev[metric], saved[metric]):

@@ -419,25 +419,35 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data,
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_nonfinite_evaluation_is_written_as_valid_json(tiny_data, tmp_path):
+def test_nonfinite_evaluation_stops_the_run(tiny_data, tmp_path):
   """A last step that ruins the parameters (its own loss, computed before
-  the update, still finite) leaves NaN evaluation losses: metrics.jsonl and
-  results.json hold them as "nan", which strict JSON readers take, never a
-  bare NaN."""
+  the update, still finite) leaves a NaN validation loss: the run stops
+  there instead of finishing with test numbers of broken parameters, the
+  evaluation becomes no best (its accuracy, argmax of NaN logits, beat
+  none) and the step no checkpoint. metrics.jsonl holds the loss as
+  "nan", which strict JSON readers take, never a bare NaN."""
   c = tiny_config(tiny_data, num_train_steps=2, log_every=1, eval_every=2,
                   checkpoint_every=2, **{"optimizer.warmup_steps": 1,
                                          "optimizer.learning_rate": 1e30})
-  results = train.train_and_evaluate(c, str(tmp_path))
-  assert np.isnan(results["test_loss"])
+  with pytest.raises(train.NonFiniteLossError,
+                     match="Validation loss became nan at step 2. Stopping; "
+                     "no checkpoint was saved yet"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert os.listdir(tmp_path / "best") == []
+  assert os.listdir(tmp_path / "checkpoints") == []
+  assert not os.path.exists(tmp_path / "results.json")
 
   def bare(constant):
     raise ValueError(f"bare {constant} in JSON")
 
-  strict = lambda text: json.loads(text, parse_constant=bare)
   with open(tmp_path / "metrics.jsonl") as f:
-    rows = [strict(line) for line in f]
-  assert [r["test_loss"] for r in rows if "test_loss" in r] == ["nan"]
-  assert strict((tmp_path / "results.json").read_text())["test_loss"] == "nan"
+    rows = [json.loads(line, parse_constant=bare) for line in f]
+  assert [r["eval_loss"] for r in rows if "eval_loss" in r] == ["nan"]
+  assert not any("test_loss" in r for r in rows)
+  # results.json goes through the same conversion.
+  assert metrics_lib.json_safe({"a": float("inf"), "b": {
+      "c": float("-inf"), "d": 1.5}}) == {"a": "inf", "b": {"c": "-inf",
+                                                           "d": 1.5}}
 
 
 def test_compiled_steps_are_kept_in_the_cache(tiny_data, tmp_path):
