@@ -136,6 +136,10 @@ class Checkpointer:
   def latest_step(self):
     return self.latest.latest_step()
 
+  def step_before(self, step: int):
+    """The step of the checkpoint before ``step``, or None."""
+    return _step_before(self.latest, step)
+
   def _reading(self, manager, step: int):
     """``_reading`` with the remedy for this run's folders: go on without
     best/, or resume from the checkpoint before ``step``."""

@@ -244,6 +244,11 @@ class Trainer:
         train_step, out_shardings=(self.state_sharding, self.replicated),
         donate_argnums=0)
     self.eval_step = jax.jit(eval_step, out_shardings=self.replicated)
+    # Whether every number of a tree (the parameters) is finite.
+    self.all_finite = jax.jit(
+        lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all()
+                                        for x in jax.tree.leaves(tree)])),
+        out_shardings=self.replicated)
     # Evaluation batches are padded with weight-0 rows, so eval_batch_size
     # need not divide by the data axis: it is rounded up to a multiple.
     data = self.mesh.shape["data"]
@@ -679,6 +684,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   writer.rewind(step, redo_final=True)
   progress = metrics_lib.Progress(total_steps, step)
   last_saved = last_logged = step
+  # Whether the loss of the step after the last checkpoint, the loss of its
+  # parameters, was NaN or inf (on the device until asked).
+  after_save = None
   sums = None
   if window and window["start"] < step:
     # Stopped between two log steps: the next row averages over the steps
@@ -689,26 +697,49 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   rates = []  # steps/s per log interval of this segment
 
   def save(step, sums=None):
+    """Checkpoints ``step`` (``sums``: those of the steps since the last log
+    row, for a stop's checkpoint). Parameters with a NaN or inf, or such a
+    loss among ``sums``, are not saved: the run stops instead."""
+    sums = None if sums is None else jax.device_get(sums)
+    if sums is not None and sums["nonfinite"] > 0:
+      raise diverged(f"Training loss became NaN or inf between steps "
+                     f"{last_logged} and {step}")
+    if not trainer.all_finite(state["params"]):
+      raise diverged(f"Parameters became NaN or inf at step {step}")
     window = {} if sums is None else {"log_window": {
         "start": last_logged,
-        "sums": {k: float(v) for k, v in jax.device_get(sums).items()}}}
+        "sums": {k: float(v) for k, v in sums.items()}}}
     ckpt.save(step, state, {**train_iter.get_state(), "best_eval": best,
                             **window})
 
   def diverged(problem: str) -> NonFiniteLossError:
     """The error that stops a run on ``problem`` (a NaN or inf), raised once
     the checkpoint being written is on disk, so that it names the step a
-    relaunch resumes from; nothing is left running in the background."""
+    relaunch resumes from; nothing is left running in the background. A
+    last checkpoint whose parameters gave a NaN or inf loss at the next
+    step is named as such, with the checkpoint before it."""
     ckpt.wait()
     last = ckpt.latest_step()
+    bad = (last is not None and last == last_saved and
+           after_save is not None and jax.device_get(after_save) > 0)
+    before = ckpt.step_before(last) if bad else None
     writer.close()
     ckpt.close()
+    if last is None:
+      where = f"no checkpoint was saved yet in {workdir}. "
+    elif not bad:
+      where = (f"the last good checkpoint is step {last} in {workdir}, which "
+               "a relaunch resumes from. ")
+    else:
+      folder = os.path.join(workdir, "checkpoints", str(last))
+      where = (f"the parameters of the last checkpoint, step {last} in "
+               f"{workdir}, give a NaN or inf loss at step {last + 1}: "
+               f"delete {folder} to "
+               + (f"resume from step {before}, the checkpoint before it. "
+                  if before is not None else "start again from step 0. "))
     return NonFiniteLossError(
-        f"{problem}. Stopping; "
-        + (f"the last good checkpoint is step {last} in {workdir}, which a "
-           "relaunch resumes from. " if last is not None else
-           f"no checkpoint was saved yet in {workdir}. ")
-        + "Lower optimizer.learning_rate or set optimizer.grad_clip.")
+        f"{problem}. Stopping; {where}Lower optimizer.learning_rate or set "
+        "optimizer.grad_clip.")
 
   # SIGTERM / SIGINT: finish the step, save it, stop (TrainingStopped).
   stop, stopped = _StopSignals(), False
@@ -716,15 +747,19 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     while step < total_steps:
       batch = trainer.global_batch(next(train_iter))
       state, step_sums = trainer.train_step(state, batch)
+      if step == last_saved:
+        after_save = step_sums["nonfinite"]
       sums = step_sums if sums is None else jax.tree.map(jnp.add, sums,
                                                          step_sums)
       step += 1
       if step == start + 1:
         # This step compiled the step function, and the small computations
-        # of a log line (adding steps' sums, the learning rate) compile at
-        # their first use: the rate starts after both.
+        # of a log line (adding steps' sums, the learning rate) and of a
+        # checkpoint (the parameters' check) compile at their first use:
+        # the rate starts after them.
         jax.block_until_ready((step_sums, schedule(step),
-                               jax.tree.map(jnp.add, step_sums, step_sums)))
+                               jax.tree.map(jnp.add, step_sums, step_sums),
+                               trainer.all_finite(state["params"])))
         progress.restart(step)
       is_last = step == total_steps
       log_now = step % config.log_every == 0 or is_last

@@ -26,7 +26,9 @@ import time
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from htransformer import checkpoint as ckpt_lib
@@ -713,6 +715,57 @@ def test_divergence_before_the_first_checkpoint_says_so(tiny_data, tmp_path):
   assert "None" not in str(e.value)
 
 
+def test_checkpoint_whose_parameters_give_nan_is_named(tiny_data,
+                                                      tmp_path):
+  """An update at a checkpoint step that leaves huge but finite parameters:
+  the checkpoint is written, the next step's loss is NaN. The error says
+  that checkpoint's parameters give it, also when a relaunch resumes from
+  it, and names the one to resume from; doing as it says finishes the
+  run."""
+  workdir = str(tmp_path)
+  fields = {**RUN, "log_every": 1, "checkpoint_every": 1,
+            "optimizer.warmup_steps": 1}
+  c = tiny_config(tiny_data, **fields, **{"optimizer.learning_rate": 1e30})
+  advice = (f"Stopping; the parameters of the last checkpoint, step 2 in "
+            f"{workdir}, give a NaN or inf loss at step 3: delete "
+            f"{tmp_path / 'checkpoints' / '2'} to resume from step 1, the "
+            "checkpoint before it. ")
+  with pytest.raises(train.NonFiniteLossError) as e:
+    train.train_and_evaluate(c, workdir)
+  assert str(e.value).startswith(
+      "Training loss became NaN or inf between steps 2 and 3 (or earlier "
+      "since the last log). " + advice), str(e.value)
+  c = tiny_config(tiny_data, **fields)  # a learning rate that trains
+  with pytest.raises(train.NonFiniteLossError) as e:
+    train.train_and_evaluate(c, workdir)
+  assert advice in str(e.value)
+  shutil.rmtree(tmp_path / "checkpoints" / "2")
+  results = train.train_and_evaluate(c, workdir)
+  assert np.isfinite(results["test_loss"])
+
+
+def test_nonfinite_parameters_are_not_checkpointed(tiny_data, tmp_path,
+                                                   monkeypatch):
+  """An update that leaves NaN parameters at a checkpoint step, whose own
+  loss (computed before it) is finite: the run stops there, and they are
+  not saved."""
+  make_optimizer = optim.make_optimizer
+
+  def nan_updates(cfg, total_steps):
+    tx, schedule = make_optimizer(cfg, total_steps)
+    nan = optax.stateless(lambda updates, params: jax.tree.map(
+        lambda u: u * jnp.nan, updates))
+    return optax.chain(tx, nan), schedule
+
+  monkeypatch.setattr(optim, "make_optimizer", nan_updates)
+  c = tiny_config(tiny_data, **{**RUN, "log_every": 1, "checkpoint_every": 1})
+  with pytest.raises(train.NonFiniteLossError,
+                     match="^Parameters became NaN or inf at step 1. "
+                     "Stopping; no checkpoint was saved yet"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == []
+
+
 # htransformer.main (its arguments after the script's) whose checkpoints
 # take 2 s longer to finish in the background.
 _SLOW_SAVES = """
@@ -757,9 +810,11 @@ def test_divergence_waits_for_the_checkpoint_being_written(tiny_data,
   assert r.returncode == 1, r.stderr[-3000:]
   assert r.stderr.splitlines() == [
       "Error: Training loss became NaN or inf between steps 2 and 3 (or "
-      "earlier since the last log). Stopping; the last good checkpoint is "
-      f"step 2 in {workdir}, which a relaunch resumes from. Lower "
-      "optimizer.learning_rate or set optimizer.grad_clip."], r.stderr[-3000:]
+      "earlier since the last log). Stopping; the parameters of the last "
+      f"checkpoint, step 2 in {workdir}, give a NaN or inf loss at step 3: "
+      f"delete {workdir / 'checkpoints' / '2'} to start again from step 0. "
+      "Lower optimizer.learning_rate or set optimizer.grad_clip."
+  ], r.stderr[-3000:]
   assert os.listdir(workdir / "checkpoints") == ["2"]
 
 
