@@ -218,6 +218,15 @@ class Checkpointer:
           params=ocp.args.StandardSave(params),
           info=ocp.args.JsonSave(info)), force=True)
 
+  def drop_best(self):
+    """Removes the best-on-validation parameters; returns their step, or
+    None where there were none."""
+    steps = self.best.all_steps()
+    with self._writing(self.best):
+      for step in steps:
+        self.best.delete(step)
+    return max(steps, default=None)
+
   def best_info(self):
     step = self.best.latest_step()
     if step is None:

@@ -641,7 +641,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir)
   train_iter = input_pipeline.train_iterator(
       task.sources["train"], config.batch_size, config.data_seed)
-  best = window = None
+  best = window = dropped = None
   try:
     restored = _restore(ckpt, state, config, workdir)
     if restored is not None:
@@ -649,10 +649,19 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       best = data_state.pop("best_eval", None)  # absent in older ones
       window = data_state.pop("log_window", None)
       train_iter.set_state(data_state)
-    saved = ckpt.best_info()
+      saved = ckpt.best_info()
+    else:
+      # Those of an earlier start that left no checkpoint: its parameters,
+      # not this run's, would be the best ones until beaten.
+      dropped = ckpt.drop_best()
+      saved = None
   except ValueError:
     ckpt.close()
     raise
+  if dropped is not None and jax.process_index() == 0:
+    print(f"Starting from step 0: the best-on-validation parameters of an "
+          f"earlier start that left no checkpoint (step {dropped}) are "
+          f"removed from {os.path.join(workdir, 'best')}.", flush=True)
   if restored is not None:
     logging.info("Resuming from step %d.", int(state["step"]))
     if jax.process_index() == 0:
@@ -667,10 +676,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   metric, higher = (("eval_perplexity", False) if task.kind == "lm" else
                     ("eval_accuracy", True))
   better = lambda a, b: a > b if higher else a < b
-  # best/ holds the parameters of the best evaluation the workdir has seen
-  # (``saved``), those of a killed segment after its checkpoint included;
-  # the rows and the console report the best up to each step (``best``,
-  # saved with every checkpoint), as an unbroken run does.
+  # best/ holds the parameters of the best evaluation the run has seen
+  # since its step 0 (``saved``), those of a killed segment after its
+  # checkpoint included; the rows and the console report the best up to
+  # each step (``best``, saved with every checkpoint), as an unbroken run
+  # does.
   none = {metric: -1.0 if higher else float("inf"), "step": -1}
   saved = saved or none
   if best is None:  # a run from step 0, or a checkpoint without it

@@ -332,6 +332,28 @@ def _damage_arrays(step_dir):
         open(os.path.join(root, f), "w").close()
 
 
+def test_start_from_step_0_drops_the_best_of_an_earlier_start(
+    tiny_data, finished_run, tmp_path, capsys):
+  """A run that starts from step 0 (its checkpoints deleted, say) where
+  best/ holds an earlier start's parameters: those go, so that the best
+  parameters and their test numbers are this run's."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  assert os.listdir(workdir / "best") == ["8"]
+  shutil.rmtree(workdir / "checkpoints")
+  c = tiny_config(tiny_data, **{**RUN, "num_train_steps": 4,
+                                "optimizer.learning_rate": 1e-4})
+  results = train.train_and_evaluate(c, str(workdir))
+  assert results["best_eval_step"] == 4
+  assert os.listdir(workdir / "best") == ["4"]
+  evals = [r["eval_accuracy"] for r in metrics_lib.read_metrics(
+      str(workdir)) if "eval_accuracy" in r]
+  assert evals == [results["best_eval_accuracy"]]
+  assert (f"Starting from step 0: the best-on-validation parameters of an "
+          "earlier start that left no checkpoint (step 8) are removed from "
+          f"{workdir / 'best'}.") in capsys.readouterr().out
+
+
 # Restoring arrays cut short leaves orbax's asyncio callbacks to a closed
 # event loop ("Event loop is closed", printed as an unraisable exception);
 # the run's own error is what the test checks.
