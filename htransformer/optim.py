@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("rsqrt", "cosine", "constant")
+# Those whose learning rates depend on the number of training steps.
+SCHEDULES_OF_THE_TOTAL = ("cosine",)
 
 
 def learning_rate_schedule(cfg, total_steps: int):

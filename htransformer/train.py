@@ -486,6 +486,26 @@ def _keep_changed_config(config, workdir: str, step: int):
   print(message, flush=True)
 
 
+def _note_new_total(config, workdir: str, step: int, schedule):
+  """A run resumed at ``step`` to train to another num_train_steps than
+  WORKDIR/config.json's, with a schedule that depends on it: says on the
+  console that the learning rates from ``step`` on follow the new total
+  (a finished run's cosine decay had reached 0 at its last step: trained
+  on, its learning rate goes up again)."""
+  old = (metrics_lib.read_record(workdir, "config.json") or {}).get(
+      "num_train_steps")
+  new = config.num_train_steps
+  if (old is None or old == new or step >= new or
+      config.optimizer.schedule not in optim.SCHEDULES_OF_THE_TOTAL):
+    return
+  message = (f"Note: num_train_steps changed from {old} to {new}: from step "
+             f"{step} on, the {config.optimizer.schedule} learning-rate "
+             f"schedule follows the new total (learning rate "
+             f"{float(schedule(step)):.4g} at step {step}).")
+  logging.info(message)
+  print(message, flush=True)
+
+
 def _refuse_unfit(mismatch: list[str], step: int, config, workdir: str):
   """ValueError if the checkpoint of ``step`` does not fit ``config``
   (``mismatch``: ``Checkpointer.mismatch``'s list)."""
@@ -670,6 +690,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
             else f"The run in {workdir} has trained its {step} steps: "
             "evaluating its parameters again (raise num_train_steps to "
             "train on).", flush=True)
+      _note_new_total(config, workdir, step, schedule)
       _keep_changed_config(config, workdir, int(state["step"]))
   _write_config(config, workdir)
   # The validation metric that picks the best parameters.

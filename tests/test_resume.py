@@ -230,8 +230,9 @@ def test_stop_between_log_steps_keeps_the_rows_of_an_unbroken_run(
 
 def test_resumed_with_other_settings_says_so_and_keeps_the_old_config(
     tiny_data, finished_run, tmp_path, capsys):
-  """Longer, with other log and evaluation steps: quiet. Another learning
-  rate: a warning naming it, and the config of the steps before kept as
+  """Longer, with other log and evaluation steps: no warning, a note that
+  the cosine schedule follows the new total. Another learning rate: a
+  warning naming it, and the config of the steps before kept as
   config.step{N}.json."""
   workdir = tmp_path / "run"
   shutil.copytree(finished_run, workdir)
@@ -241,6 +242,11 @@ def test_resumed_with_other_settings_says_so_and_keeps_the_old_config(
                                       "eval_every": 5}), str(workdir))
   out = capsys.readouterr().out
   assert "Resuming from step 8" in out and "Warning" not in out
+  lr_at_8 = optim.learning_rate_schedule(tiny_config(tiny_data).optimizer,
+                                         10)(8)
+  assert (f"Note: num_train_steps changed from 8 to 10: from step 8 on, the "
+          f"cosine learning-rate schedule follows the new total (learning "
+          f"rate {float(lr_at_8):.4g} at step 8).") in out, out
   assert sorted(p.name for p in workdir.glob("config*.json")) == [
       "config.json"]
   lr = original["optimizer"]["learning_rate"]
@@ -266,7 +272,7 @@ def test_resumed_with_other_settings_says_so_and_keeps_the_old_config(
       str(workdir))
   out = capsys.readouterr().out
   assert "has trained its 12 steps: evaluating its parameters again" in out
-  assert "Warning" not in out
+  assert "Warning" not in out and "Note" not in out
   # Trained on twice past its end, evaluated once more: one final test row,
   # at the last step (the earlier ends' rows went when they were trained
   # past).
