@@ -10,14 +10,21 @@ Variants (``--config=configs/lm1b.py:VARIANT``):
   base      (default) lm1b, SentencePiece unigram vocabulary of 32,768
             (trained on the first 10M characters of the training text),
             6 layers, d_model 512, MLP 2048, 8 heads: 52,493,312
-            parameters (paper: 53M; -1.0%). Rows of 512 tokens, batch 128.
+            parameters (paper: 53M; -1.0%). Rows of 512 tokens, batch 128,
+            100,000 steps; Adam(0.9, 0.98), lr 0.05 rsqrt with 4,000
+            warmup steps (``0.05 * min(1, step/4000) / sqrt(max(step,
+            4000))``, peak 7.9e-4), weight decay 0.01, gradient clipping at
+            1, dropout 0.1 (our sources give the paper's schedule as inverse
+            square root with warmup, not its values).
             DIR is the tfds data_dir scripts/prepare_lm1b.py wrote:
               python -m htransformer.main --config=configs/lm1b.py \
                   --workdir=runs/lm1b --config.data_dir=DIR
             Expected: not measured (no lm1b copy on the development
             machines); paper test perplexity 23.95.
   large     the same with d_model 1024, MLP 4096, 16 heads: 142,702,592
-            parameters (paper: 144M; -0.9%):
+            parameters (paper: 144M; -0.9%), and lr 0.035 instead of 0.05
+            (peak 5.5e-4): the base rate times sqrt(512/1024), the
+            d_model^-0.5 scaling of the Transformer's rsqrt schedule:
               python -m htransformer.main --config=configs/lm1b.py:large \
                   --workdir=runs/lm1b-large --config.data_dir=DIR
             Expected: not measured; paper test perplexity 20.25.

@@ -89,6 +89,62 @@ def test_unknown_variant_names_the_valid_ones(name):
     assert f"'{variant}'" in message
 
 
+def _variant_paragraphs(name):
+  """{variant: text} of the variant list in a config's docstring: a line
+  ``  NAME  text`` (two spaces in) and the more indented lines under it,
+  joined into one line."""
+  paragraphs, variant = {}, None
+  for line in load_config_module(name).__doc__.splitlines():
+    m = re.match(r"  (\w+) +(\S.*)", line)
+    if m:
+      variant = m.group(1)
+      paragraphs[variant] = m.group(2)
+    elif variant and line.startswith("   ") and line.strip():
+      paragraphs[variant] += " " + line.strip()
+    else:
+      variant = None
+  return paragraphs
+
+
+def _states(text, value):
+  """Whether the number ``value`` is written in ``text`` (as 20000 or
+  20,000; 0.035), not as part of a longer number."""
+  forms = {f"{value:g}"} if isinstance(value, float) else {str(value),
+                                                           f"{value:,}"}
+  return any(re.search(rf"(?<!\d)(?<!\d[.,]){re.escape(f)}(?!\d|[.,]\d)", text)
+             for f in forms)
+
+
+@pytest.mark.parametrize("name, variant", [
+    ("lm1b", "large"), ("listops", "long"), ("pathfinder", "lra_repo"),
+    ("text", "len1000")])
+def test_variant_docstrings_name_every_number_they_change(name, variant):
+  """A variant described as the default with changes names each number it
+  changes (lm1b's large had a learning rate of its own, unsaid)."""
+  module = load_config_module(name)
+  default = config_utils.flatten(module.get_config().to_dict())
+  changed = config_utils.flatten(module.get_config(variant).to_dict())
+  text = _variant_paragraphs(name)[variant]
+  for key, value in changed.items():
+    if (value != default.get(key) and isinstance(value, (int, float))
+        and not isinstance(value, bool)):
+      assert _states(text, value), (f"{name}:{variant} sets {key}={value}; "
+                                    f"its docstring: {text}")
+
+
+def test_lm1b_docstring_states_the_base_schedule():
+  """The paper's models: their learning rate, warmup and steps are written
+  where their commands are."""
+  from configs import lm1b  # pylint: disable=g-import-not-at-top
+  text = _variant_paragraphs("lm1b")["base"]
+  c = lm1b.get_config()
+  for value in (c.optimizer.learning_rate, c.optimizer.warmup_steps,
+                c.optimizer.weight_decay, c.optimizer.grad_clip,
+                c.num_train_steps, c.batch_size, c.max_length):
+    assert _states(text, value), (value, text)
+  assert c.optimizer.schedule in text
+
+
 def _run(args, timeout=120, **env):
   return subprocess.run([sys.executable, *args], cwd=ROOT,
                         env=child_env(JAX_PLATFORMS="cpu", **env),
