@@ -145,6 +145,32 @@ def test_lm1b_docstring_states_the_base_schedule():
   assert c.optimizer.schedule in text
 
 
+# lra_benchmarks/image/configs/pathfinder32/transformer_base.py on its base
+# config, and the LRA code's classifier head (a ReLU) and black-pixel mask.
+LRA_PATHFINDER32 = {
+    "model.num_layers": 1, "model.num_heads": 4, "model.emb_dim": 128,
+    "model.qkv_dim": 64, "model.mlp_dim": 128, "model.dropout_rate": 0.2,
+    "model.attention_dropout_rate": 0.1, "model.pool": "MEAN",
+    "model.learned_positions": False, "model.head_activation": "relu",
+    "model.mask_black_pixels": True, "batch_size": 512,
+    "optimizer.learning_rate": 1e-3, "optimizer.schedule": "cosine",
+    "optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.0}
+
+
+def test_pathfinder_lra_repo_docstring_gives_the_lra_model():
+  """``lra_repo,lra_mask`` with the flags its docstring names is the LRA
+  code's Pathfinder-32 model (it had been called that without LRA's
+  attention dropout and ReLU head)."""
+  text = _variant_paragraphs("pathfinder")["lra_repo"]
+  flags = re.findall(r"--config\.([\w.]+)=(\S+?)``", text)
+  config = config_utils.with_overrides(
+      config_utils.load_config(
+          os.path.join(ROOT, "configs", "pathfinder.py:lra_repo,lra_mask")),
+      flags)
+  got = config_utils.flatten(config.to_dict())
+  assert {k: got[k] for k in LRA_PATHFINDER32} == LRA_PATHFINDER32, text
+
+
 def _run(args, timeout=120, **env):
   return subprocess.run([sys.executable, *args], cwd=ROOT,
                         env=child_env(JAX_PLATFORMS="cpu", **env),
