@@ -24,8 +24,9 @@ Variants (``--config=configs/pathx.py:VARIANT``, comma-separated):
          (``model.mask_black_pixels``): what the original LRA code did by
          treating pixel 0 as padding, and what its numbers were measured
          with. They are still pooled. Combines with the others.
-  quick  300 generated images, the LRA model with emb 16, 30 steps of
-         batch 8; a few minutes on 2 CPU cores, generation included:
+  quick  300 generated images, the LRA model with emb and MLP 16 (qkv
+         16 as in LRA), 30 steps of batch 8; a few minutes on 2 CPU cores,
+         generation included:
            python -m htransformer.main --config=configs/pathx.py:quick \
                --workdir=runs/pathx-quick
          Expected: chance (50%); the variant checks the pipeline end to end.
