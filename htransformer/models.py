@@ -9,6 +9,11 @@ The attention in every model is chosen by one argument, ``attention``:
 randomness is passed at call time (``rngs``), so a training step is a pure
 function of (parameters, batch, step).
 
+Dropout is on in calls with ``deterministic=False`` and off with ``True``;
+a call that does not say follows the model's nnx mode: off when built and
+after ``model.eval()``, on after ``model.train()`` (the call then needs
+``rngs``).
+
 Parameters carry sharding annotations over a ``model`` mesh axis
 (Megatron-style): the q/k/v projections and the MLP's first layer are split
 along their outputs (attention heads, hidden units), the attention output
@@ -304,6 +309,7 @@ class Encoder(nnx.Module):
     self.unattended_token = unattended_token
     dtype = _dtype(dtype)
     self.dtype = dtype
+    self.deterministic = True  # .train() sets it False, .eval() True.
     self.pool = pool
     self.max_len = max_len
     self.attention = attention
@@ -328,8 +334,13 @@ class Encoder(nnx.Module):
         rngs=rngs)
     self.ln = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, tokens, *, deterministic=True, rngs=None):
-    """tokens: int [batch, length] -> ([batch, length', dim], mask)."""
+  def __call__(self, tokens, *, deterministic=None, rngs=None):
+    """tokens: int [batch, length] -> ([batch, length', dim], mask).
+
+    ``deterministic``: None takes the model's (``.train()`` / ``.eval()``).
+    """
+    if deterministic is None:
+      deterministic = self.deterministic
     _check_tokens(tokens, "Encoder")
     b, l = tokens.shape
     if l > self.max_len:
@@ -417,7 +428,7 @@ class _ClassifierHead(nnx.Module):
     self.head2 = nnx.Linear(mlp_dim, num_classes, dtype=jnp.float32,
                             rngs=rngs)
 
-  def encode(self, tokens, *, deterministic=True, rngs=None):
+  def encode(self, tokens, *, deterministic=None, rngs=None):
     """tokens: int [batch, length] -> pooled float32 [batch, emb_dim]."""
     x, mask = self.encoder(tokens, deterministic=deterministic, rngs=rngs)
     return pool(x, mask, self.encoder.pool)
@@ -427,7 +438,9 @@ class _ClassifierHead(nnx.Module):
     x = HEAD_ACTIVATIONS[self.head_activation](self.head1(features))
     return self.head2(x).astype(jnp.float32)
 
-  def __call__(self, tokens, *, deterministic=True, rngs=None):
+  def __call__(self, tokens, *, deterministic=None, rngs=None):
+    """tokens -> float32 logits [batch, num_classes]; ``deterministic``:
+    None takes the model's (``.train()`` / ``.eval()``)."""
     return self.head(self.features(tokens, deterministic=deterministic,
                                    rngs=rngs))
 
@@ -438,7 +451,7 @@ class Classifier(_ClassifierHead):
   def __init__(self, *, emb_dim: int, **kwargs):
     super().__init__(emb_dim=emb_dim, features_dim=emb_dim, **kwargs)
 
-  def features(self, tokens, *, deterministic=True, rngs=None):
+  def features(self, tokens, *, deterministic=None, rngs=None):
     """What the head reads: the pooled encoding, float32 [batch, emb_dim]."""
     return self.encode(tokens, deterministic=deterministic, rngs=rngs)
 
@@ -462,6 +475,7 @@ class Decoder(nnx.Module):
                rngs: nnx.Rngs):
     dtype = _dtype(dtype)
     self.dtype = dtype
+    self.deterministic = True  # .train() sets it False, .eval() True.
     self.max_len = max_len
     self.embed = nnx.Embed(vocab_size, emb_dim, dtype=dtype,
                            embedding_init=nnx.initializers.normal(1.0),
@@ -476,8 +490,13 @@ class Decoder(nnx.Module):
     self.ln = nnx.LayerNorm(emb_dim, dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(emb_dim, vocab_size, dtype=dtype, rngs=rngs)
 
-  def __call__(self, tokens, *, deterministic=True, rngs=None):
-    """tokens: int [batch, length] -> float32 logits [batch, length, vocab]."""
+  def __call__(self, tokens, *, deterministic=None, rngs=None):
+    """tokens: int [batch, length] -> float32 logits [batch, length, vocab].
+
+    ``deterministic``: None takes the model's (``.train()`` / ``.eval()``).
+    """
+    if deterministic is None:
+      deterministic = self.deterministic
     _check_tokens(tokens, "Decoder")
     l = tokens.shape[1]
     if l > self.max_len:
@@ -504,7 +523,7 @@ class DualEncoderClassifier(_ClassifierHead):
   def __init__(self, *, emb_dim: int, **kwargs):
     super().__init__(emb_dim=emb_dim, features_dim=4 * emb_dim, **kwargs)
 
-  def features(self, tokens, *, deterministic=True, rngs=None):
+  def features(self, tokens, *, deterministic=None, rngs=None):
     """tokens: int [batch, 2, length] -> [u, v, u*v, u-v], [batch, 4*emb]."""
     if tokens.ndim != 3 or tokens.shape[1] != 2:
       raise ValueError(f"DualEncoderClassifier expects tokens of shape "

@@ -91,6 +91,30 @@ def test_dropout_is_off_at_evaluation():
                                 np.asarray(_jit(_classifier())(x)))
 
 
+@pytest.mark.parametrize("build", [
+    _decoder, _classifier,
+    lambda **kw: _classifier(models.DualEncoderClassifier, **kw)])
+def test_models_follow_train_and_eval_modes(build):
+  """A call that does not say follows nnx's modes: .train() turns dropout
+  on (the same as deterministic=False), .eval() off; a call's own
+  deterministic wins."""
+  model = build(dropout_rate=0.5, attention_dropout_rate=0.5)
+  shape = (2, 2, 16) if isinstance(model, models.DualEncoderClassifier) else (
+      2, 16)
+  x = jnp.asarray(_tokens(shape))
+  evaluated = np.asarray(model(x))
+  trained = np.asarray(model(x, deterministic=False,
+                             rngs=nnx.Rngs(dropout=1)))
+  assert np.abs(trained - evaluated).max() > 1e-2
+  model.train()
+  np.testing.assert_array_equal(
+      np.asarray(model(x, rngs=nnx.Rngs(dropout=1))), trained)
+  np.testing.assert_array_equal(np.asarray(model(x, deterministic=True)),
+                                evaluated)
+  model.eval()
+  np.testing.assert_array_equal(np.asarray(model(x)), evaluated)
+
+
 @pytest.mark.parametrize("attention", ["hierarchical", "full"])
 def test_bfloat16_decoder_is_causal(attention):
   model = _jit(_decoder(attention, dtype="bfloat16"))
