@@ -48,14 +48,14 @@ def _dtype(dtype: Any):
   return jnp.dtype(dtype) if dtype is not None else jnp.float32
 
 
-def _check_tokens(tokens, model: str):
-  """Raises unless ``tokens`` is an integer array [batch, length]."""
+def _check_tokens(tokens, model: str, layout: str = "[batch, length]"):
+  """Raises unless ``tokens`` is an integer array of ``layout``'s rank."""
   shape, dtype = getattr(tokens, "shape", None), getattr(tokens, "dtype", None)
   if shape is None or dtype is None:
-    raise TypeError(f"{model} expects tokens as an integer array [batch, "
-                    f"length], got {type(tokens).__name__}.")
-  if len(shape) != 2:
-    raise ValueError(f"{model} expects tokens of shape [batch, length], got "
+    raise TypeError(f"{model} expects tokens as an integer array {layout}, "
+                    f"got {type(tokens).__name__}.")
+  if len(shape) != layout.count(",") + 1:
+    raise ValueError(f"{model} expects tokens of shape {layout}, got "
                      f"{tuple(shape)}.")
   if not jnp.issubdtype(dtype, jnp.integer):
     raise TypeError(f"{model} expects integer token ids, got dtype {dtype}.")
@@ -525,9 +525,10 @@ class DualEncoderClassifier(_ClassifierHead):
 
   def features(self, tokens, *, deterministic=None, rngs=None):
     """tokens: int [batch, 2, length] -> [u, v, u*v, u-v], [batch, 4*emb]."""
-    if tokens.ndim != 3 or tokens.shape[1] != 2:
+    _check_tokens(tokens, "DualEncoderClassifier", "[batch, 2, length]")
+    if tokens.shape[1] != 2:
       raise ValueError(f"DualEncoderClassifier expects tokens of shape "
-                       f"[batch, 2, length], got {tokens.shape}.")
+                       f"[batch, 2, length], got {tuple(tokens.shape)}.")
     b = tokens.shape[0]
     both = jnp.concatenate([tokens[:, 0], tokens[:, 1]], axis=0)
     pooled = self.encode(both, deterministic=deterministic, rngs=rngs)

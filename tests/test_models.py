@@ -156,6 +156,22 @@ def test_models_reject_tokens_of_the_wrong_dtype_or_rank(build):
     model(jnp.ones((1, 65), jnp.int32))
 
 
+def test_dual_encoder_rejects_tokens_that_are_not_pairs_of_rows():
+  model = _classifier(models.DualEncoderClassifier, max_len=8)
+  with pytest.raises(TypeError, match=r"DualEncoderClassifier expects tokens "
+                     r"as an integer array \[batch, 2, length\], got list"):
+    model([[[1, 2], [3, 4]]])
+  with pytest.raises(TypeError, match="DualEncoderClassifier expects integer "
+                     "token ids, got dtype float32"):
+    model(jnp.ones((1, 2, 8), jnp.float32))
+  for shape in ((1, 8), (1, 3, 8)):
+    with pytest.raises(ValueError, match=r"DualEncoderClassifier expects "
+                       r"tokens of shape \[batch, 2, length\], got"):
+      model(jnp.ones(shape, jnp.int32))
+  with pytest.raises(ValueError, match="exceeds the model's max_len 8"):
+    model(jnp.ones((1, 2, 9), jnp.int32))
+
+
 def test_multi_head_attention_rejects_inputs_of_the_wrong_shape():
   layer = models.MultiHeadAttention(2, 16, rngs=nnx.Rngs(0))
   assert layer(jnp.ones((2, 8, 16))).shape == (2, 8, 16)
