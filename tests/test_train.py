@@ -639,6 +639,11 @@ def test_attention_layer_passes_implementation():
     (dict(causal="yes"), TypeError, "causal must be a bool"),
     (dict(implementation="bogus"), ValueError, "implementation must be one"),
     (dict(dropout_rate="0.1"), ValueError, "dropout_rate"),
+    # The kernels take blocks of 16, 32, 64, ... only, at every length.
+    (dict(block_size=8, implementation="pallas_interpret"), ValueError,
+     "block_size must be a power of two >= 16, got 8"),
+    (dict(block_size=48, implementation="pallas"), ValueError,
+     "block_size must be a power of two >= 16, got 48"),
 ])
 def test_attention_layer_settings_are_checked_when_built(kwargs, error,
                                                          match):

@@ -167,7 +167,14 @@ def check_settings(attention: str, *, block_size=16, causal=False,
     return None, causal
   if implementation is not None:
     _check_implementation(implementation, HIERARCHICAL_IMPLEMENTATIONS)
-  return _check_block_size(block_size), causal
+  size = _check_block_size(block_size)
+  if implementation in ("pallas", "pallas_interpret") and not (
+      kernels._pow2(size) and size >= 16):  # pylint: disable=protected-access
+    # The kernels' refusal at every length (_fitting_block_size keeps it).
+    raise ValueError(f"implementation={implementation!r} cannot run these "
+                     f"inputs: block_size must be a power of two >= 16, got "
+                     f"{size}. Use implementation='xla'.")
+  return size, causal
 
 
 def _check_causal(causal) -> bool:
