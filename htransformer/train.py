@@ -330,6 +330,13 @@ def _check_model_and_optimizer(config):
   if not 0.0 < opt.learning_rate < float("inf"):
     raise ValueError(f"optimizer.learning_rate must be a positive number, "
                      f"got {opt.learning_rate}.")
+  # The schedule computes in float32: a larger value is inf there (an inf or
+  # NaN learning rate), a smaller one is 0.
+  f32 = np.finfo(np.float32)
+  if not f32.smallest_subnormal <= opt.learning_rate <= f32.max:
+    raise ValueError(f"optimizer.learning_rate must be in float32's range "
+                     f"[{f32.smallest_subnormal}, {f32.max}], got "
+                     f"{opt.learning_rate}.")
   if opt.schedule not in optim.SCHEDULES:
     raise ValueError(f"optimizer.schedule must be one of {optim.SCHEDULES}, "
                      f"got {opt.schedule!r}.")

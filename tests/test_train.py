@@ -212,6 +212,10 @@ def test_batch_size_must_divide(tiny_data, tmp_path):
     ("optimizer.learning_rate", -1.0,
      r"optimizer\.learning_rate must be a positive number, got -1"),
     ("optimizer.learning_rate", float("nan"), r"optimizer\.learning_rate"),
+    ("optimizer.learning_rate", 1e39,
+     r"optimizer\.learning_rate must be in float32's range .*, got 1e\+39"),
+    ("optimizer.learning_rate", 1e-50,
+     r"optimizer\.learning_rate must be in float32's range .*, got 1e-50"),
     ("optimizer.warmup_steps", -5, r"optimizer\.warmup_steps must be >= 0"),
 ])
 def test_bad_model_and_optimizer_values_are_named(tiny_data, tmp_path, field,
