@@ -493,6 +493,19 @@ def _keep_changed_config(config, workdir: str, step: int):
   print(message, flush=True)
 
 
+def _resumed_differently(config, workdir: str) -> bool:
+  """Whether a run resumed with ``config`` trains on other than the run of
+  WORKDIR/config.json would have: other settings (those of
+  RESUME_FREE_FIELDS aside), or another num_train_steps with a schedule
+  that depends on it."""
+  if config_changes(config, workdir):
+    return True
+  old = (metrics_lib.read_record(workdir, "config.json") or {}).get(
+      "num_train_steps")
+  return (old is not None and old != config.num_train_steps and
+          config.optimizer.schedule in optim.SCHEDULES_OF_THE_TOTAL)
+
+
 def _note_new_total(config, workdir: str, step: int, schedule):
   """A run resumed at ``step`` to train to another num_train_steps than
   WORKDIR/config.json's, with a schedule that depends on it: says on the
@@ -668,7 +681,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir)
   train_iter = input_pipeline.train_iterator(
       task.sources["train"], config.batch_size, config.data_seed)
-  best = window = dropped = None
+  best = window = dropped = later = None
   try:
     restored = _restore(ckpt, state, config, workdir)
     if restored is not None:
@@ -677,6 +690,12 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       window = data_state.pop("log_window", None)
       train_iter.set_state(data_state)
       saved = ckpt.best_info()
+      if (saved is not None and saved["step"] > int(state["step"]) and
+          _resumed_differently(config, workdir)):
+        # Saved after the checkpoint by an earlier attempt with the earlier
+        # settings: parameters of a run this one no longer continues.
+        later = ckpt.drop_best()
+        saved = None
     else:
       # Those of an earlier start that left no checkpoint: its parameters,
       # not this run's, would be the best ones until beaten.
@@ -698,6 +717,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
             "evaluating its parameters again (raise num_train_steps to "
             "train on).", flush=True)
       _note_new_total(config, workdir, step, schedule)
+      if later is not None:
+        print(f"Resuming with other settings: the best-on-validation "
+              f"parameters that an earlier attempt saved after step {step} "
+              f"(step {later}) are removed from "
+              f"{os.path.join(workdir, 'best')}.", flush=True)
       _keep_changed_config(config, workdir, int(state["step"]))
   _write_config(config, workdir)
   # The validation metric that picks the best parameters.
@@ -706,9 +730,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   better = lambda a, b: a > b if higher else a < b
   # best/ holds the parameters of the best evaluation the run has seen
   # since its step 0 (``saved``), those of a killed segment after its
-  # checkpoint included; the rows and the console report the best up to
-  # each step (``best``, saved with every checkpoint), as an unbroken run
-  # does.
+  # checkpoint included (left out where this segment resumed with other
+  # settings); the rows and the console report the best up to each step
+  # (``best``, saved with every checkpoint), as an unbroken run does.
   none = {metric: -1.0 if higher else float("inf"), "step": -1}
   saved = saved or none
   if best is None:  # a run from step 0, or a checkpoint without it

@@ -331,6 +331,33 @@ def test_better_evaluation_of_the_best_step_replaces_it(tiny_data,
     np.testing.assert_array_equal(x, y)
 
 
+def test_resumed_with_other_settings_drops_the_best_saved_after_it(
+    tiny_data, finished_run, tmp_path, capsys):
+  """A run resumed from step 4 with another learning rate where best/
+  holds step 8's parameters of the earlier settings (a segment killed after
+  evaluating step 8): those go, and best/ ends with this segment's."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  assert os.listdir(workdir / "best") == ["8"]
+  shutil.rmtree(workdir / "checkpoints" / "8")
+  lr = json.load(open(workdir / "config.json"))["optimizer"]["learning_rate"]
+  results = train.train_and_evaluate(
+      tiny_config(tiny_data, **RUN | {"optimizer.learning_rate": lr / 2}),
+      str(workdir))
+  assert (f"Resuming with other settings: the best-on-validation parameters "
+          f"that an earlier attempt saved after step 4 (step 8) are removed "
+          f"from {workdir / 'best'}.") in capsys.readouterr().out
+  assert results["best_eval_step"] == 8
+  evals = [r["eval_accuracy"] for r in metrics_lib.read_metrics(
+      str(workdir)) if "eval_accuracy" in r and r["step"] == 8]
+  assert evals == [results["best_eval_accuracy"]]
+  abstract_state = _abstract_state(workdir)
+  _, got = ckpt_lib.restore_params(str(workdir), abstract_state, best=True)
+  _, want = saved_params(str(workdir))
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(x, y)
+
+
 def _damage_arrays(step_dir):
   for root, _, files in os.walk(step_dir / "state"):
     if "/d" in root[len(str(step_dir)):]:
