@@ -135,14 +135,18 @@ def test_config_file_that_raises_is_one_line(tmp_path):
     ("--config.data.max_length=5", ["min_length + 1 < max_length"]),
     ("--config.model.implementation=triton",
      ["model.implementation must be one of", "'triton'"]),
-    ("--config.model.implementation=pallas", ["runs on a GPU", "'cpu'"]),
+    ("--config.model.implementation=pallas --config.model.block_size=16",
+     ["runs on a GPU", "'cpu'"]),
+    # The quick model's blocks of 8, which the kernels cannot take.
+    ("--config.model.implementation=pallas",
+     ["model.implementation='pallas'", "power of two >= 16, got 8"]),
 ])
 def test_settings_refused_before_any_data_is_made(tmp_path, override,
                                                   expected):
   """Refused by the dry run too, and before generating anything: a real
   run would have found them out only after minutes of generation."""
   for dry in ("True", "False"):
-    r = run_main([f"--config={CONFIG}:quick", override,
+    r = run_main([f"--config={CONFIG}:quick", *override.split(),
                   f"--config.dry_run={dry}",
                   f"--config.cache_dir={tmp_path / 'cache'}",
                   f"--workdir={tmp_path / 'w'}"], cwd=tmp_path)
