@@ -42,6 +42,13 @@ from tests.scripts_helper import ROOT, child_env
 from tests.test_train import saved_params, tiny_config
 
 # 8 steps: logs every 2, evaluates and checkpoints every 4.
+# The tiny ListOps model of the command-line runs below.
+TINY_FLAGS = ["--config.max_length=40", "--config.model.num_layers=1",
+              "--config.model.emb_dim=32", "--config.model.qkv_dim=32",
+              "--config.model.mlp_dim=32", "--config.model.num_heads=2",
+              "--config.model.block_size=4", "--config.batch_size=8",
+              "--config.eval_batch_size=16",
+              "--config.optimizer.warmup_steps=4"]
 RUN = {"num_train_steps": 8, "log_every": 2, "eval_every": 4,
        "checkpoint_every": 4}
 # The same, evaluated at every step.
@@ -452,12 +459,7 @@ def test_unreadable_checkpoint_prints_no_traceback(tiny_data, finished_run,
   shutil.copytree(finished_run, workdir)
   os.remove(workdir / "checkpoints" / "8" / "state" / "manifest.ocdbt")
   args = ["--config=configs/listops.py:quick", f"--workdir={workdir}",
-          f"--config.data_dir={tiny_data}", "--config.max_length=40",
-          "--config.model.num_layers=1", "--config.model.emb_dim=32",
-          "--config.model.qkv_dim=32", "--config.model.mlp_dim=32",
-          "--config.model.num_heads=2", "--config.model.block_size=4",
-          "--config.batch_size=8", "--config.eval_batch_size=16",
-          "--config.optimizer.warmup_steps=4",
+          f"--config.data_dir={tiny_data}", *TINY_FLAGS,
           *[f"--config.{k}={v}" for k, v in RUN.items()]]
   r = subprocess.run([sys.executable, "-m", "htransformer.main", *args],
                      cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
@@ -618,12 +620,7 @@ def test_second_run_in_a_workdir_is_refused(tiny_data, tmp_path):
   proc = subprocess.Popen(
       [sys.executable, "-m", "htransformer.main",
        "--config=configs/listops.py:quick", f"--workdir={workdir}",
-       f"--config.data_dir={tiny_data}", "--config.max_length=40",
-       "--config.model.num_layers=1", "--config.model.emb_dim=32",
-       "--config.model.qkv_dim=32", "--config.model.mlp_dim=32",
-       "--config.model.num_heads=2", "--config.model.block_size=4",
-       "--config.batch_size=8", "--config.eval_batch_size=16",
-       "--config.optimizer.warmup_steps=4",
+       f"--config.data_dir={tiny_data}", *TINY_FLAGS,
        *[f"--config.{k}={v}" for k, v in run.items()]],
       cwd=ROOT, env=child_env(JAX_PLATFORMS="cpu"),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
