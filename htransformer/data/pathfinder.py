@@ -533,12 +533,17 @@ def _candidates(data_dir, resolution, contour_length):
           os.path.join(data_dir, "lra_release", sub)]
 
 
+# The trainer's advice that ends ``find_data_dir``'s error for a folder
+# without images (``folder_error`` takes it off).
+_GENERATE_ADVICE = " Leave data_dir empty to generate the data."
+
+
 def folder_error(error: FileNotFoundError, data_dir: str) -> str:
   """The one-line error of a script that reads a Pathfinder folder
   (``scripts/check_pathfinder.py``, ``pathfinder_cnn.py``) for
   ``find_data_dir``'s ``error``: the trainer's advice (an empty data_dir
   generates) replaced by how to make the folder."""
-  message = str(error).split(" Leave data_dir empty")[0]
+  message = str(error).removesuffix(_GENERATE_ADVICE)
   return (f"Error: {message} Make one with `python -m "
           f"htransformer.data.pathfinder --output_dir={data_dir} ...`, or "
           "point at the LRA release.")
@@ -566,7 +571,7 @@ def find_data_dir(data_dir: str | None, cache_dir: str | None,
     raise FileNotFoundError(
         f"Pathfinder data_dir {data_dir} holds no imgs/ and metadata/: "
         f"looked in it, in {contour_dirname(contour_length)}/, {sub}/ and "
-        f"lra_release/{sub}/. Leave data_dir empty to generate the data.")
+        f"lra_release/{sub}/.{_GENERATE_ADVICE}")
   if not cache_dir:
     raise ValueError("find_data_dir needs a cache_dir when data_dir is empty "
                      "(the generated Pathfinder data is written there).")
