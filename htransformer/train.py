@@ -473,13 +473,12 @@ def _config_differences(config, workdir: str) -> str:
           + ", ".join(diffs) + ".")
 
 
-def _keep_changed_config(config, workdir: str, step: int):
-  """A run resumed with other settings than WORKDIR/config.json's (other
-  than RESUME_FREE_FIELDS): says which on the console and keeps the old
-  file as WORKDIR/config.step{step}.json, the config of the steps up to
+def _keep_changed_config(workdir: str, step: int, diffs: list[str] | None):
+  """A run resumed with other settings than WORKDIR/config.json's
+  (``diffs``: ``config_changes``'s): says which on the console and keeps the
+  old file as WORKDIR/config.step{step}.json, the config of the steps up to
   ``step``, before config.json takes this one."""
   path = os.path.join(workdir, "config.json")
-  diffs = config_changes(config, workdir)
   if not diffs:  # None: no config of the run (written by process 0)
     return
   kept = os.path.join(workdir, f"config.step{step}.json")
@@ -493,30 +492,27 @@ def _keep_changed_config(config, workdir: str, step: int):
   print(message, flush=True)
 
 
-def _resumed_differently(config, workdir: str) -> bool:
-  """Whether a run resumed with ``config`` trains on other than the run of
-  WORKDIR/config.json would have: other settings (those of
-  RESUME_FREE_FIELDS aside), or another num_train_steps with a schedule
-  that depends on it."""
-  if config_changes(config, workdir):
-    return True
+def _changed_total(config, workdir: str) -> int | None:
+  """WORKDIR/config.json's num_train_steps where ``config`` trains to
+  another total with a schedule that depends on it
+  (``optim.SCHEDULES_OF_THE_TOTAL``: its learning rates change); else
+  None."""
   old = (metrics_lib.read_record(workdir, "config.json") or {}).get(
       "num_train_steps")
-  return (old is not None and old != config.num_train_steps and
-          config.optimizer.schedule in optim.SCHEDULES_OF_THE_TOTAL)
-
-
-def _note_new_total(config, workdir: str, step: int, schedule):
-  """A run resumed at ``step`` to train to another num_train_steps than
-  WORKDIR/config.json's, with a schedule that depends on it: says on the
-  console that the learning rates from ``step`` on follow the new total
-  (a finished run's cosine decay had reached 0 at its last step: trained
-  on, its learning rate goes up again)."""
-  old = (metrics_lib.read_record(workdir, "config.json") or {}).get(
-      "num_train_steps")
-  new = config.num_train_steps
-  if (old is None or old == new or step >= new or
+  if (old is None or old == config.num_train_steps or
       config.optimizer.schedule not in optim.SCHEDULES_OF_THE_TOTAL):
+    return None
+  return old
+
+
+def _note_new_total(config, step: int, schedule, old: int | None):
+  """A run resumed at ``step`` to train to another num_train_steps than
+  the run's ``old`` one (``_changed_total``'s), with a schedule that
+  depends on it: says on the console that the learning rates from ``step``
+  on follow the new total (a finished run's cosine decay had reached 0 at
+  its last step: trained on, its learning rate goes up again)."""
+  new = config.num_train_steps
+  if old is None or step >= new:
     return
   message = (f"Note: num_train_steps changed from {old} to {new}: from step "
              f"{step} on, the {config.optimizer.schedule} learning-rate "
@@ -681,7 +677,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir)
   train_iter = input_pipeline.train_iterator(
       task.sources["train"], config.batch_size, config.data_seed)
-  best = window = dropped = later = None
+  best = window = dropped = later = changes = old_total = None
   try:
     restored = _restore(ckpt, state, config, workdir)
     if restored is not None:
@@ -689,9 +685,14 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       best = data_state.pop("best_eval", None)  # absent in older ones
       window = data_state.pop("log_window", None)
       train_iter.set_state(data_state)
+      # How this launch trains on otherwise than the run's config.json
+      # (read before this config replaces it): other settings (those of
+      # RESUME_FREE_FIELDS aside), or another total the schedule follows.
+      changes = config_changes(config, workdir)
+      old_total = _changed_total(config, workdir)
       saved = ckpt.best_info()
       if (saved is not None and saved["step"] > int(state["step"]) and
-          _resumed_differently(config, workdir)):
+          (changes or old_total is not None)):
         # Saved after the checkpoint by an earlier attempt with the earlier
         # settings: parameters of a run this one no longer continues.
         later = ckpt.drop_best()
@@ -716,13 +717,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
             else f"The run in {workdir} has trained its {step} steps: "
             "evaluating its parameters again (raise num_train_steps to "
             "train on).", flush=True)
-      _note_new_total(config, workdir, step, schedule)
+      _note_new_total(config, step, schedule, old_total)
       if later is not None:
         print(f"Resuming with other settings: the best-on-validation "
               f"parameters that an earlier attempt saved after step {step} "
               f"(step {later}) are removed from "
               f"{os.path.join(workdir, 'best')}.", flush=True)
-      _keep_changed_config(config, workdir, int(state["step"]))
+      _keep_changed_config(workdir, int(state["step"]), changes)
   _write_config(config, workdir)
   # The validation metric that picks the best parameters.
   metric, higher = (("eval_perplexity", False) if task.kind == "lm" else
