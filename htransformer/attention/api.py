@@ -168,12 +168,10 @@ def check_settings(attention: str, *, block_size=16, causal=False,
   if implementation is not None:
     _check_implementation(implementation, HIERARCHICAL_IMPLEMENTATIONS)
   size = _check_block_size(block_size)
-  if implementation in ("pallas", "pallas_interpret") and not (
-      kernels._pow2(size) and size >= 16):  # pylint: disable=protected-access
+  reason = kernels.block_size_unsupported(size)
+  if implementation in ("pallas", "pallas_interpret") and reason:
     # The kernels' refusal at every length (_fitting_block_size keeps it).
-    raise ValueError(f"implementation={implementation!r} cannot run these "
-                     f"inputs: block_size must be a power of two >= 16, got "
-                     f"{size}. Use implementation='xla'.")
+    raise kernels.cannot_run(implementation, reason)
   return size, causal
 
 
@@ -199,7 +197,7 @@ def _fitting_block_size(block_size: int, length: int,
     return block_size
   smallest = max(2, 2 * -(-length // 4))  # Even, 2 * smallest >= length.
   if implementation != "xla":
-    if block_size < 16 or not kernels._pow2(block_size):  # pylint: disable=protected-access
+    if kernels.block_size_unsupported(block_size):
       return block_size
     smallest = max(16, 1 << (smallest - 1).bit_length())
   return min(block_size, smallest)

@@ -484,12 +484,27 @@ def level0_impl(kind: str, interpret: bool = False,
   return "triton"
 
 
+def block_size_unsupported(block_size: int) -> str | None:
+  """Why the kernels cannot take ``block_size`` (None if they can)."""
+  if not (_pow2(block_size) and block_size >= 16):
+    return f"block_size must be a power of two >= 16, got {block_size}"
+  return None
+
+
+def cannot_run(implementation: str, reason: str) -> ValueError:
+  """The error of the kernels (``implementation``: "pallas" or
+  "pallas_interpret") refusing inputs for ``reason``."""
+  return ValueError(f"implementation={implementation!r} cannot run these "
+                    f"inputs: {reason}. Use implementation='xla'.")
+
+
 def unsupported_reason(query, value, block_size: int,
                        key=None) -> str | None:
   """Why the kernels cannot run these inputs (None if they can)."""
   d, dv = query.shape[-1], value.shape[-1]
-  if not (_pow2(block_size) and block_size >= 16):
-    return f"block_size must be a power of two >= 16, got {block_size}"
+  reason = block_size_unsupported(block_size)
+  if reason:
+    return reason
   if min(d, dv) < 1:
     return f"head dims must be >= 1, got {d} and {dv}"
   for x in (query, value) if key is None else (query, key, value):
@@ -2444,9 +2459,7 @@ def _pallas_attention(query, key, value, valid, dropout_seeds, *,
   """``hierarchical_attention_pallas``'s body (traced by ``_jitted``)."""
   reason = unsupported_reason(query, value, block_size, key)
   if reason:
-    mode = "pallas_interpret" if interpret else "pallas"
-    raise ValueError(f"implementation={mode!r} cannot run these inputs: "
-                     f"{reason}. Use implementation='xla'.")
+    raise cannot_run("pallas_interpret" if interpret else "pallas", reason)
   if tile is None:
     tile = default_tile(block_size)
   if not (_pow2(tile) and tile >= 16):
