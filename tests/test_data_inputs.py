@@ -116,15 +116,20 @@ def test_bad_spm_model_is_named_and_never_copied(tmp_path):
   assert 0 not in tok.encode("zzz \u4e2d")  # unknown: unk (2), never pad
 
 
-def test_sentence_packing_of_local_text_is_refused_before_training(tmp_path):
-  """eval_packing='sentence' with local text was refused only after the
-  tokenizer had been trained and saved in the workdir."""
+def _three_documents(tmp_path) -> str:
+  """Three files of LINES in tmp_path/corpus; their glob."""
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   for i in range(3):
     (corpus / f"{i}.txt").write_text("\n".join(LINES) + "\n")
+  return str(corpus / "*.txt")
+
+
+def test_sentence_packing_of_local_text_is_refused_before_training(tmp_path):
+  """eval_packing='sentence' with local text was refused only after the
+  tokenizer had been trained and saved in the workdir."""
   c = lm_config.get_config("quick")
-  c.data.update(text_files=str(corpus / "*.txt"), vocab="sentencepiece",
+  c.data.update(text_files=_three_documents(tmp_path), vocab="sentencepiece",
                 vocab_size=40, spm_train_chars=10_000,
                 eval_packing="sentence")
   c.max_length = 16
@@ -151,12 +156,8 @@ def test_sentencepiece_vocabulary_too_small_is_named(tmp_path):
   room for pad, eos and unk: a ValueError naming config.data.vocab_size,
   also in a dry run, and no tokenizer saved (were SentencePiece's
   RuntimeError and, in a dry run of 0, a ZeroDivisionError: tracebacks)."""
-  corpus = tmp_path / "corpus"
-  corpus.mkdir()
-  for i in range(3):
-    (corpus / f"{i}.txt").write_text("\n".join(LINES) + "\n")
   c = lm_config.get_config("quick")
-  c.data.update(text_files=str(corpus / "*.txt"), vocab="sentencepiece",
+  c.data.update(text_files=_three_documents(tmp_path), vocab="sentencepiece",
                 vocab_size=10, spm_train_chars=10_000)
   workdir = tmp_path / "w"
   with pytest.raises(ValueError, match=r"^SentencePiece could not train a "
