@@ -13,8 +13,8 @@
 # each run's config.json, metrics.jsonl and results.json and the table are
 # also copied to COPY_TO/ (e.g. a folder that a remote job ships back).
 # A relaunch resumes unfinished runs and re-evaluates finished ones. A
-# relative ROOT or COPY_TO is one in the folder this is run from; the
-# default ROOT is in the repository.
+# relative ROOT, COPY_TO or --config.data.text_files=GLOB[,GLOB] is one in
+# the folder this is run from; the default ROOT is in the repository.
 set -euo pipefail
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 ROOT=
@@ -25,6 +25,25 @@ fi
 if [ -n "${COPY_TO:-}" ]; then
   COPY_TO=$(absolute "$COPY_TO")
 fi
+# Relative globs of --config.data.text_files=A,B are the caller's too.
+# (The BBC text is fetched only for the config's own text_files.)
+own_text=1
+args=()
+for arg in "$@"; do
+  if [[ $arg == --config.data.text_files=* ]]; then
+    own_text=0
+    globs=()
+    IFS=, read -r -a parts <<< "${arg#--config.data.text_files=}"
+    for part in "${parts[@]}"; do
+      case $part in /*|\~*|'') globs+=("$part") ;; *) globs+=("$PWD/$part") ;; esac
+    done
+    arg="--config.data.text_files=$(IFS=,; echo "${globs[*]}")"
+  elif [[ $arg == --config.data.text_files* ]]; then
+    own_text=0
+  fi
+  args+=("$arg")
+done
+set -- ${args[@]+"${args[@]}"}
 cd "$(dirname "$0")/.."
 ROOT=${ROOT:-runs/lm-compare}
 if [ -x .venv/bin/python ]; then
@@ -33,13 +52,6 @@ else
   PY=${PYTHON:-python3}
 fi
 export PYTHONUNBUFFERED=1
-# The BBC text is fetched only for the config's own text_files.
-own_text=1
-for arg in "$@"; do
-  if [[ $arg == --config.data.text_files* ]]; then
-    own_text=0
-  fi
-done
 if [ $own_text = 1 ] && [ ! -d data/bbc_news ]; then
   $PY scripts/prepare_text_corpus.py --output_dir=data/bbc_news
 fi

@@ -37,9 +37,9 @@ RESULTS = {"test_perplexity": 2.0, "test_perplexity_best_eval": 2.0,
 @pytest.mark.parametrize("own_text", [False, True])
 def test_relative_paths_are_the_callers_and_own_text_is_not_fetched(
     tmp_path, own_text):
-  """ROOT and COPY_TO given relative land in the caller's folder, not the
-  repository's; the BBC text is fetched only for the config's own
-  text_files."""
+  """ROOT, COPY_TO and text_files globs given relative are the caller's
+  folder's, not the repository's; the BBC text is fetched only for the
+  config's own text_files."""
   repo = tmp_path / "repo"
   (repo / "scripts").mkdir(parents=True)
   shutil.copy(os.path.join(ROOT, "scripts", "lm_compare.sh"),
@@ -50,7 +50,8 @@ def test_relative_paths_are_the_callers_and_own_text_is_not_fetched(
   caller = tmp_path / "caller"
   caller.mkdir()
   calls = tmp_path / "calls"
-  args = [] if own_text else ["--config.data.text_files=corpus/*.txt"]
+  args = [] if own_text else [
+      "--config.data.text_files=corpus/*.txt,/abs/*.md,~/t/*.txt"]
   subprocess.run(
       ["bash", str(repo / "scripts" / "lm_compare.sh"), "out"] + args,
       cwd=caller, check=True, capture_output=True, text=True,
@@ -65,3 +66,11 @@ def test_relative_paths_are_the_callers_and_own_text_is_not_fetched(
              if "prepare_text_corpus.py" in c]
   assert fetched == (["scripts/prepare_text_corpus.py "
                       "--output_dir=data/bbc_news"] if own_text else [])
+  runs = [c for c in calls.read_text().splitlines()
+          if c.startswith("-m htransformer.main")]
+  assert len(runs) == 2
+  for run in runs:
+    assert ("--config.data.text_files=" in run) == (not own_text)
+    if not own_text:
+      assert run.endswith(f"--config.data.text_files={caller}/corpus/*.txt,"
+                          "/abs/*.md,~/t/*.txt")
