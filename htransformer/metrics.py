@@ -25,6 +25,8 @@ import time
 import jax
 from absl import logging
 
+from htransformer import tf_util
+
 
 def json_safe(value):
   """``value`` (a number, or a dict of them, nested) with each NaN or
@@ -38,12 +40,16 @@ def json_safe(value):
 
 
 def _tensorboard_writer(logdir):
-  try:
-    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  # Imported with the GPUs hidden from it (``tf_util``), before clu.
+  if tf_util.import_tensorflow() is None:
     logging.info("TensorFlow not installed: no TensorBoard events, only "
                  "metrics.jsonl.")
+    return None
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:  # clu, or the tensorboard package it uses.
+    logging.info("No TensorBoard events, only metrics.jsonl: clu's writer "
+                 "could not be imported (%s).", e)
     return None
   return metric_writers.SummaryWriter(logdir)
 

@@ -454,6 +454,35 @@ def test_nonfinite_evaluation_stops_the_run(tiny_data, tmp_path):
                                                            "d": 1.5}}
 
 
+def test_tensorflow_is_imported_without_the_accelerators(tmp_path):
+  """The metric writer (clu's TensorBoard writer) and tfds import TensorFlow
+  where it is installed; it must see no GPU or TPU, or its first operation
+  reserves their memory under JAX (decided on a host with TensorFlow and a
+  GPU; with TensorFlow on a CPU-only host the writer and its import are
+  checked). Without TensorFlow nothing imports it and metrics.jsonl alone
+  is written."""
+  code = (
+      "import sys\n"
+      "from htransformer import metrics, tf_util\n"
+      f"w = metrics.MetricWriter({str(tmp_path)!r})\n"
+      "w.write(1, {'loss': 0.5})\n"
+      "tf = sys.modules.get('tensorflow')\n"
+      "if tf_util.installed():\n"
+      "  assert tf is not None and w._tb is not None\n"
+      "  kinds = {d.device_type for d in tf.config.get_visible_devices()}\n"
+      "  assert kinds == {'CPU'}, kinds\n"
+      "else:\n"
+      "  assert tf is None and w._tb is None\n"
+      "  assert tf_util.import_tensorflow() is None\n"
+      "print('ok')\n")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                        env=child_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+  assert metrics_lib.read_metrics(str(tmp_path)) == [{"step": 1,
+                                                       "loss": 0.5}]
+
+
 def test_compiled_steps_are_kept_in_the_cache(tiny_data, tmp_path):
   """With no compilation cache set, training keeps its compiled steps in
   CACHE/jax (here ``config.cache_dir``), and a second run of the same

@@ -11,6 +11,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from htransformer import tf_util
+
 PAD_ID = 0
 BYTE_OFFSET = 1
 VOCAB_SIZE = 257
@@ -100,6 +102,9 @@ def pixel_batch(pixels: np.ndarray, labels: np.ndarray, indices,
 
 def require_tfds():
   """Imports tensorflow_datasets, or says how to get it."""
+  # tfds imports TensorFlow where it is installed: first with its GPUs
+  # hidden (``tf_util``), so that it reserves none of their memory.
+  tf_util.import_tensorflow()
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:

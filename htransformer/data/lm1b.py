@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from htransformer import tf_util
 from htransformer.data import byte_source
 from htransformer.data import tokenizer as tokenizer_lib
 
@@ -28,6 +29,7 @@ _CHUNK = 100_000
 
 
 def import_tfds():
+  tf_util.import_tensorflow()  # GPUs hidden from it first (byte_source).
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
