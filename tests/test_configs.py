@@ -244,16 +244,22 @@ _OFFLINE_TFDS = (
     "  return _Builder()\n")
 
 
-@pytest.mark.parametrize("stub, tf_stub, expected", [
-    ('raise ImportError("No module named \'tensorflow\'")', "",
+@pytest.mark.parametrize("stub, tf_stub, downloaded, expected", [
+    ('raise ImportError("No module named \'tensorflow\'")', "", False,
      "needs tensorflow-datasets"),
-    (_OFFLINE_TFDS, "", "Failed to resolve 'www.statmt.org'"),
+    # Offline: found by connecting (a closed port here), in seconds.
+    (_OFFLINE_TFDS, "", False,
+     "downloads about 1.8 GB from 127.0.0.1, which cannot be reached from "
+     "here (ConnectionRefusedError"),
+    # An earlier attempt's downloads are tfds's to reuse: no check; the
+    # builder's own failure is named.
+    (_OFFLINE_TFDS, "", True, "Failed to resolve 'www.statmt.org'"),
     # Was found missing only after the download (1.8 GB), by the builder.
     (_OFFLINE_TFDS, 'raise ImportError("No module named \'tensorflow\'")',
-     "needs TensorFlow (No module named 'tensorflow')"),
+     False, "needs TensorFlow (No module named 'tensorflow')"),
 ])
-def test_prepare_lm1b_without_tfds_tensorflow_or_internet(tmp_path, stub,
-                                                          tf_stub, expected):
+def test_prepare_lm1b_without_tfds_tensorflow_or_internet(
+    tmp_path, stub, tf_stub, downloaded, expected):
   """Stand-ins for tensorflow_datasets (one that does not import, one whose
   download fails as it does offline) and TensorFlow (one that does not
   import)."""
@@ -261,11 +267,14 @@ def test_prepare_lm1b_without_tfds_tensorflow_or_internet(tmp_path, stub,
     package = tmp_path / "stub" / name
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(text)
+  if downloaded:
+    (tmp_path / "tfds" / "downloads").mkdir(parents=True)
+    (tmp_path / "tfds" / "downloads" / "part.tmp").write_text("x")
   env = child_env()
   r = subprocess.run(
       [sys.executable, "scripts/prepare_lm1b.py",
-       f"--data_dir={tmp_path / 'tfds'}"], cwd=ROOT, capture_output=True,
-      text=True, timeout=60,
+       f"--data_dir={tmp_path / 'tfds'}", "--download_host=127.0.0.1:1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=60,
       env=dict(env, PYTHONPATH=os.pathsep.join([str(tmp_path / "stub"),
                                                 env["PYTHONPATH"]])))
   _assert_one_line_error(r, expected)
