@@ -61,6 +61,22 @@ def _check_tokens(tokens, model: str, layout: str = "[batch, length]"):
     raise TypeError(f"{model} expects integer token ids, got dtype {dtype}.")
 
 
+def _check_ids(tokens, vocab_size: int, model: str):
+  """Raises if concrete ``tokens`` hold an id outside ``[0, vocab_size)``.
+
+  An id outside the table would embed as a row of zeros, silently. Traced
+  tokens (inside ``jax.jit``, as in the train loop, whose data the
+  input pipeline checks) cannot be looked at and are let through."""
+  if isinstance(tokens, jax.core.Tracer) or not tokens.size:
+    return
+  ids = np.asarray(tokens)
+  low, high = int(ids.min()), int(ids.max())
+  if low < 0 or high >= vocab_size:
+    bad = low if low < 0 else high
+    raise ValueError(f"{model} got token id {bad}, outside its vocabulary "
+                     f"(0..{vocab_size - 1}, vocab_size {vocab_size}).")
+
+
 def _sharded(init, spec: tuple):
   """``init`` annotated with a PartitionSpec over the mesh axes (metadata)."""
   return nnx.with_partitioning(init, spec, eager_sharding=False)
@@ -342,6 +358,7 @@ class Encoder(nnx.Module):
     if deterministic is None:
       deterministic = self.deterministic
     _check_tokens(tokens, "Encoder")
+    _check_ids(tokens, self.embed.num_embeddings, "Encoder")
     b, l = tokens.shape
     if l > self.max_len:
       raise ValueError(
@@ -498,6 +515,7 @@ class Decoder(nnx.Module):
     if deterministic is None:
       deterministic = self.deterministic
     _check_tokens(tokens, "Decoder")
+    _check_ids(tokens, self.embed.num_embeddings, "Decoder")
     l = tokens.shape[1]
     if l > self.max_len:
       raise ValueError(
@@ -526,6 +544,8 @@ class DualEncoderClassifier(_ClassifierHead):
   def features(self, tokens, *, deterministic=None, rngs=None):
     """tokens: int [batch, 2, length] -> [u, v, u*v, u-v], [batch, 4*emb]."""
     _check_tokens(tokens, "DualEncoderClassifier", "[batch, 2, length]")
+    _check_ids(tokens, self.encoder.embed.num_embeddings,
+               "DualEncoderClassifier")
     if tokens.shape[1] != 2:
       raise ValueError(f"DualEncoderClassifier expects tokens of shape "
                        f"[batch, 2, length], got {tuple(tokens.shape)}.")

@@ -156,6 +156,27 @@ def test_models_reject_tokens_of_the_wrong_dtype_or_rank(build):
     model(jnp.ones((1, 65), jnp.int32))
 
 
+@pytest.mark.parametrize("build, name", [
+    (_decoder, "Decoder"), (_classifier, "Encoder"),
+    (lambda: _classifier(models.DualEncoderClassifier, max_len=8),
+     "DualEncoderClassifier")])
+def test_models_reject_token_ids_outside_the_vocabulary(build, name):
+  """An id outside the embedding table would embed as zeros: concrete
+  tokens are checked (traced ones, in the train loop, are the input
+  pipeline's to check)."""
+  model = build()
+  shape = (1, 2, 8) if name == "DualEncoderClassifier" else (1, 8)
+  for bad in (VOCAB, -1):
+    tokens = np.ones(shape, np.int32)
+    tokens.flat[3] = bad
+    with pytest.raises(ValueError, match=rf"{name} got token id {bad}, "
+                       rf"outside its vocabulary \(0\.\.{VOCAB - 1}, "
+                       rf"vocab_size {VOCAB}\)"):
+      model(jnp.asarray(tokens))
+  ok = np.full(shape, VOCAB - 1, np.int32)
+  assert np.isfinite(np.asarray(model(jnp.asarray(ok)))).all()
+
+
 def test_dual_encoder_rejects_tokens_that_are_not_pairs_of_rows():
   model = _classifier(models.DualEncoderClassifier, max_len=8)
   with pytest.raises(TypeError, match=r"DualEncoderClassifier expects tokens "
