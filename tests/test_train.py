@@ -18,8 +18,10 @@ from flax import nnx
 
 from configs import listops as listops_config
 from htransformer import config_utils
+from htransformer import input_pipeline
 from htransformer import metrics as metrics_lib
 from htransformer import models
+from htransformer import optim
 from htransformer import tasks
 from htransformer import train
 from htransformer.attention import full_attention, hierarchical_attention
@@ -137,6 +139,32 @@ def test_evaluating_an_empty_split_is_a_clear_error(tiny_data):
   trainer = train.Trainer(c, task, graphdef, params, optax.adam(1e-3))
   with pytest.raises(ValueError, match="'val' split has no examples"):
     trainer.evaluate(params, "val")
+
+
+def test_evaluation_weighs_every_example_once(tiny_data):
+  """The validation loss and accuracy are means over the split's examples,
+  with the model's dropout off (0.5 here): the last, partial batch (64 =
+  24 + 24 + 16) counts its 16 real examples, not its padding, and weighs
+  no more than they do."""
+  c = tiny_config(tiny_data, eval_batch_size=24,
+                  **{"model.dropout_rate": 0.5,
+                     "model.attention_dropout_rate": 0.5})
+  task = tasks.get_task(c)
+  graphdef, params = nnx.split(train.build_model(c, task), nnx.Param)
+  tx, _ = optim.make_optimizer(c.optimizer, c.num_train_steps)
+  trainer = train.Trainer(c, task, graphdef, params, tx)
+  got = trainer.evaluate(trainer.initial_state(params)["params"], "val")
+  val = task.sources["val"]
+  assert len(val) == 64 and trainer.eval_batch_size == 24
+  batch = input_pipeline.read_batch(val, np.arange(len(val)))
+  logits = np.asarray(_call(nnx.merge(graphdef, params),
+                            jnp.asarray(batch["inputs"])), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  targets = batch["targets"]
+  want_loss = -logp[np.arange(len(val)), targets].mean()
+  want_accuracy = (logits.argmax(-1) == targets).mean()
+  assert got["val_loss"] == pytest.approx(want_loss, rel=1e-5)
+  assert got["val_accuracy"] == pytest.approx(want_accuracy, abs=1e-9)
 
 
 def test_model_is_padding_invariant(tiny_data):
