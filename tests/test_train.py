@@ -167,6 +167,77 @@ def test_evaluation_weighs_every_example_once(tiny_data):
   assert got["val_accuracy"] == pytest.approx(want_accuracy, abs=1e-9)
 
 
+def test_learning_rate_schedules():
+  """The schedules at the steps that define them (lr 0.5, warmup 4, 12
+  steps): rsqrt (LRA's) rises linearly to lr / sqrt(warmup) at the end of
+  the warmup, then falls as lr / sqrt(step); cosine reaches lr at the end
+  of the warmup, lr / 2 halfway through the decay and 0 at
+  num_train_steps; constant rises over the warmup, then stays (no warmup:
+  lr from step 0). The update of step k (counted from 0) is taken with
+  the schedule's value at k."""
+  opt = listops_config.get_config("quick").optimizer
+  opt.update(learning_rate=0.5, warmup_steps=4, weight_decay=0.0,
+             grad_clip=0.0)
+
+  def values(schedule, steps, warmup=4):
+    opt.update(schedule=schedule, warmup_steps=warmup)
+    fn = optim.learning_rate_schedule(opt, 12)
+    return [float(fn(s)) for s in steps]
+
+  np.testing.assert_allclose(values("rsqrt", [0, 1, 2, 4, 16, 64]),
+                             [0, 0.0625, 0.125, 0.25, 0.125, 0.0625],
+                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(
+      values("cosine", [0, 2, 4, 8, 11, 12]),
+      [0, 0.25, 0.5, 0.25, 0.25 * (1 + np.cos(np.pi * 7 / 8)), 0],
+      rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(values("constant", [0, 2, 4, 1000]),
+                             [0, 0.25, 0.5, 0.5], rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(values("constant", [0, 5], warmup=0),
+                             [0.5, 0.5], rtol=1e-6)
+  # Adam's update of a constant gradient is the learning rate itself.
+  opt.update(schedule="rsqrt", warmup_steps=4)
+  tx, schedule = optim.make_optimizer(opt, 12)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  for k in range(6):
+    updates, state = tx.update({"w": jnp.full(3, 2.0)}, state, params)
+    np.testing.assert_allclose(updates["w"], -float(schedule(k)),
+                               rtol=1e-5, atol=1e-8)
+
+
+def test_gradient_clipping_and_weight_decay_are_applied():
+  """optimizer.grad_clip scales the gradients down to that global norm
+  before Adam (its updates are those of the clipped gradients, not of the
+  gradients as they came); optimizer.weight_decay shrinks every parameter
+  by lr * weight_decay at a step whose gradient is 0."""
+  opt = listops_config.get_config("quick").optimizer
+  opt.update(learning_rate=0.1, schedule="constant", warmup_steps=0,
+             weight_decay=0.0, grad_clip=1.0)
+  params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([0.5])}
+  big = {"w": jnp.array([6.0, 0.0, -8.0]), "b": jnp.array([0.0])}  # norm 10
+  small = {"w": jnp.array([0.03, 0.04, 0.0]), "b": jnp.array([0.0])}
+
+  def updates(grads, **fields):
+    cfg = opt.copy_and_resolve_references()
+    cfg.update(**fields)
+    tx, _ = optim.make_optimizer(cfg, 10)
+    state, out = tx.init(params), []
+    for g in grads:
+      u, state = tx.update(g, state, params)
+      out.append(np.asarray(u["w"]))
+    return np.stack(out)
+
+  clipped = updates([big, small])
+  np.testing.assert_allclose(
+      clipped, updates([jax.tree.map(lambda g: g / 10, big), small],
+                       grad_clip=0.0), rtol=1e-5, atol=1e-8)
+  assert np.abs(clipped - updates([big, small], grad_clip=0.0)).max() > 1e-3
+  zero = jax.tree.map(jnp.zeros_like, params)
+  decayed = updates([zero], grad_clip=0.0, weight_decay=0.5)
+  np.testing.assert_allclose(decayed[0], -0.05 * params["w"], rtol=1e-6)
+
+
 def test_model_is_padding_invariant(tiny_data):
   """Padding tokens (id 0) change nothing for the real tokens' prediction."""
   c = tiny_config(tiny_data)
