@@ -507,6 +507,44 @@ def test_train_writes_metrics_checkpoints_and_results(tiny_data, tmp_path):
   assert again["test_accuracy"] == results["test_accuracy"]
 
 
+def test_best_holds_the_parameters_of_the_best_evaluation(tiny_data,
+                                                          tmp_path):
+  """best/ holds the parameters of the highest validation accuracy, not
+  the last evaluation's: those of a run stopped at that step. Each row's
+  best_eval_accuracy is the best up to its step, and results.json names
+  that evaluation."""
+  # A constant schedule: the same steps whatever the total. At lr 1e-2 the
+  # accuracy peaks, then falls.
+  fields = {"log_every": 2, "eval_every": 1, "checkpoint_every": 4,
+            "optimizer.schedule": "constant", "optimizer.learning_rate": 1e-2}
+  results = train.train_and_evaluate(
+      tiny_config(tiny_data, num_train_steps=8, **fields),
+      str(tmp_path / "run"))
+  evals = [r for r in metrics_lib.read_metrics(str(tmp_path / "run"))
+           if "eval_accuracy" in r]
+  accuracy = [r["eval_accuracy"] for r in evals]
+  assert [r["step"] for r in evals] == list(range(1, 9))
+  assert [r["best_eval_accuracy"] for r in evals] == list(
+      np.maximum.accumulate(accuracy))
+  best = 1 + int(np.argmax(accuracy))
+  # What tells the best evaluation from the last one.
+  assert best < 8 and accuracy[-1] < accuracy[best - 1], accuracy
+  assert (results["best_eval_step"], results["best_eval_accuracy"]) == (
+      best, accuracy[best - 1])
+  assert os.listdir(tmp_path / "run" / "best") == [str(best)]
+  mngr = ocp.CheckpointManager(str(tmp_path / "run" / "best"),
+                               item_names=("params", "info"))
+  got = mngr.restore(best, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore()))["params"]
+  mngr.close()
+  train.train_and_evaluate(
+      tiny_config(tiny_data, num_train_steps=best, **fields),
+      str(tmp_path / "short"))
+  _, want = saved_params(str(tmp_path / "short"))
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(x, np.asarray(y))
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data,
                                                              tmp_path):
   # Fine for 8 steps, then a huge learning rate poisons the parameters (a
