@@ -73,6 +73,30 @@ def test_eval_batches_cover_every_example_once():
   assert all(b["inputs"].shape == (10, 3) for b in batches)
 
 
+class TokenWeightedSource(Source):
+  """Rows with per-token weights, as the language model's: example i
+  weighs its first i % 3 + 1 tokens."""
+
+  def __getitem__(self, i):
+    item = super().__getitem__(i)
+    item["weights"] = (np.arange(3) <= i % 3).astype(np.float32)
+    return item
+
+
+def test_eval_batches_keep_per_token_weights_and_zero_the_padding():
+  """Per-token weights pass through, and the padding rows of the last
+  batch (copies of example 0) weigh 0 on every token: the weights add up
+  to the split's tokens."""
+  source = TokenWeightedSource(23)
+  batches = list(input_pipeline.eval_batches(source, 10))
+  rows = [(i, w) for b in batches for i, w in zip(ids(b), b["weights"])]
+  for i, w in rows[:23]:
+    np.testing.assert_array_equal(w, source[i]["weights"])
+  assert batches[-1]["weights"][3:].sum() == 0
+  assert sum(b["weights"].sum() for b in batches) == sum(
+      i % 3 + 1 for i in range(23))
+
+
 class BatchedSource(Source):
   """The same examples, with the batched read the image sources offer."""
 
