@@ -383,6 +383,22 @@ def test_lm_training_reports_perplexity(lm_run, capsys):
       results["test_perplexity"], rel=0 if exact else 1e-5, abs=0)
 
 
+def test_evaluation_counts_each_token_once(lm_run):
+  """The evaluated tokens are the split's predicted tokens, once each:
+  neither the padding of its last row nor the padding rows of the last
+  batch count."""
+  c, workdir, results = lm_run
+  sources = tasks.get_task(c, workdir).sources
+  for split in ("val", "test"):
+    # What the padding would add to.
+    assert (sources[split].num_tokens < len(sources[split]) * c.max_length
+            and len(sources[split]) % c.eval_batch_size), split
+  assert results["test_tokens"] == sources["test"].num_tokens
+  evals = [r for r in metrics_lib.read_metrics(workdir) if "eval_tokens" in r]
+  assert evals and all(r["eval_tokens"] == sources["val"].num_tokens
+                       for r in evals)
+
+
 def test_sampling_equals_step_by_step_recompute(lm_run):
   """Decoded tokens = the model run on the exact (unpadded) context at each
   step: while the context grows in the padded buffer, and once it is longer
