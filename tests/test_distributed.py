@@ -2,7 +2,8 @@
 
 * 4 forced host devices, mesh (data 4) and (data 2, model 2), against one
   device: same losses and parameters within float rounding; parameters and
-  Adam's moments are sharded by the models' annotations.
+  Adam's moments are sharded by the models' annotations, batches over the
+  data axis.
 * The fused kernels (interpreted) on inputs sharded over batch and heads
   run per device (no all-gather) and give the unsharded values and
   gradients, for automatic and explicit mesh axes.
@@ -65,6 +66,10 @@ def steps_worker(data_dir, models, out):
       state, sums = trainer.train_step(state, trainer.global_batch(next(it)))
       losses.append(float(sums["loss"] / sums["count"]))
     saved[f"{model}/losses"] = np.array(losses)
+    # Each device's rows of a training batch.
+    batch = trainer.global_batch(next(it))
+    info[f"{model}/batch_rows"] = sorted(
+        s.data.shape[0] for s in batch["inputs"].addressable_shards)
     saved[f"{model}/eval_loss"] = np.array(
         trainer.evaluate(state["params"], "val")["val_loss"])
     # An eval batch the data axis does not divide: rounded up, the same
@@ -249,6 +254,9 @@ def test_meshes_match_one_device(tiny_data, tmp_path):
       "ln": "P()",
       "query_shard": [32, 16]}  # emb 32 x qkv 32, split over 2.
   assert info["1/odd_eval_batch"] == 8 and info["2/odd_eval_batch"] == 6
+  # The batch of 8 is split over the data axis, not copied to each device.
+  assert info["1/batch_rows"] == [2] * 4
+  assert info["2/batch_rows"] == [4] * 4
   for model in ("1", "2"):
     np.testing.assert_allclose(four[f"{model}/eval_loss_odd"],
                                four[f"{model}/eval_loss"], rtol=1e-6)
