@@ -545,6 +545,20 @@ def test_best_holds_the_parameters_of_the_best_evaluation(tiny_data,
     np.testing.assert_array_equal(x, np.asarray(y))
 
 
+def test_logged_learning_rate_is_that_of_the_rows_last_step(tiny_data,
+                                                             tmp_path):
+  """A row's learning_rate is the one its step's update took: step 1's is
+  the schedule's value at 0 (0 in the warmup), step 4's at 3."""
+  c = tiny_config(tiny_data, num_train_steps=4, log_every=1, eval_every=4,
+                  checkpoint_every=4)
+  train.train_and_evaluate(c, str(tmp_path))
+  rates = [r["learning_rate"] for r in metrics_lib.read_metrics(str(tmp_path))
+           if "learning_rate" in r]
+  lr = c.optimizer.learning_rate
+  np.testing.assert_allclose(rates, [0, lr / 4, lr / 2, 3 * lr / 4],
+                             rtol=1e-6)
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data,
                                                              tmp_path):
   # Fine for 8 steps, then a huge learning rate poisons the parameters (a
