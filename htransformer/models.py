@@ -66,9 +66,11 @@ def _check_ids(tokens, vocab_size: int, model: str):
 
   An id outside the table would embed as a row of zeros, silently. Traced
   tokens (inside ``jax.jit``, as in the train loop, whose data the
-  input pipeline checks) cannot be looked at and are let through."""
-  if isinstance(tokens, jax.core.Tracer) or not tokens.size:
-    return
+  input pipeline checks) cannot be looked at and are let through, as are
+  tokens partly on other processes' devices."""
+  if (isinstance(tokens, jax.core.Tracer) or not tokens.size
+      or not getattr(tokens, "is_fully_addressable", True)):
+    return  # (Nor an array spread over other processes' devices.)
   ids = np.asarray(tokens)
   low, high = int(ids.min()), int(ids.max())
   if low < 0 or high >= vocab_size:
