@@ -15,6 +15,7 @@ result does not depend on the mesh beyond float rounding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -630,6 +631,109 @@ def use_compilation_cache(config) -> str | None:
   return jax.config.jax_compilation_cache_dir
 
 
+def _dry_run(config, workdir: str, params, total: int) -> dict:
+  """``config.dry_run``: what the run would start from, checked. A workdir
+  that holds a run keeps that run's config.json, and this config must fit
+  its checkpoint, as the real run would check."""
+  step = ckpt_lib.latest_step(workdir)
+  if step is None:
+    _write_config(config, workdir)
+  else:
+    tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    _refuse_unfit(ckpt_lib.mismatch(workdir, step,
+                                    abstract_state(params, tx)),
+                  step, config, workdir)
+    _refuse_past(step, config, workdir)
+    print(f"{workdir} holds a run at step {step}: this config fits its "
+          "checkpoint.", flush=True)
+  return {"total_parameters": total}
+
+
+def _print_devices(trainer: Trainer, config):
+  """The ``Devices:`` line: devices, processes, mesh (process 0)."""
+  if jax.process_index() != 0:
+    return
+  d = trainer.describe()
+  print(f"Devices: {d['devices']} x {d['device_kind']} in "
+        f"{d['processes']} process(es); mesh data {d['mesh']['data']} x "
+        f"model {d['mesh']['model']}"
+        + (f"; evaluation batches of {d['eval_batch_size']} (eval_batch_size "
+           f"{config.eval_batch_size} rounded up to a multiple of the data "
+           "axis)" if d["eval_batch_size"] != config.eval_batch_size
+           else ""), flush=True)
+
+
+@dataclasses.dataclass
+class _Start:
+  """Where a launch starts (``_start``).
+
+  state: the train state, initial or restored; resumed: from a
+  checkpoint; best: the best evaluation up to the checkpoint's step (for
+  the rows; None: none saved with it); saved: the evaluation whose
+  parameters best/ holds (None: none); window: a stop's sums of the steps
+  since the last log row (None: none).
+  """
+  state: dict
+  resumed: bool
+  best: dict | None
+  saved: dict | None
+  window: dict | None
+
+
+def _start(ckpt, state, config, workdir: str, train_iter,
+           schedule) -> _Start:
+  """Restores the latest checkpoint in ``workdir`` into ``state`` and
+  ``train_iter`` if there is one, and puts best/ in order: it loses the
+  parameters an earlier start that left no checkpoint saved (a run from
+  step 0), or an earlier attempt saved after the checkpoint with other
+  settings than this launch's (they belong to a run it no longer
+  continues). Says on the console what it did, keeps the run's earlier
+  config where this one differs (``_keep_changed_config``) and writes
+  this one as config.json. A checkpoint this config cannot continue is a
+  ValueError, raised before anything in the workdir changes."""
+  restored = _restore(ckpt, state, config, workdir)
+  primary = jax.process_index() == 0
+  if restored is None:
+    dropped = ckpt.drop_best()
+    if dropped is not None and primary:
+      print(f"Starting from step 0: the best-on-validation parameters of an "
+            f"earlier start that left no checkpoint (step {dropped}) are "
+            f"removed from {os.path.join(workdir, 'best')}.", flush=True)
+    _write_config(config, workdir)
+    return _Start(state, False, None, None, None)
+
+  state, data_state = restored
+  best = data_state.pop("best_eval", None)  # absent in older ones
+  window = data_state.pop("log_window", None)
+  train_iter.set_state(data_state)
+  step = int(state["step"])
+  # How this launch trains otherwise than the run's config.json (read
+  # before this config replaces it): other settings (those of
+  # RESUME_FREE_FIELDS aside), or another total the schedule follows.
+  changes = config_changes(config, workdir)
+  old_total = _changed_total(config, workdir)
+  saved, later = ckpt.best_info(), None
+  if (saved is not None and saved["step"] > step and
+      (changes or old_total is not None)):
+    later = ckpt.drop_best()
+    saved = None
+  logging.info("Resuming from step %d.", step)
+  if primary:
+    print(f"Resuming from step {step}" if step < config.num_train_steps
+          else f"The run in {workdir} has trained its {step} steps: "
+          "evaluating its parameters again (raise num_train_steps to "
+          "train on).", flush=True)
+    _note_new_total(config, step, schedule, old_total)
+    if later is not None:
+      print(f"Resuming with other settings: the best-on-validation "
+            f"parameters that an earlier attempt saved after step {step} "
+            f"(step {later}) are removed from "
+            f"{os.path.join(workdir, 'best')}.", flush=True)
+    _keep_changed_config(workdir, step, changes)
+  _write_config(config, workdir)
+  return _Start(state, True, best, saved, window)
+
+
 def _train_and_evaluate(config, workdir: str) -> dict:
   """train_and_evaluate in a workdir made and held."""
   cache = use_compilation_cache(config)
@@ -644,87 +748,22 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     print(overview)
     print(f"Total parameters: {total:,}", flush=True)
   if config.dry_run:
-    # A workdir that holds a run keeps that run's config.json, and this
-    # config must fit its checkpoint, as the real run would check.
-    step = ckpt_lib.latest_step(workdir)
-    if step is None:
-      _write_config(config, workdir)
-    else:
-      tx, _ = optim.make_optimizer(config.optimizer, config.num_train_steps)
-      _refuse_unfit(ckpt_lib.mismatch(workdir, step,
-                                      abstract_state(params, tx)),
-                    step, config, workdir)
-      _refuse_past(step, config, workdir)
-      print(f"{workdir} holds a run at step {step}: this config fits its "
-            "checkpoint.", flush=True)
-    return {"total_parameters": total}
+    return _dry_run(config, workdir, params, total)
 
   total_steps = config.num_train_steps
   tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
   trainer = Trainer(config, task, graphdef, params, tx)
-  state = trainer.initial_state(params)
-
-  if jax.process_index() == 0:
-    d = trainer.describe()
-    print(f"Devices: {d['devices']} x {d['device_kind']} in "
-          f"{d['processes']} process(es); mesh data {d['mesh']['data']} x "
-          f"model {d['mesh']['model']}"
-          + (f"; evaluation batches of {d['eval_batch_size']} (eval_batch_size "
-             f"{config.eval_batch_size} rounded up to a multiple of the data "
-             "axis)" if d["eval_batch_size"] != config.eval_batch_size
-             else ""), flush=True)
-
+  _print_devices(trainer, config)
   ckpt = ckpt_lib.Checkpointer(workdir)
   train_iter = input_pipeline.train_iterator(
       task.sources["train"], config.batch_size, config.data_seed)
-  best = window = dropped = later = changes = old_total = None
   try:
-    restored = _restore(ckpt, state, config, workdir)
-    if restored is not None:
-      state, data_state = restored
-      best = data_state.pop("best_eval", None)  # absent in older ones
-      window = data_state.pop("log_window", None)
-      train_iter.set_state(data_state)
-      # How this launch trains on otherwise than the run's config.json
-      # (read before this config replaces it): other settings (those of
-      # RESUME_FREE_FIELDS aside), or another total the schedule follows.
-      changes = config_changes(config, workdir)
-      old_total = _changed_total(config, workdir)
-      saved = ckpt.best_info()
-      if (saved is not None and saved["step"] > int(state["step"]) and
-          (changes or old_total is not None)):
-        # Saved after the checkpoint by an earlier attempt with the earlier
-        # settings: parameters of a run this one no longer continues.
-        later = ckpt.drop_best()
-        saved = None
-    else:
-      # Those of an earlier start that left no checkpoint: its parameters,
-      # not this run's, would be the best ones until beaten.
-      dropped = ckpt.drop_best()
-      saved = None
+    begin = _start(ckpt, trainer.initial_state(params), config, workdir,
+                   train_iter, schedule)
   except ValueError:
     ckpt.close()
     raise
-  if dropped is not None and jax.process_index() == 0:
-    print(f"Starting from step 0: the best-on-validation parameters of an "
-          f"earlier start that left no checkpoint (step {dropped}) are "
-          f"removed from {os.path.join(workdir, 'best')}.", flush=True)
-  if restored is not None:
-    logging.info("Resuming from step %d.", int(state["step"]))
-    if jax.process_index() == 0:
-      step = int(state["step"])
-      print(f"Resuming from step {step}" if step < config.num_train_steps
-            else f"The run in {workdir} has trained its {step} steps: "
-            "evaluating its parameters again (raise num_train_steps to "
-            "train on).", flush=True)
-      _note_new_total(config, step, schedule, old_total)
-      if later is not None:
-        print(f"Resuming with other settings: the best-on-validation "
-              f"parameters that an earlier attempt saved after step {step} "
-              f"(step {later}) are removed from "
-              f"{os.path.join(workdir, 'best')}.", flush=True)
-      _keep_changed_config(workdir, int(state["step"]), changes)
-  _write_config(config, workdir)
+  state, window = begin.state, begin.window
   # The validation metric that picks the best parameters.
   metric, higher = (("eval_perplexity", False) if task.kind == "lm" else
                     ("eval_accuracy", True))
@@ -735,9 +774,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # settings); the rows and the console report the best up to each step
   # (``best``, saved with every checkpoint), as an unbroken run does.
   none = {metric: -1.0 if higher else float("inf"), "step": -1}
-  saved = saved or none
+  saved = begin.saved or none
+  best = begin.best
   if best is None:  # a run from step 0, or a checkpoint without it
-    best = none if restored is None else saved
+    best = saved if begin.resumed else none
 
   writer = metrics_lib.MetricWriter(workdir)
   step = start = int(state["step"])
