@@ -824,6 +824,42 @@ def test_gradients_finite_differences_float64(causal):
     assert abs(numeric - analytic) <= 1e-7 * max(1.0, abs(analytic)), (numeric, analytic)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gradients_where_queries_see_no_key(causal):
+    """Queries that see no real key (normaliser 0): every query of a batch
+    row with no real token (a loader's filler example), and, causal, the
+    padding before a row's first real token (left padding). Their outputs
+    are zero and take no gradient; the gradients are finite and equal the
+    reference's (a 0/0 there is NaN, which reaches every parameter)."""
+    length, block_size, d, dv = 37, 4, 8, 6
+    q, k, v = make_qkv(25, 2, length, 2, d, dv)
+    mask = np.ones((2, length), bool)
+    mask[0] = False
+    mask[1, :6] = False
+    mask[1, 30:] = False
+    cot = np.random.default_rng(26).standard_normal(
+        (2, length, 2, dv)).astype(np.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+
+    impl = functools.partial(hierarchical_attention, block_size=block_size,
+                             causal=causal, mask=mask, implementation="xla")
+    ref = functools.partial(dense_reference, mask=mask, block_size=block_size,
+                            causal=causal, xp=jnp)
+    out = np.asarray(jit(impl)(q, k, v))
+    assert (out[~mask] == 0).all()
+    assert max_abs(out, numpy_reference(q, k, v, mask, block_size=block_size,
+                                        causal=causal)) <= 2e-5
+    got = jit(jax.grad(loss(impl), argnums=(0, 1, 2)))(q, k, v)
+    want = jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        g, w = np.asarray(g), np.asarray(w)
+        assert np.isfinite(g).all(), name
+        assert max_abs(g, w) <= 1e-4 * max(1.0, float(np.abs(w).max())), name
+        assert (g[~mask] == 0).all(), name
+
+
 # ----------------------------------------------------------------------------
 # 7. Padding invariance.
 # ----------------------------------------------------------------------------
