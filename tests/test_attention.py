@@ -995,6 +995,24 @@ def test_padded_length_refuses_block_sizes_below_one(block_size):
         hierarchical.padded_length(100, block_size)
 
 
+def test_padded_length_and_levels_follow_the_definition():
+    """The library's Lp and m (which the models pad their inputs to) are the
+    doc's: the smallest Nr * 2**m with m >= 1 that holds L; a length that
+    is already one is not padded further."""
+    assert hierarchical.padded_length(64, 16) == 64
+    assert hierarchical.padded_length(65, 16) == 128
+    assert hierarchical.padded_length(1, 16) == 32
+    for block_size in (2, 4, 6, 16):
+        lengths = list(range(1, 9 * block_size)) + [block_size << 6,
+                                                    (block_size << 6) + 1]
+        for length in lengths:
+            lp, m = padded_length(length, block_size)
+            assert hierarchical.padded_length(length, block_size) == lp, (
+                length, block_size)
+            assert hierarchical.num_levels(length, block_size) == m, (
+                length, block_size)
+
+
 @pytest.mark.parametrize("which", [
     "query_rank", "key_rank", "value_rank", "key_head_dim", "key_length",
     "value_length", "batch", "heads",
