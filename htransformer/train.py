@@ -785,6 +785,12 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # A finished run's test rows at its last step go too: relaunched there it
   # writes them again; trained on, they are no longer the final ones.
   writer.rewind(step, redo_final=True)
+  if jax.process_index() == 0:
+    # So does results.json, the earlier end's numbers: a run trained on and
+    # stopped before its new end is not finished (sweep.py and
+    # reproduce_lra.py read results.json as a finished run).
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(workdir, "results.json"))
   progress = metrics_lib.Progress(total_steps, step)
   last_saved = last_logged = step
   # Whether the loss of the step after the last checkpoint, the loss of its

@@ -38,7 +38,7 @@ from htransformer import metrics as metrics_lib
 from htransformer import optim
 from htransformer import tasks
 from htransformer import train
-from tests.scripts_helper import ROOT, child_env
+from tests.scripts_helper import ROOT, child_env, load_script
 from tests.test_train import saved_params, tiny_config
 
 # 8 steps: logs every 2, evaluates and checkpoints every 4.
@@ -392,6 +392,51 @@ def test_start_from_step_0_drops_the_best_of_an_earlier_start(
   assert (f"Starting from step 0: the best-on-validation parameters of an "
           "earlier start that left no checkpoint (step 8) are removed from "
           f"{workdir / 'best'}.") in capsys.readouterr().out
+
+
+def test_trained_on_and_stopped_leaves_no_results_of_the_earlier_end(
+    tiny_data, finished_run, tmp_path, monkeypatch):
+  """A finished run trained on with a higher num_train_steps and stopped
+  before the new end: its results.json (the earlier end's test numbers) goes
+  when it resumes, as the earlier end's test rows of metrics.jsonl do, so the
+  sweep launches it again and reproduce_lra tables it as unfinished instead
+  of taking it for finished with these settings."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  assert (workdir / "results.json").exists()
+  train_iterator = input_pipeline.train_iterator
+
+  def signal_at_second_batch(*args, **kwargs):
+    it = train_iterator(*args, **kwargs)
+    next_batch, batches = it.__next__, [0]
+
+    class Stopping:
+      def __iter__(self):
+        return self
+
+      def __next__(self):
+        batches[0] += 1
+        if batches[0] == 2:
+          os.kill(os.getpid(), signal.SIGTERM)
+        return next_batch()
+
+      get_state, set_state = it.get_state, it.set_state
+
+    return Stopping()
+
+  monkeypatch.setattr(input_pipeline, "train_iterator",
+                      signal_at_second_batch)
+  c = tiny_config(tiny_data, **RUN | {"num_train_steps": 12})
+  with pytest.raises(train.TrainingStopped, match="at step 10 of 12"):
+    train.train_and_evaluate(c, str(workdir))
+  sweep = load_script("sweep")
+  assert not sweep.finished_earlier(c, str(workdir))
+  reproduce_lra = load_script("reproduce_lra")
+  assert reproduce_lra.collect(str(workdir), "listops")["status"] == (
+      "unfinished")
+  assert not (workdir / "results.json").exists()
+  assert not any("test_loss" in r
+                 for r in metrics_lib.read_metrics(str(workdir)))
 
 
 # Restoring arrays cut short leaves orbax's asyncio callbacks to a closed
