@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from htransformer import launch
 from tests.scripts_helper import ROOT, child_env, load_script
 
 SPEC = "model.block_size=8,16,32;optimizer.learning_rate=0.05,0.1"
@@ -263,3 +264,79 @@ def test_unusable_workdir_is_a_clear_error(tmp_path):
   r = run_sweep(f"--workdir={tmp_path / 'typo'}", "--launch=collect")
   assert r.returncode == 2 and "no such folder" in r.stderr, r.stderr
   assert not (tmp_path / "typo").exists()
+
+
+def test_gpu_lists_and_counts():
+  """--gpus (sweep.py, reproduce_lra.py): a count or a list of ids, each
+  GPU once; the runs' environment puts the repository first on
+  PYTHONPATH."""
+  assert launch.parse_gpus("4") == ["0", "1", "2", "3"]
+  assert launch.parse_gpus("1") == ["0"]
+  assert launch.parse_gpus("3,5") == ["3", "5"]
+  assert launch.parse_gpus("0,") == ["0"]
+  for bad, message in (("0,0", "names a GPU twice"),
+                       ("1, 2,1", "names a GPU twice"),
+                       ("0", "is a count of no GPUs"),
+                       ("x", "is not a count or a list"),
+                       ("-1", "is not a count or a list"),
+                       ("", "is not a count or a list")):
+    with pytest.raises(ValueError, match=message):
+      launch.parse_gpus(bad)
+  env = launch.env_with_path("/repo", PYTHONPATH="/site", CUDA="1")
+  assert env["PYTHONPATH"] == os.pathsep.join(["/repo", "/site"])
+  assert env["CUDA"] == "1"
+
+
+def test_finished_earlier_is_a_run_with_the_same_settings(tmp_path):
+  """A run of the grid is not launched again where it finished (results.json)
+  with the point's settings, how often it logged, evaluated or checkpointed
+  aside; more steps, another value or no results.json launch it."""
+  from htransformer import config_utils  # pylint: disable=g-import-not-at-top
+  base = config_utils.load_config(
+      os.path.join(ROOT, "configs", "listops.py") + ":quick")
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(
+      base.to_json_best_effort(indent=2, sort_keys=True))
+  assert not sweep.finished_earlier(base, str(run))  # still training
+  (run / "results.json").write_text(json.dumps(
+      {"test_loss": 1.0, "test_accuracy": 0.5}))
+  assert sweep.finished_earlier(base, str(run))
+  assert sweep.finished_earlier(config_utils.with_overrides(
+      base, [("eval_every", "7"), ("checkpoint_every", "9")]), str(run))
+  for key, text in (("num_train_steps", str(base.num_train_steps + 10)),
+                    ("optimizer.learning_rate", "0.5"),
+                    ("model.dropout_rate", "0.25")):
+    assert not sweep.finished_earlier(
+        config_utils.with_overrides(base, [(key, text)]), str(run)), key
+
+
+FAILING_TRAINER = '''#!{python}
+"""Stands in for `python -m htransformer.main`: the run of seed 2 fails,
+the others log an evaluation."""
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:]
+            if a.startswith("--") and "=" in a)
+if args.get("config.seed") == "2":
+  sys.exit(3)
+os.makedirs(args["workdir"], exist_ok=True)
+with open(os.path.join(args["workdir"], "metrics.jsonl"), "w") as f:
+  f.write(json.dumps({{"step": 4, "eval_accuracy": 0.5}}) + "\\n")
+'''
+
+
+def test_failed_run_is_marked_and_the_sweep_fails(tmp_path, capsys):
+  """A run whose process fails is marked "(failed)" in the table, named,
+  and makes the sweep's exit status 1."""
+  trainer = tmp_path / "trainer"
+  trainer.write_text(FAILING_TRAINER.format(python=sys.executable))
+  trainer.chmod(0o755)
+  assert sweep.main([
+      "--config=" + os.path.join(ROOT, "configs", "listops.py") + ":quick",
+      "--sweep=seed=1,2", f"--workdir={tmp_path / 'sw'}", "--launch=local",
+      f"--python={trainer}"]) == 1
+  err = capsys.readouterr().err
+  assert "1 run(s) failed: seed=2" in err
+  table = (tmp_path / "sw" / "sweep.md").read_text()
+  assert "| seed=1 | 0.5000 (4) | - | - | - |" in table
+  assert "| seed=2 (failed) | - | - | - | - |" in table
