@@ -129,7 +129,7 @@ def test_block_size_in_the_row_label(tmp_path):
 def test_finished_runs_with_other_settings_are_refused(tmp_path, capsys):
   """A finished run relaunched with another --set value would be skipped
   as finished and tabled as if it had those settings: refused, naming
-  them; a higher num_train_steps resumes it."""
+  them, as is a lower num_train_steps; a higher one resumes it."""
   trainer = tmp_path / "trainer"
   trainer.write_text(FAKE_TRAINER.format(python=rl.sys.executable))
   trainer.chmod(0o755)
@@ -151,6 +151,11 @@ def test_finished_runs_with_other_settings_are_refused(tmp_path, capsys):
                     "--set=optimizer.learning_rate=0.5"])
   assert (f"{workdir} (optimizer.learning_rate 0.05 -> 0.5)"
           in str(e.value)), str(e.value)
+  # Fewer steps than it trained: refused too (training would refuse them).
+  with pytest.raises(SystemExit) as e:
+    rl.main(argv + ["--set=num_train_steps=10"])
+  assert f"{workdir} (num_train_steps 20 -> 10)" in str(e.value), str(
+      e.value)
   assert rl.main(argv + ["--set=num_train_steps=40"]) == 0
   out = capsys.readouterr().out
   assert "finished earlier" not in out and "num_train_steps=40" in out
