@@ -316,6 +316,21 @@ def test_batch_size_must_divide(tiny_data, tmp_path):
     ("optimizer.learning_rate", 1e-50,
      r"optimizer\.learning_rate must be in float32's range .*, got 1e-50"),
     ("optimizer.warmup_steps", -5, r"optimizer\.warmup_steps must be >= 0"),
+    ("model.qkv_dim", 0, r"model\.qkv_dim must be >= 1"),
+    ("model.mlp_dim", 0, r"model\.mlp_dim must be >= 1"),
+    ("optimizer.b1", -0.1, r"optimizer\.b1 must be in \[0, 1\), got -0\.1"),
+    ("optimizer.b2", 1.0, r"optimizer\.b2 must be in \[0, 1\), got 1\.0"),
+    ("optimizer.eps", -1e-9, r"optimizer\.eps must be >= 0"),
+    ("optimizer.weight_decay", -0.01, r"optimizer\.weight_decay must be >= 0"),
+    ("optimizer.grad_clip", -1.0, r"optimizer\.grad_clip must be >= 0"),
+    ("optimizer.schedule", "linear", r"optimizer\.schedule must be one of"),
+    ("max_length", 0, r"max_length must be positive, got 0"),
+    ("batch_size", -8, r"batch_size must be >= 1, got -8"),
+    ("eval_batch_size", 0, r"eval_batch_size must be >= 1, got 0"),
+    ("num_train_steps", 0, r"num_train_steps must be >= 1, got 0"),
+    ("log_every", 0, r"log_every must be >= 1, got 0"),
+    ("eval_every", 0, r"eval_every must be >= 1, got 0"),
+    ("checkpoint_every", 0, r"checkpoint_every must be >= 1, got 0"),
 ])
 def test_bad_model_and_optimizer_values_are_named(tiny_data, tmp_path, field,
                                                   value, match):
@@ -451,6 +466,28 @@ def test_first_step_logged_alone_has_no_rate(tiny_data, tmp_path, capsys):
   assert first and first[0].startswith("step 1/3 | ? steps/s | ETA ? |"), out
 
 
+def test_progress_line_rate_and_eta(monkeypatch, capsys):
+  """A progress line's rate counts the steps since the previous line (the
+  first: since the restart), and its ETA is the steps left at that rate."""
+  import types  # pylint: disable=g-import-not-at-top
+  now = [1000.0]
+  monkeypatch.setattr(metrics_lib, "time",
+                      types.SimpleNamespace(time=lambda: now[0]))
+  progress = metrics_lib.Progress(total_steps=10_000, start_step=0)
+  now[0] += 30.0  # compiling the first step
+  progress.restart(1)
+  now[0] += 9.0
+  assert progress.report(10, {"train_loss": 2.5}) == 1.0
+  now[0] += 2.0
+  assert progress.report(20, {}) == 5.0
+  now[0] += 1.0
+  assert progress.report(10_000, {}) == 9980.0
+  assert capsys.readouterr().out.splitlines() == [
+      "step 10/10000 | 1.00 steps/s | ETA 2h46m30s | train_loss 2.5",
+      "step 20/10000 | 5.00 steps/s | ETA 33m16s",
+      "step 10000/10000 | 9980.00 steps/s | ETA 0m00s"]
+
+
 def test_dry_run_prints_parameter_count(tiny_data, tmp_path):
   r = run_main(["--config=configs/listops.py:quick",
                 f"--workdir={tmp_path}", f"--config.data_dir={tiny_data}",
@@ -502,6 +539,9 @@ def test_train_writes_metrics_checkpoints_and_results(tiny_data, tmp_path):
       results["test_accuracy"])
   step, _ = saved_params(str(tmp_path))
   assert step == 12
+  # The last two checkpoints are kept (the one before the last is where a
+  # relaunch resumes if the last cannot be read).
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["8", "12"]
   # Launching again finds the finished run and only re-evaluates.
   again = train.train_and_evaluate(c, str(tmp_path))
   assert again["test_accuracy"] == results["test_accuracy"]
