@@ -388,6 +388,20 @@ def test_relaunch_that_does_not_fit_the_checkpoint_is_refused(tiny_data,
   assert ("model.emb_dim 32 -> 64, model.qkv_dim 32 -> 64, num_train_steps "
           "4 -> 8." in message)
   assert "Use a new --workdir or the run's config." in message
+  # The first difference named is a parameter's (the optimizer's moments
+  # differ with them).
+  assert re.search(r"does not fit this config \(params/\S+: checkpoint "
+                   r"\(\d+, 32\), this config \(\d+, 64\); and \d+ more\)",
+                   message), message
+  # Arrays that only the config has (another layer) do not fit either.
+  deeper = tiny_config(tiny_data, **{"model.num_layers": 2})
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(deeper, w)
+  message = str(e.value)
+  assert re.search(r"checkpoint \(step 4\) does not fit this config "
+                   r"\(params/\S+: checkpoint absent, this config \(", message
+                   ), message
+  assert "model.num_layers 1 -> 2" in message
   with pytest.raises(ValueError, match=r"num_train_steps \(2\) is below the "
                      r"step of the checkpoint in .* \(4\)"):
     train.train_and_evaluate(tiny_config(tiny_data, num_train_steps=2), w)
