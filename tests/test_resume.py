@@ -249,6 +249,9 @@ def test_resumed_with_other_settings_says_so_and_keeps_the_old_config(
                                       "eval_every": 5}), str(workdir))
   out = capsys.readouterr().out
   assert "Resuming from step 8" in out and "Warning" not in out
+  # best/ holds step 8's parameters, of the steps this run continues.
+  assert "Resuming with other settings" not in out
+  assert os.listdir(workdir / "best") in (["8"], ["10"])
   lr_at_8 = optim.learning_rate_schedule(tiny_config(tiny_data).optimizer,
                                          10)(8)
   assert (f"Note: num_train_steps changed from 8 to 10: from step 8 on, the "
@@ -338,31 +341,65 @@ def test_better_evaluation_of_the_best_step_replaces_it(tiny_data,
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("change", ["learning_rate", "num_train_steps"])
 def test_resumed_with_other_settings_drops_the_best_saved_after_it(
-    tiny_data, finished_run, tmp_path, capsys):
-  """A run resumed from step 4 with another learning rate where best/
-  holds step 8's parameters of the earlier settings (a segment killed after
+    tiny_data, finished_run, tmp_path, capsys, change):
+  """A run resumed from step 4 with another learning rate (or another
+  num_train_steps, which the cosine schedule follows) where best/ holds
+  step 8's parameters of the earlier settings (a segment killed after
   evaluating step 8): those go, and best/ ends with this segment's."""
   workdir = tmp_path / "run"
   shutil.copytree(finished_run, workdir)
   assert os.listdir(workdir / "best") == ["8"]
   shutil.rmtree(workdir / "checkpoints" / "8")
   lr = json.load(open(workdir / "config.json"))["optimizer"]["learning_rate"]
-  results = train.train_and_evaluate(
-      tiny_config(tiny_data, **RUN | {"optimizer.learning_rate": lr / 2}),
-      str(workdir))
+  fields = ({"optimizer.learning_rate": lr / 2} if change == "learning_rate"
+            else {"num_train_steps": 12})
+  results = train.train_and_evaluate(tiny_config(tiny_data, **RUN | fields),
+                                     str(workdir))
   assert (f"Resuming with other settings: the best-on-validation parameters "
           f"that an earlier attempt saved after step 4 (step 8) are removed "
           f"from {workdir / 'best'}.") in capsys.readouterr().out
+  evals = {r["step"]: r["eval_accuracy"] for r in metrics_lib.read_metrics(
+      str(workdir)) if "eval_accuracy" in r and r["step"] > 4}
+  assert results["best_eval_accuracy"] == max(evals.values())
+  assert evals[results["best_eval_step"]] == max(evals.values())
+  assert os.listdir(workdir / "best") == [str(results["best_eval_step"])]
+  if change == "num_train_steps":
+    return
   assert results["best_eval_step"] == 8
-  evals = [r["eval_accuracy"] for r in metrics_lib.read_metrics(
-      str(workdir)) if "eval_accuracy" in r and r["step"] == 8]
-  assert evals == [results["best_eval_accuracy"]]
+  assert list(evals.values()) == [results["best_eval_accuracy"]]
   abstract_state = _abstract_state(workdir)
   _, got = ckpt_lib.restore_params(str(workdir), abstract_state, best=True)
   _, want = saved_params(str(workdir))
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_changed_settings_are_every_field_but_those_a_resume_may_change(
+    tiny_data, finished_run, tmp_path):
+  """config_changes (a resume's warning and its best/, the sweep's finished
+  runs) names each field that differs from the run's config.json, those
+  of the model and nested ones included, and one the run's config lacks;
+  not those a resume may change freely."""
+  c = lambda **fields: tiny_config(tiny_data, **RUN | fields)
+  assert train.config_changes(c(), str(finished_run)) == []
+  assert train.config_changes(c(
+      num_train_steps=12, log_every=1, eval_every=2, checkpoint_every=6,
+      eval_batch_size=32, cache_dir="/elsewhere", **{"mesh.model": 1}),
+                              str(finished_run)) == []
+  assert train.config_changes(c(
+      data_seed=3, **{"model.attention": "full", "model.dropout_rate": 0.2,
+                      "data.num_train": 7}), str(finished_run)) == [
+                          "data.num_train 6000 -> 7", "data_seed 0 -> 3",
+                          'model.attention "hierarchical" -> "full"',
+                          "model.dropout_rate 0.1 -> 0.2"]
+  # A run of an older version, whose config.json lacks a field.
+  old = json.load(open(finished_run / "config.json"))
+  del old["model"]["head_activation"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert train.config_changes(c(), str(tmp_path)) == [
+      'model.head_activation (absent) -> "gelu"']
 
 
 def _damage_arrays(step_dir):
@@ -944,6 +981,24 @@ def test_sigterm_during_the_last_evaluation_stops_before_the_test(
   rows = metrics_lib.read_metrics(workdir)
   assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
   assert [r["step"] for r in rows if "test_loss" in r] == [8]
+
+
+def test_rewind_drops_the_rows_a_resumed_run_writes_again(tmp_path):
+  """Resumed at step 4: the rows after it and a line cut short go, the
+  rows of step 4 stay; with redo_final (a finished run's relaunch) its
+  test row goes too. Every line left is a whole row."""
+  rows = [{"step": 2, "train_loss": 1.5}, {"step": 4, "train_loss": 1.25},
+          {"step": 4, "eval_loss": 1.0}, {"step": 4, "test_loss": 1.125},
+          {"step": 5, "train_loss": 1.0}, {"step": 6, "eval_loss": 0.5}]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows)
+                  + '{"step": 3, "train_lo')
+  writer = metrics_lib.MetricWriter(str(tmp_path))
+  writer.rewind(4)
+  assert [json.loads(l) for l in path.read_text().splitlines()] == rows[:4]
+  writer.rewind(4, redo_final=True)
+  assert [json.loads(l) for l in path.read_text().splitlines()] == rows[:3]
+  writer.close()
 
 
 def test_read_metrics_leaves_out_a_line_cut_short(tmp_path):
