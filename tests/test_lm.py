@@ -435,15 +435,55 @@ def test_sampling_is_deterministic_for_a_seed(lm_run):
   a = sampler.generate(prompt, 20, seed=7)
   assert sampler.generate(prompt, 20, seed=7) == a
   assert any(sampler.generate(prompt, 20, seed=s) != a for s in (8, 9))
-  # The command line gives the same text.
+  # The command line gives the same text, the prompt preceded by eos (a
+  # seed where the prompt alone continues otherwise).
+  bare = tok.encode("The market")
+  seed = next(s for s in range(7, 40) if sampler.generate(bare, 20, seed=s)
+              != sampler.generate(prompt, 20, seed=s))
+  a = sampler.generate(prompt, 20, seed=seed)
   env = child_env(JAX_PLATFORMS="cpu")
   r = subprocess.run(
       [sys.executable, "-m", "htransformer.sample", f"--workdir={workdir}",
-       "--prompt=The market", "--max_new_tokens=20", "--seed=7",
+       "--prompt=The market", "--max_new_tokens=20", f"--seed={seed}",
        "--nostop_at_eos"], cwd=ROOT, env=env, capture_output=True, text=True,
       timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.strip() == tok.decode(prompt + a).strip()
+
+
+def _arrays(tree):
+  """{"a/b/c": numpy array} of a tree of parameters (an nnx State or the
+  dicts orbax restores)."""
+  def name(path):
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k)))
+                    for k in path)
+    return name.removesuffix("/.value").removesuffix("/value")
+  return {name(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_sampling_with_best_reads_the_best_parameters(lm_run, tmp_path):
+  """--best samples with best/'s parameters, not the latest checkpoint's
+  (here of another step: the checkpoint of best's step is deleted)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = lm_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  [best_step] = os.listdir(copy / "best")
+  shutil.rmtree(copy / "checkpoints" / best_step)
+  mngr = ocp.CheckpointManager(str(copy / "best"),
+                               item_names=("params", "info"))
+  want = _arrays(mngr.restore(int(best_step), args=ocp.args.Composite(
+      params=ocp.args.StandardRestore()))["params"])
+  mngr.close()
+  params = lambda best: _arrays(nnx.split(
+      sample.load_run(str(copy), best=best)[0], nnx.Param)[1])
+  got, latest = params(True), params(False)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert any(not np.array_equal(latest[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("best", [False, True], ids=["latest", "best"])
