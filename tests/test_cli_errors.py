@@ -46,6 +46,9 @@ def test_empty_workdir_is_refused(tmp_path):
         not os.path.isdir("/proc"), reason="no /proc")),
     pytest.param("read_only", "cannot write into it", marks=pytest.mark.skipif(
         os.geteuid() == 0, reason="root writes into read-only folders")),
+    # A folder no one, root included, can write into.
+    pytest.param("/proc", "cannot write into it", marks=pytest.mark.skipif(
+        not os.path.isdir("/proc"), reason="no /proc")),
 ])
 def test_unusable_workdir_is_a_clear_error(tmp_path, where, problem):
   (tmp_path / "a_file").write_text("not a folder")
