@@ -333,8 +333,11 @@ def _check_model_and_optimizer(config):
                      f"got {opt.learning_rate}.")
   # The schedule computes in float32: a larger value is inf there (an inf or
   # NaN learning rate), a smaller one is 0.
+  # (Compared as Python floats: against numpy's float32 scalars a value
+  # past their range was cast, with an overflow warning.)
   f32 = np.finfo(np.float32)
-  if not f32.smallest_subnormal <= opt.learning_rate <= f32.max:
+  low, high = float(f32.smallest_subnormal), float(f32.max)
+  if not low <= opt.learning_rate <= high:
     raise ValueError(f"optimizer.learning_rate must be in float32's range "
                      f"[{f32.smallest_subnormal}, {f32.max}], got "
                      f"{opt.learning_rate}.")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -334,10 +335,13 @@ def test_batch_size_must_divide(tiny_data, tmp_path):
 ])
 def test_bad_model_and_optimizer_values_are_named(tiny_data, tmp_path, field,
                                                   value, match):
-  """Refused before anything runs or is written, naming the field."""
+  """Refused before anything runs or is written, naming the field, and
+  without warnings on the way (a value past float32's range was cast)."""
   c = tiny_config(tiny_data, **{field: value})
-  with pytest.raises(ValueError, match=match):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)
+    with pytest.raises(ValueError, match=match):
+      train.train_and_evaluate(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
