@@ -44,7 +44,12 @@ XLA or in the kernels), ``--handover_dtype``
 levels run as one tail), ``--pyramid_pass`` (levels per Mosaic GPU
 pyramid pass) and ``--pyramid_stages`` (the steps such a pass loads
 ahead: ``kernels.TUNING``); the pyramid's heads and rows per
-program are the first values.
+program are the first values. Each setting's row names how it builds
+the forward's pyramid (``"pyramid"``: ``kernels.pyramid_plan``, e.g.
+``["mosaic 3 (slots 1)", ..., "dot 2"]``): shared memory decides
+whether a pass of ``--pyramid_pass`` levels, or ``--pyramid_stages``
+steps, fits (at head_dim 64, three steps fit passes of two levels only;
+at 128, no pass, so the pyramid goes to the "dot" kernel).
 ``--only_settings`` leaves out the copy ceiling, cuDNN and pyramid rows
 (they do not change from one comparison of TUNING values to the next).
 ``--by_kernel`` also traces the forward and the forward+backward of each
@@ -111,6 +116,7 @@ import numpy as np  # noqa: E402
 
 from htransformer import profiling  # noqa: E402
 from htransformer.attention import full_attention  # noqa: E402
+from htransformer.attention import hierarchical  # noqa: E402
 from htransformer.attention import kernels  # noqa: E402
 
 
@@ -481,13 +487,29 @@ def _named(tuning):
           for key, x in tuning.items()}
 
 
-def setting_row(args, length, tile, tuning, fns, inputs, timed):
-  """One setting's row: its TUNING values, the wall time per call of the
-  forward and forward+backward (``fns``, on ``inputs`` (q, k, v,
-  valid)), and with ``--by_kernel`` the device time of each kernel kind."""
+def pyramid_of(args, inputs):
+  """How the setting in ``kernels.TUNING`` builds the pyramid of ``inputs``
+  (q, ...): ``kernels.pyramid_plan``, with the kernels' padding."""
+  b, length, h, d = inputs[0].shape
+  n = hierarchical.padded_length(length, args.block_size)
+  return kernels.pyramid_plan(
+      (b, n, h, kernels.kernel_head_dim(d)), inputs[0].dtype,
+      args.block_size, causal=args.causal,
+      uniform=not args.masked and n == length, interpret=args.interpret)
+
+
+def setting_row(args, length, tile, tuning, fns, inputs, timed,
+                pyramid=None):
+  """One setting's row: its TUNING values, how it builds the pyramid
+  (``pyramid``, else ``pyramid_of`` under the current TUNING), the wall
+  time per call of the forward and forward+backward (``fns``, on
+  ``inputs`` (q, k, v, valid)), and with ``--by_kernel`` the device time
+  of each kernel kind."""
   attn, fwd_bwd = fns
   row = {"length": length, "tile": tile, "masked": args.masked,
-         **_named(tuning), "dq_warps": args.dq_warps or "auto",
+         **_named(tuning),
+         "pyramid": pyramid or pyramid_of(args, inputs),
+         "dq_warps": args.dq_warps or "auto",
          "dkv_warps": args.dkv_warps or "auto",
          "coarsen_heads": args.coarsen_heads[0],
          "coarsen_rows": args.coarsen_rows[0] or 64,
@@ -562,16 +584,17 @@ def worker(args, default, timed):
         except Exception as e:  # noqa: BLE001 (reported in its row)
           fns = f"failed: {type(e).__name__}: {str(e)[:300]}"
         mine.append((position - 1, length, tile, tuning, fns,
-                     (*inputs[:3], valid)))
+                     (*inputs[:3], valid), pyramid_of(args, inputs)))
   finally:
     turns.ready()
-  for position, length, tile, tuning, fns, inputs in mine:
+  for position, length, tile, tuning, fns, inputs, pyramid in mine:
     with turns.turn():
       if isinstance(fns, str):
         row = {"length": length, "tile": tile, **_named(tuning),
-               "failed": fns}
+               "pyramid": pyramid, "failed": fns}
       else:
-        row = setting_row(args, length, tile, tuning, fns, inputs, timed)
+        row = setting_row(args, length, tile, tuning, fns, inputs, timed,
+                          pyramid)
       print(json.dumps(row), flush=True)
       with open(os.path.join(turns.sync, f"rows.{index}"), "a") as f:
         f.write(json.dumps({**row, "_index": position}) + "\n")

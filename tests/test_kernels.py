@@ -567,6 +567,50 @@ def test_mosaic_coarsen_lowers_for_hopper_where_it_fits(monkeypatch, width,
       assert slots == (fits if counts else uniform)[0]
 
 
+def _pyramid_launches(jaxpr):
+  """(kind, levels) of each launch in a traced pyramid: a Mosaic GPU pass
+  (a ``custom_vmap_call`` in interpret mode) or a "dot" kernel, each with
+  one output per level and array (q, k, v)."""
+  kinds = {"custom_vmap_call": "mosaic", "pallas_call": "dot"}
+  return [(kinds[e.primitive.name], len(e.outvars) // 3)
+          for e in jaxpr.eqns if e.primitive.name in kinds]
+
+
+@pytest.mark.parametrize("width,masked,tuning,want", [
+    (64, False, {}, ["mosaic 3 (slots 1)", "mosaic 2 (slots 2)", "dot 1"]),
+    (64, False, {"pyramid_pass": 2},
+     ["mosaic 2 (slots 2)", "mosaic 2 (slots 2)", "dot 2"]),
+    # Three steps ahead fit passes of two levels only.
+    (64, False, {"pyramid_stages": 3},
+     ["mosaic 2 (slots 2)", "mosaic 2 (slots 2)", "dot 2"]),
+    # Counts as arrays (a mask): their vectors fit beside the blocks.
+    (64, True, {}, ["mosaic 3 (slots 1)", "mosaic 2 (slots 2)", "dot 1"]),
+    (128, False, {}, ["mosaic 2 (slots 2)", "mosaic 2 (slots 2)", "dot 2"]),
+    # Rows of 128 three steps ahead fit no pass: the "dot" kernel's.
+    (128, False, {"pyramid_stages": 3}, ["dot 6"]),
+])
+def test_pyramid_plan_is_the_pyramid_the_kernels_build(monkeypatch, width,
+                                                       masked, tuning,
+                                                       want):
+  """``kernels.pyramid_plan`` (what ``profile_kernels.py`` reports with a
+  setting) names the launches the forward's pyramid makes under TUNING:
+  traced with the Mosaic GPU passes (interpret mode), 2,048 tokens in
+  blocks of 16 (levels 1-6 to build)."""
+  monkeypatch.setitem(kernels.TUNING, "coarsen_impl", "mosaic")
+  for key, value in tuning.items():
+    monkeypatch.setitem(kernels.TUNING, key, value)
+  x = jax.ShapeDtypeStruct((1, 2048, 2, width), jnp.bfloat16)
+  plan = kernels.pyramid_plan(x.shape, x.dtype, 16, uniform=not masked)
+  assert plan == want
+  c = (jax.ShapeDtypeStruct((1, 2048), jnp.float32) if masked else
+       kernels.Uniform(1.0, (1, 2048)))
+  traced = jax.make_jaxpr(lambda q, k, v, *c: kernels._pyramid(
+      q, k, v, c[0] if c else kernels.Uniform(1.0, (1, 2048)), 7, False,
+      True, masked))(x, x, x, *([c] if masked else []))
+  assert _pyramid_launches(traced.jaxpr) == [
+      (kind, int(levels)) for kind, levels, *_ in (p.split() for p in plan)]
+
+
 @pytest.mark.parametrize("width,dtype", [(16, "bfloat16"), (64, "bfloat16"),
                                          (128, "bfloat16")])
 def test_mosaic_pyramid_passes_of_three_levels_where_they_fit(monkeypatch,

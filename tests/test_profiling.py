@@ -255,18 +255,19 @@ def test_profile_kernels_only_settings(tmp_path, monkeypatch):
 
 
 def test_profile_kernels_workers_time_every_setting_once(tmp_path):
-  """``--jobs 2``: two worker processes (this script again) compile three
-  settings side by side (two and one) and time them one at a time;
-  ``--out`` has each setting's row once, in the serial run's order, after
-  the parent's own rows, and every worker's rows were printed as
-  timed."""
+  """``--jobs 2``: two worker processes (this script again) compile four
+  settings side by side (two each) and time them one at a time; ``--out``
+  has each setting's row once, in the serial run's order, after the
+  parent's own rows, and every worker's rows were printed as timed. Each
+  row says how its own setting builds the pyramid (the worker times it
+  after setting the others)."""
   import subprocess
   out = tmp_path / "rows.json"
   done = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "profile_kernels.py"),
        "--interpret", "--jobs", "2", "--lengths", "64", "--tokens", "64",
        "--block_size", "16", "--tiles", "16", "--coarsen_impl", "dot",
-       "--backward_l0_impl", "auto", "triton", "sweep", "--sweep_blocks",
+       "xla", "--backward_l0_impl", "triton", "sweep", "--sweep_blocks",
        "2",
        "--out", str(out)],
       env=child_env(), cwd=ROOT, capture_output=True, text=True,
@@ -275,14 +276,21 @@ def test_profile_kernels_workers_time_every_setting_once(tmp_path):
   rows = json.loads(out.read_text())
   assert [sorted(row) for row in rows[:2]] == [
       ["device"], ["batch", "block_size", "head_dim", "length",
-                   "pyramid_ms_dot_heads1_rows64"]]
-  want = ["auto", "triton", "sweep"]
-  assert [row["backward_l0_impl"] for row in rows[2:]] == want
+                   "pyramid_ms_dot_heads1_rows64",
+                   "pyramid_ms_xla"]]
+  want = [("dot", "triton"), ("dot", "sweep"), ("xla", "triton"),
+          ("xla", "sweep")]
+  assert [(row["coarsen_impl"], row["backward_l0_impl"])
+          for row in rows[2:]] == want
+  # 64 tokens in blocks of 16: levels 0 and 1, the pyramid makes 1.
+  assert [row["pyramid"] for row in rows[2:]] == [
+      [f"{impl} 1"] for impl, _ in want]
   for row in rows[2:]:
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
   printed = [json.loads(line) for line in done.stdout.splitlines()
              if line.startswith("{") and '"fwd_ms"' in line]
-  assert sorted(row["backward_l0_impl"] for row in printed) == sorted(want)
+  assert sorted((row["coarsen_impl"], row["backward_l0_impl"])
+                for row in printed) == sorted(want)
   done = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "profile_kernels.py"),
        "--interpret", "--jobs", "0"], env=child_env(), cwd=ROOT,

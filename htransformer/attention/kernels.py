@@ -2019,21 +2019,36 @@ def _mosaic_pass(arrays, modes, left, counts=True):
   return None
 
 
+def _mosaic_passes(arrays, modes, count, counts=True):
+  """The Mosaic GPU passes ``_coarsen_mosaic`` makes of the next ``count``
+  levels of ``arrays`` (their shapes and dtypes are enough): a list of
+  ``_mosaic_pass``'s (levels, [(array indices, output slots)]), one per
+  pass, each from the last's coarsest level, and how many levels are left
+  to the "dot" kernel after them (no pass fits those)."""
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
+  passes, done = [], 0
+  while done < count:
+    chosen = _mosaic_pass(shapes, modes, count - done, counts)
+    if chosen is None:
+      break
+    passes.append(chosen)
+    done += chosen[0]
+    shapes = [jax.ShapeDtypeStruct(
+        (x.shape[0], x.shape[1] >> chosen[0]) + x.shape[2:], x.dtype)
+              for x in shapes]
+  return passes, count - done
+
+
 def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
-  """``_coarsen`` in Mosaic GPU passes (``_mosaic_pass``: two levels, or
+  """``_coarsen`` in Mosaic GPU passes (``_mosaic_passes``: two levels, or
   ``TUNING["pyramid_pass"]``), each from the last; what no pass fits
   (fewer than 4 x 64 rows, or blocks too large for shared memory: float32
   rows of 128) by the "dot" kernel."""
   from htransformer.attention import mosaic  # Only where it is chosen.
   levels = [[] for _ in arrays]
-  while len(levels[0]) < count:
-    chosen = _mosaic_pass(arrays, modes, count - len(levels[0]),
-                          counts=not isinstance(c, Uniform))
-    if chosen is None:
-      rest = _coarsen(arrays, modes, c, count - len(levels[0]), interpret,
-                      base, impl="dot")
-      return [done + more for done, more in zip(levels, rest)]
-    step, launches = chosen
+  passes, rest = _mosaic_passes(arrays, modes, count,
+                                counts=not isinstance(c, Uniform))
+  for step, launches in passes:
     new = [None] * len(arrays)
     for ids, out_slots in launches:  # One launch per width.
       out = mosaic.coarsen([arrays[i] for i in ids], [modes[i] for i in ids],
@@ -2048,7 +2063,42 @@ def _coarsen_mosaic(arrays, modes, c, count, interpret, base):
     arrays = [more[-1] for more in new]
     c = _coarser_counts(c, step)
     base += step
+  if rest:
+    more = _coarsen(arrays, modes, c, rest, interpret, base, impl="dot")
+    levels = [done + m for done, m in zip(levels, more)]
   return levels
+
+
+def pyramid_plan(shape, dtype, block_size, *, value_dim=None, causal=False,
+                 uniform=True, interpret=False) -> list[str]:
+  """How the forward's pyramid of q, k and v ([B, n, H, D] after the
+  kernels' padding of n and D; v of ``value_dim``, else D) is built under
+  the current ``TUNING``, one entry per launch group: "mosaic L (slots
+  S)" for a Mosaic GPU pass of L levels (S: its output slots, per width),
+  else the implementation and its levels, e.g. "dot 2". ``uniform``: the
+  counts are a number (no mask, no padding). What ``scripts/
+  profile_kernels.py`` reports with each setting: whether a pass of
+  ``pyramid_pass`` levels, or ``pyramid_stages`` steps, fits is decided
+  by shared memory, and where neither fits the pyramid takes other
+  kernels."""
+  b, n, h, d = shape
+  levels = int(round(math.log2(n // block_size)))
+  impl = coarsen_impl(interpret)
+  modes = [_query_mode(causal, not uniform), "mean", "mean"]
+  plan = []
+  for base, count in _chunks(levels):
+    if impl != "mosaic":
+      plan.append(f"{impl} {count}")
+      continue
+    rows = n >> base
+    arrays = [jax.ShapeDtypeStruct((b, rows, h, width), dtype)
+              for width in (d, d, value_dim or d)]
+    passes, rest = _mosaic_passes(arrays, modes, count, counts=not uniform)
+    plan += [f"mosaic {step} (slots {'/'.join(str(s) for _, s in launches)})"
+             for step, launches in passes]
+    if rest:
+      plan.append(f"dot {rest}")
+  return plan
 
 
 def _level_counts(c0, levels):
