@@ -99,3 +99,21 @@ def test_build_after_a_killed_build_removes_its_leftovers(tmp_path):
   d = cache.build_once(str(cache_dir), "set", write)
   assert open(os.path.join(d, "data.txt")).read() == "y"
   assert sorted(os.listdir(cache_dir)) == sorted(["set"] + others)
+
+
+def test_a_folder_in_place_without_the_marker_is_built_again(tmp_path):
+  """A folder at the entry's place without the completion marker (copied
+  by hand and cut short, or written in place by an older version) is not
+  taken as data: it is replaced by a complete build."""
+  stale = tmp_path / "set"
+  stale.mkdir()
+  (stale / "half.txt").write_text("x")
+
+  def write(folder):
+    with open(os.path.join(folder, "data.txt"), "w") as f:
+      f.write("y")
+
+  d = cache.build_once(str(tmp_path), "set", write)
+  assert sorted(os.listdir(d)) == sorted([cache.COMPLETE_MARKER, "data.txt"])
+  assert open(os.path.join(d, "data.txt")).read() == "y"
+  assert os.listdir(tmp_path) == ["set"]
