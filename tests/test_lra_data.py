@@ -97,6 +97,10 @@ def test_imdb_local_folder(tmp_path):
   n = len(reviews[("test", "neg", 0)])
   assert (short[:n] > 0).all() and (short[n:] == 0).all()
   assert pickle.loads(pickle.dumps(src))[4]["inputs"].tolist() == x.tolist()
+  assert src[-2]["inputs"].tolist() == x.tolist()  # from the end, as lists
+  for index in (6, -7):
+    with pytest.raises(IndexError, match="out of range for 6 examples"):
+      src[index]  # pylint: disable=pointless-statement
   with pytest.raises(FileNotFoundError, match="aclImdb"):
     imdb.load_sources(str(tmp_path / "aclImdb" / "train"))
 
@@ -185,6 +189,23 @@ def test_retrieval_loader(tmp_path):
   bad.write_text("1\tid\tonly three\n")
   with pytest.raises(ValueError, match="5 tab-separated"):
     retrieval.read_split(str(bad))
+
+
+def test_retrieval_data_dir_is_the_folder_holding_every_split(tmp_path):
+  """A folder holding some of the files (a copy of the training file
+  beside the release) is not the data: its tsv_data/, which holds all
+  three, is; without all three anywhere, the error names the files."""
+  folder = str(tmp_path / "tsv_data")
+  rows = _write_aan(folder)
+  with open(tmp_path / "new_aan_pairs.train.tsv", "w") as f:
+    f.write("1\tx\ty\tstray copy\tof one file\n")
+  assert retrieval.find_data_dir(str(tmp_path)) == folder
+  train = retrieval.load_sources(str(tmp_path), max_length=16)["train"]
+  assert len(train) == 5
+  assert byte_source.decode_ids(train[0]["inputs"][0]) == rows["train"][0][1]
+  os.remove(os.path.join(folder, "new_aan_pairs.eval.tsv"))
+  with pytest.raises(FileNotFoundError, match="lacks new_aan_pairs"):
+    retrieval.find_data_dir(str(tmp_path))
 
 
 # --- Image (CIFAR-10). ---
@@ -366,3 +387,10 @@ def test_dry_run_reads_no_data(task, data_dir, tmp_path):
     c.data.tfds_data_dir = nowhere
   dry = tasks.get_task(c)  # Same vocabulary, classes, kind, length...
   assert dry == dataclasses.replace(real, sources={}, data_dir="")
+  # The pixel tasks name the token of a black pixel (what
+  # model.mask_black_pixels leaves out of attention); the others have none.
+  pixels = task in ("image", "pathfinder", "pathx")
+  assert real.black_pixel_token == (1 if pixels else None)
+  if task == "image":  # The first image of data_batch_1 is all black.
+    black = real.sources["train"][0]["inputs"]
+    assert (black == real.black_pixel_token).all()

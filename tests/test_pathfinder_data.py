@@ -343,6 +343,23 @@ def test_png_roundtrip_and_all_filters():
     png.decode(b"not a png")
 
 
+def test_png_gray_with_alpha_reads_the_gray_channel(monkeypatch):
+  """Colour type 4 (gray + alpha): the gray values, not the alpha, by
+  Pillow and by the numpy decoder."""
+  rng = np.random.default_rng(2)
+  gray = rng.integers(0, 256, (6, 5)).astype(np.uint8)
+  alpha = rng.integers(0, 256, (6, 5)).astype(np.uint8)
+  rows = np.concatenate([np.zeros((6, 1), np.uint8),
+                         np.stack([gray, alpha], -1).reshape(6, 10)], 1)
+  header = struct.pack(">IIBBBBB", 5, 6, 8, 4, 0, 0, 0)
+  data = (b"\x89PNG\r\n\x1a\n" + png._chunk(b"IHDR", header)
+          + png._chunk(b"IDAT", zlib.compress(rows.tobytes()))
+          + png._chunk(b"IEND", b""))
+  np.testing.assert_array_equal(png.decode(data), gray)
+  monkeypatch.setattr(png, "_PIL", None)
+  np.testing.assert_array_equal(png.decode(data), gray)
+
+
 @pytest.mark.parametrize("filters", [[0, 1, 2, 3, 4], [3], [4]])
 def test_png_decoders_agree(monkeypatch, filters):
   """The Pillow path (when installed) and the numpy decoder give the same
