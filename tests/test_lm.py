@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,32 @@ def test_text_split_is_a_stable_partition(tmp_path):
     text_lib.split_documents(files[:1], "document", 0.15, 0.15)
 
 
+def test_text_split_points(tmp_path):
+  """split_by='text' cuts a file at the first line break at or after
+  1 - val - test and 1 - test of its characters; split_by='document'
+  puts a file in test where crc32 of its path in the common folder / 2**32
+  is below test_fraction, in validation below test + val, else in train."""
+  lines = [f"line {i:04d}\n" for i in range(10)]  # 10 characters each
+  (tmp_path / "one.txt").write_text("".join(lines))
+  got = text_lib.split_documents([str(tmp_path / "one.txt")], "text", 0.1,
+                                 0.3)
+  assert got == {"train": ["".join(lines[:7])], "val": [lines[7]],
+                 "test": ["".join(lines[8:])]}
+  folder = tmp_path / "docs"
+  folder.mkdir()
+  for i in range(60):
+    (folder / f"d{i}.txt").write_text(f"document {i}\n")
+  files = text_lib.find_files(str(folder / "*.txt"))
+  u = {f"document {i}\n": zlib.crc32(f"d{i}.txt".encode()) / 2**32
+       for i in range(60)}
+  got = text_lib.split_documents(files, "document", 0.3, 0.1)
+  want = {"test": {t for t, x in u.items() if x < 0.1},
+          "val": {t for t, x in u.items() if 0.1 <= x < 0.4},
+          "train": {t for t, x in u.items() if x >= 0.4}}
+  assert {s: set(docs) for s, docs in got.items()} == want
+  assert all(want.values())
+
+
 def test_text_task_rows(tmp_path):
   pattern = write_corpus(str(tmp_path / "c"))
   c = tiny_config(pattern, **{"data.vocab": "byte"})
@@ -197,6 +224,15 @@ def test_text_task_rows(tmp_path):
                                    0.15, 0.15)["train"][0]
   assert a["inputs"][0] == tokenizer_lib.EOS_ID
   assert task.tokenizer.decode(a["inputs"]) == first[:31]
+  # Validation and test rows predict their own split's documents, every
+  # token once (the last row's padding weighs 0).
+  docs = text_lib.split_documents(text_lib.find_files(pattern), "document",
+                                  0.15, 0.15)
+  for split in ("val", "test"):
+    src = task.sources[split]
+    predicted = np.concatenate([src[i]["targets"][src[i]["weights"] > 0]
+                                for i in range(len(src))])
+    assert task.tokenizer.decode(predicted) == "".join(docs[split]), split
 
 
 # -------------------------------------------------------------------- lm1b
@@ -229,6 +265,28 @@ def test_lm1b_through_tfds_mock_data(tmp_path):
     ids = task.tokenizer.encode(first)
     np.testing.assert_array_equal(train_row["targets"][:len(ids)],
                                   ids[:32])
+
+
+def test_lm1b_validation_is_the_end_of_train_at_most_a_tenth(tmp_path):
+  """Validation is the last lm1b_val_sentences sentences of tfds's train,
+  at most a tenth of them; training the sentences before."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from htransformer.data import lm1b  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=100,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    full = tfds.data_source("lm1b", split="train")
+
+    def text(i):
+      t = full[i]["text"]
+      return t.decode() if isinstance(t, bytes) else t
+
+    for asked, val in ((4, 4), (50, 10)):
+      sents = lm1b.load_sentences(None, asked)
+      assert [len(sents[s]) for s in ("train", "val", "test")] == [
+          100 - val, val, 100]
+      assert sents["val"][0] == text(100 - val)
+      assert sents["val"][val - 1] == text(99)
+      assert sents["train"][99 - val] == text(99 - val)
 
 
 def test_lm1b_without_tfds_is_a_clear_error(monkeypatch):
