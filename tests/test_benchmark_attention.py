@@ -1,6 +1,7 @@
 """scripts/benchmark_attention.py: a real (tiny, CPU) run end to end, its
 markdown section, --merge, and the checks of its flags."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -215,3 +216,107 @@ def test_copy_bandwidth_is_the_fastest_copy(monkeypatch):
   assert (env["copy_gbps"], env["copy_gbps_mosaic"]) == (4020.0, 4020.0)
   assert (env["coarsen_impl"], env["forward_l0_impl"]) == ("mosaic", "mosaic")
   assert bench.environment_info()["copy_gbps"] is None
+
+
+def _result(method, length, fwd_bwd_ms, fwd_ms=None, tokens=1024):
+  ok = lambda ms: {"status": "ok", "median_ms": ms}
+  return {"method": method, "length": length,
+          "batch": bench.batch_for(length, tokens), "status": "ok",
+          "fwd": ok(fwd_ms or fwd_bwd_ms / 3), "fwd_bwd": ok(fwd_bwd_ms)}
+
+
+def _config(methods, lengths, **changes):
+  return {"tokens": 1024, "heads": 2, "head_dim": 16, "dtype": "float32",
+          "causal": False, "repeats": 1, "warmup": 0, "seed": 0,
+          "lengths": lengths, "methods": methods,
+          "skip_xla_dense_above": 2**20, "full_max_length": 512,
+          "dropout_rate": 0.0, **changes}
+
+
+def test_markdown_section_is_replaced_where_it_stands(tmp_path):
+  """The run's section replaces the one of the same heading, up to the next
+  heading; the sections before and after it stay as they are, and a new
+  heading is appended at the end."""
+  path = str(tmp_path / "b.md")
+  heading = "## Attention: hierarchical vs full (float32)"
+  with open(path, "w") as f:
+    f.write(f"# Benchmarks\n\n## Before\n\nfirst\n\n{heading}\n\nold table\n"
+            "\n## After\n\nlast\n")
+  bench.update_markdown(path, heading, "new table\n")
+  with open(path) as f:
+    assert f.read() == (f"# Benchmarks\n\n## Before\n\nfirst\n\n{heading}\n"
+                        "\nnew table\n\n## After\n\nlast\n")
+  bench.update_markdown(path, "## Other", "more\n")
+  with open(path) as f:
+    assert f.read().endswith("## After\n\nlast\n\n## Other\n\nmore\n")
+
+
+def test_ratios_are_hierarchical_over_the_reference_and_estimates_scale():
+  """The ratio table divides each hierarchical time by full attention's
+  (lower is better), at lengths where full attention was skipped by its
+  batch * L**2 estimate from the longest measured length, marked ~."""
+  cfg = _config(["hierarchical_16", "full_xla"], [256, 512, 1024])
+  results = [_result("hierarchical_16", 256, 2.0),
+             _result("full_xla", 256, 8.0),
+             _result("hierarchical_16", 512, 3.0),
+             _result("full_xla", 512, 12.0),
+             _result("hierarchical_16", 1024, 6.0),
+             bench.skipped_result("full_xla", 1024, "quadratic",
+                                  argparse.Namespace(tokens=1024))]
+  report = bench.build_report(cfg, {"commands": []}, results, None)
+  lookup = {(r["method"], r["length"]): r for r in report["results"]}
+  # Batch 1 at 1024 against batch 2 at 512: 1 * 1024**2 / (2 * 512**2).
+  assert lookup[("full_xla", 1024)]["fwd_bwd"]["estimated_ms"] == 24.0
+  assert lookup[("full_xla", 1024)]["fwd"]["estimated_ms"] == 8.0
+  rows = [line for line in bench.ratio_lines(report, lookup)
+          if line.startswith("| ")]
+  assert rows == ["| length | hier-16 / XLA dense |", "| 256 | 0.250 |",
+                  "| 512 | 0.250 |", "| 1K | ~0.250 |"]
+
+
+def test_ratio_targets_are_met_at_or_below():
+  cfg = _config(["hierarchical_16", "full_cudnn"], [4096, 16384])
+  results = [_result("hierarchical_16", 4096, 1.2),
+             _result("full_cudnn", 4096, 1.0),
+             _result("hierarchical_16", 16384, 0.5),
+             _result("full_cudnn", 16384, 1.0)]
+  report = bench.build_report(cfg, {"commands": []}, results, None)
+  lookup = {(r["method"], r["length"]): r for r in report["results"]}
+  rows = [line for line in bench.ratio_lines(report, lookup)
+          if line.startswith("| ")]
+  assert rows[1:] == ["| 4K | 1.200 | ≤ 1.2 | yes |",
+                      "| 16K | 0.500 | ≤ 0.35 | no |"]
+
+
+def test_merge_keeps_the_new_measurements_and_the_old_others(tmp_path):
+  """--merge: a pair measured again takes this run's result; the earlier
+  report's other pairs, lengths, methods and commands are kept; a report
+  of another card or other settings is refused."""
+  old_cfg = _config(["hierarchical_16", "full_xla"], [256, 512])
+  old_env = {"device_kind": "cpu", "commands": ["python first"]}
+  old = bench.build_report(old_cfg, old_env, [
+      _result("hierarchical_16", 256, 5.0), _result("full_xla", 256, 9.0),
+      _result("hierarchical_16", 512, 7.0)], None)
+  path = str(tmp_path / "b.json")
+  bench.write_json(path, old)
+  cfg = _config(["hierarchical_64", "hierarchical_16"], [256])
+  env = {"device_kind": "cpu", "commands": ["python second"]}
+  previous = bench.load_previous(path, cfg, env)
+  report = bench.build_report(cfg, env, [
+      _result("hierarchical_16", 256, 1.0),
+      _result("hierarchical_64", 256, 2.0)], previous)
+  got = {(r["method"], r["length"]): r["fwd_bwd"]["median_ms"]
+         for r in report["results"]}
+  assert got == {("hierarchical_16", 256): 1.0, ("full_xla", 256): 9.0,
+                 ("hierarchical_64", 256): 2.0,
+                 ("hierarchical_16", 512): 7.0}
+  assert len(report["results"]) == 4
+  assert report["config"]["lengths"] == [256, 512]
+  assert report["config"]["methods"] == ["hierarchical_16", "hierarchical_64",
+                                         "full_xla"]
+  assert report["environment"]["commands"] == ["python first",
+                                               "python second"]
+  with pytest.raises(SystemExit, match="was measured on cpu, not NVIDIA H200"):
+    bench.load_previous(path, cfg, {**env, "device_kind": "NVIDIA H200"})
+  with pytest.raises(SystemExit, match="head_dim=16, this run 64"):
+    bench.load_previous(path, {**cfg, "head_dim": 64}, env)

