@@ -673,6 +673,27 @@ def test_mosaic_coarsen_takes_a_number_for_the_counts():
                                     np.asarray(e, np.float32))
 
 
+def test_mosaic_coarsen_takes_several_steps_per_program():
+  """``mosaic.coarsen`` with one program per (batch row, head)
+  (``programs=1``): each program runs two pipeline steps of 64 groups
+  (both its stages), whose levels go to their own groups' rows; every
+  mode, with holes, equals one step per program (the default at this
+  length) in interpret mode."""
+  rng = np.random.default_rng(9)
+  c = np.ones((1, 512), np.float32)
+  c[0, [0, 2, 3, 257, 258, 259, 300]] = 0.0
+  c[0, 480:] = 0.0
+  arrays = [jnp.asarray(rng.standard_normal((1, 512, 1, 16)), jnp.bfloat16)
+            for _ in range(3)]
+  modes = ["mean", "first", "first_real"]
+  got, want = (mosaic.coarsen(arrays, modes, jnp.asarray(c), 2,
+                              programs=programs, interpret=True)
+               for programs in (1, None))
+  for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(e, np.float32))
+
+
 def test_mosaic_coarsen_rejects_what_it_cannot_tile():
   x = jnp.zeros((1, 384, 1, 16), jnp.bfloat16)
   with pytest.raises(ValueError, match="multiple of 256, got 384"):
