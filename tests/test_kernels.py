@@ -973,6 +973,42 @@ def test_mosaic_level_kernels_take_numbers_for_counts_and_weights(level,
                     0.5, interpret=True, zero_rows=True, **common)
 
 
+def test_mosaic_level_kernels_take_several_tiles_per_program():
+  """The Mosaic GPU level kernels with one program per (batch row, head)
+  (``programs=1``): each runs the 4 tiles of 256 rows through its two
+  pipeline stages (a slot refilled with the tile two ahead), and the
+  forward, dq and dk, dv equal those of one tile per program (the default
+  at this length) in interpret mode, at a coarse level (keys weighted by
+  counts of 0 to 2) with prolongation weights as arrays."""
+  b, n, heads, d = 1, 256, 1, 32
+  keys = jax.random.split(jax.random.key(80), 11)
+  c = jnp.maximum(jax.random.randint(keys[0], (b, n), -1, 3), 0).astype(
+      jnp.float32)
+  full = lambda key, rows: jax.random.normal(key, (b, rows, heads, d),
+                                             jnp.bfloat16)
+  q, k, v, g = (jnp.where(c[:, :, None, None] > 0, full(x, n), 0)
+                for x in keys[1:5])
+  po, pdq, pdk, pdv = (full(x, n // 2) for x in keys[5:9])
+  plse = 3 * jax.random.normal(keys[9], (b, heads, n // 2), jnp.float32)
+  e, m = (2 * jax.random.normal(x, (b, heads, n))
+          for x in jax.random.split(keys[10]))
+  w = _weights_array(0.5, b, n)
+
+  def kernels_of(programs):
+    common = dict(nr=16, scale=0.125, causal=True, level=1,
+                  programs=programs, interpret=True)
+    return (*mosaic.forward_level(q, k, v, c, po, plse, **common),
+            mosaic.dq_level(q, k, v, c, g, e, m, pdq, w, **common),
+            *mosaic.dkv_level(q, k, v, c, g, e, m, pdk, pdv, w, **common))
+
+  got = jax.jit(lambda: kernels_of(1))()
+  want = jax.jit(lambda: kernels_of(None))()
+  for name, x, y in zip(["o", "lse", "dq", "dk", "dv"], got, want):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    assert np.isfinite(y).all() and np.abs(y).max() > 0.1, name
+    np.testing.assert_array_equal(x, y, err_msg=name)
+
+
 @pytest.mark.parametrize("nr,causal,level,zero_rows", [
     (16, True, 0, False), (64, False, 0, False), (64, True, 0, False),
     (16, False, 1, False), (32, True, 2, False), (16, False, 0, True),
