@@ -694,6 +694,31 @@ def test_mosaic_coarsen_takes_several_steps_per_program():
                                   np.asarray(e, np.float32))
 
 
+def test_mosaic_pyramid_loads_no_counts_where_they_are_a_number(
+    monkeypatch):
+  """The Mosaic GPU pyramid's passes over counts known when tracing
+  (``kernels.Uniform``) are chosen without count vectors in shared
+  memory: 16-bit rows of 128 then take two output slots per pass, where
+  counts as an array leave room for one (traced, not run)."""
+  monkeypatch.setitem(kernels.TUNING, "pyramid_pass", 2)
+  slots = []
+  coarsen = mosaic.coarsen
+
+  def recorded(*args, **kwargs):
+    slots.append(kwargs["out_slots"])
+    return coarsen(*args, **kwargs)
+
+  monkeypatch.setattr(mosaic, "coarsen", recorded)
+  x = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+  modes = ["first_real", "mean", "first"]
+  for c, want in ((kernels.Uniform(1.0, (1, 1024)), 2),
+                  (jnp.ones((1, 1024)), 1)):
+    slots.clear()
+    jax.eval_shape(lambda x: kernels._coarsen_mosaic(
+        [x] * 3, modes, c, 4, False, 0), x)
+    assert slots == [want, want]
+
+
 def test_mosaic_coarsen_rejects_what_it_cannot_tile():
   x = jnp.zeros((1, 384, 1, 16), jnp.bfloat16)
   with pytest.raises(ValueError, match="multiple of 256, got 384"):
