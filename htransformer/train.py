@@ -421,6 +421,12 @@ def _write_whole(path: str, text: str):
   os.replace(path + ".tmp", path)
 
 
+def _say(message: str):
+  """``message`` on the console and in the log (a resume's warnings)."""
+  logging.info(message)
+  print(message, flush=True)
+
+
 def _write_config(config, workdir: str):
   """WORKDIR/config.json (process 0)."""
   if jax.process_index() == 0:
@@ -492,8 +498,7 @@ def _keep_changed_config(workdir: str, step: int, diffs: list[str] | None):
              f"from the run's config (its value -> this one's): "
              f"{', '.join(diffs)}. The steps up to {step} ran with {kept}; "
              f"config.json now holds this config.")
-  logging.info(message)
-  print(message, flush=True)
+  _say(message)
 
 
 def _changed_total(config, workdir: str) -> int | None:
@@ -522,8 +527,7 @@ def _note_new_total(config, step: int, schedule, old: int | None):
              f"{step} on, the {config.optimizer.schedule} learning-rate "
              f"schedule follows the new total (learning rate "
              f"{float(schedule(step)):.4g} at step {step}).")
-  logging.info(message)
-  print(message, flush=True)
+  _say(message)
 
 
 def _refuse_unfit(mismatch: list[str], step: int, config, workdir: str):
