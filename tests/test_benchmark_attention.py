@@ -193,9 +193,48 @@ def test_kernel_lines_measure_the_floor_at_the_copy_bandwidth():
   array = 65536 * 8 * 64 * 2
   row = [line for line in text.splitlines() if line.startswith("| 64K")]
   cells = [c.strip() for c in row[0].split("|")[1:-1]]
-  assert cells[3] == f"{4 * array / 4e12 * 1e3:.3f}"  # forward floor, ms
-  assert cells[4] == f"{4 * array / 0.5e-3 / 1e9:.0f}"  # achieved GB/s
-  assert cells[8] == f"{12 * array / 4e12 * 1e3:.3f}"
+  floor = 4 * array / 4e12 * 1e3
+  assert cells[3] == f"{floor:.3f}"  # forward floor, ms
+  assert cells[4] == f"{0.5 / floor:.1f}"  # times the floor
+  assert cells[5] == f"{4 * array / 0.5e-3 / 1e9:.0f}"  # achieved GB/s
+  assert cells[9] == f"{12 * array / 4e12 * 1e3:.3f}"
+  assert cells[10] == f"{1.5 / (12 * array / 4e12 * 1e3):.1f}"
+
+
+@pytest.mark.parametrize("method,head_dim,length,want", [
+    ("hierarchical_16_pallas", 64, 65536, (0.3, 0.8)),
+    ("hierarchical_16_pallas", 64, 1024, (0.3, 0.8)),
+    ("hierarchical_16_pallas", 64, 262144, (1.2, 3.2)),
+    ("hierarchical_64_pallas", 64, 65536, (0.6, 1.6)),
+    ("hierarchical_16_pallas", 128, 65536, (0.6, 1.6)),
+    ("hierarchical_16_pallas", 128, 1048576, (9.6, 25.6)),
+    ("hierarchical_32_pallas", 64, 65536, None),
+    ("hierarchical_64_pallas", 128, 65536, None),
+    ("hierarchical_16_pallas", 32, 65536, None)])
+def test_kernel_lines_give_each_setting_its_target(method, head_dim, length,
+                                                   want):
+  """The targets: 0.3 / 0.8 ms at blocks of 16 and head_dim 64, twice
+  those at blocks of 64 or head_dim 128 (not both), scaled by the tokens
+  past 65,536; no target at other settings, and met only at or under it."""
+  cfg = {"tokens": 65536, "heads": 8, "head_dim": head_dim,
+         "dtype": "bfloat16", "lengths": [length], "methods": [method]}
+  times = {"fwd": 0.45, "fwd_bwd": 1.3}
+  lookup = {(method, length): {
+      "status": "ok", **{p: {"median_ms": ms} for p, ms in times.items()}}}
+  text = "\n".join(bench.kernel_lines(
+      {"config": cfg, "environment": {"copy_gbps": 3000.0}}, lookup))
+  row = [line for line in text.splitlines()
+         if line.startswith(f"| {bench.format_length(length)} ")]
+  cells = [c.strip() for c in row[0].split("|")[1:-1]]
+  got = (cells[6], cells[7], cells[12], cells[13])
+  if want is None:
+    assert got == ("", "", "", "")
+  else:
+    assert got == (f"{want[0]:g}", "yes" if 0.45 <= want[0] else "no",
+                   f"{want[1]:g}", "yes" if 1.3 <= want[1] else "no")
+  for other in ({"heads": 4}, {"dtype": "float32"}, {"tokens": 32768}):
+    assert bench.kernel_target_ms({**cfg, **other}, method, length,
+                                  "fwd") is None
 
 
 def test_copy_bandwidth_is_the_fastest_copy(monkeypatch):
