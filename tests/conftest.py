@@ -47,16 +47,34 @@ elif "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
 
 # Most of the suite's time on a CPU is XLA compiling (the interpreted
 # kernels, the small models of many tests), not running: LLVM without
-# optimisation compiles them about a third faster, in this process, its
-# workers and the processes they start. Tests that run long computations
-# ask for optimised code (tests/scripts_helper.py, child_env). Only on the CPU
-# (the flag would reach a GPU compiler too), and not when the caller chose
-# a level.
-from tests.scripts_helper import OPT_FLAG  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+# optimisation compiles them about a third faster, and XLA's CPU code built
+# without its fusion emitters (where this XLA has the flag: an unknown flag
+# stops XLA, so a child process tries it first) a third faster again, in
+# this process, its workers and the processes they start. Tests that run
+# long computations ask for optimised code (tests/scripts_helper.py,
+# child_env). Only on the CPU (the flags would reach a GPU compiler too),
+# and not when the caller chose a level.
+from tests.scripts_helper import FUSION_FLAG, OPT_FLAG  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _xla_takes(flag: str) -> bool:
+  """Whether this XLA starts with ``flag`` in XLA_FLAGS."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  probe = "import jax; jax.numpy.ones(2).block_until_ready()"
+  return subprocess.run([sys.executable, "-c", probe], env=env,
+                        capture_output=True, timeout=120).returncode == 0
+
+
 if (os.environ.get("JAX_PLATFORMS") == "cpu"
     and OPT_FLAG not in os.environ.get("XLA_FLAGS", "")):
+  _fast = [f"{OPT_FLAG}=0"]
+  if FUSION_FLAG not in os.environ.get("XLA_FLAGS", "") and _xla_takes(
+      f"{FUSION_FLAG}=false"):
+    _fast.append(f"{FUSION_FLAG}=false")
   os.environ["XLA_FLAGS"] = " ".join(
-      [os.environ.get("XLA_FLAGS", ""), f"{OPT_FLAG}=0"]).strip()
+      [os.environ.get("XLA_FLAGS", "")] + _fast).strip()
 
 
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

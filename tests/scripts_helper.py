@@ -11,6 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA's CPU code optimisation; the suite turns it off (tests/conftest.py)
 # except in the processes that run many steps (child_env(optimised=True)).
 OPT_FLAG = "--xla_backend_optimization_level"
+# XLA's CPU fusion emitters; the suite turns them off where this XLA knows
+# the flag (their code takes about twice as long to build), with OPT_FLAG.
+FUSION_FLAG = "--xla_cpu_use_fusion_emitters"
 
 
 def load_script(name: str):
@@ -29,11 +32,13 @@ def child_env(*, optimised: bool = False, drop_xla_flags=(),
   The repository goes first on PYTHONPATH, ahead of what was there (a
   machine whose packages come through PYTHONPATH keeps them). ``variables``
   are set as given (e.g. JAX_PLATFORMS="cpu"). XLA_FLAGS loses the flags
-  named in ``drop_xla_flags`` (OPT_FLAG too when ``optimised``: the child
-  builds XLA's default optimised code) and gains ``add_xla_flags``.
+  named in ``drop_xla_flags`` (OPT_FLAG and FUSION_FLAG too when
+  ``optimised``: the child builds XLA's default optimised code) and gains
+  ``add_xla_flags``.
   """
   env = launch.env_with_path(ROOT, **variables)
-  drop = set(drop_xla_flags) | ({OPT_FLAG} if optimised else set())
+  drop = set(drop_xla_flags) | ({OPT_FLAG, FUSION_FLAG} if optimised
+                                else set())
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if f.split("=")[0] not in drop]
   env["XLA_FLAGS"] = " ".join(flags + list(add_xla_flags))
