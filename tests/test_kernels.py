@@ -1146,7 +1146,8 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
   on other devices."""
   assert kernels.TUNING["forward_l0_impl"] == "auto"
   assert kernels.TUNING["backward_l0_impl"] == "auto"
-  assert kernels.MOSAIC_L0_FASTER == {"forward": {(32, 64), (16, 128)},
+  assert kernels.MOSAIC_L0_FASTER == {"forward": {(16, 64), (32, 64),
+                                                  (16, 128)},
                                       "backward": {(16, 64), (16, 128)}}
   assert kernels.MOSAIC_L0_FASTER_CAUSAL == {"forward": set(),
                                              "backward": {(16, 64)}}
@@ -1177,12 +1178,15 @@ def test_auto_takes_the_mosaic_level0_kernels_where_they_are_faster(
   assert kernels.level0_impl("backward", block_size=64, head_dim=64,
                              causal=True) == "triton"
   assert kernels.level0_impl("forward", block_size=16,
-                             head_dim=64) == "triton"
+                             head_dim=64) == "mosaic"
+  assert kernels.level0_impl("forward", block_size=16, head_dim=64,
+                             causal=True) == "triton"
   assert kernels.level0_impl("backward", block_size=16,
                              head_dim=64) == "mosaic"
   assert triton_l0(32, 64) == [0, 0, 0, 1]
   assert triton_l0(64, 64) == triton_l0(64, 64, rate=0.1) == [1, 0, 0, 1]
-  assert triton_l0(16, 64) == triton_l0(16, 64, causal=True) == [1, 0, 0, 0]
+  assert triton_l0(16, 64) == [0, 0, 0, 0]
+  assert triton_l0(16, 64, causal=True) == [1, 0, 0, 0]
   # 100 is computed at width 128.
   assert triton_l0(16, 128) == triton_l0(16, 100) == [0, 0, 0, 0]
   for case in (dict(nr=32, d=64, causal=True), dict(nr=32, d=128),
