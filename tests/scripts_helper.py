@@ -14,6 +14,9 @@ OPT_FLAG = "--xla_backend_optimization_level"
 # XLA's CPU fusion emitters; the suite turns them off where this XLA knows
 # the flag (their code takes about twice as long to build), with OPT_FLAG.
 FUSION_FLAG = "--xla_cpu_use_fusion_emitters"
+# The least compile time for which XLA keeps a computation in the
+# persistent cache (tests/conftest.py: 0.2 s in the suite's processes).
+MIN_COMPILE_TIME = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def load_script(name: str):
@@ -35,7 +38,15 @@ def child_env(*, optimised: bool = False, drop_xla_flags=(),
   named in ``drop_xla_flags`` (OPT_FLAG and FUSION_FLAG too when
   ``optimised``: the child builds XLA's default optimised code) and gains
   ``add_xla_flags``.
+
+  The child keeps every computation it compiles in the persistent cache
+  (MIN_COMPILE_TIME 0, unless ``variables`` set it): the processes the
+  tests start mostly compile the same small programs (the tiny models'
+  steps, their evaluation, the checkpoint's), each under the suite's 0.2 s
+  (about 35 of them, ~1 s, in every run of the tiny ListOps job), and the
+  next process reads them back instead.
   """
+  variables.setdefault(MIN_COMPILE_TIME, "0")
   env = launch.env_with_path(ROOT, **variables)
   drop = set(drop_xla_flags) | ({OPT_FLAG, FUSION_FLAG} if optimised
                                 else set())
