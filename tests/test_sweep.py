@@ -124,7 +124,23 @@ def _tiny_overrides(tmp_path):
           "checkpoint_every=4", "optimizer.warmup_steps=2"]
 
 
-def test_local_run_one_per_gpu(tmp_path):
+def sweep_here(capfd, monkeypatch, *args):
+  """scripts/sweep.py ARGS in this process (no process of its own to start),
+  in the environment run_sweep gives it; (exit status, stdout, stderr),
+  the output of the runs it starts included."""
+  for name, value in child_env(JAX_PLATFORMS="cpu").items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.chdir(ROOT)
+  capfd.readouterr()
+  try:
+    code = sweep.main(list(args))
+  except SystemExit as e:  # argparse's usage errors
+    code = e.code
+  out, err = capfd.readouterr()
+  return code, out, err
+
+
+def test_local_run_one_per_gpu(tmp_path, capfd, monkeypatch):
   """--gpus: the runs go concurrently, each with its own
   CUDA_VISIBLE_DEVICES and its console in WORKDIR/<name>/log.txt."""
   overrides = _tiny_overrides(tmp_path)
@@ -132,11 +148,12 @@ def test_local_run_one_per_gpu(tmp_path):
   python.write_text(f'#!/bin/sh\necho "GPU=$CUDA_VISIBLE_DEVICES"\n'
                     f'exec {sys.executable} "$@"\n')
   python.chmod(0o755)
-  r = run_sweep("--config=configs/listops.py:quick",
-                "--sweep=model.block_size=4,8,16", f"--workdir={tmp_path / 'sw'}",
-                "--launch=local", "--gpus=3,5", f"--python={python}",
-                *[f"--set={o}" for o in overrides], timeout=300)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  code, out, err = sweep_here(
+      capfd, monkeypatch, "--config=configs/listops.py:quick",
+      "--sweep=model.block_size=4,8,16", f"--workdir={tmp_path / 'sw'}",
+      "--launch=local", "--gpus=3,5", f"--python={python}",
+      *[f"--set={o}" for o in overrides])
+  assert code == 0, out[-2000:] + err[-2000:]
   gpus = []
   for bs in (4, 8, 16):
     run = tmp_path / "sw" / f"model.block_size={bs}"
@@ -145,41 +162,38 @@ def test_local_run_one_per_gpu(tmp_path):
     assert "Final:" in log, log[-2000:]
     gpus.append(log.splitlines()[0])
   assert gpus[:2] == ["GPU=3", "GPU=5"] and gpus[2] in ("GPU=3", "GPU=5")
-  assert r.stdout.count("finished model.block_size=") == 3
+  assert out.count("finished model.block_size=") == 3
   for bad in ("0,0", "x", "0"):
-    r = run_sweep("--config=configs/listops.py:quick", "--sweep=seed=1",
-                  f"--workdir={tmp_path / 'w'}", f"--gpus={bad}")
-    assert r.returncode == 2 and "--gpus" in r.stderr, r.stderr
-  assert "for GPU 0 alone give --gpus=1 (a count) or --gpus=0," in r.stderr
+    code, out, err = sweep_here(
+        capfd, monkeypatch, "--config=configs/listops.py:quick",
+        "--sweep=seed=1", f"--workdir={tmp_path / 'w'}", f"--gpus={bad}")
+    assert code == 2 and "--gpus" in err, err
+  assert "for GPU 0 alone give --gpus=1 (a count) or --gpus=0," in err
 
 
-def test_local_run(tmp_path):
+def test_local_run(tmp_path, capfd, monkeypatch):
   overrides = _tiny_overrides(tmp_path)
-  r = run_sweep("--config=configs/listops.py:quick",
-                "--sweep=model.block_size=4", f"--workdir={tmp_path / 'sw'}",
-                "--launch=local", *[f"--set={o}" for o in overrides],
-                timeout=300)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  again = lambda *more: sweep_here(
+      capfd, monkeypatch, "--config=configs/listops.py:quick",
+      "--sweep=model.block_size=4", f"--workdir={tmp_path / 'sw'}",
+      "--launch=local", *[f"--set={o}" for o in overrides + list(more)])
+  code, out, err = again()
+  assert code == 0, out[-2000:] + err[-2000:]
   run = tmp_path / "sw" / "model.block_size=4"
   assert json.load(open(run / "config.json"))["model"]["block_size"] == 4
-  line = [l for l in r.stdout.splitlines()
+  line = [l for l in out.splitlines()
           if l.startswith("| model.block_size=4 |")]
-  assert len(line) == 1 and " - " not in line[0], r.stdout[-2000:]
-  assert "Best: model.block_size=4 (eval accuracy" in r.stdout
+  assert len(line) == 1 and " - " not in line[0], out[-2000:]
+  assert "Best: model.block_size=4 (eval accuracy" in out
   # Launched again: the finished run is not run again; with more steps it
   # resumes and trains on.
-  again = lambda *more: run_sweep(
-      "--config=configs/listops.py:quick", "--sweep=model.block_size=4",
-      f"--workdir={tmp_path / 'sw'}", "--launch=local",
-      *[f"--set={o}" for o in overrides + list(more)], timeout=300)
-  r = again()
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-  assert "[model.block_size=4] finished earlier with these settings" in (
-      r.stdout)
-  assert "Resuming" not in r.stdout + r.stderr
-  r = again("num_train_steps=6")
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-  assert "finished earlier" not in r.stdout
+  code, out, err = again()
+  assert code == 0, out[-2000:] + err[-2000:]
+  assert "[model.block_size=4] finished earlier with these settings" in out
+  assert "Resuming" not in out + err
+  code, out, err = again("num_train_steps=6")
+  assert code == 0, out[-2000:] + err[-2000:]
+  assert "finished earlier" not in out
   assert json.load(open(run / "results.json"))["num_train_steps"] == 6
 
 
