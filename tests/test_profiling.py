@@ -257,25 +257,34 @@ def test_profile_kernels_only_settings(tmp_path, monkeypatch):
   assert rows[2]["fwd_ms"] > 0 and rows[2]["fwd_bwd_ms"] > 0
 
 
-def test_profile_kernels_workers_time_every_setting_once(tmp_path):
+def test_profile_kernels_workers_time_every_setting_once(tmp_path, capfd,
+                                                         monkeypatch):
   """``--jobs 2``: two worker processes (this script again) compile four
   settings side by side (two each) and time them one at a time; ``--out``
   has each setting's row once, in the serial run's order, after the
   parent's own rows, and every worker's rows were printed as timed. Each
   row says how its own setting builds the pyramid (the worker times it
-  after setting the others)."""
-  import subprocess
+  after setting the others). The parent runs in this process (its
+  workers in their own, in the environment of the processes the tests
+  start)."""
+  from htransformer.attention import kernels
+  # The parent sets the pyramid's keys: a copy, put back after the test.
+  monkeypatch.setattr(kernels, "TUNING", dict(kernels.TUNING))
+  for name, value in child_env().items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.chdir(ROOT)
+  script = load_script("profile_kernels")
   out = tmp_path / "rows.json"
-  done = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "profile_kernels.py"),
-       "--interpret", "--jobs", "2", "--lengths", "64", "--tokens", "64",
-       "--block_size", "16", "--tiles", "16", "--coarsen_impl", "dot",
-       "xla", "--backward_l0_impl", "triton", "sweep", "--sweep_blocks",
-       "2",
-       "--out", str(out)],
-      env=child_env(), cwd=ROOT, capture_output=True, text=True,
-      timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
+  monkeypatch.setattr(sys, "argv", [
+      os.path.join(ROOT, "scripts", "profile_kernels.py"),
+      "--interpret", "--jobs", "2", "--lengths", "64", "--tokens", "64",
+      "--block_size", "16", "--tiles", "16", "--coarsen_impl", "dot",
+      "xla", "--backward_l0_impl", "triton", "sweep", "--sweep_blocks",
+      "2", "--out", str(out)])
+  capfd.readouterr()
+  script.main()
+  stdout, stderr = capfd.readouterr()
+  assert "of --jobs 2 failed" not in stderr, stderr[-3000:]
   rows = json.loads(out.read_text())
   assert [sorted(row) for row in rows[:2]] == [
       ["device"], ["batch", "block_size", "head_dim", "length",
@@ -290,16 +299,16 @@ def test_profile_kernels_workers_time_every_setting_once(tmp_path):
       [f"{impl} 1"] for impl, _ in want]
   for row in rows[2:]:
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
-  printed = [json.loads(line) for line in done.stdout.splitlines()
+  printed = [json.loads(line) for line in stdout.splitlines()
              if line.startswith("{") and '"fwd_ms"' in line]
   assert sorted((row["coarsen_impl"], row["backward_l0_impl"])
                 for row in printed) == sorted(want)
-  done = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "profile_kernels.py"),
-       "--interpret", "--jobs", "0"], env=child_env(), cwd=ROOT,
-      capture_output=True, text=True, timeout=120)
-  assert done.returncode == 2
-  assert "--jobs must be at least 1, got 0" in done.stderr
+  monkeypatch.setattr(sys, "argv", [
+      "profile_kernels.py", "--interpret", "--jobs", "0"])
+  with pytest.raises(SystemExit) as done:
+    script.main()
+  assert done.value.code == 2
+  assert "--jobs must be at least 1, got 0" in capfd.readouterr().err
 
 
 def test_turns_wait_for_every_worker_and_time_one_at_a_time(tmp_path):
