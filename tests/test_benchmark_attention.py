@@ -22,17 +22,25 @@ def _run(*flags):
       capture_output=True, text=True, timeout=600, check=False)
 
 
-def test_smoke_run_writes_results_and_only_its_section(tmp_path):
+def test_smoke_run_writes_results_and_only_its_section(tmp_path,
+                                                       monkeypatch):
+  """Both runs' main in this process (its probe of the device still a
+  process of its own, as on a GPU host)."""
   out_json, out_md = str(tmp_path / "b.json"), str(tmp_path / "b.md")
   with open(out_md, "w") as f:
     f.write("# Benchmarks\n\n## Another section\n\nkept as is\n")
   flags = ["--methods", "hierarchical_16", "full_xla", "--out_json",
            out_json, "--out_md", out_md]
-  proc = _run("--lengths", "256", *flags)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+
+  def run(*more):  # as _run's command; a failure exits non-zero
+    monkeypatch.setattr(sys, "argv", [
+        os.path.join(ROOT, "scripts", "benchmark_attention.py"), "--smoke",
+        "--repeats", "1", "--warmup", "0", *more, *flags])
+    bench.main()
+
+  run("--lengths", "256")
   # A second run adds a length; --merge keeps the first run's results.
-  proc = _run("--lengths", "512", "--merge", *flags)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  run("--lengths", "512", "--merge")
 
   with open(out_json) as f:
     report = json.load(f)
@@ -79,12 +87,16 @@ def test_cpu_run_writes_nothing_unasked_and_skips_gpu_methods(tmp_path):
     (["--methods", "hierarchical_3"], "must be an even integer >= 2"),
     (["--methods", "hierarchical_24_pallas"], "powers of two >= 16"),
 ])
-def test_bad_flags_are_usage_errors(flags, message):
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "scripts", "benchmark_attention.py"),
-       *flags], capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert message in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_flags_are_usage_errors(flags, message, monkeypatch, capsys):
+  """The script's main in this process: argparse's usage error (exit 2),
+  before anything runs."""
+  monkeypatch.setattr(sys, "argv", [
+      os.path.join(ROOT, "scripts", "benchmark_attention.py"), *flags])
+  with pytest.raises(SystemExit) as done:
+    bench.main()
+  err = capsys.readouterr().err
+  assert done.value.code == 2, err[-2000:]
+  assert message in err and "Traceback" not in err
 
 
 def test_jobs_measure_each_pair_once_in_a_process_of_its_own(tmp_path):
