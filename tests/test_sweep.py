@@ -1,10 +1,12 @@
 """scripts/sweep.py: the grid, the commands, the results table."""
 
+import contextlib
+import io
 import json
 import os
 import shlex
-import subprocess
 import sys
+import types
 
 import pytest
 
@@ -16,10 +18,23 @@ SPEC = "model.block_size=8,16,32;optimizer.learning_rate=0.05,0.1"
 sweep = load_script("sweep")
 
 
-def run_sweep(*args, timeout=120):
-  return subprocess.run([sys.executable, "scripts/sweep.py", *args], cwd=ROOT,
-                        env=child_env(JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=timeout)
+def run_sweep(*args):
+  """``scripts/sweep.py ARGS`` run from ROOT, in this process (for the
+  modes that start no runs: print, collect, the refusals); its exit status
+  and output as a finished process's."""
+  out, err = io.StringIO(), io.StringIO()
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      try:
+        code = sweep.main(list(args))
+      except SystemExit as e:  # argparse's usage errors
+        code = e.code
+  finally:
+    os.chdir(cwd)
+  return types.SimpleNamespace(returncode=code, stdout=out.getvalue(),
+                               stderr=err.getvalue())
 
 
 def test_parse_sweep_and_grid():
