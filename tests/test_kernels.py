@@ -1919,8 +1919,9 @@ def test_forward_without_a_mask_launches_only_kernels(monkeypatch, masked):
   tokens with no mask is the kernels alone: the pyramid's Mosaic GPU
   passes and the level kernels, with no XLA operation between them (each
   would be a launch of its own: the counts of every level were about 17
-  at 65,536 tokens). With a mask the counts are arrays, reductions of it
-  (the check sees them)."""
+  at 65,536 tokens) but one, level 1's lse repeated for level 0's Mosaic
+  GPU forward (``mosaic.forward_level``). With a mask the counts are
+  arrays, reductions of it (the check sees them)."""
   monkeypatch.setattr(kernels, "mosaic_gpu", lambda: True)
   x = jax.ShapeDtypeStruct((1, 4096, 2, 64), jnp.bfloat16)
   valid = jax.ShapeDtypeStruct((1, 4096), jnp.bool_) if masked else None
@@ -1937,7 +1938,11 @@ def test_forward_without_a_mask_launches_only_kernels(monkeypatch, masked):
   if masked:
     assert "stablehlo.reduce" in ops
   else:
-    assert ops == {"stablehlo.reshape", "stablehlo.custom_call"}, ops
+    assert ops == {"stablehlo.reshape", "stablehlo.custom_call",
+                   "stablehlo.broadcast_in_dim"}, ops
+    repeats = re.findall(r"= stablehlo\.broadcast_in_dim .*", text)
+    assert len(repeats) == 1 and repeats[0].endswith(
+        "(tensor<1x2x2048xf32>) -> tensor<1x2x2048x2xf32>"), repeats
 
 
 def _launch_grids(fn, *args):
