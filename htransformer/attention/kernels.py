@@ -87,6 +87,15 @@ the bytes moved, but each tile rebuilds its neighbours' coarse rows,
 which the pyramid builds once (forward 0.68 against 0.54 ms and
 forward+backward 2.35 against 1.67 ms at 65,536 tokens on an H200, tiles
 of 32 rows; slower at every setting measured, docs/benchmarks.md).
+``TUNING["forward"] = "fused"`` (``_fused_forward``; default "levels") keeps
+the pyramid, built once, and the level kernels for levels a+1 .. ; one
+launch over tiles of ``nr * 2**a`` fine rows (at most
+``TUNING["tile_rows"]``) then computes levels a .. 0 of each tile from
+level a+1's result: the coarse queries formed in the program from the
+tile's fine queries, the keys and values of each level read from the
+pyramid (neighbour blocks and the tile's own rows), the running (max,
+normaliser, numerator) prolonged from level to level in registers, the
+output and lse written once (the backward is the level-by-level one).
 
 Attention dropout (``dropout_rate > 0``): every level kernel gets its
 (batch row, head) seed and recomputes, from a weight's level, row and key,
@@ -243,6 +252,13 @@ DEFAULT_TILE = 16
 # kernel must read and write); larger tiles give each program more rows
 # in flight, but at 32 every coarse level was slower: forward+backward
 # 1.144 against 1.070 ms (H200, 1 x 65,536 tokens: docs/benchmarks.md).
+# ``forward``: "levels" (the default: one launch per level, coarse to fine)
+# or "fused" (``_fused_forward``: the level kernels run levels a+1 .. on
+# the pyramid, then one launch over tiles of ``nr * 2**a`` fine rows, at
+# most ``tile_rows`` (default 256: a = 4 at blocks of 16), computes levels
+# a .. 0 of each tile in registers, its coarse queries formed from its fine
+# ones, the neighbour blocks' keys and values read from the pyramid, and
+# writes the output once; not yet timed).
 TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
@@ -252,7 +268,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "handover_dtype": "input", "grid_order": "tiles",
           "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None,
           "sweep_programs": 256, "pyramid_pass": 3, "pyramid_stages": 2,
-          "coarse_tile": 0}
+          "coarse_tile": 0, "forward": "levels", "tile_rows": 256}
 
 
 def _pow2(x: int) -> bool:
@@ -268,6 +284,7 @@ _TUNING_CHOICES = {
     "mosaic_zero_rows": ("xla", "kernel"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
+    "forward": ("levels", "fused"),
 }
 _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
@@ -301,6 +318,8 @@ _TUNING_INTS = {
     "coarse_tile": ("0 (as level 0), or a power of two >= 16 (query rows "
                     "per program from level 1 on)",
                     lambda x: x == 0 or (_pow2(x) and x >= 16)),
+    "tile_rows": ("a power of two >= 16 (fine rows per program of the "
+                  "fused forward)", lambda x: _pow2(x) and x >= 16),
 }
 
 
@@ -815,8 +834,9 @@ def _tile_at(level, tile):
   return tile if level == 0 else (TUNING.get("coarse_tile") or tile)
 
 
-def _level_groups(n0, levels, tile, nr, per_launch):
-  """(first level, number of levels, tile rows at the first) per launch.
+def _level_groups(n0, levels, tile, nr, per_launch, first=0):
+  """(first level, number of levels, tile rows at the first) per launch,
+  levels ``first`` .. ``levels - 1``.
 
   A launch runs ``g`` consecutive levels ``l .. l+g-1`` in one program per
   tile of level ``l``: the tile's rows at level ``l + j`` are the
@@ -825,7 +845,7 @@ def _level_groups(n0, levels, tile, nr, per_launch):
   no redundant work. Every level's tile must keep >= 16 rows (the smallest
   product) and >= ``nr`` (one block), which bounds ``g``. Finest first.
   """
-  out, level = [], 0
+  out, level = [], first
   while level < levels:
     t = min(_tile_at(level, tile), n0 >> level)
     g = 1
@@ -1803,6 +1823,145 @@ def _tail_backward(pyramid, stats, first, tile, *, out_dtypes, seeds, rate,
       name=f"hattn_bwd_merge_l{first}", query_mode=query_mode)
 
 
+# ------------------------------------- the finest levels in one launch
+# from the pyramid (TUNING["forward"] = "fused")
+
+
+def fused_levels(nr: int, levels: int, tile_rows: int) -> int:
+  """``a`` of the fused forward: a program's tile of ``nr * 2**a`` fine
+  rows (at most ``tile_rows``, at least one block) computes levels 0 .. a
+  (a < levels: the tile is at most half the sequence)."""
+  a = 0
+  while a + 1 < levels and (nr << (a + 1)) <= tile_rows:
+    a += 1
+  return a
+
+
+def _coarse_queries(q, c, level, rows, mode, precision):
+  """The ``rows`` coarse queries at ``level`` of the fine rows ``q`` [R, D]
+  (zero where not real) with counts ``c`` [R], as the pyramid forms them
+  (``_query_mode``): a group's mean of its real rows ("mean"), its first
+  row ("first") or its first real row ("first_real"; a group with none:
+  zero, as its count is), in q's dtype; one product of a weight matrix
+  with the rows (tensor cores). Level 0: ``q``."""
+  if level == 0:
+    return q
+  r = q.shape[0]
+  coarse, fine = _iota2((rows, r), 0), _iota2((rows, r), 1)
+  group = (fine >> level) == coarse
+  if mode == "mean":
+    w = jnp.where(group, c[None, :], 0.0)
+  elif mode == "first":
+    w = jnp.where(fine == coarse << level, 1.0, 0.0)
+  else:  # "first_real": real, and no real row before it in its group.
+    i, j = _iota2((r, r), 0), _iota2((r, r), 1)
+    before = jnp.sum(jnp.where(((i >> level) == (j >> level)) & (j < i),
+                               c[None, :], 0.0), axis=1)
+    first = (c > 0) & (before == 0)
+    w = jnp.where(group & first[None, :], 1.0, 0.0)
+  sums = _dot(w.astype(q.dtype), q, precision)
+  if mode == "mean":
+    sums = sums / jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None]
+  return sums.astype(q.dtype)
+
+
+def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
+                      masked, has_parent, query_mode):
+  """Levels a .. 0 of a tile of ``nr * 2**a`` fine rows, coarse to fine.
+
+  ``refs``: (dropout seeds,) the fine q, then (k, v, counts) of each level
+  0 .. a (the pyramid's), (the parent level a+1's normalised output and
+  log-normaliser,) the output and its log-normaliser. The running (max,
+  normaliser, numerator) of the tile's rows starts from the parent's rows
+  and goes from level to level in registers, each coarse row repeated for
+  its two children; each level's queries are formed from the fine ones
+  (``_coarse_queries``), its key pieces (the neighbour blocks, and the
+  tile's own rows at levels below a) read from the pyramid (``_neighbours``:
+  what the level kernel of a tile of those rows reads).
+  """
+  refs, drop = _with_dropout(refs, rate)
+  q_ref = refs[0]
+  level_refs = [refs[1 + 3 * j:4 + 3 * j] for j in range(a + 1)]
+  rest = refs[4 + 3 * a:]
+  parent_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
+  t = nr << a
+  start = _tile_id() * t
+  at = pl.ds(start, t)
+  c_own = level_refs[0][2][at]
+
+  def compute():
+    q, = _zeroed(0, masked, c_own, q_ref[at])
+    state = None
+    if has_parent:  # Level a+1's rows of the tile: nr / 2.
+      po_ref, plse_ref = parent_refs
+      half = pl.ds(_tile_id() * (nr // 2), nr // 2)
+      state = _with_parent(jnp.full((nr // 2,), _NO_KEY, jnp.float32),
+                           jnp.zeros((nr // 2,), jnp.float32), None,
+                           po_ref[half].astype(jnp.float32), plse_ref[half])
+    for level in range(a, -1, -1):
+      rows, n = t >> level, n0 >> level
+      first = start >> level
+      if state is not None:
+        state = tuple(_repeat(x, 2) for x in state)
+      m, z, y = _fold(
+          _coarse_queries(q, c_own, level, rows, query_mode, precision),
+          first + _iota(rows),
+          _neighbours(level_refs[level], first, rows, nr, n, not causal,
+                      level == 0),
+          n=n, nr=nr, level=level, causal=causal, scale=scale,
+          precision=precision, drop=drop, masked=masked)
+      if state is not None:
+        mp, zp, yp = state
+        big = jnp.maximum(m, mp)
+        f, fp = jnp.exp(m - big), jnp.exp(mp - big)
+        m, z, y = (big, z * f + zp * fp,
+                   y * f[:, None] + yp * fp[:, None])
+      state = (m, z, y)
+    o, lse = _normalised(*state)
+    o_ref[at] = jnp.where(c_own[:, None] > 0, o, 0.0).astype(o_ref.dtype)
+    lse_ref[at] = lse
+
+  _unless_padding(c_own, compute, [(o_ref, 0.0), (lse_ref, _NO_KEY)], at=at)
+
+
+def _fused_forward(pyramid, a, parent, *, nr, causal, scale, precision,
+                   interpret, seeds=None, rate=0.0, masked=False):
+  """Levels a .. 0 in one launch (``_fused_fwd_kernel``) from the pyramid
+  and level a+1's (o, lse) ``parent`` (None: a is the coarsest level).
+
+  Returns the output [B, n, H, Dv] in the inputs' dtype and the rows'
+  log-normalisers [B, H, n] (what the level-by-level chain returns)."""
+  q, _, v, _ = pyramid[0]
+  b, n0, h, d = q.shape
+  dv = v.shape[-1]
+  t = nr << a
+  in_specs, args = _seed_inputs(seeds)
+  in_specs.append(_rows_spec(n0, d))
+  args.append(q)
+  for level in range(a + 1):
+    n = n0 >> level
+    in_specs += [_rows_spec(n, d), _rows_spec(n, dv), _counts_spec(n)]
+    args += list(pyramid[level][1:])
+  if parent is not None:
+    n = n0 >> (a + 1)
+    in_specs += [_rows_spec(n, dv), _vec_spec(n)]
+    args += list(parent)
+  kernel = functools.partial(
+      _fused_fwd_kernel, a=a, nr=nr, n0=n0, causal=causal, scale=scale,
+      precision=precision, rate=rate, masked=masked,
+      has_parent=parent is not None,
+      query_mode=_query_mode(causal, masked))
+  return _pallas_call(
+      kernel, args, in_specs,
+      grid=_grid(n0 // t, h, b),
+      out_specs=[_rows_spec(n0, dv), _vec_spec(n0)],
+      out_shape=[jax.ShapeDtypeStruct((b, n0, h, dv), q.dtype),
+                 _f32(b, h, n0)],
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, t, max(d, dv)),
+      name=f"hattn_fwd_fused{a}")
+
+
 # ------------------------------------------------------- pyramid and VJP
 
 
@@ -2232,25 +2391,36 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   levels = int(round(math.log2(n // nr)))
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret, masked)
   handover = _handover_dtype(q.dtype)
+  # The fused forward computes levels 0 .. a; the chain below those above.
+  a = (fused_levels(nr, levels, TUNING.get("tile_rows", 256))
+       if TUNING.get("forward", "levels") == "fused" else None)
+  low = 0 if a is None else a + 1
   parent = None
   tail = _tail_first(n, levels, causal, masked, q.shape[0] * q.shape[2])
+  if tail < low:  # The tail starts at the chain's finest level, if at all.
+    tail = low if levels - low >= 2 else levels
   if tail < levels:
     parent = _tail_forward(
         pyramid, tail, tile, out_dtype=handover, seeds=seeds, rate=rate,
         interpret=interpret, nr=nr, causal=causal, scale=scale,
         precision=precision, masked=masked)
   for first, count, t in reversed(
-      _level_groups(n, tail, tile, nr, per_launch)):
+      _level_groups(n, tail, tile, nr, per_launch, low)):
     done = None
     if count == 1 and not rate:
       done = _forward_level_mosaic(pyramid[first], first, parent, nr, scale,
                                    causal, masked, interpret)
-    o, lse = done or _group_forward(
+    parent = done or _group_forward(
         pyramid, first, count, t, parent, nr=nr, causal=causal, scale=scale,
         out_dtype=q.dtype if first == 0 else handover,
         precision=precision, interpret=interpret, seeds=seeds, rate=rate,
         masked=masked)
-    parent = (o, lse)
+  if a is not None:
+    parent = _fused_forward(pyramid, a, parent, nr=nr, causal=causal,
+                            scale=scale, precision=precision,
+                            interpret=interpret, seeds=seeds, rate=rate,
+                            masked=masked)
+  o, lse = parent
   return o, (pyramid, o, lse, seeds)
 
 
