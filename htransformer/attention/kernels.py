@@ -1885,7 +1885,8 @@ def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
   rest = refs[4 + 3 * a:]
   parent_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
   t = nr << a
-  start = _tile_id() * t
+  ti = _tile_id()  # (Outside ``pl.when``: interpret mode needs it there.)
+  start = ti * t
   at = pl.ds(start, t)
   c_own = level_refs[0][2][at]
 
@@ -1894,7 +1895,7 @@ def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
     state = None
     if has_parent:  # Level a+1's rows of the tile: nr / 2.
       po_ref, plse_ref = parent_refs
-      half = pl.ds(_tile_id() * (nr // 2), nr // 2)
+      half = pl.ds(ti * (nr // 2), nr // 2)
       state = _with_parent(jnp.full((nr // 2,), _NO_KEY, jnp.float32),
                            jnp.zeros((nr // 2,), jnp.float32), None,
                            po_ref[half].astype(jnp.float32), plse_ref[half])
