@@ -61,6 +61,10 @@ def test_fused_levels():
   assert kernels.fused_levels(16, 5, 16) == 0
   assert kernels.fused_levels(16, 3, 256) == 2
   assert kernels.fused_levels(64, 6, 256) == 2
+  # The level kernels' launches above a = 4: levels 5 .. 7.
+  assert kernels._level_groups(4096, 8, 16, 16, 1, 5) == [
+      (5, 1, 16), (6, 1, 16), (7, 1, 16)]
+  assert kernels._level_groups(4096, 8, 64, 16, 3, 5) == [(5, 3, 64)]
 
 
 @pytest.mark.parametrize("tail_rows", [16384, 0], ids=["tail", "no-tail"])
@@ -94,6 +98,20 @@ def test_matches_dense_definition(monkeypatch, tile_rows, length, mask_kind,
   out = np.asarray(jax.jit(_attention(mask, causal))(q, k, v))
   assert np.isfinite(out).all()
   assert max_abs(out, want) <= 2e-5
+
+
+def test_levels_above_in_one_launch(monkeypatch):
+  """Levels 3 and 4 in one launch of the level kernels (tiles of 64,
+  ``levels_per_launch`` 3), then the fused launch."""
+  _fused(monkeypatch, tail_rows=0, levels_per_launch=3)
+  monkeypatch.setattr(kernels, "DEFAULT_TILE", 64)
+  (q, k, v), clean, mask = _holes_and_garbage(13, 500, 1)
+  fn = _attention(mask, True)
+  assert "hattn_fwd_l3_2" in " ".join(_launches(fn, q, k, v))
+  want = numpy_reference(*clean, mask, block_size=16, causal=True)
+  out = np.asarray(jax.jit(fn)(q, k, v))
+  assert max_abs(out, want) <= 2e-5
+  assert (out[~mask] == 0).all()
 
 
 def test_blocks_of_32(monkeypatch):

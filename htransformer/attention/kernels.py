@@ -1904,11 +1904,16 @@ def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
       first = start >> level
       if state is not None:
         state = tuple(_repeat(x, 2) for x in state)
+      read, pieces = _neighbours(level_refs[level], first, rows, nr, n,
+                                 not causal, level == 0)
+      # Pieces of one block (the tile's own rows in several): only a
+      # [rows, nr] block of logits lives at once, the pieces in a loop
+      # (``_over_pieces``).
+      pieces = [(off + j, nr) for off, size in pieces
+                for j in range(0, size, nr)]
       m, z, y = _fold(
           _coarse_queries(q, c_own, level, rows, query_mode, precision),
-          first + _iota(rows),
-          _neighbours(level_refs[level], first, rows, nr, n, not causal,
-                      level == 0),
+          first + _iota(rows), (read, pieces),
           n=n, nr=nr, level=level, causal=causal, scale=scale,
           precision=precision, drop=drop, masked=masked)
       if state is not None:
