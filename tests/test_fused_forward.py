@@ -232,3 +232,18 @@ def test_tuning_is_checked(monkeypatch):
         jax.jit(_attention(None, False))(q, k, v)
   assert kernels.parse_tuning(["forward=fused", "tile_rows=128"]) == {
       "forward": "fused", "tile_rows": 128}
+
+
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, True)])
+def test_lowers_for_hopper(monkeypatch, causal, masked):
+  """The fused launch (a = 4: tiles of 256 rows at blocks of 16, the
+  default ``tile_rows``) lowers to Triton IR for an sm_90 card from this
+  CPU, forward+backward at 2,048 tokens, heads 8, head_dim 64, bfloat16
+  (``scripts/kernel_registers.py``'s capture)."""
+  from tests.scripts_helper import load_script
+  monkeypatch.setitem(kernels.TUNING, "forward", "fused")
+  found = load_script("kernel_registers").capture_kernels(
+      2048, 16, 64, causal, masked)
+  assert "hattn_fwd_fused4" in found, sorted(found)
+  assert not {"hattn_fwd_l0", "hattn_fwd_l4"} & set(found), sorted(found)
+  assert "hattn_dq_l0" in found and "hattn_dkv_l0" in found
