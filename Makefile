@@ -22,7 +22,7 @@ run: $(STAMP)
 # Two worker processes (work stealing: the long end-to-end tests do not
 # wait at the end of one queue) sharing one XLA compilation cache, and
 # XLA's CPU code built without LLVM optimisation or its fusion emitters
-# except where a test runs many steps (tests/conftest.py): about 9 minutes
+# except where a test runs many steps (tests/conftest.py): about 10 minutes
 # on 2 cores (a fresh clone, venv included, 2026-12-05).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
