@@ -1843,25 +1843,13 @@ def _coarse_queries(q, c, level, rows, mode, precision):
   (``_query_mode``): a group's mean of its real rows ("mean"), its first
   row ("first") or its first real row ("first_real"; a group with none:
   zero, as its count is), in q's dtype; one product of a weight matrix
-  with the rows (tensor cores). Level 0: ``q``."""
+  (``_coarse_weights``) with the rows (tensor cores). Level 0: ``q``."""
   if level == 0:
     return q
-  r = q.shape[0]
-  coarse, fine = _iota2((rows, r), 0), _iota2((rows, r), 1)
-  group = (fine >> level) == coarse
-  if mode == "mean":
-    w = jnp.where(group, c[None, :], 0.0)
-  elif mode == "first":
-    w = jnp.where(fine == coarse << level, 1.0, 0.0)
-  else:  # "first_real": real, and no real row before it in its group.
-    i, j = _iota2((r, r), 0), _iota2((r, r), 1)
-    before = jnp.sum(jnp.where(((i >> level) == (j >> level)) & (j < i),
-                               c[None, :], 0.0), axis=1)
-    first = (c > 0) & (before == 0)
-    w = jnp.where(group & first[None, :], 1.0, 0.0)
+  w, counts = _coarse_weights(c, level, rows, mode)
   sums = _dot(w.astype(q.dtype), q, precision)
   if mode == "mean":
-    sums = sums / jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None]
+    sums = sums / jnp.maximum(counts, 1.0)[:, None]
   return sums.astype(q.dtype)
 
 
@@ -1994,6 +1982,26 @@ def _iota2(shape, axis):
   return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+def _coarse_weights(c, level, rows, mode):
+  """(W [rows, R] float32, the groups' counts [rows] or None) of the
+  product ``W @ x`` that forms the first ``rows`` coarse rows at ``level``
+  (groups of ``2**level``) of R rows with counts ``c`` [R], as
+  ``_query_mode`` names them: a row's count for the sums of the mean
+  ("mean"), 1 at the group's first row ("first"; no counts) or at its
+  first row with a real token ("first_real"; none in a group without
+  one). Integers, exact in any input dtype."""
+  r = c.shape[0]
+  coarse, fine = _iota2((rows, r), 0), _iota2((rows, r), 1)
+  if mode == "first":
+    return (fine == coarse << level).astype(jnp.float32), None
+  group = jnp.where((fine >> level) == coarse, c[None, :], 0.0)
+  counts = jnp.sum(group, axis=1)
+  if mode == "first_real":
+    first = jnp.min(jnp.where(group > 0, fine, r), axis=1)
+    return (fine == first[:, None]).astype(jnp.float32), counts
+  return group, counts
+
+
 def _coarsen_kernel(*refs, count, modes, precision=None):
   """Levels base+1 .. base+count of several [rows, D] arrays at once.
 
@@ -2021,18 +2029,10 @@ def _coarsen_kernel(*refs, count, modes, precision=None):
       for j in range(1, count + 1):
         r = rows >> j
         if precision is not None and r >= 16:
-          coarse, fine = _iota2((r, rows), 0), _iota2((r, rows), 1)
-          if mode == "first":
-            w = (fine == coarse << j).astype(x.dtype)
-          else:
-            group = jnp.where((fine >> j) == coarse, c[None, :], 0.0)
-            cs = jnp.sum(group, axis=1)
-            if mode == "first_real":  # the group's first real row
-              first = jnp.min(jnp.where(group > 0, fine, rows), axis=1)
-              w = (fine == first[:, None]).astype(x.dtype)
-            else:
-              w = group.astype(x.dtype)
-          s = _dot(w, x, precision)
+          w, counts = _coarse_weights(c, j, r, mode)
+          if counts is not None:
+            cs = counts
+          s = _dot(w.astype(x.dtype), x, precision)
         else:
           if s is None:  # The sums of the tile's own rows.
             s, cs = x.astype(jnp.float32), c
