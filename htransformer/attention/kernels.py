@@ -1855,67 +1855,77 @@ def _coarse_queries(q, c, level, rows, mode, precision):
 
 def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
                       masked, has_parent, query_mode):
-  """Levels a .. 0 of a tile of ``nr * 2**a`` fine rows, coarse to fine.
+  """Levels a .. 0 of a tile of ``nr * 2**a`` fine rows (one block at level
+  a), block by block, depth first.
 
   ``refs``: (dropout seeds,) the fine q, then (k, v, counts) of each level
   0 .. a (the pyramid's), (the parent level a+1's normalised output and
-  log-normaliser,) the output and its log-normaliser. The running (max,
-  normaliser, numerator) of the tile's rows starts from the parent's rows
-  and goes from level to level in registers, each coarse row repeated for
-  its two children; each level's queries are formed from the fine ones
-  (``_coarse_queries``), its key pieces (the neighbour blocks, and the
-  tile's own rows at levels below a) read from the pyramid (``_neighbours``:
-  what the level kernel of a tile of those rows reads).
+  log-normaliser,) the output and its log-normaliser.
+
+  A block of ``nr`` rows at level L meets only its neighbour blocks (three
+  at level 0, the two others at a coarse level: ``_neighbours`` of a tile
+  of one block), so each block is folded alone: its coarse queries formed
+  from its fine rows (``_coarse_queries``), its keys read from the
+  pyramid, its running (max, normaliser, numerator) started from its
+  parent rows'. Its two child blocks at level L-1 then start from its
+  rows, each repeated for its two children; a block at level 0 writes its
+  output and lse. Depth first, only one pending block per level is held
+  in registers, and no logit is formed outside the band (folding the
+  whole tile's rows against every block it reads formed about 6x as many
+  at level 0).
   """
   refs, drop = _with_dropout(refs, rate)
   q_ref = refs[0]
   level_refs = [refs[1 + 3 * j:4 + 3 * j] for j in range(a + 1)]
   rest = refs[4 + 3 * a:]
   parent_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
+  c_ref = level_refs[0][2]
   t = nr << a
   ti = _tile_id()  # (Outside ``pl.when``: interpret mode needs it there.)
-  start = ti * t
-  at = pl.ds(start, t)
-  c_own = level_refs[0][2][at]
+  at = pl.ds(ti * t, t)
+
+  def block(level, first, parent):
+    # The block of rows [first, first + nr) of ``level``; ``parent``: the
+    # running state its rows start from (None: nothing before).
+    fine = pl.ds(first * (1 << level), nr << level)
+    c = c_ref[fine]
+    q, = _zeroed(0, masked, c, q_ref[fine])
+    m, z, y = _fold(
+        _coarse_queries(q, c, level, nr, query_mode, precision),
+        first + _iota(nr),
+        _neighbours(level_refs[level], first, nr, nr, n0 >> level,
+                    not causal, level == 0),
+        n=n0 >> level, nr=nr, level=level, causal=causal, scale=scale,
+        precision=precision, drop=drop, masked=masked)
+    if parent is not None:
+      mp, zp, yp = parent
+      big = jnp.maximum(m, mp)
+      f, fp = jnp.exp(m - big), jnp.exp(mp - big)
+      m, z, y = big, z * f + zp * fp, y * f[:, None] + yp * fp[:, None]
+    if level == 0:
+      o, lse = _normalised(m, z, y)
+      o_ref[fine] = jnp.where(c[:, None] > 0, o, 0.0).astype(o_ref.dtype)
+      lse_ref[fine] = lse
+      return
+    # Each half's rows, each repeated for its two children, start a child.
+    halves = [jnp.split(x, 2) for x in (m, z, y)]
+    for h in range(2):
+      block(level - 1, 2 * first + h * nr,
+            tuple(_repeat(x[h], 2) for x in halves))
 
   def compute():
-    q, = _zeroed(0, masked, c_own, q_ref[at])
-    state = None
+    parent = None
     if has_parent:  # Level a+1's rows of the tile: nr / 2.
       po_ref, plse_ref = parent_refs
       half = pl.ds(ti * (nr // 2), nr // 2)
-      state = _with_parent(jnp.full((nr // 2,), _NO_KEY, jnp.float32),
-                           jnp.zeros((nr // 2,), jnp.float32), None,
-                           po_ref[half].astype(jnp.float32), plse_ref[half])
-    for level in range(a, -1, -1):
-      rows, n = t >> level, n0 >> level
-      first = start >> level
-      if state is not None:
-        state = tuple(_repeat(x, 2) for x in state)
-      read, pieces = _neighbours(level_refs[level], first, rows, nr, n,
-                                 not causal, level == 0)
-      # Pieces of one block (the tile's own rows in several): only a
-      # [rows, nr] block of logits lives at once, the pieces in a loop
-      # (``_over_pieces``).
-      pieces = [(off + j, nr) for off, size in pieces
-                for j in range(0, size, nr)]
-      m, z, y = _fold(
-          _coarse_queries(q, c_own, level, rows, query_mode, precision),
-          first + _iota(rows), (read, pieces),
-          n=n, nr=nr, level=level, causal=causal, scale=scale,
-          precision=precision, drop=drop, masked=masked)
-      if state is not None:
-        mp, zp, yp = state
-        big = jnp.maximum(m, mp)
-        f, fp = jnp.exp(m - big), jnp.exp(mp - big)
-        m, z, y = (big, z * f + zp * fp,
-                   y * f[:, None] + yp * fp[:, None])
-      state = (m, z, y)
-    o, lse = _normalised(*state)
-    o_ref[at] = jnp.where(c_own[:, None] > 0, o, 0.0).astype(o_ref.dtype)
-    lse_ref[at] = lse
+      parent = tuple(_repeat(x, 2) for x in _with_parent(
+          jnp.full((nr // 2,), _NO_KEY, jnp.float32),
+          jnp.zeros((nr // 2,), jnp.float32), None,
+          po_ref[half].astype(jnp.float32), plse_ref[half]))
+    block(a, ti * nr, parent)
 
-  _unless_padding(c_own, compute, [(o_ref, 0.0), (lse_ref, _NO_KEY)], at=at)
+  _unless_padding(c_ref[at], compute, [(o_ref, 0.0), (lse_ref, _NO_KEY)],
+                  at=at)
 
 
 def _fused_forward(pyramid, a, parent, *, nr, causal, scale, precision,
