@@ -316,7 +316,7 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
           "sweep_levels": "sweep_levels", "sweep_programs": "sweep_programs",
           "pyramid_pass": "pyramid_pass", "pyramid_stages": "pyramid_stages",
           "coarse_tile": "coarse_tile", "forward": "forward",
-          "tile_rows": "tile_rows"}
+          "tile_rows": "tile_rows", "fused_warps": "fused_warps"}
 _ROW_NAMES = {"num_warps": "warps"}
 
 
@@ -324,7 +324,8 @@ def zero_means():
   """What a swept argument's 0 stands for: its key's default (the
   warps keys; for the others 0 is a value or not one)."""
   return {"num_warps": None,
-          "pyramid_warps": kernels.TUNING["pyramid_warps"]}
+          "pyramid_warps": kernels.TUNING["pyramid_warps"],
+          "fused_warps": None}
 
 
 def _int_or_auto(text):
@@ -349,6 +350,10 @@ def make_parser():
   parser.add_argument("--pyramid_warps", type=int, nargs="+", default=[0],
                       help="warps per program of the pyramid and restriction "
                       "kernels (0: the kernels' default, TUNING)")
+  parser.add_argument("--fused_warps", type=int, nargs="+", default=[0],
+                      help="warps per program of the fused forward "
+                      "(--forward fused; 0: the kernels' rule for a tile "
+                      "of one block)")
   parser.add_argument("--dq_warps", type=int, default=0,
                       help="warps of the dq kernels (0: TUNING's)")
   parser.add_argument("--dkv_warps", type=int, default=0,

@@ -258,9 +258,11 @@ DEFAULT_TILE = 16
 # most ``tile_rows`` (default 256: a = 4 at blocks of 16), computes levels
 # a .. 0 of each tile in registers, its coarse queries formed from its fine
 # ones, the neighbour blocks' keys and values read from the pyramid, and
-# writes the output once; not yet timed).
+# writes the output once; not yet timed). ``fused_warps``: its warps (None:
+# the level kernels' rule for a tile of one block, which it folds at a
+# time).
 TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
-          "dkv_warps": None, "num_stages": 1,
+          "dkv_warps": None, "fused_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
@@ -294,7 +296,7 @@ _TUNING_INTS = {
                       "two up to 32", lambda x: _pow2(x) and x <= 32),
     **{key: ("None (as the level kernels), or a power of two up to 32",
              lambda x: _pow2(x) and x <= 32)
-       for key in ("dq_warps", "dkv_warps")},
+       for key in ("dq_warps", "dkv_warps", "fused_warps")},
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
@@ -326,7 +328,7 @@ _TUNING_INTS = {
 # The int keys that may also be None (a default that depends on the device
 # and sizes).
 _TUNING_NONE = ("num_warps", "pyramid_warps", "dq_warps", "dkv_warps",
-                "sweep_levels")
+                "fused_warps", "sweep_levels")
 
 
 def check_tuning(tuning=None) -> None:
@@ -1146,7 +1148,9 @@ def _compiler_params(interpret, rows, width=64, kind=None):
   """Triton settings of a kernel whose programs each own ``rows`` rows of
   ``width`` elements (the wider of the head dims); ``kind``: None (a
   forward level kernel), or "pyramid" (the coarsening or restriction
-  kernel), "dq" or "dkv", whose warps ``TUNING[kind + "_warps"]`` may set."""
+  kernel), "dq", "dkv" or "fused" (the fused forward, whose programs fold
+  one block of ``rows`` at a time), whose warps ``TUNING[kind + "_warps"]``
+  may set."""
   if interpret:
     return None
   # The Triton backend, also when lowering for a GPU from another host.
@@ -1962,7 +1966,8 @@ def _fused_forward(pyramid, a, parent, *, nr, causal, scale, precision,
       out_shape=[jax.ShapeDtypeStruct((b, n0, h, dv), q.dtype),
                  _f32(b, h, n0)],
       interpret=interpret,
-      compiler_params=_compiler_params(interpret, t, max(d, dv)),
+      compiler_params=_compiler_params(interpret, nr, max(d, dv),
+                                       kind="fused"),
       name=f"hattn_fwd_fused{a}")
 
 
