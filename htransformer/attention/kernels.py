@@ -262,7 +262,8 @@ DEFAULT_TILE = 16
 # the level kernels' rule for a tile of one block, which it folds at a
 # time).
 TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
-          "dkv_warps": None, "fused_warps": None, "num_stages": 1,
+          "dkv_warps": None, "fused_warps": None, "fused_bwd_warps": None,
+          "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
@@ -270,7 +271,8 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "handover_dtype": "input", "grid_order": "tiles",
           "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None,
           "sweep_programs": 256, "pyramid_pass": 3, "pyramid_stages": 2,
-          "coarse_tile": 0, "forward": "levels", "tile_rows": 256}
+          "coarse_tile": 0, "forward": "levels", "backward": "levels",
+          "tile_rows": 256}
 
 
 def _pow2(x: int) -> bool:
@@ -287,6 +289,7 @@ _TUNING_CHOICES = {
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
     "forward": ("levels", "fused"),
+    "backward": ("levels", "fused"),
 }
 _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
@@ -296,7 +299,8 @@ _TUNING_INTS = {
                       "two up to 32", lambda x: _pow2(x) and x <= 32),
     **{key: ("None (as the level kernels), or a power of two up to 32",
              lambda x: _pow2(x) and x <= 32)
-       for key in ("dq_warps", "dkv_warps", "fused_warps")},
+       for key in ("dq_warps", "dkv_warps", "fused_warps",
+                   "fused_bwd_warps")},
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
@@ -328,7 +332,7 @@ _TUNING_INTS = {
 # The int keys that may also be None (a default that depends on the device
 # and sizes).
 _TUNING_NONE = ("num_warps", "pyramid_warps", "dq_warps", "dkv_warps",
-                "fused_warps", "sweep_levels")
+                "fused_warps", "fused_bwd_warps", "sweep_levels")
 
 
 def check_tuning(tuning=None) -> None:
@@ -1148,9 +1152,9 @@ def _compiler_params(interpret, rows, width=64, kind=None):
   """Triton settings of a kernel whose programs each own ``rows`` rows of
   ``width`` elements (the wider of the head dims); ``kind``: None (a
   forward level kernel), or "pyramid" (the coarsening or restriction
-  kernel), "dq", "dkv" or "fused" (the fused forward, whose programs fold
-  one block of ``rows`` at a time), whose warps ``TUNING[kind + "_warps"]``
-  may set."""
+  kernel), "dq", "dkv", "fused" or "fused_bwd" (the fused forward and
+  backward, whose programs work on one block of ``rows`` at a time), whose
+  warps ``TUNING[kind + "_warps"]`` may set."""
   if interpret:
     return None
   # The Triton backend, also when lowering for a GPU from another host.
@@ -1971,6 +1975,112 @@ def _fused_forward(pyramid, a, parent, *, nr, causal, scale, precision,
       name=f"hattn_fwd_fused{a}")
 
 
+def _fused_bwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
+                      masked, has_parent, query_mode):
+  """dq, dk, dv of levels a .. 0 of a tile of ``nr * 2**a`` fine rows (one
+  block at level a), block by block, depth first, as the fused forward
+  (``_fused_fwd_kernel``).
+
+  ``refs``: (dropout seeds,) (q, k, v, counts, G, E, M) of each level 0 ..
+  a (the pyramid's and the restriction's), (the parent level a+1's dq, dk,
+  dv,) then dq, dk, dv.
+
+  A block of ``nr`` rows at level L takes dq from the key blocks its
+  queries see and dk, dv from the query blocks that see its keys (the same
+  neighbour blocks: the structure reaches as far either way; what the dq
+  and dk, dv level kernels of a tile of one block read). Each of its rows
+  adds its parent row's gradients by its share of the parent
+  (``_with_parent_grads``), and its two child blocks at level L-1 start
+  from its rows' gradients; a block at level 0 writes dq, dk and dv. Only
+  one pending block's gradients per level are held in registers.
+  """
+  refs, drop = _with_dropout(refs, rate)
+  level_refs = [refs[7 * j:7 * j + 7] for j in range(a + 1)]
+  rest = refs[7 * (a + 1):]
+  parent_refs, out_refs = rest[:-3], rest[-3:]
+  c_ref = level_refs[0][3]
+  t = nr << a
+  ti = _tile_id()  # (Outside ``pl.when``: interpret mode needs it there.)
+  at = pl.ds(ti * t, t)
+
+  def block(level, first, parent):
+    # The block of rows [first, first + nr) of ``level``; ``parent``: its
+    # rows' parent rows' (dq, dk, dv), one per row (None: none).
+    q_ref, k_ref, v_ref, ck_ref, g_ref, e_ref, m_ref = level_refs[level]
+    n, level0 = n0 >> level, level == 0
+    rows = pl.ds(first, nr)
+    ids = first + _iota(nr)
+    c = ck_ref[rows]
+    q, g = _zeroed(level, masked, c, q_ref[rows], g_ref[rows])
+    dq = _dq_fold(q, g, e_ref[rows], m_ref[rows], ids, _neighbours(
+        (k_ref, v_ref, ck_ref), first, nr, nr, n, not causal, level0),
+                  n=n, nr=nr, level=level, causal=causal, scale=scale,
+                  precision=precision, drop=drop, masked=masked)
+    k, v = _zeroed(level, masked, c, k_ref[rows], v_ref[rows])
+    counts = (ck_ref,) if level0 and masked else ()
+    dk, dv = _dkv_fold(k, v, c, ids, _neighbours(
+        (q_ref, g_ref, e_ref, m_ref) + counts, first, nr, nr, n, True,
+        level0), n=n, nr=nr, level=level, causal=causal, scale=scale,
+                       precision=precision, drop=drop, masked=masked)
+    dq, = _with_parent_grads((dq,), c, query_mode,
+                             None if parent is None else parent[:1], level)
+    dk, dv = _with_parent_grads((dk, dv), c, "mean",
+                                None if parent is None else parent[1:],
+                                level)
+    if level0:
+      for ref, x in zip(out_refs, (dq, dk, dv)):
+        ref[rows] = x.astype(ref.dtype)
+      return
+    halves = [jnp.split(x, 2) for x in (dq, dk, dv)]
+    for h in range(2):
+      block(level - 1, 2 * first + h * nr,
+            tuple(_repeat(x[h], 2) for x in halves))
+
+  def compute():
+    parent = None
+    if has_parent:  # Level a+1's rows of the tile: nr / 2.
+      half = pl.ds(ti * (nr // 2), nr // 2)
+      parent = tuple(_repeat(r[half], 2) for r in parent_refs)
+    block(a, ti * nr, parent)
+
+  _unless_padding(c_ref[at], compute, [(ref, 0.0) for ref in out_refs],
+                  at=at)
+
+
+def _fused_backward(pyramid, stats, a, parent, *, nr, causal, scale,
+                    out_dtypes, precision, interpret, seeds=None, rate=0.0,
+                    masked=False):
+  """dq, dk, dv of level 0 from levels a .. 0 in one launch
+  (``_fused_bwd_kernel``), the pyramid, the restriction's ``stats`` and
+  level a+1's (dq, dk, dv) ``parent`` (None: a is the coarsest level)."""
+  q, _, v, _ = pyramid[0]
+  b, n0, h, d = q.shape
+  dv = v.shape[-1]
+  in_specs, args = _seed_inputs(seeds)
+  for level in range(a + 1):
+    in_specs += _level_specs(n0 >> level, d, dv, stats=True)
+    args += [*pyramid[level], *stats[level]]
+  if parent is not None:
+    n = n0 >> (a + 1)
+    in_specs += [_rows_spec(n, d), _rows_spec(n, d), _rows_spec(n, dv)]
+    args += list(parent)
+  kernel = functools.partial(
+      _fused_bwd_kernel, a=a, nr=nr, n0=n0, causal=causal, scale=scale,
+      precision=precision, rate=rate, masked=masked,
+      has_parent=parent is not None,
+      query_mode=_query_mode(causal, masked))
+  return _pallas_call(
+      kernel, args, in_specs,
+      grid=_grid(n0 // (nr << a), h, b),
+      out_specs=[_rows_spec(n0, d), _rows_spec(n0, d), _rows_spec(n0, dv)],
+      out_shape=[jax.ShapeDtypeStruct((b, n0, h, w), dt)
+                 for w, dt in zip((d, d, dv), out_dtypes)],
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, nr, max(d, dv),
+                                       kind="fused_bwd"),
+      name=f"hattn_bwd_fused{a}")
+
+
 # ------------------------------------------------------- pyramid and VJP
 
 
@@ -2526,8 +2636,14 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
 
   handover = _handover_dtype(q.dtype)
   parent = None
+  # The fused backward computes levels 0 .. a; the chain below those above.
+  a = (fused_levels(nr, levels, TUNING.get("tile_rows", 256))
+       if TUNING.get("backward", "levels") == "fused" else None)
+  low = 0 if a is None else a + 1
   tail = _tail_first(q.shape[1], levels, causal, masked,
                      q.shape[0] * q.shape[2])
+  if tail < low:  # As in the forward.
+    tail = low if levels - low >= 2 else levels
   if tail < levels:
     parent = _tail_backward(
         pyramid, stats, tail, tile, out_dtypes=(handover,) * 3, seeds=seeds,
@@ -2535,7 +2651,7 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
         query_mode=_query_mode(causal, masked), nr=nr, causal=causal,
         scale=scale, precision=precision, masked=masked)
   for first, count, t in reversed(
-      _level_groups(q.shape[1], tail, tile, nr, per_launch)):
+      _level_groups(q.shape[1], tail, tile, nr, per_launch, low)):
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
     done = None
@@ -2553,6 +2669,11 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
     parent = done or _group_backward(
         pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
         scale=scale, out_dtypes=dtypes, precision=precision,
+        interpret=interpret, seeds=seeds, rate=rate, masked=masked)
+  if a is not None:
+    parent = _fused_backward(
+        pyramid, stats, a, parent, nr=nr, causal=causal, scale=scale,
+        out_dtypes=(q.dtype, k.dtype, v.dtype), precision=precision,
         interpret=interpret, seeds=seeds, rate=rate, masked=masked)
   dq, dk, dv = parent
   return dq, dk, dv, None if isinstance(c0, Uniform) else jnp.zeros_like(
