@@ -316,7 +316,8 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
           "sweep_levels": "sweep_levels", "sweep_programs": "sweep_programs",
           "pyramid_pass": "pyramid_pass", "pyramid_stages": "pyramid_stages",
           "coarse_tile": "coarse_tile", "forward": "forward",
-          "tile_rows": "tile_rows", "fused_warps": "fused_warps"}
+          "tile_rows": "tile_rows", "fused_warps": "fused_warps",
+          "backward": "backward", "fused_bwd_warps": "fused_bwd_warps"}
 _ROW_NAMES = {"num_warps": "warps"}
 
 
@@ -325,7 +326,7 @@ def zero_means():
   warps keys; for the others 0 is a value or not one)."""
   return {"num_warps": None,
           "pyramid_warps": kernels.TUNING["pyramid_warps"],
-          "fused_warps": None}
+          "fused_warps": None, "fused_bwd_warps": None}
 
 
 def _int_or_auto(text):
@@ -354,6 +355,15 @@ def make_parser():
                       help="warps per program of the fused forward "
                       "(--forward fused; 0: the kernels' rule for a tile "
                       "of one block)")
+  parser.add_argument("--fused_bwd_warps", type=int, nargs="+", default=[0],
+                      help="warps per program of the fused backward "
+                      "(--backward fused; 0: as --fused_warps' rule)")
+  parser.add_argument("--backward", nargs="+",
+                      default=[kernels.TUNING["backward"]],
+                      choices=["levels", "fused"],
+                      help="TUNING['backward']: one launch per level (two "
+                      "for dq and dk, dv), or levels 0 .. a in one launch "
+                      "over tiles of fine rows")
   parser.add_argument("--dq_warps", type=int, default=0,
                       help="warps of the dq kernels (0: TUNING's)")
   parser.add_argument("--dkv_warps", type=int, default=0,
