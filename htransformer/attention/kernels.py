@@ -87,15 +87,17 @@ the bytes moved, but each tile rebuilds its neighbours' coarse rows,
 which the pyramid builds once (forward 0.68 against 0.54 ms and
 forward+backward 2.35 against 1.67 ms at 65,536 tokens on an H200, tiles
 of 32 rows; slower at every setting measured, docs/benchmarks.md).
-``TUNING["forward"] = "fused"`` (``_fused_forward``; default "levels") keeps
-the pyramid, built once, and the level kernels for levels a+1 .. ; one
-launch over tiles of ``nr * 2**a`` fine rows (at most
-``TUNING["tile_rows"]``) then computes levels a .. 0 of each tile from
-level a+1's result: the coarse queries formed in the program from the
-tile's fine queries, the keys and values of each level read from the
-pyramid (neighbour blocks and the tile's own rows), the running (max,
-normaliser, numerator) prolonged from level to level in registers, the
-output and lse written once (the backward is the level-by-level one).
+``TUNING["forward"] = "fused"`` and ``TUNING["backward"] = "fused"``
+(``_fused_forward``, ``_fused_backward``; default "levels") keep the
+pyramid, built once, and the level kernels for levels a+1 .. ; one launch
+over tiles of ``nr * 2**a`` fine rows (at most ``TUNING["tile_rows"]``)
+then computes levels a .. 0 of each tile from level a+1's result, block
+by block and depth first: a block of a level reads its queries and its
+neighbour blocks' keys from the pyramid (and the restriction's G, E, M in
+the backward), starts from its parent rows' state (running max,
+normaliser and numerator; or dq, dk, dv) and hands its rows' state to its
+two child blocks in registers; level 0's blocks write the output (or dq,
+dk, dv) once.
 
 Attention dropout (``dropout_rate > 0``): every level kernel gets its
 (batch row, head) seed and recomputes, from a weight's level, row and key,
@@ -252,15 +254,15 @@ DEFAULT_TILE = 16
 # kernel must read and write); larger tiles give each program more rows
 # in flight, but at 32 every coarse level was slower: forward+backward
 # 1.144 against 1.070 ms (H200, 1 x 65,536 tokens: docs/benchmarks.md).
-# ``forward``: "levels" (the default: one launch per level, coarse to fine)
-# or "fused" (``_fused_forward``: the level kernels run levels a+1 .. on
-# the pyramid, then one launch over tiles of ``nr * 2**a`` fine rows, at
-# most ``tile_rows`` (default 256: a = 4 at blocks of 16), computes levels
-# a .. 0 of each tile in registers, its coarse queries formed from its fine
-# ones, the neighbour blocks' keys and values read from the pyramid, and
-# writes the output once; not yet timed). ``fused_warps``: its warps (None:
-# the level kernels' rule for a tile of one block, which it folds at a
-# time).
+# ``forward`` and ``backward``: "levels" (the default: one launch per
+# level, coarse to fine; two in the backward, dq and dk, dv) or "fused"
+# (``_fused_forward``, ``_fused_backward``: the level kernels run levels
+# a+1 .. , then one launch over tiles of ``nr * 2**a`` fine rows, at most
+# ``tile_rows`` (default 256: a = 4 at blocks of 16), computes levels a ..
+# 0 of each tile block by block, each block's state handed to its
+# children in registers, and writes level 0's results once).
+# ``fused_warps``, ``fused_bwd_warps``: their warps (None: the level
+# kernels' rule for a tile of one block, which they work on at a time).
 TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "dkv_warps": None, "fused_warps": None, "fused_bwd_warps": None,
           "num_stages": 1,
@@ -1845,36 +1847,19 @@ def fused_levels(nr: int, levels: int, tile_rows: int) -> int:
   return a
 
 
-def _coarse_queries(q, c, level, rows, mode, precision):
-  """The ``rows`` coarse queries at ``level`` of the fine rows ``q`` [R, D]
-  (zero where not real) with counts ``c`` [R], as the pyramid forms them
-  (``_query_mode``): a group's mean of its real rows ("mean"), its first
-  row ("first") or its first real row ("first_real"; a group with none:
-  zero, as its count is), in q's dtype; one product of a weight matrix
-  (``_coarse_weights``) with the rows (tensor cores). Level 0: ``q``."""
-  if level == 0:
-    return q
-  w, counts = _coarse_weights(c, level, rows, mode)
-  sums = _dot(w.astype(q.dtype), q, precision)
-  if mode == "mean":
-    sums = sums / jnp.maximum(counts, 1.0)[:, None]
-  return sums.astype(q.dtype)
-
-
 def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
-                      masked, has_parent, query_mode):
+                      masked, has_parent):
   """Levels a .. 0 of a tile of ``nr * 2**a`` fine rows (one block at level
   a), block by block, depth first.
 
-  ``refs``: (dropout seeds,) the fine q, then (k, v, counts) of each level
-  0 .. a (the pyramid's), (the parent level a+1's normalised output and
+  ``refs``: (dropout seeds,) (q, k, v, counts) of each level 0 .. a (the
+  pyramid's), (the parent level a+1's normalised output and
   log-normaliser,) the output and its log-normaliser.
 
   A block of ``nr`` rows at level L meets only its neighbour blocks (three
   at level 0, the two others at a coarse level: ``_neighbours`` of a tile
-  of one block), so each block is folded alone: its coarse queries formed
-  from its fine rows (``_coarse_queries``), its keys read from the
-  pyramid, its running (max, normaliser, numerator) started from its
+  of one block), so each block is folded alone: its queries and keys read
+  from the pyramid, its running (max, normaliser, numerator) started from its
   parent rows'. Its two child blocks at level L-1 then start from its
   rows, each repeated for its two children; a block at level 0 writes its
   output and lse. Depth first, only one pending block per level is held
@@ -1883,11 +1868,10 @@ def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
   at level 0).
   """
   refs, drop = _with_dropout(refs, rate)
-  q_ref = refs[0]
-  level_refs = [refs[1 + 3 * j:4 + 3 * j] for j in range(a + 1)]
-  rest = refs[4 + 3 * a:]
+  level_refs = [refs[4 * j:4 * j + 4] for j in range(a + 1)]
+  rest = refs[4 * (a + 1):]
   parent_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
-  c_ref = level_refs[0][2]
+  c_ref = level_refs[0][3]
   t = nr << a
   ti = _tile_id()  # (Outside ``pl.when``: interpret mode needs it there.)
   at = pl.ds(ti * t, t)
@@ -1895,14 +1879,14 @@ def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
   def block(level, first, parent):
     # The block of rows [first, first + nr) of ``level``; ``parent``: the
     # running state its rows start from (None: nothing before).
-    fine = pl.ds(first * (1 << level), nr << level)
-    c = c_ref[fine]
-    q, = _zeroed(0, masked, c, q_ref[fine])
+    q_ref, *keys = level_refs[level]
+    rows = pl.ds(first, nr)
+    c = keys[2][rows]
+    q, = _zeroed(level, masked, c, q_ref[rows])
     m, z, y = _fold(
-        _coarse_queries(q, c, level, nr, query_mode, precision),
-        first + _iota(nr),
-        _neighbours(level_refs[level], first, nr, nr, n0 >> level,
-                    not causal, level == 0),
+        q, first + _iota(nr),
+        _neighbours(keys, first, nr, nr, n0 >> level, not causal,
+                    level == 0),
         n=n0 >> level, nr=nr, level=level, causal=causal, scale=scale,
         precision=precision, drop=drop, masked=masked)
     if parent is not None:
@@ -1912,8 +1896,8 @@ def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
       m, z, y = big, z * f + zp * fp, y * f[:, None] + yp * fp[:, None]
     if level == 0:
       o, lse = _normalised(m, z, y)
-      o_ref[fine] = jnp.where(c[:, None] > 0, o, 0.0).astype(o_ref.dtype)
-      lse_ref[fine] = lse
+      o_ref[rows] = jnp.where(c[:, None] > 0, o, 0.0).astype(o_ref.dtype)
+      lse_ref[rows] = lse
       return
     # Each half's rows, each repeated for its two children, start a child.
     halves = [jnp.split(x, 2) for x in (m, z, y)]
@@ -1948,12 +1932,9 @@ def _fused_forward(pyramid, a, parent, *, nr, causal, scale, precision,
   dv = v.shape[-1]
   t = nr << a
   in_specs, args = _seed_inputs(seeds)
-  in_specs.append(_rows_spec(n0, d))
-  args.append(q)
   for level in range(a + 1):
-    n = n0 >> level
-    in_specs += [_rows_spec(n, d), _rows_spec(n, dv), _counts_spec(n)]
-    args += list(pyramid[level][1:])
+    in_specs += _level_specs(n0 >> level, d, dv)
+    args += list(pyramid[level])
   if parent is not None:
     n = n0 >> (a + 1)
     in_specs += [_rows_spec(n, dv), _vec_spec(n)]
@@ -1961,8 +1942,7 @@ def _fused_forward(pyramid, a, parent, *, nr, causal, scale, precision,
   kernel = functools.partial(
       _fused_fwd_kernel, a=a, nr=nr, n0=n0, causal=causal, scale=scale,
       precision=precision, rate=rate, masked=masked,
-      has_parent=parent is not None,
-      query_mode=_query_mode(causal, masked))
+      has_parent=parent is not None)
   return _pallas_call(
       kernel, args, in_specs,
       grid=_grid(n0 // t, h, b),
