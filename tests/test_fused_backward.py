@@ -18,7 +18,8 @@ from htransformer.attention import kernels
 from tests.test_attention import dense_reference, make_mask, make_qkv
 from tests.test_attention import max_abs
 from tests.test_fused_forward import _attention, _grads, _holes_and_garbage
-from tests.test_fused_forward import _launches
+from tests.test_fused_forward import SHAPES, _launches
+from tests.test_fused_forward import assert_default_path_gradients
 
 
 def _fused(monkeypatch, tile_rows=64, forward="levels", **tuning):
@@ -70,12 +71,7 @@ def test_matches_dense_definition_with_holes_and_garbage(
   _check(_grads(_attention(mask, causal), q, k, v, cot), want, mask)
 
 
-@pytest.mark.parametrize("tile_rows,length,mask_kind", [
-    (64, 512, "none"),    # every count known when tracing (Uniform)
-    (16, 200, "suffix"),  # a = 0: level 0 alone, from level 1's gradients
-    (256, 128, "suffix"),  # a = 2 = the coarsest level: no parent
-    (32, 256, "empty"),   # a row with no real token
-])
+@pytest.mark.parametrize("tile_rows,length,mask_kind", SHAPES)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_matches_dense_definition(monkeypatch, tile_rows, length, mask_kind,
                                   causal):
@@ -107,21 +103,9 @@ def test_blocks_of_32_and_levels_above_in_one_launch(monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_equals_the_default_path(monkeypatch, causal, dtype):
-  """The same gradients as the level-by-level backward (float32: to
-  rounding; bfloat16: within its rounding)."""
-  (q, k, v), _, mask = _holes_and_garbage(7, 500, 2)
-  q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
-  cot = np.random.default_rng(8).standard_normal(
-      (2, 500, 2, 32)).astype(np.float32)
-  want = _grads(_attention(mask, causal), q, k, v, cot)
-  _fused(monkeypatch, tile_rows=256)
-  got = _grads(_attention(mask, causal), q, k, v, cot)
-  for name, g, w in zip("qkv", got, want):
-    assert np.isfinite(g).all(), name
-    if dtype == "float32":
-      assert max_abs(g, w) <= 1e-5 * max(1.0, float(np.abs(w).max())), name
-    else:
-      assert np.linalg.norm(g - w) / np.linalg.norm(w) < 2e-2, name
+  """The same gradients as the level-by-level backward."""
+  assert_default_path_gradients(
+      monkeypatch, lambda m: _fused(m, tile_rows=256), causal, dtype)
 
 
 def test_dropout_equals_the_default_path(monkeypatch):
@@ -156,27 +140,5 @@ def test_launches(monkeypatch, causal):
                  for name in names), names
 
 
-def test_tuning_is_checked(monkeypatch):
-  q, k, v = make_qkv(1, 1, 64, 1, 16, 16)
-  for key, value in (("backward", "tile"), ("fused_bwd_warps", 3)):
-    with monkeypatch.context() as m:
-      m.setitem(kernels.TUNING, key, value)
-      with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):
-        jax.jit(_attention(None, False))(q, k, v)
-  assert kernels.parse_tuning(["backward=fused", "fused_bwd_warps=2"]) == {
-      "backward": "fused", "fused_bwd_warps": 2}
-
-
-@pytest.mark.parametrize("causal,masked", [(False, False), (True, True)])
-def test_lowers_for_hopper(monkeypatch, causal, masked):
-  """The fused launches (a = 4 at the default ``tile_rows``) lower to
-  Triton IR for an sm_90 card from this CPU, forward+backward at 2,048
-  tokens, heads 8, head_dim 64, bfloat16."""
-  from tests.scripts_helper import load_script
-  monkeypatch.setitem(kernels.TUNING, "forward", "fused")
-  monkeypatch.setitem(kernels.TUNING, "backward", "fused")
-  found = load_script("kernel_registers").capture_kernels(
-      2048, 16, 64, causal, masked)
-  assert {"hattn_fwd_fused4", "hattn_bwd_fused4"} <= set(found), sorted(found)
-  assert not {"hattn_dq_l0", "hattn_dkv_l0", "hattn_dq_l4"} & set(found), (
-      sorted(found))
+# TUNING's checks of the fused keys and the lowering for an sm_90 card:
+# tests/test_fused_forward.py.

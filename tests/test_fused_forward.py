@@ -82,12 +82,16 @@ def test_matches_dense_definition_with_holes_and_garbage(monkeypatch,
   assert (out[~mask] == 0).all()
 
 
-@pytest.mark.parametrize("tile_rows,length,mask_kind", [
+# (tile_rows, length, mask kind) at blocks of 16, also the fused backward's.
+SHAPES = [
     (64, 512, "none"),    # every count known when tracing (Uniform)
     (16, 200, "suffix"),  # a = 0: level 0 alone, from level 1's result
     (256, 128, "suffix"),  # a = 2 = the coarsest level: no parent
     (32, 256, "empty"),   # a row with no real token
-])
+]
+
+
+@pytest.mark.parametrize("tile_rows,length,mask_kind", SHAPES)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_matches_dense_definition(monkeypatch, tile_rows, length, mask_kind,
                                   causal):
@@ -155,15 +159,22 @@ def _grads(fn, q, k, v, cot):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_gradients_equal_the_default_path(monkeypatch, causal, dtype):
   """The backward runs from the pyramid, output and lse the fused forward
-  returns: the gradients equal the default path's (float32: to rounding;
-  bfloat16: within its rounding of the output and lse)."""
+  returns: the gradients equal the default path's."""
+  assert_default_path_gradients(monkeypatch, _fused, causal, dtype)
+
+
+def assert_default_path_gradients(monkeypatch, fuse, causal, dtype):
+  """The gradients with ``fuse(monkeypatch)``'s settings equal the default
+  path's (float32: to rounding; bfloat16: within its rounding of the
+  output and lse), 500 rows with holes, NaN and inf where not real (also
+  in the cotangent), and are zero there."""
   (q, k, v), _, mask = _holes_and_garbage(7, 500, 2)
   q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
   cot = np.random.default_rng(8).standard_normal(
       (2, 500, 2, 32)).astype(np.float32)
   cot[~mask] = np.nan  # the output there is zero whatever its cotangent
   want = _grads(_attention(mask, causal), q, k, v, cot)
-  _fused(monkeypatch)
+  fuse(monkeypatch)
   got = _grads(_attention(mask, causal), q, k, v, cot)
   for name, g, w in zip("qkv", got, want):
     assert np.isfinite(g).all(), name
@@ -225,25 +236,35 @@ def test_launches(monkeypatch, causal):
 def test_tuning_is_checked(monkeypatch):
   q, k, v = make_qkv(1, 1, 64, 1, 16, 16)
   for key, value in (("forward", "tile"), ("tile_rows", 48),
-                     ("tile_rows", 8)):
+                     ("tile_rows", 8), ("backward", "tile"),
+                     ("fused_warps", 3), ("fused_bwd_warps", 64)):
     with monkeypatch.context() as m:
       m.setitem(kernels.TUNING, key, value)
       with pytest.raises(ValueError, match=re.escape(f"TUNING[{key!r}]")):
         jax.jit(_attention(None, False))(q, k, v)
-  assert kernels.parse_tuning(["forward=fused", "tile_rows=128"]) == {
-      "forward": "fused", "tile_rows": 128}
+  assert kernels.parse_tuning(["forward=fused", "tile_rows=128",
+                               "backward=fused", "fused_bwd_warps=2"]) == {
+      "forward": "fused", "tile_rows": 128, "backward": "fused",
+      "fused_bwd_warps": 2}
 
 
 @pytest.mark.parametrize("causal,masked", [(False, False), (True, True)])
 def test_lowers_for_hopper(monkeypatch, causal, masked):
-  """The fused launch (a = 4: tiles of 256 rows at blocks of 16, the
-  default ``tile_rows``) lowers to Triton IR for an sm_90 card from this
-  CPU, forward+backward at 2,048 tokens, heads 8, head_dim 64, bfloat16
-  (``scripts/kernel_registers.py``'s capture)."""
+  """The fused forward's launch (a = 4: tiles of 256 rows at blocks of 16,
+  the default ``tile_rows``) lowers to Triton IR for an sm_90 card from
+  this CPU, forward+backward at 2,048 tokens, heads 8, head_dim 64,
+  bfloat16 (``scripts/kernel_registers.py``'s capture), with the level
+  kernels' backward and with the fused backward's launch."""
   from tests.scripts_helper import load_script
+  capture = lambda: set(load_script("kernel_registers").capture_kernels(
+      2048, 16, 64, causal, masked))
   monkeypatch.setitem(kernels.TUNING, "forward", "fused")
-  found = load_script("kernel_registers").capture_kernels(
-      2048, 16, 64, causal, masked)
+  found = capture()
   assert "hattn_fwd_fused4" in found, sorted(found)
-  assert not {"hattn_fwd_l0", "hattn_fwd_l4"} & set(found), sorted(found)
-  assert "hattn_dq_l0" in found and "hattn_dkv_l0" in found
+  assert not {"hattn_fwd_l0", "hattn_fwd_l4"} & found, sorted(found)
+  assert {"hattn_dq_l0", "hattn_dkv_l0"} <= found, sorted(found)
+  monkeypatch.setitem(kernels.TUNING, "backward", "fused")
+  found = capture()
+  assert {"hattn_fwd_fused4", "hattn_bwd_fused4"} <= found, sorted(found)
+  assert not {"hattn_dq_l0", "hattn_dkv_l0", "hattn_dq_l4"} & found, (
+      sorted(found))
