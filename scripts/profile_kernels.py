@@ -20,7 +20,6 @@ copy bandwidth and cuDNN, all in one process:
       [--mosaic_levels 1 2 3]
       [--mosaic_zero_rows xla kernel]
       [--handover_dtype input float32] [--tail_rows 0 16384]
-      [--forward levels fused] [--tile_rows 64 128 256]
       [--masked] [--by_kernel] [--only_settings]
 
 ``--coarsen_heads`` and ``--coarsen_rows`` time the pyramid (coarse q, k, v
@@ -43,10 +42,9 @@ take the Mosaic GPU kernels where those choose them;
 XLA or in the kernels), ``--handover_dtype``
 (what coarse levels hand to finer ones), ``--tail_rows`` (the coarse
 levels run as one tail), ``--pyramid_pass`` (levels per Mosaic GPU
-pyramid pass), ``--pyramid_stages`` (the steps such a pass loads
-ahead) and ``--forward`` (``fused``: levels 0 .. a in one launch over
-tiles of at most ``--tile_rows`` fine rows: ``kernels.TUNING``); the
-pyramid's heads and rows per program are the first values. Each setting's row names how it builds
+pyramid pass) and ``--pyramid_stages`` (the steps such a pass loads
+ahead: ``kernels.TUNING``); the pyramid's heads and rows per
+program are the first values. Each setting's row names how it builds
 the forward's pyramid (``"pyramid"``: ``kernels.pyramid_plan``, e.g.
 ``["mosaic 3 (slots 1)", ..., "dot 2"]``): shared memory decides
 whether a pass of ``--pyramid_pass`` levels, or ``--pyramid_stages``
@@ -315,9 +313,7 @@ _SWEPT = {"num_warps": "warps", "pyramid_warps": "pyramid_warps",
           "tail_rows": "tail_rows", "sweep_blocks": "sweep_blocks",
           "sweep_levels": "sweep_levels", "sweep_programs": "sweep_programs",
           "pyramid_pass": "pyramid_pass", "pyramid_stages": "pyramid_stages",
-          "coarse_tile": "coarse_tile", "forward": "forward",
-          "tile_rows": "tile_rows", "fused_warps": "fused_warps",
-          "backward": "backward", "fused_bwd_warps": "fused_bwd_warps"}
+          "coarse_tile": "coarse_tile"}
 _ROW_NAMES = {"num_warps": "warps"}
 
 
@@ -325,8 +321,7 @@ def zero_means():
   """What a swept argument's 0 stands for: its key's default (the
   warps keys; for the others 0 is a value or not one)."""
   return {"num_warps": None,
-          "pyramid_warps": kernels.TUNING["pyramid_warps"],
-          "fused_warps": None, "fused_bwd_warps": None}
+          "pyramid_warps": kernels.TUNING["pyramid_warps"]}
 
 
 def _int_or_auto(text):
@@ -351,19 +346,6 @@ def make_parser():
   parser.add_argument("--pyramid_warps", type=int, nargs="+", default=[0],
                       help="warps per program of the pyramid and restriction "
                       "kernels (0: the kernels' default, TUNING)")
-  parser.add_argument("--fused_warps", type=int, nargs="+", default=[0],
-                      help="warps per program of the fused forward "
-                      "(--forward fused; 0: the kernels' rule for a tile "
-                      "of one block)")
-  parser.add_argument("--fused_bwd_warps", type=int, nargs="+", default=[0],
-                      help="warps per program of the fused backward "
-                      "(--backward fused; 0: as --fused_warps' rule)")
-  parser.add_argument("--backward", nargs="+",
-                      default=[kernels.TUNING["backward"]],
-                      choices=["levels", "fused"],
-                      help="TUNING['backward']: one launch per level (two "
-                      "for dq and dk, dv), or levels 0 .. a in one launch "
-                      "over tiles of fine rows")
   parser.add_argument("--dq_warps", type=int, default=0,
                       help="warps of the dq kernels (0: TUNING's)")
   parser.add_argument("--dkv_warps", type=int, default=0,
@@ -414,17 +396,10 @@ def make_parser():
        "they fit)", int),
       ("pyramid_stages", "steps a Mosaic GPU pyramid pass loads ahead", int),
       ("coarse_tile", "query rows per program from level 1 on (0: as "
-       "level 0)", int),
-      ("tile_rows", "fine rows per program of the fused forward "
-       "(--forward fused)", int)):
+       "level 0)", int)):
     parser.add_argument(f"--{key}", type=kind, nargs="+",
                         default=[kernels.TUNING[key]],
                         help=f"TUNING[{key!r}]: {what}")
-  parser.add_argument("--forward", nargs="+",
-                      default=[kernels.TUNING["forward"]],
-                      choices=["levels", "fused"],
-                      help="TUNING['forward']: one launch per level, or "
-                      "levels 0 .. a in one launch over tiles of fine rows")
   parser.add_argument("--grid_order", nargs="+", default=["tiles"],
                       choices=["tiles", "heads"],
                       help="kernels.TUNING['grid_order'] values to time")

@@ -234,17 +234,13 @@ def test_pallas_several_levels_per_launch_match_xla(monkeypatch, causal):
          mosaic_zero_rows="xla"), dict(tail_rows=0),
     dict(backward_l0_impl="sweep", sweep_blocks=4, sweep_programs=0),
     dict(backward_l0_impl="sweep", sweep_levels=20, tail_rows=0),
-    dict(pyramid_pass=2), dict(coarse_tile=64, tail_rows=0),
-    dict(forward="fused"), dict(forward="fused", tile_rows=64),
-    dict(forward="fused", backward="fused"),
-    dict(backward="fused", tile_rows=64)],
+    dict(pyramid_pass=2), dict(coarse_tile=64, tail_rows=0)],
     ids=["pair_sums", "handover_f32", "pyramid_2_warps",
          "backward_warps", "heads_first", "products_pyramid",
          "triton_level0", "mosaic_level0_forward",
          "mosaic_level0_both", "mosaic_all_levels", "mosaic_zero_rows",
          "no_tail", "sweep_level0", "sweep_all_levels",
-         "pyramid_2_levels", "coarse_tiles_64", "fused_forward",
-         "fused_forward_64", "fused_both", "fused_backward_64"])
+         "pyramid_2_levels", "coarse_tiles_64"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   """TUNING's alternatives to the default kernels (the pyramid by pair
@@ -257,11 +253,9 @@ def test_pallas_tuning_alternatives_match_xla(monkeypatch, causal, tuning):
   coarse tail; level 0's backward in one sweep of 4 key blocks per
   program, and every level's in runs as short as it takes to launch 256
   programs, the default; Mosaic GPU pyramid passes of two levels where
-  three would fit; programs of 64 rows from level 1 on; the fused forward,
-  levels 0 .. a of tiles of 256 and 64 fine rows in one launch, and the
-  fused backward with it and alone), as compiled for the GPU (interpret
-  mode: tests/test_kernels.py, tests/test_fused_forward.py and
-  tests/test_fused_backward.py)."""
+  three would fit; programs of 64 rows from level 1 on), as compiled for the GPU
+  (interpret mode:
+  tests/test_kernels.py)."""
   from htransformer.attention import kernels
   for key, value in tuning.items():
     monkeypatch.setitem(kernels.TUNING, key, value)

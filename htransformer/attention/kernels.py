@@ -87,20 +87,11 @@ the bytes moved, but each tile rebuilds its neighbours' coarse rows,
 which the pyramid builds once (forward 0.68 against 0.54 ms and
 forward+backward 2.35 against 1.67 ms at 65,536 tokens on an H200, tiles
 of 32 rows; slower at every setting measured, docs/benchmarks.md).
-``TUNING["forward"] = "fused"`` and ``TUNING["backward"] = "fused"``
-(``_fused_forward``, ``_fused_backward``; default "levels") keep the
-pyramid, built once, and the level kernels for levels a+1 .. ; one launch
-over tiles of ``nr * 2**a`` fine rows (at most ``TUNING["tile_rows"]``)
-then computes levels a .. 0 of each tile from level a+1's result, block
-by block and depth first: a block of a level reads its queries and its
-neighbour blocks' keys from the pyramid (and the restriction's G, E, M in
-the backward), starts from its parent rows' state (running max,
-normaliser and numerator; or dq, dk, dv) and hands its rows' state to its
-two child blocks in registers; level 0's blocks write the output (or dq,
-dk, dv) once. Fewer bytes, but slower: a program runs its 2**(a+1) - 1
-blocks one after another at lower occupancy (at 1 x 65,536 tokens on an
-H100, levels 0 .. 2 forward 0.248 ms against 0.211 by the level kernels,
-backward 1.193 against 0.582; docs/benchmarks.md).
+Nor were launches that computed levels 0 .. a of a tile block by block
+from the pyramid, forward and backward, handing each block's state to its
+children in registers (forward+backward 1.87 against 1.25 ms at 1 x
+65,536 tokens on an H100: a program ran its blocks one after another at
+lower occupancy; removed after df204ab, docs/benchmarks.md).
 
 Attention dropout (``dropout_rate > 0``): every level kernel gets its
 (batch row, head) seed and recomputes, from a weight's level, row and key,
@@ -257,20 +248,8 @@ DEFAULT_TILE = 16
 # kernel must read and write); larger tiles give each program more rows
 # in flight, but at 32 every coarse level was slower: forward+backward
 # 1.144 against 1.070 ms (H200, 1 x 65,536 tokens: docs/benchmarks.md).
-# ``forward`` and ``backward``: "levels" (the default: one launch per
-# level, coarse to fine; two in the backward, dq and dk, dv) or "fused"
-# (``_fused_forward``, ``_fused_backward``: the level kernels run levels
-# a+1 .. , then one launch over tiles of ``nr * 2**a`` fine rows, at most
-# ``tile_rows`` (default 256: a = 4 at blocks of 16), computes levels a ..
-# 0 of each tile block by block, each block's state handed to its
-# children in registers, and writes level 0's results once; slower: forward
-# +backward 1.87 against 1.25 ms at 1 x 65,536 tokens on an H100, tiles of
-# 64, docs/benchmarks.md).
-# ``fused_warps``, ``fused_bwd_warps``: their warps (None: the level
-# kernels' rule for a tile of one block, which they work on at a time).
 TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
-          "dkv_warps": None, "fused_warps": None, "fused_bwd_warps": None,
-          "num_stages": 1,
+          "dkv_warps": None, "num_stages": 1,
           "levels_per_launch": 1, "coarsen_heads": 1, "coarsen_rows": 0,
           "coarsen_impl": "auto", "forward_l0_impl": "auto",
           "backward_l0_impl": "auto", "mosaic_levels": 1,
@@ -278,8 +257,7 @@ TUNING = {"num_warps": None, "pyramid_warps": None, "dq_warps": None,
           "handover_dtype": "input", "grid_order": "tiles",
           "tail_rows": 16384, "sweep_blocks": 16, "sweep_levels": None,
           "sweep_programs": 256, "pyramid_pass": 3, "pyramid_stages": 2,
-          "coarse_tile": 0, "forward": "levels", "backward": "levels",
-          "tile_rows": 256}
+          "coarse_tile": 0}
 
 
 def _pow2(x: int) -> bool:
@@ -295,8 +273,6 @@ _TUNING_CHOICES = {
     "mosaic_zero_rows": ("xla", "kernel"),
     "handover_dtype": ("input", "float32"),
     "grid_order": ("tiles", "heads"),
-    "forward": ("levels", "fused"),
-    "backward": ("levels", "fused"),
 }
 _TUNING_INTS = {
     "num_warps": ("None (one per 16 rows of 64 elements), or a power of "
@@ -306,8 +282,7 @@ _TUNING_INTS = {
                       "two up to 32", lambda x: _pow2(x) and x <= 32),
     **{key: ("None (as the level kernels), or a power of two up to 32",
              lambda x: _pow2(x) and x <= 32)
-       for key in ("dq_warps", "dkv_warps", "fused_warps",
-                   "fused_bwd_warps")},
+       for key in ("dq_warps", "dkv_warps")},
     "num_stages": ("an int >= 1", lambda x: x >= 1),
     "levels_per_launch": ("an int >= 1", lambda x: x >= 1),
     "mosaic_levels": ("an int >= 1", lambda x: x >= 1),
@@ -331,15 +306,13 @@ _TUNING_INTS = {
     "coarse_tile": ("0 (as level 0), or a power of two >= 16 (query rows "
                     "per program from level 1 on)",
                     lambda x: x == 0 or (_pow2(x) and x >= 16)),
-    "tile_rows": ("a power of two >= 16 (fine rows per program of the "
-                  "fused forward)", lambda x: _pow2(x) and x >= 16),
 }
 
 
 # The int keys that may also be None (a default that depends on the device
 # and sizes).
 _TUNING_NONE = ("num_warps", "pyramid_warps", "dq_warps", "dkv_warps",
-                "fused_warps", "fused_bwd_warps", "sweep_levels")
+                "sweep_levels")
 
 
 def check_tuning(tuning=None) -> None:
@@ -847,9 +820,8 @@ def _tile_at(level, tile):
   return tile if level == 0 else (TUNING.get("coarse_tile") or tile)
 
 
-def _level_groups(n0, levels, tile, nr, per_launch, first=0):
-  """(first level, number of levels, tile rows at the first) per launch,
-  levels ``first`` .. ``levels - 1``.
+def _level_groups(n0, levels, tile, nr, per_launch):
+  """(first level, number of levels, tile rows at the first) per launch.
 
   A launch runs ``g`` consecutive levels ``l .. l+g-1`` in one program per
   tile of level ``l``: the tile's rows at level ``l + j`` are the
@@ -858,7 +830,7 @@ def _level_groups(n0, levels, tile, nr, per_launch, first=0):
   no redundant work. Every level's tile must keep >= 16 rows (the smallest
   product) and >= ``nr`` (one block), which bounds ``g``. Finest first.
   """
-  out, level = [], first
+  out, level = [], 0
   while level < levels:
     t = min(_tile_at(level, tile), n0 >> level)
     g = 1
@@ -1159,9 +1131,7 @@ def _compiler_params(interpret, rows, width=64, kind=None):
   """Triton settings of a kernel whose programs each own ``rows`` rows of
   ``width`` elements (the wider of the head dims); ``kind``: None (a
   forward level kernel), or "pyramid" (the coarsening or restriction
-  kernel), "dq", "dkv", "fused" or "fused_bwd" (the fused forward and
-  backward, whose programs work on one block of ``rows`` at a time), whose
-  warps ``TUNING[kind + "_warps"]`` may set."""
+  kernel), "dq" or "dkv", whose warps ``TUNING[kind + "_warps"]`` may set."""
   if interpret:
     return None
   # The Triton backend, also when lowering for a GPU from another host.
@@ -1838,244 +1808,6 @@ def _tail_backward(pyramid, stats, first, tile, *, out_dtypes, seeds, rate,
       name=f"hattn_bwd_merge_l{first}", query_mode=query_mode)
 
 
-# ------------------------------------- the finest levels in one launch
-# from the pyramid (TUNING["forward"] = "fused")
-
-
-def fused_levels(nr: int, levels: int, tile_rows: int) -> int:
-  """``a`` of the fused forward: a program's tile of ``nr * 2**a`` fine
-  rows (at most ``tile_rows``, at least one block) computes levels 0 .. a
-  (a < levels: the tile is at most half the sequence)."""
-  a = 0
-  while a + 1 < levels and (nr << (a + 1)) <= tile_rows:
-    a += 1
-  return a
-
-
-def _children(block, level, first, nr, state):
-  """``block(level - 1, first row, state)`` of the two child blocks of the
-  block of rows [first, first + nr) at ``level``, each from its half of
-  the block's ``state`` (arrays of a row each), each row repeated for its
-  two children. In a loop of two: the subtree's code appears once (an
-  unrolled tree of 2**a blocks let the compiler hold far more registers:
-  214 per thread at a = 1 against 128 at a = 0, ``kernel_registers.py``)."""
-  halves = [jnp.split(x, 2) for x in state]
-
-  def child(h, carry):
-    block(level - 1, 2 * first + h * nr,
-          tuple(_repeat(jnp.where(h == 0, x0, x1), 2) for x0, x1 in halves))
-    return carry
-
-  lax.fori_loop(0, 2, child, 0)
-
-
-def _fused_fwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
-                      masked, has_parent):
-  """Levels a .. 0 of a tile of ``nr * 2**a`` fine rows (one block at level
-  a), block by block, depth first.
-
-  ``refs``: (dropout seeds,) (q, k, v, counts) of each level 0 .. a (the
-  pyramid's), (the parent level a+1's normalised output and
-  log-normaliser,) the output and its log-normaliser.
-
-  A block of ``nr`` rows at level L meets only its neighbour blocks (three
-  at level 0, the two others at a coarse level: ``_neighbours`` of a tile
-  of one block), so each block is folded alone: its queries and keys read
-  from the pyramid, its running (max, normaliser, numerator) started from its
-  parent rows'. Its two child blocks at level L-1 then start from its
-  rows, each repeated for its two children; a block at level 0 writes its
-  output and lse. Depth first, only one pending block per level is held
-  in registers, and no logit is formed outside the band (folding the
-  whole tile's rows against every block it reads formed about 6x as many
-  at level 0).
-  """
-  refs, drop = _with_dropout(refs, rate)
-  level_refs = [refs[4 * j:4 * j + 4] for j in range(a + 1)]
-  rest = refs[4 * (a + 1):]
-  parent_refs, (o_ref, lse_ref) = rest[:-2], rest[-2:]
-  c_ref = level_refs[0][3]
-  t = nr << a
-  ti = _tile_id()  # (Outside ``pl.when``: interpret mode needs it there.)
-  at = pl.ds(ti * t, t)
-
-  def block(level, first, parent):
-    # The block of rows [first, first + nr) of ``level``; ``parent``: the
-    # running state its rows start from (None: nothing before).
-    q_ref, *keys = level_refs[level]
-    rows = pl.ds(first, nr)
-    c = keys[2][rows]
-    q, = _zeroed(level, masked, c, q_ref[rows])
-    m, z, y = _fold(
-        q, first + _iota(nr),
-        _neighbours(keys, first, nr, nr, n0 >> level, not causal,
-                    level == 0),
-        n=n0 >> level, nr=nr, level=level, causal=causal, scale=scale,
-        precision=precision, drop=drop, masked=masked)
-    if parent is not None:
-      mp, zp, yp = parent
-      big = jnp.maximum(m, mp)
-      f, fp = jnp.exp(m - big), jnp.exp(mp - big)
-      m, z, y = big, z * f + zp * fp, y * f[:, None] + yp * fp[:, None]
-    if level == 0:
-      o, lse = _normalised(m, z, y)
-      o_ref[rows] = jnp.where(c[:, None] > 0, o, 0.0).astype(o_ref.dtype)
-      lse_ref[rows] = lse
-      return
-    _children(block, level, first, nr, (m, z, y))
-
-  def compute():
-    parent = None
-    if has_parent:  # Level a+1's rows of the tile: nr / 2.
-      po_ref, plse_ref = parent_refs
-      half = pl.ds(ti * (nr // 2), nr // 2)
-      parent = tuple(_repeat(x, 2) for x in _with_parent(
-          jnp.full((nr // 2,), _NO_KEY, jnp.float32),
-          jnp.zeros((nr // 2,), jnp.float32), None,
-          po_ref[half].astype(jnp.float32), plse_ref[half]))
-    block(a, ti * nr, parent)
-
-  _unless_padding(c_ref[at], compute, [(o_ref, 0.0), (lse_ref, _NO_KEY)],
-                  at=at)
-
-
-def _fused_forward(pyramid, a, parent, *, nr, causal, scale, precision,
-                   interpret, seeds=None, rate=0.0, masked=False):
-  """Levels a .. 0 in one launch (``_fused_fwd_kernel``) from the pyramid
-  and level a+1's (o, lse) ``parent`` (None: a is the coarsest level).
-
-  Returns the output [B, n, H, Dv] in the inputs' dtype and the rows'
-  log-normalisers [B, H, n] (what the level-by-level chain returns)."""
-  q, _, v, _ = pyramid[0]
-  b, n0, h, d = q.shape
-  dv = v.shape[-1]
-  t = nr << a
-  in_specs, args = _seed_inputs(seeds)
-  for level in range(a + 1):
-    in_specs += _level_specs(n0 >> level, d, dv)
-    args += list(pyramid[level])
-  if parent is not None:
-    n = n0 >> (a + 1)
-    in_specs += [_rows_spec(n, dv), _vec_spec(n)]
-    args += list(parent)
-  kernel = functools.partial(
-      _fused_fwd_kernel, a=a, nr=nr, n0=n0, causal=causal, scale=scale,
-      precision=precision, rate=rate, masked=masked,
-      has_parent=parent is not None)
-  return _pallas_call(
-      kernel, args, in_specs,
-      grid=_grid(n0 // t, h, b),
-      out_specs=[_rows_spec(n0, dv), _vec_spec(n0)],
-      out_shape=[jax.ShapeDtypeStruct((b, n0, h, dv), q.dtype),
-                 _f32(b, h, n0)],
-      interpret=interpret,
-      compiler_params=_compiler_params(interpret, nr, max(d, dv),
-                                       kind="fused"),
-      name=f"hattn_fwd_fused{a}")
-
-
-def _fused_bwd_kernel(*refs, a, nr, n0, causal, scale, precision, rate,
-                      masked, has_parent, query_mode):
-  """dq, dk, dv of levels a .. 0 of a tile of ``nr * 2**a`` fine rows (one
-  block at level a), block by block, depth first, as the fused forward
-  (``_fused_fwd_kernel``).
-
-  ``refs``: (dropout seeds,) (q, k, v, counts, G, E, M) of each level 0 ..
-  a (the pyramid's and the restriction's), (the parent level a+1's dq, dk,
-  dv,) then dq, dk, dv.
-
-  A block of ``nr`` rows at level L takes dq from the key blocks its
-  queries see and dk, dv from the query blocks that see its keys (the same
-  neighbour blocks: the structure reaches as far either way; what the dq
-  and dk, dv level kernels of a tile of one block read). Each of its rows
-  adds its parent row's gradients by its share of the parent
-  (``_with_parent_grads``), and its two child blocks at level L-1 start
-  from its rows' gradients; a block at level 0 writes dq, dk and dv. Only
-  one pending block's gradients per level are held in registers.
-  """
-  refs, drop = _with_dropout(refs, rate)
-  level_refs = [refs[7 * j:7 * j + 7] for j in range(a + 1)]
-  rest = refs[7 * (a + 1):]
-  parent_refs, out_refs = rest[:-3], rest[-3:]
-  c_ref = level_refs[0][3]
-  t = nr << a
-  ti = _tile_id()  # (Outside ``pl.when``: interpret mode needs it there.)
-  at = pl.ds(ti * t, t)
-
-  def block(level, first, parent):
-    # The block of rows [first, first + nr) of ``level``; ``parent``: its
-    # rows' parent rows' (dq, dk, dv), one per row (None: none).
-    q_ref, k_ref, v_ref, ck_ref, g_ref, e_ref, m_ref = level_refs[level]
-    n, level0 = n0 >> level, level == 0
-    rows = pl.ds(first, nr)
-    ids = first + _iota(nr)
-    c = ck_ref[rows]
-    q, g = _zeroed(level, masked, c, q_ref[rows], g_ref[rows])
-    dq = _dq_fold(q, g, e_ref[rows], m_ref[rows], ids, _neighbours(
-        (k_ref, v_ref, ck_ref), first, nr, nr, n, not causal, level0),
-                  n=n, nr=nr, level=level, causal=causal, scale=scale,
-                  precision=precision, drop=drop, masked=masked)
-    k, v = _zeroed(level, masked, c, k_ref[rows], v_ref[rows])
-    counts = (ck_ref,) if level0 and masked else ()
-    dk, dv = _dkv_fold(k, v, c, ids, _neighbours(
-        (q_ref, g_ref, e_ref, m_ref) + counts, first, nr, nr, n, True,
-        level0), n=n, nr=nr, level=level, causal=causal, scale=scale,
-                       precision=precision, drop=drop, masked=masked)
-    dq, = _with_parent_grads((dq,), c, query_mode,
-                             None if parent is None else parent[:1], level)
-    dk, dv = _with_parent_grads((dk, dv), c, "mean",
-                                None if parent is None else parent[1:],
-                                level)
-    if level0:
-      for ref, x in zip(out_refs, (dq, dk, dv)):
-        ref[rows] = x.astype(ref.dtype)
-      return
-    _children(block, level, first, nr, (dq, dk, dv))
-
-  def compute():
-    parent = None
-    if has_parent:  # Level a+1's rows of the tile: nr / 2.
-      half = pl.ds(ti * (nr // 2), nr // 2)
-      parent = tuple(_repeat(r[half], 2) for r in parent_refs)
-    block(a, ti * nr, parent)
-
-  _unless_padding(c_ref[at], compute, [(ref, 0.0) for ref in out_refs],
-                  at=at)
-
-
-def _fused_backward(pyramid, stats, a, parent, *, nr, causal, scale,
-                    out_dtypes, precision, interpret, seeds=None, rate=0.0,
-                    masked=False):
-  """dq, dk, dv of level 0 from levels a .. 0 in one launch
-  (``_fused_bwd_kernel``), the pyramid, the restriction's ``stats`` and
-  level a+1's (dq, dk, dv) ``parent`` (None: a is the coarsest level)."""
-  q, _, v, _ = pyramid[0]
-  b, n0, h, d = q.shape
-  dv = v.shape[-1]
-  in_specs, args = _seed_inputs(seeds)
-  for level in range(a + 1):
-    in_specs += _level_specs(n0 >> level, d, dv, stats=True)
-    args += [*pyramid[level], *stats[level]]
-  if parent is not None:
-    n = n0 >> (a + 1)
-    in_specs += [_rows_spec(n, d), _rows_spec(n, d), _rows_spec(n, dv)]
-    args += list(parent)
-  kernel = functools.partial(
-      _fused_bwd_kernel, a=a, nr=nr, n0=n0, causal=causal, scale=scale,
-      precision=precision, rate=rate, masked=masked,
-      has_parent=parent is not None,
-      query_mode=_query_mode(causal, masked))
-  return _pallas_call(
-      kernel, args, in_specs,
-      grid=_grid(n0 // (nr << a), h, b),
-      out_specs=[_rows_spec(n0, d), _rows_spec(n0, d), _rows_spec(n0, dv)],
-      out_shape=[jax.ShapeDtypeStruct((b, n0, h, w), dt)
-                 for w, dt in zip((d, d, dv), out_dtypes)],
-      interpret=interpret,
-      compiler_params=_compiler_params(interpret, nr, max(d, dv),
-                                       kind="fused_bwd"),
-      name=f"hattn_bwd_fused{a}")
-
-
 # ------------------------------------------------------- pyramid and VJP
 
 
@@ -2517,21 +2249,15 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
   levels = int(round(math.log2(n // nr)))
   pyramid = _pyramid(q, k, v, c0, levels, causal, interpret, masked)
   handover = _handover_dtype(q.dtype)
-  # The fused forward computes levels 0 .. a; the chain below those above.
-  a = (fused_levels(nr, levels, TUNING.get("tile_rows", 256))
-       if TUNING.get("forward", "levels") == "fused" else None)
-  low = 0 if a is None else a + 1
   parent = None
   tail = _tail_first(n, levels, causal, masked, q.shape[0] * q.shape[2])
-  if tail < low:  # The tail starts at the chain's finest level, if at all.
-    tail = low if levels - low >= 2 else levels
   if tail < levels:
     parent = _tail_forward(
         pyramid, tail, tile, out_dtype=handover, seeds=seeds, rate=rate,
         interpret=interpret, nr=nr, causal=causal, scale=scale,
         precision=precision, masked=masked)
   for first, count, t in reversed(
-      _level_groups(n, tail, tile, nr, per_launch, low)):
+      _level_groups(n, tail, tile, nr, per_launch)):
     done = None
     if count == 1 and not rate:
       done = _forward_level_mosaic(pyramid[first], first, parent, nr, scale,
@@ -2541,11 +2267,6 @@ def _forward(q, k, v, c0, seeds, nr, causal, tile, interpret, precision,
         out_dtype=q.dtype if first == 0 else handover,
         precision=precision, interpret=interpret, seeds=seeds, rate=rate,
         masked=masked)
-  if a is not None:
-    parent = _fused_forward(pyramid, a, parent, nr=nr, causal=causal,
-                            scale=scale, precision=precision,
-                            interpret=interpret, seeds=seeds, rate=rate,
-                            masked=masked)
   o, lse = parent
   return o, (pyramid, o, lse, seeds)
 
@@ -2631,14 +2352,8 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
 
   handover = _handover_dtype(q.dtype)
   parent = None
-  # The fused backward computes levels 0 .. a; the chain below those above.
-  a = (fused_levels(nr, levels, TUNING.get("tile_rows", 256))
-       if TUNING.get("backward", "levels") == "fused" else None)
-  low = 0 if a is None else a + 1
   tail = _tail_first(q.shape[1], levels, causal, masked,
                      q.shape[0] * q.shape[2])
-  if tail < low:  # As in the forward.
-    tail = low if levels - low >= 2 else levels
   if tail < levels:
     parent = _tail_backward(
         pyramid, stats, tail, tile, out_dtypes=(handover,) * 3, seeds=seeds,
@@ -2646,7 +2361,7 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
         query_mode=_query_mode(causal, masked), nr=nr, causal=causal,
         scale=scale, precision=precision, masked=masked)
   for first, count, t in reversed(
-      _level_groups(q.shape[1], tail, tile, nr, per_launch, low)):
+      _level_groups(q.shape[1], tail, tile, nr, per_launch)):
     dtypes = ((q.dtype, k.dtype, v.dtype) if first == 0 else
               (handover,) * 3)
     done = None
@@ -2664,11 +2379,6 @@ def _attention_bwd(nr, causal, tile, interpret, precision, per_launch, scale,
     parent = done or _group_backward(
         pyramid, stats, first, count, t, parent, nr=nr, causal=causal,
         scale=scale, out_dtypes=dtypes, precision=precision,
-        interpret=interpret, seeds=seeds, rate=rate, masked=masked)
-  if a is not None:
-    parent = _fused_backward(
-        pyramid, stats, a, parent, nr=nr, causal=causal, scale=scale,
-        out_dtypes=(q.dtype, k.dtype, v.dtype), precision=precision,
         interpret=interpret, seeds=seeds, rate=rate, masked=masked)
   dq, dk, dv = parent
   return dq, dk, dv, None if isinstance(c0, Uniform) else jnp.zeros_like(
