@@ -18,6 +18,15 @@ SPEC = "model.block_size=8,16,32;optimizer.learning_rate=0.05,0.1"
 sweep = load_script("sweep")
 
 
+def _status(args):
+  """The exit status of ``sweep.main(args)`` (argparse's usage errors
+  exit instead of returning)."""
+  try:
+    return sweep.main(list(args))
+  except SystemExit as e:
+    return e.code
+
+
 def run_sweep(*args):
   """``scripts/sweep.py ARGS`` run from ROOT, in this process (for the
   modes that start no runs: print, collect, the refusals); its exit status
@@ -27,10 +36,7 @@ def run_sweep(*args):
   os.chdir(ROOT)
   try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-      try:
-        code = sweep.main(list(args))
-      except SystemExit as e:  # argparse's usage errors
-        code = e.code
+      code = _status(args)
   finally:
     os.chdir(cwd)
   return types.SimpleNamespace(returncode=code, stdout=out.getvalue(),
@@ -141,16 +147,14 @@ def _tiny_overrides(tmp_path):
 
 def sweep_here(capfd, monkeypatch, *args):
   """scripts/sweep.py ARGS in this process (no process of its own to start),
-  in the environment run_sweep gives it; (exit status, stdout, stderr),
+  in the environment of the processes the tests start (child_env, on the
+  CPU), so the runs it starts get it too; (exit status, stdout, stderr),
   the output of the runs it starts included."""
   for name, value in child_env(JAX_PLATFORMS="cpu").items():
     monkeypatch.setenv(name, value)
   monkeypatch.chdir(ROOT)
   capfd.readouterr()
-  try:
-    code = sweep.main(list(args))
-  except SystemExit as e:  # argparse's usage errors
-    code = e.code
+  code = _status(args)
   out, err = capfd.readouterr()
   return code, out, err
 
