@@ -660,9 +660,13 @@ ckpt.save(1, state, {"next_index": 1})
 ckpt.save_best(1, state, {"eval_accuracy": 0.5, "step": 1})
 ckpt.wait()
 # A stop's checkpoint of step 3 and a better evaluation, both begun (their
-# writing in the background) when the kill comes.
-ckpt.save(3, state, {"next_index": 3})
-ckpt.save_best(3, state, {"eval_accuracy": 0.75, "step": 3})
+# writing in the background) when the kill comes. Their arrays are 64 MB,
+# so the writing cannot end before the kill even where this process waits
+# for a busy core (with 4 MB, once in a loaded suite, step 3's save ended
+# first and left no temporary folder).
+big = {"step": state["step"], "w": jnp.ones((4096, 4096))}
+ckpt.save(3, big, {"next_index": 3})
+ckpt.save_best(3, big, {"eval_accuracy": 0.75, "step": 3})
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
