@@ -35,15 +35,21 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # the platforms (JAX_PLATFORMS).
 if not os.environ.get("HTRANSFORMER_TEST_ACCELERATOR"):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# On an accelerator the rest of the suite still compares float32 results
-# with the float64 definition to 2e-5, which needs float32 products in full:
-# JAX's default on recent NVIDIA GPUs is TF32 (1e-3 off). It asks for them
-# there (its workers and child processes inherit it) unless the caller chose
-# a precision; tests/test_gpu.py goes back to JAX's default, since its
-# checks are of what users run.
-elif "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
-  os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
-  os.environ["HTRANSFORMER_TEST_SET_PRECISION"] = "1"
+else:
+  # Several pytest workers (`-n`) share one GPU: each takes memory as it
+  # needs it, instead of JAX's default of most of the card for the first
+  # process (the others then fail to start, and every test with them). A
+  # caller's choice is kept.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  # On an accelerator the rest of the suite still compares float32 results
+  # with the float64 definition to 2e-5, which needs float32 products in
+  # full: JAX's default on recent NVIDIA GPUs is TF32 (1e-3 off). It asks
+  # for them there (its workers and child processes inherit it) unless the
+  # caller chose a precision; tests/test_gpu.py goes back to JAX's default,
+  # since its checks are of what users run.
+  if "JAX_DEFAULT_MATMUL_PRECISION" not in os.environ:
+    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+    os.environ["HTRANSFORMER_TEST_SET_PRECISION"] = "1"
 
 # Most of the suite's time on a CPU is XLA compiling (the interpreted
 # kernels, the small models of many tests), not running: LLVM without
